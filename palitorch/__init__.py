@@ -1,0 +1,18 @@
+"""palitorch: Google's PaliGemma 1 and 2 vision-language models, written from scratch in PyTorch.
+
+    import palitorch
+    pipe = palitorch.load("path/to/paligemma-checkpoint")    # or palitorch.load() for the bundled model
+    pipe.score(image, "caption en", "a cat on a bench")      # log-probabilities of an answer
+"""
+
+from palitorch.assets import default_model_path
+from palitorch.config import PaliGemmaConfig, TextConfig, VisionConfig, preset
+from palitorch.errors import CheckpointError, ConfigError, InputError, PalitorchError
+from palitorch.inference import Pipeline, load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError", "ConfigError", "InputError", "PaliGemmaConfig", "PalitorchError", "Pipeline", "TextConfig",
+    "VisionConfig", "default_model_path", "load", "preset",
+]

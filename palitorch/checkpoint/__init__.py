@@ -1,0 +1,5 @@
+"""Hub checkpoint folders in and out. The only package that knows Hugging Face weight names."""
+
+from palitorch.checkpoint.io import CheckpointError, load_model, read_config, resolve_dtype, save_model
+
+__all__ = ["CheckpointError", "load_model", "read_config", "resolve_dtype", "save_model"]

@@ -1,0 +1,177 @@
+"""Read and write Hub-layout PaliGemma folders: config.json, safetensors (single or sharded), tokenizer files.
+
+Loading builds the model on the meta device and assigns the memory-mapped tensors straight into it, so a
+checkpoint already in the requested dtype is never copied. Weights come only from safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from palitorch.checkpoint.keys import TIED_DUPLICATES, hf_to_ours, ours_to_hf
+from palitorch.config import PaliGemmaConfig
+from palitorch.errors import CheckpointError, ConfigError
+from palitorch.model.paligemma import PaliGemma
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype in (torch.float32, torch.bfloat16, torch.float16):
+            return dtype
+    elif isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise CheckpointError(f"unsupported dtype {dtype!r}: use float32, bfloat16 or float16")
+
+
+def read_config(path: str | os.PathLike) -> PaliGemmaConfig:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist")
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{folder} has no config.json: is it a Hugging Face checkpoint folder?")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    try:
+        return PaliGemmaConfig.from_hf(raw)
+    except ConfigError as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards an index lists, or the single model.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder} is missing shard {missing[0]} listed in {index.name}")
+        return [folder / n for n in names]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    others = sorted(folder.glob("*.safetensors"))
+    if others:
+        return others
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+    hint = f" (found {pickles[0]}: palitorch never unpickles; convert it to safetensors)" if pickles else ""
+    raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def load_model(path, device="cpu", dtype="float32") -> PaliGemma:
+    """Build a PaliGemma from a Hub folder. Every tensor is checked by name and shape; errors name the key."""
+    folder = Path(path)
+    cfg = read_config(folder)
+    dtype = resolve_dtype(dtype)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = PaliGemma(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(folder):
+        _check_safetensors_complete(file)
+        try:
+            f = safe_open(str(file), framework="pt", device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({e}); download it again") from None
+        with f:
+            for key in f.keys():
+                if key in TIED_DUPLICATES:
+                    continue
+                ours = hf_to_ours(key, cfg.version)
+                if ours is None or ours not in expected:
+                    raise CheckpointError(f"{file.name}: unexpected tensor {key!r} for this config.json")
+                if ours in state:
+                    raise CheckpointError(f"{file.name}: tensor {key!r} appears twice in the checkpoint")
+                try:
+                    t = f.get_tensor(key)
+                except (SafetensorError, OSError, RuntimeError) as e:
+                    raise CheckpointError(f"{file.name}: cannot read {key!r} ({e}); the file may be truncated") from None
+                if tuple(t.shape) != expected[ours]:
+                    raise CheckpointError(
+                        f"{file.name}: tensor {key!r} has shape {tuple(t.shape)}, config.json implies {expected[ours]}"
+                    )
+                state[ours] = t.to(device=device, dtype=dtype)
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CheckpointError(f"{folder}: checkpoint lacks tensor for {missing[0]!r} ({len(missing)} missing)")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def _check_safetensors_complete(file: Path) -> None:
+    """safe_open maps lazily; compare the header's extent with the file size so truncation fails at load."""
+    try:
+        with open(file, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError):
+        raise CheckpointError(f"{file} is not a valid safetensors file (unreadable header); download it again") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > file.stat().st_size:
+        raise CheckpointError(f"{file} is truncated ({file.stat().st_size} bytes, needs {8 + n + end}); download it again")
+
+
+def save_model(model: PaliGemma, path, extra_files: dict[str, str | os.PathLike] | None = None,
+               max_shard_bytes: int | None = None) -> Path:
+    """Write `model` as a Hub-layout folder (newer key layout), atomically: a temp folder, then a rename.
+
+    `extra_files` maps names in the new folder to files to copy in (tokenizer.json, preprocessor_config.json, ...).
+    With `max_shard_bytes`, weights are split into shards with a `model.safetensors.index.json`.
+    """
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        version = model.cfg.version
+        tensors = {ours_to_hf(k, version): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        if max_shard_bytes is None:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            shards, cur, size = [], {}, 0
+            for k, v in tensors.items():
+                nbytes = v.numel() * v.element_size()
+                if cur and size + nbytes > max_shard_bytes:
+                    shards.append(cur)
+                    cur, size = {}, 0
+                cur[k], size = v, size + nbytes
+            shards.append(cur)
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in tensors.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            )
+        hf_cfg = model.cfg.to_hf()
+        hf_cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
+        if out.exists():
+            old = out.with_name(out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

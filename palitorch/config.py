@@ -1,0 +1,307 @@
+"""Model configuration: plain dataclasses, named presets, and the mapping to and from Hugging Face config.json.
+
+`PaliGemmaConfig.from_hf(d)` reads a Hub `config.json` dict and applies the same defaults transformers applies to
+fields a checkpoint leaves out; `to_hf()` writes a dict that both palitorch and transformers read back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from palitorch.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """SigLIP vision tower (no pooling head)."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_layers: int = 27
+    num_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Gemma decoder. Gemma 2 is Gemma 1 plus the flags in the second block of fields."""
+
+    vocab_size: int = 257216
+    hidden_size: int = 2048
+    intermediate_size: int = 16384
+    num_layers: int = 18
+    num_heads: int = 8
+    num_kv_heads: int = 1
+    head_dim: int = 256
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 8192
+    hidden_act: str = "gelu_pytorch_tanh"
+    # Gemma 2
+    post_norms: bool = False  # post-attention and post-feedforward RMSNorms
+    attn_softcap: float | None = None  # attention logits -> c * tanh(x / c)
+    final_softcap: float | None = None  # output logits -> c * tanh(x / c)
+    query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 (else head_dim ** -0.5)
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None  # "sliding_attention" / "full_attention" per layer
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def is_sliding(self, layer: int) -> bool:
+        return (
+            self.sliding_window is not None
+            and self.layer_types is not None
+            and self.layer_types[layer] == "sliding_attention"
+        )
+
+
+@dataclass(frozen=True)
+class PaliGemmaConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    image_token_id: int = 257152
+    pad_token_id: int = 0
+    bos_token_id: int = 2
+    eos_token_ids: tuple[int, ...] = (1,)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_patches
+
+    @property
+    def version(self) -> int:
+        """1 for a Gemma decoder, 2 for a Gemma 2 decoder."""
+        return 2 if self.text.post_norms else 1
+
+    def replace(self, **changes) -> PaliGemmaConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ HF config.json
+
+    @classmethod
+    def from_hf(cls, d: dict) -> PaliGemmaConfig:
+        """Read a Hub PaliGemma `config.json` dict, applying transformers' defaults for absent fields."""
+        if d.get("model_type") != "paligemma":
+            raise ConfigError(
+                f"config.json has model_type {d.get('model_type')!r}, not 'paligemma': "
+                "point palitorch at a PaliGemma checkpoint folder"
+            )
+        v = dict(d.get("vision_config") or _PG_VISION_DEFAULTS)
+        t = dict(d.get("text_config") or _PG_TEXT_DEFAULTS)
+        vision = VisionConfig(
+            hidden_size=v.get("hidden_size", 768),
+            intermediate_size=v.get("intermediate_size", 3072),
+            num_layers=v.get("num_hidden_layers", 12),
+            num_heads=v.get("num_attention_heads", 12),
+            image_size=v.get("image_size", 224),
+            patch_size=v.get("patch_size", 16),
+            num_channels=v.get("num_channels", 3),
+            layer_norm_eps=v.get("layer_norm_eps", 1e-6),
+            hidden_act=v.get("hidden_act", "gelu_pytorch_tanh"),
+        )
+        text_type = t.get("model_type", "gemma")
+        if text_type not in ("gemma", "gemma2"):
+            raise ConfigError(f"text_config.model_type {text_type!r} is not supported (gemma or gemma2)")
+        g2 = text_type == "gemma2"
+        defaults = _GEMMA2_DEFAULTS if g2 else _GEMMA_DEFAULTS
+        num_layers = t.get("num_hidden_layers", defaults["num_hidden_layers"])
+        rope = t.get("rope_parameters") or {}
+        layer_types = t.get("layer_types")
+        if g2 and layer_types is None:
+            layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
+        text = TextConfig(
+            vocab_size=t.get("vocab_size", defaults["vocab_size"]),
+            hidden_size=t.get("hidden_size", defaults["hidden_size"]),
+            intermediate_size=t.get("intermediate_size", defaults["intermediate_size"]),
+            num_layers=num_layers,
+            num_heads=t.get("num_attention_heads", defaults["num_attention_heads"]),
+            num_kv_heads=t.get("num_key_value_heads", defaults["num_key_value_heads"]),
+            head_dim=t.get("head_dim", 256),
+            rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 10000.0))),
+            max_position_embeddings=t.get("max_position_embeddings", 8192),
+            hidden_act=t.get("hidden_activation") or t.get("hidden_act") or "gelu_pytorch_tanh",
+            post_norms=g2,
+            attn_softcap=t.get("attn_logit_softcapping", 50.0) if g2 else None,
+            final_softcap=t.get("final_logit_softcapping", 30.0) if g2 else None,
+            query_pre_attn_scalar=t.get("query_pre_attn_scalar", 256) if g2 else None,
+            sliding_window=t.get("sliding_window", 4096) if g2 else None,
+            layer_types=tuple(layer_types) if (g2 and layer_types) else None,
+        )
+        eos = t.get("eos_token_id", d.get("eos_token_id", 1))
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        eos_top = d.get("eos_token_id")
+        if isinstance(eos_top, (list, tuple)):
+            eos_ids = tuple(dict.fromkeys([*eos_ids, *eos_top]))
+        elif eos_top is not None and eos_top not in eos_ids:
+            eos_ids = (*eos_ids, eos_top)
+        pad = d.get("pad_token_id", 0)
+        cfg = cls(
+            vision=vision,
+            text=text,
+            image_token_id=d.get("image_token_index", d.get("image_token_id", 256000)),
+            pad_token_id=0 if pad is None else pad,
+            bos_token_id=d.get("bos_token_id", 2) or 2,
+            eos_token_ids=tuple(i for i in eos_ids if i is not None),
+        )
+        projection_dim = d.get("projection_dim", 2048)
+        if projection_dim != text.hidden_size:
+            raise ConfigError(
+                f"projection_dim {projection_dim} differs from text hidden_size {text.hidden_size}: "
+                "the checkpoint's config.json is inconsistent"
+            )
+        return cfg
+
+    def to_hf(self) -> dict:
+        """A config.json dict in the layout transformers writes (round-trips through `from_hf`)."""
+        v, t = self.vision, self.text
+        text = {
+            "model_type": "gemma2" if self.version == 2 else "gemma",
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_layers,
+            "num_attention_heads": t.num_heads,
+            "num_key_value_heads": t.num_kv_heads,
+            "head_dim": t.head_dim,
+            "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": t.rope_theta,
+            "max_position_embeddings": t.max_position_embeddings,
+            "hidden_activation": t.hidden_act,
+            "num_image_tokens": self.num_image_tokens,
+        }
+        if self.version == 2:
+            text.update(
+                attn_logit_softcapping=t.attn_softcap,
+                final_logit_softcapping=t.final_softcap,
+                query_pre_attn_scalar=t.query_pre_attn_scalar,
+                sliding_window=t.sliding_window,
+                layer_types=list(t.layer_types) if t.layer_types else None,
+                eos_token_id=list(self.eos_token_ids),
+            )
+        return {
+            "architectures": ["PaliGemmaForConditionalGeneration"],
+            "model_type": "paligemma",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids),
+            "pad_token_id": self.pad_token_id,
+            "image_token_index": self.image_token_id,
+            "hidden_size": t.hidden_size,
+            "projection_dim": t.hidden_size,
+            "vocab_size": t.vocab_size,
+            "text_config": text,
+            "vision_config": {
+                "model_type": "siglip_vision_model",
+                "hidden_size": v.hidden_size,
+                "intermediate_size": v.intermediate_size,
+                "num_hidden_layers": v.num_layers,
+                "num_attention_heads": v.num_heads,
+                "image_size": v.image_size,
+                "patch_size": v.patch_size,
+                "num_channels": v.num_channels,
+                "layer_norm_eps": v.layer_norm_eps,
+                "hidden_act": v.hidden_act,
+                "projection_dim": t.hidden_size,
+                "num_image_tokens": self.num_image_tokens,
+                "vision_use_head": False,
+            },
+        }
+
+
+# transformers' defaults: PaliGemmaConfig's own sub-config defaults (used when a sub-config is absent) and the
+# GemmaConfig / Gemma2Config class defaults (used for fields a present sub-config leaves out).
+_PG_VISION_DEFAULTS = {
+    "intermediate_size": 4096, "hidden_size": 1152, "patch_size": 14, "image_size": 224,
+    "num_hidden_layers": 27, "num_attention_heads": 16,
+}
+_PG_TEXT_DEFAULTS = {
+    "hidden_size": 2048, "num_hidden_layers": 18, "intermediate_size": 16384, "num_attention_heads": 8,
+    "num_key_value_heads": 1, "vocab_size": 257152,
+}
+_GEMMA_DEFAULTS = {
+    "vocab_size": 256000, "hidden_size": 3072, "intermediate_size": 24576, "num_hidden_layers": 28,
+    "num_attention_heads": 16, "num_key_value_heads": 16,
+}
+_GEMMA2_DEFAULTS = {
+    "vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4,
+}
+
+
+def _pg1(image_size: int) -> PaliGemmaConfig:
+    return PaliGemmaConfig(vision=VisionConfig(image_size=image_size), text=TextConfig())
+
+
+def _pg2(image_size: int, size: str) -> PaliGemmaConfig:
+    text = {
+        "3b": dict(hidden_size=2304, intermediate_size=9216, num_layers=26, num_heads=8, num_kv_heads=4,
+                   query_pre_attn_scalar=256),
+        "10b": dict(hidden_size=3584, intermediate_size=14336, num_layers=42, num_heads=16, num_kv_heads=8,
+                    query_pre_attn_scalar=256),
+        "28b": dict(hidden_size=4608, intermediate_size=36864, num_layers=46, num_heads=32, num_kv_heads=16,
+                    head_dim=128, query_pre_attn_scalar=144),
+    }[size]
+    n = text["num_layers"]
+    return PaliGemmaConfig(
+        vision=VisionConfig(image_size=image_size),
+        text=TextConfig(
+            **text, post_norms=True, attn_softcap=50.0, final_softcap=30.0, sliding_window=4096,
+            layer_types=tuple("sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)),
+        ),
+        eos_token_ids=(1, 107),
+    )
+
+
+def _tiny(vocab_size: int, version: int = 1, image_size: int = 64, patch_size: int = 8) -> PaliGemmaConfig:
+    """The small from-scratch shape used for the bundled easy-VQA model (~1M parameters)."""
+    n = 2
+    g2 = version == 2
+    return PaliGemmaConfig(
+        vision=VisionConfig(hidden_size=128, intermediate_size=512, num_layers=2, num_heads=4,
+                            image_size=image_size, patch_size=patch_size),
+        text=TextConfig(
+            vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_layers=n, num_heads=4,
+            num_kv_heads=1, head_dim=32, max_position_embeddings=512, post_norms=g2,
+            attn_softcap=50.0 if g2 else None, final_softcap=30.0 if g2 else None,
+            query_pre_attn_scalar=32 if g2 else None, sliding_window=4096 if g2 else None,
+            layer_types=tuple("sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n))
+            if g2 else None,
+        ),
+    )
+
+
+PRESETS = {
+    "paligemma-3b-224": lambda: _pg1(224),
+    "paligemma-3b-448": lambda: _pg1(448),
+    "paligemma-3b-896": lambda: _pg1(896),
+    "paligemma2-3b-224": lambda: _pg2(224, "3b"),
+    "paligemma2-3b-448": lambda: _pg2(448, "3b"),
+    "paligemma2-3b-896": lambda: _pg2(896, "3b"),
+    "paligemma2-10b-224": lambda: _pg2(224, "10b"),
+    "paligemma2-28b-224": lambda: _pg2(224, "28b"),
+}
+
+
+def preset(name: str, **text_overrides) -> PaliGemmaConfig:
+    """A named full-size configuration, e.g. `preset("paligemma2-3b-448")`."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    cfg = PRESETS[name]()
+    if text_overrides:
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, **text_overrides))
+    return cfg

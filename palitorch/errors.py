@@ -1,0 +1,17 @@
+"""Errors that reach users as one line: what was wrong and what to do. The CLI prints them without a traceback."""
+
+
+class PalitorchError(Exception):
+    """Base class: a problem with the user's input, files or options (not a bug in palitorch)."""
+
+
+class ConfigError(PalitorchError, ValueError):
+    """A config.json or training config that palitorch cannot use."""
+
+
+class CheckpointError(PalitorchError, ValueError):
+    """A checkpoint folder that cannot be loaded: missing files or tensors, wrong shapes, truncated files."""
+
+
+class InputError(PalitorchError, ValueError):
+    """Bad input: an unreadable image, a prompt that does not fit, an invalid decoding option."""

@@ -1,0 +1,90 @@
+"""The user-facing object: a loaded model with its processor. `palitorch.load(path)` returns one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from palitorch.checkpoint import load_model, read_config, resolve_dtype
+from palitorch.errors import InputError
+from palitorch.inference.processor import Processor
+from palitorch.model import PaliGemma
+
+
+@dataclass
+class ScoreResult:
+    token_ids: list[int]  # the suffix tokens followed by <eos>
+    logprobs: list[float]  # log p(token | image, prefix, earlier suffix tokens), one per token
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.logprobs))
+
+
+def as_batch(images, *texts):
+    """One input or parallel lists -> (lists, was_single). A single image is paired with every text."""
+    single = not isinstance(texts[0], (list, tuple))
+    if single:
+        if isinstance(images, (list, tuple)):
+            raise InputError("give one image with one prompt, or lists of images and prompts of the same length")
+        return [images], *[[t] for t in texts], True
+    n = len(texts[0])
+    if not isinstance(images, (list, tuple)):
+        images = [images] * n
+    lengths = {len(images), *(len(t) for t in texts if t is not None)}
+    if len(lengths) != 1:
+        raise InputError(f"images and prompts must be lists of the same length, got lengths {sorted(lengths)}")
+    if n == 0:
+        raise InputError("empty batch: give at least one image and prompt")
+    return list(images), *[list(t) if t is not None else None for t in texts], False
+
+
+class Pipeline:
+    def __init__(self, model: PaliGemma, processor: Processor, path: str | Path | None = None):
+        self.model = model
+        self.processor = processor
+        self.path = Path(path) if path is not None else None
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    def _pixels(self, images) -> torch.Tensor:
+        return torch.stack([self.processor.pixels(im) for im in images]).to(self.device, self.dtype)
+
+    @torch.inference_mode()
+    def score(self, image, prefix, suffix):
+        """Log-probabilities of `suffix + <eos>` given the image and prefix; lists give a list (one padded batch)."""
+        images, prefixes, suffixes, single = as_batch(image, prefix, suffix)
+        enc = [self.processor.encode(p, s) for p, s in zip(prefixes, suffixes)]
+        batch = self.processor.collate(enc, padding_side="right")
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        out = self.model(batch["input_ids"], self._pixels(images), batch["attention_mask"], batch["token_type_ids"])
+        logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
+        target = batch["input_ids"][:, 1:]
+        picked = logp.gather(-1, target[..., None])[..., 0]  # [B, T-1]: log p(token t+1 | tokens <= t)
+        results = []
+        for i, e in enumerate(enc):
+            n_prefix = e.types.index(1)
+            ids = e.ids[n_prefix:]
+            lp = picked[i, n_prefix - 1: len(e.ids) - 1].tolist()
+            results.append(ScoreResult(token_ids=ids, logprobs=lp))
+        return results[0] if single else results
+
+
+def load(path=None, device="cpu", dtype="float32") -> Pipeline:
+    """Load a Hub-layout PaliGemma folder (or the bundled default model when `path` is None)."""
+    if path is None:
+        from palitorch.assets import default_model_path
+
+        path = default_model_path()
+    dtype = resolve_dtype(dtype)
+    cfg = read_config(path)
+    processor = Processor.from_folder(path, cfg.vision.image_size, cfg.num_image_tokens,
+                                      max_length=cfg.text.max_position_embeddings)
+    model = load_model(path, device=device, dtype=dtype)
+    return Pipeline(model, processor, path)

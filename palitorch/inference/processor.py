@@ -1,0 +1,182 @@
+"""Images and prompts in, tensors out; token ids back to text.
+
+Image: EXIF orientation applied, any PIL mode made RGB (transparency composited onto white), resized straight to
+S x S with PIL bicubic, scaled to [0, 1], normalised with the checkpoint's mean/std (0.5 for PaliGemma).
+Prompt: `<image> * N + <bos> + prefix + "\\n"` (token type 0), then optionally `suffix + <eos>` (type 1).
+Special tokens are looked up by their text in the checkpoint's tokenizer.json, never by id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tokenizers import Tokenizer
+
+from palitorch.errors import CheckpointError, InputError
+
+IMAGE, BOS, EOS, PAD = "<image>", "<bos>", "<eos>", "<pad>"
+_LOC_SEG = re.compile(r"<(loc\d{4}|seg\d{3})>")
+
+
+def load_image(image) -> Image.Image:
+    """A PIL image from a PIL image, a path, or raw bytes; EXIF orientation applied, converted to RGB."""
+    if isinstance(image, (str, os.PathLike)):
+        p = Path(image)
+        if not p.is_file():
+            raise InputError(f"image file {str(p)!r} does not exist")
+        try:
+            with Image.open(p) as im:
+                im.load()
+                image = im
+        except (UnidentifiedImageError, OSError) as e:
+            raise InputError(f"cannot read image {str(p)!r}: {e}") from None
+    elif isinstance(image, (bytes, bytearray)):
+        import io
+
+        try:
+            image = Image.open(io.BytesIO(image))
+            image.load()
+        except (UnidentifiedImageError, OSError) as e:
+            raise InputError(f"cannot decode image bytes: {e}") from None
+    elif not isinstance(image, Image.Image):
+        raise InputError(f"expected a PIL image or a path, got {type(image).__name__}")
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: 16/32-bit and float greyscale rescaled to 8 bits, alpha composited onto white."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode == "F" and a.max(initial=0) <= 1.0:
+            a = a * 255.0
+        elif img.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = a / 257.0  # 0..65535 -> 0..255
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    types: list[int]  # 0 image/bos/prefix/"\n", 1 suffix/eos
+
+
+class Processor:
+    def __init__(self, tokenizer: Tokenizer, image_size: int, num_image_tokens: int,
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), rescale: float = 1 / 255, max_length: int = 8192):
+        self.tokenizer = tokenizer
+        self.image_size, self.num_image_tokens, self.max_length = image_size, num_image_tokens, max_length
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+        self.rescale = rescale
+        self.image_id, self.bos_id = self.token_id(IMAGE), self.token_id(BOS)
+        self.eos_id, self.pad_id = self.token_id(EOS), self.token_id(PAD)
+        special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        self._hidden = {i for i in special if not _LOC_SEG.fullmatch(tokenizer.id_to_token(i) or "")}
+        self._hidden |= {self.image_id, self.bos_id, self.eos_id, self.pad_id}
+        self._image_prefix = IMAGE * num_image_tokens + BOS
+
+    @classmethod
+    def from_folder(cls, path, image_size: int, num_image_tokens: int, max_length: int = 8192) -> Processor:
+        """Read tokenizer.json and (if present) preprocessor_config.json from a checkpoint folder."""
+        folder = Path(path)
+        tok_file = folder / "tokenizer.json"
+        if not tok_file.is_file():
+            raise CheckpointError(f"{folder} has no tokenizer.json: copy the checkpoint's tokenizer files into it")
+        try:
+            tokenizer = Tokenizer.from_file(str(tok_file))
+        except Exception as e:  # tokenizers raises a bare Exception on bad files
+            raise CheckpointError(f"{tok_file} cannot be read by the tokenizers library: {e}") from None
+        kw = {}
+        pre = folder / "preprocessor_config.json"
+        if pre.is_file():
+            p = json.loads(pre.read_text())
+            size = p.get("size") or {}
+            s = size.get("height", size.get("shortest_edge", image_size)) if isinstance(size, dict) else size
+            if s != image_size:
+                raise CheckpointError(f"{pre} says image size {s}, config.json says {image_size}")
+            seq = p.get("image_seq_length", num_image_tokens)
+            if seq != num_image_tokens:
+                raise CheckpointError(f"{pre} says image_seq_length {seq}, config.json implies {num_image_tokens}")
+            kw = dict(mean=p.get("image_mean", kw.get("mean", (0.5,) * 3)), std=p.get("image_std", (0.5,) * 3),
+                      rescale=p.get("rescale_factor", 1 / 255))
+        try:
+            return cls(tokenizer, image_size, num_image_tokens, max_length=max_length, **kw)
+        except InputError as e:
+            raise CheckpointError(f"{tok_file}: {e}") from None
+
+    def token_id(self, text: str) -> int:
+        i = self.tokenizer.token_to_id(text)
+        if i is None:
+            raise InputError(f"the tokenizer has no {text} token")
+        return i
+
+    # ------------------------------------------------------------------ images
+
+    def pixels(self, image) -> torch.Tensor:
+        """One image -> float32 [3, S, S]."""
+        img = load_image(image).resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        x = np.asarray(img, dtype=np.float32) * np.float32(self.rescale)
+        x = (x - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+    # ------------------------------------------------------------------ text
+
+    def encode(self, prefix: str, suffix: str | None = None) -> Encoded:
+        if not isinstance(prefix, str):
+            raise InputError(f"a prompt must be a string, got {type(prefix).__name__}")
+        ids = self.tokenizer.encode(self._image_prefix + prefix + "\n", add_special_tokens=False).ids
+        types = [0] * len(ids)
+        if suffix is not None:
+            s = self.tokenizer.encode(suffix + EOS, add_special_tokens=False).ids
+            ids, types = ids + s, types + [1] * len(s)
+        if len(ids) > self.max_length:
+            raise InputError(
+                f"the prompt is {len(ids)} tokens with the image, over the model's context of {self.max_length}; "
+                "shorten it"
+            )
+        return Encoded(ids, types)
+
+    def decode(self, ids, keep_loc_seg: bool = True) -> str:
+        """Text of generated ids: special tokens dropped except `<locNNNN>` / `<segNNN>` (task outputs)."""
+        ids = [i for i in ids if i not in self._hidden]
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    # ------------------------------------------------------------------ batches
+
+    def collate(self, encoded: list[Encoded], pixels: list[torch.Tensor] | torch.Tensor | None = None,
+                padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """Pad a list of encodings to one batch: input_ids, attention_mask, token_type_ids, labels, pixel_values."""
+        t = max(len(e.ids) for e in encoded)
+        b = len(encoded)
+        ids = torch.full((b, t), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((b, t), dtype=torch.long)
+        types = torch.zeros((b, t), dtype=torch.long)
+        for i, e in enumerate(encoded):
+            n = len(e.ids)
+            sl = slice(t - n, t) if padding_side == "left" else slice(0, n)
+            ids[i, sl] = torch.tensor(e.ids)
+            mask[i, sl] = 1
+            types[i, sl] = torch.tensor(e.types)
+        labels = ids.masked_fill(types == 0, -100)
+        out = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
+        if pixels is not None:
+            out["pixel_values"] = pixels if isinstance(pixels, torch.Tensor) else torch.stack(pixels)
+        return out
+
+    def __call__(self, images, prefixes, suffixes=None, padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """Lists of images, prefixes and optional suffixes -> a model-ready batch."""
+        suffixes = suffixes if suffixes is not None else [None] * len(prefixes)
+        enc = [self.encode(p, s) for p, s in zip(prefixes, suffixes)]
+        return self.collate(enc, [self.pixels(im) for im in images], padding_side)

@@ -1,0 +1,7 @@
+"""Plain nn.Module model code: no file IO, tokenizer or sampling."""
+
+from palitorch.model.gemma import Gemma, KVCache, RMSNorm
+from palitorch.model.paligemma import Output, PaliGemma, prefix_lm_mask
+from palitorch.model.siglip import SigLIP
+
+__all__ = ["Gemma", "KVCache", "Output", "PaliGemma", "RMSNorm", "SigLIP", "prefix_lm_mask"]

@@ -1,0 +1,176 @@
+"""One Gemma decoder for Gemma 1 and Gemma 2, chosen by `TextConfig` flags, with a static KV cache.
+
+Gemma 2 = Gemma 1 + post-attention / post-feedforward norms, attention and final logit soft-capping, a
+`query_pre_attn_scalar` attention scale, and a sliding window on alternate layers.
+
+Axes: B batch, T query length, S key length (the cache length when a cache is set up), H hidden size,
+N query heads, K key/value heads, G = N / K query heads per KV head, D head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from palitorch.config import TextConfig
+from palitorch.model.siglip import activation
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * (1 + w), computed in float32 and cast back (Gemma stores w as an offset from 1)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """positions [B, T] -> cos, sin [B, T, D] in the rotate-half layout; angles in float32, then cast."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # [B, T, D/2]
+    emb = torch.cat((angles, angles), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, D]; cos/sin [B, T, D]."""
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer, [B, K, S, D]; `update` writes T new entries at slots `pos`."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.n, self.kv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.scale = cfg.attn_scale
+        self.softcap = cfg.attn_softcap
+        self.sliding = cfg.is_sliding(layer)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n * self.d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv * self.d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv * self.d, bias=False)
+        self.o_proj = nn.Linear(self.n * self.d, cfg.hidden_size, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, cache_pos=None):
+        """x [B, T, H]; mask [B, 1, T, S] bool (True = may attend); cache_pos [T] slots to write, with a cache."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n, self.d).transpose(1, 2)  # [B, N, T, D]
+        k = self.k_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)  # [B, K, T, D]
+        v = self.v_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(cache_pos, k, v)  # [B, K, S, D]
+        if self.softcap is None:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n != self.kv)
+        else:
+            o = self._softcapped(q, k, v, mask)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n * self.d))
+
+    def _softcapped(self, q, k, v, mask):
+        """Gemma 2 attention: logits -> c * tanh(logits / c) before the mask; softmax in float32."""
+        b, _, t, d = q.shape
+        g = self.n // self.kv
+        q = q.view(b, self.kv, g, t, d)  # query heads grouped by the KV head they share
+        s = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)) * self.scale  # [B, K, G, T, S]
+        s = torch.tanh(s / self.softcap) * self.softcap
+        s = s.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(p, v.unsqueeze(2)).view(b, self.n, t, d)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = activation(cfg.hidden_act)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.input_norm = RMSNorm(h, eps)
+        self.attn = Attention(cfg, layer)
+        self.pre_mlp_norm = RMSNorm(h, eps)
+        self.mlp = MLP(cfg)
+        # Gemma 2 normalises each branch's output too.
+        self.post_attn_norm = RMSNorm(h, eps) if cfg.post_norms else nn.Identity()
+        self.post_mlp_norm = RMSNorm(h, eps) if cfg.post_norms else nn.Identity()
+
+    def forward(self, x, cos, sin, mask, cache_pos=None):
+        x = x + self.post_attn_norm(self.attn(self.input_norm(x), cos, sin, mask, cache_pos))
+        return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
+
+
+class Gemma(nn.Module):
+    """Token embedding, decoder layers, final norm and the tied LM head."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] -> [B, T, H], scaled by sqrt(H) rounded to the weights' dtype (45.25 in bf16 for H=2048)."""
+        w = self.embed_tokens.weight
+        return self.embed_tokens(ids) * torch.tensor(self.cfg.hidden_size**0.5, dtype=w.dtype, device=w.device)
+
+    def forward(self, x, positions, mask, sliding_mask=None, cache_pos=None) -> torch.Tensor:
+        """x [B, T, H] embeddings; positions [B, T]; mask, sliding_mask [B, 1, T, S] -> normed hidden [B, T, H]."""
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for layer in self.layers:
+            m = sliding_mask if (layer.attn.sliding and sliding_mask is not None) else mask
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, m, cache_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, m, cache_pos)
+        return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, T, H] -> [B, T, V] through the tied embedding; Gemma 2 soft-caps them."""
+        out = F.linear(h, self.embed_tokens.weight)
+        if self.cfg.final_softcap is not None:
+            out = torch.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
+        return out
+
+    def setup_caches(self, batch: int, max_len: int, dtype=None, device=None) -> None:
+        w = self.embed_tokens.weight
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(
+                batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim, dtype or w.dtype, device or w.device
+            )
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.attn.kv_cache = None

@@ -1,0 +1,135 @@
+"""PaliGemma: SigLIP patches -> linear projector -> Gemma, with the prefix-LM attention mask.
+
+The sequence is `<image> * P, <bos>, prompt, "\\n"` (the prefix, attended bidirectionally) followed by the answer
+and `<eos>` (the suffix, attended causally). The model knows nothing about files, tokenizers or sampling.
+
+Axes: B batch, T sequence length, P image patches, C vision hidden size, H text hidden size, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from palitorch.config import PaliGemmaConfig
+from palitorch.model.gemma import Gemma
+from palitorch.model.siglip import SigLIP
+
+
+def prefix_lm_mask(token_type_ids: torch.Tensor, valid: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """The attention mask [B, 1, T, T] (True = may attend) for token types [B, T] (0 prefix, 1 suffix).
+
+    `cumsum(types)` numbers the causal steps: key k is visible to query q when `c[k] <= c[q]`, so every prefix token
+    (c = 0) sees the whole prefix and each suffix token sees the prefix and the suffix up to itself::
+
+        types   0 0 0 1 1         c = 0 0 0 1 2         row q=3 (first suffix token): 1 1 1 1 0
+
+    Padding keys (`valid` False) are hidden; each token always sees itself, so no row is empty. `window` (Gemma 2's
+    sliding layers) also hides keys W or more steps behind a suffix query; the prefix stays bidirectional.
+    """
+    c = token_type_ids.long().cumsum(-1)
+    mask = (c[:, None, :] <= c[:, :, None]) & valid[:, None, :].bool()
+    t = token_type_ids.shape[-1]
+    idx = torch.arange(t, device=token_type_ids.device)
+    if window is not None:
+        near = (idx[:, None] - idx[None, :]) < window  # [T, T]
+        mask = mask & (near | (c == 0)[:, :, None])
+    return (mask | torch.eye(t, dtype=torch.bool, device=mask.device)).unsqueeze(1)
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor  # [B, T, V]
+    loss: torch.Tensor | None = None
+
+
+class PaliGemma(nn.Module):
+    def __init__(self, cfg: PaliGemmaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = SigLIP(cfg.vision)
+        self.projector = nn.Linear(cfg.vision.hidden_size, cfg.text.hidden_size)  # the whole projector
+        self.language_model = Gemma(cfg.text)
+
+    # -------------------------------------------------------------- the multimodal pieces
+
+    def embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, S, S] -> [B, P, H] image tokens for the decoder (unscaled, unlike text embeddings)."""
+        return self.projector(self.vision_tower(pixels))
+
+    def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None) -> torch.Tensor:
+        """Text embeddings with each image's P features written over its P `<image>` positions. [B, T, H]"""
+        is_image = input_ids == self.cfg.image_token_id
+        x = self.language_model.embed(input_ids.masked_fill(is_image, 0))
+        if pixels is None:
+            return x
+        img = self.embed_image(pixels).to(x.dtype)
+        if not bool((is_image.sum(-1) == img.shape[1]).all()):
+            raise ValueError(
+                f"each sequence needs exactly {img.shape[1]} <image> tokens for this resolution, got "
+                f"{is_image.sum(-1).tolist()}"
+            )
+        return x.masked_scatter(is_image[..., None], img)
+
+    # -------------------------------------------------------------- full-sequence forward (training, scoring)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> Output:
+        """input_ids, attention_mask, token_type_ids, labels [B, T]; pixel_values [B, 3, S, S].
+
+        Without token_type_ids the whole sequence is prefix (as for a prompt). Positions count real tokens from 1
+        (transformers' convention), so a padded sequence gives the same numbers as the unpadded one. Labels of
+        -100 are ignored; the loss is the mean cross-entropy in float32 of each token predicting the next.
+        """
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        positions = valid.long().cumsum(-1)
+        x = self.embed(input_ids, pixel_values)
+        mask = prefix_lm_mask(types, valid)
+        sliding = None
+        if self.cfg.text.sliding_window is not None and input_ids.shape[1] > self.cfg.text.sliding_window:
+            sliding = prefix_lm_mask(types, valid, self.cfg.text.sliding_window)
+        h = self.language_model(x, positions, mask, sliding)
+        logits = self.language_model.logits(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        return Output(logits=logits, loss=loss)
+
+    # -------------------------------------------------------------- cached forward (generation)
+
+    def setup_caches(self, batch: int, max_len: int, dtype=None, device=None) -> None:
+        """Preallocate every layer's KV cache for `batch` sequences of at most `max_len` tokens."""
+        self.language_model.setup_caches(batch, max_len, dtype, device)
+
+    def clear_caches(self) -> None:
+        self.language_model.clear_caches()
+
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache_pos: torch.Tensor,
+        mask: torch.Tensor,
+        sliding_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Run embeddings x [B, T, H] written at cache slots cache_pos [T]; masks [B, 1, T, S] over all S slots.
+
+        Returns logits [B, T, V], or [B, 1, V] for the last position only (`last_only`, as in prefill).
+        """
+        h = self.language_model(x, positions, mask, sliding_mask, cache_pos)
+        if last_only:
+            h = h[:, -1:]
+        return self.language_model.logits(h)

@@ -1,0 +1,57 @@
+"""A small SentencePiece-style BPE tokenizer for from-scratch models, with PaliGemma's special tokens.
+
+Like Gemma's tokenizer.json: spaces become `▁`, BPE with byte fallback (no unknown characters), no tokens added
+automatically. It holds `<pad> <eos> <bos> <unk> <image>`, `<loc0000>`..`<loc1023>` and `<seg000>`..`<seg127>`, so
+the processor code that serves Hub models serves small ones unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"]
+LOC = [f"<loc{i:04d}>" for i in range(1024)]
+SEG = [f"<seg{i:03d}>" for i in range(128)]
+BYTES = [f"<0x{i:02X}>" for i in range(256)]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Tokenizer:
+    """Train BPE on `texts`; `vocab_size` counts the learned pieces and the 256 byte tokens, not the specials."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    specials = SPECIAL + LOC + SEG
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size + len(specials), special_tokens=specials, initial_alphabet=[], show_progress=False,
+        limit_alphabet=1000,
+    )
+    tok.train_from_iterator((t.replace(" ", "▁") for t in texts), trainer=trainer)
+    # Byte pieces go into the BPE vocabulary itself, so that byte fallback can encode any character.
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    for b in BYTES:
+        vocab.setdefault(b, len(vocab))
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, folder: str | Path) -> None:
+    """Write tokenizer.json plus the tokenizer_config.json / special_tokens_map.json transformers reads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "image_token": "<image>", "extra_special_tokens": {"image_token": "<image>"},
+        "add_bos_token": False, "add_eos_token": False, "padding_side": "right", "model_max_length": 8192,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}, indent=2))

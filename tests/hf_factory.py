@@ -1,0 +1,134 @@
+"""Tiny random PaliGemma checkpoints written by transformers itself (tests only: transformers is a test dependency)."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from palitorch.train.tokenizer import save_tokenizer, train_tokenizer
+
+CORPUS = [
+    "caption en", "answer en what color is the shape?", "detect cat ; dog", "segment cat", "ocr",
+    "a cat sitting on a bench", "is there a blue circle in the image?", "the quick brown fox jumps over the lazy dog",
+    "two dogs play in the snow", "what is written on the sign?", "yes", "no", "red", "green", "triangle",
+]
+
+
+@lru_cache(maxsize=1)
+def tokenizer():
+    return train_tokenizer(CORPUS * 10, vocab_size=400)
+
+
+def hf_config(version=1, image_size=224, patch_size=14, heads=4, kv_heads=1, layers=2, hidden=64, head_dim=16,
+              vision_hidden=48, vision_heads=4, vision_layers=2):
+    from transformers import PaliGemmaConfig
+
+    tok = tokenizer()
+    vocab = tok.get_vocab_size()
+    text = dict(
+        model_type="gemma2" if version == 2 else "gemma", vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, head_dim=head_dim,
+    )
+    if version == 2:
+        text.update(query_pre_attn_scalar=head_dim, eos_token_id=[1, tok.encode(" the", add_special_tokens=False).ids[0]])
+    vision = dict(
+        model_type="siglip_vision_model", hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
+        num_hidden_layers=vision_layers, num_attention_heads=vision_heads, image_size=image_size,
+        patch_size=patch_size, vision_use_head=False,
+    )
+    return PaliGemmaConfig(
+        text_config=text, vision_config=vision, image_token_index=tok.token_to_id("<image>"),
+        projection_dim=hidden, hidden_size=hidden, vocab_size=vocab, pad_token_id=0, bos_token_id=2, eos_token_id=1,
+    )
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            std = 0.5 if "embed" in name else (0.3 if p.ndim == 1 else 0.08)
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+# Canonical (transformers 4.52+) names -> the other layouts found on the Hub. Written independently of palitorch's
+# own key map, so that the loader is tested against the layouts rather than against itself.
+LAYOUTS = {
+    "new": (("model.language_model.", "model.language_model."), ("model.vision_tower.", "model.vision_tower.vision_model."),
+            ("model.multi_modal_projector.", "model.multi_modal_projector."), ("lm_head.", "lm_head.")),
+    "old": (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower.vision_model."),
+            ("model.multi_modal_projector.", "multi_modal_projector."), ("lm_head.", "language_model.lm_head.")),
+    "v5": (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
+           ("model.multi_modal_projector.", "multi_modal_projector."), ("lm_head.", "lm_head.")),
+}
+
+
+def rename(key: str, layout: str) -> str:
+    for canonical, target in LAYOUTS[layout]:
+        if key.startswith(canonical):
+            return target + key[len(canonical):]
+    raise KeyError(key)
+
+
+def write_checkpoint(folder: Path, seed: int = 0, layout: str = "v5", shards: int = 1, dtype=torch.float32,
+                     lm_head: bool = False, **cfg_kw):
+    """Build a random transformers PaliGemma and save it as a Hub folder; returns (folder, hf_model in float32).
+
+    layout "v5" is what transformers 5 writes itself; "new" and "old" are rewritten from the model's state dict.
+    `lm_head` also stores the tied duplicate of the embedding, as some checkpoints do.
+    """
+    from transformers import PaliGemmaForConditionalGeneration
+
+    cfg = hf_config(**cfg_kw)
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(cfg).eval()
+    randomize(model, seed)
+    folder = Path(folder)
+    model.to(dtype).save_pretrained(folder)
+    if layout != "v5" or shards > 1 or lm_head:
+        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        if not lm_head:
+            state.pop("lm_head.weight")
+        _write_weights(folder, {rename(k, layout): v for k, v in state.items()}, shards)
+    model.float()
+    save_tokenizer(tokenizer(), folder)
+    image_size = cfg.vision_config.image_size
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "SiglipImageProcessor", "processor_class": "PaliGemmaProcessor",
+        "do_resize": True, "size": {"height": image_size, "width": image_size}, "resample": 3,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True,
+        "image_seq_length": (image_size // cfg.vision_config.patch_size) ** 2,
+    }, indent=2))
+    return folder, model
+
+
+def _write_weights(folder: Path, tensors: dict, shards: int) -> None:
+    for f in folder.glob("model*.safetensors*"):
+        f.unlink()
+    keys = sorted(tensors)
+    if shards == 1:
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k] for k in keys[i::shards]}
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def hf_processor(folder: Path):
+    from transformers import PaliGemmaProcessor, PreTrainedTokenizerFast
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    ip = SiglipImageProcessorPil(size={"height": pre["size"]["height"], "width": pre["size"]["width"]})
+    ip.image_seq_length = pre["image_seq_length"]
+    tok = PreTrainedTokenizerFast.from_pretrained(folder)
+    return PaliGemmaProcessor(image_processor=ip, tokenizer=tok)
