@@ -1,0 +1,36 @@
+"""Shared fixtures. Tiny random checkpoints are written once per session by transformers itself."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from hf_factory import write_checkpoint  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def ckpt_factory(tmp_path_factory):
+    """write(name, **kw) -> (folder, hf_model); cached by name for the whole session."""
+    cache = {}
+
+    def write(name: str, **kw):
+        if name not in cache:
+            cache[name] = write_checkpoint(tmp_path_factory.mktemp(name), **kw)
+        return cache[name]
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def pg1(ckpt_factory):
+    return ckpt_factory("pg1", version=1)
+
+
+@pytest.fixture(scope="session")
+def pg2(ckpt_factory):
+    return ckpt_factory("pg2", version=2, kv_heads=2)
