@@ -125,11 +125,23 @@ def _check_safetensors_complete(file: Path) -> None:
         raise CheckpointError(f"{file} is truncated ({file.stat().st_size} bytes, needs {8 + n + end}); download it again")
 
 
+def preprocessor_config(cfg: PaliGemmaConfig) -> dict:
+    """The preprocessor_config.json transformers' PaliGemmaProcessor reads (PIL bicubic, mean/std 0.5)."""
+    s = cfg.vision.image_size
+    return {
+        "image_processor_type": "SiglipImageProcessor", "processor_class": "PaliGemmaProcessor",
+        "do_resize": True, "size": {"height": s, "width": s}, "resample": 3, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+        "do_convert_rgb": True, "image_seq_length": cfg.num_image_tokens,
+    }
+
+
 def save_model(model: PaliGemma, path, extra_files: dict[str, str | os.PathLike] | None = None,
                max_shard_bytes: int | None = None) -> Path:
     """Write `model` as a Hub-layout folder (newer key layout), atomically: a temp folder, then a rename.
 
-    `extra_files` maps names in the new folder to files to copy in (tokenizer.json, preprocessor_config.json, ...).
+    `extra_files` maps names in the new folder to files to copy in (tokenizer.json, tokenizer_config.json, ...);
+    a preprocessor_config.json is written from the config unless one is given there.
     With `max_shard_bytes`, weights are split into shards with a `model.safetensors.index.json`.
     """
     out = Path(path)
@@ -158,6 +170,7 @@ def save_model(model: PaliGemma, path, extra_files: dict[str, str | os.PathLike]
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
             )
+        (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(model.cfg), indent=2))
         hf_cfg = model.cfg.to_hf()
         hf_cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))

@@ -1,0 +1,5 @@
+import sys
+
+from palitorch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,44 @@
+"""The `palitorch` command line. Each subcommand lives in its own module with `add_parser(subparsers)`.
+
+Errors that are the user's to fix (PalitorchError) print as one line and exit 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from palitorch.errors import PalitorchError
+
+COMMANDS = ("run", "chat", "batch", "train", "data")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="palitorch", description="PaliGemma in plain PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"palitorch.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"palitorch.cli.{name}":
+                raise
+            continue  # a subcommand not written yet
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PalitorchError as e:
+        print(f"palitorch {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
