@@ -24,7 +24,7 @@ def tokenizer():
 
 
 def hf_config(version=1, image_size=224, patch_size=14, heads=4, kv_heads=1, layers=2, hidden=64, head_dim=16,
-              vision_hidden=48, vision_heads=4, vision_layers=2):
+              vision_hidden=48, vision_heads=4, vision_layers=2, text_extra=None):
     from transformers import PaliGemmaConfig
 
     tok = tokenizer()
@@ -36,6 +36,7 @@ def hf_config(version=1, image_size=224, patch_size=14, heads=4, kv_heads=1, lay
     )
     if version == 2:
         text.update(query_pre_attn_scalar=head_dim, eos_token_id=[1, tok.encode(" the", add_special_tokens=False).ids[0]])
+    text.update(text_extra or {})
     vision = dict(
         model_type="siglip_vision_model", hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
         num_hidden_layers=vision_layers, num_attention_heads=vision_heads, image_size=image_size,

@@ -58,7 +58,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
             a = a * 255.0
         elif img.mode.startswith("I;16") or a.max(initial=0) > 255:
             a = a / 257.0  # 0..65535 -> 0..255
-        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))  # mode L
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -1,0 +1,151 @@
+"""Loading Hub folders: every layout, shards, dtypes, and one-line errors for every kind of broken folder."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import palitorch
+from palitorch.checkpoint import load_model, save_model
+from palitorch.config import PaliGemmaConfig
+from palitorch.errors import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt_factory):
+    folder, _ = ckpt_factory("layout-v5", version=2, kv_heads=2, seed=7)
+    return {k: v.clone() for k, v in load_model(folder).state_dict().items()}
+
+
+@pytest.mark.parametrize("layout,shards,lm_head", [("v5", 1, False), ("new", 1, True), ("old", 1, False),
+                                                   ("new", 3, False), ("old", 2, True)])
+def test_layouts_and_shards_load_the_same_weights(ckpt_factory, reference, layout, shards, lm_head):
+    folder, _ = ckpt_factory(f"layout-{layout}-{shards}-{lm_head}", version=2, kv_heads=2, seed=7, layout=layout,
+                             shards=shards, lm_head=lm_head)
+    state = load_model(folder).state_dict()
+    assert state.keys() == reference.keys()
+    for k in state:
+        assert torch.equal(state[k], reference[k]), k
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", torch.float16, "float32"])
+def test_dtypes(pg1, dtype):
+    pipe = palitorch.load(pg1[0], dtype=dtype)
+    assert all(p.dtype == palitorch.checkpoint.resolve_dtype(dtype) for p in pipe.model.parameters())
+    from PIL import Image
+
+    r = pipe.score(Image.new("RGB", (50, 50), "red"), "caption en", "red")
+    assert all(torch.isfinite(torch.tensor(r.logprobs)))
+
+
+def test_save_round_trip_loads_in_both(pg2, tmp_path):
+    from transformers import PaliGemmaForConditionalGeneration
+
+    folder, hf = pg2
+    model = load_model(folder)
+    out = save_model(model, tmp_path / "saved", extra_files={"tokenizer.json": folder / "tokenizer.json"},
+                     max_shard_bytes=200_000)
+    assert (out / "model.safetensors.index.json").exists()
+    again = load_model(out)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k])
+    hf2 = PaliGemmaForConditionalGeneration.from_pretrained(out).eval()
+    for (k1, v1), (k2, v2) in zip(sorted(hf.state_dict().items()), sorted(hf2.state_dict().items())):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+    assert PaliGemmaConfig.from_hf(json.loads((out / "config.json").read_text())) == model.cfg
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _error(folder) -> str:
+    with pytest.raises(palitorch.PalitorchError) as e:
+        palitorch.load(folder)
+    msg = str(e.value)
+    assert "\n" not in msg, "errors are one line"
+    return msg
+
+
+def test_missing_tensor(pg1, tmp_path):
+    d = _copy(pg1[0], tmp_path / "c")
+    t = load_file(d / "model.safetensors")
+    key = next(k for k in t if "layers.1.mlp.up_proj" in k)
+    del t[key]
+    save_file(t, d / "model.safetensors")
+    msg = _error(d)
+    assert "lacks" in msg and "layers.1.mlp.up_proj" in msg
+
+
+def test_wrong_shape(pg1, tmp_path):
+    d = _copy(pg1[0], tmp_path / "c")
+    t = load_file(d / "model.safetensors")
+    key = next(k for k in t if "layers.0.self_attn.k_proj.weight" in k and "vision" not in k)
+    t[key] = t[key][:, :-1].contiguous()
+    save_file(t, d / "model.safetensors")
+    msg = _error(d)
+    assert key in msg and "shape" in msg
+
+
+def test_unexpected_tensor(pg1, tmp_path):
+    d = _copy(pg1[0], tmp_path / "c")
+    t = load_file(d / "model.safetensors")
+    t["language_model.model.layers.7.mlp.up_proj.weight"] = torch.zeros(2)
+    save_file(t, d / "model.safetensors")
+    assert "unexpected tensor 'language_model.model.layers.7.mlp.up_proj.weight'" in _error(d)
+
+
+def test_truncated_file(pg1, tmp_path):
+    d = _copy(pg1[0], tmp_path / "c")
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert "truncated" in _error(d)
+
+
+def test_garbage_file(pg1, tmp_path):
+    d = _copy(pg1[0], tmp_path / "c")
+    (d / "model.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{not json")
+    assert "not a valid safetensors" in _error(d)
+
+
+def test_not_paligemma(pg1, tmp_path):
+    d = _copy(pg1[0], tmp_path / "c")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "llava"
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert "not 'paligemma'" in _error(d)
+
+
+def test_no_tokenizer(pg1, tmp_path):
+    d = _copy(pg1[0], tmp_path / "c")
+    (d / "tokenizer.json").unlink()
+    assert "no tokenizer.json" in _error(d)
+
+
+def test_no_weights_and_pickles_refused(pg1, tmp_path):
+    d = _copy(pg1[0], tmp_path / "c")
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(b"pickle")
+    msg = _error(d)
+    assert "no model.safetensors" in msg and "never unpickles" in msg
+
+
+def test_missing_shard(ckpt_factory, tmp_path):
+    folder, _ = ckpt_factory("layout-new-3-False", version=2, kv_heads=2, seed=7, layout="new", shards=3)
+    d = _copy(folder, tmp_path / "c")
+    (d / "model-00002-of-00003.safetensors").unlink()
+    assert "missing shard model-00002-of-00003.safetensors" in _error(d)
+
+
+def test_missing_folder_and_config(tmp_path):
+    assert "does not exist" in _error(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    assert "no config.json" in _error(tmp_path / "empty")
+
+
+def test_bad_dtype(pg1):
+    with pytest.raises(CheckpointError, match="unsupported dtype"):
+        palitorch.load(pg1[0], dtype="int8")

@@ -1,0 +1,117 @@
+"""Image preprocessing and prompt tokenization against transformers' PIL-based PaliGemma processor.
+
+Tolerance for pixels: 1e-6 absolute (values in [-1, 1]).
+"""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import palitorch
+from hf_factory import hf_processor
+from palitorch.errors import InputError
+from palitorch.inference.processor import load_image
+
+
+def _rgb(h, w, seed=0):
+    return np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _modes():
+    rgb = Image.fromarray(_rgb(97, 131))
+    rgba = Image.fromarray(np.dstack([_rgb(50, 70, 1), np.random.RandomState(2).randint(0, 256, (50, 70))
+                                      .astype(np.uint8)]))
+    return {
+        "rgb-odd": rgb,
+        "rgb-exact": Image.fromarray(_rgb(224, 224, 3)),
+        "rgb-tiny": Image.fromarray(_rgb(5, 3, 4)),
+        "grey": rgb.convert("L"),
+        "rgba": rgba,
+        "palette": rgb.convert("P"),
+    }
+
+
+@pytest.fixture(scope="module")
+def procs(pg1):
+    folder, _ = pg1
+    return palitorch.load(folder).processor, hf_processor(folder)
+
+
+@pytest.mark.parametrize("name", list(_modes()))
+def test_pixels_match_transformers(procs, name):
+    ours, hf = procs
+    img = _modes()[name]
+    ref = hf(images=[img], text=["caption en"], return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(ours.pixels(img), ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("prefix,suffix", [
+    ("caption en", None),
+    ("answer en what color is the shape?", "red"),
+    ("detect cat ; dog", "<loc0010><loc0020><loc0500><loc0600> cat ; <loc0001><loc0002><loc0003><loc0004> dog"),
+    ("ocr", "Ünïcödé 😀 text\nwith a newline"),
+    ("", "empty prompt"),
+])
+def test_token_ids_match_transformers(procs, prefix, suffix):
+    ours, hf = procs
+    img = Image.fromarray(_rgb(32, 32))
+    kw = {"suffix": [suffix]} if suffix is not None else {}
+    ref = hf(images=[img], text=[prefix], return_tensors="pt", **kw)
+    enc = ours.encode(prefix, suffix)
+    assert enc.ids == ref["input_ids"][0].tolist()
+    assert enc.types == ref["token_type_ids"][0].tolist()
+    batch = ours.collate([enc])
+    assert batch["labels"][0].tolist() == ref["labels"][0].tolist()
+
+
+def test_image_prefix_layout(procs):
+    ours, _ = procs
+    enc = ours.encode("caption en", "a cat")
+    n = ours.num_image_tokens
+    assert enc.ids[:n] == [ours.token_id("<image>")] * n
+    assert enc.ids[n] == ours.token_id("<bos>")
+    assert enc.ids[-1] == ours.token_id("<eos>")
+    assert ours.tokenizer.decode([enc.ids[enc.types.index(1) - 1]]) == "\n"
+
+
+def test_exif_orientation_applied():
+    arr = _rgb(20, 40)
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif, quality=100)
+    loaded = load_image(buf.getvalue())
+    assert loaded.size == (20, 40)  # width and height swapped
+
+
+def test_other_modes_become_rgb():
+    sixteen = Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)
+    assert sixteen.mode.startswith("I;16")
+    out = load_image(sixteen)
+    assert out.mode == "RGB" and np.asarray(out).max() > 200  # rescaled, not clipped to white
+    assert np.asarray(out)[0, 0, 0] == 0
+    cmyk = Image.fromarray(_rgb(10, 10)).convert("CMYK")
+    assert load_image(cmyk).mode == "RGB"
+    transparent = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert np.asarray(load_image(transparent))[0, 0].tolist() == [255, 255, 255]  # composited onto white
+
+
+def test_bad_images_are_one_line_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_image(tmp_path / "missing.png")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(InputError, match="cannot read image"):
+        load_image(bad)
+    with pytest.raises(InputError, match="PIL image or a path"):
+        load_image(42)
+
+
+def test_prompt_longer_than_context_is_rejected(procs):
+    ours, _ = procs
+    with pytest.raises(InputError, match="context"):
+        ours.encode("word " * 10000)
