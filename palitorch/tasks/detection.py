@@ -1,0 +1,70 @@
+"""Detection output: PaliGemma's `<locY0><locX0><locY1><locX1> label` text -> boxes in image pixels.
+
+PaliGemma answers `detect cat ; dog` with one group per object, groups joined by ` ; `:
+
+    <loc0256><loc0128><loc0767><loc0896> cat ; <loc0000><loc0000><loc0511><loc0511> dog
+
+The four numbers are y0, x0, y1, x1 on a 0..1023 grid over the (square, resized) model input, so a pixel
+coordinate in the original image is `loc / 1023 * height` for y and `loc / 1023 * width` for x (big_vision's
+evaluator; some demos divide by 1024, which shifts boxes by under 0.1%). A segmentation answer puts 16 `<segNNN>`
+codes between the locations and the label; segmentation.py reads those.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+LOC_GRID = 1023  # the largest <locNNNN>: coordinates are loc / 1023 of the image side
+NUM_SEG_CODES = 16
+
+# One object: four <loc> tokens, any run of <seg> tokens, then the label (spaces tolerated everywhere).
+_GROUP = re.compile(r"\s*((?:<loc\d{4}>\s*){4})((?:<seg\d{3}>\s*)*)(.*?)\s*", re.DOTALL)
+_NUMBER = re.compile(r"\d+")
+_ANY_LOC_SEG = re.compile(r"<(?:loc|seg)\d+>")
+
+
+@dataclass(frozen=True)
+class Detection:
+    label: str
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in the original image's pixels, x0 <= x1, y0 <= y1
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "box": [round(v, 2) for v in self.box]}
+
+
+def split_objects(text: str) -> list[tuple[tuple[int, int, int, int], tuple[int, ...], str]]:
+    """Well-formed `;`-separated groups of `text` as (locs y0 x0 y1 x1, seg codes, label); malformed ones dropped.
+
+    A group is malformed when it does not start with exactly four <loc> tokens, or when more location/segment
+    tokens follow its label (a run-on group a truncated answer or an untrained model can produce).
+    """
+    objects = []
+    for chunk in text.split(";"):
+        m = _GROUP.fullmatch(chunk)
+        if m is None:
+            continue
+        locs, segs, label = m.groups()
+        if _ANY_LOC_SEG.search(label):
+            continue
+        objects.append((
+            tuple(int(n) for n in _NUMBER.findall(locs)),
+            tuple(int(n) for n in _NUMBER.findall(segs)),
+            label,
+        ))
+    return objects
+
+
+def locs_to_box(locs: tuple[int, int, int, int], width: int, height: int) -> tuple[float, float, float, float]:
+    """(y0, x0, y1, x1) on the 0..1023 grid -> (x0, y0, x1, y1) in pixels, clamped to the image and ordered."""
+    y0, x0, y1, x1 = (min(max(v, 0), LOC_GRID) / LOC_GRID for v in locs)
+    x0, x1 = sorted((x0 * width, x1 * width))
+    y0, y1 = sorted((y0 * height, y1 * height))
+    return (x0, y0, x1, y1)
+
+
+def parse_detections(text: str, width: int, height: int) -> list[Detection]:
+    """Every well-formed object in a detection (or segmentation) answer, with its box in pixels of a
+    `width` x `height` image. Groups with fewer than four locations or other garbage are skipped; locations past
+    the grid are clamped to the image's edge; a box given as (y1, x1, y0, x0) is put back in order."""
+    return [Detection(label, locs_to_box(locs, width, height)) for locs, _, label in split_objects(text)]

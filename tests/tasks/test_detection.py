@@ -1,0 +1,63 @@
+"""parse_detections: PaliGemma's <locY0><locX0><locY1><locX1> label groups -> pixel boxes (tolerance 1e-9 px)."""
+
+import pytest
+
+from palitorch.tasks import Detection, parse_detections
+
+
+def loc(*values):
+    return "".join(f"<loc{v:04d}>" for v in values)
+
+
+def assert_box(actual, expected):
+    assert actual == pytest.approx(expected, abs=1e-9)
+
+
+def test_one_object_uses_the_1023_grid_and_yx_order():
+    (d,) = parse_detections(loc(0, 1023, 1023, 0) + " cat", width=640, height=480)
+    assert d.label == "cat"
+    # y0=0, x0=1023, y1=1023, x1=0: reordered so that x0 <= x1 and y0 <= y1.
+    assert_box(d.box, (0.0, 0.0, 640.0, 480.0))
+    (d,) = parse_detections(loc(100, 200, 300, 400) + " cat", width=1023, height=2046)
+    assert_box(d.box, (200.0, 200.0, 400.0, 600.0))
+
+
+def test_several_objects_and_multiword_labels():
+    text = loc(0, 0, 511, 511) + " cat ; " + loc(512, 512, 1023, 1023) + " red car;" + loc(10, 20, 30, 40) + "dog"
+    ds = parse_detections(text, 1023, 1023)
+    assert [d.label for d in ds] == ["cat", "red car", "dog"]
+    assert_box(ds[1].box, (512, 512, 1023, 1023))
+    assert_box(ds[2].box, (20, 10, 40, 30))
+    assert ds[0].to_dict() == {"label": "cat", "box": [0, 0, 511, 511]}
+
+
+def test_spaces_between_tokens_are_tolerated():
+    ds = parse_detections("  <loc0010> <loc0020>\n<loc0030>  <loc0040>   cat  ", 1023, 1023)
+    assert ds == [Detection("cat", (20.0, 10.0, 40.0, 30.0))]
+
+
+@pytest.mark.parametrize("text", [
+    "", "a cat on a bench", loc(1, 2, 3) + " cat", "cat " + loc(1, 2, 3, 4), loc(1, 2, 3, 4, 5) + " cat",
+    loc(1, 2, 3, 4) + " cat " + loc(5, 6, 7, 8), "<loc12> <loc0001><loc0002><loc0003> x", "<loc00010><loc0001>" * 2,
+])
+def test_malformed_text_gives_nothing(text):
+    assert parse_detections(text, 100, 100) == []
+
+
+def test_malformed_groups_are_skipped_and_good_ones_kept():
+    text = " ; ".join([loc(1, 2, 3) + " bad", loc(0, 0, 1023, 1023) + " good", "garbage", loc(9, 9, 9, 9, 9) + " x"])
+    assert parse_detections(text, 10, 10) == [Detection("good", (0.0, 0.0, 10.0, 10.0))]
+
+
+def test_out_of_range_locations_are_clamped_to_the_image():
+    (d,) = parse_detections("<loc0500><loc2000><loc9999><loc0000> cat", 200, 100)
+    assert_box(d.box, (0.0, 500 / 1023 * 100, 200.0, 100.0))
+
+
+def test_segmentation_answers_also_give_their_boxes():
+    text = loc(0, 0, 1023, 1023) + "".join(f"<seg{i:03d}>" for i in range(16)) + " cat"
+    assert parse_detections(text, 50, 50) == [Detection("cat", (0.0, 0.0, 50.0, 50.0))]
+
+
+def test_box_without_label_is_kept_with_an_empty_label():
+    assert parse_detections(loc(0, 0, 1023, 1023), 8, 8) == [Detection("", (0.0, 0.0, 8.0, 8.0))]

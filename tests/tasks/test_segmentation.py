@@ -1,0 +1,104 @@
+"""Segmentation parsing, and the VQ-VAE mask decoder run on random weights (the real vae-oid.npz is not shipped).
+
+The decoder is checked against an nn.Sequential laid out like the PyTorch model whose state dict vae-oid.npz
+holds (its key names say decoder.N / decoder.N.net.M): same names, same shapes, logits within 1e-5.
+"""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from palitorch.errors import InputError
+from palitorch.tasks import Segmentation, decode_codes, decode_mask, load_vae_params, parse_segmentations
+from palitorch.tasks.segmentation import vae_shapes
+
+EMBED_DIM = 8
+
+
+def seg_text(locs, codes, label):
+    return "".join(f"<loc{v:04d}>" for v in locs) + "".join(f"<seg{c:03d}>" for c in codes) + " " + label
+
+
+def test_parse_segmentations():
+    codes = list(range(100, 116))
+    text = seg_text((0, 0, 1023, 1023), codes, "cat") + " ; " + seg_text((0, 0, 511, 511), codes[:15], "short")
+    text += " ; " + seg_text((0, 0, 10, 10), [200] + codes[1:], "bad code") + " ; " + seg_text((0, 0, 2, 2), [], "box")
+    assert parse_segmentations(text, 64, 32) == [Segmentation("cat", (0.0, 0.0, 64.0, 32.0), tuple(codes))]
+    assert parse_segmentations("", 1, 1) == []
+
+
+class ResBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=1),
+                                 nn.ReLU(), nn.Conv2d(128, 128, 1))
+
+    def forward(self, x):
+        return x + self.net(x)
+
+
+def reference_decoder():
+    up = [nn.ConvTranspose2d(a, b, 4, stride=2, padding=1) for a, b in ((128, 128), (128, 64), (64, 32), (32, 16))]
+    return nn.Sequential(nn.Conv2d(EMBED_DIM, 128, 1), nn.ReLU(), ResBlock(), ResBlock(),
+                         up[0], nn.ReLU(), up[1], nn.ReLU(), up[2], nn.ReLU(), up[3], nn.ReLU(), nn.Conv2d(16, 1, 1))
+
+
+@pytest.fixture(scope="module")
+def vae(tmp_path_factory):
+    torch.manual_seed(0)
+    decoder = reference_decoder()
+    for p in decoder.parameters():
+        nn.init.normal_(p, std=0.1)
+    params = {f"decoder.{k}": v.numpy() for k, v in decoder.state_dict().items()}
+    params["_vq_vae._embedding"] = torch.randn(128, EMBED_DIM).numpy()
+    path = tmp_path_factory.mktemp("vae") / "vae-oid.npz"
+    np.savez(path, **params)
+    return path, decoder, params
+
+
+def test_vae_file_is_read_and_checked(vae, tmp_path):
+    path, _, params = vae
+    loaded = load_vae_params(path)
+    assert set(loaded) == set(vae_shapes(EMBED_DIM))
+    with pytest.raises(InputError, match="do not exist"):
+        load_vae_params(tmp_path / "nope.npz")
+    bad = dict(params, **{"decoder.4.weight": np.zeros((3, 3))})
+    np.savez(tmp_path / "bad.npz", **bad)
+    with pytest.raises(InputError, match="decoder.4.weight"):
+        load_vae_params(tmp_path / "bad.npz")
+    np.savez(tmp_path / "pickled.npz", obj=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(InputError, match="plain .npz"):
+        load_vae_params(tmp_path / "pickled.npz")
+
+
+def test_decoder_matches_the_pytorch_layout(vae):
+    path, decoder, params = vae
+    codes = np.random.default_rng(0).integers(0, 128, size=(2, 16))
+    ours = decode_codes(codes, load_vae_params(path))
+    assert ours.shape == (2, 64, 64)
+    emb = torch.from_numpy(params["_vq_vae._embedding"])[torch.from_numpy(codes)]  # [2, 16, D]
+    with torch.no_grad():
+        ref = decoder(emb.reshape(2, 4, 4, EMBED_DIM).permute(0, 3, 1, 2))[:, 0]
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match="0..127"):
+        decode_codes([128] * 16, params)
+
+
+def test_decode_mask_pastes_into_the_box(vae):
+    _, _, params = vae
+    # A decoder whose output is +1 everywhere: bias of the last conv only, every other weight zeroed.
+    ones = {k: np.zeros_like(v) for k, v in params.items()}
+    ones["decoder.12.bias"] = np.ones(1, np.float32)
+    mask = decode_mask([0] * 16, (10.4, 5.0, 30.0, 20.6), ones, image_size=(40, 25))
+    assert mask.shape == (25, 40) and mask.dtype == bool
+    expected = np.zeros((25, 40), bool)
+    expected[5:21, 10:30] = True
+    np.testing.assert_array_equal(mask, expected)
+    assert not decode_mask([0] * 16, (10.0, 5.0, 10.0, 20.0), ones, image_size=(40, 25)).any()  # empty box
+    # A 64 x 64 box needs no resizing: the mask is exactly the logits' sign, and random weights give both signs.
+    codes = list(range(16))
+    m = decode_mask(codes, (0.0, 0.0, 64.0, 64.0), params, image_size=(64, 64))
+    logits = decode_codes(codes, params)[0].numpy()
+    assert (logits > 0).any() and (logits <= 0).any()
+    np.testing.assert_array_equal(m, logits > 0)
