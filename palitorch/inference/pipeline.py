@@ -9,7 +9,10 @@ import torch
 
 from palitorch.checkpoint import load_model, read_config, resolve_dtype
 from palitorch.errors import InputError
+from palitorch.inference import generate as engine
+from palitorch.inference.generate import Result
 from palitorch.inference.processor import Processor
+from palitorch.inference.sampling import GenerationOptions
 from palitorch.model import PaliGemma
 
 
@@ -41,6 +44,23 @@ def as_batch(images, *texts):
     return list(images), *[list(t) if t is not None else None for t in texts], False
 
 
+class Stream:
+    """The text of one answer in pieces: iterate it (`for piece in pipe.stream(...)`); after the loop ends,
+    `.result` holds the full `Result` (text, token ids, logprobs, finish reason). Breaking out early leaves
+    `.result` as None."""
+
+    def __init__(self, pieces, pipeline: Pipeline):
+        self._pieces, self._pipeline = pieces, pipeline
+        self.result: Result | None = None
+
+    def __iter__(self):
+        try:
+            self.result = yield from self._pieces
+        finally:
+            self._pieces.close()
+            self._pipeline._busy = False
+
+
 class Pipeline:
     def __init__(self, model: PaliGemma, processor: Processor, path: str | Path | None = None):
         self.model = model
@@ -48,6 +68,7 @@ class Pipeline:
         self.path = Path(path) if path is not None else None
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        self._busy = False  # a stream is suspended mid-answer: it owns the KV caches
 
     @property
     def cfg(self):
@@ -74,6 +95,37 @@ class Pipeline:
             lp = picked[i, n_prefix - 1: len(e.ids) - 1].tolist()
             results.append(ScoreResult(token_ids=ids, logprobs=lp))
         return results[0] if single else results
+
+
+    # ------------------------------------------------------------------ generation
+
+    def _claim(self) -> None:
+        if self._busy:
+            raise InputError("a stream from this pipeline is still running: finish it (or break out) first")
+
+    def generate(self, image, prompt, options: GenerationOptions | None = None, **kw):
+        """Answer a prompt about an image; lists of images and prompts give a list (one left-padded batch).
+
+        Decoding options are keyword arguments (or a GenerationOptions): max_new_tokens=64, min_new_tokens=0,
+        temperature, top_k, top_p, min_p, repetition_penalty=1.0, num_beams=1, length_penalty=1.0, seed, stop.
+        Greedy by default. Returns a `Result` (text, token_ids, logprobs, finish_reason, prompt_tokens).
+        """
+        opts = GenerationOptions.from_kwargs(options, **kw)
+        images, prompts, single = as_batch(image, prompt)
+        self._claim()
+        results = engine.generate(self.model, self.processor, self._pixels(images), prompts, opts)
+        return results[0] if single else results
+
+    def stream(self, image, prompt: str, options: GenerationOptions | None = None, **kw) -> Stream:
+        """Like `generate` for one image and prompt, yielding text pieces as they are decoded; see `Stream`."""
+        opts = GenerationOptions.from_kwargs(options, **kw)
+        if isinstance(image, (list, tuple)) or not isinstance(prompt, str):
+            raise InputError("stream takes one image and one prompt string; use generate for a batch")
+        self._claim()
+        pixels = self._pixels([image])
+        pieces = engine.stream(self.model, self.processor, pixels, prompt, opts)
+        self._busy = True
+        return Stream(pieces, self)
 
 
 def load(path=None, device="cpu", dtype="float32") -> Pipeline:

@@ -81,7 +81,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)  # [B, K, T, D]
         v = self.v_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_cache is not None:
+        if self.kv_cache is not None and cache_pos is not None:  # a full forward (scoring) bypasses the cache
             k, v = self.kv_cache.update(cache_pos, k, v)  # [B, K, S, D]
         if self.softcap is None:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n != self.kv)

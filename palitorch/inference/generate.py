@@ -1,0 +1,240 @@
+"""The generation engine: prefill once, then one token per step through a static KV cache.
+
+`decode` is a Python generator (litgpt style) yielding each step's tokens for the whole batch, still on the device;
+`generate` (lists in, `Result`s out) and `stream` (text pieces of one answer) are built on it.
+
+How a batch is laid out: prompts are left-padded to a common length T, so every row writes the same cache slot at
+each step (slot T + i for the i-th generated token). Positions count real tokens from 1 (`cumsum(valid)`, as
+transformers does), so a padded row computes the same numbers as the same prompt alone. The prompt is all prefix:
+prefill attends bidirectionally over it with padding hidden, and computes logits for the last position only.
+Each decode step then attends over every cache slot, with a key-validity mask (real prompt tokens + generated
+slots so far) that also makes it causal, and Gemma 2's sliding window on its sliding layers.
+
+Axes: B batch, T prompt length (padded), S cache slots, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from palitorch.errors import InputError
+from palitorch.inference.processor import Processor
+from palitorch.inference.sampling import Chooser, GenerationOptions
+from palitorch.model import PaliGemma
+from palitorch.model.paligemma import prefix_lm_mask
+
+
+@dataclass
+class Result:
+    text: str  # special tokens dropped except <locNNNN>/<segNNN>; cut before a stop string
+    token_ids: list[int]  # generated ids, without the stopping EOS
+    logprobs: list[float]  # log p(token) under the model's raw distribution, one per token id
+    finish_reason: str  # "eos", "length" or "stop"
+    prompt_tokens: int  # prompt length in tokens, image tokens included
+
+
+@dataclass
+class Prompts:
+    """A left-padded batch of encoded prompts, on the model's device."""
+
+    ids: torch.Tensor  # [B, T] long
+    valid: torch.Tensor  # [B, T] bool, False on the left padding
+    pixels: torch.Tensor  # [B, 3, S, S]
+    lengths: list[int]  # real tokens per row
+
+
+def encode_prompts(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompts: list[str]) -> Prompts:
+    """Tokenise and left-pad `prompts` (one per image in pixels [B, 3, S, S]); InputError if one cannot fit."""
+    enc = [processor.encode(p) for p in prompts]
+    context = model.cfg.text.max_position_embeddings
+    longest = max(len(e.ids) for e in enc)
+    if longest >= context:
+        raise InputError(
+            f"the prompt is {longest} tokens with the image, which leaves no room in the model's context of "
+            f"{context}; shorten it"
+        )
+    batch = processor.collate(enc, padding_side="left")
+    device = pixels.device
+    return Prompts(batch["input_ids"].to(device), batch["attention_mask"].to(device).bool(), pixels,
+                   [len(e.ids) for e in enc])
+
+
+def eos_ids(model: PaliGemma, processor: Processor) -> list[int]:
+    """The checkpoint's EOS ids (PaliGemma 2 lists two) plus the tokenizer's <eos>."""
+    return sorted({*model.cfg.eos_token_ids, processor.eos_id})
+
+
+def new_token_budget(model: PaliGemma, prompts: Prompts, opts: GenerationOptions) -> int:
+    """max_new_tokens, cut so that no sequence runs past the model's context."""
+    return min(opts.max_new_tokens, model.cfg.text.max_position_embeddings - prompts.ids.shape[1])
+
+
+def ensure_caches(model: PaliGemma, batch: int, length: int) -> int:
+    """Reuse the model's KV caches when they fit `batch` rows of `length` slots, else allocate; returns S.
+
+    New caches are rounded up to 64 slots so that calls of similar lengths share them. Caches far longer than
+    needed are reallocated: every decode step attends over all S slots.
+    """
+    cache = model.language_model.layers[0].attn.kv_cache
+    if cache is not None:
+        b, _, s, _ = cache.k.shape
+        if b == batch and length <= s <= 2 * length + 64:
+            return s
+    s = -(-length // 64) * 64
+    model.setup_caches(batch, s)
+    return s
+
+
+@torch.inference_mode()
+def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: list[int], pad_id: int,
+           steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (tokens [B], logprobs [B]) for up to `steps` steps, both on the device.
+
+    logprobs are log_softmax of the raw logits at the chosen token. A row that has produced an EOS yields
+    `pad_id` afterwards; the loop ends early once every row has, checking every step on CPU (where a check is
+    free) and every 8 steps elsewhere (each check waits for the device).
+    """
+    b, t = prompts.ids.shape
+    device = prompts.ids.device
+    s_len = ensure_caches(model, b, t + steps)
+    slots = torch.arange(s_len, device=device)
+    valid = torch.zeros(b, s_len, dtype=torch.bool, device=device)  # keys a query may see
+    valid[:, :t] = prompts.valid
+
+    # Prefill: the whole prompt in one forward, bidirectional over its real tokens; logits of the last one.
+    mask = torch.zeros(b, 1, t, s_len, dtype=torch.bool, device=device)
+    mask[..., :t] = prefix_lm_mask(torch.zeros_like(prompts.ids), prompts.valid)
+    positions = prompts.valid.long().cumsum(-1)  # 1-based over real tokens; left padding stays at 0
+    x = model.embed(prompts.ids, prompts.pixels)
+    logits = model.forward_cached(x, positions, slots[:t], mask, last_only=True)[:, -1]
+
+    window = model.cfg.text.sliding_window
+    windowed = window is not None and s_len > window and any(
+        layer.attn.sliding for layer in model.language_model.layers)
+    chooser = Chooser(opts, eos, logits.shape[-1], prompts.ids, prompts.valid)
+    eos_t = torch.tensor(eos, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    pos = positions[:, -1:]  # [B, 1]
+    check_every = 1 if device.type == "cpu" else 8
+    for i in range(steps):
+        tok = chooser(logits, i)
+        lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tok[:, None])[:, 0]
+        tok = tok.masked_fill(done, pad_id)
+        done = done | torch.isin(tok, eos_t)
+        yield tok, lp
+        if i + 1 == steps or ((i + 1) % check_every == 0 and bool(done.all())):
+            return
+        chooser.observe(tok)
+        slot = t + i
+        valid[:, slot] = True  # the new token is a key for itself and every later step: causal by construction
+        pos = pos + 1
+        sliding = (valid & (slots > slot - window))[:, None, None, :] if windowed else None
+        x = model.language_model.embed(tok[:, None])
+        logits = model.forward_cached(x, pos, slots[slot:slot + 1], valid[:, None, None, :], sliding)[:, -1]
+
+
+class Answer:
+    """One row's answer assembled on the host, step by step: ids, logprobs, text, stop strings, finish reason."""
+
+    def __init__(self, processor: Processor, eos: list[int], stop: list[str] | None, prompt_tokens: int):
+        self.processor, self.eos, self.stop = processor, set(eos), stop or []
+        self.prompt_tokens = prompt_tokens
+        self.ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.finish: str | None = None
+        self.text = ""
+        self._hold = max((len(s) for s in self.stop), default=1) - 1  # chars that may begin a stop string
+
+    def push(self, token: int, logprob: float, track_text: bool) -> None:
+        """Record one generated token; with `track_text` decode the text and look for stop strings."""
+        if self.finish is not None:
+            return
+        if token in self.eos:
+            self.finish = "eos"
+            return
+        self.ids.append(token)
+        self.logprobs.append(logprob)
+        if track_text:
+            before = len(self.text)
+            self.text = self.processor.decode(self.ids)
+            self._find_stop(max(0, before - self._hold - 1))
+
+    def _find_stop(self, start: int) -> None:
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.finish = "stop"
+
+    def safe_text(self) -> str:
+        """Text that later tokens cannot change: no trailing incomplete character (U+FFFD from a partial byte
+        sequence) and none of the last characters that could still begin a stop string."""
+        if self.finish is not None:
+            return self.text
+        text = self.text.rstrip("\ufffd")
+        return text[: len(text) - self._hold] if self._hold else text
+
+    def result(self) -> Result:
+        if self.finish is None:
+            self.finish = "length"
+        if self.finish != "stop":
+            self.text = self.processor.decode(self.ids)
+        return Result(self.text, self.ids, self.logprobs, self.finish, self.prompt_tokens)
+
+
+def generate(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompts: list[str],
+             opts: GenerationOptions) -> list[Result]:
+    """Answers for a batch: pixels [B, 3, S, S], B prompts. One padded batch, one decode loop."""
+    batch = encode_prompts(model, processor, pixels, prompts)
+    eos = eos_ids(model, processor)
+    steps = new_token_budget(model, batch, opts)
+    if opts.num_beams > 1:
+        from palitorch.inference.beam import beam_search
+
+        return beam_search(model, processor, batch, opts, eos, steps)
+    answers = [Answer(processor, eos, opts.stop, n) for n in batch.lengths]
+    toks, lps = [], []
+    for tok, lp in decode(model, batch, opts, eos, processor.pad_id, steps):
+        if opts.stop:  # stop strings need the text: one host sync per step
+            for a, t, p in zip(answers, tok.tolist(), lp.tolist()):
+                a.push(t, p, track_text=True)
+            if all(a.finish is not None for a in answers):
+                break
+        else:  # keep the tokens on the device; one transfer at the end
+            toks.append(tok)
+            lps.append(lp)
+    if toks:
+        for a, ts, ps in zip(answers, torch.stack(toks, 1).tolist(), torch.stack(lps, 1).tolist()):
+            for t, p in zip(ts, ps):
+                a.push(t, p, track_text=False)
+    return [a.result() for a in answers]
+
+
+def stream(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompt: str,
+           opts: GenerationOptions) -> Iterator[str]:
+    """Yield the text of one answer (pixels [1, 3, S, S]) in pieces as tokens arrive; returns the `Result`.
+
+    A piece is emitted only when it can no longer change: never half of a multi-byte character whose bytes come
+    as separate byte-fallback tokens, never the beginning of a possible stop string. The pieces concatenate to
+    the final `Result.text`.
+    """
+    if opts.num_beams > 1:
+        raise InputError("streaming shows one sequence as it grows: use num_beams=1 (or generate for beams)")
+    batch = encode_prompts(model, processor, pixels, [prompt])
+    eos = eos_ids(model, processor)
+    answer = Answer(processor, eos, opts.stop, batch.lengths[0])
+    emitted = ""
+    for tok, lp in decode(model, batch, opts, eos, processor.pad_id, new_token_budget(model, batch, opts)):
+        answer.push(int(tok[0]), float(lp[0]), track_text=True)
+        safe = answer.safe_text()
+        if len(safe) > len(emitted) and safe.startswith(emitted):
+            yield safe[len(emitted):]
+            emitted = safe
+        if answer.finish is not None:
+            break
+    result = answer.result()
+    if len(result.text) > len(emitted) and result.text.startswith(emitted):
+        yield result.text[len(emitted):]
+    return result

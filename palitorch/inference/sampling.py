@@ -1,0 +1,198 @@
+"""Decoding options and the choice of the next token, on the device.
+
+`GenerationOptions` holds every decoding knob; `choose` turns one step's logits into the next tokens. Everything
+here works on tensors where they live: no `.item()`, no `.tolist()`, so a GPU never waits for the host to pick a
+token. Sampling uses the exponential trick (gpt-fast): `argmax(p / q)` with `q ~ Exp(1)` draws from `p` exactly,
+because `P(p_i / q_i is largest) = p_i / sum(p)` for independent exponentials.
+
+Processing order follows transformers: repetition penalty, EOS suppression (min_new_tokens), then the warpers
+temperature, top-k, top-p, min-p, each applied to the distribution left by the previous one.
+
+Axes: B batch, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from palitorch.errors import InputError
+
+
+@dataclass
+class GenerationOptions:
+    """How to decode. Greedy unless temperature > 0, or temperature is None and a top-k/p or min-p filter is set."""
+
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0  # EOS is suppressed until this many tokens have been generated
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the answer
+    num_beams: int = 1
+    length_penalty: float = 1.0  # beam scores are sum(logprob) / length ** length_penalty
+    seed: int | None = None
+    stop: list[str] | None = None  # stop strings: the text ends before the first one found
+
+    @classmethod
+    def from_kwargs(cls, options: GenerationOptions | None = None, **kw) -> GenerationOptions:
+        """Options from keyword arguments (optionally on top of `options`); unknown names raise InputError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kw) - names)
+        if unknown:
+            raise InputError(f"unknown decoding option {unknown[0]!r}; known options: {', '.join(sorted(names))}")
+        opts = dataclasses.replace(options or cls(), **kw)
+        if isinstance(opts.stop, str):
+            opts.stop = [opts.stop]
+        return opts.validate()
+
+    @property
+    def do_sample(self) -> bool:
+        if self.temperature is not None:
+            return self.temperature > 0
+        return any(v is not None for v in (self.top_k, self.top_p, self.min_p))
+
+    def validate(self) -> GenerationOptions:
+        def bad(msg: str):
+            raise InputError(msg)
+
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            bad(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
+            bad(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
+        if self.temperature is not None and (not _is_num(self.temperature) or self.temperature < 0):
+            bad(f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            bad(f"top_k must be an integer >= 1, got {self.top_k!r}")
+        if self.top_p is not None and (not _is_num(self.top_p) or not 0 < self.top_p <= 1):
+            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.min_p is not None and (not _is_num(self.min_p) or not 0 <= self.min_p <= 1):
+            bad(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not _is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
+            bad(f"repetition_penalty must be > 0 (1 means none), got {self.repetition_penalty!r}")
+        if not _is_int(self.num_beams) or self.num_beams < 1:
+            bad(f"num_beams must be an integer >= 1, got {self.num_beams!r}")
+        if not _is_num(self.length_penalty):
+            bad(f"length_penalty must be a number, got {self.length_penalty!r}")
+        if self.num_beams > 1 and self.do_sample:
+            bad("beam search is deterministic: use num_beams > 1 without temperature/top_k/top_p/min_p")
+        if self.seed is not None and not _is_int(self.seed):
+            bad(f"seed must be an integer, got {self.seed!r}")
+        if self.stop is not None and (
+            not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop)
+        ):
+            bad("stop must be a list of non-empty strings")
+        return self
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ---------------------------------------------------------------------------------------------- logits processing
+
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty as transformers applies it: seen tokens' logits divided by `penalty` if positive,
+    multiplied if negative. logits [B, V] float; seen [B, V] bool."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (ties with the k-th kept too), the rest -inf."""
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus: keep the most probable tokens whose total probability first reaches p (always at least one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
+    drop_sorted = before >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep tokens whose probability is at least `min_p` times the most probable token's."""
+    probs = logits.softmax(-1)
+    floor = probs.amax(-1, keepdim=True) * min_p
+    return logits.masked_fill(probs < floor, float("-inf"))
+
+
+def warp(logits: torch.Tensor, opts: GenerationOptions) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p in that order (sampling only). logits [B, V] float32."""
+    t = opts.temperature if opts.temperature is not None else 1.0
+    if t != 1.0:
+        logits = logits / t
+    if opts.top_k is not None:
+        logits = top_k_filter(logits, opts.top_k)
+    if opts.top_p is not None:
+        logits = top_p_filter(logits, opts.top_p)
+    if opts.min_p is not None:
+        logits = min_p_filter(logits, opts.min_p)
+    return logits
+
+
+def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row from softmax(logits) [B, V] -> [B], by argmax(p / q), q ~ Exp(1), without leaving the device.
+
+    q is kept above the smallest normal float so that a filtered token (p = 0) can never become 0 / 0 = NaN."""
+    probs = logits.softmax(-1)
+    q = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
+    return (probs / q).argmax(-1)
+
+
+class Chooser:
+    """Picks the next tokens from raw logits, with the state a decode needs (seen tokens, the RNG, the step).
+
+    `__call__(logits [B, V], step) -> tokens [B]`; `observe(tokens [B])` records them for the repetition penalty.
+    The prompt's real tokens (`prompt_ids` [B, T] where `prompt_valid`) count as seen, as in transformers.
+    """
+
+    def __init__(self, opts: GenerationOptions, eos_ids, vocab_size: int, prompt_ids: torch.Tensor,
+                 prompt_valid: torch.Tensor):
+        self.opts = opts
+        device = prompt_ids.device
+        self.eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+        self.generator = None
+        if opts.do_sample and opts.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(opts.seed)
+        self.seen = None
+        if opts.repetition_penalty != 1.0:
+            # Padding goes to an extra column V that is then dropped, so it marks nothing.
+            seen = torch.zeros(prompt_ids.shape[0], vocab_size + 1, dtype=torch.bool, device=device)
+            seen.scatter_(1, prompt_ids.masked_fill(~prompt_valid.bool(), vocab_size), True)
+            self.seen = seen[:, :vocab_size].contiguous()
+
+    def process(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """Raw logits [B, V] -> the float32 logits the choice is made from (before the sampling warpers)."""
+        x = logits.float()
+        if self.seen is not None:
+            x = penalize_repeats(x, self.seen, self.opts.repetition_penalty)
+        if step < self.opts.min_new_tokens:
+            x = x.index_fill(-1, self.eos, float("-inf"))
+        return x
+
+    def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        x = self.process(logits, step)
+        if self.opts.do_sample:
+            return sample(warp(x, self.opts), self.generator)
+        return x.argmax(-1)
+
+    def observe(self, tokens: torch.Tensor) -> None:
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens[:, None], True)
