@@ -1,0 +1,239 @@
+"""`palitorch batch`: a JSON-lines file of requests in, a JSON-lines file of results out; resumable.
+
+Input, one request per line (image paths relative to the input file's folder; any other fields are kept):
+    {"image": "cats/1.jpg", "prompt": "caption en"}
+    {"image": "cats/2.jpg", "prompt": "detect cat", "max_new_tokens": 32, "id": "x7"}
+Output, one line per request: its fields, "index" (its line number in the input, from 1) and either the result
+(text, token_ids, logprobs, finish_reason, prompt_tokens; detections/segmentations for detect/segment prompts)
+or "error". Requests sharing decoding options run together in batches, so results come in completion order.
+
+Durability: each batch's lines are appended, flushed and fsync'ed before the next batch starts. Started again
+with the same output, the command skips every index already there (after dropping a line cut short by a crash).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from palitorch.cli.common import (
+    FLAG_OF,
+    add_decoding_options,
+    add_model_options,
+    check_decoding,
+    check_model_options,
+    decoding_options,
+    load_pipeline,
+    one_line_errors,
+    result_fields,
+)
+from palitorch.errors import InputError, PalitorchError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "batch", help="run a JSON-lines file of requests (resumable)",
+        description="Answer every request of a JSON-lines file ({\"image\": PATH, \"prompt\": TEXT, ...decoding "
+                    "options}) into a JSON-lines file of results. Image paths are relative to the input file. "
+                    "Started again, it skips requests already in the output. Decoding options given here are "
+                    "defaults that a request's own fields override.",
+    )
+    one_line_errors(p)
+    p.add_argument("--input", required=True, metavar="REQUESTS.jsonl", help="one JSON request per line")
+    p.add_argument("--output", required=True, metavar="RESULTS.jsonl", help="results are appended here")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="requests per forward pass (default 8)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    add_model_options(p)
+    add_decoding_options(p)
+    p.set_defaults(func=batch)
+
+
+@dataclass
+class Request:
+    index: int  # line number in the input file, from 1
+    fields: dict  # the request as given
+    image: Path
+    prompt: str
+    options: dict  # decoding keywords: the command line's defaults updated by the request's own
+
+
+def read_fields(index: int, raw: bytes) -> dict:
+    """One input line -> its JSON object, or InputError."""
+    try:
+        fields = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"line {index} is not valid JSON: {e}") from None
+    if not isinstance(fields, dict):
+        raise InputError(f"line {index} is not a JSON object")
+    return fields
+
+
+def make_request(index: int, fields: dict, folder: Path, defaults: dict) -> Request:
+    """A request's fields -> Request, or InputError saying what is wrong with them."""
+    image, prompt = fields.get("image"), fields.get("prompt")
+    if not isinstance(image, str) or not image:
+        raise InputError(f'line {index} has no "image" path')
+    if not isinstance(prompt, str):
+        raise InputError(f'line {index} has no "prompt" string')
+    options = dict(defaults)
+    options.update({k: v for k, v in fields.items() if k in FLAG_OF})
+    try:
+        check_decoding(options)
+    except InputError as e:
+        raise InputError(f"line {index}: {e}") from None
+    path = Path(image)
+    return Request(index, fields, path if path.is_absolute() else folder / path, prompt, options)
+
+
+def read_done(output: Path) -> dict[int, dict]:
+    """Records already in `output` by index. A last line cut short by a crash is removed from the file."""
+    if not output.exists():
+        return {}
+    data = output.read_bytes()
+    done: dict[int, dict] = {}
+    end = data.rfind(b"\n") + 1  # everything after the last newline is an unfinished line
+    for line in data[:end].splitlines():
+        record = _record(line)
+        if record is not None:
+            done[record["index"]] = record
+        elif line.strip():
+            print(f"palitorch batch: ignoring an unreadable line in {output}; its request runs again", file=sys.stderr)
+    tail = _record(data[end:])
+    with open(output, "r+b") as f:
+        if tail is not None:  # complete but missing its newline (e.g. edited by hand): keep it
+            done[tail["index"]] = tail
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
+        elif end < len(data):
+            f.truncate(end)
+    return done
+
+
+def _record(line: bytes) -> dict | None:
+    try:
+        record = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("index"), int)
+    return record if ok else None
+
+
+class Writer:
+    """Appends result lines; `commit()` makes the lines written so far durable (flush + fsync)."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the whole run; see close)
+        self.errors = self.results = 0
+
+    def add(self, req_fields: dict, index: int, **result) -> None:
+        self.errors += "error" in result
+        self.results += "error" not in result
+        self.file.write(json.dumps({**req_fields, "index": index, **result}, ensure_ascii=False) + "\n")
+
+    def commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.commit()
+        self.file.close()
+
+
+def run_chunk(pipe, chunk: list[Request], writer: Writer) -> None:
+    """Generate one batch (same options) and write a line per request; an input the model rejects (a prompt
+    over the context, ...) is retried alone so that only that request gets the error."""
+    from palitorch.inference import load_image
+
+    ready = []
+    for req in chunk:
+        try:
+            ready.append((req, load_image(req.image)))
+        except PalitorchError as e:
+            writer.add(req.fields, req.index, error=str(e))
+    if not ready:
+        return
+    opts = ready[0][0].options
+    try:
+        results = pipe.generate([im for _, im in ready], [r.prompt for r, _ in ready], **opts)
+    except PalitorchError:
+        results = []
+        for req, im in ready:
+            try:
+                results.append(pipe.generate(im, req.prompt, **opts))
+            except PalitorchError as e:
+                results.append(e)
+    for (req, im), res in zip(ready, results):
+        if isinstance(res, Exception):
+            writer.add(req.fields, req.index, error=str(res))
+        else:
+            writer.add(req.fields, req.index, **result_fields(res, req.prompt, im.size))
+
+
+def batch(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    defaults = decoding_options(args)
+    device, dtype = check_model_options(args)
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    src, dst = Path(args.input), Path(args.output)
+    if not src.is_file():
+        raise InputError(f"input file {str(src)!r} does not exist")
+    if not dst.parent.is_dir():
+        raise InputError(f"--output {args.output}: folder {str(dst.parent)!r} does not exist")
+    if dst.resolve() == src.resolve():
+        raise InputError("--output must not be the input file")
+
+    lines = src.read_bytes().splitlines()
+    done = read_done(dst)
+    requests: list[Request] = []
+    writer = Writer(dst)
+    try:
+        for index, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            fields = {}
+            try:
+                fields = read_fields(index, raw)
+                req = make_request(index, fields, src.parent, defaults)
+            except InputError as e:
+                if index not in done:
+                    writer.add(fields, index, error=str(e))
+                continue
+            if index in done:
+                check_same_request(done[index], req, dst)
+            else:
+                requests.append(req)
+        writer.commit()  # bad lines are on disk before the model loads
+
+        total = sum(1 for raw in lines if raw.strip())
+        if requests:
+            pipe = load_pipeline(args, device, dtype)
+            groups: dict[str, list[Request]] = {}
+            for req in requests:
+                groups.setdefault(json.dumps(req.options, sort_keys=True), []).append(req)
+            with tqdm(total=total, initial=total - len(requests), unit="req", desc="batch", file=sys.stderr,
+                      disable=args.quiet, dynamic_ncols=True) as bar:
+                for group in groups.values():
+                    for i in range(0, len(group), args.batch_size):
+                        chunk = group[i:i + args.batch_size]
+                        run_chunk(pipe, chunk, writer)
+                        writer.commit()
+                        bar.update(len(chunk))
+    finally:
+        writer.close()
+    if not args.quiet:
+        print(f"palitorch batch: {writer.results} results and {writer.errors} errors written to {dst}; "
+              f"{len(done)} already there", file=sys.stderr)
+    return 0
+
+
+def check_same_request(record: dict, req: Request, output: Path) -> None:
+    """A result line whose prompt differs from its input line means the output belongs to another input file."""
+    if "prompt" in record and record["prompt"] != req.prompt:
+        raise InputError(f"{output} holds results for another input (line {req.index}'s prompt differs): "
+                         "choose another --output")

@@ -1,0 +1,124 @@
+"""`palitorch chat`: prompts about an image, one per line, answers streamed as they are generated.
+
+Reads stdin, so it also works in a pipe: `printf 'caption en\\n/image dog.png\\ncaption en\\n' | palitorch chat ...`
+prints one answer per line on stdout. Statistics and errors go to stderr; the `> ` prompt and the banner appear
+only when stdin is a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from palitorch.cli.common import (
+    add_decoding_options,
+    add_model_options,
+    check_model_options,
+    decoding_options,
+    load_pipeline,
+    one_line_errors,
+)
+from palitorch.errors import PalitorchError
+
+HELP = """commands:
+  /image PATH   switch to another image
+  /help         this text
+  /quit         leave (or end the input: Ctrl-D)
+anything else is a prompt about the current image, e.g. 'caption en', 'answer en what is this?', 'detect cat'"""
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "chat", help="ask prompts about an image interactively",
+        description="Ask prompts about an image, one per line; each answer streams as it is generated. "
+                    "`/image PATH` switches image, `/quit` or end of input leaves. Tokens/s go to stderr.",
+    )
+    one_line_errors(p)
+    p.add_argument("--image", required=True, metavar="PATH", help="the image to start with")
+    add_model_options(p)
+    add_decoding_options(p)
+    p.set_defaults(func=chat)
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def read_lines(interactive: bool):
+    """Yield stripped input lines until EOF; a terminal gets a `> ` prompt and line editing."""
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        while True:
+            try:
+                yield input("> ").strip()
+            except EOFError:
+                print(file=sys.stderr)
+                return
+    else:
+        for line in sys.stdin:
+            yield line.strip()
+
+
+def answer(pipe, image, prompt: str, opts: dict) -> None:
+    """Stream one answer to stdout, then its length and speed to stderr."""
+    start = time.perf_counter()
+    stream = pipe.stream(image, prompt, **opts)
+    try:
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+        sys.stdout.write("\n")
+        say("[interrupted]")
+        return
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    seconds = time.perf_counter() - start
+    r = stream.result
+    n = len(r.token_ids)
+    say(f"[{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s, {r.finish_reason}]")
+
+
+def chat(args: argparse.Namespace) -> int:
+    from palitorch.inference import load_image
+
+    opts = decoding_options(args)
+    device, dtype = check_model_options(args)
+    image = load_image(args.image)
+    pipe = load_pipeline(args, device, dtype)
+
+    interactive = sys.stdin.isatty()
+    if interactive:
+        say(f"palitorch chat: {args.image} ({image.width}x{image.height}); /help for commands")
+    for line in read_lines(interactive):
+        if not line:
+            continue
+        if line in ("/quit", "/exit", "/q"):
+            break
+        if line in ("/help", "/?"):
+            say(HELP)
+            continue
+        if line == "/image" or line.startswith("/image "):
+            path = line[len("/image"):].strip().strip("'\"")
+            if not path:
+                say("usage: /image PATH")
+                continue
+            try:
+                image = load_image(path)
+            except PalitorchError as e:
+                say(f"error: {e}; still on the previous image")
+                continue
+            say(f"[image: {path} ({image.width}x{image.height})]")
+            continue
+        if line.startswith("/") and " " not in line:
+            say(f"unknown command {line}; /help lists the commands")
+            continue
+        try:
+            answer(pipe, image, line, opts)
+        except PalitorchError as e:  # e.g. a prompt longer than the context: report it and keep chatting
+            say(f"error: {e}")
+    return 0

@@ -1,0 +1,134 @@
+"""Options shared by `palitorch run`, `chat` and `batch`: the model, the device, decoding; checked before loading.
+
+Every check that needs no model runs first, so a typo costs milliseconds rather than a checkpoint load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+
+import torch
+
+from palitorch.errors import InputError
+
+# Decoding options as (flag, keyword, type, help). The keywords are those of Pipeline.generate.
+DECODING = (
+    ("--max-new-tokens", "max_new_tokens", int, "N", "most tokens to generate (default 64)"),
+    ("--min-new-tokens", "min_new_tokens", int, "N", "suppress the end of the answer until N tokens (default 0)"),
+    ("--temperature", "temperature", float, "T", "sample at temperature T > 0; 0 or unset means greedy"),
+    ("--top-k", "top_k", int, "K", "sample among the K most likely tokens"),
+    ("--top-p", "top_p", float, "P", "sample from the fewest tokens with probability >= P, 0 < P <= 1"),
+    ("--min-p", "min_p", float, "P", "drop tokens less likely than P times the most likely one, 0 <= P <= 1"),
+    ("--repetition-penalty", "repetition_penalty", float, "R", "R > 1 discourages repeating tokens (default 1)"),
+    ("--num-beams", "num_beams", int, "B", "beam search with B beams (default 1: none)"),
+    ("--length-penalty", "length_penalty", float, "L", "beam scores are logprob / length ** L (default 1)"),
+    ("--seed", "seed", int, "S", "random seed: the same seed gives the same sample"),
+)
+FLAG_OF = {key: flag for flag, key, *_ in DECODING} | {"stop": "--stop"}
+_KEYWORD = re.compile(r"\b(?:" + "|".join(FLAG_OF) + r")\b")
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make argparse report a bad option as one line (instead of the usage block) and exit 2, as PalitorchError
+    does in palitorch.cli.main."""
+
+    def error(message: str):
+        parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
+
+    parser.error = error
+    return parser
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", metavar="DIR", help="a PaliGemma checkpoint folder (Hub layout); "
+                   "default: the small model bundled with palitorch")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps (default: cuda when available)")
+    g.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+
+
+def add_decoding_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("decoding (greedy unless a sampling option is given)")
+    for flag, key, kind, metavar, text in DECODING:
+        g.add_argument(flag, dest=key, type=kind, metavar=metavar, help=text)
+    g.add_argument("--stop", action="append", metavar="STR", help="end the answer before this text (repeatable)")
+
+
+def decoding_options(args: argparse.Namespace) -> dict:
+    """The decoding keywords the user set, validated; errors name the command-line flag."""
+    kw = {key: getattr(args, key) for key in FLAG_OF if getattr(args, key, None) is not None}
+    return check_decoding(kw, flags=True)
+
+
+def check_decoding(kw: dict, flags: bool = False) -> dict:
+    """Validate decoding keywords exactly as Pipeline.generate will (InputError, one line); returns `kw`."""
+    from palitorch.inference.sampling import GenerationOptions
+
+    try:
+        GenerationOptions.from_kwargs(**kw)
+    except InputError as e:
+        msg = str(e)
+        if flags:  # "top_p must be ..." -> "--top-p must be ..."
+            msg = _KEYWORD.sub(lambda m: FLAG_OF[m.group(0)], msg)
+        raise InputError(msg) from None
+    return kw
+
+
+def resolve_device(name: str) -> str:
+    """`auto` -> cuda when available, else cpu; anything unusable on this machine -> InputError."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"unknown device {name!r}: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA GPU(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {name}: MPS is not available here (use --device cpu)")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"--device {name}: palitorch runs on cpu, cuda or mps")
+    return str(dev)
+
+
+def check_model_options(args: argparse.Namespace) -> tuple[str, torch.dtype]:
+    from palitorch.checkpoint import resolve_dtype
+
+    return resolve_device(args.device), resolve_dtype(args.dtype)
+
+
+def load_pipeline(args: argparse.Namespace, device: str, dtype: torch.dtype):
+    import palitorch
+
+    return palitorch.load(args.model, device=device, dtype=dtype)
+
+
+def task_of(prompt: str) -> str:
+    """The task word a PaliGemma prompt starts with: "detect", "segment", "caption", ..."""
+    words = prompt.split(maxsplit=1)
+    return words[0].lower() if words else ""
+
+
+def result_fields(result, prompt: str, image_size: tuple[int, int]) -> dict:
+    """A Result as JSON-ready fields; detect/segment prompts add their parsed objects in image pixels."""
+    from palitorch.tasks import parse_detections, parse_segmentations
+
+    out = {
+        "text": result.text,
+        "token_ids": list(result.token_ids),
+        # JSON has no -inf: a token the model gave zero probability (possible when sampling) becomes null.
+        "logprobs": [float(v) if math.isfinite(v) else None for v in result.logprobs],
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+    }
+    task = task_of(prompt)
+    if task == "detect":
+        out["detections"] = [d.to_dict() for d in parse_detections(result.text, *image_size)]
+    elif task == "segment":
+        out["segmentations"] = [s.to_dict() for s in parse_segmentations(result.text, *image_size)]
+    return out

@@ -1,0 +1,96 @@
+"""`palitorch run`: answer one prompt about one image; plain text, streamed text, or one JSON object.
+
+    palitorch run --model DIR --image cat.jpg --prompt "caption en"
+    palitorch run --model DIR --image cat.jpg --prompt "detect cat" --json --draw boxes.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from palitorch.cli.common import (
+    add_decoding_options,
+    add_model_options,
+    check_model_options,
+    decoding_options,
+    load_pipeline,
+    one_line_errors,
+    result_fields,
+)
+from palitorch.errors import InputError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run", help="answer one prompt about one image",
+        description="Answer one prompt about one image. PaliGemma prompts: 'caption en', 'answer en QUESTION', "
+                    "'detect cat ; dog', 'segment cat', 'ocr'.",
+    )
+    one_line_errors(p)
+    p.add_argument("--image", required=True, metavar="PATH", help="the image file")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt (prefix), e.g. 'caption en'")
+    out = p.add_argument_group("output").add_mutually_exclusive_group()
+    out.add_argument("--stream", action="store_true", help="print the answer piece by piece as it is generated")
+    out.add_argument("--json", action="store_true",
+                     help="print one JSON object: text, token_ids, logprobs, finish_reason, prompt_tokens "
+                          "(and detections/segmentations for detect/segment prompts)")
+    p.add_argument("--draw", metavar="OUT.png",
+                   help="write the image with the boxes and labels found in the answer (detect/segment prompts)")
+    add_model_options(p)
+    add_decoding_options(p)
+    p.set_defaults(func=run)
+
+
+def check_output_image(path: str) -> Path:
+    """--draw's target must be writable as an image: an existing folder and a suffix PIL knows."""
+    out = Path(path)
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise InputError(f"--draw {path}: unknown image format {out.suffix!r}; use a .png or .jpg name")
+    if not out.parent.is_dir():
+        raise InputError(f"--draw {path}: folder {str(out.parent)!r} does not exist")
+    return out
+
+
+def draw(image: Image.Image, text: str, out: Path) -> None:
+    from palitorch.tasks import draw_detections, parse_detections
+
+    found = parse_detections(text, image.width, image.height)
+    if not found:
+        print(f"palitorch run: no boxes in the answer; {out} is the image unchanged", file=sys.stderr)
+    try:
+        draw_detections(image, found).save(out)
+    except OSError as e:
+        raise InputError(f"cannot write {out}: {e}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from palitorch.inference import load_image
+
+    # Everything the user can get wrong is checked before the (slow) model load.
+    opts = decoding_options(args)
+    device, dtype = check_model_options(args)
+    image = load_image(args.image)
+    out = check_output_image(args.draw) if args.draw else None
+
+    pipe = load_pipeline(args, device, dtype)
+    if args.stream:
+        stream = pipe.stream(image, args.prompt, **opts)
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        result = stream.result
+    else:
+        result = pipe.generate(image, args.prompt, **opts)
+        if args.json:
+            print(json.dumps(result_fields(result, args.prompt, image.size), ensure_ascii=False))
+        else:
+            print(result.text)
+    if out is not None:
+        draw(image, result.text, out)
+    return 0
