@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 
+from palitorch.cli.common import one_line_errors
 from palitorch.errors import PalitorchError
 
 COMMANDS = ("run", "chat", "batch", "train", "data")
@@ -16,6 +17,7 @@ COMMANDS = ("run", "chat", "batch", "train", "data")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="palitorch", description="PaliGemma in plain PyTorch.")
+    one_line_errors(parser)  # unknown options are reported by this top-level parser
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         try:

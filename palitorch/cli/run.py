@@ -41,6 +41,8 @@ def add_parser(subparsers) -> None:
                           "(and detections/segmentations for detect/segment prompts)")
     p.add_argument("--draw", metavar="OUT.png",
                    help="write the image with the boxes and labels found in the answer (detect/segment prompts)")
+    p.add_argument("--vae", metavar="vae-oid.npz",
+                   help="big_vision's segmentation VQ-VAE weights: --draw then also paints segment masks")
     add_model_options(p)
     add_decoding_options(p)
     p.set_defaults(func=run)
@@ -56,14 +58,18 @@ def check_output_image(path: str) -> Path:
     return out
 
 
-def draw(image: Image.Image, text: str, out: Path) -> None:
-    from palitorch.tasks import draw_detections, parse_detections
+def draw(image: Image.Image, text: str, out: Path, vae: dict | None = None) -> None:
+    from palitorch.tasks import decode_mask, draw_detections, parse_detections, parse_segmentations
 
-    found = parse_detections(text, image.width, image.height)
+    found, masks = parse_detections(text, image.width, image.height), None
+    segments = parse_segmentations(text, image.width, image.height) if vae is not None else []
+    if segments:
+        found = segments
+        masks = [decode_mask(s.codes, s.box, vae, image.size) for s in segments]
     if not found:
         print(f"palitorch run: no boxes in the answer; {out} is the image unchanged", file=sys.stderr)
     try:
-        draw_detections(image, found).save(out)
+        draw_detections(image, found, masks).save(out)
     except OSError as e:
         raise InputError(f"cannot write {out}: {e}") from None
 
@@ -76,6 +82,13 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = check_model_options(args)
     image = load_image(args.image)
     out = check_output_image(args.draw) if args.draw else None
+    vae = None
+    if args.vae:
+        from palitorch.tasks import load_vae_params
+
+        if out is None:
+            raise InputError("--vae paints masks on the --draw image: give --draw OUT.png too")
+        vae = load_vae_params(args.vae)
 
     pipe = load_pipeline(args, device, dtype)
     if args.stream:
@@ -92,5 +105,5 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(result.text)
     if out is not None:
-        draw(image, result.text, out)
+        draw(image, result.text, out, vae)
     return 0

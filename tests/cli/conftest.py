@@ -1,0 +1,103 @@
+"""CLI fixtures: image files, a helper that runs `palitorch ...` in-process, and a scripted stand-in pipeline.
+
+The stand-in lets tests give the CLI answers a random tiny model never produces (boxes, distinct texts) and
+count what the CLI asks of the model; the real tiny checkpoint (`pg1`) covers the wiring end to end.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from palitorch.cli import common, main
+from palitorch.inference.generate import Result
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def images(tmp_path):
+    """Two images of different sizes in tmp_path/imgs, plus a file that is not an image."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (300, 200), (200, 30, 30)).save(folder / "red.png")
+    Image.new("RGB", (120, 160), (30, 30, 200)).save(folder / "blue.png")
+    (folder / "broken.png").write_bytes(b"this is not a png")
+    return folder
+
+
+def cli(argv, capsys):
+    """Run `palitorch ARGV` in-process -> (exit code, stdout, stderr); argparse's SystemExit is caught."""
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def cli_subprocess(argv, stdin=None, timeout=300):
+    """Run `python -m palitorch ARGV` as a user would -> CompletedProcess (text)."""
+    return subprocess.run([sys.executable, "-m", "palitorch", *map(str, argv)], input=stdin, capture_output=True,
+                          text=True, cwd=REPO, timeout=timeout, check=False)
+
+
+class FakePipe:
+    """Answers `answer(image, prompt) -> text` for every request; records each generate/stream call."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.calls = []  # (kind, [image sizes], [prompts], options)
+
+    def _result(self, image, prompt):
+        text = self.answer(image, prompt)
+        return Result(text, list(range(len(text))), [-0.5] * len(text), "eos", 7)
+
+    def generate(self, image, prompt, **kw):
+        single = isinstance(prompt, str)
+        images, prompts = ([image], [prompt]) if single else (image, prompt)
+        self.calls.append(("generate", [im.size for im in images], list(prompts), kw))
+        results = [self._result(im, p) for im, p in zip(images, prompts)]
+        return results[0] if single else results
+
+    def stream(self, image, prompt, **kw):
+        self.calls.append(("stream", [image.size], [prompt], kw))
+        pipe = self
+
+        class Stream:
+            result = None
+
+            def __iter__(self):
+                r = pipe._result(image, prompt)
+                for i in range(0, len(r.text), 3):
+                    yield r.text[i:i + 3]
+                self.result = r
+
+        return Stream()
+
+
+@pytest.fixture
+def fake_pipe(monkeypatch):
+    """install(answer) -> FakePipe that every command gets instead of loading a model."""
+
+    def install(answer):
+        pipe = FakePipe(answer)
+        monkeypatch.setattr(common, "load_pipeline", lambda *a, **k: pipe)
+        for name in ("run", "chat", "batch"):
+            monkeypatch.setattr(f"palitorch.cli.{name}.load_pipeline", lambda *a, **k: pipe)
+        return pipe
+
+    return install
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a command loads a model (for checks that must come first)."""
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    for name in ("run", "chat", "batch"):
+        monkeypatch.setattr(f"palitorch.cli.{name}.load_pipeline", refuse)

@@ -1,0 +1,139 @@
+"""`palitorch batch`: results and errors per line, batching by options, and a resumed run that loses nothing."""
+
+import json
+
+import pytest
+from conftest import cli  # tests/cli/conftest.py
+from PIL import Image
+
+import palitorch
+from palitorch.errors import InputError
+
+
+def write_requests(path, lines):
+    path.write_text("".join((json.dumps(x) if isinstance(x, dict) else x) + "\n" for x in lines))
+    return path
+
+
+def read_results(path):
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    indices = [r["index"] for r in records]
+    assert len(indices) == len(set(indices)), "an index was written twice"
+    return {r["index"]: r for r in records}
+
+
+def test_real_model_with_bad_lines(pg1, images, capsys):
+    folder, _ = pg1
+    src = write_requests(images.parent / "requests.jsonl", [
+        {"image": "imgs/red.png", "prompt": "caption en", "id": "a"},  # 1
+        "{not json",  # 2
+        {"image": "imgs/missing.png", "prompt": "caption en"},  # 3
+        "",  # 4: blank lines are skipped
+        {"image": "imgs/broken.png", "prompt": "caption en"},  # 5
+        {"image": "imgs/blue.png", "prompt": "detect cat", "max_new_tokens": 3},  # 6
+        {"image": "imgs/blue.png", "prompt": "caption en", "top_p": 0},  # 7
+        {"image": "imgs/blue.png"},  # 8
+        {"image": str(images / "blue.png"), "prompt": "caption en"},  # 9: absolute path
+    ])
+    dst = images.parent / "results.jsonl"
+    rc, _, err = cli(["batch", "--model", folder, "--input", src, "--output", dst, "--max-new-tokens", "5",
+                      "--batch-size", "2"], capsys)
+    assert rc == 0, err
+    got = read_results(dst)
+    assert sorted(got) == [1, 2, 3, 5, 6, 7, 8, 9]
+    errors = {i: r["error"] for i, r in got.items() if "error" in r}
+    assert set(errors) == {2, 3, 5, 7, 8}
+    assert "not valid JSON" in errors[2] and "does not exist" in errors[3] and "cannot read image" in errors[5]
+    assert "top_p must be in (0, 1]" in errors[7] and '"prompt"' in errors[8]
+    assert got[7]["top_p"] == 0 and got[3]["image"] == "imgs/missing.png"  # error lines keep the request
+    pipe = palitorch.load(folder)
+    for i, image, prompt, n in ((1, "red", "caption en", 5), (6, "blue", "detect cat", 3), (9, "blue", "caption en", 5)):
+        ref = pipe.generate(Image.open(images / f"{image}.png"), prompt, max_new_tokens=n)
+        assert got[i]["text"] == ref.text and got[i]["token_ids"] == ref.token_ids, i
+        assert got[i]["logprobs"] == pytest.approx(ref.logprobs, abs=1e-5)  # batched vs single: padding rounding
+        assert got[i]["finish_reason"] == ref.finish_reason
+    assert got[1]["id"] == "a" and got[6]["detections"] == [] and "detections" not in got[1]
+    assert "3 results and 5 errors" in err
+
+
+@pytest.fixture
+def requests_file(images):
+    lines = [{"image": "imgs/red.png" if i % 2 else "imgs/blue.png", "prompt": f"caption {i}"} for i in range(1, 8)]
+    lines[3]["max_new_tokens"] = 9  # request 4 runs in a group of its own
+    return write_requests(images.parent / "requests.jsonl", lines)
+
+
+def answer(image, prompt):
+    return f"{prompt} ({image.width}x{image.height})"
+
+
+def test_requests_are_batched_by_options(fake_pipe, requests_file, capsys):
+    pipe = fake_pipe(answer)
+    dst = requests_file.parent / "out.jsonl"
+    rc, _, err = cli(["batch", "--input", requests_file, "--output", dst, "--batch-size", "4", "--seed", "1"], capsys)
+    assert rc == 0, err
+    calls = [(c[2], c[3]) for c in pipe.calls]
+    assert calls == [
+        (["caption 1", "caption 2", "caption 3", "caption 5"], {"seed": 1}),
+        (["caption 6", "caption 7"], {"seed": 1}),
+        (["caption 4"], {"seed": 1, "max_new_tokens": 9}),
+    ]
+    got = read_results(dst)
+    assert {i: r["text"] for i, r in got.items()} == {
+        i: f"caption {i} ({'300x200' if i % 2 else '120x160'})" for i in range(1, 8)}
+
+
+def test_resume_after_an_interruption_loses_nothing(fake_pipe, requests_file, capsys):
+    dst = requests_file.parent / "out.jsonl"
+    fake_pipe(answer)
+    assert cli(["batch", "--input", requests_file, "--output", dst, "--batch-size", "2"], capsys)[0] == 0
+    complete = dst.read_text()
+    reference = read_results(dst)
+    # A crash mid-write: three lines made it to disk, the fourth only half.
+    lines = complete.splitlines(keepends=True)
+    dst.write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])
+    pipe = fake_pipe(answer)
+    rc, _, err = cli(["batch", "--input", requests_file, "--output", dst, "--batch-size", "2"], capsys)
+    assert rc == 0, err
+    assert read_results(dst) == reference
+    done_before = {json.loads(line)["prompt"] for line in lines[:3]}
+    asked = [p for c in pipe.calls for p in c[2]]
+    assert sorted(asked) == sorted({f"caption {i}" for i in range(1, 8)} - done_before)  # only the missing ones
+    # A third run has nothing left to do and loads no model.
+    pipe = fake_pipe(answer)
+    assert cli(["batch", "--input", requests_file, "--output", dst], capsys)[0] == 0
+    assert pipe.calls == [] and read_results(dst) == reference
+
+
+def test_output_of_another_input_is_refused(fake_pipe, requests_file, capsys):
+    dst = requests_file.parent / "out.jsonl"
+    dst.write_text(json.dumps({"index": 1, "prompt": "something else", "text": "x"}) + "\n")
+    fake_pipe(answer)
+    rc, _, err = cli(["batch", "--input", requests_file, "--output", dst], capsys)
+    assert rc == 2 and "holds results for another input" in err and err.count("\n") == 1
+
+
+def test_a_batch_the_model_rejects_is_retried_one_by_one(fake_pipe, requests_file, capsys):
+    def picky(image, prompt):
+        if prompt == "caption 3":
+            raise InputError("the prompt is too long")
+        return "ok"
+
+    pipe = fake_pipe(picky)
+    dst = requests_file.parent / "out.jsonl"
+    assert cli(["batch", "--input", requests_file, "--output", dst, "--batch-size", "3"], capsys)[0] == 0
+    got = read_results(dst)
+    assert got[3]["error"] == "the prompt is too long"
+    assert all(got[i]["text"] == "ok" for i in (1, 2, 4, 5, 6, 7))
+    assert len(pipe.calls) > 3  # the failing batch of three was split into single calls
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--input", "nowhere.jsonl"], "does not exist"),
+])
+def test_bad_options_fail_in_one_line_before_loading(extra, message, requests_file, no_model_load, capsys):
+    rc, out, err = cli(["batch", "--input", requests_file, "--output", requests_file.parent / "o.jsonl", *extra],
+                       capsys)
+    assert rc == 2 and out == "" and err.count("\n") == 1 and message in err, err

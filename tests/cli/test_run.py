@@ -1,0 +1,156 @@
+"""`palitorch run`: text, --stream, --json, --draw, and one-line errors checked before the model loads."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from conftest import cli, cli_subprocess  # tests/cli/conftest.py
+from PIL import Image
+
+import palitorch
+import palitorch.assets
+from palitorch.tasks.draw import MASK_ALPHA, label_colours
+from palitorch.tasks.segmentation import vae_shapes
+
+
+@pytest.fixture(scope="module")
+def greedy(pg1):
+    """The reference: what the pipeline itself answers (greedy, 6 tokens) for the red test image."""
+    folder, _ = pg1
+    pipe = palitorch.load(folder)
+
+    def answer(image, prompt):
+        return pipe.generate(Image.open(image), prompt, max_new_tokens=6)
+
+    return answer
+
+
+def test_json_matches_the_pipeline(pg1, images, greedy, capsys):
+    folder, _ = pg1
+    rc, out, err = cli(["run", "--model", folder, "--image", images / "red.png", "--prompt", "caption en",
+                        "--max-new-tokens", "6", "--device", "cpu", "--json"], capsys)
+    assert rc == 0, err
+    got = json.loads(out)  # exactly one JSON object on stdout
+    ref = greedy(images / "red.png", "caption en")
+    assert got["text"] == ref.text and got["token_ids"] == ref.token_ids
+    assert got["logprobs"] == pytest.approx(ref.logprobs, abs=1e-6)  # same arithmetic: 1e-6 is rounding slack
+    assert got["finish_reason"] == ref.finish_reason and got["prompt_tokens"] == ref.prompt_tokens
+    assert len(got["token_ids"]) == 6 and "detections" not in got
+
+
+def test_plain_and_stream_print_the_text(pg1, images, greedy, capsys):
+    folder, _ = pg1
+    ref = greedy(images / "red.png", "caption en").text
+    for extra in ([], ["--stream"]):
+        rc, out, err = cli(["run", "--model", folder, "--image", images / "red.png", "--prompt", "caption en",
+                            "--max-new-tokens", "6", *extra], capsys)
+        assert rc == 0, err
+        assert out == ref + "\n"
+
+
+def test_end_to_end_subprocess_detect_json(pg1, images):
+    folder, _ = pg1
+    p = cli_subprocess(["run", "--model", folder, "--image", images / "red.png", "--prompt", "detect cat",
+                        "--max-new-tokens", "4", "--json"])
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout)
+    assert set(got) == {"text", "token_ids", "logprobs", "finish_reason", "prompt_tokens", "detections"}
+    assert isinstance(got["detections"], list) and len(got["token_ids"]) == 4
+
+
+def test_draw_writes_boxes_and_labels(fake_pipe, images, tmp_path, capsys):
+    pipe = fake_pipe(lambda im, p: "<loc0000><loc0000><loc0511><loc0511> cat ; <loc0600><loc0100><loc1023><loc0900> dog")
+    out_png = tmp_path / "boxes.png"
+    rc, out, err = cli(["run", "--image", images / "red.png", "--prompt", "detect cat ; dog", "--json",
+                        "--draw", out_png], capsys)
+    assert rc == 0, err
+    assert pipe.calls[0][0] == "generate"
+    got = json.loads(out)
+    assert [d["label"] for d in got["detections"]] == ["cat", "dog"]
+    assert got["detections"][0]["box"] == pytest.approx([0, 0, 511 / 1023 * 300, 511 / 1023 * 200], abs=0.01)
+    drawn = Image.open(out_png)
+    assert drawn.size == (300, 200)
+    px = np.asarray(drawn.convert("RGB"))
+    colours = label_colours(["cat", "dog"])
+    assert tuple(px[150, 29]) == colours["dog"]  # left edge of the dog box: x = 100 / 1023 * 300 = 29.3
+    assert tuple(px[60, 0]) == colours["cat"]  # the cat box starts at the left edge (x0 = 0)
+
+
+def test_draw_without_boxes_writes_the_image_and_says_so(fake_pipe, images, tmp_path, capsys):
+    fake_pipe(lambda im, p: "a red square")
+    rc, out, err = cli(["run", "--image", images / "red.png", "--prompt", "caption en", "--draw",
+                        tmp_path / "o.jpg"], capsys)
+    assert rc == 0 and out == "a red square\n"
+    assert "no boxes" in err and Image.open(tmp_path / "o.jpg").size == (300, 200)
+
+
+def test_draw_paints_segment_masks_with_a_vae(fake_pipe, images, tmp_path, capsys):
+    # A VQ-VAE whose decoder outputs +1 everywhere (only the last bias is non-zero): the mask fills the box.
+    shapes = vae_shapes(embed_dim=4)
+    params = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    params["decoder.12.bias"][:] = 1
+    np.savez(tmp_path / "vae.npz", **params)
+    codes = "".join(f"<seg{i:03d}>" for i in range(16))
+    fake_pipe(lambda im, p: f"<loc0000><loc0000><loc0511><loc0511>{codes} cat")
+    rc, _, err = cli(["run", "--image", images / "red.png", "--prompt", "segment cat", "--draw", tmp_path / "m.png",
+                      "--vae", tmp_path / "vae.npz"], capsys)
+    assert rc == 0, err
+    px = np.asarray(Image.open(tmp_path / "m.png").convert("RGB")).astype(float)
+    cat = np.array(label_colours(["cat"])["cat"], float)
+    blend = (1 - MASK_ALPHA) * np.array([200, 30, 30]) + MASK_ALPHA * cat
+    assert np.abs(px[70, 100] - blend).max() <= 1  # inside the box: tinted (uint8 rounding)
+    assert tuple(px[150, 250]) == (200, 30, 30)  # outside: untouched
+
+
+BAD = [
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1"),
+    (["--top-k", "x"], "argument --top-k: invalid int value"),
+    (["--num-beams", "2", "--temperature", "0.7"], "beam search is deterministic"),
+    (["--stop", ""], "--stop must be a list of non-empty strings"),
+    (["--device", "toaster"], "unknown device"),
+    (["--dtype", "int8"], "unsupported dtype"),
+    (["--draw", "/no/such/folder/out.png"], "does not exist"),
+    (["--draw", "out.unknownformat"], "unknown image format"),
+    (["--draw", "out.png", "--vae", "/no/vae.npz"], "do not exist"),
+    (["--vae", "/no/vae.npz"], "give --draw OUT.png too"),
+    (["--stream", "--json"], "not allowed with"),
+    (["--frobnicate"], "unrecognized arguments"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_options_fail_in_one_line_before_loading(extra, message, images, no_model_load, capsys):
+    rc, out, err = cli(["run", "--image", images / "red.png", "--prompt", "caption en", *extra], capsys)
+    assert rc == 2 and out == ""
+    # Unknown options are reported by the top-level parser ("palitorch: error: ..."), the rest by `run`'s.
+    assert err.count("\n") == 1 and re.match(r"palitorch( run)?: error: ", err) and message in err, err
+
+
+@pytest.mark.parametrize("name", ["missing.png", "broken.png"])
+def test_bad_image_fails_in_one_line_before_loading(name, images, no_model_load, capsys):
+    rc, out, err = cli(["run", "--image", images / name, "--prompt", "caption en"], capsys)
+    assert rc == 2 and out == "" and err.count("\n") == 1 and name in err, err
+
+
+def test_model_errors_are_one_line(pg1, images, tmp_path, monkeypatch, capsys):
+    folder, _ = pg1
+    long_prompt = "answer en " + "the " * 9000  # over the tiny model's 8192-token context
+    monkeypatch.setattr(palitorch.assets, "DEFAULT_MODEL_DIR", tmp_path / "no_default_model")
+    cases = [
+        (["--model", folder, "--prompt", long_prompt], "over the model's context"),
+        (["--model", tmp_path / "nowhere", "--prompt", "caption en"], "does not exist"),
+        (["--prompt", "caption en"], "bundled default model is missing"),  # --model omitted
+    ]
+    for extra, message in cases:
+        rc, out, err = cli(["run", "--image", images / "red.png", *extra], capsys)
+        assert rc == 2 and out == "" and err.count("\n") == 1 and message in err, err
+
+
+def test_bad_option_in_a_subprocess_has_no_traceback(images):
+    p = cli_subprocess(["run", "--image", images / "red.png", "--prompt", "caption en", "--top-p", "0"])
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr == "palitorch run: error: --top-p must be in (0, 1], got 0.0\n"
