@@ -267,18 +267,23 @@ def _pg2(image_size: int, size: str) -> PaliGemmaConfig:
     )
 
 
-def _tiny(vocab_size: int, version: int = 1, image_size: int = 64, patch_size: int = 8) -> PaliGemmaConfig:
-    """The small from-scratch shape used for the bundled easy-VQA model (~1M parameters)."""
-    n = 2
+def _tiny(vocab_size: int, version: int = 1, image_size: int = 64, patch_size: int = 8,
+          hidden: int = 128, layers: int = 2, heads: int = 4) -> PaliGemmaConfig:
+    """The small from-scratch shape used for the bundled easy-VQA model (~1M parameters with the defaults).
+
+    Both towers get `layers` layers of width `hidden`, MLP x4, `heads` heads; the decoder has 1 KV head.
+    """
+    n = layers
     g2 = version == 2
+    d = hidden // heads
     return PaliGemmaConfig(
-        vision=VisionConfig(hidden_size=128, intermediate_size=512, num_layers=2, num_heads=4,
+        vision=VisionConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_layers=layers, num_heads=heads,
                             image_size=image_size, patch_size=patch_size),
         text=TextConfig(
-            vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_layers=n, num_heads=4,
-            num_kv_heads=1, head_dim=32, max_position_embeddings=512, post_norms=g2,
+            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden, num_layers=n, num_heads=heads,
+            num_kv_heads=1, head_dim=d, max_position_embeddings=512, post_norms=g2,
             attn_softcap=50.0 if g2 else None, final_softcap=30.0 if g2 else None,
-            query_pre_attn_scalar=32 if g2 else None, sliding_window=4096 if g2 else None,
+            query_pre_attn_scalar=d if g2 else None, sliding_window=4096 if g2 else None,
             layer_types=tuple("sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n))
             if g2 else None,
         ),
@@ -295,6 +300,22 @@ PRESETS = {
     "paligemma2-10b-224": lambda: _pg2(224, "10b"),
     "paligemma2-28b-224": lambda: _pg2(224, "28b"),
 }
+
+
+# Named from-scratch shapes for `palitorch train` ([model] preset): arguments of `_tiny` besides vocab and image.
+SMALL_PRESETS = {
+    "tiny": {"hidden": 128, "layers": 2, "heads": 4},  # ~1.1M parameters: the bundled easy-VQA model
+    "small": {"hidden": 256, "layers": 4, "heads": 4},  # ~7M
+    "base": {"hidden": 384, "layers": 6, "heads": 6},  # ~22M
+}
+
+
+def small_preset(name: str, vocab_size: int, version: int = 1, image_size: int = 64,
+                 patch_size: int = 8) -> PaliGemmaConfig:
+    """A small from-scratch configuration, e.g. `small_preset("tiny", vocab_size=1500)`."""
+    if name not in SMALL_PRESETS:
+        raise ConfigError(f"unknown small preset {name!r}; choose one of: {', '.join(SMALL_PRESETS)}")
+    return _tiny(vocab_size, version, image_size, patch_size, **SMALL_PRESETS[name])
 
 
 def preset(name: str, **text_overrides) -> PaliGemmaConfig:

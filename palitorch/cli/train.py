@@ -1,0 +1,51 @@
+"""`palitorch train CONFIG.toml [--resume] [--section.key value ...]`: train from scratch or fine-tune.
+
+Data-parallel on N processes: `torchrun --nproc-per-node N -m palitorch train CONFIG.toml`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """\
+examples:
+  palitorch train configs/easyvqa-default.toml
+  palitorch train configs/finetune.toml --model.init path/to/paligemma --optim.lr 3e-5 --train.steps 500
+  palitorch train configs/easyvqa-default.toml --resume            # continue from the newest checkpoint
+  torchrun --nproc-per-node 2 -m palitorch train configs/easyvqa-default.toml
+every field of the config file can be overridden as --section.key value (see --print-config)."""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a PaliGemma from scratch or fine-tune one",
+        description="Train a PaliGemma from a TOML config: from scratch or from a Hub checkpoint ([model] init).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="TOML training config")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in [train] out")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value pairs")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from palitorch.train.config import load_config
+    from palitorch.train.loop import Trainer
+
+    overrides = list(args.overrides)
+    for flag in ("--resume", "--print-config"):  # also accepted after the overrides
+        while flag in overrides:
+            overrides.remove(flag)
+            setattr(args, flag[2:].replace("-", "_"), True)
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(cfg.to_toml())
+        return 0
+    from palitorch.train import ddp
+
+    try:
+        Trainer(cfg, resume=args.resume).fit()
+    finally:
+        ddp.teardown()
+    return 0

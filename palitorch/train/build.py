@@ -1,0 +1,151 @@
+"""What a run trains: the model (from scratch or from a checkpoint), its tokenizer, the trainable parameters, AdamW.
+
+From scratch, a BPE tokenizer is learned from the training texts (palitorch.train.tokenizer) and a small preset is
+initialised with N(0, init_std) weights. With `init = DIR` (or when resuming), the folder's weights and tokenizer
+are loaded as they are: a real Hub PaliGemma fine-tunes with its own tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from palitorch.checkpoint import load_model, read_config, resolve_dtype
+from palitorch.config import small_preset
+from palitorch.errors import ConfigError
+from palitorch.inference.processor import Processor
+from palitorch.model import PaliGemma
+from palitorch.model.gemma import RMSNorm
+from palitorch.train.config import ModelConfig, OptimConfig
+from palitorch.train.data import Example
+from palitorch.train.tokenizer import save_tokenizer, train_tokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+# Short names for `train.trainable`; anything else is a glob over parameter names (`language_model.layers.1.*`).
+PARTS = {
+    "vision": "vision_tower.*",
+    "projector": "projector.*",
+    "decoder": "language_model.*",
+    "embeddings": "language_model.embed_tokens.*",
+}
+_TASK_TOKENS = re.compile(r"<(loc\d{4}|seg\d{3})>")
+
+
+def tokenizer_files(folder: Path) -> dict[str, Path]:
+    """The tokenizer files present in a checkpoint folder, to copy into every checkpoint written."""
+    return {n: folder / n for n in TOKENIZER_FILES if (folder / n).is_file()}
+
+
+def learn_tokenizer(examples: list[Example], vocab_size: int, folder: Path) -> None:
+    """Train BPE on the texts exactly as the processor will see them; <loc>/<seg> are tokens already."""
+    texts = []
+    for e in examples:
+        texts += [_TASK_TOKENS.sub(" ", e.prefix + "\n"), _TASK_TOKENS.sub(" ", e.suffix)]
+    save_tokenizer(train_tokenizer(texts, vocab_size=vocab_size), folder)
+
+
+def from_scratch(cfg: ModelConfig, tokenizer_dir: Path) -> tuple[PaliGemma, Processor]:
+    """A small preset sized to the tokenizer in `tokenizer_dir`, special ids looked up by text."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in ("<image>", "<pad>", "<bos>", "<eos>")}
+    if cfg.image_size % cfg.patch_size:
+        raise ConfigError(f"[model] image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+    pg = small_preset(cfg.preset, tok.get_vocab_size(), cfg.version, cfg.image_size, cfg.patch_size)
+    pg = pg.replace(
+        text=dataclasses.replace(pg.text, max_position_embeddings=cfg.max_length),
+        image_token_id=ids["<image>"], pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
+        eos_token_ids=(ids["<eos>"],),
+    )
+    model = PaliGemma(pg).to(resolve_dtype(cfg.dtype))
+    processor = Processor(tok, pg.vision.image_size, pg.num_image_tokens, max_length=cfg.max_length)
+    return model, processor
+
+
+def from_folder(folder: Path, dtype: str, device: torch.device) -> tuple[PaliGemma, Processor]:
+    pg = read_config(folder)
+    processor = Processor.from_folder(folder, pg.vision.image_size, pg.num_image_tokens,
+                                      max_length=pg.text.max_position_embeddings)
+    return load_model(folder, device=device, dtype=dtype), processor
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, std: float, seed: int) -> None:
+    """N(0, std) matrices, kernels and embeddings; zero biases; norms at identity (Gemma's RMSNorm stores 1 + w)."""
+    g = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            w = module.weight
+            w.copy_(torch.randn(w.shape, generator=g, dtype=torch.float32) * std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+        elif isinstance(module, RMSNorm):
+            module.weight.zero_()
+
+
+def set_trainable(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Freeze every parameter not matched by `patterns` (part names or globs); returns the trainable names."""
+    globs = [PARTS.get(p, p) for p in patterns]
+    names = [n for n, _ in model.named_parameters()]
+    for pat, g in zip(patterns, globs):
+        if not any(fnmatch.fnmatchcase(n, g) for n in names):
+            raise ConfigError(
+                f"[train] trainable pattern {pat!r} matches no parameter; use {', '.join(PARTS)} or a glob over "
+                f"names such as {names[0]!r}"
+            )
+    chosen = []
+    for n, p in model.named_parameters():
+        p.requires_grad_(any(fnmatch.fnmatchcase(n, g) for g in globs))
+        if p.requires_grad:
+            chosen.append(n)
+    return chosen
+
+
+def optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.AdamW, list[str]]:
+    """AdamW over the trainable parameters: decay on tensors with ndim >= 2, none on biases and norm scales.
+
+    Returns the optimizer and the parameter names in optimizer order (the key of its saved state).
+    """
+    decay, plain, names = [], [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else plain).append((n, p))
+    groups = [
+        {"params": [p for _, p in decay], "weight_decay": cfg.weight_decay},
+        {"params": [p for _, p in plain], "weight_decay": 0.0},
+    ]
+    names = [n for n, _ in decay] + [n for n, _ in plain]
+    if not names:
+        raise ConfigError("[train] trainable selects no parameters: nothing would train")
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            eps=cfg.eps)
+    return opt, names
+
+
+def lr_at(step: int, total: int, cfg: OptimConfig, lr: float | None = None, warmup: int | None = None) -> float:
+    """The learning rate of update `step` (0-based): linear warm-up to `lr`, then cosine / linear / constant."""
+    lr = cfg.lr if lr is None else lr
+    warmup = cfg.warmup_steps if warmup is None else warmup
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return lr
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(all, trainable) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return total, sum(p.numel() for p in model.parameters() if p.requires_grad)

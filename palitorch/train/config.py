@@ -1,0 +1,296 @@
+"""The training configuration: one dataclass per TOML section, loaded from a file and overridden from the command line.
+
+    [model]                     # what to train
+    preset = "tiny"             # a from-scratch shape (palitorch.config.SMALL_PRESETS) ...
+    init = ""                   # ... or a Hub-layout checkpoint folder to fine-tune (its tokenizer is reused)
+    [data]
+    train = ["data/easyvqa/train.jsonl"]
+    eval = "data/easyvqa/test.jsonl"
+    [train]
+    out = "runs/easyvqa"
+    steps = 1000
+    [optim]
+    lr = 1e-3
+
+Every field can be overridden as `--section.key value` (`--optim.lr 3e-4 --train.steps 100`). Values are read as TOML
+literals when they parse as one (`--data.task_repeat '{caption = 4}'`), else as plain strings; lists also accept
+`a,b,c`. Relative paths are resolved against the current directory, like any command-line path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from palitorch.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # from-scratch shape: tiny / small / base (see palitorch.config.SMALL_PRESETS)
+    init: str = ""  # a Hub-layout checkpoint folder to fine-tune instead of building from scratch
+    version: int = 1  # 1: Gemma decoder (PaliGemma 1); 2: Gemma 2 decoder (PaliGemma 2)
+    image_size: int = 64
+    patch_size: int = 8
+    vocab_size: int = 1024  # BPE pieces learned from the training texts (plus the 256 bytes and specials)
+    max_length: int = 512  # the context of a from-scratch model (image tokens included)
+    init_std: float = 0.02  # from-scratch weights ~ N(0, init_std); biases 0, norms at identity
+    dtype: str = "float32"  # parameter dtype; float32 master weights unless memory forces bfloat16
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # JSONL files of {"image", "prefix", "suffix"}
+    eval: str = ""  # held-out JSONL for evaluation (optional)
+    task_repeat: dict[str, int] = field(default_factory=dict)  # e.g. {caption = 4}: copies per epoch by "task"
+    cache_images: bool = True  # keep every decoded, resized image in memory as uint8 (small datasets)
+
+
+@dataclass
+class AugmentConfig:
+    """Photometric jitter only, per image and uniform in [1 - x, 1 + x]. Off by default.
+
+    Geometric changes (flips, crops, shifts) are never applied: they would silently invalidate <loc> boxes and
+    left/right wording. Saturation can turn a grey into a colour and back; keep it off when answers name colours.
+    """
+
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    noise: float = 0.0  # std of Gaussian pixel noise, on the [0, 1] scale
+
+
+@dataclass
+class TrainSection:
+    out: str = "runs/run"  # run folder: checkpoints, metrics.jsonl, the final model
+    steps: int = 0  # optimizer steps; 0 = derived from `epochs`
+    epochs: float = 1.0  # used when steps is 0
+    batch_size: int = 64  # the GLOBAL batch: examples per optimizer step, over all processes
+    micro_batch_size: int = 0  # examples per forward pass and process; 0 = the whole per-process share
+    trainable: list[str] = field(default_factory=lambda: ["vision", "projector", "decoder"])  # or name globs
+    seed: int = 0
+    device: str = "auto"  # auto (cuda if available), cpu, cuda
+    bf16: bool = False  # bfloat16 autocast for the forward pass (weights and optimizer stay float32)
+    gradient_checkpointing: bool = False
+    log_every: int = 10  # steps between metrics.jsonl rows
+    progress: bool = True  # a tqdm bar on the first process
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decoupled weight decay on matrices (ndim >= 2: linear and conv kernels, embeddings) only.
+
+    Biases and norm scales are not decayed: decay would pull them towards 0, which for a LayerNorm scale means
+    switching the feature off. Embeddings are decayed like matrices because the token embedding is also the output
+    layer (tied LM head), where decay keeps the logits' scale in check.
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 200  # linear from 0 to lr
+    schedule: str = "cosine"  # cosine / linear / constant, after the warm-up
+    min_lr_ratio: float = 0.0  # the schedule ends at lr * min_lr_ratio
+    clip_grad_norm: float = 1.0  # 0 = no clipping
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between evaluations; 0 = only at the end
+    max_examples: int = 0  # a fixed random subset of the held-out JSONL for periodic evaluations; 0 = all
+    final_max_examples: int = 0  # the same for the evaluation after the last step; 0 = all
+    batch_size: int = 64
+    max_new_tokens: int = 16
+    group_by: list[str] = field(default_factory=lambda: ["task", "qtype"])  # JSONL fields to report accuracy by
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep: int = 2  # newest checkpoints kept (older ones deleted)
+
+
+@dataclass
+class WarmstartConfig:
+    """Pre-train the vision tower alone before the main loop, as an image classifier (off when epochs is 0).
+
+    The labels come from the training examples whose prefix is `prefix`: word k of the suffix is the class of
+    classifier head k, one linear head per word position on the mean-pooled vision output (for captions
+    "<colour> <shape>" that is a colour and a shape classifier). The heads are thrown away afterwards.
+    """
+
+    epochs: float = 0.0
+    prefix: str = "caption en"
+    lr: float = 1e-3
+    batch_size: int = 64
+    warmup_steps: int = 20
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    warmstart: WarmstartConfig = field(default_factory=WarmstartConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The resolved configuration as TOML (written into the run folder and by `--print-config`)."""
+        lines = []
+        for sec, values in self.to_dict().items():
+            lines.append(f"[{sec}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+            lines.append("")
+        return "\n".join(lines)
+
+    def validate(self) -> None:
+        if not self.data.train:
+            raise ConfigError("[data] train is empty: give at least one training JSONL file")
+        t, o = self.train, self.optim
+        if t.batch_size < 1 or t.micro_batch_size < 0:
+            raise ConfigError("[train] batch_size must be >= 1 and micro_batch_size >= 0")
+        if t.steps < 0 or (t.steps == 0 and t.epochs <= 0):
+            raise ConfigError("[train] give steps > 0 or epochs > 0")
+        if o.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"[optim] schedule {o.schedule!r} is not one of cosine, linear, constant")
+        if o.lr <= 0 or o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
+            raise ConfigError("[optim] needs lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
+        if self.model.version not in (1, 2):
+            raise ConfigError(f"[model] version must be 1 or 2, got {self.model.version}")
+        if t.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"[train] device {t.device!r} is not one of auto, cpu, cuda")
+        if self.checkpoint.keep < 1:
+            raise ConfigError("[checkpoint] keep must be >= 1")
+        for k, v in self.data.task_repeat.items():
+            if not isinstance(v, int) or v < 0:
+                raise ConfigError(f"[data] task_repeat.{k} must be a whole number >= 0, got {v!r}")
+
+
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a TOML file (or start from the defaults) and apply `--section.key value` overrides."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists() or p.is_dir():
+            raise ConfigError(f"training config {str(p)!r} does not exist")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p} is not valid TOML: {e}") from None
+    cfg = TrainConfig()
+    for sec, values in raw.items():
+        if sec not in SECTIONS:
+            raise ConfigError(f"unknown section [{sec}]; sections are: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{sec} must be a [section] table")
+        for key, value in values.items():
+            _set(cfg, sec, key, value, from_text=False)
+    for key, value in parse_overrides(overrides or []):
+        sec, _, name = key.partition(".")
+        if sec not in SECTIONS or not name:
+            raise ConfigError(f"override --{key}: write it as --section.key with a section from {', '.join(SECTIONS)}")
+        _set(cfg, sec, name, value, from_text=True)
+    cfg.validate()
+    return cfg
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """["--optim.lr", "3e-4", "--train.steps=10"] -> [("optim.lr", "3e-4"), ("train.steps", "10")]."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            raise ConfigError(f"unexpected argument {a!r}: overrides look like --section.key value")
+        if "=" in a:
+            k, v = a[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {a} has no value")
+            k, v = a[2:], args[i + 1]
+            i += 2
+        out.append((k, v))
+    return out
+
+
+def _set(cfg: TrainConfig, sec: str, key: str, value, from_text: bool) -> None:
+    section = getattr(cfg, sec)
+    hints = typing.get_type_hints(type(section))
+    if key not in hints:
+        raise ConfigError(f"[{sec}] has no field {key!r}; fields are: {', '.join(hints)}")
+    setattr(section, key, _coerce(hints[key], value, f"{sec}.{key}", from_text))
+
+
+def _coerce(tp, value, where: str, from_text: bool):
+    """Check (TOML) or convert (command line) `value` to the field's type; a clear error otherwise."""
+    text = value if from_text else None
+    if from_text:
+        try:
+            value = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            pass  # a bare word: keep the string
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table such as {{caption = 4}}, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("yes", "on", "1", "no", "off", "0"):
+            return value.lower() in ("yes", "on", "1")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if text is not None:
+            return text  # `--train.out 123` is the folder "123"
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config field type {tp!r}")  # a bug in this file, not user input
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    return repr(v)

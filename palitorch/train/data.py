@@ -1,0 +1,189 @@
+"""Training data: JSONL examples, images decoded once and kept in memory, a deterministic batch order, augmentation.
+
+A JSONL line is `{"image": path, "prefix": text, "suffix": text}` (big_vision's layout); image paths are relative
+to the JSONL file's folder unless absolute. Other fields (`task`, `qtype`, ...) are kept for per-group metrics.
+
+The batch order is a pure function of (seed, epoch): a seeded permutation cut into global batches (the incomplete
+tail is dropped), so step s always sees the same examples, whether the run was resumed or split over processes.
+
+Axes: B batch, T sequence length, S image side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from palitorch.errors import ConfigError, InputError
+from palitorch.inference.processor import Encoded, Processor, load_image
+from palitorch.train.config import AugmentConfig
+
+
+@dataclass
+class Example:
+    image: Path
+    prefix: str
+    suffix: str
+    meta: dict = field(default_factory=dict)  # every other JSONL field (task, qtype, ...)
+    where: str = ""  # "file.jsonl:12", for error messages
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """Parse one JSONL file; a bad line raises a ConfigError naming the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"data file {str(p)!r} does not exist")
+    out = []
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{p}:{n}"
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("image", "prefix", "suffix")):
+                raise ConfigError(f'{where}: each line needs string fields "image", "prefix" and "suffix"')
+            image = Path(d.pop("image"))
+            image = image if image.is_absolute() else p.parent / image
+            out.append(Example(image, d.pop("prefix"), d.pop("suffix"), d, where))
+    if not out:
+        raise ConfigError(f"data file {p} has no examples")
+    return out
+
+
+def fingerprint(files: list[str]) -> str:
+    """A hash of the training files' bytes: a resumed run refuses data that changed under it."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def repeat_by_task(examples: list[Example], repeat: dict[str, int]) -> list[Example]:
+    """Each example `repeat[task]` times per epoch (default once), e.g. {caption = 4}."""
+    out = []
+    for e in examples:
+        out += [e] * repeat.get(e.meta.get("task", ""), 1)
+    return out
+
+
+class Images:
+    """Images by path as uint8 [3, S, S], resized exactly as Processor.pixels does; cached on first use."""
+
+    def __init__(self, size: int, cache: bool = True):
+        self.size, self.cache = size, cache
+        self._store: dict[Path, torch.Tensor] = {}
+
+    def get(self, path: Path) -> torch.Tensor:
+        t = self._store.get(path)
+        if t is None:
+            try:
+                img = load_image(path).resize((self.size, self.size), Image.Resampling.BICUBIC)
+            except InputError as e:
+                raise ConfigError(str(e)) from None
+            t = torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())
+            if self.cache:
+                self._store[path] = t
+        return t
+
+    def batch(self, paths: list[Path]) -> torch.Tensor:
+        return torch.stack([self.get(p) for p in paths])  # [B, 3, S, S] uint8
+
+
+def normalize(images: torch.Tensor, processor: Processor) -> torch.Tensor:
+    """uint8 [B, 3, S, S] -> float32, with the same float32 arithmetic as Processor.pixels (bit-identical)."""
+    x = images.float() * np.float32(processor.rescale).item()
+    mean = torch.from_numpy(processor.mean)[:, None, None]
+    std = torch.from_numpy(processor.std)[:, None, None]
+    return (x - mean) / std
+
+
+def augment(images: torch.Tensor, cfg: AugmentConfig, seed: int, step: int, positions: range) -> torch.Tensor:
+    """Photometric jitter of uint8 [B, 3, S, S] -> uint8, for the examples at `positions` of step `step`'s batch.
+
+    Each image's random draws depend only on (seed, step, its position in the global batch), so the result does
+    not depend on how the batch is split over processes or micro-batches.
+    """
+    x = images.float() / 255.0
+    for j, pos in enumerate(positions):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * step + 65_537 * pos + 1)
+        u = torch.rand(3, generator=g) * 2 - 1  # uniform in [-1, 1]: brightness, contrast, saturation
+        im = x[j]
+        if cfg.brightness > 0:
+            im = im * (1 + cfg.brightness * u[0])
+        if cfg.contrast > 0:
+            m = im.mean()
+            im = (im - m) * (1 + cfg.contrast * u[1]) + m
+        if cfg.saturation > 0:
+            grey = 0.299 * im[0:1] + 0.587 * im[1:2] + 0.114 * im[2:3]
+            im = (im - grey) * (1 + cfg.saturation * u[2]) + grey
+        if cfg.noise > 0:
+            im = im + cfg.noise * torch.randn(im.shape, generator=g)
+        x[j] = im
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def augments(cfg: AugmentConfig) -> bool:
+    return any(v > 0 for v in (cfg.brightness, cfg.contrast, cfg.saturation, cfg.noise))
+
+
+class Dataset:
+    """Examples with their token ids pre-encoded once, and the images they point to."""
+
+    def __init__(self, examples: list[Example], processor: Processor, images: Images):
+        self.examples, self.processor, self.images = examples, processor, images
+        self.encoded: list[Encoded] = []
+        cache: dict[tuple[str, str], Encoded] = {}
+        seen: set[Path] = set()
+        for e in examples:
+            if e.image not in seen:  # fail before training starts, not at the first batch that needs it
+                if not e.image.is_file():
+                    raise ConfigError(f"{e.where}: image {str(e.image)!r} does not exist")
+                seen.add(e.image)
+            key = (e.prefix, e.suffix)
+            if key not in cache:
+                try:
+                    cache[key] = processor.encode(e.prefix, e.suffix)
+                except InputError as err:
+                    raise ConfigError(f"{e.where}: {err}") from None
+            self.encoded.append(cache[key])
+        # Suffix tokens (incl. <eos>) are the loss targets of each example: its share of a batch's token count.
+        self.targets = torch.tensor([sum(enc.types) for enc in self.encoded])
+        self.lengths = torch.tensor([len(enc.ids) for enc in self.encoded])
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def batch(self, idx: list[int], aug: AugmentConfig | None = None, seed: int = 0, step: int = 0,
+              positions: range | None = None) -> dict[str, torch.Tensor]:
+        """A padded batch: input_ids, attention_mask, token_type_ids, labels [B, T], pixel_values [B, 3, S, S].
+
+        With `aug`, images are jittered as the examples at `positions` of global batch `step`.
+        """
+        images = self.images.batch([self.examples[i].image for i in idx])
+        if aug is not None and augments(aug):
+            images = augment(images, aug, seed, step, positions if positions is not None else range(len(idx)))
+        return self.processor.collate([self.encoded[i] for i in idx], normalize(images, self.processor))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The example order of one epoch: a permutation of range(n), a pure function of (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def global_batch(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """The example indices of optimizer step `step` (0-based): epoch = step // batches_per_epoch."""
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise ConfigError(f"the training data has {n} examples, fewer than one batch of {batch_size}")
+    epoch, i = divmod(step, per_epoch)
+    return epoch_order(n, seed, epoch)[i * batch_size: (i + 1) * batch_size].tolist()

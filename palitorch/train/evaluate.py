@@ -1,0 +1,88 @@
+"""Held-out evaluation: exact match of greedy answers, overall and per group (task, question type), and the loss.
+
+Generation goes through the public `Pipeline.generate`, the same path users call. With several processes each
+takes every world-th example and the per-example results are summed over processes, so every process ends with the
+same numbers (no pickled objects travel).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from palitorch.inference.pipeline import Pipeline
+from palitorch.train import ddp
+from palitorch.train.data import Dataset, Example
+
+
+def subset(n: int, k: int, seed: int) -> list[int]:
+    """A fixed random subset of k of n indices (all when k is 0 or >= n), in file order."""
+    if k <= 0 or k >= n:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n, generator=g)[:k].tolist())
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(text.split())
+
+
+@torch.no_grad()
+def exact_match(model, processor, examples: list[Example], idx: list[int], batch_size: int, max_new_tokens: int,
+                group_by: list[str], d: ddp.Dist, generate=None) -> dict:
+    """{"exact_match": float, "n": int, "<field>": {value: {"exact_match", "n"}}} for the examples at `idx`.
+
+    `generate(images, prompts, max_new_tokens)` defaults to `Pipeline(model, processor).generate`.
+    """
+    was_training = model.training
+    model.eval()
+    if generate is None:
+        pipe = Pipeline(model, processor)
+
+        def generate(images, prompts, max_new_tokens):
+            return [r.text for r in pipe.generate(images, prompts, max_new_tokens=max_new_tokens)]
+
+    device = next(model.parameters()).device
+    correct = torch.zeros(len(idx), dtype=torch.float64, device=device)
+    mine = list(range(d.rank, len(idx), d.world))
+    for start in range(0, len(mine), batch_size):
+        part = mine[start: start + batch_size]
+        ex = [examples[idx[j]] for j in part]
+        texts = generate([e.image for e in ex], [e.prefix for e in ex], max_new_tokens)
+        for j, e, text in zip(part, ex, texts):
+            correct[j] = float(normalize_answer(text) == normalize_answer(e.suffix))
+    ddp.all_reduce_sum(correct, d)
+    model.train(was_training)
+    return group_metrics([examples[i] for i in idx], correct.cpu().tolist(), group_by)
+
+
+def group_metrics(examples: list[Example], correct: list[float], group_by: list[str]) -> dict:
+    out = {"exact_match": sum(correct) / max(1, len(correct)), "n": len(correct)}
+    for key in group_by:
+        groups: dict[str, list[float]] = defaultdict(list)
+        for e, c in zip(examples, correct):
+            if key in e.meta:
+                groups[str(e.meta[key])].append(c)
+        if groups:
+            out[key] = {g: {"exact_match": sum(v) / len(v), "n": len(v)} for g, v in sorted(groups.items())}
+    return out
+
+
+@torch.no_grad()
+def loss(model, data: Dataset, idx: list[int], batch_size: int, d: ddp.Dist, autocast) -> float:
+    """Mean cross-entropy per suffix token over the examples at `idx` (teacher forcing)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # summed token losses, token count
+    mine = idx[d.rank::d.world]
+    for start in range(0, len(mine), batch_size):
+        batch = {k: v.to(device) for k, v in data.batch(mine[start: start + batch_size]).items()}
+        with autocast():
+            out = model(**batch)
+        n = (batch["labels"][:, 1:] != -100).sum()
+        total += torch.stack([out.loss.double() * n, n.double()])
+    ddp.all_reduce_sum(total, d)
+    model.train(was_training)
+    return float(total[0] / total[1].clamp(min=1))

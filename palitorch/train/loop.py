@@ -1,0 +1,261 @@
+"""The training loop: `Trainer(cfg, resume).fit()`, what `palitorch train CONFIG` runs.
+
+One optimizer step consumes one global batch (`[train] batch_size` examples, a pure function of seed and step),
+split into contiguous shares per process and micro-batches per share. Each micro-batch's mean suffix-token loss is
+weighted by its share of the global batch's suffix tokens, so the accumulated, all-reduced gradient is the gradient
+of the global batch's mean loss: 1 process or N, 1 micro-batch or many, the numbers agree (up to float rounding).
+
+Run folder: config.toml (resolved), tokenizer/ (from scratch), metrics.jsonl, checkpoint-NNNNNNN/ (Hub layout +
+training state, newest K kept), model/ (the final weights for palitorch.load and transformers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from palitorch.checkpoint import save_model
+from palitorch.errors import ConfigError
+from palitorch.train import build, ddp, evaluate, state
+from palitorch.train.config import TrainConfig
+from palitorch.train.data import Dataset, Images, fingerprint, global_batch, read_jsonl, repeat_by_task
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        self.cfg = cfg
+        t = cfg.train
+        self.dist, self.device = ddp.setup(t.device)
+        self.run = Path(t.out)
+        if self.dist.main:
+            self.run.mkdir(parents=True, exist_ok=True)
+        ddp.barrier(self.dist)
+        torch.manual_seed(t.seed + self.dist.rank)
+
+        raw = [e for f in cfg.data.train for e in read_jsonl(f)]
+        self.fingerprint = fingerprint(cfg.data.train)
+        found = state.checkpoints(self.run)
+        self.resume_from = found[-1][1] if (resume and found) else None
+        if resume and not found:
+            raise ConfigError(f"--resume: {self.run} has no checkpoint to resume from")
+        if found and not resume:
+            raise ConfigError(f"{self.run} already holds checkpoints: pass --resume to continue that run, or choose "
+                              "another folder with --train.out")
+        if not resume and self.dist.main:
+            (self.run / "metrics.jsonl").unlink(missing_ok=True)
+        self.model, self.processor, self.tokenizer_files = self._build(raw)
+        if t.gradient_checkpointing:
+            self.model.vision_tower.gradient_checkpointing = True
+            self.model.language_model.gradient_checkpointing = True
+
+        self.images = Images(self.processor.image_size, cfg.data.cache_images)
+        self.train_examples = repeat_by_task(raw, cfg.data.task_repeat)
+        self.data = Dataset(self.train_examples, self.processor, self.images)
+        self.raw_train = raw
+        self.eval_examples = read_jsonl(cfg.data.eval) if cfg.data.eval else []
+        self.eval_data = Dataset(self.eval_examples, self.processor, self.images) if self.eval_examples else None
+
+        if t.batch_size < self.dist.world:
+            raise ConfigError(f"[train] batch_size {t.batch_size} is smaller than the {self.dist.world} processes")
+        per_epoch = len(self.data) // t.batch_size
+        if per_epoch == 0:
+            raise ConfigError(f"{len(self.data)} training examples make no full batch of {t.batch_size}")
+        self.total = t.steps or max(1, math.ceil(t.epochs * per_epoch))
+        self.per_epoch = per_epoch
+
+        self.trainable = build.set_trainable(self.model, t.trainable)
+        self.opt, self.names = build.optimizer(self.model, cfg.optim)
+        self.params = [p for g in self.opt.param_groups for p in g["params"]]
+        self.step = 0
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+
+    # ------------------------------------------------------------------ setup
+
+    def _build(self, raw):
+        cfg, d = self.cfg, self.dist
+        if self.resume_from is not None or cfg.model.init:
+            folder = self.resume_from or Path(cfg.model.init)
+            model, processor = build.from_folder(folder, cfg.model.dtype, self.device)
+            return model.train(), processor, build.tokenizer_files(folder)
+        tok_dir = self.run / "tokenizer"
+        if d.main:  # BPE training need not be bit-reproducible across processes: one learns, all read
+            build.learn_tokenizer(raw, cfg.model.vocab_size, tok_dir)
+        ddp.barrier(d)
+        model, processor = build.from_scratch(cfg.model, tok_dir)
+        build.init_weights(model, cfg.model.init_std, cfg.train.seed)
+        return model.to(self.device).train(), processor, build.tokenizer_files(tok_dir)
+
+    def _restore(self, folder: Path) -> None:
+        st = state.read_state(folder)
+        t = self.cfg.train
+        checks = {"seed": t.seed, "batch_size": t.batch_size, "data_fingerprint": self.fingerprint,
+                  "num_examples": len(self.data)}
+        for k, v in checks.items():
+            if st.get(k) != v:
+                raise ConfigError(f"--resume: {folder.name} was trained with {k} {st.get(k)!r}, this run has {v!r}")
+        state.load_optimizer(self.opt, self.names, folder)
+        state.restore_rng(folder, self.dist, self.device)
+        self.step = st["step"]
+        if self.dist.main:  # forget what the interrupted run logged after this checkpoint
+            self._trim_metrics(self.step)
+
+    def _autocast(self):
+        if self.cfg.train.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ logging
+
+    def log(self, row: dict) -> None:
+        if self.dist.main:
+            with (self.run / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _trim_metrics(self, step: int) -> None:
+        path = self.run / "metrics.jsonl"
+        if path.is_file():
+            rows = [r for r in path.read_text().splitlines() if r and json.loads(r).get("step", 0) <= step]
+            path.write_text("".join(r + "\n" for r in rows))
+
+    # ------------------------------------------------------------------ one optimizer step
+
+    def train_step(self, step: int) -> dict:
+        """Forward/backward over this process's share of global batch `step`, all-reduce, clip, AdamW."""
+        t, d = self.cfg.train, self.dist
+        idx = global_batch(len(self.data), t.batch_size, t.seed, step)
+        n_targets = int(self.data.targets[idx].sum())  # loss tokens of the GLOBAL batch, known to every process
+        part = ddp.shard(len(idx), d)
+        mine = idx[part]
+        micro = t.micro_batch_size or len(mine)
+        total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        for lo in range(0, len(mine), micro):
+            batch = self.data.batch(mine[lo: lo + micro], self.cfg.augment, t.seed, step,
+                                    range(part.start + lo, part.start + min(lo + micro, len(mine))))
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with self._autocast():
+                out = self.model(**batch)
+            n = (batch["labels"][:, 1:] != -100).sum()
+            loss = out.loss * (n / n_targets)  # this micro-batch's share of the global mean
+            loss.backward()
+            total_loss += loss.detach().double()
+        ddp.all_reduce_grads(self.params, d)
+        ddp.all_reduce_sum(total_loss, d)
+        lr = build.lr_at(step, self.total, self.cfg.optim)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        if self.cfg.optim.clip_grad_norm > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_grad_norm))
+        else:
+            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params])))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return {"loss": float(total_loss), "lr": lr, "grad_norm": norm, "tokens": int(self.data.lengths[idx].sum())}
+
+    # ------------------------------------------------------------------ evaluation and checkpoints
+
+    def evaluate(self, final: bool = False) -> dict:
+        e = self.cfg.eval
+        if not self.eval_examples:
+            return {}
+        k = e.final_max_examples if final else e.max_examples
+        idx = evaluate.subset(len(self.eval_examples), k, self.cfg.train.seed)
+        metrics = {"eval_loss": evaluate.loss(self.model, self.eval_data, idx, e.batch_size, self.dist,
+                                              self._autocast)}
+        metrics.update(evaluate.exact_match(self.model, self.processor, self.eval_examples, idx, e.batch_size,
+                                            e.max_new_tokens, e.group_by, self.dist))
+        return metrics
+
+    def save_checkpoint(self) -> None:
+        rng = state.rng_tensors(self.dist, self.device)  # collective: every process takes part
+        if self.dist.main:
+            t = self.cfg.train
+            st = {"step": self.step, "epoch": self.step / self.per_epoch, "total_steps": self.total,
+                  "seed": t.seed, "batch_size": t.batch_size, "world_size": self.dist.world,
+                  "num_examples": len(self.data), "data_fingerprint": self.fingerprint,
+                  "data_order": "epoch e: torch.randperm(num_examples, seed * 1000003 + e), cut into batches, "
+                                "tail dropped; step s takes batch s mod batches_per_epoch of epoch s div it",
+                  "lr": build.lr_at(max(0, self.step - 1), self.total, self.cfg.optim),
+                  "config": self.cfg.to_dict()}
+            state.save(self.run, self.step, self.model, self.opt, self.names, st, rng, self.tokenizer_files,
+                       self.cfg.checkpoint.keep)
+        ddp.barrier(self.dist)
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        cfg, t, d = self.cfg, self.cfg.train, self.dist
+        total_params, trainable_params = build.count_parameters(self.model)
+        if d.main:
+            (self.run / "config.toml").write_text(cfg.to_toml())
+            self.log({"step": self.step, "event": "resume" if self.resume_from else "start",
+                      "parameters": total_params, "trainable": trainable_params, "examples": len(self.data),
+                      "steps": self.total, "steps_per_epoch": self.per_epoch, "world_size": d.world,
+                      "device": str(self.device)})
+        show = t.progress and d.main
+
+        def bar(total, desc):
+            return tqdm(total=total, desc=desc, dynamic_ncols=True, disable=not show)
+
+        if cfg.warmstart.epochs > 0 and self.step == 0 and self.resume_from is None:
+            from palitorch.train.warmstart import warmstart
+
+            started = time.perf_counter()
+            ws = warmstart(self.model, self.processor, self.raw_train, self.images, cfg, d, self.device,
+                           self._autocast, bar)
+            ws["warmstart"]["seconds"] = round(time.perf_counter() - started, 2)
+            self.log({"step": 0, **ws})
+
+        pbar = tqdm(total=self.total, initial=self.step, desc="train", dynamic_ncols=True, disable=not show)
+        window = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
+        result: dict = {}
+        while self.step < self.total:
+            started = time.perf_counter()
+            out = self.train_step(self.step)
+            elapsed = time.perf_counter() - started
+            self.step += 1
+            window["loss"] += out["loss"]
+            window["n"] += 1
+            window["tokens"] += out["tokens"]
+            window["time"] += elapsed
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}",
+                             tok_s=f"{out['tokens'] / max(elapsed, 1e-9):.0f}", refresh=False)
+            if self.step % t.log_every == 0 or self.step == self.total:
+                self.log({"step": self.step, "epoch": round(self.step / self.per_epoch, 4),
+                          "loss": window["loss"] / window["n"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+                          "tokens_per_s": window["tokens"] / window["time"],
+                          "ms_per_step": 1000 * window["time"] / window["n"]})
+                window = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
+            last = self.step == self.total
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and not last:
+                result = self.evaluate()
+                self.log({"step": self.step, "eval": result})
+                if show:
+                    pbar.write(_summary(self.step, result))
+            if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last:
+                self.save_checkpoint()
+        pbar.close()
+        result = self.evaluate(final=True)
+        if result:
+            self.log({"step": self.step, "eval": result, "final": True})
+            if show:
+                print(_summary(self.step, result))
+        if d.main:
+            save_model(self.model, self.run / "model", extra_files=self.tokenizer_files)
+        ddp.barrier(d)
+        return result
+
+
+def _summary(step: int, m: dict) -> str:
+    parts = [f"step {step}: exact match {m['exact_match']:.4f} (n={m['n']}), eval loss {m['eval_loss']:.4f}"]
+    for key, groups in m.items():
+        if isinstance(groups, dict):
+            parts.append(f"  {key}: " + ", ".join(f"{g} {v['exact_match']:.4f}" for g, v in groups.items()))
+    return "\n".join(parts)

@@ -1,0 +1,161 @@
+"""The trainer: from scratch and fine-tuning, checkpoints both loaders read, exact resume, frozen parts, eval."""
+
+import json
+
+import pytest
+import torch
+from hf_factory import hf_processor, write_checkpoint
+from PIL import Image
+from trainkit import config, losses, make_data
+
+import palitorch
+from palitorch.checkpoint import load_model
+from palitorch.errors import ConfigError
+from palitorch.train.loop import Trainer
+from palitorch.train.state import checkpoints
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+def assert_loads_in_transformers(folder, pipe):
+    """transformers reads the folder (weights, config, tokenizer, preprocessor) and gives our logits (1e-4)."""
+    from transformers import PaliGemmaForConditionalGeneration
+
+    hf = PaliGemmaForConditionalGeneration.from_pretrained(folder).eval()
+    proc = hf_processor(folder)
+    image = Image.new("RGB", (20, 20), (20, 20, 230))
+    inputs = proc(text="caption en", images=image, suffix="blue circle", return_tensors="pt")
+    ours = pipe.processor([image], ["caption en"], ["blue circle"])
+    assert inputs["input_ids"].tolist() == ours["input_ids"].tolist()
+    with torch.no_grad():
+        ref = hf(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                 token_type_ids=inputs["token_type_ids"], attention_mask=inputs["attention_mask"]).logits
+        got = pipe.model(ours["input_ids"], ours["pixel_values"], ours["attention_mask"],
+                         ours["token_type_ids"]).logits
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_from_scratch_learns_and_saves_a_hub_folder(data, tmp_path):
+    cfg = config(data, tmp_path / "run", train__steps=24, optim__lr=3e-3, checkpoint__every=10,
+                 checkpoint__keep=2)
+    result = Trainer(cfg).fit()
+    curve = losses(tmp_path / "run")
+    assert sorted(curve) == list(range(1, 25))
+    # The loss falls well below its start (a random 1.1M model starts near ln(vocab) ~ 7).
+    assert sum(curve[s] for s in range(20, 25)) / 5 < 0.5 * curve[1]
+    assert [s for s, _ in checkpoints(tmp_path / "run")] == [20, 24]  # newest 2 kept (10 deleted)
+    assert result["n"] == 16 and set(result["task"]) == {"caption", "vqa"} and "color" in result["qtype"]
+    final = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["final"] and final["eval"] == result
+    pipe = palitorch.load(tmp_path / "run" / "model")
+    assert pipe.cfg.vision.image_size == 16 and pipe.cfg.num_image_tokens == 4
+    assert_loads_in_transformers(tmp_path / "run" / "model", pipe)
+    # The checkpoint folders are Hub folders too; their extra training-state files do not disturb loading.
+    ckpt = load_model(tmp_path / "run" / "checkpoint-0000024")
+    for k, v in pipe.model.state_dict().items():
+        assert torch.equal(v, ckpt.state_dict()[k]), k
+
+
+def test_fine_tune_a_hub_checkpoint(data, tmp_path):
+    base, _ = write_checkpoint(tmp_path / "base", image_size=32, patch_size=8)
+    cfg = config(data, tmp_path / "ft", model__init=str(base), train__steps=30, optim__lr=1e-3,
+                 optim__warmup_steps=3)
+    Trainer(cfg).fit()
+    curve = losses(tmp_path / "ft")
+    assert sum(curve[s] for s in range(26, 31)) / 5 < 0.5 * curve[1]  # tolerance: at least halved
+    out = tmp_path / "ft" / "model"
+    assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()  # its own tokenizer
+    pipe = palitorch.load(out)
+    before = load_model(base)
+    assert not torch.equal(pipe.model.projector.weight, before.projector.weight)
+    assert_loads_in_transformers(out, pipe)
+
+
+def test_resume_reproduces_the_uninterrupted_run(data, tmp_path):
+    over = {"train__steps": 9, "train__micro_batch_size": 3, "checkpoint__every": 3,
+            "data__task_repeat": "{caption = 2}", "augment__brightness": 0.2, "augment__noise": 0.02,
+            "warmstart__epochs": 1, "warmstart__batch_size": 8, "eval__max_examples": 4}
+    Trainer(config(data, tmp_path / "a", **over)).fit()
+
+    class Crash(Trainer):
+        def train_step(self, step):
+            if step == 7:  # after the checkpoint at 6, with step 7 already logged
+                raise KeyboardInterrupt
+            return super().train_step(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        Crash(config(data, tmp_path / "b", **over)).fit()
+    assert [s for s, _ in checkpoints(tmp_path / "b")] == [3, 6]
+    with pytest.raises(ConfigError, match="pass --resume"):
+        Trainer(config(data, tmp_path / "b", **over))
+    Trainer(config(data, tmp_path / "b", **over), resume=True).fit()
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(a) == sorted(b) == list(range(1, 10))
+    for s in a:
+        assert abs(a[s] - b[s]) <= 1e-6, (s, a[s], b[s])
+    wa, wb = load_model(tmp_path / "a" / "model").state_dict(), load_model(tmp_path / "b" / "model").state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0), k
+
+
+def test_resume_refuses_changed_data(data, tmp_path):
+    Trainer(config(data, tmp_path / "r", train__steps=2, checkpoint__every=1)).fit()
+    with pytest.raises(ConfigError, match="batch_size"):
+        Trainer(config(data, tmp_path / "r", train__batch_size=4), resume=True)
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        Trainer(config(data, tmp_path / "empty"), resume=True)
+
+
+def test_frozen_parts_do_not_move(data, tmp_path):
+    cfg = config(data, tmp_path / "f", train__steps=3, train__trainable=["projector", "*.post_layernorm.*"])
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert {n.split(".")[0] for n in trainer.names} == {"projector", "vision_tower"}
+    assert sum(len(g["params"]) for g in trainer.opt.param_groups) == 4  # 2 projector + 2 post-layernorm tensors
+    trainer.fit()
+    for k, v in trainer.model.state_dict().items():
+        moved = not torch.equal(v, before[k])
+        assert moved == (k.startswith("projector.") or ".post_layernorm." in k), k
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        Trainer(config(data, tmp_path / "g", train__trainable=["vison"]))
+
+
+def test_weight_decay_skips_biases_and_norms(data, tmp_path):
+    trainer = Trainer(config(data, tmp_path / "wd"))
+    decay, plain = trainer.opt.param_groups
+    assert decay["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in plain["params"])
+
+
+def test_warmstart_trains_only_the_vision_tower(data, tmp_path):
+    cfg = config(data, tmp_path / "w", train__steps=1, warmstart__epochs=4, warmstart__batch_size=8,
+                 warmstart__lr=3e-3, train__trainable=["decoder"])
+    trainer = Trainer(cfg)
+    decoder = {k: v.clone() for k, v in trainer.model.language_model.state_dict().items()}
+    vision = {k: v.clone() for k, v in trainer.model.vision_tower.state_dict().items()}
+    from palitorch.train.warmstart import warmstart
+
+    out = warmstart(trainer.model, trainer.processor, trainer.raw_train, trainer.images, cfg, trainer.dist,
+                    trainer.device, trainer._autocast)["warmstart"]
+    assert out["heads"] == [3, 2] and out["images"] == 24  # colour and shape classifiers, one row per image
+    assert all(torch.equal(v, decoder[k]) for k, v in trainer.model.language_model.state_dict().items())
+    assert any(not torch.equal(v, vision[k]) for k, v in trainer.model.vision_tower.state_dict().items())
+    assert not any(p.requires_grad for p in trainer.model.vision_tower.parameters())  # frozen again after
+
+
+def test_labels_from_captions():
+    from pathlib import Path
+
+    from palitorch.train.data import Example
+    from palitorch.train.warmstart import labels_from
+
+    ex = [Example(Path("a"), "caption en", "red circle"), Example(Path("a"), "caption en", "red circle"),
+          Example(Path("b"), "caption en", "blue"), Example(Path("c"), "answer en x", "yes")]
+    chosen, labels, classes = labels_from(ex, "caption en")
+    assert [e.image.name for e in chosen] == ["a", "b"] and classes == [["blue", "red"], ["circle"]]
+    assert labels.tolist() == [[1, 0], [0, -100]]
+    with pytest.raises(ConfigError, match="no training example has the prefix"):
+        labels_from(ex, "describe")
