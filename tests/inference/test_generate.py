@@ -1,0 +1,229 @@
+"""The generation engine against transformers' `generate`, batching, EOS, stop strings, streaming and errors.
+
+Tolerances: greedy tokens must be equal; logprobs within 1e-4 (float32 on CPU, same weights).
+"""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import palitorch
+from palitorch.errors import InputError
+from palitorch.inference import generate as engine
+
+STEPS = 32
+PROMPTS = ["caption en", "answer en what color is the shape?", "detect cat ; dog"]
+
+
+def diverse(ckpt_factory, version: int, image_size: int = 224):
+    """A tiny checkpoint whose greedy answers vary from token to token.
+
+    hf_factory's weights make the tied LM head echo the last input token forever, which would let a generation
+    test pass without generating anything; small embeddings and larger layer weights let the layers decide.
+    """
+    name = f"gen-pg{version}-{image_size}"
+    folder, hf = ckpt_factory(name, version=version, image_size=image_size, kv_heads=2 if version == 2 else 1)
+    if not (folder / ".diverse").exists():
+        g = torch.Generator().manual_seed(version * 1000 + image_size)
+        with torch.no_grad():
+            for n, p in hf.named_parameters():
+                std = 0.05 if "embed_tokens" in n else (1.0 if "norm" in n else (0.5 if p.ndim > 1 else 0.3))
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        hf.save_pretrained(folder)
+        (folder / ".diverse").touch()
+    return folder, hf
+
+
+def images(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (40 + 7 * i, 50, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def hf_generate(folder, hf, imgs, prompts, **kw):
+    """transformers' greedy generate -> (tokens [B, n], logprobs [B, n]) for the generated part."""
+    from hf_factory import hf_processor
+
+    proc = hf_processor(folder)
+    proc.tokenizer.padding_side = "left"
+    inputs = proc(images=imgs, text=prompts, return_tensors="pt", padding=True)
+    out = hf.generate(**inputs, do_sample=False, output_logits=True, return_dict_in_generate=True, **kw)
+    toks = out.sequences[:, inputs["input_ids"].shape[1]:]
+    logp = torch.log_softmax(torch.stack(out.logits, 1).float(), -1)
+    return toks, logp.gather(-1, toks[..., None])[..., 0]
+
+
+@pytest.mark.parametrize("version,size", [(1, 224), (1, 448), (2, 224), (2, 448)])
+def test_greedy_matches_transformers(ckpt_factory, version, size):
+    folder, hf = diverse(ckpt_factory, version, size)
+    pipe = palitorch.load(folder)
+    imgs = images(3)
+    # A single input, then a left-padded batch (at 448 only the batch, which holds 1024 image tokens a row).
+    cases = ((imgs[:1], PROMPTS[:1]), (imgs, PROMPTS)) if size == 224 else ((imgs[:2], PROMPTS[1:]),)
+    for ims, prompts in cases:
+        ref_toks, ref_lp = hf_generate(folder, hf, ims, prompts, max_new_tokens=STEPS, min_new_tokens=STEPS)
+        ours = pipe.generate(ims, prompts, max_new_tokens=STEPS, min_new_tokens=STEPS)
+        for r, t, lp in zip(ours, ref_toks, ref_lp):
+            assert r.finish_reason == "length"
+            assert r.token_ids == t.tolist()
+            torch.testing.assert_close(torch.tensor(r.logprobs), lp, atol=1e-4, rtol=0)
+    assert len({t for r in ours for t in r.token_ids}) > 8, "the model should not just repeat one token"
+    assert len({r.prompt_tokens for r in ours}) == len(ours), "the prompts differ in length, so the batch is padded"
+
+
+def test_batched_equals_one_at_a_time(ckpt_factory):
+    folder, _ = diverse(ckpt_factory, 2)
+    pipe = palitorch.load(folder)
+    imgs = images(4, seed=1)
+    prompts = [*PROMPTS, "ocr"]
+    batch = pipe.generate(imgs, prompts, max_new_tokens=20)
+    for im, p, b in zip(imgs, prompts, batch):
+        one = pipe.generate(im, p, max_new_tokens=20)
+        assert one.token_ids == b.token_ids and one.text == b.text and one.finish_reason == b.finish_reason
+        torch.testing.assert_close(torch.tensor(one.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_stops_on_each_eos_id(ckpt_factory, which):
+    """PaliGemma 2 lists two EOS ids: either one ends the answer, which then excludes it."""
+    folder, _ = diverse(ckpt_factory, 2)
+    pipe = palitorch.load(folder)
+    img = images(1)[0]
+    free = pipe.generate(img, "caption en", max_new_tokens=STEPS, min_new_tokens=STEPS)
+    eos = free.token_ids[6]
+    cut = free.token_ids.index(eos)
+    ids = (eos, pipe.processor.eos_id)[:: 1 if which == 0 else -1]
+    pipe.model.cfg = pipe.model.cfg.replace(eos_token_ids=ids)
+    r = pipe.generate(img, "caption en", max_new_tokens=STEPS)
+    assert r.finish_reason == "eos"
+    assert r.token_ids == free.token_ids[:cut]
+    assert r.logprobs == pytest.approx(free.logprobs[:cut], abs=1e-5)
+    assert r.text == pipe.processor.decode(free.token_ids[:cut])
+    # min_new_tokens suppresses the EOS until then.
+    late = pipe.generate(img, "caption en", max_new_tokens=STEPS, min_new_tokens=cut + 1)
+    assert len(late.token_ids) > cut
+
+
+def test_eos_in_one_row_does_not_stop_the_batch(ckpt_factory):
+    folder, _ = diverse(ckpt_factory, 1)
+    pipe = palitorch.load(folder)
+    imgs = images(2)
+    free = pipe.generate(imgs, PROMPTS[:2], max_new_tokens=16, min_new_tokens=16)
+    eos = next(t for t in free[0].token_ids[2:] if t not in free[1].token_ids)
+    pipe.model.cfg = pipe.model.cfg.replace(eos_token_ids=(eos,))
+    a, b = pipe.generate(imgs, PROMPTS[:2], max_new_tokens=16)
+    assert a.finish_reason == "eos" and len(a.token_ids) < 16
+    assert b.finish_reason == "length" and b.token_ids == free[1].token_ids
+
+
+def test_stop_strings(ckpt_factory):
+    folder, _ = diverse(ckpt_factory, 1)
+    pipe = palitorch.load(folder)
+    img = images(1)[0]
+    free = pipe.generate(img, "caption en", max_new_tokens=24, min_new_tokens=24)
+    stop = free.text[8:11]
+    cut = free.text.find(stop)
+    r = pipe.generate(img, "caption en", max_new_tokens=24, min_new_tokens=24, stop=["never appears", stop])
+    assert r.finish_reason == "stop"
+    assert r.text == free.text[:cut]
+    assert free.token_ids[: len(r.token_ids)] == r.token_ids and len(r.token_ids) < 24
+    assert pipe.processor.decode(r.token_ids).find(stop) >= cut  # the last token completed the stop string
+    s = pipe.stream(img, "caption en", max_new_tokens=24, min_new_tokens=24, stop=[stop])
+    assert "".join(s) == r.text and s.result.finish_reason == "stop"
+
+
+def test_stream_pieces_concatenate_to_the_text(ckpt_factory):
+    folder, _ = diverse(ckpt_factory, 2)
+    pipe = palitorch.load(folder)
+    img = images(1)[0]
+    s = pipe.stream(img, "caption en", max_new_tokens=24)
+    pieces = list(s)
+    full = pipe.generate(img, "caption en", max_new_tokens=24)
+    assert len(pieces) > 3
+    assert "".join(pieces) == full.text == s.result.text
+    assert s.result.token_ids == full.token_ids
+
+
+def test_stream_holds_back_split_multibyte_characters(ckpt_factory, monkeypatch):
+    """'é' and '✓' arrive as separate byte-fallback tokens; no piece may contain half a character (U+FFFD)."""
+    folder, _ = diverse(ckpt_factory, 1)
+    pipe = palitorch.load(folder)
+    text = "héllo ✓ the"
+    ids = pipe.processor.tokenizer.encode(text, add_special_tokens=False).ids
+    assert len(ids) > len(text.split()) + 4, "the test text must be split into byte-fallback tokens"
+
+    def scripted(model, prompts, opts, eos, pad_id, steps):
+        for i in ids[:steps]:
+            yield torch.tensor([i]), torch.tensor([-1.0])
+
+    monkeypatch.setattr(engine, "decode", scripted)
+    s = pipe.stream(images(1)[0], "caption en", max_new_tokens=len(ids))
+    pieces = list(s)
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == s.result.text == pipe.processor.decode(ids)
+    assert "é" in pieces or any("é" in p for p in pieces)
+    assert len(pieces) > 3
+
+
+def test_seeded_sampling_is_reproducible(ckpt_factory):
+    folder, _ = diverse(ckpt_factory, 1)
+    pipe = palitorch.load(folder)
+    img = images(1)[0]
+    kw = dict(max_new_tokens=16, temperature=1.5, top_k=50)
+    a = pipe.generate(img, "caption en", seed=3, **kw)
+    b = pipe.generate(img, "caption en", seed=3, **kw)
+    c = pipe.generate(img, "caption en", seed=4, **kw)
+    greedy = pipe.generate(img, "caption en", max_new_tokens=16)
+    assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
+    assert a.token_ids != c.token_ids and a.token_ids != greedy.token_ids
+
+
+def test_repetition_penalty_matches_transformers(ckpt_factory):
+    folder, hf = diverse(ckpt_factory, 1)
+    pipe = palitorch.load(folder)
+    imgs = images(2)
+    ref, ref_lp = hf_generate(folder, hf, imgs, PROMPTS[:2], max_new_tokens=16, min_new_tokens=16,
+                              repetition_penalty=1.8)
+    plain = pipe.generate(imgs, PROMPTS[:2], max_new_tokens=16, min_new_tokens=16)
+    ours = pipe.generate(imgs, PROMPTS[:2], max_new_tokens=16, min_new_tokens=16, repetition_penalty=1.8)
+    assert [r.token_ids for r in ours] == ref.tolist()
+    assert [r.token_ids for r in ours] != [r.token_ids for r in plain]
+    torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=1e-4, rtol=0)
+
+
+def test_cache_is_reused_and_scoring_still_works(ckpt_factory):
+    folder, _ = diverse(ckpt_factory, 1)
+    pipe = palitorch.load(folder)
+    img = images(1)[0]
+    before = pipe.score(img, "caption en", "a cat")
+    a = pipe.generate(img, "caption en", max_new_tokens=8)
+    cache = pipe.model.language_model.layers[0].attn.kv_cache.k
+    b = pipe.generate(img, "answer en what color is the shape?", max_new_tokens=10)
+    assert pipe.model.language_model.layers[0].attn.kv_cache.k is cache
+    assert pipe.generate(img, "caption en", max_new_tokens=8) == a
+    assert b.token_ids
+    assert pipe.score(img, "caption en", "a cat").logprobs == pytest.approx(before.logprobs, abs=1e-5)
+
+
+@pytest.mark.parametrize("kw,words", [
+    ({"top_p": 0}, "top_p"), ({"temperature": -1}, "temperature"), ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"top_k": 0}, "top_k"), ({"min_p": 1.5}, "min_p"), ({"num_beams": 0}, "num_beams"),
+    ({"tempreature": 1}, "unknown decoding option"), ({"stop": [""]}, "stop"),
+])
+def test_bad_options_raise_one_line_input_errors(ckpt_factory, kw, words):
+    folder, _ = diverse(ckpt_factory, 1)
+    pipe = palitorch.load(folder)
+    with pytest.raises(InputError, match=words) as e:
+        pipe.generate(images(1)[0], "caption en", **kw)
+    assert "\n" not in str(e.value)
+
+
+def test_prompt_longer_than_the_context_is_an_input_error(ckpt_factory):
+    folder, _ = diverse(ckpt_factory, 1)
+    pipe = palitorch.load(folder)
+    context = pipe.cfg.text.max_position_embeddings
+    with pytest.raises(InputError, match="context") as e:
+        pipe.generate(images(1)[0], "caption en " * context)
+    assert "\n" not in str(e.value)
+    with pytest.raises(InputError):
+        list(pipe.stream(images(1)[0], "caption en " * context))
