@@ -169,7 +169,7 @@ def test_seeded_sampling_is_reproducible(ckpt_factory):
     folder, _ = diverse(ckpt_factory, 1)
     pipe = palitorch.load(folder)
     img = images(1)[0]
-    kw = dict(max_new_tokens=16, temperature=1.5, top_k=50)
+    kw = {"max_new_tokens": 16, "temperature": 1.5, "top_k": 50}
     a = pipe.generate(img, "caption en", seed=3, **kw)
     b = pipe.generate(img, "caption en", seed=3, **kw)
     c = pipe.generate(img, "caption en", seed=4, **kw)
