@@ -1,0 +1,214 @@
+"""Decoding options and the sampling filters: validation, agreement with transformers' warpers, and statistics.
+
+Statistical tests draw 20,000 samples from a fixed logits vector with a fixed seed and apply Pearson's chi-square
+test at significance 0.001 (critical value by the Wilson-Hilferty approximation), bins with fewer than 5 expected
+draws merged. Filter masks must equal transformers' exactly.
+"""
+
+import math
+
+import pytest
+import torch
+
+from palitorch.errors import InputError
+from palitorch.inference.sampling import (
+    Chooser,
+    GenerationOptions,
+    min_p_filter,
+    penalize_repeats,
+    sample,
+    top_k_filter,
+    top_p_filter,
+    warp,
+)
+
+V, DRAWS = 40, 20_000
+
+
+def fixed_logits() -> torch.Tensor:
+    return torch.randn(V, generator=torch.Generator().manual_seed(0)) * 2.0
+
+
+def draw(logits: torch.Tensor, seed: int = 0, **opts) -> torch.Tensor:
+    """DRAWS samples from one logits vector [V] with the given options -> token ids [DRAWS]."""
+    o = GenerationOptions(**opts).validate()
+    assert o.do_sample
+    g = torch.Generator().manual_seed(seed)
+    return sample(warp(logits.expand(DRAWS, V), o), g)
+
+
+def chi2_critical(df: int, z: float = 3.09) -> float:
+    """Upper critical value of chi-square with df degrees of freedom at the level whose normal quantile is z."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def assert_matches(samples: torch.Tensor, probs: torch.Tensor) -> None:
+    """Chi-square goodness of fit of `samples` to `probs` [V] (which must sum to 1), over tokens with p > 0."""
+    counts = torch.bincount(samples, minlength=V).double()
+    expected = probs.double() * len(samples)
+    order = torch.argsort(expected, descending=True)
+    obs, exp = counts[order], expected[order]
+    keep = exp >= 5
+    obs = torch.cat([obs[keep], obs[~keep].sum(0, keepdim=True)])
+    exp = torch.cat([exp[keep], exp[~keep].sum(0, keepdim=True)])
+    if exp[-1] < 5:  # merge the small tail into the last kept bin
+        obs, exp = torch.cat([obs[:-2], obs[-2:].sum(0, keepdim=True)]), torch.cat([exp[:-2], exp[-2:].sum(0, keepdim=True)])
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    df = len(exp) - 1
+    assert df >= 2, "the test needs several bins to mean anything"
+    assert stat < chi2_critical(df), f"chi-square {stat:.1f} over {df} degrees of freedom"
+
+
+def renormalised(logits: torch.Tensor, allowed: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    p = torch.softmax(logits.double() / temperature, -1) * allowed
+    return p / p.sum()
+
+
+def reference_nucleus(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """The smallest most-probable set of tokens whose total probability reaches p, written out plainly."""
+    probs = torch.softmax(logits.double(), -1)
+    allowed = torch.zeros(V, dtype=torch.bool)
+    total = 0.0
+    for i in torch.argsort(probs, descending=True).tolist():
+        allowed[i] = True
+        total += float(probs[i])
+        if total >= p:
+            break
+    return allowed
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def test_plain_sampling_matches_softmax():
+    logits = fixed_logits()
+    assert_matches(draw(logits, temperature=1.0), renormalised(logits, torch.ones(V, dtype=torch.bool)))
+
+
+def test_temperature_matches_scaled_softmax():
+    logits = fixed_logits()
+    s = draw(logits, temperature=0.6)
+    assert_matches(s, renormalised(logits, torch.ones(V, dtype=torch.bool), 0.6))
+
+
+def test_top_k_stays_in_set_and_matches():
+    logits = fixed_logits()
+    allowed = torch.zeros(V, dtype=torch.bool)
+    allowed[torch.topk(logits, 6).indices] = True
+    s = draw(logits, top_k=6)
+    assert allowed[s].all()
+    assert len(s.unique()) == 6
+    assert_matches(s, renormalised(logits, allowed))
+
+
+def test_top_p_stays_in_set_and_matches():
+    logits = fixed_logits()
+    allowed = reference_nucleus(logits, 0.8)
+    assert 3 <= int(allowed.sum()) < V - 5
+    s = draw(logits, top_p=0.8)
+    assert allowed[s].all()
+    assert_matches(s, renormalised(logits, allowed))
+
+
+def test_min_p_stays_in_set_and_matches():
+    logits = fixed_logits()
+    probs = torch.softmax(logits, -1)
+    allowed = probs >= 0.05 * probs.max()
+    assert 3 <= int(allowed.sum()) < V - 5
+    s = draw(logits, min_p=0.05)
+    assert allowed[s].all()
+    assert_matches(s, renormalised(logits, allowed))
+
+
+def test_filters_compose_in_order():
+    """temperature, then top-k, then top-p on the top-k distribution."""
+    logits = fixed_logits()
+    t = 1.3
+    allowed = torch.zeros(V, dtype=torch.bool)
+    allowed[torch.topk(logits, 10).indices] = True
+    kept = logits.masked_fill(~allowed, float("-inf")) / t
+    allowed = reference_nucleus(kept, 0.7)
+    s = draw(logits, temperature=t, top_k=10, top_p=0.7)
+    assert allowed[s].all()
+    assert_matches(s, renormalised(logits, allowed, t))
+
+
+def test_same_seed_same_sample_other_seed_other_sample():
+    logits = fixed_logits()
+    a, b, c = draw(logits, seed=7, top_k=20), draw(logits, seed=7, top_k=20), draw(logits, seed=8, top_k=20)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------------ agreement with transformers
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_filters_equal_transformers_warpers(seed):
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(4, 300, generator=g) * 3
+    ids = torch.randint(0, 300, (4, 12), generator=g)
+    for ours, theirs in (
+        (top_k_filter(logits, 17), TopKLogitsWarper(17)(ids, logits.clone())),
+        (top_p_filter(logits, 0.9), TopPLogitsWarper(0.9)(ids, logits.clone())),
+        (min_p_filter(logits, 0.1), MinPLogitsWarper(0.1)(ids, logits.clone())),
+    ):
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+        torch.testing.assert_close(ours[~torch.isinf(ours)], theirs[~torch.isinf(theirs)], rtol=0, atol=0)
+    seen = torch.zeros(4, 300, dtype=torch.bool).scatter_(1, ids, True)
+    torch.testing.assert_close(penalize_repeats(logits, seen, 1.3),
+                               RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone()), rtol=0, atol=1e-6)
+
+
+def test_chooser_suppresses_eos_until_min_new_tokens_and_counts_the_prompt_as_seen():
+    logits = torch.zeros(2, 10)
+    logits[:, 1] = 5.0  # EOS (id 1) is the favourite, then 4, then 5
+    logits[:, 4] = 4.0
+    logits[:, 5] = 3.0
+    prompt = torch.tensor([[0, 4, 6], [7, 7, 6]])
+    valid = torch.tensor([[False, True, True], [True, True, True]])
+    c = Chooser(GenerationOptions(min_new_tokens=2, repetition_penalty=2.0), [1], 10, prompt, valid)
+    # Row 0 saw 4 in its prompt (4.0 / 2 = 2.0 < 3.0); row 1 did not. EOS is suppressed before step 2.
+    assert c(logits, 0).tolist() == [5, 4]
+    assert c(logits, 2).tolist() == [1, 1]
+    assert not bool(c.seen[0, 0]), "left padding (id 0 at an invalid position) is not a seen token"
+    c.observe(torch.tensor([5, 5]))
+    assert c(logits, 1).tolist() == [4, 4]  # row 0: 5 is seen now too (1.5), below 4 (2.0)
+
+
+# ------------------------------------------------------------------------------------------ options
+
+
+def test_greedy_unless_asked_to_sample():
+    assert not GenerationOptions().do_sample
+    assert not GenerationOptions(temperature=0).do_sample
+    assert not GenerationOptions(temperature=0, top_k=5).do_sample
+    assert GenerationOptions(top_p=0.9).do_sample and GenerationOptions(min_p=0.1).do_sample
+    assert GenerationOptions(temperature=0.7).do_sample
+
+
+@pytest.mark.parametrize("kw", [
+    {"max_new_tokens": 0}, {"max_new_tokens": 2.5}, {"min_new_tokens": -1}, {"temperature": -0.1},
+    {"top_k": 0}, {"top_p": 0}, {"top_p": 1.2}, {"min_p": -0.1}, {"min_p": 1.01}, {"num_beams": 0},
+    {"repetition_penalty": 0}, {"temperature": float("nan")}, {"seed": "x"}, {"stop": "a"}, {"stop": [""]},
+    {"num_beams": 2, "temperature": 0.5}, {"max_new_tokens": True},
+])
+def test_invalid_options_raise_input_error(kw):
+    with pytest.raises(InputError) as e:
+        GenerationOptions(**kw).validate()
+    assert "\n" not in str(e.value) and str(e.value)
+
+
+def test_from_kwargs_accepts_a_single_stop_string_and_rejects_unknown_names():
+    assert GenerationOptions.from_kwargs(stop="\n").stop == ["\n"]
+    with pytest.raises(InputError, match="unknown decoding option 'topk'"):
+        GenerationOptions.from_kwargs(topk=3)
+    base = GenerationOptions(max_new_tokens=5)
+    assert GenerationOptions.from_kwargs(base, top_k=3) == GenerationOptions(max_new_tokens=5, top_k=3)
+    assert base.top_k is None
