@@ -42,7 +42,8 @@ from palitorch.train.shapes import COLORS, SHAPES
 
 ANY_SHAPE, ANY_COLOR = frozenset(SHAPES), frozenset(COLORS)
 
-# The package's question templates ({s}: a shape, {c}: a colour) and the share of images that get each one.
+# The package's question templates ({s}: a shape, {c}: a colour; {x}: a shape or "<colour> shape"), and the
+# chance that an image gets each one.
 WHAT_SHAPE = ("what shape is in the image?", "what shape is present?", "what shape does the image contain?",
               "what is the {c} shape?")
 WHAT_COLOR = ("what color is the {s}?", "what is the color of the {s}?", "what color is the shape?",
@@ -237,7 +238,8 @@ def convert(out: str | os.PathLike, limit: int | None = None, extra: int = 0, se
 
 
 def _extra(out: Path, n: int, seed: int, summary: Summary, progress: bool) -> list[dict]:
-    """`n` generated training images: drawn, then labelled and boxed by the same measurement as the package's."""
+    """`n` generated training images: labelled by what was drawn, boxed by the same measurement as the package's
+    images (whose shape and colour must match the drawing, else a conflict)."""
     rng = random.Random(seed)
     folder = out / "images" / "extra"
     folder.mkdir(parents=True, exist_ok=True)
