@@ -1,4 +1,4 @@
-"""Where the bundled default model lives inside the package."""
+"""Files that ship inside the package: the bundled default model and the demo images (easy-VQA test split)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 from palitorch.errors import CheckpointError
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+ASSETS_DIR = Path(__file__).parent
+DEFAULT_MODEL_DIR = ASSETS_DIR.parent / "default_model"
 
 
 def default_model_path() -> Path:
