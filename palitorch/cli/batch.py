@@ -183,6 +183,8 @@ def batch(args: argparse.Namespace) -> int:
     src, dst = Path(args.input), Path(args.output)
     if not src.is_file():
         raise InputError(f"input file {str(src)!r} does not exist")
+    if dst.is_dir():
+        raise InputError(f"--output {args.output} is a folder: give a file name")
     if not dst.parent.is_dir():
         raise InputError(f"--output {args.output}: folder {str(dst.parent)!r} does not exist")
     if dst.resolve() == src.resolve():

@@ -52,9 +52,14 @@ def read_lines(interactive: bool):
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
+        # The prompt belongs on the terminal: with stdout redirected, write it to stderr so the file gets answers only.
+        prompt = "> " if sys.stdout.isatty() else ""
         while True:
             try:
-                yield input("> ").strip()
+                if not prompt:
+                    sys.stderr.write("> ")
+                    sys.stderr.flush()
+                yield input(prompt).strip()
             except EOFError:
                 print(file=sys.stderr)
                 return
@@ -66,19 +71,23 @@ def read_lines(interactive: bool):
 def answer(pipe, image, prompt: str, opts: dict) -> None:
     """Stream one answer to stdout, then its length and speed to stderr."""
     start = time.perf_counter()
-    stream = pipe.stream(image, prompt, **opts)
-    try:
-        for piece in stream:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-    except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
-        sys.stdout.write("\n")
-        say("[interrupted]")
-        return
+    if opts.get("num_beams", 1) > 1:  # beam search cannot stream (the best beam is known only at the end)
+        r = pipe.generate(image, prompt, **opts)
+        sys.stdout.write(r.text)
+    else:
+        stream = pipe.stream(image, prompt, **opts)
+        try:
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+            sys.stdout.write("\n")
+            say("[interrupted]")
+            return
+        r = stream.result
     sys.stdout.write("\n")
     sys.stdout.flush()
     seconds = time.perf_counter() - start
-    r = stream.result
     n = len(r.token_ids)
     say(f"[{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s, {r.finish_reason}]")
 

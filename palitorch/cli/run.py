@@ -79,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
     # Everything the user can get wrong is checked before the (slow) model load.
     opts = decoding_options(args)
+    if args.stream and opts.get("num_beams", 1) > 1:
+        raise InputError("--stream shows one sequence as it grows; beam search (--num-beams > 1) cannot stream")
     device, dtype = check_model_options(args)
     image = load_image(args.image)
     out = check_output_image(args.draw) if args.draw else None

@@ -42,6 +42,13 @@ def test_image_switching_reaches_the_model(fake_pipe, images, capsys, monkeypatc
     assert "cannot read image" in err and "unknown command /nonsense" in err
 
 
+def test_beam_search_answers_without_streaming(fake_pipe, images, capsys, monkeypatch):
+    pipe = fake_pipe(lambda im, p: "best beam")
+    rc, out, err = run_chat("caption en\n", capsys, monkeypatch, images, ["--num-beams", "3"])
+    assert rc == 0 and out == "best beam\n", err
+    assert [(c[0], c[3]) for c in pipe.calls] == [("generate", {"num_beams": 3})]
+
+
 def test_an_error_answer_does_not_end_the_chat(fake_pipe, images, capsys, monkeypatch):
     def answer(im, prompt):
         if prompt == "too long":

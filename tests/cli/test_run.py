@@ -118,6 +118,7 @@ BAD = [
     (["--draw", "out.png", "--vae", "/no/vae.npz"], "do not exist"),
     (["--vae", "/no/vae.npz"], "give --draw OUT.png too"),
     (["--stream", "--json"], "not allowed with"),
+    (["--stream", "--num-beams", "2"], "cannot stream"),
     (["--frobnicate"], "unrecognized arguments"),
 ]
 
