@@ -88,6 +88,51 @@ def ensure_caches(model: PaliGemma, batch: int, length: int) -> int:
     return s
 
 
+class Cursor:
+    """Where a cached decode stands: which cache slots hold visible keys, the next slot, the next positions."""
+
+    def __init__(self, model: PaliGemma, prompts: Prompts, s_len: int):
+        b, t = prompts.ids.shape
+        device = prompts.ids.device
+        self.slots = torch.arange(s_len, device=device)
+        self.valid = torch.zeros(b, s_len, dtype=torch.bool, device=device)  # keys a query may see
+        self.valid[:, :t] = prompts.valid
+        self.positions = prompts.valid.long().cumsum(-1)  # 1-based over real tokens; left padding stays at 0
+        self.pos = self.positions[:, -1:]  # [B, 1] the last prompt token's position
+        self.slot = t  # the next token's cache slot, the same for every row
+        window = model.cfg.text.sliding_window
+        sliding = any(layer.attn.sliding for layer in model.language_model.layers)
+        self.window = window if (window is not None and sliding and s_len > window) else None
+
+
+def prefill(model: PaliGemma, prompts: Prompts, s_len: int) -> tuple[torch.Tensor, Cursor]:
+    """Run the whole prompt in one forward, bidirectional over its real tokens -> (last logits [B, V], cursor).
+
+    The caches must hold at least `s_len` slots for the batch (see `ensure_caches`)."""
+    b, t = prompts.ids.shape
+    cur = Cursor(model, prompts, s_len)
+    mask = torch.zeros(b, 1, t, s_len, dtype=torch.bool, device=prompts.ids.device)
+    mask[..., :t] = prefix_lm_mask(torch.zeros_like(prompts.ids), prompts.valid)
+    x = model.embed(prompts.ids, prompts.pixels)
+    return model.forward_cached(x, cur.positions, cur.slots[:t], mask, last_only=True)[:, -1], cur
+
+
+def advance(model: PaliGemma, cur: Cursor, tokens: torch.Tensor) -> torch.Tensor:
+    """Feed one token per row (tokens [B]) at the cursor's slot -> next logits [B, V]; moves the cursor on."""
+    s = cur.slot
+    cur.valid[:, s] = True  # the new token is a key for itself and every later step: causal by construction
+    cur.pos = cur.pos + 1
+    cur.slot += 1
+    sliding = (cur.valid & (cur.slots > s - cur.window))[:, None, None, :] if cur.window else None
+    x = model.language_model.embed(tokens[:, None])
+    return model.forward_cached(x, cur.pos, cur.slots[s:s + 1], cur.valid[:, None, None, :], sliding)[:, -1]
+
+
+def raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax of the unprocessed logits [B, V], in float32: what `Result.logprobs` reports."""
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
 @torch.inference_mode()
 def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: list[int], pad_id: int,
            steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -99,41 +144,21 @@ def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: lis
     """
     b, t = prompts.ids.shape
     device = prompts.ids.device
-    s_len = ensure_caches(model, b, t + steps)
-    slots = torch.arange(s_len, device=device)
-    valid = torch.zeros(b, s_len, dtype=torch.bool, device=device)  # keys a query may see
-    valid[:, :t] = prompts.valid
-
-    # Prefill: the whole prompt in one forward, bidirectional over its real tokens; logits of the last one.
-    mask = torch.zeros(b, 1, t, s_len, dtype=torch.bool, device=device)
-    mask[..., :t] = prefix_lm_mask(torch.zeros_like(prompts.ids), prompts.valid)
-    positions = prompts.valid.long().cumsum(-1)  # 1-based over real tokens; left padding stays at 0
-    x = model.embed(prompts.ids, prompts.pixels)
-    logits = model.forward_cached(x, positions, slots[:t], mask, last_only=True)[:, -1]
-
-    window = model.cfg.text.sliding_window
-    windowed = window is not None and s_len > window and any(
-        layer.attn.sliding for layer in model.language_model.layers)
+    logits, cur = prefill(model, prompts, ensure_caches(model, b, t + steps))
     chooser = Chooser(opts, eos, logits.shape[-1], prompts.ids, prompts.valid)
     eos_t = torch.tensor(eos, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
-    pos = positions[:, -1:]  # [B, 1]
     check_every = 1 if device.type == "cpu" else 8
     for i in range(steps):
         tok = chooser(logits, i)
-        lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tok[:, None])[:, 0]
+        lp = raw_logprobs(logits).gather(-1, tok[:, None])[:, 0]
         tok = tok.masked_fill(done, pad_id)
         done = done | torch.isin(tok, eos_t)
         yield tok, lp
         if i + 1 == steps or ((i + 1) % check_every == 0 and bool(done.all())):
             return
         chooser.observe(tok)
-        slot = t + i
-        valid[:, slot] = True  # the new token is a key for itself and every later step: causal by construction
-        pos = pos + 1
-        sliding = (valid & (slots > slot - window))[:, None, None, :] if windowed else None
-        x = model.language_model.embed(tok[:, None])
-        logits = model.forward_cached(x, pos, slots[slot:slot + 1], valid[:, None, None, :], sliding)[:, -1]
+        logits = advance(model, cur, tok)
 
 
 class Answer:

@@ -227,3 +227,27 @@ def test_prompt_longer_than_the_context_is_an_input_error(ckpt_factory):
     assert "\n" not in str(e.value)
     with pytest.raises(InputError):
         list(pipe.stream(images(1)[0], "caption en " * context))
+
+
+def test_sliding_window_matches_transformers(ckpt_factory, tmp_path):
+    """Gemma 2's sliding layers, with a window (100) shorter than the sequence, so that it changes the answer."""
+    import json
+    import shutil
+
+    from transformers import PaliGemmaForConditionalGeneration
+
+    src, _ = diverse(ckpt_factory, 2)
+    folder = tmp_path / "windowed"
+    shutil.copytree(src, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["text_config"]["sliding_window"] = 100
+    (folder / "config.json").write_text(json.dumps(cfg))
+    hf = PaliGemmaForConditionalGeneration.from_pretrained(folder).eval()
+    pipe = palitorch.load(folder)
+    imgs = images(2)
+    ref, ref_lp = hf_generate(folder, hf, imgs, PROMPTS[:2], max_new_tokens=16, min_new_tokens=16)
+    ours = pipe.generate(imgs, PROMPTS[:2], max_new_tokens=16, min_new_tokens=16)
+    assert [r.token_ids for r in ours] == ref.tolist()
+    torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=1e-4, rtol=0)
+    unwindowed = palitorch.load(src).generate(imgs, PROMPTS[:2], max_new_tokens=16, min_new_tokens=16)
+    assert max(abs(a - b) for r, u in zip(ours, unwindowed) for a, b in zip(r.logprobs, u.logprobs)) > 0.01
