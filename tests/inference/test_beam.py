@@ -1,0 +1,85 @@
+"""Beam search: one beam is greedy, more beams find sequences at least as likely, batches equal single runs.
+
+Tolerances: tokens equal; logprobs within 1e-4; scores compared with a 1e-4 slack.
+"""
+
+import pytest
+import torch
+from test_generate import PROMPTS, diverse, images
+
+import palitorch
+from palitorch.inference.beam import beam_search
+from palitorch.inference.generate import encode_prompts, eos_ids
+from palitorch.inference.sampling import GenerationOptions
+
+
+@pytest.fixture(scope="module")
+def pipe(ckpt_factory):
+    return palitorch.load(diverse(ckpt_factory, 1)[0])
+
+
+def run_beams(pipe, imgs, prompts, **kw):
+    opts = GenerationOptions(**kw).validate()
+    batch = encode_prompts(pipe.model, pipe.processor, pipe._pixels(imgs), prompts)
+    return beam_search(pipe.model, pipe.processor, batch, opts, eos_ids(pipe.model, pipe.processor),
+                       opts.max_new_tokens)
+
+
+def test_one_beam_is_greedy_even_when_answers_end_early(pipe):
+    imgs = images(3)
+    free = pipe.generate(imgs, PROMPTS, max_new_tokens=12, min_new_tokens=12)
+    eos = free[0].token_ids[5]  # make one generated token an EOS, so that row 0 ends early
+    cfg = pipe.model.cfg
+    pipe.model.cfg = cfg.replace(eos_token_ids=(eos,))
+    try:
+        greedy = pipe.generate(imgs, PROMPTS, max_new_tokens=12)
+        beams = run_beams(pipe, imgs, PROMPTS, max_new_tokens=12, num_beams=1)
+    finally:
+        pipe.model.cfg = cfg
+    assert greedy[0].finish_reason == "eos"
+    for g, b in zip(greedy, beams):
+        assert (b.token_ids, b.finish_reason, b.text) == (g.token_ids, g.finish_reason, g.text)
+        torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(g.logprobs), atol=1e-4, rtol=0)
+
+
+def test_more_beams_score_at_least_greedy(pipe):
+    imgs = images(3, seed=2)
+    greedy = pipe.generate(imgs, PROMPTS, max_new_tokens=10)
+    beams = pipe.generate(imgs, PROMPTS, max_new_tokens=10, num_beams=4)
+    differs = 0
+    for g, b in zip(greedy, beams):
+        assert g.finish_reason == b.finish_reason == "length", "equal lengths make the sums comparable"
+        assert sum(b.logprobs) >= sum(g.logprobs) - 1e-4
+        differs += b.token_ids != g.token_ids
+    assert differs, "beam search should find something greedy did not"
+
+
+def test_beam_batch_equals_one_at_a_time(pipe):
+    imgs = images(2, seed=3)
+    batch = pipe.generate(imgs, PROMPTS[:2], max_new_tokens=8, num_beams=3)
+    for im, p, b in zip(imgs, PROMPTS[:2], batch):
+        one = pipe.generate(im, p, max_new_tokens=8, num_beams=3)
+        assert one.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(one.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+    # The caches were widened to 3 beams a row; a plain call afterwards still works.
+    assert pipe.generate(imgs[0], PROMPTS[0], max_new_tokens=4).token_ids
+
+
+def test_length_penalty_favours_longer_answers(pipe):
+    from collections import Counter
+
+    imgs = images(3, seed=2)
+    free = pipe.generate(imgs, PROMPTS, max_new_tokens=16, min_new_tokens=16)
+    cfg = pipe.model.cfg
+    gained = 0
+    for eos, _ in Counter(t for r in free for t in r.token_ids).most_common(3):  # tokens that end answers early
+        pipe.model.cfg = cfg.replace(eos_token_ids=(eos,))
+        try:
+            plain = pipe.generate(imgs, PROMPTS, max_new_tokens=16, num_beams=4)
+            longer = pipe.generate(imgs, PROMPTS, max_new_tokens=16, num_beams=4, length_penalty=3.0)
+        finally:
+            pipe.model.cfg = cfg
+        assert any(r.finish_reason == "eos" for r in plain)
+        assert all(len(a.token_ids) >= len(b.token_ids) for a, b in zip(longer, plain))
+        gained += sum(len(r.token_ids) for r in longer) - sum(len(r.token_ids) for r in plain)
+    assert gained > 0
