@@ -1,5 +1,8 @@
 """Held-out evaluation: exact match of greedy answers, overall and per group (task, question type), and the loss.
 
+Answers that are boxes (`<loc..>` x 4 + label) also get the IoU of the first predicted box with the target's, and
+the share whose label is right with IoU >= 0.5 (exact match is too strict for boxes: one grid step off fails it).
+
 Generation goes through the public `Pipeline.generate`, the same path users call. With several processes each
 takes every world-th example and the per-example results are summed over processes, so every process ends with the
 same numbers (no pickled objects travel).
@@ -12,6 +15,7 @@ from collections import defaultdict
 import torch
 
 from palitorch.inference.pipeline import Pipeline
+from palitorch.tasks.detection import split_objects
 from palitorch.train import ddp
 from palitorch.train.data import Dataset, Example
 
@@ -44,17 +48,44 @@ def exact_match(model, processor, examples: list[Example], idx: list[int], batch
             return [r.text for r in pipe.generate(images, prompts, max_new_tokens=max_new_tokens)]
 
     device = next(model.parameters()).device
-    correct = torch.zeros(len(idx), dtype=torch.float64, device=device)
+    # Per example: exact match, and for box answers the IoU of the first box and whether its label is right.
+    scores = torch.zeros(3, len(idx), dtype=torch.float64, device=device)
     mine = list(range(d.rank, len(idx), d.world))
     for start in range(0, len(mine), batch_size):
         part = mine[start: start + batch_size]
         ex = [examples[idx[j]] for j in part]
         texts = generate([e.image for e in ex], [e.prefix for e in ex], max_new_tokens)
         for j, e, text in zip(part, ex, texts):
-            correct[j] = float(normalize_answer(text) == normalize_answer(e.suffix))
-    ddp.all_reduce_sum(correct, d)
+            scores[0, j] = float(normalize_answer(text) == normalize_answer(e.suffix))
+            scores[1:, j] = torch.tensor(box_score(text, e.suffix), dtype=torch.float64)
+    ddp.all_reduce_sum(scores, d)
     model.train(was_training)
-    return group_metrics([examples[i] for i in idx], correct.cpu().tolist(), group_by)
+    chosen = [examples[i] for i in idx]
+    out = group_metrics(chosen, scores[0].cpu().tolist(), group_by)
+    boxed = [k for k, e in enumerate(chosen) if split_objects(e.suffix)]
+    if boxed:
+        iou, label = scores[1, boxed], scores[2, boxed]
+        out["boxes"] = {"n": len(boxed), "mean_iou": float(iou.mean()),
+                        "label_and_iou50": float(((iou >= 0.5) & (label > 0)).double().mean())}
+    return out
+
+
+def box_score(prediction: str, target: str) -> tuple[float, float]:
+    """(IoU of the first predicted box with the first target box, 1.0 if their labels agree); (0, 0) if no box."""
+    want, got = split_objects(target), split_objects(prediction)
+    if not want or not got:
+        return 0.0, 0.0
+    (a, _, la), (b, _, lb) = want[0], got[0]
+    return iou(a, b), float(normalize_answer(la) == normalize_answer(lb))
+
+
+def iou(a, b) -> float:
+    """Intersection over union of two (y0, x0, y1, x1) boxes on the <loc> grid."""
+    ay0, ax0, ay1, ax1 = a
+    by0, bx0, by1, bx1 = b
+    inter = max(0, min(ay1, by1) - max(ay0, by0)) * max(0, min(ax1, bx1) - max(ax0, bx0))
+    union = (ay1 - ay0) * (ax1 - ax0) + max(0, by1 - by0) * max(0, bx1 - bx0) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def group_metrics(examples: list[Example], correct: list[float], group_by: list[str]) -> dict:

@@ -256,6 +256,9 @@ class Trainer:
 def _summary(step: int, m: dict) -> str:
     parts = [f"step {step}: exact match {m['exact_match']:.4f} (n={m['n']}), eval loss {m['eval_loss']:.4f}"]
     for key, groups in m.items():
-        if isinstance(groups, dict):
+        if key == "boxes":
+            parts.append(f"  boxes: mean IoU {groups['mean_iou']:.4f}, label right and IoU >= 0.5 "
+                         f"{groups['label_and_iou50']:.4f} (n={groups['n']})")
+        elif isinstance(groups, dict):
             parts.append(f"  {key}: " + ", ".join(f"{g} {v['exact_match']:.4f}" for g, v in groups.items()))
     return "\n".join(parts)

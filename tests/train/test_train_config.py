@@ -73,3 +73,20 @@ def test_file_errors(tmp_path):
 
 def test_parse_overrides():
     assert parse_overrides(["--a.b", "1", "--c.d=x=y"]) == [("a.b", "1"), ("c.d", "x=y")]
+
+
+def test_cli_prints_config_and_reports_errors_in_one_line(tmp_path, capsys):
+    from palitorch.cli import main
+
+    f = tmp_path / "c.toml"
+    f.write_text(TOML)
+    assert main(["train", str(f), "--optim.lr", "0.5", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    again = tmp_path / "again.toml"
+    again.write_text(printed)
+    assert load_config(again).optim.lr == 0.5
+    assert main(["train", str(f), "--optim.lr", "fast"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "palitorch train: error: optim.lr: expected a number, got 'fast'"
+    assert main(["train", str(tmp_path / "missing.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err

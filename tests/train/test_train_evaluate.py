@@ -1,0 +1,57 @@
+"""Evaluation: exact match overall and per group, box IoU, a fixed subset; the real greedy generate is used."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from trainkit import config, make_data
+
+from palitorch.train import ddp
+from palitorch.train.data import Example
+from palitorch.train.evaluate import box_score, exact_match, subset
+from palitorch.train.loop import Trainer, _summary
+
+BOX = "<loc0100><loc0100><loc0300><loc0300> circle"
+
+
+def test_metrics_per_group_and_boxes():
+    ex = [Example(Path("a"), "answer en q1", "yes", {"task": "vqa", "qtype": "yesno"}),
+          Example(Path("b"), "answer en q2", "red", {"task": "vqa", "qtype": "color"}),
+          Example(Path("c"), "caption en", "red circle", {"task": "caption"}),
+          Example(Path("d"), "detect circle", BOX, {"task": "detect"})]
+    answers = {"a": " yes ", "b": "blue", "c": "red  circle", "d": "<loc0100><loc0100><loc0300><loc0301> circle"}
+
+    def fake_generate(images, prompts, max_new_tokens):
+        return [answers[p.name] for p in images]
+
+    stub = torch.nn.Linear(1, 1)  # stands in for the model: only its device and mode are used
+    m = exact_match(stub, None, ex, [0, 1, 2, 3], 3, 8, ["task", "qtype"], ddp.Dist(), fake_generate)
+    assert m["exact_match"] == 0.5 and m["n"] == 4  # whitespace is normalised; the box is one step off
+    assert m["task"] == {"caption": {"exact_match": 1.0, "n": 1}, "detect": {"exact_match": 0.0, "n": 1},
+                         "vqa": {"exact_match": 0.5, "n": 2}}
+    assert m["qtype"]["yesno"]["exact_match"] == 1.0 and m["qtype"]["color"]["exact_match"] == 0.0
+    assert m["boxes"]["n"] == 1 and m["boxes"]["label_and_iou50"] == 1.0
+    assert m["boxes"]["mean_iou"] == pytest.approx(200 * 200 / (200 * 201))
+    assert "mean IoU" in _summary(5, {**m, "eval_loss": 1.0})
+
+
+def test_box_score():
+    assert box_score(BOX, BOX) == (1.0, 1.0)
+    assert box_score("<loc0100><loc0100><loc0300><loc0300> square", BOX) == (1.0, 0.0)
+    assert box_score("circle", BOX) == (0.0, 0.0)
+    assert box_score("<loc0000><loc0000><loc0100><loc0100> circle", BOX) == (0.0, 1.0)
+
+
+def test_subset_is_fixed_and_sorted():
+    assert subset(10, 0, 0) == list(range(10)) and subset(10, 20, 0) == list(range(10))
+    a = subset(100, 7, 3)
+    assert a == subset(100, 7, 3) and a == sorted(a) and len(set(a)) == 7
+
+
+def test_eval_through_the_real_pipeline(tmp_path):
+    data = make_data(tmp_path / "data")
+    trainer = Trainer(config(data, tmp_path / "run", eval__max_examples=5))
+    m = trainer.evaluate()
+    assert m["n"] == 5 and 0.0 <= m["exact_match"] <= 1.0 and m["eval_loss"] > 0
+    assert sum(g["n"] for g in m["task"].values()) == 5
+    assert trainer.model.training  # evaluation puts the model back in training mode
