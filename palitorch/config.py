@@ -304,9 +304,9 @@ PRESETS = {
 
 # Named from-scratch shapes for `palitorch train` ([model] preset): arguments of `_tiny` besides vocab and image.
 SMALL_PRESETS = {
-    "tiny": {"hidden": 128, "layers": 2, "heads": 4},  # ~1.1M parameters: the bundled easy-VQA model
-    "small": {"hidden": 256, "layers": 4, "heads": 4},  # ~7M
-    "base": {"hidden": 384, "layers": 6, "heads": 6},  # ~22M
+    "tiny": {"hidden": 128, "layers": 2, "heads": 4},  # 1.1M parameters (1,700-token vocab): easy-VQA
+    "small": {"hidden": 256, "layers": 4, "heads": 4},  # 7.5M
+    "base": {"hidden": 384, "layers": 6, "heads": 6},  # 24M
 }
 
 

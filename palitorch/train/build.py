@@ -11,6 +11,7 @@ import dataclasses
 import fnmatch
 import math
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 
 from palitorch.checkpoint import load_model, read_config, resolve_dtype
 from palitorch.config import small_preset
-from palitorch.errors import ConfigError
+from palitorch.errors import CheckpointError, ConfigError
 from palitorch.inference.processor import Processor
 from palitorch.model import PaliGemma
 from palitorch.model.gemma import RMSNorm
@@ -40,6 +41,15 @@ _TASK_TOKENS = re.compile(r"<(loc\d{4}|seg\d{3})>")
 def tokenizer_files(folder: Path) -> dict[str, Path]:
     """The tokenizer files present in a checkpoint folder, to copy into every checkpoint written."""
     return {n: folder / n for n in TOKENIZER_FILES if (folder / n).is_file()}
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    files = tokenizer_files(src)
+    if "tokenizer.json" not in files:
+        raise CheckpointError(f"{src} has no tokenizer.json: copy the checkpoint's tokenizer files into it")
+    dst.mkdir(parents=True, exist_ok=True)
+    for name, path in files.items():
+        shutil.copyfile(path, dst / name)
 
 
 def learn_tokenizer(examples: list[Example], vocab_size: int, folder: Path) -> None:

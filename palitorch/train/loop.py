@@ -79,17 +79,21 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def _build(self, raw):
+        """The model and processor; the tokenizer files every checkpoint gets are kept in RUN/tokenizer/."""
         cfg, d = self.cfg, self.dist
-        if self.resume_from is not None or cfg.model.init:
-            folder = self.resume_from or Path(cfg.model.init)
-            model, processor = build.from_folder(folder, cfg.model.dtype, self.device)
-            return model.train(), processor, build.tokenizer_files(folder)
         tok_dir = self.run / "tokenizer"
-        if d.main:  # BPE training need not be bit-reproducible across processes: one learns, all read
-            build.learn_tokenizer(raw, cfg.model.vocab_size, tok_dir)
+        folder = self.resume_from or (Path(cfg.model.init) if cfg.model.init else None)
+        if d.main:  # one process writes (BPE training need not be bit-reproducible across processes), all read
+            if folder is None:
+                build.learn_tokenizer(raw, cfg.model.vocab_size, tok_dir)
+            else:  # a copy: checkpoints are pruned, and the files must outlive the one they came from
+                build.copy_tokenizer(folder, tok_dir)
         ddp.barrier(d)
-        model, processor = build.from_scratch(cfg.model, tok_dir)
-        build.init_weights(model, cfg.model.init_std, cfg.train.seed)
+        if folder is not None:
+            model, processor = build.from_folder(folder, cfg.model.dtype, self.device)
+        else:
+            model, processor = build.from_scratch(cfg.model, tok_dir)
+            build.init_weights(model, cfg.model.init_std, cfg.train.seed)
         return model.to(self.device).train(), processor, build.tokenizer_files(tok_dir)
 
     def _restore(self, folder: Path) -> None:
