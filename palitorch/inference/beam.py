@@ -39,10 +39,11 @@ class Hypothesis:
 
 def expand_caches(model: PaliGemma, beams: int) -> None:
     """Repeat every layer's cache rows `beams` times: row b becomes rows b * beams ... b * beams + beams - 1."""
-    for layer in model.language_model.layers:
-        c = layer.attn.kv_cache
-        c.k = c.k.repeat_interleave(beams, 0)
-        c.v = c.v.repeat_interleave(beams, 0)
+    with torch.inference_mode(False):  # ordinary tensors, as `ensure_caches` allocates them
+        for layer in model.language_model.layers:
+            c = layer.attn.kv_cache
+            c.k = c.k.repeat_interleave(beams, 0)
+            c.v = c.v.repeat_interleave(beams, 0)
 
 
 def reorder_caches(model: PaliGemma, rows: torch.Tensor) -> None:
@@ -55,7 +56,7 @@ def reorder_caches(model: PaliGemma, rows: torch.Tensor) -> None:
 
 @torch.inference_mode()
 def beam_search(model: PaliGemma, processor: Processor, prompts: Prompts, opts: GenerationOptions,
-                eos: list[int], steps: int) -> list[Result]:
+                eos: list[int], steps: int, step=None) -> list[Result]:
     b, t = prompts.ids.shape
     m = opts.num_beams
     logits, cur = prefill(model, prompts, ensure_caches(model, b, t + steps))
@@ -117,7 +118,7 @@ def beam_search(model: PaliGemma, processor: Processor, prompts: Prompts, opts: 
         if chooser.seen is not None:
             chooser.seen = chooser.seen[order]
         chooser.observe(tokens)
-        logits = advance(model, cur, tokens)
+        logits = advance(model, cur, tokens, step)
 
     results = []
     for p in range(b):

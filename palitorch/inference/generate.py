@@ -84,7 +84,8 @@ def ensure_caches(model: PaliGemma, batch: int, length: int) -> int:
         if b == batch and length <= s <= 2 * length + 64:
             return s
     s = -(-length // 64) * 64
-    model.setup_caches(batch, s)
+    with torch.inference_mode(False):  # ordinary tensors, so that the caches outlive this inference-mode call
+        model.setup_caches(batch, s)
     return s
 
 
@@ -117,15 +118,19 @@ def prefill(model: PaliGemma, prompts: Prompts, s_len: int) -> tuple[torch.Tenso
     return model.forward_cached(x, cur.positions, cur.slots[:t], mask, last_only=True)[:, -1], cur
 
 
-def advance(model: PaliGemma, cur: Cursor, tokens: torch.Tensor) -> torch.Tensor:
-    """Feed one token per row (tokens [B]) at the cursor's slot -> next logits [B, V]; moves the cursor on."""
+def advance(model: PaliGemma, cur: Cursor, tokens: torch.Tensor, step=None) -> torch.Tensor:
+    """Feed one token per row (tokens [B]) at the cursor's slot -> next logits [B, V]; moves the cursor on.
+
+    `step` replaces `model.forward_cached` for this one-token forward, e.g. a `torch.compile`d version of it:
+    every tensor it gets has the same shape at every step (the mask spans all S slots), so it compiles once."""
     s = cur.slot
     cur.valid[:, s] = True  # the new token is a key for itself and every later step: causal by construction
     cur.pos = cur.pos + 1
     cur.slot += 1
     sliding = (cur.valid & (cur.slots > s - cur.window))[:, None, None, :] if cur.window else None
     x = model.language_model.embed(tokens[:, None])
-    return model.forward_cached(x, cur.pos, cur.slots[s:s + 1], cur.valid[:, None, None, :], sliding)[:, -1]
+    step = step or model.forward_cached
+    return step(x, cur.pos, cur.slots[s:s + 1], cur.valid[:, None, None, :], sliding)[:, -1]
 
 
 def raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
@@ -135,12 +140,12 @@ def raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: list[int], pad_id: int,
-           steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+           steps: int, step=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens [B], logprobs [B]) for up to `steps` steps, both on the device.
 
     logprobs are log_softmax of the raw logits at the chosen token. A row that has produced an EOS yields
     `pad_id` afterwards; the loop ends early once every row has, checking every step on CPU (where a check is
-    free) and every 8 steps elsewhere (each check waits for the device).
+    free) and every 8 steps elsewhere (each check waits for the device). `step`: see `advance`.
     """
     b, t = prompts.ids.shape
     device = prompts.ids.device
@@ -158,7 +163,7 @@ def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: lis
         if i + 1 == steps or ((i + 1) % check_every == 0 and bool(done.all())):
             return
         chooser.observe(tok)
-        logits = advance(model, cur, tok)
+        logits = advance(model, cur, tok, step)
 
 
 class Answer:
@@ -210,7 +215,7 @@ class Answer:
 
 
 def generate(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompts: list[str],
-             opts: GenerationOptions) -> list[Result]:
+             opts: GenerationOptions, step=None) -> list[Result]:
     """Answers for a batch: pixels [B, 3, S, S], B prompts. One padded batch, one decode loop."""
     batch = encode_prompts(model, processor, pixels, prompts)
     eos = eos_ids(model, processor)
@@ -218,10 +223,10 @@ def generate(model: PaliGemma, processor: Processor, pixels: torch.Tensor, promp
     if opts.num_beams > 1:
         from palitorch.inference.beam import beam_search
 
-        return beam_search(model, processor, batch, opts, eos, steps)
+        return beam_search(model, processor, batch, opts, eos, steps, step)
     answers = [Answer(processor, eos, opts.stop, n) for n in batch.lengths]
     toks, lps = [], []
-    for tok, lp in decode(model, batch, opts, eos, processor.pad_id, steps):
+    for tok, lp in decode(model, batch, opts, eos, processor.pad_id, steps, step):
         if opts.stop:  # stop strings need the text: one host sync per step
             for a, t, p in zip(answers, tok.tolist(), lp.tolist()):
                 a.push(t, p, track_text=True)
@@ -238,7 +243,7 @@ def generate(model: PaliGemma, processor: Processor, pixels: torch.Tensor, promp
 
 
 def stream(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompt: str,
-           opts: GenerationOptions) -> Iterator[str]:
+           opts: GenerationOptions, step=None) -> Iterator[str]:
     """Yield the text of one answer (pixels [1, 3, S, S]) in pieces as tokens arrive; returns the `Result`.
 
     A piece is emitted only when it can no longer change: never half of a multi-byte character whose bytes come
@@ -251,7 +256,7 @@ def stream(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompt:
     eos = eos_ids(model, processor)
     answer = Answer(processor, eos, opts.stop, batch.lengths[0])
     emitted = ""
-    for tok, lp in decode(model, batch, opts, eos, processor.pad_id, new_token_budget(model, batch, opts)):
+    for tok, lp in decode(model, batch, opts, eos, processor.pad_id, new_token_budget(model, batch, opts), step):
         answer.push(int(tok[0]), float(lp[0]), track_text=True)
         safe = answer.safe_text()
         if len(safe) > len(emitted) and safe.startswith(emitted):

@@ -152,7 +152,7 @@ def test_stream_holds_back_split_multibyte_characters(ckpt_factory, monkeypatch)
     ids = pipe.processor.tokenizer.encode(text, add_special_tokens=False).ids
     assert len(ids) > len(text.split()) + 4, "the test text must be split into byte-fallback tokens"
 
-    def scripted(model, prompts, opts, eos, pad_id, steps):
+    def scripted(model, prompts, opts, eos, pad_id, steps, step=None):
         for i in ids[:steps]:
             yield torch.tensor([i]), torch.tensor([-1.0])
 
@@ -251,3 +251,23 @@ def test_sliding_window_matches_transformers(ckpt_factory, tmp_path):
     torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=1e-4, rtol=0)
     unwindowed = palitorch.load(src).generate(imgs, PROMPTS[:2], max_new_tokens=16, min_new_tokens=16)
     assert max(abs(a - b) for r, u in zip(ours, unwindowed) for a, b in zip(r.logprobs, u.logprobs)) > 0.01
+
+
+def test_a_replacement_decode_step_is_used_for_every_token(ckpt_factory):
+    """The hook `Pipeline.compile` fills (a compiled forward) runs each one-token step; prefill stays eager.
+    The real torch.compile takes tens of seconds on CPU, so this checks the plumbing with a counting wrapper."""
+    folder, _ = diverse(ckpt_factory, 2)
+    pipe = palitorch.load(folder)
+    imgs = images(2)
+    plain = pipe.generate(imgs, PROMPTS[:2], max_new_tokens=6, min_new_tokens=6)
+    calls = []
+
+    def step(*args):
+        calls.append(args[0].shape)
+        return pipe.model.forward_cached(*args)
+
+    pipe._step = step
+    assert pipe.generate(imgs, PROMPTS[:2], max_new_tokens=6, min_new_tokens=6) == plain
+    assert calls == [(2, 1, pipe.cfg.text.hidden_size)] * 5
+    assert "".join(pipe.stream(imgs[0], PROMPTS[0], max_new_tokens=6, min_new_tokens=6)) == plain[0].text
+    assert len(calls) == 10
