@@ -175,6 +175,8 @@ class TrainConfig:
             raise ConfigError(f"[model] version must be 1 or 2, got {self.model.version}")
         if t.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"[train] device {t.device!r} is not one of auto, cpu, cuda")
+        if t.log_every < 1 or self.eval.every < 0 or self.checkpoint.every < 0:
+            raise ConfigError("[train] log_every must be >= 1; [eval] every and [checkpoint] every >= 0")
         if self.checkpoint.keep < 1:
             raise ConfigError("[checkpoint] keep must be >= 1")
         for k, v in self.data.task_repeat.items():

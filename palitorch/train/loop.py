@@ -5,7 +5,7 @@ split into contiguous shares per process and micro-batches per share. Each micro
 weighted by its share of the global batch's suffix tokens, so the accumulated, all-reduced gradient is the gradient
 of the global batch's mean loss: 1 process or N, 1 micro-batch or many, the numbers agree (up to float rounding).
 
-Run folder: config.toml (resolved), tokenizer/ (from scratch), metrics.jsonl, checkpoint-NNNNNNN/ (Hub layout +
+Run folder: config.toml (resolved), tokenizer/ (learned or copied), metrics.jsonl, checkpoint-NNNNNNN/ (Hub layout +
 training state, newest K kept), model/ (the final weights for palitorch.load and transformers).
 """
 
@@ -195,6 +195,7 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg, t, d = self.cfg, self.cfg.train, self.dist
+        fit_started = time.perf_counter()
         total_params, trainable_params = build.count_parameters(self.model)
         if d.main:
             (self.run / "config.toml").write_text(cfg.to_toml())
@@ -218,12 +219,15 @@ class Trainer:
 
         pbar = tqdm(total=self.total, initial=self.step, desc="train", dynamic_ncols=True, disable=not show)
         window = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
-        result: dict = {}
+        run = {"steps": 0, "tokens": 0, "time": 0.0}  # this session's training steps, for the closing summary
         while self.step < self.total:
             started = time.perf_counter()
             out = self.train_step(self.step)
             elapsed = time.perf_counter() - started
             self.step += 1
+            run["steps"] += 1
+            run["tokens"] += out["tokens"]
+            run["time"] += elapsed
             window["loss"] += out["loss"]
             window["n"] += 1
             window["tokens"] += out["tokens"]
@@ -246,14 +250,18 @@ class Trainer:
             if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last:
                 self.save_checkpoint()
         pbar.close()
+        if d.main:
+            save_model(self.model, self.run / "model", extra_files=self.tokenizer_files)
+            if run["steps"]:
+                self.log({"step": self.step, "event": "done", "train_seconds": round(run["time"], 2),
+                          "wall_seconds": round(time.perf_counter() - fit_started, 2),
+                          "steps_per_s": run["steps"] / run["time"], "tokens_per_s": run["tokens"] / run["time"]})
+        ddp.barrier(d)
         result = self.evaluate(final=True)
         if result:
             self.log({"step": self.step, "eval": result, "final": True})
             if show:
                 print(_summary(self.step, result))
-        if d.main:
-            save_model(self.model, self.run / "model", extra_files=self.tokenizer_files)
-        ddp.barrier(d)
         return result
 
 

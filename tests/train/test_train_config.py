@@ -50,6 +50,7 @@ def test_round_trip_through_toml(tmp_path):
     (["stray"], "unexpected argument"),
     (["--optim.schedule", "step"], "schedule 'step' is not one of"),
     (["--train.bf16", "maybe"], "expected true or false"),
+    (["--train.log_every", "0"], "log_every must be >= 1"),
 ])
 def test_bad_overrides_are_one_line_errors(args, message):
     with pytest.raises(ConfigError) as e:
