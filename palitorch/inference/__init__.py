@@ -1,6 +1,8 @@
 """Processor, generation and the Pipeline that ties them to a loaded model."""
 
-from palitorch.inference.pipeline import Pipeline, ScoreResult, load
+from palitorch.inference.generate import Result
+from palitorch.inference.pipeline import Pipeline, ScoreResult, Stream, load
 from palitorch.inference.processor import Processor, load_image
+from palitorch.inference.sampling import GenerationOptions
 
-__all__ = ["Pipeline", "Processor", "ScoreResult", "load", "load_image"]
+__all__ = ["GenerationOptions", "Pipeline", "Processor", "Result", "ScoreResult", "Stream", "load", "load_image"]
