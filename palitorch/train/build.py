@@ -44,6 +44,8 @@ def tokenizer_files(folder: Path) -> dict[str, Path]:
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
+    if not src.is_dir():
+        raise CheckpointError(f"checkpoint folder {str(src)!r} does not exist")
     files = tokenizer_files(src)
     if "tokenizer.json" not in files:
         raise CheckpointError(f"{src} has no tokenizer.json: copy the checkpoint's tokenizer files into it")

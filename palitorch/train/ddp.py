@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from palitorch.errors import ConfigError
+
 BUCKET_ELEMENTS = 1 << 24  # gradients are all-reduced in flat buckets of at most this many elements
 
 
@@ -41,6 +43,8 @@ def setup(device: str) -> tuple[Dist, torch.device]:
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and local >= torch.cuda.device_count():
+        raise ConfigError(f"[train] device cuda: process {local} has no GPU ({torch.cuda.device_count()} visible)")
     dev = torch.device(f"cuda:{local}" if device == "cuda" else "cpu")
     if device == "cuda":
         torch.cuda.set_device(dev)

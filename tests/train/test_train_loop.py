@@ -172,3 +172,13 @@ def test_gradient_checkpointing_changes_nothing_and_bf16_runs(data, tmp_path):
         assert abs(plain[s] - ckpt[s]) <= 1e-6
         assert abs(plain[s] - bf16[s]) <= 0.1 * plain[s]  # bf16 rounding: within 10% of the float32 loss
     assert palitorch.load(tmp_path / "bf16" / "model").cfg.version == 2
+
+
+def test_setup_errors_are_one_line(data, tmp_path):
+    from palitorch.errors import PalitorchError
+
+    with pytest.raises(PalitorchError, match="does not exist"):
+        Trainer(config(data, tmp_path / "a", model__init=str(tmp_path / "nope")))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="has no GPU"):
+            Trainer(config(data, tmp_path / "b", train__device="cuda"))
