@@ -30,7 +30,7 @@ from palitorch.model.paligemma import prefix_lm_mask
 @dataclass
 class Result:
     text: str  # special tokens dropped except <locNNNN>/<segNNN>; cut before a stop string
-    token_ids: list[int]  # generated ids, without the stopping EOS
+    token_ids: list[int]  # generated ids, without the stopping EOS (with a stop string: up to the token ending it)
     logprobs: list[float]  # log p(token) under the model's raw distribution, one per token id
     finish_reason: str  # "eos", "length" or "stop"
     prompt_tokens: int  # prompt length in tokens, image tokens included

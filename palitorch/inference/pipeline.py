@@ -54,6 +54,8 @@ class Stream:
         self.result: Result | None = None
 
     def __iter__(self):
+        self._pipeline._claim()  # the KV caches are this stream's until it ends
+        self._pipeline._busy = True
         try:
             self.result = yield from self._pieces
         finally:
@@ -112,7 +114,7 @@ class Pipeline:
 
     def _claim(self) -> None:
         if self._busy:
-            raise InputError("a stream from this pipeline is still running: finish it (or break out) first")
+            raise InputError("a stream from this pipeline is still running: finish it (or break out of it) first")
 
     def generate(self, image, prompt, options: GenerationOptions | None = None, **kw):
         """Answer a prompt about an image; lists of images and prompts give a list (one left-padded batch).
@@ -132,11 +134,8 @@ class Pipeline:
         opts = GenerationOptions.from_kwargs(options, **kw)
         if isinstance(image, (list, tuple)) or not isinstance(prompt, str):
             raise InputError("stream takes one image and one prompt string; use generate for a batch")
-        self._claim()
         pixels = self._pixels([image])
-        pieces = engine.stream(self.model, self.processor, pixels, prompt, opts, self._step)
-        self._busy = True
-        return Stream(pieces, self)
+        return Stream(engine.stream(self.model, self.processor, pixels, prompt, opts, self._step), self)
 
 
 def load(path=None, device="cpu", dtype="float32") -> Pipeline:

@@ -271,3 +271,18 @@ def test_a_replacement_decode_step_is_used_for_every_token(ckpt_factory):
     assert calls == [(2, 1, pipe.cfg.text.hidden_size)] * 5
     assert "".join(pipe.stream(imgs[0], PROMPTS[0], max_new_tokens=6, min_new_tokens=6)) == plain[0].text
     assert len(calls) == 10
+
+
+def test_a_suspended_stream_owns_the_caches(ckpt_factory):
+    folder, _ = diverse(ckpt_factory, 1)
+    pipe = palitorch.load(folder)
+    img = images(1)[0]
+    unused = pipe.stream(img, "caption en", max_new_tokens=8)  # never iterated: holds nothing
+    expected = pipe.generate(img, "caption en", max_new_tokens=8)
+    s = iter(pipe.stream(img, "caption en", max_new_tokens=8))
+    first = next(s)
+    with pytest.raises(InputError, match="stream"):
+        pipe.generate(img, "caption en", max_new_tokens=8)
+    assert first + "".join(s) == expected.text
+    assert pipe.generate(img, "caption en", max_new_tokens=8) == expected
+    assert "".join(unused) == expected.text
