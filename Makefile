@@ -22,3 +22,11 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The bundled default model: easy-VQA (plus 4,000 generated training images) -> palitorch/default_model.
+train-default: $(STAMP)
+	$(BIN)/palitorch data easyvqa --out data/easyvqa --extra 4000
+	rm -rf runs/easyvqa-default
+	$(BIN)/palitorch train configs/easyvqa-default.toml
+	rm -rf palitorch/default_model
+	cp -r runs/easyvqa-default/model palitorch/default_model

@@ -42,7 +42,7 @@ def prefix_lm_mask(token_type_ids: torch.Tensor, valid: torch.Tensor, window: in
 
 @dataclass
 class Output:
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V]; None when only the loss was asked for
     loss: torch.Tensor | None = None
 
 
@@ -83,12 +83,14 @@ class PaliGemma(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> Output:
         """input_ids, attention_mask, token_type_ids, labels [B, T]; pixel_values [B, 3, S, S].
 
         Without token_type_ids the whole sequence is prefix (as for a prompt). Positions count real tokens from 1
         (transformers' convention), so a padded sequence gives the same numbers as the unpadded one. Labels of
-        -100 are ignored; the loss is the mean cross-entropy in float32 of each token predicting the next.
+        -100 are ignored; the loss is the mean cross-entropy in float32 of each token predicting the next. With
+        `return_logits=False` (training) the LM head runs only at scored positions and `logits` is None.
         """
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
@@ -99,6 +101,12 @@ class PaliGemma(nn.Module):
         if self.cfg.text.sliding_window is not None and input_ids.shape[1] > self.cfg.text.sliding_window:
             sliding = prefix_lm_mask(types, valid, self.cfg.text.sliding_window)
         h = self.language_model(x, positions, mask, sliding)
+        if labels is not None and not return_logits:
+            # Training: the LM head only where a label is scored (most positions are image and prompt tokens).
+            target = labels[:, 1:].to(h.device)
+            scored = target != -100
+            logits = self.language_model.logits(h[:, :-1][scored])  # [M, V]
+            return Output(logits=None, loss=F.cross_entropy(logits.float(), target[scored]))
         logits = self.language_model.logits(h)
         loss = None
         if labels is not None:

@@ -111,7 +111,7 @@ def loss(model, data: Dataset, idx: list[int], batch_size: int, d: ddp.Dist, aut
     for start in range(0, len(mine), batch_size):
         batch = {k: v.to(device) for k, v in data.batch(mine[start: start + batch_size]).items()}
         with autocast():
-            out = model(**batch)
+            out = model(**batch, return_logits=False)
         n = (batch["labels"][:, 1:] != -100).sum()
         total += torch.stack([out.loss.double() * n, n.double()])
     ddp.all_reduce_sum(total, d)

@@ -144,7 +144,7 @@ class Trainer:
                                     range(part.start + lo, part.start + min(lo + micro, len(mine))))
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self._autocast():
-                out = self.model(**batch)
+                out = self.model(**batch, return_logits=False)
             n = (batch["labels"][:, 1:] != -100).sum()
             loss = out.loss * (n / n_targets)  # this micro-batch's share of the global mean
             loss.backward()

@@ -111,3 +111,16 @@ def test_sliding_window_changes_the_answer(ckpt_factory):
         layer.attn.sliding = False
     without = pipe.score(img, "caption en", "a cat sitting on a bench in the snow").logprobs
     assert max(abs(a - b) for a, b in zip(with_window, without)) > 1e-3
+
+
+def test_loss_only_forward_equals_full(pg2):
+    """The training path (LM head at scored positions only) gives the full forward's loss."""
+    folder, _ = pg2
+    pipe = palitorch.load(folder)
+    enc = [pipe.processor.encode("caption en", "a cat"), pipe.processor.encode("ocr", "the quick brown fox")]
+    b = pipe.processor.collate(enc, torch.stack([pipe.processor.pixels(im) for im in _images(2)]))
+    with torch.no_grad():
+        full = pipe.model(**b)
+        lean = pipe.model(**b, return_logits=False)
+    assert lean.logits is None
+    assert abs(full.loss.item() - lean.loss.item()) < 1e-6
