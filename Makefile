@@ -17,6 +17,9 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
+demo: $(STAMP)
+	$(BIN)/palitorch demo --out demo-output
+
 lint: $(STAMP)
 	$(BIN)/ruff check palitorch tests benchmarks
 
