@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/ruff check palitorch tests benchmarks
 	$(BIN)/python -m pytest tests
 
 demo: $(STAMP)

@@ -114,10 +114,10 @@ def bench(size: str, args, workdir: Path) -> dict:
         t = inputs["input_ids"].shape[1]
         n = args.new_tokens
 
-        def ours(k):
+        def ours(k, images=images, prompts=prompts):
             return pipe.generate(images, prompts, max_new_tokens=k, min_new_tokens=k)
 
-        def theirs(k):
+        def theirs(k, inputs=inputs):
             with torch.inference_mode():
                 return hf.generate(**inputs, max_new_tokens=k, min_new_tokens=k, do_sample=False)
 
@@ -149,7 +149,6 @@ def bench(size: str, args, workdir: Path) -> dict:
         row["decode_speedup"] = row["hf_decode_ms_per_step"] / row["ours_decode_ms_per_step"]
         row["prefill_speedup"] = row["hf_prefill_ms"] / row["ours_prefill_ms"]
         rows.append(row)
-    del hf, pipe
     return {"size": size, "weights": kind, "params": n_params, "rows": rows}
 
 

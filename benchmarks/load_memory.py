@@ -73,7 +73,8 @@ def child(mode: str, path: str, dtype: str) -> None:
         cfg = model.cfg
         ids = torch.tensor([[cfg.image_token_id] * cfg.num_image_tokens + [2, 100, 200, 108]])
         with torch.inference_mode():
-            model(ids, torch.zeros(1, 3, cfg.vision.image_size, cfg.vision.image_size, dtype=model.projector.weight.dtype))
+            s = cfg.vision.image_size
+            model(ids, torch.zeros(1, 3, s, s, dtype=model.projector.weight.dtype))
 
 
 def measure(mode: str, path: Path, dtype: str) -> int:

@@ -35,7 +35,8 @@ def hf_config(version=1, image_size=224, patch_size=14, heads=4, kv_heads=1, lay
         num_key_value_heads=kv_heads, head_dim=head_dim,
     )
     if version == 2:
-        text.update(query_pre_attn_scalar=head_dim, eos_token_id=[1, tok.encode(" the", add_special_tokens=False).ids[0]])
+        second_eos = tok.encode(" the", add_special_tokens=False).ids[0]  # PaliGemma 2 lists two EOS ids
+        text.update(query_pre_attn_scalar=head_dim, eos_token_id=[1, second_eos])
     text.update(text_extra or {})
     vision = dict(
         model_type="siglip_vision_model", hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
@@ -59,7 +60,8 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
 # Canonical (transformers 4.52+) names -> the other layouts found on the Hub. Written independently of palitorch's
 # own key map, so that the loader is tested against the layouts rather than against itself.
 LAYOUTS = {
-    "new": (("model.language_model.", "model.language_model."), ("model.vision_tower.", "model.vision_tower.vision_model."),
+    "new": (("model.language_model.", "model.language_model."),
+            ("model.vision_tower.", "model.vision_tower.vision_model."),
             ("model.multi_modal_projector.", "model.multi_modal_projector."), ("lm_head.", "lm_head.")),
     "old": (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower.vision_model."),
             ("model.multi_modal_projector.", "multi_modal_projector."), ("lm_head.", "language_model.lm_head.")),

@@ -99,7 +99,9 @@ def load_model(path, device="cpu", dtype="float32") -> PaliGemma:
                 try:
                     t = f.get_tensor(key)
                 except (SafetensorError, OSError, RuntimeError) as e:
-                    raise CheckpointError(f"{file.name}: cannot read {key!r} ({e}); the file may be truncated") from None
+                    raise CheckpointError(
+                        f"{file.name}: cannot read {key!r} ({e}); the file may be truncated"
+                    ) from None
                 if tuple(t.shape) != expected[ours]:
                     raise CheckpointError(
                         f"{file.name}: tensor {key!r} has shape {tuple(t.shape)}, config.json implies {expected[ours]}"
@@ -119,10 +121,13 @@ def _check_safetensors_complete(file: Path) -> None:
             n = int.from_bytes(fh.read(8), "little")
             header = json.loads(fh.read(n))
     except (OSError, ValueError):
-        raise CheckpointError(f"{file} is not a valid safetensors file (unreadable header); download it again") from None
+        raise CheckpointError(
+            f"{file} is not a valid safetensors file (unreadable header); download it again"
+        ) from None
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > file.stat().st_size:
-        raise CheckpointError(f"{file} is truncated ({file.stat().st_size} bytes, needs {8 + n + end}); download it again")
+        size = file.stat().st_size
+        raise CheckpointError(f"{file} is truncated ({size} bytes, needs {8 + n + end}); download it again")
 
 
 def preprocessor_config(cfg: PaliGemmaConfig) -> dict:

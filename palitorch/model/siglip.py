@@ -65,7 +65,10 @@ class VisionLayer(nn.Module):
 
 
 class SigLIP(nn.Module):
-    """pixels [B, 3, S, S] -> patch features [B, P, C], P = (S / patch)^2. No pooling head: PaliGemma uses every patch."""
+    """pixels [B, 3, S, S] -> patch features [B, P, C], P = (S / patch)^2.
+
+    No pooling head: PaliGemma uses every patch.
+    """
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()

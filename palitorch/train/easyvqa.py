@@ -116,7 +116,8 @@ def sample_questions(shape: str, color: str, rng: random.Random) -> list[tuple[s
     """(question, answer) pairs for a generated image, drawn from the templates at the package's rates."""
     pairs = []
     for text, q in QUESTIONS.items():
-        if (q.qtype == "shape" and q.color not in (None, color)) or (q.qtype == "color" and q.shape not in (None, shape)):
+        if (q.qtype == "shape" and q.color not in (None, color)) or \
+                (q.qtype == "color" and q.shape not in (None, shape)):
             continue  # "what is the red shape?" is only asked of red shapes
         if rng.random() < (YESNO_RATE if q.qtype == "yesno" else WHAT_RATE):
             pairs.append((text, q.answer(shape, color)))
@@ -148,7 +149,8 @@ class Summary:
 
     lines: dict[str, Counter] = field(default_factory=dict)  # split -> {"vqa/yesno": n, "caption": n, ...}
     images: Counter = field(default_factory=Counter)  # split -> images
-    ambiguous: Counter = field(default_factory=Counter)  # "split/shape" | "split/color" -> images the answers leave open
+    # "split/shape" | "split/color" -> images the answers leave open
+    ambiguous: Counter = field(default_factory=Counter)
     conflicts: list[str] = field(default_factory=list)  # measured label contradicting an answer
     fit: dict[str, list[float]] = field(default_factory=dict)  # shape -> [max error, min margin] of shape fits
     extra_iou: list[float] = field(default_factory=list)  # [mean, min] IoU, measured vs drawn box (extra images)

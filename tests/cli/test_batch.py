@@ -47,7 +47,7 @@ def test_real_model_with_bad_lines(pg1, images, capsys):
     assert "top_p must be in (0, 1]" in errors[7] and '"prompt"' in errors[8]
     assert got[7]["top_p"] == 0 and got[3]["image"] == "imgs/missing.png"  # error lines keep the request
     pipe = palitorch.load(folder)
-    for i, image, prompt, n in ((1, "red", "caption en", 5), (6, "blue", "detect cat", 3), (9, "blue", "caption en", 5)):
+    for i, image, prompt, n in ((1, "red", "caption en", 5), (6, "blue", "detect cat", 3), (9, "blue", "caption en", 5)):  # noqa: E501
         ref = pipe.generate(Image.open(images / f"{image}.png"), prompt, max_new_tokens=n)
         assert got[i]["text"] == ref.text and got[i]["token_ids"] == ref.token_ids, i
         assert got[i]["logprobs"] == pytest.approx(ref.logprobs, abs=1e-5)  # batched vs single: padding rounding

@@ -60,7 +60,7 @@ def test_end_to_end_subprocess_detect_json(pg1, images):
 
 
 def test_draw_writes_boxes_and_labels(fake_pipe, images, tmp_path, capsys):
-    pipe = fake_pipe(lambda im, p: "<loc0000><loc0000><loc0511><loc0511> cat ; <loc0600><loc0100><loc1023><loc0900> dog")
+    pipe = fake_pipe(lambda im, p: "<loc0000><loc0000><loc0511><loc0511> cat ; <loc0600><loc0100><loc1023><loc0900> dog")  # noqa: E501
     out_png = tmp_path / "boxes.png"
     rc, out, err = cli(["run", "--image", images / "red.png", "--prompt", "detect cat ; dog", "--json",
                         "--draw", out_png], capsys)

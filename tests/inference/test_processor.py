@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 import palitorch
-from hf_factory import hf_processor
 from palitorch.errors import InputError
 from palitorch.inference.processor import load_image
+
+from hf_factory import hf_processor
 
 
 def _rgb(h, w, seed=0):

@@ -52,7 +52,7 @@ def assert_matches(samples: torch.Tensor, probs: torch.Tensor) -> None:
     obs = torch.cat([obs[keep], obs[~keep].sum(0, keepdim=True)])
     exp = torch.cat([exp[keep], exp[~keep].sum(0, keepdim=True)])
     if exp[-1] < 5:  # merge the small tail into the last kept bin
-        obs, exp = torch.cat([obs[:-2], obs[-2:].sum(0, keepdim=True)]), torch.cat([exp[:-2], exp[-2:].sum(0, keepdim=True)])
+        obs, exp = torch.cat([obs[:-2], obs[-2:].sum(0, keepdim=True)]), torch.cat([exp[:-2], exp[-2:].sum(0, keepdim=True)])  # noqa: E501
     stat = float(((obs - exp) ** 2 / exp).sum())
     df = len(exp) - 1
     assert df >= 2, "the test needs several bins to mean anything"

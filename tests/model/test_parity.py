@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import palitorch
+
 from hf_factory import hf_processor
 
 LOGIT_TOL, LOSS_TOL = 1e-4, 1e-5

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from trainkit import make_data
 
 from palitorch.errors import ConfigError
 from palitorch.inference.processor import Processor
@@ -19,6 +18,8 @@ from palitorch.train.data import (
     repeat_by_task,
 )
 from palitorch.train.tokenizer import train_tokenizer
+
+from trainkit import make_data
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainkit import config, losses, make_data
-
 from palitorch.checkpoint import load_model
 from palitorch.train.loop import Trainer
+
+from trainkit import config, losses, make_data
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -4,12 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainkit import config, make_data
 
 from palitorch.train import ddp
 from palitorch.train.data import Example
 from palitorch.train.evaluate import box_score, exact_match, subset
 from palitorch.train.loop import Trainer, _summary
+
+from trainkit import config, make_data
 
 BOX = "<loc0100><loc0100><loc0300><loc0300> circle"
 

@@ -4,15 +4,16 @@ import json
 
 import pytest
 import torch
-from hf_factory import hf_processor, write_checkpoint
 from PIL import Image
-from trainkit import config, losses, make_data
 
 import palitorch
 from palitorch.checkpoint import load_model
 from palitorch.errors import ConfigError
 from palitorch.train.loop import Trainer
 from palitorch.train.state import checkpoints
+
+from hf_factory import hf_processor, write_checkpoint
+from trainkit import config, losses, make_data
 
 
 @pytest.fixture(scope="module")
