@@ -1,7 +1,9 @@
 """palitorch vs transformers generation speed, on the same weights, in one process.
 
     python benchmarks/bench_generate.py --sizes bundled,mid --batches 1,8 --new-tokens 32 --reps 5
-    python benchmarks/bench_generate.py --sizes pg1-3b,pg2-3b --device cuda --dtype bfloat16 --batches 1,16
+    python benchmarks/bench_generate.py --sizes bundled,mid --compile          # palitorch's compiled decode step
+    python benchmarks/bench_generate.py --sizes pg1-3b,pg2-3b --device cuda --dtype bfloat16 --batches 1,16 \
+        --compile --compile-mode reduce-overhead
 
 For each size: write (or reuse) a checkpoint folder, load it into palitorch and transformers, check that both give
 the same greedy tokens, then time, interleaving the two implementations rep by rep:
@@ -99,6 +101,8 @@ def bench(size: str, args, workdir: Path) -> dict:
     folder, kind = checkpoint(size, workdir)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     pipe = palitorch.load(folder, device=args.device, dtype=args.dtype)
+    if args.compile:
+        pipe.compile(mode=args.compile_mode)
     hf = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
     n_params = sum(p.numel() for p in pipe.model.parameters())
     from PIL import Image
@@ -121,11 +125,15 @@ def bench(size: str, args, workdir: Path) -> dict:
             with torch.inference_mode():
                 return hf.generate(**inputs, max_new_tokens=k, min_new_tokens=k, do_sample=False)
 
-        # Same greedy tokens, or no speed figures.
+        # Same greedy tokens, or no speed figures. With --compile this first call also pays the compilation.
+        _sync(device)
+        t0 = time.perf_counter()
         a = [r.token_ids for r in ours(n)]
+        _sync(device)
+        first_call_s = time.perf_counter() - t0
         h = theirs(n)[:, t:].tolist()
         same = a == h
-        row = {"batch": b, "prompt_tokens": t, "new_tokens": n, "same_tokens": same}
+        row = {"batch": b, "prompt_tokens": t, "new_tokens": n, "same_tokens": same, "ours_first_call_s": first_call_s}
         if not same:
             print(f"  {size} batch {b}: TOKENS DIFFER, no speed reported\n    ours {a[0][:12]}\n    hf   {h[0][:12]}")
             rows.append(row)
@@ -160,6 +168,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--compile", action="store_true", help="palitorch's pipe.compile() (first call reported apart)")
+    ap.add_argument("--compile-mode", default=None, help='torch.compile mode, e.g. "reduce-overhead" on GPU')
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "palitorch-bench"))
     ap.add_argument("--json", default="benchmarks/results/generate.json")
@@ -175,7 +185,8 @@ def main() -> None:
                f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     record = {"machine": machine, "torch": torch.__version__, "transformers": transformers.__version__,
               "device": args.device, "dtype": args.dtype, "command": " ".join(sys.argv), "results": []}
-    print(f"{machine} | torch {torch.__version__} | transformers {transformers.__version__} | {args.dtype}")
+    print(f"{machine} | torch {torch.__version__} | transformers {transformers.__version__} | {args.dtype}"
+          f"{' | palitorch compiled' if args.compile else ''}")
     print(f"{'size':<9}{'params':>8}{'batch':>6}{'prefill ms ours/hf':>22}{'x':>6}{'decode tok/s ours/hf':>24}{'x':>6}")
     for size in args.sizes.split(","):
         res = bench(size, args, workdir)
@@ -186,7 +197,8 @@ def main() -> None:
                 continue
             print(f"{size:<9}{res['params'] / 1e6:>7.1f}M{r['batch']:>6}"
                   f"{r['ours_prefill_ms']:>11.1f} /{r['hf_prefill_ms']:>8.1f}{r['prefill_speedup']:>6.2f}"
-                  f"{r['ours_decode_tok_s']:>12.1f} /{r['hf_decode_tok_s']:>9.1f}{r['decode_speedup']:>6.2f}")
+                  f"{r['ours_decode_tok_s']:>12.1f} /{r['hf_decode_tok_s']:>9.1f}{r['decode_speedup']:>6.2f}"
+                  f"   first call {r['ours_first_call_s']:.1f} s")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
