@@ -191,3 +191,19 @@ def test_demo_assets_match_the_package():
         assert truth[key, ex["question"]] == ex["answer"]
         m = shapes.measure(Image.open(path))
         assert ex["caption"] == f"{m.color} {m.shape}" and list(m.box) == ex["box"]
+
+
+def test_balanced_questions_for_generated_images():
+    """Generated images' yes/no questions are half yes, half no, and every answer is right."""
+    import random
+
+    from palitorch.train.easyvqa import parse_question, sample_questions
+
+    rng = random.Random(1)
+    counts = {"yes": 0, "no": 0}
+    for shape, color in [("circle", "red"), ("triangle", "teal"), ("rectangle", "gray")] * 50:
+        for text, answer in sample_questions(shape, color, rng, balanced=True):
+            assert parse_question(text).answer(shape, color) == answer
+            if answer in counts:
+                counts[answer] += 1
+    assert 0.4 < counts["yes"] / (counts["yes"] + counts["no"]) <= 0.5
