@@ -71,15 +71,17 @@ def test_length_penalty_favours_longer_answers(pipe):
     imgs = images(3, seed=2)
     free = pipe.generate(imgs, PROMPTS, max_new_tokens=16, min_new_tokens=16)
     cfg = pipe.model.cfg
-    gained = 0
-    for eos, _ in Counter(t for r in free for t in r.token_ids).most_common(3):  # tokens that end answers early
+    gained = tried = 0
+    for eos, _ in Counter(t for r in free for t in r.token_ids).most_common(5):  # tokens that end answers early
         pipe.model.cfg = cfg.replace(eos_token_ids=(eos,))
         try:
             plain = pipe.generate(imgs, PROMPTS, max_new_tokens=16, num_beams=4)
             longer = pipe.generate(imgs, PROMPTS, max_new_tokens=16, num_beams=4, length_penalty=3.0)
         finally:
             pipe.model.cfg = cfg
-        assert any(r.finish_reason == "eos" for r in plain)
+        if not any(r.finish_reason == "eos" for r in plain):
+            continue  # this token never ends a beam here: no evidence either way
+        tried += 1
         assert all(len(a.token_ids) >= len(b.token_ids) for a, b in zip(longer, plain))
         gained += sum(len(r.token_ids) for r in longer) - sum(len(r.token_ids) for r in plain)
-    assert gained > 0
+    assert tried and gained > 0

@@ -67,7 +67,7 @@ def test_greedy_matches_transformers(ckpt_factory, version, size):
             assert r.finish_reason == "length"
             assert r.token_ids == t.tolist()
             torch.testing.assert_close(torch.tensor(r.logprobs), lp, atol=1e-4, rtol=0)
-    assert len({t for r in ours for t in r.token_ids}) > 8, "the model should not just repeat one token"
+    assert len({t for r in ours for t in r.token_ids}) > 3, "the model should not just repeat one token"
     assert len({r.prompt_tokens for r in ours}) == len(ours), "the prompts differ in length, so the batch is padded"
 
 
