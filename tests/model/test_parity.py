@@ -124,4 +124,4 @@ def test_loss_only_forward_equals_full(pg2):
         full = pipe.model(**b)
         lean = pipe.model(**b, return_logits=False)
     assert lean.logits is None
-    assert abs(full.loss.item() - lean.loss.item()) < 1e-6
+    assert abs(full.loss.item() - lean.loss.item()) <= 1e-6 * abs(full.loss.item())  # float32 summation order
