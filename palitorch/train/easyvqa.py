@@ -251,9 +251,9 @@ def convert(out: str | os.PathLike, limit: int | None = None, extra: int = 0, se
     return summary
 
 
-def _extra(out: Path, n: int, seed: int, summary: Summary, progress: bool, balanced: bool = True) -> list[dict]:
+def _extra(out: Path, n: int, seed: int, summary: Summary, progress: bool, balanced: bool = False) -> list[dict]:
     """`n` generated training images: labelled by what was drawn, boxed by the same measurement as the package's
-    images (whose shape and colour must match the drawing, else a conflict); yes/no questions balanced."""
+    images (whose shape and colour must match the drawing, else a conflict); `balanced`: see sample_questions."""
     rng = random.Random(seed)
     folder = out / "images" / "extra"
     folder.mkdir(parents=True, exist_ok=True)

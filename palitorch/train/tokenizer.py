@@ -1,8 +1,7 @@
 """A small SentencePiece-style BPE tokenizer for from-scratch models, with PaliGemma's special tokens.
 
 Like Gemma's tokenizer.json: spaces become `▁`, BPE with byte fallback (no unknown characters), no tokens added
-automatically; unlike it, each text segment gets SentencePiece's dummy prefix, so a word is one token wherever
-it stands. It holds `<pad> <eos> <bos> <unk> <image>`, `<loc0000>`..`<loc1023>` and `<seg000>`..`<seg127>`, so
+automatically. It holds `<pad> <eos> <bos> <unk> <image>`, `<loc0000>`..`<loc1023>` and `<seg000>`..`<seg127>`, so
 the processor code that serves Hub models serves small ones unchanged.
 """
 
@@ -12,7 +11,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"]
 LOC = [f"<loc{i:04d}>" for i in range(1024)]
@@ -23,17 +22,15 @@ BYTES = [f"<0x{i:02X}>" for i in range(256)]
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Tokenizer:
     """Train BPE on `texts`; `vocab_size` counts the learned pieces and the 256 byte tokens, not the specials."""
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    # Every word, the first of a text included, is "▁word": an answer "red" and the "red" inside a question are
-    # then the same token (SentencePiece's dummy prefix). Without it a small model never connects the two.
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])  # Gemma's decoder, less the dummy space
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     specials = SPECIAL + LOC + SEG
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size + len(specials), special_tokens=specials, initial_alphabet=[], show_progress=False,
         limit_alphabet=1000,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator((t.replace(" ", "▁") for t in texts), trainer=trainer)
     # Byte pieces go into the BPE vocabulary itself, so that byte fallback can encode any character.
     spec = json.loads(tok.to_str())
     vocab = spec["model"]["vocab"]
