@@ -109,7 +109,7 @@ class Processor:
             seq = p.get("image_seq_length", num_image_tokens)
             if seq != num_image_tokens:
                 raise CheckpointError(f"{pre} says image_seq_length {seq}, config.json implies {num_image_tokens}")
-            kw = dict(mean=p.get("image_mean", kw.get("mean", (0.5,) * 3)), std=p.get("image_std", (0.5,) * 3),
+            kw = dict(mean=p.get("image_mean", (0.5,) * 3), std=p.get("image_std", (0.5,) * 3),
                       rescale=p.get("rescale_factor", 1 / 255))
         try:
             return cls(tokenizer, image_size, num_image_tokens, max_length=max_length, **kw)
