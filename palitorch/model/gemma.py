@@ -31,19 +31,23 @@ class RMSNorm(nn.Module):
         return (h * (1.0 + self.weight.float())).type_as(x)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """positions [B, T] -> cos, sin [B, T, D] in the rotate-half layout; angles in float32, then cast."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = positions.float()[..., None] * inv_freq  # [B, T, D/2]
+def rope_table(length: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin [length, D] for positions 0..length-1, float32, angles computed as transformers does.
+
+    The rotate-half layout pairs dim i with dim i + D/2. The sin table carries the rotation's sign (-sin on the
+    first half, +sin on the second), so that applying RoPE is `x * cos + roll(x, D/2) * sin` (see `apply_rope`).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq  # [L, D/2]
     emb = torch.cat((angles, angles), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = emb.sin()
+    return emb.cos(), torch.cat((-sin[:, : head_dim // 2], sin[:, head_dim // 2:]), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, D]; cos/sin [B, T, D]."""
-    cos, sin = cos[:, None], sin[:, None]
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """x [B, heads, T, D]; cos/sin [B, T, D] from `rope_table`: x * cos + rotate_half(x) * sin, where
+    rotate_half(x) = (-x2, x1) = roll(x, D/2) times the sign that the sin table already holds."""
+    return x * cos[:, None] + x.roll(x.shape[-1] // 2, dims=-1) * sin[:, None]
 
 
 class KVCache(nn.Module):
@@ -80,7 +84,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n, self.d).transpose(1, 2)  # [B, N, T, D]
         k = self.k_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)  # [B, K, T, D]
         v = self.v_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(torch.cat((q, k), dim=1), cos, sin).split((self.n, self.kv), dim=1)  # one pass for both
         if self.kv_cache is not None and cache_pos is not None:  # a full forward (scoring) bypasses the cache
             k, v = self.kv_cache.update(cache_pos, k, v)  # [B, K, S, D]
         if self.softcap is None:
@@ -140,6 +144,15 @@ class Gemma(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) [context + 1, D], built on first use
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, T, D] for positions [B, T], looked up in a float32 table over the whole context."""
+        if self._rope is None or self._rope[0].device != positions.device:
+            self._rope = rope_table(self.cfg.max_position_embeddings + 1, self.cfg.head_dim, self.cfg.rope_theta,
+                                    positions.device)
+        cos, sin = self._rope
+        return cos[positions].to(dtype), sin[positions].to(dtype)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, T] -> [B, T, H], scaled by sqrt(H) rounded to the weights' dtype (45.25 in bf16 for H=2048)."""
@@ -148,7 +161,7 @@ class Gemma(nn.Module):
 
     def forward(self, x, positions, mask, sliding_mask=None, cache_pos=None) -> torch.Tensor:
         """x [B, T, H] embeddings; positions [B, T]; mask, sliding_mask [B, 1, T, S] -> normed hidden [B, T, H]."""
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = self.rope(positions, x.dtype)
         for layer in self.layers:
             m = sliding_mask if (layer.attn.sliding and sliding_mask is not None) else mask
             if self.gradient_checkpointing and self.training:

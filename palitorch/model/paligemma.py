@@ -60,13 +60,21 @@ class PaliGemma(nn.Module):
         """pixels [B, 3, S, S] -> [B, P, H] image tokens for the decoder (unscaled, unlike text embeddings)."""
         return self.projector(self.vision_tower(pixels))
 
-    def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None) -> torch.Tensor:
-        """Text embeddings with each image's P features written over its P `<image>` positions. [B, T, H]"""
+    def embed(
+        self, input_ids: torch.Tensor, pixels: torch.Tensor | None, image_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Text embeddings with each image's P features written over its P `<image>` positions. [B, T, H]
+
+        `image_index` [B] lets sequences share images: pixels is then [U, 3, S, S] (U distinct images) and sequence
+        b takes image `image_index[b]`, so the vision tower runs once per image (several questions about one image).
+        """
         is_image = input_ids == self.cfg.image_token_id
         x = self.language_model.embed(input_ids.masked_fill(is_image, 0))
         if pixels is None:
             return x
         img = self.embed_image(pixels).to(x.dtype)
+        if image_index is not None:
+            img = img[image_index.to(img.device)]
         if not bool((is_image.sum(-1) == img.shape[1]).all()):
             raise ValueError(
                 f"each sequence needs exactly {img.shape[1]} <image> tokens for this resolution, got "
@@ -84,8 +92,10 @@ class PaliGemma(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_logits: bool = True,
+        image_index: torch.Tensor | None = None,
     ) -> Output:
-        """input_ids, attention_mask, token_type_ids, labels [B, T]; pixel_values [B, 3, S, S].
+        """input_ids, attention_mask, token_type_ids, labels [B, T]; pixel_values [B, 3, S, S] (or [U, 3, S, S]
+        with image_index [B], see `embed`).
 
         Without token_type_ids the whole sequence is prefix (as for a prompt). Positions count real tokens from 1
         (transformers' convention), so a padded sequence gives the same numbers as the unpadded one. Labels of
@@ -95,7 +105,7 @@ class PaliGemma(nn.Module):
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         positions = valid.long().cumsum(-1)
-        x = self.embed(input_ids, pixel_values)
+        x = self.embed(input_ids, pixel_values, image_index)
         mask = prefix_lm_mask(types, valid)
         sliding = None
         if self.cfg.text.sliding_window is not None and input_ids.shape[1] > self.cfg.text.sliding_window:

@@ -54,12 +54,12 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
         shutil.copyfile(path, dst / name)
 
 
-def learn_tokenizer(examples: list[Example], vocab_size: int, folder: Path) -> None:
+def learn_tokenizer(examples: list[Example], vocab_size: int, folder: Path, dummy_prefix: bool = False) -> None:
     """Train BPE on the texts exactly as the processor will see them; <loc>/<seg> are tokens already."""
     texts = []
     for e in examples:
         texts += [_TASK_TOKENS.sub(" ", e.prefix + "\n"), _TASK_TOKENS.sub(" ", e.suffix)]
-    save_tokenizer(train_tokenizer(texts, vocab_size=vocab_size), folder)
+    save_tokenizer(train_tokenizer(texts, vocab_size=vocab_size, dummy_prefix=dummy_prefix), folder)
 
 
 def from_scratch(cfg: ModelConfig, tokenizer_dir: Path) -> tuple[PaliGemma, Processor]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,11 +107,12 @@ def normalize(images: torch.Tensor, processor: Processor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def augment(images: torch.Tensor, cfg: AugmentConfig, seed: int, step: int, positions: range) -> torch.Tensor:
-    """Photometric jitter of uint8 [B, 3, S, S] -> uint8, for the examples at `positions` of step `step`'s batch.
+def augment(images: torch.Tensor, cfg: AugmentConfig, seed: int, step: int, positions) -> torch.Tensor:
+    """Photometric jitter of uint8 [B, 3, S, S] -> uint8; `positions` gives each image an integer key.
 
-    Each image's random draws depend only on (seed, step, its position in the global batch), so the result does
-    not depend on how the batch is split over processes or micro-batches.
+    Each image's random draws depend only on (seed, step, its key): its position in the global batch, or (training
+    batches, where sequences share images) a hash of its path. The result therefore does not depend on how the batch
+    is split over processes or micro-batches.
     """
     x = images.float() / 255.0
     for j, pos in enumerate(positions):
@@ -158,20 +160,37 @@ class Dataset:
         # Suffix tokens (incl. <eos>) are the loss targets of each example: its share of a batch's token count.
         self.targets = torch.tensor([sum(enc.types) for enc in self.encoded])
         self.lengths = torch.tensor([len(enc.ids) for enc in self.encoded])
+        ids: dict[Path, int] = {}
+        self.image_ids = torch.tensor([ids.setdefault(e.image, len(ids)) for e in examples])  # [N] image numbers
+        self.per_image = 1  # examples of one image kept together in a batch (see grouped_order)
+        self._orders: dict[tuple[int, int], torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def batch(self, idx: list[int], aug: AugmentConfig | None = None, seed: int = 0, step: int = 0,
-              positions: range | None = None) -> dict[str, torch.Tensor]:
-        """A padded batch: input_ids, attention_mask, token_type_ids, labels [B, T], pixel_values [B, 3, S, S].
+    def order(self, n: int, seed: int, epoch: int) -> torch.Tensor:
+        """The epoch order for `global_batch`: image-grouped when `per_image` > 1 (computed once per epoch)."""
+        if self.per_image <= 1:
+            return epoch_order(n, seed, epoch)
+        if (seed, epoch) not in self._orders:
+            self._orders = {(seed, epoch): grouped_order(self.image_ids, self.per_image, seed, epoch)}
+        return self._orders[(seed, epoch)]
 
-        With `aug`, images are jittered as the examples at `positions` of global batch `step`.
+    def batch(self, idx: list[int], aug: AugmentConfig | None = None, seed: int = 0,
+              step: int = 0) -> dict[str, torch.Tensor]:
+        """A padded batch: input_ids, attention_mask, token_type_ids, labels [B, T], and each distinct image once:
+        pixel_values [U, 3, S, S] with image_index [B] (sequence b shows image image_index[b]).
+
+        With `aug`, each distinct image is jittered by (seed, step, a hash of its path): the same in every process.
         """
-        images = self.images.batch([self.examples[i].image for i in idx])
+        paths: dict[Path, int] = {}
+        index = torch.tensor([paths.setdefault(self.examples[i].image, len(paths)) for i in idx])
+        images = self.images.batch(list(paths))
         if aug is not None and augments(aug):
-            images = augment(images, aug, seed, step, positions if positions is not None else range(len(idx)))
-        return self.processor.collate([self.encoded[i] for i in idx], normalize(images, self.processor))
+            images = augment(images, aug, seed, step, [zlib.crc32(str(p).encode()) % 1_000_003 for p in paths])
+        out = self.processor.collate([self.encoded[i] for i in idx], normalize(images, self.processor))
+        out["image_index"] = index
+        return out
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -180,10 +199,33 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def global_batch(n: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """The example indices of optimizer step `step` (0-based): epoch = step // batches_per_epoch."""
+def grouped_order(image_ids: torch.Tensor, per_image: int, seed: int, epoch: int) -> torch.Tensor:
+    """An epoch order that keeps up to `per_image` examples of one image together (a permutation of range(N)).
+
+    Each image's examples are shuffled and cut into groups of `per_image`; the groups are shuffled. A batch of B
+    examples then holds about B / per_image distinct images, and the vision tower runs once per image. A pure
+    function of (seed, epoch), like `epoch_order`.
+    """
+    n = len(image_ids)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    p = torch.randperm(n, generator=g)  # shuffles the examples within each image
+    p = p[torch.sort(image_ids[p], stable=True).indices]  # ... then sorts them by image
+    img = image_ids[p]
+    counts = torch.bincount(img)
+    rank = torch.arange(n) - (torch.cumsum(counts, 0) - counts)[img]  # position within its image
+    group = img * (int(counts.max()) // per_image + 1) + rank // per_image
+    _, group = torch.unique(group, return_inverse=True)
+    key = torch.randperm(int(group.max()) + 1, generator=g)[group]  # a random rank per group
+    return p[torch.sort(key * n + rank, stable=True).indices]
+
+
+def global_batch(n: int, batch_size: int, seed: int, step: int, order=epoch_order) -> list[int]:
+    """The example indices of optimizer step `step` (0-based): epoch = step // batches_per_epoch.
+
+    `order(n, seed, epoch)` gives an epoch's permutation (`epoch_order`, or a Dataset's image-grouped `order`).
+    """
     per_epoch = n // batch_size
     if per_epoch == 0:
         raise ConfigError(f"the training data has {n} examples, fewer than one batch of {batch_size}")
     epoch, i = divmod(step, per_epoch)
-    return epoch_order(n, seed, epoch)[i * batch_size: (i + 1) * batch_size].tolist()
+    return order(n, seed, epoch)[i * batch_size: (i + 1) * batch_size].tolist()

@@ -57,6 +57,7 @@ class Trainer:
         self.images = Images(self.processor.image_size, cfg.data.cache_images)
         self.train_examples = repeat_by_task(raw, cfg.data.task_repeat)
         self.data = Dataset(self.train_examples, self.processor, self.images)
+        self.data.per_image = cfg.data.per_image
         self.raw_train = raw
         self.eval_examples = read_jsonl(cfg.data.eval) if cfg.data.eval else []
         self.eval_data = Dataset(self.eval_examples, self.processor, self.images) if self.eval_examples else None
@@ -85,7 +86,7 @@ class Trainer:
         folder = self.resume_from or (Path(cfg.model.init) if cfg.model.init else None)
         if d.main:  # one process writes (BPE training need not be bit-reproducible across processes), all read
             if folder is None:
-                build.learn_tokenizer(raw, cfg.model.vocab_size, tok_dir)
+                build.learn_tokenizer(raw, cfg.model.vocab_size, tok_dir, cfg.model.dummy_prefix)
             else:  # a copy: checkpoints are pruned, and the files must outlive the one they came from
                 build.copy_tokenizer(folder, tok_dir)
         ddp.barrier(d)
@@ -100,9 +101,9 @@ class Trainer:
         st = state.read_state(folder)
         t = self.cfg.train
         checks = {"seed": t.seed, "batch_size": t.batch_size, "data_fingerprint": self.fingerprint,
-                  "num_examples": len(self.data)}
+                  "num_examples": len(self.data), "per_image": self.cfg.data.per_image}
         for k, v in checks.items():
-            if st.get(k) != v:
+            if st.get(k, 1 if k == "per_image" else None) != v:  # per_image: absent from older checkpoints
                 raise ConfigError(f"--resume: {folder.name} was trained with {k} {st.get(k)!r}, this run has {v!r}")
         state.load_optimizer(self.opt, self.names, folder)
         state.restore_rng(folder, self.dist, self.device)
@@ -133,15 +134,14 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         """Forward/backward over this process's share of global batch `step`, all-reduce, clip, AdamW."""
         t, d = self.cfg.train, self.dist
-        idx = global_batch(len(self.data), t.batch_size, t.seed, step)
+        idx = global_batch(len(self.data), t.batch_size, t.seed, step, self.data.order)
         n_targets = int(self.data.targets[idx].sum())  # loss tokens of the GLOBAL batch, known to every process
         part = ddp.shard(len(idx), d)
         mine = idx[part]
         micro = t.micro_batch_size or len(mine)
         total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         for lo in range(0, len(mine), micro):
-            batch = self.data.batch(mine[lo: lo + micro], self.cfg.augment, t.seed, step,
-                                    range(part.start + lo, part.start + min(lo + micro, len(mine))))
+            batch = self.data.batch(mine[lo: lo + micro], self.cfg.augment, t.seed, step)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self._autocast():
                 out = self.model(**batch, return_logits=False)
@@ -183,7 +183,9 @@ class Trainer:
             st = {"step": self.step, "epoch": self.step / self.per_epoch, "total_steps": self.total,
                   "seed": t.seed, "batch_size": t.batch_size, "world_size": self.dist.world,
                   "num_examples": len(self.data), "data_fingerprint": self.fingerprint,
-                  "data_order": "epoch e: torch.randperm(num_examples, seed * 1000003 + e), cut into batches, "
+                  "per_image": self.cfg.data.per_image,
+                  "data_order": "epoch e: torch.randperm(num_examples, seed * 1000003 + e) (grouped by image when "
+                                "per_image > 1: palitorch.train.data.grouped_order), cut into batches, "
                                 "tail dropped; step s takes batch s mod batches_per_epoch of epoch s div it",
                   "lr": build.lr_at(max(0, self.step - 1), self.total, self.cfg.optim),
                   "config": self.cfg.to_dict()}

@@ -1,7 +1,10 @@
 """A small SentencePiece-style BPE tokenizer for from-scratch models, with PaliGemma's special tokens.
 
 Like Gemma's tokenizer.json: spaces become `▁`, BPE with byte fallback (no unknown characters), no tokens added
-automatically. It holds `<pad> <eos> <bos> <unk> <image>`, `<loc0000>`..`<loc1023>` and `<seg000>`..`<seg127>`, so
+automatically. With `dummy_prefix`, each text segment also gets SentencePiece's dummy prefix (as T5's and Llama's
+tokenizers do, unlike Gemma's), so a word is one token wherever it stands: the answer "red" and the "red" inside
+"is there a red shape?" are then the same token, which a small model trained from scratch needs to connect them.
+It holds `<pad> <eos> <bos> <unk> <image>`, `<loc0000>`..`<loc1023>` and `<seg000>`..`<seg127>`, so
 the processor code that serves Hub models serves small ones unchanged.
 """
 
@@ -19,18 +22,24 @@ SEG = [f"<seg{i:03d}>" for i in range(128)]
 BYTES = [f"<0x{i:02X}>" for i in range(256)]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, dummy_prefix: bool = False) -> Tokenizer:
     """Train BPE on `texts`; `vocab_size` counts the learned pieces and the 256 byte tokens, not the specials."""
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if dummy_prefix:  # every word, a text's first included, is "▁word"; decoding drops the one added space
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+        tok.decoder = decoders.Sequence([*steps, decoders.Strip(" ", 1, 0)])
+    else:  # Gemma's: spaces become "▁", which starts the following piece
+        tok.normalizer = normalizers.Replace(" ", "▁")
+        tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+        tok.decoder = decoders.Sequence(steps)
+        texts = (t.replace(" ", "▁") for t in texts)
     specials = SPECIAL + LOC + SEG
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size + len(specials), special_tokens=specials, initial_alphabet=[], show_progress=False,
         limit_alphabet=1000,
     )
-    tok.train_from_iterator((t.replace(" ", "▁") for t in texts), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     # Byte pieces go into the BPE vocabulary itself, so that byte fallback can encode any character.
     spec = json.loads(tok.to_str())
     vocab = spec["model"]["vocab"]

@@ -125,3 +125,19 @@ def test_loss_only_forward_equals_full(pg2):
         lean = pipe.model(**b, return_logits=False)
     assert lean.logits is None
     assert abs(full.loss.item() - lean.loss.item()) <= 1e-6 * abs(full.loss.item())  # float32 summation order
+
+
+def test_shared_images_equal_repeated_images(pg2):
+    """image_index (several sequences about one image, the vision tower run once) == the image repeated per row."""
+    folder, _ = pg2
+    pipe = palitorch.load(folder)
+    enc = [pipe.processor.encode(p, s) for p, s in [("caption en", "a cat"), ("ocr", "fox"), ("caption en", "dog")]]
+    pixels = torch.stack([pipe.processor.pixels(im) for im in _images(2)])
+    index = torch.tensor([1, 0, 1])
+    rep = pipe.processor.collate(enc, pixels[index])
+    shared = pipe.processor.collate(enc, pixels)
+    with torch.no_grad():
+        a = pipe.model(**rep)
+        b = pipe.model(**shared, image_index=index)
+    assert (a.logits - b.logits).abs().max() <= 1e-5  # float32; the same arithmetic per row
+    assert abs(a.loss.item() - b.loss.item()) <= 1e-6 * abs(a.loss.item())

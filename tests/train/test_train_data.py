@@ -14,6 +14,7 @@ from palitorch.train.data import (
     augment,
     epoch_order,
     global_batch,
+    grouped_order,
     read_jsonl,
     repeat_by_task,
 )
@@ -60,8 +61,11 @@ def test_batches_match_the_processor_exactly(data, processor):
     b = ds.batch(idx)
     ref = processor([e.image for e in (ex[i] for i in idx)], [ex[i].prefix for i in idx],
                     [ex[i].suffix for i in idx])
-    for k in ref:
-        assert torch.equal(b[k], ref[k]), k  # bit-identical pixels, ids, types and labels
+    # Each distinct image once (examples 0 and 1 show the same image), each sequence pointing at its own.
+    assert b["pixel_values"].shape[0] == len({ex[i].image for i in idx}) < len(idx)
+    assert torch.equal(b["pixel_values"][b["image_index"]], ref["pixel_values"])  # bit-identical pixels
+    for k in ("input_ids", "attention_mask", "token_type_ids", "labels"):
+        assert torch.equal(b[k], ref[k]), k
     # The loss sees exactly the suffix and <eos>: every label is -100 except the type-1 tokens.
     assert torch.equal(b["labels"] != -100, b["token_type_ids"] == 1)
     assert ds.targets[idx].sum() == (b["labels"] != -100).sum()
@@ -83,6 +87,30 @@ def test_order_is_a_function_of_seed_and_epoch():
     assert global_batch(50, 16, 3, 4) == epoch_order(50, 3, 1)[16:32].tolist()
     with pytest.raises(ConfigError, match="fewer than one batch"):
         global_batch(5, 16, 0, 0)
+
+
+def test_grouped_order_keeps_an_images_examples_together():
+    image_ids = torch.tensor([i % 50 for i in range(450)])  # 50 images with 9 examples each
+    order = grouped_order(image_ids, 4, seed=2, epoch=0)
+    assert sorted(order.tolist()) == list(range(450))
+    assert torch.equal(order, grouped_order(image_ids, 4, 2, 0))
+    assert not torch.equal(order, grouped_order(image_ids, 4, 2, 1))
+    # Each image's 9 examples form groups of 4, 4 and 1 (150 groups), each contiguous in the order: the image
+    # changes only at group boundaries (fewer when two groups of one image happen to meet).
+    img = image_ids[order]
+    changes = int((img[1:] != img[:-1]).sum())
+    assert 0.9 * 149 <= changes <= 149
+    plain = image_ids[epoch_order(450, 2, 0)]
+    assert int((plain[1:] != plain[:-1]).sum()) > 400  # without grouping, neighbours almost never share an image
+
+
+def test_dataset_order_groups_by_image(data, processor):
+    ds = Dataset(read_jsonl(data / "train.jsonl"), processor, Images(16))
+    assert torch.equal(ds.order(len(ds), 0, 0), epoch_order(len(ds), 0, 0))  # per_image 1: the plain order
+    ds.per_image = 2
+    idx = global_batch(len(ds), 8, 0, 1, ds.order)
+    assert len({ds.examples[i].image for i in idx}) < 8
+    assert ds.batch(idx)["pixel_values"].shape[0] == len({ds.examples[i].image for i in idx})
 
 
 def test_repeat_by_task(data):

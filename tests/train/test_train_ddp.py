@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_two_processes_match_one(tmp_path):
     data = make_data(tmp_path / "data")
     over = {"train__steps": 6, "train__batch_size": 8, "warmstart__epochs": 1, "warmstart__batch_size": 8,
-            "augment__contrast": 0.2, "checkpoint__every": 3, "eval__final_max_examples": 6}
+            "augment__contrast": 0.2, "data__per_image": 2, "checkpoint__every": 3, "eval__final_max_examples": 6}
     # One process, the global batch of 8 accumulated over two micro-batches of 4 ...
     one = config(data, tmp_path / "one", train__micro_batch_size=4, **over)
     Trainer(one).fit()
