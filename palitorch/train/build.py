@@ -105,6 +105,26 @@ def init_weights(model: nn.Module, std: float, seed: int) -> None:
             module.weight.zero_()
 
 
+@torch.no_grad()
+def smooth_loc_embeddings(model: PaliGemma, loc_ids: list[int], std: float, seed: int) -> None:
+    """Give the `<loc0000>`..`<loc1023>` rows of a from-scratch embedding an ordinal code: neighbours alike.
+
+    Row i becomes std * sqrt(2) * cos(2 pi f_j i / 1024 + phase_j) over the hidden dims j, with frequencies f_j
+    log-spaced from 1/2 to 64 cycles over the range (the top one resolves 16 bins: one pixel of a 64 px image)
+    and random phases. The embedding is also the output layer, so a box coordinate starts as a smooth choice:
+    a near miss scores close to a hit, and what is learnt about one bin carries to its neighbours.
+    Per-element variance is std^2, as for every other row.
+    """
+    w = model.language_model.embed_tokens.weight
+    g = torch.Generator().manual_seed(seed + 2)
+    h = w.shape[1]
+    freq = torch.logspace(math.log10(0.5), math.log10(64.0), h, dtype=torch.float64)
+    phase = torch.rand(h, generator=g, dtype=torch.float64) * 2 * math.pi
+    i = torch.arange(len(loc_ids), dtype=torch.float64)[:, None]
+    code = math.sqrt(2) * std * torch.cos(2 * math.pi * freq * i / len(loc_ids) + phase)
+    w[torch.tensor(loc_ids)] = code.to(w.dtype)
+
+
 def set_trainable(model: nn.Module, patterns: list[str]) -> list[str]:
     """Freeze every parameter not matched by `patterns` (part names or globs); returns the trainable names."""
     globs = [PARTS.get(p, p) for p in patterns]

@@ -44,6 +44,7 @@ class ModelConfig:
     dummy_prefix: bool = False  # tokenizer: "▁" before every word, the first too, so a word is one token anywhere
     max_length: int = 512  # the context of a from-scratch model (image tokens included)
     init_std: float = 0.02  # from-scratch weights ~ N(0, init_std); biases 0, norms at identity
+    smooth_locs: bool = False  # from scratch: <loc> embeddings start as an ordinal code (neighbouring bins alike)
     dtype: str = "float32"  # parameter dtype; float32 master weights unless memory forces bfloat16
 
 

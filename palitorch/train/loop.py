@@ -95,6 +95,9 @@ class Trainer:
         else:
             model, processor = build.from_scratch(cfg.model, tok_dir)
             build.init_weights(model, cfg.model.init_std, cfg.train.seed)
+            if cfg.model.smooth_locs:
+                locs = [processor.token_id(f"<loc{i:04d}>") for i in range(1024)]
+                build.smooth_loc_embeddings(model, locs, cfg.model.init_std, cfg.train.seed)
         return model.to(self.device).train(), processor, build.tokenizer_files(tok_dir)
 
     def _restore(self, folder: Path) -> None:

@@ -183,3 +183,35 @@ def test_setup_errors_are_one_line(data, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="has no GPU"):
             Trainer(config(data, tmp_path / "b", train__device="cuda"))
+
+
+def test_dummy_prefix_tokenizer_smooth_locs_and_grouped_batches(data, tmp_path):
+    """The bundled model's options: its tokenizer, loc init and batch grouping train a folder both libraries read."""
+    cfg = config(data, tmp_path / "run", train__steps=6, model__dummy_prefix=True, model__smooth_locs=True,
+                 model__vocab_size=400, data__per_image=3)
+    Trainer(cfg).fit()
+    pipe = palitorch.load(tmp_path / "run" / "model")
+    tok = pipe.processor.tokenizer
+    # An answer word and the same word inside a question are one token; decoding gives the text back.
+    answer = tok.encode("blue", add_special_tokens=False).ids
+    question = tok.encode("what is the blue shape?", add_special_tokens=False).ids
+    assert len(answer) == 1 and answer[0] in question
+    assert pipe.processor.decode(tok.encode("blue circle", add_special_tokens=False).ids) == "blue circle"
+    assert_loads_in_transformers(tmp_path / "run" / "model", pipe)
+
+
+def test_smooth_loc_embeddings_are_ordinal():
+    from palitorch.config import _tiny
+    from palitorch.model import PaliGemma
+    from palitorch.train.build import smooth_loc_embeddings
+
+    model = PaliGemma(_tiny(1400))
+    locs = list(range(300, 1324))
+    smooth_loc_embeddings(model, locs, std=0.02, seed=0)
+    w = torch.nn.functional.normalize(model.language_model.embed_tokens.weight[locs], dim=-1)
+
+    def sim(d):
+        return float((w[:-d] * w[d:]).sum(-1).mean())
+
+    assert sim(1) > 0.95 and sim(1) > sim(16) > sim(64) > sim(256) and abs(sim(256)) < 0.2
+    assert abs(float(model.language_model.embed_tokens.weight[locs].std()) - 0.02) < 0.002
