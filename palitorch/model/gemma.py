@@ -78,13 +78,22 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n * self.d, cfg.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, cache_pos=None):
-        """x [B, T, H]; mask [B, 1, T, S] bool (True = may attend); cache_pos [T] slots to write, with a cache."""
+    def forward(self, x, cos, sin, mask, cache_pos=None, last_only=False):
+        """x [B, T, H]; mask [B, 1, T, S] bool (True = may attend); cache_pos [T] slots to write, with a cache.
+
+        `last_only`: keys and values for all T positions (written to the cache), queries and output for the last
+        position only -> [B, 1, H] (the last layer of a prefill, where only the next token's logits are wanted).
+        """
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n, self.d).transpose(1, 2)  # [B, N, T, D]
         k = self.k_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)  # [B, K, T, D]
         v = self.v_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)
-        q, k = apply_rope(torch.cat((q, k), dim=1), cos, sin).split((self.n, self.kv), dim=1)  # one pass for both
+        if last_only:
+            q = self.q_proj(x[:, -1:]).view(b, 1, self.n, self.d).transpose(1, 2)  # [B, N, 1, D]
+            q, k = apply_rope(q, cos[:, -1:], sin[:, -1:]), apply_rope(k, cos, sin)
+            mask, t = mask[:, :, -1:], 1
+        else:
+            q = self.q_proj(x).view(b, t, self.n, self.d).transpose(1, 2)  # [B, N, T, D]
+            q, k = apply_rope(torch.cat((q, k), dim=1), cos, sin).split((self.n, self.kv), dim=1)  # one pass
         if self.kv_cache is not None and cache_pos is not None:  # a full forward (scoring) bypasses the cache
             k, v = self.kv_cache.update(cache_pos, k, v)  # [B, K, S, D]
         if self.softcap is None:
@@ -129,8 +138,9 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(h, eps) if cfg.post_norms else nn.Identity()
         self.post_mlp_norm = RMSNorm(h, eps) if cfg.post_norms else nn.Identity()
 
-    def forward(self, x, cos, sin, mask, cache_pos=None):
-        x = x + self.post_attn_norm(self.attn(self.input_norm(x), cos, sin, mask, cache_pos))
+    def forward(self, x, cos, sin, mask, cache_pos=None, last_only=False):
+        h = self.attn(self.input_norm(x), cos, sin, mask, cache_pos, last_only)
+        x = x[:, -1:] + self.post_attn_norm(h) if last_only else x + self.post_attn_norm(h)
         return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
 
 
@@ -159,15 +169,20 @@ class Gemma(nn.Module):
         w = self.embed_tokens.weight
         return self.embed_tokens(ids) * torch.tensor(self.cfg.hidden_size**0.5, dtype=w.dtype, device=w.device)
 
-    def forward(self, x, positions, mask, sliding_mask=None, cache_pos=None) -> torch.Tensor:
-        """x [B, T, H] embeddings; positions [B, T]; mask, sliding_mask [B, 1, T, S] -> normed hidden [B, T, H]."""
+    def forward(self, x, positions, mask, sliding_mask=None, cache_pos=None, last_only=False) -> torch.Tensor:
+        """x [B, T, H] embeddings; positions [B, T]; mask, sliding_mask [B, 1, T, S] -> normed hidden [B, T, H].
+
+        `last_only` (prefill): the last layer computes its attention output and MLP for the last position only,
+        after writing every position's keys and values to the cache; returns [B, 1, H].
+        """
         cos, sin = self.rope(positions, x.dtype)
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
             m = sliding_mask if (layer.attn.sliding and sliding_mask is not None) else mask
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, m, cache_pos, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, m, cache_pos)
+                x = layer(x, cos, sin, m, cache_pos, last_only and i == last)
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -145,9 +145,8 @@ class PaliGemma(nn.Module):
     ) -> torch.Tensor:
         """Run embeddings x [B, T, H] written at cache slots cache_pos [T]; masks [B, 1, T, S] over all S slots.
 
-        Returns logits [B, T, V], or [B, 1, V] for the last position only (`last_only`, as in prefill).
+        Returns logits [B, T, V], or [B, 1, V] for the last position only (`last_only`, as in prefill: the last
+        layer then skips its attention output and MLP at every other position, whose results nothing reads).
         """
-        h = self.language_model(x, positions, mask, sliding_mask, cache_pos)
-        if last_only:
-            h = h[:, -1:]
+        h = self.language_model(x, positions, mask, sliding_mask, cache_pos, last_only)
         return self.language_model.logits(h)
