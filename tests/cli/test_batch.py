@@ -56,6 +56,23 @@ def test_real_model_with_bad_lines(pg1, images, capsys):
     assert "3 results and 5 errors" in err
 
 
+def test_compiled_decode_gives_the_same_results(pg1, images, capsys):
+    """--compile (torch.compile of the decode step) changes the speed, not the answers."""
+    folder, _ = pg1
+    src = write_requests(images.parent / "requests.jsonl", [
+        {"image": f"imgs/{c}.png", "prompt": p} for c in ("red", "blue") for p in ("caption en", "detect cat")])
+    out = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        dst = images.parent / f"{name}.jsonl"
+        rc, _, err = cli(["batch", "--model", folder, "--input", src, "--output", dst, "--max-new-tokens", "6",
+                          "--batch-size", "2", "--quiet", *extra], capsys)
+        assert rc == 0, err
+        out[name] = read_results(dst)
+    for i, r in out["eager"].items():
+        assert out["compiled"][i]["token_ids"] == r["token_ids"], i
+        assert out["compiled"][i]["logprobs"] == pytest.approx(r["logprobs"], abs=1e-4)
+
+
 @pytest.fixture
 def requests_file(images):
     lines = [{"image": "imgs/red.png" if i % 2 else "imgs/blue.png", "prompt": f"caption {i}"} for i in range(1, 8)]

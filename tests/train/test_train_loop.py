@@ -208,7 +208,7 @@ def test_smooth_loc_embeddings_are_ordinal():
     model = PaliGemma(_tiny(1400))
     locs = list(range(300, 1324))
     smooth_loc_embeddings(model, locs, std=0.02, seed=0)
-    w = torch.nn.functional.normalize(model.language_model.embed_tokens.weight[locs], dim=-1)
+    w = torch.nn.functional.normalize(model.language_model.embed_tokens.weight.detach()[locs], dim=-1)
 
     def sim(d):
         return float((w[:-d] * w[d:]).sum(-1).mean())
