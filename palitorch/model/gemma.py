@@ -157,12 +157,14 @@ class Gemma(nn.Module):
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) [context + 1, D], built on first use
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [B, T, D] for positions [B, T], looked up in a float32 table over the whole context."""
-        if self._rope is None or self._rope[0].device != positions.device:
-            self._rope = rope_table(self.cfg.max_position_embeddings + 1, self.cfg.head_dim, self.cfg.rope_theta,
-                                    positions.device)
+        """cos, sin [B, T, D] for positions [B, T], looked up in a table over the whole context (computed in float32
+        and cast once to the activations' dtype, as transformers casts them per call)."""
+        if self._rope is None or self._rope[0].device != positions.device or self._rope[0].dtype != dtype:
+            table = rope_table(self.cfg.max_position_embeddings + 1, self.cfg.head_dim, self.cfg.rope_theta,
+                               positions.device)
+            self._rope = (table[0].to(dtype), table[1].to(dtype))
         cos, sin = self._rope
-        return cos[positions].to(dtype), sin[positions].to(dtype)
+        return cos[positions], sin[positions]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, T] -> [B, T, H], scaled by sqrt(H) rounded to the weights' dtype (45.25 in bf16 for H=2048)."""

@@ -140,7 +140,7 @@ def augments(cfg: AugmentConfig) -> bool:
 class Dataset:
     """Examples with their token ids pre-encoded once, and the images they point to."""
 
-    def __init__(self, examples: list[Example], processor: Processor, images: Images):
+    def __init__(self, examples: list[Example], processor: Processor, images: Images, per_image: int = 1):
         self.examples, self.processor, self.images = examples, processor, images
         self.encoded: list[Encoded] = []
         cache: dict[tuple[str, str], Encoded] = {}
@@ -162,7 +162,7 @@ class Dataset:
         self.lengths = torch.tensor([len(enc.ids) for enc in self.encoded])
         ids: dict[Path, int] = {}
         self.image_ids = torch.tensor([ids.setdefault(e.image, len(ids)) for e in examples])  # [N] image numbers
-        self.per_image = 1  # examples of one image kept together in a batch (see grouped_order)
+        self.per_image = per_image  # examples of one image kept together in a batch (see grouped_order)
         self._orders: dict[tuple[int, int], torch.Tensor] = {}
 
     def __len__(self) -> int:

@@ -56,8 +56,7 @@ class Trainer:
 
         self.images = Images(self.processor.image_size, cfg.data.cache_images)
         self.train_examples = repeat_by_task(raw, cfg.data.task_repeat)
-        self.data = Dataset(self.train_examples, self.processor, self.images)
-        self.data.per_image = cfg.data.per_image
+        self.data = Dataset(self.train_examples, self.processor, self.images, cfg.data.per_image)
         self.raw_train = raw
         self.eval_examples = read_jsonl(cfg.data.eval) if cfg.data.eval else []
         self.eval_data = Dataset(self.eval_examples, self.processor, self.images) if self.eval_examples else None
