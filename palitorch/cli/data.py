@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
     e.add_argument("--no-copy", dest="copy", action="store_false",
                    help="point at the installed package's images by absolute path instead of copying them into DIR")
     e.add_argument("--seed", type=int, default=0, help="seed for the generated images and their questions")
+    e.add_argument("--balanced-yesno", dest="balanced", action="store_true",
+                   help="add 8 yes/no questions per training image whose answers the text cannot predict "
+                        "(half yes for colour and shape, plain and negated)")
     e.set_defaults(func=run_easyvqa)
 
 
@@ -46,7 +49,7 @@ def run_easyvqa(args) -> int:
     if args.extra < 0:
         raise InputError(f"--extra must be 0 or more, got {args.extra}")
     summary = convert(args.out, limit=args.limit, extra=args.extra, seed=args.seed, copy_images=args.copy,
-                      progress=True)
+                      progress=True, balanced=args.balanced)
     print(summary.text())
     print(f"wrote {args.out}/train.jsonl, {args.out}/test.jsonl and {args.out}/summary.json")
     if summary.conflicts:  # the files are written, but a label the pixels and the answers disagree on needs a look

@@ -54,12 +54,14 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
         shutil.copyfile(path, dst / name)
 
 
-def learn_tokenizer(examples: list[Example], vocab_size: int, folder: Path, dummy_prefix: bool = False) -> None:
+def learn_tokenizer(examples: list[Example], vocab_size: int, folder: Path, dummy_prefix: bool = False,
+                    split_punctuation: bool = False) -> None:
     """Train BPE on the texts exactly as the processor will see them; <loc>/<seg> are tokens already."""
     texts = []
     for e in examples:
         texts += [_TASK_TOKENS.sub(" ", e.prefix + "\n"), _TASK_TOKENS.sub(" ", e.suffix)]
-    save_tokenizer(train_tokenizer(texts, vocab_size=vocab_size, dummy_prefix=dummy_prefix), folder)
+    tok = train_tokenizer(texts, vocab_size=vocab_size, dummy_prefix=dummy_prefix, split_punctuation=split_punctuation)
+    save_tokenizer(tok, folder)
 
 
 def from_scratch(cfg: ModelConfig, tokenizer_dir: Path) -> tuple[PaliGemma, Processor]:
@@ -143,24 +145,36 @@ def set_trainable(model: nn.Module, patterns: list[str]) -> list[str]:
     return chosen
 
 
+def lr_scale_of(name: str, scales: dict[str, float]) -> float:
+    """The `[optim] lr_scale` multiplier of one parameter: the first key (part name or glob) matching it, else 1."""
+    for key, scale in scales.items():
+        if fnmatch.fnmatchcase(name, PARTS.get(key, key)):
+            return float(scale)
+    return 1.0
+
+
 def optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.AdamW, list[str]]:
     """AdamW over the trainable parameters: decay on tensors with ndim >= 2, none on biases and norm scales.
 
-    Returns the optimizer and the parameter names in optimizer order (the key of its saved state).
+    One parameter group per (decay, `lr_scale` multiplier); each group's "lr_scale" is applied by the loop on top of
+    the schedule. Returns the optimizer and the parameter names in optimizer order (the key of its saved state).
     """
-    decay, plain, names = [], [], []
+    names_all = [n for n, _ in model.named_parameters()]
+    for key in cfg.lr_scale:
+        if not any(fnmatch.fnmatchcase(n, PARTS.get(key, key)) for n in names_all):
+            raise ConfigError(f"[optim] lr_scale key {key!r} matches no parameter; use {', '.join(PARTS)} or a glob "
+                              f"over names such as {names_all[0]!r}")
+    groups: dict[tuple[bool, float], list] = {}
     for n, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else plain).append((n, p))
-    groups = [
-        {"params": [p for _, p in decay], "weight_decay": cfg.weight_decay},
-        {"params": [p for _, p in plain], "weight_decay": 0.0},
-    ]
-    names = [n for n, _ in decay] + [n for n, _ in plain]
-    if not names:
+            groups.setdefault((p.ndim >= 2, lr_scale_of(n, cfg.lr_scale)), []).append((n, p))
+    if not groups:
         raise ConfigError("[train] trainable selects no parameters: nothing would train")
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            eps=cfg.eps)
+    order = sorted(groups, key=lambda k: (not k[0], -k[1]))  # decayed first (as before lr_scale existed)
+    params = [{"params": [p for _, p in groups[k]], "weight_decay": cfg.weight_decay if k[0] else 0.0,
+               "lr_scale": k[1]} for k in order]
+    names = [n for k in order for n, _ in groups[k]]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     return opt, names
 
 

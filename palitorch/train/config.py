@@ -42,6 +42,7 @@ class ModelConfig:
     patch_size: int = 8
     vocab_size: int = 1024  # BPE pieces learned from the training texts (plus the 256 bytes and specials)
     dummy_prefix: bool = False  # tokenizer: "▁" before every word, the first too, so a word is one token anywhere
+    split_punctuation: bool = False  # tokenizer: "\n" and ?.,!;: always separate pieces (no "image?\n" merges)
     max_length: int = 512  # the context of a from-scratch model (image tokens included)
     init_std: float = 0.02  # from-scratch weights ~ N(0, init_std); biases 0, norms at identity
     smooth_locs: bool = False  # from scratch: <loc> embeddings start as an ordinal code (neighbouring bins alike)
@@ -107,6 +108,9 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine / linear / constant, after the warm-up
     min_lr_ratio: float = 0.0  # the schedule ends at lr * min_lr_ratio
     clip_grad_norm: float = 1.0  # 0 = no clipping
+    # Per-part multipliers of lr, e.g. {vision = 0.1}: keys are part names (vision, projector, decoder, embeddings)
+    # or globs over parameter names; the first key that matches a parameter wins, the rest train at 1x.
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -189,6 +193,9 @@ class TrainConfig:
         for k, v in self.data.task_repeat.items():
             if not isinstance(v, int) or v < 0:
                 raise ConfigError(f"[data] task_repeat.{k} must be a whole number >= 0, got {v!r}")
+        for k, v in self.optim.lr_scale.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(f"[optim] lr_scale.{k} must be a number >= 0, got {v!r}")
 
 
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}

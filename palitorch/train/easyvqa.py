@@ -102,6 +102,11 @@ def _question_table() -> dict[str, Question]:
 
 
 QUESTIONS = _question_table()
+_YESNO_BY_VALUE: dict[tuple[str, str, bool], list[str]] = {}  # ("color" | "shape", value, negated) -> texts
+for _text, _q in QUESTIONS.items():
+    if _q.qtype == "yesno":
+        _YESNO_BY_VALUE.setdefault(("shape", _q.shape, _q.negated) if _q.shape else ("color", _q.color, _q.negated),
+                                   []).append(_text)
 
 
 def parse_question(text: str) -> Question:
@@ -112,27 +117,34 @@ def parse_question(text: str) -> Question:
         raise InputError(f"not an easy-VQA question: {text!r}") from None
 
 
-def sample_questions(shape: str, color: str, rng: random.Random,
-                     balanced: bool = False) -> list[tuple[str, str]]:
-    """(question, answer) pairs for a generated image, drawn from the templates at the package's rates.
-
-    With `balanced`, as many yes/no questions as the package would ask, half answered yes and half no. The package's
-    own questions are 7:1 "no" for colour questions (8 colours), a prior a small model can score 82.5% on without
-    looking at the image, and then never learn to; balanced extra questions take that shortcut away.
-    """
-    pairs, yes, no = [], [], []
+def sample_questions(shape: str, color: str, rng: random.Random) -> list[tuple[str, str]]:
+    """(question, answer) pairs for a generated image, drawn from the templates at the package's rates."""
+    pairs = []
     for text, q in QUESTIONS.items():
         if (q.qtype == "shape" and q.color not in (None, color)) or \
                 (q.qtype == "color" and q.shape not in (None, shape)):
             continue  # "what is the red shape?" is only asked of red shapes
-        if balanced and q.qtype == "yesno":
-            (yes if q.answer(shape, color) == "yes" else no).append(text)
-        elif rng.random() < (YESNO_RATE if q.qtype == "yesno" else WHAT_RATE):
+        if rng.random() < (YESNO_RATE if q.qtype == "yesno" else WHAT_RATE):
             pairs.append((text, q.answer(shape, color)))
-    if balanced:
-        n = sum(rng.random() < YESNO_RATE for _ in range(len(yes) + len(no)))
-        k = min(n // 2, len(yes))
-        pairs += [(t, "yes") for t in rng.sample(yes, k)] + [(t, "no") for t in rng.sample(no, min(n - k, len(no)))]
+    return pairs
+
+
+def balanced_yesno(shape: str, color: str, rng: random.Random) -> list[tuple[str, str]]:
+    """Eight yes/no questions about one image whose answers the question text cannot predict.
+
+    The package asks "is there a <colour> shape?" mostly about absent colours (7 of 8), so its yes/no answers are
+    82.5% predictable from the text alone; a small model learns that prior within a few hundred steps and is slow to
+    learn to compare the question's word with the image. Here, for colour and for shape, plain and negated, one
+    question names what the image shows and one names a random other value: every (kind, negation) is half yes.
+    """
+    table = _YESNO_BY_VALUE
+    pairs = []
+    for kind, true, values in (("color", color, sorted(COLORS)), ("shape", shape, list(SHAPES))):
+        false = rng.choice([v for v in values if v != true])
+        for negated in (False, True):
+            for value in (true, false):
+                text = rng.choice(table[kind, value, negated])
+                pairs.append((text, "yes" if (value == true) != negated else "no"))
     return pairs
 
 
@@ -145,13 +157,17 @@ def labels_from_answers(qa: list[tuple[str, str]]) -> tuple[frozenset[str], froz
     return allowed_shapes, allowed_colors
 
 
-def records(image: str, qa: list[tuple[str, str]], shape: str, color: str, box) -> list[dict]:
-    """The JSONL lines of one image: its questions, then one caption and one detection."""
+def records(image: str, qa: list[tuple[str, str]], shape: str, color: str, box,
+            balanced: list[tuple[str, str]] = ()) -> list[dict]:
+    """The JSONL lines of one image: its questions, then one caption and one detection, then `balanced` questions
+    (marked `"source": "balanced"`)."""
     lines = [{"image": image, "prefix": f"answer en {q}", "suffix": a, "task": "vqa",
               "qtype": parse_question(q).qtype} for q, a in qa]
     lines.append({"image": image, "prefix": "caption en", "suffix": f"{color} {shape}", "task": "caption"})
     locs = shapes.loc_tokens(box, shapes.SIZE, shapes.SIZE)
     lines.append({"image": image, "prefix": f"detect {shape}", "suffix": f"{locs} {shape}", "task": "detect"})
+    lines += [{"image": image, "prefix": f"answer en {q}", "suffix": a, "task": "vqa", "qtype": "yesno",
+               "source": "balanced"} for q, a in balanced]
     return lines
 
 
@@ -211,8 +227,10 @@ def _label(summary: Summary, split: str, key, qa, measured: shapes.Measured) -> 
 
 
 def convert(out: str | os.PathLike, limit: int | None = None, extra: int = 0, seed: int = 0,
-            copy_images: bool = True, progress: bool = False) -> Summary:
+            copy_images: bool = True, progress: bool = False, balanced: bool = False) -> Summary:
     """Write train.jsonl and test.jsonl (and the images) under `out`; `limit` keeps the first N images per split.
+
+    `balanced` adds `balanced_yesno` questions to every training image (never to the test split).
 
     `copy_images=False` points the JSONL at the installed package's PNGs by absolute path instead of copying them:
     no 22 MB of copies, but the folder then only works where that package is installed.
@@ -220,6 +238,7 @@ def convert(out: str | os.PathLike, limit: int | None = None, extra: int = 0, se
     package = _package()
     out = Path(out)
     summary = Summary()
+    rng = random.Random(seed + 1)
     sources = {"train": (package.get_train_questions(), package.get_train_image_paths()),
                "test": (package.get_test_questions(), package.get_test_image_paths())}
     for split, ((texts, answers, ids), paths) in sources.items():
@@ -239,10 +258,11 @@ def convert(out: str | os.PathLike, limit: int | None = None, extra: int = 0, se
                 image = str(Path(paths[key]).resolve())
             measured = shapes.measure(Image.open(io.BytesIO(png)))
             shape, color = _label(summary, split, key, qa[key], measured)
-            lines += records(image, qa[key], shape, color, measured.box)
+            more = balanced_yesno(shape, color, rng) if (balanced and split == "train") else []
+            lines += records(image, qa[key], shape, color, measured.box, more)
         summary.images[split] = len(keep)
         if split == "train" and extra:
-            lines += _extra(out, extra, seed, summary, progress)
+            lines += _extra(out, extra, seed, summary, progress, balanced)
         _write_jsonl(out / f"{split}.jsonl", lines)
         summary.lines[split] = Counter(r["task"] + (f"/{r['qtype']}" if "qtype" in r else "") for r in lines)
     (out / "summary.json").write_text(json.dumps(
@@ -253,7 +273,7 @@ def convert(out: str | os.PathLike, limit: int | None = None, extra: int = 0, se
 
 def _extra(out: Path, n: int, seed: int, summary: Summary, progress: bool, balanced: bool = False) -> list[dict]:
     """`n` generated training images: labelled by what was drawn, boxed by the same measurement as the package's
-    images (whose shape and colour must match the drawing, else a conflict); `balanced`: see sample_questions."""
+    images (whose shape and colour must match the drawing, else a conflict); `balanced`: see balanced_yesno."""
     rng = random.Random(seed)
     folder = out / "images" / "extra"
     folder.mkdir(parents=True, exist_ok=True)
@@ -264,13 +284,13 @@ def _extra(out: Path, n: int, seed: int, summary: Summary, progress: bool, balan
         rel = f"images/extra/{i}.png"
         image.save(out / rel)
         measured = shapes.measure(image)
-        qa = sample_questions(shape, color, rng, balanced)
+        qa = sample_questions(shape, color, rng)
         if (measured.shape, measured.color) != (shape, color):
             summary.conflicts.append(f"extra image {i}: drew {color} {shape}, measured {measured.color} "
                                      f"{measured.shape}")
         summary.note_fit(measured)
         ious.append(shapes.iou(measured.box, true_box))
-        lines += records(rel, qa, shape, color, measured.box)
+        lines += records(rel, qa, shape, color, measured.box, balanced_yesno(shape, color, rng) if balanced else [])
     summary.images["extra"] = n
     summary.extra_iou = [sum(ious) / n, min(ious)]
     return lines

@@ -85,7 +85,8 @@ class Trainer:
         folder = self.resume_from or (Path(cfg.model.init) if cfg.model.init else None)
         if d.main:  # one process writes (BPE training need not be bit-reproducible across processes), all read
             if folder is None:
-                build.learn_tokenizer(raw, cfg.model.vocab_size, tok_dir, cfg.model.dummy_prefix)
+                build.learn_tokenizer(raw, cfg.model.vocab_size, tok_dir, cfg.model.dummy_prefix,
+                                      cfg.model.split_punctuation)
             else:  # a copy: checkpoints are pruned, and the files must outlive the one they came from
                 build.copy_tokenizer(folder, tok_dir)
         ddp.barrier(d)
@@ -155,7 +156,7 @@ class Trainer:
         ddp.all_reduce_sum(total_loss, d)
         lr = build.lr_at(step, self.total, self.cfg.optim)
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         if self.cfg.optim.clip_grad_norm > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_grad_norm))
         else:

@@ -6,6 +6,10 @@ tokenizers do, unlike Gemma's), so a word is one token wherever it stands: the a
 "is there a red shape?" are then the same token, which a small model trained from scratch needs to connect them.
 It holds `<pad> <eos> <bos> <unk> <image>`, `<loc0000>`..`<loc1023>` and `<seg000>`..`<seg127>`, so
 the processor code that serves Hub models serves small ones unchanged.
+
+With `split_punctuation`, newlines and `? . , ! ; :` are always pieces of their own, as in Gemma's vocabulary:
+otherwise BPE learns merges such as `image?\n`, and the last prompt token (the one that predicts the answer) would
+be a different token for every question template instead of the one `\n` separator.
 """
 
 from __future__ import annotations
@@ -14,15 +18,17 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"]
 LOC = [f"<loc{i:04d}>" for i in range(1024)]
 SEG = [f"<seg{i:03d}>" for i in range(128)]
 BYTES = [f"<0x{i:02X}>" for i in range(256)]
+PUNCTUATION = r"[\n?.,!;:]"
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, dummy_prefix: bool = False) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, dummy_prefix: bool = False,
+                    split_punctuation: bool = False) -> Tokenizer:
     """Train BPE on `texts`; `vocab_size` counts the learned pieces and the 256 byte tokens, not the specials."""
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -34,6 +40,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, dummy_prefix: 
         tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
         tok.decoder = decoders.Sequence(steps)
         texts = (t.replace(" ", "▁") for t in texts)
+    if split_punctuation:
+        isolate = pre_tokenizers.Split(Regex(PUNCTUATION), behavior="isolated")
+        tok.pre_tokenizer = pre_tokenizers.Sequence([tok.pre_tokenizer, isolate])
     specials = SPECIAL + LOC + SEG
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size + len(specials), special_tokens=specials, initial_alphabet=[], show_progress=False,

@@ -120,10 +120,17 @@ def test_captions_reproduce_every_training_answer(full):
 def test_cli_limit_lines_and_boxes(tmp_path):
     out = tmp_path / "evqa"
     boxes = 0
-    assert main(["data", "easyvqa", "--out", str(out), "--limit", "15", "--extra", "10"]) == 0
+    assert main(["data", "easyvqa", "--out", str(out), "--limit", "15", "--extra", "10", "--balanced-yesno"]) == 0
     for split, n_images in (("train", 25), ("test", 15)):
         rows = read(out / f"{split}.jsonl")
         assert len(by_image(rows)) == n_images
+        # Balanced yes/no questions: 8 per training image, right by the image's caption; never in the test split.
+        captions = {r["image"]: r["suffix"].split() for r in rows if r["task"] == "caption"}
+        balanced = [r for r in rows if r.get("source") == "balanced"]
+        assert len(balanced) == (8 * n_images if split == "train" else 0)
+        for r in balanced:
+            color, shape = captions[r["image"]]
+            assert parse_question(r["prefix"][10:]).answer(shape, color) == r["suffix"]
         for r in rows:
             assert all(isinstance(r[k], str) for k in ("image", "prefix", "suffix")), r
             assert (out / r["image"]).is_file()  # relative to the JSONL's folder
@@ -193,17 +200,22 @@ def test_demo_assets_match_the_package():
         assert ex["caption"] == f"{m.color} {m.shape}" and list(m.box) == ex["box"]
 
 
-def test_balanced_questions_for_generated_images():
-    """Generated images' yes/no questions are half yes, half no, and every answer is right."""
+def test_balanced_yesno_questions_carry_no_text_prior():
+    """Every answer is right, and for each (colour or shape, plain or negated) half the answers are yes."""
     import random
+    from collections import Counter
 
-    from palitorch.train.easyvqa import parse_question, sample_questions
+    from palitorch.train.easyvqa import balanced_yesno, parse_question
 
     rng = random.Random(1)
-    counts = {"yes": 0, "no": 0}
+    counts, texts = Counter(), set()
     for shape, color in [("circle", "red"), ("triangle", "teal"), ("rectangle", "gray")] * 50:
-        for text, answer in sample_questions(shape, color, rng, balanced=True):
-            assert parse_question(text).answer(shape, color) == answer
-            if answer in counts:
-                counts[answer] += 1
-    assert 0.4 < counts["yes"] / (counts["yes"] + counts["no"]) <= 0.5
+        for text, answer in balanced_yesno(shape, color, rng):
+            q = parse_question(text)
+            assert q.qtype == "yesno" and q.answer(shape, color) == answer
+            counts["color" if q.color else "shape", q.negated, answer] += 1
+            texts.add(text)
+    for kind in ("color", "shape"):
+        for negated in (False, True):
+            assert counts[kind, negated, "yes"] == counts[kind, negated, "no"] == 150
+    assert len(texts) > 60  # templates and the named false values vary

@@ -131,6 +131,24 @@ def test_weight_decay_skips_biases_and_norms(data, tmp_path):
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in plain["params"])
 
 
+def test_lr_scale_multiplies_the_schedule_per_part(data, tmp_path):
+    """{vision = 0} holds the tower still while the rest trains; 0.5 halves the projector's learning rate."""
+    cfg = config(data, tmp_path / "lr", train__steps=3, optim__lr_scale='{vision = 0.0, "projector.*" = 0.5}')
+    trainer = Trainer(cfg)
+    scales = {round(g["lr_scale"], 3) for g in trainer.opt.param_groups}
+    assert scales == {0.0, 0.5, 1.0}
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]) == k.startswith("vision_tower."), k
+    base = next(g["lr"] for g in trainer.opt.param_groups if g["lr_scale"] == 1.0)
+    assert base > 0
+    for g in trainer.opt.param_groups:  # the last step's lr per group: the schedule's times the scale
+        assert g["lr"] == pytest.approx(base * g["lr_scale"])
+    with pytest.raises(ConfigError, match="lr_scale key 'vison' matches no parameter"):
+        Trainer(config(data, tmp_path / "bad", optim__lr_scale="{vison = 0.1}"))
+
+
 def test_warmstart_trains_only_the_vision_tower(data, tmp_path):
     cfg = config(data, tmp_path / "w", train__steps=1, warmstart__epochs=4, warmstart__batch_size=8,
                  warmstart__lr=3e-3, train__trainable=["decoder"])
@@ -188,7 +206,7 @@ def test_setup_errors_are_one_line(data, tmp_path):
 def test_dummy_prefix_tokenizer_smooth_locs_and_grouped_batches(data, tmp_path):
     """The bundled model's options: its tokenizer, loc init and batch grouping train a folder both libraries read."""
     cfg = config(data, tmp_path / "run", train__steps=6, model__dummy_prefix=True, model__smooth_locs=True,
-                 model__vocab_size=400, data__per_image=3)
+                 model__split_punctuation=True, model__vocab_size=400, data__per_image=3)
     Trainer(cfg).fit()
     pipe = palitorch.load(tmp_path / "run" / "model")
     tok = pipe.processor.tokenizer
@@ -197,6 +215,10 @@ def test_dummy_prefix_tokenizer_smooth_locs_and_grouped_batches(data, tmp_path):
     question = tok.encode("what is the blue shape?", add_special_tokens=False).ids
     assert len(answer) == 1 and answer[0] in question
     assert pipe.processor.decode(tok.encode("blue circle", add_special_tokens=False).ids) == "blue circle"
+    # The prompt's last token is the "\n" separator itself, whatever the question's last word.
+    for prompt in ("what is the blue shape?\n", "is there a circle?\n", "caption en\n"):
+        pieces = tok.encode(prompt, add_special_tokens=False).tokens
+        assert pieces[-1] == "\n" and "\n" not in "".join(pieces[:-1]), pieces
     assert_loads_in_transformers(tmp_path / "run" / "model", pipe)
 
 
