@@ -268,20 +268,16 @@ def _pg2(image_size: int, size: str) -> PaliGemmaConfig:
 
 
 def _tiny(vocab_size: int, version: int = 1, image_size: int = 64, patch_size: int = 8,
-          hidden: int = 128, layers: int = 2, heads: int = 4, vision_layers: int | None = None,
-          vision_hidden: int | None = None) -> PaliGemmaConfig:
+          hidden: int = 128, layers: int = 2, heads: int = 4) -> PaliGemmaConfig:
     """The small from-scratch shape used for the bundled easy-VQA model (~1M parameters with the defaults).
 
-    Both towers get `layers` layers of width `hidden`, MLP x4, `heads` heads; the decoder has 1 KV head. The vision
-    tower may be deeper or wider (`vision_layers`, `vision_hidden`): it runs once per image, the decoder once per text.
+    Both towers get `layers` layers of width `hidden`, MLP x4, `heads` heads; the decoder has 1 KV head.
     """
     n = layers
-    vl = layers if vision_layers is None else vision_layers
-    vh = hidden if vision_hidden is None else vision_hidden
     g2 = version == 2
     d = hidden // heads
     return PaliGemmaConfig(
-        vision=VisionConfig(hidden_size=vh, intermediate_size=4 * vh, num_layers=vl, num_heads=heads,
+        vision=VisionConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_layers=layers, num_heads=heads,
                             image_size=image_size, patch_size=patch_size),
         text=TextConfig(
             vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden, num_layers=n, num_heads=heads,
@@ -309,7 +305,6 @@ PRESETS = {
 # Named from-scratch shapes for `palitorch train` ([model] preset): arguments of `_tiny` besides vocab and image.
 SMALL_PRESETS = {
     "tiny": {"hidden": 128, "layers": 2, "heads": 4},  # 1.1M parameters (1,700-token vocab): easy-VQA
-    "tiny-v4": {"hidden": 128, "layers": 2, "heads": 4, "vision_layers": 4},  # 1.5M: a deeper vision tower
     "small": {"hidden": 256, "layers": 4, "heads": 4},  # 7.5M
     "base": {"hidden": 384, "layers": 6, "heads": 6},  # 24M
 }
