@@ -29,7 +29,7 @@ clean:
 
 # The bundled default model: easy-VQA (plus 4,000 generated training images) -> palitorch/default_model.
 train-default: $(STAMP)
-	$(BIN)/palitorch data easyvqa --out data/easyvqa --extra 4000
+	$(BIN)/palitorch data easyvqa --out data/easyvqa --extra 4000 --balanced-yesno
 	rm -rf runs/easyvqa-default
 	$(BIN)/palitorch train configs/easyvqa-default.toml
 	rm -rf palitorch/default_model
