@@ -1,6 +1,7 @@
 """easy-VQA (PyPI `easy-vqa`) as PaliGemma training data: JSONL with three tasks in PaliGemma's prompt style.
 
     convert("data/easyvqa")          # or: palitorch data easyvqa --out data/easyvqa [--extra N] [--limit N]
+                                     #     [--balanced-yesno]: + 8 yes/no questions per training image
 
 writes, under the output folder:
     train.jsonl, test.jsonl    one JSON object a line: {"image", "prefix", "suffix", "task"[, "qtype"]}
