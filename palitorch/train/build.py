@@ -127,19 +127,26 @@ def smooth_loc_embeddings(model: PaliGemma, loc_ids: list[int], std: float, seed
     w[torch.tensor(loc_ids)] = code.to(w.dtype)
 
 
+def matches(name: str, pattern: str) -> bool:
+    """Whether parameter `name` is selected by `pattern`: a part name (PARTS) or a glob over names."""
+    return fnmatch.fnmatchcase(name, PARTS.get(pattern, pattern))
+
+
+def check_patterns(model: nn.Module, patterns, what: str) -> None:
+    """A one-line ConfigError for the first pattern that selects no parameter (a typo such as "vison")."""
+    names = [n for n, _ in model.named_parameters()]
+    for pat in patterns:
+        if not any(matches(n, pat) for n in names):
+            raise ConfigError(f"{what} {pat!r} matches no parameter; use {', '.join(PARTS)} or a glob over names "
+                              f"such as {names[0]!r}")
+
+
 def set_trainable(model: nn.Module, patterns: list[str]) -> list[str]:
     """Freeze every parameter not matched by `patterns` (part names or globs); returns the trainable names."""
-    globs = [PARTS.get(p, p) for p in patterns]
-    names = [n for n, _ in model.named_parameters()]
-    for pat, g in zip(patterns, globs):
-        if not any(fnmatch.fnmatchcase(n, g) for n in names):
-            raise ConfigError(
-                f"[train] trainable pattern {pat!r} matches no parameter; use {', '.join(PARTS)} or a glob over "
-                f"names such as {names[0]!r}"
-            )
+    check_patterns(model, patterns, "[train] trainable pattern")
     chosen = []
     for n, p in model.named_parameters():
-        p.requires_grad_(any(fnmatch.fnmatchcase(n, g) for g in globs))
+        p.requires_grad_(any(matches(n, pat) for pat in patterns))
         if p.requires_grad:
             chosen.append(n)
     return chosen
@@ -147,10 +154,7 @@ def set_trainable(model: nn.Module, patterns: list[str]) -> list[str]:
 
 def lr_scale_of(name: str, scales: dict[str, float]) -> float:
     """The `[optim] lr_scale` multiplier of one parameter: the first key (part name or glob) matching it, else 1."""
-    for key, scale in scales.items():
-        if fnmatch.fnmatchcase(name, PARTS.get(key, key)):
-            return float(scale)
-    return 1.0
+    return next((float(s) for key, s in scales.items() if matches(name, key)), 1.0)
 
 
 def optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.AdamW, list[str]]:
@@ -159,11 +163,7 @@ def optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.AdamW, li
     One parameter group per (decay, `lr_scale` multiplier); each group's "lr_scale" is applied by the loop on top of
     the schedule. Returns the optimizer and the parameter names in optimizer order (the key of its saved state).
     """
-    names_all = [n for n, _ in model.named_parameters()]
-    for key in cfg.lr_scale:
-        if not any(fnmatch.fnmatchcase(n, PARTS.get(key, key)) for n in names_all):
-            raise ConfigError(f"[optim] lr_scale key {key!r} matches no parameter; use {', '.join(PARTS)} or a glob "
-                              f"over names such as {names_all[0]!r}")
+    check_patterns(model, cfg.lr_scale, "[optim] lr_scale key")
     groups: dict[tuple[bool, float], list] = {}
     for n, p in model.named_parameters():
         if p.requires_grad:

@@ -138,13 +138,12 @@ def balanced_yesno(shape: str, color: str, rng: random.Random) -> list[tuple[str
     learn to compare the question's word with the image. Here, for colour and for shape, plain and negated, one
     question names what the image shows and one names a random other value: every (kind, negation) is half yes.
     """
-    table = _YESNO_BY_VALUE
     pairs = []
     for kind, true, values in (("color", color, sorted(COLORS)), ("shape", shape, list(SHAPES))):
         false = rng.choice([v for v in values if v != true])
         for negated in (False, True):
             for value in (true, false):
-                text = rng.choice(table[kind, value, negated])
+                text = rng.choice(_YESNO_BY_VALUE[kind, value, negated])
                 pairs.append((text, "yes" if (value == true) != negated else "no"))
     return pairs
 
