@@ -54,6 +54,10 @@ class DataConfig:
     train: list[str] = field(default_factory=list)  # JSONL files of {"image", "prefix", "suffix"}
     eval: str = ""  # held-out JSONL for evaluation (optional)
     task_repeat: dict[str, int] = field(default_factory=dict)  # e.g. {caption = 4}: copies per epoch by "task"
+    # From step `late_from` on (0 = never), the mix changes: `late_task_repeat` overrides task_repeat's entries,
+    # e.g. {detect = 8} once the questions are learnt. Its data order is a pure function of seed and step too.
+    late_from: int = 0
+    late_task_repeat: dict[str, int] = field(default_factory=dict)
     cache_images: bool = True  # keep every decoded, resized image in memory as uint8 (small datasets)
     # Examples of one image kept together in a batch, so the vision tower runs once for all of them (1 = off; the
     # easy-VQA questions come ~10 per image, and 4 per batch cut the vision work per step ~4x).
@@ -136,10 +140,13 @@ class WarmstartConfig:
     The labels come from the training examples whose prefix is `prefix`: word k of the suffix is the class of
     classifier head k, one linear head per word position on the mean-pooled vision output (for captions
     "<colour> <shape>" that is a colour and a shape classifier). The heads are thrown away afterwards.
+    With `boxes` (a prefix such as "detect"), every patch token also learns which of its pixels lie inside the
+    boxes of that image's detection answers (a per-token linear head), so the tower reads box edges to the pixel.
     """
 
     epochs: float = 0.0
     prefix: str = "caption en"
+    boxes: str = ""  # prefix of detection examples whose boxes teach per-pixel box masks; "" = off
     lr: float = 1e-3
     batch_size: int = 64
     warmup_steps: int = 20
@@ -190,9 +197,12 @@ class TrainConfig:
             raise ConfigError("[checkpoint] keep must be >= 1")
         if self.data.per_image < 1:
             raise ConfigError(f"[data] per_image must be >= 1, got {self.data.per_image}")
-        for k, v in self.data.task_repeat.items():
-            if not isinstance(v, int) or v < 0:
-                raise ConfigError(f"[data] task_repeat.{k} must be a whole number >= 0, got {v!r}")
+        for name in ("task_repeat", "late_task_repeat"):
+            for k, v in getattr(self.data, name).items():
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise ConfigError(f"[data] {name}.{k} must be a whole number >= 0, got {v!r}")
+        if self.data.late_from < 0 or (self.data.late_from > 0 and not self.data.late_task_repeat):
+            raise ConfigError("[data] late_from must be >= 0, and a late_from > 0 needs a late_task_repeat table")
         for k, v in self.optim.lr_scale.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ConfigError(f"[optim] lr_scale.{k} must be a number >= 0, got {v!r}")

@@ -57,6 +57,10 @@ class Trainer:
         self.images = Images(self.processor.image_size, cfg.data.cache_images)
         self.train_examples = repeat_by_task(raw, cfg.data.task_repeat)
         self.data = Dataset(self.train_examples, self.processor, self.images, cfg.data.per_image)
+        self.late_data = None  # the mix from step [data] late_from on
+        if cfg.data.late_from > 0:
+            late = repeat_by_task(raw, {**cfg.data.task_repeat, **cfg.data.late_task_repeat})
+            self.late_data = Dataset(late, self.processor, self.images, cfg.data.per_image)
         self.raw_train = raw
         self.eval_examples = read_jsonl(cfg.data.eval) if cfg.data.eval else []
         self.eval_data = Dataset(self.eval_examples, self.processor, self.images) if self.eval_examples else None
@@ -64,8 +68,9 @@ class Trainer:
         if t.batch_size < self.dist.world:
             raise ConfigError(f"[train] batch_size {t.batch_size} is smaller than the {self.dist.world} processes")
         per_epoch = len(self.data) // t.batch_size
-        if per_epoch == 0:
-            raise ConfigError(f"{len(self.data)} training examples make no full batch of {t.batch_size}")
+        for data in (self.data, self.late_data or self.data):
+            if len(data) < t.batch_size:
+                raise ConfigError(f"{len(data)} training examples make no full batch of {t.batch_size}")
         self.total = t.steps or max(1, math.ceil(t.epochs * per_epoch))
         self.per_epoch = per_epoch
 
@@ -137,14 +142,15 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         """Forward/backward over this process's share of global batch `step`, all-reduce, clip, AdamW."""
         t, d = self.cfg.train, self.dist
-        idx = global_batch(len(self.data), t.batch_size, t.seed, step, self.data.order)
-        n_targets = int(self.data.targets[idx].sum())  # loss tokens of the GLOBAL batch, known to every process
+        data = self.data_at(step)
+        idx = global_batch(len(data), t.batch_size, t.seed, step, data.order)
+        n_targets = int(data.targets[idx].sum())  # loss tokens of the GLOBAL batch, known to every process
         part = ddp.shard(len(idx), d)
         mine = idx[part]
         micro = t.micro_batch_size or len(mine)
         total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         for lo in range(0, len(mine), micro):
-            batch = self.data.batch(mine[lo: lo + micro], self.cfg.augment, t.seed, step)
+            batch = data.batch(mine[lo: lo + micro], self.cfg.augment, t.seed, step)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self._autocast():
                 out = self.model(**batch, return_logits=False)
@@ -163,7 +169,12 @@ class Trainer:
             norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params])))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return {"loss": float(total_loss), "lr": lr, "grad_norm": norm, "tokens": int(self.data.lengths[idx].sum())}
+        return {"loss": float(total_loss), "lr": lr, "grad_norm": norm, "tokens": int(data.lengths[idx].sum())}
+
+    def data_at(self, step: int) -> Dataset:
+        """The examples step `step` draws from: the late mix from [data] late_from on, if one is set."""
+        late = self.late_data is not None and step >= self.cfg.data.late_from
+        return self.late_data if late else self.data
 
     # ------------------------------------------------------------------ evaluation and checkpoints
 
@@ -206,6 +217,7 @@ class Trainer:
             (self.run / "config.toml").write_text(cfg.to_toml())
             self.log({"step": self.step, "event": "resume" if self.resume_from else "start",
                       "parameters": total_params, "trainable": trainable_params, "examples": len(self.data),
+                      "late_examples": len(self.late_data) if self.late_data is not None else None,
                       "steps": self.total, "steps_per_epoch": self.per_epoch, "world_size": d.world,
                       "device": str(self.device)})
         show = t.progress and d.main

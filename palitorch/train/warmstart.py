@@ -8,7 +8,12 @@ Labels come from the data itself: the training examples whose prefix is `[warmst
 one per image; word k of their suffix is the label of classifier k (for `teal circle`: colour and shape). Each
 classifier is one linear layer on the mean-pooled vision output; the heads are discarded afterwards.
 
-Axes: B batch, P patches, C vision hidden size.
+With `[warmstart] boxes = "detect"`, the boxes of each image's detection answers (the examples whose prefix starts
+with that word) also give a dense target: every patch token predicts, through one more linear head, which of its
+p x p pixels lie inside a box (binary cross-entropy). Classification needs only what is in the image; a box
+coordinate needs where, to the pixel, and this teaches the tower that from its first steps.
+
+Axes: B batch, P patches, C vision hidden size, S image side, p patch side.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 from torch import nn
 
 from palitorch.errors import ConfigError
+from palitorch.tasks.detection import split_objects
 from palitorch.train import ddp
 from palitorch.train.build import lr_at
 from palitorch.train.config import TrainConfig
@@ -45,6 +51,30 @@ def labels_from(examples: list[Example], prefix: str) -> tuple[list[Example], to
     return chosen, labels, classes
 
 
+def box_masks(examples: list[Example], chosen: list[Example], prefix: str, size: int, patch: int) -> torch.Tensor:
+    """Per image of `chosen`: [P, p*p] floats, 1 where a pixel centre lies inside a box of its `prefix` answers.
+
+    Rows of images without a detection answer are -1 (not scored). Patches are in the tower's row-major order.
+    """
+    boxes: dict = {}
+    for e in examples:
+        if e.prefix.split(" ", 1)[0] == prefix:
+            boxes.setdefault(e.image, []).extend(locs for locs, _, _ in split_objects(e.suffix))
+    centres = (torch.arange(size, dtype=torch.float64) + 0.5) / size * 1023  # pixel centres on the loc grid
+    n = size // patch
+    out = torch.full((len(chosen), n * n, patch * patch), -1.0)
+    for i, e in enumerate(chosen):
+        if e.image not in boxes:
+            continue
+        mask = torch.zeros(size, size, dtype=torch.bool)
+        for y0, x0, y1, x1 in boxes[e.image]:
+            rows = (centres >= min(y0, y1)) & (centres < max(y0, y1))
+            cols = (centres >= min(x0, x1)) & (centres < max(x0, x1))
+            mask |= rows[:, None] & cols[None, :]
+        out[i] = mask.reshape(n, patch, n, patch).permute(0, 2, 1, 3).reshape(n * n, patch * patch).float()
+    return out
+
+
 def warmstart(model, processor, examples: list[Example], images: Images, cfg: TrainConfig, d: ddp.Dist,
               device: torch.device, autocast, progress: Callable | None = None) -> dict:
     """Train `model.vision_tower` (and throwaway heads) for `[warmstart] epochs`; returns per-head accuracy."""
@@ -53,6 +83,13 @@ def warmstart(model, processor, examples: list[Example], images: Images, cfg: Tr
     tower = model.vision_tower
     g = torch.Generator().manual_seed(cfg.train.seed + 1)
     heads = nn.ModuleList(nn.Linear(tower.cfg.hidden_size, len(c)) for c in classes).to(device)
+    masks = None
+    if w.boxes:
+        size, patch = tower.cfg.image_size, tower.cfg.patch_size
+        masks = box_masks(examples, chosen, w.boxes, size, patch)
+        if not bool((masks[:, 0, 0] >= 0).any()):
+            raise ConfigError(f"[warmstart] boxes: no training example with the prefix {w.boxes!r} has a box")
+        heads.append(nn.Linear(tower.cfg.hidden_size, patch * patch).to(device))
     with torch.no_grad():
         for h in heads:
             h.weight.copy_(torch.randn(h.weight.shape, generator=g) * cfg.model.init_std)
@@ -69,7 +106,7 @@ def warmstart(model, processor, examples: list[Example], images: Images, cfg: Tr
         raise ConfigError(f"[warmstart] batch_size {bs} is smaller than the {d.world} processes")
     per_epoch = n // bs
     total = max(1, math.ceil(w.epochs * per_epoch))
-    hits = torch.zeros(len(classes), 2, dtype=torch.float64, device=device)  # correct, counted: last epoch
+    hits = torch.zeros(len(heads), 2, dtype=torch.float64, device=device)  # correct, counted: last epoch
     tower.train()
     bar = progress(total, "warm-start") if progress else None
     for step in range(total):
@@ -82,9 +119,20 @@ def warmstart(model, processor, examples: list[Example], images: Images, cfg: Tr
             x = augment(x, cfg.augment, cfg.train.seed + 1, step, range(part.start, part.stop))
         y = labels[mine].to(device)
         with autocast():
-            pooled = tower(normalize(x, processor).to(device)).mean(dim=1).float()  # [B, C]
+            tokens = tower(normalize(x, processor).to(device))  # [B, P, C]
+            pooled = tokens.mean(dim=1).float()  # [B, C]
         loss = torch.zeros((), device=device)
-        for k, head in enumerate(heads):
+        if masks is not None:
+            target = masks[mine].to(device)  # B P p*p, -1 for images without a box
+            scored = target[:, 0, 0] >= 0
+            valid = max(1, int((masks[idx, 0, 0] >= 0).sum()))  # over the GLOBAL batch, as for the classifiers
+            logits = heads[-1](tokens.float())[scored]
+            loss = loss + nn.functional.binary_cross_entropy_with_logits(
+                logits, target[scored], reduction="sum") / (valid * target[0].numel())
+            if step >= total - per_epoch:
+                hits[-1, 0] += ((logits > 0) == (target[scored] > 0.5)).sum()
+                hits[-1, 1] += logits.numel()
+        for k, head in enumerate(heads[: len(classes)]):
             logits = head(pooled)
             # Each head's mean over the GLOBAL batch's labelled images: the same sum on 1 or N processes.
             valid = int((labels[idx, k] != -100).sum())
@@ -111,7 +159,8 @@ def warmstart(model, processor, examples: list[Example], images: Images, cfg: Tr
     for p in frozen:
         p.requires_grad_(False)
     ddp.all_reduce_sum(hits, d)
+    names = [len(c) for c in classes] + (["box mask"] if masks is not None else [])
     return {
-        "warmstart": {"steps": total, "images": n, "heads": [len(c) for c in classes],
+        "warmstart": {"steps": total, "images": n, "heads": names,
                       "train_accuracy": [float(h[0] / h[1].clamp(min=1)) for h in hits]}
     }

@@ -237,3 +237,64 @@ def test_smooth_loc_embeddings_are_ordinal():
 
     assert sim(1) > 0.95 and sim(1) > sim(16) > sim(64) > sim(256) and abs(sim(256)) < 0.2
     assert abs(float(model.language_model.embed_tokens.weight[locs].std()) - 0.02) < 0.002
+
+
+def test_box_masks_mark_the_pixels_inside_each_box():
+    from pathlib import Path
+
+    from palitorch.train.data import Example
+    from palitorch.train.warmstart import box_masks
+
+    # 16 px image, 8 px patches: a box over pixel rows 2..9 and columns 4..5 (pixel edges 2/10 and 4/6).
+    def loc(px):
+        return f"<loc{round(px / 16 * 1023):04d}>"
+
+    a, b = Example(Path("a"), "caption en", "red square"), Example(Path("b"), "caption en", "blue circle")
+    ex = [a, b, Example(Path("a"), "detect square", f"{loc(2)}{loc(4)}{loc(10)}{loc(6)} square")]
+    masks = box_masks(ex, [a, b], "detect", size=16, patch=8)
+    assert masks.shape == (2, 4, 64)
+    want = torch.zeros(16, 16)
+    want[2:10, 4:6] = 1
+    patches = want.reshape(2, 8, 2, 8).permute(0, 2, 1, 3).reshape(4, 64)  # row-major patches, as the tower's
+    assert torch.equal(masks[0], patches) and bool((masks[1] == -1).all())  # b has no box: not scored
+    assert masks[0, 0].sum() == 6 * 2 and masks[0, 2].sum() == 2 * 2  # rows 2..7 / 8..9 of columns 4..5
+
+
+def test_warmstart_with_box_masks_learns_them(data, tmp_path):
+    from palitorch.train.data import read_jsonl
+
+    rows = [json.loads(r) for r in (data / "train.jsonl").read_text().splitlines()]
+    for r in [r for r in rows if r["task"] == "caption"]:  # a box over the image's left half, per image
+        rows.append({"image": r["image"], "prefix": "detect " + r["suffix"].split()[1],
+                     "suffix": "<loc0000><loc0000><loc1023><loc0512> " + r["suffix"].split()[1], "task": "detect"})
+    (data / "boxes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(read_jsonl(data / "boxes.jsonl")) == len(rows)
+    cfg = config(data, tmp_path / "w", train__steps=1, warmstart__epochs=20, warmstart__batch_size=8,
+                 warmstart__lr=1e-2, warmstart__boxes="detect", data__train=[str(data / "boxes.jsonl")])
+    Trainer(cfg).fit()
+    ws = [json.loads(r) for r in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines() if "warmstart" in r]
+    out = ws[0]["warmstart"]
+    assert out["heads"] == [3, 2, "box mask"]
+    assert out["train_accuracy"][2] > 0.9  # the left half of each 8-px patch row: learnt from the positions
+    with pytest.raises(ConfigError, match="has a box"):
+        Trainer(config(data, tmp_path / "x", warmstart__epochs=1, warmstart__boxes="locate")).fit()
+
+
+def test_late_mix_changes_what_later_steps_draw(data, tmp_path):
+    from palitorch.train.data import global_batch
+
+    cfg = config(data, tmp_path / "r", train__steps=4, data__late_from=2, data__late_task_repeat="{vqa = 0}",
+                 eval__final_max_examples=2)
+    trainer = Trainer(cfg)
+
+    def tasks(step):
+        d = trainer.data_at(step)
+        return {d.examples[i].meta["task"] for i in global_batch(len(d), 8, 0, step, d.order)}
+
+    assert tasks(0) | tasks(1) == {"caption", "vqa"}
+    assert tasks(2) == tasks(3) == {"caption"}  # from step 2 on, no question is drawn
+    trainer.fit()
+    start = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["examples"] == 48 and start["late_examples"] == 24
+    with pytest.raises(ConfigError, match="late_task_repeat"):
+        config(data, tmp_path / "x", data__late_from=2)
