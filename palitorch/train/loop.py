@@ -109,9 +109,11 @@ class Trainer:
         st = state.read_state(folder)
         t = self.cfg.train
         checks = {"seed": t.seed, "batch_size": t.batch_size, "data_fingerprint": self.fingerprint,
-                  "num_examples": len(self.data), "per_image": self.cfg.data.per_image}
+                  "num_examples": len(self.data), "per_image": self.cfg.data.per_image,
+                  "late_from": self.cfg.data.late_from, "late_examples": self._late_examples()}
+        older = {"per_image": 1, "late_from": 0, "late_examples": 0}  # absent from older checkpoints
         for k, v in checks.items():
-            if st.get(k, 1 if k == "per_image" else None) != v:  # per_image: absent from older checkpoints
+            if st.get(k, older.get(k)) != v:
                 raise ConfigError(f"--resume: {folder.name} was trained with {k} {st.get(k)!r}, this run has {v!r}")
         state.load_optimizer(self.opt, self.names, folder)
         state.restore_rng(folder, self.dist, self.device)
@@ -171,6 +173,9 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         return {"loss": float(total_loss), "lr": lr, "grad_norm": norm, "tokens": int(data.lengths[idx].sum())}
 
+    def _late_examples(self) -> int:
+        return len(self.late_data) if self.late_data is not None else 0
+
     def data_at(self, step: int) -> Dataset:
         """The examples step `step` draws from: the late mix from [data] late_from on, if one is set."""
         late = self.late_data is not None and step >= self.cfg.data.late_from
@@ -197,7 +202,8 @@ class Trainer:
             st = {"step": self.step, "epoch": self.step / self.per_epoch, "total_steps": self.total,
                   "seed": t.seed, "batch_size": t.batch_size, "world_size": self.dist.world,
                   "num_examples": len(self.data), "data_fingerprint": self.fingerprint,
-                  "per_image": self.cfg.data.per_image,
+                  "per_image": self.cfg.data.per_image, "late_from": self.cfg.data.late_from,
+                  "late_examples": self._late_examples(),
                   "data_order": "epoch e: torch.randperm(num_examples, seed * 1000003 + e) (grouped by image when "
                                 "per_image > 1: palitorch.train.data.grouped_order), cut into batches, "
                                 "tail dropped; step s takes batch s mod batches_per_epoch of epoch s div it",
@@ -217,7 +223,7 @@ class Trainer:
             (self.run / "config.toml").write_text(cfg.to_toml())
             self.log({"step": self.step, "event": "resume" if self.resume_from else "start",
                       "parameters": total_params, "trainable": trainable_params, "examples": len(self.data),
-                      "late_examples": len(self.late_data) if self.late_data is not None else None,
+                      "late_examples": self._late_examples(),
                       "steps": self.total, "steps_per_epoch": self.per_epoch, "world_size": d.world,
                       "device": str(self.device)})
         show = t.progress and d.main

@@ -78,7 +78,8 @@ def test_fine_tune_a_hub_checkpoint(data, tmp_path):
 def test_resume_reproduces_the_uninterrupted_run(data, tmp_path):
     over = {"train__steps": 9, "train__micro_batch_size": 3, "checkpoint__every": 3, "checkpoint__keep": 1,
             "data__task_repeat": "{caption = 2}", "augment__brightness": 0.2, "augment__noise": 0.02,
-            "warmstart__epochs": 1, "warmstart__batch_size": 8, "eval__max_examples": 4}
+            "warmstart__epochs": 1, "warmstart__batch_size": 8, "eval__max_examples": 4,
+            "data__late_from": 7, "data__late_task_repeat": "{vqa = 0}"}  # the resumed steps cross into the late mix
     Trainer(config(data, tmp_path / "a", **over)).fit()
 
     class Crash(Trainer):
@@ -106,6 +107,8 @@ def test_resume_refuses_changed_data(data, tmp_path):
     Trainer(config(data, tmp_path / "r", train__steps=2, checkpoint__every=1)).fit()
     with pytest.raises(ConfigError, match="batch_size"):
         Trainer(config(data, tmp_path / "r", train__batch_size=4), resume=True)
+    with pytest.raises(ConfigError, match="late_from"):
+        Trainer(config(data, tmp_path / "r", data__late_from=1, data__late_task_repeat="{vqa = 0}"), resume=True)
     with pytest.raises(ConfigError, match="no checkpoint"):
         Trainer(config(data, tmp_path / "empty"), resume=True)
 
