@@ -8,10 +8,10 @@ Labels come from the data itself: the training examples whose prefix is `[warmst
 one per image; word k of their suffix is the label of classifier k (for `teal circle`: colour and shape). Each
 classifier is one linear layer on the mean-pooled vision output; the heads are discarded afterwards.
 
-With `[warmstart] boxes = "detect"`, the boxes of each image's detection answers (the examples whose prefix starts
-with that word) also give a dense target: every patch token predicts, through one more linear head, which of its
-p x p pixels lie inside a box (binary cross-entropy). Classification needs only what is in the image; a box
-coordinate needs where, to the pixel, and this teaches the tower that from its first steps.
+With `[warmstart] boxes = "detect"`, the boxes of each image's detection answers (the examples whose prefix is
+that text, or starts with it and a space) also give a dense target: every patch token predicts, through one more
+linear head, which of its p x p pixels lie inside a box (binary cross-entropy). Classification needs only what
+is in the image; a box coordinate needs where, to the pixel, and this teaches the tower that from its first steps.
 
 Axes: B batch, P patches, C vision hidden size, S image side, p patch side.
 """
@@ -58,7 +58,7 @@ def box_masks(examples: list[Example], chosen: list[Example], prefix: str, size:
     """
     boxes: dict = {}
     for e in examples:
-        if e.prefix.split(" ", 1)[0] == prefix:
+        if e.prefix == prefix or e.prefix.startswith(prefix + " "):
             boxes.setdefault(e.image, []).extend(locs for locs, _, _ in split_objects(e.suffix))
     centres = (torch.arange(size, dtype=torch.float64) + 0.5) / size * 1023  # pixel centres on the loc grid
     n = size // patch
