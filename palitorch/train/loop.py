@@ -68,7 +68,7 @@ class Trainer:
         if t.batch_size < self.dist.world:
             raise ConfigError(f"[train] batch_size {t.batch_size} is smaller than the {self.dist.world} processes")
         per_epoch = len(self.data) // t.batch_size
-        for data in (self.data, self.late_data or self.data):
+        for data in [d for d in (self.data, self.late_data) if d is not None]:
             if len(data) < t.batch_size:
                 raise ConfigError(f"{len(data)} training examples make no full batch of {t.batch_size}")
         self.total = t.steps or max(1, math.ceil(t.epochs * per_epoch))
