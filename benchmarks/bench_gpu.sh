@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
 # Full-size PaliGemma 1 and 2 (3B, random weights at the real shapes) on one GPU, bf16: palitorch (compiled decode
-# step with CUDA graphs) vs transformers' generate, batch 1 and 16. Fits one 10-minute device call:
-#   bash benchmarks/bench_gpu.sh            # writes benchmarks/results/gpu-*.json and prints the tables
-set -euo pipefail
+# step with CUDA graphs) vs transformers' generate, batch 1 and 16, plus the card's measured copy bandwidth (the
+# decode floor). Fits one 10-minute device call (each size has its own time limit, so one cannot starve the other):
+#   bash benchmarks/bench_gpu.sh            # writes benchmarks/results/gpu-*.json (and copies to $OUT if set)
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-for size in pg1-3b pg2-3b; do
-  PYTHONUNBUFFERED=1 timeout 280 "$PY" benchmarks/bench_generate.py --sizes "$size" --device cuda --dtype bfloat16 \
-    --batches 1,16 --new-tokens 64 --reps 3 --compile --compile-mode reduce-overhead \
-    --json "benchmarks/results/gpu-$size.json" || echo "$size: did not finish"
+OUTDIR=${OUT:-benchmarks/results}
+mkdir -p "$OUTDIR" benchmarks/results
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader || true
+"$PY" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
+start=$SECONDS
+for size in ${SIZES:-pg1-3b pg2-3b}; do
+  PYTHONUNBUFFERED=1 timeout "${SIZE_LIMIT_S:-285}" "$PY" benchmarks/bench_generate.py --sizes "$size" --device "${DEVICE:-cuda}" \
+    --dtype bfloat16 --batches 1,16 --new-tokens 64 --reps 3 --compile --compile-mode reduce-overhead \
+    --json "benchmarks/results/gpu-$size.json" 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUTDIR/gpu-$size.log"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || echo "$size: did not finish (exit $rc)"
+  cp "benchmarks/results/gpu-$size.json" "$OUTDIR/" 2>/dev/null || true
+  echo "elapsed ${SECONDS}s after $size"
 done
+echo "total $((SECONDS - start)) s; the tables again:"
+grep -h -E "^(size|pg[12]-|  pg[12]-)" "$OUTDIR"/gpu-*.log
