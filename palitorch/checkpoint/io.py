@@ -141,6 +141,13 @@ def preprocessor_config(cfg: PaliGemmaConfig) -> dict:
     }
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor that shares memory with no other (safetensors refuses shared storage; fused
+    projections make weights views of one matrix)."""
+    t = t.detach().contiguous().cpu()
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
 def save_model(model: PaliGemma, path, extra_files: dict[str, str | os.PathLike] | None = None,
                max_shard_bytes: int | None = None) -> Path:
     """Write `model` as a Hub-layout folder (newer key layout), atomically: a temp folder, then a rename.
@@ -154,7 +161,7 @@ def save_model(model: PaliGemma, path, extra_files: dict[str, str | os.PathLike]
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         version = model.cfg.version
-        tensors = {ours_to_hf(k, version): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        tensors = {ours_to_hf(k, version): _own_storage(v) for k, v in model.state_dict().items()}
         if max_shard_bytes is None:
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         else:

@@ -50,6 +50,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + x.roll(x.shape[-1] // 2, dims=-1) * sin[:, None]
 
 
+def fuse_linears(*linears: nn.Linear) -> torch.Tensor:
+    """Concatenate bias-free linears' weights along the output dim -> [sum of outputs, in]; each linear's weight
+    becomes a view into the result (no extra memory; in-place updates of either are seen by both)."""
+    fused = torch.cat([m.weight.detach() for m in linears])
+    start = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight = nn.Parameter(fused[start:start + rows], requires_grad=m.weight.requires_grad)
+        start += rows
+    return fused
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values of one layer, [B, K, S, D]; `update` writes T new entries at slots `pos`."""
 
@@ -77,6 +89,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.kv * self.d, bias=False)
         self.o_proj = nn.Linear(self.n * self.d, cfg.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
+        self.register_buffer("qkv", None, persistent=False)  # [q; k; v] in one matrix, after `fuse_projections`
+
+    def fuse_projections(self) -> None:
+        """Put the q, k and v weights in one matrix so that inference runs one matmul for the three (fewer, larger
+        kernels: a one-token decode step is bound by launches and memory reads). The three projections' weights
+        become views of it, so training them (which uses them one by one) keeps it up to date."""
+        self.qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x, cos, sin, mask, cache_pos=None, last_only=False):
         """x [B, T, H]; mask [B, 1, T, S] bool (True = may attend); cache_pos [T] slots to write, with a cache.
@@ -85,14 +104,18 @@ class Attention(nn.Module):
         position only -> [B, 1, H] (the last layer of a prefill, where only the next token's logits are wanted).
         """
         b, t, _ = x.shape
-        k = self.k_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)  # [B, K, T, D]
-        v = self.v_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)
+        if self.qkv is not None and not torch.is_grad_enabled():  # inference: one matmul for q, k and v
+            q, k, v = F.linear(x, self.qkv).split((self.n * self.d, self.kv * self.d, self.kv * self.d), dim=-1)
+            q = q[:, -1:] if last_only else q
+        else:
+            q, k, v = self.q_proj(x[:, -1:] if last_only else x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, q.shape[1], self.n, self.d).transpose(1, 2)  # [B, N, T or 1, D]
+        k = k.view(b, t, self.kv, self.d).transpose(1, 2)  # [B, K, T, D]
+        v = v.view(b, t, self.kv, self.d).transpose(1, 2)
         if last_only:
-            q = self.q_proj(x[:, -1:]).view(b, 1, self.n, self.d).transpose(1, 2)  # [B, N, 1, D]
             q, k = apply_rope(q, cos[:, -1:], sin[:, -1:]), apply_rope(k, cos, sin)
             mask, t = mask[:, :, -1:], 1
         else:
-            q = self.q_proj(x).view(b, t, self.n, self.d).transpose(1, 2)  # [B, N, T, D]
             q, k = apply_rope(torch.cat((q, k), dim=1), cos, sin).split((self.n, self.kv), dim=1)  # one pass
         if self.kv_cache is not None and cache_pos is not None:  # a full forward (scoring) bypasses the cache
             k, v = self.kv_cache.update(cache_pos, k, v)  # [B, K, S, D]
@@ -121,9 +144,18 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.act = activation(cfg.hidden_act)
+        self.register_buffer("gate_up", None, persistent=False)  # [gate; up] in one matrix, after fusing
+
+    def fuse_projections(self) -> None:
+        """One matrix for the gate and up projections (see `Attention.fuse_projections`)."""
+        self.gate_up = fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None and not torch.is_grad_enabled():
+            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -193,6 +225,12 @@ class Gemma(nn.Module):
         if self.cfg.final_softcap is not None:
             out = torch.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
         return out
+
+    def fuse_projections(self) -> None:
+        """Fused q/k/v and gate/up weights for inference in every layer (see `Attention.fuse_projections`)."""
+        for layer in self.layers:
+            layer.attn.fuse_projections()
+            layer.mlp.fuse_projections()
 
     def setup_caches(self, batch: int, max_len: int, dtype=None, device=None) -> None:
         w = self.embed_tokens.weight

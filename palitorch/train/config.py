@@ -142,11 +142,14 @@ class WarmstartConfig:
     "<colour> <shape>" that is a colour and a shape classifier). The heads are thrown away afterwards.
     With `boxes` (a prefix such as "detect"), every patch token also learns which of its pixels lie inside the
     boxes of that image's detection answers (a per-token linear head), so the tower reads box edges to the pixel.
+    With `box_edges` too, every patch token also classifies the four edges of the image's first box (in pixels,
+    0..S), so that each token carries where the whole box is, not only which of its own pixels it covers.
     """
 
     epochs: float = 0.0
     prefix: str = "caption en"
     boxes: str = ""  # prefix of detection examples whose boxes teach per-pixel box masks; "" = off
+    box_edges: bool = False  # with boxes: every patch token also names the image's box edges (y0 x0 y1 x1, px)
     lr: float = 1e-3
     batch_size: int = 64
     warmup_steps: int = 20

@@ -12,6 +12,9 @@ With `[warmstart] boxes = "detect"`, the boxes of each image's detection answers
 that text, or starts with it and a space) also give a dense target: every patch token predicts, through one more
 linear head, which of its p x p pixels lie inside a box (binary cross-entropy). Classification needs only what
 is in the image; a box coordinate needs where, to the pixel, and this teaches the tower that from its first steps.
+With `box_edges` as well, every patch token also classifies the four edges of the image's first box (y0 x0 y1 x1 in
+pixels, 0..S): a global target that makes each token carry where the whole box lies, so the decoder can read an
+edge from any of them instead of having to find the one patch that holds it.
 
 Axes: B batch, P patches, C vision hidden size, S image side, p patch side.
 """
@@ -75,6 +78,23 @@ def box_masks(examples: list[Example], chosen: list[Example], prefix: str, size:
     return out
 
 
+def box_edges(examples: list[Example], chosen: list[Example], prefix: str, size: int) -> torch.Tensor:
+    """Per image of `chosen`: [4] long, the first box of its `prefix` answers as pixel edges y0 x0 y1 x1 (0..size),
+    -100 for images without one."""
+    first: dict = {}
+    for e in examples:
+        if (e.prefix == prefix or e.prefix.startswith(prefix + " ")) and e.image not in first:
+            objects = split_objects(e.suffix)
+            if objects:
+                y0, x0, y1, x1 = objects[0][0]
+                first[e.image] = (min(y0, y1), min(x0, x1), max(y0, y1), max(x0, x1))
+    out = torch.full((len(chosen), 4), -100, dtype=torch.long)
+    for i, e in enumerate(chosen):
+        if e.image in first:
+            out[i] = torch.tensor([min(size, round(v / 1023 * size)) for v in first[e.image]])
+    return out
+
+
 def warmstart(model, processor, examples: list[Example], images: Images, cfg: TrainConfig, d: ddp.Dist,
               device: torch.device, autocast, progress: Callable | None = None) -> dict:
     """Train `model.vision_tower` (and throwaway heads) for `[warmstart] epochs`; returns per-head accuracy."""
@@ -90,6 +110,12 @@ def warmstart(model, processor, examples: list[Example], images: Images, cfg: Tr
         if not bool((masks[:, 0, 0] >= 0).any()):
             raise ConfigError(f"[warmstart] boxes: no training example with the prefix {w.boxes!r} has a box")
         heads.append(nn.Linear(tower.cfg.hidden_size, patch * patch).to(device))
+    edges = None
+    if w.box_edges:
+        if not w.boxes:
+            raise ConfigError("[warmstart] box_edges needs boxes (the prefix of the detection examples)")
+        edges = box_edges(examples, chosen, w.boxes, tower.cfg.image_size)
+        heads.append(nn.Linear(tower.cfg.hidden_size, 4 * (tower.cfg.image_size + 1)).to(device))
     with torch.no_grad():
         for h in heads:
             h.weight.copy_(torch.randn(h.weight.shape, generator=g) * cfg.model.init_std)
@@ -126,12 +152,24 @@ def warmstart(model, processor, examples: list[Example], images: Images, cfg: Tr
             target = masks[mine].to(device)  # B P p*p, -1 for images without a box
             scored = target[:, 0, 0] >= 0
             valid = max(1, int((masks[idx, 0, 0] >= 0).sum()))  # over the GLOBAL batch, as for the classifiers
-            logits = heads[-1](tokens.float())[scored]
+            logits = heads[len(classes)](tokens.float())[scored]
             loss = loss + nn.functional.binary_cross_entropy_with_logits(
                 logits, target[scored], reduction="sum") / (valid * target[0].numel())
             if step >= total - per_epoch:
-                hits[-1, 0] += ((logits > 0) == (target[scored] > 0.5)).sum()
-                hits[-1, 1] += logits.numel()
+                hits[len(classes), 0] += ((logits > 0) == (target[scored] > 0.5)).sum()
+                hits[len(classes), 1] += logits.numel()
+        if edges is not None:
+            target = edges[mine].to(device)  # B 4, -100 for images without a box
+            scored = target[:, 0] >= 0
+            valid = max(1, int((edges[idx, 0] >= 0).sum()))
+            logits = heads[-1](tokens.float())[scored]  # b P 4*(S+1)
+            logits = logits.view(*logits.shape[:2], 4, -1)
+            want = target[scored][:, None, :].expand(-1, logits.shape[1], -1)  # b P 4
+            loss = loss + nn.functional.cross_entropy(
+                logits.flatten(0, 2), want.flatten(), reduction="sum") / (valid * logits.shape[1] * 4)
+            if step >= total - per_epoch:
+                hits[-1, 0] += (logits.argmax(-1) == want).sum()
+                hits[-1, 1] += want.numel()
         for k, head in enumerate(heads[: len(classes)]):
             logits = head(pooled)
             # Each head's mean over the GLOBAL batch's labelled images: the same sum on 1 or N processes.
@@ -159,7 +197,8 @@ def warmstart(model, processor, examples: list[Example], images: Images, cfg: Tr
     for p in frozen:
         p.requires_grad_(False)
     ddp.all_reduce_sum(hits, d)
-    names = [len(c) for c in classes] + (["box mask"] if masks is not None else [])
+    names = [len(c) for c in classes] + (["box mask"] if masks is not None else []) + (
+        ["box edges"] if edges is not None else [])
     return {
         "warmstart": {"steps": total, "images": n, "heads": names,
                       "train_accuracy": [float(h[0] / h[1].clamp(min=1)) for h in hits]}

@@ -286,3 +286,34 @@ def test_a_suspended_stream_owns_the_caches(ckpt_factory):
     assert first + "".join(s) == expected.text
     assert pipe.generate(img, "caption en", max_new_tokens=8) == expected
     assert "".join(unused) == expected.text
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_fused_projections_match_transformers_and_stay_trainable(ckpt_factory, tmp_path, version):
+    """`fuse_projections` (what `Pipeline.compile` runs): q/k/v and gate/up as one matmul each. Greedy tokens equal
+    transformers', logprobs within 1e-4; the separate weights become views of the fused ones, so a training step
+    on them (grad mode, which takes the unfused path) moves the fused matrices too; the model still saves."""
+    folder, hf = diverse(ckpt_factory, version)
+    pipe = palitorch.load(folder)
+    pipe.model.language_model.fuse_projections()
+    attn = pipe.model.language_model.layers[0].attn
+    assert attn.qkv is not None and attn.q_proj.weight.data_ptr() == attn.qkv.data_ptr()
+    imgs = images(3)
+    ours = pipe.generate(imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
+    ref, ref_lp = hf_generate(folder, hf, imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
+    assert [r.token_ids for r in ours] == ref.tolist()
+    torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=1e-4, rtol=0)
+
+    before = attn.qkv.clone()
+    opt = torch.optim.SGD(pipe.model.parameters(), lr=0.1)
+    pipe.model.train()
+    out = pipe.model(torch.tensor([[2, 5, 7, 9]]), labels=torch.tensor([[2, 5, 7, 9]]))
+    out.loss.backward()
+    assert attn.q_proj.weight.grad is not None and attn.v_proj.weight.grad is not None
+    opt.step()
+    assert not torch.equal(attn.qkv, before)
+    n = attn.q_proj.weight.shape[0]
+    assert torch.equal(attn.qkv[:n], attn.q_proj.weight)
+    palitorch.checkpoint.save_model(pipe.model, tmp_path / "saved")  # shared storage is copied out, not refused
+    again = palitorch.checkpoint.load_model(tmp_path / "saved")
+    assert torch.equal(again.language_model.layers[0].attn.q_proj.weight, attn.q_proj.weight)

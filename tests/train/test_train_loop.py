@@ -1,5 +1,6 @@
 """The trainer: from scratch and fine-tuning, checkpoints both loaders read, exact resume, frozen parts, eval."""
 
+import dataclasses
 import json
 
 import pytest
@@ -263,6 +264,22 @@ def test_box_masks_mark_the_pixels_inside_each_box():
     assert masks[0, 0].sum() == 6 * 2 and masks[0, 2].sum() == 2 * 2  # rows 2..7 / 8..9 of columns 4..5
 
 
+def test_box_edges_are_the_first_box_in_pixels():
+    from pathlib import Path
+
+    from palitorch.train.data import Example
+    from palitorch.train.warmstart import box_edges
+
+    def loc(px):
+        return f"<loc{round(px / 16 * 1023):04d}>"
+
+    a, b = Example(Path("a"), "caption en", "red square"), Example(Path("b"), "caption en", "blue circle")
+    ex = [a, b, Example(Path("a"), "detect square", f"{loc(10)}{loc(4)}{loc(2)}{loc(6)} square; "
+                                                      f"{loc(0)}{loc(0)}{loc(16)}{loc(16)} square")]
+    edges = box_edges(ex, [a, b], "detect", size=16)
+    assert edges.tolist() == [[2, 4, 10, 6], [-100] * 4]  # the first box, put in order; b has none
+
+
 def test_warmstart_with_box_masks_learns_them(data, tmp_path):
     from palitorch.train.data import read_jsonl
 
@@ -279,6 +296,14 @@ def test_warmstart_with_box_masks_learns_them(data, tmp_path):
     out = ws[0]["warmstart"]
     assert out["heads"] == [3, 2, "box mask"]
     assert out["train_accuracy"][2] > 0.9  # the left half of each 8-px patch row: learnt from the positions
+    # With the edge head too: every token learns the image's box edges (the same for every image here).
+    Trainer(dataclasses.replace(cfg, warmstart=dataclasses.replace(cfg.warmstart, box_edges=True),
+                                train=dataclasses.replace(cfg.train, out=str(tmp_path / "e")))).fit()
+    ws = [json.loads(r) for r in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines() if "warmstart" in r]
+    assert ws[0]["warmstart"]["heads"] == [3, 2, "box mask", "box edges"]
+    assert ws[0]["warmstart"]["train_accuracy"][3] > 0.9
+    with pytest.raises(ConfigError, match="box_edges needs boxes"):
+        Trainer(config(data, tmp_path / "y", warmstart__epochs=1, warmstart__box_edges=True)).fit()
     with pytest.raises(ConfigError, match="has a box"):
         Trainer(config(data, tmp_path / "x", warmstart__epochs=1, warmstart__boxes="locate")).fit()
 

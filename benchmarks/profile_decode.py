@@ -1,0 +1,114 @@
+"""Where a decode step's time goes: palitorch's compiled decode, per-step wall time vs device kernel time, and the
+kernels that take it. Also times the step with and without fused q/k/v and gate/up weights.
+
+    python benchmarks/profile_decode.py --size pg1-3b --device cuda --dtype bfloat16
+    python benchmarks/profile_decode.py --size pg1-mini --dtype bfloat16      # a rehearsal on CPU
+
+Random weights as in bench_generate.py (same folder cache). Prints ms per decode step (median of --reps, from runs
+of 1 and N new tokens), then a profile of one N-token run: device busy time per step and the top kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_generate import PROMPT, checkpoint  # noqa: E402
+
+import palitorch  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def ms_per_step(pipe, image, n: int, reps: int, batch: int) -> float:
+    def run(k):
+        sync(pipe.device)
+        t0 = time.perf_counter()
+        pipe.generate([image] * batch, [PROMPT] * batch, max_new_tokens=k, min_new_tokens=k)
+        sync(pipe.device)
+        return time.perf_counter() - t0
+
+    run(n), run(1)
+    ones, ns = [], []
+    for _ in range(reps):
+        ones.append(run(1))
+        ns.append(run(n))
+    return (statistics.median(ns) - statistics.median(ones)) / (n - 1) * 1e3
+
+
+def profile(pipe, image, n: int, batch: int, top: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if pipe.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        pipe.generate([image] * batch, [PROMPT] * batch, max_new_tokens=n, min_new_tokens=n)
+        sync(pipe.device)
+    kernels = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.name][0] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            kernels[e.name][1] += 1
+    if not kernels:
+        print("  (no device kernels: CPU run; the profile is for GPUs)")
+        return
+    total = sum(v[0] for v in kernels.values())
+    launches = sum(v[1] for v in kernels.values())
+    print(f"  device kernel time {total / 1e3:.1f} ms for prefill + {n - 1} steps; {launches} kernels")
+    for name, (us, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"  {us / 1e3:8.2f} ms {count:6d}x {us / max(count, 1):8.1f} us  {name[:110]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="pg1-mini")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--mode", default="reduce-overhead")
+    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "palitorch-bench"))
+    args = ap.parse_args()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, args.dtype)
+    folder, _ = checkpoint(args.size, workdir, args.device, dtype)
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    for fused in (False, True):
+        pipe = palitorch.load(folder, device=args.device, dtype=dtype)
+        if fused:
+            pipe.compile(mode=args.mode)  # compile() fuses the projections
+        else:
+            opts = {"options": {"cpp.threads": 1}} if pipe.device.type == "cpu" and args.mode is None else {}
+            pipe._step = torch.compile(pipe.model.forward_cached, mode=args.mode, dynamic=False, **opts)
+        t0 = time.perf_counter()
+        pipe.generate(image, PROMPT, max_new_tokens=4, min_new_tokens=4)
+        sync(pipe.device)
+        first = time.perf_counter() - t0
+        ms = ms_per_step(pipe, image, args.new_tokens, args.reps, args.batch)
+        print(f"{args.size} batch {args.batch} {'fused' if fused else 'unfused'}: {ms:.3f} ms per decode step "
+              f"({args.batch / ms * 1e3:.0f} tok/s); first call {first:.1f} s", flush=True)
+        if fused:
+            profile(pipe, image, args.new_tokens, args.batch, args.top)
+        del pipe
+        torch._dynamo.reset()
+
+
+if __name__ == "__main__":
+    main()
