@@ -94,7 +94,8 @@ class Attention(nn.Module):
     def fuse_projections(self) -> None:
         """Put the q, k and v weights in one matrix so that inference runs one matmul for the three (fewer, larger
         kernels: a one-token decode step is bound by launches and memory reads). The three projections' weights
-        become views of it, so training them (which uses them one by one) keeps it up to date."""
+        become views of it, so training them (which uses them one by one) keeps it up to date. (Casting or moving
+        the model afterwards keeps the values equal but as separate copies; fuse after `.to(...)`.)"""
         self.qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x, cos, sin, mask, cache_pos=None, last_only=False):
