@@ -150,6 +150,7 @@ class WarmstartConfig:
     prefix: str = "caption en"
     boxes: str = ""  # prefix of detection examples whose boxes teach per-pixel box masks; "" = off
     box_edges: bool = False  # with boxes: every patch token also names the image's box edges (y0 x0 y1 x1, px)
+    box_edges_weight: float = 1.0  # that loss's weight against the classifiers' and the box masks'
     lr: float = 1e-3
     batch_size: int = 64
     warmup_steps: int = 20
@@ -206,6 +207,8 @@ class TrainConfig:
                     raise ConfigError(f"[data] {name}.{k} must be a whole number >= 0, got {v!r}")
         if self.data.late_from < 0 or (self.data.late_from > 0 and not self.data.late_task_repeat):
             raise ConfigError("[data] late_from must be >= 0, and a late_from > 0 needs a late_task_repeat table")
+        if self.warmstart.box_edges_weight < 0:
+            raise ConfigError(f"[warmstart] box_edges_weight must be >= 0, got {self.warmstart.box_edges_weight}")
         for k, v in self.optim.lr_scale.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ConfigError(f"[optim] lr_scale.{k} must be a number >= 0, got {v!r}")

@@ -165,7 +165,7 @@ def warmstart(model, processor, examples: list[Example], images: Images, cfg: Tr
             logits = heads[-1](tokens.float())[scored]  # b P 4*(S+1)
             logits = logits.view(*logits.shape[:2], 4, -1)
             want = target[scored][:, None, :].expand(-1, logits.shape[1], -1)  # b P 4
-            loss = loss + nn.functional.cross_entropy(
+            loss = loss + w.box_edges_weight * nn.functional.cross_entropy(
                 logits.flatten(0, 2), want.flatten(), reduction="sum") / (valid * logits.shape[1] * 4)
             if step >= total - per_epoch:
                 hits[-1, 0] += (logits.argmax(-1) == want).sum()

@@ -51,6 +51,7 @@ def test_round_trip_through_toml(tmp_path):
     (["--optim.schedule", "step"], "schedule 'step' is not one of"),
     (["--train.bf16", "maybe"], "expected true or false"),
     (["--train.log_every", "0"], "log_every must be >= 1"),
+    (["--warmstart.box_edges_weight", "-1"], "box_edges_weight must be >= 0"),
 ])
 def test_bad_overrides_are_one_line_errors(args, message):
     with pytest.raises(ConfigError) as e:
