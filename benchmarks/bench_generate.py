@@ -53,18 +53,10 @@ def _config(size: str, tok) -> PaliGemmaConfig:
     image_id = tok.token_to_id("<image>")
     if size == "mid":
         cfg = PaliGemmaConfig(
-            vision=VisionConfig(
-                hidden_size=512, intermediate_size=2048, num_layers=6, num_heads=8, image_size=224, patch_size=14
-            ),
-            text=TextConfig(
-                vocab_size=tok.get_vocab_size(),
-                hidden_size=1024,
-                intermediate_size=4096,
-                num_layers=12,
-                num_heads=8,
-                num_kv_heads=1,
-                head_dim=128,
-            ),
+            vision=VisionConfig(hidden_size=512, intermediate_size=2048, num_layers=6, num_heads=8, image_size=224,
+                                patch_size=14),
+            text=TextConfig(vocab_size=tok.get_vocab_size(), hidden_size=1024, intermediate_size=4096, num_layers=12,
+                            num_heads=8, num_kv_heads=1, head_dim=128),
         )
     elif size == "bundled":
         from palitorch.config import _tiny
@@ -76,16 +68,10 @@ def _config(size: str, tok) -> PaliGemmaConfig:
         if scale == "mini":  # the real vocab, masks, soft-caps and 256 image tokens, at a size any CPU runs
             n = 2
             text = dataclasses.replace(
-                cfg.text,
-                hidden_size=256,
-                intermediate_size=512,
-                num_layers=n,
-                num_heads=4,
-                num_kv_heads=min(cfg.text.num_kv_heads, 2),
-                head_dim=64,
+                cfg.text, hidden_size=256, intermediate_size=512, num_layers=n, num_heads=4,
+                num_kv_heads=min(cfg.text.num_kv_heads, 2), head_dim=64,
                 query_pre_attn_scalar=64 if cfg.text.query_pre_attn_scalar else None,
-                layer_types=cfg.text.layer_types and cfg.text.layer_types[:n],
-            )
+                layer_types=cfg.text.layer_types and cfg.text.layer_types[:n])
             vision = dataclasses.replace(cfg.vision, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2)
             cfg = cfg.replace(text=text, vision=vision)
     return cfg.replace(image_token_id=image_id)
@@ -116,14 +102,9 @@ def checkpoint(size: str, workdir: Path, device: str, dtype: torch.dtype) -> tup
         model.to(dtype)
         tok_dir = workdir / f"{size}-tok"
         save_tokenizer(tok, tok_dir)
-        save_model(
-            model,
-            folder,
-            extra_files={
-                f: tok_dir / f for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-            },
-            max_shard_bytes=2_000_000_000,
-        )
+        save_model(model, folder, extra_files={f: tok_dir / f for f in
+                                               ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")},
+                   max_shard_bytes=2_000_000_000)
         del model
     return folder, "random weights"
 
@@ -152,21 +133,12 @@ def compare_tokens(ours, ours_lp, hf, hf_logits, tol: float) -> dict:
     if diverged == 0:
         summary = f"tokens identical ({len(ours)} x {len(ours[0])})"
     else:
-        summary = (
-            f"{diverged}/{len(ours)} rows differ from step {first}; at the divergence our token is "
-            f"{worst_gap:.3f} nats below transformers' choice in its own distribution "
-            f"({'a near-tie' if ok else 'NOT a near-tie'}, tolerance {tol})"
-        )
+        summary = (f"{diverged}/{len(ours)} rows differ from step {first}; at the divergence our token is "
+                   f"{worst_gap:.3f} nats below transformers' choice in its own distribution "
+                   f"({'a near-tie' if ok else 'NOT a near-tie'}, tolerance {tol})")
     summary += f"; max |logprob diff| on shared tokens {max_lp_diff:.2e}"
-    return {
-        "ok": ok,
-        "rows_diverged": diverged,
-        "first_divergence": first,
-        "worst_tie_gap": worst_gap,
-        "max_logprob_diff": max_lp_diff,
-        "tolerance": tol,
-        "summary": summary,
-    }
+    return {"ok": ok, "rows_diverged": diverged, "first_divergence": first, "worst_tie_gap": worst_gap,
+            "max_logprob_diff": max_lp_diff, "tolerance": tol, "summary": summary}
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -253,31 +225,17 @@ def bench(size: str, args, workdir: Path) -> dict:
         _sync(device)
         first_call_s = time.perf_counter() - t0
         with torch.inference_mode():
-            out = hf.generate(
-                **inputs,
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
+            out = hf.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True)
         hf_logits = out.logits
         if cap := (hf_missing_softcap(hf) and pipe.model.cfg.text.final_softcap):
             hf_logits = [torch.tanh(x.float() / cap) * cap for x in hf_logits]
             print(f"  note: transformers {transformers.__version__} leaves out PaliGemma 2's final logit soft-cap; "
                   f"the check applies it ({cap}) to transformers' logits")
-        check = compare_tokens(
-            [r.token_ids for r in res], [r.logprobs for r in res], out.sequences[:, t:].tolist(), hf_logits,
-            args.tie_tol,
-        )
-        row = {
-            "batch": b,
-            "prompt_tokens": t,
-            "new_tokens": n,
-            "same_tokens": check["ok"],
-            "check": check,
-            "ours_first_call_s": first_call_s,
-        }
+        check = compare_tokens([r.token_ids for r in res], [r.logprobs for r in res], out.sequences[:, t:].tolist(),
+                               hf_logits, args.tie_tol)
+        row = {"batch": b, "prompt_tokens": t, "new_tokens": n, "same_tokens": check["ok"], "check": check,
+               "ours_first_call_s": first_call_s, "ours_step": step_kind}
         print(f"  {size} batch {b}: {check['summary']}")
         if not check["ok"]:
             print("  TOKENS DIFFER: no speed reported")
@@ -322,13 +280,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--compile", action="store_true", help="palitorch's pipe.compile() (first call reported apart)")
     ap.add_argument("--compile-mode", default=None, help='torch.compile mode, e.g. "reduce-overhead" on GPU')
-    ap.add_argument(
-        "--tie-tol",
-        type=float,
-        default=None,
-        help="nats within which a differing token counts as a near-tie (default: 0 in float32, where "
-        "tokens must be identical; 0.25 in 16-bit dtypes)",
-    )
+    ap.add_argument("--tie-tol", type=float, default=None,
+                    help="nats within which a differing token counts as a near-tie (default: 0 in float32, where "
+                         "tokens must be identical; 0.25 in 16-bit dtypes)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "palitorch-bench"))
     ap.add_argument("--json", default="benchmarks/results/generate.json")
@@ -344,26 +298,14 @@ def main() -> None:
 
     args.bandwidth = copy_bandwidth(torch.device(args.device)) if args.device.startswith("cuda") else None
 
-    machine = (
-        torch.cuda.get_device_name()
-        if args.device.startswith("cuda")
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    )
-    record = {
-        "machine": machine,
-        "copy_bandwidth_bytes_s": args.bandwidth,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": args.device,
-        "dtype": args.dtype,
-        "command": " ".join(sys.argv),
-        "results": [],
-    }
-    print(
-        f"{machine} | torch {torch.__version__} | transformers {transformers.__version__} | {args.dtype}"
-        f"{' | palitorch compiled' if args.compile else ''}"
-        f"{f' | copy bandwidth {args.bandwidth / 1e12:.2f} TB/s' if args.bandwidth else ''}"
-    )
+    machine = (torch.cuda.get_device_name() if args.device.startswith("cuda") else
+               f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    record = {"machine": machine, "copy_bandwidth_bytes_s": args.bandwidth, "torch": torch.__version__,
+              "transformers": transformers.__version__, "device": args.device, "dtype": args.dtype,
+              "command": " ".join(sys.argv), "results": []}
+    print(f"{machine} | torch {torch.__version__} | transformers {transformers.__version__} | {args.dtype}"
+          f"{' | palitorch compiled' if args.compile else ''}"
+          f"{f' | copy bandwidth {args.bandwidth / 1e12:.2f} TB/s' if args.bandwidth else ''}")
     print(f"{'size':<9}{'params':>8}{'batch':>6}{'prefill ms ours/hf':>22}{'x':>6}{'decode tok/s ours/hf':>24}{'x':>6}")
     for size in args.sizes.split(","):
         res = bench(size, args, workdir)
@@ -372,17 +314,12 @@ def main() -> None:
             if not r["same_tokens"]:
                 print(f"{size:<9}{res['params'] / 1e6:>7.1f}M{r['batch']:>6}  tokens differ: no figures")
                 continue
-            print(
-                f"{size:<9}{res['params'] / 1e6:>7.1f}M{r['batch']:>6}"
-                f"{r['ours_prefill_ms']:>11.1f} /{r['hf_prefill_ms']:>8.1f}{r['prefill_speedup']:>6.2f}"
-                f"{r['ours_decode_tok_s']:>12.1f} /{r['hf_decode_tok_s']:>9.1f}{r['decode_speedup']:>6.2f}"
-                f"   first call {r['ours_first_call_s']:.1f} s"
-                + (
-                    f", {r['ours_pct_of_limit']:.0f}% of the bandwidth limit {r['limit_tok_s']:.0f} tok/s"
-                    if "limit_tok_s" in r
-                    else ""
-                )
-            )
+            limit = (f", {r['ours_pct_of_limit']:.0f}% of the bandwidth limit {r['limit_tok_s']:.0f} tok/s"
+                     if "limit_tok_s" in r else "")
+            print(f"{size:<9}{res['params'] / 1e6:>7.1f}M{r['batch']:>6}"
+                  f"{r['ours_prefill_ms']:>11.1f} /{r['hf_prefill_ms']:>8.1f}{r['prefill_speedup']:>6.2f}"
+                  f"{r['ours_decode_tok_s']:>12.1f} /{r['hf_decode_tok_s']:>9.1f}{r['decode_speedup']:>6.2f}"
+                  f"   first call {r['ours_first_call_s']:.1f} s{limit}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))

@@ -24,13 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_generate import PROMPT, checkpoint  # noqa: E402
+from bench_generate import _sync as sync  # noqa: E402
 
 import palitorch  # noqa: E402
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from palitorch.inference.pipeline import _compile_options  # noqa: E402
 
 
 def ms_per_step(pipe, image, n: int, reps: int, batch: int) -> float:
@@ -95,8 +92,8 @@ def main() -> None:
         if fused:
             pipe.compile(mode=args.mode)  # compile() fuses the projections
         else:
-            opts = {"options": {"cpp.threads": 1}} if pipe.device.type == "cpu" and args.mode is None else {}
-            pipe._step = torch.compile(pipe.model.forward_cached, mode=args.mode, dynamic=False, **opts)
+            pipe._step = torch.compile(pipe.model.forward_cached, mode=args.mode, dynamic=False,
+                                       **_compile_options(pipe.device, args.mode))  # compile() without the fusing
         t0 = time.perf_counter()
         pipe.generate(image, PROMPT, max_new_tokens=4, min_new_tokens=4)
         sync(pipe.device)

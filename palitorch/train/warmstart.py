@@ -54,15 +54,22 @@ def labels_from(examples: list[Example], prefix: str) -> tuple[list[Example], to
     return chosen, labels, classes
 
 
+def detection_boxes(examples: list[Example], prefix: str) -> dict:
+    """image -> the <loc> boxes (y0, x0, y1, x1) of its detection answers, in order: those of the examples whose
+    prefix is `prefix` or starts with it and a space."""
+    boxes: dict = {}
+    for e in examples:
+        if e.prefix == prefix or e.prefix.startswith(prefix + " "):
+            boxes.setdefault(e.image, []).extend(locs for locs, _, _ in split_objects(e.suffix))
+    return boxes
+
+
 def box_masks(examples: list[Example], chosen: list[Example], prefix: str, size: int, patch: int) -> torch.Tensor:
     """Per image of `chosen`: [P, p*p] floats, 1 where a pixel centre lies inside a box of its `prefix` answers.
 
     Rows of images without a detection answer are -1 (not scored). Patches are in the tower's row-major order.
     """
-    boxes: dict = {}
-    for e in examples:
-        if e.prefix == prefix or e.prefix.startswith(prefix + " "):
-            boxes.setdefault(e.image, []).extend(locs for locs, _, _ in split_objects(e.suffix))
+    boxes = detection_boxes(examples, prefix)
     centres = (torch.arange(size, dtype=torch.float64) + 0.5) / size * 1023  # pixel centres on the loc grid
     n = size // patch
     out = torch.full((len(chosen), n * n, patch * patch), -1.0)
@@ -81,17 +88,13 @@ def box_masks(examples: list[Example], chosen: list[Example], prefix: str, size:
 def box_edges(examples: list[Example], chosen: list[Example], prefix: str, size: int) -> torch.Tensor:
     """Per image of `chosen`: [4] long, the first box of its `prefix` answers as pixel edges y0 x0 y1 x1 (0..size),
     -100 for images without one."""
-    first: dict = {}
-    for e in examples:
-        if (e.prefix == prefix or e.prefix.startswith(prefix + " ")) and e.image not in first:
-            objects = split_objects(e.suffix)
-            if objects:
-                y0, x0, y1, x1 = objects[0][0]
-                first[e.image] = (min(y0, y1), min(x0, x1), max(y0, y1), max(x0, x1))
+    boxes = detection_boxes(examples, prefix)
     out = torch.full((len(chosen), 4), -100, dtype=torch.long)
     for i, e in enumerate(chosen):
-        if e.image in first:
-            out[i] = torch.tensor([min(size, round(v / 1023 * size)) for v in first[e.image]])
+        if boxes.get(e.image):
+            y0, x0, y1, x1 = boxes[e.image][0]
+            edges = (min(y0, y1), min(x0, x1), max(y0, y1), max(x0, x1))
+            out[i] = torch.tensor([min(size, round(v / 1023 * size)) for v in edges])
     return out
 
 
