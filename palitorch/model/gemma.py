@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from palitorch.config import TextConfig
+from palitorch.model.kernels import Linear, linear
 from palitorch.model.siglip import activation
 
 
@@ -84,10 +85,10 @@ class Attention(nn.Module):
         self.scale = cfg.attn_scale
         self.softcap = cfg.attn_softcap
         self.sliding = cfg.is_sliding(layer)
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n * self.d, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.kv * self.d, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.kv * self.d, bias=False)
-        self.o_proj = nn.Linear(self.n * self.d, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, self.n * self.d, bias=False)
+        self.k_proj = Linear(cfg.hidden_size, self.kv * self.d, bias=False)
+        self.v_proj = Linear(cfg.hidden_size, self.kv * self.d, bias=False)
+        self.o_proj = Linear(self.n * self.d, cfg.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
         self.register_buffer("qkv", None, persistent=False)  # [q; k; v] in one matrix, after `fuse_projections`
 
@@ -106,7 +107,7 @@ class Attention(nn.Module):
         """
         b, t, _ = x.shape
         if self.qkv is not None and not torch.is_grad_enabled():  # inference: one matmul for q, k and v
-            q, k, v = F.linear(x, self.qkv).split((self.n * self.d, self.kv * self.d, self.kv * self.d), dim=-1)
+            q, k, v = linear(x, self.qkv).split((self.n * self.d, self.kv * self.d, self.kv * self.d), dim=-1)
             q = q[:, -1:] if last_only else q
         else:
             q, k, v = self.q_proj(x[:, -1:] if last_only else x), self.k_proj(x), self.v_proj(x)
@@ -141,9 +142,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.act = activation(cfg.hidden_act)
         self.register_buffer("gate_up", None, persistent=False)  # [gate; up] in one matrix, after fusing
 
@@ -153,7 +154,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.gate_up is not None and not torch.is_grad_enabled():
-            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+            gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(self.act(gate) * up)
@@ -222,7 +223,7 @@ class Gemma(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[B, T, H] -> [B, T, V] through the tied embedding; Gemma 2 soft-caps them."""
-        out = F.linear(h, self.embed_tokens.weight)
+        out = linear(h, self.embed_tokens.weight)
         if self.cfg.final_softcap is not None:
             out = torch.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
         return out

@@ -16,6 +16,7 @@ from torch import nn
 
 from palitorch.config import PaliGemmaConfig
 from palitorch.model.gemma import Gemma
+from palitorch.model.kernels import Linear
 from palitorch.model.siglip import SigLIP
 
 
@@ -51,7 +52,7 @@ class PaliGemma(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision_tower = SigLIP(cfg.vision)
-        self.projector = nn.Linear(cfg.vision.hidden_size, cfg.text.hidden_size)  # the whole projector
+        self.projector = Linear(cfg.vision.hidden_size, cfg.text.hidden_size)  # the whole projector
         self.language_model = Gemma(cfg.text)
 
     # -------------------------------------------------------------- the multimodal pieces

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from palitorch.config import VisionConfig
+from palitorch.model.kernels import Linear
 
 
 def activation(name: str):
@@ -26,8 +27,8 @@ class VisionAttention(nn.Module):
         super().__init__()
         c = cfg.hidden_size
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
-        self.out_proj = nn.Linear(c, c)
+        self.q_proj, self.k_proj, self.v_proj = Linear(c, c), Linear(c, c), Linear(c, c)
+        self.out_proj = Linear(c, c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, P, C] -> [B, P, C]
         b, p, _ = x.shape
@@ -43,8 +44,8 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.act = activation(cfg.hidden_act)
 
     def forward(self, x):

@@ -317,3 +317,32 @@ def test_fused_projections_match_transformers_and_stay_trainable(ckpt_factory, t
     palitorch.checkpoint.save_model(pipe.model, tmp_path / "saved")  # shared storage is copied out, not refused
     again = palitorch.checkpoint.load_model(tmp_path / "saved")
     assert torch.equal(again.language_model.layers[0].attn.q_proj.weight, attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_onednn_route_matches_transformers(ckpt_factory, monkeypatch, version):
+    """Every linear (vision tower, projector, fused decoder projections, LM head) through oneDNN, as large float32
+    CPU weights go at inference: greedy tokens equal transformers', logprobs within 1e-4; eager and compiled."""
+    from palitorch.model import kernels
+
+    if not kernels._onednn_works():
+        pytest.skip("oneDNN's linear is not available in this torch build")
+    n = {"onednn": 0}
+    real = kernels._pointwise
+
+    def counting(x, w, b):
+        n["onednn"] += 1
+        return real(x, w, b)
+
+    monkeypatch.setattr(kernels, "_pointwise", counting)
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_ELEMENTS", 0)
+    folder, hf = diverse(ckpt_factory, version)
+    imgs = images(3)
+    ref, ref_lp = hf_generate(folder, hf, imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
+    pipe = palitorch.load(folder)
+    for _ in ("eager", "compiled"):
+        ours = pipe.generate(imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
+        assert [r.token_ids for r in ours] == ref.tolist()
+        torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=1e-4, rtol=0)
+        pipe.compile()
+    assert n["onednn"] > 2 * STEPS * len(pipe.model.language_model.layers)

@@ -1,0 +1,86 @@
+"""Which kernel runs a linear layer: torch's default, or oneDNN's for large float32 weights on CPU at inference.
+
+On CPU, `F.linear` calls MKL's sgemm. On some x86 CPUs (measured: the AMD EPYC of BENCHMARKS.md) that runs the
+products of inference, a few rows times a large weight (M = 1 per sequence when decoding), at half the memory
+bandwidth or less: a 1024 x 8192 weight took 3.9 ms at M = 1 and 13-33 ms at M = 8. oneDNN's inner-product
+kernel, the one inductor uses when it freezes weights, reads the same plain weight in 1.9 ms and 4.6-5.7 ms, and
+runs a prefill's products (M = 256) up to ~1.5x faster. Its fixed cost per call (~30 us) loses on small weights,
+and from M ~ 1,000 on the two are even, so `linear` sends only weights of `ONEDNN_MIN_ELEMENTS` or more, with at
+most `ONEDNN_MAX_ROWS` rows, there; only without autograd (the op has no backward); and only after a one-time
+self-check against `F.linear` has passed on this machine. Results differ from `F.linear`'s by float32 rounding
+(another summation order), as any two matmul kernels do.
+
+`use_onednn(False)` turns the route off (for example to compare against torch's default kernels).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ONEDNN_MIN_ELEMENTS = 1 << 20  # ~4 MB of float32: below this, torch's default kernel is as fast or faster
+ONEDNN_MAX_ROWS = 512  # rows of x (tokens in the batch): from ~1,000 on, torch's default kernel is as fast
+_onednn: dict[str, bool | None] = {"enabled": True, "works": None}  # "works": the self-check's verdict
+
+
+def use_onednn(enabled: bool = True) -> None:
+    """Route large float32 CPU linears through oneDNN at inference (the default), or not."""
+    _onednn["enabled"] = enabled
+
+
+def _pointwise(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
+
+
+@torch.library.custom_op("palitorch::onednn_linear", mutates_args=())
+def onednn_linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """oneDNN's linear as an opaque op, so that a compiled graph calls it as is (inductor's own lowering of the
+    mkldnn op expects frozen weights)."""
+    return _pointwise(x, w, b)
+
+
+@onednn_linear.register_fake
+def _(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def _onednn_works() -> bool:
+    """Once per process: is oneDNN's linear here, and does it agree with F.linear (2D and 3D, bias, a row view)?"""
+    if _onednn["works"] is None:
+        ok = False
+        try:
+            if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+                g = torch.Generator().manual_seed(0)
+                w, b = torch.randn(96, 64, generator=g), torch.randn(48, generator=g)
+                x = torch.randn(3, 5, 64, generator=g)
+                ok = all(torch.allclose(_pointwise(a, wt, bt), F.linear(a, wt, bt), rtol=1e-4, atol=1e-4)
+                         for a, wt, bt in ((x, w, None), (x[:, -1:], w[:48], b), (x[0], w, None)))
+        except (RuntimeError, AttributeError):
+            ok = False
+        _onednn["works"] = ok
+    return bool(_onednn["works"])
+
+
+def _wants_onednn(x: Tensor, w: Tensor) -> bool:
+    if not (_onednn["enabled"] and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+            and w.numel() >= ONEDNN_MIN_ELEMENTS and x.numel() <= ONEDNN_MAX_ROWS * x.shape[-1]
+            and not torch.is_grad_enabled()):
+        return False
+    if torch.compiler.is_compiling():  # the check runs eagerly (the first prefill does), never inside a trace
+        return bool(_onednn["works"])
+    return _onednn_works()
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """x [..., in] @ w[out, in].T + b: `F.linear`, or oneDNN's kernel where it pays (see the module docstring)."""
+    if _wants_onednn(x, w):
+        return onednn_linear(x, w, b) if torch.compiler.is_compiling() else _pointwise(x, w, b)
+    return F.linear(x, w, b)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state-dict keys) whose forward goes through `linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
