@@ -138,6 +138,13 @@ def raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """`raw_logprobs(logits)` at tokens [B] -> [B]: logit - logsumexp, one reduction over the vocabulary instead of
+    writing all B x V log-probabilities (a single-row log_softmax over 257k entries runs on one GPU block)."""
+    x = logits.float()
+    return x.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(x, dim=-1)
+
+
 @torch.inference_mode()
 def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: list[int], pad_id: int,
            steps: int, step=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -156,7 +163,7 @@ def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: lis
     check_every = 1 if device.type == "cpu" else 8
     for i in range(steps):
         tok = chooser(logits, i)
-        lp = raw_logprobs(logits).gather(-1, tok[:, None])[:, 0]
+        lp = token_logprobs(logits, tok)
         tok = tok.masked_fill(done, pad_id)
         done = done | torch.isin(tok, eos_t)
         yield tok, lp

@@ -4,11 +4,10 @@ On CPU, `F.linear` calls MKL's sgemm. On some x86 CPUs (measured: the AMD EPYC o
 products of inference, a few rows times a large weight (M = 1 per sequence when decoding), at half the memory
 bandwidth or less: a 1024 x 8192 weight took 3.9 ms at M = 1 and 13-33 ms at M = 8. oneDNN's inner-product
 kernel, the one inductor uses when it freezes weights, reads the same plain weight in 1.9 ms and 4.6-5.7 ms, and
-runs a prefill's products (M = 256) up to ~1.5x faster. Its fixed cost per call (~30 us) loses on small weights,
-and from M ~ 1,000 on the two are even, so `linear` sends only weights of `ONEDNN_MIN_ELEMENTS` or more, with at
-most `ONEDNN_MAX_ROWS` rows, there; only without autograd (the op has no backward); and only after a one-time
-self-check against `F.linear` has passed on this machine. Results differ from `F.linear`'s by float32 rounding
-(another summation order), as any two matmul kernels do.
+runs a prefill's products (M = 256-4,096) 1.0-1.8x faster. Its fixed cost per call (~30 us) loses on small
+weights, so `linear` sends only weights of `ONEDNN_MIN_ELEMENTS` or more there; only without autograd (the op has
+no backward); and only after a one-time self-check against `F.linear` has passed on this machine. Results differ
+from `F.linear`'s by float32 rounding (another summation order), as any two matmul kernels do.
 
 `use_onednn(False)` turns the route off (for example to compare against torch's default kernels).
 """
@@ -20,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ONEDNN_MIN_ELEMENTS = 1 << 20  # ~4 MB of float32: below this, torch's default kernel is as fast or faster
-ONEDNN_MAX_ROWS = 512  # rows of x (tokens in the batch): from ~1,000 on, torch's default kernel is as fast
 _onednn: dict[str, bool | None] = {"enabled": True, "works": None}  # "works": the self-check's verdict
 
 
@@ -64,8 +62,7 @@ def _onednn_works() -> bool:
 
 def _wants_onednn(x: Tensor, w: Tensor) -> bool:
     if not (_onednn["enabled"] and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
-            and w.numel() >= ONEDNN_MIN_ELEMENTS and x.numel() <= ONEDNN_MAX_ROWS * x.shape[-1]
-            and not torch.is_grad_enabled()):
+            and w.numel() >= ONEDNN_MIN_ELEMENTS and not torch.is_grad_enabled()):
         return False
     if torch.compiler.is_compiling():  # the check runs eagerly (the first prefill does), never inside a trace
         return bool(_onednn["works"])

@@ -346,3 +346,11 @@ def test_onednn_route_matches_transformers(ckpt_factory, monkeypatch, version):
         torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=1e-4, rtol=0)
         pipe.compile()
     assert n["onednn"] > 2 * STEPS * len(pipe.model.language_model.layers)
+
+
+def test_token_logprobs_equal_log_softmax_at_the_tokens():
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 1000, generator=g) * 8).bfloat16()
+    tokens = torch.tensor([5, 999, 0])
+    want = torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])[:, 0]
+    torch.testing.assert_close(engine.token_logprobs(logits, tokens), want, atol=1e-5, rtol=0)
