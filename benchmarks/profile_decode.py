@@ -1,11 +1,17 @@
 """Where a decode step's time goes: palitorch's compiled decode, per-step wall time vs device kernel time, and the
-kernels that take it. Also times the step with and without fused q/k/v and gate/up weights.
+kernels that take it. Also times variants of the compiled step side by side, to choose defaults on a new machine.
 
     python benchmarks/profile_decode.py --size pg1-3b --device cuda --dtype bfloat16
+    python benchmarks/profile_decode.py --size pg1-3b --device cuda --dtype bfloat16 \
+        --variants fused,fused+cdt,fused+mm-attn,fused+cdt+mm-attn --profile none
     python benchmarks/profile_decode.py --size pg1-mini --dtype bfloat16      # a rehearsal on CPU
 
-Random weights as in bench_generate.py (same folder cache). Prints ms per decode step (median of --reps, from runs
-of 1 and N new tokens), then a profile of one N-token run: device busy time per step and the top kernels.
+A variant is `+`-joined parts: `fused` (what `pipe.compile()` does: q/k/v and gate/up in one matrix each) or
+`unfused` (the same compile without fusing), `cdt` (inductor's coordinate-descent tuning of its generated kernels),
+`mm-attn` (one-token attention as two matmuls and a softmax instead of SDPA; Gemma 2 always uses them).
+Random weights as in bench_generate.py (same folder cache). Prints ms per decode step for each variant (median of
+--reps, from runs of 1 and N new tokens; every variant must give the first variant's tokens), then a profile of one
+N-token run of the --profile variant: device busy time per step and the top kernels.
 """
 
 from __future__ import annotations
@@ -78,6 +84,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--top", type=int, default=14)
     ap.add_argument("--mode", default="reduce-overhead")
+    ap.add_argument("--variants", default="unfused,fused")
+    ap.add_argument("--profile", default="fused", help="the variant to profile, or none")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "palitorch-bench"))
     args = ap.parse_args()
     workdir = Path(args.workdir)
@@ -87,21 +95,30 @@ def main() -> None:
     from PIL import Image
 
     image = Image.new("RGB", (64, 64), (200, 30, 30))
-    for fused in (False, True):
+    first_tokens = None
+    for variant in args.variants.split(","):
+        parts = set(variant.split("+"))
+        if unknown := parts - {"fused", "unfused", "cdt", "mm-attn"}:
+            raise SystemExit(f"unknown variant part(s) {sorted(unknown)}: use fused, unfused, cdt, mm-attn")
         pipe = palitorch.load(folder, device=args.device, dtype=dtype)
-        if fused:
-            pipe.compile(mode=args.mode)  # compile() fuses the projections
+        if "mm-attn" in parts:
+            pipe.model.language_model.set_decode_attention("matmul")
+        options = {"coordinate_descent_tuning": True} if "cdt" in parts else None
+        if "unfused" in parts:  # compile() without the fusing
+            pipe._step = torch.compile(pipe.model.forward_cached, dynamic=False,
+                                       **_compile_options(pipe.device, args.mode, options))
         else:
-            pipe._step = torch.compile(pipe.model.forward_cached, mode=args.mode, dynamic=False,
-                                       **_compile_options(pipe.device, args.mode))  # compile() without the fusing
+            pipe.compile(mode=args.mode, options=options)
         t0 = time.perf_counter()
-        pipe.generate(image, PROMPT, max_new_tokens=4, min_new_tokens=4)
+        tokens = pipe.generate(image, PROMPT, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens).token_ids
         sync(pipe.device)
         first = time.perf_counter() - t0
+        first_tokens = first_tokens or tokens
+        same = "same tokens" if tokens == first_tokens else "TOKENS DIFFER from the first variant"
         ms = ms_per_step(pipe, image, args.new_tokens, args.reps, args.batch)
-        print(f"{args.size} batch {args.batch} {'fused' if fused else 'unfused'}: {ms:.3f} ms per decode step "
-              f"({args.batch / ms * 1e3:.0f} tok/s); first call {first:.1f} s", flush=True)
-        if fused:
+        print(f"{args.size} batch {args.batch} {variant}: {ms:.3f} ms per decode step "
+              f"({args.batch / ms * 1e3:.0f} tok/s); first call {first:.1f} s; {same}", flush=True)
+        if variant == args.profile:
             profile(pipe, image, args.new_tokens, args.batch, args.top)
         del pipe
         torch._dynamo.reset()

@@ -102,17 +102,18 @@ class Pipeline:
 
     # ------------------------------------------------------------------ generation
 
-    def compile(self, mode: str | None = None) -> Pipeline:
+    def compile(self, mode: str | None = None, options: dict | None = None) -> Pipeline:
         """Compile the one-token decode step with `torch.compile` (opt-in; returns the pipeline).
 
         Decoding then runs as one fused graph per step (the bundled model: ~2x faster per token on CPU than
         eager; on GPU `mode="reduce-overhead"` adds CUDA graphs), with the q/k/v and gate/up weights each fused
         into one matrix. The first call for each batch size and cache length pays the compilation (tens of seconds
         on CPU, ~20-35 s for the 3B models on an H200); the results are the same tokens as without it.
+        `options`: inductor settings on top of the mode's, e.g. {"coordinate_descent_tuning": True}.
         """
-        opts = _compile_options(self.device, mode)
         self.model.language_model.fuse_projections()  # fewer, larger matmuls per step
-        self._step = torch.compile(self.model.forward_cached, mode=mode, dynamic=False, **opts)
+        self._step = torch.compile(self.model.forward_cached, dynamic=False,
+                                   **_compile_options(self.device, mode, options))
         return self
 
     def _claim(self) -> None:
@@ -141,12 +142,18 @@ class Pipeline:
         return Stream(engine.stream(self.model, self.processor, pixels, prompt, opts, self._step), self)
 
 
-def _compile_options(device: torch.device, mode: str | None) -> dict:
-    """On CPU the one-token step's fused elementwise kernels touch a few thousand numbers: one thread runs them
-    faster than an OpenMP team (whose start-up and barriers cost more than the work). Matmuls keep torch's threads."""
+def _compile_options(device: torch.device, mode: str | None, options: dict | None = None) -> dict:
+    """torch.compile's mode / options arguments (it takes one or the other: a mode plus options become the mode's
+    options plus these). On CPU the one-token step's fused elementwise kernels touch a few thousand numbers: one
+    thread runs them faster than an OpenMP team (whose start-up and barriers cost more than the work). Matmuls keep
+    torch's threads."""
     if device.type == "cpu" and mode is None:
-        return {"options": {"cpp.threads": 1}}
-    return {}
+        options = {"cpp.threads": 1, **(options or {})}
+    if not options:
+        return {"mode": mode}
+    from torch._inductor import list_mode_options
+
+    return {"options": {**(list_mode_options(mode) if mode else {}), **options}}
 
 
 def load(path=None, device="cpu", dtype="float32") -> Pipeline:

@@ -91,6 +91,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n * self.d, cfg.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
         self.register_buffer("qkv", None, persistent=False)  # [q; k; v] in one matrix, after `fuse_projections`
+        self.decode_attention = "sdpa"  # one-token steps: "sdpa" or "matmul" (see `Gemma.set_decode_attention`)
 
     def fuse_projections(self) -> None:
         """Put the q, k and v weights in one matrix so that inference runs one matmul for the three (fewer, larger
@@ -121,19 +122,21 @@ class Attention(nn.Module):
             q, k = apply_rope(torch.cat((q, k), dim=1), cos, sin).split((self.n, self.kv), dim=1)  # one pass
         if self.kv_cache is not None and cache_pos is not None:  # a full forward (scoring) bypasses the cache
             k, v = self.kv_cache.update(cache_pos, k, v)  # [B, K, S, D]
-        if self.softcap is None:
+        if self.softcap is None and (t > 1 or self.decode_attention == "sdpa"):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n != self.kv)
         else:
-            o = self._softcapped(q, k, v, mask)
+            o = self._explicit(q, k, v, mask)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n * self.d))
 
-    def _softcapped(self, q, k, v, mask):
-        """Gemma 2 attention: logits -> c * tanh(logits / c) before the mask; softmax in float32."""
+    def _explicit(self, q, k, v, mask):
+        """Attention as two matmuls and a float32 softmax. Gemma 2 needs it (logits -> c * tanh(logits / c) before
+        the mask); for one-token steps it is an option to SDPA (a compiler can fuse it with what surrounds it)."""
         b, _, t, d = q.shape
         g = self.n // self.kv
         q = q.view(b, self.kv, g, t, d)  # query heads grouped by the KV head they share
         s = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)) * self.scale  # [B, K, G, T, S]
-        s = torch.tanh(s / self.softcap) * self.softcap
+        if self.softcap is not None:
+            s = torch.tanh(s / self.softcap) * self.softcap
         s = s.masked_fill(~mask.unsqueeze(1), float("-inf"))
         p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(p, v.unsqueeze(2)).view(b, self.n, t, d)
@@ -233,6 +236,14 @@ class Gemma(nn.Module):
         for layer in self.layers:
             layer.attn.fuse_projections()
             layer.mlp.fuse_projections()
+
+    def set_decode_attention(self, kind: str) -> None:
+        """How one-token steps attend over the cache: "sdpa" (the default; Gemma 2 always uses matmuls, for its
+        soft-capped logits) or "matmul" (two matmuls and a softmax, which a compiler may fuse further)."""
+        if kind not in ("sdpa", "matmul"):
+            raise ValueError(f"decode attention must be 'sdpa' or 'matmul', not {kind!r}")
+        for layer in self.layers:
+            layer.attn.decode_attention = kind
 
     def setup_caches(self, batch: int, max_len: int, dtype=None, device=None) -> None:
         w = self.embed_tokens.weight

@@ -354,3 +354,32 @@ def test_token_logprobs_equal_log_softmax_at_the_tokens():
     tokens = torch.tensor([5, 999, 0])
     want = torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])[:, 0]
     torch.testing.assert_close(engine.token_logprobs(logits, tokens), want, atol=1e-5, rtol=0)
+
+
+def test_matmul_decode_attention_matches_transformers(ckpt_factory):
+    """`set_decode_attention("matmul")`: one-token steps attend with two matmuls and a softmax instead of SDPA
+    (PaliGemma 1; Gemma 2 always does). Same greedy tokens as transformers, logprobs within 1e-4, eager and
+    compiled with extra inductor options."""
+    folder, hf = diverse(ckpt_factory, 1)
+    imgs = images(3)
+    ref, ref_lp = hf_generate(folder, hf, imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
+    pipe = palitorch.load(folder)
+    pipe.model.language_model.set_decode_attention("matmul")
+    for _ in ("eager", "compiled"):
+        ours = pipe.generate(imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
+        assert [r.token_ids for r in ours] == ref.tolist()
+        torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=1e-4, rtol=0)
+        pipe.compile(options={"coordinate_descent_tuning": True})
+    with pytest.raises(ValueError, match="sdpa"):
+        pipe.model.language_model.set_decode_attention("flash")
+
+
+def test_compile_options_merge_a_mode_with_extra_options():
+    from palitorch.inference.pipeline import _compile_options
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _compile_options(cuda, "reduce-overhead") == {"mode": "reduce-overhead"}
+    merged = _compile_options(cuda, "reduce-overhead", {"coordinate_descent_tuning": True})
+    assert merged == {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
+    assert _compile_options(cpu, None) == {"options": {"cpp.threads": 1}}
+    assert _compile_options(cpu, None, {"cpp.threads": 2}) == {"options": {"cpp.threads": 2}}
