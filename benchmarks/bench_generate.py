@@ -284,6 +284,8 @@ def main() -> None:
                     help="nats within which a differing token counts as a near-tie (default: 0 in float32, where "
                          "tokens must be identical; 0.25 in 16-bit dtypes)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--no-onednn", action="store_true",
+                    help="palitorch without its oneDNN route for large CPU linears (palitorch.model.kernels)")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "palitorch-bench"))
     ap.add_argument("--json", default="benchmarks/results/generate.json")
     args = ap.parse_args()
@@ -292,6 +294,10 @@ def main() -> None:
         args.tie_tol = 0.0 if args.dtype in ("float32", "fp32") else 0.25
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_onednn:
+        from palitorch.model.kernels import use_onednn
+
+        use_onednn(False)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     import transformers
@@ -304,7 +310,7 @@ def main() -> None:
               "transformers": transformers.__version__, "device": args.device, "dtype": args.dtype,
               "command": " ".join(sys.argv), "results": []}
     print(f"{machine} | torch {torch.__version__} | transformers {transformers.__version__} | {args.dtype}"
-          f"{' | palitorch compiled' if args.compile else ''}"
+          f"{' | palitorch compiled' if args.compile else ''}{' | no oneDNN route' if args.no_onednn else ''}"
           f"{f' | copy bandwidth {args.bandwidth / 1e12:.2f} TB/s' if args.bandwidth else ''}")
     print(f"{'size':<9}{'params':>8}{'batch':>6}{'prefill ms ours/hf':>22}{'x':>6}{'decode tok/s ours/hf':>24}{'x':>6}")
     for size in args.sizes.split(","):
