@@ -12,7 +12,7 @@ from `F.linear`'s by float32 rounding (another summation order), as any two matm
 `use_onednn(False)` turns the route off (for example to compare against torch's default kernels).
 """
 
-from __future__ import annotations
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -44,11 +44,13 @@ def _(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
 
 
 def _onednn_works() -> bool:
-    """Once per process: is oneDNN's linear here, and does it agree with F.linear (2D and 3D, bias, a row view)?"""
+    """Once per process: is oneDNN's linear here, and does it agree with F.linear (2D and 3D, bias, a row view)?
+    Only on x86-64, where it was measured; other CPUs keep F.linear."""
     if _onednn["works"] is None:
         ok = False
         try:
-            if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+            if (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+                    and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
                 g = torch.Generator().manual_seed(0)
                 w, b = torch.randn(96, 64, generator=g), torch.randn(48, generator=g)
                 x = torch.randn(3, 5, 64, generator=g)
