@@ -64,7 +64,7 @@ def _onednn_works() -> bool:
 
 def _wants_onednn(x: Tensor, w: Tensor) -> bool:
     if not (_onednn["enabled"] and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
-            and w.numel() >= ONEDNN_MIN_ELEMENTS and not torch.is_grad_enabled()):
+            and w.numel() >= ONEDNN_MIN_ELEMENTS and w.is_contiguous() and not torch.is_grad_enabled()):
         return False
     if torch.compiler.is_compiling():  # the check runs eagerly (the first prefill does), never inside a trace
         return bool(_onednn["works"])

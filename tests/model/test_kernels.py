@@ -60,6 +60,7 @@ def test_route_only_at_inference_for_large_float32_weights(calls, monkeypatch):
     w = w.detach()
     with torch.no_grad():
         kernels.linear(x.double(), w.double())  # not float32
+        kernels.linear(x, w.t().contiguous().t())  # a transposed layout: left to F.linear
         monkeypatch.setattr(kernels, "ONEDNN_MIN_ELEMENTS", w.numel() + 1)
         kernels.linear(x, w)  # too small a weight
         assert calls["onednn"] == 0
