@@ -3,8 +3,9 @@
 # weights, bf16): to choose `pipe.compile()`'s defaults from measurements. Fits one 10-minute device call.
 #   bash benchmarks/gpu_variants.sh        # prints ms per step per variant; logs to $OUT (or benchmarks/results)
 # Variants (see benchmarks/profile_decode.py): fused = today's default; cdt = inductor's coordinate-descent tuning;
-# mm-attn = one-token attention as two matmuls instead of SDPA (PaliGemma 2 always uses matmuls); autotune =
-# mode "max-autotune" (last: its first call is long, and the size's time limit may cut it off).
+# mm-attn = one-token attention as two matmuls instead of SDPA (PaliGemma 2 always uses matmuls); flex-attn = one
+# FlexAttention kernel with the mask and soft-cap as a score modification; autotune = mode "max-autotune" (last:
+# its first call is long, and the size's time limit may cut it off).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -18,7 +19,7 @@ run() {  # size variants
     | grep --line-buffered -v "Loading weights" | tee "$OUTDIR/gpu-variants-$1.log"
   echo "elapsed ${SECONDS}s after $1"
 }
-run pg1-3b "${PG1_VARIANTS:-fused,fused+mm-attn,fused+cdt,fused+cdt+mm-attn,fused+autotune}"
-run pg2-3b "${PG2_VARIANTS:-fused,fused+cdt}"
+run pg1-3b "${PG1_VARIANTS:-fused,fused+flex-attn,fused+mm-attn,fused+cdt,fused+autotune}"
+run pg2-3b "${PG2_VARIANTS:-fused,fused+flex-attn,fused+cdt}"
 echo "total $((SECONDS - start)) s"
 grep -h "ms per decode step" "$OUTDIR"/gpu-variants-*.log

@@ -9,7 +9,9 @@ kernels that take it. Also times variants of the compiled step side by side, to 
 A variant is `+`-joined parts: `fused` (what `pipe.compile()` does: q/k/v and gate/up in one matrix each) or
 `unfused` (the same compile without fusing), `cdt` (inductor's coordinate-descent tuning of its generated kernels),
 `mm-attn` (one-token attention as two matmuls and a softmax instead of SDPA; Gemma 2 always uses them),
-`autotune` (mode "max-autotune": inductor times candidate matmul kernels; CUDA graphs too; a long first call).
+`flex-attn` (one-token attention as one FlexAttention kernel, the mask and Gemma 2's soft-cap as a score
+modification), `autotune` (mode "max-autotune": inductor times candidate matmul kernels; CUDA graphs too; a long
+first call).
 Random weights as in bench_generate.py (same folder cache). Prints ms per decode step for each variant (median of
 --reps, from runs of 1 and N new tokens; every variant must give the first variant's tokens), then a profile of one
 N-token run of the --profile variant: device busy time per step and the top kernels.
@@ -99,12 +101,13 @@ def main() -> None:
     first_tokens = None
     for variant in args.variants.split(","):
         parts = set(variant.split("+"))
-        if unknown := parts - {"fused", "unfused", "cdt", "mm-attn", "autotune"}:
-            raise SystemExit(f"unknown variant part(s) {sorted(unknown)}: use fused, unfused, cdt, mm-attn, autotune")
+        if unknown := parts - {"fused", "unfused", "cdt", "mm-attn", "flex-attn", "autotune"}:
+            raise SystemExit(f"unknown variant part(s) {sorted(unknown)}: "
+                             "use fused, unfused, cdt, mm-attn, flex-attn, autotune")
         mode = "max-autotune" if "autotune" in parts else args.mode
         pipe = palitorch.load(folder, device=args.device, dtype=dtype)
-        if "mm-attn" in parts:
-            pipe.model.language_model.set_decode_attention("matmul")
+        if "mm-attn" in parts or "flex-attn" in parts:
+            pipe.model.language_model.set_decode_attention("matmul" if "mm-attn" in parts else "flex")
         options = {"coordinate_descent_tuning": True} if "cdt" in parts else None
         if "unfused" in parts:  # compile() without the fusing
             pipe._step = torch.compile(pipe.model.forward_cached, dynamic=False,

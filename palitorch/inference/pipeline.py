@@ -111,9 +111,17 @@ class Pipeline:
         on CPU, ~20-35 s for the 3B models on an H200); the results are the same tokens as without it.
         `options`: inductor settings on top of the mode's, e.g. {"coordinate_descent_tuning": True}.
         """
-        self.model.language_model.fuse_projections()  # fewer, larger matmuls per step
+        lm = self.model.language_model
+        lm.fuse_projections()  # fewer, larger matmuls per step
+        # Every model, batch size and cache length compiles its own static-shape graph of the one code object
+        # `forward_cached`; past dynamo's default limit of 8 such graphs it would run the step eagerly, silently.
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
+        # inductor's CPU FlexAttention kernel, compiled single-threaded, frees memory twice (torch 2.13): let it be
+        flex = any(layer.attn.decode_attention == "flex" for layer in lm.layers)
         self._step = torch.compile(self.model.forward_cached, dynamic=False,
-                                   **_compile_options(self.device, mode, options))
+                                   **_compile_options(self.device, mode, options, single_thread=not flex))
         return self
 
     def _claim(self) -> None:
@@ -142,12 +150,13 @@ class Pipeline:
         return Stream(engine.stream(self.model, self.processor, pixels, prompt, opts, self._step), self)
 
 
-def _compile_options(device: torch.device, mode: str | None, options: dict | None = None) -> dict:
+def _compile_options(device: torch.device, mode: str | None, options: dict | None = None,
+                     single_thread: bool = True) -> dict:
     """torch.compile's mode / options arguments (it takes one or the other: a mode plus options become the mode's
     options plus these). On CPU the one-token step's fused elementwise kernels touch a few thousand numbers: one
     thread runs them faster than an OpenMP team (whose start-up and barriers cost more than the work). Matmuls keep
     torch's threads."""
-    if device.type == "cpu" and mode is None:
+    if device.type == "cpu" and mode is None and single_thread:
         options = {"cpp.threads": 1, **(options or {})}
     if not options:
         return {"mode": mode}

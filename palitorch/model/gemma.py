@@ -91,7 +91,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n * self.d, cfg.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
         self.register_buffer("qkv", None, persistent=False)  # [q; k; v] in one matrix, after `fuse_projections`
-        self.decode_attention = "sdpa"  # one-token steps: "sdpa" or "matmul" (see `Gemma.set_decode_attention`)
+        self.decode_attention = "sdpa"  # one-token steps: "sdpa", "matmul" or "flex" (`Gemma.set_decode_attention`)
 
     def fuse_projections(self) -> None:
         """Put the q, k and v weights in one matrix so that inference runs one matmul for the three (fewer, larger
@@ -122,11 +122,27 @@ class Attention(nn.Module):
             q, k = apply_rope(torch.cat((q, k), dim=1), cos, sin).split((self.n, self.kv), dim=1)  # one pass
         if self.kv_cache is not None and cache_pos is not None:  # a full forward (scoring) bypasses the cache
             k, v = self.kv_cache.update(cache_pos, k, v)  # [B, K, S, D]
-        if self.softcap is None and (t > 1 or self.decode_attention == "sdpa"):
+        if t == 1 and self.decode_attention == "flex" and torch.compiler.is_compiling():
+            o = self._flex(q, k, v, mask)
+        elif self.softcap is None and (t > 1 or self.decode_attention == "sdpa"):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n != self.kv)
         else:
             o = self._explicit(q, k, v, mask)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n * self.d))
+
+    def _flex(self, q, k, v, mask):
+        """One query per row [B, N, 1, D] as one FlexAttention kernel (compiled only): the key mask [B, 1, 1, S]
+        and Gemma 2's soft-cap go in as a score modification (the score it gets is already scaled)."""
+        from torch.nn.attention.flex_attention import flex_attention
+
+        keep, cap = mask[:, 0, 0], self.softcap
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            if cap is not None:
+                score = torch.tanh(score / cap) * cap
+            return torch.where(keep[b, kv_idx], score, float("-inf"))
+
+        return flex_attention(q, k, v, score_mod=score_mod, scale=self.scale, enable_gqa=self.n != self.kv)
 
     def _explicit(self, q, k, v, mask):
         """Attention as two matmuls and a float32 softmax. Gemma 2 needs it (logits -> c * tanh(logits / c) before
@@ -239,9 +255,10 @@ class Gemma(nn.Module):
 
     def set_decode_attention(self, kind: str) -> None:
         """How one-token steps attend over the cache: "sdpa" (the default; Gemma 2 always uses matmuls, for its
-        soft-capped logits) or "matmul" (two matmuls and a softmax, which a compiler may fuse further)."""
-        if kind not in ("sdpa", "matmul"):
-            raise ValueError(f"decode attention must be 'sdpa' or 'matmul', not {kind!r}")
+        soft-capped logits), "matmul" (two matmuls and a softmax, which a compiler may fuse further) or "flex"
+        (FlexAttention with the mask and soft-cap as a score modification, in a compiled step; matmuls in eager)."""
+        if kind not in ("sdpa", "matmul", "flex"):
+            raise ValueError(f"decode attention must be 'sdpa', 'matmul' or 'flex', not {kind!r}")
         for layer in self.layers:
             layer.attn.decode_attention = kind
 

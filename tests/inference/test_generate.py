@@ -3,6 +3,8 @@
 Tolerances: greedy tokens must be equal; logprobs within 1e-4 (float32 on CPU, same weights).
 """
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -356,15 +358,25 @@ def test_token_logprobs_equal_log_softmax_at_the_tokens():
     torch.testing.assert_close(engine.token_logprobs(logits, tokens), want, atol=1e-5, rtol=0)
 
 
-def test_matmul_decode_attention_matches_transformers(ckpt_factory):
-    """`set_decode_attention("matmul")`: one-token steps attend with two matmuls and a softmax instead of SDPA
-    (PaliGemma 1; Gemma 2 always does). Same greedy tokens as transformers, logprobs within 1e-4, eager and
-    compiled with extra inductor options."""
-    folder, hf = diverse(ckpt_factory, 1)
+@pytest.mark.parametrize("kind,version", [("matmul", 1), ("flex", 1), ("flex", 2)])
+def test_decode_attention_variants_match_transformers(ckpt_factory, monkeypatch, kind, version):
+    """`set_decode_attention`: one-token steps attend with two matmuls and a softmax ("matmul"; Gemma 2 always
+    does) or, compiled, one FlexAttention kernel with the mask and soft-cap as a score modification ("flex").
+    Same greedy tokens as transformers, logprobs within 1e-4, eager and compiled with extra inductor options."""
+    folder, hf = diverse(ckpt_factory, version)
     imgs = images(3)
     ref, ref_lp = hf_generate(folder, hf, imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
+    from palitorch.model.gemma import Attention
+
+    seen, real_flex = types.SimpleNamespace(flex=False), Attention._flex
+
+    def spy(self, *args):
+        seen.flex = True  # an attribute store: no guard on a value that changes (a list would recompile each call)
+        return real_flex(self, *args)
+
+    monkeypatch.setattr(Attention, "_flex", spy)
     pipe = palitorch.load(folder)
-    pipe.model.language_model.set_decode_attention("matmul")
+    pipe.model.language_model.set_decode_attention(kind)
     for _ in ("eager", "compiled"):
         ours = pipe.generate(imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
         assert [r.token_ids for r in ours] == ref.tolist()
@@ -372,6 +384,7 @@ def test_matmul_decode_attention_matches_transformers(ckpt_factory):
         pipe.compile(options={"coordinate_descent_tuning": True})
     with pytest.raises(ValueError, match="sdpa"):
         pipe.model.language_model.set_decode_attention("flash")
+    assert seen.flex == (kind == "flex")  # the compiled step went through FlexAttention
 
 
 def test_compile_options_merge_a_mode_with_extra_options():
@@ -383,3 +396,31 @@ def test_compile_options_merge_a_mode_with_extra_options():
     assert merged == {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
     assert _compile_options(cpu, None) == {"options": {"cpp.threads": 1}}
     assert _compile_options(cpu, None, {"cpp.threads": 2}) == {"options": {"cpp.threads": 2}}
+    assert _compile_options(cpu, None, single_thread=False) == {"mode": None}  # FlexAttention on CPU
+
+
+def test_compiled_step_keeps_compiling_past_dynamo_limit(monkeypatch):
+    """Each batch size compiles its own static-shape graph of one code object, and past dynamo's limit (8 graphs
+    by default) the step would silently run eagerly; `compile()` raises the limit. Here the limit starts at 1:
+    two batch sizes still give two compiled graphs, each used for its decode steps."""
+    import torch._dynamo.config as dynamo_config
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(dynamo_config, "cache_size_limit", 1)
+    pipe = palitorch.load().compile()
+    img = images(1)[0]
+    before = counters["stats"]["unique_graphs"]
+    for b in (1, 2):
+        calls = 0
+        step = pipe._step
+
+        def counting(*args, step=step):
+            nonlocal calls
+            calls += 1
+            return step(*args)
+
+        pipe._step = counting
+        pipe.generate([img] * b, ["caption en"] * b, max_new_tokens=3, min_new_tokens=3)
+        pipe._step = step
+        assert calls == 2
+    assert counters["stats"]["unique_graphs"] - before == 2
