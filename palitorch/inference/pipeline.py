@@ -114,7 +114,7 @@ class Pipeline:
         lm = self.model.language_model
         lm.fuse_projections()  # fewer, larger matmuls per step
         # Every model, batch size and cache length compiles its own static-shape graph of the one code object
-        # `forward_cached`; past dynamo's default limit of 8 such graphs it would run the step eagerly, silently.
+        # `forward_cached`; past dynamo's default limit of 8 such graphs it would run the step eagerly (a log line).
         import torch._dynamo.config as dynamo_config
 
         dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
