@@ -401,7 +401,7 @@ def test_compile_options_merge_a_mode_with_extra_options():
 
 def test_compiled_step_keeps_compiling_past_dynamo_limit(monkeypatch):
     """Each batch size compiles its own static-shape graph of one code object, and past dynamo's limit (8 graphs
-    by default) the step would silently run eagerly; `compile()` raises the limit. Here the limit starts at 1:
+    by default) the step would run eagerly (a log line only); `compile()` raises the limit. Here the limit starts at 1:
     two batch sizes still give two compiled graphs, each used for its decode steps."""
     import torch._dynamo.config as dynamo_config
     from torch._dynamo.utils import counters
