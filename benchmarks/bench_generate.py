@@ -176,7 +176,7 @@ def first_call(pipe, ours, n: int, args):
             msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             print(f"  compiled step (mode {mode}) failed: {type(e).__name__}: {msg}")
             if i + 1 < len(modes):
-                pipe.compile(mode=modes[i + 1])
+                pipe.compile(mode=modes[i + 1], options=args.compile_options)
             else:
                 pipe._step = None
     return ours(n), "eager"
@@ -194,8 +194,9 @@ def bench(size: str, args, workdir: Path) -> dict:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     folder, kind = checkpoint(size, workdir, args.device, dtype)
     pipe = palitorch.load(folder, device=args.device, dtype=args.dtype)
+    pipe.model.language_model.set_decode_attention(args.decode_attention)
     if args.compile:
-        pipe.compile(mode=args.compile_mode)
+        pipe.compile(mode=args.compile_mode, options=args.compile_options)
     hf = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
     n_params = sum(p.numel() for p in pipe.model.parameters())
     from PIL import Image
@@ -280,6 +281,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--compile", action="store_true", help="palitorch's pipe.compile() (first call reported apart)")
     ap.add_argument("--compile-mode", default=None, help='torch.compile mode, e.g. "reduce-overhead" on GPU')
+    ap.add_argument("--compile-options", type=json.loads, default=None,
+                    help='extra inductor options as JSON, e.g. \'{"coordinate_descent_tuning": true}\'')
+    ap.add_argument("--decode-attention", default="sdpa", choices=("sdpa", "matmul", "flex"),
+                    help="palitorch's one-token attention (set_decode_attention; flex runs in compiled steps)")
     ap.add_argument("--tie-tol", type=float, default=None,
                     help="nats within which a differing token counts as a near-tie (default: 0 in float32, where "
                          "tokens must be identical; 0.25 in 16-bit dtypes)")
@@ -311,6 +316,8 @@ def main() -> None:
               "command": " ".join(sys.argv), "results": []}
     print(f"{machine} | torch {torch.__version__} | transformers {transformers.__version__} | {args.dtype}"
           f"{' | palitorch compiled' if args.compile else ''}{' | no oneDNN route' if args.no_onednn else ''}"
+          f"{f' | decode attention {args.decode_attention}' if args.decode_attention != 'sdpa' else ''}"
+          f"{f' | inductor options {args.compile_options}' if args.compile_options else ''}"
           f"{f' | copy bandwidth {args.bandwidth / 1e12:.2f} TB/s' if args.bandwidth else ''}")
     print(f"{'size':<9}{'params':>8}{'batch':>6}{'prefill ms ours/hf':>22}{'x':>6}{'decode tok/s ours/hf':>24}{'x':>6}")
     for size in args.sizes.split(","):

@@ -3,6 +3,7 @@
 # step with CUDA graphs) vs transformers' generate, batch 1 and 16, plus the card's measured copy bandwidth (the
 # decode floor). Fits one 10-minute device call (each size has its own time limit, so one cannot starve the other):
 #   bash benchmarks/bench_gpu.sh            # writes benchmarks/results/gpu-*.json (and copies to $OUT if set)
+#   BENCH_ARGS="--decode-attention flex" bash benchmarks/bench_gpu.sh     # a variant (see gpu_variants.sh)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -13,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max
 start=$SECONDS
 for size in ${SIZES:-pg1-3b pg2-3b}; do
   PYTHONUNBUFFERED=1 timeout "${SIZE_LIMIT_S:-285}" "$PY" benchmarks/bench_generate.py --sizes "$size" --device "${DEVICE:-cuda}" \
-    --dtype bfloat16 --batches 1,16 --new-tokens 64 --reps 3 --compile --compile-mode reduce-overhead \
+    --dtype bfloat16 --batches 1,16 --new-tokens 64 --reps 3 --compile --compile-mode reduce-overhead ${BENCH_ARGS:-} \
     --json "benchmarks/results/gpu-$size.json" 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUTDIR/gpu-$size.log"
   rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || echo "$size: did not finish (exit $rc)"
