@@ -34,3 +34,20 @@ def pg1(ckpt_factory):
 @pytest.fixture(scope="session")
 def pg2(ckpt_factory):
     return ckpt_factory("pg2", version=2, kv_heads=2)
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """Route every CPU float32 product at inference to oneDNN (no size floor) and count the oneDNN calls."""
+    from palitorch.model import kernels
+
+    n = {"onednn": 0}
+    real = kernels._pointwise
+
+    def counting(x, w, b):
+        n["onednn"] += 1
+        return real(x, w, b)
+
+    monkeypatch.setattr(kernels, "_pointwise", counting)
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_ELEMENTS", 0)
+    return n

@@ -322,22 +322,13 @@ def test_fused_projections_match_transformers_and_stay_trainable(ckpt_factory, t
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_onednn_route_matches_transformers(ckpt_factory, monkeypatch, version):
+def test_onednn_route_matches_transformers(ckpt_factory, onednn_calls, version):
     """Every linear (vision tower, projector, fused decoder projections, LM head) through oneDNN, as large float32
     CPU weights go at inference: greedy tokens equal transformers', logprobs within 1e-4; eager and compiled."""
     from palitorch.model import kernels
 
     if not kernels._onednn_works():
         pytest.skip("oneDNN's linear is not available in this torch build")
-    n = {"onednn": 0}
-    real = kernels._pointwise
-
-    def counting(x, w, b):
-        n["onednn"] += 1
-        return real(x, w, b)
-
-    monkeypatch.setattr(kernels, "_pointwise", counting)
-    monkeypatch.setattr(kernels, "ONEDNN_MIN_ELEMENTS", 0)
     folder, hf = diverse(ckpt_factory, version)
     imgs = images(3)
     ref, ref_lp = hf_generate(folder, hf, imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
@@ -347,7 +338,7 @@ def test_onednn_route_matches_transformers(ckpt_factory, monkeypatch, version):
         assert [r.token_ids for r in ours] == ref.tolist()
         torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=1e-4, rtol=0)
         pipe.compile()
-    assert n["onednn"] > 2 * STEPS * len(pipe.model.language_model.layers)
+    assert onednn_calls["onednn"] > 2 * STEPS * len(pipe.model.language_model.layers)
 
 
 def test_token_logprobs_equal_log_softmax_at_the_tokens():
