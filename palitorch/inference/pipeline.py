@@ -78,7 +78,8 @@ class Pipeline:
         return self.model.cfg
 
     def _pixels(self, images) -> torch.Tensor:
-        return torch.stack([self.processor.pixels(im) for im in images]).to(self.device, self.dtype)
+        """Images -> [B, 3, S, S] in the model's dtype on its device (resized on the host, normalised there)."""
+        return self.processor.normalize(self.processor.resized_batch(images).to(self.device)).to(self.dtype)
 
     @torch.inference_mode()
     def score(self, image, prefix, suffix):

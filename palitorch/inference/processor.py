@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,11 +126,30 @@ class Processor:
     # ------------------------------------------------------------------ images
 
     def pixels(self, image) -> torch.Tensor:
-        """One image -> float32 [3, S, S]."""
+        """One image -> float32 [3, S, S]: `resized`, then `normalize`d."""
+        return self.normalize(self.resized(image))
+
+    def resized(self, image) -> torch.Tensor:
+        """One image -> uint8 [3, S, S], resized as transformers' processor resizes it (PIL, bicubic)."""
         img = load_image(image).resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-        x = np.asarray(img, dtype=np.float32) * np.float32(self.rescale)
-        x = (x - self.mean) / self.std
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+    def resized_batch(self, images) -> torch.Tensor:
+        """Images -> uint8 [B, 3, S, S]. Several are resized on threads (PIL releases the GIL while resizing)."""
+        if len(images) == 1:
+            return self.resized(images[0])[None]
+        with ThreadPoolExecutor(min(len(images), os.cpu_count() or 1)) as pool:
+            return torch.stack(list(pool.map(self.resized, images)))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [..., 3, S, S] -> float32 (x * rescale - mean) / std, on x's device: the float32 operations, in the
+        order, of transformers' processor, so the same values to the bit. A batch moved to an accelerator as
+        uint8 is 4x fewer bytes and normalises there; on CPU torch's kernels beat numpy's several-fold."""
+        dev = x.device
+        rescale = torch.tensor(self.rescale, dtype=torch.float32, device=dev)
+        mean = torch.from_numpy(self.mean).to(dev).view(3, 1, 1)
+        std = torch.from_numpy(self.std).to(dev).view(3, 1, 1)
+        return x.float().mul_(rescale).sub_(mean).div_(std)  # in place: one new buffer, not four
 
     # ------------------------------------------------------------------ text
 

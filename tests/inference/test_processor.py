@@ -49,6 +49,24 @@ def test_pixels_match_transformers(procs, name):
     torch.testing.assert_close(ours.pixels(img), ref, atol=1e-6, rtol=0)
 
 
+def test_a_batch_of_pixels_equals_the_images_one_by_one(pg1):
+    """The pipeline resizes a batch on threads and normalises it at once (in torch, on the model's device): the
+    same bits as `pixels` image by image, whose values the test above checks against transformers."""
+    pipe = palitorch.load(pg1[0])
+    imgs = list(_modes().values())
+    batch = pipe._pixels(imgs)
+    s = pipe.processor.image_size
+    assert batch.shape == (len(imgs), 3, s, s) and batch.dtype == torch.float32
+    assert torch.equal(batch, torch.stack([pipe.processor.pixels(im) for im in imgs]))
+    assert torch.equal(pipe._pixels(imgs[:1]), batch[:1])
+
+
+def test_a_bad_image_in_a_batch_is_one_input_error(pg1, tmp_path):
+    pipe = palitorch.load(pg1[0])
+    with pytest.raises(InputError, match="does not exist"):
+        pipe._pixels([_modes()["rgb-odd"], tmp_path / "missing.png"])
+
+
 @pytest.mark.parametrize("prefix,suffix", [
     ("caption en", None),
     ("answer en what color is the shape?", "red"),
