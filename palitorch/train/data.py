@@ -99,14 +99,6 @@ class Images:
         return torch.stack([self.get(p) for p in paths])  # [B, 3, S, S] uint8
 
 
-def normalize(images: torch.Tensor, processor: Processor) -> torch.Tensor:
-    """uint8 [B, 3, S, S] -> float32, with the same float32 arithmetic as Processor.pixels (bit-identical)."""
-    x = images.float() * np.float32(processor.rescale).item()
-    mean = torch.from_numpy(processor.mean)[:, None, None]
-    std = torch.from_numpy(processor.std)[:, None, None]
-    return (x - mean) / std
-
-
 def augment(images: torch.Tensor, cfg: AugmentConfig, seed: int, step: int, positions) -> torch.Tensor:
     """Photometric jitter of uint8 [B, 3, S, S] -> uint8; `positions` gives each image an integer key.
 
@@ -188,7 +180,7 @@ class Dataset:
         images = self.images.batch(list(paths))
         if aug is not None and augments(aug):
             images = augment(images, aug, seed, step, [zlib.crc32(str(p).encode()) % 1_000_003 for p in paths])
-        out = self.processor.collate([self.encoded[i] for i in idx], normalize(images, self.processor))
+        out = self.processor.collate([self.encoded[i] for i in idx], self.processor.normalize(images))
         out["image_index"] = index
         return out
 

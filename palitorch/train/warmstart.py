@@ -32,7 +32,7 @@ from palitorch.tasks.detection import split_objects
 from palitorch.train import ddp
 from palitorch.train.build import lr_at
 from palitorch.train.config import TrainConfig
-from palitorch.train.data import Example, Images, augment, augments, epoch_order, normalize
+from palitorch.train.data import Example, Images, augment, augments, epoch_order
 
 
 def labels_from(examples: list[Example], prefix: str) -> tuple[list[Example], torch.Tensor, list[list[str]]]:
@@ -148,7 +148,7 @@ def warmstart(model, processor, examples: list[Example], images: Images, cfg: Tr
             x = augment(x, cfg.augment, cfg.train.seed + 1, step, range(part.start, part.stop))
         y = labels[mine].to(device)
         with autocast():
-            tokens = tower(normalize(x, processor).to(device))  # [B, P, C]
+            tokens = tower(processor.normalize(x).to(device))  # [B, P, C]
             pooled = tokens.mean(dim=1).float()  # [B, C]
         loss = torch.zeros((), device=device)
         if masks is not None:
