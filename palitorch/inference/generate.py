@@ -139,9 +139,18 @@ def raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """`raw_logprobs(logits)` at tokens [B] -> [B]: logit - logsumexp, one reduction over the vocabulary instead of
-    writing all B x V log-probabilities (a single-row log_softmax over 257k entries runs on one GPU block)."""
+    """`raw_logprobs(logits)` at tokens [B] -> [B]. On a GPU as logit - logsumexp: CUDA's log_softmax runs a row on
+    one thread block, 56 us for a 257k vocabulary on an H200 at batch 1, where a reduction spreads over the card.
+    On CPU log_softmax itself: there torch's logsumexp is a chain of small ops (56 vs 19 us for the bundled model's
+    1,543-entry vocabulary, ~40 us a decode step, measured)."""
     x = logits.float()
+    if x.device.type == "cpu":
+        return torch.log_softmax(x, dim=-1).gather(-1, tokens[:, None])[:, 0]
+    return logsumexp_logprobs(x, tokens)
+
+
+def logsumexp_logprobs(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log_softmax(x)[tokens] for float32 x [B, V], tokens [B], as x[tokens] - logsumexp(x): no [B, V] output."""
     return x.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(x, dim=-1)
 
 

@@ -342,11 +342,13 @@ def test_onednn_route_matches_transformers(ckpt_factory, onednn_calls, version):
 
 
 def test_token_logprobs_equal_log_softmax_at_the_tokens():
+    """Both ways of computing a chosen token's logprob: log_softmax (CPU) and logit - logsumexp (other devices)."""
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(3, 1000, generator=g) * 8).bfloat16()
     tokens = torch.tensor([5, 999, 0])
     want = torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])[:, 0]
     torch.testing.assert_close(engine.token_logprobs(logits, tokens), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(engine.logsumexp_logprobs(logits.float(), tokens), want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind,version", [("matmul", 1), ("flex", 1), ("flex", 2)])
