@@ -51,6 +51,13 @@ def load_image(image) -> Image.Image:
     return to_rgb(ImageOps.exif_transpose(image))
 
 
+def resize_image(image, size: int) -> torch.Tensor:
+    """An image (as `load_image` takes it) -> uint8 [3, size, size], resized as transformers' processor resizes it
+    (PIL, bicubic)."""
+    img = load_image(image).resize((size, size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB: 16/32-bit and float greyscale rescaled to 8 bits, alpha composited onto white."""
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
@@ -130,9 +137,8 @@ class Processor:
         return self.normalize(self.resized(image))
 
     def resized(self, image) -> torch.Tensor:
-        """One image -> uint8 [3, S, S], resized as transformers' processor resizes it (PIL, bicubic)."""
-        img = load_image(image).resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+        """One image -> uint8 [3, S, S] (see `resize_image`)."""
+        return resize_image(image, self.image_size)
 
     def resized_batch(self, images) -> torch.Tensor:
         """Images -> uint8 [B, 3, S, S]. Several are resized on threads (PIL releases the GIL while resizing)."""

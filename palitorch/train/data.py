@@ -17,12 +17,10 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from palitorch.errors import ConfigError, InputError
-from palitorch.inference.processor import Encoded, Processor, load_image
+from palitorch.inference.processor import Encoded, Processor, resize_image
 from palitorch.train.config import AugmentConfig
 
 
@@ -77,7 +75,7 @@ def repeat_by_task(examples: list[Example], repeat: dict[str, int]) -> list[Exam
 
 
 class Images:
-    """Images by path as uint8 [3, S, S], resized exactly as Processor.pixels does; cached on first use."""
+    """Images by path as uint8 [3, S, S], resized as Processor.pixels resizes them; cached on first use."""
 
     def __init__(self, size: int, cache: bool = True):
         self.size, self.cache = size, cache
@@ -87,10 +85,9 @@ class Images:
         t = self._store.get(path)
         if t is None:
             try:
-                img = load_image(path).resize((self.size, self.size), Image.Resampling.BICUBIC)
+                t = resize_image(path, self.size).contiguous()
             except InputError as e:
                 raise ConfigError(str(e)) from None
-            t = torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())
             if self.cache:
                 self._store[path] = t
         return t

@@ -148,7 +148,7 @@ def warmstart(model, processor, examples: list[Example], images: Images, cfg: Tr
             x = augment(x, cfg.augment, cfg.train.seed + 1, step, range(part.start, part.stop))
         y = labels[mine].to(device)
         with autocast():
-            tokens = tower(processor.normalize(x).to(device))  # [B, P, C]
+            tokens = tower(processor.normalize(x.to(device)))  # [B, P, C]
             pooled = tokens.mean(dim=1).float()  # [B, C]
         loss = torch.zeros((), device=device)
         if masks is not None:
