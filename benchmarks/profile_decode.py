@@ -36,7 +36,6 @@ from bench_generate import PROMPT, checkpoint  # noqa: E402
 from bench_generate import _sync as sync  # noqa: E402
 
 import palitorch  # noqa: E402
-from palitorch.inference.pipeline import _compile_options  # noqa: E402
 
 
 def ms_per_step(pipe, image, n: int, reps: int, batch: int) -> float:
@@ -119,11 +118,7 @@ def run_variant(variant: str, parts: set[str], folder, dtype, image, first_token
     if "mm-attn" in parts or "flex-attn" in parts:
         pipe.model.language_model.set_decode_attention("matmul" if "mm-attn" in parts else "flex")
     options = {"coordinate_descent_tuning": True} if "cdt" in parts else None
-    if "unfused" in parts:  # compile() without the fusing
-        pipe._step = torch.compile(pipe.model.forward_cached, dynamic=False,
-                                   **_compile_options(pipe.device, mode, options))
-    else:
-        pipe.compile(mode=mode, options=options)
+    pipe.compile(mode=mode, options=options, fuse="unfused" not in parts)
     t0 = time.perf_counter()
     tokens = pipe.generate(image, PROMPT, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens).token_ids
     sync(pipe.device)

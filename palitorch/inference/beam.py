@@ -21,6 +21,7 @@ from palitorch.inference.generate import (
     Answer,
     Prompts,
     Result,
+    Steps,
     advance,
     ensure_caches,
     prefill,
@@ -56,7 +57,7 @@ def reorder_caches(model: PaliGemma, rows: torch.Tensor) -> None:
 
 @torch.inference_mode()
 def beam_search(model: PaliGemma, processor: Processor, prompts: Prompts, opts: GenerationOptions,
-                eos: list[int], steps: int, step=None) -> list[Result]:
+                eos: list[int], steps: int, fns: Steps | None = None) -> list[Result]:
     b, t = prompts.ids.shape
     m = opts.num_beams
     logits, cur = prefill(model, prompts, ensure_caches(model, b, t + steps))
@@ -118,7 +119,7 @@ def beam_search(model: PaliGemma, processor: Processor, prompts: Prompts, opts: 
         if chooser.seen is not None:
             chooser.seen = chooser.seen[order]
         chooser.observe(tokens)
-        logits = advance(model, cur, tokens, step)
+        logits = advance(model, cur, tokens, fns)
 
     results = []
     for p in range(b):

@@ -15,7 +15,7 @@ Axes: B batch, T prompt length (padded), S cache slots, V vocab.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +105,16 @@ class Cursor:
         sliding = any(layer.attn.sliding for layer in model.language_model.layers)
         self.window = window if (window is not None and sliding and s_len > window) else None
 
+    def step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Claim the next slot for one token per row -> the step's (positions [B, 1], slot [1], keys it may see
+        [B, S], the same within the sliding window [B, S] or None): `token_forward`'s arguments after the tokens."""
+        s = self.slot
+        self.valid[:, s] = True  # the new token is a key for itself and every later step: causal by construction
+        self.pos = self.pos + 1
+        self.slot += 1
+        sliding = (self.valid & (self.slots > s - self.window)) if self.window else None
+        return self.pos, self.slots[s:s + 1], self.valid, sliding
+
 
 def prefill(model: PaliGemma, prompts: Prompts, s_len: int) -> tuple[torch.Tensor, Cursor]:
     """Run the whole prompt in one forward, bidirectional over its real tokens -> (last logits [B, V], cursor).
@@ -118,19 +128,49 @@ def prefill(model: PaliGemma, prompts: Prompts, s_len: int) -> tuple[torch.Tenso
     return model.forward_cached(x, cur.positions, cur.slots[:t], mask, last_only=True)[:, -1], cur
 
 
-def advance(model: PaliGemma, cur: Cursor, tokens: torch.Tensor, step=None) -> torch.Tensor:
-    """Feed one token per row (tokens [B]) at the cursor's slot -> next logits [B, V]; moves the cursor on.
+def advance(model: PaliGemma, cur: Cursor, tokens: torch.Tensor, steps: Steps | None = None) -> torch.Tensor:
+    """Feed one token per row (tokens [B]) at the cursor's slot -> next logits [B, V]; moves the cursor on."""
+    return (steps or EAGER).logits(model, tokens, *cur.step())
 
-    `step` replaces `model.forward_cached` for this one-token forward, e.g. a `torch.compile`d version of it:
-    every tensor it gets has the same shape at every step (the mask spans all S slots), so it compiles once."""
-    s = cur.slot
-    cur.valid[:, s] = True  # the new token is a key for itself and every later step: causal by construction
-    cur.pos = cur.pos + 1
-    cur.slot += 1
-    sliding = (cur.valid & (cur.slots > s - cur.window))[:, None, None, :] if cur.window else None
+
+def token_forward(model: PaliGemma, tokens: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
+                  valid: torch.Tensor, sliding: torch.Tensor | None) -> torch.Tensor:
+    """One decode forward: tokens [B] at positions pos [B, 1], written at cache slot `slot` [1], attending to the
+    keys `valid` [B, S] (and `sliding` [B, S] on sliding-window layers) -> logits [B, V].
+
+    Every tensor it gets has the same shape at every step, so a `torch.compile`d version compiles once."""
     x = model.language_model.embed(tokens[:, None])
-    step = step or model.forward_cached
-    return step(x, cur.pos, cur.slots[s:s + 1], cur.valid[:, None, None, :], sliding)[:, -1]
+    mask = valid[:, None, None, :]
+    return model.forward_cached(x, pos, slot, mask, None if sliding is None else sliding[:, None, None, :])[:, -1]
+
+
+def greedy_forward(model: PaliGemma, tokens: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
+                   valid: torch.Tensor, sliding: torch.Tensor | None, done: torch.Tensor, no_eos: torch.Tensor,
+                   eos: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`token_forward` and the greedy choice in one function (one compiled graph: on a GPU one CUDA graph a step)
+    -> (next tokens [B], their logprobs [B], done [B]).
+
+    The choice is `Chooser`'s without a repetition penalty or sampling: the largest logit, with the EOS ids
+    (`eos` [E]) excluded while `no_eos` [1] is True (min_new_tokens). Rows already `done` get `pad_id`."""
+    x = token_forward(model, tokens, pos, slot, valid, sliding).float()
+    tok = torch.where(no_eos, x.index_fill(-1, eos, float("-inf")), x).argmax(-1)
+    lp = token_logprobs(x, tok)
+    tok = tok.masked_fill(done, pad_id)
+    return tok, lp, done | torch.isin(tok, eos)
+
+
+@dataclass(frozen=True)
+class Steps:
+    """The one-token functions the decode loop calls: `logits` (`token_forward`: sampling, beams, repetition
+    penalty) and `greedy` (`greedy_forward`). Eager by default; `Pipeline.compile` puts `torch.compile`d versions in.
+    `copy_outputs`: their outputs live in memory that the next call reuses (CUDA graphs), so copy what is kept."""
+
+    logits: Callable = token_forward
+    greedy: Callable = greedy_forward
+    copy_outputs: bool = False
+
+
+EAGER = Steps()
 
 
 def raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
@@ -155,30 +195,71 @@ def logsumexp_logprobs(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: list[int], pad_id: int,
-           steps: int, step=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+           steps: int, fns: Steps | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens [B], logprobs [B]) for up to `steps` steps, both on the device.
 
     logprobs are log_softmax of the raw logits at the chosen token. A row that has produced an EOS yields
-    `pad_id` afterwards; the loop ends early once every row has, checking every step on CPU (where a check is
-    free) and every 8 steps elsewhere (each check waits for the device). `step`: see `advance`.
+    `pad_id` afterwards. The loop ends early once every row has: on CPU checked every step (a check is free), on
+    CUDA as soon as the device reports it without being waited for (`DoneFlag`), elsewhere every 8 steps.
+    Greedy decoding runs the forward and the choice as one function, `fns.greedy`; sampling and repetition
+    penalties choose from `fns.logits` outside it. `fns`: see `Steps`.
     """
+    fns = fns or EAGER
     b, t = prompts.ids.shape
     device = prompts.ids.device
     logits, cur = prefill(model, prompts, ensure_caches(model, b, t + steps))
     chooser = Chooser(opts, eos, logits.shape[-1], prompts.ids, prompts.valid)
     eos_t = torch.tensor(eos, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
-    check_every = 1 if device.type == "cpu" else 8
-    for i in range(steps):
+    fused = chooser.seen is None and not opts.do_sample
+    no_eos = [torch.full((1,), flag, device=device) for flag in (False, True)]  # min_new_tokens not yet reached
+    pending = None  # CUDA: the last DoneFlag made
+
+    def pick(logits: torch.Tensor, i: int, done: torch.Tensor):
         tok = chooser(logits, i)
         lp = token_logprobs(logits, tok)
         tok = tok.masked_fill(done, pad_id)
-        done = done | torch.isin(tok, eos_t)
+        return tok, lp, done | torch.isin(tok, eos_t)
+
+    tok, lp, done = pick(logits, 0, done)
+    for i in range(steps):
+        if i > 0 and fused:
+            tok, lp, done = fns.greedy(model, tok, *cur.step(), done, no_eos[i < opts.min_new_tokens], eos_t, pad_id)
+            if fns.copy_outputs:
+                tok, lp, done = tok.clone(), lp.clone(), done.clone()
+        elif i > 0:
+            chooser.observe(tok)
+            tok, lp, done = pick(fns.logits(model, tok, *cur.step()), i, done)
         yield tok, lp
-        if i + 1 == steps or ((i + 1) % check_every == 0 and bool(done.all())):
+        if i + 1 == steps:
             return
-        chooser.observe(tok)
-        logits = advance(model, cur, tok, step)
+        if device.type == "cuda":  # never wait for the GPU: read the last flag only once it has arrived
+            if pending is None or pending.ready():
+                if pending is not None and pending.value():
+                    return
+                pending = DoneFlag(done.all())
+        elif (device.type == "cpu" or (i + 1) % 8 == 0) and bool(done.all()):
+            return
+
+
+class DoneFlag:
+    """A CUDA bool on its way to the host: copied asynchronously to pinned memory when made; `ready()` says,
+    without waiting, whether it has arrived. A decode loop that reads only arrived flags never stalls the GPU
+    (a blocking read would empty its queue and leave it idle until the host caught up); it may run a step or
+    two past the moment every row finished, yielding pad tokens."""
+
+    def __init__(self, flag: torch.Tensor):
+        self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        self.host.copy_(flag, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def ready(self) -> bool:
+        return self.event.query()
+
+    def value(self) -> bool:
+        self.event.synchronize()
+        return bool(self.host)
 
 
 class Answer:
@@ -230,7 +311,7 @@ class Answer:
 
 
 def generate(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompts: list[str],
-             opts: GenerationOptions, step=None) -> list[Result]:
+             opts: GenerationOptions, fns: Steps | None = None) -> list[Result]:
     """Answers for a batch: pixels [B, 3, S, S], B prompts. One padded batch, one decode loop."""
     batch = encode_prompts(model, processor, pixels, prompts)
     eos = eos_ids(model, processor)
@@ -238,10 +319,10 @@ def generate(model: PaliGemma, processor: Processor, pixels: torch.Tensor, promp
     if opts.num_beams > 1:
         from palitorch.inference.beam import beam_search
 
-        return beam_search(model, processor, batch, opts, eos, steps, step)
+        return beam_search(model, processor, batch, opts, eos, steps, fns)
     answers = [Answer(processor, eos, opts.stop, n) for n in batch.lengths]
     toks, lps = [], []
-    for tok, lp in decode(model, batch, opts, eos, processor.pad_id, steps, step):
+    for tok, lp in decode(model, batch, opts, eos, processor.pad_id, steps, fns):
         if opts.stop:  # stop strings need the text: one host sync per step
             for a, t, p in zip(answers, tok.tolist(), lp.tolist()):
                 a.push(t, p, track_text=True)
@@ -258,7 +339,7 @@ def generate(model: PaliGemma, processor: Processor, pixels: torch.Tensor, promp
 
 
 def stream(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompt: str,
-           opts: GenerationOptions, step=None) -> Iterator[str]:
+           opts: GenerationOptions, fns: Steps | None = None) -> Iterator[str]:
     """Yield the text of one answer (pixels [1, 3, S, S]) in pieces as tokens arrive; returns the `Result`.
 
     A piece is emitted only when it can no longer change: never half of a multi-byte character whose bytes come
@@ -271,7 +352,7 @@ def stream(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompt:
     eos = eos_ids(model, processor)
     answer = Answer(processor, eos, opts.stop, batch.lengths[0])
     emitted = ""
-    for tok, lp in decode(model, batch, opts, eos, processor.pad_id, new_token_budget(model, batch, opts), step):
+    for tok, lp in decode(model, batch, opts, eos, processor.pad_id, new_token_budget(model, batch, opts), fns):
         answer.push(int(tok[0]), float(lp[0]), track_text=True)
         safe = answer.safe_text()
         if len(safe) > len(emitted) and safe.startswith(emitted):

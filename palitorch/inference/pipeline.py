@@ -71,7 +71,7 @@ class Pipeline:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self._busy = False  # a stream is suspended mid-answer: it owns the KV caches
-        self._step = None  # a compiled one-token decode forward, once `compile()` is called
+        self._steps: engine.Steps | None = None  # compiled one-token decode steps, once `compile()` is called
 
     @property
     def cfg(self):
@@ -103,26 +103,34 @@ class Pipeline:
 
     # ------------------------------------------------------------------ generation
 
-    def compile(self, mode: str | None = None, options: dict | None = None) -> Pipeline:
+    def compile(self, mode: str | None = None, options: dict | None = None, fuse: bool = True) -> Pipeline:
         """Compile the one-token decode step with `torch.compile` (opt-in; returns the pipeline).
 
-        Decoding then runs as one fused graph per step (the bundled model: ~2x faster per token on CPU than
-        eager; on GPU `mode="reduce-overhead"` adds CUDA graphs), with the q/k/v and gate/up weights each fused
-        into one matrix. The first call for each batch size and cache length pays the compilation (tens of seconds
-        on CPU, ~20-35 s for the 3B models on an H200); the results are the same tokens as without it.
-        `options`: inductor settings on top of the mode's, e.g. {"coordinate_descent_tuning": True}.
+        Decoding then runs as one fused graph per step: the token's embedding, the forward and, when greedy, the
+        choice of the next token and its logprob (the bundled model: ~2x faster per token on CPU than eager; on
+        GPU `mode="reduce-overhead"` makes each step one CUDA graph). With `fuse`, the q/k/v and gate/up weights
+        are each fused into one matrix. The first call for each batch size and cache length pays the compilation
+        (tens of seconds on CPU, ~20-35 s for the 3B models on an H200); the results are the same tokens as
+        without it. `options`: inductor settings on top of the mode's, e.g. {"coordinate_descent_tuning": True}.
+        Compile again after changing the model's structure (e.g. `set_decode_attention`).
         """
         lm = self.model.language_model
-        lm.fuse_projections()  # fewer, larger matmuls per step
-        # Every model, batch size and cache length compiles its own static-shape graph of the one code object
-        # `forward_cached`; past dynamo's default limit of 8 such graphs it would run the step eagerly (a log line).
+        if fuse:
+            lm.fuse_projections()  # fewer, larger matmuls per step
+        # Every model, batch size and cache length compiles its own static-shape graph of one code object; past
+        # dynamo's default limit of 8 such graphs it would run the step eagerly (a log line only).
         import torch._dynamo.config as dynamo_config
 
-        dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
+        limit = _RECOMPILE_LIMIT if hasattr(dynamo_config, _RECOMPILE_LIMIT) else "cache_size_limit"  # older name
+        setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
         # inductor's CPU FlexAttention kernel, compiled single-threaded, frees memory twice (torch 2.13): let it be
         flex = any(layer.attn.decode_attention == "flex" for layer in lm.layers)
-        self._step = torch.compile(self.model.forward_cached, dynamic=False,
-                                   **_compile_options(self.device, mode, options, single_thread=not flex))
+        settings = _compile_options(self.device, mode, options, single_thread=not flex)
+        self._steps = engine.Steps(
+            logits=torch.compile(engine.token_forward, dynamic=False, **settings),
+            greedy=torch.compile(engine.greedy_forward, dynamic=False, **settings),
+            copy_outputs=self.device.type != "cpu",  # CUDA graphs reuse their output memory at the next step
+        )
         return self
 
     def _claim(self) -> None:
@@ -139,7 +147,7 @@ class Pipeline:
         opts = GenerationOptions.from_kwargs(options, **kw)
         images, prompts, single = as_batch(image, prompt)
         self._claim()
-        results = engine.generate(self.model, self.processor, self._pixels(images), prompts, opts, self._step)
+        results = engine.generate(self.model, self.processor, self._pixels(images), prompts, opts, self._steps)
         return results[0] if single else results
 
     def stream(self, image, prompt: str, options: GenerationOptions | None = None, **kw) -> Stream:
@@ -148,7 +156,10 @@ class Pipeline:
         if isinstance(image, (list, tuple)) or not isinstance(prompt, str):
             raise InputError("stream takes one image and one prompt string; use generate for a batch")
         pixels = self._pixels([image])
-        return Stream(engine.stream(self.model, self.processor, pixels, prompt, opts, self._step), self)
+        return Stream(engine.stream(self.model, self.processor, pixels, prompt, opts, self._steps), self)
+
+
+_RECOMPILE_LIMIT = "recompile_limit"  # dynamo's setting; "cache_size_limit" before torch 2.7
 
 
 def _compile_options(device: torch.device, mode: str | None, options: dict | None = None,

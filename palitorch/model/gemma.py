@@ -220,9 +220,11 @@ class Gemma(nn.Module):
         return cos[positions], sin[positions]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [B, T] -> [B, T, H], scaled by sqrt(H) rounded to the weights' dtype (45.25 in bf16 for H=2048)."""
-        w = self.embed_tokens.weight
-        return self.embed_tokens(ids) * torch.tensor(self.cfg.hidden_size**0.5, dtype=w.dtype, device=w.device)
+        """ids [B, T] -> [B, T, H], scaled by sqrt(H) rounded to the weights' dtype (45.25 in bf16 for H=2048).
+
+        The scale is a host (CPU) scalar tensor, which a GPU kernel takes as an argument: a tensor made on the GPU
+        from host data would wait for the GPU's queue to empty first (a stall at every decode step)."""
+        return self.embed_tokens(ids) * torch.tensor(self.cfg.hidden_size**0.5, dtype=self.embed_tokens.weight.dtype)
 
     def forward(self, x, positions, mask, sliding_mask=None, cache_pos=None, last_only=False) -> torch.Tensor:
         """x [B, T, H] embeddings; positions [B, T]; mask, sliding_mask [B, 1, T, S] -> normed hidden [B, T, H].

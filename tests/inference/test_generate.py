@@ -255,24 +255,28 @@ def test_sliding_window_matches_transformers(ckpt_factory, tmp_path):
     assert max(abs(a - b) for r, u in zip(ours, unwindowed) for a, b in zip(r.logprobs, u.logprobs)) > 0.01
 
 
-def test_a_replacement_decode_step_is_used_for_every_token(ckpt_factory):
-    """The hook `Pipeline.compile` fills (a compiled forward) runs each one-token step; prefill stays eager.
-    The real torch.compile takes tens of seconds on CPU, so this checks the plumbing with a counting wrapper."""
+def test_replacement_decode_steps_are_used_for_every_token(ckpt_factory):
+    """The hooks `Pipeline.compile` fills (compiled step functions) run each one-token step; prefill stays eager.
+    Greedy decoding calls `greedy` (forward and choice in one), sampling and repetition penalties `logits`.
+    The real torch.compile takes tens of seconds on CPU, so this checks the plumbing with counting wrappers."""
     folder, _ = diverse(ckpt_factory, 2)
     pipe = palitorch.load(folder)
     imgs = images(2)
-    plain = pipe.generate(imgs, PROMPTS[:2], max_new_tokens=6, min_new_tokens=6)
+    kinds = [{}, {"temperature": 0.8, "seed": 1}, {"repetition_penalty": 1.3}]
+    plain = [pipe.generate(imgs, PROMPTS[:2], max_new_tokens=6, min_new_tokens=6, **kw) for kw in kinds]
     calls = []
 
-    def step(*args):
-        calls.append(args[0].shape)
-        return pipe.model.forward_cached(*args)
+    def counting(name, fn):
+        def step(model, tokens, *args):
+            calls.append((name, tokens.shape))
+            return fn(model, tokens, *args)
+        return step
 
-    pipe._step = step
-    assert pipe.generate(imgs, PROMPTS[:2], max_new_tokens=6, min_new_tokens=6) == plain
-    assert calls == [(2, 1, pipe.cfg.text.hidden_size)] * 5
-    assert "".join(pipe.stream(imgs[0], PROMPTS[0], max_new_tokens=6, min_new_tokens=6)) == plain[0].text
-    assert len(calls) == 10
+    pipe._steps = engine.Steps(counting("logits", engine.token_forward), counting("greedy", engine.greedy_forward))
+    assert [pipe.generate(imgs, PROMPTS[:2], max_new_tokens=6, min_new_tokens=6, **kw) for kw in kinds] == plain
+    assert calls == [("greedy", (2,))] * 5 + [("logits", (2,))] * 10
+    assert "".join(pipe.stream(imgs[0], PROMPTS[0], max_new_tokens=6, min_new_tokens=6)) == plain[0][0].text
+    assert calls[15:] == [("greedy", (1,))] * 5
 
 
 def test_a_suspended_stream_owns_the_caches(ckpt_factory):
@@ -392,28 +396,31 @@ def test_compile_options_merge_a_mode_with_extra_options():
     assert _compile_options(cpu, None, single_thread=False) == {"mode": None}  # FlexAttention on CPU
 
 
-def test_compiled_step_keeps_compiling_past_dynamo_limit(monkeypatch):
+def test_compiled_step_keeps_compiling_past_dynamo_limit():
     """Each batch size compiles its own static-shape graph of one code object, and past dynamo's limit (8 graphs
     by default) the step would run eagerly (a log line only); `compile()` raises the limit. Here the limit starts at 1:
     two batch sizes still give two compiled graphs, each used for its decode steps."""
     import torch._dynamo.config as dynamo_config
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(dynamo_config, "cache_size_limit", 1)
-    pipe = palitorch.load().compile()
-    img = images(1)[0]
-    before = counters["stats"]["unique_graphs"]
-    for b in (1, 2):
-        calls = 0
-        step = pipe._step
+    from palitorch.inference.pipeline import _RECOMPILE_LIMIT
 
-        def counting(*args, step=step):
-            nonlocal calls
-            calls += 1
-            return step(*args)
+    with dynamo_config.patch(**{_RECOMPILE_LIMIT: 1}):
+        pipe = palitorch.load().compile()
+        assert getattr(dynamo_config, _RECOMPILE_LIMIT) == 64
+        img = images(1)[0]
+        before = counters["stats"]["unique_graphs"]
+        for b in (1, 2):
+            calls = 0
+            steps = pipe._steps
 
-        pipe._step = counting
-        pipe.generate([img] * b, ["caption en"] * b, max_new_tokens=3, min_new_tokens=3)
-        pipe._step = step
-        assert calls == 2
-    assert counters["stats"]["unique_graphs"] - before == 2
+            def counting(*args, step=steps.greedy):
+                nonlocal calls
+                calls += 1
+                return step(*args)
+
+            pipe._steps = engine.Steps(steps.logits, counting, steps.copy_outputs)
+            pipe.generate([img] * b, ["caption en"] * b, max_new_tokens=3, min_new_tokens=3)
+            pipe._steps = steps
+            assert calls == 2
+        assert counters["stats"]["unique_graphs"] - before == 2

@@ -1,0 +1,119 @@
+"""The one-token decode steps: compiled greedy (forward and choice in one graph), sampling and repetition-penalty
+steps against eager, and that a step never makes the host wait for the device.
+
+Tolerances: tokens equal; logprobs within 1e-4 (float32 on CPU, same weights, compiled vs eager).
+"""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from test_generate import PROMPTS, diverse, images
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import palitorch
+from palitorch.config import preset
+from palitorch.inference import generate as engine
+from palitorch.model import PaliGemma
+
+
+def test_compiled_steps_match_eager_with_a_sliding_window(ckpt_factory, tmp_path):
+    """Gemma 2 with a window (100) shorter than the sequence, so that the sliding mask matters. Greedy (the fused
+    step, with and without min_new_tokens), seeded sampling and a repetition penalty (the logits step, choice
+    outside): the compiled pipeline gives eager's tokens and logprobs."""
+    src, _ = diverse(ckpt_factory, 2)
+    folder = tmp_path / "windowed"
+    shutil.copytree(src, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["text_config"]["sliding_window"] = 100
+    (folder / "config.json").write_text(json.dumps(cfg))
+    imgs = images(2)
+    kinds = [{"min_new_tokens": 20}, {}, {"temperature": 0.9, "seed": 3}, {"repetition_penalty": 1.5}]
+    pipe = palitorch.load(folder)
+    eager = [pipe.generate(imgs, PROMPTS[:2], max_new_tokens=20, **kw) for kw in kinds]
+    pipe.compile()
+    compiled = [pipe.generate(imgs, PROMPTS[:2], max_new_tokens=20, **kw) for kw in kinds]
+    for want, got in zip(eager, compiled):
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        for w, g in zip(want, got):
+            torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-4, rtol=0)
+    assert len(eager[0][0].token_ids) == 20
+    assert eager[2] != eager[1] and eager[3] != eager[1]  # the options changed the answers
+
+
+class HostWaits(TorchDispatchMode):
+    """Records every operation that would make the host wait for a GPU: reading a device value on the host
+    (`.item()`, `bool()`, `.tolist()`), and device tensors made from host data (`torch.tensor(..., device=...)`,
+    which copies and then synchronises; it happens below this mode, so it shows up as an operand that no
+    operation seen here produced). CPU scalars (0-dim) are allowed: a kernel takes them as arguments."""
+
+    def __init__(self, known):
+        super().__init__()
+        self.seen = {id(t): t for t in known}
+        self.waits = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        if "_local_scalar_dense" in name:
+            self.waits.append(f"{name}: a device value read on the host")
+        for t in tree_leaves((args, kwargs)):
+            if not isinstance(t, torch.Tensor):
+                continue
+            if t.device.type == "cpu" and t.dim() > 0:
+                self.waits.append(f"{name}: a host tensor of shape {tuple(t.shape)} as an operand")
+            elif t.device.type != "cpu" and id(t) not in self.seen:
+                self.waits.append(f"{name}: a device tensor {tuple(t.shape)} made outside the step's operations")
+        out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.seen[id(t)] = t
+        return out
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_decode_step_never_waits_for_the_device(version):
+    """Both step functions and the cursor's bookkeeping, on the meta device (no data: every operation must be a
+    device operation). Real PaliGemma layer shapes and vocabulary, 2 layers; Gemma 2 with a sliding window."""
+    cfg = preset("paligemma-3b-224" if version == 1 else "paligemma2-3b-224")
+    text = dataclasses.replace(cfg.text, num_layers=2, layer_types=cfg.text.layer_types and cfg.text.layer_types[:2],
+                               sliding_window=cfg.text.sliding_window and 8)
+    with torch.device("meta"):
+        model = PaliGemma(cfg.replace(text=text)).eval()
+    b, t, s = 2, 5, 16
+    model.setup_caches(b, s)
+    prompts = engine.Prompts(torch.zeros(b, t, dtype=torch.long, device="meta"),
+                             torch.ones(b, t, dtype=torch.bool, device="meta"), None, [t] * b)
+    with torch.inference_mode():
+        cur = engine.Cursor(model, prompts, s)
+        assert (cur.window is not None) == (version == 2)
+        tok = torch.zeros(b, dtype=torch.long, device="meta")
+        done = torch.zeros(b, dtype=torch.bool, device="meta")
+        no_eos, eos = torch.zeros(1, dtype=torch.bool, device="meta"), torch.zeros(2, dtype=torch.long, device="meta")
+        engine.token_forward(model, tok, *cur.step())  # builds the RoPE table once
+        known = [*model.parameters(), *model.buffers(), *model.language_model._rope, tok, done, no_eos, eos,
+                 cur.valid, cur.pos, cur.slots]
+        spy = HostWaits(known)
+        with spy:
+            for _ in range(2):
+                tok, lp, done = engine.greedy_forward(model, tok, *cur.step(), done, no_eos, eos, 0)
+                logits = engine.token_forward(model, tok, *cur.step())
+    assert spy.waits == []
+    assert tok.shape == lp.shape == done.shape == (b,) and logits.shape == (b, cfg.text.vocab_size)
+
+
+def test_the_wait_detector_sees_host_waits():
+    """The detector above, on the two kinds of wait it must catch (the step once made the first at each token)."""
+    w = torch.empty(3, device="meta")
+    spy = HostWaits([w])
+    with spy:
+        w * torch.tensor(2.0, device="meta")
+        w * torch.tensor(2.0)  # a host scalar: allowed
+    assert len(spy.waits) == 1 and "made outside" in spy.waits[0]
+    spy = HostWaits([w])
+    with spy, pytest.raises(RuntimeError):  # a meta tensor has no value to read, but the attempt is seen
+        w.sum().item()
+    assert len(spy.waits) == 1 and "read on the host" in spy.waits[0]
