@@ -200,7 +200,7 @@ def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: lis
 
     logprobs are log_softmax of the raw logits at the chosen token. A row that has produced an EOS yields
     `pad_id` afterwards. The loop ends early once every row has: on CPU checked every step (a check is free), on
-    CUDA as soon as the device reports it without being waited for (`DoneFlag`), elsewhere every 8 steps.
+    CUDA within a few steps, without emptying the GPU's queue; see `DoneWatch`.
     Greedy decoding runs the forward and the choice as one function, `fns.greedy`; sampling and repetition
     penalties choose from `fns.logits` outside it. `fns`: see `Steps`.
     """
@@ -213,7 +213,7 @@ def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: lis
     done = torch.zeros(b, dtype=torch.bool, device=device)
     fused = chooser.seen is None and not opts.do_sample
     no_eos = [torch.full((1,), flag, device=device) for flag in (False, True)]  # min_new_tokens not yet reached
-    pending = None  # CUDA: the last DoneFlag made
+    watch = DoneWatch(device)
 
     def pick(logits: torch.Tensor, i: int, done: torch.Tensor):
         tok = chooser(logits, i)
@@ -231,24 +231,45 @@ def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: lis
             chooser.observe(tok)
             tok, lp, done = pick(fns.logits(model, tok, *cur.step()), i, done)
         yield tok, lp
-        if i + 1 == steps:
+        if i + 1 == steps or watch.finished(done, i):
             return
-        if device.type == "cuda":  # never wait for the GPU: read the last flag only once it has arrived
-            if pending is None or pending.ready():
-                if pending is not None and pending.value():
-                    return
-                pending = DoneFlag(done.all())
-        elif (device.type == "cpu" or (i + 1) % 8 == 0) and bool(done.all()):
-            return
+
+
+class DoneWatch:
+    """Says after each decode step whether every row has finished, at a cost that suits the device.
+
+    CPU: reads `done` (free). CUDA: reads flags copied to the host asynchronously (`DoneFlag`), one that has
+    arrived, or one made `lag` steps ago, waiting for it if need be: the host runs ahead of the GPU, so the GPU
+    then still has steps queued and never idles (a blocking read of the current step would empty its queue), and a
+    finished batch runs at most 2 * lag - 1 steps past its end (pad tokens). Other devices: a blocking read every
+    8 steps. `make_flag` replaces `DoneFlag` (tests)."""
+
+    def __init__(self, device: torch.device, lag: int = 4, make_flag=None):
+        self.kind, self.lag = device.type, lag
+        self.make_flag = make_flag or DoneFlag
+        self.pending = None
+
+    def finished(self, done: torch.Tensor, step: int) -> bool:
+        if self.kind == "cpu":
+            return bool(done.all())
+        if self.kind != "cuda":
+            return (step + 1) % 8 == 0 and bool(done.all())
+        p = self.pending
+        if p is not None and (p.ready() or step - p.step >= self.lag):
+            if p.value():
+                return True
+            self.pending = None
+        if self.pending is None:
+            self.pending = self.make_flag(done.all(), step)
+        return False
 
 
 class DoneFlag:
-    """A CUDA bool on its way to the host: copied asynchronously to pinned memory when made; `ready()` says,
-    without waiting, whether it has arrived. A decode loop that reads only arrived flags never stalls the GPU
-    (a blocking read would empty its queue and leave it idle until the host caught up); it may run a step or
-    two past the moment every row finished, yielding pad tokens."""
+    """A CUDA bool on its way to the host: copied asynchronously to pinned memory when made (at decode step
+    `step`); `ready()` says, without waiting, whether it has arrived; `value()` waits for it if need be."""
 
-    def __init__(self, flag: torch.Tensor):
+    def __init__(self, flag: torch.Tensor, step: int):
+        self.step = step
         self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
         self.host.copy_(flag, non_blocking=True)
         self.event = torch.cuda.Event()

@@ -117,3 +117,60 @@ def test_the_wait_detector_sees_host_waits():
     with spy, pytest.raises(RuntimeError):  # a meta tensor has no value to read, but the attempt is seen
         w.sum().item()
     assert len(spy.waits) == 1 and "read on the host" in spy.waits[0]
+
+
+@pytest.mark.parametrize("gpu_speed", ["keeps up", "lags"])
+def test_done_watch_on_cuda_reads_flags_late_but_never_the_current_one(gpu_speed):
+    """The CUDA policy with stand-in flags (on CPU): a flag is read when it has arrived, or waited for once 4 steps
+    old, never when just made; a batch that finished at step 10 is stopped at most 7 steps later."""
+    reads = []
+
+    class Flag:
+        def __init__(self, flag, step):
+            self.flag, self.step = bool(flag), step
+
+        def ready(self):
+            return gpu_speed == "keeps up"
+
+        def value(self):
+            reads.append((self.step, now))
+            return self.flag
+
+    watch = engine.DoneWatch(torch.device("cuda"), make_flag=Flag)
+    for now in range(64):
+        if watch.finished(torch.tensor([now >= 10, True]), now):
+            break
+    assert 10 < now <= 17
+    assert all(made < at for made, at in reads)
+    assert all(at - made == (1 if gpu_speed == "keeps up" else 4) for made, at in reads)
+    cpu = engine.DoneWatch(torch.device("cpu"))
+    assert not cpu.finished(torch.tensor([True, False]), 0) and cpu.finished(torch.tensor([True, True]), 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decode_matches_cpu_and_stops_early():
+    """On a GPU (run where one is lent): the bundled model under `compile(mode="reduce-overhead")` (CUDA graphs,
+    whose outputs the next step overwrites) gives the CPU's tokens, and a batch whose answers all end early stops
+    within a few steps of it without a blocking read (`DoneFlag`)."""
+    from PIL import Image
+
+    imgs = [Image.new("RGB", (64, 64), c) for c in [(200, 30, 30), (30, 160, 40), (40, 40, 200)]]
+    prompts = ["answer en what color is the shape?", "caption en", "answer en what color is the shape?"]
+    want = palitorch.load().generate(imgs, prompts, max_new_tokens=64)
+    pipe = palitorch.load(device="cuda").compile(mode="reduce-overhead")
+    for _ in range(2):  # the first call records the graphs, the second replays them
+        got = pipe.generate(imgs, prompts, max_new_tokens=64)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert all(r.finish_reason == "eos" for r in got)
+    calls = 0
+    steps = pipe._steps
+
+    def counting(*args):
+        nonlocal calls
+        calls += 1
+        return steps.greedy(*args)
+
+    pipe._steps = engine.Steps(steps.logits, counting, steps.copy_outputs)
+    pipe.generate(imgs, prompts, max_new_tokens=64)
+    # the worst case: a flag made just before the last row ended, read 4 steps later, then the next 4 after that
+    assert calls <= max(len(r.token_ids) for r in want) + 7
