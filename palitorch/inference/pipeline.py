@@ -165,11 +165,17 @@ _RECOMPILE_LIMIT = "recompile_limit"  # dynamo's setting; "cache_size_limit" bef
 def _compile_options(device: torch.device, mode: str | None, options: dict | None = None,
                      single_thread: bool = True) -> dict:
     """torch.compile's mode / options arguments (it takes one or the other: a mode plus options become the mode's
-    options plus these). On CPU the one-token step's fused elementwise kernels touch a few thousand numbers: one
-    thread runs them faster than an OpenMP team (whose start-up and barriers cost more than the work). Matmuls keep
-    torch's threads."""
-    if device.type == "cpu" and mode is None and single_thread:
-        options = {"cpp.threads": 1, **(options or {})}
+    options plus these). CPU defaults, from measurements on the bundled model at batch 1 (BENCHMARKS.md):
+    - one thread for inductor's fused kernels: a one-token step's elementwise work is a few thousand numbers, and an
+      OpenMP team's start-up and barriers cost more than that (matmuls keep torch's threads);
+    - products of one row by a matrix of at most 2048 x 2048 (inductor's "decompose_mm_pass" thresholds on CPU) as
+      inductor's own multiply-and-sum kernels instead of BLAS calls, whose fixed cost (20-40 us on the 2-core VM)
+      exceeds such a product's work. Larger float32 weights take oneDNN's route (`model/kernels.py`) either way."""
+    if device.type == "cpu" and mode is None:
+        cpu = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+        if single_thread:
+            cpu["cpp.threads"] = 1
+        options = {**cpu, **(options or {})}
     if not options:
         return {"mode": mode}
     from torch._inductor import list_mode_options

@@ -391,9 +391,10 @@ def test_compile_options_merge_a_mode_with_extra_options():
     assert _compile_options(cuda, "reduce-overhead") == {"mode": "reduce-overhead"}
     merged = _compile_options(cuda, "reduce-overhead", {"coordinate_descent_tuning": True})
     assert merged == {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
-    assert _compile_options(cpu, None) == {"options": {"cpp.threads": 1}}
-    assert _compile_options(cpu, None, {"cpp.threads": 2}) == {"options": {"cpp.threads": 2}}
-    assert _compile_options(cpu, None, single_thread=False) == {"mode": None}  # FlexAttention on CPU
+    small_mm = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+    assert _compile_options(cpu, None) == {"options": {"cpp.threads": 1, **small_mm}}
+    assert _compile_options(cpu, None, {"cpp.threads": 2}) == {"options": {"cpp.threads": 2, **small_mm}}
+    assert _compile_options(cpu, None, single_thread=False) == {"options": small_mm}  # FlexAttention on CPU
 
 
 def test_compiled_step_keeps_compiling_past_dynamo_limit():

@@ -44,6 +44,25 @@ def test_compiled_steps_match_eager_with_a_sliding_window(ckpt_factory, tmp_path
     assert eager[2] != eager[1] and eager[3] != eager[1]  # the options changed the answers
 
 
+def test_compiled_cpu_step_at_batch_1_calls_no_blas():
+    """`compile()` on CPU has inductor write its own kernels for one-row products with small matrices (the bundled
+    model's are all under 2048 x 2048), in place of BLAS calls whose fixed cost exceeds the work: the decode steps
+    make no aten::mm / addmm call (prefill, eager, does)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    pipe = palitorch.load().compile()
+    img = images(1)[0]
+
+    def blas_calls(n: int) -> int:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            pipe.generate(img, "caption en", max_new_tokens=n, min_new_tokens=n)
+        return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+
+    pipe.generate(img, "caption en", max_new_tokens=8, min_new_tokens=8)  # compiles
+    assert blas_calls(2) > 0
+    assert blas_calls(8) == blas_calls(2)
+
+
 class HostWaits(TorchDispatchMode):
     """Records every operation that would make the host wait for a GPU: reading a device value on the host
     (`.item()`, `bool()`, `.tolist()`), and device tensors made from host data (`torch.tensor(..., device=...)`,
