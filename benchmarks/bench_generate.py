@@ -178,7 +178,7 @@ def first_call(pipe, ours, n: int, args):
             if i + 1 < len(modes):
                 pipe.compile(mode=modes[i + 1], options=args.compile_options)
             else:
-                pipe._step = None
+                pipe._steps = None
     return ours(n), "eager"
 
 

@@ -107,7 +107,7 @@ class Pipeline:
         """Compile the one-token decode step with `torch.compile` (opt-in; returns the pipeline).
 
         Decoding then runs as one fused graph per step: the token's embedding, the forward and, when greedy, the
-        choice of the next token and its logprob (the bundled model: ~2x faster per token on CPU than eager; on
+        choice of the next token and its logprob (the bundled model: ~3x faster per token on CPU than eager; on
         GPU `mode="reduce-overhead"` makes each step one CUDA graph). With `fuse`, the q/k/v and gate/up weights
         are each fused into one matrix. The first call for each batch size and cache length pays the compilation
         (tens of seconds on CPU, ~20-35 s for the 3B models on an H200); the results are the same tokens as
