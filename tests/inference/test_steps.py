@@ -22,8 +22,8 @@ from palitorch.model import PaliGemma
 
 def test_compiled_steps_match_eager_with_a_sliding_window(ckpt_factory, tmp_path):
     """Gemma 2 with a window (100) shorter than the sequence, so that the sliding mask matters. Greedy (the fused
-    step, with and without min_new_tokens), seeded sampling and a repetition penalty (the logits step, choice
-    outside): the compiled pipeline gives eager's tokens and logprobs."""
+    step, with and without min_new_tokens), seeded sampling, a repetition penalty and beam search (the logits
+    step, choice outside): the compiled pipeline gives eager's tokens and logprobs."""
     src, _ = diverse(ckpt_factory, 2)
     folder = tmp_path / "windowed"
     shutil.copytree(src, folder)
@@ -31,7 +31,8 @@ def test_compiled_steps_match_eager_with_a_sliding_window(ckpt_factory, tmp_path
     cfg["text_config"]["sliding_window"] = 100
     (folder / "config.json").write_text(json.dumps(cfg))
     imgs = images(2)
-    kinds = [{"min_new_tokens": 20}, {}, {"temperature": 0.9, "seed": 3}, {"repetition_penalty": 1.5}]
+    kinds = [{"min_new_tokens": 20}, {}, {"temperature": 0.9, "seed": 3}, {"repetition_penalty": 1.5},
+             {"num_beams": 2}]
     pipe = palitorch.load(folder)
     eager = [pipe.generate(imgs, PROMPTS[:2], max_new_tokens=20, **kw) for kw in kinds]
     pipe.compile()
