@@ -4,6 +4,8 @@
 # decode floor). Fits one 10-minute device call (each size has its own time limit, so one cannot starve the other):
 #   bash benchmarks/bench_gpu.sh            # writes benchmarks/results/gpu-*.json (and copies to $OUT if set)
 #   BENCH_ARGS="--decode-attention flex" bash benchmarks/bench_gpu.sh     # a variant (see gpu_variants.sh)
+#   GPU_TESTS=1 SIZE_LIMIT_S=240 bash benchmarks/bench_gpu.sh   # first the CUDA-only tests (CUDA-graph decode vs CPU,
+#                                                                # early stop), ~1-2 min, then the benchmark
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -12,6 +14,11 @@ mkdir -p "$OUTDIR" benchmarks/results
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader || true
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
 start=$SECONDS
+if [ "${GPU_TESTS:-0}" = 1 ]; then
+  PYTHONUNBUFFERED=1 timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/inference/test_steps.py \
+    -k "cuda or wait or done_watch" 2>&1 | tail -15 | tee "$OUTDIR/gpu-tests.log"
+  echo "elapsed ${SECONDS}s after the tests"
+fi
 for size in ${SIZES:-pg1-3b pg2-3b}; do
   PYTHONUNBUFFERED=1 timeout "${SIZE_LIMIT_S:-285}" "$PY" benchmarks/bench_generate.py --sizes "$size" --device "${DEVICE:-cuda}" \
     --dtype bfloat16 --batches 1,16 --new-tokens 64 --reps 3 --compile --compile-mode reduce-overhead ${BENCH_ARGS:-} \
