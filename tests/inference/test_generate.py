@@ -231,19 +231,25 @@ def test_prompt_longer_than_the_context_is_an_input_error(ckpt_factory):
         list(pipe.stream(images(1)[0], "caption en " * context))
 
 
-def test_sliding_window_matches_transformers(ckpt_factory, tmp_path):
-    """Gemma 2's sliding layers, with a window (100) shorter than the sequence, so that it changes the answer."""
+def windowed(ckpt_factory, tmp_path, window: int = 100):
+    """The Gemma 2 `diverse` checkpoint with a sliding window shorter than the sequence -> (folder, the original)."""
     import json
     import shutil
-
-    from transformers import PaliGemmaForConditionalGeneration
 
     src, _ = diverse(ckpt_factory, 2)
     folder = tmp_path / "windowed"
     shutil.copytree(src, folder)
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["text_config"]["sliding_window"] = 100
+    cfg["text_config"]["sliding_window"] = window
     (folder / "config.json").write_text(json.dumps(cfg))
+    return folder, src
+
+
+def test_sliding_window_matches_transformers(ckpt_factory, tmp_path):
+    """Gemma 2's sliding layers, with a window (100) shorter than the sequence, so that it changes the answer."""
+    from transformers import PaliGemmaForConditionalGeneration
+
+    folder, src = windowed(ckpt_factory, tmp_path)
     hf = PaliGemmaForConditionalGeneration.from_pretrained(folder).eval()
     pipe = palitorch.load(folder)
     imgs = images(2)

@@ -5,12 +5,10 @@ Tolerances: tokens equal; logprobs within 1e-4 (float32 on CPU, same weights, co
 """
 
 import dataclasses
-import json
-import shutil
 
 import pytest
 import torch
-from test_generate import PROMPTS, diverse, images
+from test_generate import PROMPTS, images, windowed
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -24,12 +22,7 @@ def test_compiled_steps_match_eager_with_a_sliding_window(ckpt_factory, tmp_path
     """Gemma 2 with a window (100) shorter than the sequence, so that the sliding mask matters. Greedy (the fused
     step, with and without min_new_tokens), seeded sampling, a repetition penalty and beam search (the logits
     step, choice outside): the compiled pipeline gives eager's tokens and logprobs."""
-    src, _ = diverse(ckpt_factory, 2)
-    folder = tmp_path / "windowed"
-    shutil.copytree(src, folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["text_config"]["sliding_window"] = 100
-    (folder / "config.json").write_text(json.dumps(cfg))
+    folder, _ = windowed(ckpt_factory, tmp_path)
     imgs = images(2)
     kinds = [{"min_new_tokens": 20}, {}, {"temperature": 0.9, "seed": 3}, {"repetition_penalty": 1.5},
              {"num_beams": 2}]
