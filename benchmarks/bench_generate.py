@@ -1,14 +1,17 @@
 """palitorch vs transformers generation speed, on the same weights, in one process.
 
     python benchmarks/bench_generate.py --sizes bundled,mid --batches 1,8 --new-tokens 32 --reps 5
-    python benchmarks/bench_generate.py --sizes bundled,mid --compile          # palitorch's compiled decode step
+    python benchmarks/bench_generate.py --sizes bundled,mid --no-compile       # palitorch's eager decode step
     python benchmarks/bench_generate.py --sizes pg1-3b,pg2-3b --device cuda --dtype bfloat16 --batches 1,16 \
-        --compile --compile-mode reduce-overhead
+        --compile-mode reduce-overhead
 
 For each size: write (or reuse) a checkpoint folder, load it into palitorch and transformers, check that both give
 the same greedy tokens, then time, interleaving the two implementations rep by rep:
   - prefill: image + prompt to the first token (generate with 1 new token);
   - decode: ms per token = (time for N tokens - time for 1 token) / (N - 1), EOS suppressed (min_new_tokens = N).
+palitorch runs as `pipe.compile()` sets it up (its compiled decode step; the first call, which compiles, is
+reported apart), or eagerly with --no-compile. A batch is B different inputs: easy-VQA-like images (a coloured
+shape on white) with prompts of several lengths, so rows differ and the shorter ones are left-padded.
 palitorch is timed through its whole public API (`pipe.generate`: image preprocessing and tokenisation included);
 transformers through `model.generate` on inputs prepared in advance, so the comparison is conservative.
 Prints medians and ratios, and writes a JSON record. Refuses to report a speedup when the tokens differ.
@@ -42,6 +45,23 @@ from palitorch.model import PaliGemma  # noqa: E402
 from palitorch.train.tokenizer import save_tokenizer, train_tokenizer  # noqa: E402
 
 PROMPT = "answer en what color is the shape in the image?"
+PROMPTS = [PROMPT, "caption en", "answer en is the shape a circle?", "detect circle", "answer en what color is it?"]
+COLORS = [(200, 30, 30), (30, 150, 40), (40, 60, 200), (220, 190, 30), (130, 40, 160), (90, 90, 90), (230, 120, 20)]
+
+
+def workload(batch: int) -> tuple[list, list[str]]:
+    """`batch` different inputs: a coloured circle or square on white (easy-VQA's kind of image), at varying
+    places, each with one of a few prompts of different lengths."""
+    from PIL import Image, ImageDraw
+
+    images = []
+    for i in range(batch):
+        image = Image.new("RGB", (64, 64), "white")
+        draw = ImageDraw.Draw(image)
+        box = (6 + 3 * (i % 5), 8 + 4 * (i % 3), 40 + 4 * (i % 4), 44 + 5 * (i % 3))
+        (draw.ellipse if i % 2 else draw.rectangle)(box, fill=COLORS[i % len(COLORS)])
+        images.append(image)
+    return images, [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
 
 
 def _tokenizer():
@@ -199,12 +219,9 @@ def bench(size: str, args, workdir: Path) -> dict:
         pipe.compile(mode=args.compile_mode, options=args.compile_options)
     hf = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
     n_params = sum(p.numel() for p in pipe.model.parameters())
-    from PIL import Image
-
-    image = Image.new("RGB", (64, 64), (200, 30, 30))
     rows = []
     for b in args.batches:
-        images, prompts = [image] * b, [PROMPT] * b
+        images, prompts = workload(b)
         enc = [pipe.processor.encode(p) for p in prompts]
         batch = pipe.processor.collate(enc, [pipe.processor.pixels(im) for im in images], padding_side="left")
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -279,7 +296,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--compile", action="store_true", help="palitorch's pipe.compile() (first call reported apart)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="palitorch with pipe.compile() (the default; its first call is reported apart) or eager")
     ap.add_argument("--compile-mode", default=None, help='torch.compile mode, e.g. "reduce-overhead" on GPU')
     ap.add_argument("--compile-options", type=json.loads, default=None,
                     help='extra inductor options as JSON, e.g. \'{"coordinate_descent_tuning": true}\'')

@@ -12,6 +12,7 @@ from PIL import Image
 
 import palitorch
 from palitorch.errors import InputError
+from palitorch.inference import processor
 from palitorch.inference.processor import load_image
 
 from hf_factory import hf_processor
@@ -49,9 +50,12 @@ def test_pixels_match_transformers(procs, name):
     torch.testing.assert_close(ours.pixels(img), ref, atol=1e-6, rtol=0)
 
 
-def test_a_batch_of_pixels_equals_the_images_one_by_one(pg1):
-    """The pipeline resizes a batch on threads and normalises it at once (in torch, on the model's device): the
-    same bits as `pixels` image by image, whose values the test above checks against transformers."""
+@pytest.mark.parametrize("threads", [True, False])
+def test_a_batch_of_pixels_equals_the_images_one_by_one(pg1, monkeypatch, threads):
+    """The pipeline resizes a batch (on threads when it is large enough, else on this thread) and normalises it at
+    once (in torch, on the model's device): the same bits as `pixels` image by image, whose values the test above
+    checks against transformers."""
+    monkeypatch.setattr(processor, "THREADED_RESIZE_MIN_PIXELS", 0 if threads else 1 << 40)
     pipe = palitorch.load(pg1[0])
     imgs = list(_modes().values())
     batch = pipe._pixels(imgs)
@@ -79,11 +83,35 @@ def test_token_ids_match_transformers(procs, prefix, suffix):
     img = Image.fromarray(_rgb(32, 32))
     kw = {"suffix": [suffix]} if suffix is not None else {}
     ref = hf(images=[img], text=[prefix], return_tensors="pt", **kw)
+    assert ours._head_ids is not None  # the image tokens and <bos> go in as ids; only the text is tokenised
     enc = ours.encode(prefix, suffix)
     assert enc.ids == ref["input_ids"][0].tolist()
     assert enc.types == ref["token_type_ids"][0].tolist()
     batch = ours.collate([enc])
     assert batch["labels"][0].tolist() == ref["labels"][0].tolist()
+    head, ours._head_ids = ours._head_ids, None  # the fall-back: the whole string through the tokenizer
+    try:
+        assert ours.encode(prefix, suffix) == enc
+    finally:
+        ours._head_ids = head
+
+
+def test_a_batch_pads_on_either_side(procs):
+    ours, _ = procs
+    a, b = ours.encode("caption en", "a cat"), ours.encode("answer en what color is the big shape here?")
+    n, m = len(a.ids), len(b.ids)
+    for side in ("left", "right"):
+        batch = ours.collate([a, b], padding_side=side)
+        t = max(n, m)
+        assert all(v.shape == (2, t) and v.dtype == torch.long for v in batch.values())
+        for row, e in enumerate((a, b)):
+            pad = t - len(e.ids)
+            real = slice(pad, t) if side == "left" else slice(0, len(e.ids))
+            assert batch["input_ids"][row, real].tolist() == e.ids
+            assert batch["token_type_ids"][row, real].tolist() == e.types
+            assert batch["attention_mask"][row].sum() == len(e.ids) and batch["attention_mask"][row, real].all()
+            assert (batch["input_ids"][row] == ours.pad_id).sum() == pad
+            assert batch["labels"][row, real].tolist() == [-100 if y == 0 else i for i, y in zip(e.ids, e.types)]
 
 
 def test_image_prefix_layout(procs):
