@@ -207,6 +207,47 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def choose_decode_attention(pipe, args) -> dict:
+    """--decode-attention auto: compile the step with each one-token attention ("sdpa": SDPA, or matmuls for Gemma 2's
+    soft-cap; "flex": FlexAttention), time each at batch 1 (ms per step, medians of 3 runs of 1 and N tokens), and
+    keep the fastest of those that give the first one's tokens. Returns {kind: ms per step, or the failure}."""
+    images, prompts = workload(1)
+    n, lm = args.new_tokens, pipe.model.language_model
+
+    def run(k):
+        _sync(pipe.device)
+        t0 = time.perf_counter()
+        out = pipe.generate(images, prompts, max_new_tokens=k, min_new_tokens=k)[0].token_ids
+        _sync(pipe.device)
+        return time.perf_counter() - t0, out
+
+    timings, reference = {}, None
+    for kind in ("sdpa", "flex"):
+        lm.set_decode_attention(kind)
+        pipe.compile(mode=args.compile_mode, options=args.compile_options, fuse=reference is None)
+        try:
+            first, tokens = run(n)  # compiles
+        except Exception as e:  # noqa: BLE001 - a kernel that does not build here loses; the others carry on
+            timings[kind] = f"failed: {type(e).__name__}: {str(e).strip()[:200]}"
+            print(f"  decode attention {kind}: {timings[kind]}")
+            continue
+        reference = reference or tokens
+        if tokens != reference:
+            timings[kind] = "tokens differ from the first kind's"
+            print(f"  decode attention {kind}: {timings[kind]}")
+            continue
+        ones = [run(1)[0] for _ in range(3)]
+        ns = [run(n)[0] for _ in range(3)]
+        timings[kind] = (statistics.median(ns) - statistics.median(ones)) / (n - 1) * 1e3
+        print(f"  decode attention {kind}: {timings[kind]:.3f} ms per step at batch 1 (first call {first:.1f} s)")
+    timed = {k: v for k, v in timings.items() if isinstance(v, float)}
+    best = min(timed, key=timed.get) if timed else "sdpa"
+    lm.set_decode_attention(best)
+    pipe.compile(mode=args.compile_mode, options=args.compile_options, fuse=not timed)
+    print(f"  decode attention: {best}")
+    return {"chosen": best, "ms_per_step_batch_1": timings}
+
+
 def bench(size: str, args, workdir: Path) -> dict:
     import transformers
     from transformers import PaliGemmaForConditionalGeneration
@@ -214,9 +255,14 @@ def bench(size: str, args, workdir: Path) -> dict:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     folder, kind = checkpoint(size, workdir, args.device, dtype)
     pipe = palitorch.load(folder, device=args.device, dtype=args.dtype)
-    pipe.model.language_model.set_decode_attention(args.decode_attention)
-    if args.compile:
+    attention = {"chosen": args.decode_attention}
+    if args.compile and args.decode_attention == "auto":
+        attention = choose_decode_attention(pipe, args)
+    elif args.compile:
+        pipe.model.language_model.set_decode_attention(args.decode_attention)
         pipe.compile(mode=args.compile_mode, options=args.compile_options)
+    elif args.decode_attention != "auto":
+        pipe.model.language_model.set_decode_attention(args.decode_attention)
     hf = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
     n_params = sum(p.numel() for p in pipe.model.parameters())
     rows = []
@@ -285,7 +331,7 @@ def bench(size: str, args, workdir: Path) -> dict:
         row["decode_speedup"] = row["hf_decode_ms_per_step"] / row["ours_decode_ms_per_step"]
         row["prefill_speedup"] = row["hf_prefill_ms"] / row["ours_prefill_ms"]
         rows.append(row)
-    return {"size": size, "weights": kind, "params": n_params, "rows": rows}
+    return {"size": size, "weights": kind, "params": n_params, "decode_attention": attention, "rows": rows}
 
 
 def main() -> None:
@@ -301,8 +347,9 @@ def main() -> None:
     ap.add_argument("--compile-mode", default=None, help='torch.compile mode, e.g. "reduce-overhead" on GPU')
     ap.add_argument("--compile-options", type=json.loads, default=None,
                     help='extra inductor options as JSON, e.g. \'{"coordinate_descent_tuning": true}\'')
-    ap.add_argument("--decode-attention", default="sdpa", choices=("sdpa", "matmul", "flex"),
-                    help="palitorch's one-token attention (set_decode_attention; flex runs in compiled steps)")
+    ap.add_argument("--decode-attention", default="sdpa", choices=("sdpa", "matmul", "flex", "auto"),
+                    help="palitorch's one-token attention (set_decode_attention; flex runs in compiled steps); "
+                         "auto: time sdpa and flex at batch 1 and keep the faster")
     ap.add_argument("--tie-tol", type=float, default=None,
                     help="nats within which a differing token counts as a near-tie (default: 0 in float32, where "
                          "tokens must be identical; 0.25 in 16-bit dtypes)")

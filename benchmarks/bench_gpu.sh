@@ -21,7 +21,7 @@ if [ "${GPU_TESTS:-0}" = 1 ]; then
 fi
 for size in ${SIZES:-pg1-3b pg2-3b}; do
   PYTHONUNBUFFERED=1 timeout "${SIZE_LIMIT_S:-285}" "$PY" benchmarks/bench_generate.py --sizes "$size" --device "${DEVICE:-cuda}" \
-    --dtype bfloat16 --batches 1,16 --new-tokens 64 --reps 3 --compile-mode reduce-overhead ${BENCH_ARGS:-} \
+    --dtype bfloat16 --batches 1,16 --new-tokens 64 --reps 3 --compile-mode reduce-overhead ${BENCH_ARGS---decode-attention auto} \
     --json "benchmarks/results/gpu-$size.json" 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUTDIR/gpu-$size.log"
   rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || echo "$size: did not finish (exit $rc)"

@@ -148,10 +148,12 @@ def run_chunk(pipe, chunk: list[Request], writer: Writer) -> None:
     over the context, ...) is retried alone so that only that request gets the error."""
     from palitorch.inference import load_image
 
-    ready = []
+    ready, loaded = [], {}  # an image that several requests name is read once (and so encoded once)
     for req in chunk:
         try:
-            ready.append((req, load_image(req.image)))
+            if req.image not in loaded:
+                loaded[req.image] = load_image(req.image)
+            ready.append((req, loaded[req.image]))
         except PalitorchError as e:
             writer.add(req.fields, req.index, error=str(e))
     if not ready:

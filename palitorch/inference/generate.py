@@ -42,12 +42,15 @@ class Prompts:
 
     ids: torch.Tensor  # [B, T] long
     valid: torch.Tensor  # [B, T] bool, False on the left padding
-    pixels: torch.Tensor  # [B, 3, S, S]
+    pixels: torch.Tensor  # [B, 3, S, S], or [U, 3, S, S] with image_index
     lengths: list[int]  # real tokens per row
+    image_index: torch.Tensor | None = None  # [B]: row b shows image image_index[b] (rows may share an image)
 
 
-def encode_prompts(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompts: list[str]) -> Prompts:
-    """Tokenise and left-pad `prompts` (one per image in pixels [B, 3, S, S]); InputError if one cannot fit."""
+def encode_prompts(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompts: list[str],
+                   image_index: torch.Tensor | None = None) -> Prompts:
+    """Tokenise and left-pad `prompts` (one per image in pixels [B, 3, S, S]; or per `image_index` [B] entry, an
+    index into pixels [U, 3, S, S] of U distinct images); InputError if one cannot fit."""
     enc = [processor.encode(p) for p in prompts]
     context = model.cfg.text.max_position_embeddings
     longest = max(len(e.ids) for e in enc)
@@ -59,7 +62,7 @@ def encode_prompts(model: PaliGemma, processor: Processor, pixels: torch.Tensor,
     batch = processor.collate(enc, padding_side="left")
     device = pixels.device
     return Prompts(batch["input_ids"].to(device), batch["attention_mask"].to(device).bool(), pixels,
-                   [len(e.ids) for e in enc])
+                   [len(e.ids) for e in enc], image_index)
 
 
 def eos_ids(model: PaliGemma, processor: Processor) -> list[int]:
@@ -124,7 +127,7 @@ def prefill(model: PaliGemma, prompts: Prompts, s_len: int) -> tuple[torch.Tenso
     cur = Cursor(model, prompts, s_len)
     mask = torch.zeros(b, 1, t, s_len, dtype=torch.bool, device=prompts.ids.device)
     mask[..., :t] = prefix_lm_mask(torch.zeros_like(prompts.ids), prompts.valid)
-    x = model.embed(prompts.ids, prompts.pixels)
+    x = model.embed(prompts.ids, prompts.pixels, prompts.image_index)  # the vision tower runs once per image
     return model.forward_cached(x, cur.positions, cur.slots[:t], mask, last_only=True)[:, -1], cur
 
 
@@ -332,9 +335,11 @@ class Answer:
 
 
 def generate(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompts: list[str],
-             opts: GenerationOptions, fns: Steps | None = None) -> list[Result]:
-    """Answers for a batch: pixels [B, 3, S, S], B prompts. One padded batch, one decode loop."""
-    batch = encode_prompts(model, processor, pixels, prompts)
+             opts: GenerationOptions, fns: Steps | None = None,
+             image_index: torch.Tensor | None = None) -> list[Result]:
+    """Answers for a batch: pixels [B, 3, S, S] (or [U, 3, S, S] with `image_index`, see `encode_prompts`), B
+    prompts. One padded batch, one decode loop."""
+    batch = encode_prompts(model, processor, pixels, prompts, image_index)
     eos = eos_ids(model, processor)
     steps = new_token_budget(model, batch, opts)
     if opts.num_beams > 1:

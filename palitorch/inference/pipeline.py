@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,9 +78,23 @@ class Pipeline:
     def cfg(self):
         return self.model.cfg
 
-    def _pixels(self, images) -> torch.Tensor:
-        """Images -> [B, 3, S, S] in the model's dtype on its device (resized on the host, normalised there)."""
-        return self.processor.normalize(self.processor.resized_batch(images).to(self.device)).to(self.dtype)
+    def _pixels(self, images) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images -> (pixels [U, 3, S, S] of the U distinct ones, in the model's dtype on its device; index [B] of
+        each input's image, or None when all B are distinct). Resized on the host, normalised on the device.
+
+        An image given more than once (the same object, or the same path: one image with a list of prompts) is
+        preprocessed once, and the vision tower encodes it once."""
+        slot, distinct, index = {}, [], []
+        for im in images:
+            key = os.fspath(im) if isinstance(im, (str, os.PathLike)) else id(im)
+            if key not in slot:
+                slot[key] = len(distinct)
+                distinct.append(im)
+            index.append(slot[key])
+        pixels = self.processor.normalize(self.processor.resized_batch(distinct).to(self.device)).to(self.dtype)
+        if len(distinct) == len(images):
+            return pixels, None
+        return pixels, torch.tensor(index, device=self.device)
 
     @torch.inference_mode()
     def score(self, image, prefix, suffix):
@@ -88,7 +103,9 @@ class Pipeline:
         enc = [self.processor.encode(p, s) for p, s in zip(prefixes, suffixes)]
         batch = self.processor.collate(enc, padding_side="right")
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        out = self.model(batch["input_ids"], self._pixels(images), batch["attention_mask"], batch["token_type_ids"])
+        pixels, index = self._pixels(images)
+        out = self.model(batch["input_ids"], pixels, batch["attention_mask"], batch["token_type_ids"],
+                         image_index=index)
         logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
         target = batch["input_ids"][:, 1:]
         picked = logp.gather(-1, target[..., None])[..., 0]  # [B, T-1]: log p(token t+1 | tokens <= t)
@@ -147,7 +164,8 @@ class Pipeline:
         opts = GenerationOptions.from_kwargs(options, **kw)
         images, prompts, single = as_batch(image, prompt)
         self._claim()
-        results = engine.generate(self.model, self.processor, self._pixels(images), prompts, opts, self._steps)
+        pixels, index = self._pixels(images)
+        results = engine.generate(self.model, self.processor, pixels, prompts, opts, self._steps, index)
         return results[0] if single else results
 
     def stream(self, image, prompt: str, options: GenerationOptions | None = None, **kw) -> Stream:
@@ -155,7 +173,7 @@ class Pipeline:
         opts = GenerationOptions.from_kwargs(options, **kw)
         if isinstance(image, (list, tuple)) or not isinstance(prompt, str):
             raise InputError("stream takes one image and one prompt string; use generate for a batch")
-        pixels = self._pixels([image])
+        pixels, _ = self._pixels([image])
         return Stream(engine.stream(self.model, self.processor, pixels, prompt, opts, self._steps), self)
 
 

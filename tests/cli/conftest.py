@@ -50,6 +50,7 @@ class FakePipe:
     def __init__(self, answer):
         self.answer = answer
         self.calls = []  # (kind, [image sizes], [prompts], options)
+        self.images = []  # the images of each call, as given
 
     def _result(self, image, prompt):
         text = self.answer(image, prompt)
@@ -59,6 +60,7 @@ class FakePipe:
         single = isinstance(prompt, str)
         images, prompts = ([image], [prompt]) if single else (image, prompt)
         self.calls.append(("generate", [im.size for im in images], list(prompts), kw))
+        self.images.append(list(images))
         results = [self._result(im, p) for im, p in zip(images, prompts)]
         return results[0] if single else results
 

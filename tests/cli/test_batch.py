@@ -100,6 +100,18 @@ def test_requests_are_batched_by_options(fake_pipe, requests_file, capsys):
         i: f"caption {i} ({'300x200' if i % 2 else '120x160'})" for i in range(1, 8)}
 
 
+def test_an_image_named_twice_is_read_once(fake_pipe, images, capsys):
+    """Requests about the same file share one loaded image, which the pipeline then encodes once."""
+    pipe = fake_pipe(answer)
+    src = write_requests(images.parent / "requests.jsonl", [
+        {"image": "imgs/red.png", "prompt": "caption 1"}, {"image": "imgs/blue.png", "prompt": "caption 2"},
+        {"image": "imgs/red.png", "prompt": "caption 3"}])
+    rc, _, err = cli(["batch", "--input", src, "--output", images.parent / "out.jsonl"], capsys)
+    assert rc == 0, err
+    (red, blue, red_again), = pipe.images
+    assert red is red_again and red is not blue and red.size == (300, 200)
+
+
 def test_resume_after_an_interruption_loses_nothing(fake_pipe, requests_file, capsys):
     dst = requests_file.parent / "out.jsonl"
     fake_pipe(answer)

@@ -20,7 +20,7 @@ def pipe(ckpt_factory):
 
 def run_beams(pipe, imgs, prompts, **kw):
     opts = GenerationOptions(**kw).validate()
-    batch = encode_prompts(pipe.model, pipe.processor, pipe._pixels(imgs), prompts)
+    batch = encode_prompts(pipe.model, pipe.processor, *pipe._pixels(imgs)[:1], prompts)
     return beam_search(pipe.model, pipe.processor, batch, opts, eos_ids(pipe.model, pipe.processor),
                        opts.max_new_tokens)
 

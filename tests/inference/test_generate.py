@@ -16,6 +16,7 @@ from palitorch.inference import generate as engine
 
 STEPS = 32
 PROMPTS = ["caption en", "answer en what color is the shape?", "detect cat ; dog"]
+SUFFIXES = ["a cat on a mat", "red", "<loc0010><loc0020><loc0500><loc0600> cat"]
 
 
 def diverse(ckpt_factory, version: int, image_size: int = 224):
@@ -83,6 +84,41 @@ def test_batched_equals_one_at_a_time(ckpt_factory):
         one = pipe.generate(im, p, max_new_tokens=20)
         assert one.token_ids == b.token_ids and one.text == b.text and one.finish_reason == b.finish_reason
         torch.testing.assert_close(torch.tensor(one.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+
+
+def test_an_image_shared_by_several_prompts_is_encoded_once(ckpt_factory, tmp_path):
+    """One image with a list of prompts (or the same object or path given again) is preprocessed and run through
+    the vision tower once; the answers are those of a batch of separate copies, and of transformers."""
+    folder, hf = diverse(ckpt_factory, 1)
+    pipe = palitorch.load(folder)
+    a, b = images(2, seed=3)
+    b.save(tmp_path / "b.png")
+    seen = []
+    hook = pipe.model.vision_tower.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    try:
+        shared = pipe.generate([a, str(tmp_path / "b.png"), a, tmp_path / "b.png"], [*PROMPTS, "ocr"],
+                               max_new_tokens=12, min_new_tokens=12)
+        assert seen == [2]
+        copies = [a, Image.open(tmp_path / "b.png"), a.copy(), Image.open(tmp_path / "b.png")]
+        apart = pipe.generate(copies, [*PROMPTS, "ocr"], max_new_tokens=12, min_new_tokens=12)
+        assert seen == [2, 4]
+        one_image = pipe.generate(a, PROMPTS, max_new_tokens=12, min_new_tokens=12)
+        assert seen == [2, 4, 1]
+        scores = pipe.score(a, PROMPTS, SUFFIXES)
+        assert seen == [2, 4, 1, 1]
+    finally:
+        hook.remove()
+    for x, y in zip(shared, apart):
+        assert x.token_ids == y.token_ids
+        torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0)
+    ref_toks, ref_lp = hf_generate(folder, hf, [a] * 3, PROMPTS, max_new_tokens=12, min_new_tokens=12)
+    for r, t, lp in zip(one_image, ref_toks, ref_lp):
+        assert r.token_ids == t.tolist()
+        torch.testing.assert_close(torch.tensor(r.logprobs), lp, atol=1e-4, rtol=0)
+    for p, suffix, sc in zip(PROMPTS, SUFFIXES, scores):
+        alone = pipe.score(a.copy(), p, suffix)
+        assert alone.token_ids == sc.token_ids
+        torch.testing.assert_close(torch.tensor(alone.logprobs), torch.tensor(sc.logprobs), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("which", [0, 1])
