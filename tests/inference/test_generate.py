@@ -106,6 +106,8 @@ def test_an_image_shared_by_several_prompts_is_encoded_once(ckpt_factory, tmp_pa
         assert seen == [2, 4, 1]
         scores = pipe.score(a, PROMPTS, SUFFIXES)
         assert seen == [2, 4, 1, 1]
+        beams = pipe.generate(a, PROMPTS, max_new_tokens=6, num_beams=2)
+        assert seen == [2, 4, 1, 1, 1]
     finally:
         hook.remove()
     for x, y in zip(shared, apart):
@@ -115,6 +117,8 @@ def test_an_image_shared_by_several_prompts_is_encoded_once(ckpt_factory, tmp_pa
     for r, t, lp in zip(one_image, ref_toks, ref_lp):
         assert r.token_ids == t.tolist()
         torch.testing.assert_close(torch.tensor(r.logprobs), lp, atol=1e-4, rtol=0)
+    for x, y in zip(beams, pipe.generate([a.copy() for _ in PROMPTS], PROMPTS, max_new_tokens=6, num_beams=2)):
+        assert x.token_ids == y.token_ids
     for p, suffix, sc in zip(PROMPTS, SUFFIXES, scores):
         alone = pipe.score(a.copy(), p, suffix)
         assert alone.token_ids == sc.token_ids
