@@ -88,6 +88,16 @@ def _resize_pool() -> ThreadPoolExecutor:
     return _pool
 
 
+def _forget_pool() -> None:
+    """In a forked child (a DataLoader worker, say): the parent's pool threads do not exist here, make a new one."""
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _pixel_work(images, size: int) -> int:
     """Pixels a batch's resize reads and writes; an image still to be decoded (a path or bytes) counts as large."""
     return sum(im.width * im.height + size * size if isinstance(im, Image.Image) else THREADED_RESIZE_MIN_PIXELS

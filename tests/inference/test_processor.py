@@ -4,6 +4,8 @@ Tolerance for pixels: 1e-6 absolute (values in [-1, 1]).
 """
 
 import io
+import os
+import select
 
 import numpy as np
 import pytest
@@ -164,3 +166,28 @@ def test_prompt_longer_than_context_is_rejected(procs):
     ours, _ = procs
     with pytest.raises(InputError, match="context"):
         ours.encode("word " * 10000)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_threaded_resizing_works_in_a_forked_child(pg1, monkeypatch):
+    """The resize pool is made once per process; a child forked after the parent made it (a DataLoader worker)
+    must not hand work to threads that only the parent has."""
+    monkeypatch.setattr(processor, "THREADED_RESIZE_MIN_PIXELS", 0)
+    proc = palitorch.load(pg1[0]).processor
+    imgs = list(_modes().values())
+    expected = proc.resized_batch(imgs)  # the parent's pool now exists
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: resize on threads, report, leave without running pytest's teardown
+        ok = False
+        try:
+            torch.set_num_threads(1)  # as a DataLoader worker does: torch's OpenMP threads do not survive a fork
+            ok = torch.equal(proc.resized_batch(imgs), expected)
+        finally:
+            os.write(write, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(write)
+    ready, _, _ = select.select([read], [], [], 60)
+    got = os.read(read, 1) if ready else b"timeout"
+    os.waitpid(pid, 0) if ready else os.kill(pid, 9)
+    assert got == b"1", "the forked child could not resize on threads"
