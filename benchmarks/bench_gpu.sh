@@ -3,7 +3,9 @@
 # step with CUDA graphs) vs transformers' generate, batch 1 and 16, plus the card's measured copy bandwidth (the
 # decode floor). Fits one 10-minute device call (each size has its own time limit, so one cannot starve the other):
 #   bash benchmarks/bench_gpu.sh            # writes benchmarks/results/gpu-*.json (and copies to $OUT if set)
-#   BENCH_ARGS="--decode-attention flex" bash benchmarks/bench_gpu.sh     # a variant (see gpu_variants.sh)
+# By default (BENCH_ARGS="--decode-attention auto") each size first compiles the decode step with SDPA and with
+# FlexAttention, times both at batch 1 and keeps the faster for the comparison (both timings go in the JSON).
+#   BENCH_ARGS="--decode-attention flex" bash benchmarks/bench_gpu.sh     # one variant (see gpu_variants.sh)
 #   GPU_TESTS=1 SIZE_LIMIT_S=240 bash benchmarks/bench_gpu.sh   # first the CUDA-only tests (CUDA-graph decode vs CPU,
 #                                                                # early stop), ~1-2 min, then the benchmark
 set -uo pipefail
