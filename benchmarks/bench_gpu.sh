@@ -8,6 +8,7 @@
 #   BENCH_ARGS="--decode-attention flex" bash benchmarks/bench_gpu.sh     # one variant (see gpu_variants.sh)
 #   GPU_TESTS=1 SIZE_LIMIT_S=240 bash benchmarks/bench_gpu.sh   # first the CUDA-only tests (CUDA-graph decode vs CPU,
 #                                                                # early stop), ~1-2 min, then the benchmark
+#   GPU_TESTS=1 SIZES= bash benchmarks/bench_gpu.sh              # the CUDA-only tests alone
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -21,7 +22,7 @@ if [ "${GPU_TESTS:-0}" = 1 ]; then
     -k "cuda or wait or done_watch" 2>&1 | tail -15 | tee "$OUTDIR/gpu-tests.log"
   echo "elapsed ${SECONDS}s after the tests"
 fi
-for size in ${SIZES:-pg1-3b pg2-3b}; do
+for size in ${SIZES-pg1-3b pg2-3b}; do  # SIZES= (empty): the tests alone
   PYTHONUNBUFFERED=1 timeout "${SIZE_LIMIT_S:-285}" "$PY" benchmarks/bench_generate.py --sizes "$size" --device "${DEVICE:-cuda}" \
     --dtype bfloat16 --batches 1,16 --new-tokens 64 --reps 3 --compile-mode reduce-overhead ${BENCH_ARGS---decode-attention auto} \
     --json "benchmarks/results/gpu-$size.json" 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUTDIR/gpu-$size.log"
