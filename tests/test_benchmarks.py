@@ -1,0 +1,73 @@
+"""The speed benchmark's guard: it reports speed only when palitorch and transformers chose the same tokens.
+
+`compare_tokens` on hand-made cases (identical, a near-tie within the tolerance, a real difference), then the
+whole `bench_generate.py` on the bundled model: as it is (figures reported), and with palitorch's weights
+perturbed after loading (tokens differ: no figures, and the record says so).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import palitorch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_generate  # noqa: E402
+
+
+def logits_with(best: int, second: int, gap: float, vocab: int = 6) -> torch.Tensor:
+    """One row of logits whose top token is `best` and runner-up `second`, `gap` nats apart in log-probability."""
+    x = torch.full((vocab,), -10.0)
+    x[best], x[second] = gap, 0.0
+    return x
+
+
+def test_compare_tokens_identical_near_tie_and_different():
+    steps = [torch.stack([logits_with(1, 2, 3.0)]), torch.stack([logits_with(3, 4, 0.1)])]  # [B=1, V] each
+    hf = [[1, 3]]
+    lp = torch.log_softmax(torch.stack(steps, 1), -1)[0]
+    ours_lp = [[float(lp[0, 1]), float(lp[1, 3])]]
+    same = bench_generate.compare_tokens([[1, 3]], ours_lp, hf, steps, tol=0.0)
+    assert same["ok"] and same["rows_diverged"] == 0 and same["max_logprob_diff"] < 1e-6
+    tie = [[1, 4]]  # step 1: token 4 instead of 3, 0.1 nats below it in transformers' distribution
+    assert bench_generate.compare_tokens(tie, ours_lp, hf, steps, tol=0.25)["ok"]
+    strict = bench_generate.compare_tokens(tie, ours_lp, hf, steps, tol=0.0)
+    assert not strict["ok"] and strict["first_divergence"] == 1 and strict["worst_tie_gap"] == pytest.approx(0.1)
+    wrong = bench_generate.compare_tokens([[2, 3]], ours_lp, hf, steps, tol=0.25)  # 3 nats below at step 0
+    assert not wrong["ok"] and "NOT a near-tie" in wrong["summary"]
+
+
+def run_bench(tmp_path, monkeypatch, capsys, perturb: bool) -> tuple[dict, str]:
+    if perturb:  # palitorch's weights change after loading; transformers reads the untouched files
+        load = palitorch.load
+
+        def perturbed_load(*args, **kwargs):
+            pipe = load(*args, **kwargs)
+            with torch.no_grad():
+                norm = pipe.model.language_model.norm.weight
+                norm.copy_(torch.randn(norm.shape, generator=torch.Generator().manual_seed(0)) * 3)
+            return pipe
+
+        monkeypatch.setattr(palitorch, "load", perturbed_load)
+    out = tmp_path / "record.json"
+    monkeypatch.setattr(sys, "argv", ["bench_generate.py", "--sizes", "bundled", "--batches", "1,2", "--new-tokens",
+                                      "4", "--reps", "1", "--no-compile", "--json", str(out)])
+    bench_generate.main()
+    return json.loads(out.read_text()), capsys.readouterr().out
+
+
+def test_the_benchmark_reports_speed_only_for_the_same_tokens(tmp_path, monkeypatch, capsys):
+    record, printed = run_bench(tmp_path, monkeypatch, capsys, perturb=False)
+    rows = record["results"][0]["rows"]
+    assert all(r["same_tokens"] and r["decode_speedup"] > 0 and r["prefill_speedup"] > 0 for r in rows)
+    assert "tokens differ" not in printed
+
+    record, printed = run_bench(tmp_path, monkeypatch, capsys, perturb=True)
+    rows = record["results"][0]["rows"]
+    assert [r["same_tokens"] for r in rows] == [False, False]
+    assert not any(key in r for r in rows for key in ("decode_speedup", "prefill_speedup", "ours_decode_tok_s"))
+    assert printed.count("TOKENS DIFFER: no speed reported") == 2 and "tokens differ: no figures" in printed
