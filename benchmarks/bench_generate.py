@@ -255,14 +255,13 @@ def bench(size: str, args, workdir: Path) -> dict:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     folder, kind = checkpoint(size, workdir, args.device, dtype)
     pipe = palitorch.load(folder, device=args.device, dtype=args.dtype)
-    attention = {"chosen": args.decode_attention}
+    attention = {"chosen": "sdpa" if args.decode_attention == "auto" else args.decode_attention}
     if args.compile and args.decode_attention == "auto":
         attention = choose_decode_attention(pipe, args)
-    elif args.compile:
-        pipe.model.language_model.set_decode_attention(args.decode_attention)
-        pipe.compile(mode=args.compile_mode, options=args.compile_options)
-    elif args.decode_attention != "auto":
-        pipe.model.language_model.set_decode_attention(args.decode_attention)
+    else:
+        pipe.model.language_model.set_decode_attention(attention["chosen"])
+        if args.compile:
+            pipe.compile(mode=args.compile_mode, options=args.compile_options)
     hf = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
     n_params = sum(p.numel() for p in pipe.model.parameters())
     rows = []
