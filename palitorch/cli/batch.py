@@ -143,10 +143,15 @@ class Writer:
         self.file.close()
 
 
-def run_chunk(pipe, chunk: list[Request], writer: Writer) -> None:
+def run_chunk(pipe, chunk: list[Request], writer: Writer, pad_to: int | None = None) -> None:
     """Generate one batch (same options) and write a line per request; an input the model rejects (a prompt
-    over the context, ...) is retried alone so that only that request gets the error."""
-    from palitorch.inference import load_image
+    over the context, ...) is retried alone so that only that request gets the error.
+
+    `pad_to` (with --compile): a compiled decode step is compiled anew for every batch size, so a smaller greedy
+    chunk (the last one, or a group with its own options) is padded to that size with copies of its last request,
+    whose answers are dropped. The copies share its image, so the vision tower does not run for them, and greedy
+    rows do not depend on one another. Sampled chunks are not padded: their random draws depend on the batch."""
+    from palitorch.inference import GenerationOptions, load_image
 
     ready, loaded = [], {}  # an image that several requests name is read once (and so encoded once)
     for req in chunk:
@@ -159,8 +164,11 @@ def run_chunk(pipe, chunk: list[Request], writer: Writer) -> None:
     if not ready:
         return
     opts = ready[0][0].options
+    images, prompts = [im for _, im in ready], [r.prompt for r, _ in ready]
+    greedy = not GenerationOptions.from_kwargs(**opts).do_sample and opts.get("num_beams", 1) == 1
+    extra = max(0, pad_to - len(ready)) if pad_to and greedy else 0
     try:
-        results = pipe.generate([im for _, im in ready], [r.prompt for r, _ in ready], **opts)
+        results = pipe.generate(images + images[-1:] * extra, prompts + prompts[-1:] * extra, **opts)[:len(ready)]
     except PalitorchError:
         results = []
         for req, im in ready:
@@ -225,7 +233,7 @@ def batch(args: argparse.Namespace) -> int:
                 for group in groups.values():
                     for i in range(0, len(group), args.batch_size):
                         chunk = group[i:i + args.batch_size]
-                        run_chunk(pipe, chunk, writer)
+                        run_chunk(pipe, chunk, writer, pad_to=args.batch_size if args.compile else None)
                         writer.commit()
                         bar.update(len(chunk))
     finally:

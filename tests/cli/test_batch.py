@@ -57,7 +57,8 @@ def test_real_model_with_bad_lines(pg1, images, capsys):
 
 
 def test_compiled_decode_gives_the_same_results(pg1, images, capsys):
-    """--compile (torch.compile of the decode step) changes the speed, not the answers."""
+    """--compile (torch.compile of the decode step) changes the speed, not the answers, also for the last chunk,
+    which it pads to the batch size (4 requests in chunks of 3: the second runs as 3 rows)."""
     folder, _ = pg1
     src = write_requests(images.parent / "requests.jsonl", [
         {"image": f"imgs/{c}.png", "prompt": p} for c in ("red", "blue") for p in ("caption en", "detect cat")])
@@ -65,7 +66,7 @@ def test_compiled_decode_gives_the_same_results(pg1, images, capsys):
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         dst = images.parent / f"{name}.jsonl"
         rc, _, err = cli(["batch", "--model", folder, "--input", src, "--output", dst, "--max-new-tokens", "6",
-                          "--batch-size", "2", "--quiet", *extra], capsys)
+                          "--batch-size", "3", "--quiet", *extra], capsys)
         assert rc == 0, err
         out[name] = read_results(dst)
     for i, r in out["eager"].items():
@@ -98,6 +99,31 @@ def test_requests_are_batched_by_options(fake_pipe, requests_file, capsys):
     got = read_results(dst)
     assert {i: r["text"] for i, r in got.items()} == {
         i: f"caption {i} ({'300x200' if i % 2 else '120x160'})" for i in range(1, 8)}
+
+
+def test_compiled_greedy_chunks_are_padded_to_the_batch_size(fake_pipe, requests_file, capsys):
+    """With --compile every greedy chunk runs at --batch-size rows (no new compilation for odd sizes): the
+    padding repeats the chunk's last request, and only the real requests are written. Sampled chunks are not
+    padded (their random draws depend on the batch)."""
+    pipe = fake_pipe(answer)
+    dst = requests_file.parent / "out.jsonl"
+    rc, _, err = cli(["batch", "--input", requests_file, "--output", dst, "--batch-size", "4", "--compile"], capsys)
+    assert rc == 0, err
+    assert [c[2] for c in pipe.calls] == [
+        ["caption 1", "caption 2", "caption 3", "caption 5"],
+        ["caption 6", "caption 7", "caption 7", "caption 7"],
+        ["caption 4"] * 4,
+    ]
+    assert all(imgs[-1] is imgs[-2] for imgs in pipe.images[1:])  # the copies share the image
+    got = read_results(dst)
+    assert sorted(got) == list(range(1, 8)) and got[7]["text"] == "caption 7 (300x200)"
+
+    pipe = fake_pipe(answer)
+    dst.unlink()
+    rc, _, err = cli(["batch", "--input", requests_file, "--output", dst, "--batch-size", "4", "--compile",
+                      "--temperature", "0.7", "--seed", "1"], capsys)
+    assert rc == 0, err
+    assert [len(c[2]) for c in pipe.calls] == [4, 2, 1]
 
 
 def test_an_image_named_twice_is_read_once(fake_pipe, images, capsys):
