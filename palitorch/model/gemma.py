@@ -17,6 +17,13 @@ from palitorch.config import TextConfig
 from palitorch.model.kernels import Linear, linear
 from palitorch.model.siglip import activation
 
+# Devices whose fused SDPA kernels take either a mask or grouped KV heads (`enable_gqa`) but not both: there a
+# masked attention over many queries (prefill, scoring, training) gets full heads, or it would fall back to the
+# unfused "math" kernel, which builds the float32 score matrix [B, N, T, S] (pytorch/pytorch#154363; transformers
+# repeats the KV heads for the same reason). One-token steps keep `enable_gqa` (the CUDA profile in BENCHMARKS.md:
+# a fused kernel, 14 us a layer). CPU's flash kernel takes both.
+FULL_HEADS_FOR_MASKED_SDPA = ("cuda",)
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * (1 + w), computed in float32 and cast back (Gemma stores w as an offset from 1)."""
@@ -125,10 +132,20 @@ class Attention(nn.Module):
         if t == 1 and self.decode_attention == "flex" and torch.compiler.is_compiling():
             o = self._flex(q, k, v, mask)
         elif self.softcap is None and (t > 1 or self.decode_attention == "sdpa"):
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n != self.kv)
+            grouped = self.n != self.kv
+            if grouped and t > 1 and q.device.type in FULL_HEADS_FOR_MASKED_SDPA:
+                k, v, grouped = *self._full_heads(k, v), False
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=grouped)
         else:
             o = self._explicit(q, k, v, mask)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n * self.d))
+
+    def _full_heads(self, k, v):
+        """keys, values [B, K, S, D] -> [B, N, S, D], each KV head repeated for the G query heads that share it (a
+        view without a copy when K = 1)."""
+        b, _, s, d = k.shape
+        g = self.n // self.kv
+        return tuple(x[:, :, None].expand(b, self.kv, g, s, d).reshape(b, self.n, s, d) for x in (k, v))
 
     def _flex(self, q, k, v, mask):
         """One query per row [B, N, 1, D] as one FlexAttention kernel (compiled only): the key mask [B, 1, 1, S]
