@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_generate import PROMPTS, checkpoint, workload  # noqa: E402
+from inputs import PROMPTS, checkpoint, workload  # noqa: E402
 
 import palitorch  # noqa: E402
 

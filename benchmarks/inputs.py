@@ -1,0 +1,106 @@
+"""What the benchmarks run: a batch of easy-VQA-like inputs, and checkpoint folders of the benchmark sizes.
+
+Sizes: `bundled` (the bundled easy-VQA model; random weights of its shape if it is absent), `mid` (~200M
+parameters), `pg1-3b` / `pg2-3b` (the real 3B shapes, random weights), `pg1-mini` / `pg2-mini` (the real vocab,
+masks, soft-caps and 256 image tokens, at a size any CPU runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import palitorch  # noqa: E402
+from palitorch.checkpoint import save_model  # noqa: E402
+from palitorch.config import PaliGemmaConfig, TextConfig, VisionConfig, preset  # noqa: E402
+from palitorch.model import PaliGemma  # noqa: E402
+from palitorch.train.tokenizer import save_tokenizer, train_tokenizer  # noqa: E402
+
+PROMPT = "answer en what color is the shape in the image?"
+PROMPTS = [PROMPT, "caption en", "answer en is the shape a circle?", "detect circle", "answer en what color is it?"]
+COLORS = [(200, 30, 30), (30, 150, 40), (40, 60, 200), (220, 190, 30), (130, 40, 160), (90, 90, 90), (230, 120, 20)]
+
+
+def workload(batch: int) -> tuple[list, list[str]]:
+    """`batch` different inputs: a coloured circle or square on white (easy-VQA's kind of image), at varying
+    places, each with one of a few prompts of different lengths."""
+    from PIL import Image, ImageDraw
+
+    images = []
+    for i in range(batch):
+        image = Image.new("RGB", (64, 64), "white")
+        draw = ImageDraw.Draw(image)
+        box = (6 + 3 * (i % 5), 8 + 4 * (i % 3), 40 + 4 * (i % 4), 44 + 5 * (i % 3))
+        (draw.ellipse if i % 2 else draw.rectangle)(box, fill=COLORS[i % len(COLORS)])
+        images.append(image)
+    return images, [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+
+
+def _tokenizer():
+    words = ["caption en", "answer en what color is the shape in the image?", "detect circle", "a red circle"]
+    return train_tokenizer(words * 20, vocab_size=300)
+
+
+def _config(size: str, tok) -> PaliGemmaConfig:
+    image_id = tok.token_to_id("<image>")
+    if size == "mid":
+        cfg = PaliGemmaConfig(
+            vision=VisionConfig(hidden_size=512, intermediate_size=2048, num_layers=6, num_heads=8, image_size=224,
+                                patch_size=14),
+            text=TextConfig(vocab_size=tok.get_vocab_size(), hidden_size=1024, intermediate_size=4096, num_layers=12,
+                            num_heads=8, num_kv_heads=1, head_dim=128),
+        )
+    elif size == "bundled":
+        from palitorch.config import _tiny
+
+        cfg = _tiny(tok.get_vocab_size())
+    else:
+        family, _, scale = size.partition("-")
+        cfg = preset({"pg1": "paligemma-3b-224", "pg2": "paligemma2-3b-224"}[family])
+        if scale == "mini":  # the real vocab, masks, soft-caps and 256 image tokens, at a size any CPU runs
+            n = 2
+            text = dataclasses.replace(
+                cfg.text, hidden_size=256, intermediate_size=512, num_layers=n, num_heads=4,
+                num_kv_heads=min(cfg.text.num_kv_heads, 2), head_dim=64,
+                query_pre_attn_scalar=64 if cfg.text.query_pre_attn_scalar else None,
+                layer_types=cfg.text.layer_types and cfg.text.layer_types[:n])
+            vision = dataclasses.replace(cfg.vision, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2)
+            cfg = cfg.replace(text=text, vision=vision)
+    return cfg.replace(image_token_id=image_id)
+
+
+def checkpoint(size: str, workdir: Path, device: str, dtype: torch.dtype) -> tuple[Path, str]:
+    """A folder for `size`: the bundled model if asked for and present, else random weights of that shape, made on
+    `device` (a 3B model initialises in seconds on a GPU, minutes on a CPU) and saved in `dtype`."""
+    if size == "bundled":
+        try:
+            return palitorch.default_model_path(), "bundled model"
+        except palitorch.PalitorchError:
+            pass
+    folder = workdir / f"{size}-{str(dtype).removeprefix('torch.')}"
+    if not (folder / "config.json").exists():
+        tok = _tokenizer()
+        cfg = _config(size, tok)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = PaliGemma(cfg)
+        with torch.no_grad():  # random, non-trivial norms (the default init leaves Gemma's at zero)
+            for name, p in model.named_parameters():
+                if p.ndim == 1 and "norm" in name:
+                    p.normal_(0, 0.1)
+            # Embedding std 4 / sqrt(H): logits of std ~4 (clear greedy choices) that Gemma 2's soft-cap of 30 does
+            # not saturate (N(0, 1) gives logits in the hundreds, which tanh flattens into bf16 ties).
+            model.language_model.embed_tokens.weight.normal_(0, 4 / cfg.text.hidden_size**0.5)
+        model.to(dtype)
+        tok_dir = workdir / f"{size}-tok"
+        save_tokenizer(tok, tok_dir)
+        save_model(model, folder, extra_files={f: tok_dir / f for f in
+                                               ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")},
+                   max_shard_bytes=2_000_000_000)
+        del model
+    return folder, "random weights"
