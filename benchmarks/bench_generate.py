@@ -121,6 +121,25 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def ms_per_step(pipe, images, prompts, n: int, reps: int, warm: bool = True) -> float:
+    """palitorch's decode time per step in ms: (median of `reps` runs of n new tokens - median of runs of 1) / (n - 1),
+    EOS suppressed; with `warm`, one run of each first."""
+    def run(k):
+        _sync(pipe.device)
+        t0 = time.perf_counter()
+        pipe.generate(images, prompts, max_new_tokens=k, min_new_tokens=k)
+        _sync(pipe.device)
+        return time.perf_counter() - t0
+
+    if warm:
+        run(n), run(1)
+    ones, ns = [], []
+    for _ in range(reps):
+        ones.append(run(1))
+        ns.append(run(n))
+    return (statistics.median(ns) - statistics.median(ones)) / (n - 1) * 1e3
+
+
 def choose_decode_attention(pipe, args) -> dict:
     """--decode-attention auto: compile the step with each one-token attention ("sdpa": SDPA, or matmuls for Gemma 2's
     soft-cap; "flex": FlexAttention), time each at batch 1 (ms per step, medians of 3 runs of 1 and N tokens), and
@@ -128,19 +147,16 @@ def choose_decode_attention(pipe, args) -> dict:
     images, prompts = workload(1)
     n, lm = args.new_tokens, pipe.model.language_model
 
-    def run(k):
-        _sync(pipe.device)
-        t0 = time.perf_counter()
-        out = pipe.generate(images, prompts, max_new_tokens=k, min_new_tokens=k)[0].token_ids
-        _sync(pipe.device)
-        return time.perf_counter() - t0, out
-
     timings, reference = {}, None
     for kind in ("sdpa", "flex"):
         lm.set_decode_attention(kind)
         pipe.compile(mode=args.compile_mode, options=args.compile_options, fuse=reference is None)
         try:
-            first, tokens = run(n)  # compiles
+            _sync(pipe.device)
+            t0 = time.perf_counter()
+            tokens = pipe.generate(images, prompts, max_new_tokens=n, min_new_tokens=n)[0].token_ids  # compiles
+            _sync(pipe.device)
+            first = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - a kernel that does not build here loses; the others carry on
             timings[kind] = f"failed: {type(e).__name__}: {str(e).strip()[:200]}"
             print(f"  decode attention {kind}: {timings[kind]}")
@@ -150,9 +166,7 @@ def choose_decode_attention(pipe, args) -> dict:
             timings[kind] = "tokens differ from the first kind's"
             print(f"  decode attention {kind}: {timings[kind]}")
             continue
-        ones = [run(1)[0] for _ in range(3)]
-        ns = [run(n)[0] for _ in range(3)]
-        timings[kind] = (statistics.median(ns) - statistics.median(ones)) / (n - 1) * 1e3
+        timings[kind] = ms_per_step(pipe, images, prompts, n, reps=3, warm=False)
         print(f"  decode attention {kind}: {timings[kind]:.3f} ms per step at batch 1 (first call {first:.1f} s)")
     timed = {k: v for k, v in timings.items() if isinstance(v, float)}
     best = min(timed, key=timed.get) if timed else "sdpa"

@@ -20,7 +20,6 @@ N-token run of the --profile variant: device busy time per step and the top kern
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -33,25 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_generate import _sync as sync  # noqa: E402
+from bench_generate import ms_per_step  # noqa: E402
 from inputs import PROMPT, checkpoint  # noqa: E402
 
 import palitorch  # noqa: E402
-
-
-def ms_per_step(pipe, image, n: int, reps: int, batch: int) -> float:
-    def run(k):
-        sync(pipe.device)
-        t0 = time.perf_counter()
-        pipe.generate([image] * batch, [PROMPT] * batch, max_new_tokens=k, min_new_tokens=k)
-        sync(pipe.device)
-        return time.perf_counter() - t0
-
-    run(n), run(1)
-    ones, ns = [], []
-    for _ in range(reps):
-        ones.append(run(1))
-        ns.append(run(n))
-    return (statistics.median(ns) - statistics.median(ones)) / (n - 1) * 1e3
 
 
 def profile(pipe, image, n: int, batch: int, top: int) -> None:
@@ -125,7 +109,7 @@ def run_variant(variant: str, parts: set[str], folder, dtype, image, first_token
     first = time.perf_counter() - t0
     first_tokens = first_tokens or tokens
     same = "same tokens" if tokens == first_tokens else "TOKENS DIFFER from the first variant"
-    ms = ms_per_step(pipe, image, args.new_tokens, args.reps, args.batch)
+    ms = ms_per_step(pipe, [image] * args.batch, [PROMPT] * args.batch, args.new_tokens, args.reps)
     print(f"{args.size} batch {args.batch} {variant}: {ms:.3f} ms per decode step "
           f"({args.batch / ms * 1e3:.0f} tok/s); first call {first:.1f} s; {same}", flush=True)
     if variant == args.profile:

@@ -165,7 +165,8 @@ def run_chunk(pipe, chunk: list[Request], writer: Writer, pad_to: int | None = N
         return
     opts = ready[0][0].options
     images, prompts = [im for _, im in ready], [r.prompt for r, _ in ready]
-    greedy = not GenerationOptions.from_kwargs(**opts).do_sample and opts.get("num_beams", 1) == 1
+    decoding = GenerationOptions.from_kwargs(**opts)
+    greedy = not decoding.do_sample and decoding.num_beams == 1
     extra = max(0, pad_to - len(ready)) if pad_to and greedy else 0
     try:
         results = pipe.generate(images + images[-1:] * extra, prompts + prompts[-1:] * extra, **opts)[:len(ready)]

@@ -157,7 +157,13 @@ def greedy_forward(model: PaliGemma, tokens: torch.Tensor, pos: torch.Tensor, sl
     (`eos` [E]) excluded while `no_eos` [1] is True (min_new_tokens). Rows already `done` get `pad_id`."""
     x = token_forward(model, tokens, pos, slot, valid, sliding).float()
     tok = torch.where(no_eos, x.index_fill(-1, eos, float("-inf")), x).argmax(-1)
-    lp = token_logprobs(x, tok)
+    return settle(tok, token_logprobs(x, tok), done, eos, pad_id)
+
+
+def settle(tok: torch.Tensor, lp: torch.Tensor, done: torch.Tensor, eos: torch.Tensor,
+           pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A step's chosen tokens [B] and logprobs [B] -> (tokens with `pad_id` on rows already `done`, logprobs,
+    rows done after this step: before, or now at one of the `eos` ids [E])."""
     tok = tok.masked_fill(done, pad_id)
     return tok, lp, done | torch.isin(tok, eos)
 
@@ -220,9 +226,7 @@ def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: lis
 
     def pick(logits: torch.Tensor, i: int, done: torch.Tensor):
         tok = chooser(logits, i)
-        lp = token_logprobs(logits, tok)
-        tok = tok.masked_fill(done, pad_id)
-        return tok, lp, done | torch.isin(tok, eos_t)
+        return settle(tok, token_logprobs(logits, tok), done, eos_t, pad_id)
 
     tok, lp, done = pick(logits, 0, done)
     for i in range(steps):
