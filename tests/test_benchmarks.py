@@ -42,14 +42,14 @@ def test_compare_tokens_identical_near_tie_and_different():
 
 
 def run_bench(tmp_path, monkeypatch, capsys, perturb: bool) -> tuple[dict, str]:
-    if perturb:  # palitorch's weights change after loading; transformers reads the untouched files
+    if perturb:  # palitorch's final norm scales its output (the weights stay shared with transformers')
         load = palitorch.load
 
         def perturbed_load(*args, **kwargs):
             pipe = load(*args, **kwargs)
-            with torch.no_grad():
-                norm = pipe.model.language_model.norm.weight
-                norm.copy_(torch.randn(norm.shape, generator=torch.Generator().manual_seed(0)) * 3)
+            norm = pipe.model.language_model.norm
+            scale = torch.randn(norm.weight.shape, generator=torch.Generator().manual_seed(0)) * 3
+            norm.forward = lambda x, forward=norm.forward: forward(x) * scale
             return pipe
 
         monkeypatch.setattr(palitorch, "load", perturbed_load)
@@ -71,3 +71,28 @@ def test_the_benchmark_reports_speed_only_for_the_same_tokens(tmp_path, monkeypa
     assert [r["same_tokens"] for r in rows] == [False, False]
     assert not any(key in r for r in rows for key in ("decode_speedup", "prefill_speedup", "ours_decode_tok_s"))
     assert printed.count("TOKENS DIFFER: no speed reported") == 2 and "tokens differ: no figures" in printed
+
+
+@pytest.mark.parametrize("from_files", [False, True])
+def test_transformers_runs_on_palitorchs_weight_tensors(from_files):
+    """One copy of the weights: every transformers parameter is palitorch's memory (q/k/v and gate/up as views of
+    the fused matrices), through either loading route, and the model computes what a separately loaded one does."""
+    from transformers import PaliGemmaForConditionalGeneration
+
+    pipe = palitorch.load(None)
+    pipe.model.language_model.fuse_projections()
+    hf, shared = bench_generate.load_transformers(pipe, pipe.path, torch.float32, torch.device("cpu"), from_files)
+    assert shared == 1.0
+    fused = pipe.model.language_model.layers[0].attn.qkv
+    q = hf.model.language_model.layers[0].self_attn.q_proj.weight
+    assert q.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    assert hf.lm_head.weight.data_ptr() == pipe.model.language_model.embed_tokens.weight.data_ptr()
+
+    alone = PaliGemmaForConditionalGeneration.from_pretrained(pipe.path, dtype=torch.float32).eval()
+    enc = pipe.processor.encode("answer en what color is the shape?")
+    size = pipe.cfg.vision.image_size
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    inputs = {"input_ids": torch.tensor([enc.ids]), "token_type_ids": torch.tensor([enc.types]),
+              "attention_mask": torch.ones(1, len(enc.ids), dtype=torch.long), "pixel_values": image}
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**inputs).logits, alone(**inputs).logits, rtol=0, atol=0)  # the same numbers
