@@ -73,6 +73,7 @@ class Pipeline:
         self.device, self.dtype = p.device, p.dtype
         self._busy = False  # a stream is suspended mid-answer: it owns the KV caches
         self._steps: engine.Steps | None = None  # compiled one-token decode steps, once `compile()` is called
+        self._greedy_batches: set[int] = set()  # batch sizes greedy decoding has run at since `compile()`
 
     @property
     def cfg(self):
@@ -128,7 +129,8 @@ class Pipeline:
         GPU `mode="reduce-overhead"` makes each step one CUDA graph). With `fuse`, the q/k/v and gate/up weights
         are each fused into one matrix. The first call for each batch size and cache length pays the compilation
         (tens of seconds on CPU, ~20-35 s for the 3B models on an H200); the results are the same tokens as
-        without it. `options`: inductor settings on top of the mode's, e.g. {"coordinate_descent_tuning": True}.
+        without it. A greedy batch reuses a size already compiled up to twice its own (see `_padded_size`).
+        `options`: inductor settings on top of the mode's, e.g. {"coordinate_descent_tuning": True}.
         Compile again after changing the model's structure (e.g. `set_decode_attention`).
         """
         lm = self.model.language_model
@@ -143,6 +145,7 @@ class Pipeline:
         # inductor's CPU FlexAttention kernel, compiled single-threaded, frees memory twice (torch 2.13): let it be
         flex = any(layer.attn.decode_attention == "flex" for layer in lm.layers)
         settings = _compile_options(self.device, mode, options, single_thread=not flex)
+        self._greedy_batches.clear()
         self._steps = engine.Steps(
             logits=torch.compile(engine.token_forward, dynamic=False, **settings),
             greedy=torch.compile(engine.greedy_forward, dynamic=False, **settings),
@@ -164,9 +167,25 @@ class Pipeline:
         opts = GenerationOptions.from_kwargs(options, **kw)
         images, prompts, single = as_batch(image, prompt)
         self._claim()
-        pixels, index = self._pixels(images)
-        results = engine.generate(self.model, self.processor, pixels, prompts, opts, self._steps, index)
+        n = len(prompts)
+        extra = self._padded_size(n, opts) - n  # copies of the last request, whose answers are dropped
+        pixels, index = self._pixels(images + images[-1:] * extra)  # the copies share its image: encoded once
+        results = engine.generate(self.model, self.processor, pixels, prompts + prompts[-1:] * extra, opts,
+                                  self._steps, index)[:n]
         return results[0] if single else results
+
+    def _padded_size(self, n: int, opts: GenerationOptions) -> int:
+        """The batch size at which to decode `n` rows. A compiled step is compiled anew for every batch size (tens of
+        seconds for a 3B model), so on a compiled pipeline a greedy batch runs at the smallest size it has already
+        run at between n and 2n, padded with copies of its last request, and at n otherwise. The sizes compiled
+        are then at least a factor of 2 apart (at most log2(largest) + 1 of them), and padding at most doubles a
+        batch. Greedy rows do not depend on one another; sampled rows' random draws depend on the batch size and
+        beams have their own layout, so those are never padded."""
+        if self._steps is None or opts.do_sample or opts.num_beams > 1:
+            return n
+        size = min((b for b in self._greedy_batches if n <= b <= 2 * n), default=n)
+        self._greedy_batches.add(size)
+        return size
 
     def stream(self, image, prompt: str, options: GenerationOptions | None = None, **kw) -> Stream:
         """Like `generate` for one image and prompt, yielding text pieces as they are decoded; see `Stream`."""

@@ -325,6 +325,43 @@ def test_replacement_decode_steps_are_used_for_every_token(ckpt_factory):
     assert calls[15:] == [("greedy", (1,))] * 5
 
 
+def test_a_compiled_pipeline_pads_greedy_batches_to_a_size_it_has_run(ckpt_factory):
+    """A compiled step compiles anew for every batch size, so greedy batches run at the smallest size already run
+    at between n and 2n, padded with copies of the last request (answers dropped; the same answers as unpadded),
+    else at n. Sampled batches and beams keep their size. Counting wrappers stand in for torch.compile."""
+    folder, _ = diverse(ckpt_factory, 2)
+    pipe = palitorch.load(folder)
+    imgs, prompts = images(5), (PROMPTS * 2)[:5]
+    opts = {"max_new_tokens": 4, "min_new_tokens": 4}
+    plain = {n: pipe.generate(imgs[:n], prompts[:n], **opts) for n in (1, 2, 3, 5)}
+    sampled = pipe.generate(imgs[:3], prompts[:3], temperature=0.8, seed=1, **opts)
+    beams = pipe.generate(imgs[:3], prompts[:3], num_beams=2, **opts)
+    rows, encoded = [], []
+
+    def counting(fn):
+        def step(model, tokens, *args):
+            rows.append(tokens.shape[0])
+            return fn(model, tokens, *args)
+        return step
+
+    encode = pipe.model.vision_tower.forward
+    pipe.model.vision_tower.forward = lambda pixels: encoded.append(len(pixels)) or encode(pixels)
+    pipe._steps = engine.Steps(counting(engine.token_forward), counting(engine.greedy_forward))
+    sizes = []
+    for n in (3, 2, 5, 1, 2):
+        rows.clear()
+        assert pipe.generate(imgs[:n], prompts[:n], **opts) == plain[n]  # a list of n answers, as without padding
+        assert len(set(rows)) == 1
+        sizes.append(rows[0])
+    assert sizes == [3, 3, 5, 1, 3]  # 2 reuses 3; 5 has no size in [5, 10]; 1 none in [1, 2] (3 > 2); 2 reuses 3
+    assert encoded[-1] == 2  # the padding row shares the last request's image: the vision tower sees 2 images
+    rows.clear()
+    assert pipe.generate(imgs[:3], prompts[:3], temperature=0.8, seed=1, **opts) == sampled
+    assert set(rows) == {3}
+    assert pipe.generate(imgs[:3], prompts[:3], num_beams=2, **opts) == beams
+    assert pipe.generate(imgs[0], prompts[0], **opts) == plain[1][0]  # one input, one answer
+
+
 def test_a_suspended_stream_owns_the_caches(ckpt_factory):
     folder, _ = diverse(ckpt_factory, 1)
     pipe = palitorch.load(folder)
