@@ -64,15 +64,18 @@ def compare_tokens(ours, ours_lp, hf, hf_logits, tol: float) -> dict:
         gap = float(hf_lp[i, k, h[k]] - hf_lp[i, k, a[k]]) if k < min(len(a), len(h)) else float("inf")
         worst_gap = max(worst_gap, gap)
     ok = diverged == 0 or worst_gap <= tol
+    distinct = len({t for row in hf for t in row})
     if diverged == 0:
-        summary = f"tokens identical ({len(ours)} x {len(ours[0])})"
+        summary = f"tokens identical ({len(ours)} x {len(ours[0])}, {distinct} distinct)"
     else:
         summary = (f"{diverged}/{len(ours)} rows differ from step {first}; at the divergence our token is "
                    f"{worst_gap:.3f} nats below transformers' choice in its own distribution "
                    f"({'a near-tie' if ok else 'NOT a near-tie'}, tolerance {tol})")
     summary += f"; max |logprob diff| on shared tokens {max_lp_diff:.2e}"
+    if all(len(set(row)) <= 1 for row in hf):
+        summary += " (WARNING: every answer repeats one token, so this check shows little; see inputs.randomize)"
     return {"ok": ok, "rows_diverged": diverged, "first_divergence": first, "worst_tie_gap": worst_gap,
-            "max_logprob_diff": max_lp_diff, "tolerance": tol, "summary": summary}
+            "max_logprob_diff": max_lp_diff, "distinct_tokens": distinct, "tolerance": tol, "summary": summary}
 
 
 def copy_bandwidth(device: torch.device) -> float:

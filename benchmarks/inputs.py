@@ -74,6 +74,31 @@ def _config(size: str, tok) -> PaliGemmaConfig:
     return cfg.replace(image_token_id=image_id)
 
 
+WEIGHTS_VERSION = 2  # part of the folder name: random weights made by an older `randomize` are not reused
+
+
+@torch.no_grad()
+def randomize(model: PaliGemma) -> None:
+    """Random weights whose greedy answers depend on the image, the prompt and the step, so that comparing two
+    implementations' tokens tests something. With the tied LM head, a token's own embedding in the residual
+    stream gives it a logit sqrt(H) * (its share of the final state) above the rest: unless the layers outweigh
+    the embeddings many times over, every answer repeats the prompt's last token ("\\n") with log-probability 0
+    (the weights of sessions 5-8 did, at every size but the bundled one). So: embeddings of std 0.05 / sqrt(H)
+    (0.05 in the residual, after Gemma's sqrt(H) scale), decoder matrices of std 3 / sqrt(fan-in) (peaked
+    attention, large branches), and a final norm of ~80 that brings the logits back to std ~4 (clear greedy
+    choices that Gemma 2's soft-cap of 30 does not flatten). Other norms N(0, 0.1) (the default init leaves
+    Gemma's at zero). Checked at every benchmark size: each row gives a different answer, with 11-12 distinct
+    tokens in 12 and mean log-probability -1 to -3."""
+    text = model.cfg.text
+    for name, p in model.named_parameters():
+        if p.ndim == 1 and "norm" in name:
+            p.normal_(0, 0.1)
+        elif name.startswith("language_model.layers.") and p.ndim == 2:
+            p.normal_(0, 3 / p.shape[1] ** 0.5)
+    model.language_model.embed_tokens.weight.normal_(0, 0.05 / text.hidden_size**0.5)
+    model.language_model.norm.weight.normal_(4 / 0.05 - 1, 1)  # Gemma's norms scale by (1 + weight): ~80
+
+
 def checkpoint(size: str, workdir: Path, device: str, dtype: torch.dtype) -> tuple[Path, str]:
     """A folder for `size`: the bundled model if asked for and present, else random weights of that shape, made on
     `device` (a 3B model initialises in seconds on a GPU, minutes on a CPU) and saved in `dtype`."""
@@ -82,20 +107,14 @@ def checkpoint(size: str, workdir: Path, device: str, dtype: torch.dtype) -> tup
             return palitorch.default_model_path(), "bundled model"
         except palitorch.PalitorchError:
             pass
-    folder = workdir / f"{size}-{str(dtype).removeprefix('torch.')}"
+    folder = workdir / f"{size}-{str(dtype).removeprefix('torch.')}-w{WEIGHTS_VERSION}"
     if not (folder / "config.json").exists():
         tok = _tokenizer()
         cfg = _config(size, tok)
         torch.manual_seed(0)
         with torch.device(device):
             model = PaliGemma(cfg)
-        with torch.no_grad():  # random, non-trivial norms (the default init leaves Gemma's at zero)
-            for name, p in model.named_parameters():
-                if p.ndim == 1 and "norm" in name:
-                    p.normal_(0, 0.1)
-            # Embedding std 4 / sqrt(H): logits of std ~4 (clear greedy choices) that Gemma 2's soft-cap of 30 does
-            # not saturate (N(0, 1) gives logits in the hundreds, which tanh flattens into bf16 ties).
-            model.language_model.embed_tokens.weight.normal_(0, 4 / cfg.text.hidden_size**0.5)
+        randomize(model)
         model.to(dtype)
         tok_dir = workdir / f"{size}-tok"
         save_tokenizer(tok, tok_dir)

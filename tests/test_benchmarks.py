@@ -39,6 +39,23 @@ def test_compare_tokens_identical_near_tie_and_different():
     assert not strict["ok"] and strict["first_divergence"] == 1 and strict["worst_tie_gap"] == pytest.approx(0.1)
     wrong = bench_generate.compare_tokens([[2, 3]], ours_lp, hf, steps, tol=0.25)  # 3 nats below at step 0
     assert not wrong["ok"] and "NOT a near-tie" in wrong["summary"]
+    assert "WARNING" not in same["summary"]
+    repeats = [torch.stack([logits_with(1, 2, 30.0)])] * 2  # an answer that repeats one token: a weak check
+    echo = bench_generate.compare_tokens([[1, 1]], [[0.0, 0.0]], [[1, 1]], repeats, tol=0.0)
+    assert echo["ok"] and echo["distinct_tokens"] == 1 and "WARNING: every answer repeats one token" in echo["summary"]
+
+
+@pytest.mark.parametrize("size", ["pg1-mini", "pg2-mini"])
+def test_benchmark_weights_give_answers_that_depend_on_the_input(tmp_path, size):
+    """Random weights at the real vocab and masks (`inputs.randomize`): every answer differs and varies from step to
+    step; weights drawn the usual way repeat the prompt's last token forever, whatever the input."""
+    from inputs import checkpoint, workload
+
+    folder, _ = checkpoint(size, tmp_path, "cpu", torch.float32)
+    res = palitorch.load(folder).generate(*workload(3), max_new_tokens=8, min_new_tokens=8)
+    assert len({tuple(r.token_ids) for r in res}) == 3
+    assert all(len(set(r.token_ids)) >= 5 for r in res)
+    assert all(sum(r.logprobs) / len(r.logprobs) < -0.3 for r in res)  # not every token a certainty
 
 
 def run_bench(tmp_path, monkeypatch, capsys, perturb: bool) -> tuple[dict, str]:
