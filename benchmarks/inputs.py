@@ -74,29 +74,32 @@ def _config(size: str, tok) -> PaliGemmaConfig:
     return cfg.replace(image_token_id=image_id)
 
 
-WEIGHTS_VERSION = 2  # part of the folder name: random weights made by an older `randomize` are not reused
+WEIGHTS_VERSION = 3  # part of the folder name: random weights made by an older `randomize` are not reused
+DECODER_GAIN, EMBED_STD, LOGIT_STD = 1.75, 0.05, 2.0
 
 
 @torch.no_grad()
 def randomize(model: PaliGemma) -> None:
     """Random weights whose greedy answers depend on the image, the prompt and the step, so that comparing two
-    implementations' tokens tests something. With the tied LM head, a token's own embedding in the residual
-    stream gives it a logit sqrt(H) * (its share of the final state) above the rest: unless the layers outweigh
-    the embeddings many times over, every answer repeats the prompt's last token ("\\n") with log-probability 0
-    (the weights of sessions 5-8 did, at every size but the bundled one). So: embeddings of std 0.05 / sqrt(H)
-    (0.05 in the residual, after Gemma's sqrt(H) scale), decoder matrices of std 3 / sqrt(fan-in) (peaked
-    attention, large branches), and a final norm of ~80 that brings the logits back to std ~4 (clear greedy
-    choices that Gemma 2's soft-cap of 30 does not flatten). Other norms N(0, 0.1) (the default init leaves
-    Gemma's at zero). Checked at every benchmark size: each row gives a different answer, with 11-12 distinct
-    tokens in 12 and mean log-probability -1 to -3."""
+    implementations' tokens tests something, yet not so chaotic that bfloat16 rounding decides them.
+
+    With the tied LM head, a token's own embedding in the residual stream gives that token a logit about sqrt(H)
+    times its share of the final state above the rest: unless the layers outweigh the embeddings many times over,
+    every answer repeats the prompt's last token ("\\n") with log-probability 0 (the weights of sessions 5-8 did,
+    at every size but the bundled one). So: embeddings of std EMBED_STD / sqrt(H) (EMBED_STD in the residual,
+    after Gemma's sqrt(H) scale); decoder matrices of std DECODER_GAIN / sqrt(fan-in); a final norm that brings
+    the logits back to std ~LOGIT_STD (Gemma's norms scale by 1 + weight); other norms N(0, 0.1) (the default
+    init leaves Gemma's at zero). A larger gain gives more varied answers but amplifies rounding: at gain 3, 18
+    layers in bfloat16 moved a chosen token's log-probability by 4 nats against float32; at 1.75 (and logits of
+    std 2) by at most 0.17 on the real 3B shapes, with 4-9 distinct tokens in 10 per answer. See BENCHMARKS.md."""
     text = model.cfg.text
     for name, p in model.named_parameters():
         if p.ndim == 1 and "norm" in name:
             p.normal_(0, 0.1)
         elif name.startswith("language_model.layers.") and p.ndim == 2:
-            p.normal_(0, 3 / p.shape[1] ** 0.5)
-    model.language_model.embed_tokens.weight.normal_(0, 0.05 / text.hidden_size**0.5)
-    model.language_model.norm.weight.normal_(4 / 0.05 - 1, 1)  # Gemma's norms scale by (1 + weight): ~80
+            p.normal_(0, DECODER_GAIN / p.shape[1] ** 0.5)
+    model.language_model.embed_tokens.weight.normal_(0, EMBED_STD / text.hidden_size**0.5)
+    model.language_model.norm.weight.normal_(LOGIT_STD / EMBED_STD - 1, 1)
 
 
 def checkpoint(size: str, workdir: Path, device: str, dtype: torch.dtype) -> tuple[Path, str]:

@@ -54,7 +54,7 @@ def test_benchmark_weights_give_answers_that_depend_on_the_input(tmp_path, size)
     folder, _ = checkpoint(size, tmp_path, "cpu", torch.float32)
     res = palitorch.load(folder).generate(*workload(3), max_new_tokens=8, min_new_tokens=8)
     assert len({tuple(r.token_ids) for r in res}) == 3
-    assert all(len(set(r.token_ids)) >= 5 for r in res)
+    assert len({t for r in res for t in r.token_ids}) >= 8  # of 24
     assert all(sum(r.logprobs) / len(r.logprobs) < -0.3 for r in res)  # not every token a certainty
 
 
