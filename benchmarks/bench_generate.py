@@ -5,8 +5,9 @@
     python benchmarks/bench_generate.py --sizes pg1-3b,pg2-3b --device cuda --dtype bfloat16 --batches 1,16 \
         --compile-mode reduce-overhead
 
-For each size: write (or reuse) a checkpoint folder, load it into palitorch and transformers, check that both give
-the same greedy tokens, then time, interleaving the two implementations rep by rep:
+For each size: write (or reuse) a checkpoint folder, load it into palitorch and transformers (one copy of the
+weights: transformers' parameters are palitorch's tensors, see `load_transformers`), check that both give the same
+greedy tokens, then time, interleaving the two implementations rep by rep:
   - prefill: image + prompt to the first token (generate with 1 new token);
   - decode: ms per token = (time for N tokens - time for 1 token) / (N - 1), EOS suppressed (min_new_tokens = N).
 palitorch runs as `pipe.compile()` sets it up (its compiled decode step; the first call, which compiles, is
@@ -17,7 +18,8 @@ transformers through `model.generate` on inputs prepared in advance, so the comp
 Prints medians and ratios, and writes a JSON record. Refuses to report a speedup when the tokens differ.
 
 Sizes: `bundled` (the bundled easy-VQA model; random weights of its shape if it is absent), `mid` (~200M
-parameters), `pg1-3b` / `pg2-3b` (the real 3B shapes, random weights; for machines with the memory).
+parameters), `pg1-3b` / `pg2-3b` (the real 3B shapes, random weights; ~17 GB of memory in float32). Random weights
+come from `inputs.randomize`, made so that answers vary with the input.
 """
 
 from __future__ import annotations
@@ -121,13 +123,13 @@ def load_transformers(pipe, folder: Path, dtype: torch.dtype, device: torch.devi
         hf = HF.from_pretrained(None, config=str(folder), state_dict=state, dtype=dtype)
     else:
         hf = HF.from_pretrained(folder, dtype=dtype)
-    embed, params = "language_model.embed_tokens.weight", {}
+    embed, wrapped = "language_model.embed_tokens.weight", {}
     for name, p in list(hf.named_parameters(remove_duplicate=False)):
         key = embed if name in TIED_DUPLICATES else hf_to_ours(name, version)  # the LM head is the embedding
-        if p.data_ptr() != ours[key].data_ptr():
-            module_name, _, attr = name.rpartition(".")
-            params.setdefault(key, torch.nn.Parameter(ours[key], requires_grad=False))
-            setattr(hf.get_submodule(module_name), attr, params[key])
+        if key in ours and ours[key].shape == p.shape and p.data_ptr() != ours[key].data_ptr():
+            module_name, _, attr = name.rpartition(".")  # a name this transformers spells otherwise keeps its copy
+            wrapped.setdefault(key, torch.nn.Parameter(ours[key], requires_grad=False))
+            setattr(hf.get_submodule(module_name), attr, wrapped[key])
     hf = hf.to(device).eval()  # the buffers; the parameters are already there
     storage = {t.untyped_storage().data_ptr() for t in ours.values()}
     params = list(hf.parameters())
@@ -226,8 +228,8 @@ def bench(size: str, args, workdir: Path) -> dict:
         if args.compile:
             pipe.compile(mode=args.compile_mode, options=args.compile_options)
     hf, shared = load_transformers(pipe, folder, dtype, device)
-    print(f"  {size}: transformers runs on palitorch's weight tensors "
-          f"({100 * shared:.0f}% of its parameter bytes shared: one copy in memory)")
+    print(f"  {size}: transformers runs on palitorch's weight tensors ({100 * shared:.0f}% of its parameter bytes"
+          f"{': one copy in memory' if shared == 1 else '; the rest are copies'})")
     n_params = sum(p.numel() for p in pipe.model.parameters())
     rows = []
     for b in args.batches:
