@@ -45,6 +45,21 @@ def test_compare_tokens_identical_near_tie_and_different():
     assert echo["ok"] and echo["distinct_tokens"] == 1 and "WARNING: every answer repeats one token" in echo["summary"]
 
 
+def test_attention_variants_agree_up_to_a_near_tie_in_16_bit_only():
+    from palitorch.inference.generate import Result
+
+    def answer(ids, lps):
+        return Result("", ids, lps, "length", 3)
+
+    ref = answer([5, 6, 7], [-1.0, -2.0, -0.5])
+    assert bench_generate.same_answer(answer([5, 6, 7], [-1.0, -2.0, -0.5]), ref, tol=0.0)
+    near = answer([5, 9, 4], [-1.0, -2.1, -3.0])  # differs at step 1, where both chose tokens 0.1 nats apart
+    assert bench_generate.same_answer(near, ref, tol=0.5) and not bench_generate.same_answer(near, ref, tol=0.0)
+    far = answer([5, 9, 4], [-1.0, -4.0, -3.0])  # 2 nats apart: not rounding
+    assert not bench_generate.same_answer(far, ref, tol=0.5)
+    assert not bench_generate.same_answer(answer([5, 6], [-1.0, -2.0]), ref, tol=0.5)
+
+
 @pytest.mark.parametrize("size", ["pg1-mini", "pg2-mini"])
 def test_benchmark_weights_give_answers_that_depend_on_the_input(tmp_path, size):
     """Random weights at the real vocab and masks (`inputs.randomize`): every answer differs and varies from step to
