@@ -129,7 +129,7 @@ class Pipeline:
         GPU `mode="reduce-overhead"` makes each step one CUDA graph). With `fuse`, the q/k/v and gate/up weights
         are each fused into one matrix. The first call for each batch size and cache length pays the compilation
         (tens of seconds on CPU, ~20-35 s for the 3B models on an H200); the results are the same tokens as
-        without it. A greedy batch reuses a size already compiled up to twice its own (see `_padded_size`).
+        without it. Greedy batches are padded to sizes that keep compilations few (see `_padded_size`).
         `options`: inductor settings on top of the mode's, e.g. {"coordinate_descent_tuning": True}.
         Compile again after changing the model's structure (e.g. `set_decode_attention`).
         """
@@ -176,14 +176,17 @@ class Pipeline:
 
     def _padded_size(self, n: int, opts: GenerationOptions) -> int:
         """The batch size at which to decode `n` rows. A compiled step is compiled anew for every batch size (tens of
-        seconds for a 3B model), so on a compiled pipeline a greedy batch runs at the smallest size it has already
-        run at between n and 2n, padded with copies of its last request, and at n otherwise. The sizes compiled
-        are then at least a factor of 2 apart (at most log2(largest) + 1 of them), and padding at most doubles a
-        batch. Greedy rows do not depend on one another; sampled rows' random draws depend on the batch size and
-        beams have their own layout, so those are never padded."""
+        seconds for a 3B model), so on a compiled pipeline a greedy batch runs at the smallest size already run at
+        between n and 2n, else at the first of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 3 * 2^k) from n up,
+        padded with copies of its last request. So the sizes compiled are at most two per doubling, a new size
+        pads by at most a third and a reused one at most doubles the batch. Greedy rows do not depend on one
+        another; sampled rows' random draws depend on the batch size and beams have their own layout, so those
+        are never padded."""
         if self._steps is None or opts.do_sample or opts.num_beams > 1:
             return n
-        size = min((b for b in self._greedy_batches if n <= b <= 2 * n), default=n)
+        step = 1 << (n - 1).bit_length()  # the power of two at or above n
+        rung = 3 * step // 4 if step >= 4 and 3 * step // 4 >= n else step
+        size = min((b for b in self._greedy_batches if n <= b <= 2 * n), default=rung)
         self._greedy_batches.add(size)
         return size
 

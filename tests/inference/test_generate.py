@@ -13,6 +13,7 @@ from PIL import Image
 import palitorch
 from palitorch.errors import InputError
 from palitorch.inference import generate as engine
+from palitorch.inference.sampling import GenerationOptions
 
 STEPS = 32
 PROMPTS = ["caption en", "answer en what color is the shape?", "detect cat ; dog"]
@@ -327,8 +328,9 @@ def test_replacement_decode_steps_are_used_for_every_token(ckpt_factory):
 
 def test_a_compiled_pipeline_pads_greedy_batches_to_a_size_it_has_run(ckpt_factory):
     """A compiled step compiles anew for every batch size, so greedy batches run at the smallest size already run
-    at between n and 2n, padded with copies of the last request (answers dropped; the same answers as unpadded),
-    else at n. Sampled batches and beams keep their size. Counting wrappers stand in for torch.compile."""
+    at between n and 2n, else at the next of 1, 2, 3, 4, 6, 8, ..., padded with copies of the last request
+    (answers dropped; the same answers as unpadded). Sampled batches and beams keep their size. Counting wrappers
+    stand in for torch.compile."""
     folder, _ = diverse(ckpt_factory, 2)
     pipe = palitorch.load(folder)
     imgs, prompts = images(5), (PROMPTS * 2)[:5]
@@ -347,13 +349,19 @@ def test_a_compiled_pipeline_pads_greedy_batches_to_a_size_it_has_run(ckpt_facto
     encode = pipe.model.vision_tower.forward
     pipe.model.vision_tower.forward = lambda pixels: encoded.append(len(pixels)) or encode(pixels)
     pipe._steps = engine.Steps(counting(engine.token_forward), counting(engine.greedy_forward))
+    rungs = []
+    for n in range(1, 14):  # with nothing compiled yet
+        pipe._greedy_batches.clear()
+        rungs.append(pipe._padded_size(n, GenerationOptions()))
+    assert rungs == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
+    pipe._greedy_batches.clear()
     sizes = []
     for n in (3, 2, 5, 1, 2):
         rows.clear()
         assert pipe.generate(imgs[:n], prompts[:n], **opts) == plain[n]  # a list of n answers, as without padding
         assert len(set(rows)) == 1
         sizes.append(rows[0])
-    assert sizes == [3, 3, 5, 1, 3]  # 2 reuses 3; 5 has no size in [5, 10]; 1 none in [1, 2] (3 > 2); 2 reuses 3
+    assert sizes == [3, 3, 6, 1, 3]  # 2 reuses 3; 5 has none in [5, 10]: 6, the next rung; 1 none in [1, 2]
     assert encoded[-1] == 2  # the padding row shares the last request's image: the vision tower sees 2 images
     rows.clear()
     assert pipe.generate(imgs[:3], prompts[:3], temperature=0.8, seed=1, **opts) == sampled
