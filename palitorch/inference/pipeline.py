@@ -179,9 +179,9 @@ class Pipeline:
         seconds for a 3B model), so on a compiled pipeline a greedy batch runs at the smallest size already run at
         between n and 2n, else at the first of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 3 * 2^k) from n up,
         padded with copies of its last request. So the sizes compiled are at most two per doubling, a new size
-        pads by at most a third and a reused one at most doubles the batch. Greedy rows do not depend on one
-        another; sampled rows' random draws depend on the batch size and beams have their own layout, so those
-        are never padded."""
+        makes a batch at most 1.5x larger (17 rows run as 24) and a reused one at most doubles it. Greedy rows do
+        not depend on one another; sampled rows' random draws depend on the batch size and beams have their own
+        layout, so those are never padded."""
         if self._steps is None or opts.do_sample or opts.num_beams > 1:
             return n
         step = 1 << (n - 1).bit_length()  # the power of two at or above n
