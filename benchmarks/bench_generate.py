@@ -225,7 +225,9 @@ def choose_decode_attention(pipe, args) -> dict:
     return {"chosen": best, "ms_per_step_batch_1": timings}
 
 
-def bench(size: str, args, workdir: Path) -> dict:
+def bench(size: str, args, workdir: Path, emit=lambda result, row: None) -> dict:
+    """One size: the token check and timings at each batch size. `emit(result, row)` is called as each row is done
+    (the caller prints and saves it: a run cut short by a time limit keeps the rows it finished)."""
     import transformers
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -243,6 +245,8 @@ def bench(size: str, args, workdir: Path) -> dict:
           f"{': one copy in memory' if shared == 1 else '; the rest are copies'})")
     n_params = sum(p.numel() for p in pipe.model.parameters())
     rows = []
+    result = {"size": size, "weights": kind, "params": n_params, "weights_shared": shared,
+              "decode_attention": attention, "rows": rows}
     for b in args.batches:
         images, prompts = workload(b)
         enc = [pipe.processor.encode(p) for p in prompts]
@@ -281,6 +285,7 @@ def bench(size: str, args, workdir: Path) -> dict:
         if not check["ok"]:
             print("  TOKENS DIFFER: no speed reported")
             rows.append(row)
+            emit(result, row)
             continue
         for fn in (ours, theirs):  # warm-up (allocations, caches, lazy init)
             fn(1), fn(n)
@@ -308,8 +313,8 @@ def bench(size: str, args, workdir: Path) -> dict:
         row["decode_speedup"] = row["hf_decode_ms_per_step"] / row["ours_decode_ms_per_step"]
         row["prefill_speedup"] = row["hf_prefill_ms"] / row["ours_prefill_ms"]
         rows.append(row)
-    return {"size": size, "weights": kind, "params": n_params, "weights_shared": shared, "decode_attention": attention,
-            "rows": rows}
+        emit(result, row)
+    return result
 
 
 def main() -> None:
@@ -364,21 +369,26 @@ def main() -> None:
           f"{f' | inductor options {args.compile_options}' if args.compile_options else ''}"
           f"{f' | copy bandwidth {args.bandwidth / 1e12:.2f} TB/s' if args.bandwidth else ''}")
     print(f"{'size':<9}{'params':>8}{'batch':>6}{'prefill ms ours/hf':>22}{'x':>6}{'decode tok/s ours/hf':>24}{'x':>6}")
-    for size in args.sizes.split(","):
-        res = bench(size, args, workdir)
-        record["results"].append(res)
-        for r in res["rows"]:
-            if not r["same_tokens"]:
-                print(f"{size:<9}{res['params'] / 1e6:>7.1f}M{r['batch']:>6}  tokens differ: no figures")
-                continue
-            limit = (f", {r['ours_pct_of_limit']:.0f}% of the bandwidth limit {r['limit_tok_s']:.0f} tok/s"
-                     if "limit_tok_s" in r else "")
-            print(f"{size:<9}{res['params'] / 1e6:>7.1f}M{r['batch']:>6}"
-                  f"{r['ours_prefill_ms']:>11.1f} /{r['hf_prefill_ms']:>8.1f}{r['prefill_speedup']:>6.2f}"
-                  f"{r['ours_decode_tok_s']:>12.1f} /{r['hf_decode_tok_s']:>9.1f}{r['decode_speedup']:>6.2f}"
-                  f"   first call {r['ours_first_call_s']:.1f} s{limit}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(res: dict, r: dict) -> None:  # print a row and save the record as it stands
+        if res not in record["results"]:
+            record["results"].append(res)
+        out.write_text(json.dumps(record, indent=2))
+        size = res["size"]
+        if not r["same_tokens"]:
+            print(f"{size:<9}{res['params'] / 1e6:>7.1f}M{r['batch']:>6}  tokens differ: no figures", flush=True)
+            return
+        limit = (f", {r['ours_pct_of_limit']:.0f}% of the bandwidth limit {r['limit_tok_s']:.0f} tok/s"
+                 if "limit_tok_s" in r else "")
+        print(f"{size:<9}{res['params'] / 1e6:>7.1f}M{r['batch']:>6}"
+              f"{r['ours_prefill_ms']:>11.1f} /{r['hf_prefill_ms']:>8.1f}{r['prefill_speedup']:>6.2f}"
+              f"{r['ours_decode_tok_s']:>12.1f} /{r['hf_decode_tok_s']:>9.1f}{r['decode_speedup']:>6.2f}"
+              f"   first call {r['ours_first_call_s']:.1f} s{limit}", flush=True)
+
+    for size in args.sizes.split(","):
+        bench(size, args, workdir, emit)
     out.write_text(json.dumps(record, indent=2))
     print(f"wrote {out}")
 

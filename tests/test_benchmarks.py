@@ -128,3 +128,22 @@ def test_transformers_runs_on_palitorchs_weight_tensors(from_files):
               "attention_mask": torch.ones(1, len(enc.ids), dtype=torch.long), "pixel_values": image}
     with torch.no_grad():
         torch.testing.assert_close(hf(**inputs).logits, alone(**inputs).logits, rtol=0, atol=0)  # the same numbers
+
+
+def test_a_run_cut_short_keeps_the_rows_it_finished(tmp_path, monkeypatch):
+    """The GPU script runs each size under a time limit: each finished row is saved at once."""
+    workload = bench_generate.workload
+
+    def stopping(batch):
+        if batch == 2:
+            raise KeyboardInterrupt  # stands in for the time limit
+        return workload(batch)
+
+    monkeypatch.setattr(bench_generate, "workload", stopping)
+    out = tmp_path / "record.json"
+    monkeypatch.setattr(sys, "argv", ["bench_generate.py", "--sizes", "bundled", "--batches", "1,2", "--new-tokens",
+                                      "3", "--reps", "1", "--no-compile", "--json", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        bench_generate.main()
+    rows = json.loads(out.read_text())["results"][0]["rows"]
+    assert [r["batch"] for r in rows] == [1] and rows[0]["same_tokens"] and rows[0]["decode_speedup"] > 0
