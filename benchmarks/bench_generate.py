@@ -178,6 +178,12 @@ def ms_per_step(pipe, images, prompts, n: int, reps: int, warm: bool = True) -> 
     return (statistics.median(ns) - statistics.median(ones)) / (n - 1) * 1e3
 
 
+def default_tie_tol(dtype: torch.dtype) -> float:
+    """Nats within which a differing token counts as a near-tie: 0 in float32 (tokens must be identical), 0.5 in
+    16-bit dtypes, whose rounding moves the benchmark weights' log-probabilities by up to ~0.2 (inputs.randomize)."""
+    return 0.0 if dtype == torch.float32 else 0.5
+
+
 def same_answer(a, b, tol: float) -> bool:
     """Do two greedy answers of palitorch (two attention kernels) agree? Identical tokens, or (tol > 0, 16-bit
     dtypes) tokens that first differ where the two chose tokens of log-probabilities within `tol` of each other:
@@ -334,9 +340,8 @@ def main() -> None:
                     help="palitorch's one-token attention (set_decode_attention; flex runs in compiled steps); "
                          "auto: time sdpa and flex at batch 1 and keep the faster")
     ap.add_argument("--tie-tol", type=float, default=None,
-                    help="nats within which a differing token counts as a near-tie (default: 0 in float32, where "
-                         "tokens must be identical; 0.5 in 16-bit dtypes, whose rounding moves the benchmark weights' "
-                         "log-probabilities by up to ~0.2 nats: see inputs.randomize)")
+                    help="nats within which a differing token counts as a near-tie (default: default_tie_tol, 0 in "
+                         "float32 where tokens must be identical, 0.5 in 16-bit dtypes)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-onednn", action="store_true",
                     help="palitorch without its oneDNN route for large CPU linears (palitorch.model.kernels)")
@@ -345,7 +350,7 @@ def main() -> None:
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     if args.tie_tol is None:
-        args.tie_tol = 0.0 if args.dtype in ("float32", "fp32") else 0.5
+        args.tie_tol = default_tie_tol(getattr(torch, args.dtype))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.no_onednn:

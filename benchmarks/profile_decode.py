@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_generate import _sync as sync  # noqa: E402
-from bench_generate import ms_per_step, same_answer  # noqa: E402
+from bench_generate import default_tie_tol, ms_per_step, same_answer  # noqa: E402
 from inputs import PROMPT, checkpoint  # noqa: E402
 
 import palitorch  # noqa: E402
@@ -109,10 +109,9 @@ def run_variant(variant: str, parts: set[str], folder, dtype, image, first_token
     sync(pipe.device)
     first = time.perf_counter() - t0
     first_tokens = first_tokens or answer
-    tol = 0.0 if dtype == torch.float32 else 0.5  # bench_generate's near-tie tolerance
     if answer.token_ids == first_tokens.token_ids:
         same = "same tokens"
-    elif same_answer(answer, first_tokens, tol):
+    elif same_answer(answer, first_tokens, default_tie_tol(dtype)):
         same = "same tokens up to a near-tie (16-bit rounding)"
     else:
         same = "TOKENS DIFFER from the first variant"
