@@ -18,8 +18,9 @@ transformers through `model.generate` on inputs prepared in advance, so the comp
 Prints medians and ratios, and writes a JSON record. Refuses to report a speedup when the tokens differ.
 
 Sizes: `bundled` (the bundled easy-VQA model; random weights of its shape if it is absent), `mid` (~200M
-parameters), `pg1-3b` / `pg2-3b` (the real 3B shapes, random weights; ~17 GB of memory in float32). Random weights
-come from `inputs.randomize`, made so that answers vary with the input.
+parameters), `pg1-3b` / `pg2-3b` (the real 3B shapes, random weights; ~17 GB of memory in float32), or the path
+of a checkpoint folder (e.g. real weights you downloaded). Random weights come from `inputs.randomize`, made so that
+answers vary with the input.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from inputs import checkpoint, workload  # noqa: E402
+from inputs import SIZES, check_size, checkpoint, workload  # noqa: E402
+from measure import copy_bandwidth, default_tie_tol, ms_per_step, same_answer, sync  # noqa: E402
 
 import palitorch  # noqa: E402
 
@@ -78,24 +80,6 @@ def compare_tokens(ours, ours_lp, hf, hf_logits, tol: float) -> dict:
         summary += " (WARNING: every answer repeats one token, so this check shows little; see inputs.randomize)"
     return {"ok": ok, "rows_diverged": diverged, "first_divergence": first, "worst_tie_gap": worst_gap,
             "max_logprob_diff": max_lp_diff, "distinct_tokens": distinct, "tolerance": tol, "summary": summary}
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Measured device memory bandwidth, bytes/s (bytes read + written by a 1 GiB device-to-device copy, median of
-    10, on random data)."""
-    x = torch.randn(2**28, device=device)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        y.copy_(x)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * x.numel() * x.element_size() / statistics.median(times)
 
 
 def hf_missing_softcap(hf) -> bool:
@@ -154,46 +138,6 @@ def first_call(pipe, ours, n: int, args):
     return ours(n), "eager"
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def ms_per_step(pipe, images, prompts, n: int, reps: int, warm: bool = True) -> float:
-    """palitorch's decode time per step in ms: (median of `reps` runs of n new tokens - median of runs of 1) / (n - 1),
-    EOS suppressed; with `warm`, one run of each first."""
-    def run(k):
-        _sync(pipe.device)
-        t0 = time.perf_counter()
-        pipe.generate(images, prompts, max_new_tokens=k, min_new_tokens=k)
-        _sync(pipe.device)
-        return time.perf_counter() - t0
-
-    if warm:
-        run(n), run(1)
-    ones, ns = [], []
-    for _ in range(reps):
-        ones.append(run(1))
-        ns.append(run(n))
-    return (statistics.median(ns) - statistics.median(ones)) / (n - 1) * 1e3
-
-
-def default_tie_tol(dtype: torch.dtype) -> float:
-    """Nats within which a differing token counts as a near-tie: 0 in float32 (tokens must be identical), 0.5 in
-    16-bit dtypes, whose rounding moves the benchmark weights' log-probabilities by up to ~0.2 (inputs.randomize)."""
-    return 0.0 if dtype == torch.float32 else 0.5
-
-
-def same_answer(a, b, tol: float) -> bool:
-    """Do two greedy answers of palitorch (two attention kernels) agree? Identical tokens, or (tol > 0, 16-bit
-    dtypes) tokens that first differ where the two chose tokens of log-probabilities within `tol` of each other:
-    a near-tie that rounding broke either way. (The full check against transformers comes after.)"""
-    k = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
-    if k is None:
-        return len(a.token_ids) == len(b.token_ids)
-    return tol > 0 and abs(a.logprobs[k] - b.logprobs[k]) <= tol
-
-
 def choose_decode_attention(pipe, args) -> dict:
     """--decode-attention auto: compile the step with each one-token attention ("sdpa": SDPA, or matmuls for Gemma 2's
     soft-cap; "flex": FlexAttention), time each at batch 1 (ms per step, medians of 3 runs of 1 and N tokens), and
@@ -207,10 +151,10 @@ def choose_decode_attention(pipe, args) -> dict:
         lm.set_decode_attention(kind)
         pipe.compile(mode=args.compile_mode, options=args.compile_options, fuse=reference is None)
         try:
-            _sync(pipe.device)
+            sync(pipe.device)
             t0 = time.perf_counter()
             answer = pipe.generate(images, prompts, max_new_tokens=n, min_new_tokens=n)[0]  # compiles
-            _sync(pipe.device)
+            sync(pipe.device)
             first = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - a kernel that does not build here loses; the others carry on
             timings[kind] = f"failed: {type(e).__name__}: {str(e).strip()[:200]}"
@@ -270,10 +214,10 @@ def bench(size: str, args, workdir: Path, emit=lambda result, row: None) -> dict
                 return hf.generate(**inputs, max_new_tokens=k, min_new_tokens=k, do_sample=False)
 
         # Same greedy tokens, or no speed figures. With --compile this first call also pays the compilation.
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         res, step_kind = first_call(pipe, ours, n, args)
-        _sync(device)
+        sync(device)
         first_call_s = time.perf_counter() - t0
         with torch.inference_mode():
             out = hf.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True,
@@ -299,10 +243,10 @@ def bench(size: str, args, workdir: Path, emit=lambda result, row: None) -> dict
         for _ in range(args.reps):
             for name, fn in (("ours", ours), ("hf", theirs)):
                 for k in (1, n):
-                    _sync(device)
+                    sync(device)
                     t0 = time.perf_counter()
                     fn(k)
-                    _sync(device)
+                    sync(device)
                     times[f"{name}_{'1' if k == 1 else 'n'}"].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
         for name in ("ours", "hf"):
@@ -325,10 +269,11 @@ def bench(size: str, args, workdir: Path, emit=lambda result, row: None) -> dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", default="bundled,mid")
-    ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--sizes", default="bundled,mid",
+                    help=f"comma-separated: {', '.join(SIZES)}, or checkpoint folders (default: bundled,mid)")
+    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default: 1,8)")
+    ap.add_argument("--new-tokens", type=int, default=32, help="N, the tokens of a decode run (default 32)")
+    ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions; medians are reported (default 5)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
@@ -348,7 +293,16 @@ def main() -> None:
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "palitorch-bench"))
     ap.add_argument("--json", default="benchmarks/results/generate.json")
     args = ap.parse_args()
-    args.batches = [int(b) for b in args.batches.split(",")]
+    args.sizes = [s for s in args.sizes.split(",") if s]
+    if errors := [e for e in map(check_size, args.sizes) if e]:
+        ap.error(errors[0])
+    try:
+        args.batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        ap.error(f"--batches takes comma-separated whole numbers, e.g. 1,8; got {args.batches!r}")
+    if args.new_tokens < 2 or args.reps < 1 or min(args.batches) < 1:
+        ap.error("--new-tokens must be at least 2 (decode time is the difference of 1 and N tokens); --reps and "
+                 "--batches at least 1")
     if args.tie_tol is None:
         args.tie_tol = default_tie_tol(getattr(torch, args.dtype))
     if args.threads:
@@ -381,7 +335,7 @@ def main() -> None:
         if res not in record["results"]:
             record["results"].append(res)
         out.write_text(json.dumps(record, indent=2))
-        size = res["size"]
+        size = Path(res["size"]).name  # a checkpoint folder by its name
         if not r["same_tokens"]:
             print(f"{size:<9}{res['params'] / 1e6:>7.1f}M{r['batch']:>6}  tokens differ: no figures", flush=True)
             return
@@ -392,7 +346,7 @@ def main() -> None:
               f"{r['ours_decode_tok_s']:>12.1f} /{r['hf_decode_tok_s']:>9.1f}{r['decode_speedup']:>6.2f}"
               f"   first call {r['ours_first_call_s']:.1f} s{limit}", flush=True)
 
-    for size in args.sizes.split(","):
+    for size in args.sizes:
         bench(size, args, workdir, emit)
     out.write_text(json.dumps(record, indent=2))
     print(f"wrote {out}")

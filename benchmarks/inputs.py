@@ -2,7 +2,8 @@
 
 Sizes: `bundled` (the bundled easy-VQA model; random weights of its shape if it is absent), `mid` (~200M
 parameters), `pg1-3b` / `pg2-3b` (the real 3B shapes, random weights), `pg1-mini` / `pg2-mini` (the real vocab,
-masks, soft-caps and 256 image tokens, at a size any CPU runs).
+masks, soft-caps and 256 image tokens, at a size any CPU runs). Or the path of a checkpoint folder in the Hub's layout
+(real weights: e.g. a downloaded google/paligemma-3b-pt-224), used as it is.
 """
 
 from __future__ import annotations
@@ -74,6 +75,18 @@ def _config(size: str, tok) -> PaliGemmaConfig:
     return cfg.replace(image_token_id=image_id)
 
 
+SIZES = ("bundled", "mid", "pg1-3b", "pg2-3b", "pg1-mini", "pg2-mini")
+
+
+def check_size(size: str) -> str | None:
+    """None if `size` names a benchmark size or a checkpoint folder, else what is wrong with it (one line)."""
+    if size in SIZES or (Path(size) / "config.json").is_file():
+        return None
+    if Path(size).is_dir():
+        return f"{size!r} is a folder without a config.json: give a checkpoint folder in the Hub's layout"
+    return f"unknown size {size!r}: give one of {', '.join(SIZES)}, or the path of a checkpoint folder"
+
+
 WEIGHTS_VERSION = 3  # part of the folder name: random weights made by an older `randomize` are not reused
 DECODER_GAIN, EMBED_STD, LOGIT_STD = 1.75, 0.05, 2.0
 
@@ -103,8 +116,11 @@ def randomize(model: PaliGemma) -> None:
 
 
 def checkpoint(size: str, workdir: Path, device: str, dtype: torch.dtype) -> tuple[Path, str]:
-    """A folder for `size`: the bundled model if asked for and present, else random weights of that shape, made on
-    `device` (a 3B model initialises in seconds on a GPU, minutes on a CPU) and saved in `dtype`."""
+    """A folder for `size`: a checkpoint folder's path as it is; the bundled model if asked for and present; else
+    random weights of that shape, made on `device` (a 3B model initialises in seconds on a GPU, minutes on a CPU)
+    and saved in `dtype`."""
+    if size not in SIZES and (Path(size) / "config.json").is_file():
+        return Path(size), "checkpoint folder"
     if size == "bundled":
         try:
             return palitorch.default_model_path(), "bundled model"

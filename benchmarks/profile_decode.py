@@ -32,9 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_generate import _sync as sync  # noqa: E402
-from bench_generate import default_tie_tol, ms_per_step, same_answer  # noqa: E402
 from inputs import PROMPT, checkpoint  # noqa: E402
+from measure import default_tie_tol, ms_per_step, same_answer, sync  # noqa: E402
 
 import palitorch  # noqa: E402
 

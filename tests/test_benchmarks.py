@@ -147,3 +147,28 @@ def test_a_run_cut_short_keeps_the_rows_it_finished(tmp_path, monkeypatch):
         bench_generate.main()
     rows = json.loads(out.read_text())["results"][0]["rows"]
     assert [r["batch"] for r in rows] == [1] and rows[0]["same_tokens"] and rows[0]["decode_speedup"] > 0
+
+
+def test_a_checkpoint_folder_is_a_size(pg2, tmp_path, monkeypatch, capsys):
+    """Real weights: a Hub-layout folder (here one that transformers wrote) is benchmarked as it is."""
+    folder, _ = pg2
+    out = tmp_path / "record.json"
+    monkeypatch.setattr(sys, "argv", ["bench_generate.py", "--sizes", str(folder), "--batches", "1", "--new-tokens",
+                                      "3", "--reps", "1", "--no-compile", "--json", str(out)])
+    bench_generate.main()
+    result = json.loads(out.read_text())["results"][0]
+    assert result["weights"] == "checkpoint folder" and result["weights_shared"] == 1.0
+    assert result["rows"][0]["same_tokens"] and result["rows"][0]["decode_speedup"] > 0
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--sizes", "bundled,pg3-9b"], "unknown size 'pg3-9b'"),
+    (["--sizes", "."], "a folder without a config.json"),
+    (["--batches", "1,eight"], "--batches takes comma-separated whole numbers"),
+    (["--new-tokens", "1"], "--new-tokens must be at least 2"),
+])
+def test_bad_arguments_get_a_one_line_error(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_generate.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        bench_generate.main()
+    assert e.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]

@@ -1,0 +1,67 @@
+"""Measuring helpers shared by the benchmarks: device sync, ms per decode step, copy bandwidth, and when two greedy
+answers count as the same (16-bit near-ties)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def sync(device):  # wait for the GPU: its work is queued, so time only after it ran
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def ms_per_step(pipe, images, prompts, n: int, reps: int, warm: bool = True) -> float:
+    """palitorch's decode time per step in ms: (median of `reps` runs of n new tokens - median of runs of 1) / (n - 1),
+    EOS suppressed; with `warm`, one run of each first."""
+    def run(k):
+        sync(pipe.device)
+        t0 = time.perf_counter()
+        pipe.generate(images, prompts, max_new_tokens=k, min_new_tokens=k)
+        sync(pipe.device)
+        return time.perf_counter() - t0
+
+    if warm:
+        run(n), run(1)
+    ones, ns = [], []
+    for _ in range(reps):
+        ones.append(run(1))
+        ns.append(run(n))
+    return (statistics.median(ns) - statistics.median(ones)) / (n - 1) * 1e3
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Measured device memory bandwidth, bytes/s (bytes read + written by a 1 GiB device-to-device copy, median of
+    10, on random data)."""
+    x = torch.randn(2**28, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        y.copy_(x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * x.numel() * x.element_size() / statistics.median(times)
+
+
+def default_tie_tol(dtype: torch.dtype) -> float:
+    """Nats within which a differing token counts as a near-tie: 0 in float32 (tokens must be identical), 0.5 in
+    16-bit dtypes, whose rounding moves the benchmark weights' log-probabilities by up to ~0.2 (inputs.randomize)."""
+    return 0.0 if dtype == torch.float32 else 0.5
+
+
+def same_answer(a, b, tol: float) -> bool:
+    """Do two greedy answers of palitorch (two attention kernels) agree? Identical tokens, or (tol > 0, 16-bit
+    dtypes) tokens that first differ where the two chose tokens of log-probabilities within `tol` of each other:
+    a near-tie that rounding broke either way. (The full check against transformers comes after.)"""
+    k = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
+    if k is None:
+        return len(a.token_ids) == len(b.token_ids)
+    return tol > 0 and abs(a.logprobs[k] - b.logprobs[k]) <= tol
