@@ -22,14 +22,15 @@ if [ "${GPU_TESTS:-0}" = 1 ]; then
     -k "cuda or wait or done_watch" 2>&1 | tail -15 | tee "$OUTDIR/gpu-tests.log"
   echo "elapsed ${SECONDS}s after the tests"
 fi
-for size in ${SIZES-pg1-3b pg2-3b}; do  # SIZES= (empty): the tests alone
+for size in ${SIZES-pg1-3b pg2-3b}; do  # SIZES= (empty): the tests alone; a checkpoint folder's path works too
+  name=$(basename "$size")
   PYTHONUNBUFFERED=1 timeout "${SIZE_LIMIT_S:-285}" "$PY" benchmarks/bench_generate.py --sizes "$size" --device "${DEVICE:-cuda}" \
     --dtype bfloat16 --batches 1,16 --new-tokens 64 --reps 3 --compile-mode reduce-overhead ${BENCH_ARGS---decode-attention auto} \
-    --json "benchmarks/results/gpu-$size.json" 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUTDIR/gpu-$size.log"
+    --json "benchmarks/results/gpu-$name.json" 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUTDIR/gpu-$name.log"
   rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || echo "$size: did not finish (exit $rc)"
-  cp "benchmarks/results/gpu-$size.json" "$OUTDIR/" 2>/dev/null || true
+  cp "benchmarks/results/gpu-$name.json" "$OUTDIR/" 2>/dev/null || true
   echo "elapsed ${SECONDS}s after $size"
 done
 echo "total $((SECONDS - start)) s; the tables again:"
-grep -h -E "^(size|pg[12]-|  pg[12]-)" "$OUTDIR"/gpu-*.log
+grep -h -E "^(size|  .* batch [0-9]+: |[^ ].*(first call|tokens differ))" "$OUTDIR"/gpu-*.log
