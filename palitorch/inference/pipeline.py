@@ -184,9 +184,7 @@ class Pipeline:
         layout, so those are never padded."""
         if self._steps is None or opts.do_sample or opts.num_beams > 1:
             return n
-        step = 1 << (n - 1).bit_length()  # the power of two at or above n
-        rung = 3 * step // 4 if step >= 4 and 3 * step // 4 >= n else step
-        size = min((b for b in self._greedy_batches if n <= b <= 2 * n), default=rung)
+        size = min((b for b in self._greedy_batches if n <= b <= 2 * n), default=batch_rung(n))
         self._greedy_batches.add(size)
         return size
 
@@ -197,6 +195,19 @@ class Pipeline:
             raise InputError("stream takes one image and one prompt string; use generate for a batch")
         pixels, _ = self._pixels([image])
         return Stream(engine.stream(self.model, self.processor, pixels, prompt, opts, self._steps), self)
+
+
+def batch_rung(n: int) -> int:
+    """The first of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 3 * 2^k) at or above n: the batch sizes at which a
+    compiled pipeline runs new greedy batches (`Pipeline._padded_size`)."""
+    step = 1 << (n - 1).bit_length()  # the power of two at or above n
+    return 3 * step // 4 if step >= 4 and 3 * step // 4 >= n else step
+
+
+def batch_rung_below(n: int) -> int:
+    """The last of 1, 2, 3, 4, 6, 8, 12, ... at or below n (n >= 1)."""
+    power = 1 << (n.bit_length() - 1)  # the power of two at or below n
+    return 3 * power // 2 if power >= 2 and 3 * power // 2 <= n else power
 
 
 _RECOMPILE_LIMIT = "recompile_limit"  # dynamo's setting; "cache_size_limit" before torch 2.7

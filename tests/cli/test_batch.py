@@ -192,3 +192,18 @@ def test_bad_options_fail_in_one_line_before_loading(extra, message, requests_fi
     rc, out, err = cli(["batch", "--input", requests_file, "--output", requests_file.parent / "o.jsonl", *extra],
                        capsys)
     assert rc == 2 and out == "" and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize(("asked", "runs"), [(4, 4), (5, 4), (7, 6), (10, 8), (12, 12)])
+def test_compiled_batches_use_a_size_the_pipeline_compiles_for(fake_pipe, requests_file, capsys, asked, runs):
+    """A compiled pipeline runs greedy batches at 1, 2, 3, 4, 6, 8, 12, ... rows; --batch-size in between would run
+    padded up to the next size on every chunk, so with --compile it is rounded down, and the user is told."""
+    pipe = fake_pipe(answer)
+    lines = [{"image": "imgs/red.png", "prompt": f"caption {i}"} for i in range(1, 14)]
+    src = write_requests(requests_file.parent / "many.jsonl", lines)
+    rc, _, err = cli(["batch", "--input", src, "--output", src.parent / "out.jsonl", "--batch-size", str(asked),
+                      "--compile"], capsys)
+    assert rc == 0, err
+    assert {len(c[2]) for c in pipe.calls} == {runs}  # every chunk, the last one padded
+    assert sum(len(c[2]) for c in pipe.calls) == runs * -(-13 // runs)
+    assert (f"batches of {runs} instead of {asked}" in err) == (runs != asked)
