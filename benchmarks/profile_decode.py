@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from inputs import PROMPT, checkpoint  # noqa: E402
+from inputs import PROMPT, SIZES, check_size, checkpoint  # noqa: E402
 from measure import default_tie_tol, ms_per_step, same_answer, sync  # noqa: E402
 
 import palitorch  # noqa: E402
@@ -62,7 +62,8 @@ def profile(pipe, image, n: int, batch: int, top: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", default="pg1-mini")
+    ap.add_argument("--size", default="pg1-mini",
+                    help=f"one of {', '.join(SIZES)}, or a checkpoint folder (default pg1-mini)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batch", type=int, default=1)
@@ -74,6 +75,8 @@ def main() -> None:
     ap.add_argument("--profile", default="fused", help="the variant to profile, or none")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "palitorch-bench"))
     args = ap.parse_args()
+    if error := check_size(args.size):
+        ap.error(error)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype)

@@ -20,18 +20,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from inputs import PROMPTS, checkpoint, workload  # noqa: E402
+from inputs import PROMPTS, SIZES, check_size, checkpoint, workload  # noqa: E402
 
 import palitorch  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", default="bundled", help="bundled, mid, pg1-mini, ... (as bench_generate.py)")
+    ap.add_argument("--size", default="bundled",
+                    help=f"one of {', '.join(SIZES)}, or a checkpoint folder (default bundled)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "palitorch-bench"))
     args = ap.parse_args()
+    if error := check_size(args.size):
+        ap.error(error)
     folder, _ = checkpoint(args.size, Path(args.workdir), "cpu", torch.float32)
     pipe = palitorch.load(folder)
     image = workload(1)[0][0]
