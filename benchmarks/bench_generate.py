@@ -252,6 +252,13 @@ def bench(size: str, args, workdir: Path, emit=lambda result, row: None) -> dict
         for name in ("ours", "hf"):
             row[f"{name}_prefill_ms"] = med[f"{name}_1"] * 1e3
             row[f"{name}_decode_ms_per_step"] = (med[f"{name}_n"] - med[f"{name}_1"]) / (n - 1) * 1e3
+        row["prefill_speedup"] = row["hf_prefill_ms"] / row["ours_prefill_ms"]
+        if min(row["ours_decode_ms_per_step"], row["hf_decode_ms_per_step"]) <= 0:  # noise swamped N - 1 steps
+            row["decode_not_measured"] = "runs of N tokens were not slower than runs of 1: raise --new-tokens or --reps"
+            rows.append(row)
+            emit(result, row)
+            continue
+        for name in ("ours", "hf"):
             row[f"{name}_decode_tok_s"] = b / (row[f"{name}_decode_ms_per_step"] / 1e3)
         if args.bandwidth:  # the floor: every decoder weight and the live KV cache read once per step
             cfg = pipe.model.cfg.text
@@ -261,7 +268,6 @@ def bench(size: str, args, workdir: Path, emit=lambda result, row: None) -> dict
             row["limit_tok_s"] = b * args.bandwidth / step_bytes
             row["ours_pct_of_limit"] = 100 * row["ours_decode_tok_s"] / row["limit_tok_s"]
         row["decode_speedup"] = row["hf_decode_ms_per_step"] / row["ours_decode_ms_per_step"]
-        row["prefill_speedup"] = row["hf_prefill_ms"] / row["ours_prefill_ms"]
         rows.append(row)
         emit(result, row)
     return result
@@ -341,9 +347,10 @@ def main() -> None:
             return
         limit = (f", {r['ours_pct_of_limit']:.0f}% of the bandwidth limit {r['limit_tok_s']:.0f} tok/s"
                  if "limit_tok_s" in r else "")
+        decode = (f"{r['ours_decode_tok_s']:>12.1f} /{r['hf_decode_tok_s']:>9.1f} {r['decode_speedup']:>5.2f}"
+                  if "decode_speedup" in r else f"  decode not measured ({r['decode_not_measured']})")
         print(f"{size:<9}{res['params'] / 1e6:>7.1f}M{r['batch']:>6}"
-              f"{r['ours_prefill_ms']:>11.1f} /{r['hf_prefill_ms']:>8.1f}{r['prefill_speedup']:>6.2f}"
-              f"{r['ours_decode_tok_s']:>12.1f} /{r['hf_decode_tok_s']:>9.1f}{r['decode_speedup']:>6.2f}"
+              f"{r['ours_prefill_ms']:>11.1f} /{r['hf_prefill_ms']:>8.1f} {r['prefill_speedup']:>5.2f}{decode}"
               f"   first call {r['ours_first_call_s']:.1f} s{limit}", flush=True)
 
     for size in args.sizes:

@@ -40,7 +40,7 @@ def median_ms(fn, reps: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--source", default="640x480", help="WxH of the input images")
     ap.add_argument("--sizes", default="224,448,896")

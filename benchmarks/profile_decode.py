@@ -61,7 +61,7 @@ def profile(pipe, image, n: int, batch: int, top: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--size", default="pg1-mini",
                     help=f"one of {', '.join(SIZES)}, or a checkpoint folder (default pg1-mini)")
     ap.add_argument("--device", default="cpu")

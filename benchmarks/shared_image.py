@@ -26,7 +26,7 @@ import palitorch  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--size", default="bundled",
                     help=f"one of {', '.join(SIZES)}, or a checkpoint folder (default bundled)")
     ap.add_argument("--batch", type=int, default=8)

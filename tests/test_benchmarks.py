@@ -172,3 +172,18 @@ def test_bad_arguments_get_a_one_line_error(argv, message, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         bench_generate.main()
     assert e.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_decode_swamped_by_noise_is_not_reported(tmp_path, monkeypatch, capsys):
+    """A run of N tokens timed no slower than a run of 1 (noise, or N too small) gives no decode figure at all,
+    rather than a negative or infinite one. A clock whose every interval is the same stands in for the noise."""
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(bench_generate.time, "perf_counter", lambda: float(next(ticks)))
+    out = tmp_path / "record.json"
+    monkeypatch.setattr(sys, "argv", ["bench_generate.py", "--sizes", "bundled", "--batches", "1", "--new-tokens",
+                                      "3", "--reps", "1", "--no-compile", "--json", str(out)])
+    bench_generate.main()
+    row = json.loads(out.read_text())["results"][0]["rows"][0]
+    assert row["same_tokens"] and "raise --new-tokens" in row["decode_not_measured"]
+    assert "decode_speedup" not in row and "ours_decode_tok_s" not in row and row["prefill_speedup"] == 1.0
+    assert "decode not measured" in capsys.readouterr().out
