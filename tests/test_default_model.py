@@ -81,3 +81,12 @@ def test_demo_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "exactly as expected" in out and out.count("easyvqa_test_") >= 18
     assert len(list(tmp_path.glob("detect-*.png"))) == 6
+
+
+def test_demo_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    from palitorch.cli import main
+
+    (tmp_path / "taken").write_text("x")
+    assert main(["demo", "--out", str(tmp_path / "taken"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot make that folder" in err

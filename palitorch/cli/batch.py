@@ -3,20 +3,27 @@
 Input, one request per line (image paths relative to the input file's folder; any other fields are kept):
     {"image": "cats/1.jpg", "prompt": "caption en"}
     {"image": "cats/2.jpg", "prompt": "detect cat", "max_new_tokens": 32, "id": "x7"}
-Output, one line per request: its fields, "index" (its line number in the input, from 1) and either the result
-(text, token_ids, logprobs, finish_reason, prompt_tokens; detections/segmentations for detect/segment prompts)
-or "error". Requests sharing decoding options run together in batches, so results come in completion order.
+Output, one line per request: its fields, "index" (its line number in the input, from 1), "decoding" (the
+decoding options it ran with: the command line's and its own) and either the result (text, token_ids, logprobs,
+finish_reason, prompt_tokens; detections/segmentations for detect/segment prompts) or "error". Requests sharing
+decoding options run together in batches, so results come in completion order. A request field that looks like a
+misspelled option ("temprature") is an error rather than silently ignored; fields named like result fields are
+not copied.
 
 Durability: each batch's lines are appended, flushed and fsync'ed before the next batch starts. Started again
-with the same output, the command skips every index already there (after dropping a line cut short by a crash).
+with the same output, the command skips every index already answered (after dropping a line cut short by a
+crash) and runs again the ones that ended in an error. It refuses an output whose answers came from other
+prompts or other decoding options. Exit status 0 when every request got an answer, 1 when some got an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +35,7 @@ from palitorch.cli.common import (
     check_model_options,
     decoding_options,
     load_pipeline,
+    not_a_folder,
     one_line_errors,
     result_fields,
 )
@@ -74,6 +82,11 @@ def read_fields(index: int, raw: bytes) -> dict:
     return fields
 
 
+# Fields an output line sets itself: a request's own fields of these names are not copied to it.
+RESULT_FIELDS = frozenset({"index", "decoding", "error", "text", "token_ids", "logprobs", "finish_reason",
+                           "prompt_tokens", "detections", "segmentations"})
+
+
 def make_request(index: int, fields: dict, folder: Path, defaults: dict) -> Request:
     """A request's fields -> Request, or InputError saying what is wrong with them."""
     image, prompt = fields.get("image"), fields.get("prompt")
@@ -81,6 +94,9 @@ def make_request(index: int, fields: dict, folder: Path, defaults: dict) -> Requ
         raise InputError(f'line {index} has no "image" path')
     if not isinstance(prompt, str):
         raise InputError(f'line {index} has no "prompt" string')
+    for name in fields.keys() - FLAG_OF.keys() - RESULT_FIELDS - {"image", "prompt"}:  # kept as they are, unless...
+        if like := difflib.get_close_matches(name, FLAG_OF, n=1, cutoff=0.7):
+            raise InputError(f"line {index}: unknown field {name!r}; did you mean the decoding option {like[0]!r}?")
     options = dict(defaults)
     options.update({k: v for k, v in fields.items() if k in FLAG_OF})
     try:
@@ -91,28 +107,44 @@ def make_request(index: int, fields: dict, folder: Path, defaults: dict) -> Requ
     return Request(index, fields, path if path.is_absolute() else folder / path, prompt, options)
 
 
-def read_done(output: Path) -> dict[int, dict]:
-    """Records already in `output` by index. A last line cut short by a crash is removed from the file."""
+def read_done(output: Path) -> tuple[dict[int, dict], Callable[[], None]]:
+    """Answers already in `output` by index, and `tidy()`, which removes from the file a last line cut short by a
+    crash and the error lines (their requests run again: the image may be there now). Call it once every check
+    has passed. A file with content but no result line at all is refused: it is not an earlier run's output."""
     if not output.exists():
-        return {}
+        return {}, lambda: None
     data = output.read_bytes()
-    done: dict[int, dict] = {}
     end = data.rfind(b"\n") + 1  # everything after the last newline is an unfinished line
-    for line in data[:end].splitlines():
-        record = _record(line)
-        if record is not None:
+    lines = data[:end].splitlines()
+    if (tail := _record(data[end:])) is not None:  # complete but missing its newline (e.g. edited by hand): keep it
+        lines.append(data[end:])
+    records = [_record(line) for line in lines]
+    if data.strip() and not any(records):
+        raise InputError(f"--output {output} exists and holds no results of palitorch batch: choose another file")
+    done, kept = {}, []
+    for line, record in zip(lines, records):
+        if record is None:
+            if line.strip():
+                print(f"palitorch batch: ignoring an unreadable line in {output}; its request runs again",
+                      file=sys.stderr)
+        elif "error" not in record:
             done[record["index"]] = record
-        elif line.strip():
-            print(f"palitorch batch: ignoring an unreadable line in {output}; its request runs again", file=sys.stderr)
-    tail = _record(data[end:])
-    with open(output, "r+b") as f:
-        if tail is not None:  # complete but missing its newline (e.g. edited by hand): keep it
-            done[tail["index"]] = tail
-            f.seek(0, os.SEEK_END)
-            f.write(b"\n")
-        elif end < len(data):
-            f.truncate(end)
-    return done
+            kept.append(line)
+
+    def tidy() -> None:
+        if len(kept) == len(lines) and tail is None:
+            if end < len(data):
+                with open(output, "r+b") as f:
+                    f.truncate(end)
+            return
+        part = output.with_name(output.name + ".part")  # a new file, synced, then renamed over the old: all or none
+        with open(part, "wb") as f:
+            f.write(b"".join(line + b"\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, output)
+
+    return done, tidy
 
 
 def _record(line: bytes) -> dict | None:
@@ -134,7 +166,8 @@ class Writer:
     def add(self, req_fields: dict, index: int, **result) -> None:
         self.errors += "error" in result
         self.results += "error" not in result
-        self.file.write(json.dumps({**req_fields, "index": index, **result}, ensure_ascii=False) + "\n")
+        own = {k: v for k, v in req_fields.items() if k not in RESULT_FIELDS}
+        self.file.write(json.dumps({**own, "index": index, **result}, ensure_ascii=False) + "\n")
 
     def commit(self) -> None:
         self.file.flush()
@@ -183,7 +216,7 @@ def run_chunk(pipe, chunk: list[Request], writer: Writer, pad_to: int | None = N
         if isinstance(res, Exception):
             writer.add(req.fields, req.index, error=str(res))
         else:
-            writer.add(req.fields, req.index, **result_fields(res, req.prompt, im.size))
+            writer.add(req.fields, req.index, decoding=req.options, **result_fields(res, req.prompt, im.size))
 
 
 def batch(args: argparse.Namespace) -> int:
@@ -195,36 +228,43 @@ def batch(args: argparse.Namespace) -> int:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     src, dst = Path(args.input), Path(args.output)
     if not src.is_file():
-        raise InputError(f"input file {str(src)!r} does not exist")
+        raise InputError(f"input file {str(src)!r} {'is not a file' if src.exists() else 'does not exist'}")
     if dst.is_dir():
         raise InputError(f"--output {args.output} is a folder: give a file name")
     if not dst.parent.is_dir():
-        raise InputError(f"--output {args.output}: folder {str(dst.parent)!r} does not exist")
+        raise InputError(f"--output {args.output}: {not_a_folder(dst.parent)}")
     if dst.resolve() == src.resolve():
         raise InputError("--output must not be the input file")
+    data = src.read_bytes()
+    if b"\0" in data:
+        raise InputError(f"input file {str(src)!r} is not text: give a JSON-lines file, one request per line")
 
-    lines = src.read_bytes().splitlines()
-    done = read_done(dst)
+    # Every check before the output changes: an output that belongs to other requests is refused untouched.
+    lines = data.splitlines()
+    done, tidy = read_done(dst)
     requests: list[Request] = []
+    bad: list[tuple[dict, int, str]] = []
+    for index, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        fields = {}
+        try:
+            fields = read_fields(index, raw)
+            req = make_request(index, fields, src.parent, defaults)
+        except InputError as e:
+            if index not in done:
+                bad.append((fields, index, str(e)))
+            continue
+        if index in done:
+            check_same_request(done[index], req, dst)
+        else:
+            requests.append(req)
+    tidy()
     writer = Writer(dst)
     try:
-        for index, raw in enumerate(lines, start=1):
-            if not raw.strip():
-                continue
-            fields = {}
-            try:
-                fields = read_fields(index, raw)
-                req = make_request(index, fields, src.parent, defaults)
-            except InputError as e:
-                if index not in done:
-                    writer.add(fields, index, error=str(e))
-                continue
-            if index in done:
-                check_same_request(done[index], req, dst)
-            else:
-                requests.append(req)
+        for fields, index, error in bad:
+            writer.add(fields, index, error=error)
         writer.commit()  # bad lines are on disk before the model loads
-
         total = sum(1 for raw in lines if raw.strip())
         if requests:
             size = chunk_size(args)
@@ -240,12 +280,17 @@ def batch(args: argparse.Namespace) -> int:
                         run_chunk(pipe, chunk, writer, pad_to=size if args.compile else None)
                         writer.commit()
                         bar.update(len(chunk))
+    except KeyboardInterrupt:
+        print(f"\npalitorch batch: interrupted; the {writer.results} results written to {dst} are kept: run the "
+              "same command again to go on", file=sys.stderr)
+        raise
     finally:
         writer.close()
     if not args.quiet:
-        print(f"palitorch batch: {writer.results} results and {writer.errors} errors written to {dst}; "
-              f"{len(done)} already there", file=sys.stderr)
-    return 0
+        errors = f"{writer.errors} errors (lines with an \"error\" field)" if writer.errors else "no errors"
+        print(f"palitorch batch: {writer.results} results and {errors} written to {dst}; {len(done)} already there",
+              file=sys.stderr)
+    return 1 if writer.errors else 0
 
 
 def chunk_size(args: argparse.Namespace) -> int:
@@ -265,7 +310,12 @@ def chunk_size(args: argparse.Namespace) -> int:
 
 
 def check_same_request(record: dict, req: Request, output: Path) -> None:
-    """A result line whose prompt differs from its input line means the output belongs to another input file."""
+    """A result line whose prompt differs from its input line means the output belongs to another input file; one
+    whose decoding options differ, to another command line (lines written before palitorch recorded options are
+    not checked)."""
     if "prompt" in record and record["prompt"] != req.prompt:
         raise InputError(f"{output} holds results for another input (line {req.index}'s prompt differs): "
                          "choose another --output")
+    if "decoding" in record and record["decoding"] != json.loads(json.dumps(req.options)):
+        raise InputError(f"{output} holds results made with other decoding options (line {req.index}: "
+                         f"{record['decoding']} then, {req.options} now): give the same options, or another --output")

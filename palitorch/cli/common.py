@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from pathlib import Path
 
 import torch
 
@@ -112,6 +113,13 @@ def load_pipeline(args: argparse.Namespace, device: str, dtype: torch.dtype):
     if getattr(args, "compile", False):
         pipe.compile(mode="reduce-overhead" if str(device).startswith("cuda") else None)
     return pipe
+
+
+def not_a_folder(path: Path) -> str:
+    """Why `path`, which is not a folder, cannot hold output: the end of a one-line error."""
+    if path.exists():
+        return f"{str(path)!r} is not a folder"
+    return f"folder {str(path)!r} does not exist"
 
 
 def task_of(prompt: str) -> str:

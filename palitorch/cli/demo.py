@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from palitorch.cli.common import add_model_options, check_model_options, load_pipeline, one_line_errors
+from palitorch.errors import InputError
 
 
 def add_parser(subparsers) -> None:
@@ -29,9 +30,12 @@ def run(args: argparse.Namespace) -> int:
 
     examples = json.loads((ASSETS_DIR / "demo.json").read_text())["examples"]
     device, dtype = check_model_options(args)
-    pipe = load_pipeline(args, device, dtype)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, ...
+        raise InputError(f"--out {args.out}: cannot make that folder ({e.strerror}); choose another") from None
+    pipe = load_pipeline(args, device, dtype)
     images = [load_image(ASSETS_DIR / e["image"]) for e in examples]
     tasks = (("answer en " + e["question"], e["answer"]) for e in examples), \
         (("caption en", e["caption"]) for e in examples), ((e["detect"], e["detection"]) for e in examples)

@@ -19,6 +19,7 @@ from palitorch.cli.common import (
     check_model_options,
     decoding_options,
     load_pipeline,
+    not_a_folder,
     one_line_errors,
     result_fields,
 )
@@ -54,7 +55,7 @@ def check_output_image(path: str) -> Path:
     if out.suffix.lower() not in Image.registered_extensions():
         raise InputError(f"--draw {path}: unknown image format {out.suffix!r}; use a .png or .jpg name")
     if not out.parent.is_dir():
-        raise InputError(f"--draw {path}: folder {str(out.parent)!r} does not exist")
+        raise InputError(f"--draw {path}: {not_a_folder(out.parent)}")
     return out
 
 

@@ -64,8 +64,11 @@ class GenerationOptions:
             bad(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
             bad(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
+        if self.min_new_tokens > self.max_new_tokens:
+            bad(f"min_new_tokens ({self.min_new_tokens}) is more than max_new_tokens ({self.max_new_tokens}): lower it "
+                "or raise max_new_tokens")
         if self.temperature is not None and (not _is_num(self.temperature) or self.temperature < 0):
-            bad(f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}")
+            bad(f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}")
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             bad(f"top_k must be an integer >= 1, got {self.top_k!r}")
         if self.top_p is not None and (not _is_num(self.top_p) or not 0 < self.top_p <= 1):
@@ -73,11 +76,11 @@ class GenerationOptions:
         if self.min_p is not None and (not _is_num(self.min_p) or not 0 <= self.min_p <= 1):
             bad(f"min_p must be in [0, 1], got {self.min_p!r}")
         if not _is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
-            bad(f"repetition_penalty must be > 0 (1 means none), got {self.repetition_penalty!r}")
+            bad(f"repetition_penalty must be a finite number > 0 (1 means none), got {self.repetition_penalty!r}")
         if not _is_int(self.num_beams) or self.num_beams < 1:
             bad(f"num_beams must be an integer >= 1, got {self.num_beams!r}")
         if not _is_num(self.length_penalty):
-            bad(f"length_penalty must be a number, got {self.length_penalty!r}")
+            bad(f"length_penalty must be a finite number, got {self.length_penalty!r}")
         if self.num_beams > 1 and self.do_sample:
             bad("beam search is deterministic: use num_beams > 1 without temperature/top_k/top_p/min_p")
         if self.seed is not None and not _is_int(self.seed):

@@ -18,6 +18,7 @@ real weights here (palitorch's tests run it on random ones).
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,11 +76,14 @@ def load_vae_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"VQ-VAE weights {str(p)!r} do not exist (big_vision's vae-oid.npz is needed for masks)")
+    if not zipfile.is_zipfile(p):  # else numpy takes any other file for a pickle and says how to unpickle it
+        raise InputError(f"VQ-VAE weights {str(p)!r} are not an .npz file: give big_vision's vae-oid.npz")
     try:
         with np.load(p, allow_pickle=False) as f:
             params = {k: np.asarray(f[k]) for k in f.files}
-    except (ValueError, OSError) as e:
-        raise InputError(f"cannot read VQ-VAE weights {str(p)!r} as a plain .npz: {e}") from None
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        why = "it holds pickled objects, which palitorch never loads" if "pickle" in str(e) else str(e)
+        raise InputError(f"cannot read VQ-VAE weights {str(p)!r} as a plain .npz: {why}") from None
     check_vae_params(params, source=str(p))
     return params
 

@@ -38,7 +38,7 @@ def test_real_model_with_bad_lines(pg1, images, capsys):
     dst = images.parent / "results.jsonl"
     rc, _, err = cli(["batch", "--model", folder, "--input", src, "--output", dst, "--max-new-tokens", "5",
                       "--batch-size", "2"], capsys)
-    assert rc == 0, err
+    assert rc == 1, err  # every line written, some of them errors
     got = read_results(dst)
     assert sorted(got) == [1, 2, 3, 5, 6, 7, 8, 9]
     errors = {i: r["error"] for i, r in got.items() if "error" in r}
@@ -53,6 +53,7 @@ def test_real_model_with_bad_lines(pg1, images, capsys):
         assert got[i]["logprobs"] == pytest.approx(ref.logprobs, abs=1e-5)  # batched vs single: padding rounding
         assert got[i]["finish_reason"] == ref.finish_reason
     assert got[1]["id"] == "a" and got[6]["detections"] == [] and "detections" not in got[1]
+    assert got[1]["decoding"] == {"max_new_tokens": 5} and got[6]["decoding"] == {"max_new_tokens": 3}
     assert "3 results and 5 errors" in err
 
 
@@ -176,7 +177,7 @@ def test_a_batch_the_model_rejects_is_retried_one_by_one(fake_pipe, requests_fil
 
     pipe = fake_pipe(picky)
     dst = requests_file.parent / "out.jsonl"
-    assert cli(["batch", "--input", requests_file, "--output", dst, "--batch-size", "3"], capsys)[0] == 0
+    assert cli(["batch", "--input", requests_file, "--output", dst, "--batch-size", "3"], capsys)[0] == 1
     got = read_results(dst)
     assert got[3]["error"] == "the prompt is too long"
     assert all(got[i]["text"] == "ok" for i in (1, 2, 4, 5, 6, 7))
@@ -185,8 +186,10 @@ def test_a_batch_the_model_rejects_is_retried_one_by_one(fake_pipe, requests_fil
 
 @pytest.mark.parametrize("extra,message", [
     (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
     (["--input", "nowhere.jsonl"], "does not exist"),
+    (["--input", "."], "is not a file"),
+    (["--output", __file__ + "/o.jsonl"], "test_batch.py' is not a folder"),
 ])
 def test_bad_options_fail_in_one_line_before_loading(extra, message, requests_file, no_model_load, capsys):
     rc, out, err = cli(["batch", "--input", requests_file, "--output", requests_file.parent / "o.jsonl", *extra],
@@ -207,3 +210,73 @@ def test_compiled_batches_use_a_size_the_pipeline_compiles_for(fake_pipe, reques
     assert {len(c[2]) for c in pipe.calls} == {runs}  # every chunk, the last one padded
     assert sum(len(c[2]) for c in pipe.calls) == runs * -(-13 // runs)
     assert (f"batches of {runs} instead of {asked}" in err) == (runs != asked)
+
+
+def test_errors_run_again_and_answers_stay(fake_pipe, images, capsys):
+    """On a rerun the lines that ended in an error run again (the missing image is there now); answers already
+    written stay, each index once; the exit status says whether any request failed."""
+    src = write_requests(images.parent / "requests.jsonl", [
+        {"image": "imgs/red.png", "prompt": "caption 1"}, {"image": "imgs/later.png", "prompt": "caption 2"}])
+    dst = images.parent / "out.jsonl"
+    fake_pipe(answer)
+    rc, _, err = cli(["batch", "--input", src, "--output", dst], capsys)
+    assert rc == 1 and "1 results and 1 errors" in err and "does not exist" in read_results(dst)[2]["error"]
+    Image.new("RGB", (50, 40)).save(images / "later.png")
+    pipe = fake_pipe(answer)
+    rc, _, err = cli(["batch", "--input", src, "--output", dst], capsys)
+    assert rc == 0 and "1 results and no errors" in err and "1 already there" in err
+    assert [c[2] for c in pipe.calls] == [["caption 2"]]
+    got = read_results(dst)
+    assert got[2]["text"] == "caption 2 (50x40)" and got[1]["text"] == "caption 1 (300x200)"
+
+
+def test_a_rerun_with_other_decoding_options_is_refused(fake_pipe, requests_file, capsys):
+    """Answers made with other options are not passed off as this command's: the output records each line's
+    decoding options, and a rerun that would mix them is refused, the output untouched."""
+    dst = requests_file.parent / "out.jsonl"
+    fake_pipe(answer)
+    assert cli(["batch", "--input", requests_file, "--output", dst, "--max-new-tokens", "3"], capsys)[0] == 0
+    before = dst.read_bytes()
+    rc, _, err = cli(["batch", "--input", requests_file, "--output", dst], capsys)
+    assert rc == 2 and "made with other decoding options" in err and err.count("\n") == 1
+    assert dst.read_bytes() == before
+
+
+def test_an_unrelated_output_file_is_refused(fake_pipe, requests_file, capsys):
+    dst = requests_file.parent / "notes.txt"
+    dst.write_text("my precious notes\n")
+    fake_pipe(answer)
+    rc, _, err = cli(["batch", "--input", requests_file, "--output", dst], capsys)
+    assert rc == 2 and "holds no results of palitorch batch" in err
+    assert dst.read_text() == "my precious notes\n"
+
+
+def test_a_misspelled_option_is_an_error_and_result_names_are_not_copied(fake_pipe, images, capsys):
+    src = write_requests(images.parent / "requests.jsonl", [
+        {"image": "imgs/red.png", "prompt": "caption 1", "temprature": 0.5},
+        {"image": "imgs/red.png", "prompt": "caption 2", "id": 7, "error": "old", "text": "old"}])
+    dst = images.parent / "out.jsonl"
+    fake_pipe(answer)
+    assert cli(["batch", "--input", src, "--output", dst], capsys)[0] == 1
+    got = read_results(dst)
+    assert "unknown field 'temprature'; did you mean the decoding option 'temperature'?" in got[1]["error"]
+    assert got[2]["id"] == 7 and got[2]["text"] == "caption 2 (300x200)" and "error" not in got[2]
+
+
+def test_a_binary_input_is_refused(fake_pipe, images, capsys):
+    fake_pipe(answer)
+    rc, _, err = cli(["batch", "--input", images / "red.png", "--output", images.parent / "out.jsonl"], capsys)
+    assert rc == 2 and "is not text" in err and not (images.parent / "out.jsonl").exists()
+
+
+def test_an_interrupted_run_says_what_it_kept(fake_pipe, requests_file, capsys):
+    def stop_at_3(image, prompt):
+        if prompt == "caption 3":
+            raise KeyboardInterrupt  # Ctrl-C while the second batch runs
+        return "ok"
+
+    dst = requests_file.parent / "out.jsonl"
+    fake_pipe(stop_at_3)
+    rc, _, err = cli(["batch", "--input", requests_file, "--output", dst, "--batch-size", "2"], capsys)
+    assert rc == 130 and "interrupted; the 2 results written to" in err and "run the same command again" in err
+    assert sorted(read_results(dst)) == [1, 2]

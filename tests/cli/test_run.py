@@ -106,7 +106,9 @@ def test_draw_paints_segment_masks_with_a_vae(fake_pipe, images, tmp_path, capsy
 BAD = [
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["--temperature", "inf"], "(0 means greedy), got inf"),
+    (["--min-new-tokens", "100", "--max-new-tokens", "5"], "--min-new-tokens (100) is more than --max-new-tokens (5)"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1"),
     (["--top-k", "x"], "argument --top-k: invalid int value"),
     (["--num-beams", "2", "--temperature", "0.7"], "beam search is deterministic"),
@@ -114,6 +116,7 @@ BAD = [
     (["--device", "toaster"], "unknown device"),
     (["--dtype", "int8"], "unsupported dtype"),
     (["--draw", "/no/such/folder/out.png"], "does not exist"),
+    (["--draw", f"{__file__}/out.png"], "test_run.py' is not a folder"),  # a file where the folder should be
     (["--draw", "out.unknownformat"], "unknown image format"),
     (["--draw", "out.png", "--vae", "/no/vae.npz"], "do not exist"),
     (["--vae", "/no/vae.npz"], "give --draw OUT.png too"),

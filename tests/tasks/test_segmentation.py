@@ -68,8 +68,12 @@ def test_vae_file_is_read_and_checked(vae, tmp_path):
     with pytest.raises(InputError, match="decoder.4.weight"):
         load_vae_params(tmp_path / "bad.npz")
     np.savez(tmp_path / "pickled.npz", obj=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(InputError, match="plain .npz"):
+    with pytest.raises(InputError, match="plain .npz: it holds pickled objects"):
         load_vae_params(tmp_path / "pickled.npz")
+    (tmp_path / "notes.txt").write_text("not weights")  # numpy would call this a pickle and say how to load it
+    with pytest.raises(InputError, match="are not an .npz file") as e:
+        load_vae_params(tmp_path / "notes.txt")
+    assert "allow_pickle" not in str(e.value)
 
 
 def test_decoder_matches_the_pytorch_layout(vae):
