@@ -28,21 +28,18 @@ class ScoreResult:
 
 
 def as_batch(images, *texts):
-    """One input or parallel lists -> (lists, was_single). A single image is paired with every text."""
-    single = not isinstance(texts[0], (list, tuple))
-    if single:
-        if isinstance(images, (list, tuple)):
-            raise InputError("give one image with one prompt, or lists of images and prompts of the same length")
+    """One input or parallel lists -> (lists, was_single). One image goes with every text, and one text (a string)
+    with every image or with every item of the other lists."""
+    lists = [x for x in (images, *texts) if isinstance(x, (list, tuple))]
+    if not lists:
         return [images], *[[t] for t in texts], True
-    n = len(texts[0])
-    if not isinstance(images, (list, tuple)):
-        images = [images] * n
-    lengths = {len(images), *(len(t) for t in texts if t is not None)}
-    if len(lengths) != 1:
-        raise InputError(f"images and prompts must be lists of the same length, got lengths {sorted(lengths)}")
+    n = len(lists[0])
+    if any(len(x) != n for x in lists):
+        raise InputError(f"images and prompts must be lists of the same length, got lengths "
+                         f"{sorted({len(x) for x in lists})}")
     if n == 0:
         raise InputError("empty batch: give at least one image and prompt")
-    return list(images), *[list(t) if t is not None else None for t in texts], False
+    return *(list(x) if isinstance(x, (list, tuple)) else [x] * n for x in (images, *texts)), False
 
 
 class Stream:
@@ -158,7 +155,8 @@ class Pipeline:
             raise InputError("a stream from this pipeline is still running: finish it (or break out of it) first")
 
     def generate(self, image, prompt, options: GenerationOptions | None = None, **kw):
-        """Answer a prompt about an image; lists of images and prompts give a list (one left-padded batch).
+        """Answer a prompt about an image; lists of images and prompts give a list (one left-padded batch); one image
+        with a list of prompts, or one prompt with a list of images, pairs it with each.
 
         Decoding options are keyword arguments (or a GenerationOptions): max_new_tokens=64, min_new_tokens=0,
         temperature, top_k, top_p, min_p, repetition_penalty=1.0, num_beams=1, length_penalty=1.0, seed, stop.

@@ -87,6 +87,22 @@ def test_batched_equals_one_at_a_time(ckpt_factory):
         torch.testing.assert_close(torch.tensor(one.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
 
 
+def test_one_prompt_goes_with_every_image_and_lists_must_match(ckpt_factory):
+    """generate(images, prompt) asks the prompt of each image, as a batch; score broadcasts a single prefix or
+    suffix the same way. Lists of different lengths, or empty ones, are one-line input errors."""
+    folder, _ = diverse(ckpt_factory, 2)
+    pipe = palitorch.load(folder)
+    imgs = images(3, seed=2)
+    assert pipe.generate(imgs, "caption en", max_new_tokens=6) == pipe.generate(imgs, ["caption en"] * 3,
+                                                                                 max_new_tokens=6)
+    scored = pipe.score(imgs[0], ["caption en", "answer en what?"], "a cat")
+    assert scored == pipe.score([imgs[0]] * 2, ["caption en", "answer en what?"], ["a cat"] * 2)
+    with pytest.raises(InputError, match=r"same length, got lengths \[2, 3\]"):
+        pipe.generate(imgs, ["caption en"] * 2)
+    with pytest.raises(InputError, match="empty batch"):
+        pipe.generate([], "caption en")
+
+
 def test_an_image_shared_by_several_prompts_is_encoded_once(ckpt_factory, tmp_path):
     """One image with a list of prompts (or the same object or path given again) is preprocessed and run through
     the vision tower once; the answers are those of a batch of separate copies, and of transformers."""
