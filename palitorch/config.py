@@ -7,6 +7,8 @@ fields a checkpoint leaves out; `to_hf()` writes a dict that both palitorch and 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from dataclasses import dataclass, field
 
 from palitorch.errors import ConfigError
@@ -95,71 +97,90 @@ class PaliGemmaConfig:
 
     @classmethod
     def from_hf(cls, d: dict) -> PaliGemmaConfig:
-        """Read a Hub PaliGemma `config.json` dict, applying transformers' defaults for absent fields."""
+        """Read a Hub PaliGemma `config.json` dict, applying transformers' defaults for absent fields.
+
+        Every value the model uses is checked for type and range here, so a damaged config.json fails with a
+        ConfigError naming the key as config.json spells it, not deep inside the model.
+        """
         if d.get("model_type") != "paligemma":
             raise ConfigError(
                 f"config.json has model_type {d.get('model_type')!r}, not 'paligemma': "
                 "point palitorch at a PaliGemma checkpoint folder"
             )
-        v = dict(d.get("vision_config") or _PG_VISION_DEFAULTS)
-        t = dict(d.get("text_config") or _PG_TEXT_DEFAULTS)
+        top = _Keys(d)
+        v, t = top.section("vision_config", _PG_VISION_DEFAULTS), top.section("text_config", _PG_TEXT_DEFAULTS)
         vision = VisionConfig(
-            hidden_size=v.get("hidden_size", 768),
-            intermediate_size=v.get("intermediate_size", 3072),
-            num_layers=v.get("num_hidden_layers", 12),
-            num_heads=v.get("num_attention_heads", 12),
-            image_size=v.get("image_size", 224),
-            patch_size=v.get("patch_size", 16),
-            num_channels=v.get("num_channels", 3),
-            layer_norm_eps=v.get("layer_norm_eps", 1e-6),
-            hidden_act=v.get("hidden_act", "gelu_pytorch_tanh"),
+            hidden_size=v.integer("hidden_size", 768),
+            intermediate_size=v.integer("intermediate_size", 3072),
+            num_layers=v.integer("num_hidden_layers", 12),
+            num_heads=v.integer("num_attention_heads", 12),
+            image_size=v.integer("image_size", 224),
+            patch_size=v.integer("patch_size", 16),
+            num_channels=v.integer("num_channels", 3),
+            layer_norm_eps=v.number("layer_norm_eps", 1e-6),
+            hidden_act=v.choice("hidden_act", "gelu_pytorch_tanh", ACTIVATIONS),
         )
-        text_type = t.get("model_type", "gemma")
+        text_type = t.d.get("model_type", "gemma")
         if text_type not in ("gemma", "gemma2"):
             raise ConfigError(f"text_config.model_type {text_type!r} is not supported (gemma or gemma2)")
         g2 = text_type == "gemma2"
         defaults = _GEMMA2_DEFAULTS if g2 else _GEMMA_DEFAULTS
-        num_layers = t.get("num_hidden_layers", defaults["num_hidden_layers"])
-        rope = t.get("rope_parameters") or {}
-        layer_types = t.get("layer_types")
+        num_layers = t.integer("num_hidden_layers", defaults["num_hidden_layers"])
+        rope = t.section("rope_parameters", {})
+        theta = rope.number("rope_theta", 10000.0) if "rope_theta" in rope.d else t.number("rope_theta", 10000.0)
+        layer_types = t.d.get("layer_types")
         if g2 and layer_types is None:
             layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
+        if g2 and not (isinstance(layer_types, list) and len(layer_types) == num_layers
+                       and all(x in LAYER_TYPES for x in layer_types)):
+            t.fail("layer_types", layer_types, f"a list of {num_layers} (num_hidden_layers) {'/'.join(LAYER_TYPES)}")
         text = TextConfig(
-            vocab_size=t.get("vocab_size", defaults["vocab_size"]),
-            hidden_size=t.get("hidden_size", defaults["hidden_size"]),
-            intermediate_size=t.get("intermediate_size", defaults["intermediate_size"]),
+            vocab_size=t.integer("vocab_size", defaults["vocab_size"]),
+            hidden_size=t.integer("hidden_size", defaults["hidden_size"]),
+            intermediate_size=t.integer("intermediate_size", defaults["intermediate_size"]),
             num_layers=num_layers,
-            num_heads=t.get("num_attention_heads", defaults["num_attention_heads"]),
-            num_kv_heads=t.get("num_key_value_heads", defaults["num_key_value_heads"]),
-            head_dim=t.get("head_dim", 256),
-            rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 10000.0))),
-            max_position_embeddings=t.get("max_position_embeddings", 8192),
-            hidden_act=t.get("hidden_activation") or t.get("hidden_act") or "gelu_pytorch_tanh",
+            num_heads=t.integer("num_attention_heads", defaults["num_attention_heads"]),
+            num_kv_heads=t.integer("num_key_value_heads", defaults["num_key_value_heads"]),
+            head_dim=t.integer("head_dim", 256),
+            rms_norm_eps=t.number("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            max_position_embeddings=t.integer("max_position_embeddings", 8192),
+            hidden_act=t.choice("hidden_activation" if t.d.get("hidden_activation") else "hidden_act",
+                                "gelu_pytorch_tanh", ACTIVATIONS),
             post_norms=g2,
-            attn_softcap=t.get("attn_logit_softcapping", 50.0) if g2 else None,
-            final_softcap=t.get("final_logit_softcapping", 30.0) if g2 else None,
-            query_pre_attn_scalar=t.get("query_pre_attn_scalar", 256) if g2 else None,
-            sliding_window=t.get("sliding_window", 4096) if g2 else None,
+            attn_softcap=t.number("attn_logit_softcapping", 50.0, optional=True) if g2 else None,
+            final_softcap=t.number("final_logit_softcapping", 30.0, optional=True) if g2 else None,
+            query_pre_attn_scalar=t.number("query_pre_attn_scalar", 256, optional=True) if g2 else None,
+            sliding_window=t.integer("sliding_window", 4096, optional=True) if g2 else None,
             layer_types=tuple(layer_types) if (g2 and layer_types) else None,
         )
-        eos = t.get("eos_token_id", d.get("eos_token_id", 1))
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-        eos_top = d.get("eos_token_id")
-        if isinstance(eos_top, (list, tuple)):
-            eos_ids = tuple(dict.fromkeys([*eos_ids, *eos_top]))
-        elif eos_top is not None and eos_top not in eos_ids:
-            eos_ids = (*eos_ids, eos_top)
+        if vision.hidden_size % vision.num_heads:
+            v.fail("num_attention_heads", vision.num_heads, f"a divisor of hidden_size {vision.hidden_size}")
+        if vision.image_size < vision.patch_size:
+            v.fail("image_size", vision.image_size, f"at least patch_size {vision.patch_size}")
+        if text.num_heads % text.num_kv_heads:
+            t.fail("num_key_value_heads", text.num_kv_heads, f"a divisor of num_attention_heads {text.num_heads}")
+        if text.head_dim % 2:
+            t.fail("head_dim", text.head_dim, "even (RoPE rotates pairs of dimensions)")
+        # EOS: text_config's id or ids, then the top level's; either may be an id or a list of ids.
+        eos = [t.d.get("eos_token_id", d.get("eos_token_id", 1)), d.get("eos_token_id")]
+        eos = [i for x in eos for i in (x if isinstance(x, (list, tuple)) else [x]) if i is not None]
         pad = d.get("pad_token_id", 0)
+        image_key = "image_token_index" if "image_token_index" in d else "image_token_id"
+        tokens = {image_key: d.get(image_key, 256000), "pad_token_id": 0 if pad is None else pad,
+                  "bos_token_id": d.get("bos_token_id", 2) or 2}
+        for key, i in [*tokens.items(), *(("eos_token_id", i) for i in eos)]:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < text.vocab_size:
+                top.fail(key, i, f"a token id below text_config.vocab_size, {text.vocab_size}")
         cfg = cls(
             vision=vision,
             text=text,
-            image_token_id=d.get("image_token_index", d.get("image_token_id", 256000)),
-            pad_token_id=0 if pad is None else pad,
-            bos_token_id=d.get("bos_token_id", 2) or 2,
-            eos_token_ids=tuple(i for i in eos_ids if i is not None),
+            image_token_id=tokens[image_key],
+            pad_token_id=tokens["pad_token_id"],
+            bos_token_id=tokens["bos_token_id"],
+            eos_token_ids=tuple(dict.fromkeys(eos)),
         )
-        projection_dim = d.get("projection_dim", 2048)
+        projection_dim = top.integer("projection_dim", 2048)
         if projection_dim != text.hidden_size:
             raise ConfigError(
                 f"projection_dim {projection_dim} differs from text hidden_size {text.hidden_size}: "
@@ -241,6 +262,53 @@ _GEMMA2_DEFAULTS = {
     "vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
     "num_attention_heads": 8, "num_key_value_heads": 4,
 }
+
+
+# ------------------------------------------------------------------ checked reads of config.json
+
+ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast", "gelu")  # those model/siglip.py runs
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+class _Keys:
+    """Checked reads from one object of config.json: a wrong type or a value out of range raises a ConfigError
+    naming the key as config.json spells it (`text_config.num_hidden_layers`)."""
+
+    def __init__(self, d: dict, where: str = ""):
+        self.d, self.where = d, where
+
+    def section(self, key: str, defaults: dict) -> _Keys:
+        """The object at `key`; an absent, null or empty one reads as `defaults` (as transformers reads it)."""
+        x = self.d.get(key)
+        if x is not None and not isinstance(x, dict):
+            self.fail(key, x, "a JSON object")
+        return _Keys(x or dict(defaults), f"{self.where}{key}.")
+
+    def fail(self, key: str, value, want: str):
+        shown = json.dumps(value, default=repr)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."  # messages stay one line
+        raise ConfigError(f"{self.where}{key} is {shown}: it must be {want} (fix config.json or download it again)")
+
+    def integer(self, key: str, default, optional: bool = False) -> int | None:
+        """A positive integer (bools and floats such as 2.0 refused); null too if `optional`."""
+        x = self.d.get(key, default)
+        if not (x is None and optional) and (isinstance(x, bool) or not isinstance(x, int) or x < 1):
+            self.fail(key, x, "an integer >= 1" + (" or null" if optional else ""))
+        return x
+
+    def number(self, key: str, default, optional: bool = False) -> float | None:
+        """A finite number > 0; null too if `optional`."""
+        x = self.d.get(key, default)
+        if not (x is None and optional) and (isinstance(x, bool) or not isinstance(x, (int, float))
+                                             or not 0 < x < math.inf):  # `not 0 < x` also refuses NaN
+            self.fail(key, x, "a number > 0" + (" or null" if optional else ""))
+        return x
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        x = self.d.get(key) or default
+        if x not in choices:
+            self.fail(key, x, f"one of {', '.join(choices)}")
+        return x
 
 
 def _pg1(image_size: int) -> PaliGemmaConfig:

@@ -34,6 +34,26 @@ def resolve_dtype(dtype) -> torch.dtype:
     raise CheckpointError(f"unsupported dtype {dtype!r}: use float32, bfloat16 or float16")
 
 
+def read_json_object(file: Path) -> dict:
+    """A JSON file that must hold an object (config.json, an index, preprocessor_config.json); else CheckpointError."""
+    try:
+        d = json.loads(file.read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"cannot read {file}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}); download it again") from None
+    except ValueError:  # bytes that are not UTF-8/16/32 text
+        raise CheckpointError(f"{file} is not a JSON text file; download it again") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{file} holds {_json_type(d)}, not an object; download it again")
+    return d
+
+
+def _json_type(x) -> str:
+    names = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+    return f"a JSON {names.get(type(x), 'null')}"
+
+
 def read_config(path: str | os.PathLike) -> PaliGemmaConfig:
     folder = Path(path)
     if not folder.is_dir():
@@ -42,11 +62,7 @@ def read_config(path: str | os.PathLike) -> PaliGemmaConfig:
     if not cfg_file.is_file():
         raise CheckpointError(f"{folder} has no config.json: is it a Hugging Face checkpoint folder?")
     try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    try:
-        return PaliGemmaConfig.from_hf(raw)
+        return PaliGemmaConfig.from_hf(read_json_object(cfg_file))
     except ConfigError as e:
         raise CheckpointError(f"{cfg_file}: {e}") from None
 
@@ -55,10 +71,13 @@ def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint: the shards an index lists, or the single model.safetensors."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
+            raise CheckpointError(f"{index} has no weight_map from tensor names to shard files; download it again")
+        names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
-            raise CheckpointError(f"{folder} is missing shard {missing[0]} listed in {index.name}")
+            raise CheckpointError(f"{folder} is missing shard {missing[0]} listed in {index.name}; download it again")
         return [folder / n for n in names]
     single = folder / "model.safetensors"
     if single.is_file():
@@ -104,7 +123,13 @@ def load_model(path, device="cpu", dtype="float32") -> PaliGemma:
                     ) from None
                 if tuple(t.shape) != expected[ours]:
                     raise CheckpointError(
-                        f"{file.name}: tensor {key!r} has shape {tuple(t.shape)}, config.json implies {expected[ours]}"
+                        f"{file.name}: tensor {key!r} has shape {tuple(t.shape)}, config.json implies "
+                        f"{expected[ours]}: the weights do not match config.json (download both again)"
+                    )
+                if not t.is_floating_point():  # an integer tensor would be silently cast to float
+                    raise CheckpointError(
+                        f"{file.name}: tensor {key!r} has dtype {str(t.dtype).removeprefix('torch.')}, "
+                        "not a floating-point type; download the file again"
                     )
                 state[ours] = t.to(device=device, dtype=dtype)
     missing = [k for k in expected if k not in state]
@@ -115,18 +140,30 @@ def load_model(path, device="cpu", dtype="float32") -> PaliGemma:
 
 
 def _check_safetensors_complete(file: Path) -> None:
-    """safe_open maps lazily; compare the header's extent with the file size so truncation fails at load."""
+    """Check the header ourselves: safe_open maps lazily (truncation would fail at first use) and reads any damage
+    as a Rust error. Layout: an 8-byte little-endian length n, n bytes of JSON object
+    {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the tensor data."""
+
+    def invalid(why: str) -> CheckpointError:
+        return CheckpointError(f"{file} is not a valid safetensors file ({why}); download it again")
+
+    size = file.stat().st_size
     try:
         with open(file, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
+            # checked before reading n bytes: random bytes give n ~ 1e18
+            header = json.loads(fh.read(n)) if 8 + n <= size else None
     except (OSError, ValueError):
-        raise CheckpointError(
-            f"{file} is not a valid safetensors file (unreadable header); download it again"
-        ) from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > file.stat().st_size:
-        size = file.stat().st_size
+        raise invalid("unreadable header") from None
+    if size < 8 or 8 + n > size:
+        raise invalid(f"header length {n} in a file of {size} bytes")
+    if not isinstance(header, dict):
+        raise invalid(f"the header is {_json_type(header)}, not an object")
+    offsets = [v.get("data_offsets") if isinstance(v, dict) else None for k, v in header.items() if k != "__metadata__"]
+    if not all(isinstance(o, list) and len(o) == 2 and all(type(i) is int for i in o) for o in offsets):
+        raise invalid("a tensor entry in the header has no data_offsets [begin, end]")
+    end = max((o[1] for o in offsets), default=0)
+    if 8 + n + end > size:
         raise CheckpointError(f"{file} is truncated ({size} bytes, needs {8 + n + end}); download it again")
 
 

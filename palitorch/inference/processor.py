@@ -8,7 +8,7 @@ Special tokens are looked up by their text in the checkpoint's tokenizer.json, n
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tokenizers import Tokenizer
 
+from palitorch.checkpoint.io import read_json_object
 from palitorch.errors import CheckpointError, InputError
 
 IMAGE, BOS, EOS, PAD = "<image>", "<bos>", "<eos>", "<pad>"
@@ -31,7 +32,7 @@ def load_image(image) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
         p = Path(image)
         if not p.is_file():
-            raise InputError(f"image file {str(p)!r} does not exist")
+            raise InputError(f"image file {str(p)!r} {'is not a file' if p.exists() else 'does not exist'}")
         try:
             with Image.open(p) as im:
                 im.load()
@@ -142,20 +143,11 @@ class Processor:
         try:
             tokenizer = Tokenizer.from_file(str(tok_file))
         except Exception as e:  # tokenizers raises a bare Exception on bad files
-            raise CheckpointError(f"{tok_file} cannot be read by the tokenizers library: {e}") from None
-        kw = {}
+            raise CheckpointError(
+                f"{tok_file} cannot be read by the tokenizers library ({e}); download it again"
+            ) from None
         pre = folder / "preprocessor_config.json"
-        if pre.is_file():
-            p = json.loads(pre.read_text())
-            size = p.get("size") or {}
-            s = size.get("height", size.get("shortest_edge", image_size)) if isinstance(size, dict) else size
-            if s != image_size:
-                raise CheckpointError(f"{pre} says image size {s}, config.json says {image_size}")
-            seq = p.get("image_seq_length", num_image_tokens)
-            if seq != num_image_tokens:
-                raise CheckpointError(f"{pre} says image_seq_length {seq}, config.json implies {num_image_tokens}")
-            kw = dict(mean=p.get("image_mean", (0.5,) * 3), std=p.get("image_std", (0.5,) * 3),
-                      rescale=p.get("rescale_factor", 1 / 255))
+        kw = _preprocessing(pre, image_size, num_image_tokens) if pre.is_file() else {}
         try:
             return cls(tokenizer, image_size, num_image_tokens, max_length=max_length, **kw)
         except InputError as e:
@@ -249,3 +241,35 @@ class Processor:
         suffixes = suffixes if suffixes is not None else [None] * len(prefixes)
         enc = [self.encode(p, s) for p, s in zip(prefixes, suffixes)]
         return self.collate(enc, [self.pixels(im) for im in images], padding_side)
+
+
+def _preprocessing(pre: Path, image_size: int, num_image_tokens: int) -> dict:
+    """Processor keywords (mean, std, rescale) from a preprocessor_config.json, checked against config.json and for
+    type, so that a damaged file fails here in one line."""
+    p = read_json_object(pre)
+    size = p.get("size") or {}
+    s = size.get("height", size.get("shortest_edge", image_size)) if isinstance(size, dict) else size
+    if s != image_size:
+        raise CheckpointError(f"{pre} says image size {s!r}, config.json says {image_size}")
+    seq = p.get("image_seq_length", num_image_tokens)
+    if seq != num_image_tokens:
+        raise CheckpointError(f"{pre} says image_seq_length {seq!r}, config.json implies {num_image_tokens}")
+
+    def per_channel(x):  # transformers takes one number for all three channels as well as a list of three
+        return [x] * 3 if _numbers([x]) else x
+
+    mean, std = per_channel(p.get("image_mean", 0.5)), per_channel(p.get("image_std", 0.5))
+    rescale = p.get("rescale_factor", 1 / 255)
+    for key, value, ok, want in (("image_mean", mean, _numbers(mean, 3), "3 numbers"),
+                                 ("image_std", std, _numbers(std, 3, positive=True), "3 numbers > 0"),
+                                 ("rescale_factor", rescale, _numbers([rescale], positive=True), "a number > 0")):
+        if not ok:
+            raise CheckpointError(f"{pre}: {key} is {repr(value)[:40]}, it must be {want}; download it again")
+    return dict(mean=mean, std=std, rescale=rescale)
+
+
+def _numbers(values, n: int = 1, positive: bool = False) -> bool:
+    """Whether `values` is a list of n finite numbers (each > 0 if `positive`)."""
+    return isinstance(values, list) and len(values) == n and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive)
+        for x in values)

@@ -134,10 +134,11 @@ def test_bad_options_fail_in_one_line_before_loading(extra, message, images, no_
     assert err.count("\n") == 1 and re.match(r"palitorch( run)?: error: ", err) and message in err, err
 
 
-@pytest.mark.parametrize("name", ["missing.png", "broken.png"])
-def test_bad_image_fails_in_one_line_before_loading(name, images, no_model_load, capsys):
+@pytest.mark.parametrize(("name", "why"), [("missing.png", "does not exist"), ("broken.png", "cannot read image"),
+                                         (".", "is not a file")])
+def test_bad_image_fails_in_one_line_before_loading(name, why, images, no_model_load, capsys):
     rc, out, err = cli(["run", "--image", images / name, "--prompt", "caption en"], capsys)
-    assert rc == 2 and out == "" and err.count("\n") == 1 and name in err, err
+    assert rc == 2 and out == "" and err.count("\n") == 1 and why in err, err
 
 
 def test_model_errors_are_one_line(pg1, images, tmp_path, monkeypatch, capsys):
