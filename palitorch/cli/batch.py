@@ -6,9 +6,9 @@ Input, one request per line (image paths relative to the input file's folder; an
 Output, one line per request: its fields, "index" (its line number in the input, from 1), "decoding" (the
 decoding options it ran with: the command line's and its own) and either the result (text, token_ids, logprobs,
 finish_reason, prompt_tokens; detections/segmentations for detect/segment prompts) or "error". Requests sharing
-decoding options run together in batches, so results come in completion order. A request field that looks like a
-misspelled option ("temprature") is an error rather than silently ignored; fields named like result fields are
-not copied.
+decoding options run together in batches, so results are written in completion order; once every request has
+run, the file is put in input order. A request field that looks like a misspelled option ("temprature") is an
+error rather than silently ignored; fields named like result fields are not copied.
 
 Durability: each batch's lines are appended, flushed and fsync'ed before the next batch starts. Started again
 with the same output, the command skips every index already answered (after dropping a line cut short by a
@@ -137,14 +137,27 @@ def read_done(output: Path) -> tuple[dict[int, dict], Callable[[], None]]:
                 with open(output, "r+b") as f:
                     f.truncate(end)
             return
-        part = output.with_name(output.name + ".part")  # a new file, synced, then renamed over the old: all or none
-        with open(part, "wb") as f:
-            f.write(b"".join(line + b"\n" for line in kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, output)
+        replace_lines(output, kept)
 
     return done, tidy
+
+
+def replace_lines(path: Path, lines: list[bytes]) -> None:
+    """Write `lines` to a new file beside `path`, sync it, then rename it over `path`: all of it or none."""
+    part = path.with_name(path.name + ".part")
+    with open(part, "wb") as f:
+        f.write(b"".join(line + b"\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
+
+
+def sort_by_index(path: Path) -> None:
+    """Put a finished output's lines in input order (they are written in completion order)."""
+    lines = path.read_bytes().splitlines()
+    order = sorted(range(len(lines)), key=lambda i: (_record(lines[i]) or {}).get("index", 0))
+    if order != list(range(len(lines))):
+        replace_lines(path, [lines[i] for i in order])
 
 
 def _record(line: bytes) -> dict | None:
@@ -286,6 +299,7 @@ def batch(args: argparse.Namespace) -> int:
         raise
     finally:
         writer.close()
+    sort_by_index(dst)
     if not args.quiet:
         errors = f"{writer.errors} errors (lines with an \"error\" field)" if writer.errors else "no errors"
         print(f"palitorch batch: {writer.results} results and {errors} written to {dst}; {len(done)} already there",

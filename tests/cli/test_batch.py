@@ -280,3 +280,11 @@ def test_an_interrupted_run_says_what_it_kept(fake_pipe, requests_file, capsys):
     rc, _, err = cli(["batch", "--input", requests_file, "--output", dst, "--batch-size", "2"], capsys)
     assert rc == 130 and "interrupted; the 2 results written to" in err and "run the same command again" in err
     assert sorted(read_results(dst)) == [1, 2]
+
+
+def test_a_finished_output_is_in_input_order(fake_pipe, requests_file, capsys):
+    """Option groups and errors are written as they complete; the finished file is in input order."""
+    dst = requests_file.parent / "out.jsonl"
+    fake_pipe(answer)
+    assert cli(["batch", "--input", requests_file, "--output", dst, "--batch-size", "2"], capsys)[0] == 0
+    assert [json.loads(line)["index"] for line in dst.read_text().splitlines()] == list(range(1, 8))
