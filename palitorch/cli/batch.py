@@ -125,7 +125,7 @@ def read_done(output: Path) -> tuple[dict[int, dict], Callable[[], None]]:
     for line, record in zip(lines, records):
         if record is None:
             if line.strip():
-                print(f"palitorch batch: ignoring an unreadable line in {output}; its request runs again",
+                print(f"palitorch batch: dropping an unreadable line from {output}; its request runs again",
                       file=sys.stderr)
         elif "error" not in record:
             done[record["index"]] = record

@@ -288,3 +288,15 @@ def test_a_finished_output_is_in_input_order(fake_pipe, requests_file, capsys):
     fake_pipe(answer)
     assert cli(["batch", "--input", requests_file, "--output", dst, "--batch-size", "2"], capsys)[0] == 0
     assert [json.loads(line)["index"] for line in dst.read_text().splitlines()] == list(range(1, 8))
+
+
+def test_an_unreadable_line_is_dropped_and_its_request_runs_again(fake_pipe, requests_file, capsys):
+    dst = requests_file.parent / "out.jsonl"
+    fake_pipe(answer)
+    assert cli(["batch", "--input", requests_file, "--output", dst], capsys)[0] == 0
+    lines = dst.read_text().splitlines()
+    dst.write_text("\n".join([lines[0], "#### garbage ####", *lines[2:]]) + "\n")
+    pipe = fake_pipe(answer)
+    rc, _, err = cli(["batch", "--input", requests_file, "--output", dst], capsys)
+    assert rc == 0 and "dropping an unreadable line" in err and [c[2] for c in pipe.calls] == [["caption 2"]]
+    assert "garbage" not in dst.read_text() and sorted(read_results(dst)) == list(range(1, 8))
