@@ -7,12 +7,12 @@
 
 from palitorch.assets import default_model_path
 from palitorch.config import PaliGemmaConfig, TextConfig, VisionConfig, preset
-from palitorch.errors import CheckpointError, ConfigError, InputError, PalitorchError
+from palitorch.errors import CheckpointError, ConfigError, InputError, NumericsError, PalitorchError
 from palitorch.inference import Pipeline, load
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "InputError", "PaliGemmaConfig", "PalitorchError", "Pipeline", "TextConfig",
-    "VisionConfig", "default_model_path", "load", "preset",
+    "CheckpointError", "ConfigError", "InputError", "NumericsError", "PaliGemmaConfig", "PalitorchError", "Pipeline",
+    "TextConfig", "VisionConfig", "default_model_path", "load", "preset",
 ]

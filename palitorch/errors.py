@@ -15,3 +15,7 @@ class CheckpointError(PalitorchError, ValueError):
 
 class InputError(PalitorchError, ValueError):
     """Bad input: an unreadable image, a prompt that does not fit, an invalid decoding option."""
+
+
+class NumericsError(PalitorchError, ArithmeticError):
+    """The model computed NaN or infinite logits: damaged weights, or a dtype whose range overflowed (float16)."""

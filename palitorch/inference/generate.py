@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from palitorch.errors import InputError
+from palitorch.errors import InputError, NumericsError
+from palitorch.inference.done import DoneWatch
 from palitorch.inference.processor import Processor
 from palitorch.inference.sampling import Chooser, GenerationOptions
 from palitorch.model import PaliGemma
@@ -128,7 +129,18 @@ def prefill(model: PaliGemma, prompts: Prompts, s_len: int) -> tuple[torch.Tenso
     mask = torch.zeros(b, 1, t, s_len, dtype=torch.bool, device=prompts.ids.device)
     mask[..., :t] = prefix_lm_mask(torch.zeros_like(prompts.ids), prompts.valid)
     x = model.embed(prompts.ids, prompts.pixels, prompts.image_index)  # the vision tower runs once per image
-    return model.forward_cached(x, cur.positions, cur.slots[:t], mask, last_only=True)[:, -1], cur
+    logits = model.forward_cached(x, cur.positions, cur.slots[:t], mask, last_only=True)[:, -1]
+    check_finite(logits)
+    return logits, cur
+
+
+def check_finite(logits: torch.Tensor) -> None:
+    """NumericsError unless every logit is finite. One host sync per call (a prefill or a scoring pass, not per
+    decode step): NaN logits would otherwise turn into an empty or arbitrary answer that looks like a real one."""
+    if not bool(torch.isfinite(logits).all()):
+        dtype = str(logits.dtype).removeprefix("torch.")
+        hint = "; float16 can overflow in Gemma: try bfloat16 or float32" if logits.dtype == torch.float16 else ""
+        raise NumericsError(f"the model computed NaN or infinite logits ({dtype}): are its weights damaged?{hint}")
 
 
 def advance(model: PaliGemma, cur: Cursor, tokens: torch.Tensor, steps: Steps | None = None) -> torch.Tensor:
@@ -240,54 +252,6 @@ def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: lis
         yield tok, lp
         if i + 1 == steps or watch.finished(done, i):
             return
-
-
-class DoneWatch:
-    """Says after each decode step whether every row has finished, at a cost that suits the device.
-
-    CPU: reads `done` (free). CUDA: reads flags copied to the host asynchronously (`DoneFlag`), one that has
-    arrived, or one made `lag` steps ago, waiting for it if need be: the host runs ahead of the GPU, so the GPU
-    then still has steps queued and never idles (a blocking read of the current step would empty its queue), and a
-    finished batch runs at most 2 * lag - 1 steps past its end (pad tokens). Other devices: a blocking read every
-    8 steps. `make_flag` replaces `DoneFlag` (tests)."""
-
-    def __init__(self, device: torch.device, lag: int = 4, make_flag=None):
-        self.kind, self.lag = device.type, lag
-        self.make_flag = make_flag or DoneFlag
-        self.pending = None
-
-    def finished(self, done: torch.Tensor, step: int) -> bool:
-        if self.kind == "cpu":
-            return bool(done.all())
-        if self.kind != "cuda":
-            return (step + 1) % 8 == 0 and bool(done.all())
-        p = self.pending
-        if p is not None and (p.ready() or step - p.step >= self.lag):
-            if p.value():
-                return True
-            self.pending = None
-        if self.pending is None:
-            self.pending = self.make_flag(done.all(), step)
-        return False
-
-
-class DoneFlag:
-    """A CUDA bool on its way to the host: copied asynchronously to pinned memory when made (at decode step
-    `step`); `ready()` says, without waiting, whether it has arrived; `value()` waits for it if need be."""
-
-    def __init__(self, flag: torch.Tensor, step: int):
-        self.step = step
-        self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
-        self.host.copy_(flag, non_blocking=True)
-        self.event = torch.cuda.Event()
-        self.event.record()
-
-    def ready(self) -> bool:
-        return self.event.query()
-
-    def value(self) -> bool:
-        self.event.synchronize()
-        return bool(self.host)
 
 
 class Answer:

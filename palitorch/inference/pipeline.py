@@ -107,6 +107,7 @@ class Pipeline:
         logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
         target = batch["input_ids"][:, 1:]
         picked = logp.gather(-1, target[..., None])[..., 0]  # [B, T-1]: log p(token t+1 | tokens <= t)
+        engine.check_finite(picked[batch["attention_mask"][:, 1:].bool()])  # real tokens only, not the padding
         results = []
         for i, e in enumerate(enc):
             n_prefix = e.types.index(1)

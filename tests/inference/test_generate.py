@@ -532,3 +532,18 @@ def test_compiled_step_keeps_compiling_past_dynamo_limit():
             pipe._steps = steps
             assert calls == 2
         assert counters["stats"]["unique_graphs"] - before == 2
+
+
+def test_nan_weights_are_an_error_not_an_answer(ckpt_factory):
+    """Damaged (NaN) weights gave an empty answer that looked like a real one; now generation, beams, streaming
+    and scoring stop with a one-line NumericsError."""
+    folder, _ = diverse(ckpt_factory, 1)
+    pipe = palitorch.load(folder)
+    with torch.no_grad():
+        pipe.model.language_model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
+    img = images(1)[0]
+    for call in (lambda: pipe.generate(img, "caption en"), lambda: pipe.generate(img, "caption en", num_beams=2),
+                 lambda: "".join(pipe.stream(img, "caption en")), lambda: pipe.score(img, "caption en", "a cat")):
+        with pytest.raises(palitorch.NumericsError, match="NaN or infinite logits") as e:
+            call()
+        assert "\n" not in str(e.value)
