@@ -19,6 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_generate  # noqa: E402
 
 
+def reported(row: dict) -> bool:
+    """Figures were reported for a row: a prefill ratio, and a decode ratio unless the run was too short to measure
+    decode against the noise of a busy machine (these tests time a few tokens once; see the noise test below)."""
+    return row["prefill_speedup"] > 0 and (row.get("decode_speedup", 0) > 0 or "decode_not_measured" in row)
+
+
 def logits_with(best: int, second: int, gap: float, vocab: int = 6) -> torch.Tensor:
     """One row of logits whose top token is `best` and runner-up `second`, `gap` nats apart in log-probability."""
     x = torch.full((vocab,), -10.0)
@@ -95,7 +101,7 @@ def run_bench(tmp_path, monkeypatch, capsys, perturb: bool) -> tuple[dict, str]:
 def test_the_benchmark_reports_speed_only_for_the_same_tokens(tmp_path, monkeypatch, capsys):
     record, printed = run_bench(tmp_path, monkeypatch, capsys, perturb=False)
     rows = record["results"][0]["rows"]
-    assert all(r["same_tokens"] and r["decode_speedup"] > 0 and r["prefill_speedup"] > 0 for r in rows)
+    assert all(r["same_tokens"] and reported(r) for r in rows)
     assert "tokens differ" not in printed
 
     record, printed = run_bench(tmp_path, monkeypatch, capsys, perturb=True)
@@ -146,7 +152,7 @@ def test_a_run_cut_short_keeps_the_rows_it_finished(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         bench_generate.main()
     rows = json.loads(out.read_text())["results"][0]["rows"]
-    assert [r["batch"] for r in rows] == [1] and rows[0]["same_tokens"] and rows[0]["decode_speedup"] > 0
+    assert [r["batch"] for r in rows] == [1] and rows[0]["same_tokens"] and reported(rows[0])
 
 
 def test_a_checkpoint_folder_is_a_size(pg2, tmp_path, monkeypatch, capsys):
@@ -158,7 +164,7 @@ def test_a_checkpoint_folder_is_a_size(pg2, tmp_path, monkeypatch, capsys):
     bench_generate.main()
     result = json.loads(out.read_text())["results"][0]
     assert result["weights"] == "checkpoint folder" and result["weights_shared"] == 1.0
-    assert result["rows"][0]["same_tokens"] and result["rows"][0]["decode_speedup"] > 0
+    assert result["rows"][0]["same_tokens"] and reported(result["rows"][0])
 
 
 @pytest.mark.parametrize(("argv", "message"), [
