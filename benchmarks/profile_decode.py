@@ -117,6 +117,8 @@ def run_variant(variant: str, parts: set[str], folder, dtype, image, first_token
         same = "same tokens up to a near-tie (16-bit rounding)"
     else:
         same = "TOKENS DIFFER from the first variant"
+    if len(set(answer.token_ids)) <= 1:  # as bench_generate's check: agreeing on an echo shows little
+        same += " (WARNING: the answer repeats one token, so this agreement shows little)"
     ms = ms_per_step(pipe, [image] * args.batch, [PROMPT] * args.batch, args.new_tokens, args.reps)
     print(f"{args.size} batch {args.batch} {variant}: {ms:.3f} ms per decode step "
           f"({args.batch / ms * 1e3:.0f} tok/s); first call {first:.1f} s; {same}", flush=True)
