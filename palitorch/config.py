@@ -170,8 +170,12 @@ class PaliGemmaConfig:
         tokens = {image_key: d.get(image_key, 256000), "pad_token_id": 0 if pad is None else pad,
                   "bos_token_id": d.get("bos_token_id", 2) or 2}
         for key, i in [*tokens.items(), *(("eos_token_id", i) for i in eos)]:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < text.vocab_size:
-                top.fail(key, i, f"a token id below text_config.vocab_size, {text.vocab_size}")
+            # The image token may lie past the vocabulary (mlx-vlm and openpi configs: 257152 of 257152): its
+            # embedding is never looked up (`PaliGemma.embed`), as in transformers. The others are looked up.
+            limit = math.inf if key == image_key else text.vocab_size
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < limit:
+                top.fail(key, i, "an integer >= 0" if key == image_key else
+                         f"a token id below text_config.vocab_size, {text.vocab_size}")
         cfg = cls(
             vision=vision,
             text=text,

@@ -26,6 +26,15 @@ def test_hub_pg1_defaults():
     assert cfg.text.head_dim == 256 and cfg.text.rope_theta == 10000 and cfg.version == 1
 
 
+def test_an_image_token_past_the_vocabulary_is_allowed():
+    """mlx-vlm's and openpi's configs give vocab_size 257152 and image_token_index 257152: the image token's
+    embedding is never looked up, so (as in transformers) it need not be a row of the table. Other ids must be."""
+    d = dict(HUB_PG1, text_config=dict(HUB_PG1["text_config"], vocab_size=257152))
+    assert PaliGemmaConfig.from_hf(d).image_token_id == 257152
+    with pytest.raises(ConfigError, match="pad_token_id is 257152: it must be a token id below"):
+        PaliGemmaConfig.from_hf(dict(d, pad_token_id=257152))
+
+
 def test_pg2_text_defaults_and_eos_list():
     d = dict(HUB_PG1, hidden_size=2048, projection_dim=2304)
     d["text_config"] = {"model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216,

@@ -110,7 +110,7 @@ def test_config_not_an_object(folder, data, expected):
     ("text_config", "rope_parameters", [1], "text_config.rope_parameters is [1]: it must be a JSON object"),
     (None, "text_config", [1], "text_config is [1]: it must be a JSON object"),
     (None, "eos_token_id", "1", 'eos_token_id is "1": it must be a token id below text_config.vocab_size'),
-    (None, "image_token_index", 5000, "image_token_index is 5000: it must be a token id"),
+    (None, "image_token_index", -1, "image_token_index is -1: it must be an integer >= 0"),
     (None, "projection_dim", "128", 'projection_dim is "128": it must be an integer'),
 ])
 def test_config_values(folder, section, key, value, expected):
