@@ -1,0 +1,216 @@
+"""The fast path against the plain one: compiled decode steps (and the batch sizes they run at), fused q/k/v and
+gate/up weights, the oneDNN route for large CPU linears, the logsumexp logprob and the one-token attention
+variants. Each gives transformers' greedy tokens, logprobs within 1e-4 (float32 on CPU, same weights).
+"""
+
+import types
+
+import pytest
+import torch
+from test_generate import PROMPTS, STEPS, diverse, hf_generate, images
+
+import palitorch
+from palitorch.inference import generate as engine
+from palitorch.inference.sampling import GenerationOptions
+
+
+def test_replacement_decode_steps_are_used_for_every_token(ckpt_factory):
+    """The hooks `Pipeline.compile` fills (compiled step functions) run each one-token step; prefill stays eager.
+    Greedy decoding calls `greedy` (forward and choice in one), sampling and repetition penalties `logits`.
+    The real torch.compile takes tens of seconds on CPU, so this checks the plumbing with counting wrappers."""
+    folder, _ = diverse(ckpt_factory, 2)
+    pipe = palitorch.load(folder)
+    imgs = images(2)
+    kinds = [{}, {"temperature": 0.8, "seed": 1}, {"repetition_penalty": 1.3}]
+    plain = [pipe.generate(imgs, PROMPTS[:2], max_new_tokens=6, min_new_tokens=6, **kw) for kw in kinds]
+    calls = []
+
+    def counting(name, fn):
+        def step(model, tokens, *args):
+            calls.append((name, tokens.shape))
+            return fn(model, tokens, *args)
+        return step
+
+    pipe._steps = engine.Steps(counting("logits", engine.token_forward), counting("greedy", engine.greedy_forward))
+    assert [pipe.generate(imgs, PROMPTS[:2], max_new_tokens=6, min_new_tokens=6, **kw) for kw in kinds] == plain
+    assert calls == [("greedy", (2,))] * 5 + [("logits", (2,))] * 10
+    assert "".join(pipe.stream(imgs[0], PROMPTS[0], max_new_tokens=6, min_new_tokens=6)) == plain[0][0].text
+    assert calls[15:] == [("greedy", (1,))] * 5
+
+
+def test_a_compiled_pipeline_pads_greedy_batches_to_a_size_it_has_run(ckpt_factory):
+    """A compiled step compiles anew for every batch size, so greedy batches run at the smallest size already run
+    at between n and 2n, else at the next of 1, 2, 3, 4, 6, 8, ..., padded with copies of the last request
+    (answers dropped; the same answers as unpadded). Sampled batches and beams keep their size. Counting wrappers
+    stand in for torch.compile."""
+    folder, _ = diverse(ckpt_factory, 2)
+    pipe = palitorch.load(folder)
+    imgs, prompts = images(5), (PROMPTS * 2)[:5]
+    opts = {"max_new_tokens": 4, "min_new_tokens": 4}
+    plain = {n: pipe.generate(imgs[:n], prompts[:n], **opts) for n in (1, 2, 3, 5)}
+    sampled = pipe.generate(imgs[:3], prompts[:3], temperature=0.8, seed=1, **opts)
+    beams = pipe.generate(imgs[:3], prompts[:3], num_beams=2, **opts)
+    rows, encoded = [], []
+
+    def counting(fn):
+        def step(model, tokens, *args):
+            rows.append(tokens.shape[0])
+            return fn(model, tokens, *args)
+        return step
+
+    encode = pipe.model.vision_tower.forward
+    pipe.model.vision_tower.forward = lambda pixels: encoded.append(len(pixels)) or encode(pixels)
+    pipe._steps = engine.Steps(counting(engine.token_forward), counting(engine.greedy_forward))
+    rungs = []
+    for n in range(1, 14):  # with nothing compiled yet
+        pipe._greedy_batches.clear()
+        rungs.append(pipe._padded_size(n, GenerationOptions()))
+    assert rungs == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
+    pipe._greedy_batches.clear()
+    sizes = []
+    for n in (3, 2, 5, 1, 2):
+        rows.clear()
+        assert pipe.generate(imgs[:n], prompts[:n], **opts) == plain[n]  # a list of n answers, as without padding
+        assert len(set(rows)) == 1
+        sizes.append(rows[0])
+    assert sizes == [3, 3, 6, 1, 3]  # 2 reuses 3; 5 has none in [5, 10]: 6, the next rung; 1 none in [1, 2]
+    assert encoded[-1] == 2  # the padding row shares the last request's image: the vision tower sees 2 images
+    rows.clear()
+    assert pipe.generate(imgs[:3], prompts[:3], temperature=0.8, seed=1, **opts) == sampled
+    assert set(rows) == {3}
+    assert pipe.generate(imgs[:3], prompts[:3], num_beams=2, **opts) == beams
+    assert pipe.generate(imgs[0], prompts[0], **opts) == plain[1][0]  # one input, one answer
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_fused_projections_match_transformers_and_stay_trainable(ckpt_factory, tmp_path, version):
+    """`fuse_projections` (what `Pipeline.compile` runs): q/k/v and gate/up as one matmul each. Greedy tokens equal
+    transformers', logprobs within 1e-4; the separate weights become views of the fused ones, so a training step
+    on them (grad mode, which takes the unfused path) moves the fused matrices too; the model still saves."""
+    folder, hf = diverse(ckpt_factory, version)
+    pipe = palitorch.load(folder)
+    pipe.model.language_model.fuse_projections()
+    attn = pipe.model.language_model.layers[0].attn
+    assert attn.qkv is not None and attn.q_proj.weight.data_ptr() == attn.qkv.data_ptr()
+    imgs = images(3)
+    ours = pipe.generate(imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
+    ref, ref_lp = hf_generate(folder, hf, imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
+    assert [r.token_ids for r in ours] == ref.tolist()
+    torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=1e-4, rtol=0)
+
+    before = attn.qkv.clone()
+    opt = torch.optim.SGD(pipe.model.parameters(), lr=0.1)
+    pipe.model.train()
+    out = pipe.model(torch.tensor([[2, 5, 7, 9]]), labels=torch.tensor([[2, 5, 7, 9]]))
+    out.loss.backward()
+    assert attn.q_proj.weight.grad is not None and attn.v_proj.weight.grad is not None
+    opt.step()
+    assert not torch.equal(attn.qkv, before)
+    n = attn.q_proj.weight.shape[0]
+    assert torch.equal(attn.qkv[:n], attn.q_proj.weight)
+    palitorch.checkpoint.save_model(pipe.model, tmp_path / "saved")  # shared storage is copied out, not refused
+    again = palitorch.checkpoint.load_model(tmp_path / "saved")
+    assert torch.equal(again.language_model.layers[0].attn.q_proj.weight, attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_onednn_route_matches_transformers(ckpt_factory, onednn_calls, version):
+    """Every linear (vision tower, projector, fused decoder projections, LM head) through oneDNN, as large float32
+    CPU weights go at inference: greedy tokens equal transformers', logprobs within 1e-4; eager and compiled."""
+    from palitorch.model import kernels
+
+    if not kernels._onednn_works():
+        pytest.skip("oneDNN's linear is not available in this torch build")
+    folder, hf = diverse(ckpt_factory, version)
+    imgs = images(3)
+    ref, ref_lp = hf_generate(folder, hf, imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
+    pipe = palitorch.load(folder)
+    for _ in ("eager", "compiled"):
+        ours = pipe.generate(imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
+        assert [r.token_ids for r in ours] == ref.tolist()
+        torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=1e-4, rtol=0)
+        pipe.compile()
+    assert onednn_calls["onednn"] > 2 * STEPS * len(pipe.model.language_model.layers)
+
+
+def test_token_logprobs_equal_log_softmax_at_the_tokens():
+    """Both ways of computing a chosen token's logprob: log_softmax (CPU) and logit - logsumexp (other devices)."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 1000, generator=g) * 8).bfloat16()
+    tokens = torch.tensor([5, 999, 0])
+    want = torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])[:, 0]
+    torch.testing.assert_close(engine.token_logprobs(logits, tokens), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(engine.logsumexp_logprobs(logits.float(), tokens), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind,version", [("matmul", 1), ("flex", 1), ("flex", 2)])
+def test_decode_attention_variants_match_transformers(ckpt_factory, monkeypatch, kind, version):
+    """`set_decode_attention`: one-token steps attend with two matmuls and a softmax ("matmul"; Gemma 2 always
+    does) or, compiled, one FlexAttention kernel with the mask and soft-cap as a score modification ("flex").
+    Same greedy tokens as transformers, logprobs within 1e-4, eager and compiled with extra inductor options."""
+    folder, hf = diverse(ckpt_factory, version)
+    imgs = images(3)
+    ref, ref_lp = hf_generate(folder, hf, imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
+    from palitorch.model.gemma import Attention
+
+    seen, real_flex = types.SimpleNamespace(flex=False), Attention._flex
+
+    def spy(self, *args):
+        seen.flex = True  # an attribute store: no guard on a value that changes (a list would recompile each call)
+        return real_flex(self, *args)
+
+    monkeypatch.setattr(Attention, "_flex", spy)
+    pipe = palitorch.load(folder)
+    pipe.model.language_model.set_decode_attention(kind)
+    for _ in ("eager", "compiled"):
+        ours = pipe.generate(imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
+        assert [r.token_ids for r in ours] == ref.tolist()
+        torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=1e-4, rtol=0)
+        pipe.compile(options={"coordinate_descent_tuning": True})
+    with pytest.raises(ValueError, match="sdpa"):
+        pipe.model.language_model.set_decode_attention("flash")
+    assert seen.flex == (kind == "flex")  # the compiled step went through FlexAttention
+
+
+def test_compile_options_merge_a_mode_with_extra_options():
+    from palitorch.inference.pipeline import _compile_options
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _compile_options(cuda, "reduce-overhead") == {"mode": "reduce-overhead"}
+    merged = _compile_options(cuda, "reduce-overhead", {"coordinate_descent_tuning": True})
+    assert merged == {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
+    small_mm = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+    assert _compile_options(cpu, None) == {"options": {"cpp.threads": 1, **small_mm}}
+    assert _compile_options(cpu, None, {"cpp.threads": 2}) == {"options": {"cpp.threads": 2, **small_mm}}
+    assert _compile_options(cpu, None, single_thread=False) == {"options": small_mm}  # FlexAttention on CPU
+
+
+def test_compiled_step_keeps_compiling_past_dynamo_limit():
+    """Each batch size compiles its own static-shape graph of one code object, and past dynamo's limit (8 graphs
+    by default) the step would run eagerly (a log line only); `compile()` raises the limit. Here the limit starts at 1:
+    two batch sizes still give two compiled graphs, each used for its decode steps."""
+    import torch._dynamo.config as dynamo_config
+    from torch._dynamo.utils import counters
+
+    from palitorch.inference.pipeline import _RECOMPILE_LIMIT
+
+    with dynamo_config.patch(**{_RECOMPILE_LIMIT: 1}):
+        pipe = palitorch.load().compile()
+        assert getattr(dynamo_config, _RECOMPILE_LIMIT) == 64
+        img = images(1)[0]
+        before = counters["stats"]["unique_graphs"]
+        for b in (1, 2):
+            calls = 0
+            steps = pipe._steps
+
+            def counting(*args, step=steps.greedy):
+                nonlocal calls
+                calls += 1
+                return step(*args)
+
+            pipe._steps = engine.Steps(steps.logits, counting, steps.copy_outputs)
+            pipe.generate([img] * b, ["caption en"] * b, max_new_tokens=3, min_new_tokens=3)
+            pipe._steps = steps
+            assert calls == 2
+        assert counters["stats"]["unique_graphs"] - before == 2
+
