@@ -57,7 +57,8 @@ def _json_type(x) -> str:
 def read_config(path: str | os.PathLike) -> PaliGemmaConfig:
     folder = Path(path)
     if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist")
+        what = "is a file, not a checkpoint folder" if folder.exists() else "does not exist"
+        raise CheckpointError(f"checkpoint folder {str(folder)!r} {what}")
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{folder} has no config.json: is it a Hugging Face checkpoint folder?")

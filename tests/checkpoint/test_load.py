@@ -142,6 +142,8 @@ def test_missing_shard(ckpt_factory, tmp_path):
 
 def test_missing_folder_and_config(tmp_path):
     assert "does not exist" in _error(tmp_path / "nope")
+    (tmp_path / "requests.jsonl").write_text("{}")
+    assert "is a file, not a checkpoint folder" in _error(tmp_path / "requests.jsonl")
     (tmp_path / "empty").mkdir()
     assert "no config.json" in _error(tmp_path / "empty")
 
