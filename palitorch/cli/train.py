@@ -6,6 +6,9 @@ Data-parallel on N processes: `torchrun --nproc-per-node N -m palitorch train CO
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from palitorch.cli.common import one_line_errors
 
 EPILOG = """\
 examples:
@@ -22,10 +25,12 @@ def add_parser(sub) -> None:
         description="Train a PaliGemma from a TOML config: from scratch or from a Hub checkpoint ([model] init).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    one_line_errors(p)
     p.add_argument("config", help="TOML training config")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in [train] out")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
-    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value pairs")
+    overrides = p.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value pairs")
+    overrides.required = False  # argparse counts a REMAINDER positional as required: "required: config, overrides"
     p.set_defaults(func=run)
 
 
@@ -42,8 +47,10 @@ def run(args) -> int:
     if args.print_config:
         print(cfg.to_toml())
         return 0
-    from palitorch.train import ddp
+    from palitorch.train import build, ddp
 
+    if cfg.model.init and not args.resume:  # a resumed run reads its own checkpoint instead
+        build.check_checkpoint_folder(Path(cfg.model.init))
     try:
         Trainer(cfg, resume=args.resume).fit()
     finally:

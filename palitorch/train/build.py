@@ -43,12 +43,25 @@ def tokenizer_files(folder: Path) -> dict[str, Path]:
     return {n: folder / n for n in TOKENIZER_FILES if (folder / n).is_file()}
 
 
+def check_checkpoint_folder(folder: Path) -> None:
+    """A one-line CheckpointError unless `folder` holds a checkpoint's config.json and tokenizer.json."""
+    if not folder.exists():
+        raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is a file: give the checkpoint folder that holds config.json")
+    if not (folder / "config.json").is_file():
+        if (folder / "config.toml").is_file() or (folder / "metrics.jsonl").is_file():
+            raise CheckpointError(f"{folder} is a training run folder: use {folder / 'model'} (its final weights) "
+                                  "or one of its checkpoint-NNNNNNN folders")
+        raise CheckpointError(f"{folder} is not a checkpoint folder (no config.json): give a Hub-layout folder "
+                              "with config.json, the weights and tokenizer.json")
+    if not (folder / "tokenizer.json").is_file():
+        raise CheckpointError(f"{folder} has no tokenizer.json: copy the checkpoint's tokenizer files into it")
+
+
 def copy_tokenizer(src: Path, dst: Path) -> None:
-    if not src.is_dir():
-        raise CheckpointError(f"checkpoint folder {str(src)!r} does not exist")
+    check_checkpoint_folder(src)
     files = tokenizer_files(src)
-    if "tokenizer.json" not in files:
-        raise CheckpointError(f"{src} has no tokenizer.json: copy the checkpoint's tokenizer files into it")
     dst.mkdir(parents=True, exist_ok=True)
     for name, path in files.items():
         shutil.copyfile(path, dst / name)
@@ -70,8 +83,6 @@ def from_scratch(cfg: ModelConfig, tokenizer_dir: Path) -> tuple[PaliGemma, Proc
 
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     ids = {t: tok.token_to_id(t) for t in ("<image>", "<pad>", "<bos>", "<eos>")}
-    if cfg.image_size % cfg.patch_size:
-        raise ConfigError(f"[model] image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
     pg = small_preset(cfg.preset, tok.get_vocab_size(), cfg.version, cfg.image_size, cfg.patch_size)
     pg = pg.replace(
         text=dataclasses.replace(pg.text, max_position_embeddings=cfg.max_length),

@@ -20,11 +20,13 @@ literals when they parse as one (`--data.task_repeat '{caption = 4}'`), else as 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from palitorch.config import SMALL_PRESETS
 from palitorch.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -180,38 +182,75 @@ class TrainConfig:
         return "\n".join(lines)
 
     def validate(self) -> None:
-        if not self.data.train:
+        """Every value in its range (LIMITS) and consistent with the others; else a one-line ConfigError."""
+        for sec, limits in LIMITS.items():
+            for name, (rule, ok) in limits.items():
+                v = getattr(getattr(self, sec), name)
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"[{sec}] {name} must be a finite number, got {v}")
+                if not ok(v):
+                    raise ConfigError(f"[{sec}] {name} must be {rule}, got {v!r}")
+        m, d, t, o = self.model, self.data, self.train, self.optim
+        if not d.train:
             raise ConfigError("[data] train is empty: give at least one training JSONL file")
-        t, o = self.train, self.optim
-        if t.batch_size < 1 or t.micro_batch_size < 0:
-            raise ConfigError("[train] batch_size must be >= 1 and micro_batch_size >= 0")
-        if t.steps < 0 or (t.steps == 0 and t.epochs <= 0):
+        if t.steps == 0 and t.epochs == 0:
             raise ConfigError("[train] give steps > 0 or epochs > 0")
+        check_out_folder(t.out)
         if o.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"[optim] schedule {o.schedule!r} is not one of cosine, linear, constant")
-        if o.lr <= 0 or o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
-            raise ConfigError("[optim] needs lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
-        if self.model.version not in (1, 2):
-            raise ConfigError(f"[model] version must be 1 or 2, got {self.model.version}")
         if t.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"[train] device {t.device!r} is not one of auto, cpu, cuda")
-        if t.log_every < 1 or self.eval.every < 0 or self.checkpoint.every < 0:
-            raise ConfigError("[train] log_every must be >= 1; [eval] every and [checkpoint] every >= 0")
-        if self.checkpoint.keep < 1:
-            raise ConfigError("[checkpoint] keep must be >= 1")
-        if self.data.per_image < 1:
-            raise ConfigError(f"[data] per_image must be >= 1, got {self.data.per_image}")
+        if m.preset not in SMALL_PRESETS:
+            raise ConfigError(f"[model] preset {m.preset!r} is not one of {', '.join(SMALL_PRESETS)}")
+        if m.image_size % m.patch_size:
+            raise ConfigError(f"[model] image_size {m.image_size} is not a multiple of patch_size {m.patch_size}")
+        if m.max_length <= (m.image_size // m.patch_size) ** 2:
+            raise ConfigError(f"[model] max_length {m.max_length} leaves no room for text after the "
+                              f"{(m.image_size // m.patch_size) ** 2} image tokens: raise it, or use larger patches")
         for name in ("task_repeat", "late_task_repeat"):
-            for k, v in getattr(self.data, name).items():
+            for k, v in getattr(d, name).items():
                 if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                     raise ConfigError(f"[data] {name}.{k} must be a whole number >= 0, got {v!r}")
-        if self.data.late_from < 0 or (self.data.late_from > 0 and not self.data.late_task_repeat):
-            raise ConfigError("[data] late_from must be >= 0, and a late_from > 0 needs a late_task_repeat table")
-        if self.warmstart.box_edges_weight < 0:
-            raise ConfigError(f"[warmstart] box_edges_weight must be >= 0, got {self.warmstart.box_edges_weight}")
-        for k, v in self.optim.lr_scale.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ConfigError(f"[optim] lr_scale.{k} must be a number >= 0, got {v!r}")
+        if d.late_from > 0 and not d.late_task_repeat:
+            raise ConfigError("[data] a late_from > 0 needs a late_task_repeat table")
+        for k, v in o.lr_scale.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+                raise ConfigError(f"[optim] lr_scale.{k} must be a finite number >= 0, got {v!r}")
+
+
+# The range of every number in the config, as (rule, test); a float must be finite too. Checked by validate.
+_GE0 = (">= 0", lambda v: v >= 0)
+_GE1 = (">= 1", lambda v: v >= 1)
+_POSITIVE = ("> 0", lambda v: v > 0)
+_FRACTION = ("between 0 and 1", lambda v: 0 <= v <= 1)
+_BETA = (">= 0 and < 1", lambda v: 0 <= v < 1)
+LIMITS = {
+    "model": {"version": ("1 or 2", lambda v: v in (1, 2)), "image_size": _GE1, "patch_size": _GE1,
+              "vocab_size": _GE0, "max_length": _GE1, "init_std": _POSITIVE},
+    "data": {"late_from": _GE0, "per_image": _GE1},
+    "augment": {"brightness": _FRACTION, "contrast": _FRACTION, "saturation": _FRACTION, "noise": _GE0},
+    "train": {"steps": _GE0, "epochs": _GE0, "batch_size": _GE1, "micro_batch_size": _GE0,
+              "seed": ("between 0 and 2**32 - 1", lambda v: 0 <= v < 2**32), "log_every": _GE1},
+    "optim": {"lr": _POSITIVE, "weight_decay": _GE0, "beta1": _BETA, "beta2": _BETA, "eps": _POSITIVE,
+              "warmup_steps": _GE0, "min_lr_ratio": _FRACTION, "clip_grad_norm": (">= 0 (0 = no clipping)", _GE0[1])},
+    "eval": {"every": _GE0, "max_examples": _GE0, "final_max_examples": _GE0, "batch_size": _GE1,
+             "max_new_tokens": _GE1},
+    "checkpoint": {"every": _GE0, "keep": _GE1},
+    "warmstart": {"epochs": _GE0, "box_edges_weight": _GE0, "lr": _POSITIVE, "batch_size": _GE1,
+                  "warmup_steps": _GE0},
+}
+
+
+def check_out_folder(out: str, what: str = "[train] out") -> None:
+    """A one-line ConfigError unless `out` can be made a folder: not empty, no file at or above it."""
+    if not out:
+        raise ConfigError(f"{what} is empty: name the output folder")
+    path = Path(out)
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking == path:
+        raise ConfigError(f"{what} {out!r} is a file: name a folder (it is created)")
+    if blocking is not None:
+        raise ConfigError(f"{what} {out!r} lies under the file {str(blocking)!r}: name a folder path")
 
 
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}
@@ -222,14 +261,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict = {}
     if path is not None:
         p = Path(path)
-        if not p.exists() or p.is_dir():
+        if p.is_dir():
+            raise ConfigError(f"training config {str(p)!r} is a folder: give a .toml file")
+        if not p.exists():
             raise ConfigError(f"training config {str(p)!r} does not exist")
         try:
-            raw = tomllib.loads(p.read_text())
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p} is not UTF-8 text: give a TOML file saved as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read {p}: {e.strerror or e}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p} is not valid TOML: {e}") from None
     cfg = TrainConfig()
     for sec, values in raw.items():
+        if not isinstance(values, dict) and sec not in SECTIONS:
+            homes = [f"[{s}]" for s in SECTIONS if sec in typing.get_type_hints(SECTIONS[s])]
+            where = f": put it under {' or '.join(homes)}" if homes else f" such as [train]; sections are: " \
+                f"{', '.join(SECTIONS)}"
+            raise ConfigError(f"top-level key {sec!r} must be inside a section{where}")
         if sec not in SECTIONS:
             raise ConfigError(f"unknown section [{sec}]; sections are: {', '.join(SECTIONS)}")
         if not isinstance(values, dict):

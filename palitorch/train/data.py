@@ -39,13 +39,15 @@ def read_jsonl(path: str | Path) -> list[Example]:
     if not p.is_file():
         raise ConfigError(f"data file {str(p)!r} does not exist")
     out = []
-    with p.open(encoding="utf-8") as f:
+    with p.open("rb") as f:  # bytes, so that a line that is not UTF-8 is reported with its number
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{p}:{n}"
             try:
-                d = json.loads(line)
+                d = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise ConfigError(f"{where}: not UTF-8 text; save the file as UTF-8") from None
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("image", "prefix", "suffix")):
@@ -67,7 +69,14 @@ def fingerprint(files: list[str]) -> str:
 
 
 def repeat_by_task(examples: list[Example], repeat: dict[str, int]) -> list[Example]:
-    """Each example `repeat[task]` times per epoch (default once), e.g. {caption = 4}."""
+    """Each example `repeat[task]` times per epoch (default once), e.g. {caption = 4}; a key that is no task of
+    `examples` (a typo such as "captoin") raises a ConfigError listing the tasks."""
+    tasks = {e.meta.get("task", "") for e in examples}
+    for k in repeat:
+        if k not in tasks:
+            have = ", ".join(sorted(t for t in tasks if isinstance(t, str) and t)) or 'none (no "task" field)'
+            raise ConfigError(f"[data] task_repeat / late_task_repeat: no training example has task {k!r}; "
+                              f"its tasks are: {have}")
     out = []
     for e in examples:
         out += [e] * repeat.get(e.meta.get("task", ""), 1)

@@ -1,9 +1,12 @@
 """The training config: TOML sections, typed --section.key overrides, one-line errors, a TOML round trip."""
 
+import typing
+from pathlib import Path
+
 import pytest
 
 from palitorch.errors import ConfigError
-from palitorch.train.config import TrainConfig, load_config, parse_overrides
+from palitorch.train.config import LIMITS, SECTIONS, TrainConfig, load_config, parse_overrides
 
 TOML = """
 [model]
@@ -52,6 +55,28 @@ def test_round_trip_through_toml(tmp_path):
     (["--train.bf16", "maybe"], "expected true or false"),
     (["--train.log_every", "0"], "log_every must be >= 1"),
     (["--warmstart.box_edges_weight", "-1"], "box_edges_weight must be >= 0"),
+    # values torch refuses later (or that make NaN weights), refused before any work starts
+    (["--optim.beta1", "2"], "[optim] beta1 must be >= 0 and < 1, got 2.0"),
+    (["--optim.eps", "-1"], "[optim] eps must be > 0"),
+    (["--optim.lr", "nan"], "[optim] lr must be a finite number, got nan"),
+    (["--optim.lr", "inf"], "[optim] lr must be a finite number, got inf"),
+    (["--warmstart.lr", "-1"], "[warmstart] lr must be > 0"),
+    (["--model.patch_size", "0"], "[model] patch_size must be >= 1, got 0"),
+    (["--model.image_size", "-16"], "[model] image_size must be >= 1"),
+    (["--model.image_size", "20"], "image_size 20 is not a multiple of patch_size 8"),
+    (["--model.max_length", "64"], "max_length 64 leaves no room for text after the 64 image tokens"),
+    (["--model.preset", "huge"], "preset 'huge' is not one of tiny, small, base"),
+    (["--eval.batch_size", "0"], "[eval] batch_size must be >= 1, got 0"),
+    (["--train.out", ""], "[train] out is empty"),
+    # values that were accepted and meant something else (or nothing)
+    (["--optim.weight_decay", "-1"], "[optim] weight_decay must be >= 0"),
+    (["--optim.clip_grad_norm", "-1"], "clip_grad_norm must be >= 0 (0 = no clipping), got -1.0"),
+    (["--eval.max_examples", "-3"], "[eval] max_examples must be >= 0, got -3"),
+    (["--warmstart.epochs", "-1"], "[warmstart] epochs must be >= 0"),
+    (["--augment.brightness", "-1"], "[augment] brightness must be between 0 and 1"),
+    (["--model.init_std", "-1"], "[model] init_std must be > 0"),
+    (["--train.seed", "-1"], "[train] seed must be between 0 and 2**32 - 1"),
+    (["--optim.lr_scale", "{vision = inf}"], "lr_scale.vision must be a finite number >= 0"),
 ])
 def test_bad_overrides_are_one_line_errors(args, message):
     with pytest.raises(ConfigError) as e:
@@ -73,6 +98,40 @@ def test_file_errors(tmp_path):
         load_config(None, [])
 
 
+def test_every_number_has_a_range():
+    numbers = {f"{sec}.{name}" for sec, cls in SECTIONS.items()
+               for name, tp in typing.get_type_hints(cls).items() if tp in (int, float)}
+    assert numbers == {f"{sec}.{name}" for sec, fields in LIMITS.items() for name in fields}
+    load_config(None, ["--data.train", "x.jsonl"])  # the defaults are in range
+    for f in Path(__file__).parents[2].glob("configs/*.toml"):
+        load_config(f)
+
+
+def test_file_errors_say_what_is_wrong(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder: give a .toml file"):
+        load_config(tmp_path)
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="bad.toml is not UTF-8 text"):
+        load_config(bad)
+    bad.write_text("steps = 3\n[train]\nbatch_size = 8")
+    with pytest.raises(ConfigError, match=r"top-level key 'steps' must be inside a section: put it under \[train\]$"):
+        load_config(bad)
+    bad.write_text("every = 3")
+    with pytest.raises(ConfigError, match=r"under \[eval\] or \[checkpoint\]$"):
+        load_config(bad)
+    bad.write_text("nope = 3")
+    with pytest.raises(ConfigError, match=r"inside a section such as \[train\]; sections are: model, "):
+        load_config(bad)
+
+
+def test_out_must_be_able_to_become_a_folder(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for out, message in (("file", "file' is a file: name a folder"), ("file/run", "lies under the file")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, ["--data.train", "x.jsonl", "--train.out", str(tmp_path / out)])
+
+
 def test_parse_overrides():
     assert parse_overrides(["--a.b", "1", "--c.d=x=y"]) == [("a.b", "1"), ("c.d", "x=y")]
 
@@ -92,3 +151,38 @@ def test_cli_prints_config_and_reports_errors_in_one_line(tmp_path, capsys):
     assert err == "palitorch train: error: optim.lr: expected a number, got 'fast'"
     assert main(["train", str(tmp_path / "missing.toml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_needs_only_the_config(capsys):
+    from palitorch.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("palitorch train: error: the following arguments are required: config "
+                                       "(see palitorch train --help)\n")
+
+
+def test_cli_refuses_a_folder_that_is_no_checkpoint_before_any_work(tmp_path, capsys):
+    from palitorch.cli import main
+
+    f = tmp_path / "c.toml"
+    f.write_text(TOML)
+    run, empty, out = tmp_path / "run", tmp_path / "empty", tmp_path / "out"
+    run.mkdir()
+    (run / "config.toml").write_text("")
+    empty.mkdir()
+    for init, message in ((run, f"run is a training run folder: use {run / 'model'}"),
+                          (empty, "empty is not a checkpoint folder (no config.json)")):
+        assert main(["train", str(f), "--model.init", str(init), "--train.out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_data_out_must_be_able_to_become_a_folder(tmp_path, capsys):
+    from palitorch.cli import main
+
+    (tmp_path / "file").write_text("x")
+    assert main(["data", "easyvqa", "--out", str(tmp_path / "file")]) == 2
+    assert "--out" in (err := capsys.readouterr().err) and "is a file: name a folder" in err

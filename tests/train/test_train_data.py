@@ -52,6 +52,9 @@ def test_read_jsonl_errors_name_the_line(tmp_path):
         read_jsonl(f)
     with pytest.raises(ConfigError, match="does not exist"):
         read_jsonl(tmp_path / "none.jsonl")
+    f.write_bytes(b'{"image": "a.png", "prefix": "p", "suffix": "s"}\n{"image": "a.png", "prefix": "\xff"}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:2: not UTF-8 text"):
+        read_jsonl(f)
 
 
 def test_batches_match_the_processor_exactly(data, processor):
@@ -117,6 +120,8 @@ def test_repeat_by_task(data):
     ex = read_jsonl(data / "train.jsonl")
     out = repeat_by_task(ex, {"caption": 3, "vqa": 0})
     assert len(out) == 3 * 24 and all(e.meta["task"] == "caption" for e in out)
+    with pytest.raises(ConfigError, match="no training example has task 'captoin'; its tasks are: caption, vqa$"):
+        repeat_by_task(ex, {"captoin": 4})
 
 
 def test_augmentation_is_photometric_and_split_invariant():
