@@ -19,3 +19,7 @@ class InputError(PalitorchError, ValueError):
 
 class NumericsError(PalitorchError, ArithmeticError):
     """The model computed NaN or infinite logits: damaged weights, or a dtype whose range overflowed (float16)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with a line saying what was kept and how to go on (the CLI prints it; the exit status stays 130)."""

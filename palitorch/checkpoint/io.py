@@ -102,7 +102,7 @@ def load_model(path, device="cpu", dtype="float32") -> PaliGemma:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     for file in weight_files(folder):
-        _check_safetensors_complete(file)
+        check_safetensors(file)
         try:
             f = safe_open(str(file), framework="pt", device="cpu")
         except (SafetensorError, OSError) as e:
@@ -140,13 +140,14 @@ def load_model(path, device="cpu", dtype="float32") -> PaliGemma:
     return model.eval()
 
 
-def _check_safetensors_complete(file: Path) -> None:
+def check_safetensors(file: Path, advice: str = "; download it again") -> None:
     """Check the header ourselves: safe_open maps lazily (truncation would fail at first use) and reads any damage
     as a Rust error. Layout: an 8-byte little-endian length n, n bytes of JSON object
-    {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the tensor data."""
+    {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the tensor data.
+    `advice` ends the error message (a training checkpoint of one's own is not downloaded)."""
 
     def invalid(why: str) -> CheckpointError:
-        return CheckpointError(f"{file} is not a valid safetensors file ({why}); download it again")
+        return CheckpointError(f"{file} is not a valid safetensors file ({why}){advice}")
 
     size = file.stat().st_size
     try:
@@ -165,7 +166,7 @@ def _check_safetensors_complete(file: Path) -> None:
         raise invalid("a tensor entry in the header has no data_offsets [begin, end]")
     end = max((o[1] for o in offsets), default=0)
     if 8 + n + end > size:
-        raise CheckpointError(f"{file} is truncated ({size} bytes, needs {8 + n + end}); download it again")
+        raise CheckpointError(f"{file} is truncated ({size} bytes, needs {8 + n + end}){advice}")
 
 
 def preprocessor_config(cfg: PaliGemmaConfig) -> dict:

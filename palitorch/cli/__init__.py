@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from palitorch.cli.common import one_line_errors
@@ -32,13 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Under torchrun every process meets the same error: only the first says it (RANK is torchrun's).
+    first = os.environ.get("RANK", "0") == "0"
     try:
         return int(args.func(args) or 0)
     except PalitorchError as e:
-        print(f"palitorch {args.command}: error: {e}", file=sys.stderr)
+        if first:
+            print(f"palitorch {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if first:  # a newline ends the ^C line; Interrupted carries a line on how to go on
+            print(f"\npalitorch {args.command}: {e}" if str(e) else "", file=sys.stderr)
         return 130
 
 

@@ -43,8 +43,10 @@ def setup(device: str) -> tuple[Dist, torch.device]:
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and local >= torch.cuda.device_count():
-        raise ConfigError(f"[train] device cuda: process {local} has no GPU ({torch.cuda.device_count()} visible)")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device == "cuda" and max(local + 1, local_world) > torch.cuda.device_count():  # the same check on every rank
+        raise ConfigError(f"[train] device cuda: {max(local + 1, local_world)} processes on this machine and "
+                          f"{torch.cuda.device_count()} GPUs visible: one process needs one GPU")
     dev = torch.device(f"cuda:{local}" if device == "cuda" else "cpu")
     if device == "cuda":
         torch.cuda.set_device(dev)

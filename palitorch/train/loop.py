@@ -6,7 +6,8 @@ weighted by its share of the global batch's suffix tokens, so the accumulated, a
 of the global batch's mean loss: 1 process or N, 1 micro-batch or many, the numbers agree (up to float rounding).
 
 Run folder: config.toml (resolved), tokenizer/ (learned or copied), metrics.jsonl, checkpoint-NNNNNNN/ (Hub layout +
-training state, newest K kept), model/ (the final weights for palitorch.load and transformers).
+training state, newest K kept), model/ (the final weights for palitorch.load and transformers); see runfolder.py.
+A resume starts from the newest checkpoint that reads completely (state.read), saying which newer ones it skipped.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -21,8 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from palitorch.checkpoint import save_model
-from palitorch.errors import ConfigError
-from palitorch.train import build, ddp, evaluate, state
+from palitorch.errors import ConfigError, Interrupted
+from palitorch.train import build, ddp, evaluate, runfolder, state
 from palitorch.train.config import TrainConfig
 from palitorch.train.data import Dataset, Images, fingerprint, global_batch, read_jsonl, repeat_by_task
 
@@ -33,22 +35,30 @@ class Trainer:
         t = cfg.train
         self.dist, self.device = ddp.setup(t.device)
         self.run = Path(t.out)
-        if self.dist.main:
-            self.run.mkdir(parents=True, exist_ok=True)
-        ddp.barrier(self.dist)
-        torch.manual_seed(t.seed + self.dist.rank)
-
-        raw = [e for f in cfg.data.train for e in read_jsonl(f)]
-        self.fingerprint = fingerprint(cfg.data.train)
         found = state.checkpoints(self.run)
-        self.resume_from = found[-1][1] if (resume and found) else None
         if resume and not found:
             raise ConfigError(f"--resume: {self.run} has no checkpoint to resume from")
         if found and not resume:
             raise ConfigError(f"{self.run} already holds checkpoints: pass --resume to continue that run, or choose "
                               "another folder with --train.out")
-        if not resume and self.dist.main:
-            (self.run / "metrics.jsonl").unlink(missing_ok=True)
+        if not resume:
+            runfolder.check_new_run(self.run)
+        # Newer checkpoints that do not read completely are skipped (and put aside once the resume is under way).
+        self.saved, self.skipped = state.newest_readable(found) if resume else (None, [])
+        self.resume_from = self.saved.folder if self.saved else None
+        if self.dist.main:
+            self.run.mkdir(parents=True, exist_ok=True)
+            gone = runfolder.remove_leftovers(self.run)
+            if gone:
+                print(f"palitorch train: removed {', '.join(gone)} (left by an interrupted write)", file=sys.stderr)
+            if not resume:
+                (self.run / "metrics.jsonl").unlink(missing_ok=True)
+                (self.run / "config.toml").write_text(cfg.to_toml())  # first: it marks the folder as a run's
+        ddp.barrier(self.dist)
+        torch.manual_seed(t.seed + self.dist.rank)
+
+        raw = [e for f in cfg.data.train for e in read_jsonl(f)]
+        self.fingerprint = fingerprint(cfg.data.train)
         self.model, self.processor, self.tokenizer_files = self._build(raw)
         if t.gradient_checkpointing:
             self.model.vision_tower.gradient_checkpointing = True
@@ -78,8 +88,8 @@ class Trainer:
         self.opt, self.names = build.optimizer(self.model, cfg.optim)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.step = 0
-        if self.resume_from is not None:
-            self._restore(self.resume_from)
+        if self.saved is not None:
+            self._restore(self.saved)
 
     # ------------------------------------------------------------------ setup
 
@@ -105,8 +115,8 @@ class Trainer:
                 build.smooth_loc_embeddings(model, locs, cfg.model.init_std, cfg.train.seed)
         return model.to(self.device).train(), processor, build.tokenizer_files(tok_dir)
 
-    def _restore(self, folder: Path) -> None:
-        st = state.read_state(folder)
+    def _restore(self, saved: state.Saved) -> None:
+        st, folder = saved.state, saved.folder
         t = self.cfg.train
         checks = {"seed": t.seed, "batch_size": t.batch_size, "data_fingerprint": self.fingerprint,
                   "num_examples": len(self.data), "per_image": self.cfg.data.per_image,
@@ -115,11 +125,21 @@ class Trainer:
         for k, v in checks.items():
             if st.get(k, older.get(k)) != v:
                 raise ConfigError(f"--resume: {folder.name} was trained with {k} {st.get(k)!r}, this run has {v!r}")
-        state.load_optimizer(self.opt, self.names, folder)
-        state.restore_rng(folder, self.dist, self.device)
-        self.step = st["step"]
-        if self.dist.main:  # forget what the interrupted run logged after this checkpoint
-            self._trim_metrics(self.step)
+        if saved.step > self.total:  # [train] steps is a total: going on would only write these weights to model/
+            raise ConfigError(f"--resume: {folder.name} is at step {saved.step}, past this run's {self.total} steps "
+                              f"(a total, not steps to add): use --train.steps {saved.step + self.total} for "
+                              f"{self.total} more")
+        state.load_optimizer(self.opt, self.names, saved)
+        state.restore_rng(saved, self.dist, self.device)
+        self.step = saved.step
+        self.saved = None  # its optimizer tensors are in the optimizer now
+        if self.dist.main:
+            for damaged, why in self.skipped:
+                aside = runfolder.put_aside(damaged)
+                print(f"palitorch train: warning: {why}; resuming from the older {folder.name} (the damaged "
+                      f"checkpoint is kept as {aside.name})", file=sys.stderr)
+            runfolder.trim_metrics(self.run, self.step)  # forget what the interrupted run logged after this step
+            (self.run / "config.toml").write_text(self.cfg.to_toml())
 
     def _autocast(self):
         if self.cfg.train.bf16:
@@ -132,12 +152,6 @@ class Trainer:
         if self.dist.main:
             with (self.run / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
-
-    def _trim_metrics(self, step: int) -> None:
-        path = self.run / "metrics.jsonl"
-        if path.is_file():
-            rows = [r for r in path.read_text().splitlines() if r and json.loads(r).get("step", 0) <= step]
-            path.write_text("".join(r + "\n" for r in rows))
 
     # ------------------------------------------------------------------ one optimizer step
 
@@ -217,11 +231,24 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> dict:
+        """Train to the last step, write model/, evaluate. Ctrl-C raises Interrupted, which says how to go on."""
+        try:
+            return self._fit()
+        except KeyboardInterrupt as e:  # checkpoints are written atomically: the newest complete one is intact
+            if not self.dist.main:
+                raise Interrupted() from e
+            ckpt = state.checkpoints(self.run)
+            after = f"interrupted after step {self.step} of {self.total}"
+            if not ckpt:
+                raise Interrupted(f"{after}, before the first checkpoint: rerun without --resume") from e
+            raise Interrupted(f"{after}; the last checkpoint is step {ckpt[-1][0]}: rerun with --resume to continue "
+                              "from it") from e
+
+    def _fit(self) -> dict:
         cfg, t, d = self.cfg, self.cfg.train, self.dist
         fit_started = time.perf_counter()
         total_params, trainable_params = build.count_parameters(self.model)
         if d.main:
-            (self.run / "config.toml").write_text(cfg.to_toml())
             self.log({"step": self.step, "event": "resume" if self.resume_from else "start",
                       "parameters": total_params, "trainable": trainable_params, "examples": len(self.data),
                       "late_examples": self._late_examples(),
@@ -269,8 +296,8 @@ class Trainer:
             if cfg.eval.every and self.step % cfg.eval.every == 0 and not last:
                 result = self.evaluate()
                 self.log({"step": self.step, "eval": result})
-                if show:
-                    pbar.write(_summary(self.step, result))
+                if d.main:  # printed with or without the progress bar
+                    tqdm.write(_summary(self.step, result))
             if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last:
                 self.save_checkpoint()
         pbar.close()
@@ -284,8 +311,11 @@ class Trainer:
         result = self.evaluate(final=True)
         if result:
             self.log({"step": self.step, "eval": result, "final": True})
-            if show:
+        if d.main:
+            if result:
                 print(_summary(self.step, result))
+            print(f"trained {run['steps']} steps ({self.step} of {self.total} in all) in {run['time']:.1f} s; the "
+                  f"model is in {self.run / 'model'}")
         return result
 
 

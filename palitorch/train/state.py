@@ -7,7 +7,9 @@
         rng_state.safetensors    torch (and CUDA) generator states of every process, as uint8 tensors
 
 Nothing is pickled: tensors go to safetensors and scalars to JSON. The whole folder is built under a temporary name
-and renamed into place (palitorch.checkpoint.save_model), so a crash never leaves a half-written checkpoint.
+and renamed into place (palitorch.checkpoint.save_model), so a crash never leaves a half-written checkpoint; an old
+one is renamed away before it is deleted. A checkpoint damaged afterwards (a full disk, a copy cut short) is found by
+`read`, which checks every file before a resume uses it.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import json
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from palitorch.checkpoint import save_model
+from palitorch.checkpoint.io import check_safetensors, weight_files
 from palitorch.errors import CheckpointError
 from palitorch.model import PaliGemma
 from palitorch.train import ddp
@@ -54,8 +59,8 @@ def rng_tensors(d: ddp.Dist, device: torch.device) -> dict[str, torch.Tensor]:
     return out
 
 
-def restore_rng(folder: Path, d: ddp.Dist, device: torch.device) -> None:
-    t = load_file(str(folder / "rng_state.safetensors"))
+def restore_rng(saved: Saved, d: ddp.Dist, device: torch.device) -> None:
+    t = saved.rng
     if f"torch.rank{d.rank}" in t:  # a run resumed on more processes than it had: new ranks keep their seed
         torch.set_rng_state(t[f"torch.rank{d.rank}"])
     if device.type == "cuda" and f"cuda.rank{d.rank}" in t:
@@ -75,8 +80,10 @@ def save(run: Path, step: int, model: PaliGemma, opt: torch.optim.Optimizer, nam
         out = save_model(model, run / f"{PREFIX}{step:07d}", extra_files=files)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for _, old in checkpoints(run)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    for _, old in checkpoints(run)[:-keep]:  # renamed first: Ctrl-C amid rmtree leaves no half checkpoint
+        gone = run / f".{old.name}.pruned"
+        shutil.rmtree(gone, ignore_errors=True)
+        shutil.rmtree(old.rename(gone), ignore_errors=True)
     return out
 
 
@@ -95,10 +102,9 @@ def optimizer_state(opt: torch.optim.Optimizer, names: list[str]) -> tuple[dict[
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def load_optimizer(opt: torch.optim.Optimizer, names: list[str], folder: Path) -> None:
+def load_optimizer(opt: torch.optim.Optimizer, names: list[str], saved_state: Saved) -> None:
     """Load the saved moments into `opt`; the saved trainable set must equal the current one."""
-    meta = json.loads((folder / "trainer_state.json").read_text())["optimizer"]
-    tensors = load_file(str(folder / "optimizer.safetensors"))
+    meta, tensors, folder = saved_state.state["optimizer"], saved_state.optimizer, saved_state.folder
     saved = [n for g in meta["param_groups"] for n in g["params"]]
     if saved != names:
         raise CheckpointError(
@@ -119,5 +125,80 @@ def load_optimizer(opt: torch.optim.Optimizer, names: list[str], folder: Path) -
     opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
 
-def read_state(folder: Path) -> dict:
-    return json.loads((folder / "trainer_state.json").read_text())
+@dataclass
+class Saved:
+    """A checkpoint's training state, every file checked (`read`)."""
+
+    folder: Path
+    state: dict  # trainer_state.json
+    optimizer: dict[str, torch.Tensor]  # optimizer.safetensors
+    rng: dict[str, torch.Tensor]  # rng_state.safetensors
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
+
+
+def read(folder: Path) -> Saved:
+    """Read a checkpoint's training state and check all it holds: every JSON file parses, every safetensors file
+    is complete, and trainer_state.json has what a resume uses. CheckpointError names the first damaged file."""
+    parsed = {f.name: _json_object(f) for f in sorted(folder.glob("*.json"))}  # config, tokenizer, trainer_state
+    for f in weight_files(folder):  # the weights are read later, when the model is built: here the size is checked
+        check_safetensors(f, advice="")
+    file, st = folder / "trainer_state.json", parsed["trainer_state.json"]
+    step, meta = st.get("step"), st.get("optimizer")
+    if type(step) is not int or step < 0:
+        raise _damaged(file, f"its step is {step!r}, not a whole number")
+    groups = meta.get("param_groups") if isinstance(meta, dict) else None
+    if not (isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+            and isinstance(meta.get("scalars"), dict)):
+        raise _damaged(file, "its optimizer entry lacks param_groups or scalars")
+    params = {n for g in groups for n in g["params"]}
+    opt = _tensors(folder / "optimizer.safetensors")
+    for where, keys in ((file, meta["scalars"]), (folder / "optimizer.safetensors", opt)):
+        bad = next((k for k in keys if k.count("::") != 1 or k.split("::")[0] not in params), None)
+        if bad is not None:
+            raise _damaged(where, f"{bad!r} is no saved parameter's state")
+    rng = _tensors(folder / "rng_state.safetensors")
+    if "torch.rank0" not in rng or any(t.dtype != torch.uint8 or t.ndim != 1 for t in rng.values()):
+        raise _damaged(folder / "rng_state.safetensors", "no torch.rank0 generator state of uint8 bytes")
+    return Saved(folder, st, opt, rng)
+
+
+def newest_readable(found: list[tuple[int, Path]]) -> tuple[Saved, list[tuple[Path, str]]]:
+    """The newest of `found` (checkpoints(run)) that `read` accepts, and the newer ones skipped with why."""
+    skipped = []
+    for _, folder in reversed(found):
+        try:
+            return read(folder), skipped
+        except CheckpointError as e:
+            skipped.append((folder, str(e)))
+    n = len(skipped) - 1
+    more = f"; {n} older {'one is' if n == 1 else 'ones are'} damaged too" if n else ""
+    raise CheckpointError(f"--resume: no checkpoint is usable: {skipped[0][1]}{more}")
+
+
+def _damaged(file: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{file} is damaged ({why})")
+
+
+def _json_object(file: Path) -> dict:
+    try:
+        d = json.loads(file.read_bytes())
+    except OSError as e:
+        raise _damaged(file, e.strerror or str(e)) from None
+    except json.JSONDecodeError as e:
+        raise _damaged(file, f"not valid JSON, cut short? {e.msg}, line {e.lineno}") from None
+    except ValueError:
+        raise _damaged(file, "not JSON text") from None
+    if not isinstance(d, dict):
+        raise _damaged(file, f"it holds a {type(d).__name__}, not a JSON object")
+    return d
+
+
+def _tensors(file: Path) -> dict[str, torch.Tensor]:
+    check_safetensors(file, advice="")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise _damaged(file, str(e)) from None

@@ -203,7 +203,7 @@ def test_setup_errors_are_one_line(data, tmp_path):
     with pytest.raises(PalitorchError, match="does not exist"):
         Trainer(config(data, tmp_path / "a", model__init=str(tmp_path / "nope")))
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="has no GPU"):
+        with pytest.raises(ConfigError, match="GPUs visible"):
             Trainer(config(data, tmp_path / "b", train__device="cuda"))
 
 

@@ -1,0 +1,78 @@
+"""The run folder ([train] out): what belongs in it, the leftovers of interrupted writes, metrics.jsonl on resume.
+
+    RUN/config.toml  metrics.jsonl  tokenizer/  checkpoint-NNNNNNN/ ...  model/     what a run writes (config.toml
+                                                                                     first: it marks a run folder)
+    RUN/.checkpoint-NNNNNNN.abcd1234/  .model.abcd1234/  .state.abcd1234/           being written (mkdtemp names)
+    RUN/.metrics.jsonl.abcd1234  .checkpoint-NNNNNNN.pruned/                        being rewritten / deleted
+    RUN/checkpoint-NNNNNNN.damaged/                                                 found damaged by a resume
+
+A process killed mid-write (kill -9, power loss) leaves the hidden names behind; `remove_leftovers` deletes them
+when a run starts or resumes. A new run refuses a non-empty folder that holds anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from palitorch.errors import ConfigError
+
+LEFTOVER = re.compile(r"\.(checkpoint-\d{7,}|model|state|metrics\.jsonl)\.([a-z0-9_]{8}|pruned)")
+RUN_NAMES = re.compile(r"config\.toml|metrics\.jsonl|tokenizer|model(\.old)?|checkpoint-\d{7,}(\.old|\.damaged\d*)?")
+
+
+def check_new_run(run: Path) -> None:
+    """Refuse to start a run in a folder holding files that are not a run's (they would be replaced or deleted)."""
+    if run.exists() and not run.is_dir():
+        raise ConfigError(f"--train.out {run} is a file: choose an empty or new folder")
+    names = [p.name for p in run.iterdir()] if run.is_dir() else []
+    foreign = [n for n in names if not (RUN_NAMES.fullmatch(n) or LEFTOVER.fullmatch(n))]
+    if names and (foreign or "config.toml" not in names):
+        what = f"holds {sorted(foreign)[0]!r}" if foreign else f"holds {sorted(names)[0]!r} but no config.toml"
+        raise ConfigError(f"--train.out {run} is not empty and not a palitorch run folder (it {what}): choose an "
+                          "empty or new folder")
+
+
+def remove_leftovers(run: Path) -> list[str]:
+    """Delete what interrupted writes left (see LEFTOVER); returns the names deleted."""
+    gone = sorted(p.name for p in run.iterdir() if LEFTOVER.fullmatch(p.name))
+    for name in gone:
+        p = run / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return gone
+
+
+def put_aside(folder: Path) -> Path:
+    """Rename a damaged checkpoint out of the resume order (kept for the user to inspect or delete)."""
+    dst, i = folder.with_name(folder.name + ".damaged"), 1
+    while dst.exists():
+        i += 1
+        dst = folder.with_name(f"{folder.name}.damaged{i}")
+    return folder.rename(dst)
+
+
+def trim_metrics(run: Path, step: int) -> None:
+    """Keep metrics.jsonl's rows up to `step` (a resume forgets what the interrupted run logged later) and drop
+    unreadable lines (a kill while a row was written leaves half a line). Rewritten under a temp name, then renamed."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step", 0), int) and row.get("step", 0) <= step:
+            keep.append(line)
+    fd, tmp = tempfile.mkstemp(prefix=".metrics.jsonl.", dir=run)
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(r + "\n" for r in keep))
+    os.replace(tmp, path)

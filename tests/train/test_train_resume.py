@@ -1,0 +1,204 @@
+"""The run folder and --resume against what users meet: damaged checkpoints and metrics, foreign folders, leftovers
+of a kill -9, a step count below the checkpoint's, Ctrl-C, torchrun ranks and a run without a progress bar."""
+
+import json
+import shutil
+import tempfile
+
+import pytest
+import torch
+
+import palitorch.checkpoint.io as io
+from palitorch.checkpoint import load_model
+from palitorch.cli import main
+from palitorch.errors import CheckpointError, ConfigError, Interrupted
+from palitorch.train import state
+from palitorch.train.loop import Trainer
+
+from trainkit import config, make_data
+
+OVER = {"train__steps": 4, "checkpoint__every": 2, "checkpoint__keep": 3, "eval__max_examples": 4,
+        "eval__final_max_examples": 4}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def base(data, tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 2 and 4."""
+    run = tmp_path_factory.mktemp("base") / "run"
+    Trainer(config(data, run, **OVER)).fit()
+    return run
+
+
+def copy_run(base, tmp_path):
+    return shutil.copytree(base, tmp_path / "run")
+
+
+def edit_state(**change):
+    def edit(folder):
+        st = json.loads((folder / "trainer_state.json").read_text())
+        st.update(change)
+        (folder / "trainer_state.json").write_text(json.dumps({k: v for k, v in st.items() if v is not None}))
+    return edit
+
+
+def cut(name, size):
+    def edit(folder):
+        with open(folder / name, "r+b") as f:
+            f.truncate(size)
+    return edit
+
+
+DAMAGE = {
+    "trainer_state cut short": cut("trainer_state.json", 20),
+    "trainer_state a list": lambda f: (f / "trainer_state.json").write_text("[]"),
+    "no step": edit_state(step=None),
+    "no optimizer": edit_state(optimizer=None),
+    "step a string": edit_state(step="4"),
+    "optimizer cut short": cut("optimizer.safetensors", 1000),
+    "rng empty": cut("rng_state.safetensors", 0),
+    "model cut short": cut("model.safetensors", 1000),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_resume_falls_back_past_a_damaged_checkpoint(base, data, tmp_path, capsys, damage):
+    run = copy_run(base, tmp_path)
+    DAMAGE[damage](run / "checkpoint-0000004")
+    trainer = Trainer(config(data, run, **OVER), resume=True)
+    assert trainer.step == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint-0000004" in err[0] and "resuming from the older checkpoint-0000002" in err[0]
+    assert "download" not in err[0]  # one's own checkpoint: nothing to download again
+    assert [s for s, _ in state.checkpoints(run)] == [2]  # the damaged one is put aside, not deleted
+    assert (run / "checkpoint-0000004.damaged" / "config.json").is_file()
+    if damage == "model cut short":  # the resumed run reproduces the lost steps exactly
+        trainer.fit()
+        want, got = load_model(base / "model").state_dict(), load_model(run / "model").state_dict()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)
+
+
+def test_resume_with_no_usable_checkpoint_names_the_damaged_file(base, data, tmp_path, capsys):
+    run = copy_run(base, tmp_path)
+    cut("rng_state.safetensors", 0)(run / "checkpoint-0000004")
+    cut("trainer_state.json", 30)(run / "checkpoint-0000002")
+    with pytest.raises(CheckpointError, match=r"no checkpoint is usable: .*checkpoint-0000004.rng_state\.safetensors"
+                                              r".*1 older one is damaged too"):
+        Trainer(config(data, run, **OVER), resume=True)
+    toml = tmp_path / "c.toml"
+    toml.write_text(config(data, run, **OVER).to_toml())
+    assert main(["train", str(toml), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "rng_state.safetensors" in err
+
+
+def test_unreadable_metrics_lines_are_dropped_on_resume(base, data, tmp_path):
+    run = copy_run(base, tmp_path)
+    rows = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(rows + '{"step": 3, "lo\n[1]\n{"step": "x"}\n{"step": 5, "loss": 1.0}\n')
+    Trainer(config(data, run, **OVER), resume=True)
+    kept = (run / "metrics.jsonl").read_text()
+    assert kept == rows  # the garbage lines and the row past step 4 are gone, every earlier row kept
+
+
+def test_a_new_run_refuses_a_folder_that_is_not_a_run(base, data, tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "model").mkdir(parents=True)
+    (mine / "model" / "mine.txt").write_text("the user's")
+    (mine / "metrics.jsonl").write_text("the user's")
+    with pytest.raises(ConfigError, match="not a palitorch run folder .*choose an empty or new folder"):
+        Trainer(config(data, mine, **OVER))
+    assert sorted(p.name for p in mine.rglob("*")) == ["metrics.jsonl", "mine.txt", "model"]  # untouched
+    (mine / "config.toml").write_text("")
+    (mine / "notes.txt").write_text("")
+    with pytest.raises(ConfigError, match="holds 'notes.txt'"):
+        Trainer(config(data, mine, **OVER))
+    with pytest.raises(ConfigError, match="is a file"):
+        Trainer(config(data, mine / "notes.txt", **OVER))
+    with pytest.raises(ConfigError, match="pass --resume"):  # a finished run's folder: as before
+        Trainer(config(data, base, **OVER))
+    # A run stopped before its first checkpoint may be started again in its folder.
+    again = tmp_path / "again"
+    again.mkdir()
+    for name in ("config.toml", "metrics.jsonl"):
+        shutil.copy(base / name, again / name)
+    shutil.copytree(base / "tokenizer", again / "tokenizer")
+    Trainer(config(data, again, **OVER))
+    assert not (again / "metrics.jsonl").exists()
+
+
+def test_leftovers_of_interrupted_writes_are_removed(base, data, tmp_path, capsys):
+    run = copy_run(base, tmp_path)
+    ours = [tempfile.mkdtemp(prefix=p, dir=run) for p in (".checkpoint-0000006.", ".state.", ".model.")]
+    ours.append(tempfile.mkstemp(prefix=".metrics.jsonl.", dir=run)[1])
+    (run / "checkpoint-0000002").rename(run / ".checkpoint-0000002.pruned")
+    (run / ".checkpoint-0000006.notours").mkdir()
+    (run / ".cache").mkdir()
+    Trainer(config(data, run, **OVER), resume=True)
+    names = sorted(p.name for p in run.iterdir() if p.name.startswith("."))
+    assert names == [".cache", ".checkpoint-0000006.notours"]
+    assert "left by an interrupted write" in capsys.readouterr().err
+
+
+def test_resume_refuses_fewer_steps_than_the_checkpoint(base, data, tmp_path):
+    run = copy_run(base, tmp_path)
+    with pytest.raises(ConfigError, match=r"at step 4, past this run's 2 steps .*--train.steps 6 for 2 more"):
+        Trainer(config(data, run, **{**OVER, "train__steps": 2}), resume=True)
+    assert (run / "model").is_dir() and load_model(run / "model") is not None  # model/ untouched
+
+
+def test_ctrl_c_says_how_to_go_on_and_keeps_checkpoints_whole(data, tmp_path, monkeypatch, capsys):
+    class Crash(Trainer):
+        def train_step(self, step):
+            if step == 3:
+                raise KeyboardInterrupt
+            return super().train_step(step)
+
+    with pytest.raises(Interrupted, match="after step 3 of 4; the last checkpoint is step 2: rerun with --resume"):
+        Crash(config(data, tmp_path / "a", **OVER)).fit()
+    with pytest.raises(Interrupted, match="before the first checkpoint: rerun without --resume"):
+        Crash(config(data, tmp_path / "b", **{**OVER, "checkpoint__every": 0})).fit()
+
+    # Ctrl-C while checkpoint-0000004 is being written: no trace of it, the older one whole, the CLI says one line.
+    real = io.save_file
+
+    def save_file(tensors, path, *args, **kw):
+        if ".checkpoint-0000004." in path:
+            raise KeyboardInterrupt
+        return real(tensors, path, *args, **kw)
+
+    monkeypatch.setattr(io, "save_file", save_file)
+    toml = tmp_path / "c.toml"
+    toml.write_text(config(data, tmp_path / "c", **OVER).to_toml())
+    assert main(["train", str(toml)]) == 130
+    err = capsys.readouterr().err
+    assert err == "\npalitorch train: interrupted after step 4 of 4; the last checkpoint is step 2: rerun with " \
+                  "--resume to continue from it\n"
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["checkpoint-0000002", "config.toml",
+                                                                  "metrics.jsonl", "tokenizer"]
+    assert state.read(tmp_path / "c" / "checkpoint-0000002").step == 2
+
+
+def test_only_the_first_torchrun_process_prints_an_error(data, tmp_path, monkeypatch, capsys):
+    toml = tmp_path / "c.toml"
+    toml.write_text(config(data, tmp_path / "run", **OVER).to_toml())
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", str(toml), "--train.bogus", "1"]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", str(toml), "--train.bogus", "1"]) == 2
+    assert capsys.readouterr().err.startswith("palitorch train: error: [train] has no field 'bogus'")
+
+
+def test_without_progress_bar_the_evaluations_and_summary_print(data, tmp_path, capsys):
+    toml = tmp_path / "c.toml"
+    toml.write_text(config(data, tmp_path / "run", **{**OVER, "eval__every": 2}).to_toml())  # progress = false
+    assert main(["train", str(toml)]) == 0
+    out = capsys.readouterr().out
+    assert "step 2: exact match" in out and "step 4: exact match" in out
+    assert out.strip().splitlines()[-1].startswith("trained 4 steps (4 of 4 in all) in ")
