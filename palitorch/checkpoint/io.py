@@ -34,18 +34,19 @@ def resolve_dtype(dtype) -> torch.dtype:
     raise CheckpointError(f"unsupported dtype {dtype!r}: use float32, bfloat16 or float16")
 
 
-def read_json_object(file: Path) -> dict:
-    """A JSON file that must hold an object (config.json, an index, preprocessor_config.json); else CheckpointError."""
+def read_json_object(file: Path, advice: str = "; download it again") -> dict:
+    """A JSON file that must hold an object (config.json, an index, preprocessor_config.json, a training state);
+    else CheckpointError, ending in `advice` (a training checkpoint of one's own is not downloaded)."""
     try:
         d = json.loads(file.read_bytes())
     except OSError as e:
         raise CheckpointError(f"cannot read {file}: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}); download it again") from None
+        raise CheckpointError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}){advice}") from None
     except ValueError:  # bytes that are not UTF-8/16/32 text
-        raise CheckpointError(f"{file} is not a JSON text file; download it again") from None
+        raise CheckpointError(f"{file} is not a JSON text file{advice}") from None
     if not isinstance(d, dict):
-        raise CheckpointError(f"{file} holds {_json_type(d)}, not an object; download it again")
+        raise CheckpointError(f"{file} holds {_json_type(d)}, not an object{advice}")
     return d
 
 
@@ -54,14 +55,24 @@ def _json_type(x) -> str:
     return f"a JSON {names.get(type(x), 'null')}"
 
 
-def read_config(path: str | os.PathLike) -> PaliGemmaConfig:
-    folder = Path(path)
+def check_checkpoint_folder(folder: Path) -> None:
+    """A one-line CheckpointError unless `folder` is a folder with a config.json (a training run's folder, given
+    instead of its model/, is named as such)."""
     if not folder.is_dir():
         what = "is a file, not a checkpoint folder" if folder.exists() else "does not exist"
         raise CheckpointError(f"checkpoint folder {str(folder)!r} {what}")
+    if not (folder / "config.json").is_file():
+        if (folder / "config.toml").is_file() or (folder / "metrics.jsonl").is_file():
+            raise CheckpointError(f"{folder} is a training run folder: use {folder / 'model'} (its final weights) "
+                                  "or one of its checkpoint-NNNNNNN folders")
+        raise CheckpointError(f"{folder} is not a checkpoint folder (no config.json): give a Hub-layout folder "
+                              "with config.json, the weights and tokenizer.json")
+
+
+def read_config(path: str | os.PathLike) -> PaliGemmaConfig:
+    folder = Path(path)
+    check_checkpoint_folder(folder)
     cfg_file = folder / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{folder} has no config.json: is it a Hugging Face checkpoint folder?")
     try:
         return PaliGemmaConfig.from_hf(read_json_object(cfg_file))
     except ConfigError as e:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from palitorch.checkpoint import load_model, read_config, resolve_dtype
+from palitorch.checkpoint.io import check_checkpoint_folder as check_folder
 from palitorch.config import small_preset
 from palitorch.errors import CheckpointError, ConfigError
 from palitorch.inference.processor import Processor
@@ -45,16 +46,7 @@ def tokenizer_files(folder: Path) -> dict[str, Path]:
 
 def check_checkpoint_folder(folder: Path) -> None:
     """A one-line CheckpointError unless `folder` holds a checkpoint's config.json and tokenizer.json."""
-    if not folder.exists():
-        raise CheckpointError(f"checkpoint folder {str(folder)!r} does not exist")
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder} is a file: give the checkpoint folder that holds config.json")
-    if not (folder / "config.json").is_file():
-        if (folder / "config.toml").is_file() or (folder / "metrics.jsonl").is_file():
-            raise CheckpointError(f"{folder} is a training run folder: use {folder / 'model'} (its final weights) "
-                                  "or one of its checkpoint-NNNNNNN folders")
-        raise CheckpointError(f"{folder} is not a checkpoint folder (no config.json): give a Hub-layout folder "
-                              "with config.json, the weights and tokenizer.json")
+    check_folder(folder)
     if not (folder / "tokenizer.json").is_file():
         raise CheckpointError(f"{folder} has no tokenizer.json: copy the checkpoint's tokenizer files into it")
 

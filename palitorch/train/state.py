@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from palitorch.checkpoint import save_model
-from palitorch.checkpoint.io import check_safetensors, weight_files
+from palitorch.checkpoint.io import check_safetensors, read_json_object, weight_files
 from palitorch.errors import CheckpointError
 from palitorch.model import PaliGemma
 from palitorch.train import ddp
@@ -142,7 +142,8 @@ class Saved:
 def read(folder: Path) -> Saved:
     """Read a checkpoint's training state and check all it holds: every JSON file parses, every safetensors file
     is complete, and trainer_state.json has what a resume uses. CheckpointError names the first damaged file."""
-    parsed = {f.name: _json_object(f) for f in sorted(folder.glob("*.json"))}  # config, tokenizer, trainer_state
+    # config, tokenizer, trainer_state: each must parse (advice "": nothing to download again)
+    parsed = {f.name: read_json_object(f, advice="") for f in sorted(folder.glob("*.json"))}
     for f in weight_files(folder):  # the weights are read later, when the model is built: here the size is checked
         check_safetensors(f, advice="")
     file, st = folder / "trainer_state.json", parsed["trainer_state.json"]
@@ -180,20 +181,6 @@ def newest_readable(found: list[tuple[int, Path]]) -> tuple[Saved, list[tuple[Pa
 
 def _damaged(file: Path, why: str) -> CheckpointError:
     return CheckpointError(f"{file} is damaged ({why})")
-
-
-def _json_object(file: Path) -> dict:
-    try:
-        d = json.loads(file.read_bytes())
-    except OSError as e:
-        raise _damaged(file, e.strerror or str(e)) from None
-    except json.JSONDecodeError as e:
-        raise _damaged(file, f"not valid JSON, cut short? {e.msg}, line {e.lineno}") from None
-    except ValueError:
-        raise _damaged(file, "not JSON text") from None
-    if not isinstance(d, dict):
-        raise _damaged(file, f"it holds a {type(d).__name__}, not a JSON object")
-    return d
 
 
 def _tensors(file: Path) -> dict[str, torch.Tensor]:
