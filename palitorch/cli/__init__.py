@@ -13,7 +13,7 @@ import sys
 from palitorch.cli.common import one_line_errors
 from palitorch.errors import PalitorchError
 
-COMMANDS = ("run", "chat", "batch", "train", "data", "demo")
+COMMANDS = ("run", "chat", "batch", "serve", "train", "data", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -122,27 +122,16 @@ def not_a_folder(path: Path) -> str:
     return f"folder {str(path)!r} does not exist"
 
 
-def task_of(prompt: str) -> str:
-    """The task word a PaliGemma prompt starts with: "detect", "segment", "caption", ..."""
-    words = prompt.split(maxsplit=1)
-    return words[0].lower() if words else ""
-
-
 def result_fields(result, prompt: str, image_size: tuple[int, int]) -> dict:
     """A Result as JSON-ready fields; detect/segment prompts add their parsed objects in image pixels."""
-    from palitorch.tasks import parse_detections, parse_segmentations
+    from palitorch.tasks import task_outputs
 
-    out = {
+    return {
         "text": result.text,
         "token_ids": list(result.token_ids),
         # JSON has no -inf: a token the model gave zero probability (possible when sampling) becomes null.
         "logprobs": [float(v) if math.isfinite(v) else None for v in result.logprobs],
         "finish_reason": result.finish_reason,
         "prompt_tokens": result.prompt_tokens,
+        **task_outputs(prompt, result.text, *image_size),
     }
-    task = task_of(prompt)
-    if task == "detect":
-        out["detections"] = [d.to_dict() for d in parse_detections(result.text, *image_size)]
-    elif task == "segment":
-        out["segmentations"] = [s.to_dict() for s in parse_segmentations(result.text, *image_size)]
-    return out

@@ -8,6 +8,7 @@
 
 from palitorch.tasks.detection import Detection, parse_detections
 from palitorch.tasks.draw import draw_detections
+from palitorch.tasks.outputs import task_of, task_outputs
 from palitorch.tasks.segmentation import (
     Segmentation,
     decode_codes,
@@ -18,5 +19,5 @@ from palitorch.tasks.segmentation import (
 
 __all__ = [
     "Detection", "Segmentation", "decode_codes", "decode_mask", "draw_detections", "load_vae_params",
-    "parse_detections", "parse_segmentations",
+    "parse_detections", "parse_segmentations", "task_of", "task_outputs",
 ]

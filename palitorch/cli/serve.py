@@ -1,0 +1,114 @@
+"""`palitorch serve`: answer OpenAI-style chat-completions requests over HTTP.
+
+    palitorch serve --model DIR --port 8000
+    curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "caption en"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]}]}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from palitorch.cli.common import (
+    add_decoding_options,
+    add_model_options,
+    check_model_options,
+    decoding_options,
+    load_pipeline,
+    one_line_errors,
+)
+from palitorch.errors import InputError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve the model over an OpenAI-style HTTP API",
+        description="Serve the model over an OpenAI-style HTTP API: POST /v1/chat/completions (one image and a "
+                    "prompt per request; \"stream\": true for server-sent events), GET /v1/models, GET /health. "
+                    "Concurrent greedy requests are answered together in batches. The decoding options below "
+                    "are defaults for requests that do not set them.",
+    )
+    one_line_errors(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
+    g.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
+    g.add_argument("--served-model-name", metavar="NAME",
+                   help="the model's name in the API (default: the checkpoint folder's name)")
+    g.add_argument("--api-key", metavar="KEY",
+                   help="require the header 'Authorization: Bearer KEY' (default: $PALITORCH_API_KEY, else none)")
+    g.add_argument("--max-batch-size", type=int, default=8, metavar="N",
+                   help="answer at most N waiting requests in one batch (default 8)")
+    g.add_argument("--no-fetch", action="store_true",
+                   help="refuse http(s) image URLs: images must come inside the request as data URLs")
+    g.add_argument("--max-body-mb", type=float, default=32, metavar="MB",
+                   help="largest request body accepted, in MiB (default 32)")
+    g.add_argument("--quiet", action="store_true", help="no log line per request")
+    add_model_options(p)
+    add_decoding_options(p)
+    p.set_defaults(func=serve)
+
+
+def model_name(args: argparse.Namespace) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    return Path(args.model).resolve().name if args.model else "palitorch-default"
+
+
+def bind(args: argparse.Namespace, defaults: dict):
+    """The listening socket, before the (slow) model load: a port in use is reported at once."""
+    from palitorch.server import Server
+
+    try:
+        return Server((args.host, args.port), model_name(args), defaults,
+                      api_key=args.api_key or os.environ.get("PALITORCH_API_KEY") or None,
+                      fetch_images=not args.no_fetch, max_body=int(args.max_body_mb * (1 << 20)), quiet=args.quiet)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise InputError(f"cannot listen on {args.host}:{args.port}: {reason} (choose another --port or --host)") \
+            from None
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def serve(args: argparse.Namespace) -> int:
+    from palitorch.server import Engine
+
+    defaults = decoding_options(args)
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must be from 0 to 65535, got {args.port}")
+    if args.max_batch_size < 1:
+        raise InputError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if not args.max_body_mb > 0:
+        raise InputError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    device, dtype = check_model_options(args)
+    server = bind(args, defaults)
+    engine = None
+    say = (lambda line: None) if args.quiet else (lambda line: print(f"palitorch serve: {line}", file=sys.stderr))
+    # SIGTERM (docker stop, systemd) ends the server as Ctrl-C does: the batch in progress finishes first.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)  # also when started in the background, where SIGINT comes ignored
+    try:
+        pipe = load_pipeline(args, device, dtype)
+        engine = Engine(pipe, args.max_batch_size, log=say).start()
+        server.engine = engine
+        seconds = engine.warm_up()
+        say(f"warmed up in {seconds:.1f} s" + (" (the decode step compiled for batch 1)" if args.compile else ""))
+        print(f"palitorch serve: {server.model_id} on {device}, listening on {server.url}/v1 "
+              "(Ctrl-C to stop)", flush=True)
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        if engine is not None:
+            engine.stop()
+    print("palitorch serve: stopped", file=sys.stderr)
+    return 0

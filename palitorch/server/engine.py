@@ -1,0 +1,206 @@
+"""One thread owns the model; the HTTP threads hand it jobs and wait for their answers.
+
+A pipeline holds one set of KV caches, so requests are answered one batch at a time, on one thread (which is also
+what CUDA graphs want). Batching is dynamic: greedy requests with the same decoding options that are waiting when
+the model frees up are answered together as one padded batch (palitorch's batched greedy output equals the
+one-at-a-time output token for token, so batching changes only the speed). Sampled requests run alone: their random
+draws depend on the batch they are in, and a seed must give the same sample under any load. A stream runs alone
+and stops when its client goes away.
+
+If a batch fails on a request's input (a prompt over the context, say), its requests are answered one by one, so
+one bad request costs the others nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import queue
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from palitorch.errors import InputError, PalitorchError
+from palitorch.inference.generate import Result
+from palitorch.server.openai import ApiError, ChatRequest
+
+
+@dataclass(eq=False)
+class Job:
+    request: ChatRequest
+    results: list[Result] | None = None  # n results, once done
+    error: ApiError | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    pieces: queue.Queue = field(default_factory=queue.Queue)  # a stream's text pieces, then None
+    cancelled: threading.Event = field(default_factory=threading.Event)  # the client went away
+    counted: bool = True  # False for the warm-up: not in the stats or the log
+
+    @property
+    def batchable(self) -> bool:
+        r = self.request
+        return not r.stream and r.greedy and r.options.get("num_beams", 1) == 1
+
+    def key(self) -> str:
+        return json.dumps(self.request.options, sort_keys=True)
+
+    def wait(self) -> list[Result]:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.results
+
+
+class Engine:
+    """`submit` a ChatRequest from any thread; `Job.wait()` for its results (or read `Job.pieces` for a stream)."""
+
+    def __init__(self, pipe, max_batch: int = 8, log: Callable[[str], None] | None = None):
+        self.pipe, self.max_batch = pipe, max_batch
+        self.log = log or (lambda line: None)
+        self._jobs: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="palitorch-engine", daemon=True)
+        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "tokens": 0}
+
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the batch in progress, refuse what is still queued (503), end the thread."""
+        with self._cv:
+            self._stopping = True
+            left, self._jobs = list(self._jobs), deque()
+            self._cv.notify_all()
+        for job in left:
+            self._fail(job, ApiError(503, "the server is shutting down"))
+        self._thread.join(timeout)
+
+    def submit(self, request: ChatRequest, counted: bool = True) -> Job:
+        job = Job(request, counted=counted)
+        with self._cv:
+            if self._stopping:
+                raise ApiError(503, "the server is shutting down")
+            self._jobs.append(job)
+            self._cv.notify()
+        return job
+
+    @property
+    def queued(self) -> int:
+        return len(self._jobs)
+
+    def warm_up(self) -> float:
+        """Answer one short request on a blank image (with `compile()`, this compiles the batch-1 step); seconds."""
+        start = time.perf_counter()
+        size = self.pipe.processor.image_size
+        request = ChatRequest(Image.new("RGB", (size, size)), "caption en", {"max_new_tokens": 2})
+        self.submit(request, counted=False).wait()
+        return time.perf_counter() - start
+
+    # ------------------------------------------------------------------ the model's thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                group = self._take()
+            start = time.perf_counter()
+            self._run(group)
+            if group[0].counted:
+                self._count(group, time.perf_counter() - start)
+
+    def _count(self, group: list[Job], seconds: float) -> None:
+        tokens = sum(len(r.token_ids) for job in group for r in (job.results or []))
+        self.stats["requests"] += len(group)
+        self.stats["batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(group))
+        self.stats["tokens"] += tokens
+        what = "a stream" if group[0].request.stream else f"{len(group)} request{'s' * (len(group) > 1)}"
+        self.log(f"answered {what}: {tokens} tokens in {seconds:.2f} s")
+
+    def _take(self) -> list[Job]:
+        """The next job, and the waiting jobs that can share its batch (same options, greedy), in arrival order."""
+        first = self._jobs.popleft()
+        if not first.batchable:
+            return [first]
+        group, rest, key = [first], deque(), first.key()
+        for job in self._jobs:
+            if len(group) < self.max_batch and job.batchable and job.key() == key:
+                group.append(job)
+            else:
+                rest.append(job)
+        self._jobs = rest
+        return group
+
+    def _run(self, group: list[Job]) -> None:
+        try:
+            if group[0].request.stream:
+                self._stream(group[0])
+            elif len(group) == 1 or not self._batch(group):
+                for job in group:
+                    self._answer(job)
+        except Exception as e:  # a bug, not the request's fault: tell the clients, keep serving
+            traceback.print_exc(file=sys.stderr)
+            for job in group:
+                self._fail(job, ApiError(500, f"internal error: {type(e).__name__}: {e}"))
+
+    def _batch(self, group: list[Job]) -> bool:
+        """Answer greedy jobs as one batch; False (nothing answered) if an input in it was refused."""
+        reqs = [job.request for job in group]
+        try:
+            results = self.pipe.generate([r.image for r in reqs], [r.prompt for r in reqs], **reqs[0].options)
+        except PalitorchError:
+            return False  # find which one, one by one
+        for job, result in zip(group, results):
+            self._finish(job, [result] + [copy.copy(result) for _ in range(job.request.n - 1)])
+        return True
+
+    def _answer(self, job: Job) -> None:
+        r = job.request
+        rows = 1 if job.batchable else r.n  # greedy answers are all alike: compute one
+        try:
+            results = self.pipe.generate([r.image] * rows, [r.prompt] * rows, **r.options)
+        except InputError as e:
+            return self._fail(job, ApiError(400, str(e)))
+        except PalitorchError as e:  # NaN logits and the like: the model's fault, not the request's
+            return self._fail(job, ApiError(500, str(e)))
+        self._finish(job, results + [copy.copy(results[0]) for _ in range(r.n - rows)])
+
+    def _stream(self, job: Job) -> None:
+        r = job.request
+        try:
+            stream = self.pipe.stream(r.image, r.prompt, **r.options)
+            pieces = iter(stream)
+            try:
+                for piece in pieces:
+                    if job.cancelled.is_set():
+                        break
+                    job.pieces.put(piece)
+            finally:
+                pieces.close()
+        except InputError as e:
+            return self._fail(job, ApiError(400, str(e)))
+        except PalitorchError as e:
+            return self._fail(job, ApiError(500, str(e)))
+        self._finish(job, [stream.result] if stream.result is not None else None)
+
+    @staticmethod
+    def _finish(job: Job, results: list[Result] | None) -> None:
+        job.results = results
+        job.pieces.put(None)
+        job.done.set()
+
+    @staticmethod
+    def _fail(job: Job, error: ApiError) -> None:
+        job.error = error
+        job.pieces.put(None)
+        job.done.set()

@@ -1,0 +1,276 @@
+"""The OpenAI chat-completions API as PaliGemma can answer it: a request's JSON in, a `ChatRequest` out; results
+back out as completion objects and stream chunks. Plain data only (no model, no sockets), so every rule here is
+tested alone.
+
+PaliGemma answers one prompt about one image and keeps no conversation, so a request holds one user message whose
+content is one image part (a base64 `data:` URL, or an http(s) URL the server fetches) and text parts (the prompt,
+e.g. "caption en" or "detect cat"). Requests the model cannot honour (a system prompt, several turns, tools,
+presence penalties, ...) are refused with a message saying what to change, never silently ignored.
+
+Decoding follows palitorch, not OpenAI's defaults: greedy unless `temperature` > 0 (or a top_p/top_k/min_p filter
+is set), as PaliGemma's own evaluations decode. Extensions beside OpenAI's names: top_k, min_p, min_tokens,
+repetition_penalty, num_beams, length_penalty.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import json
+import math
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from PIL import Image
+
+from palitorch.errors import InputError
+from palitorch.inference.generate import Result
+from palitorch.inference.processor import load_image
+from palitorch.inference.sampling import GenerationOptions
+from palitorch.tasks import task_outputs
+
+
+class ApiError(Exception):
+    """An error the client gets as OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             405: "invalid_request_error", 411: "invalid_request_error", 413: "invalid_request_error",
+             500: "server_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param)
+
+
+# OpenAI's name -> palitorch's decoding keyword (GenerationOptions).
+DECODING = {
+    "max_completion_tokens": "max_new_tokens", "max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens",
+    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty", "num_beams": "num_beams", "length_penalty": "length_penalty",
+    "seed": "seed", "stop": "stop",
+}
+API_NAME = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}  # for error messages
+# Accepted only at the value that asks for nothing PaliGemma cannot do.
+NEUTRAL = {
+    "presence_penalty": (0, "use repetition_penalty (> 1 discourages repeats)"),
+    "frequency_penalty": (0, "use repetition_penalty (> 1 discourages repeats)"),
+    "top_logprobs": (0, "logprobs: true gives each chosen token's logprob"),
+    "logit_bias": ({}, None), "tools": ([], None), "tool_choice": ("none", None), "parallel_tool_calls": (False, None),
+    "response_format": ({"type": "text"}, "PaliGemma writes plain text"), "modalities": (["text"], None),
+}
+IGNORED = {"user", "metadata", "store", "service_tier"}  # bookkeeping that does not change the answer
+KNOWN = {"model", "messages", "n", "stream", "stream_options", "logprobs"} | set(DECODING) | set(NEUTRAL) | IGNORED
+MAX_N = 16
+
+
+@dataclass
+class ChatRequest:
+    image: Image.Image
+    prompt: str
+    options: dict  # decoding keywords for Pipeline.generate / stream, validated, the server's defaults included
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return not GenerationOptions.from_kwargs(**self.options).do_sample
+
+
+def parse_body(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"the request body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise bad(f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def parse_chat(body: dict, model_id: str, defaults: dict | None = None,
+               fetch: Callable[[str], bytes] | None = None) -> ChatRequest:
+    """A chat-completions request -> ChatRequest, or ApiError saying what to change. `defaults`: the server's
+    decoding keywords, under the request's own. `fetch(url) -> bytes` reads http(s) image URLs (None: refused)."""
+    unknown = sorted(set(body) - KNOWN)
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], sorted(KNOWN), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise bad(f"unknown parameter {unknown[0]!r}{hint}", unknown[0])
+    model = body.get("model")
+    if model is not None and model != model_id:
+        raise ApiError(404, f"model {model!r} is not served here; this server serves {model_id!r}", "model",
+                       "model_not_found")
+    for name, (neutral, advice) in NEUTRAL.items():
+        if name in body and body[name] is not None and body[name] != neutral:
+            raise bad(f"{name} is not supported by palitorch" + (f": {advice}" if advice else ""), name)
+    image, prompt = parse_messages(body.get("messages"), fetch)
+    options = dict(defaults or {})
+    if "max_tokens" in body and "max_completion_tokens" in body:
+        raise bad("give max_completion_tokens or max_tokens, not both", "max_tokens")
+    for name, key in DECODING.items():
+        if body.get(name) is not None:
+            options[key] = body[name]
+    if options.get("temperature") == 0:  # OpenAI's way to ask for greedy decoding, whatever else is set
+        options = {k: v for k, v in options.items() if k not in ("top_p", "top_k", "min_p")}
+    check_options(options)
+    n = flag_or_int(body, "n", 1)
+    if not 1 <= n <= MAX_N:
+        raise bad(f"n must be an integer from 1 to {MAX_N}, got {n}", "n")
+    stream = flag_or_int(body, "stream", False)
+    if stream and (n > 1 or options.get("num_beams", 1) > 1):
+        raise bad("stream gives one answer as it grows: use n = 1 and num_beams = 1, or stream: false", "stream")
+    want_logprobs = flag_or_int(body, "logprobs", False)
+    if stream and want_logprobs:
+        raise bad("logprobs come with whole answers: use stream: false to get them", "logprobs")
+    usage = body.get("stream_options") or {}
+    if not isinstance(usage, dict) or not isinstance(usage.get("include_usage", False), bool):
+        raise bad('stream_options must be an object like {"include_usage": true}', "stream_options")
+    return ChatRequest(image, prompt, options, n, stream, usage.get("include_usage", False), want_logprobs)
+
+
+def flag_or_int(body: dict, name: str, default):
+    """body[name] (or `default` when absent or null), of the default's type; bool and int are told apart."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if type(value) is not type(default):
+        raise bad(f"{name} must be {'true or false' if isinstance(default, bool) else 'an integer'}, got "
+                  f"{json.dumps(value)}", name)
+    return value
+
+
+def check_options(options: dict) -> None:
+    try:
+        GenerationOptions.from_kwargs(**options)
+    except InputError as e:  # "max_new_tokens must be ..." -> "max_tokens must be ..."
+        msg = re.sub(r"\b(" + "|".join(API_NAME) + r")\b", lambda m: API_NAME[m.group(0)], str(e))
+        raise bad(msg) from None
+
+
+def parse_messages(messages, fetch) -> tuple[Image.Image, str]:
+    """One user message of text and one image -> (image, prompt). Text parts are joined with spaces."""
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages must be a non-empty list with one user message", "messages")
+    roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
+    if any(r in ("system", "developer") for r in roles):
+        raise bad("PaliGemma takes no system prompt: put the task in the user message (e.g. 'caption en', "
+                  "'answer en what is this?', 'detect cat')", "messages")
+    if roles != ["user"]:
+        raise bad("PaliGemma answers one prompt about one image and keeps no conversation: send exactly one "
+                  f"message, with role 'user' (got roles {roles})", "messages")
+    content = messages[0].get("content")
+    if isinstance(content, str):
+        raise bad("the message has no image: give content as a list with an image_url part and a text part",
+                  "messages")
+    if not isinstance(content, list):
+        raise bad("the message's content must be a list of parts (text and image_url)", "messages")
+    texts, urls = [], []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise bad('an image_url part needs {"image_url": {"url": "data:image/png;base64,..."}}', "messages")
+            urls.append(url)
+        else:
+            raise bad(f"unsupported content part {json.dumps(part)[:80]}: use text and image_url parts", "messages")
+    if len(urls) != 1:
+        raise bad(f"PaliGemma answers about one image per request, got {len(urls)}: "
+                  + ("add an image_url part" if not urls else "send one request per image"), "messages")
+    return read_image(urls[0], fetch), " ".join(texts)
+
+
+_DATA_URL = re.compile(r"data:(?P<mime>[\w.+/-]*)(?P<params>(;[^,;]*)*?);base64,(?P<data>.*)", re.S)
+
+
+def read_image(url: str, fetch: Callable[[str], bytes] | None) -> Image.Image:
+    match = _DATA_URL.fullmatch(url.strip()) if url.startswith("data:") else None
+    if match:
+        try:
+            data = base64.b64decode(match["data"].replace("\n", "").replace(" ", ""), validate=True)
+        except (binascii.Error, ValueError):
+            raise bad("the image data URL's base64 is damaged", "messages") from None
+    elif url.startswith("data:"):
+        raise bad("an image data URL must be base64: data:image/png;base64,...", "messages")
+    elif url.startswith(("http://", "https://")):
+        if fetch is None:
+            raise bad("this server does not fetch image URLs: send the image as a data URL "
+                      "(data:image/png;base64,...)", "messages")
+        data = fetch(url)
+    else:
+        raise bad(f"image_url must be a data URL (data:image/png;base64,...) or an http(s) URL, got {url[:40]!r}",
+                  "messages")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, rather than decode, a bomb
+            return load_image(data)
+    except InputError as e:
+        raise bad(str(e).replace("image bytes", "the image"), "messages") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise bad(f"the image has too many pixels (over {Image.MAX_IMAGE_PIXELS:,}): send a smaller one",
+                  "messages") from None
+
+
+# ------------------------------------------------------------------------------------------------ responses
+
+
+def finish_reason(result: Result) -> str:
+    return "length" if result.finish_reason == "length" else "stop"  # palitorch's "eos" and "stop" are both stops
+
+
+def usage(results: list[Result]) -> dict:
+    prompt = results[0].prompt_tokens
+    # the EOS that ended an answer was generated too, though it is not in the text
+    completion = sum(len(r.token_ids) + (r.finish_reason == "eos") for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def token_entry(tokenizer, token: int, logprob: float) -> dict:
+    """One item of a choice's logprobs.content: the token's text (sentencepiece's ▁ as a space; a byte-fallback
+    token <0xNN> as its byte), its bytes, its logprob (-9999 for -inf, as OpenAI does)."""
+    piece = tokenizer.id_to_token(token) or ""
+    match = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+    raw = bytes([int(match[1], 16)]) if match else piece.replace("\u2581", " ").encode()
+    text = raw.decode("utf-8", errors="backslashreplace")
+    return {"token": text, "logprob": logprob if math.isfinite(logprob) else -9999.0, "bytes": list(raw),
+            "top_logprobs": []}
+
+
+def completion(rid: str, created: int, model: str, req: ChatRequest, results: list[Result], tokenizer) -> dict:
+    """The chat.completion object for a request's n results. Detect/segment prompts add each choice's parsed
+    objects (boxes in the image's pixels) as `detections` / `segmentations` beside the message."""
+    choices = []
+    for i, r in enumerate(results):
+        choice = {"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": finish_reason(r),
+                  "logprobs": None}
+        if req.logprobs:
+            choice["logprobs"] = {"content": [token_entry(tokenizer, t, p) for t, p in zip(r.token_ids, r.logprobs)]}
+        choice.update(task_outputs(req.prompt, r.text, *req.image.size))
+        choices.append(choice)
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+            "usage": usage(results)}
+
+
+def chunk(rid: str, created: int, model: str, delta: dict, finish: str | None = None,
+          usage_: dict | None = None, choices: bool = True) -> dict:
+    """One chat.completion.chunk of a stream: a delta, or (choices=False) the usage chunk that ends it."""
+    out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}] if choices else []}
+    if usage_ is not None or not choices:
+        out["usage"] = usage_
+    return out
