@@ -79,6 +79,7 @@ def _interrupt(signum, frame):
 
 
 def serve(args: argparse.Namespace) -> int:
+    from palitorch.inference.pipeline import batch_rung, batch_rung_below
     from palitorch.server import Engine
 
     defaults = decoding_options(args)
@@ -88,6 +89,11 @@ def serve(args: argparse.Namespace) -> int:
         raise InputError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
     if not args.max_body_mb > 0:
         raise InputError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    max_batch = args.max_batch_size
+    if args.compile and batch_rung_below(max_batch) != max_batch:  # the sizes a compiled pipeline runs batches at
+        max_batch = batch_rung_below(max_batch)
+        print(f"palitorch serve: --compile: batches of at most {max_batch} requests (compiled sizes are 1, 2, 3, "
+              "4, 6, 8, 12, 16, ...)", file=sys.stderr)
     device, dtype = check_model_options(args)
     server = bind(args, defaults)
     engine = None
@@ -97,10 +103,13 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _interrupt)  # also when started in the background, where SIGINT comes ignored
     try:
         pipe = load_pipeline(args, device, dtype)
-        engine = Engine(pipe, args.max_batch_size, log=say).start()
+        engine = Engine(pipe, max_batch, log=say).start()
         server.engine = engine
-        seconds = engine.warm_up()
-        say(f"warmed up in {seconds:.1f} s" + (" (the decode step compiled for batch 1)" if args.compile else ""))
+        # A compiled step is compiled per batch size: compile every size a batch can run at before serving.
+        sizes = [n for n in range(1, max_batch + 1) if batch_rung(n) == n] if args.compile else [1]
+        seconds = engine.warm_up(defaults, sizes)
+        say(f"warmed up in {seconds:.1f} s" + (f" (decode step compiled for batch sizes {sizes})" if args.compile
+                                               else ""))
         print(f"palitorch serve: {server.model_id} on {device}, listening on {server.url}/v1 "
               "(Ctrl-C to stop)", flush=True)
         server.serve_forever()

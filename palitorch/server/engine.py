@@ -82,8 +82,8 @@ class Engine:
             self._fail(job, ApiError(503, "the server is shutting down"))
         self._thread.join(timeout)
 
-    def submit(self, request: ChatRequest, counted: bool = True) -> Job:
-        job = Job(request, counted=counted)
+    def submit(self, request: ChatRequest) -> Job:
+        job = Job(request)
         with self._cv:
             if self._stopping:
                 raise ApiError(503, "the server is shutting down")
@@ -95,12 +95,20 @@ class Engine:
     def queued(self) -> int:
         return len(self._jobs)
 
-    def warm_up(self) -> float:
-        """Answer one short request on a blank image (with `compile()`, this compiles the batch-1 step); seconds."""
+    def warm_up(self, options: dict | None = None, batch_sizes=(1,)) -> float:
+        """Answer a short request on a blank image at each batch size, with the server's default `options`, before
+        any client waits (a compiled pipeline compiles its decode step for each batch size and cache length on
+        first use: seconds on CPU, tens of seconds for a 3B model on a GPU). Returns the seconds taken."""
         start = time.perf_counter()
         size = self.pipe.processor.image_size
-        request = ChatRequest(Image.new("RGB", (size, size)), "caption en", {"max_new_tokens": 2})
-        self.submit(request, counted=False).wait()
+        request = ChatRequest(Image.new("RGB", (size, size)), "caption en", dict(options or {}))
+        for n in batch_sizes:
+            jobs = [Job(request, counted=False) for _ in range(min(n, self.max_batch))]
+            with self._cv:  # queued together, so that the model's thread takes them as one batch
+                self._jobs.extend(jobs)
+                self._cv.notify()
+            for job in jobs:
+                job.wait()
         return time.perf_counter() - start
 
     # ------------------------------------------------------------------ the model's thread
@@ -166,7 +174,7 @@ class Engine:
 
     def _answer(self, job: Job) -> None:
         r = job.request
-        rows = 1 if job.batchable else r.n  # greedy answers are all alike: compute one
+        rows = 1 if r.greedy else r.n  # greedy (and beam) answers are all alike: compute one
         try:
             results = self.pipe.generate([r.image] * rows, [r.prompt] * rows, **r.options)
         except InputError as e:

@@ -12,6 +12,7 @@ code and a message saying what to change.
 from __future__ import annotations
 
 import hmac
+import http.client
 import json
 import sys
 import time
@@ -32,7 +33,7 @@ def fetch_url(url: str, timeout: float = 15.0, limit: int = MAX_IMAGE_BYTES) -> 
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (http(s) only, checked)
             data = response.read(limit + 1)
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:  # e.g. not HTTP at all
         reason = getattr(e, "reason", None) or e
         raise bad(f"cannot fetch the image at {url[:80]}: {reason}", "messages") from None
     if len(data) > limit:
@@ -176,9 +177,11 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(411, "send the request body with a Content-Length header, not chunked")
         try:
             length = int(self.headers.get("Content-Length", ""))
+            if length < 0:  # rfile.read(-1) would wait for the client to close the connection
+                raise ValueError
         except ValueError:
             self.close_connection = True
-            raise ApiError(411, "the request needs a Content-Length header") from None
+            raise ApiError(411, "the request needs a Content-Length header giving the body's size in bytes") from None
         if length > self.server.max_body:
             self.close_connection = True  # the unread body cannot be skipped: end the connection
             raise ApiError(413, f"the request body is {length:,} bytes, over the server's limit of "
@@ -189,6 +192,8 @@ class Handler(BaseHTTPRequestHandler):
         data = json.dumps(obj, ensure_ascii=False).encode()
         try:
             self.send_response(status)
+            if self.close_connection:  # e.g. after a refused body: tell a keep-alive client not to reuse the connection
+                self.send_header("Connection", "close")
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
