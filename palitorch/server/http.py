@@ -17,6 +17,7 @@ import json
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -74,7 +75,7 @@ class Handler(BaseHTTPRequestHandler):
         self._guard(self._post)
 
     def _get(self) -> None:
-        path = self.path.split("?", 1)[0].rstrip("/")
+        path = urllib.parse.unquote(self.path.split("?", 1)[0]).rstrip("/")  # /v1/models/my%20model: "my model"
         if path == "/health":
             engine = self.server.engine
             self._json(200, {"status": "ok", "model": self.server.model_id, "queued": engine.queued,

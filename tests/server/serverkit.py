@@ -1,0 +1,183 @@
+"""Helpers for the server tests (no conftest.py here: tests/cli imports its own `conftest` by name): request bodies,
+HTTP calls (urllib, no proxy), a server on a background thread, the bodies of the fixtures, and engines/pipelines a
+test can hold so that batching and cancellation happen deterministically, not by timing."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+from PIL import Image
+
+import palitorch
+from palitorch.server import Engine, Server
+
+ASSETS = Path(palitorch.__file__).parent / "assets"
+MODEL = "tiny-test"
+COMPLETIONS = "/v1/chat/completions"
+TIMEOUT = 120  # seconds: a safety net only, never a measurement
+
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # local servers: never through a proxy
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def data_url(image) -> str:
+    """A path or PIL image -> data:image/png;base64,..."""
+    raw = Path(image).read_bytes() if isinstance(image, (str, Path)) else png_bytes(image)
+    return "data:image/png;base64," + base64.b64encode(raw).decode()
+
+
+def chat(image, prompt: str, **options) -> dict:
+    """A chat-completions body: one user message, an image part (path, PIL image or URL string) and a text part."""
+    url = image if isinstance(image, str) else data_url(image)
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]
+    return {"messages": [{"role": "user", "content": content}], **options}
+
+
+def call(url: str, body=None, method: str | None = None, headers: dict | None = None):
+    """-> (status, decoded JSON, headers). `body`: a dict (sent as JSON), bytes, or None (GET)."""
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json", **(headers or {})},
+                                     method=method)
+    try:
+        with _opener.open(request, timeout=TIMEOUT) as r:
+            return r.status, json.loads(r.read()), r.headers
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, json.loads(e.read()), e.headers
+
+
+def post(server: Server, body, **kw):
+    return call(server.url + COMPLETIONS, body, **kw)
+
+
+def stream_events(server: Server, body: dict) -> tuple[str, list]:
+    """POST a streaming request -> (content type, [each event's data: parsed JSON, or the string "[DONE]"])."""
+    request = urllib.request.Request(server.url + COMPLETIONS, json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    with _opener.open(request, timeout=TIMEOUT) as r:
+        kind, raw = r.headers["Content-Type"], r.read().decode()  # the stream ends with the connection
+    assert raw.endswith("\n\n"), raw[-80:]
+    events = []
+    for block in raw.split("\n\n")[:-1]:
+        assert block.startswith("data: "), block
+        data = block[len("data: "):]
+        events.append(data if data == "[DONE]" else json.loads(data))
+    return kind, events
+
+
+@contextmanager
+def serving(server: Server):
+    """Run `server` on a daemon thread for the block; shut it down after."""
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(TIMEOUT)
+
+
+def new_server(engine: Engine | None, **kw) -> Server:
+    server = Server(("127.0.0.1", 0), MODEL, quiet=True, **kw)
+    server.engine = engine
+    return server
+
+
+class RecordingEngine(Engine):
+    """An Engine that keeps every job submitted to it (`jobs`, `arrived` released once per job) and, with
+    `start_after=k`, starts its thread only when the k-th job has arrived: k concurrent requests then wait together
+    in the queue, so how they are batched does not depend on timing."""
+
+    def __init__(self, pipe, start_after: int | None = None, **kw):
+        super().__init__(pipe, **kw)
+        self.jobs, self.start_after = [], start_after
+        self.arrived = threading.Semaphore(0)
+        self._lock = threading.Lock()
+
+    def submit(self, request, *args, **kw):
+        job = super().submit(request, *args, **kw)
+        with self._lock:
+            self.jobs.append(job)
+            if len(self.jobs) == self.start_after:
+                self.start()
+        self.arrived.release()
+        return job
+
+    def wait_for_jobs(self, k: int) -> None:
+        for _ in range(k):
+            assert self.arrived.acquire(timeout=TIMEOUT), "a request never reached the engine"
+
+
+class HeldPipe:
+    """A Pipeline whose `generate` records each call's batch size and options and waits for `release` (after setting
+    `entered`): the test decides when the model answers (`released=True`: at once). A stream of the prompt "endless"
+    never ends by itself (`closed` is set when it is closed)."""
+
+    def __init__(self, pipe, released: bool = False):
+        self.pipe, self.calls, self.options = pipe, [], []  # each generate call's batch size, decoding options
+        self.entered, self.release, self.closed = threading.Event(), threading.Event(), threading.Event()
+        if released:
+            self.release.set()
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def generate(self, image, prompt, **kw):
+        self.calls.append(1 if isinstance(prompt, str) else len(prompt))
+        self.options.append(kw)
+        self.entered.set()
+        assert self.release.wait(TIMEOUT)
+        return self.pipe.generate(image, prompt, **kw)
+
+    def stream(self, image, prompt, **kw):
+        if prompt != "endless":
+            return self.pipe.stream(image, prompt, **kw)
+        held = self
+
+        class Endless:
+            result = None
+
+            def __iter__(self):
+                try:
+                    while True:
+                        yield "more "
+                        held.entered.set()
+                        time.sleep(0.002)  # a throttle, not a synchronisation: it ends only when closed
+                finally:
+                    held.closed.set()
+
+        return Endless()
+
+
+def demo_examples() -> list[dict]:
+    """The bundled demo examples (demo.json), each with its `path` and its PIL `image`."""
+    examples = json.loads((ASSETS / "demo.json").read_text())["examples"]
+    for e in examples:
+        e["path"] = ASSETS / e["image"]
+        with Image.open(e["path"]) as im:
+            e["image"] = im.convert("RGB")
+    return examples
+
+
+@contextmanager
+def live_server(**kw):
+    """A server on 127.0.0.1 (a free port) whose engine owns a pipeline of its own (a pipeline is never shared
+    between threads: the expected answers come from another)."""
+    engine = Engine(palitorch.load(), max_batch=8).start()
+    with serving(new_server(engine, **kw)) as server:
+        yield server
+    engine.stop()

@@ -1,0 +1,138 @@
+"""The engine behind a live server: concurrent greedy requests are batched (and answered as one at a time), a bad
+request in a batch fails alone, sampled requests run alone, a stream whose client leaves is cancelled.
+
+Each test holds the engine until all its requests wait in the queue (`RecordingEngine(start_after=k)`), so what
+is batched with what never depends on timing."""
+
+import json
+import socket
+import struct
+import threading
+
+import pytest
+from serverkit import (
+    COMPLETIONS,
+    TIMEOUT,
+    HeldPipe,
+    RecordingEngine,
+    chat,
+    demo_examples,
+    new_server,
+    post,
+    serving,
+    stream_events,
+)
+
+import palitorch
+
+
+@pytest.fixture(scope="module")
+def ref():
+    """The expected answers: the bundled model, one request at a time, on the test's thread."""
+    return palitorch.load()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return demo_examples()
+
+
+def ask_all(engine, bodies) -> list:
+    """POST every body at once from its own thread -> [(status, json, headers)] in the same order."""
+    answers = [None] * len(bodies)
+
+    def ask(i):
+        answers[i] = post(srv, bodies[i])
+
+    with serving(new_server(engine)) as srv:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+    engine.stop()
+    assert all(a is not None for a in answers)
+    return answers
+
+
+def text(answer) -> str:
+    status, out, _ = answer
+    assert status == 200, out
+    [choice] = out["choices"]
+    return choice["message"]["content"]
+
+
+def test_concurrent_greedy_requests_are_batched_and_answered_as_one_at_a_time(ref, demo):
+    asks = [(e, p) for e in demo for p in ("answer en " + e["question"], e["detect"])]  # 12 requests
+    pipe = HeldPipe(palitorch.load(), released=True)
+    engine = RecordingEngine(pipe, start_after=len(asks), max_batch=8)
+    answers = ask_all(engine, [chat(e["path"], p) for e, p in asks])
+    for (e, prompt), answer in zip(asks, answers):
+        assert text(answer) == ref.generate(e["image"], prompt).text, prompt
+    assert pipe.calls == [8, 4]  # two padded batches, at most max_batch each
+    assert engine.stats["requests"] == 12 and engine.stats["batches"] == 2 and engine.stats["largest_batch"] == 8
+
+
+def test_a_bad_request_in_a_batch_fails_alone(ref, demo):
+    e, other = demo[0], demo[3]
+    bodies = [chat(e["path"], "caption en"), chat(other["path"], "a " * 600),  # over the model's context
+              chat(other["path"], "answer en " + other["question"]), chat(e["path"], e["detect"], n=2)]
+    pipe = HeldPipe(palitorch.load(), released=True)
+    engine = RecordingEngine(pipe, start_after=len(bodies))
+    good, bad, answer, detect = ask_all(engine, bodies)
+    status, out, _ = bad
+    assert status == 400 and "context of 512" in out["error"]["message"], out
+    assert text(good) == ref.generate(e["image"], "caption en").text
+    assert text(answer) == ref.generate(other["image"], "answer en " + other["question"]).text
+    status, out, _ = detect
+    assert status == 200 and [c["message"]["content"] for c in out["choices"]] == \
+        [ref.generate(e["image"], e["detect"]).text] * 2
+    assert pipe.calls == [4, 1, 1, 1, 1]  # the batch was refused as a whole, then each request alone
+    assert engine.stats["largest_batch"] == 4 and engine.stats["requests"] == 4
+
+
+def test_only_requests_with_the_same_decoding_options_share_a_batch(ref, demo):
+    a, b, c, d, e = demo[:5]
+    bodies = [chat(a["path"], "caption en"), chat(b["path"], "caption en", max_tokens=1),
+              chat(c["path"], "caption en"), chat(d["path"], e["detect"], temperature=1.5, seed=3),
+              chat(e["path"], "caption en", max_tokens=1)]
+    pipe = HeldPipe(palitorch.load(), released=True)
+    engine = RecordingEngine(pipe, start_after=len(bodies))
+    answers = ask_all(engine, bodies)
+    # {a, c} greedy, {b, e} greedy with max_tokens 1, d sampled alone (in the order the requests happened to arrive)
+    assert sorted(zip(pipe.calls, map(str, pipe.options))) == \
+        [(1, "{'temperature': 1.5, 'seed': 3}"), (2, "{'max_new_tokens': 1}"), (2, "{}")]
+    assert text(answers[0]) == ref.generate(a["image"], "caption en").text
+    assert text(answers[1]) == ref.generate(b["image"], "caption en", max_new_tokens=1).text
+    assert answers[1][1]["choices"][0]["finish_reason"] == "length"
+    # a seed gives the sample it gives alone, whatever else is waiting
+    assert text(answers[3]) == ref.generate(d["image"], e["detect"], temperature=1.5, seed=3).text
+
+
+def test_a_client_that_leaves_a_stream_cancels_it(ref, demo):
+    pipe = HeldPipe(palitorch.load())  # its stream of the prompt "endless" ends only when closed
+    engine = RecordingEngine(pipe, start_after=1)
+    body = json.dumps(chat(demo[0]["path"], "endless", stream=True)).encode()
+    with serving(new_server(engine)) as srv:
+        sock = socket.create_connection(srv.server_address[:2], timeout=TIMEOUT)
+        sock.sendall(b"POST " + COMPLETIONS.encode() + b" HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        got = b""
+        while got.count(b"more") < 2:  # the stream is running
+            data = sock.recv(65536)
+            assert data, got
+            got += data
+        assert got.startswith(b"HTTP/1.1 200") and b"text/event-stream" in got
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # leave at once (a reset)
+        sock.close()
+        assert pipe.closed.wait(TIMEOUT), "the engine went on generating for a client that had left"
+        [job] = engine.jobs
+        assert job.done.wait(TIMEOUT) and job.cancelled.is_set() and job.error is None
+        # the server goes on answering, streams included
+        pipe.release.set()
+        expected = ref.generate(demo[1]["image"], "caption en").text
+        assert text(post(srv, chat(demo[1]["path"], "caption en"))) == expected
+        _, events = stream_events(srv, chat(demo[1]["path"], "caption en", stream=True))
+        assert events[-1] == "[DONE]"
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in events[1:-1]) == expected
+    engine.stop()

@@ -1,0 +1,198 @@
+"""HTTP plumbing of a live server: status codes and OpenAI error objects, API keys, body limits, keep-alive
+connections (also after an error) and shutting down."""
+
+import http.client
+import json
+import threading
+import urllib.parse
+
+import pytest
+from serverkit import (
+    COMPLETIONS,
+    MODEL,
+    TIMEOUT,
+    HeldPipe,
+    RecordingEngine,
+    call,
+    chat,
+    demo_examples,
+    live_server,
+    new_server,
+    post,
+    serving,
+)
+
+import palitorch
+from palitorch.server import Engine, Server
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return palitorch.load()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return demo_examples()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with live_server() as srv:
+        yield srv
+
+
+def connect(server) -> http.client.HTTPConnection:
+    host, port = server.server_address[:2]
+    return http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+
+
+def reply(conn) -> tuple[int, dict, http.client.HTTPResponse]:
+    r = conn.getresponse()
+    return r.status, json.loads(r.read()), r
+
+
+def error_of(out, status_type="invalid_request_error") -> str:
+    assert set(out) == {"error"} and set(out["error"]) == {"message", "type", "param", "code"}, out
+    assert out["error"]["type"] == status_type
+    return out["error"]["message"]
+
+
+def test_unknown_paths_and_methods(server):
+    status, out, _ = call(server.url + "/v2/everything")
+    assert status == 404 and "no such endpoint: GET /v2/everything" in error_of(out, "not_found_error")
+    status, out, _ = call(server.url + "/v1/completions", {"prompt": "hi"})
+    assert status == 404 and "POST /v1/completions" in error_of(out, "not_found_error")
+    status, out, _ = call(server.url + COMPLETIONS)
+    assert status == 405 and "use POST" in error_of(out)
+
+
+def test_malformed_requests_are_400(server, demo):
+    for raw in (b"{nope", b'"a string"'):
+        status, out, _ = post(server, raw)
+        assert status == 400 and "the request body" in error_of(out)
+    status, out, _ = post(server, chat(demo[0]["path"], "caption en", temperature=-1))
+    assert status == 400 and "temperature must be" in error_of(out)
+    status, out, _ = post(server, chat(demo[0]["path"], "caption en", model="gpt-4o"))
+    assert status == 404 and out["error"]["code"] == "model_not_found"
+
+
+def test_one_connection_serves_several_requests_even_after_an_error(server, demo):
+    conn = connect(server)
+    conn.request("GET", "/health")
+    assert reply(conn)[0] == 200
+    sock = conn.sock
+    conn.request("POST", COMPLETIONS, body=b"{nope", headers={"Content-Type": "application/json"})
+    status, _, r = reply(conn)
+    assert status == 400 and r.getheader("Connection") is None
+    conn.request("POST", COMPLETIONS, body=json.dumps(chat(demo[0]["path"], "caption en")))
+    status, out, _ = reply(conn)
+    assert status == 200 and out["choices"][0]["message"]["content"]
+    conn.request("GET", "/nowhere")
+    assert reply(conn)[0] == 404
+    conn.request("GET", "/v1/models")
+    assert reply(conn)[0] == 200
+    assert conn.sock is sock  # all on the first connection
+    conn.close()
+
+
+def test_a_body_over_the_limit_is_413_and_ends_the_connection(server, demo):
+    with serving(new_server(server.engine, max_body=100)) as small:
+        conn = connect(small)
+        conn.putrequest("POST", COMPLETIONS)
+        conn.putheader("Content-Length", "1000000000")  # declared, never sent: the server must not read it
+        conn.endheaders()
+        status, out, r = reply(conn)
+        assert status == 413 and "1,000,000,000 bytes" in error_of(out) and "limit of 100" in error_of(out)
+        assert r.getheader("Connection") == "close"  # so the client opens a new connection for its next request
+        conn.request("GET", "/health")
+        assert reply(conn)[0] == 200
+        conn.close()
+        status, out, _ = post(small, {"messages": []})  # 16 bytes: under the limit, read and answered
+        assert status == 400 and "messages must be" in error_of(out)
+
+
+@pytest.mark.parametrize("header, message", [(None, "needs a Content-Length header"),
+                                             (("Content-Length", "-1"), "needs a Content-Length header"),
+                                             (("Content-Length", "ten"), "needs a Content-Length header"),
+                                             (("Transfer-Encoding", "chunked"), "not chunked")])
+def test_a_body_without_a_length_is_411(server, header, message):
+    conn = connect(server)
+    conn.putrequest("POST", COMPLETIONS)
+    if header:
+        conn.putheader(*header)
+    conn.endheaders()  # no body follows
+    status, out, r = reply(conn)
+    assert status == 411 and message in error_of(out) and r.getheader("Connection") == "close"
+    conn.request("GET", "/health")  # the same client object goes on, on a new connection
+    assert reply(conn)[0] == 200
+    conn.close()
+
+
+def test_an_api_key_guards_the_api_but_not_health(server, demo):
+    body = chat(demo[0]["path"], "caption en")
+    with serving(new_server(server.engine, api_key="s3cret")) as guarded:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            status, out, _ = post(guarded, body, headers=headers)
+            assert status == 401 and out["error"]["code"] == "invalid_api_key"
+            assert "Authorization: Bearer KEY" in error_of(out, "authentication_error")
+        assert call(guarded.url + "/v1/models")[0] == 401
+        assert call(guarded.url + f"/v1/models/{MODEL}")[0] == 401
+        status, out, _ = post(guarded, body, headers={"Authorization": "Bearer s3cret"})
+        assert status == 200 and out["choices"][0]["message"]["content"]
+        assert call(guarded.url + "/v1/models", headers={"Authorization": "Bearer s3cret"})[0] == 200
+        status, out, _ = call(guarded.url + "/health")
+        assert status == 200 and out["status"] == "ok"
+
+
+def test_a_model_name_with_spaces_slashes_and_accents(server, demo):
+    name = "acme/pali gemma ü"
+    srv = Server(("127.0.0.1", 0), name, quiet=True)
+    srv.engine = server.engine
+    with serving(srv):
+        for path in (urllib.parse.quote(name), urllib.parse.quote(name, safe="")):  # "/" as is, or as %2F
+            status, out, _ = call(srv.url + "/v1/models/" + path)
+            assert status == 200 and out["id"] == name, out
+        status, out, _ = post(srv, chat(demo[0]["path"], "caption en", model=name))
+        assert status == 200 and out["model"] == name
+
+
+def test_after_the_engine_stops_requests_get_503_and_health_still_answers(ref, demo):
+    engine = Engine(palitorch.load()).start()
+    with serving(new_server(engine)) as srv:
+        assert post(srv, chat(demo[0]["path"], "caption en"))[0] == 200
+        engine.stop()  # joins the engine's thread: its counts are final
+        status, out, _ = post(srv, chat(demo[0]["path"], "caption en"))
+        assert status == 503 and "shutting down" in error_of(out, "server_error")
+        status, health, _ = call(srv.url + "/health")
+    tokens = len(ref.generate(demo[0]["image"], "caption en").token_ids)
+    assert status == 200 and health == {"status": "ok", "model": MODEL, "queued": 0, "requests": 1, "batches": 1,
+                                        "largest_batch": 1, "tokens": tokens}
+
+
+def test_stopping_finishes_the_batch_in_progress_and_refuses_the_queue(ref, demo):
+    pipe = HeldPipe(palitorch.load())
+    engine = RecordingEngine(pipe, start_after=1)
+    answers = {}
+
+    def ask(name, prompt):
+        answers[name] = post(srv, chat(demo[0]["path"], prompt))
+
+    with serving(new_server(engine)) as srv:
+        running = threading.Thread(target=ask, args=("running", "caption en"))
+        running.start()
+        assert pipe.entered.wait(TIMEOUT)  # the model is answering it
+        queued = threading.Thread(target=ask, args=("queued", "answer en " + demo[0]["question"]))
+        queued.start()
+        engine.wait_for_jobs(2)
+        stopper = threading.Thread(target=engine.stop)
+        stopper.start()
+        queued.join(TIMEOUT)  # refused at once, while the model still holds the first request
+        assert not queued.is_alive() and running.is_alive()
+        pipe.release.set()
+        for t in (running, stopper):
+            t.join(TIMEOUT)
+    assert answers["queued"][0] == 503 and "shutting down" in answers["queued"][1]["error"]["message"]
+    status, out, _ = answers["running"]
+    assert status == 200 and out["choices"][0]["message"]["content"] == ref.generate(demo[0]["image"],
+                                                                                     "caption en").text

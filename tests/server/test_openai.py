@@ -1,0 +1,294 @@
+"""The OpenAI request and response rules alone (no model, no sockets): parse_body, parse_chat, completion, chunk,
+token_entry."""
+
+import base64
+
+import pytest
+from PIL import Image
+from serverkit import chat, data_url, png_bytes
+
+from palitorch.inference.generate import Result
+from palitorch.server.openai import ApiError, ChatRequest, chunk, completion, parse_body, parse_chat, token_entry
+
+MODEL = "tiny"
+IMAGE = Image.new("RGB", (40, 30), (200, 30, 30))
+URL = data_url(IMAGE)
+
+
+def body(prompt="caption en", image=URL, **kw):
+    return chat(image, prompt, **{"model": MODEL, **kw})
+
+
+def parse(b, **kw) -> ChatRequest:
+    return parse_chat(b, MODEL, **kw)
+
+
+def refused(b, status=400, **kw) -> ApiError:
+    with pytest.raises(ApiError) as e:
+        parse(b, **kw)
+    assert e.value.status == status
+    return e.value
+
+
+def with_content(*parts) -> dict:
+    return {"messages": [{"role": "user", "content": list(parts)}]}
+
+
+def image_part(url=URL):
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def text_part(text):
+    return {"type": "text", "text": text}
+
+
+def test_a_valid_request():
+    req = parse(body("caption en"))
+    assert req.image.size == (40, 30) and req.image.mode == "RGB" and req.image.getpixel((5, 5)) == (200, 30, 30)
+    assert (req.prompt, req.options, req.n, req.stream, req.include_usage, req.logprobs) == \
+        ("caption en", {}, 1, False, False, False)
+    assert req.greedy
+
+
+def test_image_url_as_a_plain_string_and_text_parts_joined_with_spaces():
+    req = parse(with_content(text_part("answer en"), {"type": "image_url", "image_url": URL}, text_part("what?")))
+    assert req.prompt == "answer en what?" and req.image.size == (40, 30)
+    assert parse(with_content(image_part())).prompt == ""  # no text part: an empty prompt
+
+
+def test_max_tokens_names():
+    assert parse(body(max_tokens=5)).options == {"max_new_tokens": 5}
+    assert parse(body(max_completion_tokens=7)).options == {"max_new_tokens": 7}
+    assert parse(body(min_tokens=2, max_tokens=4)).options == {"min_new_tokens": 2, "max_new_tokens": 4}
+    e = refused(body(max_tokens=5, max_completion_tokens=7))
+    assert e.param == "max_tokens" and "not both" in e.message
+
+
+def test_temperature_zero_is_greedy_whatever_else_is_set():
+    req = parse(body(temperature=0, top_p=0.9, min_p=0.1), defaults={"top_k": 5})
+    assert req.options == {"temperature": 0} and req.greedy
+    req = parse(body(temperature=0.7, top_p=0.9))
+    assert req.options == {"temperature": 0.7, "top_p": 0.9} and not req.greedy
+    assert not parse(body(top_k=3)).greedy  # a filter alone asks for sampling, as in palitorch
+
+
+def test_the_request_overrides_the_server_defaults():
+    defaults = {"max_new_tokens": 10, "temperature": 0.5, "seed": 1}
+    req = parse(body(max_tokens=3, seed=2), defaults=defaults)
+    assert req.options == {"max_new_tokens": 3, "temperature": 0.5, "seed": 2}
+    assert defaults == {"max_new_tokens": 10, "temperature": 0.5, "seed": 1}  # not modified
+    assert parse(body(seed=None), defaults=defaults).options == defaults  # null: the default stays
+
+
+def test_stop_as_a_string_or_a_list():
+    assert parse(body(stop=".")).options == {"stop": "."}
+    assert parse(body(stop=[".", "\n"])).options == {"stop": [".", "\n"]}
+    assert "stop must be a list of non-empty strings" in refused(body(stop=[""])).message
+
+
+@pytest.mark.parametrize("n", [0, 17, True, "2", 1.5, -1])
+def test_n_must_be_an_integer_from_1_to_16(n):
+    e = refused(body(n=n))
+    assert e.param == "n" and "n must be" in e.message
+
+
+def test_n_and_logprobs():
+    assert parse(body(n=16)).n == 16
+    assert parse(body(logprobs=True)).logprobs
+    assert refused(body(logprobs=1)).param == "logprobs"
+
+
+@pytest.mark.parametrize("value", [1, "true", 0])
+def test_stream_must_be_true_or_false(value):
+    e = refused(body(stream=value))
+    assert e.param == "stream" and "true or false" in e.message
+
+
+def test_stream_options():
+    req = parse(body(stream=True, stream_options={"include_usage": True}))
+    assert req.stream and req.include_usage
+    assert not parse(body(stream=True)).include_usage
+    for bad in ({"include_usage": "yes"}, ["include_usage"]):
+        assert refused(body(stream=True, stream_options=bad)).param == "stream_options"
+
+
+@pytest.mark.parametrize("extra, param", [({"n": 2}, "stream"), ({"num_beams": 2}, "stream"),
+                                          ({"logprobs": True}, "logprobs")])
+def test_a_stream_gives_one_plain_answer(extra, param):
+    e = refused(body(stream=True, **extra))
+    assert e.param == param and "stream: false" in e.message
+
+
+def test_unknown_parameters_are_named_with_a_suggestion():
+    e = refused(body(max_token=5))
+    assert e.param == "max_token" and "unknown parameter 'max_token'" in e.message and "'max_tokens'" in e.message
+    e = refused(body(frobnicate=1))
+    assert e.param == "frobnicate" and "did you mean" not in e.message
+
+
+def test_another_model_name_is_not_found():
+    e = refused(body(model="gpt-4o"), status=404)
+    assert (e.param, e.code) == ("model", "model_not_found") and "'tiny'" in e.message
+    assert e.body()["error"]["type"] == "not_found_error"
+    b = body()
+    del b["model"]
+    assert parse(b).prompt == "caption en"  # no model named: the one served
+
+
+def messages_cases():
+    user = {"role": "user", "content": [image_part(), text_part("caption en")]}
+    png = base64.b64encode(png_bytes(IMAGE)).decode()
+    return [
+        ({"messages": [{"role": "system", "content": "be brief"}, user]}, "no system prompt"),
+        ({"messages": [user, {"role": "assistant", "content": "red"}]}, "exactly one message"),
+        ({"messages": [{"role": "user", "content": "caption en"}]}, "no image"),
+        ({"messages": []}, "non-empty list"),
+        ({"messages": "caption en"}, "non-empty list"),
+        (with_content(image_part(), image_part(), text_part("x")), "one image per request, got 2"),
+        (with_content(text_part("caption en")), "got 0: add an image_url part"),
+        (with_content(image_part(), {"type": "input_audio", "input_audio": {}}), "unsupported content part"),
+        (with_content({"type": "image_url", "image_url": 5}), "an image_url part needs"),
+        (with_content(image_part("data:image/png;base64," + png[:-7] + "!@#$%^&")), "base64 is damaged"),
+        (with_content(image_part("data:image/png," + png)), "must be base64"),
+        (with_content(image_part("data:image/png;base64," + base64.b64encode(b"hello").decode())),
+         "cannot decode the image"),
+        (with_content(image_part("ftp://example.com/cat.png")), "a data URL (data:image/png;base64,...) or an http"),
+        (with_content(image_part("http://example.com/cat.png")), "does not fetch image URLs"),
+    ]
+
+
+@pytest.mark.parametrize("b, message", messages_cases())
+def test_messages_paliGemma_cannot_answer_say_what_to_change(b, message):
+    e = refused(b)  # fetch is None: http URLs are refused
+    assert e.param == "messages" and message in e.message, e.message
+
+
+def test_http_image_urls_go_to_fetch():
+    asked = []
+
+    def fetch(url):
+        asked.append(url)
+        return png_bytes(Image.new("RGB", (8, 6)))
+
+    req = parse(with_content(image_part("https://example.com/a.png"), text_part("ocr")), fetch=fetch)
+    assert asked == ["https://example.com/a.png"] and req.image.size == (8, 6) and req.prompt == "ocr"
+
+
+@pytest.mark.parametrize("name, neutral, other, advice", [
+    ("presence_penalty", 0, 0.5, "repetition_penalty"),
+    ("frequency_penalty", 0, -1, "repetition_penalty"),
+    ("top_logprobs", 0, 3, "logprobs: true"),
+    ("response_format", {"type": "text"}, {"type": "json_object"}, "plain text"),
+    ("tools", [], [{"type": "function"}], "not supported"),
+    ("tool_choice", "none", "auto", "not supported"),
+])
+def test_openai_options_palitorch_cannot_honour_are_refused_unless_neutral(name, neutral, other, advice):
+    assert parse(body(**{name: neutral})).options == {}
+    assert parse(body(**{name: None})).options == {}
+    e = refused(body(**{name: other}))
+    assert e.param == name and f"{name} is not supported" in e.message and advice in e.message
+
+
+def test_bookkeeping_fields_are_accepted():
+    assert parse(body(user="u1", metadata={"a": "b"}, store=False)).prompt == "caption en"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"top_p": 0}, "top_p must be in (0, 1]"),
+    ({"temperature": -1}, "temperature must be a finite number >= 0"),
+    ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
+    ({"max_completion_tokens": 2.5}, "max_tokens must be an integer >= 1"),
+    ({"min_tokens": -1}, "min_tokens must be an integer >= 0"),
+    ({"min_tokens": 5, "max_tokens": 2}, "min_tokens (5) is more than max_tokens (2)"),
+    ({"num_beams": 2, "temperature": 1}, "beam search is deterministic"),
+])
+def test_bad_option_values_are_named_as_openai_names_them(options, message):
+    e = refused(body(**options))
+    assert message in e.message and "new_tokens" not in e.message, e.message
+
+
+@pytest.mark.parametrize("limit", [1000, 500])  # 40x30 = 1200 pixels: over the limit (a warning), over twice it
+def test_a_decompression_bomb_is_refused(monkeypatch, limit):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    e = refused(body())
+    assert e.param == "messages" and "too many pixels" in e.message and f"{limit:,}" in e.message
+
+
+def test_parse_body():
+    assert parse_body(b'{"model": "x"}') == {"model": "x"}
+    for raw, message in ((b'{"model": ', "not valid JSON"), (b"\xff\xfe\x00", "not valid JSON"),
+                         (b"[1, 2]", "must be a JSON object, got list"), (b"", "not valid JSON")):
+        with pytest.raises(ApiError) as e:
+            parse_body(raw)
+        assert e.value.status == 400 and message in e.value.message
+
+
+# ------------------------------------------------------------------------------------------------ responses
+
+
+class Tokenizer:
+    pieces = {5: "\u2581word", 6: "<0xE2>", 7: "<loc0001>", 8: "red"}
+
+    def id_to_token(self, i):
+        return self.pieces.get(i)
+
+
+def test_token_entry():
+    tok = Tokenizer()
+    assert token_entry(tok, 5, -0.25) == {"token": " word", "logprob": -0.25, "bytes": list(b" word"),
+                                          "top_logprobs": []}
+    byte = token_entry(tok, 6, -1.0)
+    assert byte["bytes"] == [0xE2] and byte["token"] == "\\xe2"  # half a character: shown escaped, bytes exact
+    assert token_entry(tok, 7, float("-inf"))["logprob"] == -9999.0
+    assert token_entry(tok, 99, -2.0)["token"] == ""  # an id the tokenizer does not know
+
+
+def request(prompt="caption en", **kw):
+    return ChatRequest(IMAGE, prompt, {}, **kw)
+
+
+def test_completion_object_finish_reasons_and_usage():
+    results = [Result("red", [8], [-0.5], "eos", 70), Result("red", [8, 8], [-0.5, -0.7], "stop", 70),
+               Result("word", [5, 5, 5], [-1.0] * 3, "length", 70)]
+    out = completion("chatcmpl-1", 123, MODEL, request(n=3), results, Tokenizer())
+    assert {k: out[k] for k in ("id", "object", "created", "model")} == \
+        {"id": "chatcmpl-1", "object": "chat.completion", "created": 123, "model": MODEL}
+    assert [c["finish_reason"] for c in out["choices"]] == ["stop", "stop", "length"]
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": "red"}
+    assert all(c["logprobs"] is None and "detections" not in c for c in out["choices"])
+    # the EOS that ended the first answer counts as generated; the prompt counts once
+    assert out["usage"] == {"prompt_tokens": 70, "completion_tokens": 2 + 2 + 3, "total_tokens": 77}
+
+
+def test_completion_with_logprobs():
+    out = completion("c", 0, MODEL, request(logprobs=True), [Result("word", [5, 6], [-0.5, -1.5], "eos", 9)],
+                     Tokenizer())
+    content = out["choices"][0]["logprobs"]["content"]
+    assert [(e["token"], e["logprob"], e["bytes"]) for e in content] == [(" word", -0.5, list(b" word")),
+                                                                          ("\\xe2", -1.5, [0xE2])]
+
+
+def test_detect_and_segment_prompts_add_their_objects():
+    text = "<loc0000><loc0000><loc1023><loc1023> cat"
+    out = completion("c", 0, MODEL, request("detect cat"), [Result(text, [7], [-0.1], "eos", 9)], Tokenizer())
+    assert out["choices"][0]["detections"] == [{"label": "cat", "box": [0, 0, 40, 30]}]  # the 40x30 image's pixels
+    out = completion("c", 0, MODEL, request("segment cat"), [Result("cat", [8], [-0.1], "eos", 9)], Tokenizer())
+    assert out["choices"][0]["segmentations"] == []  # nothing well-formed in the answer, but the field is there
+
+
+def test_stream_chunks():
+    first = chunk("c", 5, MODEL, {"role": "assistant", "content": ""})
+    assert first == {"id": "c", "object": "chat.completion.chunk", "created": 5, "model": MODEL,
+                     "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                                  "logprobs": None}]}
+    assert chunk("c", 5, MODEL, {}, "length")["choices"][0]["finish_reason"] == "length"
+    usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    last = chunk("c", 5, MODEL, {}, usage_=usage, choices=False)
+    assert last["choices"] == [] and last["usage"] == usage
+
+
+def test_api_error_body():
+    e = ApiError(401, "no key", code="invalid_api_key")
+    assert e.body() == {"error": {"message": "no key", "type": "authentication_error", "param": None,
+                                  "code": "invalid_api_key"}}

@@ -1,0 +1,148 @@
+"""`palitorch serve` as a user runs it: ready line on stdout, the options wired into the server, SIGTERM stops it
+with exit 0; bad options are one-line errors (exit 2) before any model is loaded."""
+
+import argparse
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from serverkit import COMPLETIONS, TIMEOUT, call, chat, demo_examples
+
+import palitorch
+from palitorch.cli import main
+from palitorch.cli import serve as serve_cli
+
+REPO = Path(__file__).resolve().parents[2]
+READY = re.compile(r"palitorch serve: (?P<name>\S+) on cpu, listening on (?P<url>http://127\.0\.0\.1:\d+)/v1 "
+                   r"\(Ctrl-C to stop\)\n")
+
+
+@pytest.fixture(scope="module")
+def ref():
+    """The expected answers: the bundled model, one request at a time, on the test's thread."""
+    return palitorch.load()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return demo_examples()
+
+
+def palitorch_serve(*argv) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "palitorch", "serve", *map(str, argv)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def first_line(proc: subprocess.Popen) -> str:
+    """The first line the process prints on stdout ("" if it ends first); a safety timeout, not a measurement."""
+    lines = queue.Queue()
+    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
+    return lines.get(timeout=TIMEOUT)
+
+
+def test_serve_answers_then_stops_on_sigterm(ref, demo):
+    proc = palitorch_serve("--port", 0, "--quiet", "--device", "cpu", "--served-model-name", "shapes",
+                           "--api-key", "k3y", "--max-new-tokens", 2, "--no-fetch")
+    try:
+        line = first_line(proc)
+        ready = READY.fullmatch(line)
+        assert ready and ready["name"] == "shapes", (line, proc.poll())
+        url, auth = ready["url"], {"Authorization": "Bearer k3y"}
+        e = demo[0]
+        status, out, _ = call(url + COMPLETIONS, chat(e["path"], e["detect"], model="shapes"), headers=auth)
+        assert status == 200, out
+        expected = ref.generate(e["image"], e["detect"], max_new_tokens=2)  # --max-new-tokens: the default
+        assert out["choices"][0]["message"]["content"] == expected.text
+        assert out["choices"][0]["finish_reason"] == "length" and out["model"] == "shapes"
+        status, out, _ = call(url + COMPLETIONS, chat(e["path"], e["detect"], max_tokens=8), headers=auth)
+        assert out["choices"][0]["message"]["content"] == ref.generate(e["image"], e["detect"]).text  # overridden
+        status, out, _ = call(url + COMPLETIONS, chat("http://127.0.0.1:9/a.png", "caption en"), headers=auth)
+        assert status == 400 and "does not fetch" in out["error"]["message"]  # --no-fetch
+        assert call(url + "/v1/models")[0] == 401  # --api-key
+        assert call(url + "/health")[1]["model"] == "shapes"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert out == "" and "Traceback" not in err
+    assert err.splitlines()[-1] == "palitorch serve: stopped"
+
+
+def test_a_model_that_cannot_load_is_a_one_line_error():
+    proc = palitorch_serve("--port", 0, "--model", "/nonexistent")
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("palitorch serve: error: ") and "/nonexistent" in err, err
+
+
+@pytest.fixture
+def before_anything(monkeypatch):
+    """Fail if `serve` loads a model or takes over the signals (the options must be checked first)."""
+
+    def refuse(*a, **k):
+        raise AssertionError("serve went on past its option checks")
+
+    monkeypatch.setattr(serve_cli, "load_pipeline", refuse)
+    monkeypatch.setattr(serve_cli.signal, "signal", refuse)
+
+
+def cli(argv, capsys):
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "70000"], "--port must be from 0 to 65535, got 70000"),
+    (["--port", "-1"], "--port must be from 0 to 65535"),
+    (["--port", "http"], "argument --port: invalid int value"),
+    (["--max-batch-size", "0"], "--max-batch-size must be >= 1, got 0"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1"),
+    (["--max-body-mb", "0"], "--max-body-mb must be > 0"),
+    (["--max-body-mb", "nan"], "--max-body-mb must be > 0"),
+])
+def test_bad_options_are_one_line_errors(argv, message, before_anything, capsys):
+    rc, out, err = cli(["serve", *argv], capsys)
+    assert rc == 2 and out == "" and err.count("\n") == 1 and message in err, err
+    assert err.startswith("palitorch serve: error: ")
+
+
+def test_a_port_in_use_is_a_one_line_error(before_anything, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc, out, err = cli(["serve", "--port", port], capsys)
+    assert rc == 2 and out == "" and err.count("\n") == 1, err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "choose another --port" in err
+
+
+def test_help_lists_the_flags(capsys):
+    rc, out, _ = cli(["serve", "--help"], capsys)
+    assert rc == 0
+    for flag in ("--host", "--port", "--served-model-name", "--api-key", "--max-batch-size", "--no-fetch",
+                 "--max-body-mb", "--quiet", "--model", "--device", "--compile", "--max-new-tokens", "--temperature",
+                 "--stop", "/v1/chat/completions"):
+        assert flag in out, flag
+
+
+def test_the_served_model_name():
+    def name(**kw):
+        return serve_cli.model_name(argparse.Namespace(**{"served_model_name": None, "model": None, **kw}))
+
+    assert name() == "palitorch-default"
+    assert name(model="/checkpoints/paligemma2-3b-pt-224/") == "paligemma2-3b-pt-224"
+    assert name(model="/checkpoints/x", served_model_name="mine") == "mine"
