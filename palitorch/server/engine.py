@@ -80,7 +80,9 @@ class Engine:
             self._cv.notify_all()
         for job in left:
             self._fail(job, ApiError(503, "the server is shutting down"))
-        self._thread.join(timeout)
+            job.done.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def submit(self, request: ChatRequest) -> Job:
         job = Job(request)
@@ -122,9 +124,13 @@ class Engine:
                     return
                 group = self._take()
             start = time.perf_counter()
-            self._run(group)
-            if group[0].counted:
-                self._count(group, time.perf_counter() - start)
+            try:
+                self._run(group)
+                if group[0].counted:
+                    self._count(group, time.perf_counter() - start)
+            finally:
+                for job in group:  # after the count: a client that has its answer sees it in /health
+                    job.done.set()
 
     def _count(self, group: list[Job], seconds: float) -> None:
         tokens = sum(len(r.token_ids) for job in group for r in (job.results or []))
@@ -204,11 +210,9 @@ class Engine:
     @staticmethod
     def _finish(job: Job, results: list[Result] | None) -> None:
         job.results = results
-        job.pieces.put(None)
-        job.done.set()
+        job.pieces.put(None)  # (the loop sets job.done once the batch is counted)
 
     @staticmethod
     def _fail(job: Job, error: ApiError) -> None:
         job.error = error
         job.pieces.put(None)
-        job.done.set()

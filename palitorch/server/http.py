@@ -36,6 +36,8 @@ def fetch_url(url: str, timeout: float = 15.0, limit: int = MAX_IMAGE_BYTES) -> 
             data = response.read(limit + 1)
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:  # e.g. not HTTP at all
         reason = getattr(e, "reason", None) or e
+        if isinstance(e, urllib.error.HTTPError):
+            reason = f"HTTP {e.code} {e.reason}"
         raise bad(f"cannot fetch the image at {url[:80]}: {reason}", "messages") from None
     if len(data) > limit:
         raise bad(f"the image at {url[:80]} is over {limit >> 20} MiB", "messages")

@@ -17,14 +17,14 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
+import io
 import json
 import math
 import re
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from palitorch.errors import InputError
 from palitorch.inference.generate import Result
@@ -215,15 +215,20 @@ def read_image(url: str, fetch: Callable[[str], bytes] | None) -> Image.Image:
     else:
         raise bad(f"image_url must be a data URL (data:image/png;base64,...) or an http(s) URL, got {url[:40]!r}",
                   "messages")
+    too_big = bad(f"the image has too many pixels (over {Image.MAX_IMAGE_PIXELS:,}): send a smaller one", "messages")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, rather than decode, a bomb
-            return load_image(data)
+        with Image.open(io.BytesIO(data)) as probe:  # the header only: a huge image is refused before it is decoded
+            pixels = probe.width * probe.height
+    except Image.DecompressionBombError:
+        raise too_big from None
+    except (UnidentifiedImageError, OSError):
+        pixels = 0  # load_image says what is wrong with it
+    if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
+        raise too_big
+    try:
+        return load_image(data)
     except InputError as e:
         raise bad(str(e).replace("image bytes", "the image"), "messages") from None
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise bad(f"the image has too many pixels (over {Image.MAX_IMAGE_PIXELS:,}): send a smaller one",
-                  "messages") from None
 
 
 # ------------------------------------------------------------------------------------------------ responses

@@ -145,7 +145,8 @@ def test_http_image_urls_are_fetched(server, ref, demo, image_site, no_proxy):
     status, out, _ = post(server, chat(f"{image_site}/missing.png", "caption en"))
     assert status == 400 and out["error"]["param"] == "messages"
     message = out["error"]["message"]
-    assert message.startswith(f"cannot fetch the image at {image_site}/missing.png") and "File not found" in message
+    assert message.startswith(f"cannot fetch the image at {image_site}/missing.png")
+    assert "HTTP 404 File not found" in message
 
 
 def test_a_url_that_does_not_answer_http_is_a_400(server, no_proxy):

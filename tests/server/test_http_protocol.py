@@ -23,7 +23,7 @@ from serverkit import (
 )
 
 import palitorch
-from palitorch.server import Engine, Server
+from palitorch.server import ApiError, Engine, Server, parse_chat
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +168,25 @@ def test_after_the_engine_stops_requests_get_503_and_health_still_answers(ref, d
     tokens = len(ref.generate(demo[0]["image"], "caption en").token_ids)
     assert status == 200 and health == {"status": "ok", "model": MODEL, "queued": 0, "requests": 1, "batches": 1,
                                         "largest_batch": 1, "tokens": tokens}
+
+
+def test_health_is_current_once_a_client_has_its_answer(ref, demo):
+    engine = Engine(palitorch.load()).start()
+    with serving(new_server(engine)) as srv:
+        for i in range(3):
+            assert post(srv, chat(demo[i]["path"], "caption en"))[0] == 200
+            _, health, _ = call(srv.url + "/health")  # the engine's thread is still running: no join
+            assert health["requests"] == i + 1 and health["batches"] == i + 1, health
+    engine.stop()
+
+
+def test_an_engine_never_started_stops_cleanly(ref, demo):
+    engine = Engine(palitorch.load())
+    job = engine.submit(parse_chat(chat(demo[0]["path"], "caption en"), MODEL))
+    engine.stop()
+    with pytest.raises(ApiError) as e:
+        job.wait()
+    assert e.value.status == 503
 
 
 def test_stopping_finishes_the_batch_in_progress_and_refuses_the_queue(ref, demo):
