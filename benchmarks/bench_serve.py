@@ -72,10 +72,13 @@ def hf_all(hf, pipe, images, prompts, new_tokens: int, force: bool) -> tuple[flo
     answers, tokens = [], 0
     t0 = time.perf_counter()
     for image, prompt in zip(images, prompts):
-        ids = torch.tensor([proc.encode(prompt).ids], device=pipe.device)
+        enc = proc.encode(prompt)
+        ids = torch.tensor([enc.ids], device=pipe.device)
+        types = torch.tensor([enc.types], device=pipe.device)  # the prefix-LM mask: PaliGemma 2 needs it
         pixels = proc.pixels(image)[None].to(pipe.device, pipe.dtype)
         with torch.inference_mode():
             out = hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
+                              token_type_ids=types,
                               max_new_tokens=new_tokens, min_new_tokens=new_tokens if force else 0, do_sample=False,
                               eos_token_id=eos, pad_token_id=proc.pad_id)
         new = out[0, ids.shape[1]:].tolist()

@@ -135,3 +135,22 @@ def hf_processor(folder: Path):
     ip.image_seq_length = pre["image_seq_length"]
     tok = PreTrainedTokenizerFast.from_pretrained(folder)
     return PaliGemmaProcessor(image_processor=ip, tokenizer=tok)
+
+
+def diverse(ckpt_factory, version: int, image_size: int = 224):
+    """A tiny checkpoint whose greedy answers vary from token to token.
+
+    hf_factory's weights make the tied LM head echo the last input token forever, which would let a generation
+    test pass without generating anything; small embeddings and larger layer weights let the layers decide.
+    """
+    name = f"gen-pg{version}-{image_size}"
+    folder, hf = ckpt_factory(name, version=version, image_size=image_size, kv_heads=2 if version == 2 else 1)
+    if not (folder / ".diverse").exists():
+        g = torch.Generator().manual_seed(version * 1000 + image_size)
+        with torch.no_grad():
+            for n, p in hf.named_parameters():
+                std = 0.05 if "embed_tokens" in n else (1.0 if "norm" in n else (0.5 if p.ndim > 1 else 0.3))
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        hf.save_pretrained(folder)
+        (folder / ".diverse").touch()
+    return folder, hf

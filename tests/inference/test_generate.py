@@ -13,28 +13,11 @@ import palitorch
 from palitorch.errors import InputError
 from palitorch.inference import generate as engine
 
+from hf_factory import diverse
+
 STEPS = 32
 PROMPTS = ["caption en", "answer en what color is the shape?", "detect cat ; dog"]
 SUFFIXES = ["a cat on a mat", "red", "<loc0010><loc0020><loc0500><loc0600> cat"]
-
-
-def diverse(ckpt_factory, version: int, image_size: int = 224):
-    """A tiny checkpoint whose greedy answers vary from token to token.
-
-    hf_factory's weights make the tied LM head echo the last input token forever, which would let a generation
-    test pass without generating anything; small embeddings and larger layer weights let the layers decide.
-    """
-    name = f"gen-pg{version}-{image_size}"
-    folder, hf = ckpt_factory(name, version=version, image_size=image_size, kv_heads=2 if version == 2 else 1)
-    if not (folder / ".diverse").exists():
-        g = torch.Generator().manual_seed(version * 1000 + image_size)
-        with torch.no_grad():
-            for n, p in hf.named_parameters():
-                std = 0.05 if "embed_tokens" in n else (1.0 if "norm" in n else (0.5 if p.ndim > 1 else 0.3))
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-        hf.save_pretrained(folder)
-        (folder / ".diverse").touch()
-    return folder, hf
 
 
 def images(n: int, seed: int = 0):
