@@ -23,7 +23,17 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from palitorch.server.engine import Engine
-from palitorch.server.openai import ApiError, bad, chunk, completion, finish_reason, parse_body, parse_chat, usage
+from palitorch.server.openai import (
+    ApiError,
+    ImageCache,
+    bad,
+    chunk,
+    completion,
+    finish_reason,
+    parse_body,
+    parse_chat,
+    usage,
+)
 
 MAX_IMAGE_BYTES = 20 << 20
 
@@ -54,6 +64,7 @@ class Server(ThreadingHTTPServer):
         self.engine: Engine | None = None  # set before serving: the socket is bound before the model loads
         self.model_id, self.defaults, self.api_key = model_id, dict(defaults or {}), api_key
         self.fetch = fetch_url if fetch_images else None
+        self.images = ImageCache()
         self.max_body, self.quiet = max_body, quiet
         self.started = int(time.time())
 
@@ -99,7 +110,8 @@ class Handler(BaseHTTPRequestHandler):
         if path != "/v1/chat/completions":
             raise ApiError(404, f"no such endpoint: POST {path}; this server answers POST /v1/chat/completions")
         self._authorize()
-        req = parse_chat(parse_body(body), self.server.model_id, self.server.defaults, self.server.fetch)
+        req = parse_chat(parse_body(body), self.server.model_id, self.server.defaults, self.server.fetch,
+                         self.server.images)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         job = self.server.engine.submit(req)
         if req.stream:

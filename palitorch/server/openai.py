@@ -17,10 +17,13 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
+import hashlib
 import io
 import json
 import math
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -100,9 +103,10 @@ def parse_body(raw: bytes) -> dict:
 
 
 def parse_chat(body: dict, model_id: str, defaults: dict | None = None,
-               fetch: Callable[[str], bytes] | None = None) -> ChatRequest:
+               fetch: Callable[[str], bytes] | None = None, images: ImageCache | None = None) -> ChatRequest:
     """A chat-completions request -> ChatRequest, or ApiError saying what to change. `defaults`: the server's
-    decoding keywords, under the request's own. `fetch(url) -> bytes` reads http(s) image URLs (None: refused)."""
+    decoding keywords, under the request's own. `fetch(url) -> bytes` reads http(s) image URLs (None: refused).
+    `images`: decoded images by content, shared by requests that send the same image."""
     unknown = sorted(set(body) - KNOWN)
     if unknown:
         near = difflib.get_close_matches(unknown[0], sorted(KNOWN), n=1)
@@ -115,7 +119,7 @@ def parse_chat(body: dict, model_id: str, defaults: dict | None = None,
     for name, (neutral, advice) in NEUTRAL.items():
         if name in body and body[name] is not None and body[name] != neutral:
             raise bad(f"{name} is not supported by palitorch" + (f": {advice}" if advice else ""), name)
-    image, prompt = parse_messages(body.get("messages"), fetch)
+    image, prompt = parse_messages(body.get("messages"), fetch, images)
     options = dict(defaults or {})
     if "max_tokens" in body and "max_completion_tokens" in body:
         raise bad("give max_completion_tokens or max_tokens, not both", "max_tokens")
@@ -159,7 +163,7 @@ def check_options(options: dict) -> None:
         raise bad(msg) from None
 
 
-def parse_messages(messages, fetch) -> tuple[Image.Image, str]:
+def parse_messages(messages, fetch, images: ImageCache | None = None) -> tuple[Image.Image, str]:
     """One user message of text and one image -> (image, prompt). Text parts are joined with spaces."""
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list with one user message", "messages")
@@ -192,13 +196,36 @@ def parse_messages(messages, fetch) -> tuple[Image.Image, str]:
     if len(urls) != 1:
         raise bad(f"PaliGemma answers about one image per request, got {len(urls)}: "
                   + ("add an image_url part" if not urls else "send one request per image"), "messages")
-    return read_image(urls[0], fetch), " ".join(texts)
+    return read_image(urls[0], fetch, images), " ".join(texts)
 
 
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+/-]*)(?P<params>(;[^,;]*)*?);base64,(?P<data>.*)", re.S)
 
 
-def read_image(url: str, fetch: Callable[[str], bytes] | None) -> Image.Image:
+class ImageCache:
+    """The last `size` images decoded, by a hash of their bytes. Requests that send the same image get the same
+    image object, so that a batch of questions about one image encodes it once (Pipeline.generate shares the vision
+    pass between rows that show the same object), and it is decoded once. Thread-safe."""
+
+    def __init__(self, size: int = 32):
+        self.size, self._images, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, data: bytes, decode: Callable[[bytes], Image.Image]) -> Image.Image:
+        key = hashlib.sha256(data).digest()
+        with self._lock:
+            if key in self._images:
+                self._images.move_to_end(key)
+                return self._images[key]
+        image = decode(data)  # outside the lock: decoding is the slow part, and handler threads run it in parallel
+        with self._lock:
+            image = self._images.setdefault(key, image)  # one object even if two threads decoded it at once
+            self._images.move_to_end(key)
+            while len(self._images) > self.size:
+                self._images.popitem(last=False)
+        return image
+
+
+def read_image(url: str, fetch: Callable[[str], bytes] | None, images: ImageCache | None = None) -> Image.Image:
     match = _DATA_URL.fullmatch(url.strip()) if url.startswith("data:") else None
     if match:
         try:
@@ -215,6 +242,10 @@ def read_image(url: str, fetch: Callable[[str], bytes] | None) -> Image.Image:
     else:
         raise bad(f"image_url must be a data URL (data:image/png;base64,...) or an http(s) URL, got {url[:40]!r}",
                   "messages")
+    return images.get(data, decode_image) if images is not None else decode_image(data)
+
+
+def decode_image(data: bytes) -> Image.Image:
     too_big = bad(f"the image has too many pixels (over {Image.MAX_IMAGE_PIXELS:,}): send a smaller one", "messages")
     try:
         with Image.open(io.BytesIO(data)) as probe:  # the header only: a huge image is refused before it is decoded

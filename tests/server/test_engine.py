@@ -136,3 +136,19 @@ def test_a_client_that_leaves_a_stream_cancels_it(ref, demo):
         assert events[-1] == "[DONE]"
         assert "".join(c["choices"][0]["delta"].get("content", "") for c in events[1:-1]) == expected
     engine.stop()
+
+
+def test_requests_that_send_the_same_image_share_its_vision_pass(ref, demo):
+    """Three questions about one image (sent three times, as three data URLs) and one about another: one batch, in
+    which the vision tower encodes two images, not four; the answers are those of one request at a time."""
+    pipe = palitorch.load()
+    encoded = []
+    pipe.model.vision_tower.register_forward_hook(lambda module, args, out: encoded.append(args[0].shape[0]))
+    engine = RecordingEngine(pipe, start_after=4)
+    prompts = ["caption en", "answer en what color is the shape?", "detect " + demo[0]["answer"]]
+    bodies = [chat(demo[0]["path"], p) for p in prompts] + [chat(demo[1]["path"], "caption en")]
+    answers = ask_all(engine, bodies)
+    assert encoded == [2] and engine.stats["largest_batch"] == 4
+    expected = [ref.generate(demo[0]["image"], p).text for p in prompts] + [ref.generate(demo[1]["image"],
+                                                                                         "caption en").text]
+    assert [text(a) for a in answers] == expected

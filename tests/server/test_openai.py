@@ -292,3 +292,23 @@ def test_api_error_body():
     e = ApiError(401, "no key", code="invalid_api_key")
     assert e.body() == {"error": {"message": "no key", "type": "authentication_error", "param": None,
                                   "code": "invalid_api_key"}}
+
+
+def test_the_image_cache_gives_one_object_per_content_and_forgets_the_oldest():
+    from palitorch.server.openai import ImageCache, decode_image
+
+    cache, decoded = ImageCache(size=2), []
+
+    def decode(data):
+        decoded.append(data)
+        return decode_image(data)
+
+    a, b, c = (png_bytes(Image.new("RGB", (8, 8), color)) for color in ("red", "green", "blue"))
+    first = cache.get(a, decode)
+    assert cache.get(bytes(a), decode) is first and decoded == [a]  # equal bytes, not the same object
+    assert cache.get(b, decode) is not first
+    cache.get(a, decode)  # a is now the most recent: c pushes b out
+    cache.get(c, decode)
+    assert cache.get(a, decode) is first and decoded == [a, b, c]
+    cache.get(b, decode)
+    assert decoded == [a, b, c, b]
