@@ -22,7 +22,7 @@ from palitorch.cli.common import (
     load_pipeline,
     one_line_errors,
 )
-from palitorch.errors import InputError
+from palitorch.errors import InputError, PalitorchError
 
 
 def add_parser(subparsers) -> None:
@@ -80,7 +80,7 @@ def _interrupt(signum, frame):
 
 def serve(args: argparse.Namespace) -> int:
     from palitorch.inference.pipeline import batch_rung, batch_rung_below
-    from palitorch.server import Engine
+    from palitorch.server import ApiError, Engine
 
     defaults = decoding_options(args)
     if not 0 <= args.port <= 65535:
@@ -107,7 +107,10 @@ def serve(args: argparse.Namespace) -> int:
         server.engine = engine
         # A compiled step is compiled per batch size: compile every size a batch can run at before serving.
         sizes = [n for n in range(1, max_batch + 1) if batch_rung(n) == n] if args.compile else [1]
-        seconds = engine.warm_up(defaults, sizes)
+        try:
+            seconds = engine.warm_up(defaults, sizes)
+        except ApiError as e:  # the model cannot answer at all (NaN logits from damaged weights, say)
+            raise PalitorchError(f"the model failed its warm-up request, so it is not served: {e.message}") from None
         say(f"warmed up in {seconds:.1f} s" + (f" (decode step compiled for batch sizes {sizes})" if args.compile
                                                else ""))
         print(f"palitorch serve: {server.model_id} on {device}, listening on {server.url}/v1 "

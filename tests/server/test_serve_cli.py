@@ -146,3 +146,23 @@ def test_the_served_model_name():
     assert name() == "palitorch-default"
     assert name(model="/checkpoints/paligemma2-3b-pt-224/") == "paligemma2-3b-pt-224"
     assert name(model="/checkpoints/x", served_model_name="mine") == "mine"
+
+
+def test_a_model_that_cannot_answer_is_not_served(tmp_path):
+    """Weights that compute NaN fail the warm-up: one line, exit 2, and the server never says it is listening."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "nan-model"
+    shutil.copytree(palitorch.default_model_path(), folder)
+    tensors = load_file(folder / "model.safetensors")
+    name = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+    tensors[name] = tensors[name].clone().fill_(float("nan"))
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    proc = palitorch_serve("--port", 0, "--model", folder)
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 2 and out == "", (out, err)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("palitorch serve: error: the model failed its warm-up request") and "NaN" in last, err
+    assert "Traceback" not in err
