@@ -44,6 +44,8 @@ def add_parser(subparsers) -> None:
                    help="require the header 'Authorization: Bearer KEY' (default: $PALITORCH_API_KEY, else none)")
     g.add_argument("--max-batch-size", type=int, default=8, metavar="N",
                    help="answer at most N waiting requests in one batch (default 8)")
+    g.add_argument("--max-queue", type=int, default=1024, metavar="N",
+                   help="refuse new requests (503) while N are waiting (default 1024)")
     g.add_argument("--no-fetch", action="store_true",
                    help="refuse http(s) image URLs: images must come inside the request as data URLs")
     g.add_argument("--max-body-mb", type=float, default=32, metavar="MB",
@@ -87,6 +89,8 @@ def serve(args: argparse.Namespace) -> int:
         raise InputError(f"--port must be from 0 to 65535, got {args.port}")
     if args.max_batch_size < 1:
         raise InputError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if args.max_queue < 1:
+        raise InputError(f"--max-queue must be >= 1, got {args.max_queue}")
     if not args.max_body_mb > 0:
         raise InputError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
     max_batch = args.max_batch_size
@@ -103,7 +107,7 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _interrupt)  # also when started in the background, where SIGINT comes ignored
     try:
         pipe = load_pipeline(args, device, dtype)
-        engine = Engine(pipe, max_batch, log=say).start()
+        engine = Engine(pipe, max_batch, log=say, max_queue=args.max_queue).start()
         server.engine = engine
         # A compiled step is compiled per batch size: compile every size a batch can run at before serving.
         sizes = [n for n in range(1, max_batch + 1) if batch_rung(n) == n] if args.compile else [1]

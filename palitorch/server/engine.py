@@ -59,8 +59,8 @@ class Job:
 class Engine:
     """`submit` a ChatRequest from any thread; `Job.wait()` for its results (or read `Job.pieces` for a stream)."""
 
-    def __init__(self, pipe, max_batch: int = 8, log: Callable[[str], None] | None = None):
-        self.pipe, self.max_batch = pipe, max_batch
+    def __init__(self, pipe, max_batch: int = 8, log: Callable[[str], None] | None = None, max_queue: int = 1024):
+        self.pipe, self.max_batch, self.max_queue = pipe, max_batch, max_queue
         self.log = log or (lambda line: None)
         self._jobs: deque[Job] = deque()
         self._cv = threading.Condition()
@@ -89,6 +89,8 @@ class Engine:
         with self._cv:
             if self._stopping:
                 raise ApiError(503, "the server is shutting down")
+            if len(self._jobs) >= self.max_queue:  # overloaded: say so now rather than answer minutes later
+                raise ApiError(503, f"the server is busy ({len(self._jobs)} requests waiting): try again later")
             self._jobs.append(job)
             self._cv.notify()
         return job

@@ -189,6 +189,17 @@ def test_an_engine_never_started_stops_cleanly(ref, demo):
     assert e.value.status == 503
 
 
+def test_a_full_queue_refuses_new_requests_with_503(demo):
+    engine = Engine(palitorch.load(), max_queue=2)  # not started: nothing leaves the queue
+    waiting = [engine.submit(parse_chat(chat(demo[i]["path"], "caption en"), MODEL)) for i in range(2)]
+    with serving(new_server(engine)) as srv:
+        status, out, _ = post(srv, chat(demo[2]["path"], "caption en"))
+    assert status == 503 and "the server is busy (2 requests waiting)" in error_of(out, "server_error")
+    engine.start()
+    assert all(len(job.wait()) == 1 for job in waiting)  # the waiting ones are answered
+    engine.stop()
+
+
 def test_stopping_finishes_the_batch_in_progress_and_refuses_the_queue(ref, demo):
     pipe = HeldPipe(palitorch.load())
     engine = RecordingEngine(pipe, start_after=1)

@@ -112,6 +112,7 @@ def cli(argv, capsys):
     (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1"),
     (["--max-body-mb", "0"], "--max-body-mb must be > 0"),
+    (["--max-queue", "0"], "--max-queue must be >= 1, got 0"),
     (["--max-body-mb", "nan"], "--max-body-mb must be > 0"),
 ])
 def test_bad_options_are_one_line_errors(argv, message, before_anything, capsys):
@@ -134,8 +135,8 @@ def test_help_lists_the_flags(capsys):
     rc, out, _ = cli(["serve", "--help"], capsys)
     assert rc == 0
     for flag in ("--host", "--port", "--served-model-name", "--api-key", "--max-batch-size", "--no-fetch",
-                 "--max-body-mb", "--quiet", "--model", "--device", "--compile", "--max-new-tokens", "--temperature",
-                 "--stop", "/v1/chat/completions"):
+                 "--max-body-mb", "--max-queue", "--quiet", "--model", "--device", "--compile", "--max-new-tokens",
+                 "--temperature", "--stop", "/v1/chat/completions"):
         assert flag in out, flag
 
 
