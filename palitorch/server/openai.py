@@ -119,7 +119,6 @@ def parse_chat(body: dict, model_id: str, defaults: dict | None = None,
     for name, (neutral, advice) in NEUTRAL.items():
         if name in body and body[name] is not None and body[name] != neutral:
             raise bad(f"{name} is not supported by palitorch" + (f": {advice}" if advice else ""), name)
-    image, prompt = parse_messages(body.get("messages"), fetch, images)
     options = dict(defaults or {})
     if "max_tokens" in body and "max_completion_tokens" in body:
         raise bad("give max_completion_tokens or max_tokens, not both", "max_tokens")
@@ -141,6 +140,7 @@ def parse_chat(body: dict, model_id: str, defaults: dict | None = None,
     usage = body.get("stream_options") or {}
     if not isinstance(usage, dict) or not isinstance(usage.get("include_usage", False), bool):
         raise bad('stream_options must be an object like {"include_usage": true}', "stream_options")
+    image, prompt = parse_messages(body.get("messages"), fetch, images)  # last: fetching an image is the slow part
     return ChatRequest(image, prompt, options, n, stream, usage.get("include_usage", False), want_logprobs)
 
 
