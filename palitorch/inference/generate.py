@@ -335,26 +335,52 @@ def generate(model: PaliGemma, processor: Processor, pixels: torch.Tensor, promp
 def stream(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompt: str,
            opts: GenerationOptions, fns: Steps | None = None) -> Iterator[str]:
     """Yield the text of one answer (pixels [1, 3, S, S]) in pieces as tokens arrive; returns the `Result`.
+    See `stream_batch`."""
+    result = None
+    for _, item in stream_batch(model, processor, pixels, [prompt], opts, fns):
+        if isinstance(item, str):
+            yield item
+        else:
+            result = item
+    return result
+
+
+def stream_batch(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompts: list[str],
+                 opts: GenerationOptions, fns: Steps | None = None, image_index: torch.Tensor | None = None,
+                 keep_going: Callable[[], bool] | None = None) -> Iterator[tuple[int, str | Result]]:
+    """Answers for a batch (as `generate`), as events while they are decoded: (row, text piece), and (row, Result)
+    as soon as that row has finished (every row's Result comes, last of its events).
 
     A piece is emitted only when it can no longer change: never half of a multi-byte character whose bytes come
-    as separate byte-fallback tokens, never the beginning of a possible stop string. The pieces concatenate to
-    the final `Result.text`.
+    as separate byte-fallback tokens, never the beginning of a possible stop string. A row's pieces concatenate to
+    its `Result.text`. `keep_going()`, asked once per step, ends the decoding early when it returns False (every
+    client has gone): the rows not finished then get no Result.
     """
     if opts.num_beams > 1:
         raise InputError("streaming shows one sequence as it grows: use num_beams=1 (or generate for beams)")
-    batch = encode_prompts(model, processor, pixels, [prompt])
+    batch = encode_prompts(model, processor, pixels, prompts, image_index)
     eos = eos_ids(model, processor)
-    answer = Answer(processor, eos, opts.stop, batch.lengths[0])
-    emitted = ""
+    answers = [Answer(processor, eos, opts.stop, n) for n in batch.lengths]
+    emitted, done = [""] * len(answers), [False] * len(answers)
+
+    def events(i: int, final: bool):
+        result = answers[i].result() if final else None
+        text = result.text if final else answers[i].safe_text()
+        if len(text) > len(emitted[i]) and text.startswith(emitted[i]):
+            yield i, text[len(emitted[i]):]
+            emitted[i] = text
+        if final:
+            done[i] = True
+            yield i, result
+
     for tok, lp in decode(model, batch, opts, eos, processor.pad_id, new_token_budget(model, batch, opts), fns):
-        answer.push(int(tok[0]), float(lp[0]), track_text=True)
-        safe = answer.safe_text()
-        if len(safe) > len(emitted) and safe.startswith(emitted):
-            yield safe[len(emitted):]
-            emitted = safe
-        if answer.finish is not None:
+        for i, (a, t, p) in enumerate(zip(answers, tok.tolist(), lp.tolist())):
+            if not done[i]:
+                a.push(t, p, track_text=True)
+                yield from events(i, final=a.finish is not None)
+        if all(done) or (keep_going is not None and not keep_going()):
             break
-    result = answer.result()
-    if len(result.text) > len(emitted) and result.text.startswith(emitted):
-        yield result.text[len(emitted):]
-    return result
+    else:  # the token budget ran out: the rows still going end at their length
+        for i in range(len(answers)):
+            if not done[i]:
+                yield from events(i, final=True)

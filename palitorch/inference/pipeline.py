@@ -195,6 +195,32 @@ class Pipeline:
         pixels, _ = self._pixels([image])
         return Stream(engine.stream(self.model, self.processor, pixels, prompt, opts, self._steps), self)
 
+    def stream_batch(self, images, prompts, options: GenerationOptions | None = None, keep_going=None, **kw):
+        """Like `generate` for a batch, as events while it decodes: (i, text piece) for input i, then (i, Result) as
+        soon as input i's answer is finished (rows end at different steps). Greedy batches of a compiled pipeline
+        are padded as `generate` pads them. `keep_going()`, asked once per step, stops the decoding when it returns
+        False (the answers not finished then get no Result). The text pieces of input i concatenate to its
+        Result's text; each equals `generate`'s answer for the same input."""
+        opts = GenerationOptions.from_kwargs(options, **kw)
+        images, prompts, _ = as_batch(images, prompts)
+        n = len(prompts)
+        extra = self._padded_size(n, opts) - n
+        pixels, index = self._pixels(images + images[-1:] * extra)
+        events = engine.stream_batch(self.model, self.processor, pixels, prompts + prompts[-1:] * extra, opts,
+                                     self._steps, index, keep_going)
+        return self._owning(events, n)
+
+    def _owning(self, events, n: int):
+        self._claim()  # the KV caches are these events' until they end
+        self._busy = True
+        try:
+            for i, item in events:
+                if i < n:  # not a padding copy
+                    yield i, item
+        finally:
+            events.close()
+            self._busy = False
+
 
 def batch_rung(n: int) -> int:
     """The first of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 3 * 2^k) at or above n: the batch sizes at which a

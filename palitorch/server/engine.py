@@ -2,10 +2,11 @@
 
 A pipeline holds one set of KV caches, so requests are answered one batch at a time, on one thread (which is also
 what CUDA graphs want). Batching is dynamic: greedy requests with the same decoding options that are waiting when
-the model frees up are answered together as one padded batch (palitorch's batched greedy output equals the
-one-at-a-time output token for token, so batching changes only the speed). Sampled requests run alone: their random
-draws depend on the batch they are in, and a seed must give the same sample under any load. A stream runs alone
-and stops when its client goes away.
+the model frees up are answered together as one padded batch, streamed or not (palitorch's batched greedy output
+equals the one-at-a-time output token for token, so batching changes only the speed). In a batch with streams each
+stream gets its pieces as they are decoded and each request its answer as soon as its row ends. Sampled requests
+run alone: their random draws depend on the batch they are in, and a seed must give the same sample under any
+load. Decoding stops early once every stream still going has lost its client.
 
 If a batch fails on a request's input (a prompt over the context, say), its requests are answered one by one, so
 one bad request costs the others nothing.
@@ -44,7 +45,11 @@ class Job:
     @property
     def batchable(self) -> bool:
         r = self.request
-        return not r.stream and r.greedy and r.options.get("num_beams", 1) == 1
+        return r.greedy and r.options.get("num_beams", 1) == 1
+
+    @property
+    def finished(self) -> bool:
+        return self.results is not None or self.error is not None
 
     def key(self) -> str:
         return json.dumps(self.request.options, sort_keys=True)
@@ -140,7 +145,8 @@ class Engine:
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(group))
         self.stats["tokens"] += tokens
-        what = "a stream" if group[0].request.stream else f"{len(group)} request{'s' * (len(group) > 1)}"
+        streams = sum(job.request.stream for job in group)
+        what = f"{len(group)} request{'s' * (len(group) > 1)}" + (f" ({streams} streamed)" if streams else "")
         self.log(f"answered {what}: {tokens} tokens in {seconds:.2f} s")
 
     def _take(self) -> list[Job]:
@@ -159,15 +165,16 @@ class Engine:
 
     def _run(self, group: list[Job]) -> None:
         try:
-            if group[0].request.stream:
-                self._stream(group[0])
+            if any(job.request.stream for job in group):
+                self._stream(group)
             elif len(group) == 1 or not self._batch(group):
                 for job in group:
                     self._answer(job)
         except Exception as e:  # a bug, not the request's fault: tell the clients, keep serving
             traceback.print_exc(file=sys.stderr)
             for job in group:
-                self._fail(job, ApiError(500, f"internal error: {type(e).__name__}: {e}"))
+                if not job.finished:
+                    self._fail(job, ApiError(500, f"internal error: {type(e).__name__}: {e}"))
 
     def _batch(self, group: list[Job]) -> bool:
         """Answer greedy jobs as one batch; False (nothing answered) if an input in it was refused."""
@@ -191,23 +198,37 @@ class Engine:
             return self._fail(job, ApiError(500, str(e)))
         self._finish(job, results + [copy.copy(results[0]) for _ in range(r.n - rows)])
 
-    def _stream(self, job: Job) -> None:
-        r = job.request
+    def _stream(self, group: list[Job]) -> None:
+        """Decode a group with streams in it as one batch: each stream gets its pieces as they come and each job
+        its answer as soon as its row ends. A stream whose client left gets nothing more, and the decoding stops
+        once no job in the group is still wanted. A refused input before anything was sent: one by one."""
+        reqs = [job.request for job in group]
+
+        def wanted() -> bool:
+            return any(not job.finished and not (job.request.stream and job.cancelled.is_set()) for job in group)
+
+        sent = False
         try:
-            stream = self.pipe.stream(r.image, r.prompt, **r.options)
-            pieces = iter(stream)
-            try:
-                for piece in pieces:
-                    if job.cancelled.is_set():
-                        break
-                    job.pieces.put(piece)
-            finally:
-                pieces.close()
-        except InputError as e:
-            return self._fail(job, ApiError(400, str(e)))
+            events = self.pipe.stream_batch([r.image for r in reqs], [r.prompt for r in reqs], keep_going=wanted,
+                                            **reqs[0].options)
+            for i, item in events:
+                job, sent = group[i], True
+                if not isinstance(item, str):
+                    self._finish(job, [item] + [copy.copy(item) for _ in range(job.request.n - 1)])
+                elif job.request.stream and not job.cancelled.is_set():
+                    job.pieces.put(item)
         except PalitorchError as e:
-            return self._fail(job, ApiError(500, str(e)))
-        self._finish(job, [stream.result] if stream.result is not None else None)
+            if len(group) > 1 and not sent:
+                for job in group:  # find which input it was
+                    self._stream([job])
+                return
+            error = ApiError(400 if isinstance(e, InputError) else 500, str(e))
+            for job in group:
+                if not job.finished:
+                    self._fail(job, error)
+        for job in group:
+            if not job.finished:  # decoding stopped: every client still waiting had gone
+                self._finish(job, None)
 
     @staticmethod
     def _finish(job: Job, results: list[Result] | None) -> None:

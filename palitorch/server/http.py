@@ -145,7 +145,7 @@ class Handler(BaseHTTPRequestHandler):
             while piece is not None:
                 self._event(chunk(rid, created, model, {"content": piece}))
                 piece = job.pieces.get()
-            job.done.wait()
+            # None came: the job's results or error are set (before it, as the engine finishes a job)
             if job.error is not None:  # failed after the status line went out: say so in the stream
                 self._event(job.error.body())
             else:

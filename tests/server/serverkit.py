@@ -125,7 +125,7 @@ class RecordingEngine(Engine):
 class HeldPipe:
     """A Pipeline whose `generate` records each call's batch size and options and waits for `release` (after setting
     `entered`): the test decides when the model answers (`released=True`: at once). A stream of the prompt "endless"
-    never ends by itself (`closed` is set when it is closed)."""
+    never ends by itself, only when its engine no longer wants it (`closed` is set then)."""
 
     def __init__(self, pipe, released: bool = False):
         self.pipe, self.calls, self.options = pipe, [], []  # each generate call's batch size, decoding options
@@ -143,24 +143,21 @@ class HeldPipe:
         assert self.release.wait(TIMEOUT)
         return self.pipe.generate(image, prompt, **kw)
 
-    def stream(self, image, prompt, **kw):
-        if prompt != "endless":
-            return self.pipe.stream(image, prompt, **kw)
+    def stream_batch(self, images, prompts, keep_going=None, **kw):
+        if list(prompts) != ["endless"]:
+            return self.pipe.stream_batch(images, prompts, keep_going=keep_going, **kw)
         held = self
 
-        class Endless:
-            result = None
+        def endless():  # like Pipeline.stream_batch, it asks keep_going() once per step
+            try:
+                while keep_going is None or keep_going():
+                    yield 0, "more "
+                    held.entered.set()
+                    time.sleep(0.002)  # a throttle, not a synchronisation: it ends only when no one wants it
+            finally:
+                held.closed.set()
 
-            def __iter__(self):
-                try:
-                    while True:
-                        yield "more "
-                        held.entered.set()
-                        time.sleep(0.002)  # a throttle, not a synchronisation: it ends only when closed
-                finally:
-                    held.closed.set()
-
-        return Endless()
+        return endless()
 
 
 def demo_examples() -> list[dict]:

@@ -8,6 +8,7 @@ import json
 import socket
 import struct
 import threading
+import urllib.error
 
 import pytest
 from serverkit import (
@@ -152,3 +153,63 @@ def test_requests_that_send_the_same_image_share_its_vision_pass(ref, demo):
     expected = [ref.generate(demo[0]["image"], p).text for p in prompts] + [ref.generate(demo[1]["image"],
                                                                                          "caption en").text]
     assert [text(a) for a in answers] == expected
+
+
+def test_streams_are_batched_with_each_other_and_with_plain_requests(ref, demo):
+    """Three streams and one plain request, all greedy with the same options: one batch. Each stream's pieces make
+    the answer it gets alone, and ends with its finish chunk and [DONE]; the plain request's answer is as alone."""
+    engine = RecordingEngine(palitorch.load(), start_after=4)
+    examples = demo[:4]
+    bodies = [chat(e["path"], "answer en " + e["question"], stream=i < 3) for i, e in enumerate(examples)]
+    results = [None] * 4
+
+    def ask(i):
+        results[i] = stream_events(srv, bodies[i]) if i < 3 else post(srv, bodies[i])
+
+    with serving(new_server(engine)) as srv:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+    engine.stop()
+    assert engine.stats["batches"] == 1 and engine.stats["largest_batch"] == 4
+    expected = [ref.generate(e["image"], "answer en " + e["question"]) for e in examples]
+    for i in range(3):
+        kind, events = results[i]
+        assert kind == "text/event-stream" and events[-1] == "[DONE]"
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in events[:-1]) == expected[i].text
+        assert events[-2]["choices"][0]["finish_reason"] == "stop"
+    assert text(results[3]) == expected[3].text
+
+
+def test_a_bad_stream_in_a_batch_fails_alone(ref, demo):
+    """A stream whose prompt is over the context, batched with a good stream and a plain request: the batch is
+    refused before anything is sent, then each runs alone; only the bad one gets the (ordinary, non-stream) 400."""
+    e, other = demo[0], demo[3]
+    bodies = [chat(e["path"], "caption en", stream=True), chat(other["path"], "a " * 600, stream=True),
+              chat(other["path"], "caption en")]
+    engine = RecordingEngine(palitorch.load(), start_after=len(bodies))
+    answers = [None] * 3
+
+    def ask(i):
+        try:
+            answers[i] = stream_events(srv, bodies[i]) if i < 2 else post(srv, bodies[i])
+        except urllib.error.HTTPError as error:
+            with error:
+                answers[i] = (error.code, json.loads(error.read()))
+
+    with serving(new_server(engine)) as srv:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+    engine.stop()
+    status, out = answers[1]
+    assert status == 400 and "context of 512" in out["error"]["message"], out
+    _, events = answers[0]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in events[:-1]) == \
+        ref.generate(e["image"], "caption en").text
+    assert text(answers[2]) == ref.generate(other["image"], "caption en").text
+    assert engine.stats["largest_batch"] == 3
