@@ -36,7 +36,7 @@ from palitorch.inference.generate import eos_ids  # noqa: E402
 from palitorch.server import Engine, Server  # noqa: E402
 
 
-def request_bodies(images, prompts, new_tokens: int, force: bool) -> list[bytes]:
+def request_bodies(images, prompts, new_tokens: int, force: bool, stream: bool = False) -> list[bytes]:
     bodies = []
     for image, prompt in zip(images, prompts):
         buf = io.BytesIO()
@@ -46,6 +46,8 @@ def request_bodies(images, prompts, new_tokens: int, force: bool) -> list[bytes]
             {"type": "text", "text": prompt}, {"type": "image_url", "image_url": {"url": url}}]}]}
         if force:
             body["min_tokens"] = new_tokens
+        if stream:
+            body.update(stream=True, stream_options={"include_usage": True})
         bodies.append(json.dumps(body).encode())
     return bodies
 
@@ -55,7 +57,16 @@ def serve_all(url: str, bodies: list[bytes], clients: int) -> tuple[float, list[
     def post(body: bytes) -> dict:
         req = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=3600) as r:
-            return json.load(r)
+            if r.headers["Content-Type"] != "text/event-stream":
+                return json.load(r)
+            # a stream: read the events as they come, and put the answer together as a client does
+            text, usage = "", None
+            for line in r:
+                if line.startswith(b"data: {"):
+                    event = json.loads(line[6:])
+                    text += "".join(c["delta"].get("content", "") for c in event["choices"])
+                    usage = event.get("usage") or usage
+            return {"choices": [{"message": {"content": text}}], "usage": usage}
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -96,6 +107,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch-size (default 8)")
     ap.add_argument("--new-tokens", type=int, default=16, help="max_tokens of each request (default 16)")
     ap.add_argument("--force-length", action="store_true", help="suppress EOS: every answer is --new-tokens long")
+    ap.add_argument("--stream", action="store_true", help="clients ask for streams (server-sent events)")
     ap.add_argument("--reps", type=int, default=3, help="runs of each mode, interleaved (default 3)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
@@ -119,7 +131,7 @@ def main() -> None:
     server.engine = engine = Engine(pipe, args.max_batch).start()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     images, prompts = workload(args.requests)
-    bodies = request_bodies(images, prompts, args.new_tokens, args.force_length)
+    bodies = request_bodies(images, prompts, args.new_tokens, args.force_length, args.stream)
 
     def batched():
         engine.max_batch = args.max_batch
@@ -135,7 +147,8 @@ def main() -> None:
     modes = {f"palitorch serve, batches <= {args.max_batch}": batched, "palitorch serve, no batching": unbatched,
              "transformers generate, one at a time": theirs}
     print(f"{args.size} ({kind}), {args.device} {args.dtype}, {args.requests} requests from {args.clients} clients, "
-          f"max_tokens {args.new_tokens}{' (EOS suppressed)' if args.force_length else ''}")
+          f"max_tokens {args.new_tokens}{' (EOS suppressed)' if args.force_length else ''}"
+          f"{', streamed' if args.stream else ''}")
     sizes = [n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) if n <= args.max_batch]
     print(f"  warm-up ({'compiling ' if args.compile else ''}batch sizes {sizes}) ...", flush=True)
     engine.warm_up({"max_new_tokens": args.new_tokens}, sizes)
