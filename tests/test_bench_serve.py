@@ -27,9 +27,10 @@ def run(folder, tmp_path, monkeypatch, *extra):
     return json.loads(out.read_text())
 
 
-def test_figures_come_after_the_same_answers(ckpt_factory, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("extra", [[], ["--stream"]])
+def test_figures_come_after_the_same_answers(ckpt_factory, tmp_path, monkeypatch, capsys, extra):
     folder, _ = diverse(ckpt_factory, 2)
-    record = run(folder, tmp_path, monkeypatch)
+    record = run(folder, tmp_path, monkeypatch, *extra)
     printed = capsys.readouterr().out
     assert "answers: the same in all three modes" in printed
     distinct = int(printed.split("answers: the same in all three modes (")[1].split(" distinct")[0])
