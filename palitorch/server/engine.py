@@ -3,10 +3,11 @@
 A pipeline holds one set of KV caches, so requests are answered one batch at a time, on one thread (which is also
 what CUDA graphs want). Batching is dynamic: greedy requests with the same decoding options that are waiting when
 the model frees up are answered together as one padded batch, streamed or not (palitorch's batched greedy output
-equals the one-at-a-time output token for token, so batching changes only the speed). In a batch with streams each
-stream gets its pieces as they are decoded and each request its answer as soon as its row ends. Sampled requests
-run alone: their random draws depend on the batch they are in, and a seed must give the same sample under any
-load. Decoding stops early once every stream still going has lost its client.
+equals the one-at-a-time output token for token, so batching changes only the speed). Sampled requests without a
+seed share batches too (each row draws its own sample; a request with n > 1 takes n rows). A request with a seed
+runs alone: its random draws would depend on the batch it is in, and a seed must give the same sample under any
+load. In a batch with streams each stream gets its pieces as they are decoded and each request its answer as soon
+as its rows end. Decoding stops early once every stream still going has lost its client.
 
 If a batch fails on a request's input (a prompt over the context, say), its requests are answered one by one, so
 one bad request costs the others nothing.
@@ -41,11 +42,18 @@ class Job:
     pieces: queue.Queue = field(default_factory=queue.Queue)  # a stream's text pieces, then None
     cancelled: threading.Event = field(default_factory=threading.Event)  # the client went away
     counted: bool = True  # False for the warm-up: not in the stats or the log
+    done_rows: list[Result] = field(default_factory=list)  # its rows' results so far, in a batch
 
     @property
     def batchable(self) -> bool:
+        """Greedy, or sampled without a seed (a seeded sample must not depend on what else is in its batch)."""
         r = self.request
-        return r.greedy and r.options.get("num_beams", 1) == 1
+        return r.options.get("num_beams", 1) == 1 and (r.greedy or r.options.get("seed") is None)
+
+    @property
+    def rows(self) -> int:
+        """Batch rows this job needs: n samples, or one greedy answer (its n copies are all alike)."""
+        return 1 if self.request.greedy else self.request.n
 
     @property
     def finished(self) -> bool:
@@ -154,10 +162,11 @@ class Engine:
         first = self._jobs.popleft()
         if not first.batchable:
             return [first]
-        group, rest, key = [first], deque(), first.key()
+        group, rest, key, rows = [first], deque(), first.key(), first.rows
         for job in self._jobs:
-            if len(group) < self.max_batch and job.batchable and job.key() == key:
+            if rows + job.rows <= self.max_batch and job.batchable and job.key() == key:
                 group.append(job)
+                rows += job.rows
             else:
                 rest.append(job)
         self._jobs = rest
@@ -176,15 +185,28 @@ class Engine:
                 if not job.finished:
                     self._fail(job, ApiError(500, f"internal error: {type(e).__name__}: {e}"))
 
+    @staticmethod
+    def _rows(group: list[Job]) -> tuple[list, list[str], list[Job]]:
+        """The batch's (images, prompts) row by row, and the job of each row."""
+        owners = [job for job in group for _ in range(job.rows)]
+        return [job.request.image for job in owners], [job.request.prompt for job in owners], owners
+
+    def _collect(self, job: Job, result: Result) -> None:
+        """One of a job's rows is done; with the last one the job is finished (greedy: its n alike copies)."""
+        got = job.done_rows
+        got.append(result)
+        if len(got) == job.rows:
+            self._finish(job, got + [copy.copy(got[0]) for _ in range(job.request.n - len(got))])
+
     def _batch(self, group: list[Job]) -> bool:
-        """Answer greedy jobs as one batch; False (nothing answered) if an input in it was refused."""
-        reqs = [job.request for job in group]
+        """Answer jobs as one batch; False (nothing answered) if an input in it was refused."""
+        images, prompts, owners = self._rows(group)
         try:
-            results = self.pipe.generate([r.image for r in reqs], [r.prompt for r in reqs], **reqs[0].options)
+            results = self.pipe.generate(images, prompts, **group[0].request.options)
         except PalitorchError:
             return False  # find which one, one by one
-        for job, result in zip(group, results):
-            self._finish(job, [result] + [copy.copy(result) for _ in range(job.request.n - 1)])
+        for job, result in zip(owners, results):
+            self._collect(job, result)
         return True
 
     def _answer(self, job: Job) -> None:
@@ -202,20 +224,19 @@ class Engine:
         """Decode a group with streams in it as one batch: each stream gets its pieces as they come and each job
         its answer as soon as its row ends. A stream whose client left gets nothing more, and the decoding stops
         once no job in the group is still wanted. A refused input before anything was sent: one by one."""
-        reqs = [job.request for job in group]
+        images, prompts, owners = self._rows(group)
 
         def wanted() -> bool:
             return any(not job.finished and not (job.request.stream and job.cancelled.is_set()) for job in group)
 
         sent = False
         try:
-            events = self.pipe.stream_batch([r.image for r in reqs], [r.prompt for r in reqs], keep_going=wanted,
-                                            **reqs[0].options)
+            events = self.pipe.stream_batch(images, prompts, keep_going=wanted, **group[0].request.options)
             for i, item in events:
-                job, sent = group[i], True
+                job, sent = owners[i], True
                 if not isinstance(item, str):
-                    self._finish(job, [item] + [copy.copy(item) for _ in range(job.request.n - 1)])
-                elif job.request.stream and not job.cancelled.is_set():
+                    self._collect(job, item)
+                elif job.request.stream and not job.cancelled.is_set():  # (a stream has one row)
                     job.pieces.put(item)
         except PalitorchError as e:
             if len(group) > 1 and not sent:

@@ -129,6 +129,7 @@ class HeldPipe:
 
     def __init__(self, pipe, released: bool = False):
         self.pipe, self.calls, self.options = pipe, [], []  # each generate call's batch size, decoding options
+        self.stream_calls = []  # each stream_batch call's batch size
         self.entered, self.release, self.closed = threading.Event(), threading.Event(), threading.Event()
         if released:
             self.release.set()
@@ -144,6 +145,7 @@ class HeldPipe:
         return self.pipe.generate(image, prompt, **kw)
 
     def stream_batch(self, images, prompts, keep_going=None, **kw):
+        self.stream_calls.append(len(prompts))
         if list(prompts) != ["endless"]:
             return self.pipe.stream_batch(images, prompts, keep_going=keep_going, **kw)
         held = self

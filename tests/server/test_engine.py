@@ -213,3 +213,33 @@ def test_a_bad_stream_in_a_batch_fails_alone(ref, demo):
         ref.generate(e["image"], "caption en").text
     assert text(answers[2]) == ref.generate(other["image"], "caption en").text
     assert engine.stats["largest_batch"] == 3
+
+
+def test_sampled_requests_without_a_seed_share_a_batch_row_by_row(demo):
+    """Two sampled requests without a seed (one with n = 3) and a stream with the same options: one batch of five
+    rows; each request gets its n answers; a seeded sampled request with the same options still runs alone."""
+    opts = {"temperature": 1.5, "top_k": 40}
+    bodies = [chat(demo[0]["path"], "caption en", n=3, **opts), chat(demo[1]["path"], "caption en", **opts),
+              chat(demo[2]["path"], "caption en", stream=True, **opts),
+              chat(demo[3]["path"], "caption en", seed=5, **opts)]
+    pipe = HeldPipe(palitorch.load(), released=True)
+    engine = RecordingEngine(pipe, start_after=len(bodies), max_batch=8)
+    results = [None] * 4
+
+    def ask(i):
+        results[i] = stream_events(srv, bodies[i]) if i == 2 else post(srv, bodies[i])
+
+    with serving(new_server(engine)) as srv:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+    engine.stop()
+    assert pipe.calls == [1] and pipe.stream_calls == [5]  # the seeded one alone; five rows in one batch
+    assert engine.stats["batches"] == 2 and engine.stats["largest_batch"] == 3
+    for i, n in ((0, 3), (1, 1), (3, 1)):
+        status, out, _ = results[i]
+        assert status == 200 and len(out["choices"]) == n and all(c["message"]["content"] for c in out["choices"])
+    _, events = results[2]
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
