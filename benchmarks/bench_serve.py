@@ -33,6 +33,7 @@ from inputs import SIZES, check_size, checkpoint, workload  # noqa: E402
 
 import palitorch  # noqa: E402
 from palitorch.inference.generate import eos_ids  # noqa: E402
+from palitorch.inference.pipeline import batch_rungs  # noqa: E402
 from palitorch.server import Engine, Server  # noqa: E402
 
 
@@ -149,7 +150,7 @@ def main() -> None:
     print(f"{args.size} ({kind}), {args.device} {args.dtype}, {args.requests} requests from {args.clients} clients, "
           f"max_tokens {args.new_tokens}{' (EOS suppressed)' if args.force_length else ''}"
           f"{', streamed' if args.stream else ''}")
-    sizes = [n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) if n <= args.max_batch]
+    sizes = batch_rungs(args.max_batch)
     print(f"  warm-up ({'compiling ' if args.compile else ''}batch sizes {sizes}) ...", flush=True)
     engine.warm_up({"max_new_tokens": args.new_tokens}, sizes)
     answers = {name: fn()[1] for name, fn in modes.items()}  # warm runs, and the answers to compare

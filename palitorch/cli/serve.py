@@ -81,7 +81,7 @@ def _interrupt(signum, frame):
 
 
 def serve(args: argparse.Namespace) -> int:
-    from palitorch.inference.pipeline import batch_rung, batch_rung_below
+    from palitorch.inference.pipeline import batch_rung_below, batch_rungs
     from palitorch.server import ApiError, Engine
 
     defaults = decoding_options(args)
@@ -110,7 +110,7 @@ def serve(args: argparse.Namespace) -> int:
         engine = Engine(pipe, max_batch, log=say, max_queue=args.max_queue).start()
         server.engine = engine
         # A compiled step is compiled per batch size: compile every size a batch can run at before serving.
-        sizes = [n for n in range(1, max_batch + 1) if batch_rung(n) == n] if args.compile else [1]
+        sizes = batch_rungs(max_batch) if args.compile else [1]
         try:
             seconds = engine.warm_up(defaults, sizes)
         except ApiError as e:  # the model cannot answer at all (NaN logits from damaged weights, say)

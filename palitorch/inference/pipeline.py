@@ -166,12 +166,16 @@ class Pipeline:
         opts = GenerationOptions.from_kwargs(options, **kw)
         images, prompts, single = as_batch(image, prompt)
         self._claim()
-        n = len(prompts)
-        extra = self._padded_size(n, opts) - n  # copies of the last request, whose answers are dropped
-        pixels, index = self._pixels(images + images[-1:] * extra)  # the copies share its image: encoded once
-        results = engine.generate(self.model, self.processor, pixels, prompts + prompts[-1:] * extra, opts,
-                                  self._steps, index)[:n]
-        return results[0] if single else results
+        pixels, index, padded = self._padded(images, prompts, opts)
+        results = engine.generate(self.model, self.processor, pixels, padded, opts, self._steps, index)
+        return results[0] if single else results[:len(prompts)]
+
+    def _padded(self, images: list, prompts: list[str], opts: GenerationOptions):
+        """(pixels, image index, prompts) of a batch padded to `_padded_size` with copies of its last request, whose
+        answers are dropped; the copies share its image, so it is encoded once."""
+        extra = self._padded_size(len(prompts), opts) - len(prompts)
+        pixels, index = self._pixels(images + images[-1:] * extra)
+        return pixels, index, prompts + prompts[-1:] * extra
 
     def _padded_size(self, n: int, opts: GenerationOptions) -> int:
         """The batch size at which to decode `n` rows. A compiled step is compiled anew for every batch size (tens of
@@ -203,12 +207,9 @@ class Pipeline:
         Result's text; each equals `generate`'s answer for the same input."""
         opts = GenerationOptions.from_kwargs(options, **kw)
         images, prompts, _ = as_batch(images, prompts)
-        n = len(prompts)
-        extra = self._padded_size(n, opts) - n
-        pixels, index = self._pixels(images + images[-1:] * extra)
-        events = engine.stream_batch(self.model, self.processor, pixels, prompts + prompts[-1:] * extra, opts,
-                                     self._steps, index, keep_going)
-        return self._owning(events, n)
+        pixels, index, padded = self._padded(images, prompts, opts)
+        events = engine.stream_batch(self.model, self.processor, pixels, padded, opts, self._steps, index, keep_going)
+        return self._owning(events, len(prompts))
 
     def _owning(self, events, n: int):
         self._claim()  # the KV caches are these events' until they end
@@ -227,6 +228,11 @@ def batch_rung(n: int) -> int:
     compiled pipeline runs new greedy batches (`Pipeline._padded_size`)."""
     step = 1 << (n - 1).bit_length()  # the power of two at or above n
     return 3 * step // 4 if step >= 4 and 3 * step // 4 >= n else step
+
+
+def batch_rungs(limit: int) -> list[int]:
+    """The batch sizes a compiled pipeline runs greedy batches at, up to `limit`: 1, 2, 3, 4, 6, 8, 12, ..."""
+    return [n for n in range(1, limit + 1) if batch_rung(n) == n]
 
 
 def batch_rung_below(n: int) -> int:

@@ -33,6 +33,11 @@ from palitorch.inference.generate import Result
 from palitorch.server.openai import ApiError, ChatRequest
 
 
+def api_error(e: PalitorchError) -> ApiError:
+    """A refused input is the client's to fix (400); NaN logits and the like are the model's fault (500)."""
+    return ApiError(400 if isinstance(e, InputError) else 500, str(e))
+
+
 @dataclass(eq=False)
 class Job:
     request: ChatRequest
@@ -176,9 +181,8 @@ class Engine:
         try:
             if any(job.request.stream for job in group):
                 self._stream(group)
-            elif len(group) == 1 or not self._batch(group):
-                for job in group:
-                    self._answer(job)
+            else:
+                self._generate(group)
         except Exception as e:  # a bug, not the request's fault: tell the clients, keep serving
             traceback.print_exc(file=sys.stderr)
             for job in group:
@@ -198,27 +202,20 @@ class Engine:
         if len(got) == job.rows:
             self._finish(job, got + [copy.copy(got[0]) for _ in range(job.request.n - len(got))])
 
-    def _batch(self, group: list[Job]) -> bool:
-        """Answer jobs as one batch; False (nothing answered) if an input in it was refused."""
+    def _generate(self, group: list[Job]) -> None:
+        """Answer jobs as one batch. If an input in it is refused, the jobs are answered one by one (to find which);
+        a job alone gets the error."""
         images, prompts, owners = self._rows(group)
         try:
             results = self.pipe.generate(images, prompts, **group[0].request.options)
-        except PalitorchError:
-            return False  # find which one, one by one
+        except PalitorchError as e:
+            if len(group) == 1:
+                return self._fail(group[0], api_error(e))
+            for job in group:
+                self._generate([job])
+            return
         for job, result in zip(owners, results):
             self._collect(job, result)
-        return True
-
-    def _answer(self, job: Job) -> None:
-        r = job.request
-        rows = 1 if r.greedy else r.n  # greedy (and beam) answers are all alike: compute one
-        try:
-            results = self.pipe.generate([r.image] * rows, [r.prompt] * rows, **r.options)
-        except InputError as e:
-            return self._fail(job, ApiError(400, str(e)))
-        except PalitorchError as e:  # NaN logits and the like: the model's fault, not the request's
-            return self._fail(job, ApiError(500, str(e)))
-        self._finish(job, results + [copy.copy(results[0]) for _ in range(r.n - rows)])
 
     def _stream(self, group: list[Job]) -> None:
         """Decode a group with streams in it as one batch: each stream gets its pieces as they come and each job
@@ -243,10 +240,9 @@ class Engine:
                 for job in group:  # find which input it was
                     self._stream([job])
                 return
-            error = ApiError(400 if isinstance(e, InputError) else 500, str(e))
             for job in group:
                 if not job.finished:
-                    self._fail(job, error)
+                    self._fail(job, api_error(e))
         for job in group:
             if not job.finished:  # decoding stopped: every client still waiting had gone
                 self._finish(job, None)

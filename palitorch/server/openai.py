@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
+import functools
 import hashlib
 import io
 import json
@@ -87,8 +88,8 @@ class ChatRequest:
     include_usage: bool = False
     logprobs: bool = False
 
-    @property
-    def greedy(self) -> bool:
+    @functools.cached_property
+    def greedy(self) -> bool:  # asked for every queued job each time the engine forms a batch
         return not GenerationOptions.from_kwargs(**self.options).do_sample
 
 

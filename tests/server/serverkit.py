@@ -91,6 +91,33 @@ def serving(server: Server):
         thread.join(TIMEOUT)
 
 
+def ask_all(engine: Engine, bodies: list[dict]) -> list:
+    """Send every body at once, each from its own thread, to a server on `engine`; stop the engine after. Answers in
+    the bodies' order: (status, json, headers), or for a stream (content type, events) and, if it was refused
+    before it began, (status, json)."""
+    answers = [None] * len(bodies)
+
+    def ask(i):
+        if not bodies[i].get("stream"):
+            answers[i] = post(srv, bodies[i])
+            return
+        try:
+            answers[i] = stream_events(srv, bodies[i])
+        except urllib.error.HTTPError as error:
+            with error:
+                answers[i] = (error.code, json.loads(error.read()))
+
+    with serving(new_server(engine)) as srv:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+    engine.stop()
+    assert all(a is not None for a in answers)
+    return answers
+
+
 def new_server(engine: Engine | None, **kw) -> Server:
     server = Server(("127.0.0.1", 0), MODEL, quiet=True, **kw)
     server.engine = engine

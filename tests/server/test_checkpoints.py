@@ -2,12 +2,11 @@
 of concurrent requests answers as transformers' greedy `generate` does, token for token (by text) and logprob for
 logprob, PaliGemma 2's second EOS id included."""
 
-import threading
 
 import pytest
 import torch
 from PIL import Image
-from serverkit import RecordingEngine, chat, new_server, post, serving
+from serverkit import RecordingEngine, ask_all, chat
 
 import palitorch
 from palitorch.inference.generate import eos_ids
@@ -49,18 +48,7 @@ def test_a_batch_of_requests_answers_as_transformers_does(ckpt_factory, version)
     pipe = palitorch.load(folder)
     engine = RecordingEngine(palitorch.load(folder), start_after=len(PROMPTS))  # all four wait: one batch
     images = [noise_image(i) for i in range(len(PROMPTS))]
-    answers = {}
-
-    def ask(i):
-        answers[i] = post(srv, chat(images[i], PROMPTS[i], max_tokens=MAX_TOKENS, logprobs=True))
-
-    with serving(new_server(engine)) as srv:
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    engine.stop()
+    answers = ask_all(engine, [chat(im, p, max_tokens=MAX_TOKENS, logprobs=True) for im, p in zip(images, PROMPTS)])
     assert engine.stats["largest_batch"] == len(PROMPTS)
     texts = []
     for i, prompt in enumerate(PROMPTS):

@@ -7,8 +7,6 @@ is batched with what never depends on timing."""
 import json
 import socket
 import struct
-import threading
-import urllib.error
 
 import pytest
 from serverkit import (
@@ -16,6 +14,7 @@ from serverkit import (
     TIMEOUT,
     HeldPipe,
     RecordingEngine,
+    ask_all,
     chat,
     demo_examples,
     new_server,
@@ -36,24 +35,6 @@ def ref():
 @pytest.fixture(scope="module")
 def demo():
     return demo_examples()
-
-
-def ask_all(engine, bodies) -> list:
-    """POST every body at once from its own thread -> [(status, json, headers)] in the same order."""
-    answers = [None] * len(bodies)
-
-    def ask(i):
-        answers[i] = post(srv, bodies[i])
-
-    with serving(new_server(engine)) as srv:
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(TIMEOUT)
-    engine.stop()
-    assert all(a is not None for a in answers)
-    return answers
 
 
 def text(answer) -> str:
@@ -161,18 +142,7 @@ def test_streams_are_batched_with_each_other_and_with_plain_requests(ref, demo):
     engine = RecordingEngine(palitorch.load(), start_after=4)
     examples = demo[:4]
     bodies = [chat(e["path"], "answer en " + e["question"], stream=i < 3) for i, e in enumerate(examples)]
-    results = [None] * 4
-
-    def ask(i):
-        results[i] = stream_events(srv, bodies[i]) if i < 3 else post(srv, bodies[i])
-
-    with serving(new_server(engine)) as srv:
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(TIMEOUT)
-    engine.stop()
+    results = ask_all(engine, bodies)
     assert engine.stats["batches"] == 1 and engine.stats["largest_batch"] == 4
     expected = [ref.generate(e["image"], "answer en " + e["question"]) for e in examples]
     for i in range(3):
@@ -190,22 +160,7 @@ def test_a_bad_stream_in_a_batch_fails_alone(ref, demo):
     bodies = [chat(e["path"], "caption en", stream=True), chat(other["path"], "a " * 600, stream=True),
               chat(other["path"], "caption en")]
     engine = RecordingEngine(palitorch.load(), start_after=len(bodies))
-    answers = [None] * 3
-
-    def ask(i):
-        try:
-            answers[i] = stream_events(srv, bodies[i]) if i < 2 else post(srv, bodies[i])
-        except urllib.error.HTTPError as error:
-            with error:
-                answers[i] = (error.code, json.loads(error.read()))
-
-    with serving(new_server(engine)) as srv:
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(TIMEOUT)
-    engine.stop()
+    answers = ask_all(engine, bodies)
     status, out = answers[1]
     assert status == 400 and "context of 512" in out["error"]["message"], out
     _, events = answers[0]
@@ -224,18 +179,7 @@ def test_sampled_requests_without_a_seed_share_a_batch_row_by_row(demo):
               chat(demo[3]["path"], "caption en", seed=5, **opts)]
     pipe = HeldPipe(palitorch.load(), released=True)
     engine = RecordingEngine(pipe, start_after=len(bodies), max_batch=8)
-    results = [None] * 4
-
-    def ask(i):
-        results[i] = stream_events(srv, bodies[i]) if i == 2 else post(srv, bodies[i])
-
-    with serving(new_server(engine)) as srv:
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(TIMEOUT)
-    engine.stop()
+    results = ask_all(engine, bodies)
     assert pipe.calls == [1] and pipe.stream_calls == [5]  # the seeded one alone; five rows in one batch
     assert engine.stats["batches"] == 2 and engine.stats["largest_batch"] == 3
     for i, n in ((0, 3), (1, 1), (3, 1)):
