@@ -105,9 +105,7 @@ class Cursor:
         self.positions = prompts.valid.long().cumsum(-1)  # 1-based over real tokens; left padding stays at 0
         self.pos = self.positions[:, -1:]  # [B, 1] the last prompt token's position
         self.slot = t  # the next token's cache slot, the same for every row
-        window = model.cfg.text.sliding_window
-        sliding = any(layer.attn.sliding for layer in model.language_model.layers)
-        self.window = window if (window is not None and sliding and s_len > window) else None
+        self.window = sliding_window(model, s_len)
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Claim the next slot for one token per row -> the step's (positions [B, 1], slot [1], keys it may see
@@ -118,6 +116,13 @@ class Cursor:
         self.slot += 1
         sliding = (self.valid & (self.slots > s - self.window)) if self.window else None
         return self.pos, self.slots[s:s + 1], self.valid, sliding
+
+
+def sliding_window(model: PaliGemma, s_len: int) -> int | None:
+    """The window of the model's sliding-window layers, when a cache of `s_len` slots is longer than it."""
+    window = model.cfg.text.sliding_window
+    sliding = any(layer.attn.sliding for layer in model.language_model.layers)
+    return window if (window is not None and sliding and s_len > window) else None
 
 
 def prefill(model: PaliGemma, prompts: Prompts, s_len: int) -> tuple[torch.Tensor, Cursor]:
@@ -264,6 +269,7 @@ class Answer:
         self.logprobs: list[float] = []
         self.finish: str | None = None
         self.text = ""
+        self.sent = ""  # the text handed out so far by `new_text`
         self._hold = max((len(s) for s in self.stop), default=1) - 1  # chars that may begin a stop string
 
     def push(self, token: int, logprob: float, track_text: bool) -> None:
@@ -293,6 +299,15 @@ class Answer:
             return self.text
         text = self.text.rstrip("\ufffd")
         return text[: len(text) - self._hold] if self._hold else text
+
+    def new_text(self, final: bool = False) -> str:
+        """The text that can no longer change and has not been handed out yet ("" if none). `final`: the answer is
+        over (call `result()` first), so all of it can go."""
+        text = self.text if final else self.safe_text()
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
 
     def result(self) -> Result:
         if self.finish is None:
@@ -361,14 +376,13 @@ def stream_batch(model: PaliGemma, processor: Processor, pixels: torch.Tensor, p
     batch = encode_prompts(model, processor, pixels, prompts, image_index)
     eos = eos_ids(model, processor)
     answers = [Answer(processor, eos, opts.stop, n) for n in batch.lengths]
-    emitted, done = [""] * len(answers), [False] * len(answers)
+    done = [False] * len(answers)
 
     def events(i: int, final: bool):
         result = answers[i].result() if final else None
-        text = result.text if final else answers[i].safe_text()
-        if len(text) > len(emitted[i]) and text.startswith(emitted[i]):
-            yield i, text[len(emitted[i]):]
-            emitted[i] = text
+        piece = answers[i].new_text(final)
+        if piece:
+            yield i, piece
         if final:
             done[i] = True
             yield i, result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from palitorch.checkpoint import load_model, read_config, resolve_dtype
 from palitorch.errors import InputError
 from palitorch.inference import generate as engine
+from palitorch.inference.continuous import LiveBatch
 from palitorch.inference.generate import Result
 from palitorch.inference.processor import Processor
 from palitorch.inference.sampling import GenerationOptions
@@ -210,6 +212,24 @@ class Pipeline:
         pixels, index, padded = self._padded(images, prompts, opts)
         events = engine.stream_batch(self.model, self.processor, pixels, padded, opts, self._steps, index, keep_going)
         return self._owning(events, len(prompts))
+
+    @contextmanager
+    def live(self, max_rows: int = 8, options: GenerationOptions | None = None, **kw):
+        """A `LiveBatch` for continuous batching, as a context manager (it owns the KV caches until the block ends):
+        sequences join with `admit(images, prompts)` whenever a row is free and leave as they end, while `step()`
+        decodes one token for each. Every sequence decodes with these options (greedy, or sampled without a
+        seed); each greedy answer equals `generate`'s. On a compiled pipeline the batch runs at the sizes
+        `generate` pads greedy batches to (so at most `batch_rung_below(max_rows)` rows)."""
+        opts = GenerationOptions.from_kwargs(options, **kw)
+        compiled = self._steps is not None
+        live = LiveBatch(self.model, self.processor, opts, batch_rung_below(max_rows) if compiled else max_rows,
+                         self._pixels, self._steps, batch_rung if compiled else (lambda n: n))
+        self._claim()
+        self._busy = True
+        try:
+            yield live
+        finally:
+            self._busy = False
 
     def _owning(self, events, n: int):
         self._claim()  # the KV caches are these events' until they end

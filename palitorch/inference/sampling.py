@@ -176,22 +176,39 @@ class Chooser:
             self.generator = torch.Generator(device=device).manual_seed(opts.seed)
         self.seen = None
         if opts.repetition_penalty != 1.0:
-            # Padding goes to an extra column V that is then dropped, so it marks nothing.
-            seen = torch.zeros(prompt_ids.shape[0], vocab_size + 1, dtype=torch.bool, device=device)
-            seen.scatter_(1, prompt_ids.masked_fill(~prompt_valid.bool(), vocab_size), True)
-            self.seen = seen[:, :vocab_size].contiguous()
+            self.seen = torch.zeros(prompt_ids.shape[0], vocab_size, dtype=torch.bool, device=device)
+            self.start_rows(None, prompt_ids, prompt_valid)
 
-    def process(self, logits: torch.Tensor, step: int) -> torch.Tensor:
-        """Raw logits [B, V] -> the float32 logits the choice is made from (before the sampling warpers)."""
+    def start_rows(self, rows: torch.Tensor | None, prompt_ids: torch.Tensor, prompt_valid: torch.Tensor) -> None:
+        """Rows `rows` [n] (None: all) begin new sequences with these prompts [n, T]: their seen tokens are the
+        prompts' real tokens (continuous batching reuses rows)."""
+        if self.seen is None:
+            return
+        vocab = self.seen.shape[1]
+        # Padding goes to an extra column V that is then dropped, so it marks nothing.
+        seen = torch.zeros(prompt_ids.shape[0], vocab + 1, dtype=torch.bool, device=prompt_ids.device)
+        seen.scatter_(1, prompt_ids.masked_fill(~prompt_valid.bool(), vocab), True)
+        if rows is None:
+            self.seen.copy_(seen[:, :vocab])
+        else:
+            self.seen[rows] = seen[:, :vocab]
+
+    def process(self, logits: torch.Tensor, step: int | torch.Tensor, rows: torch.Tensor | None = None):
+        """Raw logits [B, V] -> the float32 logits the choice is made from (before the sampling warpers).
+
+        `step`: the index of the token being chosen (EOS is barred below min_new_tokens), or a bool tensor [B, 1]
+        saying row by row whether EOS is barred. `rows` [B]: logits for these rows of the chooser's batch."""
         x = logits.float()
         if self.seen is not None:
-            x = penalize_repeats(x, self.seen, self.opts.repetition_penalty)
-        if step < self.opts.min_new_tokens:
+            x = penalize_repeats(x, self.seen if rows is None else self.seen[rows], self.opts.repetition_penalty)
+        if isinstance(step, torch.Tensor):
+            x = torch.where(step, x.index_fill(-1, self.eos, float("-inf")), x)
+        elif step < self.opts.min_new_tokens:
             x = x.index_fill(-1, self.eos, float("-inf"))
         return x
 
-    def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
-        x = self.process(logits, step)
+    def __call__(self, logits: torch.Tensor, step: int | torch.Tensor, rows: torch.Tensor | None = None):
+        x = self.process(logits, step, rows)
         if self.opts.do_sample:
             return sample(warp(x, self.opts), self.generator)
         return x.argmax(-1)

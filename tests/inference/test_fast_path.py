@@ -70,7 +70,10 @@ def test_a_compiled_pipeline_pads_greedy_batches_to_a_size_it_has_run(ckpt_facto
     sizes = []
     for n in (3, 2, 5, 1, 2):
         rows.clear()
-        assert pipe.generate(imgs[:n], prompts[:n], **opts) == plain[n]  # a list of n answers, as without padding
+        got = pipe.generate(imgs[:n], prompts[:n], **opts)  # a list of n answers, as without padding
+        assert [(r.token_ids, r.text) for r in got] == [(r.token_ids, r.text) for r in plain[n]]
+        # float32 logprobs within 1e-5: BLAS may block a product differently at another batch size (Intel oneDNN)
+        torch.testing.assert_close([r.logprobs for r in got], [r.logprobs for r in plain[n]], atol=1e-5, rtol=0)
         assert len(set(rows)) == 1
         sizes.append(rows[0])
     assert sizes == [3, 3, 6, 1, 3]  # 2 reuses 3; 5 has none in [5, 10]: 6, the next rung; 1 none in [1, 2]

@@ -1,0 +1,141 @@
+"""Continuous batching (`Pipeline.live`): sequences that join a running decode at different steps, in rows freed by
+others, get the answers they get alone, through moves of the cache slots and resizes of the batch.
+
+Tolerances: greedy tokens and texts equal; logprobs within 1e-4 (float32 on CPU, same weights; a sequence's numbers
+are computed in batches of other sizes, with other neighbours, than alone).
+"""
+
+import pytest
+import torch
+from test_generate import PROMPTS, images, windowed
+
+import palitorch
+from palitorch.errors import InputError
+
+from hf_factory import diverse
+
+LONG = "answer en is there a red or a blue or a green shape in the picture and where is it"
+ASKS = PROMPTS[:2] + [LONG] + PROMPTS[2:] + ["caption en", "ocr", "answer en what shape is it?", "detect circle"]
+
+
+def run_live(pipe, imgs, prompts, arrivals, max_rows, streams=False, **opts):
+    """Admit request i at step arrivals[i] (or at the first step after it with room), step until all have ended ->
+    (results, each request's streamed pieces joined, a log of what happened: admissions, rows per step)."""
+    results, pieces = {}, {}
+    log = {"admitted_at": {}, "rows": [], "moves": 0}
+    with pipe.live(max_rows=max_rows, **opts) as live:
+        real_move = live._move
+
+        def move(slot):
+            log["moves"] += slot != live.cur.slot and bool(live.active)
+            real_move(slot)
+
+        live._move = move
+        waiting, step = list(range(len(prompts))), 0
+
+        def take(events):
+            for q, item in events:
+                if isinstance(item, str):
+                    pieces[q.tag] = pieces.get(q.tag, "") + item
+                else:
+                    results[q.tag] = item
+
+        while waiting or live.active:
+            due = [i for i in waiting if arrivals[i] <= step][:live.free_rows]
+            if due:
+                got = live.admit([imgs[i] for i in due], [prompts[i] for i in due], tags=due,
+                                 streams=[streams] * len(due))
+                if got is not None:
+                    waiting = [i for i in waiting if i not in due]
+                    log["admitted_at"].update({i: step for i in due})
+                    take(got[1])
+            log["rows"].append(len(live.seqs))
+            take(live.step())
+            step += 1
+    return [results[i] for i in range(len(prompts))], pieces, log
+
+
+def assert_alone(pipe, imgs, prompts, got, **opts):
+    for img, prompt, r in zip(imgs, prompts, got):
+        want = pipe.generate(img, prompt, **opts)
+        assert (r.token_ids, r.text, r.finish_reason) == (want.token_ids, want.text, want.finish_reason), prompt
+        torch.testing.assert_close(torch.tensor(r.logprobs), torch.tensor(want.logprobs), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_sequences_joining_at_any_step_get_their_answers_alone(ckpt_factory, tmp_path, version):
+    """Thirteen requests (one with a prompt ~35 tokens longer) arriving over 100 steps into at most 3 rows: the batch
+    grows and shrinks, the slots in use move (for the long prompt, and when later arrivals' budgets would run past
+    the cache's end), and every answer is the one `generate` gives alone. Gemma 2 with a sliding window (100) shorter
+    than the sequences, so that the window's mask matters across moves."""
+    folder = windowed(ckpt_factory, tmp_path)[0] if version == 2 else diverse(ckpt_factory, 1)[0]
+    pipe = palitorch.load(folder)
+    prompts = ASKS + ASKS[:5]
+    imgs = images(len(prompts))
+    arrivals = [0, 0, 1, 2, 9, 17, 30, 40, 44, 60, 61, 70, 100]
+    opts = {"max_new_tokens": 24, "min_new_tokens": 4}
+    got, _, log = run_live(pipe, imgs, prompts, arrivals, max_rows=3, **opts)
+    assert_alone(pipe, imgs, prompts, got, **opts)
+    assert all(len(r.token_ids) == 24 for r in got)  # (these weights never choose EOS)
+    assert log["moves"] >= 2, log
+    assert max(log["rows"]) == 3 and 1 in log["rows"][log["rows"].index(3):], log["rows"]  # grew, then shrank
+    assert any(log["admitted_at"][i] > arrivals[i] for i in range(len(prompts))), "no request waited for a row"
+
+
+def test_penalties_stop_strings_and_streams_in_a_live_batch(ckpt_factory):
+    """The unfused step (a repetition penalty, EOS barred for min_new_tokens row by row) and stop strings: answers
+    as alone; a streamed sequence's pieces make its answer's text."""
+    pipe = palitorch.load(diverse(ckpt_factory, 1)[0])
+    imgs = images(5)
+    prompts = ASKS[:5]
+    opts = {"max_new_tokens": 20, "min_new_tokens": 6, "repetition_penalty": 1.3}
+    alone = pipe.generate(imgs, prompts, **opts)
+    assert alone[0].text != pipe.generate(imgs[0], prompts[0], max_new_tokens=20, min_new_tokens=6).text
+    stop = alone[2].text[len(alone[2].text) // 2:][:3]  # a piece of one answer: it ends there
+    got, pieces, _ = run_live(pipe, imgs, prompts, [0, 3, 3, 5, 11], max_rows=2, streams=True, stop=[stop], **opts)
+    assert_alone(pipe, imgs, prompts, got, stop=[stop], **opts)
+    assert got[2].finish_reason == "stop"
+    assert [pieces.get(i, "") for i in range(5)] == [r.text for r in got]
+
+
+def test_sampled_rows_and_refusals():
+    """Sampling without a seed runs row by row; a seeded sample or beams are refused; a prompt over the context is
+    refused without disturbing the sequences already decoding; no more rows than max_rows are taken."""
+    pipe = palitorch.load()
+    img = images(1)[0]
+    got, _, _ = run_live(pipe, [img] * 4, ["caption en"] * 4, [0, 0, 1, 2], max_rows=4, temperature=1.0,
+                         max_new_tokens=8, min_new_tokens=8)
+    assert all(len(r.token_ids) == 8 for r in got) and len({tuple(r.token_ids) for r in got}) > 1
+    for bad in ({"temperature": 1.0, "seed": 1}, {"num_beams": 2}):
+        with pytest.raises(InputError):
+            with pipe.live(**bad):
+                pass
+    want = pipe.generate(img, "caption en", max_new_tokens=12, min_new_tokens=12)
+    with pipe.live(max_rows=2, max_new_tokens=12, min_new_tokens=12) as live:
+        [q], _ = live.admit([img], ["caption en"])
+        live.step()
+        with pytest.raises(InputError, match="context"):
+            live.admit([img], ["caption en " * 600])
+        assert live.admit([img] * 2, ["caption en"] * 2) is None  # one row left
+        assert live.free_rows == 1
+        with pytest.raises(InputError, match="stream"):
+            pipe.generate(img, "caption en")  # the live batch owns the caches
+        while not q.over:
+            events = live.step()
+    assert events[-1][1].token_ids == want.token_ids
+
+
+def test_a_compiled_pipeline_serves_a_live_batch():
+    """The compiled step at batch sizes 1 and 2 (the rows grow and shrink): the answers of eager `generate`."""
+    pipe = palitorch.load()
+    imgs = images(4)
+    prompts = ["caption en", "answer en what color is the shape?", "detect circle", "caption en"]
+    opts = {"max_new_tokens": 10, "min_new_tokens": 3}
+    want = [pipe.generate(i, p, **opts) for i, p in zip(imgs, prompts)]
+    pipe.compile()
+    got, _, log = run_live(pipe, imgs, prompts, [0, 2, 4, 20], max_rows=3, **opts)  # compiled: rows 1 or 2
+    assert set(log["rows"]) == {1, 2}
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids
+        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-4, rtol=0)
+
