@@ -1,13 +1,18 @@
-"""Serving throughput: many clients at once against `palitorch serve` (its HTTP server and engine, in this
-process), with dynamic batching and without, beside transformers' `generate` answering the same requests one at a
-time on the same weight tensors (a server built on it, with a lock around `generate`, does no better).
+"""Serving throughput and latency: many clients at once against `palitorch serve` (its HTTP server and engine, in
+this process) with continuous batching, with static batching (each batch run to its end; requests that arrive
+meanwhile wait), and without batching, beside transformers' `generate` answering the same requests one at a time on
+the same weight tensors (a server built on it, with a lock around `generate`, does no better).
 
     python benchmarks/bench_serve.py [--size bundled] [--requests 48] [--clients 8] [--max-batch 8] [--compile]
+    python benchmarks/bench_serve.py --rate 20     # requests arrive at random (Poisson), 20 a second on average
+
+By default --clients clients each send their next request when the last is answered; with --rate, each request is
+sent at its own time whatever the server is doing, and the latency a client sees includes any wait in the queue.
 
 palitorch's requests go over HTTP on this machine (JSON, a base64 PNG, the server's threads), so its figures include
 what a client pays; transformers' include only the preprocessing (palitorch's processor) and `generate`. Greedy
 decoding; answers end at EOS or --new-tokens (--force-length suppresses EOS: every answer is --new-tokens long).
-The three must give the same answers, or no figures are reported. Modes are interleaved; medians of --reps.
+All modes must give the same answers, or no figures are reported. Modes are interleaved; medians of --reps.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import itertools
 import json
+import random
 import statistics
 import sys
 import threading
@@ -53,9 +60,20 @@ def request_bodies(images, prompts, new_tokens: int, force: bool, stream: bool =
     return bodies
 
 
-def serve_all(url: str, bodies: list[bytes], clients: int) -> tuple[float, list[str], int]:
-    """(seconds, answers, completion tokens) for every body posted by `clients` concurrent clients."""
-    def post(body: bytes) -> dict:
+def serve_all(url: str, bodies: list[bytes], clients: int, rate: float | None = None):
+    """(seconds, answers, completion tokens, each request's latency in seconds) for every body, posted by `clients`
+    concurrent clients or, with `rate`, each at its time in a Poisson process of `rate` requests a second (the same
+    times in every run)."""
+    gaps = random.Random(0).expovariate
+    starts = list(itertools.accumulate(gaps(rate) for _ in bodies)) if rate else None
+
+    def post(i: int) -> tuple[dict, float]:
+        if starts:
+            time.sleep(max(0.0, t0 + starts[i] - time.perf_counter()))
+        sent = time.perf_counter()
+        return answer(bodies[i]), time.perf_counter() - sent
+
+    def answer(body: bytes) -> dict:
         req = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=3600) as r:
             if r.headers["Content-Type"] != "text/event-stream":
@@ -70,11 +88,11 @@ def serve_all(url: str, bodies: list[bytes], clients: int) -> tuple[float, list[
             return {"choices": [{"message": {"content": text}}], "usage": usage}
 
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        out = list(pool.map(post, bodies))
+    with ThreadPoolExecutor(len(bodies) if rate else clients) as pool:
+        out = list(pool.map(post, range(len(bodies))))
     seconds = time.perf_counter() - t0
-    return seconds, [o["choices"][0]["message"]["content"] for o in out], sum(o["usage"]["completion_tokens"]
-                                                                             for o in out)
+    return (seconds, [o["choices"][0]["message"]["content"] for o, _ in out],
+            sum(o["usage"]["completion_tokens"] for o, _ in out), [lat for _, lat in out])
 
 
 def hf_all(hf, pipe, images, prompts, new_tokens: int, force: bool) -> tuple[float, list[str], int]:
@@ -97,7 +115,7 @@ def hf_all(hf, pipe, images, prompts, new_tokens: int, force: bool) -> tuple[flo
         end = next((i for i, t in enumerate(new) if t in eos), None)
         tokens += len(new) if end is None else end + 1  # the EOS counts, as in the server's usage
         answers.append(proc.decode(new[:end]))
-    return time.perf_counter() - t0, answers, tokens
+    return time.perf_counter() - t0, answers, tokens, None
 
 
 def main() -> None:
@@ -105,6 +123,8 @@ def main() -> None:
     ap.add_argument("--size", default="bundled", help=f"one of {', '.join(SIZES)}, or a checkpoint folder")
     ap.add_argument("--requests", type=int, default=48, help="requests per run (default 48)")
     ap.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
+    ap.add_argument("--rate", type=float, help="send requests at random times, this many a second on average "
+                    "(instead of --clients waiting for their answers)")
     ap.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch-size (default 8)")
     ap.add_argument("--new-tokens", type=int, default=16, help="max_tokens of each request (default 16)")
     ap.add_argument("--force-length", action="store_true", help="suppress EOS: every answer is --new-tokens long")
@@ -121,6 +141,8 @@ def main() -> None:
     for name in ("requests", "clients", "max_batch", "new_tokens", "reps"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.rate is not None and not args.rate > 0:
+        ap.error("--rate must be > 0 (requests a second)")
 
     dtype = getattr(torch, args.dtype)
     folder, kind = checkpoint(args.size, Path(args.workdir), args.device, dtype)
@@ -134,25 +156,27 @@ def main() -> None:
     images, prompts = workload(args.requests)
     bodies = request_bodies(images, prompts, args.new_tokens, args.force_length, args.stream)
 
-    def batched():
-        engine.max_batch = args.max_batch
-        return serve_all(server.url, bodies, args.clients)
-
-    def unbatched():
-        engine.max_batch = 1
-        return serve_all(server.url, bodies, args.clients)
+    def serving(max_batch: int, continuous: bool = True):
+        def run():
+            engine.max_batch, engine.continuous = max_batch, continuous
+            return serve_all(server.url, bodies, args.clients, args.rate)
+        return run
 
     def theirs():
         return hf_all(hf, pipe, images, prompts, args.new_tokens, args.force_length)
 
-    modes = {f"palitorch serve, batches <= {args.max_batch}": batched, "palitorch serve, no batching": unbatched,
-             "transformers generate, one at a time": theirs}
-    print(f"{args.size} ({kind}), {args.device} {args.dtype}, {args.requests} requests from {args.clients} clients, "
+    modes = {f"palitorch serve, continuous <= {args.max_batch}": serving(args.max_batch),
+             f"palitorch serve, static <= {args.max_batch}": serving(args.max_batch, continuous=False),
+             "palitorch serve, no batching": serving(1), "transformers generate, one at a time": theirs}
+    senders = f"arriving at {args.rate:g}/s" if args.rate else f"from {args.clients} clients"
+    print(f"{args.size} ({kind}), {args.device} {args.dtype}, {args.requests} requests {senders}, "
           f"max_tokens {args.new_tokens}{' (EOS suppressed)' if args.force_length else ''}"
           f"{', streamed' if args.stream else ''}")
     sizes = batch_rungs(args.max_batch)
     print(f"  warm-up ({'compiling ' if args.compile else ''}batch sizes {sizes}) ...", flush=True)
     engine.warm_up({"max_new_tokens": args.new_tokens}, sizes)
+    engine.continuous = False
+    engine.warm_up({"max_new_tokens": args.new_tokens}, sizes)  # static batches compile their own step
     answers = {name: fn()[1] for name, fn in modes.items()}  # warm runs, and the answers to compare
     first = next(iter(answers.values()))
     differ = [name for name, a in answers.items() if a != first]
@@ -161,26 +185,36 @@ def main() -> None:
         print(f"ANSWERS DIFFER ({differ[0]}, request {bad}: {first[bad]!r} vs {answers[differ[0]][bad]!r}): "
               "no figures reported")
         sys.exit(1)
-    print(f"  answers: the same in all three modes ({len(set(first))} distinct of {len(first)})")
+    print(f"  answers: the same in all {len(modes)} modes ({len(set(first))} distinct of {len(first)})")
     runs = {name: [] for name in modes}
     for _ in range(args.reps):
         for name, fn in modes.items():
-            seconds, _, tokens = fn()
-            runs[name].append((seconds, tokens))
+            runs[name].append(fn())
     rows = []
-    base = statistics.median(s for s, _ in runs["transformers generate, one at a time"])
+    base = statistics.median(r[0] for r in runs["transformers generate, one at a time"])
+    print(f"  {'':<40} {'req/s':>8} {'tok/s':>9} {'x hf':>6} {'latency p50 / p90 ms':>22}")
     for name, rs in runs.items():
-        seconds = statistics.median(s for s, _ in rs)
+        seconds = statistics.median(r[0] for r in rs)
         row = {"mode": name, "seconds": seconds, "requests_per_s": args.requests / seconds,
-               "tokens_per_s": rs[0][1] / seconds, "x_transformers": base / seconds}
+               "tokens_per_s": rs[0][2] / seconds, "x_transformers": base / seconds}
+        latency = ""
+        if rs[0][3] is not None:  # per run, then the median over runs
+            for q in (50, 90):
+                row[f"latency_p{q}_ms"] = statistics.median(1e3 * percentile(r[3], q) for r in rs)
+            latency = f"{row['latency_p50_ms']:10.0f} / {row['latency_p90_ms']:<9.0f}"
         rows.append(row)
-        print(f"  {name:<40} {row['requests_per_s']:8.1f} req/s {row['tokens_per_s']:9.1f} tok/s "
-              f"{row['x_transformers']:6.2f}x")
+        print(f"  {name:<40} {row['requests_per_s']:8.1f} {row['tokens_per_s']:9.1f} {row['x_transformers']:6.2f}"
+              f" {latency}")
     print(f"  largest batch the server formed: {engine.stats['largest_batch']}")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
     server.shutdown()
     engine.stop()
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile, by linear interpolation between the nearest ranks."""
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
 if __name__ == "__main__":

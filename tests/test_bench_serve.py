@@ -1,4 +1,4 @@
-"""The serving benchmark's guard: it prints figures only when the batched server, the unbatched server and
+"""The serving benchmark's guard: it prints figures only when the server (continuous, static and no batching) and
 transformers gave the same answers. Run whole, briefly, on a PaliGemma 2 checkpoint folder with varied answers
 (its prefix-LM mask and two EOS ids are what a sloppy baseline gets wrong), and with palitorch's answers perturbed."""
 
@@ -27,17 +27,18 @@ def run(folder, tmp_path, monkeypatch, *extra):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("extra", [[], ["--stream"]])
+@pytest.mark.parametrize("extra", [[], ["--stream"], ["--rate", "50"]])
 def test_figures_come_after_the_same_answers(ckpt_factory, tmp_path, monkeypatch, capsys, extra):
     folder, _ = diverse(ckpt_factory, 2)
     record = run(folder, tmp_path, monkeypatch, *extra)
     printed = capsys.readouterr().out
-    assert "answers: the same in all three modes" in printed
-    distinct = int(printed.split("answers: the same in all three modes (")[1].split(" distinct")[0])
+    assert "answers: the same in all 4 modes" in printed
+    distinct = int(printed.split("answers: the same in all 4 modes (")[1].split(" distinct")[0])
     assert distinct > 1, "the answers should depend on the input"
     rows = record["rows"]
-    assert [r["mode"].split(",")[0] for r in rows] == ["palitorch serve", "palitorch serve", "transformers generate"]
+    assert [r["mode"].split(",")[0] for r in rows] == ["palitorch serve"] * 3 + ["transformers generate"]
     assert all(r["requests_per_s"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert all(0 < r["latency_p50_ms"] <= r["latency_p90_ms"] for r in rows[:3])
     assert rows[-1]["x_transformers"] == pytest.approx(1.0)
 
 
@@ -65,6 +66,7 @@ def test_different_answers_give_no_figures(ckpt_factory, tmp_path, monkeypatch, 
     (["--size", "pg3-9b"], "unknown size 'pg3-9b'"),
     (["--requests", "0"], "--requests must be >= 1"),
     (["--max-batch", "0"], "--max-batch must be >= 1"),
+    (["--rate", "0"], "--rate must be > 0"),
 ])
 def test_bad_arguments_get_a_one_line_error(argv, message, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["bench_serve.py", *argv])

@@ -1,16 +1,19 @@
 """One thread owns the model; the HTTP threads hand it jobs and wait for their answers.
 
-A pipeline holds one set of KV caches, so requests are answered one batch at a time, on one thread (which is also
-what CUDA graphs want). Batching is dynamic: greedy requests with the same decoding options that are waiting when
-the model frees up are answered together as one padded batch, streamed or not (palitorch's batched greedy output
-equals the one-at-a-time output token for token, so batching changes only the speed). Sampled requests without a
-seed share batches too (each row draws its own sample; a request with n > 1 takes n rows). A request with a seed
-runs alone: its random draws would depend on the batch it is in, and a seed must give the same sample under any
-load. In a batch with streams each stream gets its pieces as they are decoded and each request its answer as soon
-as its rows end. Decoding stops early once every stream still going has lost its client.
+A pipeline holds one set of KV caches, so one thread runs the model (which is also what CUDA graphs want).
+Batching is continuous: greedy requests with the same decoding options decode together in a live batch
+(`Pipeline.live`), and a request that arrives while it runs joins it at the next step if a row is free, rather than
+waiting for the batch to end; each request is answered as soon as its own rows end, and its row goes to the next
+request waiting. palitorch's batched greedy output equals the one-at-a-time output token for token, so batching
+changes only the speed. Sampled requests without a seed join live batches too (each row draws its own sample; a
+request with n > 1 takes n rows). Requests join in arrival order: one with other options waits at the head of the
+queue until the batch in progress has drained, then starts its own. A request with a seed, or a beam search, runs
+alone: a seed must give the same sample under any load. A stream whose client has left is dropped at the next
+step, and its row freed.
 
-If a batch fails on a request's input (a prompt over the context, say), its requests are answered one by one, so
-one bad request costs the others nothing.
+A request whose input is refused (a prompt over the context, say) fails alone; the others are answered.
+`continuous=False` batches the old way (the requests waiting when the model frees up, as one padded batch run to
+its end), for comparison (`benchmarks/bench_serve.py`).
 """
 
 from __future__ import annotations
@@ -77,8 +80,9 @@ class Job:
 class Engine:
     """`submit` a ChatRequest from any thread; `Job.wait()` for its results (or read `Job.pieces` for a stream)."""
 
-    def __init__(self, pipe, max_batch: int = 8, log: Callable[[str], None] | None = None, max_queue: int = 1024):
-        self.pipe, self.max_batch, self.max_queue = pipe, max_batch, max_queue
+    def __init__(self, pipe, max_batch: int = 8, log: Callable[[str], None] | None = None, max_queue: int = 1024,
+                 continuous: bool = True):
+        self.pipe, self.max_batch, self.max_queue, self.continuous = pipe, max_batch, max_queue, continuous
         self.log = log or (lambda line: None)
         self._jobs: deque[Job] = deque()
         self._cv = threading.Condition()
@@ -143,14 +147,145 @@ class Engine:
                 if self._stopping:
                     return
                 group = self._take()
-            start = time.perf_counter()
-            try:
-                self._run(group)
-                if group[0].counted:
-                    self._count(group, time.perf_counter() - start)
-            finally:
-                for job in group:  # after the count: a client that has its answer sees it in /health
-                    job.done.set()
+            if self.continuous and group[0].batchable:
+                self._live(group)
+            else:
+                self._batch(group)
+
+    def _batch(self, group: list[Job]) -> None:
+        """Answer a group as one padded batch, run to its end (or a job alone)."""
+        start = time.perf_counter()
+        try:
+            self._run(group)
+            if group[0].counted:
+                self._count(group, time.perf_counter() - start)
+        finally:
+            for job in group:  # after the count: a client that has its answer sees it in /health
+                job.done.set()
+
+    # ------------------------------------------------------------------ continuous batching
+
+    def _live(self, group: list[Job]) -> None:
+        """Decode `group` in a live batch; the jobs that come to the head of the queue with the same options join it
+        as rows free up, until no job is left in it. Each job is answered, counted and released as it ends."""
+        start, key = time.perf_counter(), group[0].key()
+        waiting, running, served = deque(group), {}, []  # taken, not yet in; job -> its Seqs; all that joined
+        self.stats["batches"] += group[0].counted
+        try:
+            with self.pipe.live(self.max_batch, **group[0].request.options) as live:
+                while True:
+                    self._top_up(waiting, key, live.free_rows)
+                    self._join(live, waiting, running, served)
+                    if group[0].counted:
+                        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(running))
+                    if not running:  # (a job left waiting now cannot join even an empty batch: n > its rows)
+                        break
+                    for seq, item in live.step():
+                        self._deliver(seq.tag, item, running)
+                    for job in [j for j in running if j.request.stream and j.cancelled.is_set()]:
+                        for seq in running.pop(job):  # its client has gone: free its rows
+                            live.release(seq)
+                        self._finish(job, None)
+                        self._close(job)
+        except Exception as e:  # the options refused, NaN logits, or a bug: every job in the batch gets the error
+            if not isinstance(e, PalitorchError):
+                traceback.print_exc(file=sys.stderr)
+            error = api_error(e) if isinstance(e, PalitorchError) else \
+                ApiError(500, f"internal error: {type(e).__name__}: {e}")
+            for job in [*running, *waiting]:
+                self._fail(job, error)
+                self._close(job)
+        if served and served[0].counted:
+            tokens = sum(len(r.token_ids) for job in served for r in (job.results or []))
+            self._log_batch(served, tokens, time.perf_counter() - start, "a continuous batch")
+        for job in waiting:
+            if not job.finished:
+                self._batch([job])
+
+    def _top_up(self, waiting: deque, key: str, free_rows: int) -> None:
+        """Move jobs from the head of the queue to `waiting` while they can share the batch and rows are free (a
+        job with other options at the head stops it: no job overtakes another). While the server stops, the jobs
+        not yet in the batch are refused."""
+        with self._cv:
+            rows = sum(job.rows for job in waiting)
+            while self._jobs and self._jobs[0].batchable and self._jobs[0].key() == key and \
+                    rows + self._jobs[0].rows <= free_rows and not self._stopping:
+                rows += self._jobs[0].rows
+                waiting.append(self._jobs.popleft())
+            stopping = self._stopping
+        while stopping and waiting:
+            job = waiting.popleft()
+            self._fail(job, ApiError(503, "the server is shutting down"))
+            self._close(job)
+
+    def _join(self, live, waiting: deque, running: dict, served: list) -> None:
+        """Admit the waiting jobs that fit, in order, with one prefill. If an input is refused, they are admitted one
+        by one: the one refused gets its error (400), the others join."""
+        jobs, rows = [], 0
+        for job in waiting:
+            if rows + job.rows > live.free_rows:
+                break
+            jobs.append(job)
+            rows += job.rows
+        if not jobs:
+            return
+        try:
+            if not self._admit(live, jobs, running, served):
+                return  # no room in the cache until some rows end: again after the next step
+        except PalitorchError as e:
+            if len(jobs) == 1:
+                self._fail(jobs[0], api_error(e))
+                self._close(jobs[0])
+            else:
+                for job in jobs:
+                    try:
+                        if not self._admit(live, [job], running, served):
+                            break
+                    except PalitorchError as e:
+                        self._fail(job, api_error(e))
+                        self._close(job)
+        while waiting and (waiting[0].finished or waiting[0] in running):
+            waiting.popleft()
+
+    def _admit(self, live, jobs: list[Job], running: dict, served: list) -> bool:
+        """Jobs join the live batch (True), or there is no room for them now (False)."""
+        images, prompts, owners = self._rows(jobs)
+        got = live.admit(images, prompts, tags=owners, streams=[job.request.stream for job in owners])
+        if got is None:
+            return False
+        seqs, events = got
+        for job in jobs:
+            running[job] = [q for q in seqs if q.tag is job]
+            served.append(job)
+        for seq, item in events:
+            self._deliver(seq.tag, item, running)
+        return True
+
+    def _deliver(self, job: Job, item, running: dict) -> None:
+        """A text piece (to a stream whose client is still there) or one row's Result (the last one finishes it)."""
+        if isinstance(item, str):
+            if job.request.stream and not job.cancelled.is_set():
+                job.pieces.put(item)
+            return
+        self._collect(job, item)
+        if job.finished:
+            running.pop(job, None)
+            self._close(job)
+
+    def _close(self, job: Job) -> None:
+        """Count a job that has its results or error and wake its client (after the count: a client that has its
+        answer sees it in /health)."""
+        if job.counted:
+            self.stats["requests"] += 1
+            self.stats["tokens"] += sum(len(r.token_ids) for r in (job.results or []))
+        job.done.set()
+
+    def _log_batch(self, group: list[Job], tokens: int, seconds: float, kind: str = "") -> None:
+        streams = sum(job.request.stream for job in group)
+        what = f"{len(group)} request{'s' * (len(group) > 1)}" + (f" ({streams} streamed)" if streams else "")
+        self.log(f"answered {what}{' in ' + kind if kind else ''}: {tokens} tokens in {seconds:.2f} s")
+
+    # ------------------------------------------------------------------ one padded batch
 
     def _count(self, group: list[Job], seconds: float) -> None:
         tokens = sum(len(r.token_ids) for job in group for r in (job.results or []))
@@ -158,9 +293,7 @@ class Engine:
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(group))
         self.stats["tokens"] += tokens
-        streams = sum(job.request.stream for job in group)
-        what = f"{len(group)} request{'s' * (len(group) > 1)}" + (f" ({streams} streamed)" if streams else "")
-        self.log(f"answered {what}: {tokens} tokens in {seconds:.2f} s")
+        self._log_batch(group, tokens, seconds)
 
     def _take(self) -> list[Job]:
         """The next job, and the waiting jobs that can share its batch (same options, greedy), in arrival order."""

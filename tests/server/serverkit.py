@@ -150,13 +150,16 @@ class RecordingEngine(Engine):
 
 
 class HeldPipe:
-    """A Pipeline whose `generate` records each call's batch size and options and waits for `release` (after setting
-    `entered`): the test decides when the model answers (`released=True`: at once). A stream of the prompt "endless"
-    never ends by itself, only when its engine no longer wants it (`closed` is set then)."""
+    """A Pipeline whose `generate` and live batches record what they are asked and wait for `release` (after setting
+    `entered`): the test decides when the model answers (`released=True`: at once). `calls` holds each generate
+    call's batch size, `options` its decoding options; `lives` each live batch's options and the size of each of its
+    admissions. A sequence of the prompt "endless" (streamed, or in a live batch) never ends by itself, only when
+    its engine no longer wants it (`closed` is set then)."""
 
     def __init__(self, pipe, released: bool = False):
-        self.pipe, self.calls, self.options = pipe, [], []  # each generate call's batch size, decoding options
+        self.pipe, self.calls, self.options = pipe, [], []
         self.stream_calls = []  # each stream_batch call's batch size
+        self.lives = []  # (options, [rows admitted at each admission]) per live batch
         self.entered, self.release, self.closed = threading.Event(), threading.Event(), threading.Event()
         if released:
             self.release.set()
@@ -170,6 +173,13 @@ class HeldPipe:
         self.entered.set()
         assert self.release.wait(TIMEOUT)
         return self.pipe.generate(image, prompt, **kw)
+
+    @contextmanager
+    def live(self, max_rows: int = 8, **kw):
+        admits = []
+        self.lives.append((kw, admits))
+        with self.pipe.live(max_rows, **kw) as live:
+            yield HeldLive(self, live, admits)
 
     def stream_batch(self, images, prompts, keep_going=None, **kw):
         self.stream_calls.append(len(prompts))
@@ -187,6 +197,44 @@ class HeldPipe:
                 held.closed.set()
 
         return endless()
+
+
+class HeldLive:
+    """A LiveBatch that records the rows of each admission, waits for its HeldPipe's `release` before admitting
+    (unless one of the prompts is "endless"), and decodes a sequence of the prompt "endless" as "more " at every
+    step until it is released."""
+
+    def __init__(self, held: HeldPipe, live, admits: list):
+        self.held, self.live, self.admits, self.endless = held, live, admits, set()
+
+    def __getattr__(self, name):
+        return getattr(self.live, name)
+
+    def admit(self, images, prompts, tags=None, streams=None):
+        self.admits.append(len(prompts))
+        if "endless" not in prompts:  # (as the endless stream of `stream_batch` never waits)
+            self.held.entered.set()
+            assert self.held.release.wait(TIMEOUT)
+        got = self.live.admit(images, ["caption en" if p == "endless" else p for p in prompts], tags, streams)
+        if got is None:
+            return None
+        self.endless |= {q for q, p in zip(got[0], prompts) if p == "endless"}
+        return got[0], self._filter(got[1])
+
+    def step(self):
+        events = self._filter(self.live.step())
+        if self.endless:
+            time.sleep(0.002)  # a throttle, not a synchronisation: it ends only when no one wants it
+        return events + [(q, "more ") for q in self.endless]
+
+    def _filter(self, events):
+        return [(q, item) for q, item in events if q not in self.endless]
+
+    def release(self, seq):
+        if seq in self.endless:
+            self.endless.discard(seq)
+            self.held.closed.set()
+        self.live.release(seq)
 
 
 def demo_examples() -> list[dict]:

@@ -1,5 +1,5 @@
 """The engine behind a live server: concurrent greedy requests are batched (and answered as one at a time), a bad
-request in a batch fails alone, sampled requests run alone, a stream whose client leaves is cancelled.
+request in a batch fails alone, seeded samples run alone, a stream whose client leaves is cancelled.
 
 Each test holds the engine until all its requests wait in the queue (`RecordingEngine(start_after=k)`), so what
 is batched with what never depends on timing."""
@@ -7,6 +7,7 @@ is batched with what never depends on timing."""
 import json
 import socket
 import struct
+import threading
 
 import pytest
 from serverkit import (
@@ -51,8 +52,32 @@ def test_concurrent_greedy_requests_are_batched_and_answered_as_one_at_a_time(re
     answers = ask_all(engine, [chat(e["path"], p) for e, p in asks])
     for (e, prompt), answer in zip(asks, answers):
         assert text(answer) == ref.generate(e["image"], prompt).text, prompt
-    assert pipe.calls == [8, 4]  # two padded batches, at most max_batch each
-    assert engine.stats["requests"] == 12 and engine.stats["batches"] == 2 and engine.stats["largest_batch"] == 8
+    [(options, admits)] = pipe.lives  # one continuous batch: 8 rows at first, the others as rows freed up
+    assert options == {} and admits[0] == 8 and sum(admits) == 12 and not pipe.calls
+    assert engine.stats["requests"] == 12 and engine.stats["batches"] == 1 and engine.stats["largest_batch"] == 8
+
+
+def test_a_request_arriving_mid_batch_joins_it_and_ends_first(ref, demo):
+    """A short request sent while a long one decodes joins the running batch and is answered while the long one
+    is still decoding (not after it, as a batch run to its end would have it wait)."""
+    pipe = HeldPipe(palitorch.load())
+    engine = RecordingEngine(pipe, start_after=1)
+    long_body = chat(demo[0]["path"], "endless", stream=True)
+    with serving(new_server(engine)) as srv:
+        pipe.release.set()
+        streaming = threading.Thread(target=lambda: stream_events(srv, long_body), daemon=True)
+        streaming.start()
+        engine.wait_for_jobs(1)
+        [long_job] = engine.jobs
+        assert long_job.pieces.get(timeout=TIMEOUT) == "more "  # it is decoding
+        short = post(srv, chat(demo[1]["path"], "caption en"))
+        assert text(short) == ref.generate(demo[1]["image"], "caption en").text
+        assert not long_job.done.is_set()  # answered while the long one still runs
+        [(_, admits)] = pipe.lives
+        assert admits == [1, 1]
+        long_job.cancelled.set()  # the long one's client leaves: its row is released, the batch ends
+        assert pipe.closed.wait(TIMEOUT) and long_job.done.wait(TIMEOUT)
+    engine.stop()
 
 
 def test_a_bad_request_in_a_batch_fails_alone(ref, demo):
@@ -69,8 +94,9 @@ def test_a_bad_request_in_a_batch_fails_alone(ref, demo):
     status, out, _ = detect
     assert status == 200 and [c["message"]["content"] for c in out["choices"]] == \
         [ref.generate(e["image"], e["detect"]).text] * 2
-    assert pipe.calls == [4, 1, 1, 1, 1]  # the batch was refused as a whole, then each request alone
-    assert engine.stats["largest_batch"] == 4 and engine.stats["requests"] == 4
+    [(_, admits)] = pipe.lives
+    assert admits == [4, 1, 1, 1, 1]  # refused as a whole, then each request alone; the others joined
+    assert engine.stats["largest_batch"] == 3 and engine.stats["requests"] == 4
 
 
 def test_only_requests_with_the_same_decoding_options_share_a_batch(ref, demo):
@@ -82,8 +108,9 @@ def test_only_requests_with_the_same_decoding_options_share_a_batch(ref, demo):
     engine = RecordingEngine(pipe, start_after=len(bodies))
     answers = ask_all(engine, bodies)
     # {a, c} greedy, {b, e} greedy with max_tokens 1, d sampled alone (in the order the requests happened to arrive)
-    assert sorted(zip(pipe.calls, map(str, pipe.options))) == \
-        [(1, "{'temperature': 1.5, 'seed': 3}"), (2, "{'max_new_tokens': 1}"), (2, "{}")]
+    assert sorted((str(options), admits) for options, admits in pipe.lives) == \
+        [("{'max_new_tokens': 1}", [2]), ("{}", [2])]
+    assert (pipe.calls, pipe.options) == ([1], [{"temperature": 1.5, "seed": 3}])
     assert text(answers[0]) == ref.generate(a["image"], "caption en").text
     assert text(answers[1]) == ref.generate(b["image"], "caption en", max_new_tokens=1).text
     assert answers[1][1]["choices"][0]["finish_reason"] == "length"
@@ -167,7 +194,7 @@ def test_a_bad_stream_in_a_batch_fails_alone(ref, demo):
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in events[:-1]) == \
         ref.generate(e["image"], "caption en").text
     assert text(answers[2]) == ref.generate(other["image"], "caption en").text
-    assert engine.stats["largest_batch"] == 3
+    assert engine.stats["largest_batch"] == 2  # the two good ones
 
 
 def test_sampled_requests_without_a_seed_share_a_batch_row_by_row(demo):
@@ -180,7 +207,7 @@ def test_sampled_requests_without_a_seed_share_a_batch_row_by_row(demo):
     pipe = HeldPipe(palitorch.load(), released=True)
     engine = RecordingEngine(pipe, start_after=len(bodies), max_batch=8)
     results = ask_all(engine, bodies)
-    assert pipe.calls == [1] and pipe.stream_calls == [5]  # the seeded one alone; five rows in one batch
+    assert pipe.calls == [1] and [admits for _, admits in pipe.lives] == [[5]]  # the seeded alone; 5 rows, 1 batch
     assert engine.stats["batches"] == 2 and engine.stats["largest_batch"] == 3
     for i, n in ((0, 3), (1, 1), (3, 1)):
         status, out, _ = results[i]
