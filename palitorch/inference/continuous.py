@@ -39,7 +39,6 @@ from palitorch.inference.generate import (
     encode_prompts,
     ensure_caches,
     eos_ids,
-    new_token_budget,
     prefill,
     settle,
     sliding_window,
@@ -57,6 +56,7 @@ class Seq:
     tag: object
     answer: Answer  # its tokens, logprobs and text so far
     budget: int  # the most tokens it may generate
+    min_new: int  # EOS is barred until it has generated this many
     stream: bool  # hand out its text in pieces as it grows
     row: int = -1  # its row in the batch (rows move when the batch is resized)
     start: int = 0  # the first cache slot of its (left-padded) prompt
@@ -88,8 +88,12 @@ class LiveCursor(Cursor):
 class LiveBatch:
     """Rows that join (`admit`) and leave (at EOS, their budget, a stop string, or `release`) between `step`s.
 
-    Greedy, or sampled without a seed (each row draws its own sample); every sequence decodes with `opts`. Not
-    thread-safe: one thread admits, steps and releases. `Pipeline.live` makes one."""
+    Greedy, or sampled without a seed (each row draws its own sample). Every sequence chooses its tokens as `opts`
+    say (temperature, top-k/p, min-p, repetition penalty); how long it runs (max_new_tokens, min_new_tokens, stop)
+    is its own, from the options it is admitted with. Not thread-safe: one thread admits, steps and releases.
+    `Pipeline.live` makes one."""
+
+    PER_SEQUENCE = ("max_new_tokens", "min_new_tokens", "stop")  # options that may differ between sequences
 
     def __init__(self, model: PaliGemma, processor: Processor, opts: GenerationOptions, max_rows: int,
                  to_pixels: Callable, fns: Steps | None = None, size_for: Callable[[int], int] = lambda n: n):
@@ -105,6 +109,7 @@ class LiveBatch:
         self.fused = opts.repetition_penalty == 1.0 and not opts.do_sample  # greedy: forward + choice in one call
         self.seqs: list[Seq | None] = []  # by row; None = a free row
         self.cur: LiveCursor | None = None
+        self._no_bar: torch.Tensor | None = None  # [B, 1] all False: no row has EOS barred
         self.s_len = 0
 
     @property
@@ -119,20 +124,26 @@ class LiveBatch:
     # ------------------------------------------------------------------ joining
 
     @torch.inference_mode()
-    def admit(self, images: list, prompts: list[str], tags: list | None = None,
-              streams: list[bool] | None = None) -> tuple[list[Seq], list[Event]] | None:
+    def admit(self, images: list, prompts: list[str], tags: list | None = None, streams: list[bool] | None = None,
+              options: list[GenerationOptions] | None = None) -> tuple[list[Seq], list[Event]] | None:
         """Start one sequence per (image, prompt) -> (their Seqs, their first events), or None when they cannot all
         join now (too few free rows, or too few cache slots left until some sequences end: try again after a step).
 
         InputError if a prompt is refused (none of them joins); NumericsError on NaN logits. `streams[i]`: hand out
-        sequence i's text in pieces as it grows (else its text comes only in its Result)."""
+        sequence i's text in pieces as it grows (else its text comes only in its Result). `options[i]`: sequence i's
+        options, which may differ from the batch's only in `PER_SEQUENCE` (default: the batch's)."""
         n = len(prompts)
         if n == 0 or n > self.free_rows:
             return None
+        options = options or [self.opts] * n
+        for o in options:
+            self._check_choice(o)
         pixels, index = self.to_pixels(images)
         batch = encode_prompts(self.model, self.processor, pixels, prompts, index)
         t = batch.ids.shape[1]
-        budget = new_token_budget(self.model, batch, self.opts)
+        context = self.model.cfg.text.max_position_embeddings
+        budgets = [min(o.max_new_tokens, context - length) for o, length in zip(options, batch.lengths)]
+        budget = max(budgets)
         live = self.active
         if not live:  # an empty batch can take any layout: start afresh
             rows = self.size_for(n)
@@ -158,17 +169,26 @@ class LiveBatch:
         cur.valid[row_t, slot - t:slot] = batch.valid
         cur.pos[row_t] = batch.valid.sum(-1, keepdim=True)
         self.chooser.start_rows(row_t, batch.ids, batch.valid)
-        tok = self.chooser(logits, 0, row_t)
+        bar = torch.tensor([[o.min_new_tokens > 0] for o in options], device=self.device)
+        tok = self.chooser(logits, bar, row_t)
         lp = token_logprobs(logits, tok)
         self.tok[row_t] = tok
         self.done[row_t] = torch.isin(tok, self.eos_t)
         seqs = []
         for i, r in enumerate(rows):
-            q = Seq(tags[i] if tags else None, Answer(self.processor, self.eos, self.opts.stop, batch.lengths[i]),
-                    budget, bool(streams and streams[i]), row=r, start=slot - t)
+            o = options[i]
+            q = Seq(tags[i] if tags else None, Answer(self.processor, self.eos, o.stop, batch.lengths[i]),
+                    budgets[i], o.min_new_tokens, bool(streams and streams[i]), row=r, start=slot - t)
             self.seqs[r] = q
             seqs.append(q)
         return seqs, self._events(seqs, tok, lp, by_row=False)
+
+    def _check_choice(self, o: GenerationOptions) -> None:
+        """InputError unless `o` chooses tokens as the batch does (it may differ in `PER_SEQUENCE` only)."""
+        fields = {f: getattr(o, f) for f in vars(o) if f not in self.PER_SEQUENCE}
+        if any(getattr(self.opts, f) != v for f, v in fields.items()):
+            raise InputError("a live batch's sequences choose tokens alike: only max_new_tokens, min_new_tokens "
+                             "and stop may differ between them")
 
     def _slot_for(self, t: int, budget: int) -> int | None:
         """The slot at which sequences of padded prompt length t and `budget` tokens can join: the next one, or
@@ -263,9 +283,12 @@ class LiveBatch:
             return []
         if self.size_for(len(live)) <= len(self.seqs) // 2:  # mostly idle rows: run a smaller batch
             self._resize(self.size_for(len(live)))
-        m = self.opts.min_new_tokens
-        bar = torch.tensor([[q is not None and q.made < m] for q in self.seqs], device=self.device) if m else \
-            torch.zeros(len(self.seqs), 1, dtype=torch.bool, device=self.device)  # EOS barred, row by row
+        if any(q.made < q.min_new for q in live):  # EOS barred, row by row
+            bar = torch.tensor([[q is not None and q.made < q.min_new] for q in self.seqs], device=self.device)
+        else:
+            if self._no_bar is None or len(self._no_bar) != len(self.seqs):
+                self._no_bar = torch.zeros(len(self.seqs), 1, dtype=torch.bool, device=self.device)
+            bar = self._no_bar
         fns, pad = self.fns, self.processor.pad_id
         if self.fused:
             tok, lp, done = fns.greedy(self.model, self.tok, *self.cur.step(), self.done, bar, self.eos_t, pad)
@@ -286,7 +309,7 @@ class LiveBatch:
         for i, q in enumerate(seqs):
             j = q.row if by_row else i
             a = q.answer
-            a.push(toks[j], lps[j], track_text=q.stream or bool(self.opts.stop))
+            a.push(toks[j], lps[j], track_text=q.stream or bool(a.stop))
             q.made += 1
             final = a.finish is not None or q.made >= q.budget
             result = a.result() if final else None

@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from palitorch.errors import InputError, PalitorchError
+from palitorch.inference.continuous import LiveBatch
 from palitorch.inference.generate import Result
+from palitorch.inference.sampling import GenerationOptions
 from palitorch.server.openai import ApiError, ChatRequest
 
 
@@ -67,8 +69,13 @@ class Job:
     def finished(self) -> bool:
         return self.results is not None or self.error is not None
 
-    def key(self) -> str:
-        return json.dumps(self.request.options, sort_keys=True)
+    def key(self, live: bool = False) -> str:
+        """Jobs with equal keys can share a batch: the same options, or in a live batch the same options but for
+        those each sequence has its own (`LiveBatch.PER_SEQUENCE`: max_tokens, min_tokens, stop)."""
+        options = self.request.options
+        if live:
+            options = {k: v for k, v in options.items() if k not in LiveBatch.PER_SEQUENCE}
+        return json.dumps(options, sort_keys=True)
 
     def wait(self) -> list[Result]:
         self.done.wait()
@@ -146,7 +153,7 @@ class Engine:
                     self._cv.wait()
                 if self._stopping:
                     return
-                group = self._take()
+                group = self._take(self.continuous)
             if self.continuous and group[0].batchable:
                 self._live(group)
             else:
@@ -168,11 +175,12 @@ class Engine:
     def _live(self, group: list[Job]) -> None:
         """Decode `group` in a live batch; the jobs that come to the head of the queue with the same options join it
         as rows free up, until no job is left in it. Each job is answered, counted and released as it ends."""
-        start, key = time.perf_counter(), group[0].key()
+        start, key = time.perf_counter(), group[0].key(live=True)
         waiting, running, served = deque(group), {}, []  # taken, not yet in; job -> its Seqs; all that joined
         self.stats["batches"] += group[0].counted
         try:
-            with self.pipe.live(self.max_batch, **group[0].request.options) as live:
+            choice = {k: v for k, v in group[0].request.options.items() if k not in LiveBatch.PER_SEQUENCE}
+            with self.pipe.live(self.max_batch, **choice) as live:
                 while True:
                     self._top_up(waiting, key, live.free_rows)
                     self._join(live, waiting, running, served)
@@ -208,7 +216,7 @@ class Engine:
         not yet in the batch are refused."""
         with self._cv:
             rows = sum(job.rows for job in waiting)
-            while self._jobs and self._jobs[0].batchable and self._jobs[0].key() == key and \
+            while self._jobs and self._jobs[0].batchable and self._jobs[0].key(live=True) == key and \
                     rows + self._jobs[0].rows <= free_rows and not self._stopping:
                 rows += self._jobs[0].rows
                 waiting.append(self._jobs.popleft())
@@ -250,7 +258,9 @@ class Engine:
     def _admit(self, live, jobs: list[Job], running: dict, served: list) -> bool:
         """Jobs join the live batch (True), or there is no room for them now (False)."""
         images, prompts, owners = self._rows(jobs)
-        got = live.admit(images, prompts, tags=owners, streams=[job.request.stream for job in owners])
+        options = {job: GenerationOptions.from_kwargs(**job.request.options) for job in jobs}
+        got = live.admit(images, prompts, tags=owners, streams=[job.request.stream for job in owners],
+                         options=[options[job] for job in owners])
         if got is None:
             return False
         seqs, events = got
@@ -295,14 +305,14 @@ class Engine:
         self.stats["tokens"] += tokens
         self._log_batch(group, tokens, seconds)
 
-    def _take(self) -> list[Job]:
-        """The next job, and the waiting jobs that can share its batch (same options, greedy), in arrival order."""
+    def _take(self, live: bool) -> list[Job]:
+        """The next job, and the waiting jobs that can share its batch (see `Job.key`), in arrival order."""
         first = self._jobs.popleft()
         if not first.batchable:
             return [first]
-        group, rest, key, rows = [first], deque(), first.key(), first.rows
+        group, rest, key, rows = [first], deque(), first.key(live), first.rows
         for job in self._jobs:
-            if rows + job.rows <= self.max_batch and job.batchable and job.key() == key:
+            if rows + job.rows <= self.max_batch and job.batchable and job.key(live) == key:
                 group.append(job)
                 rows += job.rows
             else:

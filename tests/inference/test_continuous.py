@@ -98,6 +98,33 @@ def test_penalties_stop_strings_and_streams_in_a_live_batch(ckpt_factory):
     assert [pieces.get(i, "") for i in range(5)] == [r.text for r in got]
 
 
+def test_sequences_bring_their_own_lengths_and_stop_strings(ckpt_factory):
+    """max_new_tokens, min_new_tokens and stop strings differ between the sequences of one live batch: each answer
+    is the one `generate` gives alone with its own options; options that choose tokens differently are refused."""
+    from palitorch.inference.sampling import GenerationOptions
+
+    pipe = palitorch.load(diverse(ckpt_factory, 1)[0])
+    imgs, prompts = images(4), ASKS[:4]
+    own = [{"max_new_tokens": 5}, {"max_new_tokens": 30, "min_new_tokens": 12}, {"max_new_tokens": 12},
+           {"max_new_tokens": 20}]
+    own[3]["stop"] = [pipe.generate(imgs[3], prompts[3], **own[3]).text[6:9]]
+    with pipe.live(max_rows=4, max_new_tokens=8) as live:
+        results = {}
+        for i in range(4):
+            _, events = live.admit([imgs[i]], [prompts[i]], tags=[i], options=[GenerationOptions(**own[i])])
+            events += live.step()
+            results.update({q.tag: item for q, item in events if not isinstance(item, str)})
+        with pytest.raises(InputError, match="only max_new_tokens, min_new_tokens and stop may differ"):
+            live.admit([imgs[0]], [prompts[0]], options=[GenerationOptions(repetition_penalty=1.2)])
+        while live.active:
+            results.update({q.tag: item for q, item in live.step() if not isinstance(item, str)})
+    for i in range(4):
+        want = pipe.generate(imgs[i], prompts[i], **own[i])
+        assert (results[i].token_ids, results[i].text, results[i].finish_reason) == \
+            (want.token_ids, want.text, want.finish_reason), own[i]
+    assert [len(results[i].token_ids) for i in range(3)] == [5, 30, 12] and results[3].finish_reason == "stop"
+
+
 def test_sampled_rows_and_refusals():
     """Sampling without a seed runs row by row; a seeded sample or beams are refused; a prompt over the context is
     refused without disturbing the sequences already decoding; no more rows than max_rows are taken."""

@@ -210,12 +210,13 @@ class HeldLive:
     def __getattr__(self, name):
         return getattr(self.live, name)
 
-    def admit(self, images, prompts, tags=None, streams=None):
+    def admit(self, images, prompts, tags=None, streams=None, options=None):
         self.admits.append(len(prompts))
         if "endless" not in prompts:  # (as the endless stream of `stream_batch` never waits)
             self.held.entered.set()
             assert self.held.release.wait(TIMEOUT)
-        got = self.live.admit(images, ["caption en" if p == "endless" else p for p in prompts], tags, streams)
+        got = self.live.admit(images, ["caption en" if p == "endless" else p for p in prompts], tags, streams,
+                              options)
         if got is None:
             return None
         self.endless |= {q for q, p in zip(got[0], prompts) if p == "endless"}

@@ -99,23 +99,28 @@ def test_a_bad_request_in_a_batch_fails_alone(ref, demo):
     assert engine.stats["largest_batch"] == 3 and engine.stats["requests"] == 4
 
 
-def test_only_requests_with_the_same_decoding_options_share_a_batch(ref, demo):
-    a, b, c, d, e = demo[:5]
-    bodies = [chat(a["path"], "caption en"), chat(b["path"], "caption en", max_tokens=1),
-              chat(c["path"], "caption en"), chat(d["path"], e["detect"], temperature=1.5, seed=3),
-              chat(e["path"], "caption en", max_tokens=1)]
+def test_requests_share_a_batch_unless_they_choose_tokens_differently(ref, demo):
+    """Greedy requests with their own max_tokens, min_tokens and stop strings share one live batch, each answered as
+    alone with its own options; a sampled request (other choice options) gets a batch of its own, a seeded one
+    runs alone."""
+    a, b, c, d, e, f = demo[:6]
+    lengths = [{}, {"max_tokens": 1}, {"stop": ["<loc"]}, {"max_tokens": 4, "min_tokens": 4}]
+    bodies = [chat(x["path"], x["detect"], **kw) for x, kw in zip((a, b, c, f), lengths)] + \
+        [chat(d["path"], "caption en", temperature=1.5, seed=3), chat(e["path"], "caption en", temperature=0.5)]
     pipe = HeldPipe(palitorch.load(), released=True)
     engine = RecordingEngine(pipe, start_after=len(bodies))
     answers = ask_all(engine, bodies)
-    # {a, c} greedy, {b, e} greedy with max_tokens 1, d sampled alone (in the order the requests happened to arrive)
-    assert sorted((str(options), admits) for options, admits in pipe.lives) == \
-        [("{'max_new_tokens': 1}", [2]), ("{}", [2])]
+    assert sorted((str(options), admits) for options, admits in pipe.lives) == [("{'temperature': 0.5}", [1]),
+                                                                                  ("{}", [4])]
     assert (pipe.calls, pipe.options) == ([1], [{"temperature": 1.5, "seed": 3}])
-    assert text(answers[0]) == ref.generate(a["image"], "caption en").text
-    assert text(answers[1]) == ref.generate(b["image"], "caption en", max_new_tokens=1).text
-    assert answers[1][1]["choices"][0]["finish_reason"] == "length"
+    ours = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens", "stop": "stop"}
+    for x, kw, answer in zip((a, b, c, f), lengths, answers):
+        want = ref.generate(x["image"], x["detect"], **{ours[k]: v for k, v in kw.items()})
+        assert text(answer) == want.text, kw
+        assert answer[1]["choices"][0]["finish_reason"] == ("stop" if want.finish_reason != "length" else "length")
+    assert answers[1][1]["usage"]["completion_tokens"] == 1 and answers[3][1]["usage"]["completion_tokens"] == 4
     # a seed gives the sample it gives alone, whatever else is waiting
-    assert text(answers[3]) == ref.generate(d["image"], e["detect"], temperature=1.5, seed=3).text
+    assert text(answers[4]) == ref.generate(d["image"], "caption en", temperature=1.5, seed=3).text
 
 
 def test_a_client_that_leaves_a_stream_cancels_it(ref, demo):
