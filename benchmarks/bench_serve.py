@@ -11,7 +11,8 @@ sent at its own time whatever the server is doing, and the latency a client sees
 
 palitorch's requests go over HTTP on this machine (JSON, a base64 PNG, the server's threads), so its figures include
 what a client pays; transformers' include only the preprocessing (palitorch's processor) and `generate`. Greedy
-decoding; answers end at EOS or --new-tokens (--force-length suppresses EOS: every answer is --new-tokens long).
+decoding; answers end at EOS or --new-tokens (--force-length suppresses EOS: every answer is --new-tokens long;
+--vary-length gives each request its own max_tokens, from 1 to --new-tokens).
 All modes must give the same answers, or no figures are reported. Modes are interleaved; medians of --reps.
 """
 
@@ -44,9 +45,16 @@ from palitorch.inference.pipeline import batch_rungs  # noqa: E402
 from palitorch.server import Engine, Server  # noqa: E402
 
 
-def request_bodies(images, prompts, new_tokens: int, force: bool, stream: bool = False) -> list[bytes]:
+def lengths(n: int, new_tokens: int, vary: bool) -> list[int]:
+    """Each request's max_tokens: --new-tokens, or with --vary-length drawn from 1..--new-tokens (the same draws in
+    every run)."""
+    rng = random.Random(1)
+    return [rng.randint(1, new_tokens) if vary else new_tokens for _ in range(n)]
+
+
+def request_bodies(images, prompts, limits: list[int], force: bool, stream: bool = False) -> list[bytes]:
     bodies = []
-    for image, prompt in zip(images, prompts):
+    for image, prompt, new_tokens in zip(images, prompts, limits):
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -95,13 +103,13 @@ def serve_all(url: str, bodies: list[bytes], clients: int, rate: float | None = 
             sum(o["usage"]["completion_tokens"] for o, _ in out), [lat for _, lat in out])
 
 
-def hf_all(hf, pipe, images, prompts, new_tokens: int, force: bool) -> tuple[float, list[str], int]:
+def hf_all(hf, pipe, images, prompts, limits: list[int], force: bool):
     """transformers, one request at a time, preprocessing included (palitorch's processor, which is faster than
     transformers' own)."""
     proc, eos = pipe.processor, eos_ids(pipe.model, pipe.processor)
     answers, tokens = [], 0
     t0 = time.perf_counter()
-    for image, prompt in zip(images, prompts):
+    for image, prompt, new_tokens in zip(images, prompts, limits):
         enc = proc.encode(prompt)
         ids = torch.tensor([enc.ids], device=pipe.device)
         types = torch.tensor([enc.types], device=pipe.device)  # the prefix-LM mask: PaliGemma 2 needs it
@@ -128,6 +136,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch-size (default 8)")
     ap.add_argument("--new-tokens", type=int, default=16, help="max_tokens of each request (default 16)")
     ap.add_argument("--force-length", action="store_true", help="suppress EOS: every answer is --new-tokens long")
+    ap.add_argument("--vary-length", action="store_true", help="each request's max_tokens drawn from 1..--new-tokens")
     ap.add_argument("--stream", action="store_true", help="clients ask for streams (server-sent events)")
     ap.add_argument("--reps", type=int, default=3, help="runs of each mode, interleaved (default 3)")
     ap.add_argument("--device", default="cpu")
@@ -154,7 +163,8 @@ def main() -> None:
     server.engine = engine = Engine(pipe, args.max_batch).start()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     images, prompts = workload(args.requests)
-    bodies = request_bodies(images, prompts, args.new_tokens, args.force_length, args.stream)
+    new_tokens = lengths(args.requests, args.new_tokens, args.vary_length)
+    bodies = request_bodies(images, prompts, new_tokens, args.force_length, args.stream)
 
     def serving(max_batch: int, continuous: bool = True):
         def run():
@@ -163,14 +173,14 @@ def main() -> None:
         return run
 
     def theirs():
-        return hf_all(hf, pipe, images, prompts, args.new_tokens, args.force_length)
+        return hf_all(hf, pipe, images, prompts, new_tokens, args.force_length)
 
     modes = {f"palitorch serve, continuous <= {args.max_batch}": serving(args.max_batch),
              f"palitorch serve, static <= {args.max_batch}": serving(args.max_batch, continuous=False),
              "palitorch serve, no batching": serving(1), "transformers generate, one at a time": theirs}
     senders = f"arriving at {args.rate:g}/s" if args.rate else f"from {args.clients} clients"
     print(f"{args.size} ({kind}), {args.device} {args.dtype}, {args.requests} requests {senders}, "
-          f"max_tokens {args.new_tokens}{' (EOS suppressed)' if args.force_length else ''}"
+          f"max_tokens {'1 to ' * args.vary_length}{args.new_tokens}{' (EOS suppressed)' * args.force_length}"
           f"{', streamed' if args.stream else ''}")
     sizes = batch_rungs(args.max_batch)
     print(f"  warm-up ({'compiling ' if args.compile else ''}batch sizes {sizes}) ...", flush=True)

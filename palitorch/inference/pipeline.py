@@ -136,12 +136,7 @@ class Pipeline:
         lm = self.model.language_model
         if fuse:
             lm.fuse_projections()  # fewer, larger matmuls per step
-        # Every model, batch size and cache length compiles its own static-shape graph of one code object; past
-        # dynamo's default limit of 8 such graphs it would run the step eagerly (a log line only).
-        import torch._dynamo.config as dynamo_config
-
-        limit = _RECOMPILE_LIMIT if hasattr(dynamo_config, _RECOMPILE_LIMIT) else "cache_size_limit"  # older name
-        setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
+        raise_recompile_limit()
         # inductor's CPU FlexAttention kernel, compiled single-threaded, frees memory twice (torch 2.13): let it be
         flex = any(layer.attn.decode_attention == "flex" for layer in lm.layers)
         settings = _compile_options(self.device, mode, options, single_thread=not flex)
@@ -154,8 +149,12 @@ class Pipeline:
         return self
 
     def _claim(self) -> None:
+        """Before a generation: refuse while a stream or live batch owns the caches; on a compiled pipeline, raise
+        dynamo's recompile limit in this thread (a server's model thread is not the one that called `compile`)."""
         if self._busy:
             raise InputError("a stream from this pipeline is still running: finish it (or break out of it) first")
+        if self._steps is not None:
+            raise_recompile_limit()
 
     def generate(self, image, prompt, options: GenerationOptions | None = None, **kw):
         """Answer a prompt about an image; lists of images and prompts give a list (one left-padded batch); one image
@@ -263,6 +262,18 @@ def batch_rung_below(n: int) -> int:
 
 
 _RECOMPILE_LIMIT = "recompile_limit"  # dynamo's setting; "cache_size_limit" before torch 2.7
+
+
+def raise_recompile_limit(at_least: int = 64) -> None:
+    """Every model, batch size and cache length compiles its own static-shape graph of one code object (the decode
+    step); past dynamo's default limit of 8 such graphs it would run the step eagerly, with a log line only. The
+    setting is per thread (a ContextVar since torch 2.1x: a new thread starts at the default), so it is raised in
+    each thread that runs a compiled step."""
+    import torch._dynamo.config as dynamo_config
+
+    limit = _RECOMPILE_LIMIT if hasattr(dynamo_config, _RECOMPILE_LIMIT) else "cache_size_limit"  # older name
+    if getattr(dynamo_config, limit) < at_least:
+        setattr(dynamo_config, limit, at_least)
 
 
 def _compile_options(device: torch.device, mode: str | None, options: dict | None = None,

@@ -3,6 +3,7 @@ gate/up weights, the oneDNN route for large CPU linears, the logsumexp logprob a
 variants. Each gives transformers' greedy tokens, logprobs within 1e-4 (float32 on CPU, same weights).
 """
 
+import threading
 import types
 
 import pytest
@@ -216,4 +217,17 @@ def test_compiled_step_keeps_compiling_past_dynamo_limit():
             pipe._steps = steps
             assert calls == 2
         assert counters["stats"]["unique_graphs"] - before == 2
+
+    # dynamo's settings are per thread: one that did not call compile() (a server's model thread) gets it raised too
+    seen = []
+
+    def other_thread():
+        with dynamo_config.patch(**{_RECOMPILE_LIMIT: 1}):
+            pipe.generate(img, "caption en", max_new_tokens=2)
+            seen.append(getattr(dynamo_config, _RECOMPILE_LIMIT))
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert seen == [64]
 
