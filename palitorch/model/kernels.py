@@ -4,22 +4,28 @@ On CPU, `F.linear` calls MKL's sgemm. On some x86 CPUs (measured: the AMD EPYC o
 products of inference, a few rows times a large weight (M = 1 per sequence when decoding), at half the memory
 bandwidth or less: a 1024 x 8192 weight took 3.9 ms at M = 1 and 13-33 ms at M = 8. oneDNN's inner-product
 kernel, the one inductor uses when it freezes weights, reads the same plain weight in 1.9 ms and 4.6-5.7 ms, and
-runs a prefill's products (M = 256-4,096) 1.0-1.8x faster. Its fixed cost per call (~30 us) loses on small
-weights, so `linear` sends only weights of `ONEDNN_MIN_ELEMENTS` or more there; only without autograd (the op has
-no backward); and only after a one-time self-check against `F.linear` has passed on this machine. Results differ
-from `F.linear`'s by float32 rounding (another summation order), as any two matmul kernels do.
+runs a prefill's products (M = 256-4,096) 1.0-1.8x faster. On others (measured: an Intel Xeon) MKL's M = 1 path
+reads at full bandwidth and is 7-20% faster than oneDNN's, which wins there from M = 8 (1.4-1.5x). Its fixed
+cost per call (~30 us) loses on small weights, so `linear` sends there only weights of `ONEDNN_MIN_ELEMENTS` or
+more; only products of at least as many rows as oneDNN needs to win on this machine (timed once per process, see
+`_calibrate`); only without autograd (the op has no backward); and only after a one-time self-check against
+`F.linear` has passed. Results differ from `F.linear`'s by float32 rounding (another summation order), as any two
+matmul kernels do.
 
 `use_onednn(False)` turns the route off (for example to compare against torch's default kernels).
 """
 
 import platform
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 ONEDNN_MIN_ELEMENTS = 1 << 20  # ~4 MB of float32: below this, torch's default kernel is as fast or faster
-_onednn: dict[str, bool | None] = {"enabled": True, "works": None}  # "works": the self-check's verdict
+ONEDNN_MIN_ROWS: int | None = None  # products with fewer rows keep F.linear; None: measured on this machine
+_onednn: dict = {"enabled": True, "works": None, "min_rows": None}  # the self-check's verdict, the measurement
 
 
 def use_onednn(enabled: bool = True) -> None:
@@ -62,13 +68,42 @@ def _onednn_works() -> bool:
     return bool(_onednn["works"])
 
 
+def _calibrate(rows=(1, 8, 64), reps: int = 9) -> int:
+    """The fewest rows (of `rows`) at which oneDNN's linear beats F.linear here, timed once per process on an
+    8192 x 1024 weight (32 MB: one MLP projection of a mid-size model), the two kernels interleaved, medians; a huge
+    number if it never does. ~0.1 s."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8192, 1024, generator=g)
+    for m in rows:
+        x = torch.randn(m, 1024, generator=g)
+        times: dict = {_pointwise: [], F.linear: []}
+        for _ in range(reps):
+            for fn, ts in times.items():
+                start = time.perf_counter()
+                fn(x, w, None)
+                ts.append(time.perf_counter() - start)
+        if statistics.median(times[_pointwise]) < statistics.median(times[F.linear]):
+            return m
+    return 1 << 62
+
+
+def _min_rows() -> int:
+    if ONEDNN_MIN_ROWS is not None:
+        return ONEDNN_MIN_ROWS
+    if _onednn["min_rows"] is None:
+        _onednn["min_rows"] = _calibrate()
+    return _onednn["min_rows"]
+
+
 def _wants_onednn(x: Tensor, w: Tensor) -> bool:
     if not (_onednn["enabled"] and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
             and w.numel() >= ONEDNN_MIN_ELEMENTS and w.is_contiguous() and not torch.is_grad_enabled()):
         return False
-    if torch.compiler.is_compiling():  # the check runs eagerly (the first prefill does), never inside a trace
-        return bool(_onednn["works"])
-    return _onednn_works()
+    rows = x.numel() // x.shape[-1]
+    if torch.compiler.is_compiling():  # the checks run eagerly (the first prefill does), never inside a trace
+        min_rows = ONEDNN_MIN_ROWS if ONEDNN_MIN_ROWS is not None else _onednn["min_rows"] or 1
+        return bool(_onednn["works"]) and rows >= min_rows
+    return _onednn_works() and rows >= _min_rows()
 
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:

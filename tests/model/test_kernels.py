@@ -74,3 +74,42 @@ def test_compiled_graph_calls_onednn_as_an_opaque_op(onednn_calls):
         compiled = torch.compile(f, dynamic=False)(x)
     assert onednn_calls["onednn"] >= 2
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_products_with_fewer_rows_than_onednn_needs_here_keep_f_linear(onednn_calls, monkeypatch):
+    """On some CPUs MKL's one-row product is the faster one: the route then starts at the row count measured."""
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_ROWS", 8)
+    w = torch.randn(32, 16)
+    with torch.no_grad():
+        kernels.linear(torch.randn(1, 1, 16), w)
+        kernels.linear(torch.randn(7, 16), w)
+        assert onednn_calls["onednn"] == 0
+        kernels.linear(torch.randn(2, 4, 16), w)  # 8 rows
+        assert onednn_calls["onednn"] == 1
+
+
+def test_calibration_finds_the_fewest_rows_at_which_onednn_wins(monkeypatch):
+    """With oneDNN made slow below 8 rows (and F.linear 2 ms slower than it is, whatever this CPU), the calibration
+    says 8; with oneDNN made slow everywhere, never."""
+    import time
+    import types
+
+    real = kernels._pointwise
+
+    def slow_linear(x, w, b=None):
+        time.sleep(0.002)
+        return F.linear(x, w, b)
+
+    monkeypatch.setattr(kernels, "F", types.SimpleNamespace(linear=slow_linear))
+
+    def slow_below(m):
+        def pointwise(x, w, b):
+            if x.shape[0] < m:
+                time.sleep(0.005)
+            return real(x, w, b)
+        return pointwise
+
+    monkeypatch.setattr(kernels, "_pointwise", slow_below(8))
+    assert kernels._calibrate(reps=3) == 8
+    monkeypatch.setattr(kernels, "_pointwise", slow_below(10**9))
+    assert kernels._calibrate(reps=3) > 10**9
