@@ -30,8 +30,9 @@ def add_parser(subparsers) -> None:
         "serve", help="serve the model over an OpenAI-style HTTP API",
         description="Serve the model over an OpenAI-style HTTP API: POST /v1/chat/completions (one image and a "
                     "prompt per request; \"stream\": true for server-sent events), GET /v1/models, GET /health. "
-                    "Concurrent greedy requests are answered together in batches. The decoding options below "
-                    "are defaults for requests that do not set them.",
+                    "Concurrent requests decode together, continuously batched: a request that arrives while a "
+                    "batch runs joins it at the next step. The decoding options below are defaults for requests "
+                    "that do not set them.",
     )
     one_line_errors(p)
     g = p.add_argument_group("server")
@@ -43,7 +44,7 @@ def add_parser(subparsers) -> None:
     g.add_argument("--api-key", metavar="KEY",
                    help="require the header 'Authorization: Bearer KEY' (default: $PALITORCH_API_KEY, else none)")
     g.add_argument("--max-batch-size", type=int, default=8, metavar="N",
-                   help="answer at most N waiting requests in one batch (default 8)")
+                   help="decode at most N requests' rows at once (default 8)")
     g.add_argument("--max-queue", type=int, default=1024, metavar="N",
                    help="refuse new requests (503) while N are waiting (default 1024)")
     g.add_argument("--no-fetch", action="store_true",

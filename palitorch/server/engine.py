@@ -200,7 +200,7 @@ class Engine:
                 traceback.print_exc(file=sys.stderr)
             error = api_error(e) if isinstance(e, PalitorchError) else \
                 ApiError(500, f"internal error: {type(e).__name__}: {e}")
-            for job in [*running, *waiting]:
+            for job in [job for job in (*running, *waiting) if not job.finished]:
                 self._fail(job, error)
                 self._close(job)
         if served and served[0].counted:
