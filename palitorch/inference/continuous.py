@@ -45,7 +45,7 @@ from palitorch.inference.generate import (
     token_logprobs,
 )
 from palitorch.inference.processor import Processor
-from palitorch.inference.sampling import Chooser, GenerationOptions
+from palitorch.inference.sampling import GenerationOptions, RowChooser
 from palitorch.model import PaliGemma
 
 
@@ -88,25 +88,20 @@ class LiveCursor(Cursor):
 class LiveBatch:
     """Rows that join (`admit`) and leave (at EOS, their budget, a stop string, or `release`) between `step`s.
 
-    Greedy, or sampled without a seed (each row draws its own sample). Every sequence chooses its tokens as `opts`
-    say (temperature, top-k/p, min-p, repetition penalty); how long it runs (max_new_tokens, min_new_tokens, stop)
-    is its own, from the options it is admitted with. Not thread-safe: one thread admits, steps and releases.
-    `Pipeline.live` makes one."""
-
-    PER_SEQUENCE = ("max_new_tokens", "min_new_tokens", "stop")  # options that may differ between sequences
+    Every sequence decodes with its own options, given when it is admitted (default: `opts`): greedy or sampled,
+    its own temperature, top-k/p, min-p, repetition penalty, lengths and stop strings (`RowChooser`). Not beams,
+    and no seed for a sample (its random draws would depend on the batch). Each step runs the fused greedy step
+    while every row is greedy without a penalty, else the logits step and the per-row choice. Not thread-safe: one
+    thread admits, steps and releases. `Pipeline.live` makes one."""
 
     def __init__(self, model: PaliGemma, processor: Processor, opts: GenerationOptions, max_rows: int,
                  to_pixels: Callable, fns: Steps | None = None, size_for: Callable[[int], int] = lambda n: n):
-        if opts.num_beams > 1:
-            raise InputError("a live batch decodes one sequence per row: use num_beams=1 (or generate for beams)")
-        if opts.do_sample and opts.seed is not None:
-            raise InputError("a seeded sample depends on its batch: generate it alone, or sample without a seed")
+        self._check(opts)
         self.model, self.processor, self.opts, self.fns = model, processor, opts, fns or EAGER
         self.max_rows, self.to_pixels, self.size_for = max_rows, to_pixels, size_for
         self.device = next(model.parameters()).device
         self.eos = eos_ids(model, processor)
         self.eos_t = torch.tensor(self.eos, device=self.device)
-        self.fused = opts.repetition_penalty == 1.0 and not opts.do_sample  # greedy: forward + choice in one call
         self.seqs: list[Seq | None] = []  # by row; None = a free row
         self.cur: LiveCursor | None = None
         self._no_bar: torch.Tensor | None = None  # [B, 1] all False: no row has EOS barred
@@ -131,13 +126,13 @@ class LiveBatch:
 
         InputError if a prompt is refused (none of them joins); NumericsError on NaN logits. `streams[i]`: hand out
         sequence i's text in pieces as it grows (else its text comes only in its Result). `options[i]`: sequence i's
-        options, which may differ from the batch's only in `PER_SEQUENCE` (default: the batch's)."""
+        decoding options (default: the batch's)."""
         n = len(prompts)
         if n == 0 or n > self.free_rows:
             return None
         options = options or [self.opts] * n
         for o in options:
-            self._check_choice(o)
+            self._check(o)
         pixels, index = self.to_pixels(images)
         batch = encode_prompts(self.model, self.processor, pixels, prompts, index)
         t = batch.ids.shape[1]
@@ -168,7 +163,7 @@ class LiveBatch:
         cur.valid[row_t] = False
         cur.valid[row_t, slot - t:slot] = batch.valid
         cur.pos[row_t] = batch.valid.sum(-1, keepdim=True)
-        self.chooser.start_rows(row_t, batch.ids, batch.valid)
+        self.chooser.start(rows, row_t, options, batch.ids, batch.valid)
         bar = torch.tensor([[o.min_new_tokens > 0] for o in options], device=self.device)
         tok = self.chooser(logits, bar, row_t)
         lp = token_logprobs(logits, tok)
@@ -183,12 +178,12 @@ class LiveBatch:
             seqs.append(q)
         return seqs, self._events(seqs, tok, lp, by_row=False)
 
-    def _check_choice(self, o: GenerationOptions) -> None:
-        """InputError unless `o` chooses tokens as the batch does (it may differ in `PER_SEQUENCE` only)."""
-        fields = {f: getattr(o, f) for f in vars(o) if f not in self.PER_SEQUENCE}
-        if any(getattr(self.opts, f) != v for f, v in fields.items()):
-            raise InputError("a live batch's sequences choose tokens alike: only max_new_tokens, min_new_tokens "
-                             "and stop may differ between them")
+    @staticmethod
+    def _check(o: GenerationOptions) -> None:
+        if o.num_beams > 1:
+            raise InputError("a live batch decodes one sequence per row: use num_beams=1 (or generate for beams)")
+        if o.do_sample and o.seed is not None:
+            raise InputError("a seeded sample depends on its batch: generate it alone, or sample without a seed")
 
     def _slot_for(self, t: int, budget: int) -> int | None:
         """The slot at which sequences of padded prompt length t and `budget` tokens can join: the next one, or
@@ -243,9 +238,7 @@ class LiveBatch:
         dev = self.device
         self.tok = torch.zeros(rows, dtype=torch.long, device=dev)
         self.done = torch.ones(rows, dtype=torch.bool, device=dev)  # a free row's tokens are padding
-        self.chooser = Chooser(self.opts, self.eos, self.model.language_model.embed_tokens.num_embeddings,
-                               torch.zeros(rows, 1, dtype=torch.long, device=dev),
-                               torch.zeros(rows, 1, dtype=torch.bool, device=dev))
+        self.chooser = RowChooser(rows, self.model.language_model.embed_tokens.num_embeddings, self.eos, dev)
 
     def _resize(self, rows: int) -> None:
         """Lay the batch out in `rows` rows, the live sequences first (in row order): caches and per-row state are
@@ -259,15 +252,14 @@ class LiveBatch:
         for layer, cache in zip(self.model.language_model.layers, old):
             layer.attn.kv_cache.k[:k] = cache.k[keep]
             layer.attn.kv_cache.v[:k] = cache.v[keep]
-        cur, tok, done, seen = self.cur, self.tok, self.done, self.chooser.seen
+        cur, tok, done, chooser = self.cur, self.tok, self.done, self.chooser
         valid, pos = cur.valid, cur.pos
         self.cur = LiveCursor(self.model, rows, self.s_len, self.device)
         self.cur.slot = cur.slot
         self.cur.valid[:k], self.cur.pos[:k] = valid[keep], pos[keep]
         self._reset_rows(rows)
         self.tok[:k], self.done[:k] = tok[keep], done[keep]
-        if seen is not None:
-            self.chooser.seen[:k] = seen[keep]
+        self.chooser = chooser.kept(keep, [q.row for q in live], rows)
         for i, q in enumerate(live):
             q.row = i
         self.seqs = live + [None] * (rows - k)
@@ -290,7 +282,7 @@ class LiveBatch:
                 self._no_bar = torch.zeros(len(self.seqs), 1, dtype=torch.bool, device=self.device)
             bar = self._no_bar
         fns, pad = self.fns, self.processor.pad_id
-        if self.fused:
+        if self.chooser.fusable:
             tok, lp, done = fns.greedy(self.model, self.tok, *self.cur.step(), self.done, bar, self.eos_t, pad)
         else:
             self.chooser.observe(self.tok)
@@ -327,3 +319,4 @@ class LiveBatch:
         if not seq.over:
             seq.over = True
             self.seqs[seq.row] = None
+            self.chooser.free(seq.row)

@@ -216,9 +216,9 @@ class Pipeline:
     def live(self, max_rows: int = 8, options: GenerationOptions | None = None, **kw):
         """A `LiveBatch` for continuous batching, as a context manager (it owns the KV caches until the block ends):
         sequences join with `admit(images, prompts)` whenever a row is free and leave as they end, while `step()`
-        decodes one token for each. Every sequence chooses its tokens with these options (greedy, or sampled
-        without a seed), and may bring its own max_new_tokens, min_new_tokens and stop strings (`admit(...,
-        options=...)`); each greedy answer equals `generate`'s. On a compiled pipeline the batch runs at the sizes
+        decodes one token for each. Every sequence decodes with its own options (`admit(..., options=[...])`;
+        default: these): greedy or sampled without a seed, its own lengths and stop strings. Each greedy answer
+        equals `generate`'s. On a compiled pipeline the batch runs at the sizes
         `generate` pads greedy batches to (so at most `batch_rung_below(max_rows)` rows)."""
         opts = GenerationOptions.from_kwargs(options, **kw)
         compiled = self._steps is not None

@@ -110,27 +110,35 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
     return torch.where(seen, penalized, logits)
 
 
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits per row (ties with the k-th kept too), the rest -inf."""
-    k = min(k, logits.shape[-1])
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+def top_k_filter(logits: torch.Tensor, k: int | torch.Tensor, k_max: int | None = None) -> torch.Tensor:
+    """Keep the k largest logits per row (ties with the k-th kept too), the rest -inf. `k`: an int, or a long
+    tensor [B, 1] of each row's k, with `k_max` its largest value (known on the host: no sync to find it)."""
+    if isinstance(k, torch.Tensor):
+        k = k.clamp(max=logits.shape[-1])
+        kth = torch.topk(logits, min(k_max, logits.shape[-1]), dim=-1).values.gather(-1, k - 1)
+    else:
+        k = min(k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus: keep the most probable tokens whose total probability first reaches p (always at least one)."""
-    if p >= 1.0:
+def top_p_filter(logits: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
+    """Nucleus: keep the most probable tokens whose total probability first reaches p (always at least one).
+    `p`: a float, or a tensor [B, 1] of each row's p (a row with p = 1 is left as it is)."""
+    per_row = isinstance(p, torch.Tensor)
+    if not per_row and p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = sorted_logits.softmax(-1)
     before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
-    drop_sorted = before >= p
+    drop_sorted = (before >= p) & (p < 1.0) if per_row else before >= p
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
 
-def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
-    """Keep tokens whose probability is at least `min_p` times the most probable token's."""
+def min_p_filter(logits: torch.Tensor, min_p: float | torch.Tensor) -> torch.Tensor:
+    """Keep tokens whose probability is at least `min_p` times the most probable token's (`min_p`: a float, or a
+    tensor [B, 1] of each row's)."""
     probs = logits.softmax(-1)
     floor = probs.amax(-1, keepdim=True) * min_p
     return logits.masked_fill(probs < floor, float("-inf"))
@@ -216,3 +224,97 @@ class Chooser:
     def observe(self, tokens: torch.Tensor) -> None:
         if self.seen is not None:
             self.seen.scatter_(1, tokens[:, None], True)
+
+
+class RowChooser:
+    """Picks each row's next token by that row's own options: the rows of a continuous batch are different requests.
+
+    A greedy row takes the largest processed logit (as `Chooser` does); a sampled row draws with its own temperature,
+    top-k, top-p and min-p, and every row has its own repetition penalty and EOS bar. The per-row settings are
+    [B, 1] tensors, rebuilt when rows change. Sampling draws are unseeded (a seeded sample depends on its batch).
+    `seen` [B, V] holds each row's prompt and answer tokens, for the repetition penalty."""
+
+    def __init__(self, rows: int, vocab: int, eos_ids, device):
+        self.opts: list[GenerationOptions | None] = [None] * rows  # None: a free row (greedy, no penalty)
+        self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
+        self.eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+        self._table: dict | None = None
+
+    def start(self, rows: list[int], row_t: torch.Tensor, opts: list[GenerationOptions], prompt_ids: torch.Tensor,
+              prompt_valid: torch.Tensor) -> None:
+        """Rows `rows` (as a tensor, `row_t`) begin new sequences with these options and prompts [n, T]."""
+        for r, o in zip(rows, opts):
+            self.opts[r] = o
+        vocab = self.seen.shape[1]
+        seen = torch.zeros(prompt_ids.shape[0], vocab + 1, dtype=torch.bool, device=prompt_ids.device)
+        seen.scatter_(1, prompt_ids.masked_fill(~prompt_valid.bool(), vocab), True)  # padding: the dropped column
+        self.seen[row_t] = seen[:, :vocab]
+        self._table = None
+
+    def free(self, row: int) -> None:
+        self.opts[row] = None
+        self._table = None
+
+    def kept(self, keep: torch.Tensor, rows: list[int], size: int) -> RowChooser:
+        """A chooser for `size` rows holding rows `rows` (as a tensor, `keep`) of this one first."""
+        new = RowChooser(size, self.seen.shape[1], [], self.seen.device)
+        new.eos = self.eos
+        new.opts[:len(rows)] = [self.opts[r] for r in rows]
+        new.seen[:len(rows)] = self.seen[keep]
+        return new
+
+    @property
+    def fusable(self) -> bool:
+        """Every row greedy without a repetition penalty: the choice can be fused into the compiled step."""
+        t = self._settings()
+        return not t["sampled_any"] and not t["penalty_any"]
+
+    def _settings(self) -> dict:
+        if self._table is None:
+            device = self.seen.device
+            opts = [o or GenerationOptions() for o in self.opts]
+
+            def col(values, dtype=torch.float32):
+                return torch.tensor(values, dtype=dtype, device=device)[:, None]
+
+            sampled = [o.do_sample for o in opts]
+            top_k = [o.top_k if (s and o.top_k) else self.seen.shape[1] for o, s in zip(opts, sampled)]
+            self._table = {
+                "sampled": col(sampled, torch.bool)[:, 0], "sampled_any": any(sampled),
+                "temperature": col([o.temperature if s and o.temperature else 1.0 for o, s in zip(opts, sampled)]),
+                "top_k": col(top_k, torch.long), "top_k_max": max(top_k),
+                "top_k_any": any(s and o.top_k for o, s in zip(opts, sampled)),
+                "top_p": col([o.top_p if s and o.top_p is not None else 1.0 for o, s in zip(opts, sampled)]),
+                "top_p_any": any(s and o.top_p is not None and o.top_p < 1 for o, s in zip(opts, sampled)),
+                "min_p": col([o.min_p if s and o.min_p else 0.0 for o, s in zip(opts, sampled)]),
+                "min_p_any": any(s and o.min_p for o, s in zip(opts, sampled)),
+                "penalty": col([o.repetition_penalty for o in opts]),
+                "penalty_any": any(o.repetition_penalty != 1.0 for o in opts),
+            }
+        return self._table
+
+    def observe(self, tokens: torch.Tensor) -> None:
+        """Record a step's tokens [B] as seen (only while some row has a repetition penalty: a row's own history
+        matters only to itself, and such a row records all of it from its start)."""
+        if self._settings()["penalty_any"]:
+            self.seen.scatter_(1, tokens[:, None], True)
+
+    def __call__(self, logits: torch.Tensor, bar: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw logits [n, V] of all rows (or of `rows` [n]); bar [n, 1]: EOS barred -> tokens [n]."""
+        t = self._settings()
+        pick = (lambda v: v) if rows is None else (lambda v: v[rows])
+        x = logits.float()
+        if t["penalty_any"]:
+            x = penalize_repeats(x, pick(self.seen), pick(t["penalty"]))
+        x = torch.where(bar, x.index_fill(-1, self.eos, float("-inf")), x)
+        tok = x.argmax(-1)
+        if not t["sampled_any"]:
+            return tok
+        x = x / pick(t["temperature"])
+        if t["top_k_any"]:
+            x = top_k_filter(x, pick(t["top_k"]), t["top_k_max"])
+        if t["top_p_any"]:
+            x = top_p_filter(x, pick(t["top_p"]))
+        if t["min_p_any"]:
+            x = min_p_filter(x, pick(t["min_p"]))
+        return torch.where(pick(t["sampled"]), sample(x), tok)

@@ -1,15 +1,14 @@
 """One thread owns the model; the HTTP threads hand it jobs and wait for their answers.
 
 A pipeline holds one set of KV caches, so one thread runs the model (which is also what CUDA graphs want).
-Batching is continuous: greedy requests with the same decoding options decode together in a live batch
-(`Pipeline.live`), and a request that arrives while it runs joins it at the next step if a row is free, rather than
-waiting for the batch to end; each request is answered as soon as its own rows end, and its row goes to the next
-request waiting. palitorch's batched greedy output equals the one-at-a-time output token for token, so batching
-changes only the speed. Sampled requests without a seed join live batches too (each row draws its own sample; a
-request with n > 1 takes n rows). Requests join in arrival order: one with other options waits at the head of the
-queue until the batch in progress has drained, then starts its own. A request with a seed, or a beam search, runs
-alone: a seed must give the same sample under any load. A stream whose client has left is dropped at the next
-step, and its row freed.
+Batching is continuous: requests decode together in a live batch (`Pipeline.live`), each row with its own decoding
+options, and a request that arrives while it runs joins it at the next step if a row is free, rather than waiting
+for the batch to end; each request is answered as soon as its own rows end, and its row goes to the next request
+waiting. palitorch's batched greedy output equals the one-at-a-time output token for token, so batching changes
+only the speed. Sampled requests without a seed join too (each row draws its own sample; a request with n > 1
+takes n rows). A request with a seed, or a beam search, runs alone (a seed must give the same sample under any
+load): it waits at the head of the queue, in arrival order, until the live batch has drained. A stream whose
+client has left is dropped at the next step, and its row freed.
 
 A request whose input is refused (a prompt over the context, say) fails alone; the others are answered.
 `continuous=False` batches the old way (the requests waiting when the model frees up, as one padded batch run to
@@ -32,7 +31,6 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from palitorch.errors import InputError, PalitorchError
-from palitorch.inference.continuous import LiveBatch
 from palitorch.inference.generate import Result
 from palitorch.inference.sampling import GenerationOptions
 from palitorch.server.openai import ApiError, ChatRequest
@@ -70,12 +68,9 @@ class Job:
         return self.results is not None or self.error is not None
 
     def key(self, live: bool = False) -> str:
-        """Jobs with equal keys can share a batch: the same options, or in a live batch the same options but for
-        those each sequence has its own (`LiveBatch.PER_SEQUENCE`: max_tokens, min_tokens, stop)."""
-        options = self.request.options
-        if live:
-            options = {k: v for k, v in options.items() if k not in LiveBatch.PER_SEQUENCE}
-        return json.dumps(options, sort_keys=True)
+        """Batchable jobs with equal keys can share a batch: the same options for a static batch; any options for a
+        live batch, where every row decodes with its own."""
+        return "" if live else json.dumps(self.request.options, sort_keys=True)
 
     def wait(self) -> list[Result]:
         self.done.wait()
@@ -173,16 +168,16 @@ class Engine:
     # ------------------------------------------------------------------ continuous batching
 
     def _live(self, group: list[Job]) -> None:
-        """Decode `group` in a live batch; the jobs that come to the head of the queue with the same options join it
-        as rows free up, until no job is left in it. Each job is answered, counted and released as it ends."""
-        start, key = time.perf_counter(), group[0].key(live=True)
+        """Decode `group` in a live batch; the jobs that come to the head of the queue join it as rows free up
+        (unless one must run alone), until no job is left in it. Each job is answered, counted and released as it
+        ends."""
+        start = time.perf_counter()
         waiting, running, served = deque(group), {}, []  # taken, not yet in; job -> its Seqs; all that joined
         self.stats["batches"] += group[0].counted
         try:
-            choice = {k: v for k, v in group[0].request.options.items() if k not in LiveBatch.PER_SEQUENCE}
-            with self.pipe.live(self.max_batch, **choice) as live:
+            with self.pipe.live(self.max_batch) as live:
                 while True:
-                    self._top_up(waiting, key, live.free_rows)
+                    self._top_up(waiting, live.free_rows)
                     self._join(live, waiting, running, served)
                     if group[0].counted:
                         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(running))
@@ -210,13 +205,13 @@ class Engine:
             if not job.finished:
                 self._batch([job])
 
-    def _top_up(self, waiting: deque, key: str, free_rows: int) -> None:
+    def _top_up(self, waiting: deque, free_rows: int) -> None:
         """Move jobs from the head of the queue to `waiting` while they can share the batch and rows are free (a
-        job with other options at the head stops it: no job overtakes another). While the server stops, the jobs
+        job that must run alone at the head stops it: no job overtakes another). While the server stops, the jobs
         not yet in the batch are refused."""
         with self._cv:
             rows = sum(job.rows for job in waiting)
-            while self._jobs and self._jobs[0].batchable and self._jobs[0].key(live=True) == key and \
+            while self._jobs and self._jobs[0].batchable and \
                     rows + self._jobs[0].rows <= free_rows and not self._stopping:
                 rows += self._jobs[0].rows
                 waiting.append(self._jobs.popleft())

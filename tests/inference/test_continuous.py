@@ -5,6 +5,8 @@ Tolerances: greedy tokens and texts equal; logprobs within 1e-4 (float32 on CPU,
 are computed in batches of other sizes, with other neighbours, than alone).
 """
 
+import dataclasses
+
 import pytest
 import torch
 from test_generate import PROMPTS, images, windowed
@@ -98,31 +100,50 @@ def test_penalties_stop_strings_and_streams_in_a_live_batch(ckpt_factory):
     assert [pieces.get(i, "") for i in range(5)] == [r.text for r in got]
 
 
-def test_sequences_bring_their_own_lengths_and_stop_strings(ckpt_factory):
-    """max_new_tokens, min_new_tokens and stop strings differ between the sequences of one live batch: each answer
-    is the one `generate` gives alone with its own options; options that choose tokens differently are refused."""
+def test_every_sequence_decodes_with_its_own_options(ckpt_factory):
+    """One live batch whose rows differ in every option: lengths, min_new_tokens, a stop string, a repetition
+    penalty, and sampling whose filters leave one token (top_k=1; top_p tiny; min_p=1 with a temperature), which
+    makes the draw certain. Each answer is `generate`'s alone with the same options; the choice is fused into the
+    step only while every row is greedy without a penalty. Seeded samples and beams are refused."""
     from palitorch.inference.sampling import GenerationOptions
 
     pipe = palitorch.load(diverse(ckpt_factory, 1)[0])
-    imgs, prompts = images(4), ASKS[:4]
     own = [{"max_new_tokens": 5}, {"max_new_tokens": 30, "min_new_tokens": 12}, {"max_new_tokens": 12},
-           {"max_new_tokens": 20}]
+           {"max_new_tokens": 20}, {"max_new_tokens": 16, "repetition_penalty": 1.4},
+           {"max_new_tokens": 14, "temperature": 0.7, "top_k": 1}, {"max_new_tokens": 9, "top_p": 1e-6},
+           {"max_new_tokens": 11, "temperature": 1.3, "min_p": 1.0}]
+    imgs, prompts = images(len(own)), (ASKS * 2)[:len(own)]
     own[3]["stop"] = [pipe.generate(imgs[3], prompts[3], **own[3]).text[6:9]]
-    with pipe.live(max_rows=4, max_new_tokens=8) as live:
-        results = {}
-        for i in range(4):
-            _, events = live.admit([imgs[i]], [prompts[i]], tags=[i], options=[GenerationOptions(**own[i])])
-            events += live.step()
-            results.update({q.tag: item for q, item in events if not isinstance(item, str)})
-        with pytest.raises(InputError, match="only max_new_tokens, min_new_tokens and stop may differ"):
-            live.admit([imgs[0]], [prompts[0]], options=[GenerationOptions(repetition_penalty=1.2)])
-        while live.active:
+    fused, unfused = [], []  # per step: were all the rows greedy without a penalty?
+
+    def plain_rows() -> bool:
+        return all(not GenerationOptions(**own[q.tag]).do_sample and "repetition_penalty" not in own[q.tag]
+                   for q in live.active)
+
+    def spy(step, calls):
+        return lambda *args: calls.append(plain_rows()) or step(*args)
+
+    with pipe.live(max_rows=4) as live:
+        live.fns = dataclasses.replace(live.fns, greedy=spy(live.fns.greedy, fused),
+                                       logits=spy(live.fns.logits, unfused))
+        results, waiting = {}, list(range(len(own)))
+        while waiting or live.active:
+            if waiting and live.free_rows:
+                i = waiting.pop(0)
+                _, events = live.admit([imgs[i]], [prompts[i]], tags=[i], options=[GenerationOptions(**own[i])])
+                results.update({q.tag: item for q, item in events if not isinstance(item, str)})
             results.update({q.tag: item for q, item in live.step() if not isinstance(item, str)})
-    for i in range(4):
+        for bad in ({"temperature": 1.0, "seed": 1}, {"num_beams": 2}):
+            with pytest.raises(InputError):
+                live.admit([imgs[0]], [prompts[0]], options=[GenerationOptions(**bad)])
+    for i in range(len(own)):
         want = pipe.generate(imgs[i], prompts[i], **own[i])
         assert (results[i].token_ids, results[i].text, results[i].finish_reason) == \
             (want.token_ids, want.text, want.finish_reason), own[i]
+        torch.testing.assert_close(torch.tensor(results[i].logprobs), torch.tensor(want.logprobs), atol=1e-4, rtol=0)
     assert [len(results[i].token_ids) for i in range(3)] == [5, 30, 12] and results[3].finish_reason == "stop"
+    assert results[4].token_ids != pipe.generate(imgs[4], prompts[4], max_new_tokens=16).token_ids  # the penalty
+    assert fused and all(fused) and unfused and not any(unfused)  # fused exactly while every row is plain greedy
 
 
 def test_sampled_rows_and_refusals():

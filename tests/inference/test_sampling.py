@@ -212,3 +212,17 @@ def test_from_kwargs_accepts_a_single_stop_string_and_rejects_unknown_names():
     base = GenerationOptions(max_new_tokens=5)
     assert GenerationOptions.from_kwargs(base, top_k=3) == GenerationOptions(max_new_tokens=5, top_k=3)
     assert base.top_k is None
+
+
+def test_per_row_filters_equal_the_scalar_filter_on_each_row():
+    """top-k, top-p and min-p with one setting per row ([B, 1] tensors, as continuous batching uses them) give
+    each row what the scalar filter gives it; a row with top_p = 1 is left as it is."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    ks, ps, mins = [1, 5, 50, 80], [0.05, 0.5, 0.9, 1.0], [0.0, 0.1, 0.5, 1.0]
+    got = top_k_filter(logits, torch.tensor(ks)[:, None], max(ks))
+    assert torch.equal(got, torch.cat([top_k_filter(logits[i:i + 1], k) for i, k in enumerate(ks)]))
+    got = top_p_filter(logits, torch.tensor(ps)[:, None])
+    assert torch.equal(got, torch.cat([top_p_filter(logits[i:i + 1], p) for i, p in enumerate(ps)]))
+    assert torch.equal(got[3], logits[3])
+    got = min_p_filter(logits, torch.tensor(mins)[:, None])
+    assert torch.equal(got, torch.cat([min_p_filter(logits[i:i + 1], m) for i, m in enumerate(mins)]))
