@@ -6,8 +6,8 @@
 # By default (BENCH_ARGS="--decode-attention auto") each size first compiles the decode step with SDPA and with
 # FlexAttention, times both at batch 1 and keeps the faster for the comparison (both timings go in the JSON).
 #   BENCH_ARGS="--decode-attention flex" bash benchmarks/bench_gpu.sh     # one variant (see gpu_variants.sh)
-#   GPU_TESTS=1 SIZE_LIMIT_S=240 bash benchmarks/bench_gpu.sh   # first the CUDA-only tests (CUDA-graph decode vs CPU,
-#                                                                # early stop), ~1-2 min, then the benchmark
+#   GPU_TESTS=1 SIZE_LIMIT_S=240 bash benchmarks/bench_gpu.sh   # first the CUDA-only tests (CUDA-graph decode and
+#                                                                # live batch vs CPU, early stop), ~1-2 min, then the benchmark
 #   GPU_TESTS=1 SIZES= bash benchmarks/bench_gpu.sh              # the CUDA-only tests alone
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max
 start=$SECONDS
 if [ "${GPU_TESTS:-0}" = 1 ]; then
   PYTHONUNBUFFERED=1 timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/inference/test_steps.py \
-    -k "cuda or wait or done_watch" 2>&1 | tail -15 | tee "$OUTDIR/gpu-tests.log"
+    tests/inference/test_continuous.py -k "cuda or wait or done_watch" 2>&1 | tail -15 | tee "$OUTDIR/gpu-tests.log"
   echo "elapsed ${SECONDS}s after the tests"
 fi
 for size in ${SIZES-pg1-3b pg2-3b}; do  # SIZES= (empty): the tests alone; a checkpoint folder's path works too

@@ -13,6 +13,7 @@ from test_generate import PROMPTS, images, windowed
 
 import palitorch
 from palitorch.errors import InputError
+from palitorch.inference.sampling import GenerationOptions
 
 from hf_factory import diverse
 
@@ -105,8 +106,6 @@ def test_every_sequence_decodes_with_its_own_options(ckpt_factory):
     penalty, and sampling whose filters leave one token (top_k=1; top_p tiny; min_p=1 with a temperature), which
     makes the draw certain. Each answer is `generate`'s alone with the same options; the choice is fused into the
     step only while every row is greedy without a penalty. Seeded samples and beams are refused."""
-    from palitorch.inference.sampling import GenerationOptions
-
     pipe = palitorch.load(diverse(ckpt_factory, 1)[0])
     own = [{"max_new_tokens": 5}, {"max_new_tokens": 30, "min_new_tokens": 12}, {"max_new_tokens": 12},
            {"max_new_tokens": 20}, {"max_new_tokens": 16, "repetition_penalty": 1.4},
@@ -187,3 +186,27 @@ def test_a_compiled_pipeline_serves_a_live_batch():
         assert g.token_ids == w.token_ids
         torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-4, rtol=0)
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_live_batch_matches_cpu():
+    """On a GPU (run where one is lent): the bundled model under `compile(mode="reduce-overhead")` (CUDA graphs,
+    whose outputs the next step overwrites; caches reallocated as the batch grows and shrinks) decodes a live batch,
+    joins at several steps, greedy and certain-draw sampled rows mixed: the tokens `generate` gives alone on CPU."""
+    cpu = palitorch.load()
+    imgs, prompts = images(6), (ASKS * 2)[:6]
+    own = [{}, {"temperature": 0.8, "top_k": 1}, {}, {"min_new_tokens": 12}, {}, {"top_p": 1e-6}]
+    want = [cpu.generate(i, p, max_new_tokens=24, **o) for i, p, o in zip(imgs, prompts, own)]
+    pipe = palitorch.load(device="cuda").compile(mode="reduce-overhead")
+    for _ in range(2):  # the first run records the graphs, the second replays them
+        results, waiting, step = {}, list(range(6)), 0
+        with pipe.live(max_rows=4) as live:
+            while waiting or live.active:
+                if waiting and live.free_rows and step % 2 == 0:
+                    i = waiting.pop(0)
+                    _, events = live.admit([imgs[i]], [prompts[i]], tags=[i],
+                                           options=[GenerationOptions(max_new_tokens=24, **own[i])])
+                    results.update({q.tag: r for q, r in events if not isinstance(r, str)})
+                results.update({q.tag: r for q, r in live.step() if not isinstance(r, str)})
+                step += 1
+        assert [results[i].token_ids for i in range(6)] == [w.token_ids for w in want]
