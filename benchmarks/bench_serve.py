@@ -12,7 +12,8 @@ sent at its own time whatever the server is doing, and the latency a client sees
 palitorch's requests go over HTTP on this machine (JSON, a base64 PNG, the server's threads), so its figures include
 what a client pays; transformers' include only the preprocessing (palitorch's processor) and `generate`. Greedy
 decoding; answers end at EOS or --new-tokens (--force-length suppresses EOS: every answer is --new-tokens long;
---vary-length gives each request its own max_tokens, from 1 to --new-tokens).
+--vary-length gives each request its own max_tokens, from 1 to --new-tokens; --mix-sampling makes every other
+request sampled, with top_k 1 so that its draw is certain and all modes still give the same answers).
 All modes must give the same answers, or no figures are reported. Modes are interleaved; medians of --reps.
 """
 
@@ -52,9 +53,13 @@ def lengths(n: int, new_tokens: int, vary: bool) -> list[int]:
     return [rng.randint(1, new_tokens) if vary else new_tokens for _ in range(n)]
 
 
-def request_bodies(images, prompts, limits: list[int], force: bool, stream: bool = False) -> list[bytes]:
+SAMPLED = {"temperature": 0.7, "top_k": 1}  # --mix-sampling: a sampled request whose draw is certain
+
+
+def request_bodies(images, prompts, limits: list[int], force: bool, stream: bool = False,
+                   mix: bool = False) -> list[bytes]:
     bodies = []
-    for image, prompt, new_tokens in zip(images, prompts, limits):
+    for i, (image, prompt, new_tokens) in enumerate(zip(images, prompts, limits)):
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -64,6 +69,8 @@ def request_bodies(images, prompts, limits: list[int], force: bool, stream: bool
             body["min_tokens"] = new_tokens
         if stream:
             body.update(stream=True, stream_options={"include_usage": True})
+        if mix and i % 2:
+            body.update(SAMPLED)
         bodies.append(json.dumps(body).encode())
     return bodies
 
@@ -103,21 +110,22 @@ def serve_all(url: str, bodies: list[bytes], clients: int, rate: float | None = 
             sum(o["usage"]["completion_tokens"] for o, _ in out), [lat for _, lat in out])
 
 
-def hf_all(hf, pipe, images, prompts, limits: list[int], force: bool):
+def hf_all(hf, pipe, images, prompts, limits: list[int], force: bool, mix: bool = False):
     """transformers, one request at a time, preprocessing included (palitorch's processor, which is faster than
     transformers' own)."""
     proc, eos = pipe.processor, eos_ids(pipe.model, pipe.processor)
     answers, tokens = [], 0
     t0 = time.perf_counter()
-    for image, prompt, new_tokens in zip(images, prompts, limits):
+    for i, (image, prompt, new_tokens) in enumerate(zip(images, prompts, limits)):
         enc = proc.encode(prompt)
+        choice = {"do_sample": True, **SAMPLED} if mix and i % 2 else {"do_sample": False}
         ids = torch.tensor([enc.ids], device=pipe.device)
         types = torch.tensor([enc.types], device=pipe.device)  # the prefix-LM mask: PaliGemma 2 needs it
         pixels = proc.pixels(image)[None].to(pipe.device, pipe.dtype)
         with torch.inference_mode():
             out = hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
                               token_type_ids=types,
-                              max_new_tokens=new_tokens, min_new_tokens=new_tokens if force else 0, do_sample=False,
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens if force else 0, **choice,
                               eos_token_id=eos, pad_token_id=proc.pad_id)
         new = out[0, ids.shape[1]:].tolist()
         end = next((i for i, t in enumerate(new) if t in eos), None)
@@ -137,6 +145,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16, help="max_tokens of each request (default 16)")
     ap.add_argument("--force-length", action="store_true", help="suppress EOS: every answer is --new-tokens long")
     ap.add_argument("--vary-length", action="store_true", help="each request's max_tokens drawn from 1..--new-tokens")
+    ap.add_argument("--mix-sampling", action="store_true",
+                    help="every other request sampled (top_k 1: a certain draw, the greedy answer)")
     ap.add_argument("--stream", action="store_true", help="clients ask for streams (server-sent events)")
     ap.add_argument("--reps", type=int, default=3, help="runs of each mode, interleaved (default 3)")
     ap.add_argument("--device", default="cpu")
@@ -164,7 +174,7 @@ def main() -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     images, prompts = workload(args.requests)
     new_tokens = lengths(args.requests, args.new_tokens, args.vary_length)
-    bodies = request_bodies(images, prompts, new_tokens, args.force_length, args.stream)
+    bodies = request_bodies(images, prompts, new_tokens, args.force_length, args.stream, args.mix_sampling)
 
     def serving(max_batch: int, continuous: bool = True):
         def run():
@@ -173,7 +183,7 @@ def main() -> None:
         return run
 
     def theirs():
-        return hf_all(hf, pipe, images, prompts, new_tokens, args.force_length)
+        return hf_all(hf, pipe, images, prompts, new_tokens, args.force_length, args.mix_sampling)
 
     modes = {f"palitorch serve, continuous <= {args.max_batch}": serving(args.max_batch),
              f"palitorch serve, static <= {args.max_batch}": serving(args.max_batch, continuous=False),
@@ -181,7 +191,7 @@ def main() -> None:
     senders = f"arriving at {args.rate:g}/s" if args.rate else f"from {args.clients} clients"
     print(f"{args.size} ({kind}), {args.device} {args.dtype}, {args.requests} requests {senders}, "
           f"max_tokens {'1 to ' * args.vary_length}{args.new_tokens}{' (EOS suppressed)' * args.force_length}"
-          f"{', streamed' if args.stream else ''}")
+          f"{', streamed' if args.stream else ''}{', every other request sampled' * args.mix_sampling}")
     sizes = batch_rungs(args.max_batch)
     print(f"  warm-up ({'compiling ' if args.compile else ''}batch sizes {sizes}) ...", flush=True)
     engine.warm_up({"max_new_tokens": args.new_tokens}, sizes)

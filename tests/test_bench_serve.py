@@ -27,7 +27,8 @@ def run(folder, tmp_path, monkeypatch, *extra):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("extra", [[], ["--stream"], ["--rate", "50", "--vary-length", "--force-length"]])
+@pytest.mark.parametrize("extra", [[], ["--stream"], ["--rate", "50", "--vary-length", "--force-length"],
+                                   ["--mix-sampling"]])
 def test_figures_come_after_the_same_answers(ckpt_factory, tmp_path, monkeypatch, capsys, extra):
     folder, _ = diverse(ckpt_factory, 2)
     record = run(folder, tmp_path, monkeypatch, *extra)
