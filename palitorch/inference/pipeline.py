@@ -218,8 +218,8 @@ class Pipeline:
         sequences join with `admit(images, prompts)` whenever a row is free and leave as they end, while `step()`
         decodes one token for each. Every sequence decodes with its own options (`admit(..., options=[...])`;
         default: these): greedy or sampled without a seed, its own lengths and stop strings. Each greedy answer
-        equals `generate`'s. On a compiled pipeline the batch runs at the sizes
-        `generate` pads greedy batches to (so at most `batch_rung_below(max_rows)` rows)."""
+        equals `generate`'s. On a compiled pipeline the batch runs at the sizes `generate` pads greedy batches to
+        (so at most `batch_rung_below(max_rows)` rows)."""
         opts = GenerationOptions.from_kwargs(options, **kw)
         compiled = self._steps is not None
         live = LiveBatch(self.model, self.processor, opts, batch_rung_below(max_rows) if compiled else max_rows,

@@ -103,9 +103,9 @@ def _is_num(v) -> bool:
 # ---------------------------------------------------------------------------------------------- logits processing
 
 
-def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
     """CTRL's repetition penalty as transformers applies it: seen tokens' logits divided by `penalty` if positive,
-    multiplied if negative. logits [B, V] float; seen [B, V] bool."""
+    multiplied if negative. logits [B, V] float; seen [B, V] bool; penalty a float or each row's [B, 1]."""
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
 
@@ -167,6 +167,14 @@ def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> to
     return (probs / q).argmax(-1)
 
 
+def seen_tokens(prompt_ids: torch.Tensor, prompt_valid: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, V] bool: the tokens of each prompt [B, T] where `prompt_valid` (as transformers counts them seen)."""
+    # Padding goes to an extra column V that is then dropped, so it marks nothing.
+    seen = torch.zeros(prompt_ids.shape[0], vocab + 1, dtype=torch.bool, device=prompt_ids.device)
+    seen.scatter_(1, prompt_ids.masked_fill(~prompt_valid.bool(), vocab), True)
+    return seen[:, :vocab].contiguous()
+
+
 class Chooser:
     """Picks the next tokens from raw logits, with the state a decode needs (seen tokens, the RNG, the step).
 
@@ -184,39 +192,19 @@ class Chooser:
             self.generator = torch.Generator(device=device).manual_seed(opts.seed)
         self.seen = None
         if opts.repetition_penalty != 1.0:
-            self.seen = torch.zeros(prompt_ids.shape[0], vocab_size, dtype=torch.bool, device=device)
-            self.start_rows(None, prompt_ids, prompt_valid)
+            self.seen = seen_tokens(prompt_ids, prompt_valid, vocab_size)
 
-    def start_rows(self, rows: torch.Tensor | None, prompt_ids: torch.Tensor, prompt_valid: torch.Tensor) -> None:
-        """Rows `rows` [n] (None: all) begin new sequences with these prompts [n, T]: their seen tokens are the
-        prompts' real tokens (continuous batching reuses rows)."""
-        if self.seen is None:
-            return
-        vocab = self.seen.shape[1]
-        # Padding goes to an extra column V that is then dropped, so it marks nothing.
-        seen = torch.zeros(prompt_ids.shape[0], vocab + 1, dtype=torch.bool, device=prompt_ids.device)
-        seen.scatter_(1, prompt_ids.masked_fill(~prompt_valid.bool(), vocab), True)
-        if rows is None:
-            self.seen.copy_(seen[:, :vocab])
-        else:
-            self.seen[rows] = seen[:, :vocab]
-
-    def process(self, logits: torch.Tensor, step: int | torch.Tensor, rows: torch.Tensor | None = None):
-        """Raw logits [B, V] -> the float32 logits the choice is made from (before the sampling warpers).
-
-        `step`: the index of the token being chosen (EOS is barred below min_new_tokens), or a bool tensor [B, 1]
-        saying row by row whether EOS is barred. `rows` [B]: logits for these rows of the chooser's batch."""
+    def process(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """Raw logits [B, V] -> the float32 logits the choice is made from (before the sampling warpers)."""
         x = logits.float()
         if self.seen is not None:
-            x = penalize_repeats(x, self.seen if rows is None else self.seen[rows], self.opts.repetition_penalty)
-        if isinstance(step, torch.Tensor):
-            x = torch.where(step, x.index_fill(-1, self.eos, float("-inf")), x)
-        elif step < self.opts.min_new_tokens:
+            x = penalize_repeats(x, self.seen, self.opts.repetition_penalty)
+        if step < self.opts.min_new_tokens:
             x = x.index_fill(-1, self.eos, float("-inf"))
         return x
 
-    def __call__(self, logits: torch.Tensor, step: int | torch.Tensor, rows: torch.Tensor | None = None):
-        x = self.process(logits, step, rows)
+    def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        x = self.process(logits, step)
         if self.opts.do_sample:
             return sample(warp(x, self.opts), self.generator)
         return x.argmax(-1)
@@ -245,10 +233,7 @@ class RowChooser:
         """Rows `rows` (as a tensor, `row_t`) begin new sequences with these options and prompts [n, T]."""
         for r, o in zip(rows, opts):
             self.opts[r] = o
-        vocab = self.seen.shape[1]
-        seen = torch.zeros(prompt_ids.shape[0], vocab + 1, dtype=torch.bool, device=prompt_ids.device)
-        seen.scatter_(1, prompt_ids.masked_fill(~prompt_valid.bool(), vocab), True)  # padding: the dropped column
-        self.seen[row_t] = seen[:, :vocab]
+        self.seen[row_t] = seen_tokens(prompt_ids, prompt_valid, self.seen.shape[1])
         self._table = None
 
     def free(self, row: int) -> None:
