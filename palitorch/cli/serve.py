@@ -102,7 +102,8 @@ def serve(args: argparse.Namespace) -> int:
     device, dtype = check_model_options(args)
     server = bind(args, defaults)
     engine = None
-    say = (lambda line: None) if args.quiet else (lambda line: print(f"palitorch serve: {line}", file=sys.stderr))
+    # one write per line: the model's thread and the HTTP threads log side by side
+    say = (lambda line: None) if args.quiet else (lambda line: sys.stderr.write(f"palitorch serve: {line}\n"))
     # SIGTERM (docker stop, systemd) ends the server as Ctrl-C does: the batch in progress finishes first.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)  # also when started in the background, where SIGINT comes ignored
