@@ -218,3 +218,13 @@ def test_sampled_requests_without_a_seed_share_a_batch_row_by_row(demo):
         assert status == 200 and len(out["choices"]) == n and all(c["message"]["content"] for c in out["choices"])
     _, events = results[2]
     assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_request_wanting_more_rows_than_a_batch_has_runs_alone(demo):
+    """n sampled answers take n rows; with n above --max-batch-size the request cannot join a live batch, so it
+    runs alone as one batch of n rows (as a seeded one does), and is answered."""
+    pipe = HeldPipe(palitorch.load(), released=True)
+    engine = RecordingEngine(pipe, start_after=1, max_batch=2)
+    [(status, out, _)] = ask_all(engine, [chat(demo[0]["path"], "caption en", temperature=1.0, n=3)])
+    assert status == 200 and len(out["choices"]) == 3
+    assert pipe.calls == [3] and [admits for _, admits in pipe.lives] == [[]]
