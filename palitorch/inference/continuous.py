@@ -95,7 +95,8 @@ class LiveBatch:
     thread admits, steps and releases. `Pipeline.live` makes one."""
 
     def __init__(self, model: PaliGemma, processor: Processor, opts: GenerationOptions, max_rows: int,
-                 to_pixels: Callable, fns: Steps | None = None, size_for: Callable[[int], int] = lambda n: n):
+                 to_pixels: Callable, fns: Steps | None = None, size_for: Callable[[int], int] = lambda n: n,
+                 pool: dict | None = None):
         self._check(opts)
         self.model, self.processor, self.opts, self.fns = model, processor, opts, fns or EAGER
         self.max_rows, self.to_pixels, self.size_for = max_rows, to_pixels, size_for
@@ -106,6 +107,10 @@ class LiveBatch:
         self.cur: LiveCursor | None = None
         self._no_bar: torch.Tensor | None = None  # [B, 1] all False: no row has EOS barred
         self.s_len = 0
+        # Each batch size's KV caches, kept for when the batch comes back to that size: a CUDA graph recorded on
+        # them replays only on the same memory (new caches would be recorded again). `Pipeline.live` passes its
+        # own pool, so that one live batch after another reuses them too; only one cache length is kept.
+        self.pool = {} if pool is None else pool
 
     @property
     def active(self) -> list[Seq]:
@@ -144,6 +149,7 @@ class LiveBatch:
             rows = self.size_for(n)
             # room for later sequences as long, or with prompts up to 64 tokens longer, without waiting
             self.s_len = ensure_caches(self.model, rows, t + 64 + 2 * budget)
+            self._use_caches(rows)
             self.cur = LiveCursor(self.model, rows, self.s_len, self.device)
             self.seqs = [None] * rows
             self._reset_rows(rows)
@@ -240,6 +246,22 @@ class LiveBatch:
         self.done = torch.ones(rows, dtype=torch.bool, device=dev)  # a free row's tokens are padding
         self.chooser = RowChooser(rows, self.model.language_model.embed_tokens.num_embeddings, self.eos, dev)
 
+    def _use_caches(self, rows: int) -> None:
+        """Give the model caches for `rows` rows of `s_len` slots: the pool's, or the model's own if they are that
+        shape (then pooled), or new ones."""
+        layers = self.model.language_model.layers
+        key = (rows, self.s_len)
+        if key not in self.pool:
+            for k in [k for k in self.pool if k[1] != self.s_len]:
+                del self.pool[k]
+            current = layers[0].attn.kv_cache
+            if current is None or tuple(current.k.shape[i] for i in (0, 2)) != key:
+                with torch.inference_mode(False):  # ordinary tensors, as `ensure_caches` makes them
+                    self.model.setup_caches(rows, self.s_len)
+            self.pool[key] = [layer.attn.kv_cache for layer in layers]
+        for layer, cache in zip(layers, self.pool[key]):
+            layer.attn.kv_cache = cache
+
     def _resize(self, rows: int) -> None:
         """Lay the batch out in `rows` rows, the live sequences first (in row order): caches and per-row state are
         copied; a compiled step then runs at the new batch size."""
@@ -247,8 +269,7 @@ class LiveBatch:
         keep = torch.tensor([q.row for q in live], dtype=torch.long, device=self.device)
         k = len(live)
         old = [layer.attn.kv_cache for layer in self.model.language_model.layers]
-        with torch.inference_mode(False):  # ordinary tensors, as `ensure_caches` makes them
-            self.model.setup_caches(rows, self.s_len)
+        self._use_caches(rows)
         for layer, cache in zip(self.model.language_model.layers, old):
             layer.attn.kv_cache.k[:k] = cache.k[keep]
             layer.attn.kv_cache.v[:k] = cache.v[keep]

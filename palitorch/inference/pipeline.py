@@ -73,6 +73,7 @@ class Pipeline:
         self._busy = False  # a stream is suspended mid-answer: it owns the KV caches
         self._steps: engine.Steps | None = None  # compiled one-token decode steps, once `compile()` is called
         self._greedy_batches: set[int] = set()  # batch sizes greedy decoding has run at since `compile()`
+        self._cache_pool: dict = {}  # live batches' KV caches by (rows, slots), reused (see `LiveBatch.pool`)
 
     @property
     def cfg(self):
@@ -223,7 +224,7 @@ class Pipeline:
         opts = GenerationOptions.from_kwargs(options, **kw)
         compiled = self._steps is not None
         live = LiveBatch(self.model, self.processor, opts, batch_rung_below(max_rows) if compiled else max_rows,
-                         self._pixels, self._steps, batch_rung if compiled else (lambda n: n))
+                         self._pixels, self._steps, batch_rung if compiled else (lambda n: n), self._cache_pool)
         self._claim()
         self._busy = True
         try:

@@ -25,7 +25,7 @@ def run_live(pipe, imgs, prompts, arrivals, max_rows, streams=False, **opts):
     """Admit request i at step arrivals[i] (or at the first step after it with room), step until all have ended ->
     (results, each request's streamed pieces joined, a log of what happened: admissions, rows per step)."""
     results, pieces = {}, {}
-    log = {"admitted_at": {}, "rows": [], "moves": 0}
+    log = {"admitted_at": {}, "rows": [], "moves": 0, "caches": set()}
     with pipe.live(max_rows=max_rows, **opts) as live:
         real_move = live._move
 
@@ -53,6 +53,7 @@ def run_live(pipe, imgs, prompts, arrivals, max_rows, streams=False, **opts):
                     log["admitted_at"].update({i: step for i in due})
                     take(got[1])
             log["rows"].append(len(live.seqs))
+            log["caches"].add((len(live.seqs), pipe.model.language_model.layers[0].attn.kv_cache.k.data_ptr()))
             take(live.step())
             step += 1
     return [results[i] for i in range(len(prompts))], pieces, log
@@ -82,6 +83,7 @@ def test_sequences_joining_at_any_step_get_their_answers_alone(ckpt_factory, tmp
     assert all(len(r.token_ids) == 24 for r in got)  # (these weights never choose EOS)
     assert log["moves"] >= 2, log
     assert max(log["rows"]) == 3 and 1 in log["rows"][log["rows"].index(3):], log["rows"]  # grew, then shrank
+    assert len(log["caches"]) == len(set(log["rows"]))  # back at a size, the batch reuses that size's caches
     assert any(log["admitted_at"][i] > arrivals[i] for i in range(len(prompts))), "no request waited for a row"
 
 
