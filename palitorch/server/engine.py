@@ -67,10 +67,8 @@ class Job:
     def finished(self) -> bool:
         return self.results is not None or self.error is not None
 
-    def key(self, live: bool = False) -> str:
-        """Batchable jobs with equal keys can share a batch: the same options for a static batch; any options for a
-        live batch, where every row decodes with its own."""
-        return "" if live else json.dumps(self.request.options, sort_keys=True)
+    def key(self) -> str:
+        return json.dumps(self.request.options, sort_keys=True)
 
     def wait(self) -> list[Result]:
         self.done.wait()
@@ -301,13 +299,14 @@ class Engine:
         self._log_batch(group, tokens, seconds)
 
     def _take(self, live: bool) -> list[Job]:
-        """The next job, and the waiting jobs that can share its batch (see `Job.key`), in arrival order."""
+        """The next job, and the waiting jobs that can share its batch, in arrival order: any batchable jobs for a
+        live batch, batchable jobs with the same options for a static one."""
         first = self._jobs.popleft()
         if not first.batchable:
             return [first]
-        group, rest, key, rows = [first], deque(), first.key(live), first.rows
-        for job in self._jobs:
-            if rows + job.rows <= self.max_batch and job.batchable and job.key(live) == key:
+        group, rest, key, rows = [first], deque(), first.key(), first.rows
+        for job in self._jobs:  # a live batch takes any options (each row has its own); a static one, equal ones
+            if rows + job.rows <= self.max_batch and job.batchable and (live or job.key() == key):
                 group.append(job)
                 rows += job.rows
             else:

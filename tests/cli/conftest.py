@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from run_cli import cli  # noqa: F401 (the tests here import it from this module)
 
-from palitorch.cli import common, main
+from palitorch.cli import common
 from palitorch.inference.generate import Result
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,16 +27,6 @@ def images(tmp_path):
     Image.new("RGB", (120, 160), (30, 30, 200)).save(folder / "blue.png")
     (folder / "broken.png").write_bytes(b"this is not a png")
     return folder
-
-
-def cli(argv, capsys):
-    """Run `palitorch ARGV` in-process -> (exit code, stdout, stderr); argparse's SystemExit is caught."""
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def cli_subprocess(argv, stdin=None, timeout=300):

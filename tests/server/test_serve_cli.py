@@ -12,10 +12,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from run_cli import cli
 from serverkit import COMPLETIONS, TIMEOUT, call, chat, demo_examples
 
 import palitorch
-from palitorch.cli import main
 from palitorch.cli import serve as serve_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,15 +93,6 @@ def before_anything(monkeypatch):
 
     monkeypatch.setattr(serve_cli, "load_pipeline", refuse)
     monkeypatch.setattr(serve_cli.signal, "signal", refuse)
-
-
-def cli(argv, capsys):
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.mark.parametrize("argv, message", [
