@@ -17,6 +17,7 @@ from palitorch.inference.generate import Result
 from palitorch.inference.processor import Processor
 from palitorch.inference.sampling import GenerationOptions
 from palitorch.model import PaliGemma
+from palitorch.model.kernels import blas_one_row_is_slow
 
 
 @dataclass
@@ -280,14 +281,19 @@ def raise_recompile_limit(at_least: int = 64) -> None:
 def _compile_options(device: torch.device, mode: str | None, options: dict | None = None,
                      single_thread: bool = True) -> dict:
     """torch.compile's mode / options arguments (it takes one or the other: a mode plus options become the mode's
-    options plus these). CPU defaults, from measurements on the bundled model at batch 1 (BENCHMARKS.md):
+    options plus these). CPU defaults, from measurements at batch 1 (BENCHMARKS.md):
+    - a C++ wrapper: the compiled graph calls its kernels from C++ rather than from generated Python, which saves
+      ~2-3 us a kernel (the bundled model's step: 0.44 -> 0.35 ms on the Intel VM; mid-size: 30.1 -> 29.3 ms);
     - one thread for inductor's fused kernels: a one-token step's elementwise work is a few thousand numbers, and an
       OpenMP team's start-up and barriers cost more than that (matmuls keep torch's threads);
-    - products of one row by a matrix of at most 2048 x 2048 (inductor's "decompose_mm_pass" thresholds on CPU) as
-      inductor's own multiply-and-sum kernels instead of BLAS calls, whose fixed cost (20-40 us on the 2-core VM)
-      exceeds such a product's work. Larger float32 weights take oneDNN's route (`model/kernels.py`) either way."""
+    - where BLAS's one-row calls carry a large fixed cost (`kernels.blas_one_row_is_slow`, measured once per
+      process), products of one row by a matrix of at most 2048 x 2048 (inductor's "decompose_mm_pass" thresholds
+      on CPU) become inductor's own multiply-and-sum kernels. Larger float32 weights take oneDNN's route
+      (`model/kernels.py`) where it wins."""
     if device.type == "cpu" and mode is None:
-        cpu = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+        cpu: dict = {"cpp_wrapper": True}
+        if blas_one_row_is_slow():
+            cpu["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
         if single_thread:
             cpu["cpp.threads"] = 1
         options = {**cpu, **(options or {})}

@@ -13,6 +13,10 @@ more; only products of at least as many rows as oneDNN needs to win on this mach
 matmul kernels do.
 
 `use_onednn(False)` turns the route off (for example to compare against torch's default kernels).
+
+`blas_one_row_is_slow` answers a related question for compiled decode steps: whether a BLAS call's fixed cost makes
+a one-row product by a small weight slower than reading the weight once (then `Pipeline.compile` lets inductor turn
+such products into its own kernels).
 """
 
 import platform
@@ -25,7 +29,9 @@ from torch import Tensor, nn
 
 ONEDNN_MIN_ELEMENTS = 1 << 20  # ~4 MB of float32: below this, torch's default kernel is as fast or faster
 ONEDNN_MIN_ROWS: int | None = None  # products with fewer rows keep F.linear; None: measured on this machine
+BLAS_ONE_ROW_SLOW: bool | None = None  # see blas_one_row_is_slow; None: measured on this machine
 _onednn: dict = {"enabled": True, "works": None, "min_rows": None}  # the self-check's verdict, the measurement
+_blas: dict = {"slow": None}
 
 
 def use_onednn(enabled: bool = True) -> None:
@@ -85,6 +91,35 @@ def _calibrate(rows=(1, 8, 64), reps: int = 9) -> int:
         if statistics.median(times[_pointwise]) < statistics.median(times[F.linear]):
             return m
     return 1 << 62
+
+
+def _blas_overhead(reps: int = 101) -> float:
+    """F.linear's time for one row by a 512 x 128 weight (256 KB, in cache) over the time to sum that weight: the
+    two interleaved, medians. A BLAS call that costs what reading the weight costs gives ~1."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(512, 128, generator=g), torch.randn(1, 128, generator=g)
+    times: dict = {"linear": [], "sum": []}
+    for _ in range(reps):
+        start = time.perf_counter()
+        F.linear(x, w)
+        mid = time.perf_counter()
+        w.sum()
+        times["linear"].append(mid - start)
+        times["sum"].append(time.perf_counter() - mid)
+    return statistics.median(times["linear"]) / statistics.median(times["sum"])
+
+
+def blas_one_row_is_slow() -> bool:
+    """Whether torch's BLAS takes more than twice as long for a one-row product by a small weight as for reading
+    that weight (timed once per process, ~2 ms; `BLAS_ONE_ROW_SLOW` overrides). Measured: on the AMD EPYC VM of
+    BENCHMARKS.md MKL's call cost 20-40 us at such sizes, and inductor's own multiply-and-sum kernels made the
+    bundled model's compiled step 1.5x faster; on an Intel Xeon the call costs what the sum costs (~5 us), and
+    the same kernels, single-threaded, made the bundled step 1.1x and the mid-size one 1.2x slower."""
+    if BLAS_ONE_ROW_SLOW is not None:
+        return BLAS_ONE_ROW_SLOW
+    if _blas["slow"] is None:
+        _blas["slow"] = _blas_overhead() > 2.0
+    return _blas["slow"]
 
 
 def _min_rows() -> int:

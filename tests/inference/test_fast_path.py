@@ -176,17 +176,20 @@ def test_decode_attention_variants_match_transformers(ckpt_factory, monkeypatch,
     assert seen.flex == (kind == "flex")  # the compiled step went through FlexAttention
 
 
-def test_compile_options_merge_a_mode_with_extra_options():
+def test_compile_options_merge_a_mode_with_extra_options(monkeypatch):
     from palitorch.inference.pipeline import _compile_options
+    from palitorch.model import kernels
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert _compile_options(cuda, "reduce-overhead") == {"mode": "reduce-overhead"}
     merged = _compile_options(cuda, "reduce-overhead", {"coordinate_descent_tuning": True})
     assert merged == {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
-    small_mm = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
-    assert _compile_options(cpu, None) == {"options": {"cpp.threads": 1, **small_mm}}
-    assert _compile_options(cpu, None, {"cpp.threads": 2}) == {"options": {"cpp.threads": 2, **small_mm}}
-    assert _compile_options(cpu, None, single_thread=False) == {"options": small_mm}  # FlexAttention on CPU
+    for slow_blas in (True, False):
+        monkeypatch.setattr(kernels, "BLAS_ONE_ROW_SLOW", slow_blas)
+        base = {"cpp_wrapper": True, **({"post_grad_fusion_options": {"decompose_mm_pass": {}}} if slow_blas else {})}
+        assert _compile_options(cpu, None) == {"options": {**base, "cpp.threads": 1}}
+        assert _compile_options(cpu, None, {"cpp.threads": 2}) == {"options": {**base, "cpp.threads": 2}}
+        assert _compile_options(cpu, None, single_thread=False) == {"options": base}  # FlexAttention on CPU
 
 
 def test_compiled_step_keeps_compiling_past_dynamo_limit():

@@ -113,3 +113,23 @@ def test_calibration_finds_the_fewest_rows_at_which_onednn_wins(monkeypatch):
     assert kernels._calibrate(reps=3) == 8
     monkeypatch.setattr(kernels, "_pointwise", slow_below(10**9))
     assert kernels._calibrate(reps=3) > 10**9
+
+
+def test_blas_one_row_check_tells_a_slow_call_from_a_fast_one(monkeypatch):
+    """`blas_one_row_is_slow` compares a one-row F.linear with a sum over the same weight: a call with a fixed cost
+    of 1 ms reads as slow; the verdict is kept for the process, and the override wins."""
+    import time
+    import types
+
+    def slow_linear(x, w, b=None):
+        time.sleep(0.001)
+        return F.linear(x, w, b)
+
+    monkeypatch.setattr(kernels, "_blas", {"slow": None})
+    monkeypatch.setattr(kernels, "F", types.SimpleNamespace(linear=slow_linear))
+    assert kernels._blas_overhead(reps=5) > 2.0
+    assert kernels.blas_one_row_is_slow() is True
+    monkeypatch.setattr(kernels, "F", F)
+    assert kernels.blas_one_row_is_slow() is True  # measured once per process
+    monkeypatch.setattr(kernels, "BLAS_ONE_ROW_SLOW", False)
+    assert kernels.blas_one_row_is_slow() is False
