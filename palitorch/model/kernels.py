@@ -5,10 +5,11 @@ products of inference, a few rows times a large weight (M = 1 per sequence when 
 bandwidth or less: a 1024 x 8192 weight took 3.9 ms at M = 1 and 13-33 ms at M = 8. oneDNN's inner-product
 kernel, the one inductor uses when it freezes weights, reads the same plain weight in 1.9 ms and 4.6-5.7 ms, and
 runs a prefill's products (M = 256-4,096) 1.0-1.8x faster. On others (measured: an Intel Xeon) MKL's M = 1 path
-reads at full bandwidth and is 7-20% faster than oneDNN's, which wins there from M = 8 (1.4-1.5x). Its fixed
-cost per call (~30 us) loses on small weights, so `linear` sends there only weights of `ONEDNN_MIN_ELEMENTS` or
-more; only products of at least as many rows as oneDNN needs to win on this machine (timed once per process, see
-`_calibrate`); only without autograd (the op has no backward); and only after a one-time self-check against
+reads at full bandwidth and is 7-20% faster than oneDNN's, which wins there from M = 8 (1.4-1.5x) up to ~256
+rows; from 512 rows MKL is 2-8% faster again. oneDNN's fixed cost per call (~30 us) loses on small weights, so
+`linear` sends there only weights of `ONEDNN_MIN_ELEMENTS` or more; only products of at least as many rows as
+oneDNN needs to win on this machine (timed once per process, see `_calibrate`) and, where that is more than one
+row (MKL is healthy here), of fewer than `ONEDNN_MAX_ROWS`; only without autograd (the op has no backward); and only after a one-time self-check against
 `F.linear` has passed. Results differ from `F.linear`'s by float32 rounding (another summation order), as any two
 matmul kernels do.
 
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 ONEDNN_MIN_ELEMENTS = 1 << 20  # ~4 MB of float32: below this, torch's default kernel is as fast or faster
 ONEDNN_MIN_ROWS: int | None = None  # products with fewer rows keep F.linear; None: measured on this machine
+ONEDNN_MAX_ROWS = 512  # products with as many rows or more keep F.linear, where oneDNN does not win at one row
 BLAS_ONE_ROW_SLOW: bool | None = None  # see blas_one_row_is_slow; None: measured on this machine
 _onednn: dict = {"enabled": True, "works": None, "min_rows": None}  # the self-check's verdict, the measurement
 _blas: dict = {"slow": None}
@@ -137,8 +139,14 @@ def _wants_onednn(x: Tensor, w: Tensor) -> bool:
     rows = x.numel() // x.shape[-1]
     if torch.compiler.is_compiling():  # the checks run eagerly (the first prefill does), never inside a trace
         min_rows = ONEDNN_MIN_ROWS if ONEDNN_MIN_ROWS is not None else _onednn["min_rows"] or 1
-        return bool(_onednn["works"]) and rows >= min_rows
-    return _onednn_works() and rows >= _min_rows()
+        return bool(_onednn["works"]) and _in_range(rows, min_rows)
+    return _onednn_works() and _in_range(rows, _min_rows())
+
+
+def _in_range(rows: int, min_rows: int) -> bool:
+    """oneDNN's row range: from `min_rows`; and below ONEDNN_MAX_ROWS unless it wins from one row (there MKL's
+    products were slower at every size measured: the AMD VM's prefills ran 1.0-1.8x faster through oneDNN)."""
+    return rows >= min_rows and (min_rows <= 1 or rows < ONEDNN_MAX_ROWS)
 
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:

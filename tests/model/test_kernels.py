@@ -77,7 +77,8 @@ def test_compiled_graph_calls_onednn_as_an_opaque_op(onednn_calls):
 
 
 def test_products_with_fewer_rows_than_onednn_needs_here_keep_f_linear(onednn_calls, monkeypatch):
-    """On some CPUs MKL's one-row product is the faster one: the route then starts at the row count measured."""
+    """On some CPUs MKL's one-row product is the faster one: the route then starts at the row count measured, and
+    ends at ONEDNN_MAX_ROWS."""
     monkeypatch.setattr(kernels, "ONEDNN_MIN_ROWS", 8)
     w = torch.randn(32, 16)
     with torch.no_grad():
@@ -86,6 +87,11 @@ def test_products_with_fewer_rows_than_onednn_needs_here_keep_f_linear(onednn_ca
         assert onednn_calls["onednn"] == 0
         kernels.linear(torch.randn(2, 4, 16), w)  # 8 rows
         assert onednn_calls["onednn"] == 1
+        kernels.linear(torch.randn(kernels.ONEDNN_MAX_ROWS, 16), w)  # a prefill's rows: MKL's again there
+        assert onednn_calls["onednn"] == 1
+        monkeypatch.setattr(kernels, "ONEDNN_MIN_ROWS", 1)  # where oneDNN wins from one row, it takes them all
+        kernels.linear(torch.randn(kernels.ONEDNN_MAX_ROWS, 16), w)
+        assert onednn_calls["onednn"] == 2
 
 
 def test_calibration_finds_the_fewest_rows_at_which_onednn_wins(monkeypatch):
