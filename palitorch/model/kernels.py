@@ -9,9 +9,9 @@ reads at full bandwidth and is 7-20% faster than oneDNN's, which wins there from
 rows; from 512 rows MKL is 2-8% faster again. oneDNN's fixed cost per call (~30 us) loses on small weights, so
 `linear` sends there only weights of `ONEDNN_MIN_ELEMENTS` or more; only products of at least as many rows as
 oneDNN needs to win on this machine (timed once per process, see `_calibrate`) and, where that is more than one
-row (MKL is healthy here), of fewer than `ONEDNN_MAX_ROWS`; only without autograd (the op has no backward); and only after a one-time self-check against
-`F.linear` has passed. Results differ from `F.linear`'s by float32 rounding (another summation order), as any two
-matmul kernels do.
+row (MKL is healthy here), of fewer than `ONEDNN_MAX_ROWS`; only without autograd (the op has no backward); and
+only after a one-time self-check against `F.linear` has passed. Results differ from `F.linear`'s by float32
+rounding (another summation order), as any two matmul kernels do.
 
 `use_onednn(False)` turns the route off (for example to compare against torch's default kernels).
 
