@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from inputs import SIZES, check_size, checkpoint, workload  # noqa: E402
-from measure import copy_bandwidth, default_tie_tol, ms_per_step, same_answer, sync  # noqa: E402
+from measure import copy_bandwidth, default_tie_tol, ms_per_step, products_ms, same_answer, sync  # noqa: E402
 
 import palitorch  # noqa: E402
 
@@ -260,6 +260,9 @@ def bench(size: str, args, workdir: Path, emit=lambda result, row: None) -> dict
             continue
         for name in ("ours", "hf"):
             row[f"{name}_decode_tok_s"] = b / (row[f"{name}_decode_ms_per_step"] / 1e3)
+        if device.type == "cpu":  # the floor through F.linear: transformers can be at most this much faster
+            row["products_ms_per_step"] = products_ms(pipe.model, b)
+            row["hf_over_products"] = row["hf_decode_ms_per_step"] / row["products_ms_per_step"]
         if args.bandwidth:  # the floor: every decoder weight and the live KV cache read once per step
             cfg = pipe.model.cfg.text
             kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (t + n / 2) * b * torch.finfo(dtype).bits // 8
@@ -347,6 +350,9 @@ def main() -> None:
             return
         limit = (f", {r['ours_pct_of_limit']:.0f}% of the bandwidth limit {r['limit_tok_s']:.0f} tok/s"
                  if "limit_tok_s" in r else "")
+        if "products_ms_per_step" in r:
+            limit += (f", products alone {r['products_ms_per_step']:.2f} ms/step"
+                      f" (transformers' step / that: {r['hf_over_products']:.2f})")
         decode = (f"{r['ours_decode_tok_s']:>12.1f} /{r['hf_decode_tok_s']:>9.1f} {r['decode_speedup']:>5.2f}"
                   if "decode_speedup" in r else f"  decode not measured ({r['decode_not_measured']})")
         print(f"{size:<9}{res['params'] / 1e6:>7.1f}M{r['batch']:>6}"

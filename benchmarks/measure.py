@@ -1,5 +1,5 @@
-"""Measuring helpers shared by the benchmarks: device sync, ms per decode step, copy bandwidth, and when two greedy
-answers count as the same (16-bit near-ties)."""
+"""Measuring helpers shared by the benchmarks: device sync, ms per decode step, copy bandwidth, a decode step's
+weight products alone, and when two greedy answers count as the same (16-bit near-ties)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,41 @@ def copy_bandwidth(device: torch.device) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return 2 * x.numel() * x.element_size() / statistics.median(times)
+
+
+def products_ms(model, batch: int, reps: int = 7) -> float:
+    """ms for one decode step's weight products alone: `batch` rows times each decoder weight (fused q/k/v and
+    gate/up where the model holds them fused) and the LM head, eagerly through `F.linear` (torch's default kernel,
+    what transformers calls), median of `reps`. No attention, norms, sampling or framework overhead: on CPU, where
+    a step is bound by reading the weights, a step through `F.linear` cannot be faster than this."""
+    import torch.nn.functional as F
+
+    lm = model.language_model
+    weights = []
+    for layer in lm.layers:
+        a, m = layer.attn, layer.mlp
+        weights += [a.qkv] if a.qkv is not None else [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]
+        weights += [a.o_proj.weight]
+        weights += [m.gate_up] if m.gate_up is not None else [m.gate_proj.weight, m.up_proj.weight]
+        weights += [m.down_proj.weight]
+    weights.append(lm.embed_tokens.weight)  # the LM head (tied to the embedding)
+    w0 = weights[0]
+    xs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w0.dtype, device=w0.device) for w in weights}
+
+    def step():
+        with torch.inference_mode():
+            for w in weights:
+                F.linear(xs[w.shape[1]], w)
+
+    step()
+    times = []
+    for _ in range(reps):
+        sync(w0.device)
+        start = time.perf_counter()
+        step()
+        sync(w0.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def default_tie_tol(dtype: torch.dtype) -> float:

@@ -165,6 +165,37 @@ def test_a_checkpoint_folder_is_a_size(pg2, tmp_path, monkeypatch, capsys):
     result = json.loads(out.read_text())["results"][0]
     assert result["weights"] == "checkpoint folder" and result["weights_shared"] == 1.0
     assert result["rows"][0]["same_tokens"] and reported(result["rows"][0])
+    row = result["rows"][0]
+    if "decode_speedup" in row:  # on CPU, the step's products alone, and transformers' step over them
+        assert row["products_ms_per_step"] > 0
+        assert row["hf_over_products"] == pytest.approx(row["hf_decode_ms_per_step"] / row["products_ms_per_step"])
+
+
+def test_products_floor_runs_each_weight_of_a_step_once(monkeypatch):
+    """The products-alone floor multiplies `batch` rows by every decoder weight once and by the LM head: 7 products
+    a layer unfused, 4 with q/k/v and gate/up fused (as `compile()` leaves them)."""
+    import torch.nn.functional as F
+    from measure import products_ms
+
+    pipe = palitorch.load()
+    lm = pipe.model.language_model
+    seen = []
+    real = F.linear
+
+    def counting(x, w, b=None):
+        seen.append((x.shape[0], tuple(w.shape)))
+        return real(x, w, b)
+
+    monkeypatch.setattr(F, "linear", counting)
+    layers = len(lm.layers)
+    for fused, per_layer in ((False, 7), (True, 4)):
+        if fused:
+            lm.fuse_projections()
+        seen.clear()
+        assert products_ms(pipe.model, batch=3, reps=2) > 0
+        assert len(seen) == 3 * (per_layer * layers + 1)  # a warm-up step and two timed ones
+        assert {rows for rows, _ in seen} == {3}
+        assert tuple(lm.embed_tokens.weight.shape) in {shape for _, shape in seen}
 
 
 @pytest.mark.parametrize(("argv", "message"), [
