@@ -3,10 +3,11 @@
 A pipeline holds one set of KV caches, so one thread runs the model (which is also what CUDA graphs want).
 Batching is continuous: requests decode together in a live batch (`Pipeline.live`), each row with its own decoding
 options, and a request that arrives while it runs joins it at the next step if a row is free, rather than waiting
-for the batch to end; each request is answered as soon as its own rows end, and its row goes to the next request
-waiting. palitorch's batched greedy output equals the one-at-a-time output token for token, so batching changes
-only the speed. Sampled requests without a seed join too (each row draws its own sample; a request with n > 1
-takes n rows). A request with a seed, or a beam search, runs alone (a seed must give the same sample under any
+for the batch to end (unless the running rows are about to end: then the newcomers wait for them and join
+together, see `pacing.py`); each request is answered as soon as its own rows end, and its row goes to the next
+request waiting. palitorch's batched greedy output equals the one-at-a-time output token for token, so batching
+changes only the speed. Sampled requests without a seed join too (each row draws its own sample; a request with
+n > 1 takes n rows). A request with a seed, or a beam search, runs alone (a seed must give the same sample under any
 load): it waits at the head of the queue, in arrival order, until the live batch has drained. A stream whose
 client has left is dropped at the next step, and its row freed.
 
@@ -34,6 +35,7 @@ from palitorch.errors import InputError, PalitorchError
 from palitorch.inference.generate import Result
 from palitorch.inference.sampling import GenerationOptions
 from palitorch.server.openai import ApiError, ChatRequest
+from palitorch.server.pacing import Pacer
 
 
 def api_error(e: PalitorchError) -> ApiError:
@@ -51,6 +53,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)  # the client went away
     counted: bool = True  # False for the warm-up: not in the stats or the log
     done_rows: list[Result] = field(default_factory=list)  # its rows' results so far, in a batch
+    queued_at: float = field(default_factory=time.perf_counter)
 
     @property
     def batchable(self) -> bool:
@@ -89,6 +92,7 @@ class Engine:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="palitorch-engine", daemon=True)
         self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "tokens": 0}
+        self.pacer = Pacer()  # when a live batch takes in the requests waiting (pacing.py)
 
     def start(self) -> Engine:
         self._thread.start()
@@ -176,12 +180,17 @@ class Engine:
             with self.pipe.live(self.max_batch) as live:
                 while True:
                     self._top_up(waiting, live.free_rows)
-                    self._join(live, waiting, running, served)
+                    rows = [(q.made, q.budget) for seqs in running.values() for q in seqs if not q.over]
+                    if not (rows and waiting and self.pacer.hold(rows, time.perf_counter() - waiting[0].queued_at)):
+                        self._join(live, waiting, running, served)
                     if group[0].counted:
                         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(running))
                     if not running:  # (a job left waiting now cannot join even an empty batch: n > its rows)
                         break
-                    for seq, item in live.step():
+                    step_start = time.perf_counter()
+                    events = live.step()
+                    self.pacer.stepped(time.perf_counter() - step_start)
+                    for seq, item in events:
                         self._deliver(seq.tag, item, running)
                     for job in [j for j in running if j.request.stream and j.cancelled.is_set()]:
                         for seq in running.pop(job):  # its client has gone: free its rows
@@ -252,10 +261,12 @@ class Engine:
         """Jobs join the live batch (True), or there is no room for them now (False)."""
         images, prompts, owners = self._rows(jobs)
         options = {job: GenerationOptions.from_kwargs(**job.request.options) for job in jobs}
+        start = time.perf_counter()
         got = live.admit(images, prompts, tags=owners, streams=[job.request.stream for job in owners],
                          options=[options[job] for job in owners])
         if got is None:
             return False
+        self.pacer.admitted(time.perf_counter() - start)
         seqs, events = got
         for job in jobs:
             running[job] = [q for q in seqs if q.tag is job]
@@ -270,6 +281,7 @@ class Engine:
             if job.request.stream and not job.cancelled.is_set():
                 job.pieces.put(item)
             return
+        self.pacer.answered(len(item.token_ids))
         self._collect(job, item)
         if job.finished:
             running.pop(job, None)

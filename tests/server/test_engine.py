@@ -80,6 +80,46 @@ def test_a_request_arriving_mid_batch_joins_it_and_ends_first(ref, demo):
     engine.stop()
 
 
+def test_requests_held_back_by_the_pacer_join_in_one_admission(ref, demo):
+    """While the pacer holds (the running rows expected to end before an admission would), requests that arrive
+    wait and the batch decodes on; once it lets them in they join in one admission, and each gets its
+    one-at-a-time answer."""
+    pipe = HeldPipe(palitorch.load(), released=True)
+    engine = RecordingEngine(pipe, start_after=1)
+    holding = threading.Event()
+    holding.set()
+    engine.pacer.hold = lambda rows, waited_s: holding.is_set()
+    long_body = chat(demo[0]["path"], "caption en", stream=True, max_tokens=400, min_tokens=400)  # a running row
+    prompts = ["caption en", "answer en what color is the shape?"]
+    answers = [None, None]
+
+    def ask(i):
+        answers[i] = post(srv, chat(demo[1 + i]["path"], prompts[i]))
+
+    with serving(new_server(engine)) as srv:
+        threading.Thread(target=lambda: stream_events(srv, long_body), daemon=True).start()
+        engine.wait_for_jobs(1)
+        [long_job] = engine.jobs
+        assert long_job.pieces.get(timeout=TIMEOUT)  # it is decoding
+        askers = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        for t in askers:
+            t.start()
+        engine.wait_for_jobs(2)
+        for _ in range(3):  # the batch decodes on while both requests wait
+            long_job.pieces.get(timeout=TIMEOUT)
+        [(_, admits)] = pipe.lives
+        assert admits == [1] and not long_job.done.is_set()
+        holding.clear()
+        for t in askers:
+            t.join(TIMEOUT)
+        for i in range(2):
+            assert text(answers[i]) == ref.generate(demo[1 + i]["image"], prompts[i]).text
+        assert admits == [1, 2]
+        long_job.cancelled.set()
+        assert long_job.done.wait(TIMEOUT)
+    engine.stop()
+
+
 def test_a_bad_request_in_a_batch_fails_alone(ref, demo):
     e, other = demo[0], demo[3]
     bodies = [chat(e["path"], "caption en"), chat(other["path"], "a " * 600),  # over the model's context
