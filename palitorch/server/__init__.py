@@ -6,8 +6,9 @@
     server.serve_forever()
 """
 
-from palitorch.server.engine import Engine, Job
+from palitorch.server.engine import Engine
 from palitorch.server.http import Server
+from palitorch.server.jobs import Job
 from palitorch.server.openai import ApiError, ChatRequest, parse_chat
 
 __all__ = ["ApiError", "ChatRequest", "Engine", "Job", "Server", "parse_chat"]

@@ -19,65 +19,21 @@ its end), for comparison (`benchmarks/bench_serve.py`).
 from __future__ import annotations
 
 import copy
-import json
-import queue
 import sys
 import threading
 import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from PIL import Image
 
-from palitorch.errors import InputError, PalitorchError
+from palitorch.errors import PalitorchError
 from palitorch.inference.generate import Result
 from palitorch.inference.sampling import GenerationOptions
+from palitorch.server.jobs import Job, api_error
 from palitorch.server.openai import ApiError, ChatRequest
 from palitorch.server.pacing import Pacer
-
-
-def api_error(e: PalitorchError) -> ApiError:
-    """A refused input is the client's to fix (400); NaN logits and the like are the model's fault (500)."""
-    return ApiError(400 if isinstance(e, InputError) else 500, str(e))
-
-
-@dataclass(eq=False)
-class Job:
-    request: ChatRequest
-    results: list[Result] | None = None  # n results, once done
-    error: ApiError | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    pieces: queue.Queue = field(default_factory=queue.Queue)  # a stream's text pieces, then None
-    cancelled: threading.Event = field(default_factory=threading.Event)  # the client went away
-    counted: bool = True  # False for the warm-up: not in the stats or the log
-    done_rows: list[Result] = field(default_factory=list)  # its rows' results so far, in a batch
-    queued_at: float = field(default_factory=time.perf_counter)
-
-    @property
-    def batchable(self) -> bool:
-        """Greedy, or sampled without a seed (a seeded sample must not depend on what else is in its batch)."""
-        r = self.request
-        return r.options.get("num_beams", 1) == 1 and (r.greedy or r.options.get("seed") is None)
-
-    @property
-    def rows(self) -> int:
-        """Batch rows this job needs: n samples, or one greedy answer (its n copies are all alike)."""
-        return 1 if self.request.greedy else self.request.n
-
-    @property
-    def finished(self) -> bool:
-        return self.results is not None or self.error is not None
-
-    def key(self) -> str:
-        return json.dumps(self.request.options, sort_keys=True)
-
-    def wait(self) -> list[Result]:
-        self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.results
 
 
 class Engine:
@@ -180,8 +136,7 @@ class Engine:
             with self.pipe.live(self.max_batch) as live:
                 while True:
                     self._top_up(waiting, live.free_rows)
-                    rows = [(q.made, q.budget) for seqs in running.values() for q in seqs if not q.over]
-                    if not (rows and waiting and self.pacer.hold(rows, time.perf_counter() - waiting[0].queued_at)):
+                    if not (waiting and self._hold(waiting, running)):
                         self._join(live, waiting, running, served)
                     if group[0].counted:
                         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(running))
@@ -211,6 +166,11 @@ class Engine:
         for job in waiting:
             if not job.finished:
                 self._batch([job])
+
+    def _hold(self, waiting: deque, running: dict) -> bool:
+        """Whether the jobs waiting should let the running rows end first (`pacing.Pacer`); never for an empty batch."""
+        rows = [(q.made, q.budget) for seqs in running.values() for q in seqs if not q.over]
+        return bool(rows) and self.pacer.hold(rows, time.perf_counter() - waiting[0].queued_at)
 
     def _top_up(self, waiting: deque, free_rows: int) -> None:
         """Move jobs from the head of the queue to `waiting` while they can share the batch and rows are free (a

@@ -1,0 +1,55 @@
+"""A request on its way through the engine (`Job`), and how a palitorch error becomes an HTTP one."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from palitorch.errors import InputError, PalitorchError
+from palitorch.inference.generate import Result
+from palitorch.server.openai import ApiError, ChatRequest
+
+
+def api_error(e: PalitorchError) -> ApiError:
+    """A refused input is the client's to fix (400); NaN logits and the like are the model's fault (500)."""
+    return ApiError(400 if isinstance(e, InputError) else 500, str(e))
+
+
+@dataclass(eq=False)
+class Job:
+    request: ChatRequest
+    results: list[Result] | None = None  # n results, once done
+    error: ApiError | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    pieces: queue.Queue = field(default_factory=queue.Queue)  # a stream's text pieces, then None
+    cancelled: threading.Event = field(default_factory=threading.Event)  # the client went away
+    counted: bool = True  # False for the warm-up: not in the stats or the log
+    done_rows: list[Result] = field(default_factory=list)  # its rows' results so far, in a batch
+    queued_at: float = field(default_factory=time.perf_counter)
+
+    @property
+    def batchable(self) -> bool:
+        """Greedy, or sampled without a seed (a seeded sample must not depend on what else is in its batch)."""
+        r = self.request
+        return r.options.get("num_beams", 1) == 1 and (r.greedy or r.options.get("seed") is None)
+
+    @property
+    def rows(self) -> int:
+        """Batch rows this job needs: n samples, or one greedy answer (its n copies are all alike)."""
+        return 1 if self.request.greedy else self.request.n
+
+    @property
+    def finished(self) -> bool:
+        return self.results is not None or self.error is not None
+
+    def key(self) -> str:
+        return json.dumps(self.request.options, sort_keys=True)
+
+    def wait(self) -> list[Result]:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.results
