@@ -51,4 +51,28 @@ def onednn_calls(monkeypatch):
     monkeypatch.setattr(kernels, "_pointwise", counting)
     monkeypatch.setattr(kernels, "ONEDNN_MIN_ELEMENTS", 0)
     monkeypatch.setattr(kernels, "ONEDNN_MIN_ROWS", 1)  # whatever this machine's calibration says
+    monkeypatch.setitem(kernels._skinny, "enabled", False)  # which would take the products of few rows
+    return n
+
+
+@pytest.fixture
+def skinny_calls(monkeypatch):
+    """Route every CPU float32 product of at most 8 rows at inference through palitorch's skinny_linear kernel (no
+    size floor, whatever this machine's timing says) and count its eager calls. Fails where the kernel does not
+    build: on the Linux and macOS machines palitorch supports, it must."""
+    from palitorch.model import kernels
+
+    assert kernels._skinny_works(), "palitorch's native kernel did not build or disagrees with F.linear"
+    n = {"skinny": 0}
+    real, compiling = kernels._skinny_op, torch.compiler.is_compiling  # closure cells: dynamo traces this function,
+    # and a guard on this module's globals fails when another conftest module holds the name "conftest"
+
+    def counting(x, w, b=None):
+        if not compiling():
+            n["skinny"] += 1
+        return real(x, w, b)
+
+    monkeypatch.setattr(kernels, "_skinny_op", counting)
+    monkeypatch.setattr(kernels, "SKINNY_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(kernels, "SKINNY_MAX_ROWS", 8)
     return n

@@ -16,8 +16,7 @@ from palitorch.inference.continuous import LiveBatch
 from palitorch.inference.generate import Result
 from palitorch.inference.processor import Processor
 from palitorch.inference.sampling import GenerationOptions
-from palitorch.model import PaliGemma
-from palitorch.model.kernels import blas_one_row_is_slow
+from palitorch.model import PaliGemma, kernels
 
 
 @dataclass
@@ -139,6 +138,7 @@ class Pipeline:
         if fuse:
             lm.fuse_projections()  # fewer, larger matmuls per step
         raise_recompile_limit()
+        kernels.prepare(self.model.parameters())  # the linear routes' one-time checks, which a trace cannot run
         # inductor's CPU FlexAttention kernel, compiled single-threaded, frees memory twice (torch 2.13): let it be
         flex = any(layer.attn.decode_attention == "flex" for layer in lm.layers)
         settings = _compile_options(self.device, mode, options, single_thread=not flex)
@@ -292,7 +292,7 @@ def _compile_options(device: torch.device, mode: str | None, options: dict | Non
       (`model/kernels.py`) where it wins."""
     if device.type == "cpu" and mode is None:
         cpu: dict = {"cpp_wrapper": True}
-        if blas_one_row_is_slow():
+        if kernels.blas_one_row_is_slow():
             cpu["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
         if single_thread:
             cpu["cpp.threads"] = 1

@@ -1,4 +1,12 @@
-"""Which kernel runs a linear layer: torch's default, or oneDNN's for large float32 weights on CPU at inference.
+"""Which kernel runs a linear layer: torch's default, palitorch's own for a few rows by a large float32 weight, or
+oneDNN's for more rows, on CPU at inference.
+
+A decode step's products (a few rows by a large weight: one row per sequence) are bound by reading the weight
+from memory. palitorch's `skinny_linear` (palitorch/native: compiled for this machine on first use) reads it at
+27-30 GB/s on the 2-core Intel VM of BENCHMARKS.md, where MKL reads 24-26 GB/s at one row and oneDNN 14-16 GB/s at
+8 rows (1.1x and 1.3-1.4x faster). `linear` sends it products of at most `skinny_max_rows()` rows by weights of
+`SKINNY_MIN_ELEMENTS` or more: the row counts, of 1, 4 and 8, up to which it beat the route they would otherwise
+take here (timed once per process, see `_calibrate_skinny`), after a self-check against `F.linear`.
 
 On CPU, `F.linear` calls MKL's sgemm. On some x86 CPUs (measured: the AMD EPYC of BENCHMARKS.md) that runs the
 products of inference, a few rows times a large weight (M = 1 per sequence when decoding), at half the memory
@@ -13,7 +21,8 @@ row (MKL is healthy here), of fewer than `ONEDNN_MAX_ROWS`; only without autogra
 only after a one-time self-check against `F.linear` has passed. Results differ from `F.linear`'s by float32
 rounding (another summation order), as any two matmul kernels do.
 
-`use_onednn(False)` turns the route off (for example to compare against torch's default kernels).
+`use_onednn(False)` and `use_skinny(False)` turn the routes off (for example to compare against torch's default
+kernels); `PALITORCH_NATIVE=0` keeps palitorch from building its kernel at all.
 
 `blas_one_row_is_slow` answers a related question for compiled decode steps: whether a BLAS call's fixed cost makes
 a one-row product by a small weight slower than reading the weight once (then `Pipeline.compile` lets inductor turn
@@ -31,14 +40,22 @@ from torch import Tensor, nn
 ONEDNN_MIN_ELEMENTS = 1 << 20  # ~4 MB of float32: below this, torch's default kernel is as fast or faster
 ONEDNN_MIN_ROWS: int | None = None  # products with fewer rows keep F.linear; None: measured on this machine
 ONEDNN_MAX_ROWS = 512  # products with as many rows or more keep F.linear, where oneDNN does not win at one row
+SKINNY_MIN_ELEMENTS = 1 << 18  # 1 MB of float32: measured faster than MKL from 256 x 256 up, kept to large weights
+SKINNY_MAX_ROWS: int | None = None  # products with more rows take another route; None: measured on this machine
 BLAS_ONE_ROW_SLOW: bool | None = None  # see blas_one_row_is_slow; None: measured on this machine
 _onednn: dict = {"enabled": True, "works": None, "min_rows": None}  # the self-check's verdict, the measurement
 _blas: dict = {"slow": None}
+_skinny: dict = {"enabled": True, "works": None, "max_rows": None}  # as _onednn's
 
 
 def use_onednn(enabled: bool = True) -> None:
     """Route large float32 CPU linears through oneDNN at inference (the default), or not."""
     _onednn["enabled"] = enabled
+
+
+def use_skinny(enabled: bool = True) -> None:
+    """Route products of a few rows by large float32 CPU weights through palitorch's kernel (the default), or not."""
+    _skinny["enabled"] = enabled
 
 
 def _pointwise(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -149,8 +166,96 @@ def _in_range(rows: int, min_rows: int) -> bool:
     return rows >= min_rows and (min_rows <= 1 or rows < ONEDNN_MAX_ROWS)
 
 
+def _skinny_op(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    y = torch.ops.palitorch.skinny_linear(x, w)
+    return y if b is None else y + b
+
+
+def _skinny_works() -> bool:
+    """Once per process: is palitorch's kernel built and loaded here (palitorch.native), and does it agree with
+    F.linear (1 to 9 rows, row counts that do not split evenly over threads and streams, a length that is no
+    multiple of the vector width, a row view of a fused matrix, a non-contiguous input)?"""
+    if _skinny["works"] is None:
+        from palitorch import native
+
+        ok = False
+        if native.load():
+            g = torch.Generator().manual_seed(0)
+            w = torch.randn(3 * 83, 72, generator=g)[83:166]
+            x = torch.randn(2, 9, 72, generator=g)
+            with torch.no_grad():
+                ok = all(torch.allclose(_skinny_op(a, w), F.linear(a, w), rtol=1e-4, atol=1e-4)
+                         for a in [x[0, :m] for m in range(1, 10)] + [x[:, -1:]])
+        _skinny["works"] = ok
+    return bool(_skinny["works"])
+
+
+def _other_route(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    return _pointwise(x, w, b) if _wants_onednn(x, w) else F.linear(x, w, b)
+
+
+def _calibrate_skinny(rows=(1, 4, 8), reps: int = 7) -> int:
+    """The most rows (of `rows`) up to which palitorch's kernel beat the route such products otherwise take here
+    (oneDNN's or F.linear), timed once per process on four 4096 x 1024 weights (64 MB, beyond the caches, as a
+    decode step's weights are), the two interleaved, medians; 0 if it loses at one row. ~0.2 s."""
+    ws = [torch.ones(4096, 1024) for _ in range(4)]
+    best = 0
+    with torch.no_grad():
+        for m in rows:
+            x = torch.ones(m, 1024)
+            times: dict = {_skinny_op: [], _other_route: []}
+            for _ in range(reps):
+                for fn, ts in times.items():
+                    start = time.perf_counter()
+                    for w in ws:
+                        fn(x, w)
+                    ts.append(time.perf_counter() - start)
+            if statistics.median(times[_skinny_op]) >= statistics.median(times[_other_route]):
+                break
+            best = m
+    return best
+
+
+def skinny_max_rows() -> int:
+    """Products of at most this many rows (by large float32 weights) go through palitorch's kernel here: 0 where it
+    is unavailable or was not faster. Checked and timed on the first call (a build of a few seconds the first time
+    on a machine, see palitorch.native; ~0.2 s after that); `SKINNY_MAX_ROWS` overrides the timing."""
+    if not _skinny_works():
+        return 0
+    if SKINNY_MAX_ROWS is not None:
+        return SKINNY_MAX_ROWS
+    if _skinny["max_rows"] is None:
+        _skinny["max_rows"] = _calibrate_skinny()
+    return _skinny["max_rows"]
+
+
+def _wants_skinny(x: Tensor, w: Tensor) -> bool:
+    if not (_skinny["enabled"] and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and w.dim() == 2
+            and w.numel() >= SKINNY_MIN_ELEMENTS and w.is_contiguous() and not torch.is_grad_enabled()):
+        return False
+    rows = x.numel() // x.shape[-1]
+    if torch.compiler.is_compiling():  # the checks ran eagerly before (see `prepare`), never inside a trace
+        if not _skinny["works"]:
+            return False
+        return rows <= (SKINNY_MAX_ROWS if SKINNY_MAX_ROWS is not None else _skinny["max_rows"] or 0)
+    return rows <= skinny_max_rows()
+
+
+def prepare(weights) -> None:
+    """Run now, eagerly, the one-time checks and timings that the routes of these weights depend on: a compiled
+    graph only reads their verdicts (`Pipeline.compile` calls this with the model's parameters)."""
+    large = [w.numel() for w in weights if w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2]
+    if _skinny["enabled"] and large and max(large) >= SKINNY_MIN_ELEMENTS:
+        skinny_max_rows()
+    if _onednn["enabled"] and large and max(large) >= ONEDNN_MIN_ELEMENTS and _onednn_works():
+        _min_rows()
+
+
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """x [..., in] @ w[out, in].T + b: `F.linear`, or oneDNN's kernel where it pays (see the module docstring)."""
+    """x [..., in] @ w[out, in].T + b: `F.linear`, or palitorch's or oneDNN's kernel where they pay (see the module
+    docstring)."""
+    if _wants_skinny(x, w):
+        return _skinny_op(x, w, b)
     if _wants_onednn(x, w):
         return onednn_linear(x, w, b) if torch.compiler.is_compiling() else _pointwise(x, w, b)
     return F.linear(x, w, b)

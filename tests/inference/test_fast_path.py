@@ -1,6 +1,6 @@
 """The fast path against the plain one: compiled decode steps (and the batch sizes they run at), fused q/k/v and
-gate/up weights, the oneDNN route for large CPU linears, the logsumexp logprob and the one-token attention
-variants. Each gives transformers' greedy tokens, logprobs within 1e-4 (float32 on CPU, same weights).
+gate/up weights, the oneDNN and skinny-kernel routes for large CPU linears, the logsumexp logprob and the one-token
+attention variants. Each gives transformers' greedy tokens, logprobs within 1e-4 (float32 on CPU, same weights).
 """
 
 import threading
@@ -135,6 +135,23 @@ def test_onednn_route_matches_transformers(ckpt_factory, onednn_calls, version):
         torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=1e-4, rtol=0)
         pipe.compile()
     assert onednn_calls["onednn"] > 2 * STEPS * len(pipe.model.language_model.layers)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_skinny_route_matches_transformers(ckpt_factory, skinny_calls, version):
+    """Every product of at most 8 rows (the decode steps' projections and LM head, the prefill's last-position LM
+    head) through palitorch's own kernel, as large float32 CPU weights go at inference: greedy tokens equal
+    transformers', logprobs within 1e-4; eager and compiled."""
+    folder, hf = diverse(ckpt_factory, version)
+    imgs = images(3)
+    ref, ref_lp = hf_generate(folder, hf, imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
+    pipe = palitorch.load(folder)
+    for _ in ("eager", "compiled"):
+        ours = pipe.generate(imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
+        assert [r.token_ids for r in ours] == ref.tolist()
+        torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=1e-4, rtol=0)
+        pipe.compile()
+    assert skinny_calls["skinny"] > 4 * (STEPS - 1) * len(pipe.model.language_model.layers)
 
 
 def test_token_logprobs_equal_log_softmax_at_the_tokens():

@@ -1,0 +1,154 @@
+"""palitorch's own CPU kernel for a few rows by a large weight (palitorch/native, palitorch.model.kernels): it builds
+here, equals F.linear, is cached per machine, fails soft, and takes only the products it is meant for.
+
+Tolerance: the kernel sums in another order than MKL, so results agree to float32 rounding: within 1e-4 relative +
+1e-4 absolute (outputs of order 1-30, sums of up to 1,100 products of N(0, 1) numbers; also checked relative to
+the output's scale).
+"""
+
+import os
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from palitorch import native
+from palitorch.model import kernels
+
+
+def _close(got, want):
+    scale = want.abs().max().item() if want.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(1.0, scale / 10))
+
+
+@pytest.mark.parametrize("k", [1, 15, 16, 33, 72, 1100])
+@pytest.mark.parametrize("n", [1, 7, 83, 300])
+def test_skinny_linear_equals_f_linear(skinny_calls, n, k):
+    """Every row count of one to two blocks of 8 (each has its own code path), no rows, weight rows that do not
+    split evenly over threads and streams, lengths that are no multiple of the vector width."""
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    w = torch.randn(n, k, generator=g)
+    op = torch.ops.palitorch.skinny_linear
+    for m in [0, *range(1, 11), 16, 17]:
+        x = torch.randn(m, k, generator=g)
+        _close(op(x, w), F.linear(x, w))
+
+
+def test_inputs_of_any_layout_and_a_bias(skinny_calls):
+    g = torch.Generator().manual_seed(0)
+    fused = torch.randn(3 * 96, 64, generator=g)
+    w, b = fused[96:192], torch.randn(96, generator=g)  # a row view of a fused matrix, as fuse_projections leaves
+    x = torch.randn(2, 5, 64, generator=g)
+    with torch.no_grad():
+        for a in (x[0], x[:, -1:], x.transpose(0, 1)[:3], x[0, 0], x):  # the last: 10 rows, another route
+            _close(kernels.linear(a, w, b), F.linear(a, w, b))
+            assert kernels.linear(a, w).shape == a.shape[:-1] + (96,)
+    assert skinny_calls["skinny"] == 2 * 4
+
+
+def test_route_takes_few_rows_at_inference_only(skinny_calls, monkeypatch):
+    w = torch.randn(32, 16)
+    kernels.linear(torch.randn(4, 16), w.requires_grad_())  # autograd on: F.linear (the kernel has no backward)
+    assert skinny_calls["skinny"] == 0
+    w = w.detach()
+    with torch.no_grad():
+        kernels.linear(torch.randn(9, 16), w)  # more rows than the route takes
+        kernels.linear(torch.randn(4, 16).double(), w.double())  # not float32
+        kernels.linear(torch.randn(4, 16), w.t().contiguous().t())  # a transposed weight
+        monkeypatch.setattr(kernels, "SKINNY_MIN_ELEMENTS", w.numel() + 1)
+        kernels.linear(torch.randn(4, 16), w)  # too small a weight
+        assert skinny_calls["skinny"] == 0
+        monkeypatch.setattr(kernels, "SKINNY_MIN_ELEMENTS", w.numel())
+        kernels.linear(torch.randn(2, 4, 16), w)  # 8 rows
+        assert skinny_calls["skinny"] == 1
+        kernels.use_skinny(False)
+        try:
+            kernels.linear(torch.randn(1, 16), w)
+        finally:
+            kernels.use_skinny(True)
+        assert skinny_calls["skinny"] == 1
+
+
+def test_compiled_graph_calls_the_kernel(skinny_calls):
+    """Inside torch.compile the route is the op itself (its meta kernel gives the trace its shapes); inductor calls
+    it from the graph."""
+    lin = kernels.Linear(64, 96)
+    x = torch.randn(2, 1, 64)
+    seen = []
+
+    def record(gm, inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+
+    def f(x):
+        return torch.tanh(lin(x)) * 2
+
+    with torch.no_grad():
+        eager = f(x)
+        torch.compile(f, backend=record, dynamic=False)(x)
+        compiled = torch.compile(f, dynamic=False)(x)
+    assert "palitorch.skinny_linear.default" in seen or "palitorch.skinny_linear" in seen, seen
+    _close(compiled, eager)
+
+
+def test_calibration_finds_the_rows_up_to_which_the_kernel_wins(monkeypatch):
+    """With the kernel made slow above 4 rows (and the other route 2 ms slower than it is, whatever this CPU), the
+    timing says 4; made slow everywhere, 0."""
+    monkeypatch.setitem(kernels._skinny, "works", True)
+    real = kernels._skinny_op
+
+    def other(x, w, b=None):
+        time.sleep(0.0005)
+        return F.linear(x, w, b)
+
+    def slow_above(m):
+        def op(x, w, b=None):
+            if x.shape[0] > m:
+                time.sleep(0.002)
+            return real(x, w, b)
+        return op
+
+    monkeypatch.setattr(kernels, "_other_route", other)
+    monkeypatch.setattr(kernels, "_skinny_op", slow_above(4))
+    assert kernels._calibrate_skinny(reps=3) == 4
+    monkeypatch.setattr(kernels, "_skinny_op", slow_above(0))
+    assert kernels._calibrate_skinny(reps=3) == 0
+
+
+def _load_in_subprocess(env: dict) -> subprocess.CompletedProcess:
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout); "
+            "import palitorch.native as n; print('loaded', n.load())")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env})
+
+
+def test_build_is_cached_per_machine_and_fails_soft(tmp_path):
+    """A fresh cache: the first process compiles, the next loads the library it left; a broken compiler or the
+    switch leave palitorch on torch's kernels, saying why in one log line."""
+    first = _load_in_subprocess({"PALITORCH_CACHE": str(tmp_path)})
+    assert "loaded True" in first.stdout and "compiling" in first.stdout, first.stdout + first.stderr
+    assert len(list((tmp_path / "native").glob("skinny_linear-*.so"))) == 1
+    again = _load_in_subprocess({"PALITORCH_CACHE": str(tmp_path)})
+    assert "loaded True" in again.stdout and "compiling" not in again.stdout
+    assert list((tmp_path / "native").glob("*.so.tmp*")) == [] and len(list((tmp_path / "native").iterdir())) == 1
+
+    broken = _load_in_subprocess({"PALITORCH_CACHE": str(tmp_path / "b"), "CXX": "false"})
+    assert "loaded False" in broken.stdout and "compiler failed" in broken.stdout, broken.stdout
+    assert len([ln for ln in broken.stdout.splitlines() if "unavailable" in ln]) == 1
+    off = _load_in_subprocess({"PALITORCH_CACHE": str(tmp_path / "c"), "PALITORCH_NATIVE": "0"})
+    assert "loaded False" in off.stdout and not (tmp_path / "c").exists()
+
+
+def test_a_failed_build_routes_nothing(monkeypatch):
+    monkeypatch.setitem(kernels._skinny, "works", None)
+    monkeypatch.setattr(native, "load", lambda: False)
+    assert kernels.skinny_max_rows() == 0
+    with torch.no_grad():
+        monkeypatch.setattr(kernels, "SKINNY_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(kernels, "_skinny_op", types.SimpleNamespace())  # would fail if called
+        x, w = torch.randn(1, 16), torch.randn(8, 16)
+        _close(kernels.linear(x, w), F.linear(x, w))
