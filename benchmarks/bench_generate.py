@@ -45,6 +45,7 @@ from inputs import SIZES, check_size, checkpoint, workload  # noqa: E402
 from measure import copy_bandwidth, default_tie_tol, ms_per_step, products_ms, same_answer, sync  # noqa: E402
 
 import palitorch  # noqa: E402
+from palitorch.model import kernels  # noqa: E402
 
 
 def compare_tokens(ours, ours_lp, hf, hf_logits, tol: float) -> dict:
@@ -263,6 +264,7 @@ def bench(size: str, args, workdir: Path, emit=lambda result, row: None) -> dict
         if device.type == "cpu":  # the floor through F.linear: transformers can be at most this much faster
             row["products_ms_per_step"] = products_ms(pipe.model, b)
             row["hf_over_products"] = row["hf_decode_ms_per_step"] / row["products_ms_per_step"]
+            row["ours_products_ms_per_step"] = products_ms(pipe.model, b, linear=kernels.linear)  # palitorch's route
         if args.bandwidth:  # the floor: every decoder weight and the live KV cache read once per step
             cfg = pipe.model.cfg.text
             kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (t + n / 2) * b * torch.finfo(dtype).bits // 8
@@ -299,6 +301,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-onednn", action="store_true",
                     help="palitorch without its oneDNN route for large CPU linears (palitorch.model.kernels)")
+    ap.add_argument("--no-skinny", action="store_true",
+                    help="palitorch without its own kernel for a few rows by a large CPU weight (palitorch.native)")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "palitorch-bench"))
     ap.add_argument("--json", default="benchmarks/results/generate.json")
     args = ap.parse_args()
@@ -316,10 +320,8 @@ def main() -> None:
         args.tie_tol = default_tie_tol(getattr(torch, args.dtype))
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.no_onednn:
-        from palitorch.model.kernels import use_onednn
-
-        use_onednn(False)
+    kernels.use_onednn(not args.no_onednn)
+    kernels.use_skinny(not args.no_skinny)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     import transformers
@@ -333,6 +335,7 @@ def main() -> None:
               "command": " ".join(sys.argv), "results": []}
     print(f"{machine} | torch {torch.__version__} | transformers {transformers.__version__} | {args.dtype}"
           f"{' | palitorch compiled' if args.compile else ''}{' | no oneDNN route' if args.no_onednn else ''}"
+          f"{' | no skinny kernel' if args.no_skinny else ''}"
           f"{f' | decode attention {args.decode_attention}' if args.decode_attention != 'sdpa' else ''}"
           f"{f' | inductor options {args.compile_options}' if args.compile_options else ''}"
           f"{f' | copy bandwidth {args.bandwidth / 1e12:.2f} TB/s' if args.bandwidth else ''}")
@@ -351,8 +354,9 @@ def main() -> None:
         limit = (f", {r['ours_pct_of_limit']:.0f}% of the bandwidth limit {r['limit_tok_s']:.0f} tok/s"
                  if "limit_tok_s" in r else "")
         if "products_ms_per_step" in r:
-            limit += (f", products alone {r['products_ms_per_step']:.2f} ms/step"
-                      f" (transformers' step / that: {r['hf_over_products']:.2f})")
+            limit += (f", products alone {r['products_ms_per_step']:.2f} ms/step through F.linear (transformers'"
+                      f" step / that: {r['hf_over_products']:.2f}), {r['ours_products_ms_per_step']:.2f} through"
+                      " palitorch's route")
         decode = (f"{r['ours_decode_tok_s']:>12.1f} /{r['hf_decode_tok_s']:>9.1f} {r['decode_speedup']:>5.2f}"
                   if "decode_speedup" in r else f"  decode not measured ({r['decode_not_measured']})")
         print(f"{size:<9}{res['params'] / 1e6:>7.1f}M{r['batch']:>6}"

@@ -51,13 +51,15 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * x.numel() * x.element_size() / statistics.median(times)
 
 
-def products_ms(model, batch: int, reps: int = 7) -> float:
+def products_ms(model, batch: int, reps: int = 7, linear=None) -> float:
     """ms for one decode step's weight products alone: `batch` rows times each decoder weight (fused q/k/v and
-    gate/up where the model holds them fused) and the LM head, eagerly through `F.linear` (torch's default kernel,
-    what transformers calls), median of `reps`. No attention, norms, sampling or framework overhead: on CPU, where
-    a step is bound by reading the weights, a step through `F.linear` cannot be faster than this."""
+    gate/up where the model holds them fused) and the LM head, eagerly through `linear` (default `F.linear`,
+    torch's default kernel, what transformers calls), median of `reps`. No attention, norms, sampling or framework
+    overhead: on CPU, where a step is bound by reading the weights, a step through `F.linear` cannot be faster than
+    this. (palitorch's `kernels.linear` takes its own kernel for such products where that is faster.)"""
     import torch.nn.functional as F
 
+    linear = linear or F.linear
     lm = model.language_model
     weights = []
     for layer in lm.layers:
@@ -73,7 +75,7 @@ def products_ms(model, batch: int, reps: int = 7) -> float:
     def step():
         with torch.inference_mode():
             for w in weights:
-                F.linear(xs[w.shape[1]], w)
+                linear(xs[w.shape[1]], w)
 
     step()
     times = []
