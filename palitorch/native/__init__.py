@@ -46,9 +46,12 @@ def _cpu_fingerprint() -> str:
 
 
 def _command(compiler: str, source: Path, out: Path) -> list[str]:
+    """The build command; `$PALITORCH_NATIVE_CFLAGS` adds flags (the tests build the AVX2 and plain C++ paths on a
+    machine with AVX-512 with "-mno-avx512f" and "-mno-avx2 -mno-fma")."""
     root = Path(torch.__file__).parent
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
-    return [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w",
+    extra = os.environ.get("PALITORCH_NATIVE_CFLAGS", "").split()
+    return [compiler, "-O3", "-march=native", *extra, "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w",
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{root / 'include'}", f"-I{root / 'include/torch/csrc/api/include'}",
             str(source), f"-L{root / 'lib'}", f"-Wl,-rpath,{root / 'lib'}", "-lc10", "-ltorch_cpu", "-o", str(out)]
 

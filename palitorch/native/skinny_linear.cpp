@@ -132,8 +132,13 @@ at::Tensor skinny_linear_meta(const at::Tensor& x, const at::Tensor& w) {
   return at::empty(sizes, x.options());
 }
 
+int64_t skinny_lanes() { return kLanes; }  // which vector code was compiled: 16, 8 or 1 floats at a time
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(palitorch, m) { m.def("skinny_linear(Tensor x, Tensor w) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(palitorch, m) {
+  m.def("skinny_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("skinny_lanes() -> int", &skinny_lanes);
+}
 TORCH_LIBRARY_IMPL(palitorch, CPU, m) { m.impl("skinny_linear", &skinny_linear); }
 TORCH_LIBRARY_IMPL(palitorch, Meta, m) { m.impl("skinny_linear", &skinny_linear_meta); }

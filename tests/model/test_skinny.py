@@ -152,3 +152,36 @@ def test_a_failed_build_routes_nothing(monkeypatch):
         monkeypatch.setattr(kernels, "_skinny_op", types.SimpleNamespace())  # would fail if called
         x, w = torch.randn(1, 16), torch.randn(8, 16)
         _close(kernels.linear(x, w), F.linear(x, w))
+
+
+@pytest.mark.parametrize("flags, lanes", [("-mno-avx512f", 8), ("-mno-avx2 -mno-fma -mno-avx512f", 1)])
+def test_other_vector_paths_equal_f_linear(tmp_path, flags, lanes):
+    """The kernel's AVX2 and plain C++ paths (for CPUs without AVX-512, or other architectures), built here by
+    turning the wider instructions off; each checked against F.linear as above, in its own process."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the flags are x86's")
+    code = (
+        "import torch, torch.nn.functional as F, palitorch.native as n; assert n.load(); "
+        f"assert torch.ops.palitorch.skinny_lanes() == {lanes}, torch.ops.palitorch.skinny_lanes(); "
+        "g = torch.Generator().manual_seed(0)\n"
+        "for n_, k in [(83, 72), (300, 1100), (7, 15)]:\n"
+        "    w = torch.randn(n_, k, generator=g)\n"
+        "    for m in [0, *range(1, 11), 17]:\n"
+        "        x = torch.randn(m, k, generator=g)\n"
+        "        torch.testing.assert_close(torch.ops.palitorch.skinny_linear(x, w), F.linear(x, w), "
+        "rtol=1e-4, atol=3e-4)\n"
+        "print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PALITORCH_CACHE": str(tmp_path), "PALITORCH_NATIVE_CFLAGS": flags})
+    assert done.stdout.strip() == "ok", done.stdout + done.stderr
+
+
+def test_the_widest_vector_code_this_cpu_has_is_built(skinny_calls):
+    try:
+        flags = next(ln for ln in open("/proc/cpuinfo").read().splitlines() if ln.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags here")
+    want = 16 if "avx512f" in flags else 8 if {"avx2", "fma"} <= set(flags) else 1
+    assert torch.ops.palitorch.skinny_lanes() == want
