@@ -198,6 +198,29 @@ def test_products_floor_runs_each_weight_of_a_step_once(monkeypatch):
         assert tuple(lm.embed_tokens.weight.shape) in {shape for _, shape in seen}
 
 
+@pytest.mark.parametrize("size", ["mid", "pg2-mini"])
+def test_bench_linear_times_the_fused_decoder_weights_of_a_size(size, monkeypatch, capsys):
+    """bench_linear's shapes are those of the size's decoder with q/k/v and gate/up fused, as palitorch runs a
+    step; a short run prints one line per row count for each kernel."""
+    import bench_linear
+    from inputs import _config, _tokenizer
+
+    from palitorch.model import PaliGemma
+
+    with torch.device("meta"):
+        model = PaliGemma(_config(size, _tokenizer()))
+    lm = model.language_model
+    lm.fuse_projections()
+    want = [tuple(t.shape) for layer in lm.layers for t in (layer.attn.qkv, layer.attn.o_proj.weight,
+                                                          layer.mlp.gate_up, layer.mlp.down_proj.weight)]
+    assert bench_linear.decoder_shapes(size) == want
+    if size == "pg2-mini":
+        monkeypatch.setattr(sys, "argv", ["bench_linear.py", "--size", size, "--rows", "1,3", "--reps", "1"])
+        bench_linear.main()
+        lines = capsys.readouterr().out.splitlines()
+        assert [ln.split()[0] for ln in lines[2:4]] == ["1", "3"] and "F.linear" in lines[1]
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--sizes", "bundled,pg3-9b"], "unknown size 'pg3-9b'"),
     (["--sizes", "."], "a folder without a config.json"),
