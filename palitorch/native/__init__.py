@@ -97,5 +97,6 @@ def load() -> bool:
                 torch.ops.load_library(str(_build()))
                 _state["loaded"] = hasattr(torch.ops.palitorch, "skinny_linear")
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                log.warning("palitorch: its CPU kernels are unavailable (%s); using torch's", e)
+                log.warning("palitorch: its CPU kernels are unavailable (%s); using torch's "
+                            "(PALITORCH_NATIVE=0 skips the attempt)", e)
         return _state["loaded"]

@@ -117,14 +117,18 @@ def test_fused_projections_match_transformers_and_stay_trainable(ckpt_factory, t
     assert torch.equal(again.language_model.layers[0].attn.q_proj.weight, attn.q_proj.weight)
 
 
+@pytest.mark.parametrize("route", ["onednn", "skinny"])
 @pytest.mark.parametrize("version", [1, 2])
-def test_onednn_route_matches_transformers(ckpt_factory, onednn_calls, version):
-    """Every linear (vision tower, projector, fused decoder projections, LM head) through oneDNN, as large float32
-    CPU weights go at inference: greedy tokens equal transformers', logprobs within 1e-4; eager and compiled."""
+def test_linear_routes_match_transformers(ckpt_factory, request, route, version):
+    """Large float32 CPU weights at inference: every linear (vision tower, projector, fused decoder projections, LM
+    head) through oneDNN, or every product of at most 8 rows (the decode steps' projections and LM head, the
+    prefill's last-position LM head) through palitorch's own kernel. Greedy tokens equal transformers', logprobs
+    within 1e-4; eager and compiled."""
     from palitorch.model import kernels
 
-    if not kernels._onednn_works():
+    if route == "onednn" and not kernels._onednn_works():
         pytest.skip("oneDNN's linear is not available in this torch build")
+    calls = request.getfixturevalue(f"{route}_calls")  # the route forced for every product it can take, counted
     folder, hf = diverse(ckpt_factory, version)
     imgs = images(3)
     ref, ref_lp = hf_generate(folder, hf, imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
@@ -134,24 +138,8 @@ def test_onednn_route_matches_transformers(ckpt_factory, onednn_calls, version):
         assert [r.token_ids for r in ours] == ref.tolist()
         torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=1e-4, rtol=0)
         pipe.compile()
-    assert onednn_calls["onednn"] > 2 * STEPS * len(pipe.model.language_model.layers)
-
-
-@pytest.mark.parametrize("version", [1, 2])
-def test_skinny_route_matches_transformers(ckpt_factory, skinny_calls, version):
-    """Every product of at most 8 rows (the decode steps' projections and LM head, the prefill's last-position LM
-    head) through palitorch's own kernel, as large float32 CPU weights go at inference: greedy tokens equal
-    transformers', logprobs within 1e-4; eager and compiled."""
-    folder, hf = diverse(ckpt_factory, version)
-    imgs = images(3)
-    ref, ref_lp = hf_generate(folder, hf, imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
-    pipe = palitorch.load(folder)
-    for _ in ("eager", "compiled"):
-        ours = pipe.generate(imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
-        assert [r.token_ids for r in ours] == ref.tolist()
-        torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=1e-4, rtol=0)
-        pipe.compile()
-    assert skinny_calls["skinny"] > 4 * (STEPS - 1) * len(pipe.model.language_model.layers)
+    per_step = {"onednn": 2 * STEPS, "skinny": 4 * (STEPS - 1)}[route]  # eager calls: at least these a layer
+    assert calls[route] > per_step * len(pipe.model.language_model.layers)
 
 
 def test_token_logprobs_equal_log_softmax_at_the_tokens():

@@ -134,7 +134,7 @@ def test_build_is_cached_per_machine_and_fails_soft(tmp_path):
     assert len(list((tmp_path / "native").glob("skinny_linear-*.so"))) == 1
     again = _load_in_subprocess({"PALITORCH_CACHE": str(tmp_path)})
     assert "loaded True" in again.stdout and "compiling" not in again.stdout
-    assert list((tmp_path / "native").glob("*.so.tmp*")) == [] and len(list((tmp_path / "native").iterdir())) == 1
+    assert len(list((tmp_path / "native").iterdir())) == 1  # no temporary file left behind
 
     broken = _load_in_subprocess({"PALITORCH_CACHE": str(tmp_path / "b"), "CXX": "false"})
     assert "loaded False" in broken.stdout and "compiler failed" in broken.stdout, broken.stdout
