@@ -5,8 +5,8 @@ A decode step's products (a few rows by a large weight: one row per sequence) ar
 from memory. palitorch's `skinny_linear` (palitorch/native: compiled for this machine on first use) reads it at
 27-30 GB/s on the 2-core Intel VM of BENCHMARKS.md, where MKL reads 24-26 GB/s at one row and oneDNN 14-16 GB/s at
 8 rows (1.1x and 1.3-1.4x faster). `linear` sends it products of at most `skinny_max_rows()` rows by weights of
-`SKINNY_MIN_ELEMENTS` or more: the row counts, of 1, 4 and 8, up to which it beat the route they would otherwise
-take here (timed once per process, see `_calibrate_skinny`), after a self-check against `F.linear`.
+`SKINNY_MIN_ELEMENTS` or more: the row counts, of 1, 4, 8, 12 and 16, up to which it beat the route they would
+otherwise take here (timed once per process, see `_calibrate_skinny`), after a self-check against `F.linear`.
 
 On CPU, `F.linear` calls MKL's sgemm. On some x86 CPUs (measured: the AMD EPYC of BENCHMARKS.md) that runs the
 products of inference, a few rows times a large weight (M = 1 per sequence when decoding), at half the memory
@@ -173,7 +173,7 @@ def _skinny_op(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
 
 def _skinny_works() -> bool:
     """Once per process: is palitorch's kernel built and loaded here (palitorch.native), and does it agree with
-    F.linear (1 to 9 rows, row counts that do not split evenly over threads and streams, a length that is no
+    F.linear (1 to 13 rows, row counts that do not split evenly over threads and streams, a length that is no
     multiple of the vector width, a row view of a fused matrix, a non-contiguous input)?"""
     if _skinny["works"] is None:
         from palitorch import native
@@ -182,10 +182,10 @@ def _skinny_works() -> bool:
         if native.load():
             g = torch.Generator().manual_seed(0)
             w = torch.randn(3 * 83, 72, generator=g)[83:166]
-            x = torch.randn(2, 9, 72, generator=g)
+            x = torch.randn(2, 13, 72, generator=g)
             with torch.no_grad():
                 ok = all(torch.allclose(_skinny_op(a, w), F.linear(a, w), rtol=1e-4, atol=1e-4)
-                         for a in [x[0, :m] for m in range(1, 10)] + [x[:, -1:]])
+                         for a in [x[0, :m] for m in range(1, 14)] + [x[:, -1:]])
         _skinny["works"] = ok
     return bool(_skinny["works"])
 
@@ -194,11 +194,13 @@ def _other_route(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     return _pointwise(x, w, b) if _wants_onednn(x, w) else F.linear(x, w, b)
 
 
-def _calibrate_skinny(rows=(1, 4, 8), reps: int = 7) -> int:
+def _calibrate_skinny(rows=(1, 4, 8, 12, 16), reps: int = 7) -> int:
     """The most rows (of `rows`) up to which palitorch's kernel beat the route such products otherwise take here
-    (oneDNN's or F.linear), timed once per process on four 4096 x 1024 weights (64 MB, beyond the caches, as a
-    decode step's weights are), the two interleaved, medians; 0 if it loses at one row. ~0.2 s."""
-    ws = [torch.ones(4096, 1024) for _ in range(4)]
+    (oneDNN's or F.linear), timed once per process on eight 4096 x 1024 weights (128 MB: beyond the caches, as a
+    decode step's weights are; over 64 MB, partly cached on the Intel VM, reading a weight twice looked cheap and
+    16 rows in two passes won there, but lost 0.8x on a real step's weights), the two interleaved, medians; 0 if it
+    loses at one row. ~0.6 s."""
+    ws = [torch.ones(4096, 1024) for _ in range(8)]
     best = 0
     with torch.no_grad():
         for m in rows:
@@ -219,7 +221,7 @@ def _calibrate_skinny(rows=(1, 4, 8), reps: int = 7) -> int:
 def skinny_max_rows() -> int:
     """Products of at most this many rows (by large float32 weights) go through palitorch's kernel here: 0 where it
     is unavailable or was not faster. Checked and timed on the first call (a build of a few seconds the first time
-    on a machine, see palitorch.native; ~0.2 s after that); `SKINNY_MAX_ROWS` overrides the timing."""
+    on a machine, see palitorch.native; ~0.6 s after that); `SKINNY_MAX_ROWS` overrides the timing."""
     if not _skinny_works():
         return 0
     if SKINNY_MAX_ROWS is not None:

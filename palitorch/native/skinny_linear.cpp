@@ -108,10 +108,10 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w) {
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t m = 0; m < M;) {  // input rows in blocks of up to 8, each block reading the weight span once
+    for (int64_t m = 0; m < M;) {  // input rows in blocks of up to 12, each block reading the weight span once
       const float* xm = xp + m * K;
       float* ym = yp + m * N;
-      switch (std::min<int64_t>(M - m, 8)) {
+      switch (std::min<int64_t>(M - m, 12)) {
         case 1: span<8, 1, 2>(wp, xm, ym, K, N, r0, r1); m += 1; break;
         case 2: span<4, 2, 1>(wp, xm, ym, K, N, r0, r1); m += 2; break;
         case 3: span<3, 3, 1>(wp, xm, ym, K, N, r0, r1); m += 3; break;
@@ -119,7 +119,11 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w) {
         case 5: span<2, 5, 1>(wp, xm, ym, K, N, r0, r1); m += 5; break;
         case 6: span<2, 6, 1>(wp, xm, ym, K, N, r0, r1); m += 6; break;
         case 7: span<2, 7, 1>(wp, xm, ym, K, N, r0, r1); m += 7; break;
-        default: span<2, 8, 1>(wp, xm, ym, K, N, r0, r1); m += 8; break;
+        case 8: span<2, 8, 1>(wp, xm, ym, K, N, r0, r1); m += 8; break;
+        case 9: span<2, 9, 1>(wp, xm, ym, K, N, r0, r1); m += 9; break;
+        case 10: span<2, 10, 1>(wp, xm, ym, K, N, r0, r1); m += 10; break;
+        case 11: span<2, 11, 1>(wp, xm, ym, K, N, r0, r1); m += 11; break;
+        default: span<2, 12, 1>(wp, xm, ym, K, N, r0, r1); m += 12; break;
       }
     }
   });

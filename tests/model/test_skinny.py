@@ -28,12 +28,12 @@ def _close(got, want):
 @pytest.mark.parametrize("k", [1, 15, 16, 33, 72, 1100])
 @pytest.mark.parametrize("n", [1, 7, 83, 300])
 def test_skinny_linear_equals_f_linear(skinny_calls, n, k):
-    """Every row count of one to two blocks of 8 (each has its own code path), no rows, weight rows that do not
-    split evenly over threads and streams, lengths that are no multiple of the vector width."""
+    """Every row count of one block of up to 12 (each has its own code path), two and three blocks, no rows, weight
+    rows that do not split evenly over threads and streams, lengths that are no multiple of the vector width."""
     g = torch.Generator().manual_seed(n * 1000 + k)
     w = torch.randn(n, k, generator=g)
     op = torch.ops.palitorch.skinny_linear
-    for m in [0, *range(1, 11), 16, 17]:
+    for m in [0, *range(1, 14), 24, 29]:
         x = torch.randn(m, k, generator=g)
         _close(op(x, w), F.linear(x, w))
 
@@ -168,7 +168,7 @@ def test_other_vector_paths_equal_f_linear(tmp_path, flags, lanes):
         "g = torch.Generator().manual_seed(0)\n"
         "for n_, k in [(83, 72), (300, 1100), (7, 15)]:\n"
         "    w = torch.randn(n_, k, generator=g)\n"
-        "    for m in [0, *range(1, 11), 17]:\n"
+        "    for m in [0, *range(1, 14), 29]:\n"
         "        x = torch.randn(m, k, generator=g)\n"
         "        torch.testing.assert_close(torch.ops.palitorch.skinny_linear(x, w), F.linear(x, w), "
         "rtol=1e-4, atol=3e-4)\n"
