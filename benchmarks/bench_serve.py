@@ -43,6 +43,7 @@ from inputs import SIZES, check_size, checkpoint, workload  # noqa: E402
 import palitorch  # noqa: E402
 from palitorch.inference.generate import eos_ids  # noqa: E402
 from palitorch.inference.pipeline import batch_rungs  # noqa: E402
+from palitorch.model import kernels  # noqa: E402
 from palitorch.server import Engine, Server  # noqa: E402
 
 
@@ -152,6 +153,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--compile", action="store_true", help="compile palitorch's decode step (warmed up first)")
+    ap.add_argument("--no-skinny", action="store_true",
+                    help="palitorch without its own kernel for a few rows by a large CPU weight (palitorch.native)")
     ap.add_argument("--workdir", default="/tmp/palitorch-bench", help="where random benchmark weights are kept")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
@@ -163,6 +166,7 @@ def main() -> None:
     if args.rate is not None and not args.rate > 0:
         ap.error("--rate must be > 0 (requests a second)")
 
+    kernels.use_skinny(not args.no_skinny)
     dtype = getattr(torch, args.dtype)
     folder, kind = checkpoint(args.size, Path(args.workdir), args.device, dtype)
     pipe = palitorch.load(folder, device=args.device, dtype=args.dtype)
@@ -191,7 +195,8 @@ def main() -> None:
     senders = f"arriving at {args.rate:g}/s" if args.rate else f"from {args.clients} clients"
     print(f"{args.size} ({kind}), {args.device} {args.dtype}, {args.requests} requests {senders}, "
           f"max_tokens {'1 to ' * args.vary_length}{args.new_tokens}{' (EOS suppressed)' * args.force_length}"
-          f"{', streamed' if args.stream else ''}{', every other request sampled' * args.mix_sampling}")
+          f"{', streamed' if args.stream else ''}{', every other request sampled' * args.mix_sampling}"
+          f"{', no skinny kernel' * args.no_skinny}")
     sizes = batch_rungs(args.max_batch)
     print(f"  warm-up ({'compiling ' if args.compile else ''}batch sizes {sizes}) ...", flush=True)
     engine.warm_up({"max_new_tokens": args.new_tokens}, sizes)
