@@ -78,6 +78,7 @@ class Handler(BaseHTTPRequestHandler):
     server: Server
     protocol_version = "HTTP/1.1"  # keep-alive; every response says its length (or closes, for a stream)
     server_version = "palitorch"
+    _streaming = False  # a stream's status line has gone out (the connection closes after it)
 
     # ------------------------------------------------------------------ routes
 
@@ -139,6 +140,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")  # the stream's end is the connection's end: no length needed
         self.end_headers()
         self.close_connection = True
+        self._streaming = True  # from here an error goes into the stream, not into a second status line
         try:
             self._event(chunk(rid, created, model, {"role": "assistant", "content": ""}))
             piece = first
@@ -148,7 +150,7 @@ class Handler(BaseHTTPRequestHandler):
             # None came: the job's results or error are set (before it, as the engine finishes a job)
             if job.error is not None:  # failed after the status line went out: say so in the stream
                 self._event(job.error.body())
-            else:
+            elif job.results:  # (none when the job was cancelled: the stream just ends)
                 result = job.results[0]
                 self._event(chunk(rid, created, model, {}, finish_reason(result)))
                 if job.request.include_usage:
@@ -175,7 +177,14 @@ class Handler(BaseHTTPRequestHandler):
             import traceback
 
             traceback.print_exc(file=sys.stderr)
-            self._json(500, ApiError(500, f"internal error: {type(e).__name__}: {e}").body())
+            error = ApiError(500, f"internal error: {type(e).__name__}: {e}").body()
+            if not self._streaming:
+                self._json(500, error)
+                return
+            try:  # a stream has begun: its status line is out, so the error is its last event
+                self._event(error)
+            except OSError:
+                pass
 
     def _authorize(self) -> None:
         key = self.server.api_key

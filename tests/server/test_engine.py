@@ -63,9 +63,11 @@ def test_a_request_arriving_mid_batch_joins_it_and_ends_first(ref, demo):
     pipe = HeldPipe(palitorch.load())
     engine = RecordingEngine(pipe, start_after=1)
     long_body = chat(demo[0]["path"], "endless", stream=True)
+    streamed = {}
     with serving(new_server(engine)) as srv:
         pipe.release.set()
-        streaming = threading.Thread(target=lambda: stream_events(srv, long_body), daemon=True)
+        streaming = threading.Thread(target=lambda: streamed.update(events=stream_events(srv, long_body)[1]),
+                                     daemon=True)
         streaming.start()
         engine.wait_for_jobs(1)
         [long_job] = engine.jobs
@@ -77,6 +79,9 @@ def test_a_request_arriving_mid_batch_joins_it_and_ends_first(ref, demo):
         assert admits == [1, 1]
         long_job.cancelled.set()  # the long one's client leaves: its row is released, the batch ends
         assert pipe.closed.wait(TIMEOUT) and long_job.done.wait(TIMEOUT)
+        streaming.join(TIMEOUT)  # a stream cancelled while its client still listens ends cleanly (it got a
+        events = streamed["events"]  # second status line, a 500 for job.results[0] of None, before session 14)
+        assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1]), events[-3:]
     engine.stop()
 
 

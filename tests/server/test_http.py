@@ -98,6 +98,23 @@ def test_a_stream_without_usage_and_a_stream_that_is_refused(server, demo):
     assert "context" in out["error"]["message"]
 
 
+def test_a_bug_mid_stream_ends_the_stream_with_an_error_event(server, demo, monkeypatch, capsys):
+    """Once a stream's status line is out, an internal error becomes its last event (not a second status line
+    written into the stream), and the server goes on serving."""
+    import palitorch.server.http as http
+
+    def broken(result):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(http, "finish_reason", broken)
+    _, events = stream_events(server, chat(demo[0]["path"], "caption en", stream=True))
+    assert events[-1]["error"]["type"] == "server_error" and "boom" in events[-1]["error"]["message"]
+    assert len(events) > 2 and all(e["object"] == "chat.completion.chunk" for e in events[:-1])
+    assert "RuntimeError: boom" in capsys.readouterr().err  # the server's log has the traceback
+    monkeypatch.undo()
+    assert post(server, chat(demo[0]["path"], "caption en"))[0] == 200
+
+
 def test_n_greedy_choices_are_alike(server, ref, demo):
     e = demo[3]
     status, out, _ = post(server, chat(e["path"], "caption en", n=3))
