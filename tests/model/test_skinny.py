@@ -185,3 +185,20 @@ def test_the_widest_vector_code_this_cpu_has_is_built(skinny_calls):
         pytest.skip("no /proc/cpuinfo flags here")
     want = 16 if "avx512f" in flags else 8 if {"avx2", "fma"} <= set(flags) else 1
     assert torch.ops.palitorch.skinny_lanes() == want
+
+
+def test_prepare_runs_the_checks_a_compiled_graph_reads(monkeypatch):
+    """`prepare` (which `Pipeline.compile` calls) settles the self-check and the row bound eagerly for a model with
+    a weight large enough for the route, and touches nothing for one without (the bundled model builds nothing)."""
+    monkeypatch.setitem(kernels._skinny, "works", None)
+    monkeypatch.setitem(kernels._skinny, "max_rows", None)
+    monkeypatch.setattr(kernels, "_calibrate_skinny", lambda: 5)
+    small = [torch.zeros(kernels.SKINNY_MIN_ELEMENTS // 2, 1), torch.zeros(10**6, dtype=torch.float64)]
+    kernels.prepare(small)
+    assert kernels._skinny["works"] is None and kernels._skinny["max_rows"] is None
+    kernels.prepare([*small, torch.zeros(kernels.SKINNY_MIN_ELEMENTS, 1)])
+    assert kernels._skinny["works"] is True and kernels._skinny["max_rows"] == 5
+    with torch.no_grad():  # what a trace then decides, from the verdicts alone
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        w = torch.zeros(kernels.SKINNY_MIN_ELEMENTS // 64, 64)
+        assert kernels._wants_skinny(torch.zeros(5, 64), w) and not kernels._wants_skinny(torch.zeros(6, 64), w)
