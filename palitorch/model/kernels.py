@@ -3,8 +3,8 @@ oneDNN's for more rows, on CPU at inference.
 
 A decode step's products (a few rows by a large weight: one row per sequence) are bound by reading the weight
 from memory. palitorch's `skinny_linear` (palitorch/native: compiled for this machine on first use) reads it at
-27-30 GB/s on the 2-core Intel VM of BENCHMARKS.md, where MKL reads 24-26 GB/s at one row and oneDNN 14-16 GB/s at
-8 rows (1.1x and 1.3-1.4x faster). `linear` sends it products of at most `skinny_max_rows()` rows by weights of
+26-28 GB/s at one row on the 2-core Intel VM of BENCHMARKS.md, where MKL reads 24-26 GB/s, and 1.2-1.35x faster
+than oneDNN at 4-12 rows. `linear` sends it products of at most `skinny_max_rows()` rows by weights of
 `SKINNY_MIN_ELEMENTS` or more: the row counts, of 1, 4, 8, 12 and 16, up to which it beat the route they would
 otherwise take here (timed once per process, see `_calibrate_skinny`), after a self-check against `F.linear`.
 

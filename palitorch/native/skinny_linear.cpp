@@ -4,10 +4,12 @@
 // 2-core VMs of BENCHMARKS.md one core streams ~12-15 GB/s whatever the kernel, so what counts is how many cache
 // misses each core keeps in flight. This kernel reads NS weight rows side by side, from NS places far apart in the
 // thread's share of the weight, so that each core follows NS sequential streams at once; BLAS's one-row path reads
-// one. Measured on the Intel Xeon VM: 27-30 GB/s against MKL's 24-26 for the mid-size model's weights.
+// one. Measured on the Intel Xeon VM (benchmarks/bench_linear.py, the mid-size model's weights): 26-28 GB/s at one
+// row against MKL's 24-26; 1.2-1.35x oneDNN's speed at 4-12 rows.
 //
 // Built on first use by palitorch/native/__init__.py for this machine (-march=native); the vector code is picked
-// by the compiler's target macros: AVX-512, AVX2 + FMA, or plain C++ that the compiler vectorizes as it can.
+// by the compiler's target macros: AVX-512, AVX2 + FMA, or plain scalar C++ (correct anywhere; the per-process
+// timing in palitorch/model/kernels.py keeps torch's kernels where it is slower).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
