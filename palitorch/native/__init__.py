@@ -4,9 +4,10 @@ One kernel so far: `palitorch::skinny_linear` (skinny_linear.cpp), a product of 
 weight that reads the weight faster than BLAS does on the machines measured (see the source and
 `model/kernels.py`, which decides where it runs). It is built with the C++ compiler that `torch.compile` also needs
 on CPU (`$CXX`, else `c++`), against the installed torch's headers, with `-march=native`, into
-`$PALITORCH_CACHE/native` (default `~/.cache/palitorch/native`), once per source, torch version, compiler and CPU;
-a few seconds. Where anything fails (no compiler, an unsupported platform, a build error) `load()` says False once
-in the log and palitorch runs with torch's kernels, as it does with `PALITORCH_NATIVE=0`.
+`$PALITORCH_CACHE/native` (default `~/.cache/palitorch/native`; the system temporary folder if that cannot be
+made), once per source, torch version, compiler and CPU: a few seconds. Where anything fails (no compiler, an
+unsupported platform, a build error) `load()` says False once in the log and palitorch runs with torch's kernels,
+as it does with `PALITORCH_NATIVE=0`.
 """
 
 from __future__ import annotations
@@ -68,7 +69,13 @@ def _build() -> Path:
     out = cache_dir() / f"skinny_linear-{key}.so"
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # e.g. a read-only home: the system's temporary folder, per user
+        out = Path(tempfile.gettempdir()) / f"palitorch-native-{os.getuid()}" / out.name
+        if out.exists():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
     log.info("palitorch: compiling its CPU kernels for this machine (once; a few seconds)")
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # several processes may build at once: each its own
     os.close(fd)

@@ -127,14 +127,19 @@ def _load_in_subprocess(env: dict) -> subprocess.CompletedProcess:
 
 
 def test_build_is_cached_per_machine_and_fails_soft(tmp_path):
-    """A fresh cache: the first process compiles, the next loads the library it left; a broken compiler or the
-    switch leave palitorch on torch's kernels, saying why in one log line."""
+    """A fresh cache: the first process compiles, the next loads the library it left; an unusable cache folder
+    falls back to the temporary folder; a broken compiler or the switch leave palitorch on torch's kernels, saying
+    why in one log line."""
     first = _load_in_subprocess({"PALITORCH_CACHE": str(tmp_path)})
     assert "loaded True" in first.stdout and "compiling" in first.stdout, first.stdout + first.stderr
     assert len(list((tmp_path / "native").glob("skinny_linear-*.so"))) == 1
     again = _load_in_subprocess({"PALITORCH_CACHE": str(tmp_path)})
     assert "loaded True" in again.stdout and "compiling" not in again.stdout
     assert len(list((tmp_path / "native").iterdir())) == 1  # no temporary file left behind
+
+    (tmp_path / "file").write_text("")  # a cache folder that cannot be made: the system's temporary folder instead
+    elsewhere = _load_in_subprocess({"PALITORCH_CACHE": str(tmp_path / "file" / "x")})
+    assert "loaded True" in elsewhere.stdout, elsewhere.stdout + elsewhere.stderr
 
     broken = _load_in_subprocess({"PALITORCH_CACHE": str(tmp_path / "b"), "CXX": "false"})
     assert "loaded False" in broken.stdout and "compiler failed" in broken.stdout, broken.stdout
