@@ -191,7 +191,11 @@ def _skinny_works() -> bool:
 
 
 def _other_route(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    return _pointwise(x, w, b) if _wants_onednn(x, w) else F.linear(x, w, b)
+    """The route of a product that palitorch's kernel does not take (and what `_calibrate_skinny` times it
+    against): oneDNN's kernel where it pays, else `F.linear`."""
+    if _wants_onednn(x, w):
+        return onednn_linear(x, w, b) if torch.compiler.is_compiling() else _pointwise(x, w, b)
+    return F.linear(x, w, b)
 
 
 def _calibrate_skinny(rows=(1, 4, 8, 12, 16), reps: int = 7) -> int:
@@ -237,9 +241,8 @@ def _wants_skinny(x: Tensor, w: Tensor) -> bool:
         return False
     rows = x.numel() // x.shape[-1]
     if torch.compiler.is_compiling():  # the checks ran eagerly before (see `prepare`), never inside a trace
-        if not _skinny["works"]:
-            return False
-        return rows <= (SKINNY_MAX_ROWS if SKINNY_MAX_ROWS is not None else _skinny["max_rows"] or 0)
+        limit = SKINNY_MAX_ROWS if SKINNY_MAX_ROWS is not None else _skinny["max_rows"] or 0
+        return bool(_skinny["works"]) and rows <= limit
     return rows <= skinny_max_rows()
 
 
@@ -256,11 +259,7 @@ def prepare(weights) -> None:
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """x [..., in] @ w[out, in].T + b: `F.linear`, or palitorch's or oneDNN's kernel where they pay (see the module
     docstring)."""
-    if _wants_skinny(x, w):
-        return _skinny_op(x, w, b)
-    if _wants_onednn(x, w):
-        return onednn_linear(x, w, b) if torch.compiler.is_compiling() else _pointwise(x, w, b)
-    return F.linear(x, w, b)
+    return _skinny_op(x, w, b) if _wants_skinny(x, w) else _other_route(x, w, b)
 
 
 class Linear(nn.Linear):
