@@ -1,12 +1,14 @@
-"""Which kernel runs a linear layer: torch's default, palitorch's own for a few rows by a large float32 weight, or
-oneDNN's for more rows, on CPU at inference.
+"""Which kernel runs a linear layer: torch's default, palitorch's own for a few rows by a large float32 or bfloat16
+weight, or oneDNN's for more rows (float32), on CPU at inference.
 
 A decode step's products (a few rows by a large weight: one row per sequence) are bound by reading the weight
 from memory. palitorch's `skinny_linear` (palitorch/native: compiled for this machine on first use) reads it at
 26-28 GB/s at one row on the 2-core Intel VM of BENCHMARKS.md, where MKL reads 24-26 GB/s, and 1.2-1.35x faster
-than oneDNN at 4-12 rows. `linear` sends it products of at most `skinny_max_rows()` rows by weights of
+than oneDNN at 4-12 rows; bfloat16 weights (widened to float32 as they are read) 1.6-1.9x faster than torch's
+bfloat16 kernel at one row. `linear` sends it products of at most `skinny_max_rows(dtype)` rows by weights of
 `SKINNY_MIN_ELEMENTS` or more: the row counts, of 1, 4, 8, 12 and 16, up to which it beat the route they would
-otherwise take here (timed once per process, see `_calibrate_skinny`), after a self-check against `F.linear`.
+otherwise take here (timed once per process and dtype, see `_calibrate_skinny`), after a self-check against
+`F.linear`.
 
 On CPU, `F.linear` calls MKL's sgemm. On some x86 CPUs (measured: the AMD EPYC of BENCHMARKS.md) that runs the
 products of inference, a few rows times a large weight (M = 1 per sequence when decoding), at half the memory
@@ -42,10 +44,11 @@ ONEDNN_MIN_ROWS: int | None = None  # products with fewer rows keep F.linear; No
 ONEDNN_MAX_ROWS = 512  # products with as many rows or more keep F.linear, where oneDNN does not win at one row
 SKINNY_MIN_ELEMENTS = 1 << 18  # 1 MB of float32: measured faster than MKL from 256 x 256 up, kept to large weights
 SKINNY_MAX_ROWS: int | None = None  # products with more rows take another route; None: measured on this machine
+SKINNY_DTYPES = (torch.float32, torch.bfloat16)  # weight (and input) dtypes that palitorch's kernel takes
 BLAS_ONE_ROW_SLOW: bool | None = None  # see blas_one_row_is_slow; None: measured on this machine
 _onednn: dict = {"enabled": True, "works": None, "min_rows": None}  # the self-check's verdict, the measurement
 _blas: dict = {"slow": None}
-_skinny: dict = {"enabled": True, "works": None, "max_rows": None}  # as _onednn's
+_skinny: dict = {"enabled": True, "works": None, "max_rows": {}}  # as _onednn's; max_rows by dtype
 
 
 def use_onednn(enabled: bool = True) -> None:
@@ -54,7 +57,8 @@ def use_onednn(enabled: bool = True) -> None:
 
 
 def use_skinny(enabled: bool = True) -> None:
-    """Route products of a few rows by large float32 CPU weights through palitorch's kernel (the default), or not."""
+    """Route products of a few rows by large float32 or bfloat16 CPU weights through palitorch's kernel (the
+    default), or not."""
     _skinny["enabled"] = enabled
 
 
@@ -174,7 +178,8 @@ def _skinny_op(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
 def _skinny_works() -> bool:
     """Once per process: is palitorch's kernel built and loaded here (palitorch.native), and does it agree with
     F.linear (1 to 13 rows, row counts that do not split evenly over threads and streams, a length that is no
-    multiple of the vector width, a row view of a fused matrix, a non-contiguous input)?"""
+    multiple of the vector width, a row view of a fused matrix, a non-contiguous input), in float32 and in bfloat16
+    (there within bfloat16's rounding of the float32 result: 2^-8 of it)?"""
     if _skinny["works"] is None:
         from palitorch import native
 
@@ -183,9 +188,13 @@ def _skinny_works() -> bool:
             g = torch.Generator().manual_seed(0)
             w = torch.randn(3 * 83, 72, generator=g)[83:166]
             x = torch.randn(2, 13, 72, generator=g)
+            cases = [x[0, :m] for m in range(1, 14)] + [x[:, -1:]]
             with torch.no_grad():
-                ok = all(torch.allclose(_skinny_op(a, w), F.linear(a, w), rtol=1e-4, atol=1e-4)
-                         for a in [x[0, :m] for m in range(1, 14)] + [x[:, -1:]])
+                ok = all(torch.allclose(_skinny_op(a, w), F.linear(a, w), rtol=1e-4, atol=1e-4) for a in cases)
+                w16 = w.bfloat16()
+                ok = ok and all(torch.allclose(_skinny_op(a.bfloat16(), w16).float(),
+                                               F.linear(a.bfloat16().float(), w16.float()), rtol=2 ** -7, atol=1e-3)
+                                for a in cases)
         _skinny["works"] = ok
     return bool(_skinny["works"])
 
@@ -198,17 +207,17 @@ def _other_route(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     return F.linear(x, w, b)
 
 
-def _calibrate_skinny(rows=(1, 4, 8, 12, 16), reps: int = 7) -> int:
+def _calibrate_skinny(dtype: torch.dtype = torch.float32, rows=(1, 4, 8, 12, 16), reps: int = 7) -> int:
     """The most rows (of `rows`) up to which palitorch's kernel beat the route such products otherwise take here
-    (oneDNN's or F.linear), timed once per process on eight 4096 x 1024 weights (128 MB: beyond the caches, as a
-    decode step's weights are; over 64 MB, partly cached on the Intel VM, reading a weight twice looked cheap and
-    16 rows in two passes won there, but lost 0.8x on a real step's weights), the two interleaved, medians; 0 if it
-    loses at one row. ~0.6 s."""
-    ws = [torch.ones(4096, 1024) for _ in range(8)]
+    (oneDNN's or F.linear), timed once per process and dtype on 128 MB of 4096 x 1024 weights (eight in float32:
+    beyond the caches, as a decode step's weights are; over 64 MB, partly cached on the Intel VM, reading a weight
+    twice looked cheap and 16 rows in two passes won there, but lost 0.8x on a real step's weights), the two
+    interleaved, medians; 0 if it loses at one row. ~0.6 s."""
+    ws = [torch.ones(4096, 1024, dtype=dtype) for _ in range(32 // dtype.itemsize)]
     best = 0
     with torch.no_grad():
         for m in rows:
-            x = torch.ones(m, 1024)
+            x = torch.ones(m, 1024, dtype=dtype)
             times: dict = {_skinny_op: [], _other_route: []}
             for _ in range(reps):
                 for fn, ts in times.items():
@@ -222,37 +231,44 @@ def _calibrate_skinny(rows=(1, 4, 8, 12, 16), reps: int = 7) -> int:
     return best
 
 
-def skinny_max_rows() -> int:
-    """Products of at most this many rows (by large float32 weights) go through palitorch's kernel here: 0 where it
-    is unavailable or was not faster. Checked and timed on the first call (a build of a few seconds the first time
-    on a machine, see palitorch.native; ~0.6 s after that); `SKINNY_MAX_ROWS` overrides the timing."""
-    if not _skinny_works():
+def skinny_max_rows(dtype: torch.dtype = torch.float32) -> int:
+    """Products of at most this many rows (by large weights of this dtype) go through palitorch's kernel here: 0
+    where it is unavailable or was not faster. Checked and timed on the first call for a dtype (a build of a few
+    seconds the first time on a machine, see palitorch.native; ~0.6 s after that); `SKINNY_MAX_ROWS` overrides
+    the timing."""
+    if dtype not in SKINNY_DTYPES or not _skinny_works():
         return 0
     if SKINNY_MAX_ROWS is not None:
         return SKINNY_MAX_ROWS
-    if _skinny["max_rows"] is None:
-        _skinny["max_rows"] = _calibrate_skinny()
-    return _skinny["max_rows"]
+    if dtype not in _skinny["max_rows"]:
+        _skinny["max_rows"][dtype] = _calibrate_skinny(dtype)
+    return _skinny["max_rows"][dtype]
 
 
 def _wants_skinny(x: Tensor, w: Tensor) -> bool:
-    if not (_skinny["enabled"] and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and w.dim() == 2
-            and w.numel() >= SKINNY_MIN_ELEMENTS and w.is_contiguous() and not torch.is_grad_enabled()):
+    if not (_skinny["enabled"] and x.device.type == "cpu" and x.dtype == w.dtype and w.dtype in SKINNY_DTYPES
+            and w.dim() == 2 and w.numel() >= SKINNY_MIN_ELEMENTS and w.is_contiguous()
+            and not torch.is_grad_enabled()):
         return False
     rows = x.numel() // x.shape[-1]
     if torch.compiler.is_compiling():  # the checks ran eagerly before (see `prepare`), never inside a trace
-        limit = SKINNY_MAX_ROWS if SKINNY_MAX_ROWS is not None else _skinny["max_rows"] or 0
+        limit = SKINNY_MAX_ROWS if SKINNY_MAX_ROWS is not None else _skinny["max_rows"].get(w.dtype, 0)
         return bool(_skinny["works"]) and rows <= limit
-    return rows <= skinny_max_rows()
+    return rows <= skinny_max_rows(w.dtype)
 
 
 def prepare(weights) -> None:
     """Run now, eagerly, the one-time checks and timings that the routes of these weights depend on: a compiled
     graph only reads their verdicts (`Pipeline.compile` calls this with the model's parameters)."""
-    large = [w.numel() for w in weights if w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2]
-    if _skinny["enabled"] and large and max(large) >= SKINNY_MIN_ELEMENTS:
-        skinny_max_rows()
-    if _onednn["enabled"] and large and max(large) >= ONEDNN_MIN_ELEMENTS and _onednn_works():
+    largest: dict = {}  # dtype -> the most entries of a CPU matrix of it
+    for w in weights:
+        if w.device.type == "cpu" and w.dim() == 2:
+            largest[w.dtype] = max(largest.get(w.dtype, 0), w.numel())
+    if _skinny["enabled"]:
+        for dtype in SKINNY_DTYPES:
+            if largest.get(dtype, 0) >= SKINNY_MIN_ELEMENTS:
+                skinny_max_rows(dtype)
+    if _onednn["enabled"] and largest.get(torch.float32, 0) >= ONEDNN_MIN_ELEMENTS and _onednn_works():
         _min_rows()
 
 

@@ -1,4 +1,5 @@
-// palitorch::skinny_linear(x [..., K], w [N, K]) -> x @ w.T, float32, for a few rows of x by a large weight.
+// palitorch::skinny_linear(x [..., K], w [N, K]) -> x @ w.T, float32 or bfloat16, for a few rows of x by a large
+// weight.
 //
 // Such a product (a decode step's: one row per sequence) is bound by reading the weight from memory. On the
 // 2-core VMs of BENCHMARKS.md one core streams ~12-15 GB/s whatever the kernel, so what counts is how many cache
@@ -7,22 +8,37 @@
 // one. Measured on the Intel Xeon VM (benchmarks/bench_linear.py, the mid-size model's weights): 26-28 GB/s at one
 // row against MKL's 24-26; 1.2-1.35x oneDNN's speed at 4-12 rows.
 //
+// bfloat16 weights are widened to float32 as they are read (a bfloat16 is a float32's top 16 bits) and the sums
+// are kept in float32, then rounded to bfloat16 once, as torch's bfloat16 matmuls do; x is widened once up front.
+// (AVX512-BF16's pair-product instruction, tried instead of widening, timed no faster at one row and slower at 4-12:
+// it issues on one port where the FMAs use two.)
+//
 // Built on first use by palitorch/native/__init__.py for this machine (-march=native); the vector code is picked
 // by the compiler's target macros: AVX-512, AVX2 + FMA, or plain scalar C++ (correct anywhere; the per-process
 // timing in palitorch/model/kernels.py keeps torch's kernels where it is slower).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
 namespace {
+
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) {  // one bfloat16's bits -> float32
+  const uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
 
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
@@ -32,6 +48,9 @@ inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
+inline Vec vload(const uint16_t* p) {  // 16 bfloat16 -> float32: zero-extend, then shift into the top half
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int kLanes = 8;
 using Vec = __m256;
@@ -45,6 +64,9 @@ inline float vsum(Vec a) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+inline Vec vload(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
 #else
 constexpr int kLanes = 1;
 using Vec = float;
@@ -53,14 +75,16 @@ inline Vec vload(const float* p) { return *p; }
 inline Vec vfma(Vec a, Vec b, Vec c) { return a * b + c; }
 inline Vec vadd(Vec a, Vec b) { return a + b; }
 inline float vsum(Vec a) { return a; }
+inline Vec vload(const uint16_t* p) { return widen(*p); }
 #endif
 
 // y[b, r + g * stride] = w[r + g * stride] . x[b] for g < NS, b < B: NS weight rows, `stride` rows apart, each
-// read once for all B input rows; U accumulators per (weight row, input row) to hide the FMA latency.
-template <int NS, int B, int U>
-inline void rows(const float* w, const float* x, float* y, int64_t K, int64_t N, int64_t r, int64_t stride) {
+// read once for all B input rows; U accumulators per (weight row, input row) to hide the FMA latency. W is the
+// weight's element: float, or uint16_t for bfloat16's bits.
+template <int NS, int B, int U, typename W>
+inline void rows(const W* w, const float* x, float* y, int64_t K, int64_t N, int64_t r, int64_t stride) {
   Vec acc[NS][B][U];
-  const float* p[NS];
+  const W* p[NS];
   for (int g = 0; g < NS; ++g) {
     p[g] = w + (r + g * stride) * K;
     for (int b = 0; b < B; ++b)
@@ -82,35 +106,25 @@ inline void rows(const float* w, const float* x, float* y, int64_t K, int64_t N,
       Vec t = acc[g][b][0];
       for (int u = 1; u < U; ++u) t = vadd(t, acc[g][b][u]);
       float s = vsum(t);
-      for (int64_t j = k; j < K; ++j) s += p[g][j] * x[b * K + j];
+      for (int64_t j = k; j < K; ++j) s += widen(p[g][j]) * x[b * K + j];
       y[b * N + r + g * stride] = s;
     }
 }
 
 // Weight rows [r0, r1) for B input rows: NS streams over the span, then the rows left over one by one.
-template <int NS, int B, int U>
-void span(const float* w, const float* x, float* y, int64_t K, int64_t N, int64_t r0, int64_t r1) {
+template <int NS, int B, int U, typename W>
+void span(const W* w, const float* x, float* y, int64_t K, int64_t N, int64_t r0, int64_t r1) {
   const int64_t len = (r1 - r0) / NS;
   for (int64_t i = 0; i < len; ++i) rows<NS, B, U>(w, x, y, K, N, r0 + i, len);
   for (int64_t r = r0 + NS * len; r < r1; ++r) rows<1, B, U>(w, x, y, K, N, r, 0);
 }
 
-at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
-              "skinny_linear: float32 tensors expected");
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "skinny_linear: the weight must be a contiguous 2D tensor");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.size(1), "skinny_linear: x's last dimension must match w's columns");
-  const at::Tensor xc = x.contiguous();
-  const int64_t K = w.size(1), N = w.size(0), M = K ? xc.numel() / K : 0;
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = N;
-  at::Tensor y = at::empty(sizes, x.options());
-  if (N == 0 || M == 0) return y;
-  const float* wp = w.data_ptr<float>();
-  const float* xp = xc.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+// y [M, N] = x [M, K] @ w.T, float32 y: threads split the weight's rows, input rows go in blocks of up to 12, each
+// block reading the thread's span of the weight once.
+template <typename W>
+void product(const W* wp, const float* xp, float* yp, int64_t M, int64_t K, int64_t N) {
   at::parallel_for(0, N, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t m = 0; m < M;) {  // input rows in blocks of up to 12, each block reading the weight span once
+    for (int64_t m = 0; m < M;) {
       const float* xm = xp + m * K;
       float* ym = yp + m * N;
       switch (std::min<int64_t>(M - m, 12)) {
@@ -129,7 +143,29 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w) {
       }
     }
   });
-  return y;
+}
+
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w) {
+  const bool bf16 = w.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() && (bf16 || w.scalar_type() == at::kFloat),
+              "skinny_linear: x and w must both be float32 or both bfloat16");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "skinny_linear: the weight must be a contiguous 2D tensor");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.size(1), "skinny_linear: x's last dimension must match w's columns");
+  const int64_t K = w.size(1), N = w.size(0), M = K ? x.numel() / K : 0;
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = N;
+  at::Tensor y = at::empty(sizes, x.options().dtype(at::kFloat));
+  if (N == 0 || M == 0) return y.to(x.scalar_type());
+  float* yp = y.data_ptr<float>();
+  if (!bf16) {
+    const at::Tensor xc = x.contiguous();
+    product(w.data_ptr<float>(), xc.data_ptr<float>(), yp, M, K, N);
+    return y;
+  }
+  static_assert(sizeof(c10::BFloat16) == sizeof(uint16_t));
+  const at::Tensor xc = x.to(at::kFloat).contiguous();  // widened once
+  product(reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>()), xc.data_ptr<float>(), yp, M, K, N);
+  return y.to(at::kBFloat16);  // rounded to nearest even, once
 }
 
 at::Tensor skinny_linear_meta(const at::Tensor& x, const at::Tensor& w) {

@@ -3,7 +3,8 @@ here, equals F.linear, is cached per machine, fails soft, and takes only the pro
 
 Tolerance: the kernel sums in another order than MKL, so results agree to float32 rounding: within 1e-4 relative +
 1e-4 absolute (outputs of order 1-30, sums of up to 1,100 products of N(0, 1) numbers; also checked relative to
-the output's scale).
+the output's scale). In bfloat16 the sums are float32 and rounded once, so the result is within one bfloat16 step
+(2^-7 relative, at most) of the float32 product rounded to bfloat16.
 """
 
 import os
@@ -38,6 +39,31 @@ def test_skinny_linear_equals_f_linear(skinny_calls, n, k):
         _close(op(x, w), F.linear(x, w))
 
 
+def _close_bf16(got, want32):
+    """`got` (bfloat16) against the float32 product `want32`: one bfloat16 step apart at most (both are that
+    product up to float32 rounding, rounded to bfloat16 once)."""
+    assert got.dtype == torch.bfloat16
+    scale = want32.abs().max().item() if want32.numel() else 0.0
+    torch.testing.assert_close(got.float(), want32.bfloat16().float(), rtol=2 ** -7, atol=1e-4 * max(1.0, scale))
+
+
+@pytest.mark.parametrize("n, k", [(7, 15), (83, 72), (300, 1100), (64, 4096)])
+def test_skinny_linear_bfloat16(skinny_calls, n, k):
+    """bfloat16 weights and inputs: every row count of a block and more, lengths that are no multiple of the vector
+    width; against the float32 product of the same numbers, and against torch's own bfloat16 kernel."""
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    op = torch.ops.palitorch.skinny_linear
+    for m in [0, *range(1, 14), 29]:
+        x = torch.randn(m, k, generator=g).bfloat16()
+        got = op(x, w)
+        _close_bf16(got, F.linear(x.float(), w.float()))
+        scale = got.float().abs().max().item() if m else 0.0
+        torch.testing.assert_close(got, F.linear(x, w), rtol=2 ** -7, atol=1e-4 * max(1.0, scale))
+    with pytest.raises(RuntimeError, match="must both be float32 or both bfloat16"):
+        op(torch.randn(1, k), w)
+
+
 def test_inputs_of_any_layout_and_a_bias(skinny_calls):
     g = torch.Generator().manual_seed(0)
     fused = torch.randn(3 * 96, 64, generator=g)
@@ -57,20 +83,22 @@ def test_route_takes_few_rows_at_inference_only(skinny_calls, monkeypatch):
     w = w.detach()
     with torch.no_grad():
         kernels.linear(torch.randn(9, 16), w)  # more rows than the route takes
-        kernels.linear(torch.randn(4, 16).double(), w.double())  # not float32
+        kernels.linear(torch.randn(4, 16).double(), w.double())  # not float32 or bfloat16
+        kernels.linear(torch.randn(4, 16).half(), w.half())
         kernels.linear(torch.randn(4, 16), w.t().contiguous().t())  # a transposed weight
         monkeypatch.setattr(kernels, "SKINNY_MIN_ELEMENTS", w.numel() + 1)
         kernels.linear(torch.randn(4, 16), w)  # too small a weight
         assert skinny_calls["skinny"] == 0
         monkeypatch.setattr(kernels, "SKINNY_MIN_ELEMENTS", w.numel())
         kernels.linear(torch.randn(2, 4, 16), w)  # 8 rows
-        assert skinny_calls["skinny"] == 1
+        kernels.linear(torch.randn(2, 4, 16).bfloat16(), w.bfloat16())
+        assert skinny_calls["skinny"] == 2
         kernels.use_skinny(False)
         try:
             kernels.linear(torch.randn(1, 16), w)
         finally:
             kernels.use_skinny(True)
-        assert skinny_calls["skinny"] == 1
+        assert skinny_calls["skinny"] == 2
 
 
 def test_compiled_graph_calls_the_kernel(skinny_calls):
@@ -115,6 +143,7 @@ def test_calibration_finds_the_rows_up_to_which_the_kernel_wins(monkeypatch):
     monkeypatch.setattr(kernels, "_other_route", other)
     monkeypatch.setattr(kernels, "_skinny_op", slow_above(4))
     assert kernels._calibrate_skinny(reps=3) == 4
+    assert kernels._calibrate_skinny(torch.bfloat16, reps=3) == 4
     monkeypatch.setattr(kernels, "_skinny_op", slow_above(0))
     assert kernels._calibrate_skinny(reps=3) == 0
 
@@ -162,7 +191,8 @@ def test_a_failed_build_routes_nothing(monkeypatch):
 @pytest.mark.parametrize("flags, lanes", [("-mno-avx512f", 8), ("-mno-avx2 -mno-fma -mno-avx512f", 1)])
 def test_other_vector_paths_equal_f_linear(tmp_path, flags, lanes):
     """The kernel's AVX2 and plain C++ paths (for CPUs without AVX-512, or other architectures), built here by
-    turning the wider instructions off; each checked against F.linear as above, in its own process."""
+    turning the wider instructions off; each checked against F.linear as above (float32 and bfloat16), in its own
+    process."""
     import platform
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -177,6 +207,9 @@ def test_other_vector_paths_equal_f_linear(tmp_path, flags, lanes):
         "        x = torch.randn(m, k, generator=g)\n"
         "        torch.testing.assert_close(torch.ops.palitorch.skinny_linear(x, w), F.linear(x, w), "
         "rtol=1e-4, atol=3e-4)\n"
+        "        y = torch.ops.palitorch.skinny_linear(x.bfloat16(), w.bfloat16())\n"
+        "        want = F.linear(x.bfloat16().float(), w.bfloat16().float()).bfloat16().float()\n"
+        "        torch.testing.assert_close(y.float(), want, rtol=2 ** -7, atol=3e-3)\n"
         "print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PALITORCH_CACHE": str(tmp_path), "PALITORCH_NATIVE_CFLAGS": flags})
@@ -196,14 +229,20 @@ def test_prepare_runs_the_checks_a_compiled_graph_reads(monkeypatch):
     """`prepare` (which `Pipeline.compile` calls) settles the self-check and the row bound eagerly for a model with
     a weight large enough for the route, and touches nothing for one without (the bundled model builds nothing)."""
     monkeypatch.setitem(kernels._skinny, "works", None)
-    monkeypatch.setitem(kernels._skinny, "max_rows", None)
-    monkeypatch.setattr(kernels, "_calibrate_skinny", lambda: 5)
-    small = [torch.zeros(kernels.SKINNY_MIN_ELEMENTS // 2, 1), torch.zeros(10**6, dtype=torch.float64)]
+    monkeypatch.setitem(kernels._skinny, "max_rows", {})
+    monkeypatch.setattr(kernels, "_calibrate_skinny", lambda dtype: {torch.float32: 5, torch.bfloat16: 3}[dtype])
+    big = kernels.SKINNY_MIN_ELEMENTS
+    small = [torch.zeros(big // 2, 1), torch.zeros(big, 1, dtype=torch.float64), torch.zeros(big, dtype=torch.bfloat16)]
     kernels.prepare(small)
-    assert kernels._skinny["works"] is None and kernels._skinny["max_rows"] is None
-    kernels.prepare([*small, torch.zeros(kernels.SKINNY_MIN_ELEMENTS, 1)])
-    assert kernels._skinny["works"] is True and kernels._skinny["max_rows"] == 5
+    assert kernels._skinny["works"] is None and kernels._skinny["max_rows"] == {}
+    kernels.prepare([*small, torch.zeros(big, 1)])
+    assert kernels._skinny["works"] is True and kernels._skinny["max_rows"] == {torch.float32: 5}
+    kernels.prepare([torch.zeros(big, 1, dtype=torch.bfloat16)])  # each dtype is timed apart
+    assert kernels._skinny["max_rows"] == {torch.float32: 5, torch.bfloat16: 3}
     with torch.no_grad():  # what a trace then decides, from the verdicts alone
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        w = torch.zeros(kernels.SKINNY_MIN_ELEMENTS // 64, 64)
+        w = torch.zeros(big // 64, 64)
         assert kernels._wants_skinny(torch.zeros(5, 64), w) and not kernels._wants_skinny(torch.zeros(6, 64), w)
+        w, x = w.bfloat16(), torch.zeros(3, 64, dtype=torch.bfloat16)
+        assert kernels._wants_skinny(x, w) and not kernels._wants_skinny(torch.zeros(4, 64, dtype=torch.bfloat16), w)
+        assert not kernels._wants_skinny(x.half(), w.half())
