@@ -1,6 +1,7 @@
 """The fast path against the plain one: compiled decode steps (and the batch sizes they run at), fused q/k/v and
 gate/up weights, the oneDNN and skinny-kernel routes for large CPU linears, the logsumexp logprob and the one-token
-attention variants. Each gives transformers' greedy tokens, logprobs within 1e-4 (float32 on CPU, same weights).
+attention variants. Each gives transformers' greedy tokens, logprobs within 1e-4 (float32 on CPU, same weights);
+the kernel's bfloat16 products give torch's bfloat16 tokens.
 """
 
 import threading
@@ -140,6 +141,31 @@ def test_linear_routes_match_transformers(ckpt_factory, request, route, version)
         pipe.compile()
     per_step = {"onednn": 2 * STEPS, "skinny": 4 * (STEPS - 1)}[route]  # eager calls: at least these a layer
     assert calls[route] > per_step * len(pipe.model.language_model.layers)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_bfloat16_products_through_the_kernel_match_torchs(ckpt_factory, skinny_calls, version):
+    """bfloat16 on CPU, every product of at most 8 rows through palitorch's kernel, against the same pipeline on
+    torch's bfloat16 kernels: the same greedy tokens, logprobs within 0.02 nats (both round float32 sums to bfloat16
+    once, so an output may differ by one bfloat16 step; measured here: equal). Eager: a compiled bfloat16 step
+    rounds differently from eager torch whatever the kernel (inductor keeps fused chains in float32); that the
+    compiled graph calls the kernel is tested in tests/model/test_skinny.py."""
+    from palitorch.model import kernels
+
+    folder, _ = diverse(ckpt_factory, version)
+    imgs, opts = images(3), {"max_new_tokens": STEPS, "min_new_tokens": STEPS}
+    kernels.use_skinny(False)
+    try:
+        ref = palitorch.load(folder, dtype="bfloat16").generate(imgs, PROMPTS, **opts)
+    finally:
+        kernels.use_skinny(True)
+    assert skinny_calls["skinny"] == 0
+    pipe = palitorch.load(folder, dtype="bfloat16")
+    ours = pipe.generate(imgs, PROMPTS, **opts)
+    assert [r.token_ids for r in ours] == [r.token_ids for r in ref]
+    torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), torch.tensor([r.logprobs for r in ref]),
+                               atol=0.02, rtol=0)
+    assert skinny_calls["skinny"] > 4 * (STEPS - 1) * len(pipe.model.language_model.layers)
 
 
 def test_token_logprobs_equal_log_softmax_at_the_tokens():
