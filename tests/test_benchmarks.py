@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import palitorch
+from palitorch.model import kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -215,10 +216,13 @@ def test_bench_linear_times_the_fused_decoder_weights_of_a_size(size, monkeypatc
                                                           layer.mlp.gate_up, layer.mlp.down_proj.weight)]
     assert bench_linear.decoder_shapes(size) == want
     if size == "pg2-mini":
-        monkeypatch.setattr(sys, "argv", ["bench_linear.py", "--size", size, "--rows", "1,3", "--reps", "1"])
-        bench_linear.main()
-        lines = capsys.readouterr().out.splitlines()
-        assert [ln.split()[0] for ln in lines[2:4]] == ["1", "3"] and "F.linear" in lines[1]
+        for dtype in ("float32", "bfloat16"):
+            monkeypatch.setattr(sys, "argv", ["bench_linear.py", "--size", size, "--rows", "1,3", "--reps", "1",
+                                              "--dtype", dtype])
+            bench_linear.main()
+            lines = capsys.readouterr().out.splitlines()
+            assert [ln.split()[0] for ln in lines[2:4]] == ["1", "3"] and "F.linear" in lines[1]
+            assert dtype in lines[0] and ("oneDNN" in lines[1]) == (dtype == "float32" and kernels._onednn_works())
 
 
 @pytest.mark.parametrize(("argv", "message"), [

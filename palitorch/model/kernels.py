@@ -4,7 +4,7 @@ weight, or oneDNN's for more rows (float32), on CPU at inference.
 A decode step's products (a few rows by a large weight: one row per sequence) are bound by reading the weight
 from memory. palitorch's `skinny_linear` (palitorch/native: compiled for this machine on first use) reads it at
 26-28 GB/s at one row on the 2-core Intel VM of BENCHMARKS.md, where MKL reads 24-26 GB/s, and 1.2-1.35x faster
-than oneDNN at 4-12 rows; bfloat16 weights (widened to float32 as they are read) 1.6-1.9x faster than torch's
+than oneDNN at 4-12 rows; bfloat16 weights (widened to float32 as they are read) ~1.5x faster than torch's
 bfloat16 kernel at one row. `linear` sends it products of at most `skinny_max_rows(dtype)` rows by weights of
 `SKINNY_MIN_ELEMENTS` or more: the row counts, of 1, 4, 8, 12 and 16, up to which it beat the route they would
 otherwise take here (timed once per process and dtype, see `_calibrate_skinny`), after a self-check against
@@ -179,7 +179,7 @@ def _skinny_works() -> bool:
     """Once per process: is palitorch's kernel built and loaded here (palitorch.native), and does it agree with
     F.linear (1 to 13 rows, row counts that do not split evenly over threads and streams, a length that is no
     multiple of the vector width, a row view of a fused matrix, a non-contiguous input), in float32 and in bfloat16
-    (there within bfloat16's rounding of the float32 result: 2^-8 of it)?"""
+    (there within twice bfloat16's rounding of the float32 product, which is at most 2^-8 of it)?"""
     if _skinny["works"] is None:
         from palitorch import native
 
