@@ -47,7 +47,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", metavar="DIR", help="a PaliGemma checkpoint folder (Hub layout); "
                    "default: the small model bundled with palitorch")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps (default: cuda when available)")
-    g.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    g.add_argument("--dtype", default="float32",
+                   help="float32 (default), bfloat16 or float16; bfloat16 halves the memory and is faster on GPUs and "
+                        "on CPUs with AMX or AVX512-BF16 (recent Xeons: ~3x prefill, ~1.5x decode), at 16-bit "
+                        "precision")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: faster per token after a one-time compilation (tens of "
                         "seconds; pays off for long jobs such as batch)")

@@ -46,7 +46,6 @@ using Vec = __m512;
 inline Vec vzero() { return _mm512_setzero_ps(); }
 inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
 inline Vec vload(const uint16_t* p) {  // 16 bfloat16 -> float32: zero-extend, then shift into the top half
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
@@ -57,7 +56,6 @@ using Vec = __m256;
 inline Vec vzero() { return _mm256_setzero_ps(); }
 inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
 inline float vsum(Vec a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -73,50 +71,46 @@ using Vec = float;
 inline Vec vzero() { return 0.f; }
 inline Vec vload(const float* p) { return *p; }
 inline Vec vfma(Vec a, Vec b, Vec c) { return a * b + c; }
-inline Vec vadd(Vec a, Vec b) { return a + b; }
 inline float vsum(Vec a) { return a; }
 inline Vec vload(const uint16_t* p) { return widen(*p); }
 #endif
 
 // y[b, r + g * stride] = w[r + g * stride] . x[b] for g < NS, b < B: NS weight rows, `stride` rows apart, each
-// read once for all B input rows; U accumulators per (weight row, input row) to hide the FMA latency. W is the
-// weight's element: float, or uint16_t for bfloat16's bits.
-template <int NS, int B, int U, typename W>
+// read once for all B input rows; NS * B accumulators (8 or more) hide the FMA latency. W is the weight's element:
+// float, or uint16_t for bfloat16's bits. Each output is summed in the same order whatever NS and B (vector lanes
+// over k, then the lanes, then the leftover k), so a row's result does not depend on the other rows of x: a
+// request gets the same numbers alone or in a batch. (Two accumulators per output at one row timed no faster.)
+template <int NS, int B, typename W>
 inline void rows(const W* w, const float* x, float* y, int64_t K, int64_t N, int64_t r, int64_t stride) {
-  Vec acc[NS][B][U];
+  Vec acc[NS][B];
   const W* p[NS];
   for (int g = 0; g < NS; ++g) {
     p[g] = w + (r + g * stride) * K;
-    for (int b = 0; b < B; ++b)
-      for (int u = 0; u < U; ++u) acc[g][b][u] = vzero();
+    for (int b = 0; b < B; ++b) acc[g][b] = vzero();
   }
   int64_t k = 0;
-  for (; k + (kLanes * U) <= K; k += (kLanes * U)) {
-    Vec xv[B][U];
-    for (int b = 0; b < B; ++b)
-      for (int u = 0; u < U; ++u) xv[b][u] = vload(x + b * K + k + u * kLanes);
-    for (int g = 0; g < NS; ++g)
-      for (int u = 0; u < U; ++u) {
-        Vec wv = vload(p[g] + k + u * kLanes);
-        for (int b = 0; b < B; ++b) acc[g][b][u] = vfma(wv, xv[b][u], acc[g][b][u]);
-      }
+  for (; k + kLanes <= K; k += kLanes) {
+    Vec xv[B];
+    for (int b = 0; b < B; ++b) xv[b] = vload(x + b * K + k);
+    for (int g = 0; g < NS; ++g) {
+      const Vec wv = vload(p[g] + k);
+      for (int b = 0; b < B; ++b) acc[g][b] = vfma(wv, xv[b], acc[g][b]);
+    }
   }
   for (int g = 0; g < NS; ++g)
     for (int b = 0; b < B; ++b) {
-      Vec t = acc[g][b][0];
-      for (int u = 1; u < U; ++u) t = vadd(t, acc[g][b][u]);
-      float s = vsum(t);
+      float s = vsum(acc[g][b]);
       for (int64_t j = k; j < K; ++j) s += widen(p[g][j]) * x[b * K + j];
       y[b * N + r + g * stride] = s;
     }
 }
 
 // Weight rows [r0, r1) for B input rows: NS streams over the span, then the rows left over one by one.
-template <int NS, int B, int U, typename W>
+template <int NS, int B, typename W>
 void span(const W* w, const float* x, float* y, int64_t K, int64_t N, int64_t r0, int64_t r1) {
   const int64_t len = (r1 - r0) / NS;
-  for (int64_t i = 0; i < len; ++i) rows<NS, B, U>(w, x, y, K, N, r0 + i, len);
-  for (int64_t r = r0 + NS * len; r < r1; ++r) rows<1, B, U>(w, x, y, K, N, r, 0);
+  for (int64_t i = 0; i < len; ++i) rows<NS, B>(w, x, y, K, N, r0 + i, len);
+  for (int64_t r = r0 + NS * len; r < r1; ++r) rows<1, B>(w, x, y, K, N, r, 0);
 }
 
 // y [M, N] = x [M, K] @ w.T, float32 y: threads split the weight's rows, input rows go in blocks of up to 12, each
@@ -128,18 +122,18 @@ void product(const W* wp, const float* xp, float* yp, int64_t M, int64_t K, int6
       const float* xm = xp + m * K;
       float* ym = yp + m * N;
       switch (std::min<int64_t>(M - m, 12)) {
-        case 1: span<8, 1, 2>(wp, xm, ym, K, N, r0, r1); m += 1; break;
-        case 2: span<4, 2, 1>(wp, xm, ym, K, N, r0, r1); m += 2; break;
-        case 3: span<3, 3, 1>(wp, xm, ym, K, N, r0, r1); m += 3; break;
-        case 4: span<2, 4, 1>(wp, xm, ym, K, N, r0, r1); m += 4; break;
-        case 5: span<2, 5, 1>(wp, xm, ym, K, N, r0, r1); m += 5; break;
-        case 6: span<2, 6, 1>(wp, xm, ym, K, N, r0, r1); m += 6; break;
-        case 7: span<2, 7, 1>(wp, xm, ym, K, N, r0, r1); m += 7; break;
-        case 8: span<2, 8, 1>(wp, xm, ym, K, N, r0, r1); m += 8; break;
-        case 9: span<2, 9, 1>(wp, xm, ym, K, N, r0, r1); m += 9; break;
-        case 10: span<2, 10, 1>(wp, xm, ym, K, N, r0, r1); m += 10; break;
-        case 11: span<2, 11, 1>(wp, xm, ym, K, N, r0, r1); m += 11; break;
-        default: span<2, 12, 1>(wp, xm, ym, K, N, r0, r1); m += 12; break;
+        case 1: span<8, 1>(wp, xm, ym, K, N, r0, r1); m += 1; break;
+        case 2: span<4, 2>(wp, xm, ym, K, N, r0, r1); m += 2; break;
+        case 3: span<3, 3>(wp, xm, ym, K, N, r0, r1); m += 3; break;
+        case 4: span<2, 4>(wp, xm, ym, K, N, r0, r1); m += 4; break;
+        case 5: span<2, 5>(wp, xm, ym, K, N, r0, r1); m += 5; break;
+        case 6: span<2, 6>(wp, xm, ym, K, N, r0, r1); m += 6; break;
+        case 7: span<2, 7>(wp, xm, ym, K, N, r0, r1); m += 7; break;
+        case 8: span<2, 8>(wp, xm, ym, K, N, r0, r1); m += 8; break;
+        case 9: span<2, 9>(wp, xm, ym, K, N, r0, r1); m += 9; break;
+        case 10: span<2, 10>(wp, xm, ym, K, N, r0, r1); m += 10; break;
+        case 11: span<2, 11>(wp, xm, ym, K, N, r0, r1); m += 11; break;
+        default: span<2, 12>(wp, xm, ym, K, N, r0, r1); m += 12; break;
       }
     }
   });

@@ -39,6 +39,21 @@ def test_skinny_linear_equals_f_linear(skinny_calls, n, k):
         _close(op(x, w), F.linear(x, w))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_result_does_not_depend_on_the_other_rows(skinny_calls, dtype):
+    """Each output is summed in one order whatever the number of rows and their blocking: a row's result is the
+    same to the bit alone, among 2-13 rows, or in the second block of 29, so a request's numbers do not depend on
+    what it was batched with (as far as this kernel goes)."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(300, 1100, generator=g).to(dtype)
+    x = torch.randn(29, 1100, generator=g).to(dtype)
+    op = torch.ops.palitorch.skinny_linear
+    alone = torch.cat([op(x[i:i + 1], w) for i in range(29)])
+    for m in [2, 3, 5, 8, 12, 13, 29]:
+        assert torch.equal(op(x[:m], w), alone[:m]), m
+    assert torch.equal(op(x[13:], w), alone[13:])
+
+
 def _close_bf16(got, want32):
     """`got` (bfloat16) against the float32 product `want32`: one bfloat16 step apart at most (both are that
     product up to float32 rounding, rounded to bfloat16 once)."""
