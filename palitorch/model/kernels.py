@@ -23,6 +23,9 @@ row (MKL is healthy here), of fewer than `ONEDNN_MAX_ROWS`; only without autogra
 only after a one-time self-check against `F.linear` has passed. Results differ from `F.linear`'s by float32
 rounding (another summation order), as any two matmul kernels do.
 
+Under CPU autocast (a bfloat16 evaluation of float32 weights, for example) both routes step aside: `F.linear` then
+computes in the autocast dtype, as asked (and on CPUs with AMX, much faster than any float32 kernel).
+
 `use_onednn(False)` and `use_skinny(False)` turn the routes off (for example to compare against torch's default
 kernels); `PALITORCH_NATIVE=0` keeps palitorch from building its kernel at all.
 
@@ -155,7 +158,8 @@ def _min_rows() -> int:
 
 def _wants_onednn(x: Tensor, w: Tensor) -> bool:
     if not (_onednn["enabled"] and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
-            and w.numel() >= ONEDNN_MIN_ELEMENTS and w.is_contiguous() and not torch.is_grad_enabled()):
+            and w.numel() >= ONEDNN_MIN_ELEMENTS and w.is_contiguous() and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")):
         return False
     rows = x.numel() // x.shape[-1]
     if torch.compiler.is_compiling():  # the checks run eagerly (the first prefill does), never inside a trace
@@ -248,7 +252,7 @@ def skinny_max_rows(dtype: torch.dtype = torch.float32) -> int:
 def _wants_skinny(x: Tensor, w: Tensor) -> bool:
     if not (_skinny["enabled"] and x.device.type == "cpu" and x.dtype == w.dtype and w.dtype in SKINNY_DTYPES
             and w.dim() == 2 and w.numel() >= SKINNY_MIN_ELEMENTS and w.is_contiguous()
-            and not torch.is_grad_enabled()):
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
         return False
     rows = x.numel() // x.shape[-1]
     if torch.compiler.is_compiling():  # the checks ran eagerly before (see `prepare`), never inside a trace

@@ -52,6 +52,9 @@ def test_route_only_at_inference_for_large_float32_weights(onednn_calls, monkeyp
         monkeypatch.setattr(kernels, "ONEDNN_MIN_ELEMENTS", w.numel())
         kernels.linear(x, w)
         assert onednn_calls["onednn"] == 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast asks F.linear for bfloat16 products
+            assert kernels.linear(x, w).dtype == torch.bfloat16
+        assert onednn_calls["onednn"] == 1
         kernels.use_onednn(False)
         try:
             kernels.linear(x, w)

@@ -108,6 +108,9 @@ def test_route_takes_few_rows_at_inference_only(skinny_calls, monkeypatch):
         kernels.linear(torch.randn(2, 4, 16), w)  # 8 rows
         kernels.linear(torch.randn(2, 4, 16).bfloat16(), w.bfloat16())
         assert skinny_calls["skinny"] == 2
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast asks F.linear for bfloat16 products
+            y = kernels.linear(torch.randn(4, 16), w)
+        assert y.dtype == torch.bfloat16 and skinny_calls["skinny"] == 2
         kernels.use_skinny(False)
         try:
             kernels.linear(torch.randn(1, 16), w)
