@@ -195,10 +195,11 @@ def _skinny_works() -> bool:
             cases = [x[0, :m] for m in range(1, 14)] + [x[:, -1:]]
             with torch.no_grad():
                 ok = all(torch.allclose(_skinny_op(a, w), F.linear(a, w), rtol=1e-4, atol=1e-4) for a in cases)
-                w16 = w.bfloat16()
-                ok = ok and all(torch.allclose(_skinny_op(a.bfloat16(), w16).float(),
-                                               F.linear(a.bfloat16().float(), w16.float()), rtol=2 ** -7, atol=1e-3)
-                                for a in cases)
+                w16 = w.bfloat16()  # and a 32 x 64 weight, a shape that takes the AMX path where there is one
+                w32 = torch.randn(32, 64, generator=g).bfloat16()
+                ok = ok and all(torch.allclose(_skinny_op(a, v).float(), F.linear(a.float(), v.float()),
+                                               rtol=2 ** -7, atol=1e-3)
+                                for v in (w16, w32) for a in [c[..., :v.shape[1]].bfloat16() for c in cases])
         _skinny["works"] = ok
     return bool(_skinny["works"])
 

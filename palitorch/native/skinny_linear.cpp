@@ -26,9 +26,15 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__AMX_TILE__)
 #include <immintrin.h>
 #endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define PALITORCH_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#include <vector>
 
 namespace {
 
@@ -139,6 +145,64 @@ void product(const W* wp, const float* xp, float* yp, int64_t M, int64_t K, int6
   });
 }
 
+#if defined(PALITORCH_AMX)
+// bfloat16 on CPUs with AMX (Intel Xeon from Sapphire Rapids on): a tile instruction multiplies a 16 x 32 block of
+// the weight by 32 x 16 of x' (bfloat16 pairs, summed exactly into float32), so the product costs a few
+// instructions per kilobyte of weight, where widening and FMAs bound the vector code from a few rows on.
+// Linux hands AMX's tile registers only to a process that asks (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA).
+bool amx_usable() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// y[m, n0 + r] for m < M <= 16, r < 16: tile 0 (float32 sums, 16 weight rows x 16 columns of x) accumulates tile 1
+// (16 weight rows x 32 k, read from 16 rows of w at once) times tile 2 (x's 32 k x 16 columns, packed in pairs).
+// Each output is summed in the same order whatever M, so results do not depend on the other rows here either.
+void amx_block(const uint16_t* w, const uint32_t* xp, float* y, int64_t K, int64_t N, int64_t M, int64_t n0) {
+  _tile_zero(0);
+  for (int64_t k = 0; k < K; k += 32) {
+    _tile_loadd(2, xp + k * 8, 64);  // block k / 32 of the packed x: 256 pairs
+    _tile_loadd(1, w + n0 * K + k, K * 2);
+    _tile_dpbf16ps(0, 1, 2);
+  }
+  alignas(64) float out[16][16];
+  _tile_stored(0, out, 64);
+  for (int r = 0; r < 16; ++r)
+    for (int64_t m = 0; m < M; ++m) y[m * N + n0 + r] = out[r][m];
+}
+
+// y [M, N] = x @ w.T for bfloat16 x and w, K % 32 == 0 and N % 16 == 0: x in blocks of 16 rows, each packed as
+// AMX wants it ([K / 32][16 k-pairs][16 rows] of bfloat16 pairs, zeros past the block's rows), threads over w's rows.
+void amx_product(const uint16_t* w, const uint16_t* x, float* y, int64_t M, int64_t K, int64_t N) {
+  std::vector<uint32_t> packed(K * 8);
+  for (int64_t m0 = 0; m0 < M; m0 += 16) {
+    const int64_t mb = std::min<int64_t>(16, M - m0);
+    std::fill(packed.begin(), packed.end(), 0u);
+    for (int64_t m = 0; m < mb; ++m)
+      for (int64_t p = 0; p < K / 2; ++p) std::memcpy(&packed[(p / 16) * 256 + (p % 16) * 16 + m], x + (m0 + m) * K + 2 * p, 4);
+    at::parallel_for(0, N / 16, 4, [&](int64_t b0, int64_t b1) {
+      TileConfig cfg;
+      for (int t = 0; t < 3; ++t) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+      }
+      _tile_loadconfig(&cfg);
+      for (int64_t b = b0; b < b1; ++b) amx_block(w, packed.data(), y + m0 * N, K, N, mb, b * 16);
+      _tile_release();
+    });
+  }
+}
+#else
+bool amx_usable() { return false; }
+void amx_product(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int64_t) {}
+#endif
+
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w) {
   const bool bf16 = w.scalar_type() == at::kBFloat16;
   TORCH_CHECK(x.scalar_type() == w.scalar_type() && (bf16 || w.scalar_type() == at::kFloat),
@@ -157,8 +221,14 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w) {
     return y;
   }
   static_assert(sizeof(c10::BFloat16) == sizeof(uint16_t));
-  const at::Tensor xc = x.to(at::kFloat).contiguous();  // widened once
-  product(reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>()), xc.data_ptr<float>(), yp, M, K, N);
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>());
+  if (K % 32 == 0 && N % 16 == 0 && amx_usable()) {  // every row count, so a row's result never depends on M
+    const at::Tensor xc = x.contiguous();
+    amx_product(wp, reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>()), yp, M, K, N);
+  } else {
+    const at::Tensor xc = x.to(at::kFloat).contiguous();  // widened once
+    product(wp, xc.data_ptr<float>(), yp, M, K, N);
+  }
   return y.to(at::kBFloat16);  // rounded to nearest even, once
 }
 
@@ -169,12 +239,14 @@ at::Tensor skinny_linear_meta(const at::Tensor& x, const at::Tensor& w) {
 }
 
 int64_t skinny_lanes() { return kLanes; }  // which vector code was compiled: 16, 8 or 1 floats at a time
+bool skinny_amx() { return amx_usable(); }   // whether bfloat16 products of suitable shapes take the AMX path
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(palitorch, m) {
   m.def("skinny_linear(Tensor x, Tensor w) -> Tensor");
   m.def("skinny_lanes() -> int", &skinny_lanes);
+  m.def("skinny_amx() -> bool", &skinny_amx);
 }
 TORCH_LIBRARY_IMPL(palitorch, CPU, m) { m.impl("skinny_linear", &skinny_linear); }
 TORCH_LIBRARY_IMPL(palitorch, Meta, m) { m.impl("skinny_linear", &skinny_linear_meta); }

@@ -39,14 +39,15 @@ def test_skinny_linear_equals_f_linear(skinny_calls, n, k):
         _close(op(x, w), F.linear(x, w))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_rows_result_does_not_depend_on_the_other_rows(skinny_calls, dtype):
+@pytest.mark.parametrize("dtype, n, k", [(torch.float32, 300, 1100), (torch.bfloat16, 300, 1100),
+                                         (torch.bfloat16, 320, 1024)])
+def test_a_rows_result_does_not_depend_on_the_other_rows(skinny_calls, dtype, n, k):
     """Each output is summed in one order whatever the number of rows and their blocking: a row's result is the
-    same to the bit alone, among 2-13 rows, or in the second block of 29, so a request's numbers do not depend on
-    what it was batched with (as far as this kernel goes)."""
+    same to the bit alone, among 2-13 rows, or in a later block of 29, so a request's numbers do not depend on
+    what it was batched with (as far as this kernel goes). The last shape takes the AMX path where there is one."""
     g = torch.Generator().manual_seed(7)
-    w = torch.randn(300, 1100, generator=g).to(dtype)
-    x = torch.randn(29, 1100, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    x = torch.randn(29, k, generator=g).to(dtype)
     op = torch.ops.palitorch.skinny_linear
     alone = torch.cat([op(x[i:i + 1], w) for i in range(29)])
     for m in [2, 3, 5, 8, 12, 13, 29]:
@@ -62,14 +63,15 @@ def _close_bf16(got, want32):
     torch.testing.assert_close(got.float(), want32.bfloat16().float(), rtol=2 ** -7, atol=1e-4 * max(1.0, scale))
 
 
-@pytest.mark.parametrize("n, k", [(7, 15), (83, 72), (300, 1100), (64, 4096)])
+@pytest.mark.parametrize("n, k", [(7, 15), (83, 72), (300, 1100), (64, 4096), (320, 1024)])
 def test_skinny_linear_bfloat16(skinny_calls, n, k):
     """bfloat16 weights and inputs: every row count of a block and more, lengths that are no multiple of the vector
-    width; against the float32 product of the same numbers, and against torch's own bfloat16 kernel."""
+    width; against the float32 product of the same numbers, and against torch's own bfloat16 kernel. The last two
+    shapes (k a multiple of 32, n of 16) take the AMX path where the CPU has AMX, in blocks of 16 rows."""
     g = torch.Generator().manual_seed(n * 1000 + k)
     w = torch.randn(n, k, generator=g).bfloat16()
     op = torch.ops.palitorch.skinny_linear
-    for m in [0, *range(1, 14), 29]:
+    for m in [0, *range(1, 18), 29, 40]:
         x = torch.randn(m, k, generator=g).bfloat16()
         got = op(x, w)
         _close_bf16(got, F.linear(x.float(), w.float()))
@@ -211,11 +213,12 @@ def test_a_failed_build_routes_nothing(monkeypatch):
         _close(kernels.linear(x, w), F.linear(x, w))
 
 
-@pytest.mark.parametrize("flags, lanes", [("-mno-avx512f", 8), ("-mno-avx2 -mno-fma -mno-avx512f", 1)])
+@pytest.mark.parametrize("flags, lanes", [("-mno-avx512f -mno-amx-tile", 8), ("-mno-avx2 -mno-fma -mno-avx512f", 1)])
 def test_other_vector_paths_equal_f_linear(tmp_path, flags, lanes):
     """The kernel's AVX2 and plain C++ paths (for CPUs without AVX-512, or other architectures), built here by
     turning the wider instructions off; each checked against F.linear as above (float32 and bfloat16), in its own
-    process."""
+    process. The AVX2 build also leaves AMX out, so its bfloat16 products all take the widening path; the plain
+    build keeps AMX where the CPU has it."""
     import platform
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -224,9 +227,10 @@ def test_other_vector_paths_equal_f_linear(tmp_path, flags, lanes):
         "import torch, torch.nn.functional as F, palitorch.native as n; assert n.load(); "
         f"assert torch.ops.palitorch.skinny_lanes() == {lanes}, torch.ops.palitorch.skinny_lanes(); "
         "g = torch.Generator().manual_seed(0)\n"
-        "for n_, k in [(83, 72), (300, 1100), (7, 15)]:\n"
+        f"assert {lanes} == 1 or not torch.ops.palitorch.skinny_amx()\n"
+        "for n_, k in [(83, 72), (300, 1100), (7, 15), (64, 1024)]:\n"
         "    w = torch.randn(n_, k, generator=g)\n"
-        "    for m in [0, *range(1, 14), 29]:\n"
+        "    for m in [0, *range(1, 18), 29]:\n"
         "        x = torch.randn(m, k, generator=g)\n"
         "        torch.testing.assert_close(torch.ops.palitorch.skinny_linear(x, w), F.linear(x, w), "
         "rtol=1e-4, atol=3e-4)\n"
@@ -246,6 +250,8 @@ def test_the_widest_vector_code_this_cpu_has_is_built(skinny_calls):
         pytest.skip("no /proc/cpuinfo flags here")
     want = 16 if "avx512f" in flags else 8 if {"avx2", "fma"} <= set(flags) else 1
     assert torch.ops.palitorch.skinny_lanes() == want
+    # AMX for bfloat16 where the CPU (and the Linux that reports it) has it
+    assert torch.ops.palitorch.skinny_amx() == ({"amx_tile", "amx_bf16"} <= set(flags))
 
 
 def test_prepare_runs_the_checks_a_compiled_graph_reads(monkeypatch):
