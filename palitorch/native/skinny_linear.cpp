@@ -11,7 +11,8 @@
 // bfloat16 weights are widened to float32 as they are read (a bfloat16 is a float32's top 16 bits) and the sums
 // are kept in float32, then rounded to bfloat16 once, as torch's bfloat16 matmuls do; x is widened once up front.
 // (AVX512-BF16's pair-product instruction, tried instead of widening, timed no faster at one row and slower at 4-12:
-// it issues on one port where the FMAs use two.)
+// it issues on one port where the FMAs use two.) On CPUs with AMX, bfloat16 products of suitable shapes take AMX
+// tiles instead (`amx_product`), whatever the number of rows.
 //
 // Built on first use by palitorch/native/__init__.py for this machine (-march=native); the vector code is picked
 // by the compiler's target macros: AVX-512, AVX2 + FMA, or plain scalar C++ (correct anywhere; the per-process
@@ -25,6 +26,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__AMX_TILE__)
 #include <immintrin.h>
@@ -34,7 +36,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
-#include <vector>
 
 namespace {
 
@@ -147,8 +148,8 @@ void product(const W* wp, const float* xp, float* yp, int64_t M, int64_t K, int6
 
 #if defined(PALITORCH_AMX)
 // bfloat16 on CPUs with AMX (Intel Xeon from Sapphire Rapids on): a tile instruction multiplies a 16 x 32 block of
-// the weight by 32 x 16 of x' (bfloat16 pairs, summed exactly into float32), so the product costs a few
-// instructions per kilobyte of weight, where widening and FMAs bound the vector code from a few rows on.
+// the weight by a 32 x 16 block of x transposed (bfloat16 pairs, products summed into float32), so the product
+// costs a few instructions per kilobyte of weight, where widening and FMAs bound the vector code from a few rows on.
 // Linux hands AMX's tile registers only to a process that asks (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA).
 bool amx_usable() {
   static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
@@ -185,7 +186,8 @@ void amx_product(const uint16_t* w, const uint16_t* x, float* y, int64_t M, int6
     const int64_t mb = std::min<int64_t>(16, M - m0);
     std::fill(packed.begin(), packed.end(), 0u);
     for (int64_t m = 0; m < mb; ++m)
-      for (int64_t p = 0; p < K / 2; ++p) std::memcpy(&packed[(p / 16) * 256 + (p % 16) * 16 + m], x + (m0 + m) * K + 2 * p, 4);
+      for (int64_t p = 0; p < K / 2; ++p)  // the pair x[m, 2p], x[m, 2p + 1]
+        std::memcpy(&packed[(p / 16) * 256 + (p % 16) * 16 + m], x + (m0 + m) * K + 2 * p, 4);
     at::parallel_for(0, N / 16, 4, [&](int64_t b0, int64_t b1) {
       TileConfig cfg;
       for (int t = 0; t < 3; ++t) {
