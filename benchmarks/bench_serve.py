@@ -209,6 +209,9 @@ def main() -> None:
         bad = next(i for i, (x, y) in enumerate(zip(first, answers[differ[0]])) if x != y)
         print(f"ANSWERS DIFFER ({differ[0]}, request {bad}: {first[bad]!r} vs {answers[differ[0]][bad]!r}): "
               "no figures reported")
+        if args.dtype != "float32":  # batching changes how 16-bit numbers round (BENCHMARKS.md, session 15)
+            print(f"  in {args.dtype} an answer may depend on what it is batched with (attention over padded rows and "
+                  "batched products round differently, and random weights have near-ties): compare in float32")
         sys.exit(1)
     print(f"  answers: the same in all {len(modes)} modes ({len(set(first))} distinct of {len(first)})")
     runs = {name: [] for name in modes}
