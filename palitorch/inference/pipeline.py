@@ -128,15 +128,18 @@ class Pipeline:
         Decoding then runs as one fused graph per step: the token's embedding, the forward and, when greedy, the
         choice of the next token and its logprob (the bundled model: ~3x faster per token on CPU than eager; on
         GPU `mode="reduce-overhead"` makes each step one CUDA graph). With `fuse`, the q/k/v and gate/up weights
-        are each fused into one matrix. The first call for each batch size and cache length pays the compilation
-        (tens of seconds on CPU, ~20-35 s for the 3B models on an H200); the results are the same tokens as
-        without it. Greedy batches are padded to sizes that keep compilations few (see `_padded_size`).
+        are each fused into one matrix; on CPU the decoder's large weights move to memory in transparent huge pages
+        where Linux offers them (`kernels.use_huge_pages`). The first call for each batch size and cache length pays
+        the compilation (tens of seconds on CPU, ~20-35 s for the 3B models on an H200); the results are the same
+        tokens as without it. Greedy batches are padded to sizes that keep compilations few (see `_padded_size`).
         `options`: inductor settings on top of the mode's, e.g. {"coordinate_descent_tuning": True}.
         Compile again after changing the model's structure (e.g. `set_decode_attention`).
         """
         lm = self.model.language_model
         if fuse:
             lm.fuse_projections()  # fewer, larger matmuls per step
+        if self.device.type == "cpu":  # the decoder's weights in huge pages: fewer TLB misses as each step reads them
+            kernels.use_huge_pages([t for t in [*lm.parameters(), *lm.buffers()] if t.dim() == 2])
         raise_recompile_limit()
         kernels.prepare(self.model.parameters())  # the linear routes' one-time checks, which a trace cannot run
         # inductor's CPU FlexAttention kernel, compiled single-threaded, frees memory twice (torch 2.13): let it be

@@ -168,6 +168,31 @@ def test_bfloat16_products_through_the_kernel_match_torchs(ckpt_factory, skinny_
     assert skinny_calls["skinny"] > 4 * (STEPS - 1) * len(pipe.model.language_model.layers)
 
 
+def test_compile_puts_the_decoders_weights_in_huge_pages(ckpt_factory, monkeypatch):
+    """On CPU, `Pipeline.compile` moves the decoder's 2D weights (here all of them: the size floor set to 0) into
+    huge-page memory where Linux offers it, fused matrices with their views; the answers do not change (to the bit,
+    against the same pipeline without huge pages). The real torch.compile is stubbed out (this is about the
+    weights, not the compiler)."""
+    from palitorch.model import kernels
+
+    if not (hasattr(__import__("mmap"), "MADV_HUGEPAGE") and kernels._thp_mode() in ("always", "madvise")):
+        pytest.skip("no transparent huge pages on this system")
+    folder, _ = diverse(ckpt_factory, 2)
+    imgs, opts = images(2), {"max_new_tokens": 6, "min_new_tokens": 6}
+    monkeypatch.setattr(kernels, "HUGE_PAGES_MIN_BYTES", 0)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    with monkeypatch.context() as m:  # the same pipeline without huge pages: the reference answers
+        m.setattr(kernels, "_thp_mode", lambda: "never")
+        before = palitorch.load(folder).compile().generate(imgs, PROMPTS[:2], **opts)
+    pipe = palitorch.load(folder).compile()
+    lm = pipe.model.language_model
+    weights = [t for t in [*lm.parameters(), *lm.buffers()] if t.dim() == 2]
+    assert all(t.untyped_storage().data_ptr() % kernels.HUGE_PAGE == 0 for t in weights)
+    attn = lm.layers[0].attn
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.qkv.untyped_storage().data_ptr()
+    assert pipe.generate(imgs, PROMPTS[:2], **opts) == before
+
+
 def test_token_logprobs_equal_log_softmax_at_the_tokens():
     """Both ways of computing a chosen token's logprob: log_softmax (CPU) and logit - logsumexp (other devices)."""
     g = torch.Generator().manual_seed(0)

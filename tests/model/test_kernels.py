@@ -142,3 +142,43 @@ def test_blas_one_row_check_tells_a_slow_call_from_a_fast_one(monkeypatch):
     assert kernels.blas_one_row_is_slow() is True  # measured once per process
     monkeypatch.setattr(kernels, "BLAS_ONE_ROW_SLOW", False)
     assert kernels.blas_one_row_is_slow() is False
+
+
+def _thp_here() -> bool:
+    import mmap
+
+    return hasattr(mmap, "MADV_HUGEPAGE") and kernels._thp_mode() in ("always", "madvise")
+
+
+@pytest.mark.skipif(not _thp_here(), reason="no transparent huge pages on this system")
+def test_use_huge_pages_moves_large_tensors_keeping_values_and_views():
+    """A fused matrix and the linears' views into it move together (still views), a plain parameter moves and stays a
+    Parameter, a small tensor stays; values are unchanged; the moved memory starts on a huge-page boundary and is
+    backed by huge pages (AnonHugePages grows); moving again moves nothing."""
+    from palitorch.model.gemma import fuse_linears
+
+    def anon_huge_kb() -> int:
+        return int(open("/proc/self/smaps_rollup").read().split("AnonHugePages:")[1].split()[0])
+
+    lins = [torch.nn.Linear(1024, n, bias=False) for n in (1024, 256, 256)]
+    fused = fuse_linears(*lins)
+    big, small = torch.nn.Parameter(torch.randn(1024, 1024)), torch.randn(16, 16)
+    tensors = [fused, big, small, *[m.weight for m in lins]]
+    before, small_ptr, huge_before = [t.clone() for t in tensors], small.data_ptr(), anon_huge_kb()
+    moved = kernels.use_huge_pages(tensors)
+    assert moved == fused.numel() * 4 + big.numel() * 4
+    assert all(torch.equal(a, b) for a, b in zip(before, tensors))
+    assert fused.data_ptr() % kernels.HUGE_PAGE == big.data_ptr() % kernels.HUGE_PAGE == 0
+    assert small.data_ptr() == small_ptr and isinstance(big, torch.nn.Parameter)
+    assert all(m.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr() for m in lins)
+    fused[1030, 5] = 42.0  # still one memory: the k_proj view sees it
+    assert lins[1].weight[6, 5].item() == 42.0
+    assert anon_huge_kb() >= huge_before + 2048  # at least one 2 MB page
+    assert kernels.use_huge_pages(tensors) == 0
+
+
+def test_use_huge_pages_does_nothing_without_them(monkeypatch):
+    monkeypatch.setattr(kernels, "_thp_mode", lambda: "never")
+    w = torch.randn(1024, 1024)
+    ptr = w.data_ptr()
+    assert kernels.use_huge_pages([w]) == 0 and w.data_ptr() == ptr
