@@ -311,7 +311,8 @@ def use_huge_pages(tensors) -> int:
     """Move these CPU tensors (those of HUGE_PAGES_MIN_BYTES or more) into memory backed by transparent huge pages,
     where Linux offers them ("always" or "madvise"): fewer TLB misses when a decode step reads its weights (the
     mid-size model's batch-8 step ~20% faster on the Intel VM of BENCHMARKS.md; one row unchanged). Values are
-    unchanged, and tensors that shared memory still do (the views of a fused matrix stay views). -> bytes moved."""
+    unchanged, and tensors that shared memory still do (the views of a fused matrix stay views); a tensor that cannot
+    move (no memory for the copy) stays where it is. -> bytes moved."""
     if not hasattr(mmap, "MADV_HUGEPAGE") or _thp_mode() not in ("always", "madvise"):
         return 0
     groups: dict = {}  # storage -> the tensors in it (all of them move together, so views stay views)
@@ -328,7 +329,10 @@ def use_huge_pages(tensors) -> int:
                 continue
             last = [t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) for t in ts]
             lo, hi = min(t.storage_offset() for t in ts) * size, (max(last) + 1) * size  # bytes the group spans
-            new = _huge_bytes(hi - lo)
+            try:
+                new = _huge_bytes(hi - lo)
+            except (OSError, ValueError):  # no memory for the copy, or madvise refused: leave it (only speed is lost)
+                continue
             new.copy_(torch.empty(0, dtype=torch.uint8).set_(ts[0].untyped_storage())[lo:hi])
             for t in ts:
                 view = torch.empty(0, dtype=t.dtype).set_(new.untyped_storage(), t.storage_offset() - lo // size,

@@ -182,3 +182,14 @@ def test_use_huge_pages_does_nothing_without_them(monkeypatch):
     w = torch.randn(1024, 1024)
     ptr = w.data_ptr()
     assert kernels.use_huge_pages([w]) == 0 and w.data_ptr() == ptr
+
+
+@pytest.mark.skipif(not _thp_here(), reason="no transparent huge pages on this system")
+def test_use_huge_pages_leaves_what_it_cannot_move(monkeypatch):
+    def refuse(nbytes):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(kernels, "_huge_bytes", refuse)
+    w = torch.randn(1024, 1024)
+    ptr = w.data_ptr()
+    assert kernels.use_huge_pages([w]) == 0 and w.data_ptr() == ptr
