@@ -161,8 +161,7 @@ def _min_rows() -> int:
 
 def _wants_onednn(x: Tensor, w: Tensor) -> bool:
     if not (_onednn["enabled"] and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
-            and w.numel() >= ONEDNN_MIN_ELEMENTS and w.is_contiguous() and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu")):
+            and w.numel() >= ONEDNN_MIN_ELEMENTS and w.is_contiguous()):
         return False
     rows = x.numel() // x.shape[-1]
     if torch.compiler.is_compiling():  # the checks run eagerly (the first prefill does), never inside a trace
@@ -255,8 +254,7 @@ def skinny_max_rows(dtype: torch.dtype = torch.float32) -> int:
 
 def _wants_skinny(x: Tensor, w: Tensor) -> bool:
     if not (_skinny["enabled"] and x.device.type == "cpu" and x.dtype == w.dtype and w.dtype in SKINNY_DTYPES
-            and w.dim() == 2 and w.numel() >= SKINNY_MIN_ELEMENTS and w.is_contiguous()
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
+            and w.dim() == 2 and w.numel() >= SKINNY_MIN_ELEMENTS and w.is_contiguous()):
         return False
     rows = x.numel() // x.shape[-1]
     if torch.compiler.is_compiling():  # the checks ran eagerly before (see `prepare`), never inside a trace
@@ -282,7 +280,9 @@ def prepare(weights) -> None:
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """x [..., in] @ w[out, in].T + b: `F.linear`, or palitorch's or oneDNN's kernel where they pay (see the module
-    docstring)."""
+    docstring). With autograd on (neither kernel has a backward) or under CPU autocast, always `F.linear`."""
+    if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+        return F.linear(x, w, b)
     return _skinny_op(x, w, b) if _wants_skinny(x, w) else _other_route(x, w, b)
 
 

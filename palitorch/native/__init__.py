@@ -1,7 +1,7 @@
 """palitorch's own CPU kernels, compiled for this machine on first use and cached.
 
-One kernel so far: `palitorch::skinny_linear` (skinny_linear.cpp), a product of a few rows by a large float32
-weight that reads the weight faster than BLAS does on the machines measured (see the source and
+One kernel so far: `palitorch::skinny_linear` (skinny_linear.cpp), a product of a few rows by a large float32 or
+bfloat16 weight that reads the weight faster than torch's kernels do on the machines measured (see the source and
 `model/kernels.py`, which decides where it runs). It is built with the C++ compiler that `torch.compile` also needs
 on CPU (`$CXX`, else `c++`), against the installed torch's headers, with `-march=native`, into
 `$PALITORCH_CACHE/native` (default `~/.cache/palitorch/native`; the system temporary folder if that cannot be
@@ -48,7 +48,7 @@ def _cpu_fingerprint() -> str:
 
 def _command(compiler: str, source: Path, out: Path) -> list[str]:
     """The build command; `$PALITORCH_NATIVE_CFLAGS` adds flags (the tests build the AVX2 and plain C++ paths on a
-    machine with AVX-512 with "-mno-avx512f" and "-mno-avx2 -mno-fma")."""
+    machine with AVX-512 with "-mno-avx512f -mno-amx-tile" and "-mno-avx2 -mno-fma -mno-avx512f")."""
     root = Path(torch.__file__).parent
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
     extra = os.environ.get("PALITORCH_NATIVE_CFLAGS", "").split()

@@ -181,10 +181,10 @@ void amx_block(const uint16_t* w, const uint32_t* xp, float* y, int64_t K, int64
 // y [M, N] = x @ w.T for bfloat16 x and w, K % 32 == 0 and N % 16 == 0: x in blocks of 16 rows, each packed as
 // AMX wants it ([K / 32][16 k-pairs][16 rows] of bfloat16 pairs, zeros past the block's rows), threads over w's rows.
 void amx_product(const uint16_t* w, const uint16_t* x, float* y, int64_t M, int64_t K, int64_t N) {
-  std::vector<uint32_t> packed(K * 8);
+  std::vector<uint32_t> packed(K * 8);  // zeros
   for (int64_t m0 = 0; m0 < M; m0 += 16) {
     const int64_t mb = std::min<int64_t>(16, M - m0);
-    std::fill(packed.begin(), packed.end(), 0u);
+    if (m0 > 0 && mb < 16) std::fill(packed.begin(), packed.end(), 0u);  // a last, partial block after full ones
     for (int64_t m = 0; m < mb; ++m)
       for (int64_t p = 0; p < K / 2; ++p)  // the pair x[m, 2p], x[m, 2p + 1]
         std::memcpy(&packed[(p / 16) * 256 + (p % 16) * 16 + m], x + (m0 + m) * K + 2 * p, 4);
