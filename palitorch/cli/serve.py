@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import signal
 import sys
@@ -104,6 +105,8 @@ def serve(args: argparse.Namespace) -> int:
     engine = None
     # one write per line: the model's thread and the HTTP threads log side by side
     say = (lambda line: None) if args.quiet else (lambda line: sys.stderr.write(f"palitorch serve: {line}\n"))
+    # A native crash (or an abort at exit) prints every thread's Python stack first, so that a report names the thread.
+    faulthandler.enable()
     # SIGTERM (docker stop, systemd) ends the server as Ctrl-C does: the batch in progress finishes first.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)  # also when started in the background, where SIGINT comes ignored

@@ -5,9 +5,10 @@ Batching is continuous: requests decode together in a live batch (`Pipeline.live
 options, and a request that arrives while it runs joins it at the next step if a row is free, rather than waiting
 for the batch to end (unless the running rows are about to end: then the newcomers wait for them and join
 together, see `pacing.py`); each request is answered as soon as its own rows end, and its row goes to the next
-request waiting. palitorch's batched greedy output equals the one-at-a-time output token for token, so batching
-changes only the speed. Sampled requests without a seed join too (each row draws its own sample; a request with
-n > 1 takes n rows). A request with a seed, or a beam search, runs alone (a seed must give the same sample under any
+request waiting. In float32, palitorch's batched greedy output equals the one-at-a-time output token for token, so
+batching changes only the speed (in 16-bit dtypes a batch rounds differently: answers can part at near-ties).
+Sampled requests without a seed join too (each row draws its own sample; a request with n > 1 takes n rows). A
+request with a seed, or a beam search, runs alone (a seed must give the same sample under any
 load): it waits at the head of the queue, in arrival order, until the live batch has drained. A stream whose
 client has left is dropped at the next step, and its row freed.
 
