@@ -1,9 +1,10 @@
 """What the benchmarks run: a batch of easy-VQA-like inputs, and checkpoint folders of the benchmark sizes.
 
 Sizes: `bundled` (the bundled easy-VQA model; random weights of its shape if it is absent), `mid` (~200M
-parameters), `pg1-3b` / `pg2-3b` (the real 3B shapes, random weights), `pg1-mini` / `pg2-mini` (the real vocab,
-masks, soft-caps and 256 image tokens, at a size any CPU runs). Or the path of a checkpoint folder in the Hub's layout
-(real weights: e.g. a downloaded google/paligemma-3b-pt-224), used as it is.
+parameters, PaliGemma 1's decoder), `pg2-mid` (the same size with PaliGemma 2's decoder: soft-caps, sliding window,
+extra norms, two query heads per KV head), `pg1-3b` / `pg2-3b` (the real 3B shapes, random weights), `pg1-mini` /
+`pg2-mini` (the real vocab, masks, soft-caps and 256 image tokens, at a size any CPU runs). Or the path of a
+checkpoint folder in the Hub's layout (real weights: e.g. a downloaded google/paligemma-3b-pt-224), used as it is.
 """
 
 from __future__ import annotations
@@ -72,10 +73,18 @@ def _config(size: str, tok) -> PaliGemmaConfig:
                 layer_types=cfg.text.layer_types and cfg.text.layer_types[:n])
             vision = dataclasses.replace(cfg.vision, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2)
             cfg = cfg.replace(text=text, vision=vision)
+        elif scale == "mid":  # PaliGemma 2's soft-caps, sliding window, extra norms and GQA at the `mid` size
+            n = 12
+            text = dataclasses.replace(
+                cfg.text, vocab_size=tok.get_vocab_size(), hidden_size=1024, intermediate_size=4096, num_layers=n,
+                num_heads=8, num_kv_heads=4, head_dim=128, query_pre_attn_scalar=128,
+                layer_types=cfg.text.layer_types and cfg.text.layer_types[:n])
+            vision = dataclasses.replace(cfg.vision, hidden_size=512, intermediate_size=2048, num_layers=6, num_heads=8)
+            cfg = cfg.replace(text=text, vision=vision)
     return cfg.replace(image_token_id=image_id)
 
 
-SIZES = ("bundled", "mid", "pg1-3b", "pg2-3b", "pg1-mini", "pg2-mini")
+SIZES = ("bundled", "mid", "pg2-mid", "pg1-3b", "pg2-3b", "pg1-mini", "pg2-mini")
 
 
 def check_size(size: str) -> str | None:

@@ -166,13 +166,16 @@ class Attention(nn.Module):
         the mask); for one-token steps it is an option to SDPA (a compiler can fuse it with what surrounds it)."""
         b, _, t, d = q.shape
         g = self.n // self.kv
-        q = q.view(b, self.kv, g, t, d)  # query heads grouped by the KV head they share
-        s = torch.matmul(q, k.unsqueeze(2).transpose(-1, -2)) * self.scale  # [B, K, G, T, S]
+        # The G query heads that share a KV head, and their T positions, as the rows of one product per KV head:
+        # [B, K, G * T, D] @ [B, K, D, S]. (Broadcasting k over G instead would make products of T rows each,
+        # which at T = 1 inductor's CPU lowering turns into a multiply-and-sum that recomputes q for every key.)
+        q = q.reshape(b, self.kv, g * t, d)
+        s = torch.matmul(q, k.transpose(-1, -2)).view(b, self.kv, g, t, -1) * self.scale  # [B, K, G, T, S]
         if self.softcap is not None:
             s = torch.tanh(s / self.softcap) * self.softcap
         s = s.masked_fill(~mask.unsqueeze(1), float("-inf"))
         p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(p, v.unsqueeze(2)).view(b, self.n, t, d)
+        return torch.matmul(p.view(b, self.kv, g * t, -1), v).view(b, self.n, t, d)
 
 
 class MLP(nn.Module):

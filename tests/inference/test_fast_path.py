@@ -232,6 +232,32 @@ def test_decode_attention_variants_match_transformers(ckpt_factory, monkeypatch,
     assert seen.flex == (kind == "flex")  # the compiled step went through FlexAttention
 
 
+def test_explicit_attention_multiplies_every_query_head_of_a_kv_head_at_once(ckpt_factory, monkeypatch):
+    """Gemma 2's attention (two matmuls, the soft-cap between them), in a one-token step with GQA: each product takes
+    the G query heads that share a KV head as G rows against that head's keys, with no broadcasting. Broadcasting
+    the keys over G made products of one row, which inductor's CPU lowering turns into a multiply-and-sum that
+    recomputed the query for every key: PaliGemma 2's compiled mid-size step at batch 8 took 104 ms, 65 of them in
+    that kernel (BENCHMARKS.md, session 16). Greedy tokens and logprobs stay transformers' (the tests above)."""
+    folder, _ = diverse(ckpt_factory, 2)  # 4 query heads, 2 KV heads: G = 2
+    pipe = palitorch.load(folder)
+    heads = pipe.model.cfg.text.num_heads // pipe.model.cfg.text.num_kv_heads
+    assert heads == 2
+    shapes, real = [], torch.matmul
+
+    def spy(a, b):
+        shapes.append((tuple(a.shape), tuple(b.shape)))
+        return real(a, b)
+
+    monkeypatch.setattr(torch, "matmul", spy)
+    pipe.generate(images(3), PROMPTS, max_new_tokens=2, min_new_tokens=2)
+    layers = pipe.model.cfg.text.num_layers
+    assert len(shapes) == 2 * 2 * layers  # prefill and one step, two products a layer
+    for (a, b), t in zip(shapes, [None] * 2 * layers + [1] * 2 * layers):
+        assert a[:-2] == b[:-2] and len(a) == 4, (a, b)  # [B, K, rows, .] @ [B, K, ., .]: nothing broadcast
+        if t == 1:
+            assert a[-2] == heads, (a, b)  # the step's one position, for each of the G heads
+
+
 def test_compile_options_merge_a_mode_with_extra_options(monkeypatch):
     from palitorch.inference.pipeline import _compile_options
     from palitorch.model import kernels
