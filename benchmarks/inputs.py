@@ -48,14 +48,17 @@ def _tokenizer():
     return train_tokenizer(words * 20, vocab_size=300)
 
 
+# The mid size's dimensions, shared by `mid` (PaliGemma 1's decoder, one KV head) and `pg2-mid`.
+MID_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_layers=12, num_heads=8, head_dim=128)
+MID_VISION = dict(hidden_size=512, intermediate_size=2048, num_layers=6, num_heads=8)
+
+
 def _config(size: str, tok) -> PaliGemmaConfig:
     image_id = tok.token_to_id("<image>")
     if size == "mid":
         cfg = PaliGemmaConfig(
-            vision=VisionConfig(hidden_size=512, intermediate_size=2048, num_layers=6, num_heads=8, image_size=224,
-                                patch_size=14),
-            text=TextConfig(vocab_size=tok.get_vocab_size(), hidden_size=1024, intermediate_size=4096, num_layers=12,
-                            num_heads=8, num_kv_heads=1, head_dim=128),
+            vision=VisionConfig(image_size=224, patch_size=14, **MID_VISION),
+            text=TextConfig(vocab_size=tok.get_vocab_size(), num_kv_heads=1, **MID_TEXT),
         )
     elif size == "bundled":
         from palitorch.config import _tiny
@@ -74,13 +77,11 @@ def _config(size: str, tok) -> PaliGemmaConfig:
             vision = dataclasses.replace(cfg.vision, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2)
             cfg = cfg.replace(text=text, vision=vision)
         elif scale == "mid":  # PaliGemma 2's soft-caps, sliding window, extra norms and GQA at the `mid` size
-            n = 12
+            n = MID_TEXT["num_layers"]
             text = dataclasses.replace(
-                cfg.text, vocab_size=tok.get_vocab_size(), hidden_size=1024, intermediate_size=4096, num_layers=n,
-                num_heads=8, num_kv_heads=4, head_dim=128, query_pre_attn_scalar=128,
-                layer_types=cfg.text.layer_types and cfg.text.layer_types[:n])
-            vision = dataclasses.replace(cfg.vision, hidden_size=512, intermediate_size=2048, num_layers=6, num_heads=8)
-            cfg = cfg.replace(text=text, vision=vision)
+                cfg.text, vocab_size=tok.get_vocab_size(), num_kv_heads=4, query_pre_attn_scalar=MID_TEXT["head_dim"],
+                layer_types=cfg.text.layer_types and cfg.text.layer_types[:n], **MID_TEXT)
+            cfg = cfg.replace(text=text, vision=dataclasses.replace(cfg.vision, **MID_VISION))
     return cfg.replace(image_token_id=image_id)
 
 
