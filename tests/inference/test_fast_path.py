@@ -1,7 +1,7 @@
 """The fast path against the plain one: compiled decode steps (and the batch sizes they run at), fused q/k/v and
 gate/up weights, the oneDNN and skinny-kernel routes for large CPU linears, the logsumexp logprob and the one-token
-attention variants. Each gives transformers' greedy tokens, logprobs within 1e-4 (float32 on CPU, same weights);
-the kernel's bfloat16 products give torch's bfloat16 tokens.
+attention variants. Each gives transformers' greedy tokens, logprobs within `DIVERSE_LOGPROB_TOL` (3e-4: float32 on
+CPU, same weights, see hf_factory); the kernel's bfloat16 products give torch's bfloat16 tokens.
 """
 
 import threading
@@ -14,6 +14,8 @@ from test_generate import PROMPTS, STEPS, diverse, hf_generate, images
 import palitorch
 from palitorch.inference import generate as engine
 from palitorch.inference.sampling import GenerationOptions
+
+from hf_factory import DIVERSE_LOGPROB_TOL
 
 
 def test_replacement_decode_steps_are_used_for_every_token(ckpt_factory):
@@ -90,7 +92,7 @@ def test_a_compiled_pipeline_pads_greedy_batches_to_a_size_it_has_run(ckpt_facto
 @pytest.mark.parametrize("version", [1, 2])
 def test_fused_projections_match_transformers_and_stay_trainable(ckpt_factory, tmp_path, version):
     """`fuse_projections` (what `Pipeline.compile` runs): q/k/v and gate/up as one matmul each. Greedy tokens equal
-    transformers', logprobs within 1e-4; the separate weights become views of the fused ones, so a training step
+    transformers', logprobs within 3e-4; the separate weights become views of the fused ones, so a training step
     on them (grad mode, which takes the unfused path) moves the fused matrices too; the model still saves."""
     folder, hf = diverse(ckpt_factory, version)
     pipe = palitorch.load(folder)
@@ -101,7 +103,7 @@ def test_fused_projections_match_transformers_and_stay_trainable(ckpt_factory, t
     ours = pipe.generate(imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
     ref, ref_lp = hf_generate(folder, hf, imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
     assert [r.token_ids for r in ours] == ref.tolist()
-    torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=DIVERSE_LOGPROB_TOL, rtol=0)
 
     before = attn.qkv.clone()
     opt = torch.optim.SGD(pipe.model.parameters(), lr=0.1)
@@ -124,7 +126,7 @@ def test_linear_routes_match_transformers(ckpt_factory, request, route, version)
     """Large float32 CPU weights at inference: every linear (vision tower, projector, fused decoder projections, LM
     head) through oneDNN, or every product of at most 8 rows (the decode steps' projections and LM head, the
     prefill's last-position LM head) through palitorch's own kernel. Greedy tokens equal transformers', logprobs
-    within 1e-4; eager and compiled."""
+    within 3e-4; eager and compiled."""
     from palitorch.model import kernels
 
     if route == "onednn" and not kernels._onednn_works():
@@ -137,7 +139,8 @@ def test_linear_routes_match_transformers(ckpt_factory, request, route, version)
     for _ in ("eager", "compiled"):
         ours = pipe.generate(imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
         assert [r.token_ids for r in ours] == ref.tolist()
-        torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=DIVERSE_LOGPROB_TOL,
+                                   rtol=0)
         pipe.compile()
     per_step = {"onednn": 2 * STEPS, "skinny": 4 * (STEPS - 1)}[route]  # eager calls: at least these a layer
     assert calls[route] > per_step * len(pipe.model.language_model.layers)
@@ -207,7 +210,7 @@ def test_token_logprobs_equal_log_softmax_at_the_tokens():
 def test_decode_attention_variants_match_transformers(ckpt_factory, monkeypatch, kind, version):
     """`set_decode_attention`: one-token steps attend with two matmuls and a softmax ("matmul"; Gemma 2 always
     does) or, compiled, one FlexAttention kernel with the mask and soft-cap as a score modification ("flex").
-    Same greedy tokens as transformers, logprobs within 1e-4, eager and compiled with extra inductor options."""
+    Same greedy tokens as transformers, logprobs within 3e-4, eager and compiled with extra inductor options."""
     folder, hf = diverse(ckpt_factory, version)
     imgs = images(3)
     ref, ref_lp = hf_generate(folder, hf, imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
@@ -225,7 +228,8 @@ def test_decode_attention_variants_match_transformers(ckpt_factory, monkeypatch,
     for _ in ("eager", "compiled"):
         ours = pipe.generate(imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
         assert [r.token_ids for r in ours] == ref.tolist()
-        torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=DIVERSE_LOGPROB_TOL,
+                                   rtol=0)
         pipe.compile(options={"coordinate_descent_tuning": True})
     with pytest.raises(ValueError, match="sdpa"):
         pipe.model.language_model.set_decode_attention("flash")
