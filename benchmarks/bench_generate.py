@@ -184,11 +184,12 @@ def bench(size: str, args, workdir: Path, emit=lambda result, row: None) -> dict
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     folder, kind = checkpoint(size, workdir, args.device, dtype)
     pipe = palitorch.load(folder, device=args.device, dtype=args.dtype)
-    attention = {"chosen": "sdpa" if args.decode_attention == "auto" else args.decode_attention}
+    attention = {"chosen": "default" if args.decode_attention == "auto" else args.decode_attention}
     if args.compile and args.decode_attention == "auto":
         attention = choose_decode_attention(pipe, args)
     else:
-        pipe.model.language_model.set_decode_attention(attention["chosen"])
+        if attention["chosen"] != "default":  # else palitorch's own choice ("auto", see set_decode_attention)
+            pipe.model.language_model.set_decode_attention(attention["chosen"])
         if args.compile:
             pipe.compile(mode=args.compile_mode, options=args.compile_options)
     hf, shared = load_transformers(pipe, folder, dtype, device)
@@ -292,9 +293,10 @@ def main() -> None:
     ap.add_argument("--compile-mode", default=None, help='torch.compile mode, e.g. "reduce-overhead" on GPU')
     ap.add_argument("--compile-options", type=json.loads, default=None,
                     help='extra inductor options as JSON, e.g. \'{"coordinate_descent_tuning": true}\'')
-    ap.add_argument("--decode-attention", default="sdpa", choices=("sdpa", "matmul", "flex", "auto"),
+    ap.add_argument("--decode-attention", default="default", choices=("default", "sdpa", "matmul", "flex", "auto"),
                     help="palitorch's one-token attention (set_decode_attention; flex runs in compiled steps); "
-                         "auto: time sdpa and flex at batch 1 and keep the faster")
+                         "default: palitorch's own choice (SDPA, or matmuls for bfloat16 on CPU); auto: time sdpa "
+                         "and flex at batch 1 and keep the faster")
     ap.add_argument("--tie-tol", type=float, default=None,
                     help="nats within which a differing token counts as a near-tie (default: default_tie_tol, 0 in "
                          "float32 where tokens must be identical, 0.5 in 16-bit dtypes)")
@@ -336,7 +338,7 @@ def main() -> None:
     print(f"{machine} | torch {torch.__version__} | transformers {transformers.__version__} | {args.dtype}"
           f"{' | palitorch compiled' if args.compile else ''}{' | no oneDNN route' if args.no_onednn else ''}"
           f"{' | no skinny kernel' if args.no_skinny else ''}"
-          f"{f' | decode attention {args.decode_attention}' if args.decode_attention != 'sdpa' else ''}"
+          f"{f' | decode attention {args.decode_attention}' if args.decode_attention != 'default' else ''}"
           f"{f' | inductor options {args.compile_options}' if args.compile_options else ''}"
           f"{f' | copy bandwidth {args.bandwidth / 1e12:.2f} TB/s' if args.bandwidth else ''}")
     print(f"{'size':<9}{'params':>8}{'batch':>6}{'prefill ms ours/hf':>22}{'x':>6}{'decode tok/s ours/hf':>24}{'x':>6}")

@@ -8,7 +8,8 @@ kernels that take it. Also times variants of the compiled step side by side, to 
 
 A variant is `+`-joined parts: `fused` (what `pipe.compile()` does: q/k/v and gate/up in one matrix each) or
 `unfused` (the same compile without fusing), `cdt` (inductor's coordinate-descent tuning of its generated kernels),
-`mm-attn` (one-token attention as two matmuls and a softmax instead of SDPA; Gemma 2 always uses them),
+`sdpa-attn` / `mm-attn` (one-token attention through SDPA / as two matmuls and a softmax; without either, palitorch's
+default: SDPA, or matmuls for bfloat16 on CPU; Gemma 2 always uses matmuls),
 `flex-attn` (one-token attention as one FlexAttention kernel, the mask and Gemma 2's soft-cap as a score
 modification), `autotune` (mode "max-autotune": inductor times candidate matmul kernels; CUDA graphs too; a long
 first call).
@@ -102,8 +103,9 @@ def run_variant(variant: str, parts: set[str], folder, dtype, image, first_token
     """Time one variant (and profile it if asked); returns the reference answer (the first variant's)."""
     mode = "max-autotune" if "autotune" in parts else args.mode
     pipe = palitorch.load(folder, device=args.device, dtype=dtype)
-    if "mm-attn" in parts or "flex-attn" in parts:
-        pipe.model.language_model.set_decode_attention("matmul" if "mm-attn" in parts else "flex")
+    for part, kind in (("sdpa-attn", "sdpa"), ("mm-attn", "matmul"), ("flex-attn", "flex")):
+        if part in parts:
+            pipe.model.language_model.set_decode_attention(kind)
     options = {"coordinate_descent_tuning": True} if "cdt" in parts else None
     pipe.compile(mode=mode, options=options, fuse="unfused" not in parts)
     t0 = time.perf_counter()

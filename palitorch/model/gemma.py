@@ -98,7 +98,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n * self.d, cfg.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
         self.register_buffer("qkv", None, persistent=False)  # [q; k; v] in one matrix, after `fuse_projections`
-        self.decode_attention = "sdpa"  # one-token steps: "sdpa", "matmul" or "flex" (`Gemma.set_decode_attention`)
+        self.decode_attention = "auto"  # one-token steps: "auto", "sdpa", "matmul" or "flex" (`set_decode_attention`)
 
     def fuse_projections(self) -> None:
         """Put the q, k and v weights in one matrix so that inference runs one matmul for the three (fewer, larger
@@ -131,7 +131,7 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(cache_pos, k, v)  # [B, K, S, D]
         if t == 1 and self.decode_attention == "flex" and torch.compiler.is_compiling():
             o = self._flex(q, k, v, mask)
-        elif self.softcap is None and (t > 1 or self.decode_attention == "sdpa"):
+        elif self.softcap is None and (t > 1 or self._sdpa_for_one_token(q)):
             grouped = self.n != self.kv
             if grouped and t > 1 and q.device.type in FULL_HEADS_FOR_MASKED_SDPA:
                 k, v, grouped = *self._full_heads(k, v), False
@@ -139,6 +139,15 @@ class Attention(nn.Module):
         else:
             o = self._explicit(q, k, v, mask)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n * self.d))
+
+    def _sdpa_for_one_token(self, q: torch.Tensor) -> bool:
+        """Whether a one-token step attends through SDPA rather than two matmuls. "auto": SDPA except for bfloat16 on
+        CPU, where torch's SDPA kernel for one query (torch 2.13) made a compiled step of the mid-size benchmark model
+        twice as slow at batch 8 (50.7 ms against 25.7 ms through matmuls on an AMD EPYC; the matmuls were also
+        faster at batch 1). In float32 on CPU, SDPA was as fast or faster at batch 8."""
+        if self.decode_attention == "auto":
+            return not (q.device.type == "cpu" and q.dtype == torch.bfloat16)
+        return self.decode_attention == "sdpa"
 
     def _full_heads(self, k, v):
         """keys, values [B, K, S, D] -> [B, N, S, D], each KV head repeated for the G query heads that share it (a
@@ -276,11 +285,12 @@ class Gemma(nn.Module):
             layer.mlp.fuse_projections()
 
     def set_decode_attention(self, kind: str) -> None:
-        """How one-token steps attend over the cache: "sdpa" (the default; Gemma 2 always uses matmuls, for its
-        soft-capped logits), "matmul" (two matmuls and a softmax, which a compiler may fuse further) or "flex"
-        (FlexAttention with the mask and soft-cap as a score modification, in a compiled step; matmuls in eager)."""
-        if kind not in ("sdpa", "matmul", "flex"):
-            raise ValueError(f"decode attention must be 'sdpa', 'matmul' or 'flex', not {kind!r}")
+        """How one-token steps attend over the cache: "auto" (the default: "sdpa", except "matmul" for bfloat16 on
+        CPU, see `Attention._sdpa_for_one_token`), "sdpa" (Gemma 2 always uses matmuls, for its soft-capped logits),
+        "matmul" (two matmuls and a softmax, which a compiler may fuse further) or "flex" (FlexAttention with the
+        mask and soft-cap as a score modification, in a compiled step; matmuls in eager)."""
+        if kind not in ("auto", "sdpa", "matmul", "flex"):
+            raise ValueError(f"decode attention must be 'auto', 'sdpa', 'matmul' or 'flex', not {kind!r}")
         for layer in self.layers:
             layer.attn.decode_attention = kind
 

@@ -10,9 +10,13 @@
 //
 // bfloat16 weights are widened to float32 as they are read (a bfloat16 is a float32's top 16 bits) and the sums
 // are kept in float32, then rounded to bfloat16 once, as torch's bfloat16 matmuls do; x is widened once up front.
-// (AVX512-BF16's pair-product instruction, tried instead of widening, timed no faster at one row and slower at 4-12:
-// it issues on one port where the FMAs use two.) On CPUs with AMX, bfloat16 products of suitable shapes take AMX
-// tiles instead (`amx_product`), whatever the number of rows.
+// On CPUs with AVX512-BF16 but no AMX (AMD Zen 4 on), bfloat16 products take that extension's pair-product
+// instruction instead (`pair_rows`: 32 weights times 32 inputs, summed in pairs into 16 float32 lanes, with nothing
+// to widen): on the AMD EPYC VM of BENCHMARKS.md, the mid-size model's weights at 4 / 8 rows in 15.5 / 21.0 ms
+// where widening took 18.8 / 27.5 and torch 22.7 / 25.6 (the same at one row). On the Intel Xeon VM it had timed no
+// faster at one row and slower at 4-12 (there it issues on one port where the FMAs use two), and that CPU has AMX:
+// builds with AMX keep widening. On CPUs with AMX, bfloat16 products of suitable shapes take AMX tiles instead
+// (`amx_product`), whatever the number of rows.
 //
 // Built on first use by palitorch/native/__init__.py for this machine (-march=native); the vector code is picked
 // by the compiler's target macros: AVX-512, AVX2 + FMA, or plain scalar C++ (correct anywhere; the per-process
@@ -26,6 +30,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__AMX_TILE__)
@@ -36,8 +41,17 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && !defined(PALITORCH_AMX)
+#define PALITORCH_PAIRS 1  // bfloat16 pair products (see above)
+#endif
 
 namespace {
+
+#if defined(PALITORCH_PAIRS)
+constexpr bool kPairs = true;
+#else
+constexpr bool kPairs = false;
+#endif
 
 inline float widen(float v) { return v; }
 inline float widen(uint16_t v) {  // one bfloat16's bits -> float32
@@ -112,21 +126,60 @@ inline void rows(const W* w, const float* x, float* y, int64_t K, int64_t N, int
     }
 }
 
-// Weight rows [r0, r1) for B input rows: NS streams over the span, then the rows left over one by one.
-template <int NS, int B, typename W>
-void span(const W* w, const float* x, float* y, int64_t K, int64_t N, int64_t r0, int64_t r1) {
+#if defined(PALITORCH_PAIRS)
+// `rows` for bfloat16 weights and inputs (their bits), by pair products: each step multiplies 32 weights by 32
+// inputs and adds the pairs' sums to 16 float32 lanes (products of two bfloat16 are exact in float32). Each output
+// is summed in one order whatever NS and B, as in `rows`.
+template <int NS, int B>
+inline void pair_rows(const uint16_t* w, const uint16_t* x, float* y, int64_t K, int64_t N, int64_t r,
+                      int64_t stride) {
+  __m512 acc[NS][B];
+  const uint16_t* p[NS];
+  for (int g = 0; g < NS; ++g) {
+    p[g] = w + (r + g * stride) * K;
+    for (int b = 0; b < B; ++b) acc[g][b] = _mm512_setzero_ps();
+  }
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh xv[B];
+    for (int b = 0; b < B; ++b) xv[b] = (__m512bh)_mm512_loadu_si512(x + b * K + k);
+    for (int g = 0; g < NS; ++g) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(p[g] + k);
+      for (int b = 0; b < B; ++b) acc[g][b] = _mm512_dpbf16_ps(acc[g][b], wv, xv[b]);
+    }
+  }
+  for (int g = 0; g < NS; ++g)
+    for (int b = 0; b < B; ++b) {
+      float s = _mm512_reduce_add_ps(acc[g][b]);
+      for (int64_t j = k; j < K; ++j) s += widen(p[g][j]) * widen(x[b * K + j]);
+      y[b * N + r + g * stride] = s;
+    }
+}
+#endif
+
+// Weight rows [r0, r1) for B input rows: NS streams over the span, then the rows left over one by one. X is x's
+// element: float, or (with pair products) uint16_t for bfloat16's bits.
+template <int NS, int B, typename W, typename X>
+void span(const W* w, const X* x, float* y, int64_t K, int64_t N, int64_t r0, int64_t r1) {
   const int64_t len = (r1 - r0) / NS;
-  for (int64_t i = 0; i < len; ++i) rows<NS, B>(w, x, y, K, N, r0 + i, len);
-  for (int64_t r = r0 + NS * len; r < r1; ++r) rows<1, B>(w, x, y, K, N, r, 0);
+  if constexpr (std::is_same_v<X, float>) {
+    for (int64_t i = 0; i < len; ++i) rows<NS, B>(w, x, y, K, N, r0 + i, len);
+    for (int64_t r = r0 + NS * len; r < r1; ++r) rows<1, B>(w, x, y, K, N, r, 0);
+  } else {  // bfloat16 x: only called where pair products are built (kPairs)
+#if defined(PALITORCH_PAIRS)
+    for (int64_t i = 0; i < len; ++i) pair_rows<NS, B>(w, x, y, K, N, r0 + i, len);
+    for (int64_t r = r0 + NS * len; r < r1; ++r) pair_rows<1, B>(w, x, y, K, N, r, 0);
+#endif
+  }
 }
 
 // y [M, N] = x [M, K] @ w.T, float32 y: threads split the weight's rows, input rows go in blocks of up to 12, each
 // block reading the thread's span of the weight once.
-template <typename W>
-void product(const W* wp, const float* xp, float* yp, int64_t M, int64_t K, int64_t N) {
+template <typename W, typename X>
+void product(const W* wp, const X* xp, float* yp, int64_t M, int64_t K, int64_t N) {
   at::parallel_for(0, N, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t m = 0; m < M;) {
-      const float* xm = xp + m * K;
+      const X* xm = xp + m * K;
       float* ym = yp + m * N;
       switch (std::min<int64_t>(M - m, 12)) {
         case 1: span<8, 1>(wp, xm, ym, K, N, r0, r1); m += 1; break;
@@ -227,6 +280,9 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w) {
   if (K % 32 == 0 && N % 16 == 0 && amx_usable()) {  // every row count, so a row's result never depends on M
     const at::Tensor xc = x.contiguous();
     amx_product(wp, reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>()), yp, M, K, N);
+  } else if (kPairs) {
+    const at::Tensor xc = x.contiguous();
+    product(wp, reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>()), yp, M, K, N);
   } else {
     const at::Tensor xc = x.to(at::kFloat).contiguous();  // widened once
     product(wp, xc.data_ptr<float>(), yp, M, K, N);
@@ -242,6 +298,7 @@ at::Tensor skinny_linear_meta(const at::Tensor& x, const at::Tensor& w) {
 
 int64_t skinny_lanes() { return kLanes; }  // which vector code was compiled: 16, 8 or 1 floats at a time
 bool skinny_amx() { return amx_usable(); }   // whether bfloat16 products of suitable shapes take the AMX path
+bool skinny_pairs() { return kPairs; }     // whether other bfloat16 products take AVX512-BF16's pair products
 
 }  // namespace
 
@@ -249,6 +306,7 @@ TORCH_LIBRARY_FRAGMENT(palitorch, m) {
   m.def("skinny_linear(Tensor x, Tensor w) -> Tensor");
   m.def("skinny_lanes() -> int", &skinny_lanes);
   m.def("skinny_amx() -> bool", &skinny_amx);
+  m.def("skinny_pairs() -> bool", &skinny_pairs);
 }
 TORCH_LIBRARY_IMPL(palitorch, CPU, m) { m.impl("skinny_linear", &skinny_linear); }
 TORCH_LIBRARY_IMPL(palitorch, Meta, m) { m.impl("skinny_linear", &skinny_linear_meta); }

@@ -236,6 +236,31 @@ def test_decode_attention_variants_match_transformers(ckpt_factory, monkeypatch,
     assert seen.flex == (kind == "flex")  # the compiled step went through FlexAttention
 
 
+@pytest.mark.parametrize("dtype,one_token_sdpa", [("float32", True), ("bfloat16", False)])
+def test_default_decode_attention_is_sdpa_except_for_bfloat16_on_cpu(ckpt_factory, monkeypatch, dtype, one_token_sdpa):
+    """The default ("auto"): Gemma 1's one-token steps attend through SDPA, except in bfloat16 on CPU, where they take
+    the two matmuls (torch's one-query SDPA kernel was the slower there). Eager and compiled steps alike."""
+    import torch.nn.functional as F
+
+    folder, _ = diverse(ckpt_factory, 1)
+    seen, real = types.SimpleNamespace(one_token=False), F.scaled_dot_product_attention
+
+    def spy(q, *args, **kw):
+        if q.shape[-2] == 1:
+            seen.one_token = True  # an attribute store, as in the test above: no guard, no recompilation
+        return real(q, *args, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    pipe = palitorch.load(folder, dtype=dtype)
+    assert pipe.model.language_model.layers[0].attn.decode_attention == "auto"
+    for _ in ("eager", "compiled"):
+        seen.one_token = False
+        pipe.generate(images(1), PROMPTS[0], max_new_tokens=4, min_new_tokens=4)
+        assert seen.one_token == one_token_sdpa
+        torch._dynamo.reset()  # a compiled step calls the spy when it is traced: trace it anew
+        pipe.compile()
+
+
 def test_explicit_attention_multiplies_every_query_head_of_a_kv_head_at_once(ckpt_factory, monkeypatch):
     """Gemma 2's attention (two matmuls, the soft-cap between them), in a one-token step with GQA: each product takes
     the G query heads that share a KV head as G rows against that head's keys, with no broadcasting. Broadcasting

@@ -215,8 +215,8 @@ def test_a_failed_build_routes_nothing(monkeypatch):
 def test_other_vector_paths_equal_f_linear(tmp_path, flags, lanes):
     """The kernel's AVX2 and plain C++ paths (for CPUs without AVX-512, or other architectures), built here by
     turning the wider instructions off; each checked against F.linear as above (float32 and bfloat16), in its own
-    process. The AVX2 build also leaves AMX out, so its bfloat16 products all take the widening path; the plain
-    build keeps AMX where the CPU has it."""
+    process. The AVX2 build also leaves AMX and the AVX512-BF16 pair products out, so its bfloat16 products all take
+    the widening path; the plain build keeps AMX where the CPU has it."""
     import platform
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -226,6 +226,7 @@ def test_other_vector_paths_equal_f_linear(tmp_path, flags, lanes):
         f"assert torch.ops.palitorch.skinny_lanes() == {lanes}, torch.ops.palitorch.skinny_lanes(); "
         "g = torch.Generator().manual_seed(0)\n"
         f"assert {lanes} == 1 or not torch.ops.palitorch.skinny_amx()\n"
+        "assert not torch.ops.palitorch.skinny_pairs()\n"
         "for n_, k in [(83, 72), (300, 1100), (7, 15), (64, 1024)]:\n"
         "    w = torch.randn(n_, k, generator=g)\n"
         "    for m in [0, *range(1, 18), 29]:\n"
@@ -250,6 +251,9 @@ def test_the_widest_vector_code_this_cpu_has_is_built(skinny_calls):
     assert torch.ops.palitorch.skinny_lanes() == want
     # AMX for bfloat16 where the CPU (and the Linux that reports it) has it
     assert torch.ops.palitorch.skinny_amx() == ({"amx_tile", "amx_bf16"} <= set(flags))
+    # else AVX512-BF16's pair products where the CPU has them (the build follows the CPU's flags, not the OS's)
+    assert torch.ops.palitorch.skinny_pairs() == ({"avx512f", "avx512_bf16"} <= set(flags)
+                                                  and not {"amx_tile", "amx_bf16"} <= set(flags))
 
 
 def test_prepare_runs_the_checks_a_compiled_graph_reads(monkeypatch):
