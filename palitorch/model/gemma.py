@@ -24,6 +24,9 @@ from palitorch.model.siglip import activation
 # a fused kernel, 14 us a layer). CPU's flash kernel takes both.
 FULL_HEADS_FOR_MASKED_SDPA = ("cuda",)
 
+# Whether this CPU has AMX tiles, which torch's SDPA kernel uses for bfloat16 (see `Attention._sdpa_for_one_token`).
+CPU_HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * (1 + w), computed in float32 and cast back (Gemma stores w as an offset from 1)."""
@@ -142,11 +145,12 @@ class Attention(nn.Module):
 
     def _sdpa_for_one_token(self, q: torch.Tensor) -> bool:
         """Whether a one-token step attends through SDPA rather than two matmuls. "auto": SDPA except for bfloat16 on
-        CPU, where torch's SDPA kernel for one query (torch 2.13) made a compiled step of the mid-size benchmark model
-        twice as slow at batch 8 (50.7 ms against 25.7 ms through matmuls on an AMD EPYC; the matmuls were also
-        faster at batch 1). In float32 on CPU, SDPA was as fast or faster at batch 8."""
+        a CPU without AMX, where torch's SDPA kernel for one query (torch 2.13; it uses AMX tiles where there are
+        some) made a compiled step of the mid-size benchmark model twice as slow at batch 8 (50.7 ms against 25.7 ms
+        through matmuls on an AMD EPYC; the matmuls were also faster at batch 1). In float32 on CPU, SDPA was as
+        fast or faster at batch 8."""
         if self.decode_attention == "auto":
-            return not (q.device.type == "cpu" and q.dtype == torch.bfloat16)
+            return not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and not CPU_HAS_AMX)
         return self.decode_attention == "sdpa"
 
     def _full_heads(self, k, v):
@@ -286,9 +290,9 @@ class Gemma(nn.Module):
 
     def set_decode_attention(self, kind: str) -> None:
         """How one-token steps attend over the cache: "auto" (the default: "sdpa", except "matmul" for bfloat16 on
-        CPU, see `Attention._sdpa_for_one_token`), "sdpa" (Gemma 2 always uses matmuls, for its soft-capped logits),
-        "matmul" (two matmuls and a softmax, which a compiler may fuse further) or "flex" (FlexAttention with the
-        mask and soft-cap as a score modification, in a compiled step; matmuls in eager)."""
+        CPUs without AMX, see `Attention._sdpa_for_one_token`), "sdpa" (Gemma 2 always uses matmuls, for its
+        soft-capped logits), "matmul" (two matmuls and a softmax, which a compiler may fuse further) or "flex"
+        (FlexAttention with the mask and soft-cap as a score modification, in a compiled step; matmuls in eager)."""
         if kind not in ("auto", "sdpa", "matmul", "flex"):
             raise ValueError(f"decode attention must be 'auto', 'sdpa', 'matmul' or 'flex', not {kind!r}")
         for layer in self.layers:
