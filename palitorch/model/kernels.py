@@ -5,10 +5,11 @@ A decode step's products (a few rows by a large weight: one row per sequence) ar
 from memory. palitorch's `skinny_linear` (palitorch/native: compiled for this machine on first use) reads it at
 26-28 GB/s at one row on the 2-core Intel VM of BENCHMARKS.md, where MKL reads 24-26 GB/s, and 1.2-1.35x faster
 than oneDNN at 4-12 rows; bfloat16 weights 1.3-1.5x faster than torch's bfloat16 kernel at 1-16 rows (through
-AMX tiles on CPUs that have them, else widened to float32 as they are read: ~1.5x at one row). `linear` sends it
-products of at most `skinny_max_rows(dtype)` rows by weights of `SKINNY_MIN_ELEMENTS` or more: the row counts,
-of 1, 4, 8, 12 and 16, up to which it beat the route they would otherwise take here (timed once per process and
-dtype, see `_calibrate_skinny`), after a self-check against `F.linear`.
+AMX tiles on CPUs that have them, AVX512-BF16's pair products on CPUs with those and no AMX, else widened to
+float32 as they are read: ~1.5x at one row). `linear` sends it products of at most `skinny_max_rows(dtype)` rows
+by weights of `SKINNY_MIN_ELEMENTS` or more: the row counts, of 1, 4, 8, 12 and 16, up to which it beat the route
+they would otherwise take here (timed once per process and dtype, see `_calibrate_skinny`), after a self-check
+against `F.linear`.
 
 On CPU, `F.linear` calls MKL's sgemm. On some x86 CPUs (measured: the AMD EPYC of BENCHMARKS.md) that runs the
 products of inference, a few rows times a large weight (M = 1 per sequence when decoding), at half the memory
