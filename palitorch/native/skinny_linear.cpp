@@ -96,6 +96,18 @@ inline float vsum(Vec a) { return a; }
 inline Vec vload(const uint16_t* p) { return widen(*p); }
 #endif
 
+// The outputs of `rows` and `pair_rows`: each accumulator's lanes summed, then the k past the last full vector.
+template <int NS, int B, typename W, typename X>
+inline void finish(const Vec (&acc)[NS][B], const W* const* p, const X* x, float* y, int64_t k, int64_t K, int64_t N,
+                   int64_t r, int64_t stride) {
+  for (int g = 0; g < NS; ++g)
+    for (int b = 0; b < B; ++b) {
+      float s = vsum(acc[g][b]);
+      for (int64_t j = k; j < K; ++j) s += widen(p[g][j]) * widen(x[b * K + j]);
+      y[b * N + r + g * stride] = s;
+    }
+}
+
 // y[b, r + g * stride] = w[r + g * stride] . x[b] for g < NS, b < B: NS weight rows, `stride` rows apart, each
 // read once for all B input rows; NS * B accumulators (8 or more) hide the FMA latency. W is the weight's element:
 // float, or uint16_t for bfloat16's bits. Each output is summed in the same order whatever NS and B (vector lanes
@@ -118,12 +130,7 @@ inline void rows(const W* w, const float* x, float* y, int64_t K, int64_t N, int
       for (int b = 0; b < B; ++b) acc[g][b] = vfma(wv, xv[b], acc[g][b]);
     }
   }
-  for (int g = 0; g < NS; ++g)
-    for (int b = 0; b < B; ++b) {
-      float s = vsum(acc[g][b]);
-      for (int64_t j = k; j < K; ++j) s += widen(p[g][j]) * x[b * K + j];
-      y[b * N + r + g * stride] = s;
-    }
+  finish<NS, B>(acc, p, x, y, k, K, N, r, stride);
 }
 
 #if defined(PALITORCH_PAIRS)
@@ -133,7 +140,7 @@ inline void rows(const W* w, const float* x, float* y, int64_t K, int64_t N, int
 template <int NS, int B>
 inline void pair_rows(const uint16_t* w, const uint16_t* x, float* y, int64_t K, int64_t N, int64_t r,
                       int64_t stride) {
-  __m512 acc[NS][B];
+  Vec acc[NS][B];  // __m512: pair products are built with AVX-512 only
   const uint16_t* p[NS];
   for (int g = 0; g < NS; ++g) {
     p[g] = w + (r + g * stride) * K;
@@ -148,12 +155,7 @@ inline void pair_rows(const uint16_t* w, const uint16_t* x, float* y, int64_t K,
       for (int b = 0; b < B; ++b) acc[g][b] = _mm512_dpbf16_ps(acc[g][b], wv, xv[b]);
     }
   }
-  for (int g = 0; g < NS; ++g)
-    for (int b = 0; b < B; ++b) {
-      float s = _mm512_reduce_add_ps(acc[g][b]);
-      for (int64_t j = k; j < K; ++j) s += widen(p[g][j]) * widen(x[b * K + j]);
-      y[b * N + r + g * stride] = s;
-    }
+  finish<NS, B>(acc, p, x, y, k, K, N, r, stride);
 }
 #endif
 
