@@ -147,14 +147,17 @@ def hf_processor(folder: Path):
 DIVERSE_LOGPROB_TOL = 3e-4
 
 
-def diverse(ckpt_factory, version: int, image_size: int = 224):
-    """A tiny checkpoint whose greedy answers vary from token to token.
+def diverse(ckpt_factory, version: int, image_size: int = 224, kv_heads: int | None = None):
+    """A tiny checkpoint whose greedy answers vary from token to token (4 query heads; KV heads: `kv_heads`, by
+    default 2 for PaliGemma 2 and 1 for PaliGemma 1, as in the real checkpoints).
 
     hf_factory's weights make the tied LM head echo the last input token forever, which would let a generation
     test pass without generating anything; small embeddings and larger layer weights let the layers decide.
     """
-    name = f"gen-pg{version}-{image_size}"
-    folder, hf = ckpt_factory(name, version=version, image_size=image_size, kv_heads=2 if version == 2 else 1)
+    usual = 2 if version == 2 else 1
+    kv_heads = kv_heads or usual
+    name = f"gen-pg{version}-{image_size}" + ("" if kv_heads == usual else f"-kv{kv_heads}")
+    folder, hf = ckpt_factory(name, version=version, image_size=image_size, kv_heads=kv_heads)
     if not (folder / ".diverse").exists():
         g = torch.Generator().manual_seed(version * 1000 + image_size)
         with torch.no_grad():

@@ -28,6 +28,19 @@ FULL_HEADS_FOR_MASKED_SDPA = ("cuda",)
 CPU_HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
+def batched_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [B, K, M, X] @ b [B, K, X, Y]. On CPU a product of one row (M = 1: one query per KV head in a decode step)
+    goes through `baddbmm`, which inductor leaves to the BLAS library, rather than `matmul`, whose one-row batched
+    products inductor's CPU lowering turns into a multiply-and-sum with a's producer fused in: the query's RoPE
+    recomputed for every key, by scalar code (a 6-layer Gemma 2 with one query head per KV head, batch 8: 39 ms a
+    step, against 31 ms this way; see BENCHMARKS.md, session 18). Same products, in eager as compiled."""
+    if a.shape[-2] != 1 or a.device.type != "cpu":
+        return torch.matmul(a, b)
+    a3, b3 = a.reshape(-1, 1, a.shape[-1]), b.reshape(-1, *b.shape[-2:])
+    zero = a.new_zeros(()).expand(a3.shape[0], 1, b3.shape[-1])  # ignored (beta=0): baddbmm's required addend
+    return torch.baddbmm(zero, a3, b3, beta=0).view(*a.shape[:-1], b.shape[-1])
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * (1 + w), computed in float32 and cast back (Gemma stores w as an offset from 1)."""
 
@@ -183,12 +196,12 @@ class Attention(nn.Module):
         # [B, K, G * T, D] @ [B, K, D, S]. (Broadcasting k over G instead would make products of T rows each,
         # which at T = 1 inductor's CPU lowering turns into a multiply-and-sum that recomputes q for every key.)
         q = q.reshape(b, self.kv, g * t, d)
-        s = torch.matmul(q, k.transpose(-1, -2)).view(b, self.kv, g, t, -1) * self.scale  # [B, K, G, T, S]
+        s = batched_product(q, k.transpose(-1, -2)).view(b, self.kv, g, t, -1) * self.scale  # [B, K, G, T, S]
         if self.softcap is not None:
             s = torch.tanh(s / self.softcap) * self.softcap
         s = s.masked_fill(~mask.unsqueeze(1), float("-inf"))
         p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(p.view(b, self.kv, g * t, -1), v).view(b, self.n, t, d)
+        return batched_product(p.view(b, self.kv, g * t, -1), v).view(b, self.n, t, d)
 
 
 class MLP(nn.Module):

@@ -292,6 +292,38 @@ def test_explicit_attention_multiplies_every_query_head_of_a_kv_head_at_once(ckp
             assert a[-2] == g, (a, b)  # its one position, for each of the G heads
 
 
+def test_one_query_head_per_kv_head_multiplies_through_baddbmm_on_cpu(ckpt_factory, monkeypatch):
+    """With as many KV heads as query heads (no real PaliGemma has that; test checkpoints often do), a one-token
+    step's explicit attention (Gemma 2's; Gemma 1's "matmul" variant is the same code) multiplies one row per KV
+    head. On CPU those products go through `baddbmm`: inductor lowers a one-row `matmul` into a multiply-and-sum
+    that recomputed the rotated query for every key (BENCHMARKS.md, session 18). Eager and compiled: transformers'
+    greedy tokens, logprobs within 3e-4, and the step's products through baddbmm with one row."""
+    folder, hf = diverse(ckpt_factory, 2, kv_heads=4)
+    imgs = images(3)
+    ref, ref_lp = hf_generate(folder, hf, imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
+    pipe = palitorch.load(folder)
+    text = pipe.model.cfg.text
+    assert text.num_heads == text.num_kv_heads == 4
+    rows, real = [], torch.baddbmm
+
+    def spy(zero, a, b, **kw):
+        rows.append(a.shape[-2])
+        return real(zero, a, b, **kw)
+
+    monkeypatch.setattr(torch, "baddbmm", spy)
+    for run in ("eager", "compiled"):
+        rows.clear()
+        ours = pipe.generate(imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
+        assert [r.token_ids for r in ours] == ref.tolist(), run
+        torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=DIVERSE_LOGPROB_TOL,
+                                   rtol=0)
+        # Two products a layer a step, and two in the prefill's last layer, which queries one position. (A compiled
+        # step replays the spy's list appends, as side effects of the traced code.)
+        assert rows == [1] * (2 * text.num_layers * (STEPS - 1) + 2), (run, len(rows))
+        torch._dynamo.reset()
+        pipe.compile()
+
+
 def test_compile_options_merge_a_mode_with_extra_options(monkeypatch):
     from palitorch.inference.pipeline import _compile_options
     from palitorch.model import kernels
