@@ -7,9 +7,12 @@ from memory. palitorch's `skinny_linear` (palitorch/native: compiled for this ma
 than oneDNN at 4-12 rows; bfloat16 weights 1.3-1.5x faster than torch's bfloat16 kernel at 1-16 rows (through
 AMX tiles on CPUs that have them, AVX512-BF16's pair products on CPUs with those and no AMX, else widened to
 float32 as they are read: ~1.5x at one row). `linear` sends it products of at most `skinny_max_rows(dtype)` rows
-by weights of `SKINNY_MIN_ELEMENTS` or more: the row counts, of 1, 4, 8, 12 and 16, up to which it beat the route
-they would otherwise take here (timed once per process and dtype, see `_calibrate_skinny`), after a self-check
-against `F.linear`.
+by weights of `SKINNY_TIMED_ELEMENTS` or more: the row counts, of 1, 4, 8, 12 and 16, up to which it beat the
+route they would otherwise take here (timed once per process and dtype, see `_calibrate_skinny`), after a
+self-check against `F.linear`. Smaller weights, from `SKINNY_MIN_ELEMENTS` (a small model's; they stay in the
+caches between steps, so a call's fixed cost decides rather than the memory stream that timing measures), go to it
+at up to `SKINNY_SMALL_MAX_ROWS` rows without the timing: there BLAS's call costs more than the product (one row by
+a 512 x 512 float32 weight: MKL 21.6 us, palitorch's kernel 11.0; bfloat16 30.2 vs 9.9; BENCHMARKS.md, session 18).
 
 On CPU, `F.linear` calls MKL's sgemm. On some x86 CPUs (measured: the AMD EPYC of BENCHMARKS.md) that runs the
 products of inference, a few rows times a large weight (M = 1 per sequence when decoding), at half the memory
@@ -49,7 +52,9 @@ from torch import Tensor, nn
 ONEDNN_MIN_ELEMENTS = 1 << 20  # ~4 MB of float32: below this, torch's default kernel is as fast or faster
 ONEDNN_MIN_ROWS: int | None = None  # products with fewer rows keep F.linear; None: measured on this machine
 ONEDNN_MAX_ROWS = 512  # products with as many rows or more keep F.linear, where oneDNN does not win at one row
-SKINNY_MIN_ELEMENTS = 1 << 18  # 1 MB of float32: measured faster than MKL from 256 x 256 up, kept to large weights
+SKINNY_MIN_ELEMENTS = 1 << 16  # smaller weights keep torch's kernels (at 128 x 128, MKL's one row was as fast)
+SKINNY_TIMED_ELEMENTS = 1 << 18  # 1 MB of float32: from here, up to the timed row bound (`skinny_max_rows`)
+SKINNY_SMALL_MAX_ROWS = 8  # below it, up to this many rows (faster at 1, 4 and 8 rows on every weight measured)
 SKINNY_MAX_ROWS: int | None = None  # products with more rows take another route; None: measured on this machine
 SKINNY_DTYPES = (torch.float32, torch.bfloat16)  # weight (and input) dtypes that palitorch's kernel takes
 BLAS_ONE_ROW_SLOW: bool | None = None  # see blas_one_row_is_slow; None: measured on this machine
@@ -259,8 +264,13 @@ def _wants_skinny(x: Tensor, w: Tensor) -> bool:
         return False
     rows = x.numel() // x.shape[-1]
     if torch.compiler.is_compiling():  # the checks ran eagerly before (see `prepare`), never inside a trace
-        limit = SKINNY_MAX_ROWS if SKINNY_MAX_ROWS is not None else _skinny["max_rows"].get(w.dtype, 0)
+        if SKINNY_MAX_ROWS is not None or w.numel() >= SKINNY_TIMED_ELEMENTS:
+            limit = SKINNY_MAX_ROWS if SKINNY_MAX_ROWS is not None else _skinny["max_rows"].get(w.dtype, 0)
+        else:
+            limit = SKINNY_SMALL_MAX_ROWS
         return bool(_skinny["works"]) and rows <= limit
+    if SKINNY_MAX_ROWS is None and w.numel() < SKINNY_TIMED_ELEMENTS:
+        return rows <= SKINNY_SMALL_MAX_ROWS and _skinny_works()
     return rows <= skinny_max_rows(w.dtype)
 
 
@@ -273,8 +283,10 @@ def prepare(weights) -> None:
             largest[w.dtype] = max(largest.get(w.dtype, 0), w.numel())
     if _skinny["enabled"]:
         for dtype in SKINNY_DTYPES:
-            if largest.get(dtype, 0) >= SKINNY_MIN_ELEMENTS:
+            if largest.get(dtype, 0) >= SKINNY_TIMED_ELEMENTS:
                 skinny_max_rows(dtype)
+            elif largest.get(dtype, 0) >= SKINNY_MIN_ELEMENTS:
+                _skinny_works()
     if _onednn["enabled"] and largest.get(torch.float32, 0) >= ONEDNN_MIN_ELEMENTS and _onednn_works():
         _min_rows()
 

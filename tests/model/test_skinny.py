@@ -257,17 +257,21 @@ def test_the_widest_vector_code_this_cpu_has_is_built(skinny_calls):
 
 
 def test_prepare_runs_the_checks_a_compiled_graph_reads(monkeypatch):
-    """`prepare` (which `Pipeline.compile` calls) settles the self-check and the row bound eagerly for a model with
-    a weight large enough for the route, and touches nothing for one without (the bundled model builds nothing)."""
+    """`prepare` (which `Pipeline.compile` calls) settles eagerly what a compiled graph's routes read: the
+    self-check for a model with a weight large enough for the route, the row bound too for one with a weight large
+    enough to be timed, nothing for one without."""
     monkeypatch.setitem(kernels._skinny, "works", None)
     monkeypatch.setitem(kernels._skinny, "max_rows", {})
     monkeypatch.setattr(kernels, "_calibrate_skinny", lambda dtype: {torch.float32: 5, torch.bfloat16: 3}[dtype])
-    big = kernels.SKINNY_MIN_ELEMENTS
-    small = [torch.zeros(big // 2, 1), torch.zeros(big, 1, dtype=torch.float64), torch.zeros(big, dtype=torch.bfloat16)]
-    kernels.prepare(small)
+    least, big = kernels.SKINNY_MIN_ELEMENTS, kernels.SKINNY_TIMED_ELEMENTS
+    tiny = [torch.zeros(least // 2, 1), torch.zeros(big, 1, dtype=torch.float64),
+            torch.zeros(big, dtype=torch.bfloat16)]
+    kernels.prepare(tiny)
     assert kernels._skinny["works"] is None and kernels._skinny["max_rows"] == {}
-    kernels.prepare([*small, torch.zeros(big, 1)])
-    assert kernels._skinny["works"] is True and kernels._skinny["max_rows"] == {torch.float32: 5}
+    kernels.prepare([*tiny, torch.zeros(least, 1)])  # a small model's weight: the self-check, no timing
+    assert kernels._skinny["works"] is True and kernels._skinny["max_rows"] == {}
+    kernels.prepare([*tiny, torch.zeros(big, 1)])
+    assert kernels._skinny["max_rows"] == {torch.float32: 5}
     kernels.prepare([torch.zeros(big, 1, dtype=torch.bfloat16)])  # each dtype is timed apart
     assert kernels._skinny["max_rows"] == {torch.float32: 5, torch.bfloat16: 3}
     with torch.no_grad():  # what a trace then decides, from the verdicts alone
@@ -277,3 +281,32 @@ def test_prepare_runs_the_checks_a_compiled_graph_reads(monkeypatch):
         w, x = w.bfloat16(), torch.zeros(3, 64, dtype=torch.bfloat16)
         assert kernels._wants_skinny(x, w) and not kernels._wants_skinny(torch.zeros(4, 64, dtype=torch.bfloat16), w)
         assert not kernels._wants_skinny(x.half(), w.half())
+        small = torch.zeros(least // 64, 64)  # below the timed size: up to SKINNY_SMALL_MAX_ROWS rows, both dtypes
+        for dtype in (torch.float32, torch.bfloat16):
+            rows = kernels.SKINNY_SMALL_MAX_ROWS
+            assert kernels._wants_skinny(torch.zeros(rows, 64, dtype=dtype), small.to(dtype))
+            assert not kernels._wants_skinny(torch.zeros(rows + 1, 64, dtype=dtype), small.to(dtype))
+        assert not kernels._wants_skinny(torch.zeros(1, 64), torch.zeros(least // 64 - 1, 64))  # below the floor
+
+
+def test_small_weights_take_the_kernel_without_the_timing(monkeypatch):
+    """A small model's weights (from SKINNY_MIN_ELEMENTS up to SKINNY_TIMED_ELEMENTS) go to palitorch's kernel at up
+    to SKINNY_SMALL_MAX_ROWS rows after the self-check alone: eager callers (a CLI run of the bundled model) do not
+    pay the ~0.6 s timing, which measures streaming large weights. Same products as F.linear."""
+    monkeypatch.setitem(kernels._skinny, "max_rows", {})
+    monkeypatch.setattr(kernels, "_calibrate_skinny", lambda dtype: pytest.fail("timed for a small weight"))
+    assert kernels._skinny_works()  # the self-check (its own products are not counted below)
+    calls, real = [], kernels._skinny_op
+    monkeypatch.setattr(kernels, "_skinny_op", lambda x, w, b=None: calls.append(len(x)) or real(x, w, b))
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(kernels.SKINNY_MIN_ELEMENTS // 128, 128, generator=g)  # 512 x 128: the bundled MLP's size
+    rows = kernels.SKINNY_SMALL_MAX_ROWS
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            for m in (1, rows, rows + 1):
+                x = torch.randn(m, 128, generator=g).to(dtype)
+                want = F.linear(x.float(), w.to(dtype).float())
+                got = kernels.linear(x, w.to(dtype))
+                _close(got, want) if dtype == torch.float32 else _close_bf16(got, want)
+        kernels.linear(torch.randn(1, 64), torch.randn(kernels.SKINNY_MIN_ELEMENTS // 64 - 1, 64))  # below the floor
+    assert calls == [1, rows] * 2
