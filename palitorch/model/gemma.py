@@ -32,8 +32,8 @@ def batched_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [B, K, M, X] @ b [B, K, X, Y]. On CPU a product of one row (M = 1: one query per KV head in a decode step)
     goes through `baddbmm`, which inductor leaves to the BLAS library, rather than `matmul`, whose one-row batched
     products inductor's CPU lowering turns into a multiply-and-sum with a's producer fused in: the query's RoPE
-    recomputed for every key, by scalar code (a 6-layer Gemma 2 with one query head per KV head, batch 8: 39 ms a
-    step, against 31 ms this way; see BENCHMARKS.md, session 18). Same products, in eager as compiled."""
+    recomputed for every key, by scalar code (a 6-layer Gemma 2 with one query head per KV head, batch 8: 43 ms a
+    step, against 33 ms this way; see BENCHMARKS.md, session 18). Same products, in eager as compiled."""
     if a.shape[-2] != 1 or a.device.type != "cpu":
         return torch.matmul(a, b)
     a3, b3 = a.reshape(-1, 1, a.shape[-1]), b.reshape(-1, *b.shape[-2:])

@@ -60,7 +60,7 @@ SKINNY_DTYPES = (torch.float32, torch.bfloat16)  # weight (and input) dtypes tha
 BLAS_ONE_ROW_SLOW: bool | None = None  # see blas_one_row_is_slow; None: measured on this machine
 _onednn: dict = {"enabled": True, "works": None, "min_rows": None}  # the self-check's verdict, the measurement
 _blas: dict = {"slow": None}
-_skinny: dict = {"enabled": True, "works": None, "max_rows": {}}  # as _onednn's; max_rows by dtype
+_skinny: dict = {"enabled": True, "works": None, "max_rows": {}, "lanes": 0}  # as _onednn's; max_rows by dtype
 
 
 def use_onednn(enabled: bool = True) -> None:
@@ -209,6 +209,7 @@ def _skinny_works() -> bool:
                                                rtol=2 ** -7, atol=1e-3)
                                 for v in (w16, w32) for a in [c[..., :v.shape[1]].bfloat16() for c in cases])
         _skinny["works"] = ok
+        _skinny["lanes"] = torch.ops.palitorch.skinny_lanes() if ok else 0  # 1: the plain C++ build
     return bool(_skinny["works"])
 
 
@@ -263,14 +264,16 @@ def _wants_skinny(x: Tensor, w: Tensor) -> bool:
             and w.dim() == 2 and w.numel() >= SKINNY_MIN_ELEMENTS and w.is_contiguous()):
         return False
     rows = x.numel() // x.shape[-1]
+    # A small weight, unless SKINNY_MAX_ROWS overrides: the untimed bound, for a build with a vector path (AVX2 or
+    # AVX-512, the builds measured; BLAS's own vector code would beat the plain C++ one at these sizes).
+    small = SKINNY_MAX_ROWS is None and w.numel() < SKINNY_TIMED_ELEMENTS
     if torch.compiler.is_compiling():  # the checks ran eagerly before (see `prepare`), never inside a trace
-        if SKINNY_MAX_ROWS is not None or w.numel() >= SKINNY_TIMED_ELEMENTS:
-            limit = SKINNY_MAX_ROWS if SKINNY_MAX_ROWS is not None else _skinny["max_rows"].get(w.dtype, 0)
-        else:
-            limit = SKINNY_SMALL_MAX_ROWS
+        if small:
+            return bool(_skinny["works"]) and _skinny["lanes"] >= 8 and rows <= SKINNY_SMALL_MAX_ROWS
+        limit = SKINNY_MAX_ROWS if SKINNY_MAX_ROWS is not None else _skinny["max_rows"].get(w.dtype, 0)
         return bool(_skinny["works"]) and rows <= limit
-    if SKINNY_MAX_ROWS is None and w.numel() < SKINNY_TIMED_ELEMENTS:
-        return rows <= SKINNY_SMALL_MAX_ROWS and _skinny_works()
+    if small:
+        return rows <= SKINNY_SMALL_MAX_ROWS and _skinny_works() and _skinny["lanes"] >= 8
     return rows <= skinny_max_rows(w.dtype)
 
 

@@ -282,17 +282,22 @@ def test_prepare_runs_the_checks_a_compiled_graph_reads(monkeypatch):
         assert kernels._wants_skinny(x, w) and not kernels._wants_skinny(torch.zeros(4, 64, dtype=torch.bfloat16), w)
         assert not kernels._wants_skinny(x.half(), w.half())
         small = torch.zeros(least // 64, 64)  # below the timed size: up to SKINNY_SMALL_MAX_ROWS rows, both dtypes
+        rows = kernels.SKINNY_SMALL_MAX_ROWS
+        monkeypatch.setitem(kernels._skinny, "lanes", 8)  # a build with a vector path (AVX2)
         for dtype in (torch.float32, torch.bfloat16):
-            rows = kernels.SKINNY_SMALL_MAX_ROWS
             assert kernels._wants_skinny(torch.zeros(rows, 64, dtype=dtype), small.to(dtype))
             assert not kernels._wants_skinny(torch.zeros(rows + 1, 64, dtype=dtype), small.to(dtype))
         assert not kernels._wants_skinny(torch.zeros(1, 64), torch.zeros(least // 64 - 1, 64))  # below the floor
+        monkeypatch.setitem(kernels._skinny, "lanes", 1)  # the plain C++ build: small weights keep BLAS
+        assert not kernels._wants_skinny(torch.zeros(1, 64), small)
+        assert kernels._wants_skinny(torch.zeros(5, 64), w.float())  # large ones keep their timed bound
 
 
 def test_small_weights_take_the_kernel_without_the_timing(monkeypatch):
     """A small model's weights (from SKINNY_MIN_ELEMENTS up to SKINNY_TIMED_ELEMENTS) go to palitorch's kernel at up
-    to SKINNY_SMALL_MAX_ROWS rows after the self-check alone: eager callers (a CLI run of the bundled model) do not
-    pay the ~0.6 s timing, which measures streaming large weights. Same products as F.linear."""
+    to SKINNY_SMALL_MAX_ROWS rows after the self-check alone, in a build with a vector path: eager callers (a CLI run
+    of the bundled model) do not pay the ~0.6 s timing, which measures streaming large weights. Same products as
+    F.linear."""
     monkeypatch.setitem(kernels._skinny, "max_rows", {})
     monkeypatch.setattr(kernels, "_calibrate_skinny", lambda dtype: pytest.fail("timed for a small weight"))
     assert kernels._skinny_works()  # the self-check (its own products are not counted below)
@@ -309,4 +314,9 @@ def test_small_weights_take_the_kernel_without_the_timing(monkeypatch):
                 got = kernels.linear(x, w.to(dtype))
                 _close(got, want) if dtype == torch.float32 else _close_bf16(got, want)
         kernels.linear(torch.randn(1, 64), torch.randn(kernels.SKINNY_MIN_ELEMENTS // 64 - 1, 64))  # below the floor
-    assert calls == [1, rows] * 2
+    vector = kernels._skinny["lanes"] >= 8  # this machine's build has a vector path (any x86-64 with AVX2)
+    assert calls == ([1, rows] * 2 if vector else [])
+    monkeypatch.setitem(kernels._skinny, "lanes", 1)  # the plain C++ build: small weights keep BLAS
+    with torch.no_grad():
+        kernels.linear(torch.randn(1, 128), w)
+    assert calls == ([1, rows] * 2 if vector else [])
