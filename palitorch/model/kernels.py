@@ -264,8 +264,8 @@ def _wants_skinny(x: Tensor, w: Tensor) -> bool:
             and w.dim() == 2 and w.numel() >= SKINNY_MIN_ELEMENTS and w.is_contiguous()):
         return False
     rows = x.numel() // x.shape[-1]
-    # A small weight, unless SKINNY_MAX_ROWS overrides: the untimed bound, for a build with a vector path (AVX2 or
-    # AVX-512, the builds measured; BLAS's own vector code would beat the plain C++ one at these sizes).
+    # A small weight, unless SKINNY_MAX_ROWS overrides: the untimed bound, for a build with a vector path (measured:
+    # AVX-512 builds; AVX2's path is the same code at half the width; the plain C++ one would lose to BLAS).
     small = SKINNY_MAX_ROWS is None and w.numel() < SKINNY_TIMED_ELEMENTS
     if torch.compiler.is_compiling():  # the checks ran eagerly before (see `prepare`), never inside a trace
         if small:
