@@ -264,16 +264,16 @@ def _wants_skinny(x: Tensor, w: Tensor) -> bool:
             and w.dim() == 2 and w.numel() >= SKINNY_MIN_ELEMENTS and w.is_contiguous()):
         return False
     rows = x.numel() // x.shape[-1]
-    # A small weight, unless SKINNY_MAX_ROWS overrides: the untimed bound, for a build with a vector path (measured:
-    # AVX-512 builds; AVX2's path is the same code at half the width; the plain C++ one would lose to BLAS).
-    small = SKINNY_MAX_ROWS is None and w.numel() < SKINNY_TIMED_ELEMENTS
-    if torch.compiler.is_compiling():  # the checks ran eagerly before (see `prepare`), never inside a trace
-        if small:
-            return bool(_skinny["works"]) and _skinny["lanes"] >= 8 and rows <= SKINNY_SMALL_MAX_ROWS
+    compiling = torch.compiler.is_compiling()  # then the checks ran eagerly before (see `prepare`), never in a trace
+    if SKINNY_MAX_ROWS is None and w.numel() < SKINNY_TIMED_ELEMENTS:
+        # A small weight: the untimed bound, for a build with a vector path (measured: AVX-512 builds; AVX2's path is
+        # the same code at half the width; the plain C++ one would lose to BLAS).
+        if rows > SKINNY_SMALL_MAX_ROWS:
+            return False
+        return bool(_skinny["works"] if compiling else _skinny_works()) and _skinny["lanes"] >= 8
+    if compiling:
         limit = SKINNY_MAX_ROWS if SKINNY_MAX_ROWS is not None else _skinny["max_rows"].get(w.dtype, 0)
         return bool(_skinny["works"]) and rows <= limit
-    if small:
-        return rows <= SKINNY_SMALL_MAX_ROWS and _skinny_works() and _skinny["lanes"] >= 8
     return rows <= skinny_max_rows(w.dtype)
 
 
