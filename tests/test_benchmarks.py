@@ -53,7 +53,7 @@ def test_compare_tokens_identical_near_tie_and_different():
 
 
 def test_attention_variants_agree_up_to_a_near_tie_in_16_bit_only():
-    from palitorch.inference.generate import Result
+    from palitorch.inference.answer import Result
 
     def answer(ids, lps):
         return Result("", ids, lps, "length", 3)

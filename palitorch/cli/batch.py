@@ -82,9 +82,10 @@ def read_fields(index: int, raw: bytes) -> dict:
     return fields
 
 
-# Fields an output line sets itself: a request's own fields of these names are not copied to it.
+# Fields an output line sets itself: a request's own fields of these names are not copied to it. (A request's
+# "top_logprobs" is a count, a decoding option kept in "decoding"; the output's is the list of alternatives.)
 RESULT_FIELDS = frozenset({"index", "decoding", "error", "text", "token_ids", "logprobs", "finish_reason",
-                           "prompt_tokens", "detections", "segmentations"})
+                           "prompt_tokens", "detections", "segmentations", "top_logprobs"})
 
 
 def make_request(index: int, fields: dict, folder: Path, defaults: dict) -> Request:
@@ -229,7 +230,8 @@ def run_chunk(pipe, chunk: list[Request], writer: Writer, pad_to: int | None = N
         if isinstance(res, Exception):
             writer.add(req.fields, req.index, error=str(res))
         else:
-            writer.add(req.fields, req.index, decoding=req.options, **result_fields(res, req.prompt, im.size))
+            fields = result_fields(res, req.prompt, im.size, pipe.processor.tokenizer)
+            writer.add(req.fields, req.index, decoding=req.options, **fields)
 
 
 def batch(args: argparse.Namespace) -> int:

@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
     one_line_errors(p)
     p.add_argument("--image", required=True, metavar="PATH", help="the image to start with")
     add_model_options(p)
-    add_decoding_options(p)
+    add_decoding_options(p, text_only=True)
     p.set_defaults(func=chat)
 
 

@@ -26,7 +26,10 @@ DECODING = (
     ("--num-beams", "num_beams", int, "B", "beam search with B beams (default 1: none)"),
     ("--length-penalty", "length_penalty", float, "L", "beam scores are logprob / length ** L (default 1)"),
     ("--seed", "seed", int, "S", "random seed: the same seed gives the same sample"),
+    ("--top-logprobs", "top_logprobs", int, "K",
+     "also report each token's K most likely alternatives with their logprobs (0-20; default 0)"),
 )
+ANSWER_ONLY = {"top_logprobs"}  # what a command that shows only the answer's text (chat, serve's defaults) leaves out
 FLAG_OF = {key: flag for flag, key, *_ in DECODING} | {"stop": "--stop"}
 _KEYWORD = re.compile(r"\b(?:" + "|".join(FLAG_OF) + r")\b")
 
@@ -56,10 +59,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         "seconds; pays off for long jobs such as batch)")
 
 
-def add_decoding_options(parser: argparse.ArgumentParser) -> None:
+def add_decoding_options(parser: argparse.ArgumentParser, text_only: bool = False) -> None:
+    """The decoding flags; `text_only`: without those that only add to a full result (ANSWER_ONLY)."""
     g = parser.add_argument_group("decoding (greedy unless a sampling option is given)")
     for flag, key, kind, metavar, text in DECODING:
-        g.add_argument(flag, dest=key, type=kind, metavar=metavar, help=text)
+        if not (text_only and key in ANSWER_ONLY):
+            g.add_argument(flag, dest=key, type=kind, metavar=metavar, help=text)
     g.add_argument("--stop", action="append", metavar="STR", help="end the answer before this text (repeatable)")
 
 
@@ -125,16 +130,31 @@ def not_a_folder(path: Path) -> str:
     return f"folder {str(path)!r} does not exist"
 
 
-def result_fields(result, prompt: str, image_size: tuple[int, int]) -> dict:
-    """A Result as JSON-ready fields; detect/segment prompts add their parsed objects in image pixels."""
+def result_fields(result, prompt: str, image_size: tuple[int, int], tokenizer) -> dict:
+    """A Result as JSON-ready fields; detect/segment prompts add their parsed objects in image pixels, and a result
+    with top_logprobs adds them as {"token_id", "token", "logprob"} objects (token texts from `tokenizer`)."""
     from palitorch.tasks import task_outputs
 
-    return {
+    fields = {
         "text": result.text,
         "token_ids": list(result.token_ids),
-        # JSON has no -inf: a token the model gave zero probability (possible when sampling) becomes null.
-        "logprobs": [float(v) if math.isfinite(v) else None for v in result.logprobs],
+        "logprobs": [json_number(v) for v in result.logprobs],
         "finish_reason": result.finish_reason,
         "prompt_tokens": result.prompt_tokens,
-        **task_outputs(prompt, result.text, *image_size),
     }
+    if result.top_logprobs is not None:
+        fields["top_logprobs"] = [[{"token_id": i, "token": token_text(tokenizer, i), "logprob": json_number(v)}
+                                   for i, v in step] for step in result.top_logprobs]
+    return fields | task_outputs(prompt, result.text, *image_size)
+
+
+def json_number(v: float) -> float | None:
+    """JSON has no -inf: a token the model gave zero probability (possible when sampling) becomes null."""
+    return float(v) if math.isfinite(v) else None
+
+
+def token_text(tokenizer, token: int) -> str:
+    """What a token adds to the text (a lone byte of a multi-byte character as a \\xNN escape)."""
+    from palitorch.inference.processor import token_bytes
+
+    return token_bytes(tokenizer, token).decode("utf-8", errors="backslashreplace")

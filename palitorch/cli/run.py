@@ -22,6 +22,7 @@ from palitorch.cli.common import (
     not_a_folder,
     one_line_errors,
     result_fields,
+    token_text,
 )
 from palitorch.errors import InputError
 
@@ -75,6 +76,19 @@ def draw(image: Image.Image, text: str, out: Path, vae: dict | None = None) -> N
         raise InputError(f"cannot write {out}: {e}") from None
 
 
+def alternatives_table(result, tokenizer) -> str:
+    """--top-logprobs without --json: a line per generated token, its logprob and its step's alternatives."""
+
+    def shown(token: int) -> str:
+        return json.dumps(token_text(tokenizer, token), ensure_ascii=False)
+
+    rows = [(shown(t), f"{lp:8.3f}", "  ".join(f"{shown(i)} {v:.3f}" for i, v in alts))
+            for t, lp, alts in zip(result.token_ids, result.logprobs, result.top_logprobs)]
+    width = max([len("token")] + [len(r[0]) for r in rows])
+    lines = [f"{'token':<{width}}  {'logprob':>8}  most likely tokens at that step"]
+    return "\n".join(lines + [f"{a:<{width}}  {b}  {c}" for a, b, c in rows])
+
+
 def run(args: argparse.Namespace) -> int:
     from palitorch.inference import load_image
 
@@ -104,9 +118,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         result = pipe.generate(image, args.prompt, **opts)
         if args.json:
-            print(json.dumps(result_fields(result, args.prompt, image.size), ensure_ascii=False))
+            print(json.dumps(result_fields(result, args.prompt, image.size, pipe.processor.tokenizer),
+                             ensure_ascii=False))
         else:
             print(result.text)
+    if result.top_logprobs is not None and not args.json:
+        print(alternatives_table(result, pipe.processor.tokenizer))
     if out is not None:
         draw(image, result.text, out, vae)
     return 0

@@ -54,7 +54,7 @@ def add_parser(subparsers) -> None:
                    help="largest request body accepted, in MiB (default 32)")
     g.add_argument("--quiet", action="store_true", help="no log line per request")
     add_model_options(p)
-    add_decoding_options(p)
+    add_decoding_options(p, text_only=True)
     p.set_defaults(func=serve)
 
 

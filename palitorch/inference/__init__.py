@@ -1,6 +1,6 @@
 """Processor, generation and the Pipeline that ties them to a loaded model."""
 
-from palitorch.inference.generate import Result
+from palitorch.inference.answer import Result
 from palitorch.inference.pipeline import Pipeline, ScoreResult, Stream, load
 from palitorch.inference.processor import Processor, load_image
 from palitorch.inference.sampling import GenerationOptions

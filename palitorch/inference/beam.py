@@ -17,16 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from palitorch.inference.generate import (
-    Answer,
-    Prompts,
-    Result,
-    Steps,
-    advance,
-    ensure_caches,
-    prefill,
-    raw_logprobs,
-)
+from palitorch.inference.answer import Alternatives, Answer, Result, alternatives_lists, top_alternatives
+from palitorch.inference.generate import Prompts, Steps, advance, ensure_caches, prefill, raw_logprobs
 from palitorch.inference.processor import Processor
 from palitorch.inference.sampling import Chooser, GenerationOptions
 from palitorch.model import PaliGemma
@@ -36,6 +28,7 @@ from palitorch.model import PaliGemma
 class Hypothesis:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # raw log-probs, as Result reports them
+    alternatives: list[Alternatives] = field(default_factory=list)  # with top_logprobs: each step's, as Result's
 
 
 def expand_caches(model: PaliGemma, beams: int) -> None:
@@ -84,6 +77,7 @@ def beam_search(model: PaliGemma, processor: Processor, prompts: Prompts, opts: 
         src, tok = idx // v, idx % v
         raw_top = raw.view(b, m, v)[torch.arange(b, device=raw.device)[:, None], src, tok]
         top_l, src_l, tok_l, raw_l = top.tolist(), src.tolist(), tok.tolist(), raw_top.tolist()
+        alts = alternatives_lists(*top_alternatives(raw, opts.top_logprobs)) if opts.top_logprobs else None
 
         next_src, next_tok, next_score = [], [], []
         for p in range(b):
@@ -104,7 +98,9 @@ def beam_search(model: PaliGemma, processor: Processor, prompts: Prompts, opts: 
             new = []
             for rank in kept:
                 hyp = beams[p][src_l[p][rank]]
-                new.append(Hypothesis(hyp.tokens + [tok_l[p][rank]], hyp.logprobs + [raw_l[p][rank]]))
+                step_alts = [alts[p * m + src_l[p][rank]]] if alts else []  # the parent beam's distribution
+                new.append(Hypothesis(hyp.tokens + [tok_l[p][rank]], hyp.logprobs + [raw_l[p][rank]],
+                                      hyp.alternatives + step_alts))
                 next_src.append(p * m + src_l[p][rank])
                 next_tok.append(tok_l[p][rank])
                 next_score.append(top_l[p][rank])
@@ -127,9 +123,10 @@ def beam_search(model: PaliGemma, processor: Processor, prompts: Prompts, opts: 
             for hyp, s in zip(beams[p], next_score[p * m:(p + 1) * m]):
                 finished[p].append((s / max(len(hyp.tokens), 1) ** opts.length_penalty, hyp, "length"))
         _, best, reason = max(finished[p], key=lambda f: f[0])
-        answer = Answer(processor, eos, opts.stop, prompts.lengths[p])
-        for tok, lp in zip(best.tokens, best.logprobs):
-            answer.push(tok, lp, track_text=bool(opts.stop))
+        answer = Answer(processor, eos, opts.stop, prompts.lengths[p], top=opts.top_logprobs > 0)
+        alternatives = best.alternatives or [None] * len(best.tokens)
+        for tok, lp, alt in zip(best.tokens, best.logprobs, alternatives):
+            answer.push(tok, lp, track_text=bool(opts.stop), alternatives=alt)
         if answer.finish is None and reason == "eos":
             answer.finish = "eos"
         results.append(answer.result())

@@ -30,16 +30,16 @@ from dataclasses import dataclass
 import torch
 
 from palitorch.errors import InputError
+from palitorch.inference.answer import Answer, Result, alternatives_lists, top_alternatives
 from palitorch.inference.generate import (
     EAGER,
-    Answer,
     Cursor,
-    Result,
     Steps,
     encode_prompts,
     ensure_caches,
     eos_ids,
     prefill,
+    raw_logprobs,
     settle,
     sliding_window,
     token_logprobs,
@@ -58,6 +58,7 @@ class Seq:
     budget: int  # the most tokens it may generate
     min_new: int  # EOS is barred until it has generated this many
     stream: bool  # hand out its text in pieces as it grows
+    top: int = 0  # how many alternatives to report per token (top_logprobs)
     row: int = -1  # its row in the batch (rows move when the batch is resized)
     start: int = 0  # the first cache slot of its (left-padded) prompt
     made: int = 0  # tokens generated so far
@@ -173,16 +174,19 @@ class LiveBatch:
         bar = torch.tensor([[o.min_new_tokens > 0] for o in options], device=self.device)
         tok = self.chooser(logits, bar, row_t)
         lp = token_logprobs(logits, tok)
+        k = max(o.top_logprobs for o in options)
+        top = top_alternatives(raw_logprobs(logits), k) if k else None
         self.tok[row_t] = tok
         self.done[row_t] = torch.isin(tok, self.eos_t)
         seqs = []
         for i, r in enumerate(rows):
             o = options[i]
-            q = Seq(tags[i] if tags else None, Answer(self.processor, self.eos, o.stop, batch.lengths[i]),
-                    budgets[i], o.min_new_tokens, bool(streams and streams[i]), row=r, start=slot - t)
+            answer = Answer(self.processor, self.eos, o.stop, batch.lengths[i], top=o.top_logprobs > 0)
+            q = Seq(tags[i] if tags else None, answer, budgets[i], o.min_new_tokens, bool(streams and streams[i]),
+                    o.top_logprobs, row=r, start=slot - t)
             self.seqs[r] = q
             seqs.append(q)
-        return seqs, self._events(seqs, tok, lp, by_row=False)
+        return seqs, self._events(seqs, tok, lp, by_row=False, top=top)
 
     @staticmethod
     def _check(o: GenerationOptions) -> None:
@@ -303,26 +307,31 @@ class LiveBatch:
                 self._no_bar = torch.zeros(len(self.seqs), 1, dtype=torch.bool, device=self.device)
             bar = self._no_bar
         fns, pad = self.fns, self.processor.pad_id
-        if self.chooser.fusable:
+        k, top = max(q.top for q in live), None  # alternatives wanted: the logits must leave the step
+        if self.chooser.fusable and not k:
             tok, lp, done = fns.greedy(self.model, self.tok, *self.cur.step(), self.done, bar, self.eos_t, pad)
         else:
             self.chooser.observe(self.tok)
             logits = fns.logits(self.model, self.tok, *self.cur.step())
             tok = self.chooser(logits, bar)
             tok, lp, done = settle(tok, token_logprobs(logits, tok), self.done, self.eos_t, pad)
+            top = top_alternatives(raw_logprobs(logits), k) if k else None
         if fns.copy_outputs:
             tok, lp, done = tok.clone(), lp.clone(), done.clone()
         self.tok, self.done = tok, done
-        return self._events(self.active, tok, lp, by_row=True)
+        return self._events(self.active, tok, lp, by_row=True, top=top)
 
-    def _events(self, seqs: list[Seq], tok: torch.Tensor, lp: torch.Tensor, by_row: bool) -> list[Event]:
-        """Record one token per sequence (tok, lp: [B] by row, or [n] in `seqs` order) -> their events."""
+    def _events(self, seqs: list[Seq], tok: torch.Tensor, lp: torch.Tensor, by_row: bool,
+                top: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Event]:
+        """Record one token per sequence (tok, lp: [B] by row, or [n] in `seqs` order; `top`: the step's
+        alternatives, ids and logprobs [B or n, k]) -> their events."""
         toks, lps = tok.tolist(), lp.tolist()
+        alts = alternatives_lists(*top) if top is not None else None
         events = []
         for i, q in enumerate(seqs):
             j = q.row if by_row else i
             a = q.answer
-            a.push(toks[j], lps[j], track_text=q.stream or bool(a.stop))
+            a.push(toks[j], lps[j], track_text=q.stream or bool(a.stop), alternatives=alts and alts[j][:q.top])
             q.made += 1
             final = a.finish is not None or q.made >= q.budget
             result = a.result() if final else None

@@ -21,20 +21,14 @@ from dataclasses import dataclass
 import torch
 
 from palitorch.errors import InputError, NumericsError
+from palitorch.inference.answer import Alternatives, Answer, Result, alternatives_lists, top_alternatives
 from palitorch.inference.done import DoneWatch
 from palitorch.inference.processor import Processor
 from palitorch.inference.sampling import Chooser, GenerationOptions
 from palitorch.model import PaliGemma
 from palitorch.model.paligemma import prefix_lm_mask
 
-
-@dataclass
-class Result:
-    text: str  # special tokens dropped except <locNNNN>/<segNNN>; cut before a stop string
-    token_ids: list[int]  # generated ids, without the stopping EOS (with a stop string: up to the token ending it)
-    logprobs: list[float]  # log p(token) under the model's raw distribution, one per token id
-    finish_reason: str  # "eos", "length" or "stop"
-    prompt_tokens: int  # prompt length in tokens, image tokens included
+Top = tuple[torch.Tensor, torch.Tensor]  # a step's alternatives on the device: ids [B, k], logprobs [B, k]
 
 
 @dataclass
@@ -221,10 +215,12 @@ def logsumexp_logprobs(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: list[int], pad_id: int,
-           steps: int, fns: Steps | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (tokens [B], logprobs [B]) for up to `steps` steps, both on the device.
+           steps: int, fns: Steps | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, Top | None]]:
+    """Yield (tokens [B], logprobs [B], alternatives) for up to `steps` steps, all on the device.
 
-    logprobs are log_softmax of the raw logits at the chosen token. A row that has produced an EOS yields
+    logprobs are log_softmax of the raw logits at the chosen token; alternatives, with `opts.top_logprobs` = k,
+    the k most likely tokens under the same distribution (ids [B, k], logprobs [B, k]), else None: asking for them
+    runs the step as sampling does (the logits leave the step). A row that has produced an EOS yields
     `pad_id` afterwards. The loop ends early once every row has: on CPU checked every step (a check is free), on
     CUDA within a few steps, without emptying the GPU's queue; see `DoneWatch`.
     Greedy decoding runs the forward and the choice as one function, `fns.greedy`; sampling and repetition
@@ -237,15 +233,17 @@ def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: lis
     chooser = Chooser(opts, eos, logits.shape[-1], prompts.ids, prompts.valid)
     eos_t = torch.tensor(eos, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
-    fused = chooser.seen is None and not opts.do_sample
+    k = opts.top_logprobs
+    fused = chooser.seen is None and not opts.do_sample and not k
     no_eos = [torch.full((1,), flag, device=device) for flag in (False, True)]  # min_new_tokens not yet reached
     watch = DoneWatch(device)
 
     def pick(logits: torch.Tensor, i: int, done: torch.Tensor):
         tok = chooser(logits, i)
-        return settle(tok, token_logprobs(logits, tok), done, eos_t, pad_id)
+        top = top_alternatives(raw_logprobs(logits), k) if k else None
+        return *settle(tok, token_logprobs(logits, tok), done, eos_t, pad_id), top
 
-    tok, lp, done = pick(logits, 0, done)
+    tok, lp, done, top = pick(logits, 0, done)
     for i in range(steps):
         if i > 0 and fused:
             tok, lp, done = fns.greedy(model, tok, *cur.step(), done, no_eos[i < opts.min_new_tokens], eos_t, pad_id)
@@ -253,68 +251,10 @@ def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: lis
                 tok, lp, done = tok.clone(), lp.clone(), done.clone()
         elif i > 0:
             chooser.observe(tok)
-            tok, lp, done = pick(fns.logits(model, tok, *cur.step()), i, done)
-        yield tok, lp
+            tok, lp, done, top = pick(fns.logits(model, tok, *cur.step()), i, done)
+        yield tok, lp, top
         if i + 1 == steps or watch.finished(done, i):
             return
-
-
-class Answer:
-    """One row's answer assembled on the host, step by step: ids, logprobs, text, stop strings, finish reason."""
-
-    def __init__(self, processor: Processor, eos: list[int], stop: list[str] | None, prompt_tokens: int):
-        self.processor, self.eos, self.stop = processor, set(eos), stop or []
-        self.prompt_tokens = prompt_tokens
-        self.ids: list[int] = []
-        self.logprobs: list[float] = []
-        self.finish: str | None = None
-        self.text = ""
-        self.sent = ""  # the text handed out so far by `new_text`
-        self._hold = max((len(s) for s in self.stop), default=1) - 1  # chars that may begin a stop string
-
-    def push(self, token: int, logprob: float, track_text: bool) -> None:
-        """Record one generated token; with `track_text` decode the text and look for stop strings."""
-        if self.finish is not None:
-            return
-        if token in self.eos:
-            self.finish = "eos"
-            return
-        self.ids.append(token)
-        self.logprobs.append(logprob)
-        if track_text:
-            before = len(self.text)
-            self.text = self.processor.decode(self.ids)
-            self._find_stop(max(0, before - self._hold - 1))
-
-    def _find_stop(self, start: int) -> None:
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.finish = "stop"
-
-    def safe_text(self) -> str:
-        """Text that later tokens cannot change: no trailing incomplete character (U+FFFD from a partial byte
-        sequence) and none of the last characters that could still begin a stop string."""
-        if self.finish is not None:
-            return self.text
-        text = self.text.rstrip("\ufffd")
-        return text[: len(text) - self._hold] if self._hold else text
-
-    def new_text(self, final: bool = False) -> str:
-        """The text that can no longer change and has not been handed out yet ("" if none). `final`: the answer is
-        over (call `result()` first), so all of it can go."""
-        text = self.text if final else self.safe_text()
-        if len(text) <= len(self.sent) or not text.startswith(self.sent):
-            return ""
-        piece, self.sent = text[len(self.sent):], text
-        return piece
-
-    def result(self) -> Result:
-        if self.finish is None:
-            self.finish = "length"
-        if self.finish != "stop":
-            self.text = self.processor.decode(self.ids)
-        return Result(self.text, self.ids, self.logprobs, self.finish, self.prompt_tokens)
 
 
 def generate(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompts: list[str],
@@ -329,22 +269,32 @@ def generate(model: PaliGemma, processor: Processor, pixels: torch.Tensor, promp
         from palitorch.inference.beam import beam_search
 
         return beam_search(model, processor, batch, opts, eos, steps, fns)
-    answers = [Answer(processor, eos, opts.stop, n) for n in batch.lengths]
-    toks, lps = [], []
-    for tok, lp in decode(model, batch, opts, eos, processor.pad_id, steps, fns):
+    answers = [Answer(processor, eos, opts.stop, n, top=opts.top_logprobs > 0) for n in batch.lengths]
+    toks, lps, tops = [], [], []
+    for tok, lp, top in decode(model, batch, opts, eos, processor.pad_id, steps, fns):
         if opts.stop:  # stop strings need the text: one host sync per step
-            for a, t, p in zip(answers, tok.tolist(), lp.tolist()):
-                a.push(t, p, track_text=True)
+            for a, t, p, alt in zip(answers, tok.tolist(), lp.tolist(), row_alternatives(top, len(answers))):
+                a.push(t, p, track_text=True, alternatives=alt)
             if all(a.finish is not None for a in answers):
                 break
         else:  # keep the tokens on the device; one transfer at the end
             toks.append(tok)
             lps.append(lp)
+            tops.append(top)
     if toks:
-        for a, ts, ps in zip(answers, torch.stack(toks, 1).tolist(), torch.stack(lps, 1).tolist()):
-            for t, p in zip(ts, ps):
-                a.push(t, p, track_text=False)
+        alts = [None] * len(answers) if tops[0] is None else [
+            [list(zip(i, v)) for i, v in zip(ids, vals)]  # [steps][k] pairs per row
+            for ids, vals in zip(torch.stack([t[0] for t in tops], 1).tolist(),
+                                 torch.stack([t[1] for t in tops], 1).tolist())]
+        for a, ts, ps, alt in zip(answers, torch.stack(toks, 1).tolist(), torch.stack(lps, 1).tolist(), alts):
+            for j, (t, p) in enumerate(zip(ts, ps)):
+                a.push(t, p, track_text=False, alternatives=alt and alt[j])
     return [a.result() for a in answers]
+
+
+def row_alternatives(top: Top | None, rows: int) -> list[Alternatives | None]:
+    """A step's alternatives (ids, logprobs [B, k] on the device, or None) -> one list of pairs per row (or None)."""
+    return [None] * rows if top is None else alternatives_lists(*top)
 
 
 def stream(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompt: str,
@@ -375,7 +325,7 @@ def stream_batch(model: PaliGemma, processor: Processor, pixels: torch.Tensor, p
         raise InputError("streaming shows one sequence as it grows: use num_beams=1 (or generate for beams)")
     batch = encode_prompts(model, processor, pixels, prompts, image_index)
     eos = eos_ids(model, processor)
-    answers = [Answer(processor, eos, opts.stop, n) for n in batch.lengths]
+    answers = [Answer(processor, eos, opts.stop, n, top=opts.top_logprobs > 0) for n in batch.lengths]
     done = [False] * len(answers)
 
     def events(i: int, final: bool):
@@ -387,10 +337,11 @@ def stream_batch(model: PaliGemma, processor: Processor, pixels: torch.Tensor, p
             done[i] = True
             yield i, result
 
-    for tok, lp in decode(model, batch, opts, eos, processor.pad_id, new_token_budget(model, batch, opts), fns):
+    for tok, lp, top in decode(model, batch, opts, eos, processor.pad_id, new_token_budget(model, batch, opts), fns):
+        alts = row_alternatives(top, len(answers))
         for i, (a, t, p) in enumerate(zip(answers, tok.tolist(), lp.tolist())):
             if not done[i]:
-                a.push(t, p, track_text=True)
+                a.push(t, p, track_text=True, alternatives=alts[i])
                 yield from events(i, final=a.finish is not None)
         if all(done) or (keep_going is not None and not keep_going()):
             break

@@ -12,8 +12,8 @@ import torch
 from palitorch.checkpoint import load_model, read_config, resolve_dtype
 from palitorch.errors import InputError
 from palitorch.inference import generate as engine
+from palitorch.inference.answer import Result
 from palitorch.inference.continuous import LiveBatch
-from palitorch.inference.generate import Result
 from palitorch.inference.processor import Processor
 from palitorch.inference.sampling import GenerationOptions
 from palitorch.model import PaliGemma, kernels
@@ -166,8 +166,9 @@ class Pipeline:
         with a list of prompts, or one prompt with a list of images, pairs it with each.
 
         Decoding options are keyword arguments (or a GenerationOptions): max_new_tokens=64, min_new_tokens=0,
-        temperature, top_k, top_p, min_p, repetition_penalty=1.0, num_beams=1, length_penalty=1.0, seed, stop.
-        Greedy by default. Returns a `Result` (text, token_ids, logprobs, finish_reason, prompt_tokens).
+        temperature, top_k, top_p, min_p, repetition_penalty=1.0, num_beams=1, length_penalty=1.0, seed, stop,
+        and top_logprobs=0 (k: also report each step's k most likely tokens). Greedy by default. Returns a `Result`
+        (text, token_ids, logprobs, finish_reason, prompt_tokens, and top_logprobs when asked for).
         """
         opts = GenerationOptions.from_kwargs(options, **kw)
         images, prompts, single = as_batch(image, prompt)

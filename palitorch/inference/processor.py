@@ -25,6 +25,7 @@ from palitorch.errors import CheckpointError, InputError
 
 IMAGE, BOS, EOS, PAD = "<image>", "<bos>", "<eos>", "<pad>"
 _LOC_SEG = re.compile(r"<(loc\d{4}|seg\d{3})>")
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def load_image(image) -> Image.Image:
@@ -159,6 +160,10 @@ class Processor:
             raise InputError(f"the tokenizer has no {text} token")
         return i
 
+    def token_bytes(self, token: int) -> bytes:
+        """See `token_bytes`."""
+        return token_bytes(self.tokenizer, token)
+
     # ------------------------------------------------------------------ images
 
     def pixels(self, image) -> torch.Tensor:
@@ -266,6 +271,15 @@ def _preprocessing(pre: Path, image_size: int, num_image_tokens: int) -> dict:
         if not ok:
             raise CheckpointError(f"{pre}: {key} is {repr(value)[:40]}, it must be {want}; download it again")
     return dict(mean=mean, std=std, rescale=rescale)
+
+
+def token_bytes(tokenizer: Tokenizer, token: int) -> bytes:
+    """What one token adds to the text, as bytes: its piece with sentencepiece's word mark (U+2581) as a space, or
+    for a byte-fallback token <0xNN> that byte (a character of several bytes comes as several such tokens); b"" for
+    an id the tokenizer does not know. Special tokens give their own text (`<eos>`, `<loc0042>`)."""
+    piece = tokenizer.id_to_token(token) or ""
+    match = _BYTE_TOKEN.fullmatch(piece)
+    return bytes([int(match[1], 16)]) if match else piece.replace("\u2581", " ").encode()
 
 
 def _numbers(values, n: int = 1, positive: bool = False) -> bool:

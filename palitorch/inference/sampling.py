@@ -21,6 +21,8 @@ import torch
 
 from palitorch.errors import InputError
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit: enough to see a step's close alternatives, few enough to copy each step
+
 
 @dataclass
 class GenerationOptions:
@@ -37,6 +39,7 @@ class GenerationOptions:
     length_penalty: float = 1.0  # beam scores are sum(logprob) / length ** length_penalty
     seed: int | None = None
     stop: list[str] | None = None  # stop strings: the text ends before the first one found
+    top_logprobs: int = 0  # also report each step's k most likely tokens (Result.top_logprobs), k <= 20
 
     @classmethod
     def from_kwargs(cls, options: GenerationOptions | None = None, **kw) -> GenerationOptions:
@@ -85,6 +88,8 @@ class GenerationOptions:
             bad("beam search is deterministic: use num_beams > 1 without temperature/top_k/top_p/min_p")
         if self.seed is not None and not _is_int(self.seed):
             bad(f"seed must be an integer, got {self.seed!r}")
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            bad(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {self.top_logprobs!r}")
         if self.stop is not None and (
             not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop)
         ):

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from PIL import Image
 
 from palitorch.errors import PalitorchError
-from palitorch.inference.generate import Result
+from palitorch.inference.answer import Result
 from palitorch.inference.sampling import GenerationOptions
 from palitorch.server.jobs import Job, api_error
 from palitorch.server.openai import ApiError, ChatRequest

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from palitorch.errors import InputError, PalitorchError
-from palitorch.inference.generate import Result
+from palitorch.inference.answer import Result
 from palitorch.server.openai import ApiError, ChatRequest
 
 

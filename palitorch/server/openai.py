@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from palitorch.errors import InputError
-from palitorch.inference.generate import Result
-from palitorch.inference.processor import load_image
+from palitorch.inference.answer import Result
+from palitorch.inference.processor import load_image, token_bytes
 from palitorch.inference.sampling import GenerationOptions
 from palitorch.tasks import task_outputs
 
@@ -62,14 +62,13 @@ DECODING = {
     "max_completion_tokens": "max_new_tokens", "max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens",
     "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
     "repetition_penalty": "repetition_penalty", "num_beams": "num_beams", "length_penalty": "length_penalty",
-    "seed": "seed", "stop": "stop",
+    "seed": "seed", "stop": "stop", "top_logprobs": "top_logprobs",
 }
 API_NAME = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}  # for error messages
 # Accepted only at the value that asks for nothing PaliGemma cannot do.
 NEUTRAL = {
     "presence_penalty": (0, "use repetition_penalty (> 1 discourages repeats)"),
     "frequency_penalty": (0, "use repetition_penalty (> 1 discourages repeats)"),
-    "top_logprobs": (0, "logprobs: true gives each chosen token's logprob"),
     "logit_bias": ({}, None), "tools": ([], None), "tool_choice": ("none", None), "parallel_tool_calls": (False, None),
     "response_format": ({"type": "text"}, "PaliGemma writes plain text"), "modalities": (["text"], None),
 }
@@ -138,6 +137,8 @@ def parse_chat(body: dict, model_id: str, defaults: dict | None = None,
     want_logprobs = flag_or_int(body, "logprobs", False)
     if stream and want_logprobs:
         raise bad("logprobs come with whole answers: use stream: false to get them", "logprobs")
+    if options.get("top_logprobs") and not want_logprobs:
+        raise bad("top_logprobs come in each token's logprobs entry: set logprobs: true too", "top_logprobs")
     usage = body.get("stream_options") or {}
     if not isinstance(usage, dict) or not isinstance(usage.get("include_usage", False), bool):
         raise bad('stream_options must be an object like {"include_usage": true}', "stream_options")
@@ -277,15 +278,15 @@ def usage(results: list[Result]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def token_entry(tokenizer, token: int, logprob: float) -> dict:
-    """One item of a choice's logprobs.content: the token's text (sentencepiece's ▁ as a space; a byte-fallback
-    token <0xNN> as its byte), its bytes, its logprob (-9999 for -inf, as OpenAI does)."""
-    piece = tokenizer.id_to_token(token) or ""
-    match = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
-    raw = bytes([int(match[1], 16)]) if match else piece.replace("\u2581", " ").encode()
-    text = raw.decode("utf-8", errors="backslashreplace")
-    return {"token": text, "logprob": logprob if math.isfinite(logprob) else -9999.0, "bytes": list(raw),
-            "top_logprobs": []}
+def token_entry(tokenizer, token: int, logprob: float, alternatives: list | None = None) -> dict:
+    """One item of a choice's logprobs.content: the token's text (see `processor.token_bytes`: sentencepiece's word
+    mark as a space, a byte-fallback token <0xNN> as its byte), its bytes, its logprob (-9999 for -inf, as OpenAI
+    does), and its step's `alternatives` ((id, logprob) pairs, most likely first) as `top_logprobs` entries."""
+    raw = token_bytes(tokenizer, token)
+    return {"token": raw.decode("utf-8", errors="backslashreplace"),
+            "logprob": logprob if math.isfinite(logprob) else -9999.0, "bytes": list(raw),
+            "top_logprobs": [{k: v for k, v in token_entry(tokenizer, i, lp).items() if k != "top_logprobs"}
+                             for i, lp in alternatives or []]}
 
 
 def completion(rid: str, created: int, model: str, req: ChatRequest, results: list[Result], tokenizer) -> dict:
@@ -296,7 +297,9 @@ def completion(rid: str, created: int, model: str, req: ChatRequest, results: li
         choice = {"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": finish_reason(r),
                   "logprobs": None}
         if req.logprobs:
-            choice["logprobs"] = {"content": [token_entry(tokenizer, t, p) for t, p in zip(r.token_ids, r.logprobs)]}
+            alternatives = r.top_logprobs or [None] * len(r.token_ids)
+            choice["logprobs"] = {"content": [token_entry(tokenizer, t, p, alt) for t, p, alt
+                                              in zip(r.token_ids, r.logprobs, alternatives)]}
         choice.update(task_outputs(req.prompt, r.text, *req.image.size))
         choices.append(choice)
     return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,

@@ -6,6 +6,7 @@ count what the CLI asks of the model; the real tiny checkpoint (`pg1`) covers th
 
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 from run_cli import cli  # noqa: F401 (the tests here import it from this module)
 
 from palitorch.cli import common
-from palitorch.inference.generate import Result
+from palitorch.inference.answer import Result
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,6 +41,7 @@ class FakePipe:
 
     def __init__(self, answer):
         self.answer = answer
+        self.processor = types.SimpleNamespace(tokenizer=None)  # token texts: only for top_logprobs, never asked here
         self.calls = []  # (kind, [image sizes], [prompts], options)
         self.images = []  # the images of each call, as given
 

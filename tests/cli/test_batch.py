@@ -75,6 +75,28 @@ def test_compiled_decode_gives_the_same_results(pg1, images, capsys):
         assert out["compiled"][i]["logprobs"] == pytest.approx(r["logprobs"], abs=1e-4)
 
 
+def test_top_logprobs_per_line_and_by_default(pg1, images, capsys):
+    """A line's "top_logprobs" option (or --top-logprobs for every line) adds each token's alternatives; a line that
+    asks for none (0) has no such field."""
+    folder, _ = pg1
+    src = write_requests(images.parent / "requests.jsonl", [
+        {"image": "imgs/red.png", "prompt": "caption en"}, {"image": "imgs/blue.png", "prompt": "caption en",
+                                                            "top_logprobs": 3},
+        {"image": "imgs/blue.png", "prompt": "detect cat", "top_logprobs": 0}])
+    dst = images.parent / "results.jsonl"
+    rc, _, err = cli(["batch", "--model", folder, "--input", src, "--output", dst, "--max-new-tokens", "4",
+                      "--top-logprobs", "2", "--quiet"], capsys)
+    assert rc == 0, err
+    got = read_results(dst)
+    pipe = palitorch.load(folder)
+    for i, image, k in ((1, "red", 2), (2, "blue", 3)):
+        ref = pipe.generate(Image.open(images / f"{image}.png"), "caption en", max_new_tokens=4, top_logprobs=k)
+        assert got[i]["decoding"]["top_logprobs"] == k
+        assert [[a["token_id"] for a in step] for step in got[i]["top_logprobs"]] == \
+            [[t for t, _ in step] for step in ref.top_logprobs]
+    assert "top_logprobs" not in got[3] and got[3]["decoding"]["top_logprobs"] == 0
+
+
 @pytest.fixture
 def requests_file(images):
     lines = [{"image": "imgs/red.png" if i % 2 else "imgs/blue.png", "prompt": f"caption {i}"} for i in range(1, 8)]

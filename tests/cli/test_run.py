@@ -159,3 +159,30 @@ def test_bad_option_in_a_subprocess_has_no_traceback(images):
     p = cli_subprocess(["run", "--image", images / "red.png", "--prompt", "caption en", "--top-p", "0"])
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr == "palitorch run: error: --top-p must be in (0, 1], got 0.0\n"
+
+
+def test_top_logprobs_as_json_and_as_a_table(pg1, images, capsys):
+    folder, _ = pg1
+    pipe = palitorch.load(folder)
+    ref = pipe.generate(Image.open(images / "red.png"), "caption en", max_new_tokens=4, top_logprobs=3)
+    args = ["run", "--model", folder, "--image", images / "red.png", "--prompt", "caption en", "--max-new-tokens", "4",
+            "--top-logprobs", "3"]
+    rc, out, err = cli([*args, "--json"], capsys)
+    assert rc == 0, err
+    got = json.loads(out)["top_logprobs"]
+    assert [[a["token_id"] for a in step] for step in got] == [[i for i, _ in step] for step in ref.top_logprobs]
+    assert [[a["logprob"] for a in step] for step in got] == \
+        [pytest.approx([v for _, v in step], abs=1e-6) for step in ref.top_logprobs]
+    assert got[0][0]["token"] == pipe.processor.token_bytes(ref.top_logprobs[0][0][0]).decode(errors="replace")
+    rc, out, err = cli(args, capsys)  # without --json: the answer, then a line per token
+    assert rc == 0, err
+    assert out.startswith(ref.text + "\n")
+    table = out[len(ref.text) + 1:].splitlines()  # token texts are quoted there: "\n" stays on its line
+    assert table[0].startswith("token") and len(table) == 1 + len(ref.token_ids)
+    assert all(json.dumps(pipe.processor.decode([t])) in line and f"{lp:.3f}" in line
+               for line, t, lp in zip(table[1:], ref.token_ids, ref.logprobs))
+
+
+def test_chat_has_no_top_logprobs_flag(pg1, images, capsys):
+    rc, _, err = cli(["chat", "--model", pg1[0], "--image", images / "red.png", "--top-logprobs", "2"], capsys)
+    assert rc == 2 and "unrecognized arguments: --top-logprobs" in err

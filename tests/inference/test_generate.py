@@ -220,7 +220,7 @@ def test_stream_holds_back_split_multibyte_characters(ckpt_factory, monkeypatch)
 
     def scripted(model, prompts, opts, eos, pad_id, steps, step=None):
         for i in ids[:steps]:
-            yield torch.tensor([i]), torch.tensor([-1.0])
+            yield torch.tensor([i]), torch.tensor([-1.0]), None  # no alternatives asked for
 
     monkeypatch.setattr(engine, "decode", scripted)
     s = pipe.stream(images(1)[0], "caption en", max_new_tokens=len(ids))

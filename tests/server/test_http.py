@@ -57,6 +57,22 @@ def test_logprobs_are_generate_s(server, ref, demo):
     assert "".join(c["token"] for c in content) == expected.text  # <locNNNN> tokens are text too
 
 
+def test_top_logprobs_are_generate_s(server, ref, demo):
+    e = demo[1]
+    prompt = "answer en " + e["question"]
+    status, out, _ = post(server, chat(e["path"], prompt, logprobs=True, top_logprobs=3, n=2))
+    assert status == 200, out
+    expected = ref.generate(e["image"], prompt, top_logprobs=3)
+    for choice in out["choices"]:
+        content = choice["logprobs"]["content"]
+        assert len(content) == len(expected.top_logprobs) >= 1
+        for entry, alternatives in zip(content, expected.top_logprobs):
+            tokens = [ref.processor.token_bytes(i) for i, _ in alternatives]
+            assert [bytes(t["bytes"]) for t in entry["top_logprobs"]] == tokens
+            # 1e-5: the server decodes the n choices as a batch of n rows, generate one row (float32 rounding)
+            assert all(abs(t["logprob"] - lp) < 1e-5 for t, (_, lp) in zip(entry["top_logprobs"], alternatives))
+
+
 def test_detect_prompts_carry_detections(server, ref, demo):
     e = demo[1]
     status, out, _ = post(server, chat(e["path"], e["detect"]))

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from serverkit import chat, data_url, png_bytes
 
-from palitorch.inference.generate import Result
+from palitorch.inference.answer import Result
 from palitorch.server.openai import ApiError, ChatRequest, chunk, completion, parse_body, parse_chat, token_entry
 
 MODEL = "tiny"
@@ -177,7 +177,6 @@ def test_http_image_urls_go_to_fetch():
 @pytest.mark.parametrize("name, neutral, other, advice", [
     ("presence_penalty", 0, 0.5, "repetition_penalty"),
     ("frequency_penalty", 0, -1, "repetition_penalty"),
-    ("top_logprobs", 0, 3, "logprobs: true"),
     ("response_format", {"type": "text"}, {"type": "json_object"}, "plain text"),
     ("tools", [], [{"type": "function"}], "not supported"),
     ("tool_choice", "none", "auto", "not supported"),
@@ -259,6 +258,27 @@ def test_completion_object_finish_reasons_and_usage():
     assert all(c["logprobs"] is None and "detections" not in c for c in out["choices"])
     # the EOS that ended the first answer counts as generated; the prompt counts once
     assert out["usage"] == {"prompt_tokens": 70, "completion_tokens": 2 + 2 + 3, "total_tokens": 77}
+
+
+def test_top_logprobs_need_logprobs_and_a_count_up_to_20():
+    req = parse(body(logprobs=True, top_logprobs=3))
+    assert req.logprobs and req.options == {"top_logprobs": 3}
+    assert parse(body(top_logprobs=0)).options == {"top_logprobs": 0}  # 0 asks for nothing
+    e = refused(body(top_logprobs=3))
+    assert e.param == "top_logprobs" and "logprobs: true" in e.message
+    for value in (21, -1, 2.5, True):
+        message = refused(body(logprobs=True, top_logprobs=value)).message
+        assert "top_logprobs must be an integer from 0 to 20" in message
+
+
+def test_completion_with_top_logprobs():
+    alternatives = [[(5, -0.5), (8, -1.0)], [(8, -0.25), (6, -1.5)]]
+    result = Result("word", [5, 6], [-0.5, -1.5], "eos", 9, alternatives)
+    content = completion("c", 0, MODEL, request(logprobs=True), [result], Tokenizer())["choices"][0]["logprobs"]
+    first, second = content["content"]
+    assert first["top_logprobs"] == [{"token": " word", "logprob": -0.5, "bytes": list(b" word")},
+                                     {"token": "red", "logprob": -1.0, "bytes": list(b"red")}]
+    assert [(e["token"], e["logprob"]) for e in second["top_logprobs"]] == [("red", -0.25), ("\\xe2", -1.5)]
 
 
 def test_completion_with_logprobs():

@@ -1,0 +1,102 @@
+"""Answers as the host assembles them, one token at a time: ids, logprobs, the most likely alternatives, text, stop
+strings and the finish reason; and the `Result` they end in. Plain Python on host values: the engines
+(`generate.decode`, `continuous.LiveBatch`, `beam.beam_search`) move each step's tokens off the device and push
+them here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from palitorch.inference.processor import Processor
+
+# A step's alternatives: the k most likely tokens as (token id, logprob) pairs, most likely first.
+Alternatives = list[tuple[int, float]]
+
+
+@dataclass
+class Result:
+    text: str  # special tokens dropped except <locNNNN>/<segNNN>; cut before a stop string
+    token_ids: list[int]  # generated ids, without the stopping EOS (with a stop string: up to the token ending it)
+    logprobs: list[float]  # log p(token) under the model's raw distribution, one per token id
+    finish_reason: str  # "eos", "length" or "stop"
+    prompt_tokens: int  # prompt length in tokens, image tokens included
+    # With `top_logprobs=k`: one list per token id, the k most likely tokens at that step (whatever was chosen)
+    # under the same raw distribution, as (id, logprob), most likely first. None when not asked for.
+    top_logprobs: list[Alternatives] | None = None
+
+
+def top_alternatives(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of raw logprobs [B, V] (k clamped to V) -> (ids [B, k], logprobs [B, k]), largest first."""
+    values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+    return ids, values
+
+
+def alternatives_lists(ids: torch.Tensor, values: torch.Tensor) -> list[Alternatives]:
+    """ids, logprobs [B, k] (on any device) -> per row, the (id, logprob) pairs. One transfer each."""
+    return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+
+
+class Answer:
+    """One row's answer assembled on the host, step by step: ids, logprobs, text, stop strings, finish reason.
+    `top`: also keep each step's alternatives (`push(..., alternatives=...)`) for `Result.top_logprobs`."""
+
+    def __init__(self, processor: Processor, eos: list[int], stop: list[str] | None, prompt_tokens: int,
+                 top: bool = False):
+        self.processor, self.eos, self.stop = processor, set(eos), stop or []
+        self.prompt_tokens = prompt_tokens
+        self.ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.top: list[Alternatives] | None = [] if top else None
+        self.finish: str | None = None
+        self.text = ""
+        self.sent = ""  # the text handed out so far by `new_text`
+        self._hold = max((len(s) for s in self.stop), default=1) - 1  # chars that may begin a stop string
+
+    def push(self, token: int, logprob: float, track_text: bool, alternatives: Alternatives | None = None) -> None:
+        """Record one generated token (and, when kept, that step's alternatives); with `track_text` decode the text
+        and look for stop strings."""
+        if self.finish is not None:
+            return
+        if token in self.eos:
+            self.finish = "eos"
+            return
+        self.ids.append(token)
+        self.logprobs.append(logprob)
+        if self.top is not None:
+            self.top.append(alternatives or [])
+        if track_text:
+            before = len(self.text)
+            self.text = self.processor.decode(self.ids)
+            self._find_stop(max(0, before - self._hold - 1))
+
+    def _find_stop(self, start: int) -> None:
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.finish = "stop"
+
+    def safe_text(self) -> str:
+        """Text that later tokens cannot change: no trailing incomplete character (U+FFFD from a partial byte
+        sequence) and none of the last characters that could still begin a stop string."""
+        if self.finish is not None:
+            return self.text
+        text = self.text.rstrip("\ufffd")
+        return text[: len(text) - self._hold] if self._hold else text
+
+    def new_text(self, final: bool = False) -> str:
+        """The text that can no longer change and has not been handed out yet ("" if none). `final`: the answer is
+        over (call `result()` first), so all of it can go."""
+        text = self.text if final else self.safe_text()
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+    def result(self) -> Result:
+        if self.finish is None:
+            self.finish = "length"
+        if self.finish != "stop":
+            self.text = self.processor.decode(self.ids)
+        return Result(self.text, self.ids, self.logprobs, self.finish, self.prompt_tokens, self.top)
