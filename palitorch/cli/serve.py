@@ -13,6 +13,7 @@ import faulthandler
 import os
 import signal
 import sys
+import urllib.parse
 from pathlib import Path
 
 from palitorch.cli.common import (
@@ -52,6 +53,9 @@ def add_parser(subparsers) -> None:
                    help="refuse http(s) image URLs: images must come inside the request as data URLs")
     g.add_argument("--max-body-mb", type=float, default=32, metavar="MB",
                    help="largest request body accepted, in MiB (default 32)")
+    g.add_argument("--allow-origin", action="append", metavar="ORIGIN", dest="allow_origins",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000; * for any) call the API from a "
+                        "browser: CORS headers for that origin (repeatable; default: none)")
     g.add_argument("--quiet", action="store_true", help="no log line per request")
     add_model_options(p)
     add_decoding_options(p, text_only=True)
@@ -71,11 +75,21 @@ def bind(args: argparse.Namespace, defaults: dict):
     try:
         return Server((args.host, args.port), model_name(args), defaults,
                       api_key=args.api_key or os.environ.get("PALITORCH_API_KEY") or None,
-                      fetch_images=not args.no_fetch, max_body=int(args.max_body_mb * (1 << 20)), quiet=args.quiet)
+                      fetch_images=not args.no_fetch, max_body=int(args.max_body_mb * (1 << 20)), quiet=args.quiet,
+                      allow_origins=args.allow_origins)
     except OSError as e:
         reason = e.strerror or str(e)
         raise InputError(f"cannot listen on {args.host}:{args.port}: {reason} (choose another --port or --host)") \
             from None
+
+
+def check_origin(origin: str) -> None:
+    """--allow-origin takes what a browser sends in its Origin header: scheme://host[:port], or * for any."""
+    parts = urllib.parse.urlsplit(origin)
+    if origin != "*" and not (parts.scheme in ("http", "https") and parts.netloc and not parts.path
+                              and not parts.query and not parts.fragment):
+        raise InputError(f"--allow-origin {origin!r}: give an origin as browsers send it, scheme://host[:port] "
+                         "(e.g. http://localhost:3000, no path or trailing slash), or * for any")
 
 
 def _interrupt(signum, frame):
@@ -95,6 +109,8 @@ def serve(args: argparse.Namespace) -> int:
         raise InputError(f"--max-queue must be >= 1, got {args.max_queue}")
     if not args.max_body_mb > 0:
         raise InputError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    for origin in args.allow_origins or ():
+        check_origin(origin)
     max_batch = args.max_batch_size
     if args.compile and batch_rung_below(max_batch) != max_batch:  # the sizes a compiled pipeline runs batches at
         max_batch = batch_rung_below(max_batch)

@@ -3,6 +3,13 @@
     GET  /health                 {"status": "ok", "model": ..., "queued": ..., "requests": ..., ...}
     GET  /v1/models              the one model served
     POST /v1/chat/completions    one image + prompt -> answer; "stream": true for server-sent events
+    OPTIONS (any path)           a browser's CORS preflight
+
+Browsers let a web page on another origin read the answers only when the server names that origin
+(`allow_origins`, `palitorch serve --allow-origin`): each response to a request from an allowed origin then carries
+Access-Control-Allow-Origin, and preflights get the methods and headers the API uses. Without allowed origins no
+CORS header is sent, so browsers keep other sites' pages from calling the server (non-browser clients are not
+affected either way).
 
 One thread per connection parses the request, fetches or decodes its image and waits for the engine's answer; the
 model itself runs on the engine's one thread (`engine.py`). Every error is OpenAI's error object with a status
@@ -59,14 +66,23 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], model_id: str, defaults: dict | None = None,
                  api_key: str | None = None, fetch_images: bool = True, max_body: int = 32 << 20,
-                 quiet: bool = False):
+                 quiet: bool = False, allow_origins: list[str] | None = None):
         super().__init__(address, Handler)
         self.engine: Engine | None = None  # set before serving: the socket is bound before the model loads
         self.model_id, self.defaults, self.api_key = model_id, dict(defaults or {}), api_key
         self.fetch = fetch_url if fetch_images else None
         self.images = ImageCache()
         self.max_body, self.quiet = max_body, quiet
+        self.allow_origins = set(allow_origins or ())  # "*": any origin
         self.started = int(time.time())
+
+    def cors_origin(self, origin: str | None) -> str | None:
+        """The Access-Control-Allow-Origin value for a request from `origin` (None: send no CORS headers)."""
+        if not origin or not self.allow_origins:
+            return None
+        if "*" in self.allow_origins:
+            return "*"
+        return origin if origin in self.allow_origins else None
 
     @property
     def url(self) -> str:
@@ -87,6 +103,28 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self._guard(self._post)
+
+    def do_OPTIONS(self) -> None:
+        """A CORS preflight (no body, no API key: browsers send neither): which methods and headers may follow."""
+        self.send_response(204)
+        self.send_header("Allow", "GET, POST, OPTIONS")
+        if self.server.cors_origin(self.headers.get("Origin")):
+            self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+            self.send_header("Access-Control-Allow-Headers",
+                             self.headers.get("Access-Control-Request-Headers") or "Authorization, Content-Type")
+            self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def end_headers(self) -> None:
+        """Every response (JSON, stream, preflight) to a request from an allowed origin says so."""
+        headers = getattr(self, "headers", None)  # none yet when the request line itself was malformed
+        allowed = self.server.cors_origin(headers.get("Origin") if headers else None)
+        if allowed:
+            self.send_header("Access-Control-Allow-Origin", allowed)
+            if allowed != "*":
+                self.send_header("Vary", "Origin")  # the answer depends on the Origin: caches must key on it
+        super().end_headers()
 
     def _get(self) -> None:
         path = urllib.parse.unquote(self.path.split("?", 1)[0]).rstrip("/")  # /v1/models/my%20model: "my model"

@@ -145,6 +145,51 @@ def test_an_api_key_guards_the_api_but_not_health(server, demo):
         assert status == 200 and out["status"] == "ok"
 
 
+def preflight(server, origin: str | None, path: str = COMPLETIONS) -> http.client.HTTPResponse:
+    conn = connect(server)
+    headers = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    conn.request("OPTIONS", path, headers=headers | ({"Origin": origin} if origin else {}))
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    return response
+
+
+def test_cors_only_for_the_allowed_origins(server, demo):
+    """Browsers read a cross-origin answer only if the server names the page's origin: preflights (no API key)
+    and every response, streams and errors included, carry it for allowed origins, and nothing for others."""
+    body = chat(demo[0]["path"], "caption en")
+    app, other = "http://localhost:3000", "https://evil.example"
+    with serving(new_server(server.engine, api_key="k", allow_origins=[app])) as srv:
+        allowed = preflight(srv, app)
+        assert allowed.status == 204 and allowed.getheader("Access-Control-Allow-Origin") == app
+        assert "POST" in allowed.getheader("Access-Control-Allow-Methods")
+        assert allowed.getheader("Access-Control-Allow-Headers") == "authorization,content-type"
+        assert allowed.getheader("Vary") == "Origin"
+        for refused in (preflight(srv, other), preflight(srv, None)):
+            assert refused.status == 204 and refused.getheader("Access-Control-Allow-Origin") is None
+            assert refused.getheader("Access-Control-Allow-Methods") is None
+        key = {"Authorization": "Bearer k"}
+        status, out, headers = post(srv, body, headers=key | {"Origin": app})
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == app, out
+        status, _, headers = post(srv, body, headers={"Origin": app})  # no key: the error is readable too
+        assert status == 401 and headers["Access-Control-Allow-Origin"] == app
+        status, _, headers = post(srv, body, headers=key | {"Origin": other})
+        assert status == 200 and "Access-Control-Allow-Origin" not in headers
+        conn = connect(srv)
+        conn.request("POST", COMPLETIONS, json.dumps(body | {"stream": True}),
+                     {"Content-Type": "application/json", "Origin": app} | key)
+        response = conn.getresponse()
+        assert response.getheader("Access-Control-Allow-Origin") == app and response.read().endswith(b"[DONE]\n\n")
+        conn.close()
+    with serving(new_server(server.engine, allow_origins=["*"])) as any_origin:
+        assert preflight(any_origin, other).getheader("Access-Control-Allow-Origin") == "*"
+        status, _, headers = call(any_origin.url + "/health", headers={"Origin": other})
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == "*" and "Vary" not in headers
+    status, _, headers = post(server, body, headers={"Origin": app})  # a server that allows none sends none
+    assert status == 200 and "Access-Control-Allow-Origin" not in headers
+
+
 def test_a_model_name_with_spaces_slashes_and_accents(server, demo):
     name = "acme/pali gemma ü"
     srv = Server(("127.0.0.1", 0), name, quiet=True)

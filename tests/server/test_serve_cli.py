@@ -105,6 +105,8 @@ def before_anything(monkeypatch):
     (["--max-body-mb", "0"], "--max-body-mb must be > 0"),
     (["--max-queue", "0"], "--max-queue must be >= 1, got 0"),
     (["--max-body-mb", "nan"], "--max-body-mb must be > 0"),
+    (["--allow-origin", "localhost:3000"], "--allow-origin 'localhost:3000': give an origin as browsers send it"),
+    (["--allow-origin", "http://localhost:3000/"], "no path or trailing slash"),
 ])
 def test_bad_options_are_one_line_errors(argv, message, before_anything, capsys):
     rc, out, err = cli(["serve", *argv], capsys)
@@ -126,8 +128,8 @@ def test_help_lists_the_flags(capsys):
     rc, out, _ = cli(["serve", "--help"], capsys)
     assert rc == 0
     for flag in ("--host", "--port", "--served-model-name", "--api-key", "--max-batch-size", "--no-fetch",
-                 "--max-body-mb", "--max-queue", "--quiet", "--model", "--device", "--compile", "--max-new-tokens",
-                 "--temperature", "--stop", "/v1/chat/completions"):
+                 "--max-body-mb", "--max-queue", "--quiet", "--allow-origin", "--model", "--device", "--compile",
+                 "--max-new-tokens", "--temperature", "--stop", "/v1/chat/completions"):
         assert flag in out, flag
 
 
