@@ -1,10 +1,11 @@
-"""Measuring helpers shared by the benchmarks: device sync, ms per decode step, copy bandwidth, a decode step's
+"""Measuring helpers shared by the benchmarks: device sync, ms per decode step, memory bandwidth, a decode step's
 weight products alone, and when two greedy answers count as the same (16-bit near-ties)."""
 
 from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -49,6 +50,37 @@ def copy_bandwidth(device: torch.device) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return 2 * x.numel() * x.element_size() / statistics.median(times)
+
+
+def read_bandwidth() -> float:
+    """Measured CPU memory read bandwidth, bytes/s: a sum over 1 GiB of random float32 (far past any cache) with
+    torch's threads, in transparent huge pages where Linux offers them (as `Pipeline.compile` keeps the decoder's
+    weights), the best of 9: a ceiling, which noise only lowers. A decode step's products read their weights once
+    and write little, so reads are its floor (a copy, as measured on GPUs, also writes)."""
+    from palitorch.model import kernels
+
+    x = torch.randn(2**28)
+    kernels.use_huge_pages([x])
+    x.sum()
+    times = []
+    for _ in range(9):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * x.element_size() / min(times)
+
+
+def cache_bytes() -> int | None:
+    """The CPU's largest cache in bytes (Linux sysfs), None where unknown: weights that fit there are not read from
+    memory at every step, so the memory floor says nothing about them."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=None)
 
 
 def products_ms(model, batch: int, reps: int = 7, linear=None) -> float:
