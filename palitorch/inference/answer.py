@@ -13,6 +13,7 @@ from palitorch.inference.processor import Processor
 
 # A step's alternatives: the k most likely tokens as (token id, logprob) pairs, most likely first.
 Alternatives = list[tuple[int, float]]
+Top = tuple[torch.Tensor, torch.Tensor]  # the same for a batch, on the device: ids [B, k], logprobs [B, k]
 
 
 @dataclass
@@ -27,15 +28,21 @@ class Result:
     top_logprobs: list[Alternatives] | None = None
 
 
-def top_alternatives(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_alternatives(logprobs: torch.Tensor, k: int) -> Top:
     """The k largest of raw logprobs [B, V] (k clamped to V) -> (ids [B, k], logprobs [B, k]), largest first."""
     values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
     return ids, values
 
 
 def alternatives_lists(ids: torch.Tensor, values: torch.Tensor) -> list[Alternatives]:
-    """ids, logprobs [B, k] (on any device) -> per row, the (id, logprob) pairs. One transfer each."""
+    """One step's alternatives, ids and logprobs [B, k] (on any device) -> each row's (id, logprob) pairs."""
     return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+
+
+def alternatives_by_row(tops: list[Top]) -> list[list[Alternatives]]:
+    """n steps' alternatives (each [B, k] on the device) -> per row, per step, with one transfer of each."""
+    ids, values = torch.stack([t[0] for t in tops], 1).tolist(), torch.stack([t[1] for t in tops], 1).tolist()
+    return [[list(zip(i, v)) for i, v in zip(row_ids, row_values)] for row_ids, row_values in zip(ids, values)]
 
 
 class Answer:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from palitorch.errors import InputError
-from palitorch.inference.answer import Answer, Result, alternatives_lists, top_alternatives
+from palitorch.inference.answer import Answer, Result, Top, alternatives_lists, top_alternatives
 from palitorch.inference.generate import (
     EAGER,
     Cursor,
@@ -322,7 +322,7 @@ class LiveBatch:
         return self._events(self.active, tok, lp, by_row=True, top=top)
 
     def _events(self, seqs: list[Seq], tok: torch.Tensor, lp: torch.Tensor, by_row: bool,
-                top: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Event]:
+                top: Top | None = None) -> list[Event]:
         """Record one token per sequence (tok, lp: [B] by row, or [n] in `seqs` order; `top`: the step's
         alternatives, ids and logprobs [B or n, k]) -> their events."""
         toks, lps = tok.tolist(), lp.tolist()

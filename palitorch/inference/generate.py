@@ -21,14 +21,20 @@ from dataclasses import dataclass
 import torch
 
 from palitorch.errors import InputError, NumericsError
-from palitorch.inference.answer import Alternatives, Answer, Result, alternatives_lists, top_alternatives
+from palitorch.inference.answer import (
+    Alternatives,
+    Answer,
+    Result,
+    Top,
+    alternatives_by_row,
+    alternatives_lists,
+    top_alternatives,
+)
 from palitorch.inference.done import DoneWatch
 from palitorch.inference.processor import Processor
 from palitorch.inference.sampling import Chooser, GenerationOptions
 from palitorch.model import PaliGemma
 from palitorch.model.paligemma import prefix_lm_mask
-
-Top = tuple[torch.Tensor, torch.Tensor]  # a step's alternatives on the device: ids [B, k], logprobs [B, k]
 
 
 @dataclass
@@ -282,13 +288,10 @@ def generate(model: PaliGemma, processor: Processor, pixels: torch.Tensor, promp
             lps.append(lp)
             tops.append(top)
     if toks:
-        alts = [None] * len(answers) if tops[0] is None else [
-            [list(zip(i, v)) for i, v in zip(ids, vals)]  # [steps][k] pairs per row
-            for ids, vals in zip(torch.stack([t[0] for t in tops], 1).tolist(),
-                                 torch.stack([t[1] for t in tops], 1).tolist())]
-        for a, ts, ps, alt in zip(answers, torch.stack(toks, 1).tolist(), torch.stack(lps, 1).tolist(), alts):
-            for j, (t, p) in enumerate(zip(ts, ps)):
-                a.push(t, p, track_text=False, alternatives=alt and alt[j])
+        alts = alternatives_by_row(tops) if tops[0] is not None else [[None] * len(toks)] * len(answers)
+        for a, ts, ps, row_alts in zip(answers, torch.stack(toks, 1).tolist(), torch.stack(lps, 1).tolist(), alts):
+            for t, p, alt in zip(ts, ps, row_alts):
+                a.push(t, p, track_text=False, alternatives=alt)
     return [a.result() for a in answers]
 
 
