@@ -175,27 +175,45 @@ void span(const W* w, const X* x, float* y, int64_t K, int64_t N, int64_t r0, in
   }
 }
 
+// How many weight rows a block of B input rows reads side by side (NS in `rows`): 8 streams at one row, fewer as
+// each weight value feeds more accumulators (NS * B of them). From four rows on, builds with AVX512-BF16 and no AMX
+// (AMD Zen 4) read more streams than the registers hold accumulators for (at B = 8: 32 accumulators and 8 inputs
+// in 32 registers, so some live in L1): on the AMD EPYC VM of BENCHMARKS.md (session 19) a pass over the mid-size
+// model's weights took 10-22% less time at 4-8 rows in float32 and 4-26% in bfloat16 (the 3B shapes in bfloat16:
+// 8% at 4 rows, 20% at 8), the same at 1-3. Other builds keep two streams there, as measured on the Intel VM.
+template <int B>
+constexpr int streams() {
+  if constexpr (B <= 3) return B == 1 ? 8 : B == 2 ? 4 : 3;
+  else if constexpr (kPairs && B <= 8) return B == 4 ? 6 : 4;
+  else return 2;
+}
+
+// Input rows [m, m + B): the thread's span of the weight, read once for them -> B.
+template <int B, typename W, typename X>
+int64_t block(const W* wp, const X* xp, float* yp, int64_t m, int64_t K, int64_t N, int64_t r0, int64_t r1) {
+  span<streams<B>(), B>(wp, xp + m * K, yp + m * N, K, N, r0, r1);
+  return B;
+}
+
 // y [M, N] = x [M, K] @ w.T, float32 y: threads split the weight's rows, input rows go in blocks of up to 12, each
 // block reading the thread's span of the weight once.
 template <typename W, typename X>
 void product(const W* wp, const X* xp, float* yp, int64_t M, int64_t K, int64_t N) {
   at::parallel_for(0, N, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t m = 0; m < M;) {
-      const X* xm = xp + m * K;
-      float* ym = yp + m * N;
       switch (std::min<int64_t>(M - m, 12)) {
-        case 1: span<8, 1>(wp, xm, ym, K, N, r0, r1); m += 1; break;
-        case 2: span<4, 2>(wp, xm, ym, K, N, r0, r1); m += 2; break;
-        case 3: span<3, 3>(wp, xm, ym, K, N, r0, r1); m += 3; break;
-        case 4: span<2, 4>(wp, xm, ym, K, N, r0, r1); m += 4; break;
-        case 5: span<2, 5>(wp, xm, ym, K, N, r0, r1); m += 5; break;
-        case 6: span<2, 6>(wp, xm, ym, K, N, r0, r1); m += 6; break;
-        case 7: span<2, 7>(wp, xm, ym, K, N, r0, r1); m += 7; break;
-        case 8: span<2, 8>(wp, xm, ym, K, N, r0, r1); m += 8; break;
-        case 9: span<2, 9>(wp, xm, ym, K, N, r0, r1); m += 9; break;
-        case 10: span<2, 10>(wp, xm, ym, K, N, r0, r1); m += 10; break;
-        case 11: span<2, 11>(wp, xm, ym, K, N, r0, r1); m += 11; break;
-        default: span<2, 12>(wp, xm, ym, K, N, r0, r1); m += 12; break;
+        case 1: m += block<1>(wp, xp, yp, m, K, N, r0, r1); break;
+        case 2: m += block<2>(wp, xp, yp, m, K, N, r0, r1); break;
+        case 3: m += block<3>(wp, xp, yp, m, K, N, r0, r1); break;
+        case 4: m += block<4>(wp, xp, yp, m, K, N, r0, r1); break;
+        case 5: m += block<5>(wp, xp, yp, m, K, N, r0, r1); break;
+        case 6: m += block<6>(wp, xp, yp, m, K, N, r0, r1); break;
+        case 7: m += block<7>(wp, xp, yp, m, K, N, r0, r1); break;
+        case 8: m += block<8>(wp, xp, yp, m, K, N, r0, r1); break;
+        case 9: m += block<9>(wp, xp, yp, m, K, N, r0, r1); break;
+        case 10: m += block<10>(wp, xp, yp, m, K, N, r0, r1); break;
+        case 11: m += block<11>(wp, xp, yp, m, K, N, r0, r1); break;
+        default: m += block<12>(wp, xp, yp, m, K, N, r0, r1); break;
       }
     }
   });

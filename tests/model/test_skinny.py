@@ -50,7 +50,7 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(skinny_calls, dtype, n,
     x = torch.randn(29, k, generator=g).to(dtype)
     op = torch.ops.palitorch.skinny_linear
     alone = torch.cat([op(x[i:i + 1], w) for i in range(29)])
-    for m in [2, 3, 5, 8, 12, 13, 29]:
+    for m in [2, 3, 4, 5, 6, 7, 8, 12, 13, 29]:  # every block size, each with its own number of streams
         assert torch.equal(op(x[:m], w), alone[:m]), m
     assert torch.equal(op(x[13:], w), alone[13:])
 
