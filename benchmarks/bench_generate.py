@@ -16,6 +16,9 @@ shape on white) with prompts of several lengths, so rows differ and the shorter 
 palitorch is timed through its whole public API (`pipe.generate`: image preprocessing and tokenisation included);
 transformers through `model.generate` on inputs prepared in advance, so the comparison is conservative.
 Prints medians and ratios, and writes a JSON record. Refuses to report a speedup when the tokens differ.
+Each decode figure also gets its share of the memory floor: every decoder weight and the live KV cache read once
+per step, at the device's measured bandwidth (GPU: a copy, measured once; CPU: reads, measured between the reps,
+the highest kept; none where the weights fit in the CPU's caches). See `measure.ReadProbe`.
 
 Sizes: `bundled` (the bundled easy-VQA model; random weights of its shape if it is absent), `mid` (~200M
 parameters), `pg1-3b` / `pg2-3b` (the real 3B shapes, random weights; ~17 GB of memory in float32), or the path
@@ -43,12 +46,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from inputs import SIZES, check_size, checkpoint, workload  # noqa: E402
 from measure import (  # noqa: E402
+    ReadProbe,
     cache_bytes,
     copy_bandwidth,
     default_tie_tol,
     ms_per_step,
     products_ms,
-    read_bandwidth,
     same_answer,
     sync,
 )
@@ -251,7 +254,9 @@ def bench(size: str, args, workdir: Path, emit=lambda result, row: None) -> dict
         for fn in (ours, theirs):  # warm-up (allocations, caches, lazy init)
             fn(1), fn(n)
         times = {"ours_1": [], "ours_n": [], "hf_1": [], "hf_n": []}
+        bandwidths = [args.bandwidth]  # on CPU measured again between the reps, where it drifts (see ReadProbe)
         for _ in range(args.reps):
+            bandwidths += [args.probe()] if args.probe else []
             for name, fn in (("ours", ours), ("hf", theirs)):
                 for k in (1, n):
                     sync(device)
@@ -259,6 +264,7 @@ def bench(size: str, args, workdir: Path, emit=lambda result, row: None) -> dict
                     fn(k)
                     sync(device)
                     times[f"{name}_{'1' if k == 1 else 'n'}"].append(time.perf_counter() - t0)
+        bandwidths += [args.probe()] if args.probe else []
         med = {k: statistics.median(v) for k, v in times.items()}
         for name in ("ours", "hf"):
             row[f"{name}_prefill_ms"] = med[f"{name}_1"] * 1e3
@@ -275,7 +281,8 @@ def bench(size: str, args, workdir: Path, emit=lambda result, row: None) -> dict
             row["products_ms_per_step"] = products_ms(pipe.model, b)
             row["hf_over_products"] = row["hf_decode_ms_per_step"] / row["products_ms_per_step"]
             row["ours_products_ms_per_step"] = products_ms(pipe.model, b, linear=kernels.linear)  # palitorch's route
-        if args.bandwidth:  # the floor: every decoder weight and the live KV cache read once per step
+        if args.bandwidth:  # the floor: every decoder weight and the live KV cache read once per step, at the
+            bandwidth = max(bandwidths)  # highest bandwidth measured around this row's timing
             cfg = pipe.model.cfg.text
             kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (t + n / 2) * b * torch.finfo(dtype).bits // 8
             step_bytes = sum(p.numel() * p.element_size() for p in pipe.model.language_model.parameters()) + kv
@@ -283,7 +290,8 @@ def bench(size: str, args, workdir: Path, emit=lambda result, row: None) -> dict
             if device.type == "cpu" and step_bytes < 2 * (args.cache_bytes or 0):
                 row["limit_note"] = "the weights fit in the CPU's caches: no memory floor"
             else:
-                row["limit_tok_s"] = b * args.bandwidth / step_bytes
+                row["bandwidth_bytes_s"] = bandwidth
+                row["limit_tok_s"] = b * bandwidth / step_bytes
                 row["ours_pct_of_limit"] = 100 * row["ours_decode_tok_s"] / row["limit_tok_s"]
                 row["hf_pct_of_limit"] = 100 * row["hf_decode_tok_s"] / row["limit_tok_s"]
         row["decode_speedup"] = row["hf_decode_ms_per_step"] / row["ours_decode_ms_per_step"]
@@ -343,8 +351,8 @@ def main() -> None:
 
     # The decode floor: GPUs' copy bandwidth (bytes read + written), CPUs' read bandwidth (see measure.py).
     on_gpu = args.device.startswith("cuda")
-    args.bandwidth = copy_bandwidth(torch.device(args.device)) if on_gpu else (
-        read_bandwidth() if args.device == "cpu" else None)
+    args.probe = ReadProbe() if args.device == "cpu" else None  # measured again around each row's timing
+    args.bandwidth = copy_bandwidth(torch.device(args.device)) if on_gpu else (args.probe() if args.probe else None)
     args.cache_bytes = None if on_gpu else cache_bytes()
 
     machine = (torch.cuda.get_device_name() if args.device.startswith("cuda") else

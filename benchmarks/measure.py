@@ -52,36 +52,40 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * x.numel() * x.element_size() / statistics.median(times)
 
 
-def read_bandwidth() -> float:
-    """Measured CPU memory read bandwidth, bytes/s: the fastest of three readers over 1 GiB of random float32 (far
-    past any cache), in transparent huge pages where Linux offers them (as `Pipeline.compile` keeps the decoder's
-    weights), best of 9 each (a ceiling, which noise only lowers): torch's sum (one sequential stream per thread),
-    and palitorch's kernel for one row by that 1 GiB as a float32 weight and by half of it in bfloat16 (several
-    streams per thread, which read faster at times on the VMs of BENCHMARKS.md). A decode step's products read their
-    weights once and write little, so reads are its floor (a copy, as measured on GPUs, also writes). On a shared
-    VM this drifts with the neighbours' load (35 to 65 GB/s on the 2-core AMD EPYC within an hour, session 19), and
-    it is measured once per run: compare the percentages it gives within a run."""
-    from palitorch.model import kernels
+class ReadProbe:
+    """Measures the CPU's memory read bandwidth, bytes/s, when called: the fastest of three readers over 1 GiB of
+    random float32 (far past any cache), in transparent huge pages where Linux offers them (as `Pipeline.compile`
+    keeps the decoder's weights), best of 9 each (a ceiling, which noise only lowers): torch's sum (one sequential
+    stream per thread), and palitorch's kernel for one row by that 1 GiB as a float32 weight and by half of it in
+    bfloat16 (several streams per thread, which read faster at times on the VMs of BENCHMARKS.md). A decode step's
+    products read their weights once and write little, so reads are its floor (a copy, as measured on GPUs, also
+    writes). On a shared VM this drifts with the neighbours' load (35 to 65 GB/s on the 2-core AMD EPYC within an
+    hour, session 19): the benchmark calls it just before and just after timing each row and keeps the higher."""
 
-    x = torch.randn(2**28)
-    half = x[: 2**28 // 2].view(2**13, -1).bfloat16()
-    kernels.use_huge_pages([x, half])
-    readers = [(x.sum, x)]
-    if kernels._skinny_works():
-        skinny = torch.ops.palitorch.skinny_linear
-        for w in (x.view(2**15, -1), half):
-            row = torch.randn(1, w.shape[1]).to(w.dtype)
-            readers.append((lambda w=w, row=row: skinny(row, w), w))
-    best = 0.0
-    for read, tensor in readers:
-        read()
-        times = []
-        for _ in range(9):
-            t0 = time.perf_counter()
+    def __init__(self):
+        from palitorch.model import kernels
+
+        x = torch.randn(2**28)
+        half = x[: 2**28 // 2].view(2**13, -1).bfloat16()
+        kernels.use_huge_pages([x, half])
+        self.readers = [(x.sum, x)]
+        if kernels._skinny_works():
+            skinny = torch.ops.palitorch.skinny_linear
+            for w in (x.view(2**15, -1), half):
+                row = torch.randn(1, w.shape[1]).to(w.dtype)
+                self.readers.append((lambda w=w, row=row: skinny(row, w), w))
+
+    def __call__(self) -> float:
+        best = 0.0
+        for read, tensor in self.readers:
             read()
-            times.append(time.perf_counter() - t0)
-        best = max(best, tensor.numel() * tensor.element_size() / min(times))
-    return best
+            times = []
+            for _ in range(9):
+                t0 = time.perf_counter()
+                read()
+                times.append(time.perf_counter() - t0)
+            best = max(best, tensor.numel() * tensor.element_size() / min(times))
+        return best
 
 
 def cache_bytes() -> int | None:
