@@ -45,6 +45,20 @@ def alternatives_by_row(tops: list[Top]) -> list[list[Alternatives]]:
     return [[list(zip(i, v)) for i, v in zip(row_ids, row_values)] for row_ids, row_values in zip(ids, values)]
 
 
+class Piece(str):
+    """A piece of an answer's text as it streams (a str like any other), carrying the generated tokens that came with
+    it: `tokens`, one (id, logprob, alternatives or None) per token pushed since the previous piece. Tokens that
+    bring no text of their own (half of a multi-byte character, a hidden special token) ride with the next piece;
+    those after the last piece are in the final `Result` only."""
+
+    tokens: tuple = ()
+
+    def __new__(cls, text: str, tokens=()):
+        piece = super().__new__(cls, text)
+        piece.tokens = tuple(tokens)
+        return piece
+
+
 class Answer:
     """One row's answer assembled on the host, step by step: ids, logprobs, text, stop strings, finish reason.
     `top`: also keep each step's alternatives (`push(..., alternatives=...)`) for `Result.top_logprobs`."""
@@ -59,6 +73,7 @@ class Answer:
         self.finish: str | None = None
         self.text = ""
         self.sent = ""  # the text handed out so far by `new_text`
+        self.handed = 0  # the tokens handed out with it
         self._hold = max((len(s) for s in self.stop), default=1) - 1  # chars that may begin a stop string
 
     def push(self, token: int, logprob: float, track_text: bool, alternatives: Alternatives | None = None) -> None:
@@ -93,13 +108,15 @@ class Answer:
         return text[: len(text) - self._hold] if self._hold else text
 
     def new_text(self, final: bool = False) -> str:
-        """The text that can no longer change and has not been handed out yet ("" if none). `final`: the answer is
-        over (call `result()` first), so all of it can go."""
+        """The text that can no longer change and has not been handed out yet ("" if none), as a `Piece` with the
+        tokens pushed since the last one. `final`: the answer is over (call `result()` first), so all of it can go."""
         text = self.text if final else self.safe_text()
         if len(text) <= len(self.sent) or not text.startswith(self.sent):
             return ""
+        start, self.handed = self.handed, len(self.ids)
+        alternatives = self.top[start:] if self.top is not None else [None] * (self.handed - start)
         piece, self.sent = text[len(self.sent):], text
-        return piece
+        return Piece(piece, zip(self.ids[start:], self.logprobs[start:], alternatives))
 
     def result(self) -> Result:
         if self.finish is None:

@@ -39,6 +39,7 @@ from palitorch.server.openai import (
     finish_reason,
     parse_body,
     parse_chat,
+    token_entry,
     usage,
 )
 
@@ -167,7 +168,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _stream(self, job, rid: str, created: int) -> None:
         """Server-sent events: a role chunk, the text pieces, a finish chunk, (usage), [DONE]. The status line waits
-        for the first piece, so a refused input is still an ordinary error response."""
+        for the first piece, so a refused input is still an ordinary error response. With logprobs, each piece's
+        chunk carries its tokens' entries (`Piece.tokens`), and the finish chunk those of tokens that brought no
+        text of their own after the last piece."""
         first = job.pieces.get()
         if first is None and job.error is not None:
             raise job.error
@@ -179,18 +182,29 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
         self._streaming = True  # from here an error goes into the stream, not into a second status line
+        tokenizer = self.server.engine.pipe.processor.tokenizer
+        want, sent = job.request.logprobs, 0  # token entries sent so far
+
+        def entries(tokens) -> list[dict] | None:
+            return [token_entry(tokenizer, t, lp, alt) for t, lp, alt in tokens] if want else None
+
         try:
             self._event(chunk(rid, created, model, {"role": "assistant", "content": ""}))
             piece = first
             while piece is not None:
-                self._event(chunk(rid, created, model, {"content": piece}))
+                tokens = getattr(piece, "tokens", ())
+                self._event(chunk(rid, created, model, {"content": piece}, logprobs=entries(tokens)))
+                sent += len(tokens)
                 piece = job.pieces.get()
             # None came: the job's results or error are set (before it, as the engine finishes a job)
             if job.error is not None:  # failed after the status line went out: say so in the stream
                 self._event(job.error.body())
             elif job.results:  # (none when the job was cancelled: the stream just ends)
                 result = job.results[0]
-                self._event(chunk(rid, created, model, {}, finish_reason(result)))
+                alternatives = result.top_logprobs or [None] * len(result.token_ids)
+                rest = list(zip(result.token_ids, result.logprobs, alternatives))[sent:]
+                self._event(chunk(rid, created, model, {}, finish_reason(result), logprobs=entries(rest) if rest
+                                  else None))
                 if job.request.include_usage:
                     self._event(chunk(rid, created, model, {}, usage_=usage(job.results), choices=False))
             self.wfile.write(b"data: [DONE]\n\n")

@@ -135,8 +135,6 @@ def parse_chat(body: dict, model_id: str, defaults: dict | None = None,
     if stream and (n > 1 or options.get("num_beams", 1) > 1):
         raise bad("stream gives one answer as it grows: use n = 1 and num_beams = 1, or stream: false", "stream")
     want_logprobs = flag_or_int(body, "logprobs", False)
-    if stream and want_logprobs:
-        raise bad("logprobs come with whole answers: use stream: false to get them", "logprobs")
     if options.get("top_logprobs") and not want_logprobs:
         raise bad("top_logprobs come in each token's logprobs entry: set logprobs: true too", "top_logprobs")
     usage = body.get("stream_options") or {}
@@ -307,10 +305,12 @@ def completion(rid: str, created: int, model: str, req: ChatRequest, results: li
 
 
 def chunk(rid: str, created: int, model: str, delta: dict, finish: str | None = None,
-          usage_: dict | None = None, choices: bool = True) -> dict:
-    """One chat.completion.chunk of a stream: a delta, or (choices=False) the usage chunk that ends it."""
+          usage_: dict | None = None, choices: bool = True, logprobs: list[dict] | None = None) -> dict:
+    """One chat.completion.chunk of a stream: a delta (with `logprobs`, the `token_entry`s of its tokens), or
+    (choices=False) the usage chunk that ends it."""
+    content = {"content": logprobs} if logprobs is not None else None
     out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-           "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}] if choices else []}
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": content}] if choices else []}
     if usage_ is not None or not choices:
         out["usage"] = usage_
     return out

@@ -159,3 +159,29 @@ def test_k_past_the_vocabulary_gives_the_whole_vocabulary_in_order():
     logprobs = torch.log_softmax(torch.tensor([[0.5, 2.0, -1.0]]), -1)
     ids, values = top_alternatives(logprobs, 20)
     assert ids.tolist() == [[1, 0, 2]] and torch.equal(values, logprobs[:, [1, 0, 2]])
+
+
+def test_stream_pieces_carry_their_tokens(ckpt_factory, monkeypatch):
+    """A streamed piece carries the tokens that brought its text: the two byte tokens of 'é' ride with the piece
+    that shows it, and in order the pieces' tokens are the Result's (ids, logprobs, alternatives)."""
+    from palitorch.inference import generate as engine
+
+    folder, _ = diverse(ckpt_factory, 1)
+    pipe = palitorch.load(folder)
+    ids = pipe.processor.tokenizer.encode("héllo ✓ the", add_special_tokens=False).ids
+
+    def scripted(model, prompts, opts, eos, pad_id, steps, fns=None):
+        for n, i in enumerate(ids[:steps]):
+            top = torch.tensor([[i, 3]]), torch.tensor([[-0.5 - n, -9.0]])
+            yield torch.tensor([i]), torch.tensor([-0.5 - n]), top
+
+    monkeypatch.setattr(engine, "decode", scripted)
+    stream = pipe.stream(images(1)[0], "caption en", max_new_tokens=len(ids), top_logprobs=2)
+    pieces = list(stream)
+    tokens = [t for p in pieces for t in p.tokens]
+    r = stream.result
+    assert [t for t, _, _ in tokens] == r.token_ids[:len(tokens)] and len(tokens) >= len(ids) - 2
+    assert [lp for _, lp, _ in tokens] == r.logprobs[:len(tokens)]
+    assert [alt for _, _, alt in tokens] == r.top_logprobs[:len(tokens)]
+    [with_e] = [p for p in pieces if "é" in p]
+    assert len([t for t, _, _ in with_e.tokens if pipe.processor.decode([t]) == "\ufffd"]) == 2

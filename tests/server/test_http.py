@@ -73,6 +73,29 @@ def test_top_logprobs_are_generate_s(server, ref, demo):
             assert all(abs(t["logprob"] - lp) < 1e-5 for t, (_, lp) in zip(entry["top_logprobs"], alternatives))
 
 
+@pytest.mark.parametrize("extra", [{}, {"top_logprobs": 2}, {"stop": [" "]}])  # " ": before the label
+def test_a_stream_s_chunks_carry_the_logprobs_of_the_whole_answer(server, demo, extra):
+    """Each chunk's entries are those of the tokens that brought its text (tokens without text of their own ride
+    with the next chunk, or the finish chunk); in order, they are the non-streamed answer's, also when a stop string
+    cuts the answer."""
+    e = demo[2]
+    body = chat(e["path"], e["detect"], logprobs=True, **extra)
+    _, whole, _ = post(server, body)
+    _, events = stream_events(server, body | {"stream": True})
+    chunks = [c["choices"][0] for c in events[1:-1]]  # after the role chunk, up to [DONE]
+    streamed = [entry for c in chunks if c["logprobs"] for entry in c["logprobs"]["content"]]
+    expected = whole["choices"][0]["logprobs"]["content"]
+    if "stop" in extra:  # cut before the label: only the box's <loc> tokens are left
+        assert whole["choices"][0]["message"]["content"].count("<loc") == 4 and " " not in \
+            whole["choices"][0]["message"]["content"]
+    assert len(streamed) == len(expected) >= 1
+    assert [s["token"] for s in streamed] == [x["token"] for x in expected]
+    assert all(abs(s["logprob"] - x["logprob"]) < 1e-6 for s, x in zip(streamed, expected))
+    assert [len(s["top_logprobs"]) for s in streamed] == [len(x["top_logprobs"]) for x in expected]
+    assert sum(bool(c["delta"].get("content")) and c["logprobs"] is not None for c in chunks) >= 1
+    assert "".join(c["delta"].get("content", "") for c in chunks) == whole["choices"][0]["message"]["content"]
+
+
 def test_detect_prompts_carry_detections(server, ref, demo):
     e = demo[1]
     status, out, _ = post(server, chat(e["path"], e["detect"]))

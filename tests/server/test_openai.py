@@ -112,11 +112,19 @@ def test_stream_options():
         assert refused(body(stream=True, stream_options=bad)).param == "stream_options"
 
 
-@pytest.mark.parametrize("extra, param", [({"n": 2}, "stream"), ({"num_beams": 2}, "stream"),
-                                          ({"logprobs": True}, "logprobs")])
-def test_a_stream_gives_one_plain_answer(extra, param):
+@pytest.mark.parametrize("extra, param", [({"n": 2}, "stream"), ({"num_beams": 2}, "stream")])
+def test_a_stream_gives_one_answer(extra, param):
     e = refused(body(stream=True, **extra))
     assert e.param == param and "stream: false" in e.message
+    req = parse(body(stream=True, logprobs=True, top_logprobs=2))  # logprobs come chunk by chunk
+    assert req.stream and req.logprobs and req.options == {"top_logprobs": 2}
+
+
+def test_a_chunk_carries_its_tokens_logprobs():
+    entries = [{"token": "red", "logprob": -0.5, "bytes": list(b"red"), "top_logprobs": []}]
+    out = chunk("c", 0, MODEL, {"content": "red"}, logprobs=entries)
+    assert out["choices"][0]["logprobs"] == {"content": entries}
+    assert chunk("c", 0, MODEL, {"content": "red"})["choices"][0]["logprobs"] is None
 
 
 def test_unknown_parameters_are_named_with_a_suggestion():
