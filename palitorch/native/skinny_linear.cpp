@@ -180,11 +180,12 @@ void span(const W* w, const X* x, float* y, int64_t K, int64_t N, int64_t r0, in
 // (AMD Zen 4) read more streams than the registers hold accumulators for (at B = 8: 32 accumulators and 8 inputs
 // in 32 registers, so some live in L1): on the AMD EPYC VM of BENCHMARKS.md (session 19) a pass over the mid-size
 // model's weights took 10-22% less time at 4-8 rows in float32 and 4-26% in bfloat16 (the 3B shapes in bfloat16:
-// 8% at 4 rows, 20% at 8), the same at 1-3. Other builds keep two streams there, as measured on the Intel VM.
+// 8% at 4 rows, 20% at 8), 15-20% less at 9-12 rows in float32 and 6-8% in bfloat16 with 3 streams, the same at
+// 1-3 rows. Other builds keep two streams from four rows on, as measured on the Intel VM.
 template <int B>
 constexpr int streams() {
   if constexpr (B <= 3) return B == 1 ? 8 : B == 2 ? 4 : 3;
-  else if constexpr (kPairs && B <= 8) return B == 4 ? 6 : 4;
+  else if constexpr (kPairs) return B == 4 ? 6 : B <= 8 ? 4 : 3;
   else return 2;
 }
 
