@@ -30,19 +30,18 @@ from dataclasses import dataclass
 import torch
 
 from palitorch.errors import InputError
-from palitorch.inference.answer import Answer, Result, Top, alternatives_lists, top_alternatives
+from palitorch.inference.answer import Answer, Result, Top, alternatives_lists
 from palitorch.inference.generate import (
     EAGER,
     Cursor,
     Steps,
+    chosen_logprobs,
     encode_prompts,
     ensure_caches,
     eos_ids,
     prefill,
-    raw_logprobs,
     settle,
     sliding_window,
-    token_logprobs,
 )
 from palitorch.inference.processor import Processor
 from palitorch.inference.sampling import GenerationOptions, RowChooser
@@ -173,9 +172,7 @@ class LiveBatch:
         self.chooser.start(rows, row_t, options, batch.ids, batch.valid)
         bar = torch.tensor([[o.min_new_tokens > 0] for o in options], device=self.device)
         tok = self.chooser(logits, bar, row_t)
-        lp = token_logprobs(logits, tok)
-        k = max(o.top_logprobs for o in options)
-        top = top_alternatives(raw_logprobs(logits), k) if k else None
+        lp, top = chosen_logprobs(logits, tok, max(o.top_logprobs for o in options))
         self.tok[row_t] = tok
         self.done[row_t] = torch.isin(tok, self.eos_t)
         seqs = []
@@ -314,8 +311,8 @@ class LiveBatch:
             self.chooser.observe(self.tok)
             logits = fns.logits(self.model, self.tok, *self.cur.step())
             tok = self.chooser(logits, bar)
-            tok, lp, done = settle(tok, token_logprobs(logits, tok), self.done, self.eos_t, pad)
-            top = top_alternatives(raw_logprobs(logits), k) if k else None
+            lp, top = chosen_logprobs(logits, tok, k)
+            tok, lp, done = settle(tok, lp, self.done, self.eos_t, pad)
         if fns.copy_outputs:
             tok, lp, done = tok.clone(), lp.clone(), done.clone()
         self.tok, self.done = tok, done

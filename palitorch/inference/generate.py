@@ -214,6 +214,15 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logsumexp_logprobs(logits.float(), tokens)
 
 
+def chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int = 0) -> tuple[torch.Tensor, Top | None]:
+    """`token_logprobs`, and with k > 0 (top_logprobs) the step's k most likely tokens too, both from one
+    log_softmax of the raw logits -> (logprobs [B], alternatives or None)."""
+    if not k:
+        return token_logprobs(logits, tokens), None
+    raw = raw_logprobs(logits)
+    return raw.gather(-1, tokens[:, None])[:, 0], top_alternatives(raw, k)
+
+
 def logsumexp_logprobs(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log_softmax(x)[tokens] for float32 x [B, V], tokens [B], as x[tokens] - logsumexp(x): no [B, V] output."""
     return x.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(x, dim=-1)
@@ -246,8 +255,8 @@ def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: lis
 
     def pick(logits: torch.Tensor, i: int, done: torch.Tensor):
         tok = chooser(logits, i)
-        top = top_alternatives(raw_logprobs(logits), k) if k else None
-        return *settle(tok, token_logprobs(logits, tok), done, eos_t, pad_id), top
+        lp, top = chosen_logprobs(logits, tok, k)
+        return *settle(tok, lp, done, eos_t, pad_id), top
 
     tok, lp, done, top = pick(logits, 0, done)
     for i in range(steps):
