@@ -133,6 +133,7 @@ def not_a_folder(path: Path) -> str:
 def result_fields(result, prompt: str, image_size: tuple[int, int], tokenizer) -> dict:
     """A Result as JSON-ready fields; detect/segment prompts add their parsed objects in image pixels, and a result
     with top_logprobs adds them as {"token_id", "token", "logprob"} objects (token texts from `tokenizer`)."""
+    from palitorch.inference.processor import token_text
     from palitorch.tasks import task_outputs
 
     fields = {
@@ -152,9 +153,3 @@ def json_number(v: float) -> float | None:
     """JSON has no -inf: a token the model gave zero probability (possible when sampling) becomes null."""
     return float(v) if math.isfinite(v) else None
 
-
-def token_text(tokenizer, token: int) -> str:
-    """What a token adds to the text (a lone byte of a multi-byte character as a \\xNN escape)."""
-    from palitorch.inference.processor import token_bytes
-
-    return token_bytes(tokenizer, token).decode("utf-8", errors="backslashreplace")

@@ -22,7 +22,6 @@ from palitorch.cli.common import (
     not_a_folder,
     one_line_errors,
     result_fields,
-    token_text,
 )
 from palitorch.errors import InputError
 
@@ -78,6 +77,8 @@ def draw(image: Image.Image, text: str, out: Path, vae: dict | None = None) -> N
 
 def alternatives_table(result, tokenizer) -> str:
     """--top-logprobs without --json: a line per generated token, its logprob and its step's alternatives."""
+
+    from palitorch.inference.processor import token_text
 
     def shown(token: int) -> str:
         return json.dumps(token_text(tokenizer, token), ensure_ascii=False)

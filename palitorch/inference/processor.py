@@ -282,6 +282,11 @@ def token_bytes(tokenizer: Tokenizer, token: int) -> bytes:
     return bytes([int(match[1], 16)]) if match else piece.replace("\u2581", " ").encode()
 
 
+def token_text(tokenizer: Tokenizer, token: int) -> str:
+    """`token_bytes` as text; a lone byte of a multi-byte character shows as a \\xNN escape."""
+    return token_bytes(tokenizer, token).decode("utf-8", errors="backslashreplace")
+
+
 def _numbers(values, n: int = 1, positive: bool = False) -> bool:
     """Whether `values` is a list of n finite numbers (each > 0 if `positive`)."""
     return isinstance(values, list) and len(values) == n and all(
