@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from palitorch.config import TextConfig
-from palitorch.model.kernels import Linear, linear
+from palitorch.model.kernels import Linear, in_row_blocks, linear
 from palitorch.model.siglip import activation
 
 # Devices whose fused SDPA kernels take either a mask or grouped KV heads (`enable_gqa`) but not both: there a
@@ -218,11 +218,13 @@ class MLP(nn.Module):
         self.gate_up = fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x):
-        if self.gate_up is not None and not torch.is_grad_enabled():
+        if torch.is_grad_enabled():
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None:
             gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act(gate).mul_(up))  # at inference in place: one large temporary fewer
 
 
 class DecoderLayer(nn.Module):
@@ -240,6 +242,9 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, cache_pos=None, last_only=False):
         h = self.attn(self.input_norm(x), cos, sin, mask, cache_pos, last_only)
         x = x[:, -1:] + self.post_attn_norm(h) if last_only else x + self.post_attn_norm(h)
+        return in_row_blocks(self._mlp_block, x, 2 * self.mlp.down_proj.in_features)
+
+    def _mlp_block(self, x):
         return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from palitorch.config import VisionConfig
-from palitorch.model.kernels import Linear
+from palitorch.model.kernels import Linear, in_row_blocks
 
 
 def activation(name: str):
@@ -62,6 +62,9 @@ class VisionLayer(nn.Module):
 
     def forward(self, x):
         x = x + self.self_attn(self.layer_norm1(x))
+        return in_row_blocks(self._mlp_block, x, self.mlp.fc1.out_features)
+
+    def _mlp_block(self, x):
         return x + self.mlp(self.layer_norm2(x))
 
 

@@ -190,3 +190,30 @@ def test_use_huge_pages_leaves_what_it_cannot_move(monkeypatch):
     w = torch.randn(1024, 1024)
     ptr = w.data_ptr()
     assert kernels.use_huge_pages([w]) == 0 and w.data_ptr() == ptr
+
+
+def test_in_row_blocks_runs_blocks_of_rows_and_gives_the_whole_result(monkeypatch):
+    """A row-wise function over 3 x 100 rows in blocks of at most ROW_BLOCK_MIN_ROWS rows (the byte budget set
+    below it): the same result as one call, every row computed once; one call for fewer rows, with autograd on,
+    or when the budget holds every row."""
+    monkeypatch.setattr(kernels, "ROW_BLOCK_MIN_ROWS", 64)
+    monkeypatch.setattr(kernels, "ROW_BLOCK_BYTES", 1)
+    calls = []
+
+    def rowwise(t):
+        calls.append(t.shape)
+        return torch.cat((t * 3 - 1, t.sum(-1, keepdim=True)), dim=-1)  # exact per row: 9 -> 10 columns
+
+    x = torch.randn(3, 100, 9)
+    with torch.no_grad():
+        out = kernels.in_row_blocks(rowwise, x, width=10)
+    assert [s[0] for s in calls] == [64, 64, 64, 64, 44] and all(len(s) == 2 for s in calls)
+    assert out.shape == (3, 100, 10) and torch.equal(out, rowwise(x))
+    calls.clear()
+    with torch.no_grad():
+        kernels.in_row_blocks(rowwise, x[:, :20], width=10)  # 60 rows: one block
+    kernels.in_row_blocks(rowwise, x, width=10)  # autograd on (training): whole
+    monkeypatch.setattr(kernels, "ROW_BLOCK_BYTES", 300 * 10 * 4)
+    with torch.no_grad():
+        kernels.in_row_blocks(rowwise, x, width=10)  # 300 rows of 10 float32 fit the budget
+    assert [s[:-1] for s in calls] == [(3, 20), (3, 100), (3, 100)]
