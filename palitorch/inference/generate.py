@@ -129,10 +129,9 @@ def prefill(model: PaliGemma, prompts: Prompts, s_len: int) -> tuple[torch.Tenso
     """Run the whole prompt in one forward, bidirectional over its real tokens -> (last logits [B, V], cursor).
 
     The caches must hold at least `s_len` slots for the batch (see `ensure_caches`)."""
-    b, t = prompts.ids.shape
+    t = prompts.ids.shape[1]
     cur = Cursor(model, prompts, s_len)
-    mask = torch.zeros(b, 1, t, s_len, dtype=torch.bool, device=prompts.ids.device)
-    mask[..., :t] = prefix_lm_mask(torch.zeros_like(prompts.ids), prompts.valid)
+    mask = prefix_lm_mask(torch.zeros_like(prompts.ids), prompts.valid)  # [B, 1, T, T]: attends over slots 0..T-1
     x = model.embed(prompts.ids, prompts.pixels, prompts.image_index)  # the vision tower runs once per image
     logits = model.forward_cached(x, cur.positions, cur.slots[:t], mask, last_only=True)[:, -1]
     check_finite(logits)

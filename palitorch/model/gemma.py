@@ -124,7 +124,8 @@ class Attention(nn.Module):
         self.qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x, cos, sin, mask, cache_pos=None, last_only=False):
-        """x [B, T, H]; mask [B, 1, T, S] bool (True = may attend); cache_pos [T] slots to write, with a cache.
+        """x [B, T, H]; mask [B, 1, T, S] bool (True = may attend); cache_pos [T] slots to write, with a cache. With
+        a cache, the mask covers its first S slots: all of them (a decode step), or the T just written (a prefill).
 
         `last_only`: keys and values for all T positions (written to the cache), queries and output for the last
         position only -> [B, 1, H] (the last layer of a prefill, where only the next token's logits are wanted).
@@ -145,6 +146,8 @@ class Attention(nn.Module):
             q, k = apply_rope(torch.cat((q, k), dim=1), cos, sin).split((self.n, self.kv), dim=1)  # one pass
         if self.kv_cache is not None and cache_pos is not None:  # a full forward (scoring) bypasses the cache
             k, v = self.kv_cache.update(cache_pos, k, v)  # [B, K, S, D]
+            if mask.shape[-1] < k.shape[2]:  # a mask over the first slots only (a prefill's): the rest are unused
+                k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
         if t == 1 and self.decode_attention == "flex" and torch.compiler.is_compiling():
             o = self._flex(q, k, v, mask)
         elif self.softcap is None and (t > 1 or self._sdpa_for_one_token(q)):

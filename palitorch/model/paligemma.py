@@ -144,7 +144,8 @@ class PaliGemma(nn.Module):
         sliding_mask: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """Run embeddings x [B, T, H] written at cache slots cache_pos [T]; masks [B, 1, T, S] over all S slots.
+        """Run embeddings x [B, T, H] written at cache slots cache_pos [T]; masks [B, 1, T, S] over the
+        cache's first S slots: all of them, or (a prefill's) the T written.
 
         Returns logits [B, T, V], or [B, 1, V] for the last position only (`last_only`, as in prefill: the last
         layer then skips its attention output and MLP at every other position, whose results nothing reads).

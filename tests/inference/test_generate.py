@@ -271,6 +271,29 @@ def test_cache_is_reused_and_scoring_still_works(ckpt_factory):
     assert pipe.score(img, "caption en", "a cat").logprobs == pytest.approx(before.logprobs, abs=1e-5)
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_prefill_reads_only_the_slots_it_writes(ckpt_factory, version):
+    """A prefill attends over the cache's first T slots, the prompt's, not over the whole cache: what the slots past
+    them hold (here NaN, as left by nothing in particular) cannot reach its logits, which equal those of a prefill
+    into a cache of exactly T slots; a cache of T + 100 slots is reused as it is."""
+    folder, _ = diverse(ckpt_factory, version)
+    pipe = palitorch.load(folder)
+    model = pipe.model
+    pixels, _ = pipe._pixels(images(2))
+    prompts = engine.encode_prompts(model, pipe.processor, pixels, PROMPTS[:2])
+    t = prompts.ids.shape[1]
+    with torch.inference_mode():
+        model.setup_caches(2, t)
+        exact, _ = engine.prefill(model, prompts, t)
+        model.setup_caches(2, t + 100)
+        for layer in model.language_model.layers:
+            layer.attn.kv_cache.k[:, :, t:] = float("nan")
+            layer.attn.kv_cache.v[:, :, t:] = float("nan")
+        longer, cur = engine.prefill(model, prompts, t + 100)
+    assert cur.valid.shape == (2, t + 100)
+    torch.testing.assert_close(longer, exact, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("kw,words", [
     ({"top_p": 0}, "top_p"), ({"temperature": -1}, "temperature"), ({"max_new_tokens": 0}, "max_new_tokens"),
     ({"top_k": 0}, "top_k"), ({"min_p": 1.5}, "min_p"), ({"num_beams": 0}, "num_beams"),
