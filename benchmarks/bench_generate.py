@@ -316,7 +316,7 @@ def main() -> None:
                     help='extra inductor options as JSON, e.g. \'{"coordinate_descent_tuning": true}\'')
     ap.add_argument("--decode-attention", default="default", choices=("default", "sdpa", "matmul", "flex", "auto"),
                     help="palitorch's one-token attention (set_decode_attention; flex runs in compiled steps); "
-                         "default: palitorch's own choice (SDPA, or matmuls for bfloat16 on CPUs without AMX); "
+                         "default: palitorch's own choice (SDPA, or matmuls on CPUs without AMX); "
                          "auto: time sdpa and flex at batch 1 and keep the faster")
     ap.add_argument("--tie-tol", type=float, default=None,
                     help="nats within which a differing token counts as a near-tie (default: default_tie_tol, 0 in "

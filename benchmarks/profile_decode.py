@@ -9,7 +9,7 @@ kernels that take it. Also times variants of the compiled step side by side, to 
 A variant is `+`-joined parts: `fused` (what `pipe.compile()` does: q/k/v and gate/up in one matrix each) or
 `unfused` (the same compile without fusing), `cdt` (inductor's coordinate-descent tuning of its generated kernels),
 `sdpa-attn` / `mm-attn` (one-token attention through SDPA / as two matmuls and a softmax; without either, palitorch's
-default: SDPA, or matmuls for bfloat16 on CPUs without AMX; Gemma 2 always uses matmuls),
+default: SDPA, or matmuls on CPUs without AMX; Gemma 2 always uses matmuls),
 `flex-attn` (one-token attention as one FlexAttention kernel, the mask and Gemma 2's soft-cap as a score
 modification), `autotune` (mode "max-autotune": inductor times candidate matmul kernels; CUDA graphs too; a long
 first call).

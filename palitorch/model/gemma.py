@@ -24,7 +24,7 @@ from palitorch.model.siglip import activation
 # a fused kernel, 14 us a layer). CPU's flash kernel takes both.
 FULL_HEADS_FOR_MASKED_SDPA = ("cuda",)
 
-# Whether this CPU has AMX tiles, which torch's SDPA kernel uses for bfloat16 (see `Attention._sdpa_for_one_token`).
+# Whether this CPU has AMX tiles, which torch's SDPA kernel uses (see `Attention._sdpa_for_one_token`).
 CPU_HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
@@ -160,13 +160,14 @@ class Attention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n * self.d))
 
     def _sdpa_for_one_token(self, q: torch.Tensor) -> bool:
-        """Whether a one-token step attends through SDPA rather than two matmuls. "auto": SDPA except for bfloat16 on
-        a CPU without AMX, where torch's SDPA kernel for one query (torch 2.13; it uses AMX tiles where there are
-        some) made a compiled step of the mid-size benchmark model twice as slow at batch 8 (50.7 ms against 25.7 ms
-        through matmuls on an AMD EPYC; the matmuls were also faster at batch 1). In float32 on CPU, SDPA was as
-        fast or faster at batch 8."""
+        """Whether a one-token step attends through SDPA rather than two matmuls. "auto": SDPA, except on a CPU without
+        AMX tiles, where torch's SDPA kernel for one query (torch 2.13; it uses AMX tiles where there are some) was
+        the slower of the two on an AMD EPYC: in bfloat16 it made a compiled step of the mid-size benchmark model
+        twice as slow at batch 8 (50.7 ms against 25.7 ms through matmuls), and in float32 the matmuls took 3-16%
+        less time at batch 8 (mid-size and bundled models) and the same or less at batch 1 (BENCHMARKS.md, sessions
+        17 and 20). CPUs with AMX keep SDPA (the Intel Xeon's figures of sessions 13-16 were measured through it)."""
         if self.decode_attention == "auto":
-            return not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and not CPU_HAS_AMX)
+            return not (q.device.type == "cpu" and not CPU_HAS_AMX)
         return self.decode_attention == "sdpa"
 
     def _full_heads(self, k, v):
@@ -310,8 +311,8 @@ class Gemma(nn.Module):
             layer.mlp.fuse_projections()
 
     def set_decode_attention(self, kind: str) -> None:
-        """How one-token steps attend over the cache: "auto" (the default: "sdpa", except "matmul" for bfloat16 on
-        CPUs without AMX, see `Attention._sdpa_for_one_token`), "sdpa" (Gemma 2 always uses matmuls, for its
+        """How one-token steps attend over the cache: "auto" (the default: "sdpa", except "matmul" on CPUs without
+        AMX, see `Attention._sdpa_for_one_token`), "sdpa" (Gemma 2 always uses matmuls, for its
         soft-capped logits), "matmul" (two matmuls and a softmax, which a compiler may fuse further) or "flex"
         (FlexAttention with the mask and soft-cap as a score modification, in a compiled step; matmuls in eager)."""
         if kind not in ("auto", "sdpa", "matmul", "flex"):

@@ -266,31 +266,33 @@ def test_decode_attention_variants_match_transformers(ckpt_factory, monkeypatch,
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_default_decode_attention_is_sdpa_except_for_bfloat16_on_cpus_without_amx(ckpt_factory, monkeypatch, dtype):
-    """The default ("auto"): Gemma 1's one-token steps attend through SDPA, except in bfloat16 on a CPU without AMX,
-    where they take the two matmuls (torch's one-query SDPA kernel was the slower there). Eager and compiled steps
-    alike."""
+def test_default_decode_attention_is_sdpa_except_on_cpus_without_amx(ckpt_factory, monkeypatch, dtype):
+    """The default ("auto"): Gemma 1's one-token steps attend through SDPA, except on a CPU without AMX, where they
+    take the two matmuls (torch's one-query SDPA kernel was the slower there, in bfloat16 and in float32); prefills
+    attend through SDPA everywhere. Eager and compiled steps alike."""
     import torch.nn.functional as F
 
     from palitorch.model import gemma
 
-    one_token_sdpa = dtype == "float32" or gemma.CPU_HAS_AMX
+    one_token_sdpa = gemma.CPU_HAS_AMX
 
     folder, _ = diverse(ckpt_factory, 1)
-    seen, real = types.SimpleNamespace(one_token=False), F.scaled_dot_product_attention
+    seen, real = types.SimpleNamespace(one_token=False, prefill=False), F.scaled_dot_product_attention
 
     def spy(q, *args, **kw):
         if q.shape[-2] == 1:
             seen.one_token = True  # an attribute store, as in the test above: no guard, no recompilation
+        else:
+            seen.prefill = True
         return real(q, *args, **kw)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     pipe = palitorch.load(folder, dtype=dtype)
     assert pipe.model.language_model.layers[0].attn.decode_attention == "auto"
     for _ in ("eager", "compiled"):
-        seen.one_token = False
+        seen.one_token = seen.prefill = False
         pipe.generate(images(1), PROMPTS[0], max_new_tokens=4, min_new_tokens=4)
-        assert seen.one_token == one_token_sdpa
+        assert seen.one_token == one_token_sdpa and seen.prefill
         torch._dynamo.reset()  # a compiled step calls the spy when it is traced: trace it anew
         pipe.compile()
 
