@@ -256,3 +256,18 @@ def test_decode_swamped_by_noise_is_not_reported(tmp_path, monkeypatch, capsys):
     assert row["same_tokens"] and "raise --new-tokens" in row["decode_not_measured"]
     assert "decode_speedup" not in row and "ours_decode_tok_s" not in row and row["prefill_speedup"] == 1.0
     assert "decode not measured" in capsys.readouterr().out
+
+
+def test_prefill_blocks_times_whole_against_blocks_on_the_same_tokens(pg2, monkeypatch, capsys):
+    """benchmarks/prefill_blocks.py on a tiny checkpoint, with blocks small enough that its prefills use them: a
+    timing per batch, after the tokens were found equal; the block budget is restored afterwards."""
+    import prefill_blocks
+
+    folder, _ = pg2
+    monkeypatch.setattr(kernels, "ROW_BLOCK_BYTES", 1)
+    monkeypatch.setattr(kernels, "ROW_BLOCK_MIN_ROWS", 16)
+    monkeypatch.setattr(sys, "argv", ["prefill_blocks.py", "--size", str(folder), "--batches", "1,2", "--reps", "1"])
+    prefill_blocks.main()
+    out = capsys.readouterr().out
+    assert out.count("in row blocks") == 2 and "same tokens" in out
+    assert kernels.ROW_BLOCK_BYTES == 1
