@@ -1,12 +1,14 @@
-"""A prefill's MLP blocks run whole against in blocks of rows (`kernels.in_row_blocks`), in one process: the same
-pipeline, the setting switched between passes, interleaved, medians; both must give the same greedy tokens.
+"""A prefill run whole against in blocks, in one process: its MLP blocks in blocks of rows
+(`kernels.in_row_blocks`) and Gemma 2's explicit attention in blocks of query positions
+(`Attention._explicit_in_blocks`). The same pipeline, the two byte budgets switched between passes, interleaved,
+medians; both ways must give the same greedy tokens.
 
     python benchmarks/prefill_blocks.py                                   # mid-size model, float32, batch 8
     python benchmarks/prefill_blocks.py --size pg1-3b --dtype bfloat16 --batches 1 --reps 3
 
 Times `generate` with one new token (image preprocessing, vision tower, prefill, the first token), as
 bench_generate.py times a prefill; prints ms, whole / blocks, and their ratio. This is how session 20 measured the
-row blocks (BENCHMARKS.md): on the project's VMs separate processes differ by more than such a change.
+blocks (BENCHMARKS.md): on the project's VMs separate processes differ by more than such a change.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from inputs import SIZES, check_size, checkpoint, workload  # noqa: E402
 
 import palitorch  # noqa: E402
-from palitorch.model import kernels  # noqa: E402
+from palitorch.model import gemma, kernels  # noqa: E402
 
-WHOLE = 1 << 62  # a row budget no prefill reaches: every MLP block in one piece
+WHOLE = 1 << 62  # a budget no prefill reaches: every MLP block and attention in one piece
 
 
 def main() -> None:
@@ -44,12 +46,14 @@ def main() -> None:
     path, _ = checkpoint(args.size, Path(args.workdir), "cpu", getattr(torch, args.dtype))
     pipe = palitorch.load(path, dtype=args.dtype)
     pipe.model.language_model.fuse_projections()  # as `Pipeline.compile` does (prefills run eagerly either way)
-    blocks = kernels.ROW_BLOCK_BYTES
-    print(f"{args.size}, {args.dtype}, {torch.get_num_threads()} threads; blocks of at most "
-          f"{blocks / 2**20:g} MB of intermediate, at least {kernels.ROW_BLOCK_MIN_ROWS} rows")
+    blocks, scores = kernels.ROW_BLOCK_BYTES, gemma.SCORE_BLOCK_BYTES
+    print(f"{args.size}, {args.dtype}, {torch.get_num_threads()} threads; MLP blocks of at most "
+          f"{blocks / 2**20:g} MB of intermediate (at least {kernels.ROW_BLOCK_MIN_ROWS} rows), explicit attention's "
+          f"of at most {scores / 2**20:g} MB of scores")
 
     def run(images, prompts, budget: int, n: int = 1):
         kernels.ROW_BLOCK_BYTES = budget
+        gemma.SCORE_BLOCK_BYTES = scores if budget == blocks else budget
         start = time.perf_counter()
         out = pipe.generate(images, prompts, max_new_tokens=n, min_new_tokens=n)
         return time.perf_counter() - start, [r.token_ids for r in out]
@@ -68,7 +72,7 @@ def main() -> None:
             print(f"batch {b}: whole {whole:.0f} ms, in row blocks {split:.0f} ms, x{whole / split:.3f} "
                   f"(same tokens; medians of {args.reps})", flush=True)
     finally:
-        kernels.ROW_BLOCK_BYTES = blocks
+        kernels.ROW_BLOCK_BYTES, gemma.SCORE_BLOCK_BYTES = blocks, scores
 
 
 if __name__ == "__main__":

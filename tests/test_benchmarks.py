@@ -263,11 +263,14 @@ def test_prefill_blocks_times_whole_against_blocks_on_the_same_tokens(pg2, monke
     timing per batch, after the tokens were found equal; the block budget is restored afterwards."""
     import prefill_blocks
 
+    from palitorch.model import gemma
+
     folder, _ = pg2
     monkeypatch.setattr(kernels, "ROW_BLOCK_BYTES", 1)
     monkeypatch.setattr(kernels, "ROW_BLOCK_MIN_ROWS", 16)
+    monkeypatch.setattr(gemma, "SCORE_BLOCK_BYTES", 1)
     monkeypatch.setattr(sys, "argv", ["prefill_blocks.py", "--size", str(folder), "--batches", "1,2", "--reps", "1"])
     prefill_blocks.main()
     out = capsys.readouterr().out
     assert out.count("in row blocks") == 2 and "same tokens" in out
-    assert kernels.ROW_BLOCK_BYTES == 1
+    assert kernels.ROW_BLOCK_BYTES == 1 and gemma.SCORE_BLOCK_BYTES == 1

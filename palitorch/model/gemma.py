@@ -24,6 +24,9 @@ from palitorch.model.siglip import activation
 # a fused kernel, 14 us a layer). CPU's flash kernel takes both.
 FULL_HEADS_FOR_MASKED_SDPA = ("cuda",)
 
+# `Attention._explicit_in_blocks`: at CPU inference, the float32 scores of a block of query positions, at most.
+SCORE_BLOCK_BYTES = 4 << 20
+
 # Whether this CPU has AMX tiles, which torch's SDPA kernel uses (see `Attention._sdpa_for_one_token`).
 CPU_HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
@@ -156,7 +159,7 @@ class Attention(nn.Module):
                 k, v, grouped = *self._full_heads(k, v), False
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=grouped)
         else:
-            o = self._explicit(q, k, v, mask)
+            o = self._explicit_in_blocks(q, k, v, mask)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n * self.d))
 
     def _sdpa_for_one_token(self, q: torch.Tensor) -> bool:
@@ -190,6 +193,22 @@ class Attention(nn.Module):
             return torch.where(keep[b, kv_idx], score, float("-inf"))
 
         return flex_attention(q, k, v, score_mod=score_mod, scale=self.scale, enable_gqa=self.n != self.kv)
+
+    def _explicit_in_blocks(self, q, k, v, mask):
+        """`_explicit` over blocks of query positions whose float32 scores [B, N, rows, S] stay within
+        SCORE_BLOCK_BYTES, at CPU inference (a prefill or a scoring pass); whole elsewhere. Each query's softmax is
+        over its own row, so the blocks give the whole's numbers. Gemma 2's prefill builds several score-sized
+        temporaries a layer, which at 448 px (1,036 positions, 8 heads: 34 MB each) or batch 8 leave the caches
+        and, over 32 MB, come from fresh pages each time (see `kernels.in_row_blocks`); measured in blocks of 128
+        positions: 1,036 positions 252 -> 152 ms a layer, batch 8 of 268 positions 117 -> 80 ms (BENCHMARKS.md,
+        session 20)."""
+        b, n, t, _ = q.shape
+        per = max(16, SCORE_BLOCK_BYTES // (b * n * k.shape[2] * 4))
+        if (t <= per or q.device.type != "cpu" or torch.is_grad_enabled()
+                or torch.compiler.is_compiling()):
+            return self._explicit(q, k, v, mask)
+        return torch.cat([self._explicit(q[:, :, i:i + per], k, v, mask[:, :, i:i + per])
+                          for i in range(0, t, per)], dim=2)
 
     def _explicit(self, q, k, v, mask):
         """Attention as two matmuls and a float32 softmax. Gemma 2 needs it (logits -> c * tanh(logits / c) before

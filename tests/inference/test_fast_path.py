@@ -147,19 +147,28 @@ def test_linear_routes_match_transformers(ckpt_factory, request, route, version)
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_mlp_blocks_in_row_blocks_match_transformers(ckpt_factory, monkeypatch, version):
-    """A prefill's and a scoring pass's MLP blocks (decoder and vision tower) in blocks of 128 rows (the byte budget
-    set to nothing; these tiny models' prefills have 3 x ~265 rows): greedy tokens equal transformers', logprobs
-    within 3e-4, scores within 3e-4 of the whole pass's; the blocks ran."""
+def test_prefills_in_blocks_match_transformers(ckpt_factory, monkeypatch, version):
+    """A prefill's and a scoring pass's MLP blocks (decoder and vision tower) in blocks of 128 rows, and Gemma 2's
+    explicit attention in blocks of 16 query positions (both byte budgets set to nothing; these tiny models'
+    prefills have 3 x ~265 rows): greedy tokens equal transformers', logprobs within 3e-4, scores within 3e-4 of
+    the whole pass's; the blocks ran."""
     from palitorch.model import gemma, kernels, siglip
 
     monkeypatch.setattr(kernels, "ROW_BLOCK_BYTES", 1)
-    blocks = []
+    monkeypatch.setattr(gemma, "SCORE_BLOCK_BYTES", 1)
+    blocks, queries = [], []
     for cls in (gemma.DecoderLayer, siglip.VisionLayer):
         def counted(self, x, _orig=cls._mlp_block):
             blocks.append(x.shape[0] if x.dim() == 2 else -1)
             return _orig(self, x)
         monkeypatch.setattr(cls, "_mlp_block", counted)
+    real_explicit = gemma.Attention._explicit
+
+    def explicit(self, q, *args):
+        queries.append(q.shape[2])
+        return real_explicit(self, q, *args)
+
+    monkeypatch.setattr(gemma.Attention, "_explicit", explicit)
     folder, hf = diverse(ckpt_factory, version)
     imgs = images(3)
     ref, ref_lp = hf_generate(folder, hf, imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
@@ -167,9 +176,13 @@ def test_mlp_blocks_in_row_blocks_match_transformers(ckpt_factory, monkeypatch, 
     ours = pipe.generate(imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
     assert [r.token_ids for r in ours] == ref.tolist()
     torch.testing.assert_close(torch.tensor([r.logprobs for r in ours]), ref_lp, atol=DIVERSE_LOGPROB_TOL, rtol=0)
-    assert blocks.count(kernels.ROW_BLOCK_MIN_ROWS) >= 2 * len(pipe.model.language_model.layers)
+    layers = len(pipe.model.language_model.layers)
+    assert blocks.count(kernels.ROW_BLOCK_MIN_ROWS) >= 2 * layers
+    if version == 2:  # Gemma 2's prefill: every layer in blocks of 16 query positions (and a last, shorter one)
+        assert queries.count(16) >= 2 * layers and max(queries) == 16
     scored = pipe.score(imgs[0], PROMPTS[0], "a red circle")
     monkeypatch.setattr(kernels, "ROW_BLOCK_BYTES", 1 << 40)
+    monkeypatch.setattr(gemma, "SCORE_BLOCK_BYTES", 1 << 40)
     whole = pipe.score(imgs[0], PROMPTS[0], "a red circle")
     torch.testing.assert_close(torch.tensor(scored.logprobs), torch.tensor(whole.logprobs),
                                atol=DIVERSE_LOGPROB_TOL, rtol=0)
