@@ -199,9 +199,9 @@ class Attention(nn.Module):
         SCORE_BLOCK_BYTES, at CPU inference (a prefill or a scoring pass); whole elsewhere. Each query's softmax is
         over its own row, so the blocks give the whole's numbers. Gemma 2's prefill builds several score-sized
         temporaries a layer, which at 448 px (1,036 positions, 8 heads: 34 MB each) or batch 8 leave the caches
-        and, over 32 MB, come from fresh pages each time (see `kernels.in_row_blocks`); measured in blocks of 128
-        positions: 1,036 positions 252 -> 152 ms a layer, batch 8 of 268 positions 117 -> 80 ms (BENCHMARKS.md,
-        session 20)."""
+        and, over 32 MB, come from fresh pages each time (see `kernels.in_row_blocks`); one layer on the AMD EPYC VM,
+        1,036 positions: 123 ms whole, 56 ms in blocks of 128; batch 8 of 268 positions: 41 ms whole, 29-31 ms in
+        blocks of 16-128 (BENCHMARKS.md, session 20)."""
         b, n, t, _ = q.shape
         per = max(16, SCORE_BLOCK_BYTES // (b * n * k.shape[2] * 4))
         if (t <= per or q.device.type != "cpu" or torch.is_grad_enabled()
