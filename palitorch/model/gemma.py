@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from palitorch.config import TextConfig
-from palitorch.model.kernels import Linear, in_row_blocks, linear
+from palitorch.model.kernels import Linear, blocks_apply, in_row_blocks, linear
 from palitorch.model.siglip import activation
 
 # Devices whose fused SDPA kernels take either a mask or grouped KV heads (`enable_gqa`) but not both: there a
@@ -196,16 +196,16 @@ class Attention(nn.Module):
 
     def _explicit_in_blocks(self, q, k, v, mask):
         """`_explicit` over blocks of query positions whose float32 scores [B, N, rows, S] stay within
-        SCORE_BLOCK_BYTES, at CPU inference (a prefill or a scoring pass); whole elsewhere. Each query's softmax is
-        over its own row, so the blocks give the whole's numbers. Gemma 2's prefill builds several score-sized
+        SCORE_BLOCK_BYTES, at CPU inference (a prefill or a scoring pass; see `kernels.blocks_apply`); whole
+        elsewhere. Each query's softmax is over its own row, so the blocks give the whole's numbers. Gemma 2's
+        prefill builds several score-sized
         temporaries a layer, which at 448 px (1,036 positions, 8 heads: 34 MB each) or batch 8 leave the caches
         and, over 32 MB, come from fresh pages each time (see `kernels.in_row_blocks`); one layer on the AMD EPYC VM,
         1,036 positions: 123 ms whole, 56 ms in blocks of 128; batch 8 of 268 positions: 41 ms whole, 29-31 ms in
         blocks of 16-128 (BENCHMARKS.md, session 20)."""
         b, n, t, _ = q.shape
         per = max(16, SCORE_BLOCK_BYTES // (b * n * k.shape[2] * 4))
-        if (t <= per or q.device.type != "cpu" or torch.is_grad_enabled()
-                or torch.compiler.is_compiling()):
+        if t <= per or not blocks_apply(q):
             return self._explicit(q, k, v, mask)
         return torch.cat([self._explicit(q[:, :, i:i + per], k, v, mask[:, :, i:i + per])
                           for i in range(0, t, per)], dim=2)

@@ -306,6 +306,12 @@ ROW_BLOCK_BYTES = 16 << 20  # `in_row_blocks`: the widest intermediate of a bloc
 ROW_BLOCK_MIN_ROWS = 128  # and at least this many rows a block (fewer re-read the weights too often)
 
 
+def blocks_apply(x: Tensor) -> bool:
+    """Whether work on x may be split into blocks (`in_row_blocks`, Gemma 2's attention): at CPU inference, outside
+    a compiled graph (whose memory inductor plans); with autograd on or on other devices it runs whole."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 def in_row_blocks(fn, x: Tensor, width: int) -> Tensor:
     """fn(x) for an fn that treats each row of x [..., C] on its own (an MLP block: norm, products, activation),
     run on blocks of x's rows at CPU inference so that its widest intermediate, `width` values a row, stays within
@@ -313,12 +319,11 @@ def in_row_blocks(fn, x: Tensor, width: int) -> Tensor:
     of tens or hundreds of MB (the 3B models' gate/up product at batch 8: 280 MB in float32), which glibc's malloc
     takes from the system afresh each time (above 32 MB it always maps new pages) and which leave the caches: the
     mid-size benchmark model's batch-8 MLP ran 5-15% faster in 512-row blocks (BENCHMARKS.md, session 20). Rows
-    give the same results as a whole, up to the BLAS kernel's float32 rounding for another number of rows. With
-    autograd on, on other devices, or inside a compiled graph (whose memory inductor plans): fn(x) at once."""
+    give the same results as a whole, up to the BLAS kernel's float32 rounding for another number of rows. Where
+    `blocks_apply` says no: fn(x) at once."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     per = max(ROW_BLOCK_MIN_ROWS, ROW_BLOCK_BYTES // max(1, width * x.element_size()))
-    if (rows <= per or x.device.type != "cpu" or torch.is_grad_enabled()
-            or torch.compiler.is_compiling()):
+    if rows <= per or not blocks_apply(x):
         return fn(x)
     flat, out = x.reshape(rows, x.shape[-1]), None
     for start in range(0, rows, per):
