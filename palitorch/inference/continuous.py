@@ -304,9 +304,12 @@ class LiveBatch:
                 self._no_bar = torch.zeros(len(self.seqs), 1, dtype=torch.bool, device=self.device)
             bar = self._no_bar
         fns, pad = self.fns, self.processor.pad_id
-        k, top = max(q.top for q in live), None  # alternatives wanted: the logits must leave the step
-        if self.chooser.fusable and not k:
-            tok, lp, done = fns.greedy(self.model, self.tok, *self.cur.step(), self.done, bar, self.eos_t, pad)
+        k, top = max(q.top for q in live), None  # the most alternatives a row wants
+        if self.chooser.fusable:
+            step = fns.greedy_top if k else fns.greedy
+            out = step(self.model, self.tok, *self.cur.step(), self.done, bar, self.eos_t, pad)
+            tok, lp, done = out[:3]
+            top = out[3:] if k else None
         else:
             self.chooser.observe(self.tok)
             logits = fns.logits(self.model, self.tok, *self.cur.step())

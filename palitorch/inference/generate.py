@@ -32,7 +32,7 @@ from palitorch.inference.answer import (
 )
 from palitorch.inference.done import DoneWatch
 from palitorch.inference.processor import Processor
-from palitorch.inference.sampling import Chooser, GenerationOptions
+from palitorch.inference.sampling import MAX_TOP_LOGPROBS, Chooser, GenerationOptions
 from palitorch.model import PaliGemma
 from palitorch.model.paligemma import prefix_lm_mask
 
@@ -176,6 +176,18 @@ def greedy_forward(model: PaliGemma, tokens: torch.Tensor, pos: torch.Tensor, sl
     return settle(tok, token_logprobs(x, tok), done, eos, pad_id)
 
 
+def greedy_top_forward(model: PaliGemma, tokens: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
+                       valid: torch.Tensor, sliding: torch.Tensor | None, done: torch.Tensor, no_eos: torch.Tensor,
+                       eos: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, ...]:
+    """`greedy_forward` that also gives the step's `MAX_TOP_LOGPROBS` most likely tokens -> (tokens, logprobs, done,
+    alternative ids [B, k], their logprobs [B, k]), k = min(20, V): greedy decoding with `top_logprobs` stays one
+    compiled graph (the caller keeps the first k it was asked for; one k for every request, so one compilation)."""
+    x = token_forward(model, tokens, pos, slot, valid, sliding).float()
+    tok = torch.where(no_eos, x.index_fill(-1, eos, float("-inf")), x).argmax(-1)
+    lp, (ids, values) = chosen_logprobs(x, tok, MAX_TOP_LOGPROBS)
+    return *settle(tok, lp, done, eos, pad_id), ids, values
+
+
 def settle(tok: torch.Tensor, lp: torch.Tensor, done: torch.Tensor, eos: torch.Tensor,
            pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A step's chosen tokens [B] and logprobs [B] -> (tokens with `pad_id` on rows already `done`, logprobs,
@@ -187,12 +199,14 @@ def settle(tok: torch.Tensor, lp: torch.Tensor, done: torch.Tensor, eos: torch.T
 @dataclass(frozen=True)
 class Steps:
     """The one-token functions the decode loop calls: `logits` (`token_forward`: sampling, beams, repetition
-    penalty) and `greedy` (`greedy_forward`). Eager by default; `Pipeline.compile` puts `torch.compile`d versions in.
-    `copy_outputs`: their outputs live in memory that the next call reuses (CUDA graphs), so copy what is kept."""
+    penalty), `greedy` (`greedy_forward`) and `greedy_top` (`greedy_top_forward`: greedy with top_logprobs). Eager
+    by default; `Pipeline.compile` puts `torch.compile`d versions in. `copy_outputs`: their outputs live in memory
+    that the next call reuses (CUDA graphs), so copy what is kept."""
 
     logits: Callable = token_forward
     greedy: Callable = greedy_forward
     copy_outputs: bool = False
+    greedy_top: Callable = greedy_top_forward
 
 
 EAGER = Steps()
@@ -233,12 +247,11 @@ def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: lis
     """Yield (tokens [B], logprobs [B], alternatives) for up to `steps` steps, all on the device.
 
     logprobs are log_softmax of the raw logits at the chosen token; alternatives, with `opts.top_logprobs` = k,
-    the k most likely tokens under the same distribution (ids [B, k], logprobs [B, k]), else None: asking for them
-    runs the step as sampling does (the logits leave the step). A row that has produced an EOS yields
-    `pad_id` afterwards. The loop ends early once every row has: on CPU checked every step (a check is free), on
-    CUDA within a few steps, without emptying the GPU's queue; see `DoneWatch`.
-    Greedy decoding runs the forward and the choice as one function, `fns.greedy`; sampling and repetition
-    penalties choose from `fns.logits` outside it. `fns`: see `Steps`.
+    the k most likely tokens under the same distribution (ids [B, k], logprobs [B, k]), else None. A row that has
+    produced an EOS yields `pad_id` afterwards. The loop ends early once every row has: on CPU checked every step
+    (a check is free), on CUDA within a few steps, without emptying the GPU's queue; see `DoneWatch`.
+    Greedy decoding runs the forward and the choice as one function, `fns.greedy` (`fns.greedy_top` with
+    alternatives); sampling and repetition penalties choose from `fns.logits` outside it. `fns`: see `Steps`.
     """
     fns = fns or EAGER
     b, t = prompts.ids.shape
@@ -248,7 +261,7 @@ def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: lis
     eos_t = torch.tensor(eos, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     k = opts.top_logprobs
-    fused = chooser.seen is None and not opts.do_sample and not k
+    fused = chooser.seen is None and not opts.do_sample  # greedy without a penalty: one function a step
     no_eos = [torch.full((1,), flag, device=device) for flag in (False, True)]  # min_new_tokens not yet reached
     watch = DoneWatch(device)
 
@@ -260,9 +273,12 @@ def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: lis
     tok, lp, done, top = pick(logits, 0, done)
     for i in range(steps):
         if i > 0 and fused:
-            tok, lp, done = fns.greedy(model, tok, *cur.step(), done, no_eos[i < opts.min_new_tokens], eos_t, pad_id)
+            step = fns.greedy_top if k else fns.greedy
+            out = step(model, tok, *cur.step(), done, no_eos[i < opts.min_new_tokens], eos_t, pad_id)
             if fns.copy_outputs:
-                tok, lp, done = tok.clone(), lp.clone(), done.clone()
+                out = [t.clone() for t in out]
+            tok, lp, done = out[:3]
+            top = (out[3][:, :k], out[4][:, :k]) if k else None
         elif i > 0:
             chooser.observe(tok)
             tok, lp, done, top = pick(fns.logits(model, tok, *cur.step()), i, done)

@@ -150,6 +150,7 @@ class Pipeline:
             logits=torch.compile(engine.token_forward, dynamic=False, **settings),
             greedy=torch.compile(engine.greedy_forward, dynamic=False, **settings),
             copy_outputs=self.device.type != "cpu",  # CUDA graphs reuse their output memory at the next step
+            greedy_top=torch.compile(engine.greedy_top_forward, dynamic=False, **settings),  # compiled on first use
         )
         return self
 

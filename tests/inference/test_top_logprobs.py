@@ -148,6 +148,40 @@ def test_a_compiled_step_gives_the_eager_alternatives(ckpt_factory):
                                    torch.tensor([[v for _, v in s] for s in e.top_logprobs]), atol=1e-4, rtol=0)
 
 
+def test_greedy_alternatives_come_from_one_fused_step(ckpt_factory):
+    """Greedy decoding with alternatives runs `greedy_top` (forward, choice and alternatives in one function, one
+    compiled graph), in `generate` and in a live batch; a repetition penalty still takes the logits step. Counting
+    wrappers stand in for torch.compile."""
+    from palitorch.inference import generate as engine
+
+    folder, _ = diverse(ckpt_factory, 1)
+    pipe = palitorch.load(folder)
+    imgs = images(2)
+    eager = pipe.generate(imgs, PROMPTS[:2], max_new_tokens=6, min_new_tokens=6, top_logprobs=2)
+    calls = []
+
+    def counting(name, fn):
+        return lambda *args: calls.append(name) or fn(*args)
+
+    pipe._steps = engine.Steps(counting("logits", engine.token_forward), counting("greedy", engine.greedy_forward),
+                               greedy_top=counting("greedy_top", engine.greedy_top_forward))
+    assert pipe.generate(imgs, PROMPTS[:2], max_new_tokens=6, min_new_tokens=6, top_logprobs=2) == eager
+    assert calls == ["greedy_top"] * 5
+    with pipe.live(max_rows=2) as live:
+        _, events = live.admit(imgs[:1], PROMPTS[:1], options=[GenerationOptions(max_new_tokens=6, top_logprobs=2)])
+        while live.active:
+            events += live.step()
+    [alone] = [r for _, r in events if not isinstance(r, str)]
+    assert alone.token_ids == eager[0].token_ids  # and the alternatives, to 1e-5 (rows batched differently)
+    assert [[t for t, _ in s] for s in alone.top_logprobs] == [[t for t, _ in s] for s in eager[0].top_logprobs]
+    torch.testing.assert_close([[v for _, v in s] for s in alone.top_logprobs],
+                               [[v for _, v in s] for s in eager[0].top_logprobs], atol=1e-5, rtol=0)
+    assert calls[5:] == ["greedy_top"] * (len(eager[0].token_ids) - 1)
+    calls.clear()
+    pipe.generate(imgs, PROMPTS[:2], max_new_tokens=6, min_new_tokens=6, top_logprobs=2, repetition_penalty=1.2)
+    assert calls == ["logits"] * 5
+
+
 @pytest.mark.parametrize("value", [-1, 21, 2.5, True, "3"])
 def test_a_bad_count_is_a_one_line_input_error(value):
     pipe = palitorch.load()
