@@ -32,12 +32,17 @@ class Hypothesis:
 
 
 def expand_caches(model: PaliGemma, beams: int) -> None:
-    """Repeat every layer's cache rows `beams` times: row b becomes rows b * beams ... b * beams + beams - 1."""
+    """Give the model new caches with every row of its current ones repeated `beams` times: row b becomes rows
+    b * beams ... b * beams + beams - 1. New cache objects: the old ones may be a live batch's (its pool), which
+    must keep their shape."""
+    layers = model.language_model.layers
+    old = [layer.attn.kv_cache for layer in layers]
+    b, _, s, _ = old[0].k.shape
     with torch.inference_mode(False):  # ordinary tensors, as `ensure_caches` allocates them
-        for layer in model.language_model.layers:
-            c = layer.attn.kv_cache
-            c.k = c.k.repeat_interleave(beams, 0)
-            c.v = c.v.repeat_interleave(beams, 0)
+        model.setup_caches(b * beams, s, old[0].k.dtype, old[0].k.device)
+    for layer, c in zip(layers, old):
+        layer.attn.kv_cache.k.copy_(c.k.repeat_interleave(beams, 0))
+        layer.attn.kv_cache.v.copy_(c.v.repeat_interleave(beams, 0))
 
 
 def reorder_caches(model: PaliGemma, rows: torch.Tensor) -> None:

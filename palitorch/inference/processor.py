@@ -198,6 +198,9 @@ class Processor:
     def encode(self, prefix: str, suffix: str | None = None) -> Encoded:
         if not isinstance(prefix, str):
             raise InputError(f"a prompt must be a string, got {type(prefix).__name__}")
+        if IMAGE in prefix or (suffix is not None and IMAGE in suffix):  # it would count as one more image position
+            raise InputError(f"the text contains {IMAGE}, which PaliGemma keeps for the image's own positions "
+                             "(the processor puts them in): remove it")
         if self._head_ids is not None:
             ids = self._head_ids + self.tokenizer.encode(prefix + "\n", add_special_tokens=False).ids
         else:

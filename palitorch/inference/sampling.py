@@ -86,8 +86,8 @@ class GenerationOptions:
             bad(f"length_penalty must be a finite number, got {self.length_penalty!r}")
         if self.num_beams > 1 and self.do_sample:
             bad("beam search is deterministic: use num_beams > 1 without temperature/top_k/top_p/min_p")
-        if self.seed is not None and not _is_int(self.seed):
-            bad(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
+            bad(f"seed must be an integer from -2**63 to 2**64 - 1 (torch's generator), got {self.seed!r}")
         if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             bad(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {self.top_logprobs!r}")
         if self.stop is not None and (

@@ -20,10 +20,8 @@ its end), for comparison (`benchmarks/bench_serve.py`).
 from __future__ import annotations
 
 import copy
-import sys
 import threading
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable
 
@@ -32,7 +30,7 @@ from PIL import Image
 from palitorch.errors import PalitorchError
 from palitorch.inference.answer import Result
 from palitorch.inference.sampling import GenerationOptions
-from palitorch.server.jobs import Job, api_error
+from palitorch.server.jobs import Job, api_error, error_for
 from palitorch.server.openai import ApiError, ChatRequest
 from palitorch.server.pacing import Pacer
 
@@ -154,10 +152,7 @@ class Engine:
                         self._finish(job, None)
                         self._close(job)
         except Exception as e:  # the options refused, NaN logits, or a bug: every job in the batch gets the error
-            if not isinstance(e, PalitorchError):
-                traceback.print_exc(file=sys.stderr)
-            error = api_error(e) if isinstance(e, PalitorchError) else \
-                ApiError(500, f"internal error: {type(e).__name__}: {e}")
+            error = error_for(e)
             for job in [job for job in (*running, *waiting) if not job.finished]:
                 self._fail(job, error)
                 self._close(job)
@@ -203,20 +198,23 @@ class Engine:
         try:
             if not self._admit(live, jobs, running, served):
                 return  # no room in the cache until some rows end: again after the next step
-        except PalitorchError as e:
+        except Exception as e:  # noqa: BLE001 (a refused input, or a bug that one input meets: only its job fails)
             if len(jobs) == 1:
-                self._fail(jobs[0], api_error(e))
-                self._close(jobs[0])
+                self._refuse(jobs[0], e)
             else:
                 for job in jobs:
                     try:
                         if not self._admit(live, [job], running, served):
                             break
-                    except PalitorchError as e:
-                        self._fail(job, api_error(e))
-                        self._close(job)
+                    except Exception as e:  # noqa: BLE001
+                        self._refuse(job, e)
         while waiting and (waiting[0].finished or waiting[0] in running):
             waiting.popleft()
+
+    def _refuse(self, job: Job, e: Exception) -> None:
+        """A job whose admission failed gets the error (`error_for`); the batch goes on without it."""
+        self._fail(job, error_for(e))
+        self._close(job)
 
     def _admit(self, live, jobs: list[Job], running: dict, served: list) -> bool:
         """Jobs join the live batch (True), or there is no room for them now (False)."""
@@ -294,10 +292,10 @@ class Engine:
             else:
                 self._generate(group)
         except Exception as e:  # a bug, not the request's fault: tell the clients, keep serving
-            traceback.print_exc(file=sys.stderr)
+            error = error_for(e)
             for job in group:
                 if not job.finished:
-                    self._fail(job, ApiError(500, f"internal error: {type(e).__name__}: {e}"))
+                    self._fail(job, error)
 
     @staticmethod
     def _rows(group: list[Job]) -> tuple[list, list[str], list[Job]]:

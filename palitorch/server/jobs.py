@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import queue
+import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 
 from palitorch.errors import InputError, PalitorchError
@@ -16,6 +18,15 @@ from palitorch.server.openai import ApiError, ChatRequest
 def api_error(e: PalitorchError) -> ApiError:
     """A refused input is the client's to fix (400); NaN logits and the like are the model's fault (500)."""
     return ApiError(400 if isinstance(e, InputError) else 500, str(e))
+
+
+def error_for(e: Exception) -> ApiError:
+    """What a client gets for an exception: a PalitorchError as `api_error` says; anything else is a bug, a 500,
+    with its traceback on the server's stderr (call it in the `except` block)."""
+    if isinstance(e, PalitorchError):
+        return api_error(e)
+    traceback.print_exc(file=sys.stderr)
+    return ApiError(500, f"internal error: {type(e).__name__}: {e}")
 
 
 @dataclass(eq=False)

@@ -128,6 +128,16 @@ def test_image_prefix_layout(procs):
     assert ours.tokenizer.decode([enc.ids[enc.types.index(1) - 1]]) == "\n"
 
 
+def test_image_token_text_in_a_prompt_is_an_input_error(procs):
+    """`<image>` in the text would be one more image position than the image has (the merge then fails deep in
+    the model, and in a server batch it failed every request batched with it): refused up front, in one line."""
+    ours, _ = procs
+    for prefix, suffix in (("<image> caption en", None), ("caption en", "a <image> cat")):
+        with pytest.raises(InputError, match="contains <image>"):
+            ours.encode(prefix, suffix)
+    assert len(ours.encode("caption en <loc0001> <eos>").ids) > ours.num_image_tokens  # other special tokens pass
+
+
 def test_exif_orientation_applied():
     arr = _rgb(20, 40)
     img = Image.fromarray(arr)

@@ -197,12 +197,18 @@ def test_greedy_unless_asked_to_sample():
     {"max_new_tokens": 0}, {"max_new_tokens": 2.5}, {"min_new_tokens": -1}, {"temperature": -0.1},
     {"top_k": 0}, {"top_p": 0}, {"top_p": 1.2}, {"min_p": -0.1}, {"min_p": 1.01}, {"num_beams": 0},
     {"repetition_penalty": 0}, {"temperature": float("nan")}, {"seed": "x"}, {"stop": "a"}, {"stop": [""]},
-    {"num_beams": 2, "temperature": 0.5}, {"max_new_tokens": True},
+    {"num_beams": 2, "temperature": 0.5}, {"max_new_tokens": True}, {"seed": 2**64}, {"seed": -(2**63) - 1},
 ])
 def test_invalid_options_raise_input_error(kw):
     with pytest.raises(InputError) as e:
         GenerationOptions(**kw).validate()
     assert "\n" not in str(e.value) and str(e.value)
+
+
+@pytest.mark.parametrize("seed", [-(2**63), -1, 0, 2**64 - 1])
+def test_every_seed_torch_takes_is_accepted(seed):
+    opts = GenerationOptions(seed=seed, temperature=1.0).validate()
+    torch.Generator().manual_seed(opts.seed)
 
 
 def test_from_kwargs_accepts_a_single_stop_string_and_rejects_unknown_names():

@@ -25,6 +25,7 @@ from serverkit import (
 )
 
 import palitorch
+from palitorch.server.engine import Engine
 
 
 @pytest.fixture(scope="module")
@@ -273,3 +274,44 @@ def test_a_request_wanting_more_rows_than_a_batch_has_runs_alone(demo):
     [(status, out, _)] = ask_all(engine, [chat(demo[0]["path"], "caption en", temperature=1.0, n=3)])
     assert status == 200 and len(out["choices"]) == 3
     assert pipe.calls == [3] and [admits for _, admits in pipe.lives] == [[]]
+
+
+def test_a_beam_search_between_live_batches_leaves_their_caches_alone(ref, demo):
+    """A beam search (which runs alone) between live batches, even with more beams than the batch has rows: the
+    live batch's pooled caches keep their shape, and every request is answered as alone (an audit found every
+    later request failing with a cache shape error)."""
+    e = demo[0]
+    engine = Engine(palitorch.load(), max_batch=2).start()
+    try:
+        with serving(new_server(engine)) as server:
+            for beams in (2, 3, 1):
+                for prompt, kw in (("caption en", {}), (e["detect"], {"num_beams": beams})):
+                    status, out, _ = post(server, chat(e["path"], prompt, **kw))
+                    assert status == 200, out
+                    want = ref.generate(e["image"], prompt, **kw)
+                    assert out["choices"][0]["message"]["content"] == want.text
+    finally:
+        engine.stop()
+
+
+def test_a_bug_that_one_input_meets_fails_only_its_request(ref, demo, monkeypatch):
+    """An unexpected exception while one request joins a live batch (here injected into the prompt's encoding) is
+    that request's 500; the requests batched with it are answered."""
+    e, other = demo[0], demo[3]
+    pipe = HeldPipe(palitorch.load(), released=True)
+    encode = pipe.processor.encode
+
+    def faulty(prefix, suffix=None):
+        if "boom" in prefix:
+            raise RuntimeError("injected fault")
+        return encode(prefix, suffix)
+
+    monkeypatch.setattr(pipe.processor, "encode", faulty)
+    bodies = [chat(e["path"], "caption en"), chat(other["path"], "caption en boom"),
+              chat(other["path"], "answer en " + other["question"])]
+    engine = RecordingEngine(pipe, start_after=len(bodies))
+    good, broken, answer = ask_all(engine, bodies)
+    status, out, _ = broken
+    assert status == 500 and "injected fault" in out["error"]["message"], out
+    assert text(good) == ref.generate(e["image"], "caption en").text
+    assert text(answer) == ref.generate(other["image"], "answer en " + other["question"]).text
