@@ -4,6 +4,7 @@
     GET  /v1/models              the one model served
     POST /v1/chat/completions    one image + prompt -> answer; "stream": true for server-sent events
     OPTIONS (any path)           a browser's CORS preflight
+    other methods                405 with an Allow header (HEAD: the headers only)
 
 Browsers let a web page on another origin read the answers only when the server names that origin
 (`allow_origins`, `palitorch serve --allow-origin`): each response to a request from an allowed origin then carries
@@ -13,27 +14,28 @@ affected either way).
 
 One thread per connection parses the request, fetches or decodes its image and waits for the engine's answer; the
 model itself runs on the engine's one thread (`engine.py`). Every error is OpenAI's error object with a status
-code and a message saying what to change.
+code and a message saying what to change, also the errors the standard library sends itself (a malformed request
+line, headers too large). A connection that sends nothing for `CLIENT_TIMEOUT` seconds is closed; waiting for the
+engine's answer is not waiting on the connection, so long generations and streams are not cut.
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
-import http.client
+import ipaddress
 import json
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from palitorch.server.engine import Engine
+from palitorch.server.fetch import fetch_url
 from palitorch.server.openai import (
     ApiError,
     ImageCache,
-    bad,
     chunk,
     completion,
     finish_reason,
@@ -43,35 +45,31 @@ from palitorch.server.openai import (
     usage,
 )
 
-MAX_IMAGE_BYTES = 20 << 20
-
-
-def fetch_url(url: str, timeout: float = 15.0, limit: int = MAX_IMAGE_BYTES) -> bytes:
-    """The bytes at an http(s) URL, at most `limit` of them; ApiError 400 on any failure."""
-    request = urllib.request.Request(url, headers={"User-Agent": "palitorch"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (http(s) only, checked)
-            data = response.read(limit + 1)
-    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:  # e.g. not HTTP at all
-        reason = getattr(e, "reason", None) or e
-        if isinstance(e, urllib.error.HTTPError):
-            reason = f"HTTP {e.code} {e.reason}"
-        raise bad(f"cannot fetch the image at {url[:80]}: {reason}", "messages") from None
-    if len(data) > limit:
-        raise bad(f"the image at {url[:80]} is over {limit >> 20} MiB", "messages")
-    return data
+CLIENT_TIMEOUT = 60.0  # seconds a connection may keep a handler thread waiting for its request (slowloris)
+METHODS = "GET, POST, OPTIONS"
+# Endpoints of OpenAI's API that PaliGemma cannot answer: a 404 that says what to call instead.
+OTHER_APIS = ("/v1/completions", "/v1/embeddings", "/v1/responses")
 
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # a client that hangs does not keep the server from stopping
+    # The listen backlog (the standard library's is 5): a burst of clients waits to be accepted instead of being
+    # reset. The kernel caps it (net.core.somaxconn).
+    request_queue_size = 1024
+    client_timeout = CLIENT_TIMEOUT
 
     def __init__(self, address: tuple[str, int], model_id: str, defaults: dict | None = None,
                  api_key: str | None = None, fetch_images: bool = True, max_body: int = 32 << 20,
-                 quiet: bool = False, allow_origins: list[str] | None = None):
+                 quiet: bool = False, allow_origins: list[str] | None = None, fetch_private: bool | None = None):
+        """`fetch_private`: may image URLs at loopback and private addresses be fetched (None: only if the server
+        listens on a loopback address, whose clients are on this machine anyway); see `fetch.py`."""
         super().__init__(address, Handler)
         self.engine: Engine | None = None  # set before serving: the socket is bound before the model loads
         self.model_id, self.defaults, self.api_key = model_id, dict(defaults or {}), api_key
-        self.fetch = fetch_url if fetch_images else None
+        if fetch_private is None:
+            fetch_private = ipaddress.ip_address(self.server_address[0].split("%", 1)[0]).is_loopback
+        self.fetch_private = fetch_private
+        self.fetch = functools.partial(fetch_url, allow_private=fetch_private) if fetch_images else None
         self.images = ImageCache()
         self.max_body, self.quiet = max_body, quiet
         self.allow_origins = set(allow_origins or ())  # "*": any origin
@@ -106,11 +104,26 @@ class Handler(BaseHTTPRequestHandler):
         self._guard(self._post)
 
     def do_OPTIONS(self) -> None:
+        self._guard(self._options)
+
+    def do_PUT(self) -> None:
+        self._guard(self._not_allowed)
+
+    do_DELETE = do_PATCH = do_HEAD = do_PUT
+
+    def _not_allowed(self) -> None:
+        self._skip_body()
+        raise ApiError(405, f"{self.command} is not used by this API: use {METHODS}", headers={"Allow": METHODS})
+
+    def _options(self) -> None:
         """A CORS preflight (no body, no API key: browsers send neither): which methods and headers may follow."""
+        self._skip_body()
         self.send_response(204)
-        self.send_header("Allow", "GET, POST, OPTIONS")
+        if self.close_connection:  # a body it could not skip
+            self.send_header("Connection", "close")
+        self.send_header("Allow", METHODS)
         if self.server.cors_origin(self.headers.get("Origin")):
-            self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+            self.send_header("Access-Control-Allow-Methods", METHODS)
             self.send_header("Access-Control-Allow-Headers",
                              self.headers.get("Access-Control-Request-Headers") or "Authorization, Content-Type")
             self.send_header("Access-Control-Max-Age", "600")
@@ -128,7 +141,8 @@ class Handler(BaseHTTPRequestHandler):
         super().end_headers()
 
     def _get(self) -> None:
-        path = urllib.parse.unquote(self.path.split("?", 1)[0]).rstrip("/")  # /v1/models/my%20model: "my model"
+        self._skip_body()
+        path = urllib.parse.unquote(self.path.split("?", 1)[0]).rstrip("/") or "/"  # /v1/models/my%20model: "my model"
         if path == "/health":
             engine = self.server.engine
             self._json(200, {"status": "ok", "model": self.server.model_id, "queued": engine.queued,
@@ -139,16 +153,22 @@ class Handler(BaseHTTPRequestHandler):
         elif path == f"/v1/models/{self.server.model_id}":
             self._authorize()
             self._json(200, self._model())
+        elif path.startswith("/v1/models/"):
+            self._authorize()
+            raise ApiError(404, f"model {path[len('/v1/models/'):]!r} is not served here; this server serves "
+                           f"{self.server.model_id!r}", "model", "model_not_found")
         elif path == "/v1/chat/completions":
-            raise ApiError(405, "use POST for /v1/chat/completions")
+            raise ApiError(405, "use POST for /v1/chat/completions", headers={"Allow": "POST, OPTIONS"})
         else:
-            raise ApiError(404, f"no such endpoint: GET {path}; try POST /v1/chat/completions or GET /v1/models")
+            raise self._no_endpoint(path)
 
     def _post(self) -> None:
         body = self._body()  # read first: a connection kept alive must not start its next request mid-body
-        path = self.path.split("?", 1)[0].rstrip("/")
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        if path in ("/health", "/v1/models") or path.startswith("/v1/models/"):
+            raise ApiError(405, f"use GET for {path}", headers={"Allow": "GET, OPTIONS"})
         if path != "/v1/chat/completions":
-            raise ApiError(404, f"no such endpoint: POST {path}; this server answers POST /v1/chat/completions")
+            raise self._no_endpoint(path)
         self._authorize()
         req = parse_chat(parse_body(body), self.server.model_id, self.server.defaults, self.server.fetch,
                          self.server.images)
@@ -159,6 +179,13 @@ class Handler(BaseHTTPRequestHandler):
         results = job.wait()
         tokenizer = self.server.engine.pipe.processor.tokenizer
         self._json(200, completion(rid, created, self.server.model_id, req, results, tokenizer))
+
+    def _no_endpoint(self, path: str) -> ApiError:
+        if path in OTHER_APIS:  # PaliGemma answers about an image: only chat messages can carry one
+            return ApiError(404, f"this server answers chat completions only, not {path}: POST /v1/chat/completions "
+                            "with an image_url part and a text part (PaliGemma needs an image)")
+        return ApiError(404, f"no such endpoint: {self.command} {path}; try POST /v1/chat/completions or "
+                        "GET /v1/models")
 
     def _model(self) -> dict:
         return {"id": self.server.model_id, "object": "model", "created": self.server.started,
@@ -222,7 +249,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             route()
         except ApiError as e:
-            self._json(e.status, e.body())
+            self._json(e.status, e.body(), e.headers)
         except OSError:  # the client hung up mid-reply: nothing to tell it
             self.close_connection = True
         except Exception as e:  # a bug: the client gets a 500, the server a traceback, and serving goes on
@@ -262,18 +289,53 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the unread body cannot be skipped: end the connection
             raise ApiError(413, f"the request body is {length:,} bytes, over the server's limit of "
                            f"{self.server.max_body:,}: send a smaller image")
-        return self.rfile.read(length)
+        try:
+            data = self.rfile.read(length)
+        except TimeoutError:  # nothing came for client_timeout seconds
+            data = b""
+        if len(data) < length:  # the client stopped sending, or closed its side, before the end of its body
+            self.close_connection = True
+            raise ApiError(408, f"the request body ended before the {length:,} bytes its Content-Length announced: "
+                           "send the whole body without pausing")
+        return data
 
-    def _json(self, status: int, obj: dict) -> None:
+    def _skip_body(self) -> None:
+        """Read and drop the body of a request that takes none (GET, OPTIONS, ...), so that a kept-alive connection's
+        next request starts where it should; a body that cannot be read so ends the connection instead."""
+        if "Content-Length" not in self.headers and "Transfer-Encoding" not in self.headers:
+            return
+        try:
+            self._body()
+        except ApiError:
+            self.close_connection = True
+
+    def setup(self) -> None:
+        self.timeout = self.server.client_timeout  # reads and writes on the connection time out (StreamRequestHandler)
+        super().setup()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The errors the standard library answers itself (a malformed request line, headers too large, a method
+        with no do_ here) as OpenAI's error object, not an HTML page. The connection closes after it."""
+        self.close_connection = True
+        reason = self.responses.get(code, ("error",))[0]
+        advice = {431: ": send fewer or shorter headers", 414: ": send a shorter URL",
+                  501: f": this server answers {METHODS}"}.get(code, "")
+        self._json(code, ApiError(code, f"{message or reason}{advice}").body(),
+                   {"Allow": METHODS} if code == 501 else None)
+
+    def _json(self, status: int, obj: dict, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(obj, ensure_ascii=False).encode()
         try:
             self.send_response(status)
             if self.close_connection:  # e.g. after a refused body: tell a keep-alive client not to reuse the connection
                 self.send_header("Connection", "close")
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":  # a HEAD request gets the headers only
+                self.wfile.write(data)
         except OSError:
             self.close_connection = True
 

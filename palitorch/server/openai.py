@@ -40,13 +40,15 @@ from palitorch.tasks import task_outputs
 class ApiError(Exception):
     """An error the client gets as OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             405: "invalid_request_error", 411: "invalid_request_error", 413: "invalid_request_error",
-             500: "server_error", 503: "server_error"}
+    TYPES = {401: "authentication_error", 500: "server_error", 503: "server_error"}  # else invalid_request_error
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = dict(headers or {})  # sent with the response, e.g. Allow with a 405
+        if status == 503:  # busy or stopping: a client that retries should wait a little first
+            self.headers.setdefault("Retry-After", "1")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
@@ -97,6 +99,8 @@ def parse_body(raw: bytes) -> dict:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad(f"the request body is not valid JSON ({e})") from None
+    except RecursionError:  # json's parser recurses once per nested [ or {
+        raise bad("the request body is not valid JSON (nested too deeply)") from None
     if not isinstance(body, dict):
         raise bad(f"the request body must be a JSON object, got {type(body).__name__}")
     return body
@@ -106,7 +110,9 @@ def parse_chat(body: dict, model_id: str, defaults: dict | None = None,
                fetch: Callable[[str], bytes] | None = None, images: ImageCache | None = None) -> ChatRequest:
     """A chat-completions request -> ChatRequest, or ApiError saying what to change. `defaults`: the server's
     decoding keywords, under the request's own. `fetch(url) -> bytes` reads http(s) image URLs (None: refused).
-    `images`: decoded images by content, shared by requests that send the same image."""
+    `images`: decoded images by content, shared by requests that send the same image. A key whose value is null is
+    taken as absent (SDKs send unset fields so), even one this server does not know."""
+    body = {k: v for k, v in body.items() if v is not None}
     unknown = sorted(set(body) - KNOWN)
     if unknown:
         near = difflib.get_close_matches(unknown[0], sorted(KNOWN), n=1)
@@ -117,13 +123,13 @@ def parse_chat(body: dict, model_id: str, defaults: dict | None = None,
         raise ApiError(404, f"model {model!r} is not served here; this server serves {model_id!r}", "model",
                        "model_not_found")
     for name, (neutral, advice) in NEUTRAL.items():
-        if name in body and body[name] is not None and body[name] != neutral:
+        if name in body and body[name] != neutral:
             raise bad(f"{name} is not supported by palitorch" + (f": {advice}" if advice else ""), name)
     options = dict(defaults or {})
     if "max_tokens" in body and "max_completion_tokens" in body:
         raise bad("give max_completion_tokens or max_tokens, not both", "max_tokens")
     for name, key in DECODING.items():
-        if body.get(name) is not None:
+        if name in body:
             options[key] = body[name]
     if options.get("temperature") == 0:  # OpenAI's way to ask for greedy decoding, whatever else is set
         options = {k: v for k, v in options.items() if k not in ("top_p", "top_k", "min_p")}
@@ -156,11 +162,15 @@ def flag_or_int(body: dict, name: str, default):
 
 
 def check_options(options: dict) -> None:
+    """ApiError 400 if GenerationOptions refuses the options, in OpenAI's names, with `param` the option its message
+    starts with ("top_p must be ...": top_p)."""
     try:
         GenerationOptions.from_kwargs(**options)
     except InputError as e:  # "max_new_tokens must be ..." -> "max_tokens must be ..."
         msg = re.sub(r"\b(" + "|".join(API_NAME) + r")\b", lambda m: API_NAME[m.group(0)], str(e))
-        raise bad(msg) from None
+        first = re.match(r"\w*", msg).group(0)
+        param = first if first in DECODING else "num_beams" if msg.startswith("beam search") else None
+        raise bad(msg, param) from None
 
 
 def parse_messages(messages, fetch, images: ImageCache | None = None) -> tuple[Image.Image, str]:
@@ -200,6 +210,7 @@ def parse_messages(messages, fetch, images: ImageCache | None = None) -> tuple[I
 
 
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+/-]*)(?P<params>(;[^,;]*)*?);base64,(?P<data>.*)", re.S)
+_URL_SAFE = str.maketrans("-_", "+/")
 
 
 class ImageCache:
@@ -228,8 +239,10 @@ class ImageCache:
 def read_image(url: str, fetch: Callable[[str], bytes] | None, images: ImageCache | None = None) -> Image.Image:
     match = _DATA_URL.fullmatch(url.strip()) if url.startswith("data:") else None
     if match:
+        text = re.sub(r"\s+", "", match["data"])
+        text = text.translate(_URL_SAFE) + "=" * (-len(text) % 4)  # URL-safe base64, and padding left out: accepted
         try:
-            data = base64.b64decode(match["data"].replace("\n", "").replace(" ", ""), validate=True)
+            data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise bad("the image data URL's base64 is damaged", "messages") from None
     elif url.startswith("data:"):
@@ -247,19 +260,25 @@ def read_image(url: str, fetch: Callable[[str], bytes] | None, images: ImageCach
 
 def decode_image(data: bytes) -> Image.Image:
     too_big = bad(f"the image has too many pixels (over {Image.MAX_IMAGE_PIXELS:,}): send a smaller one", "messages")
+    if not data:
+        raise bad("cannot decode the image: it is empty (0 bytes)", "messages")
     try:
         with Image.open(io.BytesIO(data)) as probe:  # the header only: a huge image is refused before it is decoded
             pixels = probe.width * probe.height
     except Image.DecompressionBombError:
         raise too_big from None
-    except (UnidentifiedImageError, OSError):
+    except UnidentifiedImageError:  # Pillow's own message names the BytesIO object: say it plainly instead
+        raise bad("cannot decode the image: it is not in a format Pillow can read (PNG, JPEG, GIF, WebP, BMP, "
+                  "TIFF, ...)", "messages") from None
+    except OSError:
         pixels = 0  # load_image says what is wrong with it
     if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
         raise too_big
     try:
         return load_image(data)
-    except InputError as e:
-        raise bad(str(e).replace("image bytes", "the image"), "messages") from None
+    except InputError as e:  # e.g. "image file is truncated"; no object's repr in what the client reads
+        message = re.sub(r" ?<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(e).replace("image bytes", "the image"))
+        raise bad(message, "messages") from None
 
 
 # ------------------------------------------------------------------------------------------------ responses

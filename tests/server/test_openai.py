@@ -137,7 +137,7 @@ def test_unknown_parameters_are_named_with_a_suggestion():
 def test_another_model_name_is_not_found():
     e = refused(body(model="gpt-4o"), status=404)
     assert (e.param, e.code) == ("model", "model_not_found") and "'tiny'" in e.message
-    assert e.body()["error"]["type"] == "not_found_error"
+    assert e.body()["error"]["type"] == "invalid_request_error"  # as OpenAI types a 404
     b = body()
     del b["model"]
     assert parse(b).prompt == "caption en"  # no model named: the one served
@@ -340,3 +340,60 @@ def test_the_image_cache_gives_one_object_per_content_and_forgets_the_oldest():
     assert cache.get(a, decode) is first and decoded == [a, b, c]
     cache.get(b, decode)
     assert decoded == [a, b, c, b]
+
+
+# ------------------------------------------------------------------------------------------------ client input
+
+
+def test_a_body_nested_too_deeply_is_invalid_json_not_a_crash():
+    with pytest.raises(ApiError) as e:
+        parse_body(b"[" * 100000 + b"]" * 100000)  # json's parser recurses per level: RecursionError
+    assert e.value.status == 400 and "not valid JSON" in e.value.message
+
+
+@pytest.mark.parametrize("options, param", [
+    ({"max_tokens": 0}, "max_tokens"), ({"max_completion_tokens": 0}, "max_tokens"),
+    ({"temperature": -1}, "temperature"), ({"top_p": 2}, "top_p"), ({"top_k": 0}, "top_k"), ({"min_p": 2}, "min_p"),
+    ({"seed": 1.5}, "seed"), ({"stop": [""]}, "stop"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"min_tokens": -1}, "min_tokens"),
+    ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"num_beams": 0}, "num_beams"), ({"length_penalty": "x"}, "length_penalty"),
+    ({"num_beams": 2, "temperature": 1}, "num_beams"),
+])
+def test_a_bad_decoding_option_is_named_in_param(options, param):
+    assert refused(body(**options)).param == param
+
+
+def test_null_values_are_absent_even_for_unknown_keys():
+    req = parse(body(reasoning_effort=None, max_tokens=5, max_completion_tokens=None, stream=None, n=None))
+    assert req.options == {"max_new_tokens": 5} and req.n == 1 and not req.stream
+    e = refused(body(reasoning_effort="low"))  # a value: still refused, by name
+    assert e.param == "reasoning_effort" and "unknown parameter 'reasoning_effort'" in e.message
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"hello", "cannot decode the image: it is not in a format Pillow can read (PNG, JPEG"),
+    (b"", "cannot decode the image: it is empty (0 bytes)"),
+    (png_bytes(IMAGE)[:60], "cannot decode the image"),  # a truncated PNG
+])
+def test_an_image_that_cannot_be_decoded_is_named_plainly(data, message):
+    e = refused(with_content(image_part("data:image/png;base64," + base64.b64encode(data).decode())))
+    assert e.param == "messages" and e.message.startswith(message), e.message
+    assert " at 0x" not in e.message and "BytesIO" not in e.message
+
+
+def test_base64_without_padding_or_url_safe_is_read():
+    # a size whose PNG has "-" or "_" in URL-safe base64 and needs padding
+    raw = next(r for r in (png_bytes(Image.new("RGB", (w, 5), (w, 250, 3))) for w in range(1, 200))
+               if len(r) % 3 and {"-", "_"} & set(base64.urlsafe_b64encode(r).decode()))
+    for text in (base64.b64encode(raw).decode().rstrip("="), base64.urlsafe_b64encode(raw).decode(),
+                 base64.urlsafe_b64encode(raw).decode().rstrip("=")):
+        assert parse(with_content(image_part("data:image/png;base64," + text))).image.size[1] == 5
+    for garbage in ("!@#$", "abcde", "ab=c"):
+        assert "base64 is damaged" in refused(with_content(image_part("data:image/png;base64," + garbage))).message
+
+
+def test_a_503_says_when_to_retry_and_other_errors_carry_their_headers():
+    assert ApiError(503, "busy").headers == {"Retry-After": "1"}
+    assert ApiError(405, "no", headers={"Allow": "GET"}).headers == {"Allow": "GET"}
+    assert ApiError(400, "bad").headers == {}

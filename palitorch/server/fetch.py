@@ -1,0 +1,165 @@
+"""Fetching an image URL for a request, without letting clients reach what only the server can reach.
+
+A server that fetches any URL it is given is a proxy into its own network (SSRF): a client could read cloud metadata
+(169.254.169.254), services bound to localhost, or map a private network's open ports from the errors. So:
+
+- link-local addresses (169.254/16, fe80::/10: cloud metadata lives there) and known metadata addresses are never
+  fetched;
+- loopback and private addresses (127/8, ::1, 10/8, 172.16/12, 192.168/16, fc00::/7, ...: anything not global) are
+  fetched only when `allow_private` (a server bound to loopback: its clients are on this machine anyway; or
+  `palitorch serve --fetch-private`).
+
+The host name is resolved once, every address it resolves to is checked, and the connection goes to a checked
+address (no second lookup that could answer otherwise). Each redirect is checked the same way, and only http(s) is
+opened. Errors give a short reason, not the remote's own words.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import socket
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from palitorch.server.openai import bad
+
+MAX_IMAGE_BYTES = 20 << 20
+# Metadata services outside 169.254/16: AWS's IPv6 one, Alibaba's.
+METADATA = {ipaddress.ip_address("fd00:ec2::254"), ipaddress.ip_address("100.100.100.200")}
+
+
+def resolve(host: str, port: int) -> list[str]:
+    """Every address `host` resolves to (an IP literal: itself)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+def check_address(host: str, address: str, allow_private: bool) -> None:
+    """ApiError 400 if the server must not connect to `address` (one of `host`'s)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # fe80::1%eth0: the zone is not part of the address
+    ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1 is 127.0.0.1
+    if ip.is_link_local or ip in METADATA:
+        raise bad(f"the image URL's host {host} is at a link-local address ({ip}), which this server never fetches: "
+                  "send the image as a data URL", "messages")
+    if not ip.is_global and not allow_private:
+        raise bad(f"the image URL's host {host} is at a private address ({ip}): send the image as a data URL, or "
+                  "start the server with --fetch-private to let it fetch private addresses", "messages")
+
+
+class _Check(urllib.request.BaseHandler):
+    """Before each request the opener makes (the first and every redirect's): resolve its host, check every address,
+    and keep them on the request for the connection (`_Pinned`)."""
+
+    def __init__(self, allow_private: bool):
+        self.allow_private = allow_private
+
+    def http_request(self, req: urllib.request.Request) -> urllib.request.Request:
+        parts = urllib.parse.urlsplit(req.full_url)
+        try:
+            host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+            if not host:
+                raise ValueError
+        except ValueError:
+            raise bad(f"the image URL {req.full_url[:80]} has no valid host and port", "messages") from None
+        try:
+            addresses = resolve(host, port)
+        except (OSError, UnicodeError):
+            raise bad(f"cannot fetch the image at {req.full_url[:80]}: unknown host {host[:80]}", "messages") from None
+        for address in addresses:
+            check_address(host, address, self.allow_private)
+        req.checked = (host, addresses)
+        return req
+
+    https_request = http_request
+
+
+def _pinned(connection_class, req):
+    """`connection_class`, connecting to the addresses `_Check` checked for `req` instead of looking its host up
+    again. Through a proxy the connection is to the proxy, which resolves the host itself: it stays as it is."""
+
+    def make(host, **kw):
+        conn = connection_class(host, **kw)
+        name, addresses = getattr(req, "checked", (None, ()))
+        if name is not None and conn.host.lower() == name.lower():
+
+            def connect(address, timeout, source_address=None):
+                error = OSError(f"cannot connect to {name}")
+                for ip in addresses:
+                    try:
+                        return socket.create_connection((ip, address[1]), timeout, source_address)
+                    except OSError as e:
+                        error = e
+                raise error
+
+            conn._create_connection = connect  # http.client's hook: HTTPS wraps this socket for `name`
+        return conn
+
+    return make
+
+
+class _PinnedHTTP(urllib.request.HTTPHandler):
+    def do_open(self, http_class, req, **kw):
+        return super().do_open(_pinned(http_class, req), req, **kw)
+
+
+class _PinnedHTTPS(urllib.request.HTTPSHandler):
+    def do_open(self, http_class, req, **kw):
+        return super().do_open(_pinned(http_class, req), req, **kw)
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Redirects to http(s) only (urllib's own also follows ftp); the new URL's address is checked by `_Check`."""
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        target = urllib.parse.urljoin(req.full_url, headers.get("location") or headers.get("uri") or "")
+        if urllib.parse.urlsplit(target).scheme not in ("http", "https"):
+            fp.close()
+            raise bad(f"the image at {req.full_url[:80]} redirects to a URL that is not http(s)", "messages")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+def opener(allow_private: bool) -> urllib.request.OpenerDirector:
+    """urllib's opener for http(s) only (no ftp:, file: or data:), every connection checked."""
+    director = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), _PinnedHTTP(), _PinnedHTTPS(),
+                    urllib.request.HTTPDefaultErrorHandler(), _Redirects(), urllib.request.HTTPErrorProcessor(),
+                    _Check(allow_private)):
+        director.add_handler(handler)
+    return director
+
+
+def _reason(e: Exception) -> str:
+    """A short reason for a failed fetch: what kind of failure, not the remote's own words."""
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code}"
+    if isinstance(e, urllib.error.URLError):
+        e = e.reason  # what went wrong underneath (an exception, or a string)
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    if isinstance(e, socket.gaierror):
+        return "unknown host"
+    if isinstance(e, ssl.SSLError):
+        return "TLS error"
+    if isinstance(e, http.client.HTTPException):  # before OSError: a connection closed without an answer is both
+        return "no HTTP answer"
+    if isinstance(e, OSError):
+        return "could not connect"
+    return "the fetch failed"
+
+
+def fetch_url(url: str, allow_private: bool = False, timeout: float = 15.0, limit: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes at an http(s) URL, at most `limit` of them; ApiError 400 on any failure or refused address."""
+    request = urllib.request.Request(url, headers={"User-Agent": "palitorch"})
+    try:
+        with opener(allow_private).open(request, timeout=timeout) as response:
+            data = response.read(limit + 1)
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:  # e.g. not HTTP at all
+        raise bad(f"cannot fetch the image at {url[:80]}: {_reason(e)}", "messages") from None
+    if len(data) > limit:
+        raise bad(f"the image at {url[:80]} is over {limit >> 20} MiB", "messages")
+    return data
