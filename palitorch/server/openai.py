@@ -77,6 +77,7 @@ NEUTRAL = {
 IGNORED = {"user", "metadata", "store", "service_tier"}  # bookkeeping that does not change the answer
 KNOWN = {"model", "messages", "n", "stream", "stream_options", "logprobs"} | set(DECODING) | set(NEUTRAL) | IGNORED
 MAX_N = 16
+MAX_BEAMS = 16  # each beam is a row of KV cache: a bound, so that one request cannot take the server's memory
 
 
 @dataclass
@@ -137,6 +138,8 @@ def parse_chat(body: dict, model_id: str, defaults: dict | None = None,
     n = flag_or_int(body, "n", 1)
     if not 1 <= n <= MAX_N:
         raise bad(f"n must be an integer from 1 to {MAX_N}, got {n}", "n")
+    if options.get("num_beams", 1) > MAX_BEAMS:
+        raise bad(f"num_beams must be at most {MAX_BEAMS} on this server, got {options['num_beams']}", "num_beams")
     stream = flag_or_int(body, "stream", False)
     if stream and (n > 1 or options.get("num_beams", 1) > 1):
         raise bad("stream gives one answer as it grows: use n = 1 and num_beams = 1, or stream: false", "stream")

@@ -92,6 +92,12 @@ def test_n_must_be_an_integer_from_1_to_16(n):
     assert e.param == "n" and "n must be" in e.message
 
 
+def test_num_beams_is_bounded_on_a_server():
+    assert parse(body(num_beams=16)).options == {"num_beams": 16}
+    e = refused(body(num_beams=17))
+    assert e.param == "num_beams" and "at most 16" in e.message
+
+
 def test_n_and_logprobs():
     assert parse(body(n=16)).n == 16
     assert parse(body(logprobs=True)).logprobs
