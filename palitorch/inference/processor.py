@@ -8,9 +8,11 @@ Special tokens are looked up by their text in the checkpoint's tokenizer.json, n
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,23 +36,41 @@ def load_image(image) -> Image.Image:
         p = Path(image)
         if not p.is_file():
             raise InputError(f"image file {str(p)!r} {'is not a file' if p.exists() else 'does not exist'}")
-        try:
-            with Image.open(p) as im:
-                im.load()
-                image = im
-        except (UnidentifiedImageError, OSError) as e:
-            raise InputError(f"cannot read image {str(p)!r}: {e}") from None
+        image = _decode(p, f"cannot read image {str(p)!r}")
     elif isinstance(image, (bytes, bytearray)):
-        import io
-
-        try:
-            image = Image.open(io.BytesIO(image))
-            image.load()
-        except (UnidentifiedImageError, OSError) as e:
-            raise InputError(f"cannot decode image bytes: {e}") from None
+        image = _decode(io.BytesIO(image), "cannot decode image bytes")
     elif not isinstance(image, Image.Image):
         raise InputError(f"expected a PIL image or a path, got {type(image).__name__}")
-    return to_rgb(ImageOps.exif_transpose(image))
+    return to_rgb(_upright(image))
+
+
+def _decode(source, what: str) -> Image.Image:
+    """Open and decode an image file or buffer; InputError `what: why` if Pillow cannot, or if the image is over
+    Pillow's pixel limit (a decompression bomb: a small file that decodes to gigabytes)."""
+    try:
+        with warnings.catch_warnings():  # between half the limit and the limit Pillow warns; the image is fine
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as im:
+                im.load()
+                return im
+    except Image.DecompressionBombError:
+        raise InputError(f"{what}: it has more pixels than Pillow's safety limit ({Image.MAX_IMAGE_PIXELS:,}): "
+                         "resize it first") from None
+    except UnidentifiedImageError:  # (Pillow's message names the file again, or a BytesIO object's repr)
+        raise InputError(f"{what}: not in a format Pillow can read (PNG, JPEG, GIF, WebP, BMP, TIFF, ...)") from None
+    except OSError as e:
+        raise InputError(f"{what}: {e}") from None
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says. Damaged EXIF data (which Pillow parses only here, and which
+    can raise almost anything) counts as no orientation: the image as stored, without the EXIF block."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 (SyntaxError, struct.error, ValueError, ... from a damaged EXIF block)
+        image = image.copy()
+        image.info.pop("exif", None)
+        return image
 
 
 def resize_image(image, size: int) -> torch.Tensor:
@@ -198,6 +218,12 @@ class Processor:
     def encode(self, prefix: str, suffix: str | None = None) -> Encoded:
         if not isinstance(prefix, str):
             raise InputError(f"a prompt must be a string, got {type(prefix).__name__}")
+        for text in (prefix, suffix or ""):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: bytes that were not UTF-8, decoded with surrogateescape
+                raise InputError(f"the text {text[:40]!r} is not valid Unicode (it holds a lone surrogate, e.g. from "
+                                 "bytes that were not UTF-8): send UTF-8 text") from None
         if IMAGE in prefix or (suffix is not None and IMAGE in suffix):  # it would count as one more image position
             raise InputError(f"the text contains {IMAGE}, which PaliGemma keeps for the image's own positions "
                              "(the processor puts them in): remove it")

@@ -21,6 +21,7 @@ import torch
 
 from palitorch.errors import InputError
 
+MAX_LENGTH_PENALTY = 20  # length ** 20 stays finite for any context length; useful values are about -2 to 2
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit: enough to see a step's close alternatives, few enough to copy each step
 
 
@@ -82,8 +83,9 @@ class GenerationOptions:
             bad(f"repetition_penalty must be a finite number > 0 (1 means none), got {self.repetition_penalty!r}")
         if not _is_int(self.num_beams) or self.num_beams < 1:
             bad(f"num_beams must be an integer >= 1, got {self.num_beams!r}")
-        if not _is_num(self.length_penalty):
-            bad(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        if not _is_num(self.length_penalty) or abs(self.length_penalty) > MAX_LENGTH_PENALTY:
+            bad(f"length_penalty must be a number from -{MAX_LENGTH_PENALTY} to {MAX_LENGTH_PENALTY} (beam scores "
+                f"are logprob / length ** length_penalty), got {self.length_penalty!r}")
         if self.num_beams > 1 and self.do_sample:
             bad("beam search is deterministic: use num_beams > 1 without temperature/top_k/top_p/min_p")
         if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
@@ -108,11 +110,31 @@ def _is_num(v) -> bool:
 # ---------------------------------------------------------------------------------------------- logits processing
 
 
+# float32's smallest normal number: a temperature or top_p below it would round to 0 in a float32 tensor.
+TINY = torch.finfo(torch.float32).tiny
+
+
+def finite_above(x: torch.Tensor) -> torch.Tensor:
+    """+inf -> the dtype's largest number (-inf, a filtered token, stays): a logit divided by an extreme temperature
+    or penalty would otherwise make softmax compute inf - inf = NaN. No change to finite values."""
+    return x.clamp(max=torch.finfo(x.dtype).max)
+
+
+def divide_by_temperature(logits: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    """logits / t for any temperature t > 0 (a float, or each row's [B, 1]), however small (t at least `TINY`). A
+    row where that overflows to +inf is (logits - its largest) / t instead: the same distribution, whose largest
+    logit is 0 and the others fall to -inf as t -> 0 (greedy in the limit, not a tie of infinities)."""
+    t = t.clamp(min=TINY) if isinstance(t, torch.Tensor) else max(t, TINY)
+    y = logits / t
+    shifted = (logits - logits.amax(-1, keepdim=True)) / t
+    return torch.where(torch.isposinf(y).any(-1, keepdim=True), shifted, y)
+
+
 def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
     """CTRL's repetition penalty as transformers applies it: seen tokens' logits divided by `penalty` if positive,
     multiplied if negative. logits [B, V] float; seen [B, V] bool; penalty a float or each row's [B, 1]."""
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
+    return finite_above(torch.where(seen, penalized, logits))
 
 
 def top_k_filter(logits: torch.Tensor, k: int | torch.Tensor, k_max: int | None = None) -> torch.Tensor:
@@ -133,6 +155,7 @@ def top_p_filter(logits: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     per_row = isinstance(p, torch.Tensor)
     if not per_row and p >= 1.0:
         return logits
+    p = p.clamp(min=TINY) if per_row else max(p, TINY)  # a smaller p is 0 in float32, which would keep no token
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = sorted_logits.softmax(-1)
     before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
@@ -153,7 +176,7 @@ def warp(logits: torch.Tensor, opts: GenerationOptions) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p in that order (sampling only). logits [B, V] float32."""
     t = opts.temperature if opts.temperature is not None else 1.0
     if t != 1.0:
-        logits = logits / t
+        logits = divide_by_temperature(logits, t)
     if opts.top_k is not None:
         logits = top_k_filter(logits, opts.top_k)
     if opts.top_p is not None:
@@ -300,7 +323,7 @@ class RowChooser:
         tok = x.argmax(-1)
         if not t["sampled_any"]:
             return tok
-        x = x / pick(t["temperature"])
+        x = divide_by_temperature(x, pick(t["temperature"]))
         if t["top_k_any"]:
             x = top_k_filter(x, pick(t["top_k"]), t["top_k_max"])
         if t["top_p_any"]:

@@ -6,6 +6,7 @@ Tolerance for pixels: 1e-6 absolute (values in [-1, 1]).
 import io
 import os
 import select
+import warnings
 
 import numpy as np
 import pytest
@@ -170,6 +171,33 @@ def test_bad_images_are_one_line_errors(tmp_path):
         load_image(bad)
     with pytest.raises(InputError, match="PIL image or a path"):
         load_image(42)
+
+
+def test_a_decompression_bomb_and_damaged_exif(tmp_path, monkeypatch):
+    """An image over Pillow's pixel limit is a one-line InputError (it was Pillow's own exception), from a path or
+    bytes, decided from the header; a JPEG whose EXIF block is garbage loads as stored, and loads again the same
+    (the EXIF was parsed only when turning it upright, on every load, and raised SyntaxError)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses over twice the limit, warns over it
+    big = tmp_path / "big.png"
+    Image.new("RGB", (100, 100)).save(big)
+    for source in (big, big.read_bytes()):
+        with pytest.raises(InputError, match="Pillow's safety limit"):
+            load_image(source)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within the limit's second half: no warning either
+        assert load_image(big).size == (100, 100)
+    damaged = tmp_path / "exif.jpg"
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(damaged, exif=b"Exif\0\0garbage")
+    once = load_image(damaged)
+    assert once.size == (8, 6) and load_image(once).size == (8, 6)
+
+
+def test_text_that_is_not_valid_unicode_is_an_input_error(procs):
+    ours, _ = procs
+    for prefix, suffix in (("caption \udcff", None), ("caption en", "a \ud800 cat")):
+        with pytest.raises(InputError, match="not valid Unicode"):
+            ours.encode(prefix, suffix)
 
 
 def test_prompt_longer_than_context_is_rejected(procs):

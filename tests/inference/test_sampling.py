@@ -14,6 +14,7 @@ from palitorch.errors import InputError
 from palitorch.inference.sampling import (
     Chooser,
     GenerationOptions,
+    RowChooser,
     min_p_filter,
     penalize_repeats,
     sample,
@@ -198,11 +199,31 @@ def test_greedy_unless_asked_to_sample():
     {"top_k": 0}, {"top_p": 0}, {"top_p": 1.2}, {"min_p": -0.1}, {"min_p": 1.01}, {"num_beams": 0},
     {"repetition_penalty": 0}, {"temperature": float("nan")}, {"seed": "x"}, {"stop": "a"}, {"stop": [""]},
     {"num_beams": 2, "temperature": 0.5}, {"max_new_tokens": True}, {"seed": 2**64}, {"seed": -(2**63) - 1},
+    {"length_penalty": 1e308}, {"length_penalty": -21},
 ])
 def test_invalid_options_raise_input_error(kw):
     with pytest.raises(InputError) as e:
         GenerationOptions(**kw).validate()
     assert "\n" not in str(e.value) and str(e.value)
+
+
+def test_extreme_temperatures_top_p_and_penalties_give_tokens_not_nan():
+    """Values the options allow but float32 cannot hold (a temperature or top_p below its smallest normal number,
+    logits divided into +inf): a temperature near 0 samples the greedy token, a top_p near 0 keeps the likeliest
+    token, and no NaN turns into token 0. Per row (a live batch's RowChooser) as well as for a whole batch."""
+    one = fixed_logits() * 10
+    for t in (1e-300, 1e-40, 1e-30):
+        assert (draw(one, temperature=t) == one.argmax()).all()
+    for p in (1e-300, 1e-45):
+        assert (draw(one, top_p=p) == one.argmax()).all()
+    logits = one[None].repeat(3, 1)
+    greedy = logits.argmax(-1)
+    chooser = RowChooser(3, V, [0], "cpu")
+    opts = [GenerationOptions(temperature=1e-300), GenerationOptions(top_p=1e-300), GenerationOptions()]
+    chooser.start([0, 1, 2], torch.arange(3), opts, torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
+    assert torch.equal(chooser(logits, torch.zeros(3, 1, dtype=torch.bool)), greedy)
+    x = penalize_repeats(logits, torch.ones_like(logits, dtype=torch.bool), 1e-300)
+    assert not torch.isnan(x.softmax(-1)).any() and torch.isfinite(x.amax(-1)).all()
 
 
 @pytest.mark.parametrize("seed", [-(2**63), -1, 0, 2**64 - 1])
