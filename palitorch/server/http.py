@@ -44,6 +44,7 @@ from palitorch.server.openai import (
     token_entry,
     usage,
 )
+from palitorch.tasks import task_outputs
 
 CLIENT_TIMEOUT = 60.0  # seconds a connection may keep a handler thread waiting for its request (slowloris)
 METHODS = "GET, POST, OPTIONS"
@@ -230,8 +231,9 @@ class Handler(BaseHTTPRequestHandler):
                 result = job.results[0]
                 alternatives = result.top_logprobs or [None] * len(result.token_ids)
                 rest = list(zip(result.token_ids, result.logprobs, alternatives))[sent:]
+                req = job.request  # a detect / segment prompt's objects ride on the finishing chunk
                 self._event(chunk(rid, created, model, {}, finish_reason(result), logprobs=entries(rest) if rest
-                                  else None))
+                                  else None, extra=task_outputs(req.prompt, result.text, *req.image.size)))
                 if job.request.include_usage:
                     self._event(chunk(rid, created, model, {}, usage_=usage(job.results), choices=False))
             self.wfile.write(b"data: [DONE]\n\n")

@@ -327,12 +327,15 @@ def completion(rid: str, created: int, model: str, req: ChatRequest, results: li
 
 
 def chunk(rid: str, created: int, model: str, delta: dict, finish: str | None = None,
-          usage_: dict | None = None, choices: bool = True, logprobs: list[dict] | None = None) -> dict:
+          usage_: dict | None = None, choices: bool = True, logprobs: list[dict] | None = None,
+          extra: dict | None = None) -> dict:
     """One chat.completion.chunk of a stream: a delta (with `logprobs`, the `token_entry`s of its tokens), or
-    (choices=False) the usage chunk that ends it."""
+    (choices=False) the usage chunk that ends it. `extra`: fields beside the choice's delta (the finishing chunk's
+    `detections` / `segmentations`, as a completion's choice has them)."""
     content = {"content": logprobs} if logprobs is not None else None
+    choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": content, **(extra or {})}
     out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-           "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": content}] if choices else []}
+           "choices": [choice] if choices else []}
     if usage_ is not None or not choices:
         out["usage"] = usage_
     return out

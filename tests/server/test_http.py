@@ -106,6 +106,10 @@ def test_detect_prompts_carry_detections(server, ref, demo):
     [det] = choice["detections"]
     assert det["label"] == e["detect"].split()[1] and len(det["box"]) == 4
     assert all(0 <= v <= 64 for v in det["box"])  # pixels of the 64x64 image
+    _, events = stream_events(server, chat(e["path"], e["detect"], stream=True))  # a stream: on its finishing chunk
+    finishing = [c["choices"][0] for c in events if c != "[DONE]" and c["choices"][0]["finish_reason"]]
+    assert [c["detections"] for c in finishing] == [choice["detections"]]
+    assert all("detections" not in c["choices"][0] for c in events[:-1] if c["choices"][0]["finish_reason"] is None)
 
 
 def test_streaming_gives_the_same_text_as_server_sent_events(server, demo):
@@ -122,7 +126,8 @@ def test_streaming_gives_the_same_text_as_server_sent_events(server, demo):
     assert len(pieces) > 1  # the answer came in pieces
     assert "".join(p["choices"][0]["delta"]["content"] for p in pieces) == whole["choices"][0]["message"]["content"]
     assert all(p["choices"][0]["finish_reason"] is None for p in pieces)
-    assert finish["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}
+    assert finish["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None,
+                                    "detections": whole["choices"][0]["detections"]}
     assert usage["choices"] == [] and usage["usage"] == whole["usage"]
 
 
