@@ -1,11 +1,15 @@
 """The `palitorch` command line. Each subcommand lives in its own module with `add_parser(subparsers)`.
 
-Errors that are the user's to fix (PalitorchError) print as one line and exit 2; never a traceback.
+Errors that are the user's to fix (PalitorchError) print as one line and exit 2; never a traceback. So does an
+OSError about a file or folder (a path the user gave that cannot be read or written), or a full disk; any other
+exception is a bug and keeps its traceback. A closed pipe (`palitorch run ... | head -c 100`) ends the command
+quietly with status 141, as SIGPIPE ends other command-line tools.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -14,11 +18,13 @@ from palitorch.cli.common import one_line_errors
 from palitorch.errors import PalitorchError
 
 COMMANDS = ("run", "chat", "batch", "serve", "train", "data", "demo")
+# Errors without a file name that are still the machine's, not the program's: say them in one line.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="palitorch", description="PaliGemma in plain PyTorch.")
-    one_line_errors(parser)  # unknown options are reported by this top-level parser
+    one_line_errors(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -32,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # said by the subcommand's own parser, so that the hint is `palitorch chat --help`
+        args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     # Under torchrun every process meets the same error: only the first says it (RANK is torchrun's).
     first = os.environ.get("RANK", "0") == "0"
     try:
@@ -45,6 +53,35 @@ def main(argv: list[str] | None = None) -> int:
         if first:  # a newline ends the ^C line; Interrupted carries a line on how to go on
             print(f"\npalitorch {args.command}: {e}" if str(e) else "", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        stdout_to_devnull()
+        return 141  # 128 + SIGPIPE: what a reader that stopped early (head) expects of a writer
+    except OSError as e:
+        if e.filename is None and e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        if first:
+            print(f"palitorch {args.command}: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+
+
+def os_error_line(e: OSError) -> str:
+    """'cannot use /proc/1/x: No such file or directory (check the path and its permissions)'."""
+    why = e.strerror or str(e)
+    if e.filename is None:
+        return why
+    paths = " -> ".join(os.fsdecode(f) for f in (e.filename, e.filename2) if f is not None)
+    return f"cannot use {paths}: {why} (check the path and its permissions)"
+
+
+def stdout_to_devnull() -> None:
+    """After a broken pipe, point stdout at /dev/null: Python flushes stdout once more at exit, which would fail
+    again (and print 'Exception ignored ... BrokenPipeError')."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (tests capture it)
+        pass
 
 
 if __name__ == "__main__":

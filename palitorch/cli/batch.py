@@ -13,21 +13,23 @@ error rather than silently ignored; fields named like result fields are not copi
 Durability: each batch's lines are appended, flushed and fsync'ed before the next batch starts. Started again
 with the same output, the command skips every index already answered (after dropping a line cut short by a
 crash) and runs again the ones that ended in an error. It refuses an output whose answers came from other
-prompts or other decoding options. Exit status 0 when every request got an answer, 1 when some got an error.
+images, prompts or decoding options. Exit status 0 when every request got an answer, 1 when some got an error.
+An output that is not a regular file (/dev/null, /dev/stdout, a pipe) gets the lines in completion order, and a
+run there cannot resume.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import difflib
 import json
-import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from palitorch.cli.common import (
+    DECODING,
     FLAG_OF,
     add_decoding_options,
     add_model_options,
@@ -39,6 +41,7 @@ from palitorch.cli.common import (
     one_line_errors,
     result_fields,
 )
+from palitorch.cli.results import RESULT_FIELDS, Writer, check_writable, read_done, sort_by_index
 from palitorch.errors import InputError, PalitorchError
 
 
@@ -52,7 +55,9 @@ def add_parser(subparsers) -> None:
     )
     one_line_errors(p)
     p.add_argument("--input", required=True, metavar="REQUESTS.jsonl", help="one JSON request per line")
-    p.add_argument("--output", required=True, metavar="RESULTS.jsonl", help="results are appended here")
+    p.add_argument("--output", required=True, metavar="RESULTS.jsonl",
+                   help="one result line per request, written as each batch finishes and put in input order at the "
+                        "end; an existing output from the same input is resumed (its error lines run again)")
     p.add_argument("--batch-size", type=int, default=8, metavar="N",
                    help="requests per forward pass (default 8; with --compile, rounded down to 1, 2, 3, 4, 6, 8, 12, "
                         "16, 24, ...)")
@@ -73,6 +78,8 @@ class Request:
 
 def read_fields(index: int, raw: bytes) -> dict:
     """One input line -> its JSON object, or InputError."""
+    if index == 1:
+        raw = raw.removeprefix(codecs.BOM_UTF8)  # Windows tools start UTF-8 files with one
     try:
         fields = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -82,12 +89,6 @@ def read_fields(index: int, raw: bytes) -> dict:
     return fields
 
 
-# Fields an output line sets itself: a request's own fields of these names are not copied to it. (A request's
-# "top_logprobs" is a count, a decoding option kept in "decoding"; the output's is the list of alternatives.)
-RESULT_FIELDS = frozenset({"index", "decoding", "error", "text", "token_ids", "logprobs", "finish_reason",
-                           "prompt_tokens", "detections", "segmentations", "top_logprobs"})
-
-
 def make_request(index: int, fields: dict, folder: Path, defaults: dict) -> Request:
     """A request's fields -> Request, or InputError saying what is wrong with them."""
     image, prompt = fields.get("image"), fields.get("prompt")
@@ -95,11 +96,13 @@ def make_request(index: int, fields: dict, folder: Path, defaults: dict) -> Requ
         raise InputError(f'line {index} has no "image" path')
     if not isinstance(prompt, str):
         raise InputError(f'line {index} has no "prompt" string')
+    if not _encodable(image):
+        raise InputError(f'line {index}: the "image" path is not valid Unicode (a lone surrogate such as \\ud800)')
     for name in fields.keys() - FLAG_OF.keys() - RESULT_FIELDS - {"image", "prompt"}:  # kept as they are, unless...
         if like := difflib.get_close_matches(name, FLAG_OF, n=1, cutoff=0.7):
             raise InputError(f"line {index}: unknown field {name!r}; did you mean the decoding option {like[0]!r}?")
     options = dict(defaults)
-    options.update({k: v for k, v in fields.items() if k in FLAG_OF})
+    options.update({k: _whole(k, v) for k, v in fields.items() if k in FLAG_OF})
     try:
         check_decoding(options)
     except InputError as e:
@@ -108,88 +111,22 @@ def make_request(index: int, fields: dict, folder: Path, defaults: dict) -> Requ
     return Request(index, fields, path if path.is_absolute() else folder / path, prompt, options)
 
 
-def read_done(output: Path) -> tuple[dict[int, dict], Callable[[], None]]:
-    """Answers already in `output` by index, and `tidy()`, which removes from the file a last line cut short by a
-    crash and the error lines (their requests run again: the image may be there now). Call it once every check
-    has passed. A file with content but no result line at all is refused: it is not an earlier run's output."""
-    if not output.exists():
-        return {}, lambda: None
-    data = output.read_bytes()
-    end = data.rfind(b"\n") + 1  # everything after the last newline is an unfinished line
-    lines = data[:end].splitlines()
-    if (tail := _record(data[end:])) is not None:  # complete but missing its newline (e.g. edited by hand): keep it
-        lines.append(data[end:])
-    records = [_record(line) for line in lines]
-    if data.strip() and not any(records):
-        raise InputError(f"--output {output} exists and holds no results of palitorch batch: choose another file")
-    done, kept = {}, []
-    for line, record in zip(lines, records):
-        if record is None:
-            if line.strip():
-                print(f"palitorch batch: dropping an unreadable line from {output}; its request runs again",
-                      file=sys.stderr)
-        elif "error" not in record:
-            done[record["index"]] = record
-            kept.append(line)
-
-    def tidy() -> None:
-        if len(kept) == len(lines) and tail is None:
-            if end < len(data):
-                with open(output, "r+b") as f:
-                    f.truncate(end)
-            return
-        replace_lines(output, kept)
-
-    return done, tidy
+INTEGER_OPTIONS = frozenset(key for _, key, kind, *_ in DECODING if kind is int)
 
 
-def replace_lines(path: Path, lines: list[bytes]) -> None:
-    """Write `lines` to a new file beside `path`, sync it, then rename it over `path`: all of it or none."""
-    part = path.with_name(path.name + ".part")
-    with open(part, "wb") as f:
-        f.write(b"".join(line + b"\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part, path)
+def _whole(key: str, value):
+    """4.0 -> 4 for an integer option (pandas writes whole numbers so); 4.5 stays, for the check to refuse."""
+    if key in INTEGER_OPTIONS and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
-def sort_by_index(path: Path) -> None:
-    """Put a finished output's lines in input order (they are written in completion order)."""
-    lines = path.read_bytes().splitlines()
-    order = sorted(range(len(lines)), key=lambda i: (_record(lines[i]) or {}).get("index", 0))
-    if order != list(range(len(lines))):
-        replace_lines(path, [lines[i] for i in order])
-
-
-def _record(line: bytes) -> dict | None:
+def _encodable(text: str) -> bool:
     try:
-        record = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    ok = isinstance(record, dict) and isinstance(record.get("index"), int)
-    return record if ok else None
-
-
-class Writer:
-    """Appends result lines; `commit()` makes the lines written so far durable (flush + fsync)."""
-
-    def __init__(self, path: Path):
-        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the whole run; see close)
-        self.errors = self.results = 0
-
-    def add(self, req_fields: dict, index: int, **result) -> None:
-        self.errors += "error" in result
-        self.results += "error" not in result
-        own = {k: v for k, v in req_fields.items() if k not in RESULT_FIELDS}
-        self.file.write(json.dumps({**own, "index": index, **result}, ensure_ascii=False) + "\n")
-
-    def commit(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    def close(self) -> None:
-        self.commit()
-        self.file.close()
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def run_chunk(pipe, chunk: list[Request], writer: Writer, pad_to: int | None = None) -> None:
@@ -250,13 +187,17 @@ def batch(args: argparse.Namespace) -> int:
         raise InputError(f"--output {args.output}: {not_a_folder(dst.parent)}")
     if dst.resolve() == src.resolve():
         raise InputError("--output must not be the input file")
-    data = src.read_bytes()
+    try:
+        data = src.read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read the input file {str(src)!r}: {e.strerror}") from None
     if b"\0" in data:
         raise InputError(f"input file {str(src)!r} is not text: give a JSON-lines file, one request per line")
 
     # Every check before the output changes: an output that belongs to other requests is refused untouched.
     lines = data.splitlines()
-    done, tidy = read_done(dst)
+    regular = dst.is_file() or not dst.exists()  # else /dev/null, /dev/stdout, a pipe: written, never read back
+    done, tidy = read_done(dst) if regular else ({}, lambda: None)
     requests: list[Request] = []
     bad: list[tuple[dict, int, str]] = []
     for index, raw in enumerate(lines, start=1):
@@ -274,6 +215,8 @@ def batch(args: argparse.Namespace) -> int:
             check_same_request(done[index], req, dst)
         else:
             requests.append(req)
+    if regular:
+        check_writable(dst)
     tidy()
     writer = Writer(dst)
     try:
@@ -296,12 +239,14 @@ def batch(args: argparse.Namespace) -> int:
                         writer.commit()
                         bar.update(len(chunk))
     except KeyboardInterrupt:
-        print(f"\npalitorch batch: interrupted; the {writer.results} results written to {dst} are kept: run the "
-              "same command again to go on", file=sys.stderr)
+        if writer.regular:
+            print(f"\npalitorch batch: interrupted; the {writer.results} results written to {dst} are kept: run the "
+                  "same command again to go on", file=sys.stderr)
         raise
     finally:
         writer.close()
-    sort_by_index(dst)
+    if writer.regular:
+        sort_by_index(dst)
     if not args.quiet:
         errors = f"{writer.errors} errors (lines with an \"error\" field)" if writer.errors else "no errors"
         print(f"palitorch batch: {writer.results} results and {errors} written to {dst}; {len(done)} already there",
@@ -326,12 +271,13 @@ def chunk_size(args: argparse.Namespace) -> int:
 
 
 def check_same_request(record: dict, req: Request, output: Path) -> None:
-    """A result line whose prompt differs from its input line means the output belongs to another input file; one
-    whose decoding options differ, to another command line (lines written before palitorch recorded options are
-    not checked)."""
-    if "prompt" in record and record["prompt"] != req.prompt:
-        raise InputError(f"{output} holds results for another input (line {req.index}'s prompt differs): "
-                         "choose another --output")
+    """A result line whose image or prompt differs from its input line means the output belongs to another input
+    file; one whose decoding options differ, to another command line (lines written before palitorch recorded
+    options are not checked)."""
+    for name in ("image", "prompt"):
+        if name in record and record[name] != req.fields[name]:
+            raise InputError(f"{output} holds results for another input (line {req.index}'s {name} differs): "
+                             "choose another --output")
     if "decoding" in record and record["decoding"] != json.loads(json.dumps(req.options)):
         raise InputError(f"{output} holds results made with other decoding options (line {req.index}: "
                          f"{record['decoding']} then, {req.options} now): give the same options, or another --output")

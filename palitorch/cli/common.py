@@ -34,14 +34,22 @@ FLAG_OF = {key: flag for flag, key, *_ in DECODING} | {"stop": "--stop"}
 _KEYWORD = re.compile(r"\b(?:" + "|".join(FLAG_OF) + r")\b")
 
 
+# A negative number as an option's value: argparse's own pattern (-1, -.5) misses exponents and inf, so
+# `--length-penalty -1e-3` read as a missing value followed by an unknown option.
+_NEGATIVE_NUMBER = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^-inf(?:inity)?$", re.IGNORECASE)
+
+
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Make argparse report a bad option as one line (instead of the usage block) and exit 2, as PalitorchError
-    does in palitorch.cli.main."""
+    does in palitorch.cli.main; palitorch.cli.main reports unknown options with the parser of their (sub)command,
+    which this records as the `_parser` default."""
 
     def error(message: str):
         parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
 
     parser.error = error
+    parser.set_defaults(_parser=parser)
+    parser._negative_number_matcher = _NEGATIVE_NUMBER  # private, but the one knob argparse has for this
     return parser
 
 
@@ -103,6 +111,8 @@ def resolve_device(name: str) -> str:
             raise InputError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA GPU(s)")
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise InputError(f"--device {name}: MPS is not available here (use --device cpu)")
+    elif dev.type in ("cpu", "mps") and dev.index not in (None, 0):  # torch takes cpu:3 and runs on the one CPU
+        raise InputError(f"--device {name}: there is one {dev.type} device: use --device {dev.type}")
     elif dev.type not in ("cpu", "cuda", "mps"):
         raise InputError(f"--device {name}: palitorch runs on cpu, cuda or mps")
     return str(dev)

@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
 
 
 def run_easyvqa(args) -> int:
-    from palitorch.train.config import check_out_folder
+    from palitorch.train.config import check_can_create, check_out_folder
     from palitorch.train.easyvqa import convert
 
     if args.limit is not None and args.limit < 1:
@@ -50,6 +50,7 @@ def run_easyvqa(args) -> int:
     if args.extra < 0:
         raise InputError(f"--extra must be 0 or more, got {args.extra}")
     check_out_folder(args.out, "--out")
+    check_can_create(args.out, "--out")
     summary = convert(args.out, limit=args.limit, extra=args.extra, seed=args.seed, copy_images=args.copy,
                       progress=True, balanced=args.balanced)
     print(summary.text())

@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,7 +41,8 @@ def add_parser(subparsers) -> None:
     out.add_argument("--stream", action="store_true", help="print the answer piece by piece as it is generated")
     out.add_argument("--json", action="store_true",
                      help="print one JSON object: text, token_ids, logprobs, finish_reason, prompt_tokens "
-                          "(and detections/segmentations for detect/segment prompts)")
+                          "(and detections/segmentations for detect/segment prompts, top_logprobs with "
+                          "--top-logprobs K)")
     p.add_argument("--draw", metavar="OUT.png",
                    help="write the image with the boxes and labels found in the answer (detect/segment prompts)")
     p.add_argument("--vae", metavar="vae-oid.npz",
@@ -50,12 +53,22 @@ def add_parser(subparsers) -> None:
 
 
 def check_output_image(path: str) -> Path:
-    """--draw's target must be writable as an image: an existing folder and a suffix PIL knows."""
+    """--draw's target must be writable as an image: a suffix PIL can write an RGB image as, in an existing folder
+    we may write in, and not a folder itself. Checked before the model loads, not after the answer."""
     out = Path(path)
-    if out.suffix.lower() not in Image.registered_extensions():
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None:
         raise InputError(f"--draw {path}: unknown image format {out.suffix!r}; use a .png or .jpg name")
+    try:  # PIL reads more formats than it writes (.psd), and some it writes take no RGB image (.xbm)
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
+    except (KeyError, OSError, ValueError):
+        raise InputError(f"--draw {path}: cannot write {fmt} images; use a .png or .jpg name") from None
     if not out.parent.is_dir():
         raise InputError(f"--draw {path}: {not_a_folder(out.parent)}")
+    if out.is_dir():
+        raise InputError(f"--draw {path} is a folder: give a file name")
+    if not os.access(out if out.exists() else out.parent, os.W_OK):
+        raise InputError(f"--draw {path}: permission denied: choose a file in a folder you can write to")
     return out
 
 

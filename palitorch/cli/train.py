@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from palitorch.train.config import load_config
+    from palitorch.train.config import check_can_create, load_config
     from palitorch.train.loop import Trainer
 
     overrides = list(args.overrides)
@@ -51,6 +51,7 @@ def run(args) -> int:
 
     if cfg.model.init and not args.resume:  # a resumed run reads its own checkpoint instead
         build.check_checkpoint_folder(Path(cfg.model.init))
+    check_can_create(cfg.train.out)
     try:
         Trainer(cfg, resume=args.resume).fit()
     finally:

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
+import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +204,9 @@ class TrainConfig:
             raise ConfigError(f"[train] device {t.device!r} is not one of auto, cpu, cuda")
         if m.preset not in SMALL_PRESETS:
             raise ConfigError(f"[model] preset {m.preset!r} is not one of {', '.join(SMALL_PRESETS)}")
+        if m.dtype.lower() not in TRAIN_DTYPES:
+            raise ConfigError(f"[model] dtype {m.dtype!r} is not one of float32, bfloat16 (float16 weights need the "
+                              "loss scaling that training does not do: their updates underflow into NaN)")
         if m.image_size % m.patch_size:
             raise ConfigError(f"[model] image_size {m.image_size} is not a multiple of patch_size {m.patch_size}")
         if m.max_length <= (m.image_size // m.patch_size) ** 2:
@@ -241,6 +246,10 @@ LIMITS = {
 }
 
 
+# Parameter dtypes training runs in (as palitorch.checkpoint.resolve_dtype spells them).
+TRAIN_DTYPES = ("float32", "fp32", "bfloat16", "bf16")
+
+
 def check_out_folder(out: str, what: str = "[train] out") -> None:
     """A one-line ConfigError unless `out` can be made a folder: not empty, no file at or above it."""
     if not out:
@@ -251,6 +260,19 @@ def check_out_folder(out: str, what: str = "[train] out") -> None:
         raise ConfigError(f"{what} {out!r} is a file: name a folder (it is created)")
     if blocking is not None:
         raise ConfigError(f"{what} {out!r} lies under the file {str(blocking)!r}: name a folder path")
+
+
+def check_can_create(out: str, what: str = "[train] out") -> None:
+    """A one-line ConfigError unless the folder `out` can be made (or written in): a folder is made and removed in
+    the nearest existing one, before any work. After check_out_folder; not for --print-config, which writes nothing."""
+    path = Path(out).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".palitorch-check-", dir=existing))
+    except OSError as e:
+        where = "" if existing == path else f" in {str(existing)!r}"
+        raise ConfigError(f"{what} {out!r}: cannot write a folder{where} ({e.strerror}): choose another path") \
+            from None
 
 
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}

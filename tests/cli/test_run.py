@@ -118,6 +118,10 @@ BAD = [
     (["--draw", "/no/such/folder/out.png"], "does not exist"),
     (["--draw", f"{__file__}/out.png"], "test_run.py' is not a folder"),  # a file where the folder should be
     (["--draw", "out.unknownformat"], "unknown image format"),
+    (["--draw", "out.psd"], "cannot write PSD images"),  # PIL reads PSD, but writes no PSD
+    (["--draw", "out.xbm"], "cannot write XBM images"),  # XBM is black and white only
+    (["--draw", "imgs.png"], "imgs.png is a folder"),  # made by the test
+    (["--device", "cpu:3"], "there is one cpu device"),
     (["--draw", "out.png", "--vae", "/no/vae.npz"], "do not exist"),
     (["--vae", "/no/vae.npz"], "give --draw OUT.png too"),
     (["--stream", "--json"], "not allowed with"),
@@ -127,7 +131,9 @@ BAD = [
 
 
 @pytest.mark.parametrize("extra,message", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_options_fail_in_one_line_before_loading(extra, message, images, no_model_load, capsys):
+def test_bad_options_fail_in_one_line_before_loading(extra, message, images, no_model_load, capsys, monkeypatch):
+    monkeypatch.chdir(images.parent)
+    (images.parent / "imgs.png").mkdir()
     rc, out, err = cli(["run", "--image", images / "red.png", "--prompt", "caption en", *extra], capsys)
     assert rc == 2 and out == ""
     # Unknown options are reported by the top-level parser ("palitorch: error: ..."), the rest by `run`'s.
@@ -185,4 +191,4 @@ def test_top_logprobs_as_json_and_as_a_table(pg1, images, capsys):
 
 def test_chat_has_no_top_logprobs_flag(pg1, images, capsys):
     rc, _, err = cli(["chat", "--model", pg1[0], "--image", images / "red.png", "--top-logprobs", "2"], capsys)
-    assert rc == 2 and "unrecognized arguments: --top-logprobs" in err
+    assert rc == 2 and "unrecognized arguments: --top-logprobs 2 (see palitorch chat --help)" in err

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from palitorch.errors import ConfigError
-from palitorch.train.config import LIMITS, SECTIONS, TrainConfig, load_config, parse_overrides
+from palitorch.train.config import LIMITS, SECTIONS, TrainConfig, check_can_create, load_config, parse_overrides
 
 TOML = """
 [model]
@@ -77,6 +77,8 @@ def test_round_trip_through_toml(tmp_path):
     (["--model.init_std", "-1"], "[model] init_std must be > 0"),
     (["--train.seed", "-1"], "[train] seed must be between 0 and 2**32 - 1"),
     (["--optim.lr_scale", "{vision = inf}"], "lr_scale.vision must be a finite number >= 0"),
+    (["--model.dtype", "float64"], "[model] dtype 'float64' is not one of float32, bfloat16"),
+    (["--model.dtype", "float16"], "float16 weights need the loss scaling that training does not do"),
 ])
 def test_bad_overrides_are_one_line_errors(args, message):
     with pytest.raises(ConfigError) as e:
@@ -186,3 +188,20 @@ def test_data_out_must_be_able_to_become_a_folder(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["data", "easyvqa", "--out", str(tmp_path / "file")]) == 2
     assert "--out" in (err := capsys.readouterr().err) and "is a file: name a folder" in err
+
+
+def test_cli_names_an_out_folder_that_cannot_be_made_before_any_work(tmp_path, capsys):
+    """mkdir under /proc fails even for root; --print-config writes nothing, so it does not check."""
+    from palitorch.cli import main
+
+    if not Path("/proc/1").is_dir():
+        pytest.skip("needs Linux's /proc")
+    f = tmp_path / "c.toml"
+    f.write_text(TOML)
+    assert main(["train", str(f), "--train.out", "/proc/1/run", "--print-config"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(f), "--train.out", "/proc/1/run"]) == 2
+    assert capsys.readouterr().err == ("palitorch train: error: [train] out '/proc/1/run': cannot write a folder in "
+                                       "'/proc/1' (No such file or directory): choose another path\n")
+    check_can_create(str(tmp_path / "new" / "run"))
+    assert list(tmp_path.iterdir()) == [f]  # the check leaves nothing behind

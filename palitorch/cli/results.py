@@ -1,0 +1,136 @@
+"""The results file of `palitorch batch`: durable appends, what an earlier run left (to resume), input order.
+
+A result line is a JSON object with an integer "index" (its request's line number in the input). Lines are
+appended as batches finish and made durable (flush + fsync) before the next batch; a crash can leave only a
+last line cut short, which the next run drops. Finished, the file is rewritten in input order, through a new
+file beside it renamed over it: all of it or none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from palitorch.errors import InputError
+
+# Fields an output line sets itself: a request's own fields of these names are not copied to it. (A request's
+# "top_logprobs" is a count, a decoding option kept in "decoding"; the output's is the list of alternatives.)
+RESULT_FIELDS = frozenset({"index", "decoding", "error", "text", "token_ids", "logprobs", "finish_reason",
+                           "prompt_tokens", "detections", "segmentations", "top_logprobs"})
+
+
+def read_done(output: Path) -> tuple[dict[int, dict], Callable[[], None]]:
+    """Answers already in `output` by index, and `tidy()`, which removes from the file a last line cut short by a
+    crash and the error lines (their requests run again: the image may be there now). Call it once every check
+    has passed. A file with content but no result line at all is refused: it is not an earlier run's output."""
+    if not output.exists():
+        return {}, lambda: None
+    try:
+        data = output.read_bytes()
+    except OSError as e:
+        raise InputError(f"--output {output}: cannot read it to resume ({e.strerror}): choose another file") from None
+    end = data.rfind(b"\n") + 1  # everything after the last newline is an unfinished line
+    lines = data[:end].splitlines()
+    if (tail := _record(data[end:])) is not None:  # complete but missing its newline (e.g. edited by hand): keep it
+        lines.append(data[end:])
+    records = [_record(line) for line in lines]
+    if data.strip() and not any(records):
+        raise InputError(f"--output {output} exists and holds no results of palitorch batch: choose another file")
+    done, kept = {}, []
+    for line, record in zip(lines, records):
+        if record is None:
+            if line.strip():
+                print(f"palitorch batch: dropping an unreadable line from {output}; its request runs again",
+                      file=sys.stderr)
+        elif "error" not in record:
+            done[record["index"]] = record
+            kept.append(line)
+
+    def tidy() -> None:
+        if len(kept) == len(lines) and tail is None:
+            if end < len(data):
+                with open(output, "r+b") as f:
+                    f.truncate(end)
+            return
+        replace_lines(output, kept)
+
+    return done, tidy
+
+
+def replace_lines(path: Path, lines: list[bytes]) -> None:
+    """Write `lines` to a new file beside `path`, sync it, then rename it over `path`: all of it or none."""
+    part = path.with_name(path.name + ".part")
+    with open(part, "wb") as f:
+        f.write(b"".join(line + b"\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
+
+
+def sort_by_index(path: Path) -> None:
+    """Put a finished output's lines in input order (they are written in completion order)."""
+    lines = path.read_bytes().splitlines()
+    order = sorted(range(len(lines)), key=lambda i: (_record(lines[i]) or {}).get("index", 0))
+    if order != list(range(len(lines))):
+        replace_lines(path, [lines[i] for i in order])
+
+
+def _record(line: bytes) -> dict | None:
+    try:
+        record = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("index"), int)
+    return record if ok else None
+
+
+class Writer:
+    """Appends result lines; `commit()` makes the lines written so far durable (flush + fsync; a device or a pipe,
+    such as /dev/null, is only flushed)."""
+
+    def __init__(self, path: Path):
+        try:
+            self.file = open(path, "ab")  # noqa: SIM115 (open for the whole run; see close)
+        except OSError as e:
+            raise InputError(f"--output {path}: cannot write there ({e.strerror}): choose another file") from None
+        self.regular = stat.S_ISREG(os.fstat(self.file.fileno()).st_mode)
+        self.errors = self.results = 0
+
+    def add(self, req_fields: dict, index: int, **result) -> None:
+        self.errors += "error" in result
+        self.results += "error" not in result
+        own = {k: v for k, v in req_fields.items() if k not in RESULT_FIELDS}
+        record = {**own, "index": index, **result}
+        try:
+            line = json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the input): JSON's escape keeps it as it was
+            line = json.dumps(record).encode("ascii")
+        self.file.write(line + b"\n")
+
+    def commit(self) -> None:
+        self.file.flush()
+        if self.regular:
+            os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.commit()
+        self.file.close()
+
+
+def check_writable(output: Path) -> None:
+    """Before any work: an existing output must be writable, and so must its folder (the output is rewritten in
+    input order at the end, through a new file beside it). A new output is created by Writer, which says so if
+    it cannot."""
+    if not output.exists():
+        return
+    try:
+        open(output, "r+b").close()  # opened for writing, left unchanged
+    except OSError as e:
+        raise InputError(f"--output {output}: cannot write it ({e.strerror}): choose another file") from None
+    if not os.access(output.parent, os.W_OK | os.X_OK):
+        raise InputError(f"--output {output}: cannot write in its folder {str(output.parent)!r} (permission denied), "
+                         "where the finished output is put in input order: choose another folder")

@@ -1,0 +1,103 @@
+"""What every subcommand shares: one-line errors for paths the system refuses, a quiet end on a closed pipe,
+unknown options named with their subcommand's help, negative numbers as option values, and honest help texts."""
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, cli  # tests/cli/conftest.py
+
+import palitorch.cli.run
+
+
+@pytest.mark.parametrize("error, line", [
+    (PermissionError(13, "Permission denied", "/data/x.png"),
+     "palitorch run: error: cannot use /data/x.png: Permission denied (check the path and its permissions)\n"),
+    (OSError(28, "No space left on device"), "palitorch run: error: No space left on device\n"),
+])
+def test_an_os_error_about_a_path_is_one_line(error, line, monkeypatch, capsys):
+    """The safety net under every command: whatever check missed it, a path the system refuses is one line."""
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(palitorch.cli.run, "run", fail)
+    rc, out, err = cli(["run", "--image", "x.png", "--prompt", "caption en"], capsys)
+    assert (rc, out, err) == (2, "", line)
+
+
+def test_other_errors_keep_their_traceback(monkeypatch, capsys):
+    """A bug stays visible: only OS errors that name a path (or a full disk) become one line."""
+
+    def fail(args):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(palitorch.cli.run, "run", fail)
+    with pytest.raises(OSError, match="Invalid argument"):
+        cli(["run", "--image", "x.png", "--prompt", "caption en"], capsys)
+
+
+class ClosedPipe(io.StringIO):
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.parametrize("mode", [["--stream"], ["--json"], []])
+def test_a_closed_pipe_ends_quietly(mode, fake_pipe, images, monkeypatch, capsys):
+    """`palitorch run ... | head -c 1`: the reader left; exit 141 as SIGPIPE would, without a traceback."""
+    fake_pipe(lambda im, p: "a red square")
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    rc, _, err = cli(["run", "--image", images / "red.png", "--prompt", "caption en", *mode], capsys)
+    assert rc == 141 and err == ""
+
+
+def test_a_closed_pipe_in_a_subprocess(pg1, images):
+    """The real thing: the reader is gone before the answer is written; nothing on stderr, not even Python's
+    'Exception ignored' at exit."""
+    p = subprocess.Popen([sys.executable, "-m", "palitorch", "run", "--model", str(pg1[0]), "--image",
+                          str(images / "red.png"), "--prompt", "caption en", "--max-new-tokens", "3", "--stream"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141 and err == ""
+
+
+def test_an_unknown_option_names_its_subcommand_help(capsys):
+    for argv, prog in ((["chat", "--image", "x", "--top-logprobs", "2"], "palitorch chat"),
+                       (["data", "easyvqa", "--out", "x", "--bogus"], "palitorch data easyvqa")):
+        rc, _, err = cli(argv, capsys)
+        assert rc == 2 and err.startswith(f"{prog}: error: unrecognized arguments: ")
+        assert err.endswith(f"(see {prog} --help)\n") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("value, expected", [("-1e-3", -1e-3), ("-2E+1", -20.0), ("-.5", -0.5), ("-1", -1.0)])
+def test_negative_numbers_in_any_spelling_are_values(value, expected, fake_pipe, images, capsys):
+    """argparse takes -1 and -.5 for values but -1e-3 for an option (so `--length-penalty -1e-3` had no value)."""
+    pipe = fake_pipe(lambda im, p: "ok")
+    rc, _, err = cli(["run", "--image", images / "red.png", "--prompt", "caption en", "--num-beams", "2",
+                      "--length-penalty", value], capsys)
+    assert rc == 0, err
+    assert pipe.calls[0][3]["length_penalty"] == expected
+
+
+def test_help_says_what_the_output_holds(capsys):
+    def help_of(command):
+        rc, out, _ = cli([command, "--help"], capsys)
+        assert rc == 0
+        return " ".join(out.split())
+
+    assert "top_logprobs with --top-logprobs K" in help_of("run")
+    text = help_of("batch")
+    assert "appended" not in text and "put in input order at the end" in text and "error lines run again" in text
+
+
+def test_a_data_out_that_cannot_be_made(capsys):
+    """mkdir under /proc fails even for root: named before any work, with the option at fault ([train] out:
+    tests/train/test_train_config.py)."""
+    if not Path("/proc/1").is_dir():
+        pytest.skip("needs Linux's /proc")
+    rc, _, err = cli(["data", "easyvqa", "--out", "/proc/1/x", "--limit", "1"], capsys)
+    assert rc == 2 and err == ("palitorch data: error: --out '/proc/1/x': cannot write a folder in '/proc/1' "
+                               "(No such file or directory): choose another path\n")
