@@ -111,7 +111,7 @@ def load_transformers(pipe, folder: Path, dtype: torch.dtype, device: torch.devi
     are palitorch's memory)."""
     from transformers import PaliGemmaForConditionalGeneration as HF
 
-    from palitorch.checkpoint.keys import TIED_DUPLICATES, hf_to_ours, ours_to_hf
+    from palitorch.checkpoint.keys import LM_HEAD, hf_to_ours, ours_to_hf
 
     version = pipe.model.cfg.version
     ours = dict(pipe.model.state_dict())
@@ -122,7 +122,8 @@ def load_transformers(pipe, folder: Path, dtype: torch.dtype, device: torch.devi
         hf = HF.from_pretrained(folder, dtype=dtype)
     embed, wrapped = "language_model.embed_tokens.weight", {}
     for name, p in list(hf.named_parameters(remove_duplicate=False)):
-        key = embed if name in TIED_DUPLICATES else hf_to_ours(name, version)  # the LM head is the embedding
+        tied = name in LM_HEAD and pipe.model.cfg.text.tie_embeddings
+        key = embed if tied else hf_to_ours(name, version)  # a tied LM head is the embedding
         if key in ours and ours[key].shape == p.shape and p.data_ptr() != ours[key].data_ptr():
             module_name, _, attr = name.rpartition(".")  # a name this transformers spells otherwise keeps its copy
             wrapped.setdefault(key, torch.nn.Parameter(ours[key], requires_grad=False))

@@ -7,10 +7,18 @@ fields a checkpoint leaves out; `to_hf()` writes a dict that both palitorch and 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 
+from palitorch.config_keys import (
+    ACTIVATIONS,
+    GEMMA2_DEFAULTS,
+    GEMMA_DEFAULTS,
+    LAYER_TYPES,
+    PG_TEXT_DEFAULTS,
+    PG_VISION_DEFAULTS,
+    Keys,
+)
 from palitorch.errors import ConfigError
 
 
@@ -59,6 +67,7 @@ class TextConfig:
     query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 (else head_dim ** -0.5)
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None  # "sliding_attention" / "full_attention" per layer
+    tie_embeddings: bool = True  # the LM head is the token embedding (else a matrix of its own, `lm_head`)
 
     @property
     def attn_scale(self) -> float:
@@ -96,19 +105,20 @@ class PaliGemmaConfig:
     # ------------------------------------------------------------------ HF config.json
 
     @classmethod
-    def from_hf(cls, d: dict) -> PaliGemmaConfig:
+    def from_hf(cls, d: dict, generation: dict | None = None) -> PaliGemmaConfig:
         """Read a Hub PaliGemma `config.json` dict, applying transformers' defaults for absent fields.
 
         Every value the model uses is checked for type and range here, so a damaged config.json fails with a
-        ConfigError naming the key as config.json spells it, not deep inside the model.
+        ConfigError naming the key as config.json spells it, not deep inside the model. `generation`: the
+        folder's generation_config.json, whose EOS ids come first, as transformers' `generate` reads them.
         """
         if d.get("model_type") != "paligemma":
             raise ConfigError(
                 f"config.json has model_type {d.get('model_type')!r}, not 'paligemma': "
                 "point palitorch at a PaliGemma checkpoint folder"
             )
-        top = _Keys(d)
-        v, t = top.section("vision_config", _PG_VISION_DEFAULTS), top.section("text_config", _PG_TEXT_DEFAULTS)
+        top = Keys(d)
+        v, t = top.section("vision_config", PG_VISION_DEFAULTS), top.section("text_config", PG_TEXT_DEFAULTS)
         vision = VisionConfig(
             hidden_size=v.integer("hidden_size", 768),
             intermediate_size=v.integer("intermediate_size", 3072),
@@ -124,10 +134,28 @@ class PaliGemmaConfig:
         if text_type not in ("gemma", "gemma2"):
             raise ConfigError(f"text_config.model_type {text_type!r} is not supported (gemma or gemma2)")
         g2 = text_type == "gemma2"
-        defaults = _GEMMA2_DEFAULTS if g2 else _GEMMA_DEFAULTS
+        defaults = GEMMA2_DEFAULTS if g2 else GEMMA_DEFAULTS
         num_layers = t.integer("num_hidden_layers", defaults["num_hidden_layers"])
         rope = t.section("rope_parameters", {})
         theta = rope.number("rope_theta", 10000.0) if "rope_theta" in rope.d else t.number("rope_theta", 10000.0)
+        scaling = t.d.get("rope_scaling")  # transformers 4's name for rope_parameters
+        kind = rope.d.get("rope_type")
+        if kind is None and isinstance(scaling, dict):
+            kind = scaling.get("rope_type") or scaling.get("type")
+        if kind not in (None, "default"):
+            raise ConfigError(f"text_config asks for RoPE scaling {kind!r}, which palitorch does not implement "
+                              "(PaliGemma uses plain RoPE)")
+        if t.d.get("attention_bias"):
+            raise ConfigError("text_config.attention_bias is true: palitorch's Gemma has no attention biases, as "
+                              "PaliGemma's has none")
+        if g2:  # transformers' Gemma 2 reads only `hidden_activation`
+            act = t.choice("hidden_activation", "gelu_pytorch_tanh", ACTIVATIONS)
+        else:  # its Gemma reads only `hidden_act`, where "gelu" is a legacy spelling of the tanh approximation
+            act = t.choice("hidden_act", "gelu_pytorch_tanh", ACTIVATIONS)
+            act = "gelu_pytorch_tanh" if act == "gelu" else act
+        tie = d.get("tie_word_embeddings", True)
+        if not isinstance(tie, bool):
+            top.fail("tie_word_embeddings", tie, "true or false")
         layer_types = t.d.get("layer_types")
         if g2 and layer_types is None:
             layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
@@ -145,14 +173,15 @@ class PaliGemmaConfig:
             rms_norm_eps=t.number("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
             max_position_embeddings=t.integer("max_position_embeddings", 8192),
-            hidden_act=t.choice("hidden_activation" if t.d.get("hidden_activation") else "hidden_act",
-                                "gelu_pytorch_tanh", ACTIVATIONS),
+            hidden_act=act,
             post_norms=g2,
             attn_softcap=t.number("attn_logit_softcapping", 50.0, optional=True) if g2 else None,
-            final_softcap=t.number("final_logit_softcapping", 30.0, optional=True) if g2 else None,
+            # (PaliGemma applies a final soft-cap that any text_config sets, Gemma 1's too)
+            final_softcap=t.number("final_logit_softcapping", 30.0 if g2 else None, optional=True),
             query_pre_attn_scalar=t.number("query_pre_attn_scalar", 256, optional=True) if g2 else None,
             sliding_window=t.integer("sliding_window", 4096, optional=True) if g2 else None,
             layer_types=tuple(layer_types) if (g2 and layer_types) else None,
+            tie_embeddings=tie,
         )
         if vision.hidden_size % vision.num_heads:
             v.fail("num_attention_heads", vision.num_heads, f"a divisor of hidden_size {vision.hidden_size}")
@@ -162,9 +191,11 @@ class PaliGemmaConfig:
             t.fail("num_key_value_heads", text.num_kv_heads, f"a divisor of num_attention_heads {text.num_heads}")
         if text.head_dim % 2:
             t.fail("head_dim", text.head_dim, "even (RoPE rotates pairs of dimensions)")
-        # EOS: text_config's id or ids, then the top level's; either may be an id or a list of ids.
-        eos = [t.d.get("eos_token_id", d.get("eos_token_id", 1)), d.get("eos_token_id")]
-        eos = [i for x in eos for i in (x if isinstance(x, (list, tuple)) else [x]) if i is not None]
+        # EOS, an id or a list of ids: where transformers' `generate` finds it, generation_config.json, else the
+        # top level of config.json, else text_config (read only when the top level has none), else 1.
+        eos = next((x for x in ((generation or {}).get("eos_token_id"), d.get("eos_token_id"),
+                                t.d.get("eos_token_id")) if x is not None), 1)
+        eos = [i for i in (eos if isinstance(eos, (list, tuple)) else [eos])]
         pad = d.get("pad_token_id", 0)
         image_key = "image_token_index" if "image_token_index" in d else "image_token_id"
         tokens = {image_key: d.get(image_key, 256000), "pad_token_id": 0 if pad is None else pad,
@@ -207,9 +238,12 @@ class PaliGemmaConfig:
             "rms_norm_eps": t.rms_norm_eps,
             "rope_theta": t.rope_theta,
             "max_position_embeddings": t.max_position_embeddings,
-            "hidden_activation": t.hidden_act,
+            "hidden_act": t.hidden_act,  # the name transformers' Gemma reads
+            "hidden_activation": t.hidden_act,  # and Gemma 2's
             "num_image_tokens": self.num_image_tokens,
         }
+        if t.final_softcap is not None:
+            text["final_logit_softcapping"] = t.final_softcap
         if self.version == 2:
             text.update(
                 attn_logit_softcapping=t.attn_softcap,
@@ -229,6 +263,7 @@ class PaliGemmaConfig:
             "hidden_size": t.hidden_size,
             "projection_dim": t.hidden_size,
             "vocab_size": t.vocab_size,
+            "tie_word_embeddings": t.tie_embeddings,
             "text_config": text,
             "vision_config": {
                 "model_type": "siglip_vision_model",
@@ -246,73 +281,6 @@ class PaliGemmaConfig:
                 "vision_use_head": False,
             },
         }
-
-
-# transformers' defaults: PaliGemmaConfig's own sub-config defaults (used when a sub-config is absent) and the
-# GemmaConfig / Gemma2Config class defaults (used for fields a present sub-config leaves out).
-_PG_VISION_DEFAULTS = {
-    "intermediate_size": 4096, "hidden_size": 1152, "patch_size": 14, "image_size": 224,
-    "num_hidden_layers": 27, "num_attention_heads": 16,
-}
-_PG_TEXT_DEFAULTS = {
-    "hidden_size": 2048, "num_hidden_layers": 18, "intermediate_size": 16384, "num_attention_heads": 8,
-    "num_key_value_heads": 1, "vocab_size": 257152,
-}
-_GEMMA_DEFAULTS = {
-    "vocab_size": 256000, "hidden_size": 3072, "intermediate_size": 24576, "num_hidden_layers": 28,
-    "num_attention_heads": 16, "num_key_value_heads": 16,
-}
-_GEMMA2_DEFAULTS = {
-    "vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
-    "num_attention_heads": 8, "num_key_value_heads": 4,
-}
-
-
-# ------------------------------------------------------------------ checked reads of config.json
-
-ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast", "gelu")  # those model/siglip.py runs
-LAYER_TYPES = ("sliding_attention", "full_attention")
-
-
-class _Keys:
-    """Checked reads from one object of config.json: a wrong type or a value out of range raises a ConfigError
-    naming the key as config.json spells it (`text_config.num_hidden_layers`)."""
-
-    def __init__(self, d: dict, where: str = ""):
-        self.d, self.where = d, where
-
-    def section(self, key: str, defaults: dict) -> _Keys:
-        """The object at `key`; an absent, null or empty one reads as `defaults` (as transformers reads it)."""
-        x = self.d.get(key)
-        if x is not None and not isinstance(x, dict):
-            self.fail(key, x, "a JSON object")
-        return _Keys(x or dict(defaults), f"{self.where}{key}.")
-
-    def fail(self, key: str, value, want: str):
-        shown = json.dumps(value, default=repr)
-        shown = shown if len(shown) <= 40 else shown[:37] + "..."  # messages stay one line
-        raise ConfigError(f"{self.where}{key} is {shown}: it must be {want} (fix config.json or download it again)")
-
-    def integer(self, key: str, default, optional: bool = False) -> int | None:
-        """A positive integer (bools and floats such as 2.0 refused); null too if `optional`."""
-        x = self.d.get(key, default)
-        if not (x is None and optional) and (isinstance(x, bool) or not isinstance(x, int) or x < 1):
-            self.fail(key, x, "an integer >= 1" + (" or null" if optional else ""))
-        return x
-
-    def number(self, key: str, default, optional: bool = False) -> float | None:
-        """A finite number > 0; null too if `optional`."""
-        x = self.d.get(key, default)
-        if not (x is None and optional) and (isinstance(x, bool) or not isinstance(x, (int, float))
-                                             or not 0 < x < math.inf):  # `not 0 < x` also refuses NaN
-            self.fail(key, x, "a number > 0" + (" or null" if optional else ""))
-        return x
-
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        x = self.d.get(key) or default
-        if x not in choices:
-            self.fail(key, x, f"one of {', '.join(choices)}")
-        return x
 
 
 def _pg1(image_size: int) -> PaliGemmaConfig:

@@ -24,7 +24,7 @@ def tokenizer():
 
 
 def hf_config(version=1, image_size=224, patch_size=14, heads=4, kv_heads=1, layers=2, hidden=64, head_dim=16,
-              vision_hidden=48, vision_heads=4, vision_layers=2, text_extra=None):
+              vision_hidden=48, vision_heads=4, vision_layers=2, text_extra=None, vision_extra=None, top_extra=None):
     from transformers import PaliGemmaConfig
 
     tok = tokenizer()
@@ -35,7 +35,9 @@ def hf_config(version=1, image_size=224, patch_size=14, heads=4, kv_heads=1, lay
         num_key_value_heads=kv_heads, head_dim=head_dim,
     )
     if version == 2:
-        second_eos = tok.encode(" the", add_special_tokens=False).ids[0]  # PaliGemma 2 lists two EOS ids
+        # PaliGemma 2's text_config lists two EOS ids; transformers' generate (and palitorch) read it only when the
+        # top level gives none, as here it does (1)
+        second_eos = tok.encode(" the", add_special_tokens=False).ids[0]
         text.update(query_pre_attn_scalar=head_dim, eos_token_id=[1, second_eos])
     text.update(text_extra or {})
     vision = dict(
@@ -43,9 +45,11 @@ def hf_config(version=1, image_size=224, patch_size=14, heads=4, kv_heads=1, lay
         num_hidden_layers=vision_layers, num_attention_heads=vision_heads, image_size=image_size,
         patch_size=patch_size, vision_use_head=False,
     )
+    vision.update(vision_extra or {})
     return PaliGemmaConfig(
         text_config=text, vision_config=vision, image_token_index=tok.token_to_id("<image>"),
         projection_dim=hidden, hidden_size=hidden, vocab_size=vocab, pad_token_id=0, bos_token_id=2, eos_token_id=1,
+        **(top_extra or {}),
     )
 
 

@@ -42,10 +42,45 @@ def test_pg2_text_defaults_and_eos_list():
                         "vocab_size": 257216, "eos_token_id": [1, 107]}
     d["vision_config"] = dict(HUB_PG1["vision_config"], image_size=448, projection_dim=2304)
     cfg = PaliGemmaConfig.from_hf(d)
-    assert cfg == preset("paligemma2-3b-448").replace(image_token_id=257152)
+    assert cfg == preset("paligemma2-3b-448").replace(image_token_id=257152, eos_token_ids=(1,))
     assert cfg.text.attn_softcap == 50 and cfg.text.final_softcap == 30 and cfg.text.query_pre_attn_scalar == 256
     assert cfg.text.is_sliding(0) and not cfg.text.is_sliding(1)
-    assert cfg.eos_token_ids == (1, 107)
+    # EOS where transformers' generate finds it: generation_config.json, else the top level, else text_config
+    assert cfg.eos_token_ids == (1,)  # the top level's 1 hides text_config's [1, 107], as in transformers
+    assert PaliGemmaConfig.from_hf({k: v for k, v in d.items() if k != "eos_token_id"}).eos_token_ids == (1, 107)
+    assert PaliGemmaConfig.from_hf(d, {"eos_token_id": [1, 107]}).eos_token_ids == (1, 107)
+    assert PaliGemmaConfig.from_hf(d, {"eos_token_id": 107}).eos_token_ids == (107,)
+    assert PaliGemmaConfig.from_hf(d, {"bos_token_id": 2}).eos_token_ids == (1,)
+
+
+def test_fields_read_as_transformers_reads_them():
+    """Found by fuzzing against transformers: Gemma 1 reads `hidden_act` ("gelu" meaning the tanh approximation)
+    and ignores `hidden_activation`, Gemma 2 the reverse; a final soft-cap applies to Gemma 1 too; the top level's
+    tie_word_embeddings unties the LM head; RoPE scaling and attention biases, which palitorch does not implement,
+    are refused rather than ignored."""
+    text = HUB_PG1["text_config"]
+    for fields, act in [({"hidden_act": "gelu"}, "gelu_pytorch_tanh"), ({"hidden_activation": "gelu"},
+                                                                         "gelu_pytorch_tanh"),
+                        ({"hidden_act": "gelu_new", "hidden_activation": "gelu"}, "gelu_new")]:
+        t = {k: v for k, v in text.items() if k != "hidden_activation"} | fields
+        assert PaliGemmaConfig.from_hf(dict(HUB_PG1, text_config=t)).text.hidden_act == act
+    t2 = dict(text, model_type="gemma2", hidden_act="gelu_new", hidden_activation="gelu")
+    assert PaliGemmaConfig.from_hf(dict(HUB_PG1, text_config=t2)).text.hidden_act == "gelu"
+    t2.pop("hidden_activation")
+    assert PaliGemmaConfig.from_hf(dict(HUB_PG1, text_config=t2)).text.hidden_act == "gelu_pytorch_tanh"
+    capped = PaliGemmaConfig.from_hf(dict(HUB_PG1, text_config=dict(text, final_logit_softcapping=2.0)))
+    assert capped.text.final_softcap == 2.0 and capped.version == 1
+    assert PaliGemmaConfig.from_hf(capped.to_hf()) == capped
+    untied = PaliGemmaConfig.from_hf(dict(HUB_PG1, tie_word_embeddings=False))
+    assert not untied.text.tie_embeddings and PaliGemmaConfig.from_hf(untied.to_hf()) == untied
+    for t in (dict(text, rope_scaling={"type": "linear", "factor": 4.0}),
+              dict(text, rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4})):
+        with pytest.raises(ConfigError, match="RoPE scaling 'linear'"):
+            PaliGemmaConfig.from_hf(dict(HUB_PG1, text_config=t))
+    plain = dict(text, rope_parameters={"rope_type": "default", "rope_theta": 1e4}, rope_scaling=None)
+    assert PaliGemmaConfig.from_hf(dict(HUB_PG1, text_config=plain)) == PaliGemmaConfig.from_hf(HUB_PG1)
+    with pytest.raises(ConfigError, match="attention_bias is true"):
+        PaliGemmaConfig.from_hf(dict(HUB_PG1, text_config=dict(text, attention_bias=True)))
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

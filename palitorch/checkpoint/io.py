@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from palitorch.checkpoint.keys import TIED_DUPLICATES, hf_to_ours, ours_to_hf
+from palitorch.checkpoint.keys import hf_to_ours, ours_to_hf, unused
 from palitorch.config import PaliGemmaConfig
 from palitorch.errors import CheckpointError, ConfigError
 from palitorch.model.paligemma import PaliGemma
@@ -72,11 +72,12 @@ def check_checkpoint_folder(folder: Path) -> None:
 def read_config(path: str | os.PathLike) -> PaliGemmaConfig:
     folder = Path(path)
     check_checkpoint_folder(folder)
-    cfg_file = folder / "config.json"
+    cfg_file, gen_file = folder / "config.json", folder / "generation_config.json"
+    generation = read_json_object(gen_file) if gen_file.is_file() else None  # its EOS ids, as `generate` reads them
     try:
-        return PaliGemmaConfig.from_hf(read_json_object(cfg_file))
+        return PaliGemmaConfig.from_hf(read_json_object(cfg_file), generation)
     except ConfigError as e:
-        raise CheckpointError(f"{cfg_file}: {e}") from None
+        raise CheckpointError(f"{gen_file if 'eos_token_id' in str(e) and generation else cfg_file}: {e}") from None
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -120,7 +121,7 @@ def load_model(path, device="cpu", dtype="float32") -> PaliGemma:
             raise CheckpointError(f"{file} is not a readable safetensors file ({e}); download it again") from None
         with f:
             for key in f.keys():
-                if key in TIED_DUPLICATES:
+                if unused(key, cfg.text.tie_embeddings):
                     continue
                 ours = hf_to_ours(key, cfg.version)
                 if ours is None or ours not in expected:

@@ -28,8 +28,9 @@ EXPORT_PREFIXES = {
     "language_model.": "model.language_model.",
 }
 
-# Tied duplicates of the token embedding that some checkpoints carry; never loaded.
-TIED_DUPLICATES = ("lm_head.weight", "language_model.lm_head.weight")
+# The LM head's names; with tied embeddings (every released PaliGemma) a duplicate of the token embedding that some
+# checkpoints carry, and that is never loaded.
+LM_HEAD = ("lm_head.weight", "language_model.lm_head.weight")
 
 VISION = {
     "embeddings.patch_embedding.weight": "patch_embedding.weight",
@@ -74,8 +75,19 @@ def _table(ours_prefix: str, version: int) -> dict[str, str]:
     return TEXT_GEMMA2 if version == 2 else TEXT_GEMMA1
 
 
+def unused(key: str, tied: bool) -> bool:
+    """Whether an HF weight is one PaliGemma never uses, skipped when loading: the LM head when it is tied to the
+    embedding, and SigLIP's pooling head (`vision_tower...head.*`), which transformers builds and saves when a
+    vision_config leaves out `vision_use_head: false`, as the Hub's PaliGemma 1 configs do."""
+    if key in LM_HEAD:
+        return tied
+    return any(key.startswith(p + "head.") for p, ours in PREFIXES.items() if ours == "vision_tower.")
+
+
 def hf_to_ours(key: str, version: int) -> str | None:
     """Our parameter name for an HF weight name, or None if the name is not a PaliGemma weight."""
+    if key in LM_HEAD:  # an untied head
+        return "language_model.lm_head.weight"
     for hf_prefix, ours_prefix in PREFIXES.items():
         if key.startswith(hf_prefix):
             rest = key[len(hf_prefix):]
@@ -90,6 +102,8 @@ def hf_to_ours(key: str, version: int) -> str | None:
 
 def ours_to_hf(name: str, version: int) -> str:
     """The HF weight name (newer layout) for one of our parameter names."""
+    if name == "language_model.lm_head.weight":
+        return "lm_head.weight"
     for ours_prefix, hf_prefix in EXPORT_PREFIXES.items():
         if name.startswith(ours_prefix):
             rest = name[len(ours_prefix):]

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from palitorch.checkpoint import load_model, read_config, resolve_dtype
-from palitorch.errors import InputError
+from palitorch.errors import CheckpointError, InputError
 from palitorch.inference import generate as engine
 from palitorch.inference.answer import Result
 from palitorch.inference.continuous import LiveBatch
@@ -319,5 +319,18 @@ def load(path=None, device="cpu", dtype="float32") -> Pipeline:
     cfg = read_config(path)
     processor = Processor.from_folder(path, cfg.vision.image_size, cfg.num_image_tokens,
                                       max_length=cfg.text.max_position_embeddings)
+    check_tokenizer(cfg, processor, path)
     model = load_model(path, device=device, dtype=dtype)
     return Pipeline(model, processor, path)
+
+
+def check_tokenizer(cfg, processor: Processor, path) -> None:
+    """CheckpointError unless the tokenizer belongs with config.json: its <image> is the config's image token, and
+    every other token has a row in the embedding (else the first prompt would fail deep inside the model)."""
+    if processor.image_id != cfg.image_token_id:
+        raise CheckpointError(f"{path}: config.json's image_token_index is {cfg.image_token_id}, the tokenizer's "
+                              f"<image> is {processor.image_id}: the tokenizer and config.json do not belong together")
+    size, vocab = processor.tokenizer.get_vocab_size(with_added_tokens=True), cfg.text.vocab_size
+    if any(i != processor.image_id for i in range(vocab, size)):
+        raise CheckpointError(f"{path}: the tokenizer has {size} tokens, config.json's text_config.vocab_size is "
+                              f"{vocab}: the tokenizer and the weights do not belong together")

@@ -73,10 +73,10 @@ def _upright(image: Image.Image) -> Image.Image:
         return image
 
 
-def resize_image(image, size: int) -> torch.Tensor:
+def resize_image(image, size: int, resample: int = Image.Resampling.BICUBIC) -> torch.Tensor:
     """An image (as `load_image` takes it) -> uint8 [3, size, size], resized as transformers' processor resizes it
-    (PIL, bicubic)."""
-    img = load_image(image).resize((size, size), Image.Resampling.BICUBIC)
+    (PIL; bicubic, or a preprocessor_config.json's `resample`)."""
+    img = load_image(image).resize((size, size), resample)
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
 
@@ -134,12 +134,15 @@ class Encoded:
 
 class Processor:
     def __init__(self, tokenizer: Tokenizer, image_size: int, num_image_tokens: int,
-                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), rescale: float = 1 / 255, max_length: int = 8192):
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), rescale: float | None = 1 / 255, max_length: int = 8192,
+                 normalize: bool = True, resample: int = Image.Resampling.BICUBIC):
+        """`rescale` None, `normalize` False, `resample`: a preprocessor_config.json's do_rescale false, do_normalize
+        false and resample (PIL's filter number), as transformers' image processor reads them."""
         self.tokenizer = tokenizer
         self.image_size, self.num_image_tokens, self.max_length = image_size, num_image_tokens, max_length
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
-        self.rescale = rescale
+        self.rescale, self.do_normalize, self.resample = rescale, normalize, resample
         self.image_id, self.bos_id = self.token_id(IMAGE), self.token_id(BOS)
         self.eos_id, self.pad_id = self.token_id(EOS), self.token_id(PAD)
         special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
@@ -192,7 +195,7 @@ class Processor:
 
     def resized(self, image) -> torch.Tensor:
         """One image -> uint8 [3, S, S] (see `resize_image`)."""
-        return resize_image(image, self.image_size)
+        return resize_image(image, self.image_size, self.resample)
 
     def resized_batch(self, images) -> torch.Tensor:
         """Images -> uint8 [B, 3, S, S]. A batch with enough work is decoded and resized on threads (PIL releases the
@@ -208,10 +211,14 @@ class Processor:
         constants go over without making the host wait: the scale as a host scalar (a kernel argument), mean and std
         as asynchronous copies."""
         dev = x.device
-        rescale = torch.tensor(self.rescale, dtype=torch.float32)
+        x = x.float()
+        if self.rescale is not None:
+            x = x.mul_(torch.tensor(self.rescale, dtype=torch.float32))
+        if not self.do_normalize:
+            return x
         mean = torch.from_numpy(self.mean).to(dev, non_blocking=True).view(3, 1, 1)
         std = torch.from_numpy(self.std).to(dev, non_blocking=True).view(3, 1, 1)
-        return x.float().mul_(rescale).sub_(mean).div_(std)  # in place: one new buffer, not four
+        return x.sub_(mean).div_(std)  # in place: one new buffer, not four
 
     # ------------------------------------------------------------------ text
 
@@ -299,7 +306,14 @@ def _preprocessing(pre: Path, image_size: int, num_image_tokens: int) -> dict:
                                  ("rescale_factor", rescale, _numbers([rescale], positive=True), "a number > 0")):
         if not ok:
             raise CheckpointError(f"{pre}: {key} is {repr(value)[:40]}, it must be {want}; download it again")
-    return dict(mean=mean, std=std, rescale=rescale)
+    flags = {k: p.get(k, True) for k in ("do_rescale", "do_normalize")}
+    resample = p.get("resample", 3)
+    for key, value in (*flags.items(), ("resample", resample)):
+        if not (isinstance(value, bool) if key != "resample" else type(value) is int and 0 <= value <= 5):
+            raise CheckpointError(f"{pre}: {key} is {repr(value)[:40]}, it must be "
+                                  f"{'true or false' if key != 'resample' else 'a PIL filter number, 0-5'}")
+    return dict(mean=mean, std=std, rescale=rescale if flags["do_rescale"] else None,
+                normalize=flags["do_normalize"], resample=resample)
 
 
 def token_bytes(tokenizer: Tokenizer, token: int) -> bytes:

@@ -272,12 +272,14 @@ class DecoderLayer(nn.Module):
 
 
 class Gemma(nn.Module):
-    """Token embedding, decoder layers, final norm and the tied LM head."""
+    """Token embedding, decoder layers, final norm and the LM head: the token embedding itself (tied, as in every
+    PaliGemma Google released), or a matrix of its own (`lm_head`) when the config unties them."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
@@ -317,8 +319,8 @@ class Gemma(nn.Module):
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """[B, T, H] -> [B, T, V] through the tied embedding; Gemma 2 soft-caps them."""
-        out = linear(h, self.embed_tokens.weight)
+        """[B, T, H] -> [B, T, V] through the LM head; Gemma 2 soft-caps them."""
+        out = linear(h, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
         if self.cfg.final_softcap is not None:
             out = torch.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
         return out

@@ -104,7 +104,8 @@ def test_config_not_an_object(folder, data, expected):
     ("text_config", "head_dim", 31, "even"),
     ("text_config", "rms_norm_eps", "x", 'text_config.rms_norm_eps is "x": it must be a number > 0'),
     ("text_config", "rope_theta", -1.0, "text_config.rope_theta is -1.0"),
-    ("text_config", "hidden_activation", "relu", 'text_config.hidden_activation is "relu": it must be one of'),
+    ("text_config", "hidden_act", "relu", 'text_config.hidden_act is "relu": it must be one of'),  # (Gemma 1's name)
+    (None, "tie_word_embeddings", "no", 'tie_word_embeddings is "no": it must be true or false'),
     ("vision_config", "image_size", "64", 'vision_config.image_size is "64"'),
     ("vision_config", "patch_size", 0, "vision_config.patch_size is 0"),
     ("text_config", "rope_parameters", [1], "text_config.rope_parameters is [1]: it must be a JSON object"),
@@ -147,6 +148,18 @@ def test_truncated_tokenizer(folder):
     tok.write_bytes(tok.read_bytes()[:1000])
     msg = _error(folder, "tokenizer.json")
     assert "cannot be read by the tokenizers library" in msg and "download it again" in msg
+
+
+def test_a_tokenizer_that_does_not_belong_with_config_json(folder):
+    """An image token id other than the tokenizer's <image>, or tokens past the embedding's rows, failed at the first
+    prompt with a ValueError / IndexError from inside the model; now at load, naming the folder."""
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(cfg, image_token_index=5)))
+    assert "the tokenizer's <image> is" in _error(folder, "image_token_index is 5")
+    vocab = cfg["text_config"]["vocab_size"]
+    small = dict(cfg, text_config=dict(cfg["text_config"], vocab_size=vocab - 10))
+    (folder / "config.json").write_text(json.dumps(small))
+    assert f"vocab_size is {vocab - 10}" in _error(folder, "the tokenizer has")
 
 
 # ------------------------------------------------------------------ model.safetensors.index.json

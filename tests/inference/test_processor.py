@@ -4,6 +4,7 @@ Tolerance for pixels: 1e-6 absolute (values in [-1, 1]).
 """
 
 import io
+import json
 import os
 import select
 import warnings
@@ -51,6 +52,38 @@ def test_pixels_match_transformers(procs, name):
     img = _modes()[name]
     ref = hf(images=[img], text=["caption en"], return_tensors="pt")["pixel_values"][0]
     torch.testing.assert_close(ours.pixels(img), ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("flags", [{"resample": 2}, {"do_normalize": False}, {"do_rescale": False},
+                                   {"resample": 0, "do_rescale": False, "do_normalize": False}])
+def test_preprocessor_config_flags_as_transformers_reads_them(pg1, tmp_path, flags):
+    """resample, do_rescale and do_normalize in preprocessor_config.json, which palitorch ignored (bicubic, both
+    always on), give transformers' pixels (its image processor read from the same folder)."""
+    import shutil
+
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    folder = shutil.copytree(pg1[0], tmp_path / "ckpt")
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre | flags))
+    ours = palitorch.load(folder).processor
+    theirs = SiglipImageProcessorPil.from_pretrained(folder)
+    for img in _modes().values():
+        ref = torch.as_tensor(np.asarray(theirs(images=[img], return_tensors="np")["pixel_values"][0])).float()
+        torch.testing.assert_close(ours.pixels(img), ref, atol=1e-6, rtol=0)
+
+
+def test_bad_preprocessor_flags_are_one_line_errors(pg1, tmp_path):
+    import shutil
+
+    from palitorch.errors import CheckpointError
+
+    folder = shutil.copytree(pg1[0], tmp_path / "ckpt")
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    for flags, why in (({"resample": 9}, "resample is 9"), ({"do_normalize": "yes"}, "do_normalize is 'yes'")):
+        (folder / "preprocessor_config.json").write_text(json.dumps(pre | flags))
+        with pytest.raises(CheckpointError, match=why):
+            palitorch.load(folder)
 
 
 @pytest.mark.parametrize("threads", [True, False])

@@ -1,0 +1,94 @@
+"""Checkpoint variants that a fuzz against transformers found palitorch reading otherwise (each test failed before
+its fix): folders transformers re-saved with SigLIP's unused pooling head, an untied LM head, EOS ids in
+generation_config.json, Gemma 1 with a final soft-cap or `hidden_act: "gelu"`. Each must give transformers' greedy
+tokens, and logprobs within DIVERSE_LOGPROB_TOL (3e-4: float32 on CPU, chaotic weights, see hf_factory)."""
+
+import json
+
+import pytest
+import torch
+from test_generate import PROMPTS, hf_generate, images
+
+import palitorch
+
+from hf_factory import DIVERSE_LOGPROB_TOL, write_checkpoint
+
+STEPS = 12
+
+
+def variant(tmp_path, name: str, text_json: dict | None = None, **kw):
+    """A tiny checkpoint whose answers vary token to token (the `diverse` weights), saved by transformers, and
+    transformers' model read back from the folder (so that it reads generation_config.json as a user's would).
+    `text_json`: fields written into config.json's text_config afterwards (as a hand-made config has them)."""
+    from transformers import PaliGemmaForConditionalGeneration
+
+    folder, hf = write_checkpoint(tmp_path / name, **kw)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            std = 0.05 if "embed_tokens" in n else (1.0 if "norm" in n else (0.5 if p.ndim > 1 else 0.3))
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    hf.save_pretrained(folder)
+    if text_json:
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["text_config"].update(text_json)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return folder, PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def same_answers(folder, hf, min_new_tokens: int = STEPS):
+    pipe = palitorch.load(folder)
+    imgs = images(3)
+    ours = pipe.generate(imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=min_new_tokens)
+    toks, lps = hf_generate(folder, hf, imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=min_new_tokens)
+    for r, t, lp in zip(ours, toks.tolist(), lps):
+        n = len(r.token_ids)
+        assert r.token_ids == [i for i in t if i != 0][:n]  # transformers pads a finished row with pad (0)
+        torch.testing.assert_close(torch.tensor(r.logprobs), lp[:n], atol=DIVERSE_LOGPROB_TOL, rtol=0)
+    return ours
+
+
+def test_a_folder_transformers_saved_with_siglip_s_pooling_head(tmp_path):
+    """Hub PaliGemma 1 configs leave out vision_use_head, whose SigLIP default is true: transformers then builds the
+    pooling head (PaliGemma never uses it) and writes it when it saves, as every fine-tune does."""
+    folder, hf = variant(tmp_path, "head", vision_extra={"vision_use_head": True})
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert any(".head." in k for k in f.keys())
+    same_answers(folder, hf)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_untied_lm_head(tmp_path, version):
+    folder, hf = variant(tmp_path, f"untied{version}", version=version, top_extra={"tie_word_embeddings": False})
+    assert not torch.equal(hf.lm_head.weight, hf.model.language_model.embed_tokens.weight)
+    same_answers(folder, hf)
+    pipe = palitorch.load(folder)
+    saved = palitorch.checkpoint.save_model(pipe.model, tmp_path / f"resaved{version}")
+    again = palitorch.checkpoint.load_model(saved)
+    assert torch.equal(again.language_model.lm_head.weight, pipe.model.language_model.lm_head.weight)
+
+
+def test_eos_ids_from_generation_config_json(tmp_path):
+    """transformers' generate stops at generation_config.json's EOS ids (before config.json's top level, before
+    text_config's): a frequent token made an EOS there ends answers early, in both."""
+    folder, _ = variant(tmp_path, "gen")
+    plain = palitorch.load(folder).generate(images(3), PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
+    stop = plain[0].token_ids[3]  # a token the first answer makes: now an end of answer
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 2, "eos_token_id": [1, stop],
+                                                                "pad_token_id": 0}))
+    from transformers import PaliGemmaForConditionalGeneration
+
+    hf = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    ours = same_answers(folder, hf, min_new_tokens=0)
+    assert ours[0].finish_reason == "eos" and len(ours[0].token_ids) <= 3
+
+
+@pytest.mark.parametrize("text_json", [{"final_logit_softcapping": 2.0}, {"hidden_act": "gelu"},
+                                       {"hidden_act": "gelu", "hidden_activation": "gelu"}])
+def test_gemma1_fields_as_transformers_reads_them(tmp_path, text_json):
+    """Gemma 1 with a final soft-cap (transformers' PaliGemma applies one that any text_config sets), and with
+    `hidden_act: "gelu"` (transformers' Gemma reads it as the tanh approximation, and ignores hidden_activation)."""
+    folder, hf = variant(tmp_path, "g1", text_json)
+    same_answers(folder, hf)
