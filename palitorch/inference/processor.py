@@ -31,7 +31,10 @@ _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def load_image(image) -> Image.Image:
-    """A PIL image from a PIL image, a path, or raw bytes; EXIF orientation applied, converted to RGB."""
+    """A PIL image from a PIL image, a path, raw bytes, or an array of pixels (`from_array`); EXIF orientation
+    applied, converted to RGB."""
+    if isinstance(image, (np.ndarray, torch.Tensor)):
+        return to_rgb(from_array(image))
     if isinstance(image, (str, os.PathLike)):
         p = Path(image)
         if not p.is_file():
@@ -40,8 +43,31 @@ def load_image(image) -> Image.Image:
     elif isinstance(image, (bytes, bytearray)):
         image = _decode(io.BytesIO(image), "cannot decode image bytes")
     elif not isinstance(image, Image.Image):
-        raise InputError(f"expected a PIL image or a path, got {type(image).__name__}")
+        raise InputError(f"expected a PIL image, a path, bytes or an array of pixels, got {type(image).__name__}")
     return to_rgb(_upright(image))
+
+
+def from_array(a) -> Image.Image:
+    """A numpy array or torch tensor of pixels -> a PIL image: [H, W] greyscale, [H, W, C] or [C, H, W] with C of
+    1, 3 (RGB) or 4 (RGBA), channels last when both readings fit; uint8 (0-255) or floating point in [0, 1]."""
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    shape = a.shape
+    if a.ndim == 3 and a.shape[-1] not in (1, 3, 4) and a.shape[0] in (1, 3, 4):
+        a = a.transpose(1, 2, 0)  # channels first, as torchvision keeps them
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))) or 0 in a.shape:
+        raise InputError(f"an array image must be [H, W], [H, W, C] or [C, H, W] with C of 1, 3 or 4, got shape "
+                         f"{tuple(shape)}")
+    if np.issubdtype(a.dtype, np.floating):
+        if not (np.isfinite(a).all() and a.min(initial=0) >= 0 and a.max(initial=0) <= 1):
+            raise InputError("an array image of floats must hold pixels in [0, 1] (or give uint8, 0-255)")
+        a = np.rint(a * 255)
+    elif a.dtype != np.uint8 and not (np.issubdtype(a.dtype, np.integer) and a.min() >= 0 and a.max() <= 255):
+        raise InputError(f"an array image must be uint8 (0-255) or floats in [0, 1], got {a.dtype} values outside "
+                         "0-255")
+    return Image.fromarray(np.ascontiguousarray(a.astype(np.uint8)))
 
 
 def _decode(source, what: str) -> Image.Image:

@@ -202,7 +202,7 @@ def test_bad_images_are_one_line_errors(tmp_path):
     bad.write_bytes(b"not an image")
     with pytest.raises(InputError, match="cannot read image"):
         load_image(bad)
-    with pytest.raises(InputError, match="PIL image or a path"):
+    with pytest.raises(InputError, match="PIL image, a path, bytes or an array"):
         load_image(42)
 
 
@@ -231,6 +231,35 @@ def test_text_that_is_not_valid_unicode_is_an_input_error(procs):
     for prefix, suffix in (("caption \udcff", None), ("caption en", "a \ud800 cat")):
         with pytest.raises(InputError, match="not valid Unicode"):
             ours.encode(prefix, suffix)
+
+
+def test_arrays_of_pixels_are_images(procs):
+    """numpy arrays and torch tensors as image inputs: [H, W, C] and [C, H, W] (channels last when both fit),
+    greyscale, RGBA, uint8 or floats in [0, 1]: each gives the pixels of the same image given as a PIL image."""
+    ours, _ = procs
+    rgb = _rgb(37, 53)
+    want = ours.pixels(Image.fromarray(rgb))
+    for a in (rgb, torch.from_numpy(rgb), torch.from_numpy(rgb).permute(2, 0, 1), rgb.transpose(2, 0, 1).copy(),
+              rgb.astype(np.float32) / 255, rgb.astype(np.int64)):
+        torch.testing.assert_close(ours.pixels(a), want, atol=1e-6, rtol=0)
+    grey = rgb[..., 0]
+    for a in (grey, grey[..., None], grey[None]):
+        torch.testing.assert_close(ours.pixels(a), ours.pixels(Image.fromarray(grey)), atol=1e-6, rtol=0)
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    torch.testing.assert_close(ours.pixels(rgba), want, atol=1e-6, rtol=0)
+    for bad, why in ((rgb[None], "shape"), (np.zeros((5, 6, 2), np.uint8), "shape"), (rgb * 2.0, r"\[0, 1\]"),
+                     (rgb.astype(np.int64) * 2, "outside 0-255"), (np.zeros((0, 5, 3), np.uint8), "shape")):
+        with pytest.raises(InputError, match=why):
+            load_image(bad)
+
+
+def test_a_pipeline_takes_arrays(procs):
+    pipe = palitorch.load()
+    img = Image.fromarray(_rgb(64, 64))
+    arr = np.asarray(img)
+    assert pipe.generate(arr, "caption en").text == pipe.generate(img, "caption en").text
+    assert [r.text for r in pipe.generate([arr, torch.from_numpy(arr)], "caption en")] == \
+        [pipe.generate(img, "caption en").text] * 2
 
 
 def test_prompt_longer_than_context_is_rejected(procs):
