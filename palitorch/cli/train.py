@@ -1,11 +1,19 @@
 """`palitorch train CONFIG.toml [--resume] [--section.key value ...]`: train from scratch or fine-tune.
 
 Data-parallel on N processes: `torchrun --nproc-per-node N -m palitorch train CONFIG.toml`.
+
+SIGTERM (Slurm, Kubernetes, docker stop, torchrun passing on a stop) during the training loop: the step in progress
+finishes, a checkpoint is saved there and the command exits 143 (128 + SIGTERM) with a line on how to resume; a
+second SIGTERM, or one outside the loop, stops at once as Ctrl-C does (the newest checkpoint is intact either way).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import sys
+import threading
 from pathlib import Path
 
 from palitorch.cli.common import one_line_errors
@@ -52,8 +60,37 @@ def run(args) -> int:
     if cfg.model.init and not args.resume:  # a resumed run reads its own checkpoint instead
         build.check_checkpoint_folder(Path(cfg.model.init))
     check_can_create(cfg.train.out)
+    term = Terminate()
+    main_thread = threading.current_thread() is threading.main_thread()  # only it can set signal handlers
+    before = signal.signal(signal.SIGTERM, term) if main_thread else None
     try:
-        Trainer(cfg, resume=args.resume).fit()
+        term.trainer = Trainer(cfg, resume=args.resume)
+        term.trainer.fit()
+    except KeyboardInterrupt as e:
+        if not term.received:
+            raise  # Ctrl-C: the CLI says the line and exits 130
+        if os.environ.get("RANK", "0") == "0":  # under torchrun the first process speaks for all
+            print(f"palitorch train: {str(e) or 'stopped by SIGTERM before training started'}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
         ddp.teardown()
     return 0
+
+
+class Terminate:
+    """The SIGTERM handler: the first signal in the training loop asks it to stop at the next step boundary with a
+    checkpoint (Trainer.request_stop); otherwise it interrupts at once."""
+
+    def __init__(self):
+        self.trainer, self.received = None, False
+
+    def __call__(self, signum, frame) -> None:
+        self.received = True
+        if self.trainer is not None and self.trainer.request_stop("SIGTERM"):
+            if os.environ.get("RANK", "0") == "0":  # os.write: a print could meet the one this signal interrupted
+                os.write(2, b"\npalitorch train: SIGTERM: stopping after the step in progress, with a checkpoint "
+                            b"there (another SIGTERM stops at once)\n")
+            return
+        raise KeyboardInterrupt

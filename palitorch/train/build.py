@@ -2,7 +2,8 @@
 
 From scratch, a BPE tokenizer is learned from the training texts (palitorch.train.tokenizer) and a small preset is
 initialised with N(0, init_std) weights. With `init = DIR` (or when resuming), the folder's weights and tokenizer
-are loaded as they are: a real Hub PaliGemma fine-tunes with its own tokenizer.json.
+are loaded as they are: a real Hub PaliGemma fine-tunes with its own tokenizer.json, and every folder the run writes
+gets the folder's tokenizer files and generation_config.json (its generation settings) too.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from palitorch.errors import CheckpointError, ConfigError
 from palitorch.inference.processor import Processor
 from palitorch.model import PaliGemma
 from palitorch.model.gemma import RMSNorm
-from palitorch.train.config import ModelConfig, OptimConfig
+from palitorch.train.config import SCRATCH_CONTEXT, ModelConfig, OptimConfig
 from palitorch.train.data import Example
 from palitorch.train.tokenizer import save_tokenizer, train_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+CARRIED_FILES = (*TOKENIZER_FILES, "generation_config.json")  # copied from the checkpoint into every folder saved
 # Short names for `train.trainable`; anything else is a glob over parameter names (`language_model.layers.1.*`).
 PARTS = {
     "vision": "vision_tower.*",
@@ -40,8 +42,8 @@ _TASK_TOKENS = re.compile(r"<(loc\d{4}|seg\d{3})>")
 
 
 def tokenizer_files(folder: Path) -> dict[str, Path]:
-    """The tokenizer files present in a checkpoint folder, to copy into every checkpoint written."""
-    return {n: folder / n for n in TOKENIZER_FILES if (folder / n).is_file()}
+    """The tokenizer files (and generation_config.json) present in a folder, to copy into every checkpoint written."""
+    return {n: folder / n for n in CARRIED_FILES if (folder / n).is_file()}
 
 
 def check_checkpoint_folder(folder: Path) -> None:
@@ -52,8 +54,11 @@ def check_checkpoint_folder(folder: Path) -> None:
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
+    """Copy a checkpoint's tokenizer files and generation_config.json into `dst`, emptied first (a file left by an
+    earlier run in the same folder must not travel with this one)."""
     check_checkpoint_folder(src)
     files = tokenizer_files(src)
+    shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True, exist_ok=True)
     for name, path in files.items():
         shutil.copyfile(path, dst / name)
@@ -66,6 +71,7 @@ def learn_tokenizer(examples: list[Example], vocab_size: int, folder: Path, dumm
     for e in examples:
         texts += [_TASK_TOKENS.sub(" ", e.prefix + "\n"), _TASK_TOKENS.sub(" ", e.suffix)]
     tok = train_tokenizer(texts, vocab_size=vocab_size, dummy_prefix=dummy_prefix, split_punctuation=split_punctuation)
+    shutil.rmtree(folder, ignore_errors=True)  # no file of an earlier run in this folder travels with this one
     save_tokenizer(tok, folder)
 
 
@@ -76,18 +82,26 @@ def from_scratch(cfg: ModelConfig, tokenizer_dir: Path) -> tuple[PaliGemma, Proc
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     ids = {t: tok.token_to_id(t) for t in ("<image>", "<pad>", "<bos>", "<eos>")}
     pg = small_preset(cfg.preset, tok.get_vocab_size(), cfg.version, cfg.image_size, cfg.patch_size)
+    context = cfg.max_length or SCRATCH_CONTEXT
     pg = pg.replace(
-        text=dataclasses.replace(pg.text, max_position_embeddings=cfg.max_length),
+        text=dataclasses.replace(pg.text, max_position_embeddings=context),
         image_token_id=ids["<image>"], pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
         eos_token_ids=(ids["<eos>"],),
     )
     model = PaliGemma(pg).to(resolve_dtype(cfg.dtype))
-    processor = Processor(tok, pg.vision.image_size, pg.num_image_tokens, max_length=cfg.max_length)
+    processor = Processor(tok, pg.vision.image_size, pg.num_image_tokens, max_length=context)
     return model, processor
 
 
-def from_folder(folder: Path, dtype: str, device: torch.device) -> tuple[PaliGemma, Processor]:
+def from_folder(folder: Path, dtype: str, device: torch.device, max_length: int = 0) -> tuple[PaliGemma, Processor]:
+    """The checkpoint in `folder`; `max_length` ([model] max_length, 0 = none) is checked to fit its geometry."""
     pg = read_config(folder)
+    context, images = pg.text.max_position_embeddings, pg.num_image_tokens
+    if max_length and not images < max_length <= context:
+        why = f"is over the {context}-token context" if max_length > context else \
+            f"leaves no room for text after the {images} image tokens"
+        raise ConfigError(f"[model] max_length {max_length} {why} of the checkpoint {folder}: give a value from "
+                          f"{images + 1} to {context}, or 0 (its context)")
     processor = Processor.from_folder(folder, pg.vision.image_size, pg.num_image_tokens,
                                       max_length=pg.text.max_position_embeddings)
     return load_model(folder, device=device, dtype=dtype), processor

@@ -47,7 +47,7 @@ class ModelConfig:
     vocab_size: int = 1024  # BPE pieces learned from the training texts (plus the 256 bytes and specials)
     dummy_prefix: bool = False  # tokenizer: "▁" before every word, the first too, so a word is one token anywhere
     split_punctuation: bool = False  # tokenizer: "\n" and ?.,!;: always separate pieces (no "image?\n" merges)
-    max_length: int = 512  # the context of a from-scratch model (image tokens included)
+    max_length: int = 0  # tokens per example, image ones too: scratch: the context (0 = 512); init: a cap (0 = none)
     init_std: float = 0.02  # from-scratch weights ~ N(0, init_std); biases 0, norms at identity
     smooth_locs: bool = False  # from scratch: <loc> embeddings start as an ordinal code (neighbouring bins alike)
     dtype: str = "float32"  # parameter dtype; float32 master weights unless memory forces bfloat16
@@ -62,7 +62,9 @@ class DataConfig:
     # e.g. {detect = 8} once the questions are learnt. Its data order is a pure function of seed and step too.
     late_from: int = 0
     late_task_repeat: dict[str, int] = field(default_factory=dict)
-    cache_images: bool = True  # keep every decoded, resized image in memory as uint8 (small datasets)
+    # Decode the run's images before step 1 and keep them in memory (3 * S * S bytes each, per process); false: decode
+    # each batch's on threads, one step ahead (headers checked at startup)
+    cache_images: bool = True
     # Examples of one image kept together in a batch, so the vision tower runs once for all of them (1 = off; the
     # easy-VQA questions come ~10 per image, and 4 per batch cut the vision work per step ~4x).
     per_image: int = 1
@@ -209,9 +211,10 @@ class TrainConfig:
                               "loss scaling that training does not do: their updates underflow into NaN)")
         if m.image_size % m.patch_size:
             raise ConfigError(f"[model] image_size {m.image_size} is not a multiple of patch_size {m.patch_size}")
-        if m.max_length <= (m.image_size // m.patch_size) ** 2:
-            raise ConfigError(f"[model] max_length {m.max_length} leaves no room for text after the "
-                              f"{(m.image_size // m.patch_size) ** 2} image tokens: raise it, or use larger patches")
+        tokens = (m.image_size // m.patch_size) ** 2  # with init, build.from_folder checks the checkpoint's
+        if not m.init and (m.max_length or SCRATCH_CONTEXT) <= tokens:
+            raise ConfigError(f"[model] max_length {m.max_length or SCRATCH_CONTEXT} leaves no room for text after "
+                              f"the {tokens} image tokens: raise it, or use larger patches")
         for name in ("task_repeat", "late_task_repeat"):
             for k, v in getattr(d, name).items():
                 if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -224,14 +227,11 @@ class TrainConfig:
 
 
 # The range of every number in the config, as (rule, test); a float must be finite too. Checked by validate.
-_GE0 = (">= 0", lambda v: v >= 0)
-_GE1 = (">= 1", lambda v: v >= 1)
-_POSITIVE = ("> 0", lambda v: v > 0)
-_FRACTION = ("between 0 and 1", lambda v: 0 <= v <= 1)
-_BETA = (">= 0 and < 1", lambda v: 0 <= v < 1)
+_GE0, _GE1, _POSITIVE = (">= 0", lambda v: v >= 0), (">= 1", lambda v: v >= 1), ("> 0", lambda v: v > 0)
+_FRACTION, _BETA = ("between 0 and 1", lambda v: 0 <= v <= 1), (">= 0 and < 1", lambda v: 0 <= v < 1)
 LIMITS = {
     "model": {"version": ("1 or 2", lambda v: v in (1, 2)), "image_size": _GE1, "patch_size": _GE1,
-              "vocab_size": _GE0, "max_length": _GE1, "init_std": _POSITIVE},
+              "vocab_size": _GE0, "max_length": _GE0, "init_std": _POSITIVE},
     "data": {"late_from": _GE0, "per_image": _GE1},
     "augment": {"brightness": _FRACTION, "contrast": _FRACTION, "saturation": _FRACTION, "noise": _GE0},
     "train": {"steps": _GE0, "epochs": _GE0, "batch_size": _GE1, "micro_batch_size": _GE0,
@@ -248,6 +248,7 @@ LIMITS = {
 
 # Parameter dtypes training runs in (as palitorch.checkpoint.resolve_dtype spells them).
 TRAIN_DTYPES = ("float32", "fp32", "bfloat16", "bf16")
+SCRATCH_CONTEXT = 512  # a from-scratch model's context when [model] max_length is 0
 
 
 def check_out_folder(out: str, what: str = "[train] out") -> None:

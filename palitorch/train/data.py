@@ -1,4 +1,4 @@
-"""Training data: JSONL examples, images decoded once and kept in memory, a deterministic batch order, augmentation.
+"""Training data: JSONL examples, a deterministic batch order, augmentation (the images: images.py).
 
 A JSONL line is `{"image": path, "prefix": text, "suffix": text}` (big_vision's layout); image paths are relative
 to the JSONL file's folder unless absolute. Other fields (`task`, `qtype`, ...) are kept for per-group metrics.
@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from palitorch.errors import ConfigError, InputError
-from palitorch.inference.processor import Encoded, Processor, resize_image
+from palitorch.inference.processor import Encoded, Processor
 from palitorch.train.config import AugmentConfig
+from palitorch.train.images import Images
 
 
 @dataclass
@@ -83,28 +84,6 @@ def repeat_by_task(examples: list[Example], repeat: dict[str, int]) -> list[Exam
     return out
 
 
-class Images:
-    """Images by path as uint8 [3, S, S], resized as Processor.pixels resizes them; cached on first use."""
-
-    def __init__(self, size: int, cache: bool = True):
-        self.size, self.cache = size, cache
-        self._store: dict[Path, torch.Tensor] = {}
-
-    def get(self, path: Path) -> torch.Tensor:
-        t = self._store.get(path)
-        if t is None:
-            try:
-                t = resize_image(path, self.size).contiguous()
-            except InputError as e:
-                raise ConfigError(str(e)) from None
-            if self.cache:
-                self._store[path] = t
-        return t
-
-    def batch(self, paths: list[Path]) -> torch.Tensor:
-        return torch.stack([self.get(p) for p in paths])  # [B, 3, S, S] uint8
-
-
 def augment(images: torch.Tensor, cfg: AugmentConfig, seed: int, step: int, positions) -> torch.Tensor:
     """Photometric jitter of uint8 [B, 3, S, S] -> uint8; `positions` gives each image an integer key.
 
@@ -136,10 +115,15 @@ def augments(cfg: AugmentConfig) -> bool:
 
 
 class Dataset:
-    """Examples with their token ids pre-encoded once, and the images they point to."""
+    """Examples with their token ids pre-encoded once, and the images they point to.
 
-    def __init__(self, examples: list[Example], processor: Processor, images: Images, per_image: int = 1):
+    `max_length` > 0 refuses (naming the line) an example longer than that many tokens, image tokens included.
+    """
+
+    def __init__(self, examples: list[Example], processor: Processor, images: Images, per_image: int = 1,
+                 max_length: int = 0):
         self.examples, self.processor, self.images = examples, processor, images
+        images.register(examples)
         self.encoded: list[Encoded] = []
         cache: dict[tuple[str, str], Encoded] = {}
         seen: set[Path] = set()
@@ -154,6 +138,10 @@ class Dataset:
                     cache[key] = processor.encode(e.prefix, e.suffix)
                 except InputError as err:
                     raise ConfigError(f"{e.where}: {err}") from None
+                if max_length and len(cache[key].ids) > max_length:
+                    raise ConfigError(f"{e.where}: the example is {len(cache[key].ids)} tokens with the image, over "
+                                      f"[model] max_length {max_length}: shorten it, or raise max_length (at most "
+                                      f"the model's context of {processor.max_length})")
             self.encoded.append(cache[key])
         # Suffix tokens (incl. <eos>) are the loss targets of each example: its share of a batch's token count.
         self.targets = torch.tensor([sum(enc.types) for enc in self.encoded])
@@ -170,20 +158,27 @@ class Dataset:
         """The epoch order for `global_batch`: image-grouped when `per_image` > 1 (computed once per epoch)."""
         if self.per_image <= 1:
             return epoch_order(n, seed, epoch)
-        if (seed, epoch) not in self._orders:
-            self._orders = {(seed, epoch): grouped_order(self.image_ids, self.per_image, seed, epoch)}
-        return self._orders[(seed, epoch)]
+        order = self._orders.get((seed, epoch))
+        if order is None:
+            order = grouped_order(self.image_ids, self.per_image, seed, epoch)
+            self._orders = {(seed, epoch): order}
+        return order
 
-    def batch(self, idx: list[int], aug: AugmentConfig | None = None, seed: int = 0,
-              step: int = 0) -> dict[str, torch.Tensor]:
+    def paths(self, idx: list[int]) -> list[Path]:
+        """The distinct images of the examples at `idx`, in order of first use: pixel_values' order in `batch`."""
+        return list(dict.fromkeys(self.examples[i].image for i in idx))
+
+    def batch(self, idx: list[int], aug: AugmentConfig | None = None, seed: int = 0, step: int = 0,
+              images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """A padded batch: input_ids, attention_mask, token_type_ids, labels [B, T], and each distinct image once:
         pixel_values [U, 3, S, S] with image_index [B] (sequence b shows image image_index[b]).
 
         With `aug`, each distinct image is jittered by (seed, step, a hash of its path): the same in every process.
+        `images`: the uint8 [U, 3, S, S] of `paths(idx)` when already read (the trainer reads them a step ahead).
         """
-        paths: dict[Path, int] = {}
-        index = torch.tensor([paths.setdefault(self.examples[i].image, len(paths)) for i in idx])
-        images = self.images.batch(list(paths))
+        paths = {p: k for k, p in enumerate(self.paths(idx))}
+        index = torch.tensor([paths[self.examples[i].image] for i in idx])
+        images = self.images.batch(list(paths)) if images is None else images
         if aug is not None and augments(aug):
             images = augment(images, aug, seed, step, [zlib.crc32(str(p).encode()) % 1_000_003 for p in paths])
         out = self.processor.collate([self.encoded[i] for i in idx], self.processor.normalize(images))
@@ -227,3 +222,19 @@ def global_batch(n: int, batch_size: int, seed: int, step: int, order=epoch_orde
         raise ConfigError(f"the training data has {n} examples, fewer than one batch of {batch_size}")
     epoch, i = divmod(step, per_epoch)
     return order(n, seed, epoch)[i * batch_size: (i + 1) * batch_size].tolist()
+
+
+def step_examples(data: Dataset, batch_size: int, seed: int, start: int, stop: int, part: slice) -> list[int]:
+    """The examples that `part` of each global batch (a process's share, ddp.shard) takes over steps start..stop-1,
+    each once, sorted: what those steps will read (the global batches of `global_batch`, epoch by epoch)."""
+    n = len(data)
+    per_epoch = n // batch_size
+    seen = torch.zeros(n, dtype=torch.bool)
+    step = start
+    while step < stop and not bool(seen.all()):
+        epoch, i = divmod(step, per_epoch)
+        j = min(per_epoch, i + stop - step)  # this epoch's batches i..j-1
+        batches = data.order(n, seed, epoch)[: per_epoch * batch_size].view(per_epoch, batch_size)
+        seen[batches[i:j, part].reshape(-1)] = True
+        step += j - i
+    return torch.nonzero(seen).flatten().tolist()

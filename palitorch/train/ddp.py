@@ -107,3 +107,9 @@ def gather_tensor(t: torch.Tensor, d: Dist) -> list[torch.Tensor]:
     out = [torch.empty_like(t) for _ in range(d.world)]
     dist.all_gather(out, t)
     return out
+
+
+def all_reduce_min(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t

@@ -8,6 +8,10 @@ of the global batch's mean loss: 1 process or N, 1 micro-batch or many, the numb
 Run folder: config.toml (resolved), tokenizer/ (learned or copied), metrics.jsonl, checkpoint-NNNNNNN/ (Hub layout +
 training state, newest K kept), model/ (the final weights for palitorch.load and transformers); see runfolder.py.
 A resume starts from the newest checkpoint that reads completely (state.read), saying which newer ones it skipped.
+
+Images are read before step 1 (images.py); without the image cache each step's images are read on a thread while
+the step before computes (feed.py).
+`request_stop` (the CLI's SIGTERM handler) ends the loop at the next step boundary with a checkpoint there.
 """
 
 from __future__ import annotations
@@ -24,16 +28,22 @@ from tqdm.auto import tqdm
 
 from palitorch.checkpoint import save_model
 from palitorch.errors import ConfigError, Interrupted
-from palitorch.train import build, ddp, evaluate, runfolder, state
+from palitorch.train import build, ddp, evaluate, feed, runfolder, state
 from palitorch.train.config import TrainConfig
-from palitorch.train.data import Dataset, Images, fingerprint, global_batch, read_jsonl, repeat_by_task
+from palitorch.train.data import Dataset, fingerprint, global_batch, read_jsonl, repeat_by_task
+from palitorch.train.images import ImageError, Images
 
 
 class Trainer:
+    prefetch = True  # without the image cache, read step s + 1's images on a thread while step s computes
+
     def __init__(self, cfg: TrainConfig, resume: bool = False):
         self.cfg = cfg
         t = cfg.train
         self.dist, self.device = ddp.setup(t.device)
+        self.show = t.progress and self.dist.main  # progress bars
+        self.stop: str | None = None  # what asked the loop to stop (request_stop), for the closing message
+        self._stopping, self._in_loop, self._saved_step = False, False, -1
         self.run = Path(t.out)
         found = state.checkpoints(self.run)
         if resume and not found:
@@ -66,14 +76,16 @@ class Trainer:
 
         self.images = Images(self.processor.image_size, cfg.data.cache_images)
         self.train_examples = repeat_by_task(raw, cfg.data.task_repeat)
-        self.data = Dataset(self.train_examples, self.processor, self.images, cfg.data.per_image)
+        cap = cfg.model.max_length  # from scratch the processor's context already; fine-tuning a cap below it
+        self.data = Dataset(self.train_examples, self.processor, self.images, cfg.data.per_image, cap)
         self.late_data = None  # the mix from step [data] late_from on
         if cfg.data.late_from > 0:
             late = repeat_by_task(raw, {**cfg.data.task_repeat, **cfg.data.late_task_repeat})
-            self.late_data = Dataset(late, self.processor, self.images, cfg.data.per_image)
+            self.late_data = Dataset(late, self.processor, self.images, cfg.data.per_image, cap)
         self.raw_train = raw
         self.eval_examples = read_jsonl(cfg.data.eval) if cfg.data.eval else []
-        self.eval_data = Dataset(self.eval_examples, self.processor, self.images) if self.eval_examples else None
+        self.eval_data = Dataset(self.eval_examples, self.processor, self.images, max_length=cap) \
+            if self.eval_examples else None
 
         if t.batch_size < self.dist.world:
             raise ConfigError(f"[train] batch_size {t.batch_size} is smaller than the {self.dist.world} processes")
@@ -90,6 +102,9 @@ class Trainer:
         self.step = 0
         if self.saved is not None:
             self._restore(self.saved)
+        self.ahead = feed.Ahead(self.images, self.image_paths, self.prefetch and not cfg.data.cache_images)
+        wanted = feed.wanted_images(self) if cfg.data.cache_images else None
+        feed.read_images(self.images, wanted, self.dist, self.device, self.show)
 
     # ------------------------------------------------------------------ setup
 
@@ -106,7 +121,7 @@ class Trainer:
                 build.copy_tokenizer(folder, tok_dir)
         ddp.barrier(d)
         if folder is not None:
-            model, processor = build.from_folder(folder, cfg.model.dtype, self.device)
+            model, processor = build.from_folder(folder, cfg.model.dtype, self.device, cfg.model.max_length)
         else:
             model, processor = build.from_scratch(cfg.model, tok_dir)
             build.init_weights(model, cfg.model.init_std, cfg.train.seed)
@@ -131,7 +146,7 @@ class Trainer:
                               f"{self.total} more")
         state.load_optimizer(self.opt, self.names, saved)
         state.restore_rng(saved, self.dist, self.device)
-        self.step = saved.step
+        self.step = self._saved_step = saved.step
         self.saved = None  # its optimizer tensors are in the optimizer now
         if self.dist.main:
             for damaged, why in self.skipped:
@@ -140,6 +155,15 @@ class Trainer:
                       f"checkpoint is kept as {aside.name})", file=sys.stderr)
             runfolder.trim_metrics(self.run, self.step)  # forget what the interrupted run logged after this step
             (self.run / "config.toml").write_text(self.cfg.to_toml())
+
+    def warmstarts(self) -> bool:
+        """Whether fit begins with the warm-start ([warmstart] epochs, on a new run only)."""
+        return self.cfg.warmstart.epochs > 0 and self.step == 0 and self.resume_from is None
+
+    def periodic_evals(self) -> bool:
+        """Whether an evaluation falls between this step and the last (never without an eval set)."""
+        every = self.cfg.eval.every
+        return bool(every and self.eval_examples) and (self.step // every + 1) * every < self.total
 
     def _autocast(self):
         if self.cfg.train.bf16:
@@ -161,12 +185,9 @@ class Trainer:
         data = self.data_at(step)
         idx = global_batch(len(data), t.batch_size, t.seed, step, data.order)
         n_targets = int(data.targets[idx].sum())  # loss tokens of the GLOBAL batch, known to every process
-        part = ddp.shard(len(idx), d)
-        mine = idx[part]
-        micro = t.micro_batch_size or len(mine)
         total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        for lo in range(0, len(mine), micro):
-            batch = data.batch(mine[lo: lo + micro], self.cfg.augment, t.seed, step)
+        for micro, images in zip(self.micro_batches(step), self.ahead.get(step, self.total)):
+            batch = data.batch(micro, self.cfg.augment, t.seed, step, images)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self._autocast():
                 out = self.model(**batch, return_logits=False)
@@ -186,6 +207,18 @@ class Trainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return {"loss": float(total_loss), "lr": lr, "grad_norm": norm, "tokens": int(data.lengths[idx].sum())}
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """The examples of this process's micro-batches of global batch `step` (a pure function of the step)."""
+        t, data = self.cfg.train, self.data_at(step)
+        idx = global_batch(len(data), t.batch_size, t.seed, step, data.order)
+        mine = idx[ddp.shard(len(idx), self.dist)]
+        micro = t.micro_batch_size or len(mine)
+        return [mine[lo: lo + micro] for lo in range(0, len(mine), micro)]
+
+    def image_paths(self, step: int) -> list[list[Path]]:
+        """The images of each of `micro_batches(step)`, in pixel_values order (what feed.Ahead reads)."""
+        return [self.data_at(step).paths(m) for m in self.micro_batches(step)]
 
     def _late_examples(self) -> int:
         return len(self.late_data) if self.late_data is not None else 0
@@ -227,6 +260,27 @@ class Trainer:
             state.save(self.run, self.step, self.model, self.opt, self.names, st, rng, self.tokenizer_files,
                        self.cfg.checkpoint.keep)
         ddp.barrier(self.dist)
+        self._saved_step = self.step
+
+    # ------------------------------------------------------------------ stopping early (SIGTERM)
+
+    def request_stop(self, why: str) -> bool:
+        """Ask the loop to stop at the next step boundary, with a checkpoint there (`why`, e.g. "SIGTERM", goes into
+        the closing message). Safe to call from a signal handler. False when the loop is not running or a stop was
+        asked already: the caller should then interrupt at once (KeyboardInterrupt)."""
+        accepted = self._in_loop and self.stop is None
+        self.stop = self.stop or why
+        self._stopping = self._stopping or accepted
+        return accepted
+
+    def _stop_agreed(self) -> bool:
+        """Whether any process was asked to stop: under torchrun a collective, so that all stop at the same step."""
+        if not self.dist.enabled:
+            return self._stopping
+        flag = ddp.all_reduce_sum(torch.tensor(float(self._stopping), device=self.device), self.dist)
+        if bool(flag > 0) and self.stop is None:
+            self.stop = "a signal to another process"
+        return bool(flag > 0)
 
     # ------------------------------------------------------------------ the loop
 
@@ -238,11 +292,18 @@ class Trainer:
             if not self.dist.main:
                 raise Interrupted() from e
             ckpt = state.checkpoints(self.run)
-            after = f"interrupted after step {self.step} of {self.total}"
+            why = f"stopped by {self.stop}" if self.stop else "interrupted"
+            after = f"{why} after step {self.step} of {self.total}"
             if not ckpt:
                 raise Interrupted(f"{after}, before the first checkpoint: rerun without --resume") from e
             raise Interrupted(f"{after}; the last checkpoint is step {ckpt[-1][0]}: rerun with --resume to continue "
                               "from it") from e
+        except ImageError as e:  # met by this process alone, maybe (its share of a batch): only the first prints
+            if not self.dist.main:
+                print(f"palitorch train: error: {e} (process {self.dist.rank})", file=sys.stderr)
+            raise
+        finally:
+            self.ahead.close()
 
     def _fit(self) -> dict:
         cfg, t, d = self.cfg, self.cfg.train, self.dist
@@ -254,12 +315,14 @@ class Trainer:
                       "late_examples": self._late_examples(),
                       "steps": self.total, "steps_per_epoch": self.per_epoch, "world_size": d.world,
                       "device": str(self.device)})
-        show = t.progress and d.main
+        if d.main and cfg.eval.every and not self.eval_examples:
+            print(f"palitorch train: no [data] eval set: the evaluations every {cfg.eval.every} steps ([eval] every) "
+                  "are skipped", file=sys.stderr)
 
         def bar(total, desc):
-            return tqdm(total=total, desc=desc, dynamic_ncols=True, disable=not show)
+            return tqdm(total=total, desc=desc, dynamic_ncols=True, disable=not self.show)
 
-        if cfg.warmstart.epochs > 0 and self.step == 0 and self.resume_from is None:
+        if self.warmstarts():
             from palitorch.train.warmstart import warmstart
 
             started = time.perf_counter()
@@ -268,10 +331,11 @@ class Trainer:
             ws["warmstart"]["seconds"] = round(time.perf_counter() - started, 2)
             self.log({"step": 0, **ws})
 
-        pbar = tqdm(total=self.total, initial=self.step, desc="train", dynamic_ncols=True, disable=not show)
+        pbar = tqdm(total=self.total, initial=self.step, desc="train", dynamic_ncols=True, disable=not self.show)
         window = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
         run = {"steps": 0, "tokens": 0, "time": 0.0}  # this session's training steps, for the closing summary
-        while self.step < self.total:
+        self._in_loop = True
+        while not self._stop_agreed() and self.step < self.total:
             started = time.perf_counter()
             out = self.train_step(self.step)
             elapsed = time.perf_counter() - started
@@ -293,14 +357,19 @@ class Trainer:
                           "ms_per_step": 1000 * window["time"] / window["n"]})
                 window = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
             last = self.step == self.total
-            if cfg.eval.every and self.step % cfg.eval.every == 0 and not last:
+            if cfg.eval.every and self.eval_examples and self.step % cfg.eval.every == 0 and not last:
                 result = self.evaluate()
                 self.log({"step": self.step, "eval": result})
                 if d.main:  # printed with or without the progress bar
-                    tqdm.write(_summary(self.step, result))
+                    tqdm.write(evaluate.summary(self.step, result))
             if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last:
                 self.save_checkpoint()
+        self._in_loop = False
         pbar.close()
+        if self.stop is not None:  # asked to stop (request_stop): the work so far is kept in a checkpoint
+            if self._saved_step != self.step:
+                self.save_checkpoint()
+            raise KeyboardInterrupt
         if d.main:
             save_model(self.model, self.run / "model", extra_files=self.tokenizer_files)
             if run["steps"]:
@@ -313,18 +382,7 @@ class Trainer:
             self.log({"step": self.step, "eval": result, "final": True})
         if d.main:
             if result:
-                print(_summary(self.step, result))
+                print(evaluate.summary(self.step, result))
             print(f"trained {run['steps']} steps ({self.step} of {self.total} in all) in {run['time']:.1f} s; the "
                   f"model is in {self.run / 'model'}")
         return result
-
-
-def _summary(step: int, m: dict) -> str:
-    parts = [f"step {step}: exact match {m['exact_match']:.4f} (n={m['n']}), eval loss {m['eval_loss']:.4f}"]
-    for key, groups in m.items():
-        if key == "boxes":
-            parts.append(f"  boxes: mean IoU {groups['mean_iou']:.4f}, label right and IoU >= 0.5 "
-                         f"{groups['label_and_iou50']:.4f} (n={groups['n']})")
-        elif isinstance(groups, dict):
-            parts.append(f"  {key}: " + ", ".join(f"{g} {v['exact_match']:.4f}" for g, v in groups.items()))
-    return "\n".join(parts)

@@ -32,7 +32,8 @@ from palitorch.tasks.detection import split_objects
 from palitorch.train import ddp
 from palitorch.train.build import lr_at
 from palitorch.train.config import TrainConfig
-from palitorch.train.data import Example, Images, augment, augments, epoch_order
+from palitorch.train.data import Example, augment, augments, epoch_order
+from palitorch.train.images import Images
 
 
 def labels_from(examples: list[Example], prefix: str) -> tuple[list[Example], torch.Tensor, list[list[str]]]:

@@ -10,7 +10,6 @@ from palitorch.inference.processor import Processor
 from palitorch.train.config import AugmentConfig
 from palitorch.train.data import (
     Dataset,
-    Images,
     augment,
     epoch_order,
     global_batch,
@@ -18,6 +17,7 @@ from palitorch.train.data import (
     read_jsonl,
     repeat_by_task,
 )
+from palitorch.train.images import Images
 from palitorch.train.tokenizer import train_tokenizer
 
 from trainkit import make_data

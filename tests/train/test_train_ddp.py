@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from palitorch.checkpoint import load_model
+from palitorch.train.data import global_batch, read_jsonl
 from palitorch.train.loop import Trainer
 
 from trainkit import config, losses, make_data
@@ -49,3 +50,25 @@ def test_two_processes_match_one(tmp_path):
     resumed = config(data, tmp_path / "two", **{**over, "train__steps": 7})
     Trainer(resumed, resume=True).fit()
     assert sorted(losses(tmp_path / "two")) == list(range(1, 8))
+
+
+def test_an_image_only_one_process_reads_stops_every_process_at_startup(tmp_path):
+    # With the cache each process decodes only the images of its own shares before step 1; an unreadable one in
+    # process 1's share stops both there, and the first process says which (only it prints errors).
+    data = make_data(tmp_path / "data")
+    examples = read_jsonl(data / "train.jsonl")
+    idx = global_batch(len(examples), 8, 0, 0)
+    mine = [{examples[i].image for i in idx[part]} for part in (slice(0, 4), slice(4, 8))]
+    bad = sorted(mine[1] - mine[0])[0]
+    bad.write_bytes(bad.read_bytes()[:80])
+    cfg = config(data, tmp_path / "run", train__steps=1, eval__final_max_examples=2)
+    (tmp_path / "run.toml").write_text(cfg.to_toml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "palitorch", "train", str(tmp_path / "run.toml")]
+    proc = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    where = ", ".join(e.where for e in examples if e.image == bad)
+    assert f"palitorch train: error: {where}: cannot read image {str(bad)!r}: image file is truncated" in proc.stderr
+    assert proc.stderr.count("cannot read image") == 1, proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step was taken

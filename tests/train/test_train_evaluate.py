@@ -1,5 +1,6 @@
 """Evaluation: exact match overall and per group, box IoU, a fixed subset; the real greedy generate is used."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 
 from palitorch.train import ddp
 from palitorch.train.data import Example
-from palitorch.train.evaluate import box_score, exact_match, subset
-from palitorch.train.loop import Trainer, _summary
+from palitorch.train.evaluate import box_score, exact_match, subset, summary
+from palitorch.train.loop import Trainer
 
 from trainkit import config, make_data
 
@@ -33,7 +34,7 @@ def test_metrics_per_group_and_boxes():
     assert m["qtype"]["yesno"]["exact_match"] == 1.0 and m["qtype"]["color"]["exact_match"] == 0.0
     assert m["boxes"]["n"] == 1 and m["boxes"]["label_and_iou50"] == 1.0
     assert m["boxes"]["mean_iou"] == pytest.approx(200 * 200 / (200 * 201))
-    assert "mean IoU" in _summary(5, {**m, "eval_loss": 1.0})
+    assert "mean IoU" in summary(5, {**m, "eval_loss": 1.0})
 
 
 def test_box_score():
@@ -56,3 +57,21 @@ def test_eval_through_the_real_pipeline(tmp_path):
     assert m["n"] == 5 and 0.0 <= m["exact_match"] <= 1.0 and m["eval_loss"] > 0
     assert sum(g["n"] for g in m["task"].values()) == 5
     assert trainer.model.training  # evaluation puts the model back in training mode
+
+
+def test_periodic_evaluation_without_an_eval_set_is_skipped(tmp_path, capsys):
+    # [eval] every with no [data] eval: said once at the start, no evaluation rows, the run finishes (it raised
+    # KeyError 'exact_match' at the first evaluation, losing the work since the last checkpoint, and again on resume).
+    data = make_data(tmp_path / "data")
+    Trainer(config(data, tmp_path / "run", data__eval="", eval__every=2, train__steps=5)).fit()
+    err = capsys.readouterr().err
+    assert err.count("no [data] eval set: the evaluations every 2 steps ([eval] every) are skipped") == 1
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if "eval" in r] and rows[-1]["event"] == "done"
+
+
+def test_summary_says_what_the_metrics_hold():
+    assert summary(3, {}) == "step 3: no evaluation metrics"
+    assert summary(3, {"eval_loss": 1.5}) == "step 3: eval loss 1.5000"
+    assert summary(3, {"exact_match": 0.5, "n": 4, "eval_loss": 1.5}) == \
+        "step 3: exact match 0.5000 (n=4), eval loss 1.5000"

@@ -1,8 +1,10 @@
 """The run folder and --resume against what users meet: damaged checkpoints and metrics, foreign folders, leftovers
-of a kill -9, a step count below the checkpoint's, Ctrl-C, torchrun ranks and a run without a progress bar."""
+of a kill -9, a step count below the checkpoint's, Ctrl-C, SIGTERM, torchrun ranks and a run without a progress bar."""
 
 import json
+import os
 import shutil
+import signal
 import tempfile
 
 import pytest
@@ -15,7 +17,7 @@ from palitorch.errors import CheckpointError, ConfigError, Interrupted
 from palitorch.train import state
 from palitorch.train.loop import Trainer
 
-from trainkit import config, make_data
+from trainkit import config, losses, make_data
 
 OVER = {"train__steps": 4, "checkpoint__every": 2, "checkpoint__keep": 3, "eval__max_examples": 4,
         "eval__final_max_examples": 4}
@@ -202,3 +204,70 @@ def test_without_progress_bar_the_evaluations_and_summary_print(data, tmp_path, 
     out = capsys.readouterr().out
     assert "step 2: exact match" in out and "step 4: exact match" in out
     assert out.strip().splitlines()[-1].startswith("trained 4 steps (4 of 4 in all) in ")
+
+
+class SignalNotHandled(Exception):
+    """Raised by the test's own SIGTERM handler: `palitorch train` did not put its own in place."""
+
+
+@pytest.fixture
+def sigterm_guard():
+    """SIGTERM would kill the test process unless palitorch handles it: make an unhandled one a test failure."""
+    def unhandled(signum, frame):
+        raise SignalNotHandled
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    yield unhandled
+    assert signal.getsignal(signal.SIGTERM) is unhandled  # palitorch put the handler back
+    signal.signal(signal.SIGTERM, before)
+
+
+def terminating(monkeypatch, at_step: int, times: int = 1):
+    """Send this process SIGTERM `times` during training step `at_step` (0-based), as Slurm or docker stop do."""
+    real = Trainer.train_step
+
+    def train_step(self, step):
+        if step == at_step:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def test_sigterm_finishes_the_step_saves_a_checkpoint_and_resumes(data, tmp_path, monkeypatch, capfd,
+                                                                  sigterm_guard):
+    over = {**OVER, "checkpoint__every": 0}  # only the stop writes a checkpoint before the end
+    toml = tmp_path / "c.toml"
+    toml.write_text(config(data, tmp_path / "run", **over).to_toml())
+    terminating(monkeypatch, at_step=1)
+    assert main(["train", str(toml)]) == 143
+    err = capfd.readouterr().err
+    assert "SIGTERM: stopping after the step in progress, with a checkpoint there" in err
+    assert err.endswith("palitorch train: stopped by SIGTERM after step 2 of 4; the last checkpoint is step 2: rerun "
+                        "with --resume to continue from it\n")
+    assert [s for s, _ in state.checkpoints(tmp_path / "run")] == [2]
+    monkeypatch.undo()
+    assert main(["train", str(toml), "--resume"]) == 0
+    Trainer(config(data, tmp_path / "plain", **over)).fit()
+    a, b = losses(tmp_path / "run"), losses(tmp_path / "plain")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert all(abs(a[s] - b[s]) <= 1e-6 for s in a)  # the resumed run follows the uninterrupted one
+
+
+def test_a_second_sigterm_stops_at_once(data, tmp_path, monkeypatch, capfd, sigterm_guard):
+    toml = tmp_path / "c.toml"
+    toml.write_text(config(data, tmp_path / "run", **{**OVER, "checkpoint__every": 0}).to_toml())
+    terminating(monkeypatch, at_step=1, times=2)
+    assert main(["train", str(toml)]) == 143
+    assert capfd.readouterr().err.endswith("palitorch train: stopped by SIGTERM after step 1 of 4, before the first "
+                                           "checkpoint: rerun without --resume\n")
+    assert state.checkpoints(tmp_path / "run") == []
+
+
+def test_sigterm_before_training_stops_at_once(data, tmp_path, monkeypatch, capfd, sigterm_guard):
+    toml = tmp_path / "c.toml"
+    toml.write_text(config(data, tmp_path / "run", **OVER).to_toml())
+    monkeypatch.setattr(Trainer, "warmstarts", lambda self: os.kill(os.getpid(), signal.SIGTERM))
+    assert main(["train", str(toml)]) == 143
+    assert capfd.readouterr().err == "palitorch train: stopped by SIGTERM before training started\n"
