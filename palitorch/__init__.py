@@ -2,17 +2,19 @@
 
     import palitorch
     pipe = palitorch.load("path/to/paligemma-checkpoint")    # or palitorch.load() for the bundled model
-    pipe.score(image, "caption en", "a cat on a bench")      # log-probabilities of an answer
+    pipe.generate(image, "caption en").text                  # an answer: a Result (text, token ids, logprobs)
+    pipe.score(image, "caption en", "a cat on a bench")      # log-probabilities of an answer: a ScoreResult
 """
 
 from palitorch.assets import default_model_path
 from palitorch.config import PaliGemmaConfig, TextConfig, VisionConfig, preset
 from palitorch.errors import CheckpointError, ConfigError, InputError, NumericsError, PalitorchError
-from palitorch.inference import Pipeline, load
+from palitorch.inference import GenerationOptions, Pipeline, Result, ScoreResult, Stream, load
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "InputError", "NumericsError", "PaliGemmaConfig", "PalitorchError", "Pipeline",
-    "TextConfig", "VisionConfig", "default_model_path", "load", "preset",
+    "CheckpointError", "ConfigError", "GenerationOptions", "InputError", "NumericsError", "PaliGemmaConfig",
+    "PalitorchError", "Pipeline", "Result", "ScoreResult", "Stream", "TextConfig", "VisionConfig",
+    "default_model_path", "load", "preset",
 ]

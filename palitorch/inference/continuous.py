@@ -111,6 +111,17 @@ class LiveBatch:
         # them replays only on the same memory (new caches would be recorded again). `Pipeline.live` passes its
         # own pool, so that one live batch after another reuses them too; only one cache length is kept.
         self.pool = {} if pool is None else pool
+        self.ended = False  # `Pipeline.live`'s block is over: the caches may belong to another call now
+
+    def end(self) -> None:
+        """End the batch (`Pipeline.live` does, as its block ends): its sequences are dropped, and its methods raise
+        InputError from now on."""
+        self.ended = True
+        self.seqs = []
+
+    def _check_open(self) -> None:
+        if self.ended:
+            raise InputError("this live batch has ended (its with block is over): open a new one with pipe.live()")
 
     @property
     def active(self) -> list[Seq]:
@@ -131,13 +142,13 @@ class LiveBatch:
 
         InputError if a prompt is refused (none of them joins); NumericsError on NaN logits. `streams[i]`: hand out
         sequence i's text in pieces as it grows (else its text comes only in its Result). `options[i]`: sequence i's
-        decoding options (default: the batch's)."""
+        decoding options (default: the batch's): a GenerationOptions, or a dict of decoding keywords that change
+        the batch's options."""
+        self._check_open()
+        options = self._inputs(images, prompts, tags, streams, options)
         n = len(prompts)
         if n == 0 or n > self.free_rows:
             return None
-        options = options or [self.opts] * n
-        for o in options:
-            self._check(o)
         pixels, index = self.to_pixels(images)
         batch = encode_prompts(self.model, self.processor, pixels, prompts, index)
         t = batch.ids.shape[1]
@@ -184,6 +195,34 @@ class LiveBatch:
             self.seqs[r] = q
             seqs.append(q)
         return seqs, self._events(seqs, tok, lp, by_row=False, top=top)
+
+    def _inputs(self, images, prompts, tags, streams, options) -> list[GenerationOptions]:
+        """InputError for lists that do not pair up or options that a live batch cannot decode with, before any row
+        is written -> each sequence's options, checked."""
+        odd = [p for p in prompts if not isinstance(p, str)] if isinstance(prompts, (list, tuple)) else [prompts]
+        if odd:
+            got = type(prompts).__name__ + (f" holding {type(odd[0]).__name__}" if odd[0] is not prompts else "")
+            raise InputError(f"admit takes a list of prompt strings, got {got}")
+        if not isinstance(images, (list, tuple)):
+            raise InputError(f"admit takes a list of images (one per prompt), got {type(images).__name__}")
+        n = len(prompts)
+        for name, given in (("images", images), ("tags", tags), ("streams", streams), ("options", options)):
+            if given is not None and (not isinstance(given, (list, tuple)) or len(given) != n):
+                what = f"{len(given)} {name}" if isinstance(given, (list, tuple)) else \
+                    f"{name} as {type(given).__name__}"
+                raise InputError(f"admit takes one of each per prompt: {n} prompts and {what}")
+        if options is None:
+            return [self.opts] * n
+        checked = []
+        for o in options:
+            if not isinstance(o, (GenerationOptions, dict)):
+                raise InputError(f"admit's options are GenerationOptions or dicts of decoding keywords, got "
+                                 f"{type(o).__name__}")
+            o = GenerationOptions.from_kwargs(self.opts, **{str(k): v for k, v in o.items()}) \
+                if isinstance(o, dict) else GenerationOptions.from_kwargs(o)
+            self._check(o)
+            checked.append(o)
+        return checked
 
     @staticmethod
     def _check(o: GenerationOptions) -> None:
@@ -292,6 +331,7 @@ class LiveBatch:
     def step(self) -> list[Event]:
         """One token for every live sequence -> their events: (seq, text piece) for streamed sequences' new text,
         and (seq, Result) for each one that ended (EOS, its budget or a stop string; its row is then free)."""
+        self._check_open()
         live = self.active
         if not live:
             return []
@@ -346,6 +386,11 @@ class LiveBatch:
 
     def release(self, seq: Seq) -> None:
         """End a sequence now (its client left, say): it gets no Result, and its row is free before the next step."""
+        self._check_open()
+        if not isinstance(seq, Seq):
+            raise InputError(f"release takes a sequence (a Seq from admit), got {type(seq).__name__}")
+        if not seq.over and not (0 <= seq.row < len(self.seqs) and self.seqs[seq.row] is seq):
+            raise InputError("release: this sequence is not in this live batch")
         if not seq.over:
             seq.over = True
             self.seqs[seq.row] = None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +16,18 @@ from palitorch.errors import CheckpointError, InputError
 from palitorch.inference import generate as engine
 from palitorch.inference.answer import Result
 from palitorch.inference.continuous import LiveBatch
+from palitorch.inference.inputs import (
+    as_batch,
+    check_count,
+    check_images,
+    check_strings,
+    checkpoint_path,
+    chunks,
+    resolve_device,
+)
 from palitorch.inference.processor import Processor
 from palitorch.inference.sampling import GenerationOptions
+from palitorch.inference.stream import Stream, streamable
 from palitorch.model import PaliGemma, kernels
 
 
@@ -29,48 +41,24 @@ class ScoreResult:
         return float(sum(self.logprobs))
 
 
-def as_batch(images, *texts):
-    """One input or parallel lists -> (lists, was_single). One image goes with every text, and one text (a string)
-    with every image or with every item of the other lists."""
-    lists = [x for x in (images, *texts) if isinstance(x, (list, tuple))]
-    if not lists:
-        return [images], *[[t] for t in texts], True
-    n = len(lists[0])
-    if any(len(x) != n for x in lists):
-        raise InputError(f"images and prompts must be lists of the same length, got lengths "
-                         f"{sorted({len(x) for x in lists})}")
-    if n == 0:
-        raise InputError("empty batch: give at least one image and prompt")
-    return *(list(x) if isinstance(x, (list, tuple)) else [x] * n for x in (images, *texts)), False
-
-
-class Stream:
-    """The text of one answer in pieces: iterate it (`for piece in pipe.stream(...)`); after the loop ends,
-    `.result` holds the full `Result` (text, token ids, logprobs, finish reason). Breaking out early leaves
-    `.result` as None."""
-
-    def __init__(self, pieces, pipeline: Pipeline):
-        self._pieces, self._pipeline = pieces, pipeline
-        self.result: Result | None = None
-
-    def __iter__(self):
-        self._pipeline._claim()  # the KV caches are this stream's until it ends
-        self._pipeline._busy = True
-        try:
-            self.result = yield from self._pieces
-        finally:
-            self._pieces.close()
-            self._pipeline._busy = False
-
-
 class Pipeline:
+    """A loaded PaliGemma and its processor (`palitorch.load` makes one): `generate`, `stream`, `stream_batch`,
+    `live` (continuous batching), `score`, and `compile` for a faster decode step.
+
+    The KV caches live on the model, so a pipeline runs one call at a time: calls from several threads wait for
+    each other (a lock; it is safe to share a pipeline between threads, though they do not run in parallel). A
+    stream, a `stream_batch` or a live batch owns the caches from its start to its end, also while it waits between
+    pieces: meanwhile the pipeline's other generations (from any thread) raise InputError rather than wait, since
+    its consumer may be the one calling. `score` does not use the caches and runs between a stream's pieces."""
+
     def __init__(self, model: PaliGemma, processor: Processor, path: str | Path | None = None):
         self.model = model
         self.processor = processor
         self.path = Path(path) if path is not None else None
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self._busy = False  # a stream is suspended mid-answer: it owns the KV caches
+        self._lock = threading.RLock()  # one call at a time: the KV caches, compiled steps and batch sizes are shared
+        self._busy = False  # a stream or live batch is open (maybe suspended between pieces): it owns the KV caches
         self._steps: engine.Steps | None = None  # compiled one-token decode steps, once `compile()` is called
         self._greedy_batches: set[int] = set()  # batch sizes greedy decoding has run at since `compile()`
         self._cache_pool: dict = {}  # live batches' KV caches by (rows, slots), reused (see `LiveBatch.pool`)
@@ -79,12 +67,18 @@ class Pipeline:
     def cfg(self):
         return self.model.cfg
 
+    def __repr__(self) -> str:
+        where = str(self.path) if self.path is not None else "(no folder)"
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"Pipeline({where}, PaliGemma {self.cfg.version}, device={self.device}, dtype={dtype})"
+
     def _pixels(self, images) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Images -> (pixels [U, 3, S, S] of the U distinct ones, in the model's dtype on its device; index [B] of
         each input's image, or None when all B are distinct). Resized on the host, normalised on the device.
 
         An image given more than once (the same object, or the same path: one image with a list of prompts) is
         preprocessed once, and the vision tower encodes it once."""
+        check_images(images)
         slot, distinct, index = {}, [], []
         for im in images:
             key = os.fspath(im) if isinstance(im, (str, os.PathLike)) else id(im)
@@ -97,10 +91,19 @@ class Pipeline:
             return pixels, None
         return pixels, torch.tensor(index, device=self.device)
 
-    @torch.inference_mode()
-    def score(self, image, prefix, suffix):
-        """Log-probabilities of `suffix + <eos>` given the image and prefix; lists give a list (one padded batch)."""
+    def score(self, image, prefix, suffix, batch_size: int | None = None) -> ScoreResult | list[ScoreResult]:
+        """Log-probabilities of `suffix + <eos>` given the image and prefix; lists give a list. Without `batch_size`
+        a list is one padded batch (its memory grows with the list); with it, batches of that many at a time."""
         images, prefixes, suffixes, single = as_batch(image, prefix, suffix)
+        check_strings(prefixes, "a prompt (prefix)")
+        check_strings(suffixes, "an answer to score (suffix)")
+        parts = chunks(len(prefixes), batch_size)
+        with self._lock:  # no KV cache: this may run between a stream's pieces
+            results = [r for part in parts for r in self._score(images[part], prefixes[part], suffixes[part])]
+        return results[0] if single else results
+
+    @torch.inference_mode()
+    def _score(self, images: list, prefixes: list[str], suffixes: list[str]) -> list[ScoreResult]:
         enc = [self.processor.encode(p, s) for p, s in zip(prefixes, suffixes)]
         batch = self.processor.collate(enc, padding_side="right")
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -117,8 +120,7 @@ class Pipeline:
             ids = e.ids[n_prefix:]
             lp = picked[i, n_prefix - 1: len(e.ids) - 1].tolist()
             results.append(ScoreResult(token_ids=ids, logprobs=lp))
-        return results[0] if single else results
-
+        return results
 
     # ------------------------------------------------------------------ generation
 
@@ -135,6 +137,11 @@ class Pipeline:
         `options`: inductor settings on top of the mode's, e.g. {"coordinate_descent_tuning": True}.
         Compile again after changing the model's structure (e.g. `set_decode_attention`).
         """
+        with self._lock:
+            self._claim()  # a stream or live batch may be mid-step in another thread: not under its feet
+            return self._compile(mode, options, fuse)
+
+    def _compile(self, mode: str | None, options: dict | None, fuse: bool) -> Pipeline:
         lm = self.model.language_model
         if fuse:
             lm.fuse_projections()  # fewer, larger matmuls per step
@@ -155,28 +162,50 @@ class Pipeline:
         return self
 
     def _claim(self) -> None:
-        """Before a generation: refuse while a stream or live batch owns the caches; on a compiled pipeline, raise
-        dynamo's recompile limit in this thread (a server's model thread is not the one that called `compile`)."""
+        """Before a generation (under `_lock`): refuse while a stream or live batch owns the caches; on a compiled
+        pipeline, raise dynamo's recompile limit in this thread (a server's model thread is not the one that called
+        `compile`)."""
         if self._busy:
-            raise InputError("a stream from this pipeline is still running: finish it (or break out of it) first")
+            raise InputError("a stream or live batch from this pipeline is still open: finish it (break out of the "
+                             "stream, or leave the live batch's with block) first")
         if self._steps is not None:
             raise_recompile_limit()
 
-    def generate(self, image, prompt, options: GenerationOptions | None = None, **kw):
-        """Answer a prompt about an image; lists of images and prompts give a list (one left-padded batch); one image
-        with a list of prompts, or one prompt with a list of images, pairs it with each.
+    def _one_at_a_time(self, events):
+        """Run a generator's steps under the lock (yielding outside it) -> its return value: a pipeline's calls from
+        other threads wait for a step to end."""
+        while True:
+            with self._lock:
+                try:
+                    item = next(events)
+                except StopIteration as stop:
+                    return stop.value
+            yield item
 
-        Decoding options are keyword arguments (or a GenerationOptions): max_new_tokens=64, min_new_tokens=0,
-        temperature, top_k, top_p, min_p, repetition_penalty=1.0, num_beams=1, length_penalty=1.0, seed, stop,
-        and top_logprobs=0 (k: also report each step's k most likely tokens). Greedy by default. Returns a `Result`
-        (text, token_ids, logprobs, finish_reason, prompt_tokens, and top_logprobs when asked for).
+    def generate(self, image, prompt, options: GenerationOptions | dict | None = None, batch_size: int | None = None,
+                 **kw) -> Result | list[Result]:
+        """Answer a prompt about an image; lists of images and prompts give a list; one image with a list of prompts,
+        or one prompt with a list of images, pairs it with each. Without `batch_size` a list runs as one left-padded
+        batch (its memory grows with the list); with it, as batches of that many at a time, in order (greedy
+        answers are the same; seeded samples depend on the batch).
+
+        Decoding options are keyword arguments (or a GenerationOptions, or a dict of them): max_new_tokens=64,
+        min_new_tokens=0, temperature, top_k, top_p, min_p, repetition_penalty=1.0, num_beams=1, length_penalty=1.0,
+        seed, stop, and top_logprobs=0 (k: also report each step's k most likely tokens). Greedy by default. Returns
+        a `Result` (text, token_ids, logprobs, finish_reason, prompt_tokens, and top_logprobs when asked for).
+        Calls from several threads run one at a time (see `Pipeline`).
         """
         opts = GenerationOptions.from_kwargs(options, **kw)
         images, prompts, single = as_batch(image, prompt)
-        self._claim()
-        pixels, index, padded = self._padded(images, prompts, opts)
-        results = engine.generate(self.model, self.processor, pixels, padded, opts, self._steps, index)
-        return results[0] if single else results[:len(prompts)]
+        parts = chunks(len(prompts), batch_size)
+        results = []
+        with self._lock:
+            self._claim()
+            for part in parts:
+                pixels, index, padded = self._padded(images[part], prompts[part], opts)
+                out = engine.generate(self.model, self.processor, pixels, padded, opts, self._steps, index)
+                results += out[:len(prompts[part])]  # not the padding copies
+        return results[0] if single else results
 
     def _padded(self, images: list, prompts: list[str], opts: GenerationOptions):
         """(pixels, image index, prompts) of a batch padded to `_padded_size` with copies of its last request, whose
@@ -199,50 +228,56 @@ class Pipeline:
         self._greedy_batches.add(size)
         return size
 
-    def stream(self, image, prompt: str, options: GenerationOptions | None = None, **kw) -> Stream:
+    def stream(self, image, prompt: str, options: GenerationOptions | dict | None = None, **kw) -> Stream:
         """Like `generate` for one image and prompt, yielding text pieces as they are decoded; see `Stream`."""
-        opts = GenerationOptions.from_kwargs(options, **kw)
-        if isinstance(image, (list, tuple)) or not isinstance(prompt, str):
+        opts = streamable(GenerationOptions.from_kwargs(options, **kw))
+        if isinstance(image, (list, tuple, Iterator)) or not isinstance(prompt, str):
             raise InputError("stream takes one image and one prompt string; use generate for a batch")
         pixels, _ = self._pixels([image])
         return Stream(engine.stream(self.model, self.processor, pixels, prompt, opts, self._steps), self)
 
-    def stream_batch(self, images, prompts, options: GenerationOptions | None = None, keep_going=None, **kw):
+    def stream_batch(self, images, prompts, options: GenerationOptions | dict | None = None, keep_going=None, **kw):
         """Like `generate` for a batch, as events while it decodes: (i, text piece) for input i, then (i, Result) as
         soon as input i's answer is finished (rows end at different steps). Greedy batches of a compiled pipeline
         are padded as `generate` pads them. `keep_going()`, asked once per step, stops the decoding when it returns
         False (the answers not finished then get no Result). The text pieces of input i concatenate to its
         Result's text; each equals `generate`'s answer for the same input."""
-        opts = GenerationOptions.from_kwargs(options, **kw)
+        opts = streamable(GenerationOptions.from_kwargs(options, **kw))
         images, prompts, _ = as_batch(images, prompts)
-        pixels, index, padded = self._padded(images, prompts, opts)
+        with self._lock:  # the batch sizes a compiled pipeline has run at
+            pixels, index, padded = self._padded(images, prompts, opts)
         events = engine.stream_batch(self.model, self.processor, pixels, padded, opts, self._steps, index, keep_going)
         return self._owning(events, len(prompts))
 
     @contextmanager
-    def live(self, max_rows: int = 8, options: GenerationOptions | None = None, **kw):
+    def live(self, max_rows: int = 8, options: GenerationOptions | dict | None = None, **kw):
         """A `LiveBatch` for continuous batching, as a context manager (it owns the KV caches until the block ends):
         sequences join with `admit(images, prompts)` whenever a row is free and leave as they end, while `step()`
         decodes one token for each. Every sequence decodes with its own options (`admit(..., options=[...])`;
         default: these): greedy or sampled without a seed, its own lengths and stop strings. Each greedy answer
         equals `generate`'s. On a compiled pipeline the batch runs at the sizes `generate` pads greedy batches to
-        (so at most `batch_rung_below(max_rows)` rows)."""
+        (so at most `batch_rung_below(max_rows)` rows). After the block the live batch has ended: its methods raise
+        InputError."""
         opts = GenerationOptions.from_kwargs(options, **kw)
-        compiled = self._steps is not None
-        live = LiveBatch(self.model, self.processor, opts, batch_rung_below(max_rows) if compiled else max_rows,
-                         self._pixels, self._steps, batch_rung if compiled else (lambda n: n), self._cache_pool)
-        self._claim()
-        self._busy = True
+        max_rows = check_count(max_rows, "max_rows")
+        with self._lock:
+            self._claim()
+            compiled = self._steps is not None
+            live = LiveBatch(self.model, self.processor, opts, batch_rung_below(max_rows) if compiled else max_rows,
+                             self._pixels, self._steps, batch_rung if compiled else (lambda n: n), self._cache_pool)
+            self._busy = True
         try:
             yield live
         finally:
+            live.end()
             self._busy = False
 
     def _owning(self, events, n: int):
-        self._claim()  # the KV caches are these events' until they end
-        self._busy = True
+        with self._lock:
+            self._claim()  # the KV caches are these events' until they end
+            self._busy = True
         try:
-            for i, item in events:
+            for i, item in self._one_at_a_time(events):
                 if i < n:  # not a padding copy
                     yield i, item
         finally:
@@ -310,11 +345,18 @@ def _compile_options(device: torch.device, mode: str | None, options: dict | Non
 
 
 def load(path=None, device="cpu", dtype="float32") -> Pipeline:
-    """Load a Hub-layout PaliGemma folder (or the bundled default model when `path` is None)."""
+    """Load a Hub-layout PaliGemma folder (or the bundled default model when `path` is None; "~" is expanded).
+
+    `device`: "cpu" (the default), "cuda", "cuda:N" (or the index N), "mps", or a torch.device; one that this
+    machine lacks is an InputError before anything is read. `dtype`: "float32" (the default), "bfloat16" ("bf16"),
+    "float16" ("fp16", "half"), or the torch dtype. palitorch does not download: give a folder (a Hub id is
+    answered with the command that downloads it)."""
     if path is None:
         from palitorch.assets import default_model_path
 
         path = default_model_path()
+    path = checkpoint_path(path)
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype)
     cfg = read_config(path)
     processor = Processor.from_folder(path, cfg.vision.image_size, cfg.num_image_tokens,

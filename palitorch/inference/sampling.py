@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -43,15 +44,25 @@ class GenerationOptions:
     top_logprobs: int = 0  # also report each step's k most likely tokens (Result.top_logprobs), k <= 20
 
     @classmethod
-    def from_kwargs(cls, options: GenerationOptions | None = None, **kw) -> GenerationOptions:
-        """Options from keyword arguments (optionally on top of `options`); unknown names raise InputError."""
+    def from_kwargs(cls, options: GenerationOptions | dict | None = None, **kw) -> GenerationOptions:
+        """Checked options from keyword arguments, on top of `options` (a GenerationOptions, or a dict of the same
+        keywords); a copy: `options` is not changed. Unknown names raise InputError; integers may be any integral
+        type (numpy's too), and are stored as Python ints."""
+        if isinstance(options, dict):
+            options, kw = None, {**options, **kw}
+        elif options is not None and not isinstance(options, cls):
+            raise InputError(f"options must be a GenerationOptions or a dict of decoding options, got "
+                             f"{type(options).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kw) - names)
+        unknown = sorted(set(kw) - names, key=str)
         if unknown:
             raise InputError(f"unknown decoding option {unknown[0]!r}; known options: {', '.join(sorted(names))}")
         opts = dataclasses.replace(options or cls(), **kw)
         if isinstance(opts.stop, str):
             opts.stop = [opts.stop]
+        for name in ("max_new_tokens", "min_new_tokens", "top_k", "num_beams", "seed", "top_logprobs"):
+            if _is_int(getattr(opts, name)):
+                setattr(opts, name, int(getattr(opts, name)))  # np.int64(2) -> 2: JSON, torch and ranges take it
         return opts.validate()
 
     @property
@@ -100,7 +111,8 @@ class GenerationOptions:
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer of any integral type (int, numpy's int64, ...), not a bool; floats such as 2.0 are not."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # numpy's bool_ is no Integral
 
 
 def _is_num(v) -> bool:

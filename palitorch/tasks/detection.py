@@ -12,8 +12,12 @@ codes between the locations and the label; segmentation.py reads those.
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import dataclass
+
+from palitorch.errors import InputError
 
 LOC_GRID = 1023  # the largest <locNNNN>: coordinates are loc / 1023 of the image side
 NUM_SEG_CODES = 16
@@ -63,8 +67,20 @@ def locs_to_box(locs: tuple[int, int, int, int], width: int, height: int) -> tup
     return (x0, y0, x1, y1)
 
 
+def check_answer(text, width, height, what: str) -> None:
+    """InputError unless `text` is an answer's text and the image's sides are numbers > 0 (`what`: the caller)."""
+    if not isinstance(text, str):
+        hint = " (Result.text)" if hasattr(text, "text") else ""
+        raise InputError(f"{what} takes the answer's text{hint}, got {type(text).__name__}")
+    for name, side in (("width", width), ("height", height)):
+        if isinstance(side, bool) or not isinstance(side, numbers.Real) or not (math.isfinite(side) and side > 0):
+            raise InputError(f"{what}: the image's {name} must be a number of pixels > 0, got {side!r}")
+
+
 def parse_detections(text: str, width: int, height: int) -> list[Detection]:
     """Every well-formed object in a detection (or segmentation) answer, with its box in pixels of a
     `width` x `height` image. Groups with fewer than four locations or other garbage are skipped; locations past
-    the grid are clamped to the image's edge; a box given as (y1, x1, y0, x0) is put back in order."""
+    the grid are clamped to the image's edge; a box given as (y1, x1, y0, x0) is put back in order. InputError
+    if `text` is not a string (give `Result.text`) or a side is not > 0."""
+    check_answer(text, width, height, "parse_detections")
     return [Detection(label, locs_to_box(locs, width, height)) for locs, _, label in split_objects(text)]

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from palitorch.errors import InputError
+
 # Colours far apart in hue and easy to read on photos; labels take them in order of first appearance.
 PALETTE = [
     (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
@@ -33,18 +35,32 @@ def draw_detections(image: Image.Image, detections, masks: Sequence[np.ndarray |
     """A copy of `image` (RGB) with each detection's box and label drawn; `masks` (one bool [H, W] array or None
     per detection, e.g. from segmentation.decode_mask) are blended in the label's colour.
 
-    `detections` are any objects with `.label` and `.box = (x0, y0, x1, y1)` in pixels: Detection or Segmentation.
+    `detections` are any objects with `.label` and `.box = (x0, y0, x1, y1)` in pixels: Detection or Segmentation
+    (a list, or any iterable). InputError for other objects, or masks that are not one [H, W] array (or None) per
+    detection.
     """
     from palitorch.inference.processor import to_rgb
 
+    detections = list(detections)  # a generator would be used up by the colours, leaving nothing to draw
+    for d in detections:
+        if not (hasattr(d, "label") and hasattr(d, "box")):
+            raise InputError(f"draw_detections draws objects with .label and .box (Detection, Segmentation), got "
+                             f"{type(d).__name__}")
     out = to_rgb(image).copy()
     w, h = out.size
     colours = label_colours([d.label for d in detections])
     if masks is not None:
+        masks = list(masks)
+        if len(masks) != len(detections):
+            raise InputError(f"draw_detections: {len(masks)} masks for {len(detections)} detections: give one per "
+                             "detection (None where there is none)")
         pixels = np.asarray(out, dtype=np.float32)
-        for d, m in zip(detections, masks):
+        for i, (d, m) in enumerate(zip(detections, masks)):
             if m is not None:
                 m = np.asarray(m, dtype=bool)
+                if m.shape != (h, w):
+                    raise InputError(f"draw_detections: mask {i} has shape {m.shape}, the image is {h} x {w}: give "
+                                     "bool [height, width] masks (decode_mask's image_size is (width, height))")
                 pixels[m] = (1 - MASK_ALPHA) * pixels[m] + MASK_ALPHA * np.asarray(colours[d.label], np.float32)
         out = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
 

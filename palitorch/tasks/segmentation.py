@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from palitorch.errors import InputError
-from palitorch.tasks.detection import NUM_SEG_CODES, locs_to_box, split_objects
+from palitorch.tasks.detection import NUM_SEG_CODES, check_answer, locs_to_box, split_objects
 
 CODEBOOK_SIZE = 128
 MASK_SIZE = 64
@@ -47,7 +47,9 @@ class Segmentation:
 
 
 def parse_segmentations(text: str, width: int, height: int) -> list[Segmentation]:
-    """Every well-formed object of a segmentation answer: four locations, exactly 16 codes in 0..127, a label."""
+    """Every well-formed object of a segmentation answer: four locations, exactly 16 codes in 0..127, a label.
+    InputError if `text` is not a string (give `Result.text`) or a side is not > 0."""
+    check_answer(text, width, height, "parse_segmentations")
     out = []
     for locs, codes, label in split_objects(text):
         if len(codes) == NUM_SEG_CODES and all(c < CODEBOOK_SIZE for c in codes):

@@ -1,0 +1,113 @@
+"""Checks of what users hand to a `Pipeline` and to `palitorch.load`: a one-line InputError (or CheckpointError)
+before any work, rather than an exception from deep inside torch or Pillow."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from palitorch.errors import CheckpointError, InputError
+from palitorch.inference.sampling import _is_int
+
+# "owner/name" as the Hugging Face Hub spells a model id
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def as_batch(images, *texts):
+    """One input or parallel lists -> (lists, was_single). One image goes with every text, and one text (a string)
+    with every image or with every item of the other lists. A generator or other iterator counts as a list."""
+    images, *texts = (list(x) if isinstance(x, Iterator) else x for x in (images, *texts))
+    lists = [x for x in (images, *texts) if isinstance(x, (list, tuple))]
+    if not lists:
+        return [images], *[[t] for t in texts], True
+    n = len(lists[0])
+    if any(len(x) != n for x in lists):
+        raise InputError(f"images and prompts must be lists of the same length, got lengths "
+                         f"{sorted({len(x) for x in lists})}")
+    if n == 0:
+        raise InputError("empty batch: give at least one image and prompt")
+    return *(list(x) if isinstance(x, (list, tuple)) else [x] * n for x in (images, *texts)), False
+
+
+def check_images(images: list) -> None:
+    """InputError for an empty PIL image (0 pixels wide or high), which cannot be resized. (Arrays of pixels with a
+    0 side are refused where they are read; an image file cannot hold no pixels.)"""
+    for im in images:
+        if isinstance(im, Image.Image) and (im.width == 0 or im.height == 0):
+            raise InputError(f"an image is {im.width} x {im.height} pixels: it must be at least 1 x 1")
+
+
+def check_strings(texts: list, what: str) -> None:
+    """InputError unless every item is a string (`what` names them: "an answer to score")."""
+    for t in texts:
+        if not isinstance(t, str):
+            raise InputError(f"{what} must be a string, got {type(t).__name__}")
+
+
+def check_count(value, name: str) -> int:
+    """An integer >= 1 (any integral type; not a bool or a float) as an int, else InputError."""
+    if not _is_int(value) or value < 1:
+        raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def chunks(n: int, batch_size) -> list[slice]:
+    """The slices of `n` inputs to run as batches: all at once when `batch_size` is None, else that many at a time."""
+    size = n if batch_size is None else check_count(batch_size, "batch_size")
+    return [slice(i, i + size) for i in range(0, n, size)]
+
+
+def resolve_device(device) -> torch.device:
+    """A device to load onto ("cpu", "cuda", "cuda:N", "mps", a torch.device or a CUDA index) that exists on this
+    machine, else a one-line InputError: said before any file is read."""
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device)) and not _is_int(device):
+        raise InputError(f"device must be a string such as 'cpu', 'cuda' or 'cuda:1' (or a torch.device), got "
+                         f"{type(device).__name__}")
+    try:
+        d = device if isinstance(device, torch.device) else torch.device(
+            device if isinstance(device, str) else f"cuda:{int(device)}")
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'mps' (in lower case)") from None
+    if d.type == "meta":
+        raise InputError("device 'meta' holds no data, so a model there cannot run: use 'cpu' or 'cuda'")
+    if d.type == "cpu":
+        return d
+    if d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError("device 'mps' (Apple GPU) is not available on this machine: use device='cpu'")
+        return d
+    backend = getattr(torch, d.type, None)
+    if backend is None or not hasattr(backend, "is_available"):
+        raise InputError(f"device {str(d)!r} is not supported: use 'cpu', 'cuda' or 'mps'")
+    if not backend.is_available():
+        why = "this torch was built without it" if d.type == "cuda" and torch.version.cuda is None and \
+            torch.version.hip is None else "no such device is visible"
+        raise InputError(f"device {str(d)!r} is not available on this machine ({why}): use device='cpu'")
+    count = backend.device_count()
+    if d.index is not None and d.index >= count:
+        raise InputError(f"device {str(d)!r} does not exist: this machine has {count} {d.type} device"
+                         f"{'s' if count != 1 else ''} ({d.type}:0{f' to {d.type}:{count - 1}' if count > 1 else ''})")
+    return d
+
+
+def checkpoint_path(path) -> Path:
+    """The folder `palitorch.load` reads, "~" expanded; a path that does not exist and reads as a Hub id
+    ("google/paligemma2-3b-pt-224") is a CheckpointError saying how to download it (palitorch does not)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"path must be a checkpoint folder (a str or Path), got {type(path).__name__}")
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if not text.strip():
+        raise InputError("path is empty: give a checkpoint folder (or no path, for the bundled model)")
+    folder = Path(text).expanduser()
+    if not folder.exists() and _HUB_ID.fullmatch(text):
+        raise CheckpointError(f"checkpoint folder {text!r} does not exist; if it is a Hugging Face Hub id, note that "
+                              f"palitorch does not download: fetch it with `hf download {text} --local-dir DIR` (or "
+                              f"`huggingface-cli download {text} --local-dir DIR`) and pass DIR")
+    return folder
