@@ -63,6 +63,10 @@ class GenerationOptions:
         for name in ("max_new_tokens", "min_new_tokens", "top_k", "num_beams", "seed", "top_logprobs"):
             if _is_int(getattr(opts, name)):
                 setattr(opts, name, int(getattr(opts, name)))  # np.int64(2) -> 2: JSON, torch and ranges take it
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "length_penalty"):
+            value = getattr(opts, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+                setattr(opts, name, float(value))  # np.float32(0.7) -> 0.7
         return opts.validate()
 
     @property

@@ -226,6 +226,16 @@ def test_extreme_temperatures_top_p_and_penalties_give_tokens_not_nan():
     assert not torch.isnan(x.softmax(-1)).any() and torch.isfinite(x.amax(-1)).all()
 
 
+def test_numpy_numbers_are_taken_as_python_numbers():
+    import numpy as np
+
+    o = GenerationOptions.from_kwargs(temperature=np.float32(0.5), top_p=np.float64(0.9), max_new_tokens=np.int64(3))
+    assert (o.temperature, o.top_p, o.max_new_tokens) == (0.5, 0.9, 3)
+    assert type(o.temperature) is float and type(o.max_new_tokens) is int
+    with pytest.raises(InputError, match="temperature"):
+        GenerationOptions.from_kwargs(temperature=np.float32("nan"))
+
+
 @pytest.mark.parametrize("seed", [-(2**63), -1, 0, 2**64 - 1])
 def test_every_seed_torch_takes_is_accepted(seed):
     opts = GenerationOptions(seed=seed, temperature=1.0).validate()
