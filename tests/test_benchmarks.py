@@ -274,3 +274,13 @@ def test_prefill_blocks_times_whole_against_blocks_on_the_same_tokens(pg2, monke
     out = capsys.readouterr().out
     assert out.count("in row blocks") == 2 and "same tokens" in out
     assert kernels.ROW_BLOCK_BYTES == 1 and gemma.SCORE_BLOCK_BYTES == 1
+
+
+def test_top_logprobs_ab_times_both_steps_on_the_same_tokens(pg1, capsys):
+    """benchmarks/top_logprobs_ab.py on a tiny checkpoint: both steps run (compiled), give the same tokens and
+    alternatives, and each batch gets a timing."""
+    import top_logprobs_ab
+
+    rows = top_logprobs_ab.main(["--model", str(pg1[0]), "--batches", "1,2", "--reps", "1", "--new-tokens", "3"])
+    assert [r["batch"] for r in rows] == [1, 2] and all(r["fused_ms"] > 0 and r["before_ms"] > 0 for r in rows)
+    assert capsys.readouterr().out.count("fused") == 2

@@ -184,8 +184,11 @@ def greedy_top_forward(model: PaliGemma, tokens: torch.Tensor, pos: torch.Tensor
     compiled graph (the caller keeps the first k it was asked for; one k for every request, so one compilation)."""
     x = token_forward(model, tokens, pos, slot, valid, sliding).float()
     tok = torch.where(no_eos, x.index_fill(-1, eos, float("-inf")), x).argmax(-1)
-    lp, (ids, values) = chosen_logprobs(x, tok, MAX_TOP_LOGPROBS)
-    return *settle(tok, lp, done, eos, pad_id), ids, values
+    # log_softmax at the chosen and the likeliest tokens as logit - logsumexp: no [B, V] of logprobs written
+    lse = torch.logsumexp(x, -1)
+    values, ids = x.topk(min(MAX_TOP_LOGPROBS, x.shape[-1]), dim=-1)
+    lp = x.gather(-1, tok[:, None])[:, 0] - lse
+    return *settle(tok, lp, done, eos, pad_id), ids, values - lse[:, None]
 
 
 def settle(tok: torch.Tensor, lp: torch.Tensor, done: torch.Tensor, eos: torch.Tensor,
