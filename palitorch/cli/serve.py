@@ -52,9 +52,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--no-fetch", action="store_true",
                    help="refuse http(s) image URLs: images must come inside the request as data URLs")
     g.add_argument("--fetch-private", action="store_true",
-                   help="fetch image URLs at loopback and private addresses (127.0.0.1, 10.x, 192.168.x, ...) even "
-                        "when listening beyond this machine (default: only a server on 127.0.0.1 does; link-local "
-                        "and cloud metadata addresses never)")
+                   help="fetch image URLs at loopback and private addresses (127.0.0.1, 10.x, 192.168.x, ...); "
+                        "off by default, also on 127.0.0.1, which a reverse proxy or tunnel may open to anyone "
+                        "(link-local and cloud metadata addresses never)")
     g.add_argument("--max-body-mb", type=float, default=32, metavar="MB",
                    help="largest request body accepted, in MiB (default 32)")
     g.add_argument("--allow-origin", action="append", metavar="ORIGIN", dest="allow_origins",
@@ -80,7 +80,7 @@ def bind(args: argparse.Namespace, defaults: dict):
         return Server((args.host, args.port), model_name(args), defaults,
                       api_key=args.api_key or os.environ.get("PALITORCH_API_KEY") or None,
                       fetch_images=not args.no_fetch, max_body=int(args.max_body_mb * (1 << 20)), quiet=args.quiet,
-                      allow_origins=args.allow_origins, fetch_private=args.fetch_private or None)
+                      allow_origins=args.allow_origins, fetch_private=args.fetch_private)
     except OSError as e:
         reason = e.strerror or str(e)
         raise InputError(f"cannot listen on {args.host}:{args.port}: {reason} (choose another --port or --host)") \

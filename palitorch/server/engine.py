@@ -71,7 +71,8 @@ class Engine:
             if self._stopping:
                 raise ApiError(503, "the server is shutting down")
             if len(self._jobs) >= self.max_queue:  # overloaded: say so now rather than answer minutes later
-                raise ApiError(503, f"the server is busy ({len(self._jobs)} requests waiting): try again later")
+                raise ApiError(503, f"the server is busy ({len(self._jobs)} request"
+                               f"{'s' if len(self._jobs) != 1 else ''} waiting): try again later")
             self._jobs.append(job)
             self._cv.notify()
         return job

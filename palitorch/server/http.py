@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import functools
 import hmac
-import ipaddress
 import json
+import socket
 import sys
 import time
 import urllib.parse
@@ -61,14 +61,14 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], model_id: str, defaults: dict | None = None,
                  api_key: str | None = None, fetch_images: bool = True, max_body: int = 32 << 20,
-                 quiet: bool = False, allow_origins: list[str] | None = None, fetch_private: bool | None = None):
-        """`fetch_private`: may image URLs at loopback and private addresses be fetched (None: only if the server
-        listens on a loopback address, whose clients are on this machine anyway); see `fetch.py`."""
+                 quiet: bool = False, allow_origins: list[str] | None = None, fetch_private: bool = False):
+        """`fetch_private`: may image URLs at loopback and private addresses be fetched (`palitorch serve
+        --fetch-private`); off by default, even for a server on 127.0.0.1, which a reverse proxy or tunnel may open
+        to anyone. See `fetch.py`."""
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET  # --host ::1 or ::
         super().__init__(address, Handler)
         self.engine: Engine | None = None  # set before serving: the socket is bound before the model loads
         self.model_id, self.defaults, self.api_key = model_id, dict(defaults or {}), api_key
-        if fetch_private is None:
-            fetch_private = ipaddress.ip_address(self.server_address[0].split("%", 1)[0]).is_loopback
         self.fetch_private = fetch_private
         self.fetch = functools.partial(fetch_url, allow_private=fetch_private) if fetch_images else None
         self.images = ImageCache()
@@ -87,7 +87,7 @@ class Server(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -110,7 +110,12 @@ class Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         self._guard(self._not_allowed)
 
-    do_DELETE = do_PATCH = do_HEAD = do_PUT
+    do_DELETE = do_PATCH = do_PUT
+
+    def do_HEAD(self) -> None:
+        """An uptime monitor's `HEAD /health`: GET's status and headers, no body (`_json` writes none for HEAD)."""
+        path = self.path.split("?", 1)[0].rstrip("/")
+        self._guard(self._get if path == "/health" else self._not_allowed)
 
     def _not_allowed(self) -> None:
         self._skip_body()

@@ -120,6 +120,9 @@ def parse_chat(body: dict, model_id: str, defaults: dict | None = None,
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise bad(f"unknown parameter {unknown[0]!r}{hint}", unknown[0])
     model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad(f"model must be a string (the served model's id, {model_id!r}), got {json.dumps(model)[:40]}",
+                  "model")
     if model is not None and model != model_id:
         raise ApiError(404, f"model {model!r} is not served here; this server serves {model_id!r}", "model",
                        "model_not_found")
@@ -147,6 +150,8 @@ def parse_chat(body: dict, model_id: str, defaults: dict | None = None,
     if options.get("top_logprobs") and not want_logprobs:
         raise bad("top_logprobs come in each token's logprobs entry: set logprobs: true too", "top_logprobs")
     usage = body.get("stream_options") or {}
+    if isinstance(usage, dict) and usage.get("include_usage") is None:  # null counts as absent, as at the top
+        usage = {k: v for k, v in usage.items() if k != "include_usage"}
     if not isinstance(usage, dict) or not isinstance(usage.get("include_usage", False), bool):
         raise bad('stream_options must be an object like {"include_usage": true}', "stream_options")
     image, prompt = parse_messages(body.get("messages"), fetch, images)  # last: fetching an image is the slow part
@@ -217,12 +222,20 @@ _URL_SAFE = str.maketrans("-_", "+/")
 
 
 class ImageCache:
-    """The last `size` images decoded, by a hash of their bytes. Requests that send the same image get the same
-    image object, so that a batch of questions about one image encodes it once (Pipeline.generate shares the vision
-    pass between rows that show the same object), and it is decoded once. Thread-safe."""
+    """The last images decoded (at most `size` of them and `max_bytes` of pixels), by a hash of their bytes.
+    Requests that send the same image get the same image object, so that a batch of questions about one image
+    encodes it once (Pipeline.generate shares the vision pass between rows that show the same object), and it is
+    decoded once. Images are kept as decoded, at full size (the model's resize must start from them), so the bound
+    is in bytes too: a 9000 x 9000 PNG of a few hundred KB decodes to ~240 MB, and one bigger than the whole budget
+    is not kept. Thread-safe."""
 
-    def __init__(self, size: int = 32):
-        self.size, self._images, self._lock = size, OrderedDict(), threading.Lock()
+    def __init__(self, size: int = 32, max_bytes: int = 256 << 20):
+        self.size, self.max_bytes = size, max_bytes
+        self._images, self._bytes, self._lock = OrderedDict(), 0, threading.Lock()
+
+    @staticmethod
+    def nbytes(image: Image.Image) -> int:
+        return image.width * image.height * len(image.getbands())
 
     def get(self, data: bytes, decode: Callable[[bytes], Image.Image]) -> Image.Image:
         key = hashlib.sha256(data).digest()
@@ -231,16 +244,26 @@ class ImageCache:
                 self._images.move_to_end(key)
                 return self._images[key]
         image = decode(data)  # outside the lock: decoding is the slow part, and handler threads run it in parallel
+        if self.nbytes(image) > self.max_bytes:
+            return image
         with self._lock:
-            image = self._images.setdefault(key, image)  # one object even if two threads decoded it at once
+            if key not in self._images:
+                self._images[key] = image
+                self._bytes += self.nbytes(image)
+            image = self._images[key]  # one object even if two threads decoded it at once
             self._images.move_to_end(key)
-            while len(self._images) > self.size:
-                self._images.popitem(last=False)
+            while len(self._images) > self.size or self._bytes > self.max_bytes:
+                _, old = self._images.popitem(last=False)
+                self._bytes -= self.nbytes(old)
         return image
 
 
 def read_image(url: str, fetch: Callable[[str], bytes] | None, images: ImageCache | None = None) -> Image.Image:
-    match = _DATA_URL.fullmatch(url.strip()) if url.startswith("data:") else None
+    url = url.strip()
+    scheme = url.split(":", 1)[0].lower()  # URL schemes are case-insensitive: DATA:, HTTP:
+    if scheme in ("data", "http", "https"):
+        url = scheme + url[len(scheme):]
+    match = _DATA_URL.fullmatch(url) if url.startswith("data:") else None
     if match:
         text = re.sub(r"\s+", "", match["data"])
         text = text.translate(_URL_SAFE) + "=" * (-len(text) % 4)  # URL-safe base64, and padding left out: accepted

@@ -26,7 +26,7 @@ def demo():
 
 @pytest.fixture(scope="module")
 def server():
-    with live_server() as srv:
+    with live_server(fetch_private=True) as srv:  # its tests fetch images from a site on 127.0.0.1
         yield srv
 
 

@@ -83,9 +83,17 @@ def test_other_methods_are_405_with_allow(server, method):
     assert out["error"]["type"] == "invalid_request_error" and f"{method} is not used" in out["error"]["message"]
 
 
-def test_head_is_405_with_the_headers_only(server):
+def test_head_is_405_with_the_headers_only_but_for_health(server):
+    import types
+
+    with serving(new_server(types.SimpleNamespace(queued=0, stats={}))) as monitored:  # /health reads the engine
+        conn = connect(monitored)
+        conn.request("HEAD", "/health")  # an uptime monitor's check: GET's status and headers
+        r = conn.getresponse()
+        assert r.status == 200 and r.getheader("Content-Type") == "application/json" and r.read() == b""
+        conn.close()
     conn = connect(server)
-    conn.request("HEAD", "/health")
+    conn.request("HEAD", "/v1/models")
     r = conn.getresponse()
     assert r.status == 405 and r.getheader("Allow") == "GET, POST, OPTIONS" and r.read() == b""
     conn.request("GET", "/v1/models")  # no body was sent after the headers: the connection is still in step
@@ -172,13 +180,16 @@ def test_404s_say_what_is_there(server):
                                                   "/v1/chat/completions with an image_url part")
 
 
-def test_a_server_open_beyond_this_machine_does_not_fetch_private_addresses(server):
-    with serving(new_server(None, fetch_private=False)) as srv:  # as on --host 0.0.0.0
+def test_a_server_fetches_no_private_address_unless_told_to(server):
+    """Not even a server on 127.0.0.1 (a reverse proxy or a tunnel may open it to anyone): --fetch-private only."""
+    with serving(new_server(None)) as srv:
         for host in ("127.0.0.1", "localhost", "[::1]", "10.0.0.1", "169.254.169.254"):
             status, out, _ = post(srv, chat(f"http://{host}:{server.server_address[1]}/a.png", "caption en"))
             assert status == 400 and out["error"]["param"] == "messages", out
             assert "private address" in out["error"]["message"] or "never fetches" in out["error"]["message"]
-    assert server.fetch_private  # bound to 127.0.0.1: its clients are on this machine
+    local = Server(("127.0.0.1", 0), MODEL, quiet=True)
+    local.server_close()
+    assert not local.fetch_private
     public = Server(("0.0.0.0", 0), MODEL, quiet=True)
     public.server_close()
     assert not public.fetch_private
@@ -201,5 +212,5 @@ def test_serve_fetch_private_is_wired(capsys):
         srv.server_close()
         return srv.fetch_private
 
-    assert (bind("0.0.0.0", False), bind("0.0.0.0", True), bind("127.0.0.1", False)) == (False, True, True)
+    assert (bind("0.0.0.0", False), bind("0.0.0.0", True), bind("127.0.0.1", False)) == (False, True, False)
     assert "--fetch-private" in cli(["serve", "--help"], capsys)[1]

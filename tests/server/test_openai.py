@@ -348,6 +348,31 @@ def test_the_image_cache_gives_one_object_per_content_and_forgets_the_oldest():
     assert decoded == [a, b, c, b]
 
 
+def test_small_leniencies_a_re_audit_asked_for():
+    """stream_options.include_usage null counts as absent (as top-level nulls do); URL schemes are case-insensitive;
+    a model id that is not a string is a 400 naming `model`, not a 404."""
+    assert parse(body(stream=True, stream_options={"include_usage": None})).include_usage is False
+    assert URL.startswith("data:")
+    assert parse(body(image="DATA" + URL[4:])).image.size == parse(body()).image.size
+    e = refused(body(model=5))
+    assert e.status == 400 and e.param == "model" and "must be a string" in e.message
+
+
+def test_the_image_cache_is_bounded_in_bytes():
+    """Images are kept at full size: an audit pinned 2.5 GB with six 8900 x 8900 PNGs of 336 KB each. The cache
+    keeps at most max_bytes of pixels, and an image over the whole budget is not kept at all."""
+    from palitorch.server.openai import ImageCache, decode_image
+
+    cache = ImageCache(size=32, max_bytes=3 * 16 * 16 * 3)  # room for three 16 x 16 RGB images
+    small = [png_bytes(Image.new("RGB", (16, 16), (i, 0, 0))) for i in range(5)]
+    kept = [cache.get(s, decode_image) for s in small]
+    assert cache._bytes <= cache.max_bytes and len(cache._images) == 3
+    assert cache.get(small[-1], decode_image) is kept[-1] and cache.get(small[0], decode_image) is not kept[0]
+    big = png_bytes(Image.new("RGB", (64, 64)))
+    assert cache.get(big, decode_image) is not cache.get(big, decode_image)  # decoded each time, never kept
+    assert cache._bytes <= cache.max_bytes
+
+
 # ------------------------------------------------------------------------------------------------ client input
 
 
