@@ -214,3 +214,21 @@ def test_serve_fetch_private_is_wired(capsys):
 
     assert (bind("0.0.0.0", False), bind("0.0.0.0", True), bind("127.0.0.1", False)) == (False, True, False)
     assert "--fetch-private" in cli(["serve", "--help"], capsys)[1]
+
+
+def test_an_ipv6_host_binds_and_answers():
+    """--host ::1 failed with "Address family for hostname not supported" (the server was IPv4 only)."""
+    import socket
+    import types
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        srv = Server(("::1", 0), MODEL, quiet=True)
+    except OSError as e:  # IPv6 compiled in but not configured (some containers)
+        pytest.skip(f"cannot bind ::1 here: {e}")
+    srv.engine = types.SimpleNamespace(queued=0, stats={})
+    assert srv.url.startswith("http://[::1]:")
+    with serving(srv):
+        status, out, _ = call(srv.url + "/health")
+    assert status == 200 and out["status"] == "ok"
