@@ -41,7 +41,14 @@ from palitorch.cli.common import (
     one_line_errors,
     result_fields,
 )
-from palitorch.cli.results import RESULT_FIELDS, Writer, check_writable, read_done, sort_by_index
+from palitorch.cli.results import (
+    RESULT_FIELDS,
+    Writer,
+    check_writable,
+    output_target,
+    read_done,
+    sort_by_index,
+)
 from palitorch.errors import InputError, PalitorchError
 
 
@@ -54,10 +61,12 @@ def add_parser(subparsers) -> None:
                     "defaults that a request's own fields override.",
     )
     one_line_errors(p)
-    p.add_argument("--input", required=True, metavar="REQUESTS.jsonl", help="one JSON request per line")
+    p.add_argument("--input", required=True, metavar="REQUESTS.jsonl",
+                   help="one JSON request per line (- : standard input, relative image paths then from here)")
     p.add_argument("--output", required=True, metavar="RESULTS.jsonl",
                    help="one result line per request, written as each batch finishes and put in input order at the "
-                        "end; an existing output from the same input is resumed (its error lines run again)")
+                        "end; an existing output from the same input is resumed (its error lines run again). "
+                        "- or /dev/stdout: standard output, in the order answers finish, never resumed")
     p.add_argument("--batch-size", type=int, default=8, metavar="N",
                    help="requests per forward pass (default 8; with --compile, rounded down to 1, 2, 3, 4, 6, 8, 12, "
                         "16, 24, ...)")
@@ -178,14 +187,15 @@ def batch(args: argparse.Namespace) -> int:
     device, dtype = check_model_options(args)
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
-    src, dst = Path(args.input), Path(args.output)
-    if not src.is_file():
-        raise InputError(f"input file {str(src)!r} {'is not a file' if src.exists() else 'does not exist'}")
+    src, (dst, streamed) = Path("/dev/stdin" if args.input == "-" else args.input), output_target(args.output)
+    piped = str(src).startswith(("/dev/", "/proc/"))  # `-`, /dev/stdin: image paths are then from this folder
+    if src.is_dir() or not (src.is_file() or (piped and src.exists())):
+        raise InputError(f"input file {args.input!r} {'is not a file' if src.exists() else 'does not exist'}")
     if dst.is_dir():
         raise InputError(f"--output {args.output} is a folder: give a file name")
     if not dst.parent.is_dir():
         raise InputError(f"--output {args.output}: {not_a_folder(dst.parent)}")
-    if dst.resolve() == src.resolve():
+    if not streamed and dst.resolve() == src.resolve():
         raise InputError("--output must not be the input file")
     try:
         data = src.read_bytes()
@@ -196,7 +206,7 @@ def batch(args: argparse.Namespace) -> int:
 
     # Every check before the output changes: an output that belongs to other requests is refused untouched.
     lines = data.splitlines()
-    regular = dst.is_file() or not dst.exists()  # else /dev/null, /dev/stdout, a pipe: written, never read back
+    regular = not streamed  # else /dev/null, /dev/stdout, a pipe: written, never read back
     done, tidy = read_done(dst) if regular else ({}, lambda: None)
     requests: list[Request] = []
     bad: list[tuple[dict, int, str]] = []
@@ -206,7 +216,7 @@ def batch(args: argparse.Namespace) -> int:
         fields = {}
         try:
             fields = read_fields(index, raw)
-            req = make_request(index, fields, src.parent, defaults)
+            req = make_request(index, fields, Path.cwd() if piped else src.parent, defaults)
         except InputError as e:
             if index not in done:
                 bad.append((fields, index, str(e)))
@@ -218,7 +228,7 @@ def batch(args: argparse.Namespace) -> int:
     if regular:
         check_writable(dst)
     tidy()
-    writer = Writer(dst)
+    writer = Writer(dst, stream=streamed)
     try:
         for fields, index, error in bad:
             writer.add(fields, index, error=error)

@@ -23,6 +23,25 @@ RESULT_FIELDS = frozenset({"index", "decoding", "error", "text", "token_ids", "l
                            "prompt_tokens", "detections", "segmentations", "top_logprobs"})
 
 
+def output_target(path: Path) -> tuple[Path, bool]:
+    """Where `--output PATH` writes, and whether that is a stream: a device, a pipe or a process's file descriptor
+    (`-`, /dev/stdout, /proc/self/fd/1, also through links), written in order and never read back, resumed or
+    rewritten (the rewrite in input order would replace the link, or a file the shell holds open). A link to a
+    regular file is followed, so the file is updated rather than the link replaced."""
+    if str(path) == "-":
+        return Path("/dev/stdout"), True
+    p = Path(os.path.realpath(Path(path).parent)) / Path(path).name
+    for _ in range(40):  # a loop of links ends here, and reads as a missing file
+        if str(p).startswith(("/dev/", "/proc/")):
+            return p, True
+        if not p.is_symlink():
+            break
+        target = Path(os.readlink(p))
+        p = target if target.is_absolute() else p.parent / target
+        p = Path(os.path.realpath(p.parent)) / p.name
+    return p, p.exists() and not p.is_file()
+
+
 def read_done(output: Path) -> tuple[dict[int, dict], Callable[[], None]]:
     """Answers already in `output` by index, and `tidy()`, which removes from the file a last line cut short by a
     crash and the error lines (their requests run again: the image may be there now). Call it once every check
@@ -92,12 +111,12 @@ class Writer:
     """Appends result lines; `commit()` makes the lines written so far durable (flush + fsync; a device or a pipe,
     such as /dev/null, is only flushed)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, stream: bool = False):
         try:
             self.file = open(path, "ab")  # noqa: SIM115 (open for the whole run; see close)
         except OSError as e:
             raise InputError(f"--output {path}: cannot write there ({e.strerror}): choose another file") from None
-        self.regular = stat.S_ISREG(os.fstat(self.file.fileno()).st_mode)
+        self.regular = stat.S_ISREG(os.fstat(self.file.fileno()).st_mode) and not stream  # (see output_target)
         self.errors = self.results = 0
 
     def add(self, req_fields: dict, index: int, **result) -> None:

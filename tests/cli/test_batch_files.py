@@ -137,3 +137,37 @@ def test_unreadable_or_unwritable_paths_are_one_line(what, images, no_model_load
             monkeypatch.setattr("palitorch.cli.results.os.access", lambda path, mode: Path(path) != dst.parent)
     rc, out, err = cli(["batch", "--input", src, "--output", dst], capsys)
     assert rc == 2 and out == "" and err.count("\n") == 1 and message in err, err
+
+
+def test_an_output_through_a_link(fake_pipe, images, capsys):
+    """A link to a results file updates that file (the rewrite in input order used to replace the link with a
+    file of its own, leaving the target with the unsorted lines), and a rerun through the link resumes."""
+    src = write_lines(images.parent / "requests.jsonl", [  # line 2's error is written first: a rewrite in order
+        '{"image": "imgs/red.png", "prompt": "caption 1"}', '{"image": "imgs/missing.png", "prompt": "caption 2"}'])
+    real, link = images.parent / "real.jsonl", images.parent / "link.jsonl"
+    link.symlink_to(real.name)
+    fake_pipe(answer)
+    rc, _, err = cli(["batch", "--input", src, "--output", link], capsys)
+    assert rc == 1 and link.is_symlink(), err
+    assert [r["index"] for r in map(json.loads, real.read_text().splitlines())] == [1, 2]
+    rc, _, err = cli(["batch", "--input", src, "--output", link], capsys)
+    assert "1 already there" in err and link.is_symlink()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux's /proc")
+def test_standard_output_through_dev_or_proc_is_a_stream(fake_pipe, images, capsys, tmp_path):
+    """/dev/stdout with stdout sent to a file (`--output /dev/stdout > out.jsonl`), seen here as a link to
+    /proc/self/fd/N: the lines go to the descriptor as they come, nothing is read back or rewritten, and the link
+    stays a link (as root, the rewrite replaced the system's /dev/stdout with a file). `-` is standard output."""
+    src = write_lines(images.parent / "requests.jsonl", ['{"image": "imgs/red.png", "prompt": "caption en"}'])
+    fake_pipe(answer)
+    with open(tmp_path / "redirected.jsonl", "wb") as f:
+        link = tmp_path / "stdout"
+        link.symlink_to(f"/proc/self/fd/{f.fileno()}")
+        for _ in range(2):  # twice: a stream is never resumed
+            rc, _, err = cli(["batch", "--input", src, "--output", link], capsys)
+            assert rc == 0 and "1 results" in err and link.is_symlink(), err
+    assert [r["index"] for r in map(json.loads, (tmp_path / "redirected.jsonl").read_text().splitlines())] == [1, 1]
+    from palitorch.cli.results import output_target
+
+    assert output_target("-") == (Path("/dev/stdout"), True) and output_target(link)[1]
