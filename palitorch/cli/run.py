@@ -113,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = check_model_options(args)
     image = load_image(args.image)
     out = check_output_image(args.draw) if args.draw else None
+    if out is not None and out.resolve() == Path(args.image).resolve():
+        raise InputError("--draw must not be the input image (it would be overwritten): give another file name")
     vae = None
     if args.vae:
         from palitorch.tasks import load_vae_params

@@ -85,6 +85,15 @@ def test_draw_without_boxes_writes_the_image_and_says_so(fake_pipe, images, tmp_
     assert "no boxes" in err and Image.open(tmp_path / "o.jpg").size == (300, 200)
 
 
+def test_draw_onto_the_input_image_is_refused_before_it_runs(fake_pipe, images, capsys):
+    pipe = fake_pipe(lambda im, p: "a red square")
+    before = (images / "red.png").read_bytes()
+    rc, out, err = cli(["run", "--image", images / "red.png", "--prompt", "detect x", "--draw", images / "red.png"],
+                       capsys)
+    assert rc == 2 and "must not be the input image" in err and err.count("\n") == 1
+    assert (images / "red.png").read_bytes() == before and not pipe.calls
+
+
 def test_draw_paints_segment_masks_with_a_vae(fake_pipe, images, tmp_path, capsys):
     # A VQ-VAE whose decoder outputs +1 everywhere (only the last bias is non-zero): the mask fills the box.
     shapes = vae_shapes(embed_dim=4)
