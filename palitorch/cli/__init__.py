@@ -23,7 +23,10 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errn
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from palitorch import __version__
+
     parser = argparse.ArgumentParser(prog="palitorch", description="PaliGemma in plain PyTorch.")
+    parser.add_argument("--version", action="version", version=f"palitorch {__version__}")
     one_line_errors(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:

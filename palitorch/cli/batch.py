@@ -24,6 +24,7 @@ import argparse
 import codecs
 import difflib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,7 +192,7 @@ def batch(args: argparse.Namespace) -> int:
     piped = str(src).startswith(("/dev/", "/proc/"))  # `-`, /dev/stdin: image paths are then from this folder
     if src.is_dir() or not (src.is_file() or (piped and src.exists())):
         raise InputError(f"input file {args.input!r} {'is not a file' if src.exists() else 'does not exist'}")
-    if dst.is_dir():
+    if dst.is_dir() or str(args.output).endswith(("/", os.sep)):
         raise InputError(f"--output {args.output} is a folder: give a file name")
     if not dst.parent.is_dir():
         raise InputError(f"--output {args.output}: {not_a_folder(dst.parent)}")

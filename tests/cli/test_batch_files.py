@@ -171,3 +171,10 @@ def test_standard_output_through_dev_or_proc_is_a_stream(fake_pipe, images, caps
     from palitorch.cli.results import output_target
 
     assert output_target("-") == (Path("/dev/stdout"), True) and output_target(link)[1]
+
+
+def test_an_output_named_as_a_folder_is_refused(images, no_model_load, capsys):
+    """`--output results/` (a trailing slash, a folder that does not exist yet) wrote a file named `results`."""
+    src = write_lines(images.parent / "requests.jsonl", ['{"image": "imgs/red.png", "prompt": "caption en"}'])
+    rc, _, err = cli(["batch", "--input", src, "--output", f"{images.parent}/results/"], capsys)
+    assert rc == 2 and "is a folder: give a file name" in err and not (images.parent / "results").exists()

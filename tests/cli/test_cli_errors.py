@@ -101,3 +101,11 @@ def test_a_data_out_that_cannot_be_made(capsys):
     rc, _, err = cli(["data", "easyvqa", "--out", "/proc/1/x", "--limit", "1"], capsys)
     assert rc == 2 and err == ("palitorch data: error: --out '/proc/1/x': cannot write a folder in '/proc/1' "
                                "(No such file or directory): choose another path\n")
+
+
+def test_version(capsys):
+    import palitorch
+
+    with pytest.raises(SystemExit) as e:
+        palitorch.cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"palitorch {palitorch.__version__}\n"
