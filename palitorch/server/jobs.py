@@ -16,8 +16,12 @@ from palitorch.server.openai import ApiError, ChatRequest
 
 
 def api_error(e: PalitorchError) -> ApiError:
-    """A refused input is the client's to fix (400); NaN logits and the like are the model's fault (500)."""
-    return ApiError(400 if isinstance(e, InputError) else 500, str(e))
+    """A refused input is the client's to fix (400; by the time a request reaches the model its options have been
+    checked, so what is refused is in its messages: a prompt over the context, say); NaN logits and the like are
+    the model's fault (500)."""
+    if isinstance(e, InputError):
+        return ApiError(400, str(e), "messages")
+    return ApiError(500, str(e))
 
 
 def error_for(e: Exception) -> ApiError:

@@ -134,7 +134,7 @@ def test_a_bad_request_in_a_batch_fails_alone(ref, demo):
     engine = RecordingEngine(pipe, start_after=len(bodies))
     good, bad, answer, detect = ask_all(engine, bodies)
     status, out, _ = bad
-    assert status == 400 and "context of 512" in out["error"]["message"], out
+    assert status == 400 and "context of 512" in out["error"]["message"] and out["error"]["param"] == "messages", out
     assert text(good) == ref.generate(e["image"], "caption en").text
     assert text(answer) == ref.generate(other["image"], "answer en " + other["question"]).text
     status, out, _ = detect
