@@ -195,7 +195,7 @@ class PaliGemmaConfig:
         # top level of config.json, else text_config (read only when the top level has none), else 1.
         eos = next((x for x in ((generation or {}).get("eos_token_id"), d.get("eos_token_id"),
                                 t.d.get("eos_token_id")) if x is not None), 1)
-        eos = [i for i in (eos if isinstance(eos, (list, tuple)) else [eos])]
+        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
         pad = d.get("pad_token_id", 0)
         image_key = "image_token_index" if "image_token_index" in d else "image_token_id"
         tokens = {image_key: d.get(image_key, 256000), "pad_token_id": 0 if pad is None else pad,

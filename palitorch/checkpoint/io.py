@@ -76,8 +76,9 @@ def read_config(path: str | os.PathLike) -> PaliGemmaConfig:
     generation = read_json_object(gen_file) if gen_file.is_file() else None  # its EOS ids, as `generate` reads them
     try:
         return PaliGemmaConfig.from_hf(read_json_object(cfg_file), generation)
-    except ConfigError as e:
-        raise CheckpointError(f"{gen_file if 'eos_token_id' in str(e) and generation else cfg_file}: {e}") from None
+    except ConfigError as e:  # a bad EOS id that generation_config.json gave is that file's
+        from_gen = (generation or {}).get("eos_token_id") is not None and str(e).startswith("eos_token_id")
+        raise CheckpointError(f"{gen_file if from_gen else cfg_file}: {e}") from None
 
 
 def weight_files(folder: Path) -> list[Path]:

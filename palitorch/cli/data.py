@@ -42,8 +42,8 @@ def add_parser(sub) -> None:
 
 
 def run_easyvqa(args) -> int:
-    from palitorch.train.config import check_can_create, check_out_folder
     from palitorch.train.easyvqa import convert
+    from palitorch.train.runfolder import check_can_create, check_out_folder
 
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be at least 1, got {args.limit}")

@@ -43,8 +43,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from palitorch.train.config import check_can_create, load_config
+    from palitorch.train.config import load_config
     from palitorch.train.loop import Trainer
+    from palitorch.train.runfolder import check_can_create
 
     overrides = list(args.overrides)
     for flag in ("--resume", "--print-config"):  # also accepted after the overrides

@@ -83,7 +83,8 @@ def _decode(source, what: str) -> Image.Image:
         raise InputError(f"{what}: it has more pixels than Pillow's safety limit ({Image.MAX_IMAGE_PIXELS:,}): "
                          "resize it first") from None
     except UnidentifiedImageError:  # (Pillow's message names the file again, or a BytesIO object's repr)
-        raise InputError(f"{what}: not in a format Pillow can read (PNG, JPEG, GIF, WebP, BMP, TIFF, ...)") from None
+        raise InputError(f"{what}: it is not in a format Pillow can read (PNG, JPEG, GIF, WebP, BMP, TIFF, ...)") \
+            from None
     except OSError as e:
         raise InputError(f"{what}: {e}") from None
 

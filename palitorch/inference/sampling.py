@@ -136,14 +136,18 @@ def finite_above(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(max=torch.finfo(x.dtype).max)
 
 
-def divide_by_temperature(logits: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
-    """logits / t for any temperature t > 0 (a float, or each row's [B, 1]), however small (t at least `TINY`). A
-    row where that overflows to +inf is (logits - its largest) / t instead: the same distribution, whose largest
-    logit is 0 and the others fall to -inf as t -> 0 (greedy in the limit, not a tie of infinities)."""
-    t = t.clamp(min=TINY) if isinstance(t, torch.Tensor) else max(t, TINY)
-    y = logits / t
-    shifted = (logits - logits.amax(-1, keepdim=True)) / t
-    return torch.where(torch.isposinf(y).any(-1, keepdim=True), shifted, y)
+# Below this temperature logits / t could overflow float32 (|logit| > 3.4e38 * t); above it no model's logits do.
+SHIFT_BELOW = 1e-20
+
+
+def divide_by_temperature(logits: torch.Tensor, t: float | torch.Tensor, tiny: bool) -> torch.Tensor:
+    """logits / t for any temperature t > 0 (a float, at least `TINY` here; or each row's [B, 1], already so). With
+    `tiny` (some t below `SHIFT_BELOW`, known on the host) each row's largest logit is subtracted first: the same
+    distribution, whose largest logit is 0 and the others fall to -inf as t -> 0 (greedy in the limit, not a tie
+    of infinities), at the cost of one more pass, which only such temperatures pay."""
+    if tiny:
+        logits = logits - logits.amax(-1, keepdim=True)
+    return logits / (t if isinstance(t, torch.Tensor) else max(t, TINY))
 
 
 def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
@@ -192,7 +196,7 @@ def warp(logits: torch.Tensor, opts: GenerationOptions) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p in that order (sampling only). logits [B, V] float32."""
     t = opts.temperature if opts.temperature is not None else 1.0
     if t != 1.0:
-        logits = divide_by_temperature(logits, t)
+        logits = divide_by_temperature(logits, t, t < SHIFT_BELOW)
     if opts.top_k is not None:
         logits = top_k_filter(logits, opts.top_k)
     if opts.top_p is not None:
@@ -310,7 +314,10 @@ class RowChooser:
             top_k = [o.top_k if (s and o.top_k) else self.seen.shape[1] for o, s in zip(opts, sampled)]
             self._table = {
                 "sampled": col(sampled, torch.bool)[:, 0], "sampled_any": any(sampled),
-                "temperature": col([o.temperature if s and o.temperature else 1.0 for o, s in zip(opts, sampled)]),
+                "temperature": col([max(o.temperature, TINY) if s and o.temperature else 1.0
+                                    for o, s in zip(opts, sampled)]),
+                "tiny_temperature": any(s and o.temperature and o.temperature < SHIFT_BELOW
+                                        for o, s in zip(opts, sampled)),
                 "top_k": col(top_k, torch.long), "top_k_max": max(top_k),
                 "top_k_any": any(s and o.top_k for o, s in zip(opts, sampled)),
                 "top_p": col([o.top_p if s and o.top_p is not None else 1.0 for o, s in zip(opts, sampled)]),
@@ -339,7 +346,7 @@ class RowChooser:
         tok = x.argmax(-1)
         if not t["sampled_any"]:
             return tok
-        x = divide_by_temperature(x, pick(t["temperature"]))
+        x = divide_by_temperature(x, pick(t["temperature"]), t["tiny_temperature"])
         if t["top_k_any"]:
             x = top_k_filter(x, pick(t["top_k"]), t["top_k_max"])
         if t["top_p_any"]:

@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from palitorch.errors import InputError
 from palitorch.inference.answer import Result
@@ -293,18 +293,14 @@ def decode_image(data: bytes) -> Image.Image:
             pixels = probe.width * probe.height
     except Image.DecompressionBombError:
         raise too_big from None
-    except UnidentifiedImageError:  # Pillow's own message names the BytesIO object: say it plainly instead
-        raise bad("cannot decode the image: it is not in a format Pillow can read (PNG, JPEG, GIF, WebP, BMP, "
-                  "TIFF, ...)", "messages") from None
-    except OSError:
-        pixels = 0  # load_image says what is wrong with it
-    if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
+    except OSError:  # (UnidentifiedImageError too) load_image says what is wrong with it
+        pixels = 0
+    if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:  # (load_image refuses only twice as many)
         raise too_big
     try:
         return load_image(data)
-    except InputError as e:  # e.g. "image file is truncated"; no object's repr in what the client reads
-        message = re.sub(r" ?<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(e).replace("image bytes", "the image"))
-        raise bad(message, "messages") from None
+    except InputError as e:  # "cannot decode image bytes: it is not in a format ...", "...: image file is truncated"
+        raise bad(str(e).replace("image bytes", "the image"), "messages") from None
 
 
 # ------------------------------------------------------------------------------------------------ responses

@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from palitorch.config import SMALL_PRESETS
 from palitorch.errors import ConfigError
+from palitorch.train.runfolder import check_out_folder
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -227,8 +226,11 @@ class TrainConfig:
 
 
 # The range of every number in the config, as (rule, test); a float must be finite too. Checked by validate.
-_GE0, _GE1, _POSITIVE = (">= 0", lambda v: v >= 0), (">= 1", lambda v: v >= 1), ("> 0", lambda v: v > 0)
-_FRACTION, _BETA = ("between 0 and 1", lambda v: 0 <= v <= 1), (">= 0 and < 1", lambda v: 0 <= v < 1)
+_GE0 = (">= 0", lambda v: v >= 0)
+_GE1 = (">= 1", lambda v: v >= 1)
+_POSITIVE = ("> 0", lambda v: v > 0)
+_FRACTION = ("between 0 and 1", lambda v: 0 <= v <= 1)
+_BETA = (">= 0 and < 1", lambda v: 0 <= v < 1)
 LIMITS = {
     "model": {"version": ("1 or 2", lambda v: v in (1, 2)), "image_size": _GE1, "patch_size": _GE1,
               "vocab_size": _GE0, "max_length": _GE0, "init_std": _POSITIVE},
@@ -249,31 +251,6 @@ LIMITS = {
 # Parameter dtypes training runs in (as palitorch.checkpoint.resolve_dtype spells them).
 TRAIN_DTYPES = ("float32", "fp32", "bfloat16", "bf16")
 SCRATCH_CONTEXT = 512  # a from-scratch model's context when [model] max_length is 0
-
-
-def check_out_folder(out: str, what: str = "[train] out") -> None:
-    """A one-line ConfigError unless `out` can be made a folder: not empty, no file at or above it."""
-    if not out:
-        raise ConfigError(f"{what} is empty: name the output folder")
-    path = Path(out)
-    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
-    if blocking == path:
-        raise ConfigError(f"{what} {out!r} is a file: name a folder (it is created)")
-    if blocking is not None:
-        raise ConfigError(f"{what} {out!r} lies under the file {str(blocking)!r}: name a folder path")
-
-
-def check_can_create(out: str, what: str = "[train] out") -> None:
-    """A one-line ConfigError unless the folder `out` can be made (or written in): a folder is made and removed in
-    the nearest existing one, before any work. After check_out_folder; not for --print-config, which writes nothing."""
-    path = Path(out).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".palitorch-check-", dir=existing))
-    except OSError as e:
-        where = "" if existing == path else f" in {str(existing)!r}"
-        raise ConfigError(f"{what} {out!r}: cannot write a folder{where} ({e.strerror}): choose another path") \
-            from None
 
 
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}

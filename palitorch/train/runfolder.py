@@ -7,7 +7,8 @@
     RUN/checkpoint-NNNNNNN.damaged/                                                 found damaged by a resume
 
 A process killed mid-write (kill -9, power loss) leaves the hidden names behind; `remove_leftovers` deletes them
-when a run starts or resumes. A new run refuses a non-empty folder that holds anything else.
+when a run starts or resumes. A new run refuses a non-empty folder that holds anything else. `check_out_folder` and
+`check_can_create` refuse, before any work, a path that cannot become a folder.
 """
 
 from __future__ import annotations
@@ -76,3 +77,28 @@ def trim_metrics(run: Path, step: int) -> None:
     with os.fdopen(fd, "w") as f:
         f.write("".join(r + "\n" for r in keep))
     os.replace(tmp, path)
+
+
+def check_out_folder(out: str, what: str = "[train] out") -> None:
+    """A one-line ConfigError unless `out` can be made a folder: not empty, no file at or above it."""
+    if not out:
+        raise ConfigError(f"{what} is empty: name the output folder")
+    path = Path(out)
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking == path:
+        raise ConfigError(f"{what} {out!r} is a file: name a folder (it is created)")
+    if blocking is not None:
+        raise ConfigError(f"{what} {out!r} lies under the file {str(blocking)!r}: name a folder path")
+
+
+def check_can_create(out: str, what: str = "[train] out") -> None:
+    """A one-line ConfigError unless the folder `out` can be made (or written in): a folder is made and removed in
+    the nearest existing one, before any work. After check_out_folder; not for --print-config, which writes nothing."""
+    path = Path(out).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".palitorch-check-", dir=existing))
+    except OSError as e:
+        where = "" if existing == path else f" in {str(existing)!r}"
+        raise ConfigError(f"{what} {out!r}: cannot write a folder{where} ({e.strerror}): choose another path") \
+            from None

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from palitorch.errors import ConfigError
-from palitorch.train.config import LIMITS, SECTIONS, TrainConfig, check_can_create, load_config, parse_overrides
+from palitorch.train.config import LIMITS, SECTIONS, TrainConfig, load_config, parse_overrides
+from palitorch.train.runfolder import check_can_create
 
 TOML = """
 [model]
