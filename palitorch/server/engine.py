@@ -146,7 +146,7 @@ class Engine:
                     events = live.step()
                     self.pacer.stepped(time.perf_counter() - step_start)
                     for seq, item in events:
-                        self._deliver(seq.tag, item, running)
+                        self._deliver(seq, item, running)
                     for job in [j for j in running if j.request.stream and j.cancelled.is_set()]:
                         for seq in running.pop(job):  # its client has gone: free its rows
                             live.release(seq)
@@ -232,17 +232,19 @@ class Engine:
             running[job] = [q for q in seqs if q.tag is job]
             served.append(job)
         for seq, item in events:
-            self._deliver(seq.tag, item, running)
+            self._deliver(seq, item, running)
         return True
 
-    def _deliver(self, job: Job, item, running: dict) -> None:
-        """A text piece (to a stream whose client is still there) or one row's Result (the last one finishes it)."""
+    def _deliver(self, seq, item, running: dict) -> None:
+        """A text piece of `seq` (to its job's stream, if the client is still there) or its Result (the job's last
+        one finishes the job)."""
+        job = seq.tag
+        row = next((i for i, q in enumerate(running.get(job, ())) if q is seq), 0)  # which of the job's rows
         if isinstance(item, str):
-            if job.request.stream and not job.cancelled.is_set():
-                job.pieces.put(item)
+            job.send(row, item)
             return
         self.pacer.answered(len(item.token_ids))
-        self._collect(job, item)
+        self._collect(job, item, row)
         if job.finished:
             running.pop(job, None)
             self._close(job)
@@ -304,8 +306,20 @@ class Engine:
         owners = [job for job in group for _ in range(job.rows)]
         return [job.request.image for job in owners], [job.request.prompt for job in owners], owners
 
-    def _collect(self, job: Job, result: Result) -> None:
-        """One of a job's rows is done; with the last one the job is finished (greedy: its n alike copies)."""
+    @staticmethod
+    def _row_numbers(owners: list[Job]) -> list[int]:
+        """For each batch row, which of its job's rows it is (0 .. rows-1)."""
+        taken: dict[Job, int] = {}
+        numbers = []
+        for job in owners:
+            numbers.append(taken.get(job, 0))
+            taken[job] = numbers[-1] + 1
+        return numbers
+
+    def _collect(self, job: Job, result: Result, row: int) -> None:
+        """Row `row` of a job is done (a stream hears of it now); with the last row the job is finished (greedy:
+        its n alike copies)."""
+        job.send(row, result)
         got = job.done_rows
         got.append(result)
         if len(got) == job.rows:
@@ -323,14 +337,15 @@ class Engine:
             for job in group:
                 self._generate([job])
             return
-        for job, result in zip(owners, results):
-            self._collect(job, result)
+        for job, row, result in zip(owners, self._row_numbers(owners), results):
+            self._collect(job, result, row)
 
     def _stream(self, group: list[Job]) -> None:
         """Decode a group with streams in it as one batch: each stream gets its pieces as they come and each job
         its answer as soon as its row ends. A stream whose client left gets nothing more, and the decoding stops
         once no job in the group is still wanted. A refused input before anything was sent: one by one."""
         images, prompts, owners = self._rows(group)
+        rows = self._row_numbers(owners)
 
         def wanted() -> bool:
             return any(not job.finished and not (job.request.stream and job.cancelled.is_set()) for job in group)
@@ -340,10 +355,10 @@ class Engine:
             events = self.pipe.stream_batch(images, prompts, keep_going=wanted, **group[0].request.options)
             for i, item in events:
                 job, sent = owners[i], True
-                if not isinstance(item, str):
-                    self._collect(job, item)
-                elif job.request.stream and not job.cancelled.is_set():  # (a stream has one row)
-                    job.pieces.put(item)
+                if isinstance(item, str):
+                    job.send(rows[i], item)
+                else:
+                    self._collect(job, item, rows[i])
         except PalitorchError as e:
             if len(group) > 1 and not sent:
                 for job in group:  # find which input it was

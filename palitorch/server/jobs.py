@@ -39,7 +39,7 @@ class Job:
     results: list[Result] | None = None  # n results, once done
     error: ApiError | None = None
     done: threading.Event = field(default_factory=threading.Event)
-    pieces: queue.Queue = field(default_factory=queue.Queue)  # a stream's text pieces, then None
+    pieces: queue.Queue = field(default_factory=queue.Queue)  # a stream's (choice, piece or Result)s, then None
     cancelled: threading.Event = field(default_factory=threading.Event)  # the client went away
     counted: bool = True  # False for the warm-up: not in the stats or the log
     done_rows: list[Result] = field(default_factory=list)  # its rows' results so far, in a batch
@@ -55,6 +55,18 @@ class Job:
     def rows(self) -> int:
         """Batch rows this job needs: n samples, or one greedy answer (its n copies are all alike)."""
         return 1 if self.request.greedy else self.request.n
+
+    def choices(self, row: int) -> range:
+        """The choices (0 .. n-1) that row `row` of the job answers: its own, or all n for a greedy job (whose one
+        row stands for n alike answers)."""
+        return range(self.request.n) if self.request.greedy else range(row, row + 1)
+
+    def send(self, row: int, item) -> None:
+        """To a stream whose client is still there: a text piece of row `row`, or the row's finished Result, once
+        for each choice it answers."""
+        if self.request.stream and not self.cancelled.is_set():
+            for i in self.choices(row):
+                self.pieces.put((i, item))
 
     @property
     def finished(self) -> bool:

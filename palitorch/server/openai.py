@@ -144,8 +144,9 @@ def parse_chat(body: dict, model_id: str, defaults: dict | None = None,
     if options.get("num_beams", 1) > MAX_BEAMS:
         raise bad(f"num_beams must be at most {MAX_BEAMS} on this server, got {options['num_beams']}", "num_beams")
     stream = flag_or_int(body, "stream", False)
-    if stream and (n > 1 or options.get("num_beams", 1) > 1):
-        raise bad("stream gives one answer as it grows: use n = 1 and num_beams = 1, or stream: false", "stream")
+    if stream and options.get("num_beams", 1) > 1:  # (the beams' best answer is known only at the end)
+        raise bad("a beam search cannot stream: its answer is chosen only at the end; use num_beams = 1, or "
+                  "stream: false", "stream")
     want_logprobs = flag_or_int(body, "logprobs", False)
     if options.get("top_logprobs") and not want_logprobs:
         raise bad("top_logprobs come in each token's logprobs entry: set logprobs: true too", "top_logprobs")
@@ -347,12 +348,12 @@ def completion(rid: str, created: int, model: str, req: ChatRequest, results: li
 
 def chunk(rid: str, created: int, model: str, delta: dict, finish: str | None = None,
           usage_: dict | None = None, choices: bool = True, logprobs: list[dict] | None = None,
-          extra: dict | None = None) -> dict:
-    """One chat.completion.chunk of a stream: a delta (with `logprobs`, the `token_entry`s of its tokens), or
-    (choices=False) the usage chunk that ends it. `extra`: fields beside the choice's delta (the finishing chunk's
-    `detections` / `segmentations`, as a completion's choice has them)."""
+          extra: dict | None = None, index: int = 0) -> dict:
+    """One chat.completion.chunk of a stream: a delta of choice `index` (with `logprobs`, the `token_entry`s of its
+    tokens), or (choices=False) the usage chunk that ends it. `extra`: fields beside the choice's delta (the
+    finishing chunk's `detections` / `segmentations`, as a completion's choice has them)."""
     content = {"content": logprobs} if logprobs is not None else None
-    choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": content, **(extra or {})}
+    choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": content, **(extra or {})}
     out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
            "choices": [choice] if choices else []}
     if usage_ is not None or not choices:

@@ -180,6 +180,56 @@ def test_n_samples_with_a_seed_are_reproducible(server, ref, demo):
     assert texts == [r.text for r in expected]
 
 
+def by_choice(events: list) -> dict[int, list[dict]]:
+    """A stream's chunks (before [DONE], the usage chunk left out) grouped by their choice's index, in order."""
+    out = {}
+    for c in events[:-1]:
+        for choice in c["choices"]:
+            out.setdefault(choice["index"], []).append(choice)
+    return out
+
+
+@pytest.mark.parametrize("extra", [{}, {"temperature": 1.5, "seed": 7}])
+def test_n_choices_stream_side_by_side(server, demo, extra):
+    """With n > 1 a stream's chunks name their choice: each choice has its role chunk, pieces that make its answer,
+    its logprobs, and one finishing chunk (greedy: n alike answers; seeded samples: the same as without a stream)."""
+    e = demo[4]
+    body = chat(e["path"], e["detect"], n=3, logprobs=True, top_logprobs=2, **extra)
+    _, whole, _ = post(server, body)
+    _, events = stream_events(server, body | {"stream": True, "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]" and events[-2]["choices"] == [] and events[-2]["usage"] == whole["usage"]
+    choices = by_choice(events[:-1])
+    assert sorted(choices) == [0, 1, 2]
+    for i, chunks in choices.items():
+        expected = whole["choices"][i]
+        assert chunks[0]["delta"] == {"role": "assistant", "content": ""}
+        assert [c["finish_reason"] for c in chunks[1:]] == [None] * (len(chunks) - 2) + [expected["finish_reason"]]
+        assert "".join(c["delta"].get("content", "") for c in chunks) == expected["message"]["content"]
+        streamed = [entry for c in chunks if c["logprobs"] for entry in c["logprobs"]["content"]]
+        assert [(s["token"], len(s["top_logprobs"])) for s in streamed] == \
+            [(x["token"], len(x["top_logprobs"])) for x in expected["logprobs"]["content"]]
+        assert chunks[-1]["detections"] == expected["detections"]
+    if extra:
+        assert len({c["message"]["content"] for c in whole["choices"]}) > 1  # three samples, not one copied
+
+
+def test_n_unseeded_samples_stream_in_a_live_batch(server, demo):
+    """Unseeded samples decode as rows of a live batch: each choice's pieces still add up to an answer that ends
+    once, and the usage counts every choice's tokens."""
+    e = demo[3]
+    body = chat(e["path"], "caption en", n=2, temperature=1.0, max_tokens=6, logprobs=True, stream=True,
+                stream_options={"include_usage": True})
+    _, events = stream_events(server, body)
+    choices = by_choice(events[:-1])
+    assert sorted(choices) == [0, 1]
+    tokens = 0
+    for chunks in choices.values():
+        assert sum(c["finish_reason"] is not None for c in chunks) == 1 and chunks[-1]["finish_reason"]
+        tokens += sum(len(c["logprobs"]["content"]) for c in chunks if c["logprobs"])
+        tokens += chunks[-1]["finish_reason"] == "stop"  # (no stop strings: an EOS, counted but not in the text)
+    assert tokens == events[-2]["usage"]["completion_tokens"] > 0
+
+
 @pytest.fixture(scope="module")
 def image_site():
     """A local web server with the demo images; GET of anything else is a 404."""

@@ -118,10 +118,10 @@ def test_stream_options():
         assert refused(body(stream=True, stream_options=bad)).param == "stream_options"
 
 
-@pytest.mark.parametrize("extra, param", [({"n": 2}, "stream"), ({"num_beams": 2}, "stream")])
-def test_a_stream_gives_one_answer(extra, param):
-    e = refused(body(stream=True, **extra))
-    assert e.param == param and "stream: false" in e.message
+def test_a_beam_search_cannot_stream_but_n_answers_can():
+    e = refused(body(stream=True, num_beams=2))
+    assert e.param == "stream" and "stream: false" in e.message
+    assert parse(body(stream=True, n=3, temperature=0.5)).n == 3  # their chunks name their choice's index
     req = parse(body(stream=True, logprobs=True, top_logprobs=2))  # logprobs come chunk by chunk
     assert req.stream and req.logprobs and req.options == {"top_logprobs": 2}
 
@@ -317,6 +317,7 @@ def test_stream_chunks():
                      "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                                   "logprobs": None}]}
     assert chunk("c", 5, MODEL, {}, "length")["choices"][0]["finish_reason"] == "length"
+    assert chunk("c", 5, MODEL, {"content": "x"}, index=2)["choices"][0]["index"] == 2
     usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
     last = chunk("c", 5, MODEL, {}, usage_=usage, choices=False)
     assert last["choices"] == [] and last["usage"] == usage
