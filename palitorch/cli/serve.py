@@ -60,6 +60,10 @@ def add_parser(subparsers) -> None:
     g.add_argument("--allow-origin", action="append", metavar="ORIGIN", dest="allow_origins",
                    help="let web pages from ORIGIN (e.g. http://localhost:3000; * for any) call the API from a "
                         "browser: CORS headers for that origin (repeatable; default: none)")
+    g.add_argument("--allow-host", action="append", metavar="NAME", dest="allow_hosts",
+                   help="a server on a loopback address answers only requests whose Host header is localhost, an IP "
+                        "address or this machine's name (against DNS rebinding): also answer NAME, e.g. the public "
+                        "name a reverse proxy passes on (repeatable; * for any)")
     g.add_argument("--quiet", action="store_true", help="no log line per request")
     add_model_options(p)
     add_decoding_options(p, text_only=True)
@@ -80,7 +84,8 @@ def bind(args: argparse.Namespace, defaults: dict):
         return Server((args.host, args.port), model_name(args), defaults,
                       api_key=args.api_key or os.environ.get("PALITORCH_API_KEY") or None,
                       fetch_images=not args.no_fetch, max_body=int(args.max_body_mb * (1 << 20)), quiet=args.quiet,
-                      allow_origins=args.allow_origins, fetch_private=args.fetch_private)
+                      allow_origins=args.allow_origins, fetch_private=args.fetch_private,
+                      allow_hosts=args.allow_hosts)
     except OSError as e:
         reason = e.strerror or str(e)
         raise InputError(f"cannot listen on {args.host}:{args.port}: {reason} (choose another --port or --host)") \

@@ -10,7 +10,9 @@ Browsers let a web page on another origin read the answers only when the server 
 (`allow_origins`, `palitorch serve --allow-origin`): each response to a request from an allowed origin then carries
 Access-Control-Allow-Origin, and preflights get the methods and headers the API uses. Without allowed origins no
 CORS header is sent, so browsers keep other sites' pages from calling the server (non-browser clients are not
-affected either way).
+affected either way). A server on a loopback address also answers only requests addressed to this machine by name
+(`host_allowed`): a page whose domain is made to resolve to 127.0.0.1 (DNS rebinding) is same-origin with it and
+would otherwise be able to use it and read the answers.
 
 One thread per connection parses the request, fetches or decodes its image and waits for the engine's answer; the
 model itself runs on the engine's one thread (`engine.py`). Every error is OpenAI's error object with a status
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import ipaddress
 import json
 import socket
 import sys
@@ -52,6 +55,29 @@ METHODS = "GET, POST, OPTIONS"
 OTHER_APIS = ("/v1/completions", "/v1/embeddings", "/v1/responses")
 
 
+PRIVATE_SUFFIXES = (".localhost", ".local", ".internal")  # reserved: no public DNS name ends so
+
+
+def host_allowed(host: str | None, allowed: set[str]) -> bool:
+    """Whether a request to a loopback server with this Host header may be answered: no header (not a browser), an
+    IP address (DNS rebinding needs a name), localhost, a name under a suffix that no public site can have
+    (.localhost, .local, .internal: e.g. host.docker.internal from a container), this machine's hostname, or a name
+    in `allowed` (`palitorch serve --allow-host`; "*": any)."""
+    if not host or "*" in allowed:
+        return True
+    name = host.strip().lower()
+    name = name[1:name.find("]")] if name.startswith("[") else name.rsplit(":", 1)[0] if name.count(":") == 1 \
+        else name  # without its port; [::1]:8000 -> ::1
+    name = name.rstrip(".")
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    return name == "localhost" or name.endswith(PRIVATE_SUFFIXES) or name == socket.gethostname().lower() \
+        or name in allowed
+
+
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # a client that hangs does not keep the server from stopping
     # The listen backlog (the standard library's is 5): a burst of clients waits to be accepted instead of being
@@ -61,10 +87,12 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], model_id: str, defaults: dict | None = None,
                  api_key: str | None = None, fetch_images: bool = True, max_body: int = 32 << 20,
-                 quiet: bool = False, allow_origins: list[str] | None = None, fetch_private: bool = False):
+                 quiet: bool = False, allow_origins: list[str] | None = None, fetch_private: bool = False,
+                 allow_hosts: list[str] | None = None):
         """`fetch_private`: may image URLs at loopback and private addresses be fetched (`palitorch serve
         --fetch-private`); off by default, even for a server on 127.0.0.1, which a reverse proxy or tunnel may open
-        to anyone. See `fetch.py`."""
+        to anyone. See `fetch.py`. `allow_hosts`: the Host names a server on a loopback address answers besides
+        this machine's own (`host_allowed`; a reverse proxy that passes on its public name needs it)."""
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET  # --host ::1 or ::
         super().__init__(address, Handler)
         self.engine: Engine | None = None  # set before serving: the socket is bound before the model loads
@@ -74,6 +102,8 @@ class Server(ThreadingHTTPServer):
         self.images = ImageCache()
         self.max_body, self.quiet = max_body, quiet
         self.allow_origins = set(allow_origins or ())  # "*": any origin
+        self.allow_hosts = {h.lower().rstrip(".") for h in allow_hosts or ()}
+        self.loopback = ipaddress.ip_address(self.server_address[0].split("%")[0]).is_loopback
         self.started = int(time.time())
 
     def cors_origin(self, origin: str | None) -> str | None:
@@ -200,10 +230,11 @@ class Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ streaming
 
     def _stream(self, job, rid: str, created: int) -> None:
-        """Server-sent events: a role chunk, the text pieces, a finish chunk, (usage), [DONE]. The status line waits
-        for the first piece, so a refused input is still an ordinary error response. With logprobs, each piece's
-        chunk carries its tokens' entries (`Piece.tokens`), and the finish chunk those of tokens that brought no
-        text of their own after the last piece."""
+        """Server-sent events: a role chunk for each of the n choices, their text pieces as they come (the chunks of
+        different choices interleave, each naming its index), each choice's finish chunk as soon as its answer ends,
+        (usage), [DONE]. The status line waits for the first piece, so a refused input is still an ordinary error
+        response. With logprobs, each piece's chunk carries its tokens' entries (`Piece.tokens`), and the finish
+        chunk those of tokens that brought no text of their own after the last piece."""
         first = job.pieces.get()
         if first is None and job.error is not None:
             raise job.error
@@ -216,31 +247,34 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self._streaming = True  # from here an error goes into the stream, not into a second status line
         tokenizer = self.server.engine.pipe.processor.tokenizer
-        want, sent = job.request.logprobs, 0  # token entries sent so far
+        req = job.request
+        sent = [0] * req.n  # token entries sent so far, per choice
 
         def entries(tokens) -> list[dict] | None:
-            return [token_entry(tokenizer, t, lp, alt) for t, lp, alt in tokens] if want else None
+            return [token_entry(tokenizer, t, lp, alt) for t, lp, alt in tokens] if req.logprobs else None
 
         try:
-            self._event(chunk(rid, created, model, {"role": "assistant", "content": ""}))
-            piece = first
-            while piece is not None:
-                tokens = getattr(piece, "tokens", ())
-                self._event(chunk(rid, created, model, {"content": piece}, logprobs=entries(tokens)))
-                sent += len(tokens)
-                piece = job.pieces.get()
+            for i in range(req.n):
+                self._event(chunk(rid, created, model, {"role": "assistant", "content": ""}, index=i))
+            item = first
+            while item is not None:
+                i, got = item
+                if isinstance(got, str):  # a text piece
+                    tokens = getattr(got, "tokens", ())
+                    self._event(chunk(rid, created, model, {"content": got}, logprobs=entries(tokens), index=i))
+                    sent[i] += len(tokens)
+                else:  # choice i's Result: it has ended (a detect / segment prompt's objects ride on this chunk)
+                    alternatives = got.top_logprobs or [None] * len(got.token_ids)
+                    rest = list(zip(got.token_ids, got.logprobs, alternatives))[sent[i]:]
+                    self._event(chunk(rid, created, model, {}, finish_reason(got), index=i,
+                                      logprobs=entries(rest) if rest else None,
+                                      extra=task_outputs(req.prompt, got.text, *req.image.size)))
+                item = job.pieces.get()
             # None came: the job's results or error are set (before it, as the engine finishes a job)
             if job.error is not None:  # failed after the status line went out: say so in the stream
                 self._event(job.error.body())
-            elif job.results:  # (none when the job was cancelled: the stream just ends)
-                result = job.results[0]
-                alternatives = result.top_logprobs or [None] * len(result.token_ids)
-                rest = list(zip(result.token_ids, result.logprobs, alternatives))[sent:]
-                req = job.request  # a detect / segment prompt's objects ride on the finishing chunk
-                self._event(chunk(rid, created, model, {}, finish_reason(result), logprobs=entries(rest) if rest
-                                  else None, extra=task_outputs(req.prompt, result.text, *req.image.size)))
-                if job.request.include_usage:
-                    self._event(chunk(rid, created, model, {}, usage_=usage(job.results), choices=False))
+            elif job.results and req.include_usage:  # (no results when the job was cancelled: the stream just ends)
+                self._event(chunk(rid, created, model, {}, usage_=usage(job.results), choices=False))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except OSError:  # the client went away: stop generating for it
@@ -254,6 +288,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def _guard(self, route) -> None:
         try:
+            host = self.headers.get("Host")
+            if self.server.loopback and not host_allowed(host, self.server.allow_hosts):
+                self.close_connection = True  # (its body, if any, is left unread)
+                raise ApiError(403, f"the Host header {host!r} does not name this machine: a server on a loopback "
+                               "address answers requests for localhost or an IP address only (against DNS "
+                               "rebinding); if a proxy passes that name on, start the server with --allow-host NAME")
             route()
         except ApiError as e:
             self._json(e.status, e.body(), e.headers)

@@ -72,7 +72,7 @@ def test_a_request_arriving_mid_batch_joins_it_and_ends_first(ref, demo):
         streaming.start()
         engine.wait_for_jobs(1)
         [long_job] = engine.jobs
-        assert long_job.pieces.get(timeout=TIMEOUT) == "more "  # it is decoding
+        assert long_job.pieces.get(timeout=TIMEOUT) == (0, "more ")  # it is decoding (choice 0)
         short = post(srv, chat(demo[1]["path"], "caption en"))
         assert text(short) == ref.generate(demo[1]["image"], "caption en").text
         assert not long_job.done.is_set()  # answered while the long one still runs
@@ -174,7 +174,8 @@ def test_a_client_that_leaves_a_stream_cancels_it(ref, demo):
     body = json.dumps(chat(demo[0]["path"], "endless", stream=True)).encode()
     with serving(new_server(engine)) as srv:
         sock = socket.create_connection(srv.server_address[:2], timeout=TIMEOUT)
-        sock.sendall(b"POST " + COMPLETIONS.encode() + b" HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
+        sock.sendall(b"POST " + COMPLETIONS.encode() + b" HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: application/json"
                      b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         got = b""
         while got.count(b"more") < 2:  # the stream is running

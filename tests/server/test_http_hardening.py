@@ -125,7 +125,7 @@ def test_the_standard_library_s_own_errors_are_json(server, request_bytes, statu
 def test_a_client_that_stops_sending_is_cut_off():
     with serving(new_server(None)) as srv:
         srv.client_timeout = 0.5
-        start = b"POST " + COMPLETIONS.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\nab"
+        start = b"POST " + COMPLETIONS.encode() + b" HTTP/1.1\r\nHost: localhost\r\nContent-Length: 50\r\n\r\nab"
         line, _, body = raw_exchange(srv, start, timeout=10)  # the old server never answered: recv timed out
         assert line.startswith("HTTP/1.1 408 ") and "ended before the 50 bytes" in json.loads(body)["error"]["message"]
         with socket.create_connection(srv.server_address[:2], timeout=10) as idle:  # sends nothing at all
@@ -205,15 +205,18 @@ def test_serve_fetch_private_is_wired(capsys):
 
     from palitorch.cli import serve as serve_cli
 
-    def bind(host, fetch_private):
+    def bind(host, fetch_private, allow_hosts=None):
         args = argparse.Namespace(host=host, port=0, served_model_name="m", model=None, api_key=None, no_fetch=False,
-                                  max_body_mb=1, quiet=True, allow_origins=None, fetch_private=fetch_private)
+                                  max_body_mb=1, quiet=True, allow_origins=None, fetch_private=fetch_private,
+                                  allow_hosts=allow_hosts)
         srv = serve_cli.bind(args, {})
         srv.server_close()
-        return srv.fetch_private
+        return srv.fetch_private, srv.allow_hosts
 
-    assert (bind("0.0.0.0", False), bind("0.0.0.0", True), bind("127.0.0.1", False)) == (False, True, False)
+    assert [bind("0.0.0.0", False)[0], bind("0.0.0.0", True)[0], bind("127.0.0.1", False)[0]] == [False, True, False]
+    assert bind("127.0.0.1", False, ["a.example", "B.example"])[1] == {"a.example", "b.example"}
     assert "--fetch-private" in cli(["serve", "--help"], capsys)[1]
+    assert "--allow-host" in cli(["serve", "--help"], capsys)[1]
 
 
 def test_an_ipv6_host_binds_and_answers():
@@ -232,3 +235,41 @@ def test_an_ipv6_host_binds_and_answers():
     with serving(srv):
         status, out, _ = call(srv.url + "/health")
     assert status == 200 and out["status"] == "ok"
+
+
+def test_a_loopback_server_answers_only_host_names_of_this_machine(server):
+    """DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 sends Host: evil.example. A server
+    on a loopback address refuses it (403, and says which option accepts a proxy's name); localhost, IP addresses
+    and this machine's name pass. `--allow-host` adds names; a server on another address answers any name."""
+    from palitorch.server.http import host_allowed
+
+    def models(host):
+        conn = connect(server)
+        conn.putrequest("GET", "/v1/models", skip_host=True)
+        conn.putheader("Host", host)
+        conn.endheaders()
+        r = conn.getresponse()
+        out = json.loads(r.read())
+        conn.close()
+        return r.status, out
+
+    status, out = models("evil.example:8000")
+    assert status == 403 and "--allow-host" in out["error"]["message"] and "'evil.example:8000'" in \
+        out["error"]["message"]
+    for good in ("localhost:8000", "LOCALHOST.", "127.0.0.1", "[::1]:8000", "app.localhost", "host.docker.internal",
+                 "printer.local", socket.gethostname()):
+        assert models(good)[0] == 200, good
+    assert host_allowed("proxy.example.org:443", {"proxy.example.org"})
+    assert host_allowed("any.example", {"*"}) and not host_allowed("any.example", set())
+    assert host_allowed(None, set()) and host_allowed("10.0.0.7:80", set()) and host_allowed("[fe80::1]", set())
+    assert not host_allowed("localhost.evil.example", set())
+    allowed = Server(("127.0.0.1", 0), MODEL, quiet=True, allow_hosts=["Proxy.Example.ORG."])
+    try:
+        assert allowed.loopback and allowed.allow_hosts == {"proxy.example.org"}
+    finally:
+        allowed.server_close()
+    anywhere = Server(("0.0.0.0", 0), MODEL, quiet=True)
+    try:
+        assert not anywhere.loopback  # no Host check: it is meant to be reached by any name
+    finally:
+        anywhere.server_close()
