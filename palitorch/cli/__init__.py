@@ -40,7 +40,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options whose value is free text, which may start with "-" (a stop string "- item", a prompt "-x"): argparse
+# would take such a value for an option of its own.
+TEXT_OPTIONS = ("--stop", "--prompt")
+
+
+def attach_text_values(argv: list[str]) -> list[str]:
+    """`--stop -x` as `--stop=-x` (what follows a text option is its value when it starts with one "-"; "--json"
+    or "-h" after it is still an option, so a forgotten value is still reported)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--":  # everything after it is positional already
+            return out + argv[i:]
+        following = argv[i + 1] if i + 1 < len(argv) else ""
+        if argv[i] in TEXT_OPTIONS and following.startswith("-") and not following.startswith("--") \
+                and following != "-h":
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = attach_text_values(sys.argv[1:] if argv is None else list(argv))
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:  # said by the subcommand's own parser, so that the hint is `palitorch chat --help`
         args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")

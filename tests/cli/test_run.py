@@ -201,3 +201,18 @@ def test_top_logprobs_as_json_and_as_a_table(pg1, images, capsys):
 def test_chat_has_no_top_logprobs_flag(pg1, images, capsys):
     rc, _, err = cli(["chat", "--model", pg1[0], "--image", images / "red.png", "--top-logprobs", "2"], capsys)
     assert rc == 2 and "unrecognized arguments: --top-logprobs 2 (see palitorch chat --help)" in err
+
+
+def test_text_values_may_start_with_a_dash(fake_pipe, images, capsys):
+    """`--stop -x` and `--prompt -x` take "-x" as their text (argparse alone would read it as an option); a value
+    forgotten before another option is still reported."""
+    from palitorch.cli import attach_text_values
+
+    pipe = fake_pipe(lambda im, p: "a - b")
+    rc, out, err = cli(["run", "--image", images / "red.png", "--prompt", "-x caption", "--stop", "- ", "--stop",
+                        "-y"], capsys)
+    assert rc == 0, err
+    assert pipe.calls[0][2] == ["-x caption"] and pipe.calls[0][3]["stop"] == ["- ", "-y"]
+    rc, out, err = cli(["run", "--image", images / "red.png", "--prompt", "caption en", "--stop", "--json"], capsys)
+    assert rc == 2 and "--stop" in err and "expected one argument" in err
+    assert attach_text_values(["--stop", "-h", "--", "--stop", "-x"]) == ["--stop", "-h", "--", "--stop", "-x"]
