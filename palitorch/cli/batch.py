@@ -16,6 +16,9 @@ crash) and runs again the ones that ended in an error. It refuses an output whos
 images, prompts or decoding options. Exit status 0 when every request got an answer, 1 when some got an error.
 An output that is not a regular file (/dev/null, /dev/stdout, a pipe) gets the lines in completion order, and a
 run there cannot resume.
+
+`torchrun --nproc-per-node N -m palitorch batch ...` shares the requests among N processes (one GPU each with
+--device cuda), each writing its part beside the output, folded into it at the end (ranks.py).
 """
 
 from __future__ import annotations
@@ -42,10 +45,12 @@ from palitorch.cli.common import (
     one_line_errors,
     result_fields,
 )
+from palitorch.cli.ranks import Ranks
 from palitorch.cli.results import (
     RESULT_FIELDS,
     Writer,
     check_writable,
+    fold_parts,
     output_target,
     read_done,
     sort_by_index,
@@ -59,7 +64,8 @@ def add_parser(subparsers) -> None:
         description="Answer every request of a JSON-lines file ({\"image\": PATH, \"prompt\": TEXT, ...decoding "
                     "options}) into a JSON-lines file of results. Image paths are relative to the input file. "
                     "Started again, it skips requests already in the output. Decoding options given here are "
-                    "defaults that a request's own fields override.",
+                    "defaults that a request's own fields override. Under torchrun (torchrun --nproc-per-node N -m "
+                    "palitorch batch ...) the N processes share the requests, one GPU each with --device cuda.",
     )
     one_line_errors(p)
     p.add_argument("--input", required=True, metavar="REQUESTS.jsonl",
@@ -182,10 +188,10 @@ def run_chunk(pipe, chunk: list[Request], writer: Writer, pad_to: int | None = N
 
 
 def batch(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     defaults = decoding_options(args)
     device, dtype = check_model_options(args)
+    ranks = Ranks.from_env()  # several processes under torchrun (ranks.py)
+    device = ranks.device(device)
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     src, (dst, streamed) = Path("/dev/stdin" if args.input == "-" else args.input), output_target(args.output)
@@ -198,16 +204,31 @@ def batch(args: argparse.Namespace) -> int:
         raise InputError(f"--output {args.output}: {not_a_folder(dst.parent)}")
     if not streamed and dst.resolve() == src.resolve():
         raise InputError("--output must not be the input file")
+    if ranks.world > 1 and (streamed or piped):
+        raise InputError("with several processes (torchrun) --input and --output must be files: each process reads "
+                         "the input and writes its part beside the output")
     try:
         data = src.read_bytes()
     except OSError as e:
         raise InputError(f"cannot read the input file {str(src)!r}: {e.strerror}") from None
     if b"\0" in data:
         raise InputError(f"input file {str(src)!r} is not text: give a JSON-lines file, one request per line")
+    with ranks.joined():
+        return run_requests(args, data.splitlines(), src.parent if not piped else Path.cwd(), dst, streamed, defaults,
+                            ranks, device, dtype)
+
+
+def run_requests(args, lines: list[bytes], folder: Path, dst: Path, streamed: bool, defaults: dict, ranks: Ranks,
+                 device: str, dtype) -> int:
+    """Check every request against the output (resuming it), answer those to do (this process's share of them),
+    and put the output in input order."""
+    from tqdm import tqdm
 
     # Every check before the output changes: an output that belongs to other requests is refused untouched.
-    lines = data.splitlines()
     regular = not streamed  # else /dev/null, /dev/stdout, a pipe: written, never read back
+    if regular and ranks.main:
+        fold_parts(dst)  # an earlier multi-process run's parts, left when it stopped early
+    ranks.barrier()
     done, tidy = read_done(dst) if regular else ({}, lambda: None)
     requests: list[Request] = []
     bad: list[tuple[dict, int, str]] = []
@@ -217,7 +238,7 @@ def batch(args: argparse.Namespace) -> int:
         fields = {}
         try:
             fields = read_fields(index, raw)
-            req = make_request(index, fields, Path.cwd() if piped else src.parent, defaults)
+            req = make_request(index, fields, folder, defaults)
         except InputError as e:
             if index not in done:
                 bad.append((fields, index, str(e)))
@@ -228,21 +249,28 @@ def batch(args: argparse.Namespace) -> int:
             requests.append(req)
     if regular:
         check_writable(dst)
-    tidy()
-    writer = Writer(dst, stream=streamed)
+    if ranks.main:
+        tidy()
+    ranks.barrier()  # (the output is tidied before the parts appear beside it)
+    mine = requests[ranks.rank::ranks.world]
+    writer = Writer(part_of(dst, ranks), stream=streamed)
     try:
-        for fields, index, error in bad:
+        for fields, index, error in bad if ranks.main else ():
             writer.add(fields, index, error=error)
         writer.commit()  # bad lines are on disk before the model loads
-        total = sum(1 for raw in lines if raw.strip())
-        if requests:
+        if mine:
             size = chunk_size(args)
             pipe = load_pipeline(args, device, dtype)
             groups: dict[str, list[Request]] = {}
-            for req in requests:
+            for req in mine:
                 groups.setdefault(json.dumps(req.options, sort_keys=True), []).append(req)
-            with tqdm(total=total, initial=total - len(requests), unit="req", desc="batch", file=sys.stderr,
-                      disable=args.quiet, dynamic_ncols=True) as bar:
+            if ranks.world == 1:
+                total = sum(1 for raw in lines if raw.strip())
+                shown = {"desc": "batch", "total": total, "initial": total - len(requests)}
+            else:  # the bar of the first process, for its own share
+                shown = {"desc": f"batch (process 1 of {ranks.world})", "total": len(mine)}
+            with tqdm(unit="req", file=sys.stderr, dynamic_ncols=True, disable=args.quiet or not ranks.main,
+                      **shown) as bar:
                 for group in groups.values():
                     for i in range(0, len(group), size):
                         chunk = group[i:i + size]
@@ -250,19 +278,32 @@ def batch(args: argparse.Namespace) -> int:
                         writer.commit()
                         bar.update(len(chunk))
     except KeyboardInterrupt:
-        if writer.regular:
-            print(f"\npalitorch batch: interrupted; the {writer.results} results written to {dst} are kept: run the "
-                  "same command again to go on", file=sys.stderr)
+        if writer.regular and ranks.main:
+            kept = f"the {writer.results} results written to {dst}" if ranks.world == 1 else \
+                f"the results written to {dst} and to the parts beside it"
+            print(f"\npalitorch batch: interrupted; {kept} are kept: run the same command again to go on",
+                  file=sys.stderr)
         raise
     finally:
         writer.close()
-    if writer.regular:
-        sort_by_index(dst)
-    if not args.quiet:
-        errors = f"{writer.errors} errors (lines with an \"error\" field)" if writer.errors else "no errors"
-        print(f"palitorch batch: {writer.results} results and {errors} written to {dst}; {len(done)} already there",
+    results, errors = ranks.sum(writer.results, writer.errors)
+    ranks.barrier()  # every part is complete
+    if regular and ranks.main:
+        if fold_parts(dst) == 0:
+            sort_by_index(dst)
+    if not args.quiet and ranks.main:
+        said = f"{errors} errors (lines with an \"error\" field)" if errors else "no errors"
+        by = f" by {ranks.world} processes" if ranks.world > 1 else ""
+        print(f"palitorch batch: {results} results and {said} written to {dst}{by}; {len(done)} already there",
               file=sys.stderr)
-    return 1 if writer.errors else 0
+    # Under torchrun the first process's status says it: another one exiting 1 first would have torchrun stop the
+    # first one, perhaps while it folds the parts.
+    return 1 if errors and ranks.main else 0
+
+
+def part_of(dst: Path, ranks: Ranks) -> Path:
+    """Where this process writes: the output itself, or with several processes its own part beside it."""
+    return dst if ranks.world == 1 else dst.with_name(f"{dst.name}.rank{ranks.rank}")
 
 
 def chunk_size(args: argparse.Namespace) -> int:

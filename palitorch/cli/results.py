@@ -90,6 +90,47 @@ def replace_lines(path: Path, lines: list[bytes]) -> None:
     os.replace(part, path)
 
 
+def part_files(output: Path) -> list[Path]:
+    """The files `<output>.rank<N>` that the processes of a multi-process run (torchrun) write beside `output`."""
+    prefix = output.name + ".rank"
+    if not output.parent.is_dir():
+        return []
+    return sorted(p for p in output.parent.iterdir() if p.name.startswith(prefix) and p.name[len(prefix):].isdigit())
+
+
+def fold_parts(output: Path) -> int:
+    """Fold the part files of an earlier multi-process run into `output` (they are left behind when it stopped
+    early): their complete result lines join the output's, one line per request (an answer wins over an error),
+    in input order, through a new file renamed over the output; then the parts are deleted. A line of the output
+    that is not a result is kept for `read_done` to judge. Returns how many parts were folded."""
+    parts = part_files(output)
+    if not parts:
+        return 0
+    own = output.read_bytes().splitlines() if output.exists() else []
+    theirs = []
+    for part in parts:
+        data = part.read_bytes()
+        theirs += data[:data.rfind(b"\n") + 1].splitlines()  # after the last newline: a line cut short
+    lines, best = [], {}  # index -> position in lines of its line
+    for line, mine in [(line, True) for line in own] + [(line, False) for line in theirs]:
+        record = _record(line)
+        if record is None:
+            if mine and line.strip():
+                lines.append(line)
+            continue
+        where = best.get(record["index"])
+        if where is None:
+            best[record["index"]] = len(lines)
+            lines.append(line)
+        elif "error" in (_record(lines[where]) or {}) and "error" not in record:
+            lines[where] = line
+    lines.sort(key=lambda line: (_record(line) or {}).get("index", 0))
+    replace_lines(output, lines)
+    for part in parts:
+        part.unlink()
+    return len(parts)
+
+
 def sort_by_index(path: Path) -> None:
     """Put a finished output's lines in input order (they are written in completion order)."""
     lines = path.read_bytes().splitlines()

@@ -79,9 +79,9 @@ def fake_pipe(monkeypatch):
 
     def install(answer):
         pipe = FakePipe(answer)
-        monkeypatch.setattr(common, "load_pipeline", lambda *a, **k: pipe)
-        for name in ("run", "chat", "batch"):
+        for name in ("run", "chat", "batch"):  # imported first: one imported after the patch keeps the stand-in
             monkeypatch.setattr(f"palitorch.cli.{name}.load_pipeline", lambda *a, **k: pipe)
+        monkeypatch.setattr(common, "load_pipeline", lambda *a, **k: pipe)
         return pipe
 
     return install

@@ -1,0 +1,78 @@
+"""Several processes on one `palitorch batch` job: `torchrun --nproc-per-node N -m palitorch batch ...`.
+
+torchrun starts N copies of the command, with RANK, WORLD_SIZE and LOCAL_RANK in their environment. Each process
+answers every N-th request still to do (process r: the r-th, the (r + N)-th, ...) on its own device (cuda:LOCAL_RANK
+with `--device cuda`) and appends its results to its own part file beside the output, `<output>.rank<r>`
+(`results.fold_parts`). When all have finished, the first process folds the parts into the output, in input order.
+The processes meet only at barriers (gloo, so on CPU and GPU alike): before the output is read to resume, after the
+first process has tidied it, and at the end. A run stopped early leaves its parts; the next run, with any number
+of processes, folds them in first and goes on.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from palitorch.errors import InputError
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Ranks:
+        try:
+            ranks = cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                        int(os.environ.get("LOCAL_RANK", "0")))
+        except ValueError:
+            raise InputError("RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers (torchrun sets them)") from None
+        if not 0 <= ranks.rank < ranks.world:
+            raise InputError(f"RANK {ranks.rank} is not below WORLD_SIZE {ranks.world} (torchrun sets them)")
+        return ranks
+
+    @property
+    def main(self) -> bool:
+        """The first process: it tidies and folds the output and speaks for all."""
+        return self.rank == 0
+
+    def device(self, device: str) -> str:
+        """This process's device: with several processes `--device cuda` means one GPU each, cuda:LOCAL_RANK."""
+        if self.world == 1 or device != "cuda":
+            return device
+        if self.local_rank >= torch.cuda.device_count():
+            raise InputError(f"--device cuda: process {self.local_rank + 1} on this machine has no GPU of its own "
+                             f"({torch.cuda.device_count()} visible): start at most that many processes per machine")
+        return f"cuda:{self.local_rank}"
+
+    @contextmanager
+    def joined(self):
+        """The block runs in torchrun's process group (for `barrier` and `sum`); nothing for one process."""
+        import torch.distributed as dist
+
+        if self.world == 1 or dist.is_initialized():
+            yield self
+            return
+        dist.init_process_group("gloo", rank=self.rank, world_size=self.world)
+        try:
+            yield self
+        finally:
+            dist.destroy_process_group()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def sum(self, *counts: int) -> list[int]:
+        """Each count summed over the processes."""
+        if self.world == 1:
+            return list(counts)
+        t = torch.tensor(counts, dtype=torch.int64)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
