@@ -75,7 +75,8 @@ NEUTRAL = {
     "response_format": ({"type": "text"}, "PaliGemma writes plain text"), "modalities": (["text"], None),
 }
 IGNORED = {"user", "metadata", "store", "service_tier"}  # bookkeeping that does not change the answer
-KNOWN = {"model", "messages", "n", "stream", "stream_options", "logprobs"} | set(DECODING) | set(NEUTRAL) | IGNORED
+KNOWN = {"model", "messages", "n", "stream", "stream_options", "logprobs", "ignore_eos"} | set(DECODING) | \
+    set(NEUTRAL) | IGNORED
 MAX_N = 16
 MAX_BEAMS = 16  # each beam is a row of KV cache: a bound, so that one request cannot take the server's memory
 
@@ -137,6 +138,8 @@ def parse_chat(body: dict, model_id: str, defaults: dict | None = None,
             options[key] = body[name]
     if options.get("temperature") == 0:  # OpenAI's way to ask for greedy decoding, whatever else is set
         options = {k: v for k, v in options.items() if k not in ("top_p", "top_k", "min_p")}
+    if flag_or_int(body, "ignore_eos", False):  # vLLM's: every answer max_tokens long (benchmark tools send it)
+        options["min_new_tokens"] = options.get("max_new_tokens", GenerationOptions.max_new_tokens)
     check_options(options)
     n = flag_or_int(body, "n", 1)
     if not 1 <= n <= MAX_N:

@@ -159,6 +159,14 @@ def test_a_bug_mid_stream_ends_the_stream_with_an_error_event(server, demo, monk
     assert post(server, chat(demo[0]["path"], "caption en"))[0] == 200
 
 
+def test_ignore_eos_runs_to_max_tokens(server, demo):
+    status, out, _ = post(server, chat(demo[0]["path"], "caption en", max_tokens=9, ignore_eos=True, n=2,
+                                       temperature=1.0))
+    assert status == 200, out
+    assert [c["finish_reason"] for c in out["choices"]] == ["length", "length"]
+    assert out["usage"]["completion_tokens"] == 18
+
+
 def test_n_greedy_choices_are_alike(server, ref, demo):
     e = demo[3]
     status, out, _ = post(server, chat(e["path"], "caption en", n=3))

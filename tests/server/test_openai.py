@@ -64,6 +64,16 @@ def test_max_tokens_names():
     assert e.param == "max_tokens" and "not both" in e.message
 
 
+def test_ignore_eos_makes_every_answer_max_tokens_long():
+    """vLLM's ignore_eos (benchmark tools send it) bars EOS until max_tokens: the server's default length, else
+    GenerationOptions' default."""
+    assert parse(body(ignore_eos=True, max_tokens=7)).options == {"max_new_tokens": 7, "min_new_tokens": 7}
+    assert parse(body(ignore_eos=True), defaults={"max_new_tokens": 20}).options["min_new_tokens"] == 20
+    assert parse(body(ignore_eos=True)).options == {"min_new_tokens": 64}
+    assert parse(body(ignore_eos=False, max_tokens=7)).options == {"max_new_tokens": 7}
+    assert refused(body(ignore_eos="yes")).param == "ignore_eos"
+
+
 def test_temperature_zero_is_greedy_whatever_else_is_set():
     req = parse(body(temperature=0, top_p=0.9, min_p=0.1), defaults={"top_k": 5})
     assert req.options == {"temperature": 0} and req.greedy
