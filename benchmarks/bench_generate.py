@@ -135,6 +135,13 @@ def load_transformers(pipe, folder: Path, dtype: torch.dtype, device: torch.devi
     return hf, shared / sum(p.nbytes for p in params)
 
 
+def cudagraph_skips() -> int:
+    """How many times inductor has declined to make a CUDA graph in this process (a skip is otherwise silent)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"].get("cudagraph_skips", 0))
+
+
 def first_call(pipe, ours, n: int, args):
     """The first timed call (it pays any compilation). Should the compiled step fail on this machine, say why and
     fall back, so that one device call still yields figures: compile mode -> default inductor -> eager."""
@@ -145,8 +152,8 @@ def first_call(pipe, ours, n: int, args):
         except Exception as e:  # noqa: BLE001 - report any failure of the compiler and carry on
             msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             print(f"  compiled step (mode {mode}) failed: {type(e).__name__}: {msg}")
-            if i + 1 < len(modes):
-                pipe.compile(mode=modes[i + 1], options=args.compile_options)
+            if i + 1 < len(modes):  # (fuse=False: transformers holds views of the weights fused already)
+                pipe.compile(mode=modes[i + 1], options=args.compile_options, fuse=False)
             else:
                 pipe._steps = None
     return ours(n), "eager"
@@ -246,6 +253,9 @@ def bench(size: str, args, workdir: Path, emit=lambda result, row: None) -> dict
                                hf_logits, args.tie_tol)
         row = {"batch": b, "prompt_tokens": t, "new_tokens": n, "same_tokens": check["ok"], "check": check,
                "ours_first_call_s": first_call_s, "ours_step": step_kind}
+        if str(device).startswith("cuda") and (skips := cudagraph_skips()):  # (else only TORCH_LOGS tells)
+            row["cudagraph_skips"] = skips
+            print(f"  warning: CUDA graphs were skipped {skips} time(s): the compiled step runs without them")
         print(f"  {size} batch {b}: {check['summary']}")
         if not check["ok"]:
             print("  TOKENS DIFFER: no speed reported")

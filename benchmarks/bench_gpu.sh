@@ -6,8 +6,9 @@
 # By default (BENCH_ARGS="--decode-attention auto") each size first compiles the decode step with SDPA and with
 # FlexAttention, times both at batch 1 and keeps the faster for the comparison (both timings go in the JSON).
 #   BENCH_ARGS="--decode-attention flex" bash benchmarks/bench_gpu.sh     # one variant (see gpu_variants.sh)
-#   GPU_TESTS=1 SIZE_LIMIT_S=240 bash benchmarks/bench_gpu.sh   # first the CUDA-only tests (CUDA-graph decode and
+#   GPU_TESTS=1 SIZE_LIMIT_S=215 bash benchmarks/bench_gpu.sh   # first the CUDA-only tests (CUDA-graph decode and
 #                                                                # live batch vs CPU, early stop), ~1-2 min, then the benchmark
+#                                                                # (150 + 2 x 215 s: inside one 10-minute call)
 #   GPU_TESTS=1 SIZES= bash benchmarks/bench_gpu.sh              # the CUDA-only tests alone
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,7 @@ if [ "${GPU_TESTS:-0}" = 1 ]; then
 fi
 for size in ${SIZES-pg1-3b pg2-3b}; do  # SIZES= (empty): the tests alone; a checkpoint folder's path works too
   name=$(basename "$size")
+  rm -f "benchmarks/results/gpu-$name.json"  # an older record must not pass for this run's if it dies early
   PYTHONUNBUFFERED=1 timeout "${SIZE_LIMIT_S:-285}" "$PY" benchmarks/bench_generate.py --sizes "$size" --device "${DEVICE:-cuda}" \
     --dtype bfloat16 --batches 1,16 --new-tokens 64 --reps 3 --compile-mode reduce-overhead ${BENCH_ARGS---decode-attention auto} \
     --json "benchmarks/results/gpu-$name.json" 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUTDIR/gpu-$name.log"

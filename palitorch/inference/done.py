@@ -43,7 +43,7 @@ class DoneFlag:
         self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
         self.host.copy_(flag, non_blocking=True)
         self.event = torch.cuda.Event()
-        self.event.record()
+        self.event.record(torch.cuda.current_stream(flag.device))  # the flag's device (not the current one: cuda:1)
 
     def ready(self) -> bool:
         return self.event.query()
