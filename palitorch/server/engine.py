@@ -31,6 +31,7 @@ from palitorch.errors import PalitorchError
 from palitorch.inference.answer import Result
 from palitorch.inference.sampling import GenerationOptions
 from palitorch.server.jobs import Job, api_error, error_for
+from palitorch.server.metrics import Metrics
 from palitorch.server.openai import ApiError, ChatRequest
 from palitorch.server.pacing import Pacer
 
@@ -48,6 +49,8 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="palitorch-engine", daemon=True)
         self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "tokens": 0}
         self.pacer = Pacer()  # when a live batch takes in the requests waiting (pacing.py)
+        self.metrics = Metrics()  # GET /metrics (metrics.py)
+        self.running = 0  # requests being decoded now
 
     def start(self) -> Engine:
         self._thread.start()
@@ -115,12 +118,18 @@ class Engine:
     def _batch(self, group: list[Job]) -> None:
         """Answer a group as one padded batch, run to its end (or a job alone)."""
         start = time.perf_counter()
+        for job in group:
+            job.started_at = start
+        self.running = len(group)
         try:
             self._run(group)
             if group[0].counted:
                 self._count(group, time.perf_counter() - start)
         finally:
-            for job in group:  # after the count: a client that has its answer sees it in /health
+            self.running = 0
+            for job in group:  # after the count: a client that has its answer sees it in /health and /metrics
+                if job.counted:
+                    self.metrics.ended(job)
                 job.done.set()
 
     # ------------------------------------------------------------------ continuous batching
@@ -138,6 +147,7 @@ class Engine:
                     self._top_up(waiting, live.free_rows)
                     if not (waiting and self._hold(waiting, running)):
                         self._join(live, waiting, running, served)
+                    self.running = len(running)
                     if group[0].counted:
                         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(running))
                     if not running:  # (a job left waiting now cannot join even an empty batch: n > its rows)
@@ -157,6 +167,7 @@ class Engine:
             for job in [job for job in (*running, *waiting) if not job.finished]:
                 self._fail(job, error)
                 self._close(job)
+        self.running = 0
         if served and served[0].counted:
             tokens = sum(len(r.token_ids) for job in served for r in (job.results or []))
             self._log_batch(served, tokens, time.perf_counter() - start, "a continuous batch")
@@ -226,11 +237,13 @@ class Engine:
                          options=[options[job] for job in owners])
         if got is None:
             return False
-        self.pacer.admitted(time.perf_counter() - start)
+        now = time.perf_counter()
+        self.pacer.admitted(now - start)
         seqs, events = got
         for job in jobs:
             running[job] = [q for q in seqs if q.tag is job]
             served.append(job)
+            job.started_at, job.first_token_at = start, now  # (the prefill gives each row its first token)
         for seq, item in events:
             self._deliver(seq, item, running)
         return True
@@ -255,6 +268,7 @@ class Engine:
         if job.counted:
             self.stats["requests"] += 1
             self.stats["tokens"] += sum(len(r.token_ids) for r in (job.results or []))
+            self.metrics.ended(job)
         job.done.set()
 
     def _log_batch(self, group: list[Job], tokens: int, seconds: float, kind: str = "") -> None:
@@ -355,6 +369,8 @@ class Engine:
             events = self.pipe.stream_batch(images, prompts, keep_going=wanted, **group[0].request.options)
             for i, item in events:
                 job, sent = owners[i], True
+                if job.first_token_at is None:
+                    job.first_token_at = time.perf_counter()
                 if isinstance(item, str):
                     job.send(rows[i], item)
                 else:

@@ -1,6 +1,7 @@
 """The HTTP side of `palitorch serve`: the standard library's threading HTTP server, speaking OpenAI's API.
 
     GET  /health                 {"status": "ok", "model": ..., "queued": ..., "requests": ..., ...}
+    GET  /metrics                Prometheus metrics: requests, tokens, queue, latency histograms (metrics.py)
     GET  /v1/models              the one model served
     POST /v1/chat/completions    one image + prompt -> answer; "stream": true for server-sent events
     OPTIONS (any path)           a browser's CORS preflight
@@ -36,6 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from palitorch.server.engine import Engine
 from palitorch.server.fetch import fetch_url
+from palitorch.server.hosts import host_allowed
 from palitorch.server.openai import (
     ApiError,
     ImageCache,
@@ -53,29 +55,6 @@ CLIENT_TIMEOUT = 60.0  # seconds a connection may keep a handler thread waiting 
 METHODS = "GET, POST, OPTIONS"
 # Endpoints of OpenAI's API that PaliGemma cannot answer: a 404 that says what to call instead.
 OTHER_APIS = ("/v1/completions", "/v1/embeddings", "/v1/responses")
-
-
-PRIVATE_SUFFIXES = (".localhost", ".local", ".internal")  # reserved: no public DNS name ends so
-
-
-def host_allowed(host: str | None, allowed: set[str]) -> bool:
-    """Whether a request to a loopback server with this Host header may be answered: no header (not a browser), an
-    IP address (DNS rebinding needs a name), localhost, a name under a suffix that no public site can have
-    (.localhost, .local, .internal: e.g. host.docker.internal from a container), this machine's hostname, or a name
-    in `allowed` (`palitorch serve --allow-host`; "*": any)."""
-    if not host or "*" in allowed:
-        return True
-    name = host.strip().lower()
-    name = name[1:name.find("]")] if name.startswith("[") else name.rsplit(":", 1)[0] if name.count(":") == 1 \
-        else name  # without its port; [::1]:8000 -> ::1
-    name = name.rstrip(".")
-    try:
-        ipaddress.ip_address(name)
-        return True
-    except ValueError:
-        pass
-    return name == "localhost" or name.endswith(PRIVATE_SUFFIXES) or name == socket.gethostname().lower() \
-        or name in allowed
 
 
 class Server(ThreadingHTTPServer):
@@ -166,6 +145,11 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
+    def send_response(self, code: int, message: str | None = None) -> None:
+        if self.server.engine is not None:  # (none in a server's first moments, while the model loads)
+            self.server.engine.metrics.response(code)
+        super().send_response(code, message)
+
     def end_headers(self) -> None:
         """Every response (JSON, stream, preflight) to a request from an allowed origin says so."""
         headers = getattr(self, "headers", None)  # none yet when the request line itself was malformed
@@ -179,7 +163,11 @@ class Handler(BaseHTTPRequestHandler):
     def _get(self) -> None:
         self._skip_body()
         path = urllib.parse.unquote(self.path.split("?", 1)[0]).rstrip("/") or "/"  # /v1/models/my%20model: "my model"
-        if path == "/health":
+        if path == "/metrics":  # Prometheus (metrics.py); like /health, no API key
+            engine = self.server.engine
+            text = engine.metrics.render(engine.queued, engine.running)
+            self._send(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+        elif path == "/health":
             engine = self.server.engine
             self._json(200, {"status": "ok", "model": self.server.model_id, "queued": engine.queued,
                              **engine.stats})
@@ -201,7 +189,7 @@ class Handler(BaseHTTPRequestHandler):
     def _post(self) -> None:
         body = self._body()  # read first: a connection kept alive must not start its next request mid-body
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
-        if path in ("/health", "/v1/models") or path.startswith("/v1/models/"):
+        if path in ("/health", "/metrics", "/v1/models") or path.startswith("/v1/models/"):
             raise ApiError(405, f"use GET for {path}", headers={"Allow": "GET, OPTIONS"})
         if path != "/v1/chat/completions":
             raise self._no_endpoint(path)
@@ -371,14 +359,16 @@ class Handler(BaseHTTPRequestHandler):
                    {"Allow": METHODS} if code == 501 else None)
 
     def _json(self, status: int, obj: dict, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(obj, ensure_ascii=False).encode()
+        self._send(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json", headers)
+
+    def _send(self, status: int, data: bytes, kind: str, headers: dict[str, str] | None = None) -> None:
         try:
             self.send_response(status)
             if self.close_connection:  # e.g. after a refused body: tell a keep-alive client not to reuse the connection
                 self.send_header("Connection", "close")
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             if self.command != "HEAD":  # a HEAD request gets the headers only

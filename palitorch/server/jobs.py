@@ -44,6 +44,8 @@ class Job:
     counted: bool = True  # False for the warm-up: not in the stats or the log
     done_rows: list[Result] = field(default_factory=list)  # its rows' results so far, in a batch
     queued_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None  # when a batch took it in (perf_counter), for /metrics
+    first_token_at: float | None = None  # when its first token came, where the path it took tells
 
     @property
     def batchable(self) -> bool:

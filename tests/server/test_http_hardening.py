@@ -26,6 +26,7 @@ from serverkit import (
 
 import palitorch
 from palitorch.server import Engine, Server, parse_chat
+from palitorch.server.metrics import Metrics
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -86,7 +87,8 @@ def test_other_methods_are_405_with_allow(server, method):
 def test_head_is_405_with_the_headers_only_but_for_health(server):
     import types
 
-    with serving(new_server(types.SimpleNamespace(queued=0, stats={}))) as monitored:  # /health reads the engine
+    engine = types.SimpleNamespace(queued=0, stats={}, metrics=Metrics())  # what /health reads of an engine
+    with serving(new_server(engine)) as monitored:
         conn = connect(monitored)
         conn.request("HEAD", "/health")  # an uptime monitor's check: GET's status and headers
         r = conn.getresponse()
@@ -230,7 +232,7 @@ def test_an_ipv6_host_binds_and_answers():
         srv = Server(("::1", 0), MODEL, quiet=True)
     except OSError as e:  # IPv6 compiled in but not configured (some containers)
         pytest.skip(f"cannot bind ::1 here: {e}")
-    srv.engine = types.SimpleNamespace(queued=0, stats={})
+    srv.engine = types.SimpleNamespace(queued=0, stats={}, metrics=Metrics())
     assert srv.url.startswith("http://[::1]:")
     with serving(srv):
         status, out, _ = call(srv.url + "/health")
@@ -241,7 +243,7 @@ def test_a_loopback_server_answers_only_host_names_of_this_machine(server):
     """DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 sends Host: evil.example. A server
     on a loopback address refuses it (403, and says which option accepts a proxy's name); localhost, IP addresses
     and this machine's name pass. `--allow-host` adds names; a server on another address answers any name."""
-    from palitorch.server.http import host_allowed
+    from palitorch.server.hosts import host_allowed
 
     def models(host):
         conn = connect(server)

@@ -1,0 +1,78 @@
+"""GET /metrics: Prometheus' text format, with counts that agree with what the requests were answered, and
+latency histograms for the paths that know each time."""
+
+import re
+import urllib.request
+
+import pytest
+from serverkit import TIMEOUT, call, chat, demo_examples, live_server, post, stream_events
+
+from palitorch.server.metrics import Histogram, Metrics
+
+SAMPLE = re.compile(r"^([a-z_]+)(\{[^}]*\})? (\S+)$")
+
+
+def scrape(server) -> tuple[str, dict[str, float]]:
+    """GET /metrics -> (content type, {name{labels}: value}), each sample line checked against the format and each
+    metric family announced by # HELP and # TYPE before its samples."""
+    with urllib.request.urlopen(server.url + "/metrics", timeout=TIMEOUT) as r:
+        kind, text = r.headers["Content-Type"], r.read().decode()
+    samples, declared = {}, set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            declared.add(line.split()[2])
+        elif not line.startswith("# HELP "):
+            m = SAMPLE.match(line)
+            assert m, line
+            family = re.sub(r"_(bucket|sum|count)$", "", m[1]) if m[1] not in declared else m[1]
+            assert family in declared, line
+            samples[m[1] + (m[2] or "")] = float(m[3])
+    return kind, samples
+
+
+def test_histogram_buckets_are_cumulative():
+    h = Histogram((0.1, 1.0))
+    for v in (0.05, 0.5, 5.0):
+        h.observe(v)
+    assert h.lines("x") == ['x_bucket{le="0.1"} 1', 'x_bucket{le="1"} 2', 'x_bucket{le="+Inf"} 3', "x_sum 5.550000",
+                            "x_count 3"]
+    text = Metrics().render(waiting=2, running=1)
+    assert "palitorch_requests_waiting 2" in text and "palitorch_requests_running 1" in text
+    assert 'palitorch_requests_total{outcome="cancelled"} 0' in text
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return demo_examples()
+
+
+def test_metrics_count_what_was_answered(demo):
+    with live_server() as server:
+        _, before = scrape(server)
+        assert before["palitorch_requests_total{outcome=\"ok\"}"] == 0
+        usages = []
+        status, out, _ = post(server, chat(demo[0]["path"], "caption en"))  # greedy: a live batch
+        assert status == 200
+        usages.append(out["usage"])
+        _, events = stream_events(server, chat(demo[1]["path"], "caption en", stream=True,
+                                               stream_options={"include_usage": True}))
+        usages.append(events[-2]["usage"])
+        status, out, _ = post(server, chat(demo[2]["path"], "caption en", n=2, temperature=1.0, max_tokens=5))
+        usages.append(out["usage"])
+        status, out, _ = post(server, chat(demo[3]["path"], "caption en", seed=3, temperature=1.0, max_tokens=5))
+        usages.append(out["usage"])  # a seeded request runs alone, as one batch: no first-token time of its own
+        assert post(server, chat(demo[0]["path"], "caption en", temprature=1))[0] == 400  # refused before the model
+        assert call(server.url + "/metrics", {})[0] == 405
+        kind, m = scrape(server)
+    assert kind.startswith("text/plain") and "version=0.0.4" in kind
+    assert m['palitorch_requests_total{outcome="ok"}'] == 4
+    assert m['palitorch_requests_total{outcome="error"}'] == m['palitorch_requests_total{outcome="cancelled"}'] == 0
+    assert m["palitorch_generation_tokens_total"] == sum(u["completion_tokens"] for u in usages)
+    assert m["palitorch_prompt_tokens_total"] == sum(u["prompt_tokens"] for u in usages)
+    assert m['palitorch_http_responses_total{code="400"}'] == 1 and m['palitorch_http_responses_total{code="405"}'] == 1
+    assert m['palitorch_http_responses_total{code="200"}'] >= 5  # the answers and the first scrape
+    assert m["palitorch_request_duration_seconds_count"] == m["palitorch_queue_time_seconds_count"] == 4
+    assert m["palitorch_time_to_first_token_seconds_count"] == 3  # the seeded one's is not known
+    assert m['palitorch_request_duration_seconds_bucket{le="+Inf"}'] == 4
+    assert m["palitorch_request_duration_seconds_sum"] >= m["palitorch_time_to_first_token_seconds_sum"] > 0
+    assert m["palitorch_requests_waiting"] == m["palitorch_requests_running"] == 0
