@@ -17,6 +17,11 @@ class InputError(PalitorchError, ValueError):
     """Bad input: an unreadable image, a prompt that does not fit, an invalid decoding option."""
 
 
+class ProcessError(InputError):
+    """Under torchrun, an error that only this process meets (say, no GPU of its own): it says so itself, with its
+    number, where errors every process meets are said by the first one only."""
+
+
 class NumericsError(PalitorchError, ArithmeticError):
     """The model computed NaN or infinite logits: damaged weights, or a dtype whose range overflowed (float16)."""
 

@@ -15,7 +15,7 @@ import os
 import sys
 
 from palitorch.cli.common import one_line_errors
-from palitorch.errors import PalitorchError
+from palitorch.errors import PalitorchError, ProcessError
 
 COMMANDS = ("run", "chat", "batch", "serve", "train", "data", "demo")
 # Errors without a file name that are still the machine's, not the program's: say them in one line.
@@ -68,12 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:  # said by the subcommand's own parser, so that the hint is `palitorch chat --help`
         args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    # Under torchrun every process meets the same error: only the first says it (RANK is torchrun's).
+    # Under torchrun every process meets the same error: only the first says it (RANK is torchrun's), unless the
+    # error is its own process's (ProcessError: that process says it).
     first = os.environ.get("RANK", "0") == "0"
     try:
         return int(args.func(args) or 0)
     except PalitorchError as e:
-        if first:
+        if first or isinstance(e, ProcessError):
             print(f"palitorch {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -207,6 +207,9 @@ def batch(args: argparse.Namespace) -> int:
     if ranks.world > 1 and (streamed or piped):
         raise InputError("with several processes (torchrun) --input and --output must be files: each process reads "
                          "the input and writes its part beside the output")
+    if ranks.world > 1 and not os.access(dst.parent, os.W_OK | os.X_OK):
+        raise InputError(f"--output {args.output}: cannot write in its folder {str(dst.parent)!r}, where each "
+                         "process writes its part: choose another folder")
     try:
         data = src.read_bytes()
     except OSError as e:
@@ -251,10 +254,14 @@ def run_requests(args, lines: list[bytes], folder: Path, dst: Path, streamed: bo
         check_writable(dst)
     if ranks.main:
         tidy()
-    ranks.barrier()  # (the output is tidied before the parts appear beside it)
     mine = requests[ranks.rank::ranks.world]
     writer = Writer(part_of(dst, ranks), stream=streamed)
+    ranks.barrier()  # every process has made its part
     try:
+        if missing := [r for r in range(ranks.world) if not part_of(dst, Ranks(r, ranks.world)).exists()]:
+            raise InputError(f"the parts of process {', '.join(map(str, missing))} are not in {str(dst.parent)!r}: "
+                             "the processes must share the output's folder (on several machines, a shared file "
+                             "system)")
         for fields, index, error in bad if ranks.main else ():
             writer.add(fields, index, error=error)
         writer.commit()  # bad lines are on disk before the model loads
@@ -280,7 +287,7 @@ def run_requests(args, lines: list[bytes], folder: Path, dst: Path, streamed: bo
     except KeyboardInterrupt:
         if writer.regular and ranks.main:
             kept = f"the {writer.results} results written to {dst}" if ranks.world == 1 else \
-                f"the results written to {dst} and to the parts beside it"
+                f"the results written so far (in {dst.name}.rank0 ... beside the output)"
             print(f"\npalitorch batch: interrupted; {kept} are kept: run the same command again to go on",
                   file=sys.stderr)
         raise

@@ -14,10 +14,13 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
-from palitorch.errors import InputError
+from palitorch.errors import InputError, ProcessError
+
+WAIT = timedelta(days=7)  # how long a process that has finished its share waits for the others (gloo's: 30 min)
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,9 @@ class Ranks:
         if self.world == 1 or device != "cuda":
             return device
         if self.local_rank >= torch.cuda.device_count():
-            raise InputError(f"--device cuda: process {self.local_rank + 1} on this machine has no GPU of its own "
-                             f"({torch.cuda.device_count()} visible): start at most that many processes per machine")
+            raise ProcessError(f"process {self.rank}: --device cuda: it is process {self.local_rank + 1} on its "
+                               f"machine, which has {torch.cuda.device_count()} GPU(s) visible: start at most that "
+                               "many processes per machine (--nproc-per-node)")
         return f"cuda:{self.local_rank}"
 
     @contextmanager
@@ -59,7 +63,7 @@ class Ranks:
         if self.world == 1 or dist.is_initialized():
             yield self
             return
-        dist.init_process_group("gloo", rank=self.rank, world_size=self.world)
+        dist.init_process_group("gloo", rank=self.rank, world_size=self.world, timeout=WAIT)
         try:
             yield self
         finally:

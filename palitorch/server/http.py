@@ -37,7 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from palitorch.server.engine import Engine
 from palitorch.server.fetch import fetch_url
-from palitorch.server.hosts import host_allowed
+from palitorch.server.hosts import host_allowed, host_name
 from palitorch.server.openai import (
     ApiError,
     ImageCache,
@@ -81,7 +81,7 @@ class Server(ThreadingHTTPServer):
         self.images = ImageCache()
         self.max_body, self.quiet = max_body, quiet
         self.allow_origins = set(allow_origins or ())  # "*": any origin
-        self.allow_hosts = {h.lower().rstrip(".") for h in allow_hosts or ()}
+        self.allow_hosts = {host_name(h) for h in allow_hosts or ()}
         self.loopback = ipaddress.ip_address(self.server_address[0].split("%")[0]).is_loopback
         self.started = int(time.time())
 
@@ -281,7 +281,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True  # (its body, if any, is left unread)
                 raise ApiError(403, f"the Host header {host!r} does not name this machine: a server on a loopback "
                                "address answers requests for localhost or an IP address only (against DNS "
-                               "rebinding); if a proxy passes that name on, start the server with --allow-host NAME")
+                               "rebinding); if a proxy passes that name on, start the server with --allow-host "
+                               f"{host_name(host)}")
             route()
         except ApiError as e:
             self._json(e.status, e.body(), e.headers)

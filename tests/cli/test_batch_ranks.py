@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 from conftest import REPO, cli  # tests/cli/conftest.py
@@ -83,3 +84,54 @@ def test_two_processes_give_the_one_process_output(pg1, images, capsys):
     proc = torchrun(2, ["batch", *common, "--output", two], images.parent)  # again: only the error line is redone
     assert proc.returncode != 0 and read_results(two).keys() == a.keys() and "does not exist" in b[4]["error"]
     assert [x for x in two.read_bytes().splitlines() if b'"error"' not in x] == answered
+
+
+@pytest.fixture
+def second_of_two(monkeypatch):
+    """This process as torchrun's second of two, without a process group: its meetings with the others are no-ops."""
+    from palitorch.cli.ranks import Ranks
+
+    def as_rank(rank):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setattr(Ranks, "from_env", classmethod(lambda cls: cls(rank, 2, rank)))
+        for name in ("barrier", "sum"):
+            monkeypatch.setattr(Ranks, name, lambda self, *counts: list(counts))
+
+        @contextmanager
+        def joined(self):
+            yield self
+
+        monkeypatch.setattr(Ranks, "joined", joined)
+
+    return as_rank
+
+
+def test_an_error_only_one_process_meets_is_said_by_that_process(second_of_two, images, monkeypatch, capsys):
+    from palitorch.cli.ranks import Ranks
+    from palitorch.errors import ProcessError
+
+    src = write_requests(images.parent / "in.jsonl", [{"image": "imgs/red.png", "prompt": "q"}])
+    second_of_two(1)
+    rc, _, err = cli(["batch", "--input", images.parent / "missing.jsonl", "--output", images.parent / "o.jsonl"],
+                     capsys)
+    assert rc == 2 and err == ""  # every process meets this one: only the first says it
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    with pytest.raises(ProcessError, match="process 1: --device cuda: it is process 2 on its machine"):
+        Ranks.from_env().device("cuda")
+
+    def no_gpu(self, device):  # (this machine has no CUDA for --device cuda to pass the device check)
+        raise ProcessError("process 1: no GPU of its own")
+
+    monkeypatch.setattr(Ranks, "device", no_gpu)
+    rc, _, err = cli(["batch", "--input", src, "--output", images.parent / "o.jsonl"], capsys)
+    assert rc == 2 and "process 1: no GPU of its own" in err  # said by process 1 itself
+
+
+def test_processes_that_do_not_share_the_output_folder_are_stopped_before_the_model(second_of_two, fake_pipe, images,
+                                                                                       capsys):
+    pipe = fake_pipe(lambda im, p: "x")
+    src = write_requests(images.parent / "in.jsonl", [{"image": "imgs/red.png", "prompt": "q"}] * 3)
+    second_of_two(0)  # the first process; the second one's part never appears beside the output
+    rc, _, err = cli(["batch", "--input", src, "--output", images.parent / "o.jsonl"], capsys)
+    assert rc == 2 and "the parts of process 1 are not in" in err and "shared file system" in err
+    assert not pipe.calls

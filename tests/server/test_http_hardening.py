@@ -258,14 +258,18 @@ def test_a_loopback_server_answers_only_host_names_of_this_machine(server):
     status, out = models("evil.example:8000")
     assert status == 403 and "--allow-host" in out["error"]["message"] and "'evil.example:8000'" in \
         out["error"]["message"]
-    for good in ("localhost:8000", "LOCALHOST.", "127.0.0.1", "[::1]:8000", "app.localhost", "host.docker.internal",
-                 "printer.local", socket.gethostname()):
+    assert "--allow-host evil.example" in out["error"]["message"]  # the name, without the port, to copy
+    me = socket.gethostname()
+    for good in ("localhost:8000", "LOCALHOST.", "127.0.0.1", "127.1:8000", "[::1]:8000", "app.localhost",
+                 "host.docker.internal", me, f"{me}.local:80"):
         assert models(good)[0] == 200, good
+    for evil in ("evil.local", "evil.internal", "127.0.0.1.evil.example", "1.2.3.example"):  # mDNS, hotspot DNS
+        assert models(evil)[0] == 403, evil
     assert host_allowed("proxy.example.org:443", {"proxy.example.org"})
     assert host_allowed("any.example", {"*"}) and not host_allowed("any.example", set())
     assert host_allowed(None, set()) and host_allowed("10.0.0.7:80", set()) and host_allowed("[fe80::1]", set())
     assert not host_allowed("localhost.evil.example", set())
-    allowed = Server(("127.0.0.1", 0), MODEL, quiet=True, allow_hosts=["Proxy.Example.ORG."])
+    allowed = Server(("127.0.0.1", 0), MODEL, quiet=True, allow_hosts=["Proxy.Example.ORG.:443"])
     try:
         assert allowed.loopback and allowed.allow_hosts == {"proxy.example.org"}
     finally:
