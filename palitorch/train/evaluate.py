@@ -119,11 +119,11 @@ def loss(model, data: Dataset, idx: list[int], batch_size: int, d: ddp.Dist, aut
     return float(total[0] / total[1].clamp(min=1))
 
 
-def summary(step: int, m: dict) -> str:
-    """The printed lines of evaluation metrics `m` (whichever of them it holds)."""
+def summary(label: str, m: dict) -> str:
+    """The printed lines of evaluation metrics `m` (whichever of them it holds), the first one starting `label: `."""
     head = [f"exact match {m['exact_match']:.4f} (n={m.get('n', '?')})" if "exact_match" in m else "",
             f"eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else ""]
-    parts = [f"step {step}: " + (", ".join(h for h in head if h) or "no evaluation metrics")]
+    parts = [f"{label}: " + (", ".join(h for h in head if h) or "no evaluation metrics")]
     for key, groups in m.items():
         if key == "boxes":
             parts.append(f"  boxes: mean IoU {groups['mean_iou']:.4f}, label right and IoU >= 0.5 "

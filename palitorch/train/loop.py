@@ -361,7 +361,7 @@ class Trainer:
                 result = self.evaluate()
                 self.log({"step": self.step, "eval": result})
                 if d.main:  # printed with or without the progress bar
-                    tqdm.write(evaluate.summary(self.step, result))
+                    tqdm.write(evaluate.summary(f"step {self.step}", result))
             if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last:
                 self.save_checkpoint()
         self._in_loop = False
@@ -382,7 +382,7 @@ class Trainer:
             self.log({"step": self.step, "eval": result, "final": True})
         if d.main:
             if result:
-                print(evaluate.summary(self.step, result))
+                print(evaluate.summary(f"step {self.step}", result))
             print(f"trained {run['steps']} steps ({self.step} of {self.total} in all) in {run['time']:.1f} s; the "
                   f"model is in {self.run / 'model'}")
         return result

@@ -79,7 +79,7 @@ def fake_pipe(monkeypatch):
 
     def install(answer):
         pipe = FakePipe(answer)
-        for name in ("run", "chat", "batch"):  # imported first: one imported after the patch keeps the stand-in
+        for name in ("run", "chat", "batch", "eval"):  # imported first: one imported after the patch keeps the stand-in
             monkeypatch.setattr(f"palitorch.cli.{name}.load_pipeline", lambda *a, **k: pipe)
         monkeypatch.setattr(common, "load_pipeline", lambda *a, **k: pipe)
         return pipe
@@ -94,5 +94,5 @@ def no_model_load(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the options were checked")
 
-    for name in ("run", "chat", "batch"):
+    for name in ("run", "chat", "batch", "eval"):
         monkeypatch.setattr(f"palitorch.cli.{name}.load_pipeline", refuse)

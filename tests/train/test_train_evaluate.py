@@ -34,7 +34,7 @@ def test_metrics_per_group_and_boxes():
     assert m["qtype"]["yesno"]["exact_match"] == 1.0 and m["qtype"]["color"]["exact_match"] == 0.0
     assert m["boxes"]["n"] == 1 and m["boxes"]["label_and_iou50"] == 1.0
     assert m["boxes"]["mean_iou"] == pytest.approx(200 * 200 / (200 * 201))
-    assert "mean IoU" in summary(5, {**m, "eval_loss": 1.0})
+    assert "mean IoU" in summary("step 5", {**m, "eval_loss": 1.0})
 
 
 def test_box_score():
@@ -71,7 +71,7 @@ def test_periodic_evaluation_without_an_eval_set_is_skipped(tmp_path, capsys):
 
 
 def test_summary_says_what_the_metrics_hold():
-    assert summary(3, {}) == "step 3: no evaluation metrics"
-    assert summary(3, {"eval_loss": 1.5}) == "step 3: eval loss 1.5000"
-    assert summary(3, {"exact_match": 0.5, "n": 4, "eval_loss": 1.5}) == \
+    assert summary("step 3", {}) == "step 3: no evaluation metrics"
+    assert summary("step 3", {"eval_loss": 1.5}) == "step 3: eval loss 1.5000"
+    assert summary("step 3", {"exact_match": 0.5, "n": 4, "eval_loss": 1.5}) == \
         "step 3: exact match 0.5000 (n=4), eval loss 1.5000"

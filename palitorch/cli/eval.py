@@ -1,0 +1,109 @@
+"""`palitorch eval`: how well a model answers held-out data, measured as the trainer measures it.
+
+The data is the training layout, a JSONL of `{"image": path, "prefix": text, "suffix": text, ...}` (image paths
+relative to the file; other fields such as `task` or `qtype` name groups). Each prefix is answered greedily and the
+answer compared with the suffix (`train/evaluate.py`): exact match (whitespace runs counted as one space), overall
+and per value of each `--group-by` field, and for suffixes that are boxes (`<loc>` x 4 + label) the mean IoU of the
+first predicted box and the share with the label right and IoU >= 0.5.
+
+    palitorch eval --model DIR --data data/easyvqa/test.jsonl
+    palitorch eval --data test.jsonl --max-examples 500 --json --predictions predictions.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from palitorch.cli.common import add_model_options, check_model_options, load_pipeline, not_a_folder, one_line_errors
+from palitorch.errors import InputError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="measure a model on held-out JSONL data (exact match, per group, box IoU)",
+        description="Answer every prefix of a JSONL file of {\"image\", \"prefix\", \"suffix\"} (the training "
+                    "data's layout) greedily and compare with its suffix: exact match overall and per group, and "
+                    "for box answers the mean IoU and the share with the label right and IoU >= 0.5.",
+    )
+    one_line_errors(p)
+    p.add_argument("--data", required=True, metavar="TEST.jsonl", help="the held-out examples")
+    p.add_argument("--max-examples", type=int, default=0, metavar="N",
+                   help="a fixed random subset of N examples, in file order (default 0: all)")
+    p.add_argument("--seed", type=int, default=0, help="which subset --max-examples takes (default 0)")
+    p.add_argument("--group-by", default="task,qtype", metavar="FIELDS",
+                   help="comma-separated JSONL fields to report exact match per value of (default task,qtype; "
+                        "fields no example has are left out)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="examples per forward pass (default 16)")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+                   help="longest answer generated (default 32)")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.add_argument("--predictions", metavar="OUT.jsonl",
+                   help="also write each example with its prediction and whether it matched")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_model_options(p)
+    p.set_defaults(func=evaluate)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from palitorch.inference import load_image
+    from palitorch.train import ddp
+    from palitorch.train.data import read_jsonl
+    from palitorch.train.evaluate import exact_match, normalize_answer, subset, summary
+
+    for name in ("batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_examples < 0:
+        raise InputError(f"--max-examples must be >= 0 (0: all), got {args.max_examples}")
+    out = Path(args.predictions) if args.predictions else None
+    if out is not None:
+        if out.is_dir() or args.predictions.endswith(("/", os.sep)):
+            raise InputError(f"--predictions {args.predictions} is a folder: give a file name")
+        if not out.parent.is_dir():
+            raise InputError(f"--predictions {args.predictions}: {not_a_folder(out.parent)}")
+        if Path(args.data).exists() and out.resolve() == Path(args.data).resolve():
+            raise InputError("--predictions must not be the data file")
+    device, dtype = check_model_options(args)
+    examples = read_jsonl(args.data)
+    idx = subset(len(examples), args.max_examples, args.seed)
+    missing = [examples[i] for i in idx if not examples[i].image.is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise InputError(f"{missing[0].where}: image {str(missing[0].image)!r} does not exist{more}")
+    groups = [g.strip() for g in args.group_by.split(",") if g.strip()]
+
+    pipe = load_pipeline(args, device, dtype)
+    answers: list[str] = []
+    with tqdm(total=len(idx), unit="ex", desc="eval", file=sys.stderr, disable=args.quiet,
+              dynamic_ncols=True) as bar:
+        def generate(paths, prompts, max_new_tokens):
+            images = [load_image(path) for path in paths]
+            texts = [r.text for r in pipe.generate(images, prompts, max_new_tokens=max_new_tokens)]
+            answers.extend(texts)
+            bar.update(len(texts))
+            return texts
+
+        metrics = exact_match(pipe.model, pipe.processor, examples, idx, args.batch_size, args.max_new_tokens,
+                              groups, ddp.Dist(), generate=generate)
+    if out is not None:  # one process answers every example, in the order of idx
+        lines = []
+        for i, answer in zip(idx, answers):
+            e = examples[i]
+            lines.append(json.dumps({"image": str(e.image), "prefix": e.prefix, "suffix": e.suffix, **e.meta,
+                                     "prediction": answer,
+                                     "exact_match": normalize_answer(answer) == normalize_answer(e.suffix)},
+                                    ensure_ascii=False))
+        part = out.with_name(out.name + ".part")
+        part.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        os.replace(part, out)  # all of it or none
+    if args.json:
+        print(json.dumps({"data": str(args.data), **metrics}, ensure_ascii=False))
+    else:
+        print(summary(str(args.data), metrics))
+    return 0

@@ -1,0 +1,83 @@
+"""`palitorch eval`: the trainer's held-out metrics for any checkpoint and JSONL, with predictions and one-line
+errors."""
+
+import json
+
+import pytest
+import torch
+from conftest import cli  # tests/cli/conftest.py
+from PIL import Image
+
+import palitorch
+from palitorch.assets import ASSETS_DIR as ASSETS
+from palitorch.train.evaluate import box_score
+
+
+def demo_jsonl(path):
+    """The bundled demo examples as held-out data: a question, a caption and a box per image."""
+    examples = json.loads((ASSETS / "demo.json").read_text())["examples"]
+    lines = []
+    for e in examples:
+        image = str(ASSETS / e["image"])
+        lines += [{"image": image, "prefix": f"answer en {e['question']}", "suffix": e["answer"], "task": "vqa"},
+                  {"image": image, "prefix": "caption en", "suffix": e["caption"], "task": "caption"},
+                  {"image": image, "prefix": e["detect"], "suffix": e["detection"], "task": "detect"}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return lines
+
+
+def test_eval_measures_the_bundled_model_as_its_own_answers_say(tmp_path, capsys):
+    lines = demo_jsonl(tmp_path / "test.jsonl")
+    rc, out, err = cli(["eval", "--data", tmp_path / "test.jsonl", "--json", "--batch-size", "4", "--quiet",
+                        "--predictions", tmp_path / "pred.jsonl"], capsys)
+    assert rc == 0, err
+    m = json.loads(out)
+    pipe = palitorch.load()
+    got = [pipe.generate(Image.open(x["image"]), x["prefix"], max_new_tokens=32).text for x in lines]
+    right = [g == x["suffix"] for g, x in zip(got, lines)]
+    assert m["n"] == len(lines) and m["exact_match"] == pytest.approx(sum(right) / len(lines))
+    for task in ("vqa", "caption", "detect"):
+        mine = [r for r, x in zip(right, lines) if x["task"] == task]
+        assert m["task"][task] == {"exact_match": pytest.approx(sum(mine) / len(mine)), "n": len(mine)}
+    boxes = [box_score(g, x["suffix"]) for g, x in zip(got, lines) if x["task"] == "detect"]
+    assert m["boxes"]["n"] == len(boxes) and m["boxes"]["mean_iou"] == pytest.approx(
+        sum(b[0] for b in boxes) / len(boxes))
+    predictions = [json.loads(x) for x in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert [p["prediction"] for p in predictions] == got and [p["exact_match"] for p in predictions] == right
+    assert predictions[0]["task"] == "vqa" and predictions[0]["suffix"] == lines[0]["suffix"]
+    rc, out, _ = cli(["eval", "--data", tmp_path / "test.jsonl", "--max-examples", "5", "--quiet"], capsys)
+    assert rc == 0 and out.startswith(f"{tmp_path / 'test.jsonl'}: exact match") and "(n=5)" in out
+
+
+def test_eval_scores_what_the_model_answers(fake_pipe, images, tmp_path, capsys):
+    pipe = fake_pipe(lambda im, p: {"q1": "red", "q2": "blue", "q3": "<loc0000><loc0000><loc0511><loc0511> cat",
+                                    "q4": "green"}[p])
+    pipe.model = torch.nn.Linear(1, 1)  # evaluation sets the model's mode and reads its device
+    rows = [("q1", "red", "colour"), ("q2", "  red ", "colour"), ("q3", "<loc0000><loc0000><loc1023><loc1023> cat",
+            "detect"), ("q4", "green", "shape")]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"image": "imgs/red.png", "prefix": p, "suffix": s,
+                                                          "kind": k}) + "\n" for p, s, k in rows))
+    rc, out, err = cli(["eval", "--data", tmp_path / "d.jsonl", "--group-by", "kind", "--json", "--quiet"], capsys)
+    assert rc == 0, err
+    m = json.loads(out)
+    assert m["exact_match"] == 0.5 and m["kind"]["colour"] == {"exact_match": 0.5, "n": 2}
+    assert m["boxes"] == {"n": 1, "mean_iou": pytest.approx(512 * 512 / 1023 ** 2, rel=1e-2), "label_and_iou50": 0.0}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--max-examples", "-1"], "--max-examples must be >= 0"),
+    (["--predictions", "nowhere/p.jsonl"], "does not exist"),
+])
+def test_eval_errors_are_one_line(extra, message, images, tmp_path, no_model_load, capsys):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "imgs/red.png", "prefix": "q", "suffix": "a"}) + "\n")
+    rc, _, err = cli(["eval", "--data", tmp_path / "d.jsonl", *extra], capsys)
+    assert rc == 2 and message in err and err.count("\n") == 1
+
+
+def test_eval_names_a_missing_image_before_loading(tmp_path, no_model_load, capsys):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "gone.png", "prefix": "q", "suffix": "a"}) + "\n")
+    rc, _, err = cli(["eval", "--data", tmp_path / "d.jsonl"], capsys)
+    assert rc == 2 and "d.jsonl:1" in err and "gone.png" in err and err.count("\n") == 1
+    rc, _, err = cli(["eval", "--data", tmp_path / "none.jsonl"], capsys)
+    assert rc == 2 and "does not exist" in err
