@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from palitorch.checkpoint.keys import hf_to_ours, ours_to_hf, unused
+from palitorch.checkpoint.keys import hf_name_as_in, hf_to_ours, ours_to_hf, unused
 from palitorch.config import PaliGemmaConfig
 from palitorch.errors import CheckpointError, ConfigError
 from palitorch.model.paligemma import PaliGemma
@@ -114,6 +114,7 @@ def load_model(path, device="cpu", dtype="float32") -> PaliGemma:
         model = PaliGemma(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
+    seen: list[str] = []  # the HF names read, whose layout an error names a missing tensor in
     for file in weight_files(folder):
         check_safetensors(file)
         try:
@@ -122,6 +123,7 @@ def load_model(path, device="cpu", dtype="float32") -> PaliGemma:
             raise CheckpointError(f"{file} is not a readable safetensors file ({e}); download it again") from None
         with f:
             for key in f.keys():
+                seen.append(key)
                 if unused(key, cfg.text.tie_embeddings):
                     continue
                 ours = hf_to_ours(key, cfg.version)
@@ -147,8 +149,10 @@ def load_model(path, device="cpu", dtype="float32") -> PaliGemma:
                     )
                 state[ours] = t.to(device=device, dtype=dtype)
     missing = [k for k in expected if k not in state]
-    if missing:
-        raise CheckpointError(f"{folder}: checkpoint lacks tensor for {missing[0]!r} ({len(missing)} missing)")
+    if missing:  # named as the Hub names it (the name to look for in the files)
+        name = hf_name_as_in(missing[0], cfg.version, seen)
+        raise CheckpointError(f"{folder}: the checkpoint lacks tensor {name!r} ({len(missing)} missing): download "
+                              "its safetensors files again")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

@@ -113,3 +113,15 @@ def ours_to_hf(name: str, version: int) -> str:
             hf = inverse[template]
             return hf_prefix + (hf.format(m.group(1)) if m else hf)
     raise KeyError(name)
+
+
+def hf_name_as_in(name: str, version: int, seen) -> str:
+    """The HF weight name for one of our parameter names, in the layout of the HF names `seen` in a checkpoint
+    (where one of them shows the layout of that part), else the newer layout: the name to look for in its files."""
+    new = ours_to_hf(name, version)
+    for ours_prefix, hf_prefix in EXPORT_PREFIXES.items():
+        if name.startswith(ours_prefix) and new.startswith(hf_prefix):
+            for prefix, ours in PREFIXES.items():
+                if ours == ours_prefix and any(k.startswith(prefix) for k in seen):
+                    return prefix + new[len(hf_prefix):]
+    return new

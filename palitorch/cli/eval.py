@@ -95,7 +95,7 @@ def evaluate(args: argparse.Namespace) -> int:
         lines = []
         for i, answer in zip(idx, answers):
             e = examples[i]
-            lines.append(json.dumps({"image": str(e.image), "prefix": e.prefix, "suffix": e.suffix, **e.meta,
+            lines.append(json.dumps({"image": str(e.image.resolve()), "prefix": e.prefix, "suffix": e.suffix, **e.meta,
                                      "prediction": answer,
                                      "exact_match": normalize_answer(answer) == normalize_answer(e.suffix)},
                                     ensure_ascii=False))

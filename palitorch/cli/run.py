@@ -80,12 +80,12 @@ def draw(image: Image.Image, text: str, out: Path, vae: dict | None = None) -> N
     if segments:
         found = segments
         masks = [decode_mask(s.codes, s.box, vae, image.size) for s in segments]
-    if not found:
-        print(f"palitorch run: no boxes in the answer; {out} is the image unchanged", file=sys.stderr)
     try:
         draw_detections(image, found, masks).save(out)
     except OSError as e:
         raise InputError(f"cannot write {out}: {e}") from None
+    if not found:  # (said once it is true)
+        print(f"palitorch run: no boxes in the answer; {out} is the image unchanged", file=sys.stderr)
 
 
 def alternatives_table(result, tokenizer) -> str:

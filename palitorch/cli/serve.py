@@ -31,7 +31,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="serve the model over an OpenAI-style HTTP API",
         description="Serve the model over an OpenAI-style HTTP API: POST /v1/chat/completions (one image and a "
-                    "prompt per request; \"stream\": true for server-sent events), GET /v1/models, GET /health. "
+                    "prompt per request; \"stream\": true for server-sent events), GET /v1/models, GET (or HEAD) "
+                    "/health, GET /metrics (Prometheus). "
                     "Concurrent requests decode together, continuously batched: a request that arrives while a "
                     "batch runs joins it at the next step. The decoding options below are defaults for requests "
                     "that do not set them.",

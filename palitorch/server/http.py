@@ -128,7 +128,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _not_allowed(self) -> None:
         self._skip_body()
-        raise ApiError(405, f"{self.command} is not used by this API: use {METHODS}", headers={"Allow": METHODS})
+        path = self.path.split("?", 1)[0].rstrip("/")
+        allow = {"/v1/chat/completions": "POST, OPTIONS", "/health": "GET, HEAD, OPTIONS"}.get(
+            path, "GET, OPTIONS" if path in ("/metrics", "/v1/models") or path.startswith("/v1/models/") else METHODS)
+        raise ApiError(405, f"{self.command} is not used by this API: use {allow}", headers={"Allow": allow})
 
     def _options(self) -> None:
         """A CORS preflight (no body, no API key: browsers send neither): which methods and headers may follow."""
@@ -190,7 +193,8 @@ class Handler(BaseHTTPRequestHandler):
         body = self._body()  # read first: a connection kept alive must not start its next request mid-body
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         if path in ("/health", "/metrics", "/v1/models") or path.startswith("/v1/models/"):
-            raise ApiError(405, f"use GET for {path}", headers={"Allow": "GET, OPTIONS"})
+            raise ApiError(405, f"use GET for {path}",
+                           headers={"Allow": "GET, HEAD, OPTIONS" if path == "/health" else "GET, OPTIONS"})
         if path != "/v1/chat/completions":
             raise self._no_endpoint(path)
         self._authorize()

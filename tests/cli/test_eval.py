@@ -2,6 +2,7 @@
 errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,6 +46,7 @@ def test_eval_measures_the_bundled_model_as_its_own_answers_say(tmp_path, capsys
     predictions = [json.loads(x) for x in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert [p["prediction"] for p in predictions] == got and [p["exact_match"] for p in predictions] == right
     assert predictions[0]["task"] == "vqa" and predictions[0]["suffix"] == lines[0]["suffix"]
+    assert Path(predictions[0]["image"]).is_absolute()  # (the file may be read from another folder)
     rc, out, _ = cli(["eval", "--data", tmp_path / "test.jsonl", "--max-examples", "5", "--quiet"], capsys)
     assert rc == 0 and out.startswith(f"{tmp_path / 'test.jsonl'}: exact match") and "(n=5)" in out
 

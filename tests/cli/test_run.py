@@ -1,6 +1,7 @@
 """`palitorch run`: text, --stream, --json, --draw, and one-line errors checked before the model loads."""
 
 import json
+import os
 import re
 
 import numpy as np
@@ -83,6 +84,14 @@ def test_draw_without_boxes_writes_the_image_and_says_so(fake_pipe, images, tmp_
                         tmp_path / "o.jpg"], capsys)
     assert rc == 0 and out == "a red square\n"
     assert "no boxes" in err and Image.open(tmp_path / "o.jpg").size == (300, 200)
+
+
+@pytest.mark.skipif(not os.access("/proc", os.W_OK), reason="needs a folder that lets a write start and fail")
+def test_a_draw_that_cannot_be_written_says_only_that(fake_pipe, images, capsys):
+    fake_pipe(lambda im, p: "a red square")  # no boxes: "the image unchanged" would be false, the file is not there
+    rc, out, err = cli(["run", "--image", images / "red.png", "--prompt", "caption en", "--draw", "/proc/x.png"],
+                       capsys)
+    assert rc == 2 and "cannot write /proc/x.png" in err and err.count("\n") == 1
 
 
 def test_draw_onto_the_input_image_is_refused_before_it_runs(fake_pipe, images, capsys):
