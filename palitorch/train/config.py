@@ -162,6 +162,18 @@ class WarmstartConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA fine-tuning (palitorch.train.lora), off while rank is 0; it needs [model] init. [train] trainable is then
+    replaced by the adapters plus `also_train` (the same part names or globs)."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapters' input
+    targets: list[str] = field(default_factory=lambda: ["language_model.layers.*"])  # globs over linear layers' names
+    also_train: list[str] = field(default_factory=list)  # trained in full beside the adapters, e.g. ["projector"]
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -171,6 +183,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     warmstart: WarmstartConfig = field(default_factory=WarmstartConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -220,6 +233,11 @@ class TrainConfig:
                     raise ConfigError(f"[data] {name}.{k} must be a whole number >= 0, got {v!r}")
         if d.late_from > 0 and not d.late_task_repeat:
             raise ConfigError("[data] a late_from > 0 needs a late_task_repeat table")
+        if self.lora.rank and not m.init:
+            raise ConfigError("[lora] rank > 0 fine-tunes a checkpoint: give [model] init")
+        if self.lora.rank and t.trainable != TrainSection().trainable:
+            raise ConfigError("[lora] rank > 0 trains the adapters: name other parts to train in [lora] also_train, "
+                              "not [train] trainable (configs/finetune-lora.toml is a LoRA config)")
         for k, v in o.lr_scale.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
                 raise ConfigError(f"[optim] lr_scale.{k} must be a finite number >= 0, got {v!r}")
@@ -243,6 +261,7 @@ LIMITS = {
     "eval": {"every": _GE0, "max_examples": _GE0, "final_max_examples": _GE0, "batch_size": _GE1,
              "max_new_tokens": _GE1},
     "checkpoint": {"every": _GE0, "keep": _GE1},
+    "lora": {"rank": _GE0, "alpha": _POSITIVE, "dropout": ("between 0 and 1 (not 1)", lambda v: 0 <= v < 1)},
     "warmstart": {"epochs": _GE0, "box_edges_weight": _GE0, "lr": _POSITIVE, "batch_size": _GE1,
                   "warmup_steps": _GE0},
 }

@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from palitorch.checkpoint import save_model
 from palitorch.errors import ConfigError, Interrupted
-from palitorch.train import build, ddp, evaluate, feed, runfolder, state
+from palitorch.train import build, ddp, evaluate, feed, lora, runfolder, state
 from palitorch.train.config import TrainConfig
 from palitorch.train.data import Dataset, fingerprint, global_batch, read_jsonl, repeat_by_task
 from palitorch.train.images import ImageError, Images
@@ -96,7 +95,8 @@ class Trainer:
         self.total = t.steps or max(1, math.ceil(t.epochs * per_epoch))
         self.per_epoch = per_epoch
 
-        self.trainable = build.set_trainable(self.model, t.trainable)
+        trainable = ["*.lora_a", "*.lora_b", *cfg.lora.also_train] if cfg.lora.rank else t.trainable
+        self.trainable = build.set_trainable(self.model, trainable)
         self.opt, self.names = build.optimizer(self.model, cfg.optim)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.step = 0
@@ -120,15 +120,25 @@ class Trainer:
             else:  # a copy: checkpoints are pruned, and the files must outlive the one they came from
                 build.copy_tokenizer(folder, tok_dir)
         ddp.barrier(d)
-        if folder is not None:
-            model, processor = build.from_folder(folder, cfg.model.dtype, self.device, cfg.model.max_length)
+        if folder is not None:  # (with LoRA the frozen weights are init's: a checkpoint holds them merged)
+            weights = Path(cfg.model.init) if cfg.lora.rank else folder
+            if not weights.is_dir():
+                raise ConfigError(f"--resume: a LoRA run reads its frozen weights from [model] init {str(weights)!r}, "
+                                  "which is not there any more")
+            model, processor = build.from_folder(weights, cfg.model.dtype, self.device, cfg.model.max_length)
         else:
             model, processor = build.from_scratch(cfg.model, tok_dir)
             build.init_weights(model, cfg.model.init_std, cfg.train.seed)
             if cfg.model.smooth_locs:
                 locs = [processor.token_id(f"<loc{i:04d}>") for i in range(1024)]
                 build.smooth_loc_embeddings(model, locs, cfg.model.init_std, cfg.train.seed)
-        return model.to(self.device).train(), processor, build.tokenizer_files(tok_dir)
+        model = model.to(self.device).train()
+        if cfg.lora.rank:
+            lo = cfg.lora
+            lora.apply(model, lo.targets, lo.rank, lo.alpha, lo.dropout, cfg.train.seed)
+            if self.resume_from is not None:
+                lora.load_adapter(model, self.resume_from)
+        return model, processor, build.tokenizer_files(tok_dir)
 
     def _restore(self, saved: state.Saved) -> None:
         st, folder = saved.state, saved.folder
@@ -371,7 +381,7 @@ class Trainer:
                 self.save_checkpoint()
             raise KeyboardInterrupt
         if d.main:
-            save_model(self.model, self.run / "model", extra_files=self.tokenizer_files)
+            state.save_model_folder(self.model, self.run / "model", self.tokenizer_files)
             if run["steps"]:
                 self.log({"step": self.step, "event": "done", "train_seconds": round(run["time"], 2),
                           "wall_seconds": round(time.perf_counter() - fit_started, 2),

@@ -29,7 +29,7 @@ from palitorch.checkpoint import save_model
 from palitorch.checkpoint.io import check_safetensors, read_json_object, weight_files
 from palitorch.errors import CheckpointError
 from palitorch.model import PaliGemma
-from palitorch.train import ddp
+from palitorch.train import ddp, lora
 
 PREFIX = "checkpoint-"
 STATE_FILES = ("trainer_state.json", "optimizer.safetensors", "rng_state.safetensors")
@@ -77,7 +77,7 @@ def save(run: Path, step: int, model: PaliGemma, opt: torch.optim.Optimizer, nam
         save_file(rng, str(tmp / "rng_state.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "optimizer": meta}, indent=2))
         files = {**extra_files, **{f: tmp / f for f in STATE_FILES}}
-        out = save_model(model, run / f"{PREFIX}{step:07d}", extra_files=files)
+        out = save_model_folder(model, run / f"{PREFIX}{step:07d}", files, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for _, old in checkpoints(run)[:-keep]:  # renamed first: Ctrl-C amid rmtree leaves no half checkpoint
@@ -85,6 +85,19 @@ def save(run: Path, step: int, model: PaliGemma, opt: torch.optim.Optimizer, nam
         shutil.rmtree(gone, ignore_errors=True)
         shutil.rmtree(old.rename(gone), ignore_errors=True)
     return out
+
+
+def save_model_folder(model: PaliGemma, folder: Path, extra_files: dict[str, Path], tmp: Path | None = None) -> Path:
+    """`save_model` for a run: LoRA layers (lora.py) are saved merged, with their adapter beside (written in `tmp`,
+    a scratch folder in the run, made here if not given)."""
+    scratch = tmp or Path(tempfile.mkdtemp(prefix=".state.", dir=folder.parent))
+    try:
+        files = {**extra_files, **lora.save_adapter(model, scratch)}
+        with lora.merged(model):
+            return save_model(model, folder, extra_files=files)
+    finally:
+        if tmp is None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def optimizer_state(opt: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:

@@ -1,0 +1,95 @@
+"""LoRA fine-tuning ([lora] rank > 0): only the adapters train, the saved folders hold the merged weights (a plain
+PaliGemma that answers as the trained model does), and --resume reproduces the uninterrupted run."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import palitorch
+from palitorch.checkpoint import load_model
+from palitorch.errors import ConfigError
+from palitorch.train import lora
+from palitorch.train.loop import Trainer
+
+from hf_factory import write_checkpoint
+from trainkit import config, losses, make_data
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    folder, _ = write_checkpoint(tmp_path_factory.mktemp("base") / "base", image_size=32, patch_size=8)
+    return folder
+
+
+def lora_config(data, base, out, **over):
+    return config(data, out, model__init=str(base), lora__rank=4, lora__alpha=8.0, optim__lr=3e-2,
+                  optim__warmup_steps=0, optim__schedule="constant", **over)
+
+
+def test_lora_trains_the_adapters_only_and_saves_the_merged_model(data, base, tmp_path):
+    trainer = Trainer(lora_config(data, base, tmp_path / "run", train__steps=8))
+    assert trainer.trainable and all(n.endswith((".lora_a", ".lora_b")) for n in trainer.trainable)
+    wrapped = [n for n, _ in lora.wrapped(trainer.model)]
+    assert len(wrapped) == 7 * trainer.model.cfg.text.num_layers  # q, k, v, o, gate, up, down in every layer
+    before = {k: v.clone() for k, v in load_model(base).state_dict().items()}
+    trainer.fit()
+    run = losses(tmp_path / "run")
+    assert run[8] < run[1]  # it learns
+    for name, layer in lora.wrapped(trainer.model):  # the checkpoint's weights stay as they were
+        assert torch.equal(layer.base.weight, before[f"{name}.weight"]), name
+    saved = load_model(tmp_path / "run" / "model")  # a plain PaliGemma: W + s B A
+    name, layer = lora.wrapped(trainer.model)[0]
+    want = before[f"{name}.weight"] + layer.scale * (layer.lora_b @ layer.lora_a).detach()
+    assert torch.allclose(saved.state_dict()[f"{name}.weight"], want, atol=1e-6)
+    patch = "vision_tower.patch_embedding.weight"
+    assert saved.state_dict()[patch].equal(before[patch])
+    adapter = load_file(tmp_path / "run" / "model" / lora.ADAPTER_FILE)
+    assert set(adapter) == {f"{n}.{k}" for n in wrapped for k in ("lora_a", "lora_b")}
+    # The merged model answers as the trained one does.
+    batch = {k: v for k, v in trainer.data.batch(list(range(4))).items()}
+    trainer.model.eval()
+    with torch.no_grad():
+        ours, theirs = trainer.model(**batch).logits, saved(**batch).logits
+    assert (ours - theirs).abs().max() < 1e-4
+    pipe = palitorch.load(tmp_path / "run" / "model")
+    assert pipe.generate(data / trainer.raw_train[0].image, "caption en", max_new_tokens=3).finish_reason
+
+
+def test_a_resumed_lora_run_follows_the_uninterrupted_one(data, base, tmp_path):
+    Trainer(lora_config(data, base, tmp_path / "whole", train__steps=4)).fit()
+    Trainer(lora_config(data, base, tmp_path / "split", train__steps=2)).fit()
+    Trainer(lora_config(data, base, tmp_path / "split", train__steps=4), resume=True).fit()
+    a, b = losses(tmp_path / "whole"), losses(tmp_path / "split")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6, step
+
+
+def test_lora_over_bfloat16_weights_keeps_float32_adapters(data, base, tmp_path):
+    trainer = Trainer(lora_config(data, base, tmp_path / "run", train__steps=3, model__dtype="bfloat16"))
+    _, layer = lora.wrapped(trainer.model)[0]
+    assert layer.base.weight.dtype == torch.bfloat16 and layer.lora_a.dtype == layer.lora_b.dtype == torch.float32
+    trainer.fit()
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses(tmp_path / "run").values())
+    assert layer.lora_b.abs().sum() > 0  # the adapters moved
+    saved = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}  # merged into the weights' own dtype
+
+
+def test_lora_settings_are_checked(data, base, tmp_path):
+    with pytest.raises(ConfigError, match=r"\[lora\] rank > 0 fine-tunes a checkpoint: give \[model\] init"):
+        config(data, tmp_path / "a", lora__rank=4)
+    with pytest.raises(ConfigError, match="name other parts to train in \\[lora\\] also_train"):
+        lora_config(data, base, tmp_path / "b", train__trainable=["decoder"])
+    with pytest.raises(ConfigError, match=r"\[lora\] dropout must be between 0 and 1"):
+        lora_config(data, base, tmp_path / "c", lora__dropout=1.0)
+    with pytest.raises(ConfigError, match=r"\[lora\] targets \['nothing\.\*'\] match no linear layer"):
+        Trainer(lora_config(data, base, tmp_path / "d", lora__targets=["nothing.*"]))
+    trainer = Trainer(lora_config(data, base, tmp_path / "e", lora__also_train=["projector"]))
+    assert {n for n in trainer.trainable if not n.endswith((".lora_a", ".lora_b"))} == \
+        {"projector.weight", "projector.bias"}
