@@ -19,15 +19,14 @@ from datetime import timedelta
 import torch
 
 from palitorch.errors import InputError, ProcessError
+from palitorch.train.ddp import Dist
 
 WAIT = timedelta(days=7)  # how long a process that has finished its share waits for the others (gloo's: 30 min)
 
 
 @dataclass(frozen=True)
-class Ranks:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
+class Ranks(Dist):
+    """Which process this is (rank, world, local_rank, main: `train.ddp.Dist`), and its meetings with the others."""
 
     @classmethod
     def from_env(cls) -> Ranks:
@@ -39,11 +38,6 @@ class Ranks:
         if not 0 <= ranks.rank < ranks.world:
             raise InputError(f"RANK {ranks.rank} is not below WORLD_SIZE {ranks.world} (torchrun sets them)")
         return ranks
-
-    @property
-    def main(self) -> bool:
-        """The first process: it tidies and folds the output and speaks for all."""
-        return self.rank == 0
 
     def device(self, device: str) -> str:
         """This process's device: with several processes `--device cuda` means one GPU each, cuda:LOCAL_RANK."""
