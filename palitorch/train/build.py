@@ -158,9 +158,12 @@ def check_patterns(model: nn.Module, patterns, what: str) -> None:
                               f"such as {names[0]!r}")
 
 
-def set_trainable(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Freeze every parameter not matched by `patterns` (part names or globs); returns the trainable names."""
-    check_patterns(model, patterns, "[train] trainable pattern")
+def set_trainable(model: nn.Module, patterns: list[str], extra: list[str] = (),
+                  what: str = "[train] trainable pattern") -> list[str]:
+    """Freeze every parameter not matched by `patterns` or `extra` (part names or globs); returns the trainable names.
+    Each of `extra`, or of `patterns` when no `extra` is given, must match something (else a ConfigError on `what`)."""
+    check_patterns(model, extra or patterns, what)
+    patterns = [*patterns, *extra]
     chosen = []
     for n, p in model.named_parameters():
         p.requires_grad_(any(matches(n, pat) for pat in patterns))

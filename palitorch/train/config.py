@@ -235,6 +235,8 @@ class TrainConfig:
             raise ConfigError("[data] a late_from > 0 needs a late_task_repeat table")
         if self.lora.rank and not m.init:
             raise ConfigError("[lora] rank > 0 fine-tunes a checkpoint: give [model] init")
+        if self.lora.rank and self.warmstart.epochs:
+            raise ConfigError("[warmstart] trains the vision tower in full: not with [lora] rank > 0")
         if self.lora.rank and t.trainable != TrainSection().trainable:
             raise ConfigError("[lora] rank > 0 trains the adapters: name other parts to train in [lora] also_train, "
                               "not [train] trainable (configs/finetune-lora.toml is a LoRA config)")

@@ -95,8 +95,12 @@ class Trainer:
         self.total = t.steps or max(1, math.ceil(t.epochs * per_epoch))
         self.per_epoch = per_epoch
 
-        trainable = ["*.lora_a", "*.lora_b", *cfg.lora.also_train] if cfg.lora.rank else t.trainable
-        self.trainable = build.set_trainable(self.model, trainable)
+        if cfg.lora.rank:  # the adapters, and what [lora] also_train names besides
+            self.trainable = build.set_trainable(self.model, ["*.lora_a", "*.lora_b"], extra=cfg.lora.also_train,
+                                                 what="[lora] also_train pattern")
+            lora.check_frozen(self.model)
+        else:
+            self.trainable = build.set_trainable(self.model, t.trainable)
         self.opt, self.names = build.optimizer(self.model, cfg.optim)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.step = 0
@@ -120,12 +124,8 @@ class Trainer:
             else:  # a copy: checkpoints are pruned, and the files must outlive the one they came from
                 build.copy_tokenizer(folder, tok_dir)
         ddp.barrier(d)
-        if folder is not None:  # (with LoRA the frozen weights are init's: a checkpoint holds them merged)
-            weights = Path(cfg.model.init) if cfg.lora.rank else folder
-            if not weights.is_dir():
-                raise ConfigError(f"--resume: a LoRA run reads its frozen weights from [model] init {str(weights)!r}, "
-                                  "which is not there any more")
-            model, processor = build.from_folder(weights, cfg.model.dtype, self.device, cfg.model.max_length)
+        if folder is not None:
+            model, processor = build.from_folder(folder, cfg.model.dtype, self.device, cfg.model.max_length)
         else:
             model, processor = build.from_scratch(cfg.model, tok_dir)
             build.init_weights(model, cfg.model.init_std, cfg.train.seed)
@@ -134,10 +134,7 @@ class Trainer:
                 build.smooth_loc_embeddings(model, locs, cfg.model.init_std, cfg.train.seed)
         model = model.to(self.device).train()
         if cfg.lora.rank:
-            lo = cfg.lora
-            lora.apply(model, lo.targets, lo.rank, lo.alpha, lo.dropout, cfg.train.seed)
-            if self.resume_from is not None:
-                lora.load_adapter(model, self.resume_from)
+            lora.setup(model, cfg, self.resume_from)
         return model, processor, build.tokenizer_files(tok_dir)
 
     def _restore(self, saved: state.Saved) -> None:

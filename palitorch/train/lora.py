@@ -7,8 +7,12 @@ small matrices per layer instead of two copies of every weight: a 3B PaliGemma f
 bfloat16 weights plus activations. The model code knows nothing of it: LoRA wraps nn.Linear modules from outside.
 
 Every folder a run writes holds the merged weights W + s B A in the Hub layout, so it loads anywhere as a plain
-PaliGemma (palitorch, transformers); beside them `adapter.safetensors` holds A and B, which `--resume` puts back on
-top of the run's `[model] init` (whose weights stay the frozen W).
+PaliGemma (palitorch, transformers; with bfloat16 weights the merged update is rounded to bfloat16, which
+adapter.safetensors does not do); beside them `adapter.safetensors` holds A and B. `--resume` builds the model from
+the checkpoint (the parts trained in full included), takes the adapted layers' frozen W from `[model] init` again and
+puts A and B back, after checking that W + s B A is the checkpoint's merged weight (the same init and settings).
+With dropout > 0 the adapters' random masks depend on how a batch is split (micro-batches, processes), so such runs
+do not follow one loss curve exactly.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from palitorch.checkpoint import load_model
 from palitorch.errors import CheckpointError, ConfigError
 
 ADAPTER_FILE = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_CONFIG = "lora_config.json"  # (not PEFT's adapter_config.json: transformers would load the folder as one)
 
 
 class LoRALinear(nn.Module):
@@ -51,24 +56,32 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        """A plain linear layer with W + s B A (in W's dtype), sharing the bias."""
+        """A plain linear layer with W + s B A (in W's dtype, on the CPU, where a checkpoint is written from),
+        sharing the bias."""
         out = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
                         device="meta", dtype=self.base.weight.dtype)
-        delta = (self.lora_b.float() @ self.lora_a.float()) * self.scale
-        out.weight = nn.Parameter((self.base.weight.float() + delta).to(self.base.weight.dtype), requires_grad=False)
+        out.weight = nn.Parameter(merge(self.base.weight.cpu(), self.lora_a.cpu(), self.lora_b.cpu(), self.scale),
+                                  requires_grad=False)
         if self.base.bias is not None:
             out.bias = self.base.bias
         return out
 
 
+def merge(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale * B @ A, computed in float32, in W's dtype."""
+    return (w.float() + (b.float() @ a.float()) * scale).to(w.dtype)
+
+
 def apply(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float, seed: int) -> list[str]:
     """Wrap every nn.Linear whose module name matches a glob of `targets` (in name order, A drawn from `seed`);
-    returns the wrapped names. The base weights are frozen."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-             and any(fnmatch.fnmatchcase(n, t) for t in targets)]
-    if not names:
-        raise ConfigError(f"[lora] targets {targets} match no linear layer (names such as "
-                          "language_model.layers.0.attn.q_proj)")
+    returns the wrapped names. The base weights are frozen. An untied LM head is never wrapped (the decoder reads
+    its weight directly)."""
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")]
+    for t in targets:  # each glob must mean something (a typo such as "vison_tower.*")
+        if not any(fnmatch.fnmatchcase(n, t) for n in linear):
+            raise ConfigError(f"[lora] target {t!r} matches no linear layer (names such as {linear[0]!r}; globs "
+                              "such as language_model.layers.* or vision_tower.layers.*)")
+    names = [n for n in linear if any(fnmatch.fnmatchcase(n, t) for t in targets)]
     generator = torch.Generator().manual_seed(seed)
     for name in names:
         parent, _, leaf = name.rpartition(".")
@@ -77,6 +90,26 @@ def apply(model: nn.Module, targets: list[str], rank: int, alpha: float, dropout
         base.requires_grad_(False)
         setattr(owner, leaf, LoRALinear(base, rank, alpha, dropout, generator))
     return names
+
+
+def setup(model: nn.Module, cfg, resume_from: Path | None) -> None:
+    """Wrap the layers `cfg.lora` (a TrainConfig's) names; resuming, make them the checkpoint's run (`resume`)."""
+    lo = cfg.lora
+    apply(model, lo.targets, lo.rank, lo.alpha, lo.dropout, cfg.train.seed)
+    if resume_from is not None:  # the checkpoint holds the adapted weights merged: their W are init's
+        init = Path(cfg.model.init)
+        if not init.is_dir():
+            raise ConfigError(f"--resume: a LoRA run reads its frozen weights from [model] init {str(init)!r}, "
+                              "which is not there any more")
+        resume(model, resume_from, load_model(init, "cpu", cfg.model.dtype))
+
+
+def check_frozen(model: nn.Module) -> None:
+    """The adapted layers' own weights stay frozen: a part named to train in full must not hold them."""
+    for name, layer in wrapped(model):
+        if any(p.requires_grad for p in layer.base.parameters()):
+            raise ConfigError(f"[lora] also_train selects {name}'s own weights, which its adapter trains beside: "
+                              "name parts without adapters (e.g. projector), or leave those layers out of targets")
 
 
 def wrapped(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -118,8 +151,10 @@ def save_adapter(model: nn.Module, folder: Path) -> dict[str, Path]:
 
 
 @torch.no_grad()
-def load_adapter(model: nn.Module, folder: Path) -> None:
-    """Put a checkpoint's A and B back into the wrapped layers (the same targets and rank)."""
+def resume(model: nn.Module, folder: Path, init: nn.Module) -> None:
+    """Make a model built from checkpoint `folder` and wrapped by `apply` the run it was: A and B from the
+    checkpoint's adapter file, each wrapped layer's frozen W from `init` (the run's [model] init), after checking
+    that W + s B A gives the checkpoint's merged weight (else its init, alpha, rank or targets were others)."""
     file = folder / ADAPTER_FILE
     if not file.is_file():
         raise CheckpointError(f"{folder} has no {ADAPTER_FILE}: it was not written by a run with [lora] rank > 0")
@@ -131,3 +166,12 @@ def load_adapter(model: nn.Module, folder: Path) -> None:
                           "now: resume with the settings of the run that wrote it")
     for k, p in want.items():
         p.copy_(tensors[k])
+    frozen = dict(init.named_parameters())
+    for name, layer in layers:
+        w, saved = frozen[f"{name}.weight"].to(layer.base.weight.device, layer.base.weight.dtype), layer.base.weight
+        tol = 4 * torch.finfo(saved.dtype).eps * (1 + float(saved.abs().max()))  # the merge's rounding
+        if float((merge(w, layer.lora_a, layer.lora_b, layer.scale).float() - saved.float()).abs().max()) > tol:
+            raise ConfigError(f"--resume: {folder.name}'s {name} is not [model] init's weight plus its adapter at "
+                              "[lora] alpha / rank now: resume with the init and [lora] settings of the run that "
+                              "wrote it")
+        saved.copy_(w)

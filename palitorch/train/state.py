@@ -173,6 +173,8 @@ def read(folder: Path) -> Saved:
         bad = next((k for k in keys if k.count("::") != 1 or k.split("::")[0] not in params), None)
         if bad is not None:
             raise _damaged(where, f"{bad!r} is no saved parameter's state")
+    if ((st.get("config") or {}).get("lora") or {}).get("rank"):  # a LoRA run's adapters must be whole too
+        _tensors(folder / lora.ADAPTER_FILE)
     rng = _tensors(folder / "rng_state.safetensors")
     if "torch.rank0" not in rng or any(t.dtype != torch.uint8 or t.ndim != 1 for t in rng.values()):
         raise _damaged(folder / "rng_state.safetensors", "no torch.rank0 generator state of uint8 bytes")

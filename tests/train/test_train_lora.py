@@ -27,8 +27,9 @@ def base(tmp_path_factory):
 
 
 def lora_config(data, base, out, **over):
-    return config(data, out, model__init=str(base), lora__rank=4, lora__alpha=8.0, optim__lr=3e-2,
-                  optim__warmup_steps=0, optim__schedule="constant", **over)
+    settings = {"model__init": str(base), "lora__rank": 4, "lora__alpha": 8.0, "optim__lr": 3e-2,
+                "optim__warmup_steps": 0, "optim__schedule": "constant"}
+    return config(data, out, **{**settings, **over})
 
 
 def test_lora_trains_the_adapters_only_and_saves_the_merged_model(data, base, tmp_path):
@@ -70,6 +71,20 @@ def test_a_resumed_lora_run_follows_the_uninterrupted_one(data, base, tmp_path):
         assert abs(a[step] - b[step]) <= 1e-6, step
 
 
+def test_a_resume_keeps_what_trained_in_full_and_checks_the_adapters_settings(data, base, tmp_path):
+    over = {"lora__also_train": ["projector"]}
+    Trainer(lora_config(data, base, tmp_path / "whole", train__steps=4, **over)).fit()
+    Trainer(lora_config(data, base, tmp_path / "split", train__steps=2, **over)).fit()
+    Trainer(lora_config(data, base, tmp_path / "split", train__steps=4, **over), resume=True).fit()
+    a, b = losses(tmp_path / "whole"), losses(tmp_path / "split")
+    assert all(abs(a[step] - b[step]) <= 1e-6 for step in a)  # the trained projector came back too
+    with pytest.raises(ConfigError, match="is not \\[model\\] init's weight plus its adapter at \\[lora\\] alpha"):
+        Trainer(lora_config(data, base, tmp_path / "split", train__steps=6, lora__alpha=100.0, **over), resume=True)
+    (tmp_path / "split" / "checkpoint-0000004" / lora.ADAPTER_FILE).write_bytes(b"damaged")
+    resumed = Trainer(lora_config(data, base, tmp_path / "split", train__steps=6, **over), resume=True)
+    assert resumed.step == 2  # the newest checkpoint's adapters are damaged: the one before is taken
+
+
 def test_lora_over_bfloat16_weights_keeps_float32_adapters(data, base, tmp_path):
     trainer = Trainer(lora_config(data, base, tmp_path / "run", train__steps=3, model__dtype="bfloat16"))
     _, layer = lora.wrapped(trainer.model)[0]
@@ -88,8 +103,17 @@ def test_lora_settings_are_checked(data, base, tmp_path):
         lora_config(data, base, tmp_path / "b", train__trainable=["decoder"])
     with pytest.raises(ConfigError, match=r"\[lora\] dropout must be between 0 and 1"):
         lora_config(data, base, tmp_path / "c", lora__dropout=1.0)
-    with pytest.raises(ConfigError, match=r"\[lora\] targets \['nothing\.\*'\] match no linear layer"):
-        Trainer(lora_config(data, base, tmp_path / "d", lora__targets=["nothing.*"]))
+    with pytest.raises(ConfigError, match=r"\[lora\] target 'vison_tower\.\*' matches no linear layer"):
+        Trainer(lora_config(data, base, tmp_path / "d", lora__targets=["language_model.layers.*", "vison_tower.*"]))
+    with pytest.raises(ConfigError, match=r"\[lora\] also_train selects language_model\.layers\.0\..*own weights"):
+        Trainer(lora_config(data, base, tmp_path / "f", lora__also_train=["decoder"]))
+    with pytest.raises(ConfigError, match=r"\[lora\] also_train pattern 'projektor' matches no parameter"):
+        Trainer(lora_config(data, base, tmp_path / "g", lora__also_train=["projektor"]))
+    with pytest.raises(ConfigError, match=r"\[warmstart\] trains the vision tower in full: not with \[lora\]"):
+        lora_config(data, base, tmp_path / "h", warmstart__epochs=1)
+    model = load_model(base)  # an untied LM head is never wrapped: the decoder reads its weight directly
+    model.language_model.lm_head = torch.nn.Linear(4, 4)
+    assert "language_model.lm_head" not in lora.apply(model, ["*"], 2, 4.0, 0.0, seed=0)
     trainer = Trainer(lora_config(data, base, tmp_path / "e", lora__also_train=["projector"]))
     assert {n for n in trainer.trainable if not n.endswith((".lora_a", ".lora_b"))} == \
         {"projector.weight", "projector.bias"}
