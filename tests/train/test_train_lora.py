@@ -1,6 +1,12 @@
 """LoRA fine-tuning ([lora] rank > 0): only the adapters train, the saved folders hold the merged weights (a plain
 PaliGemma that answers as the trained model does), and --resume reproduces the uninterrupted run."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -117,3 +123,21 @@ def test_lora_settings_are_checked(data, base, tmp_path):
     trainer = Trainer(lora_config(data, base, tmp_path / "e", lora__also_train=["projector"]))
     assert {n for n in trainer.trainable if not n.endswith((".lora_a", ".lora_b"))} == \
         {"projector.weight", "projector.bias"}
+
+
+def test_two_processes_train_the_adapters_as_one_does(data, base, tmp_path):
+    """Under torchrun every process draws the same A and sums the adapters' gradients: the one-process loss curve of
+    the same global batch."""
+    over = {"train__steps": 4, "eval__final_max_examples": 4}
+    Trainer(lora_config(data, base, tmp_path / "one", train__micro_batch_size=4, **over)).fit()
+    (tmp_path / "two.toml").write_text(lora_config(data, base, tmp_path / "two", **over).to_toml())
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "palitorch", "train", str(tmp_path / "two.toml")]
+    proc = subprocess.run(cmd, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert all(abs(a[s] - b[s]) <= 1e-4 for s in a), (a, b)  # tolerance: float summation order only
+    assert json.loads((tmp_path / "two" / "model" / lora.ADAPTER_CONFIG).read_text())["r"] == 4
