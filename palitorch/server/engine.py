@@ -50,7 +50,7 @@ class Engine:
         self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "tokens": 0}
         self.pacer = Pacer()  # when a live batch takes in the requests waiting (pacing.py)
         self.metrics = Metrics()  # GET /metrics (metrics.py)
-        self.running = 0  # requests being decoded now
+        self.running = self.held = 0  # requests being decoded now; taken by a live batch, not yet in it
 
     def start(self) -> Engine:
         self._thread.start()
@@ -64,6 +64,8 @@ class Engine:
             self._cv.notify_all()
         for job in left:
             self._fail(job, ApiError(503, "the server is shutting down"))
+            if job.counted:
+                self.metrics.ended(job)
             job.done.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -147,7 +149,7 @@ class Engine:
                     self._top_up(waiting, live.free_rows)
                     if not (waiting and self._hold(waiting, running)):
                         self._join(live, waiting, running, served)
-                    self.running = len(running)
+                    self.running, self.held = len(running), len(waiting)
                     if group[0].counted:
                         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(running))
                     if not running:  # (a job left waiting now cannot join even an empty batch: n > its rows)
@@ -167,7 +169,7 @@ class Engine:
             for job in [job for job in (*running, *waiting) if not job.finished]:
                 self._fail(job, error)
                 self._close(job)
-        self.running = 0
+        self.running = self.held = 0
         if served and served[0].counted:
             tokens = sum(len(r.token_ids) for job in served for r in (job.results or []))
             self._log_batch(served, tokens, time.perf_counter() - start, "a continuous batch")

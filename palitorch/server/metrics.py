@@ -1,10 +1,12 @@
 """What `GET /metrics` tells a Prometheus scraper about `palitorch serve` (the text exposition format, 0.0.4).
 
-Counters: requests answered by outcome (ok, error, cancelled: a stream whose client left), prompt and generated
-tokens (an answer's final EOS included, as `usage` counts it), and HTTP responses by status code. Gauges: requests
-waiting in the queue and requests being decoded. Histograms, in seconds: the time a request waited before its batch
-took it in, the time to its first token (prefill included), the time per generated token after the first, and the
-whole request, from its arrival at the engine to its last token. Warm-up requests are not counted.
+Counters: requests the engine ended, by outcome (ok, error, cancelled: a stream whose client left; a request refused
+before it reaches the engine, a 400 say, is only in the HTTP responses), prompt and generated tokens (the tokens the
+model decoded, each answer's final EOS included; a greedy request's n alike answers are one), and HTTP responses by
+status code. Gauges: requests waiting for the model and requests being decoded. Histograms, in seconds: the time a
+request waited before its batch took it in, the time to its first token (prefill included), the time per token
+after the first (its rows decode side by side: per step of its longest row), and the whole request, from its
+arrival at the engine to its last token. Warm-up requests are not counted.
 
 The engine's thread records and the HTTP threads read, under one lock; rendering copies nothing large.
 """
@@ -53,16 +55,19 @@ class Metrics:
     def ended(self, job) -> None:
         """A request (the engine's Job) has ended: its outcome, tokens and times (the tokens its rows generated, EOS
         included: a greedy request's n alike answers are one row)."""
-        outcome = "error" if job.error is not None else "ok" if job.results is not None else "cancelled"
-        generated = sum(len(r.token_ids) + (r.finish_reason == "eos") for r in job.done_rows)
+        left = job.request.stream and job.cancelled.is_set()  # (its row may have run on in a padded batch)
+        outcome = "error" if job.error is not None else "cancelled" if left or job.results is None else "ok"
+        lengths = [len(r.token_ids) + (r.finish_reason == "eos") for r in job.done_rows]
         prompt = job.done_rows[0].prompt_tokens if job.done_rows else 0
-        self.request(outcome, prompt, generated, job.queued_at, job.started_at, job.first_token_at,
-                     time.perf_counter())
+        self.request(outcome, prompt, sum(lengths), job.queued_at, job.started_at, job.first_token_at,
+                     time.perf_counter(), steps=max(lengths, default=0))
 
     def request(self, outcome: str, prompt_tokens: int, generated: int, queued_at: float, started_at: float | None,
-                first_token_at: float | None, finished_at: float) -> None:
+                first_token_at: float | None, finished_at: float, steps: int | None = None) -> None:
         """One request has ended. Times are `time.perf_counter()` readings; None: not known on the path it took
-        (a request answered as one padded batch has no first-token time of its own)."""
+        (a request answered as one padded batch has no first-token time of its own). `steps`: its longest row's
+        tokens (its rows decode side by side; default `generated`), over which the time after the first is spread."""
+        steps = generated if steps is None else steps
         with self._lock:
             self.requests[outcome] += 1
             self.prompt_tokens += prompt_tokens
@@ -72,8 +77,8 @@ class Metrics:
                 self.queue_time.observe(started_at - queued_at)
             if first_token_at is not None:
                 self.first_token.observe(first_token_at - queued_at)
-                if generated > 1:
-                    self.per_token.observe((finished_at - first_token_at) / (generated - 1))
+                if steps > 1:
+                    self.per_token.observe((finished_at - first_token_at) / (steps - 1))
 
     def response(self, status: int) -> None:
         with self._lock:
@@ -83,7 +88,7 @@ class Metrics:
         """The exposition text, with the gauges' current values."""
         with self._lock:
             parts = [
-                ("palitorch_requests_total", "counter", "Chat completion requests ended, by outcome.",
+                ("palitorch_requests_total", "counter", "Chat completion requests the engine ended, by outcome.",
                  [f'palitorch_requests_total{{outcome="{k}"}} {self.requests[k]}'
                   for k in sorted({"ok", "error", "cancelled"} | set(self.requests))]),
                 ("palitorch_prompt_tokens_total", "counter", "Prompt tokens (image tokens included) of ended requests.",
@@ -92,7 +97,8 @@ class Metrics:
                  [f"palitorch_generation_tokens_total {self.generation_tokens}"]),
                 ("palitorch_http_responses_total", "counter", "HTTP responses, by status code.",
                  [f'palitorch_http_responses_total{{code="{k}"}} {v}' for k, v in sorted(self.responses.items())]),
-                ("palitorch_requests_waiting", "gauge", "Requests queued for the model.",
+                ("palitorch_requests_waiting", "gauge", "Requests waiting for the model (queued, or taken by a "
+                 "batch and not yet in it).",
                  [f"palitorch_requests_waiting {waiting}"]),
                 ("palitorch_requests_running", "gauge", "Requests being decoded.",
                  [f"palitorch_requests_running {running}"]),

@@ -36,6 +36,9 @@ def test_histogram_buckets_are_cumulative():
         h.observe(v)
     assert h.lines("x") == ['x_bucket{le="0.1"} 1', 'x_bucket{le="1"} 2', 'x_bucket{le="+Inf"} 3', "x_sum 5.550000",
                             "x_count 3"]
+    m = Metrics()  # a request of 4 rows of 10 tokens decoded side by side in 1 s after its first: 1/9 s a step
+    m.request("ok", 7, 40, queued_at=0.0, started_at=0.5, first_token_at=1.0, finished_at=2.0, steps=10)
+    assert m.per_token.sum == pytest.approx(1 / 9) and m.generation_tokens == 40
     text = Metrics().render(waiting=2, running=1)
     assert "palitorch_requests_waiting 2" in text and "palitorch_requests_running 1" in text
     assert 'palitorch_requests_total{outcome="cancelled"} 0' in text
