@@ -298,6 +298,7 @@ def run_requests(args, lines: list[bytes], folder: Path, dst: Path, streamed: bo
     if regular and ranks.main:
         if fold_parts(dst) == 0:
             sort_by_index(dst)
+    ranks.barrier()  # processes leave together: gloo can abort one whose peer tears down its connections early
     if not args.quiet and ranks.main:
         said = f"{errors} errors (lines with an \"error\" field)" if errors else "no errors"
         by = f" by {ranks.world} processes" if ranks.world > 1 else ""

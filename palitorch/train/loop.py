@@ -392,4 +392,5 @@ class Trainer:
                 print(evaluate.summary(f"step {self.step}", result))
             print(f"trained {run['steps']} steps ({self.step} of {self.total} in all) in {run['time']:.1f} s; the "
                   f"model is in {self.run / 'model'}")
+        ddp.barrier(d)  # processes leave together: gloo can abort one whose peer tears down its connections early
         return result
