@@ -49,6 +49,7 @@ from measure import (  # noqa: E402
     ReadProbe,
     cache_bytes,
     copy_bandwidth,
+    cudagraph_skips,
     default_tie_tol,
     ms_per_step,
     products_ms,
@@ -133,13 +134,6 @@ def load_transformers(pipe, folder: Path, dtype: torch.dtype, device: torch.devi
     params = list(hf.parameters())
     shared = sum(p.nbytes for p in params if p.untyped_storage().data_ptr() in storage)
     return hf, shared / sum(p.nbytes for p in params)
-
-
-def cudagraph_skips() -> int:
-    """How many times inductor has declined to make a CUDA graph in this process (a skip is otherwise silent)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["inductor"].get("cudagraph_skips", 0))
 
 
 def first_call(pipe, ours, n: int, args):

@@ -152,3 +152,10 @@ def same_answer(a, b, tol: float) -> bool:
     if k is None:
         return len(a.token_ids) == len(b.token_ids)
     return tol > 0 and abs(a.logprobs[k] - b.logprobs[k]) <= tol
+
+
+def cudagraph_skips() -> int:
+    """How many times inductor has declined to make a CUDA graph in this process (a skip is otherwise silent)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"].get("cudagraph_skips", 0))
