@@ -19,6 +19,7 @@ from datetime import timedelta
 import torch
 
 from palitorch.errors import InputError, ProcessError
+from palitorch.train import ddp
 from palitorch.train.ddp import Dist
 
 WAIT = timedelta(days=7)  # how long a process that has finished its share waits for the others (gloo's: 30 min)
@@ -64,13 +65,8 @@ class Ranks(Dist):
             dist.destroy_process_group()
 
     def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
+        ddp.barrier(self)
 
     def sum(self, *counts: int) -> list[int]:
         """Each count summed over the processes."""
-        if self.world == 1:
-            return list(counts)
-        t = torch.tensor(counts, dtype=torch.int64)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
+        return ddp.all_reduce_sum(torch.tensor(counts, dtype=torch.int64), self).tolist()

@@ -57,6 +57,17 @@ METHODS = "GET, POST, OPTIONS"
 OTHER_APIS = ("/v1/completions", "/v1/embeddings", "/v1/responses")
 
 
+def allowed_methods(path: str) -> str:
+    """The methods a path takes (a 405's Allow header); any other path: those the API uses."""
+    if path == "/v1/chat/completions":
+        return "POST, OPTIONS"
+    if path == "/health":
+        return "GET, HEAD, OPTIONS"
+    if path in ("/metrics", "/v1/models") or path.startswith("/v1/models/"):
+        return "GET, OPTIONS"
+    return METHODS
+
+
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # a client that hangs does not keep the server from stopping
     # The listen backlog (the standard library's is 5): a burst of clients waits to be accepted instead of being
@@ -128,9 +139,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _not_allowed(self) -> None:
         self._skip_body()
-        path = self.path.split("?", 1)[0].rstrip("/")
-        allow = {"/v1/chat/completions": "POST, OPTIONS", "/health": "GET, HEAD, OPTIONS"}.get(
-            path, "GET, OPTIONS" if path in ("/metrics", "/v1/models") or path.startswith("/v1/models/") else METHODS)
+        allow = allowed_methods(self.path.split("?", 1)[0].rstrip("/"))
         raise ApiError(405, f"{self.command} is not used by this API: use {allow}", headers={"Allow": allow})
 
     def _options(self) -> None:
@@ -185,7 +194,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(404, f"model {path[len('/v1/models/'):]!r} is not served here; this server serves "
                            f"{self.server.model_id!r}", "model", "model_not_found")
         elif path == "/v1/chat/completions":
-            raise ApiError(405, "use POST for /v1/chat/completions", headers={"Allow": "POST, OPTIONS"})
+            raise ApiError(405, "use POST for /v1/chat/completions", headers={"Allow": allowed_methods(path)})
         else:
             raise self._no_endpoint(path)
 
@@ -193,8 +202,7 @@ class Handler(BaseHTTPRequestHandler):
         body = self._body()  # read first: a connection kept alive must not start its next request mid-body
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         if path in ("/health", "/metrics", "/v1/models") or path.startswith("/v1/models/"):
-            raise ApiError(405, f"use GET for {path}",
-                           headers={"Allow": "GET, HEAD, OPTIONS" if path == "/health" else "GET, OPTIONS"})
+            raise ApiError(405, f"use GET for {path}", headers={"Allow": allowed_methods(path)})
         if path != "/v1/chat/completions":
             raise self._no_endpoint(path)
         self._authorize()

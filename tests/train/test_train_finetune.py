@@ -9,22 +9,9 @@ import palitorch
 from palitorch.errors import ConfigError
 from palitorch.train.loop import Trainer
 
-from hf_factory import write_checkpoint
-from trainkit import config, make_data
+from trainkit import config
 
 GENERATION = {"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "max_new_tokens": 7, "do_sample": False}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A 32 px checkpoint with 8 px patches: 16 image tokens (a from-scratch model of the defaults has 64)."""
-    folder, _ = write_checkpoint(tmp_path_factory.mktemp("base") / "base", image_size=32, patch_size=8)
-    return folder
 
 
 def test_max_length_caps_fine_tuning_examples_against_the_checkpoints_geometry(data, base, tmp_path):

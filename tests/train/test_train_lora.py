@@ -17,19 +17,7 @@ from palitorch.errors import ConfigError
 from palitorch.train import lora
 from palitorch.train.loop import Trainer
 
-from hf_factory import write_checkpoint
-from trainkit import config, losses, make_data
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    folder, _ = write_checkpoint(tmp_path_factory.mktemp("base") / "base", image_size=32, patch_size=8)
-    return folder
+from trainkit import config, losses
 
 
 def lora_config(data, base, out, **over):
