@@ -242,7 +242,8 @@ def save_model(model: PaliGemma, path, extra_files: dict[str, str | os.PathLike]
         hf_cfg = model.cfg.to_hf()
         hf_cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        for name, src in (extra_files or {}).items():
+        for name, src in (extra_files or {}).items():  # (a name may hold a subfolder: peft/adapter_config.json)
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, tmp / name)
         if out.exists():
             old = out.with_name(out.name + ".old")

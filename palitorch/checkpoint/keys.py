@@ -115,6 +115,21 @@ def ours_to_hf(name: str, version: int) -> str:
     raise KeyError(name)
 
 
+# transformers 5 builds the vision tower without its `vision_model.` level: the module paths (which PEFT adapters
+# name) differ there from the newer file layout.
+RUNTIME_PREFIXES = {"model.vision_tower.vision_model.": "model.vision_tower."}
+
+
+def hf_runtime_name(name: str, version: int) -> str:
+    """The path of one of our parameters in a transformers 5 PaliGemmaForConditionalGeneration (`model.` +
+    named_parameters' name): what adapters in PEFT's layout name."""
+    hf = ours_to_hf(name, version)
+    for old, new in RUNTIME_PREFIXES.items():
+        if hf.startswith(old):
+            return new + hf[len(old):]
+    return hf
+
+
 def hf_name_as_in(name: str, version: int, seen) -> str:
     """The HF weight name for one of our parameter names, in the layout of the HF names `seen` in a checkpoint
     (where one of them shows the layout of that part), else the newer layout: the name to look for in its files."""

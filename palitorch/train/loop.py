@@ -265,7 +265,7 @@ class Trainer:
                   "lr": build.lr_at(max(0, self.step - 1), self.total, self.cfg.optim),
                   "config": self.cfg.to_dict()}
             state.save(self.run, self.step, self.model, self.opt, self.names, st, rng, self.tokenizer_files,
-                       self.cfg.checkpoint.keep)
+                       self.cfg.checkpoint.keep, self.cfg.model.init or None)
         ddp.barrier(self.dist)
         self._saved_step = self.step
 
@@ -378,7 +378,8 @@ class Trainer:
                 self.save_checkpoint()
             raise KeyboardInterrupt
         if d.main:
-            state.save_model_folder(self.model, self.run / "model", self.tokenizer_files)
+            state.save_model_folder(self.model, self.run / "model", self.tokenizer_files,
+                                    base=self.cfg.model.init or None)
             if run["steps"]:
                 self.log({"step": self.step, "event": "done", "train_seconds": round(run["time"], 2),
                           "wall_seconds": round(time.perf_counter() - fit_started, 2),

@@ -8,11 +8,12 @@ bfloat16 weights plus activations. The model code knows nothing of it: LoRA wrap
 
 Every folder a run writes holds the merged weights W + s B A in the Hub layout, so it loads anywhere as a plain
 PaliGemma (palitorch, transformers; with bfloat16 weights the merged update is rounded to bfloat16, which
-adapter.safetensors does not do); beside them `adapter.safetensors` holds A and B. `--resume` builds the model from
-the checkpoint (the parts trained in full included), takes the adapted layers' frozen W from `[model] init` again and
-puts A and B back, after checking that W + s B A is the checkpoint's merged weight (the same init and settings).
-With dropout > 0 the adapters' random masks depend on how a batch is split (micro-batches, processes), so such runs
-do not follow one loss curve exactly.
+adapter.safetensors does not do); beside them `adapter.safetensors` holds A and B, and `peft/` the same as a PEFT
+adapter of [model] init (for transformers + PEFT users). `--resume` builds the model from the checkpoint (the parts
+trained in full included), takes the adapted layers' frozen W from `[model] init` again and puts A and B back, after
+checking that W + s B A is the checkpoint's merged weight (the same init and settings). With dropout > 0 the
+adapters' random masks depend on how a batch is split (micro-batches, processes), so such runs do not follow one
+loss curve exactly.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from palitorch.checkpoint import load_model
+from palitorch.checkpoint.keys import hf_runtime_name
 from palitorch.errors import CheckpointError, ConfigError
 
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG = "lora_config.json"  # (not PEFT's adapter_config.json: transformers would load the folder as one)
+PEFT_FOLDER = "peft"  # the same adapters in PEFT's layout, for the [model] init checkpoint loaded by transformers
 
 
 class LoRALinear(nn.Module):
@@ -133,9 +136,10 @@ def merged(model: nn.Module):
             setattr(owner, leaf, module)
 
 
-def save_adapter(model: nn.Module, folder: Path) -> dict[str, Path]:
-    """Write A and B (float32) and their settings into `folder`; {file name: path} to copy into a checkpoint
-    ({} when the model has no LoRA layers)."""
+def save_adapter(model: nn.Module, folder: Path, base: str | None = None) -> dict[str, Path]:
+    """Write A and B (float32) and their settings into `folder`, and the same in PEFT's layout (`save_peft`); {file
+    name in a checkpoint: path} to copy into one ({} when the model has no LoRA layers). `base`: the run's
+    [model] init, which the PEFT files name as their base model."""
     layers = wrapped(model)
     if not layers:
         return {}
@@ -147,7 +151,47 @@ def save_adapter(model: nn.Module, folder: Path) -> dict[str, Path]:
         {"r": first.lora_a.shape[0], "scale": first.scale, "target_modules": [n for n, _ in layers],
          "note": "palitorch LoRA: the model weights beside this file are already merged (W + scale * B @ A)"},
         indent=2))
-    return {ADAPTER_FILE: folder / ADAPTER_FILE, ADAPTER_CONFIG: folder / ADAPTER_CONFIG}
+    peft = save_peft(model, folder / PEFT_FOLDER, base)
+    return {ADAPTER_FILE: folder / ADAPTER_FILE, ADAPTER_CONFIG: folder / ADAPTER_CONFIG,
+            **{f"{PEFT_FOLDER}/{name}": path for name, path in peft.items()}}
+
+
+def save_peft(model: nn.Module, folder: Path, base: str | None) -> dict[str, Path]:
+    """The run as a PEFT LoRA adapter of its [model] init: `PeftModel.from_pretrained(PaliGemmaForConditional
+    Generation.from_pretrained(init), folder)` is the trained model. The adapters keep PEFT's names
+    (`base_model.model.<transformers 5 module path>.lora_A.weight`, A [r, in]; lora_B, B [out, r]; scaled by
+    lora_alpha / r), and the modules holding parameters trained in full (`[lora] also_train`) are PEFT's
+    `modules_to_save`, saved whole."""
+    version = model.cfg.version
+    layers = wrapped(model)
+    module = {n: hf_runtime_name(f"{n}.weight", version).removesuffix(".weight") for n, _ in layers}
+    tensors = {}
+    for name, layer in layers:
+        for ours, theirs in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
+            tensors[f"base_model.model.{module[name]}.{theirs}.weight"] = \
+                getattr(layer, ours).detach().float().contiguous().cpu()
+    owners = sorted({p.rpartition(".")[0] for p, t in model.named_parameters()
+                     if t.requires_grad and not p.endswith((".lora_a", ".lora_b"))})
+    to_save = set()
+    for owner in owners:
+        for leaf, t in model.get_submodule(owner).named_parameters(recurse=False):
+            hf = hf_runtime_name(f"{owner}.{leaf}", version)
+            to_save.add(hf.rpartition(".")[0])
+            tensors[f"base_model.model.{hf}"] = t.detach().contiguous().cpu()
+    first = layers[0][1]
+    rank = first.lora_a.shape[0]
+    settings = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base, "r": rank,
+        "lora_alpha": first.scale * rank, "lora_dropout": getattr(first.dropout, "p", 0.0),
+        "target_modules": [module[n] for n, _ in layers], "modules_to_save": sorted(to_save) or None,
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+        "use_rslora": False, "use_dora": False,
+    }
+    folder.mkdir(exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps(settings, indent=2))
+    return {"adapter_model.safetensors": folder / "adapter_model.safetensors",
+            "adapter_config.json": folder / "adapter_config.json"}
 
 
 @torch.no_grad()

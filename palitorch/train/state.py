@@ -68,8 +68,10 @@ def restore_rng(saved: Saved, d: ddp.Dist, device: torch.device) -> None:
 
 
 def save(run: Path, step: int, model: PaliGemma, opt: torch.optim.Optimizer, names: list[str],
-         state: dict, rng: dict[str, torch.Tensor], extra_files: dict[str, Path], keep: int) -> Path:
-    """Write RUN/checkpoint-<step> (first process only) and delete all but the newest `keep` checkpoints."""
+         state: dict, rng: dict[str, torch.Tensor], extra_files: dict[str, Path], keep: int,
+         base: str | None = None) -> Path:
+    """Write RUN/checkpoint-<step> (first process only) and delete all but the newest `keep` checkpoints. `base`:
+    the run's [model] init, named by a LoRA run's PEFT files."""
     tmp = Path(tempfile.mkdtemp(prefix=".state.", dir=run))
     try:
         tensors, meta = optimizer_state(opt, names)
@@ -77,7 +79,7 @@ def save(run: Path, step: int, model: PaliGemma, opt: torch.optim.Optimizer, nam
         save_file(rng, str(tmp / "rng_state.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "optimizer": meta}, indent=2))
         files = {**extra_files, **{f: tmp / f for f in STATE_FILES}}
-        out = save_model_folder(model, run / f"{PREFIX}{step:07d}", files, tmp)
+        out = save_model_folder(model, run / f"{PREFIX}{step:07d}", files, tmp, base)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for _, old in checkpoints(run)[:-keep]:  # renamed first: Ctrl-C amid rmtree leaves no half checkpoint
@@ -87,12 +89,13 @@ def save(run: Path, step: int, model: PaliGemma, opt: torch.optim.Optimizer, nam
     return out
 
 
-def save_model_folder(model: PaliGemma, folder: Path, extra_files: dict[str, Path], tmp: Path | None = None) -> Path:
+def save_model_folder(model: PaliGemma, folder: Path, extra_files: dict[str, Path], tmp: Path | None = None,
+                      base: str | None = None) -> Path:
     """`save_model` for a run: LoRA layers (lora.py) are saved merged, with their adapter beside (written in `tmp`,
-    a scratch folder in the run, made here if not given)."""
+    a scratch folder in the run, made here if not given; `base`: the run's [model] init)."""
     scratch = tmp or Path(tempfile.mkdtemp(prefix=".state.", dir=folder.parent))
     try:
-        files = {**extra_files, **lora.save_adapter(model, scratch)}
+        files = {**extra_files, **lora.save_adapter(model, scratch, base)}
         with lora.merged(model):
             return save_model(model, folder, extra_files=files)
     finally:

@@ -129,3 +129,30 @@ def test_two_processes_train_the_adapters_as_one_does(data, base, tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert all(abs(a[s] - b[s]) <= 1e-4 for s in a), (a, b)  # tolerance: float summation order only
     assert json.loads((tmp_path / "two" / "model" / lora.ADAPTER_CONFIG).read_text())["r"] == 4
+
+
+def test_the_peft_adapter_on_the_init_checkpoint_is_the_trained_model(data, base, tmp_path):
+    """RUN/model/peft is a PEFT LoRA adapter of [model] init: PEFT over transformers' init gives the merged model's
+    logits, with adapters on the vision tower too and a projector trained in full (PEFT's modules_to_save)."""
+    from peft import PeftModel
+    from transformers import PaliGemmaForConditionalGeneration as HF
+
+    over = {"lora__targets": ["language_model.layers.*", "vision_tower.layers.1.*"], "lora__also_train": ["projector"]}
+    trainer = Trainer(lora_config(data, base, tmp_path / "run", train__steps=3, **over))
+    trainer.fit()
+    folder = tmp_path / "run" / "model"
+    settings = json.loads((folder / lora.PEFT_FOLDER / "adapter_config.json").read_text())
+    assert (settings["r"], settings["lora_alpha"], settings["peft_type"]) == (4, 8.0, "LORA")
+    assert settings["modules_to_save"] == ["model.multi_modal_projector.linear"]
+    assert "model.vision_tower.encoder.layers.1.self_attn.q_proj" in settings["target_modules"]
+    b = trainer.data.batch([0, 1, 2, 3])
+    inputs = {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    inputs["pixel_values"] = b["pixel_values"][b["image_index"]]
+    real = b["attention_mask"].bool()
+    with torch.no_grad():
+        merged = HF.from_pretrained(folder).eval()(**inputs).logits[real]
+        adapted = PeftModel.from_pretrained(HF.from_pretrained(base), folder / lora.PEFT_FOLDER).eval()
+        peft_logits = adapted(**inputs).logits[real]
+        plain = HF.from_pretrained(base).eval()(**inputs).logits[real]
+    assert (merged - plain).abs().max() > 1e-2  # the adapters moved the model
+    assert (peft_logits - merged).abs().max() < 1e-4  # float32; merged vs unmerged: summation order only
