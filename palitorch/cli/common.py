@@ -57,6 +57,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model", metavar="DIR", help="a PaliGemma checkpoint folder (Hub layout); "
                    "default: the small model bundled with palitorch")
+    g.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter folder of the model (adapter_config.json, "
+                   "adapter_model.safetensors), merged into its weights at load")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps (default: cuda when available)")
     g.add_argument("--dtype", default="float32",
                    help="float32 (default), bfloat16 or float16; bfloat16 halves the memory and is faster on GPUs and "
@@ -127,7 +129,7 @@ def check_model_options(args: argparse.Namespace) -> tuple[str, torch.dtype]:
 def load_pipeline(args: argparse.Namespace, device: str, dtype: torch.dtype):
     import palitorch
 
-    pipe = palitorch.load(args.model, device=device, dtype=dtype)
+    pipe = palitorch.load(args.model, device=device, dtype=dtype, adapter=getattr(args, "adapter", None))
     if getattr(args, "compile", False):
         pipe.compile(mode="reduce-overhead" if str(device).startswith("cuda") else None)
     return pipe

@@ -43,7 +43,8 @@ def add_parser(subparsers) -> None:
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
     g.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
     g.add_argument("--served-model-name", metavar="NAME",
-                   help="the model's name in the API (default: the checkpoint folder's name)")
+                   help="the model's name in the API (default: the --adapter folder's name, else the checkpoint "
+                        "folder's)")
     g.add_argument("--api-key", metavar="KEY",
                    help="require the header 'Authorization: Bearer KEY' (default: $PALITORCH_API_KEY, else none)")
     g.add_argument("--max-batch-size", type=int, default=8, metavar="N",
@@ -74,6 +75,8 @@ def add_parser(subparsers) -> None:
 def model_name(args: argparse.Namespace) -> str:
     if args.served_model_name:
         return args.served_model_name
+    if args.adapter:  # a fine-tuned model goes by its adapter's name
+        return Path(args.adapter).expanduser().resolve().name
     return Path(args.model).resolve().name if args.model else "palitorch-default"
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from palitorch.checkpoint import load_model, read_config, resolve_dtype
+from palitorch.checkpoint import load_model, merge_adapter, read_adapter, read_config, resolve_dtype
 from palitorch.errors import CheckpointError, InputError
 from palitorch.inference import generate as engine
 from palitorch.inference.answer import Result
@@ -344,13 +344,14 @@ def _compile_options(device: torch.device, mode: str | None, options: dict | Non
     return {"options": {**(list_mode_options(mode) if mode else {}), **options}}
 
 
-def load(path=None, device="cpu", dtype="float32") -> Pipeline:
+def load(path=None, device="cpu", dtype="float32", adapter=None) -> Pipeline:
     """Load a Hub-layout PaliGemma folder (or the bundled default model when `path` is None; "~" is expanded).
 
     `device`: "cpu" (the default), "cuda", "cuda:N" (or the index N), "mps", or a torch.device; one that this
     machine lacks is an InputError before anything is read. `dtype`: "float32" (the default), "bfloat16" ("bf16"),
     "float16" ("fp16", "half"), or the torch dtype. palitorch does not download: give a folder (a Hub id is
-    answered with the command that downloads it)."""
+    answered with the command that downloads it). `adapter`: a PEFT LoRA adapter folder of this model
+    (adapter_config.json, adapter_model.safetensors), merged into the weights as they load."""
     if path is None:
         from palitorch.assets import default_model_path
 
@@ -362,7 +363,12 @@ def load(path=None, device="cpu", dtype="float32") -> Pipeline:
     processor = Processor.from_folder(path, cfg.vision.image_size, cfg.num_image_tokens,
                                       max_length=cfg.text.max_position_embeddings)
     check_tokenizer(cfg, processor, path)
+    if adapter is not None:
+        adapter = Path(adapter).expanduser()
+        read_adapter(adapter)  # before the (slow) load: a wrong folder fails at once
     model = load_model(path, device=device, dtype=dtype)
+    if adapter is not None:
+        merge_adapter(model, adapter)
     return Pipeline(model, processor, path)
 
 

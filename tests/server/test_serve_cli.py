@@ -135,11 +135,13 @@ def test_help_lists_the_flags(capsys):
 
 def test_the_served_model_name():
     def name(**kw):
-        return serve_cli.model_name(argparse.Namespace(**{"served_model_name": None, "model": None, **kw}))
+        return serve_cli.model_name(argparse.Namespace(**{"served_model_name": None, "model": None, "adapter": None,
+                                                          **kw}))
 
     assert name() == "palitorch-default"
     assert name(model="/checkpoints/paligemma2-3b-pt-224/") == "paligemma2-3b-pt-224"
     assert name(model="/checkpoints/x", served_model_name="mine") == "mine"
+    assert name(model="/checkpoints/x", adapter="/adapters/my-lora") == "my-lora"
 
 
 def test_a_model_that_cannot_answer_is_not_served(tmp_path):

@@ -156,3 +156,7 @@ def test_the_peft_adapter_on_the_init_checkpoint_is_the_trained_model(data, base
         plain = HF.from_pretrained(base).eval()(**inputs).logits[real]
     assert (merged - plain).abs().max() > 1e-2  # the adapters moved the model
     assert (peft_logits - merged).abs().max() < 1e-4  # float32; merged vs unmerged: summation order only
+    image = data / trainer.raw_train[0].image  # and palitorch merges it at load as transformers + PEFT run it
+    ours = palitorch.load(base, adapter=folder / lora.PEFT_FOLDER).score(image, "caption en", "red circle")
+    want = palitorch.load(folder).score(image, "caption en", "red circle")
+    assert max(abs(x - y) for x, y in zip(ours.logprobs, want.logprobs)) < 1e-4

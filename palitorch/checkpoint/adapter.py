@@ -1,0 +1,129 @@
+"""PEFT LoRA adapters (the folder `PeftModel.save_pretrained` writes), merged into a loaded PaliGemma.
+
+A LoRA adapter of layer W holds A [r, in] and B [out, r]; the adapted layer computes x (W + s B A)^T with
+s = lora_alpha / r (lora_alpha / sqrt(r) with `use_rslora`; `alpha_pattern` and `rank_pattern` set them per module).
+Merging once at load time gives the adapted model at the base model's speed. Tensors that are not LoRA pairs
+(`modules_to_save`, biases trained with `bias = "all"`) replace the base model's. Adapter names are transformers
+module paths (`base_model.model.` + the path), from any transformers version: the key tables (keys.py) read them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from palitorch.checkpoint.io import check_safetensors, read_json_object
+from palitorch.checkpoint.keys import hf_to_ours
+from palitorch.errors import CheckpointError
+from palitorch.model.paligemma import PaliGemma
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+_PAIR = re.compile(r"^(.*)\.lora_(A|B|embedding_A|embedding_B)(?:\.[^.]+)?(?:\.weight)?$")
+# a module_to_save's copy as some PEFT versions name it; an adapted layer's own weight, saved (embeddings, by default)
+_SAVED = re.compile(r"\.modules_to_save\.[^.]+\.|\.base_layer\.")
+_REFUSED = {  # settings whose adapters are not W + s B A: merging them as such would be silently wrong
+    "use_dora": "a DoRA adapter", "fan_in_fan_out": "a fan_in_fan_out adapter (GPT-2-style Conv1D layers)",
+    "lora_bias": "an adapter with LoRA biases", "use_qalora": "a QA-LoRA adapter",
+}
+
+
+def read_adapter(folder: Path) -> tuple[dict, Path]:
+    """(adapter_config.json's settings, the weights file) of a PEFT LoRA adapter folder, checked."""
+    if not (folder / CONFIG).is_file():
+        what = "does not exist" if not folder.exists() else f"has no {CONFIG}"
+        raise CheckpointError(f"adapter folder {str(folder)!r} {what}: give the folder PEFT's save_pretrained "
+                              f"wrote ({CONFIG} and {WEIGHTS})")
+    settings = read_json_object(folder / CONFIG, advice="")
+    kind = settings.get("peft_type")
+    if kind != "LORA":
+        raise CheckpointError(f"{folder / CONFIG}: peft_type {kind!r}: palitorch merges LoRA adapters only")
+    for key, what in _REFUSED.items():
+        if settings.get(key):
+            raise CheckpointError(f"{folder / CONFIG}: {key} is set: {what} is not a plain LoRA, which is all "
+                                  "palitorch merges; merge it with PEFT (merge_and_unload) and save the model")
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        pickled = (folder / "adapter_model.bin").is_file()
+        hint = " (found adapter_model.bin: palitorch never unpickles; save it with safe_serialization)" if pickled \
+            else ""
+        raise CheckpointError(f"{folder} has no {WEIGHTS}{hint}")
+    check_safetensors(weights, advice="")
+    return settings, weights
+
+
+def scaling(settings: dict, module: str, rank: int, where: Path) -> float:
+    """s for one adapted module (a transformers path): lora_alpha (or alpha_pattern's) over r (or sqrt(r))."""
+    alpha = settings.get("lora_alpha", 8)
+    for pattern, value in (settings.get("alpha_pattern") or {}).items():  # as PEFT matches them
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            alpha = value
+            break
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise CheckpointError(f"{where}: lora_alpha {alpha!r} is not a number")
+    return alpha / (math.sqrt(rank) if settings.get("use_rslora") else rank)
+
+
+def merge_adapter(model: PaliGemma, folder) -> list[str]:
+    """Merge the PEFT LoRA adapter in `folder` into `model`'s weights (new tensors: the base checkpoint's mapped
+    files are never written); returns the parameters changed. The adapter must be one of this base model:
+    a name or a shape it does not have is a CheckpointError naming the tensor."""
+    folder = Path(folder).expanduser()
+    settings, file = read_adapter(folder)
+    version = model.cfg.version
+    params = dict(model.named_parameters())
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    whole: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                path = _SAVED.sub(".", key.removeprefix("base_model.model."))
+                m = _PAIR.match(path)
+                if m:
+                    pairs.setdefault(m.group(1), {})[m.group(2)] = f.get_tensor(key)
+                else:
+                    whole[_ours(path, version, params, file, key)] = f.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from None
+    new: dict[str, torch.Tensor] = {}
+    for name, t in whole.items():  # saved whole: they replace the base model's (before any update on top)
+        w = params[name]
+        if t.shape != w.shape:
+            raise CheckpointError(f"{file.name}: {name} has shape {tuple(t.shape)}, the model's is {tuple(w.shape)}: "
+                                  "the adapter belongs to another model")
+        new[name] = t.to(w.device, w.dtype)
+    for module, ab in pairs.items():
+        name = _ours(f"{module}.weight", version, params, file, f"{module}.lora_A.weight")
+        w = new.get(name, params[name])
+        a, b = (ab.get("A"), ab.get("B")) if "A" in ab or "B" in ab else (ab.get("embedding_A"), ab.get("embedding_B"))
+        if a is None or b is None or len(ab) != 2:
+            raise CheckpointError(f"{file.name}: {module} has {sorted(ab)} of a LoRA pair (lora_A and lora_B)")
+        rank = a.shape[0]
+        if "embedding_A" in ab:  # an embedding's update: (B A)^T, with A [r, vocab] and B [dim, r]
+            delta = (b.float() @ a.float()).t() if b.dim() == 2 and b.shape[1] == rank else None
+        else:  # a linear layer's (or a convolution's: A [r, in, k, k], B [out, r, 1, 1]): B A
+            delta = b.float().flatten(1) @ a.float().flatten(1) if b.flatten(1).shape[1] == rank else None
+        if delta is None or delta.shape[0] != w.shape[0] or delta.numel() != w.numel():
+            raise CheckpointError(f"{file.name}: {module}'s LoRA pair (A {tuple(a.shape)}, B {tuple(b.shape)}) "
+                                  f"does not fit its weight {tuple(w.shape)}: the adapter belongs to another model")
+        s = scaling(settings, module, rank, folder / CONFIG)
+        new[name] = (w.detach().float() + s * delta.view(w.shape).to(w.device)).to(w.dtype)
+    if not new:
+        raise CheckpointError(f"{file} holds no LoRA weights")
+    with torch.no_grad():
+        for name, t in new.items():
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(t, requires_grad=False))
+    return sorted(new)
+
+
+def _ours(path: str, version: int, params: dict, file: Path, key: str) -> str:
+    """Our parameter name for an adapter's transformers path, else a CheckpointError naming `key`."""
+    name = hf_to_ours(path, version)
+    if name is None or name not in params:
+        raise CheckpointError(f"{file.name}: {key!r} names no weight of this PaliGemma: the adapter belongs to "
+                              "another model")
+    return name
