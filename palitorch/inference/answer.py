@@ -89,7 +89,9 @@ class Answer:
         if self.top is not None:
             self.top.append(alternatives or [])
         if track_text:
-            before = len(self.text)
+            # (an incomplete character decodes to one U+FFFD per byte, so completing it shortens the text: only what
+            # came before those stays put)
+            before = len(self.text.rstrip("\ufffd"))
             self.text = self.processor.decode(self.ids)
             self._find_stop(max(0, before - self._hold - 1))
 

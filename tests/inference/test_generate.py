@@ -198,6 +198,29 @@ def test_stop_strings(ckpt_factory):
     assert "".join(s) == r.text and s.result.finish_reason == "stop"
 
 
+@pytest.mark.parametrize("stop", ["\U0001f600", "b\U0001f600", "\u2713", "d \u2713"])
+def test_a_stop_string_ending_in_a_multibyte_character(ckpt_factory, monkeypatch, stop):
+    """A 4- or 3-byte character arrives as byte-fallback tokens (one U+FFFD per byte until it completes): the stop
+    string is still found at the token that completes it, also when the answer ends there."""
+    folder, _ = diverse(ckpt_factory, 1)
+    pipe = palitorch.load(folder)
+    text = "ab\U0001f600cd \u2713 fin"
+    ids = pipe.processor.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def scripted(model, prompts, opts, eos, pad_id, steps, step=None):
+        for i in ids[:steps]:
+            yield torch.tensor([i]), torch.tensor([-1.0]), None
+
+    monkeypatch.setattr(engine, "decode", scripted)
+    last = next(n for n in range(1, len(ids) + 1) if stop in pipe.processor.decode(ids[:n]))
+    want = text[:text.index(stop)]
+    for budget in (len(ids), last):  # the answer goes on, or ends with the stop string's last byte
+        r = pipe.generate(images(1)[0], "caption en", max_new_tokens=budget, stop=[stop])
+        assert (r.text, r.finish_reason, r.token_ids) == (want, "stop", ids[:last])
+        s = pipe.stream(images(1)[0], "caption en", max_new_tokens=budget, stop=[stop])
+        assert "".join(s) == s.result.text == want
+
+
 def test_stream_pieces_concatenate_to_the_text(ckpt_factory):
     folder, _ = diverse(ckpt_factory, 2)
     pipe = palitorch.load(folder)
