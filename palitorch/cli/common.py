@@ -14,6 +14,7 @@ import torch
 
 from palitorch.errors import InputError
 
+EARLY_STOPPING = {"true": True, "false": False, "never": "never"}
 # Decoding options as (flag, keyword, type, help). The keywords are those of Pipeline.generate.
 DECODING = (
     ("--max-new-tokens", "max_new_tokens", int, "N", "most tokens to generate (default 64)"),
@@ -25,6 +26,9 @@ DECODING = (
     ("--repetition-penalty", "repetition_penalty", float, "R", "R > 1 discourages repeating tokens (default 1)"),
     ("--num-beams", "num_beams", int, "B", "beam search with B beams (default 1: none)"),
     ("--length-penalty", "length_penalty", float, "L", "beam scores are logprob / length ** L (default 1)"),
+    ("--early-stopping", "early_stopping", lambda v: EARLY_STOPPING.get(v.lower(), v), "{true,false,never}",
+     "beam search: stop a prompt once it has B answers (true), once no running beam can beat them (false, the "
+     "default, as transformers), or 'never' (judged at --max-new-tokens)"),
     ("--seed", "seed", int, "S", "random seed: the same seed gives the same sample"),
     ("--top-logprobs", "top_logprobs", int, "K",
      "also report each token's K most likely alternatives with their logprobs (0-20; default 0)"),

@@ -1,12 +1,15 @@
-"""Beam search over the same cached prefill/advance steps as greedy decoding.
+"""Beam search over the same cached prefill/advance steps as greedy decoding, as transformers' `generate` runs it.
 
 Each prompt is prefilled once; its KV cache rows are then copied to `num_beams` rows, so the batch becomes
-B * num_beams sequences (beams of one prompt are adjacent). Each step scores every (beam, token) continuation by
-its beam's summed log-probability (of the processed distribution: repetition penalty and min_new_tokens applied),
-keeps the best 2 * num_beams per prompt, retires those that end in EOS as finished hypotheses, and continues with
-the best num_beams that do not. A finished hypothesis scores `sum(logprob) / length ** length_penalty`, its length
-counting the EOS. A prompt stops as soon as it has num_beams finished hypotheses (transformers' early_stopping=True),
-so num_beams=1 is exactly greedy decoding. Beam search syncs with the host every step; it is not the fast path.
+B * num_beams sequences (beams of one prompt are adjacent). Each step scores every (beam, token) continuation by its
+beam's summed log-probability, with the repetition penalty and min_new_tokens applied to the normalised log-probs
+(not renormalised, as transformers does), and keeps the best K = max(2, 1 + #EOS ids) * num_beams per prompt. Of
+those, the ones among the best num_beams that end (an EOS, a stop string, or the last step) join the prompt's
+finished hypotheses, of which the best num_beams are kept, each scoring `sum(logprob) / length ** length_penalty`
+(its length counting the EOS); the best num_beams that do not end continue. A prompt is done when it has num_beams
+finished hypotheses and, unless `early_stopping` is True, its best running beam could not beat the worst of them at
+its current length (`early_stopping=False`, transformers' default) or at max_new_tokens (`"never"`, with a positive
+length penalty). num_beams=1 is greedy decoding. Beam search syncs with the host every step; it is not the fast path.
 
 Axes: B prompts, M beams per prompt, V vocab.
 """
@@ -68,49 +71,51 @@ def beam_search(model: PaliGemma, processor: Processor, prompts: Prompts, opts: 
     logits = logits[rows]
     v = logits.shape[-1]
     eos_set = set(eos)
+    k = max(2, 1 + len(eos_set)) * m  # candidates kept per prompt: enough to leave m that do not end
 
     # Only the first beam of each prompt is live at the start, so the first step does not pick M copies.
     scores = torch.full((b, m), float("-inf"), device=logits.device)
     scores[:, 0] = 0.0
     beams = [[Hypothesis() for _ in range(m)] for _ in range(b)]
-    finished: list[list[tuple[float, Hypothesis, str]]] = [[] for _ in range(b)]
+    finished: list[list[tuple[float, Hypothesis, str]]] = [[] for _ in range(b)]  # (score, hypothesis, reason)
+    done = [False] * b
     for i in range(steps):
-        processed = torch.log_softmax(chooser.process(logits, i), dim=-1)  # [B*M, V]
         raw = raw_logprobs(logits)
+        processed = chooser.process(raw, i)  # [B*M, V]
         cand = (scores[..., None] + processed.view(b, m, v)).view(b, m * v)
-        top, idx = cand.topk(2 * m, dim=-1)  # [B, 2M]
+        top, idx = cand.topk(min(k, m * v), dim=-1)  # [B, K]
         src, tok = idx // v, idx % v
         raw_top = raw.view(b, m, v)[torch.arange(b, device=raw.device)[:, None], src, tok]
         top_l, src_l, tok_l, raw_l = top.tolist(), src.tolist(), tok.tolist(), raw_top.tolist()
         alts = alternatives_lists(*top_alternatives(raw, opts.top_logprobs)) if opts.top_logprobs else None
+        last, length = i + 1 == steps, i + 1
 
         next_src, next_tok, next_score = [], [], []
         for p in range(b):
+            children = [_grow(beams[p][src], token, lp, alts[p * m + src] if alts else None)
+                        for src, token, lp in zip(src_l[p], tok_l[p], raw_l[p])]
             kept = []
-            for rank in range(2 * m):
-                hyp = beams[p][src_l[p][rank]]
-                if len(finished[p]) >= m:
-                    kept.append(rank)  # this prompt is done: keep its beams running as fillers
-                elif tok_l[p][rank] in eos_set:
-                    if rank < m and top_l[p][rank] > float("-inf"):
-                        length = len(hyp.tokens) + 1
-                        finished[p].append((top_l[p][rank] / length**opts.length_penalty, hyp, "eos"))
-                elif top_l[p][rank] > float("-inf"):
-                    kept.append(rank)
-                if len(kept) == m:
-                    break
-            kept += [kept[-1] if kept else 0] * (m - len(kept))  # only when under M finite candidates exist
-            new = []
-            for rank in kept:
-                hyp = beams[p][src_l[p][rank]]
-                step_alts = [alts[p * m + src_l[p][rank]]] if alts else []  # the parent beam's distribution
-                new.append(Hypothesis(hyp.tokens + [tok_l[p][rank]], hyp.logprobs + [raw_l[p][rank]],
-                                      hyp.alternatives + step_alts))
-                next_src.append(p * m + src_l[p][rank])
-                next_tok.append(tok_l[p][rank])
-                next_score.append(top_l[p][rank])
-            beams[p] = new
-        if all(len(f) >= m for f in finished) or i + 1 == steps:
+            for rank, (score, token, child) in enumerate(zip(top_l[p], tok_l[p], children)):
+                ends = token in eos_set or last or (bool(opts.stop) and _stops(processor, child, opts.stop))
+                if not ends:
+                    if score > float("-inf") and len(kept) < m:
+                        kept.append(rank)
+                elif rank < m and score > float("-inf") and not done[p] \
+                        and not (opts.early_stopping is True and len(finished[p]) >= m):
+                    hyp = beams[p][src_l[p][rank]] if token in eos_set else child  # (an EOS is not text)
+                    finished[p].append((score / length**opts.length_penalty, hyp, "eos" if token in eos_set
+                                        else "length"))
+            finished[p] = sorted(finished[p], key=lambda f: -f[0])[:m]
+            best = top_l[p][kept[0]] if kept else float("-inf")
+            if len(finished[p]) >= m and not done[p]:  # could the best running beam still beat the worst finished?
+                reach = steps if opts.early_stopping == "never" and opts.length_penalty > 0 else length
+                done[p] = best / reach**opts.length_penalty <= finished[p][-1][0]
+            fillers = m - len(kept)  # (when under M continuations remain: dead beams that never win)
+            beams[p] = [children[rank] for rank in kept] + [Hypothesis() for _ in range(fillers)]
+            next_src += [p * m + src_l[p][rank] for rank in kept] + [p * m] * fillers
+            next_tok += [tok_l[p][rank] for rank in kept] + [eos[0]] * fillers
+            next_score += [top_l[p][rank] for rank in kept] + [float("-inf")] * fillers
+        if last or all(done) or (opts.early_stopping is True and all(len(f) >= m for f in finished)):
             break
         device = logits.device
         order = torch.tensor(next_src, device=device)
@@ -124,10 +129,7 @@ def beam_search(model: PaliGemma, processor: Processor, prompts: Prompts, opts: 
 
     results = []
     for p in range(b):
-        if len(finished[p]) < m:  # out of steps: the live beams compete as they are
-            for hyp, s in zip(beams[p], next_score[p * m:(p + 1) * m]):
-                finished[p].append((s / max(len(hyp.tokens), 1) ** opts.length_penalty, hyp, "length"))
-        _, best, reason = max(finished[p], key=lambda f: f[0])
+        _, best, reason = finished[p][0] if finished[p] else (0.0, Hypothesis(), "length")  # (no finite score)
         answer = Answer(processor, eos, opts.stop, prompts.lengths[p], top=opts.top_logprobs > 0)
         alternatives = best.alternatives or [None] * len(best.tokens)
         for tok, lp, alt in zip(best.tokens, best.logprobs, alternatives):
@@ -137,3 +139,14 @@ def beam_search(model: PaliGemma, processor: Processor, prompts: Prompts, opts: 
         results.append(answer.result())
     return results
 
+
+def _grow(hyp: Hypothesis, token: int, logprob: float, alternatives: Alternatives | None) -> Hypothesis:
+    """`hyp` continued by one token (with that step's alternatives from the parent beam's distribution, if kept)."""
+    return Hypothesis(hyp.tokens + [token], hyp.logprobs + [logprob],
+                      hyp.alternatives + ([alternatives] if alternatives is not None else []))
+
+
+def _stops(processor: Processor, hyp: Hypothesis, stop: list[str]) -> bool:
+    """Whether a hypothesis's text holds a stop string (it did not before its last token, or it would have ended)."""
+    text = processor.decode(hyp.tokens)
+    return any(s in text for s in stop)

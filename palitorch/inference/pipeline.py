@@ -191,6 +191,7 @@ class Pipeline:
 
         Decoding options are keyword arguments (or a GenerationOptions, or a dict of them): max_new_tokens=64,
         min_new_tokens=0, temperature, top_k, top_p, min_p, repetition_penalty=1.0, num_beams=1, length_penalty=1.0,
+        early_stopping=False (beam search: True, False or "never", as transformers),
         seed, stop, and top_logprobs=0 (k: also report each step's k most likely tokens). Greedy by default. Returns
         a `Result` (text, token_ids, logprobs, finish_reason, prompt_tokens, and top_logprobs when asked for).
         Calls from several threads run one at a time (see `Pipeline`).

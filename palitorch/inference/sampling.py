@@ -39,6 +39,7 @@ class GenerationOptions:
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the answer
     num_beams: int = 1
     length_penalty: float = 1.0  # beam scores are sum(logprob) / length ** length_penalty
+    early_stopping: bool | str = False  # beam search: True, False or "never", as in transformers (beam.py)
     seed: int | None = None
     stop: list[str] | None = None  # stop strings: the text ends before the first one found
     top_logprobs: int = 0  # also report each step's k most likely tokens (Result.top_logprobs), k <= 20
@@ -101,6 +102,8 @@ class GenerationOptions:
         if not _is_num(self.length_penalty) or abs(self.length_penalty) > MAX_LENGTH_PENALTY:
             bad(f"length_penalty must be a number from -{MAX_LENGTH_PENALTY} to {MAX_LENGTH_PENALTY} (beam scores "
                 f"are logprob / length ** length_penalty), got {self.length_penalty!r}")
+        if self.early_stopping not in (True, False, "never") or type(self.early_stopping) not in (bool, str):
+            bad(f"early_stopping must be true, false or \"never\" (beam search), got {self.early_stopping!r}")
         if self.num_beams > 1 and self.do_sample:
             bad("beam search is deterministic: use num_beams > 1 without temperature/top_k/top_p/min_p")
         if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):

@@ -9,7 +9,7 @@ presence penalties, ...) are refused with a message saying what to change, never
 
 Decoding follows palitorch, not OpenAI's defaults: greedy unless `temperature` > 0 (or a top_p/top_k/min_p filter
 is set), as PaliGemma's own evaluations decode. Extensions beside OpenAI's names: top_k, min_p, min_tokens,
-repetition_penalty, num_beams, length_penalty.
+repetition_penalty, num_beams, length_penalty, early_stopping.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ DECODING = {
     "max_completion_tokens": "max_new_tokens", "max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens",
     "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
     "repetition_penalty": "repetition_penalty", "num_beams": "num_beams", "length_penalty": "length_penalty",
-    "seed": "seed", "stop": "stop", "top_logprobs": "top_logprobs",
+    "early_stopping": "early_stopping", "seed": "seed", "stop": "stop", "top_logprobs": "top_logprobs",
 }
 API_NAME = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}  # for error messages
 # Accepted only at the value that asks for nothing PaliGemma cannot do.

@@ -85,3 +85,49 @@ def test_length_penalty_favours_longer_answers(pipe):
         assert all(len(a.token_ids) >= len(b.token_ids) for a, b in zip(longer, plain))
         gained += sum(len(r.token_ids) for r in longer) - sum(len(r.token_ids) for r in plain)
     assert tried and gained > 0
+
+
+def hf_beams(folder, hf, imgs, prompts, eos, **kw):
+    """transformers' beam search -> each row's answer (its tokens up to the first EOS) and whether it ended there."""
+    from hf_factory import hf_processor
+
+    proc = hf_processor(folder)
+    proc.tokenizer.padding_side = "left"
+    inputs = proc(images=imgs, text=prompts, return_tensors="pt", padding=True)
+    out = hf.generate(**inputs, do_sample=False, eos_token_id=eos, **kw)
+    answers = []
+    for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+        end = next((i for i, t in enumerate(row) if t in eos), None)
+        answers.append((row[:end], end is not None))
+    return answers
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_beam_search_equals_transformers(ckpt_factory, version):
+    """The same answers as transformers' generate(num_beams=...) over its settings: early_stopping (its default
+    False, True, "never"), length penalties of both signs, repetition penalties (applied to log-probabilities), and
+    min_new_tokens, on a padded batch whose beams end on one of two EOS ids."""
+    from collections import Counter
+
+    folder, hf = diverse(ckpt_factory, version)
+    pipe = palitorch.load(folder)
+    imgs, prompts = images(4), [*PROMPTS, "ocr"]
+    free = pipe.generate(imgs, prompts, max_new_tokens=12, min_new_tokens=12)
+    eos = [1, Counter(t for r in free for t in r.token_ids[1:]).most_common(1)[0][0]]  # so that beams do end
+    cfg = pipe.model.cfg
+    pipe.model.cfg = cfg.replace(eos_token_ids=tuple(eos))
+    cases = [dict(num_beams=m, length_penalty=lp, early_stopping=es) for m in (2, 4) for lp in (1.0, -1.0, 2.0)
+             for es in (False, True, "never")]
+    cases += [dict(num_beams=3, repetition_penalty=1.5), dict(num_beams=3, repetition_penalty=0.7),
+              dict(num_beams=3, min_new_tokens=4, repetition_penalty=1.3)]
+    ended = 0
+    try:
+        for kw in cases:
+            want = hf_beams(folder, hf, imgs, prompts, eos, max_new_tokens=10, **kw)
+            got = pipe.generate(imgs, prompts, max_new_tokens=10, **kw)
+            for r, (tokens, at_eos) in zip(got, want):
+                assert (r.token_ids, r.finish_reason) == (tokens, "eos" if at_eos else "length"), kw
+                ended += at_eos
+    finally:
+        pipe.model.cfg = cfg
+    assert ended >= len(cases) // 2, (ended, "answers should end on an EOS often, for the stopping rules to matter")
