@@ -136,15 +136,18 @@ class PaliGemmaConfig:
         g2 = text_type == "gemma2"
         defaults = GEMMA2_DEFAULTS if g2 else GEMMA_DEFAULTS
         num_layers = t.integer("num_hidden_layers", defaults["num_hidden_layers"])
-        rope = t.section("rope_parameters", {})
+        # RoPE: `rope_scaling` (transformers 4's name) replaces `rope_parameters` whenever it is set, as transformers
+        # reads them; a theta missing there comes from text_config itself
+        rope = t.section("rope_scaling" if t.d.get("rope_scaling") else "rope_parameters", {})
         theta = rope.number("rope_theta", 10000.0) if "rope_theta" in rope.d else t.number("rope_theta", 10000.0)
-        scaling = t.d.get("rope_scaling")  # transformers 4's name for rope_parameters
-        kind = rope.d.get("rope_type")
-        if kind is None and isinstance(scaling, dict):
-            kind = scaling.get("rope_type") or scaling.get("type")
+        kind = rope.d.get("rope_type", rope.d.get("type"))
         if kind not in (None, "default"):
             raise ConfigError(f"text_config asks for RoPE scaling {kind!r}, which palitorch does not implement "
                               "(PaliGemma uses plain RoPE)")
+        partial = rope.d.get("partial_rotary_factor", t.d.get("partial_rotary_factor", 1.0))
+        if partial != 1:
+            raise ConfigError(f"text_config asks for partial_rotary_factor {partial!r}, which palitorch does not "
+                              "implement (PaliGemma rotates every dimension of a head)")
         if t.d.get("attention_bias"):
             raise ConfigError("text_config.attention_bias is true: palitorch's Gemma has no attention biases, as "
                               "PaliGemma's has none")

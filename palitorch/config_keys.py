@@ -40,11 +40,12 @@ class Keys:
         self.d, self.where = d, where
 
     def section(self, key: str, defaults: dict) -> Keys:
-        """The object at `key`; an absent, null or empty one reads as `defaults` (as transformers reads it)."""
+        """The object at `key`; an absent or null one reads as `defaults`, an empty one as an object with no fields
+        (as transformers reads them: PaliGemma's own defaults, or those of the sub-model's config class)."""
         x = self.d.get(key)
         if x is not None and not isinstance(x, dict):
             self.fail(key, x, "a JSON object")
-        return Keys(x or dict(defaults), f"{self.where}{key}.")
+        return Keys(dict(defaults) if x is None else x, f"{self.where}{key}.")
 
     def fail(self, key: str, value, want: str):
         shown = json.dumps(value, default=repr)

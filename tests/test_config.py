@@ -89,6 +89,34 @@ def test_round_trip(name):
     assert PaliGemmaConfig.from_hf(cfg.to_hf()) == cfg
 
 
+def test_rope_fields_and_empty_subconfigs_as_transformers_reads_them():
+    """Found by an audit against transformers: `rope_scaling` (transformers 4's name) replaces rope_parameters
+    whenever it is set, its theta included; a sub-config given as {} has its own class's defaults (SigLIP's, Gemma's),
+    not PaliGemma's, which only an absent one gets."""
+    from transformers import PaliGemmaConfig as HF
+
+    text = HUB_PG1["text_config"]
+    cases = [dict(HUB_PG1, text_config=dict(text, rope_scaling={"rope_type": "default", "rope_theta": 321.0})),
+             dict(HUB_PG1, text_config=dict(text, rope_scaling={"rope_type": "default"}, rope_theta=500.0,
+                                            rope_parameters={"rope_type": "default", "rope_theta": 42.0})),
+             dict(HUB_PG1, text_config=dict(text, rope_parameters={"rope_type": "default", "rope_theta": 77.0})),
+             dict(HUB_PG1, vision_config={}), dict(HUB_PG1, text_config={}, projection_dim=3072),
+             {"model_type": "paligemma"}]
+    for d in cases:
+        ours, theirs = PaliGemmaConfig.from_hf(d), HF.from_dict(d)
+        t, v = theirs.text_config, theirs.vision_config
+        assert ours.text.rope_theta == t.rope_parameters["rope_theta"], d
+        assert (ours.text.hidden_size, ours.text.num_layers, ours.text.num_heads, ours.text.num_kv_heads) == \
+            (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads), d
+        assert (ours.vision.hidden_size, ours.vision.num_layers, ours.vision.patch_size) == \
+            (v.hidden_size, v.num_hidden_layers, v.patch_size), d
+    scaled = dict(text, rope_parameters={"rope_type": "default"}, rope_scaling={"rope_type": "linear", "factor": 4})
+    with pytest.raises(ConfigError, match="RoPE scaling 'linear'"):
+        PaliGemmaConfig.from_hf(dict(HUB_PG1, text_config=scaled))
+    with pytest.raises(ConfigError, match="partial_rotary_factor 0.5"):
+        PaliGemmaConfig.from_hf(dict(HUB_PG1, text_config=dict(text, partial_rotary_factor=0.5)))
+
+
 def test_absent_subconfigs_use_paligemma_defaults():
     cfg = PaliGemmaConfig.from_hf({"model_type": "paligemma"})
     assert cfg.text.num_layers == 18 and cfg.vision.num_layers == 27 and cfg.image_token_id == 256000

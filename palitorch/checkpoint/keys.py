@@ -77,11 +77,13 @@ def _table(ours_prefix: str, version: int) -> dict[str, str]:
 
 def unused(key: str, tied: bool) -> bool:
     """Whether an HF weight is one PaliGemma never uses, skipped when loading: the LM head when it is tied to the
-    embedding, and SigLIP's pooling head (`vision_tower...head.*`), which transformers builds and saves when a
-    vision_config leaves out `vision_use_head: false`, as the Hub's PaliGemma 1 configs do."""
+    embedding, SigLIP's pooling head (`vision_tower...head.*`), which transformers builds and saves when a
+    vision_config leaves out `vision_use_head: false`, as the Hub's PaliGemma 1 configs do, and the patch positions
+    `embeddings.position_ids` (0, 1, 2, ...), which older transformers saved as a buffer."""
     if key in LM_HEAD:
         return tied
-    return any(key.startswith(p + "head.") for p, ours in PREFIXES.items() if ours == "vision_tower.")
+    return any(key.startswith(p + "head.") or key == p + "embeddings.position_ids"
+               for p, ours in PREFIXES.items() if ours == "vision_tower.")
 
 
 def hf_to_ours(key: str, version: int) -> str | None:

@@ -232,15 +232,17 @@ class Processor:
         return torch.stack(list(_resize_pool().map(self.resized, images)))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 [..., 3, S, S] -> float32 (x * rescale - mean) / std, on x's device: the float32 operations, in the
-        order, of transformers' processor, so the same values to the bit. A batch moved to an accelerator as
+        """uint8 [..., 3, S, S] -> float32 (x * rescale - mean) / std, on x's device: the operations of transformers'
+        processor, so the same values to the bit (it rescales in float64, then works in float32: here a table of the
+        256 rescaled values, since accelerators such as MPS have no float64). A batch moved to an accelerator as
         uint8 is 4x fewer bytes and normalises there; on CPU torch's kernels beat numpy's several-fold. The
-        constants go over without making the host wait: the scale as a host scalar (a kernel argument), mean and std
-        as asynchronous copies."""
+        constants go over without making the host wait: asynchronous copies."""
         dev = x.device
-        x = x.float()
         if self.rescale is not None:
-            x = x.mul_(torch.tensor(self.rescale, dtype=torch.float32))
+            table = (torch.arange(256, dtype=torch.float64) * self.rescale).float()
+            x = table.to(dev, non_blocking=True)[x.long()]
+        else:
+            x = x.float()
         if not self.do_normalize:
             return x
         mean = torch.from_numpy(self.mean).to(dev, non_blocking=True).view(3, 1, 1)

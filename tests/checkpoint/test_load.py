@@ -102,6 +102,18 @@ def test_unexpected_tensor(pg1, tmp_path):
     assert "unexpected tensor 'language_model.model.layers.7.mlp.up_proj.weight'" in _error(d)
 
 
+def test_the_patch_positions_older_transformers_saved_are_skipped(pg1, tmp_path):
+    """`embeddings.position_ids` (a buffer of 0, 1, 2, ... that transformers once saved) is not a weight:
+    transformers skips it, and so does palitorch."""
+    d = _copy(pg1[0], tmp_path / "c")
+    t = load_file(d / "model.safetensors")
+    vision = next(k for k in t if "patch_embedding.weight" in k).split("embeddings.")[0]
+    t[vision + "embeddings.position_ids"] = torch.arange(256)[None]
+    save_file(t, d / "model.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(palitorch.load(d).model.state_dict().values(),
+                                                  palitorch.load(pg1[0]).model.state_dict().values()))
+
+
 def test_truncated_file(pg1, tmp_path):
     d = _copy(pg1[0], tmp_path / "c")
     data = (d / "model.safetensors").read_bytes()
