@@ -159,6 +159,21 @@ class Encoded:
     types: list[int]  # 0 image/bos/prefix/"\n", 1 suffix/eos
 
 
+def _rescaled(rescale: float) -> torch.Tensor:
+    """The 256 uint8 values times `rescale` as transformers computes them: in float64, rounded to float32."""
+    return (torch.arange(256, dtype=torch.float64) * rescale).float()
+
+
+def _exact_divisor(rescale: float | None) -> int | None:
+    """n where x / n in float32 gives `_rescaled(rescale)` exactly for every uint8 x (n = 255 for 1/255), else
+    None."""
+    if not rescale or not math.isfinite(1 / rescale):
+        return None
+    n = round(1 / rescale)
+    ok = n >= 1 and torch.equal(torch.arange(256, dtype=torch.float32) / n, _rescaled(rescale))
+    return n if ok else None
+
+
 class Processor:
     def __init__(self, tokenizer: Tokenizer, image_size: int, num_image_tokens: int,
                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), rescale: float | None = 1 / 255, max_length: int = 8192,
@@ -170,6 +185,7 @@ class Processor:
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
         self.rescale, self.do_normalize, self.resample = rescale, normalize, resample
+        self._divisor = _exact_divisor(rescale)
         self.image_id, self.bos_id = self.token_id(IMAGE), self.token_id(BOS)
         self.eos_id, self.pad_id = self.token_id(EOS), self.token_id(PAD)
         special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
@@ -233,16 +249,17 @@ class Processor:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 [..., 3, S, S] -> float32 (x * rescale - mean) / std, on x's device: the operations of transformers'
-        processor, so the same values to the bit (it rescales in float64, then works in float32: here a table of the
-        256 rescaled values, since accelerators such as MPS have no float64). A batch moved to an accelerator as
-        uint8 is 4x fewer bytes and normalises there; on CPU torch's kernels beat numpy's several-fold. The
-        constants go over without making the host wait: asynchronous copies."""
+        processor, so the same values to the bit (it rescales in float64, then works in float32: here a float32
+        division that gives the same 256 values, else a table of them; MPS has no float64). A batch moved to an
+        accelerator as uint8 is 4x fewer bytes and normalises there; on CPU torch's kernels beat numpy's several-fold.
+        The constants go over without making the host wait: asynchronous copies."""
         dev = x.device
-        if self.rescale is not None:
-            table = (torch.arange(256, dtype=torch.float64) * self.rescale).float()
-            x = table.to(dev, non_blocking=True)[x.long()]
-        else:
+        if self.rescale is None:
             x = x.float()
+        elif self._divisor is not None:  # 1/255: x / 255 in float32 is x * (1/255) in float64, rounded
+            x = x.float().div_(self._divisor)
+        else:
+            x = _rescaled(self.rescale).to(dev, non_blocking=True)[x.long()]
         if not self.do_normalize:
             return x
         mean = torch.from_numpy(self.mean).to(dev, non_blocking=True).view(3, 1, 1)

@@ -56,6 +56,7 @@ def test_pixels_match_transformers(procs, name):
 
 
 @pytest.mark.parametrize("flags", [{"resample": 2}, {"do_normalize": False}, {"do_rescale": False},
+                                   {"rescale_factor": 1 / 127.5, "do_normalize": False},
                                    {"resample": 0, "do_rescale": False, "do_normalize": False}])
 def test_preprocessor_config_flags_as_transformers_reads_them(pg1, tmp_path, flags):
     """resample, do_rescale and do_normalize in preprocessor_config.json, which palitorch ignored (bicubic, both
