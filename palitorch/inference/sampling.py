@@ -174,15 +174,14 @@ def top_k_filter(logits: torch.Tensor, k: int | torch.Tensor, k_max: int | None 
 
 def top_p_filter(logits: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     """Nucleus: keep the most probable tokens whose total probability first reaches p (always at least one).
-    `p`: a float, or a tensor [B, 1] of each row's p (a row with p = 1 is left as it is)."""
-    per_row = isinstance(p, torch.Tensor)
-    if not per_row and p >= 1.0:
+    `p`: a float, or a tensor [B, 1] of each row's p (a row with p = 1 is left as it is). Computed as transformers'
+    TopPLogitsWarper does (ascending sort; drop while the total from the bottom is <= 1 - p), so that ties at the
+    edge (common in bfloat16) keep the same tokens."""
+    if not isinstance(p, torch.Tensor) and p >= 1.0:
         return logits
-    p = p.clamp(min=TINY) if per_row else max(p, TINY)  # a smaller p is 0 in float32, which would keep no token
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = sorted_logits.softmax(-1)
-    before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
-    drop_sorted = (before >= p) & (p < 1.0) if per_row else before >= p
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+    drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= (1 - p)
+    drop_sorted[..., -1:] = False  # the most probable token always stays
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -219,7 +218,8 @@ def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> to
 
 
 def seen_tokens(prompt_ids: torch.Tensor, prompt_valid: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[B, V] bool: the tokens of each prompt [B, T] where `prompt_valid` (as transformers counts them seen)."""
+    """[B, V] bool: the tokens of each prompt [B, T] where `prompt_valid` (transformers counts its padding seen too,
+    which penalises only the pad token, in padded rows)."""
     # Padding goes to an extra column V that is then dropped, so it marks nothing.
     seen = torch.zeros(prompt_ids.shape[0], vocab + 1, dtype=torch.bool, device=prompt_ids.device)
     seen.scatter_(1, prompt_ids.masked_fill(~prompt_valid.bool(), vocab), True)
