@@ -116,11 +116,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
         elif img.mode.startswith("I;16") or a.max(initial=0) > 255:
             a = a / 257.0  # 0..65535 -> 0..255
         img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))  # mode L
-    if "A" in img.getbands() or img.info.get("transparency") is not None:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img if img.mode == "RGB" else img.convert("RGB")
+    if img.mode == "La":  # premultiplied grey + alpha, which PIL converts only to LA
+        img = img.convert("LA")
+    try:
+        if "A" in img.getbands() or img.info.get("transparency") is not None:
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return img if img.mode == "RGB" else img.convert("RGB")
+    except ValueError as e:  # a mode PIL cannot turn into RGB
+        raise InputError(f"an image of PIL mode {img.mode!r} cannot be converted to RGB ({e}); save it as an RGB "
+                         "PNG or JPEG") from None
 
 
 # Below this many pixels (read + written, summed over a batch) resizing on threads loses to one thread (the 2-core

@@ -195,6 +195,8 @@ def test_other_modes_become_rgb():
     assert load_image(cmyk).mode == "RGB"
     transparent = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
     assert np.asarray(load_image(transparent))[0, 0].tolist() == [255, 255, 255]  # composited onto white
+    premultiplied = Image.new("La", (4, 4), (100, 128))  # PIL converts it only to LA (it raised ValueError)
+    assert np.array_equal(np.asarray(load_image(premultiplied)), np.asarray(load_image(premultiplied.convert("LA"))))
 
 
 def test_bad_images_are_one_line_errors(tmp_path):
