@@ -105,6 +105,18 @@ def read_fields(index: int, raw: bytes) -> dict:
     return fields
 
 
+# Decoding options as the HTTP API (OpenAI, vLLM) and transformers name them: a line with one would otherwise be
+# answered with the defaults, the field kept as the request's own.
+FOREIGN = {
+    "max_tokens": '"max_new_tokens"', "max_completion_tokens": '"max_new_tokens"',
+    "max_length": '"max_new_tokens" (new tokens only)', "min_tokens": '"min_new_tokens"',
+    "min_length": '"min_new_tokens" (new tokens only)', "ignore_eos": '"min_new_tokens" equal to "max_new_tokens"',
+    "do_sample": '"temperature" (> 0 samples)', "temp": '"temperature"', "stop_sequences": '"stop"',
+    "beam_size": '"num_beams"', "n": "one line per answer (with their own seeds)",
+    "num_return_sequences": "one line per answer (with their own seeds)",
+}
+
+
 def make_request(index: int, fields: dict, folder: Path, defaults: dict) -> Request:
     """A request's fields -> Request, or InputError saying what is wrong with them."""
     image, prompt = fields.get("image"), fields.get("prompt")
@@ -115,6 +127,9 @@ def make_request(index: int, fields: dict, folder: Path, defaults: dict) -> Requ
     if not _encodable(image):
         raise InputError(f'line {index}: the "image" path is not valid Unicode (a lone surrogate such as \\ud800)')
     for name in fields.keys() - FLAG_OF.keys() - RESULT_FIELDS - {"image", "prompt"}:  # kept as they are, unless...
+        if name in FOREIGN and not (name == "n" and fields[name] == 1):
+            raise InputError(f"line {index}: {name!r} is another tool's decoding option, which palitorch batch "
+                             f"does not read: use {FOREIGN[name]}")
         if like := difflib.get_close_matches(name, FLAG_OF, n=1, cutoff=0.7):
             raise InputError(f"line {index}: unknown field {name!r}; did you mean the decoding option {like[0]!r}?")
     options = dict(defaults)
@@ -145,9 +160,10 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def run_chunk(pipe, chunk: list[Request], writer: Writer, pad_to: int | None = None) -> None:
+def run_chunk(pipe, chunk: list[Request], writer: Writer, pad_to: int | None = None, model: dict | None = None) -> None:
     """Generate one batch (same options) and write a line per request; an input the model rejects (a prompt
-    over the context, ...) is retried alone so that only that request gets the error.
+    over the context, ...) is retried alone so that only that request gets the error. Seeded samples run one at a
+    time, so that a line's seed gives its sample whatever the other lines and --batch-size.
 
     `pad_to` (with --compile): a compiled decode step is compiled anew for every batch size, so a smaller greedy
     chunk (the last one, or a group with its own options) is padded to that size with copies of its last request,
@@ -170,21 +186,31 @@ def run_chunk(pipe, chunk: list[Request], writer: Writer, pad_to: int | None = N
     decoding = GenerationOptions.from_kwargs(**opts)
     greedy = not decoding.do_sample and decoding.num_beams == 1
     extra = max(0, pad_to - len(ready)) if pad_to and greedy else 0
-    try:
-        results = pipe.generate(images + images[-1:] * extra, prompts + prompts[-1:] * extra, **opts)[:len(ready)]
-    except PalitorchError:
-        results = []
-        for req, im in ready:
-            try:
-                results.append(pipe.generate(im, req.prompt, **opts))
-            except PalitorchError as e:
-                results.append(e)
+    if decoding.do_sample and decoding.seed is not None:  # alone, as `run --seed` and the server give it
+        results = _one_by_one(pipe, ready, opts)
+    else:
+        try:
+            results = pipe.generate(images + images[-1:] * extra, prompts + prompts[-1:] * extra, **opts)
+            results = results[:len(ready)]
+        except PalitorchError:
+            results = _one_by_one(pipe, ready, opts)
     for (req, im), res in zip(ready, results):
         if isinstance(res, Exception):
             writer.add(req.fields, req.index, error=str(res))
         else:
             fields = result_fields(res, req.prompt, im.size, pipe.processor.tokenizer)
-            writer.add(req.fields, req.index, decoding=req.options, **fields)
+            writer.add(req.fields, req.index, decoding=req.options, **({"model": model} if model else {}), **fields)
+
+
+def _one_by_one(pipe, ready: list, opts: dict) -> list:
+    """Each (request, image) of `ready` generated alone: its Result, or the error that request alone meets."""
+    results = []
+    for req, im in ready:
+        try:
+            results.append(pipe.generate(im, req.prompt, **opts))
+        except PalitorchError as e:
+            results.append(e)
+    return results
 
 
 def batch(args: argparse.Namespace) -> int:
@@ -233,6 +259,7 @@ def run_requests(args, lines: list[bytes], folder: Path, dst: Path, streamed: bo
         fold_parts(dst)  # an earlier multi-process run's parts, left when it stopped early
     ranks.barrier()
     done, tidy = read_done(dst) if regular else ({}, lambda: None)
+    model = model_record(args, dtype)
     requests: list[Request] = []
     bad: list[tuple[dict, int, str]] = []
     for index, raw in enumerate(lines, start=1):
@@ -247,7 +274,7 @@ def run_requests(args, lines: list[bytes], folder: Path, dst: Path, streamed: bo
                 bad.append((fields, index, str(e)))
             continue
         if index in done:
-            check_same_request(done[index], req, dst)
+            check_same_request(done[index], req, dst, model)
         else:
             requests.append(req)
     if regular:
@@ -281,7 +308,7 @@ def run_requests(args, lines: list[bytes], folder: Path, dst: Path, streamed: bo
                 for group in groups.values():
                     for i in range(0, len(group), size):
                         chunk = group[i:i + size]
-                        run_chunk(pipe, chunk, writer, pad_to=size if args.compile else None)
+                        run_chunk(pipe, chunk, writer, pad_to=size if args.compile else None, model=model)
                         writer.commit()
                         bar.update(len(chunk))
     except KeyboardInterrupt:
@@ -330,10 +357,22 @@ def chunk_size(args: argparse.Namespace) -> int:
     return size
 
 
-def check_same_request(record: dict, req: Request, output: Path) -> None:
+def model_record(args: argparse.Namespace, dtype) -> dict:
+    """What a result line says of the model that wrote it: its folder ("palitorch-default" for the bundled one), the
+    adapter merged into it, the dtype."""
+    record = {"path": str(Path(args.model).expanduser().resolve()) if args.model else "palitorch-default"}
+    if args.adapter:
+        record["adapter"] = str(Path(args.adapter).expanduser().resolve())
+    return record | {"dtype": str(dtype).removeprefix("torch.")}
+
+
+def check_same_request(record: dict, req: Request, output: Path, model: dict) -> None:
     """A result line whose image or prompt differs from its input line means the output belongs to another input
-    file; one whose decoding options differ, to another command line (lines written before palitorch recorded
-    options are not checked)."""
+    file; one whose decoding options or model differ, to another command line (lines written before palitorch
+    recorded them are not checked)."""
+    if "model" in record and record["model"] != model:
+        raise InputError(f"{output} holds results of another model ({record['model']} then, {model} now): give the "
+                         "same --model, --adapter and --dtype, or another --output")
     for name in ("image", "prompt"):
         if name in record and record[name] != req.fields[name]:
             raise InputError(f"{output} holds results for another input (line {req.index}'s {name} differs): "

@@ -144,9 +144,16 @@ def test_compiled_greedy_chunks_are_padded_to_the_batch_size(fake_pipe, requests
     pipe = fake_pipe(answer)
     dst.unlink()
     rc, _, err = cli(["batch", "--input", requests_file, "--output", dst, "--batch-size", "4", "--compile",
-                      "--temperature", "0.7", "--seed", "1"], capsys)
+                      "--temperature", "0.7"], capsys)
     assert rc == 0, err
     assert [len(c[2]) for c in pipe.calls] == [4, 2, 1]
+
+    pipe = fake_pipe(answer)  # seeded samples run one by one: a line's seed gives its sample whatever the batch
+    dst.unlink()
+    rc, _, err = cli(["batch", "--input", requests_file, "--output", dst, "--batch-size", "4", "--compile",
+                      "--temperature", "0.7", "--seed", "1"], capsys)
+    assert rc == 0, err
+    assert [len(c[2]) for c in pipe.calls] == [1] * 7
 
 
 def test_an_image_named_twice_is_read_once(fake_pipe, images, capsys):
@@ -264,6 +271,19 @@ def test_a_rerun_with_other_decoding_options_is_refused(fake_pipe, requests_file
     assert dst.read_bytes() == before
 
 
+def test_a_rerun_with_another_model_is_refused(fake_pipe, requests_file, capsys):
+    """Each answer records the model that wrote it (folder, adapter, dtype): resuming with another is refused, so
+    that one output never mixes two models' answers."""
+    dst = requests_file.parent / "out.jsonl"
+    fake_pipe(answer)
+    assert cli(["batch", "--input", requests_file, "--output", dst], capsys)[0] == 0
+    assert read_results(dst)[1]["model"] == {"path": "palitorch-default", "dtype": "float32"}
+    before = dst.read_bytes()
+    rc, _, err = cli(["batch", "--input", requests_file, "--output", dst, "--dtype", "bfloat16"], capsys)
+    assert rc == 2 and "holds results of another model" in err and err.count("\n") == 1
+    assert dst.read_bytes() == before
+
+
 def test_an_unrelated_output_file_is_refused(fake_pipe, requests_file, capsys):
     dst = requests_file.parent / "notes.txt"
     dst.write_text("my precious notes\n")
@@ -283,6 +303,23 @@ def test_a_misspelled_option_is_an_error_and_result_names_are_not_copied(fake_pi
     got = read_results(dst)
     assert "unknown field 'temprature'; did you mean the decoding option 'temperature'?" in got[1]["error"]
     assert got[2]["id"] == 7 and got[2]["text"] == "caption 2 (300x200)" and "error" not in got[2]
+
+
+def test_other_tools_decoding_names_are_refused_not_ignored(fake_pipe, images, capsys):
+    """Names the HTTP API or transformers use (max_tokens, ignore_eos, do_sample, ...) were kept as the request's own
+    fields, the line answered with the defaults; now the line says what to write instead. `"n": 1` asks nothing."""
+    src = write_requests(images.parent / "requests.jsonl", [
+        {"image": "imgs/red.png", "prompt": "caption 1", "max_tokens": 3},
+        {"image": "imgs/red.png", "prompt": "caption 2", "do_sample": True},
+        {"image": "imgs/red.png", "prompt": "caption 3", "n": 2},
+        {"image": "imgs/red.png", "prompt": "caption 4", "n": 1}])
+    dst = images.parent / "out.jsonl"
+    fake_pipe(answer)
+    assert cli(["batch", "--input", src, "--output", dst], capsys)[0] == 1
+    got = read_results(dst)
+    assert "'max_tokens' is another tool's decoding option" in got[1]["error"] and '"max_new_tokens"' in got[1]["error"]
+    assert '"temperature" (> 0 samples)' in got[2]["error"] and "one line per answer" in got[3]["error"]
+    assert got[4]["text"] == "caption 4 (300x200)" and got[4]["n"] == 1
 
 
 def test_a_binary_input_is_refused(fake_pipe, images, capsys):
