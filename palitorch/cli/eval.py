@@ -52,7 +52,9 @@ def evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from palitorch.inference import load_image
+    from palitorch.inference.processor import check_image_file
     from palitorch.train import ddp
+    from palitorch.train.config import METRIC_NAMES
     from palitorch.train.data import read_jsonl
     from palitorch.train.evaluate import exact_match, normalize_answer, subset, summary
 
@@ -75,8 +77,16 @@ def evaluate(args: argparse.Namespace) -> int:
     missing = [examples[i] for i in idx if not examples[i].image.is_file()]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise InputError(f"{missing[0].where}: image {str(missing[0].image)!r} does not exist{more}")
+        what = "is a folder" if missing[0].image.is_dir() else "does not exist"
+        raise InputError(f"{missing[0].where}: image {str(missing[0].image)!r} {what}{more}")
+    for i in idx:  # every header before the model loads: a damaged image does not end the run halfway
+        try:
+            check_image_file(examples[i].image)
+        except InputError as e:
+            raise InputError(f"{examples[i].where}: {e}") from None
     groups = [g.strip() for g in args.group_by.split(",") if g.strip()]
+    if taken := [g for g in groups if g in METRIC_NAMES]:
+        raise InputError(f"--group-by {taken[0]!r} is the name of an overall metric: group by other fields")
 
     pipe = load_pipeline(args, device, dtype)
     answers: list[str] = []

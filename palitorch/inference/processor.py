@@ -70,14 +70,21 @@ def from_array(a) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a.astype(np.uint8)))
 
 
-def _decode(source, what: str) -> Image.Image:
+def check_image_file(path) -> None:
+    """InputError unless Pillow can read the header of image file `path` (format and size; the pixels are not
+    decoded): a cheap check of many files before a long job."""
+    _decode(path, f"cannot read image {str(path)!r}", header_only=True)
+
+
+def _decode(source, what: str, header_only: bool = False) -> Image.Image:
     """Open and decode an image file or buffer; InputError `what: why` if Pillow cannot, or if the image is over
     Pillow's pixel limit (a decompression bomb: a small file that decodes to gigabytes)."""
     try:
         with warnings.catch_warnings():  # between half the limit and the limit Pillow warns; the image is fine
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(source) as im:
-                im.load()
+                if not header_only:
+                    im.load()
                 return im
     except Image.DecompressionBombError:
         raise InputError(f"{what}: it has more pixels than Pillow's safety limit ({Image.MAX_IMAGE_PIXELS:,}): "

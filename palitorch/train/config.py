@@ -243,7 +243,12 @@ class TrainConfig:
         for k, v in o.lr_scale.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
                 raise ConfigError(f"[optim] lr_scale.{k} must be a finite number >= 0, got {v!r}")
+        if taken := [g for g in self.eval.group_by if g in METRIC_NAMES]:
+            raise ConfigError(f"[eval] group_by {taken[0]!r} is the name of an overall metric: group by other fields")
 
+
+# What an evaluation reports beside its groups (train/evaluate.py): no group may take these names.
+METRIC_NAMES = frozenset({"exact_match", "n", "boxes", "eval_loss", "step"})
 
 # The range of every number in the config, as (rule, test); a float must be finite too. Checked by validate.
 _GE0 = (">= 0", lambda v: v >= 0)

@@ -70,6 +70,8 @@ def test_eval_scores_what_the_model_answers(fake_pipe, images, tmp_path, capsys)
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--max-examples", "-1"], "--max-examples must be >= 0"),
     (["--predictions", "nowhere/p.jsonl"], "does not exist"),
+    (["--group-by", "kind,boxes"], "--group-by 'boxes' is the name of an overall metric"),
+    (["--group-by", "n"], "--group-by 'n' is the name of an overall metric"),
 ])
 def test_eval_errors_are_one_line(extra, message, images, tmp_path, no_model_load, capsys):
     (tmp_path / "d.jsonl").write_text(json.dumps({"image": "imgs/red.png", "prefix": "q", "suffix": "a"}) + "\n")
@@ -83,3 +85,18 @@ def test_eval_names_a_missing_image_before_loading(tmp_path, no_model_load, caps
     assert rc == 2 and "d.jsonl:1" in err and "gone.png" in err and err.count("\n") == 1
     rc, _, err = cli(["eval", "--data", tmp_path / "none.jsonl"], capsys)
     assert rc == 2 and "does not exist" in err
+
+
+def test_eval_reads_every_image_header_before_loading(tmp_path, images, no_model_load, capsys):
+    """A damaged image or a folder is named with its line before the model loads (it ended the run when its batch
+    came, the work before it lost)."""
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    (tmp_path / "dir.png").mkdir()
+    lines = [{"image": str(images / "red.png"), "prefix": "q", "suffix": "a"}, {"image": "bad.png", "prefix": "q",
+                                                                                 "suffix": "a"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rc, _, err = cli(["eval", "--data", tmp_path / "d.jsonl"], capsys)
+    assert rc == 2 and "d.jsonl:2" in err and "not in a format Pillow can read" in err and err.count("\n") == 1
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "dir.png", "prefix": "q", "suffix": "a"}) + "\n")
+    rc, _, err = cli(["eval", "--data", tmp_path / "d.jsonl"], capsys)
+    assert rc == 2 and "dir.png' is a folder" in err

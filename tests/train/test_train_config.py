@@ -80,6 +80,7 @@ def test_round_trip_through_toml(tmp_path):
     (["--optim.lr_scale", "{vision = inf}"], "lr_scale.vision must be a finite number >= 0"),
     (["--model.dtype", "float64"], "[model] dtype 'float64' is not one of float32, bfloat16"),
     (["--model.dtype", "float16"], "float16 weights need the loss scaling that training does not do"),
+    (["--eval.group_by", '["task", "boxes"]'], "[eval] group_by 'boxes' is the name of an overall metric"),
 ])
 def test_bad_overrides_are_one_line_errors(args, message):
     with pytest.raises(ConfigError) as e:
