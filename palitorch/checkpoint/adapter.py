@@ -34,7 +34,7 @@ _REFUSED = {  # settings whose adapters are not W + s B A: merging them as such 
 def read_adapter(folder: Path) -> tuple[dict, Path]:
     """(adapter_config.json's settings, the weights file) of a PEFT LoRA adapter folder, checked."""
     if not (folder / CONFIG).is_file():
-        what = "does not exist" if not folder.exists() else f"has no {CONFIG}"
+        what = "does not exist" if not folder.exists() else "is a file" if folder.is_file() else f"has no {CONFIG}"
         raise CheckpointError(f"adapter folder {str(folder)!r} {what}: give the folder PEFT's save_pretrained "
                               f"wrote ({CONFIG} and {WEIGHTS})")
     settings = read_json_object(folder / CONFIG, advice="")
@@ -55,15 +55,19 @@ def read_adapter(folder: Path) -> tuple[dict, Path]:
     return settings, weights
 
 
-def scaling(settings: dict, module: str, rank: int, where: Path) -> float:
-    """s for one adapted module (a transformers path): lora_alpha (or alpha_pattern's) over r (or sqrt(r))."""
-    alpha = settings.get("lora_alpha", 8)
-    for pattern, value in (settings.get("alpha_pattern") or {}).items():  # as PEFT matches them
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            alpha = value
-            break
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise CheckpointError(f"{where}: lora_alpha {alpha!r} is not a number")
+def setting(settings: dict, name: str, module: str, default):
+    """`name` (r, lora_alpha) for one adapted module (a transformers path): its `<r|alpha>_pattern` entry, matched
+    as PEFT matches them, else the adapter's own value."""
+    patterns = settings.get("rank_pattern" if name == "r" else "alpha_pattern") or {}
+    value = next((v for p, v in patterns.items() if re.match(rf"(.*\.)?({p})$", module)), settings.get(name, default))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointError(f"{CONFIG}: {name} {value!r} (for {module}) is not a number")
+    return value
+
+
+def scaling(settings: dict, module: str, rank: int) -> float:
+    """s for one adapted module: lora_alpha (or alpha_pattern's) over r (or sqrt(r))."""
+    alpha = setting(settings, "lora_alpha", module, 8)
     return alpha / (math.sqrt(rank) if settings.get("use_rslora") else rank)
 
 
@@ -109,7 +113,10 @@ def merge_adapter(model: PaliGemma, folder) -> list[str]:
         if delta is None or delta.shape[0] != w.shape[0] or delta.numel() != w.numel():
             raise CheckpointError(f"{file.name}: {module}'s LoRA pair (A {tuple(a.shape)}, B {tuple(b.shape)}) "
                                   f"does not fit its weight {tuple(w.shape)}: the adapter belongs to another model")
-        s = scaling(settings, module, rank, folder / CONFIG)
+        if setting(settings, "r", module, 8) != rank:  # (PEFT refuses such an adapter too)
+            raise CheckpointError(f"{folder / CONFIG} gives {module} rank {setting(settings, 'r', module, 8)!r}, its "
+                                  f"weights have rank {rank}: the adapter's files do not belong together")
+        s = scaling(settings, module, rank)
         new[name] = (w.detach().float() + s * delta.view(w.shape).to(w.device)).to(w.dtype)
     if not new:
         raise CheckpointError(f"{file} holds no LoRA weights")

@@ -78,7 +78,8 @@ def read_config(path: str | os.PathLike) -> PaliGemmaConfig:
         return PaliGemmaConfig.from_hf(read_json_object(cfg_file), generation)
     except ConfigError as e:  # a bad EOS id that generation_config.json gave is that file's
         from_gen = (generation or {}).get("eos_token_id") is not None and str(e).startswith("eos_token_id")
-        raise CheckpointError(f"{gen_file if from_gen else cfg_file}: {e}") from None
+        why = str(e).replace("fix config.json", "fix generation_config.json") if from_gen else e
+        raise CheckpointError(f"{gen_file if from_gen else cfg_file}: {why}") from None
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -123,8 +123,8 @@ def chat(args: argparse.Namespace) -> int:
                 continue
             say(f"[image: {path} ({image.width}x{image.height})]")
             continue
-        if line.startswith("/") and " " not in line:
-            say(f"unknown command {line}; /help lists the commands")
+        if line[:1] == "/" and line[1:2].isalpha():  # a mistyped command, not a prompt (none starts so)
+            say(f"unknown command {line.split()[0]}; /help lists the commands")
             continue
         try:
             answer(pipe, image, line, opts)

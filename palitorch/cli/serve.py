@@ -75,8 +75,12 @@ def add_parser(subparsers) -> None:
 def model_name(args: argparse.Namespace) -> str:
     if args.served_model_name:
         return args.served_model_name
-    if args.adapter:  # a fine-tuned model goes by its adapter's name
-        return Path(args.adapter).expanduser().resolve().name
+    if args.adapter:  # a fine-tuned model goes by its adapter's name; a palitorch run's (RUN/model/peft), the run's
+        adapter = Path(args.adapter).expanduser().resolve()
+        if adapter.name != "peft":
+            return adapter.name
+        folder = adapter.parent
+        return folder.parent.name if folder.name == "model" else f"{folder.parent.name}-{folder.name}"
     return Path(args.model).resolve().name if args.model else "palitorch-default"
 
 

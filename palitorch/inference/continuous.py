@@ -140,13 +140,17 @@ class LiveBatch:
         """Start one sequence per (image, prompt) -> (their Seqs, their first events), or None when they cannot all
         join now (too few free rows, or too few cache slots left until some sequences end: try again after a step).
 
-        InputError if a prompt is refused (none of them joins); NumericsError on NaN logits. `streams[i]`: hand out
+        InputError if a prompt is refused or there are more than max_rows (none of them joins); NumericsError on NaN
+        logits. `streams[i]`: hand out
         sequence i's text in pieces as it grows (else its text comes only in its Result). `options[i]`: sequence i's
         decoding options (default: the batch's): a GenerationOptions, or a dict of decoding keywords that change
         the batch's options."""
         self._check_open()
         options = self._inputs(images, prompts, tags, streams, options)
         n = len(prompts)
+        if n > self.max_rows:  # it never could: not a "try again"
+            raise InputError(f"{n} sequences cannot join a live batch of max_rows={self.max_rows}: admit at most "
+                             f"{self.max_rows} at a time, or open it with a larger max_rows")
         if n == 0 or n > self.free_rows:
             return None
         pixels, index = self.to_pixels(images)

@@ -158,6 +158,13 @@ def parse_chat(body: dict, model_id: str, defaults: dict | None = None,
         usage = {k: v for k, v in usage.items() if k != "include_usage"}
     if not isinstance(usage, dict) or not isinstance(usage.get("include_usage", False), bool):
         raise bad('stream_options must be an object like {"include_usage": true}', "stream_options")
+    if unknown := sorted(set(usage) - {"include_usage", "continuous_usage_stats"}):
+        raise bad(f"unknown stream_options field {unknown[0]!r} (known: include_usage)", "stream_options")
+    if usage.get("continuous_usage_stats"):
+        raise bad("stream_options.continuous_usage_stats is not served: usage comes once, at the end (include_usage)",
+                  "stream_options")
+    if body.get("stream_options") is not None and not stream:  # as OpenAI answers
+        raise bad("stream_options is only allowed when stream is true", "stream_options")
     image, prompt = parse_messages(body.get("messages"), fetch, images)  # last: fetching an image is the slow part
     return ChatRequest(image, prompt, options, n, stream, usage.get("include_usage", False), want_logprobs)
 

@@ -20,6 +20,7 @@ literals when they parse as one (`--data.task_repeat '{caption = 4}'`), else as 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import typing
@@ -396,7 +397,7 @@ def _toml_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")  # TOML's escapes, control chars too
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):

@@ -239,6 +239,7 @@ def convert(out: str | os.PathLike, limit: int | None = None, extra: int = 0, se
     out = Path(out)
     summary = Summary()
     rng = random.Random(seed + 1)
+    used: set[str] = set()  # the image paths the JSONL files name
     sources = {"train": (package.get_train_questions(), package.get_train_image_paths()),
                "test": (package.get_test_questions(), package.get_test_image_paths())}
     for split, ((texts, answers, ids), paths) in sources.items():
@@ -264,7 +265,12 @@ def convert(out: str | os.PathLike, limit: int | None = None, extra: int = 0, se
         if split == "train" and extra:
             lines += _extra(out, extra, seed, summary, progress, balanced)
         _write_jsonl(out / f"{split}.jsonl", lines)
+        used.update(r["image"] for r in lines)
         summary.lines[split] = Counter(r["task"] + (f"/{r['qtype']}" if "qtype" in r else "") for r in lines)
+    for split in ("train", "test", "extra"):  # images of an earlier conversion into `out` that no line names now
+        for f in sorted((out / "images" / split).glob("*.png")):
+            if f"images/{split}/{f.name}" not in used:
+                f.unlink()
     (out / "summary.json").write_text(json.dumps(
         {"lines": summary.lines, "images": summary.images, "ambiguous": summary.ambiguous,
          "conflicts": summary.conflicts, "fit": summary.fit, "extra_iou": summary.extra_iou}, indent=1))

@@ -118,12 +118,15 @@ def test_bad_adapters_are_one_line_errors(pg1, pg2, tmp_path):
         palitorch.load(folder, adapter=tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="has no adapter_config.json"):
         palitorch.load(folder, adapter=folder)
+    with pytest.raises(CheckpointError, match="config.json' is a file"):
+        palitorch.load(folder, adapter=folder / "config.json")
     adapt(HF.from_pretrained(pg2[0]).eval(), tmp_path / "of-pg2", r=2, target_modules=["k_proj"])  # 2 KV heads, not 1
     with pytest.raises(CheckpointError, match="does not fit its weight .*the adapter belongs to another model"):
         palitorch.load(folder, adapter=tmp_path / "of-pg2")
     settings = json.loads((tmp_path / "of-pg2" / "adapter_config.json").read_text())
     for change, message in [({"use_dora": True}, "use_dora is set: a DoRA adapter is not a plain LoRA"),
-                            ({"peft_type": "IA3"}, "peft_type 'IA3': palitorch merges LoRA adapters only")]:
+                            ({"peft_type": "IA3"}, "peft_type 'IA3': palitorch merges LoRA adapters only"),
+                            ({"r": 8}, "rank 8, its weights have rank 2: the adapter's files do not belong")]:
         (tmp_path / "of-pg2" / "adapter_config.json").write_text(json.dumps({**settings, **change}))
         with pytest.raises(CheckpointError, match=message):
             palitorch.load(pg2[0], adapter=tmp_path / "of-pg2")

@@ -167,3 +167,10 @@ def test_missing_folder_and_config(tmp_path):
 def test_bad_dtype(pg1):
     with pytest.raises(CheckpointError, match="unsupported dtype"):
         palitorch.load(pg1[0], dtype="int8")
+
+
+def test_a_bad_eos_in_generation_config_json_is_named_there(pg1, tmp_path):
+    d = _copy(pg1[0], tmp_path / "c")
+    (d / "generation_config.json").write_text('{"eos_token_id": "one"}')
+    msg = _error(d)
+    assert "generation_config.json: eos_token_id" in msg and "fix generation_config.json" in msg

@@ -33,13 +33,14 @@ def run_chat(script, capsys, monkeypatch, images, extra=()):
 
 def test_image_switching_reaches_the_model(fake_pipe, images, capsys, monkeypatch):
     pipe = fake_pipe(lambda im, p: f"{p} on a {im.width}x{im.height} image")
-    script = f"caption en\n/image {images / 'blue.png'}\n/image {images / 'broken.png'}\n/nonsense\nocr\n"
+    script = f"caption en\n/image {images / 'blue.png'}\n/image {images / 'broken.png'}\n/nonsense\n/imgae x.png\nocr\n"
     rc, out, err = run_chat(script, capsys, monkeypatch, images, ["--temperature", "0.5", "--seed", "3"])
     assert rc == 0, err
     assert out == "caption en on a 300x200 image\nocr on a 120x160 image\n"  # EOF ends the chat
     assert [c[1] for c in pipe.calls] == [[(300, 200)], [(120, 160)]]  # the broken image did not replace blue
     assert all(c[0] == "stream" and c[3] == {"temperature": 0.5, "seed": 3} for c in pipe.calls)
     assert "cannot read image" in err and "unknown command /nonsense" in err
+    assert "unknown command /imgae" in err  # a mistyped command with an argument is not a prompt
 
 
 def test_beam_search_answers_without_streaming(fake_pipe, images, capsys, monkeypatch):

@@ -166,6 +166,8 @@ def test_sampled_rows_and_refusals():
         with pytest.raises(InputError, match="context"):
             live.admit([img], ["caption en " * 600])
         assert live.admit([img] * 2, ["caption en"] * 2) is None  # one row left
+        with pytest.raises(InputError, match="cannot join a live batch of max_rows=2"):  # (None: wait forever)
+            live.admit([img] * 3, ["caption en"] * 3)
         assert live.free_rows == 1
         with pytest.raises(InputError, match="stream"):
             pipe.generate(img, "caption en")  # the live batch owns the caches

@@ -124,8 +124,11 @@ def test_stream_options():
     req = parse(body(stream=True, stream_options={"include_usage": True}))
     assert req.stream and req.include_usage
     assert not parse(body(stream=True)).include_usage
-    for bad in ({"include_usage": "yes"}, ["include_usage"]):
+    for bad in ({"include_usage": "yes"}, ["include_usage"], {"include_usagee": True},
+                {"continuous_usage_stats": True}):
         assert refused(body(stream=True, stream_options=bad)).param == "stream_options"
+    e = refused(body(stream_options={"include_usage": True}))  # as OpenAI answers it
+    assert e.param == "stream_options" and "only allowed when stream is true" in e.message
 
 
 def test_a_beam_search_cannot_stream_but_n_answers_can():

@@ -142,6 +142,8 @@ def test_the_served_model_name():
     assert name(model="/checkpoints/paligemma2-3b-pt-224/") == "paligemma2-3b-pt-224"
     assert name(model="/checkpoints/x", served_model_name="mine") == "mine"
     assert name(model="/checkpoints/x", adapter="/adapters/my-lora") == "my-lora"
+    assert name(adapter="/runs/ft-lora/model/peft") == "ft-lora"  # a palitorch LoRA run's, by its run
+    assert name(adapter="/runs/ft-lora/checkpoint-0000100/peft") == "ft-lora-checkpoint-0000100"
 
 
 def test_a_model_that_cannot_answer_is_not_served(tmp_path):

@@ -154,6 +154,10 @@ def test_cli_limit_lines_and_boxes(tmp_path):
                 boxes += 1
     assert boxes == 25 + 15
     assert main(["data", "easyvqa", "--out", str(out), "--limit", "0"]) == 2
+    # Converting again into the folder replaces it: no image of the first conversion that no line names is left.
+    assert main(["data", "easyvqa", "--out", str(out), "--limit", "5"]) == 0
+    named = {r["image"] for split in ("train", "test") for r in read(out / f"{split}.jsonl")}
+    assert {str(f.relative_to(out)) for f in (out / "images").rglob("*.png")} == named and len(named) == 10
 
 
 def test_generated_images_are_measured_back():

@@ -39,7 +39,7 @@ def test_toml_and_overrides(tmp_path):
 
 def test_round_trip_through_toml(tmp_path):
     cfg = load_config(None, ["--data.train", "x.jsonl", "--data.task_repeat", '{"cap tion" = 3}',
-                             "--optim.eps", "1e-8", "--train.out", 'we"ird\\path'])
+                             "--optim.eps", "1e-8", "--train.out", 'we"ird\\path\nwith\tcontrols\x7f'])
     f = tmp_path / "again.toml"
     f.write_text(cfg.to_toml())
     assert load_config(f) == cfg
