@@ -30,7 +30,8 @@ from palitorch.train.data import Example
 from palitorch.train.tokenizer import save_tokenizer, train_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
-CARRIED_FILES = (*TOKENIZER_FILES, "generation_config.json")  # copied from the checkpoint into every folder saved
+# Copied from the checkpoint into every folder saved: its image preprocessing too (a custom resample or mean/std)
+CARRIED_FILES = (*TOKENIZER_FILES, "generation_config.json", "preprocessor_config.json")
 # Short names for `train.trainable`; anything else is a glob over parameter names (`language_model.layers.1.*`).
 PARTS = {
     "vision": "vision_tower.*",
@@ -42,7 +43,8 @@ _TASK_TOKENS = re.compile(r"<(loc\d{4}|seg\d{3})>")
 
 
 def tokenizer_files(folder: Path) -> dict[str, Path]:
-    """The tokenizer files (and generation_config.json) present in a folder, to copy into every checkpoint written."""
+    """The tokenizer files (and generation_config.json, preprocessor_config.json) present in a folder, to copy into
+    every checkpoint written."""
     return {n: folder / n for n in CARRIED_FILES if (folder / n).is_file()}
 
 

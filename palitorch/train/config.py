@@ -385,8 +385,8 @@ def _coerce(tp, value, where: str, from_text: bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
-        if text is not None:
-            return text  # `--train.out 123` is the folder "123"
+        if text is not None:  # `--train.out 123` is the folder "123"; `--data.eval '""'` the TOML string ""
+            return value if isinstance(value, str) else text
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value

@@ -45,6 +45,8 @@ def read_jsonl(path: str | Path) -> list[Example]:
             if not line.strip():
                 continue
             where = f"{p}:{n}"
+            if n == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (some editors write one)
             try:
                 d = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError:
@@ -53,6 +55,8 @@ def read_jsonl(path: str | Path) -> list[Example]:
                 raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("image", "prefix", "suffix")):
                 raise ConfigError(f'{where}: each line needs string fields "image", "prefix" and "suffix"')
+            if not isinstance(d.get("task", ""), str):  # (task_repeat and the metrics' groups key on it)
+                raise ConfigError(f'{where}: "task" must be a string such as "caption", got {json.dumps(d["task"])}')
             image = Path(d.pop("image"))
             image = image if image.is_absolute() else p.parent / image
             out.append(Example(image, d.pop("prefix"), d.pop("suffix"), d, where))

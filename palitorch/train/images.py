@@ -44,8 +44,8 @@ if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's t
 class Images:
     """Images by path as uint8 [3, S, S], resized as Processor.pixels resizes them; kept in memory with `cache`."""
 
-    def __init__(self, size: int, cache: bool = True):
-        self.size, self.cache = size, cache
+    def __init__(self, size: int, cache: bool = True, resample: int = Image.Resampling.BICUBIC):
+        self.size, self.cache, self.resample = size, cache, resample  # (the processor's: its checkpoint's filter)
         self._store: dict[Path, torch.Tensor] = {}
         self._lines: dict[Path, dict[str, None]] = {}  # path -> the JSONL lines ("file:n") that use it, in order
 
@@ -69,7 +69,7 @@ class Images:
     def decode(self, path: Path) -> torch.Tensor:
         """Decode and resize one image; an ImageError naming its JSONL lines if it cannot be read."""
         try:
-            return resize_image(path, self.size).contiguous()
+            return resize_image(path, self.size, self.resample).contiguous()
         except InputError as e:
             raise ImageError(f"{self.used_by(path)}{e}") from None
 

@@ -73,7 +73,7 @@ class Trainer:
             self.model.vision_tower.gradient_checkpointing = True
             self.model.language_model.gradient_checkpointing = True
 
-        self.images = Images(self.processor.image_size, cfg.data.cache_images)
+        self.images = Images(self.processor.image_size, cfg.data.cache_images, self.processor.resample)
         self.train_examples = repeat_by_task(raw, cfg.data.task_repeat)
         cap = cfg.model.max_length  # from scratch the processor's context already; fine-tuning a cap below it
         self.data = Dataset(self.train_examples, self.processor, self.images, cfg.data.per_image, cap)

@@ -37,6 +37,13 @@ def test_toml_and_overrides(tmp_path):
     assert cfg.model.patch_size == TrainConfig().model.patch_size  # untouched fields keep their defaults
 
 
+def test_quoted_strings_on_the_command_line_are_toml_strings():
+    """`--data.eval '""'` is the empty string (it was the file '""'); a bare word or number is taken as it is."""
+    cfg = load_config(None, ["--data.train", "x.jsonl", "--data.eval", '""', "--model.init", '"/my models/pg"',
+                             "--train.out", "123"])
+    assert (cfg.data.eval, cfg.model.init, cfg.train.out) == ("", "/my models/pg", "123")
+
+
 def test_round_trip_through_toml(tmp_path):
     cfg = load_config(None, ["--data.train", "x.jsonl", "--data.task_repeat", '{"cap tion" = 3}',
                              "--optim.eps", "1e-8", "--train.out", 'we"ird\\path\nwith\tcontrols\x7f'])

@@ -55,6 +55,11 @@ def test_read_jsonl_errors_name_the_line(tmp_path):
     f.write_bytes(b'{"image": "a.png", "prefix": "p", "suffix": "s"}\n{"image": "a.png", "prefix": "\xff"}\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl:2: not UTF-8 text"):
         read_jsonl(f)
+    f.write_text('{"image": "a.png", "prefix": "p", "suffix": "s", "task": ["caption"]}\n')
+    with pytest.raises(ConfigError, match=r'bad.jsonl:1: "task" must be a string'):  # (it crashed in task_repeat)
+        read_jsonl(f)
+    f.write_bytes(b'\xef\xbb\xbf{"image": "a.png", "prefix": "p", "suffix": "s"}\n')  # a byte-order mark: fine
+    assert read_jsonl(f)[0].prefix == "p"
 
 
 def test_batches_match_the_processor_exactly(data, processor):

@@ -59,6 +59,27 @@ def test_the_checkpoints_generation_config_travels_with_every_saved_folder(data,
         assert (tmp_path / "run" / name / "generation_config.json").read_bytes() == want, name
 
 
+def test_the_checkpoints_image_preprocessing_is_trained_on_and_travels(data, base, tmp_path):
+    """A checkpoint's own preprocessor_config.json (here bilinear, other mean/std) is what training resizes with
+    and what every saved folder holds: the defaults replaced it, so the fine-tuned model was fed other pixels at
+    inference, and a resumed run (rebuilt from its checkpoint) parted from the uninterrupted one."""
+    init = tmp_path / "init"
+    init.mkdir()
+    for f in base.iterdir():
+        (init / f.name).write_bytes(f.read_bytes())
+    pre = json.loads((init / "preprocessor_config.json").read_text())
+    (init / "preprocessor_config.json").write_text(json.dumps(pre | {"resample": 2, "image_mean": [0.4, 0.5, 0.6]}))
+    over = {"model__init": str(init), "train__steps": 2, "checkpoint__every": 1}
+    trainer = Trainer(config(data, tmp_path / "run", **over))
+    image = trainer.raw_train[0].image
+    assert trainer.images.decode(image).equal(trainer.processor.resized(image))  # resized as inference resizes
+    assert trainer.processor.resample == 2
+    trainer.fit()
+    want = (init / "preprocessor_config.json").read_bytes()
+    for name in ("checkpoint-0000002", "model"):
+        assert (tmp_path / "run" / name / "preprocessor_config.json").read_bytes() == want, name
+
+
 def test_a_new_run_carries_nothing_an_earlier_run_left_in_its_tokenizer_folder(data, tmp_path):
     run = tmp_path / "run"
     (run / "tokenizer").mkdir(parents=True)
