@@ -111,7 +111,7 @@ FOREIGN = {
     "max_tokens": '"max_new_tokens"', "max_completion_tokens": '"max_new_tokens"',
     "max_length": '"max_new_tokens" (new tokens only)', "min_tokens": '"min_new_tokens"',
     "min_length": '"min_new_tokens" (new tokens only)', "ignore_eos": '"min_new_tokens" equal to "max_new_tokens"',
-    "do_sample": '"temperature" (> 0 samples)', "temp": '"temperature"', "stop_sequences": '"stop"',
+    "do_sample": '"temperature" (> 0 samples)', "stop_sequences": '"stop"',
     "beam_size": '"num_beams"', "n": "one line per answer (with their own seeds)",
     "num_return_sequences": "one line per answer (with their own seeds)",
 }
@@ -199,7 +199,8 @@ def run_chunk(pipe, chunk: list[Request], writer: Writer, pad_to: int | None = N
             writer.add(req.fields, req.index, error=str(res))
         else:
             fields = result_fields(res, req.prompt, im.size, pipe.processor.tokenizer)
-            writer.add(req.fields, req.index, decoding=req.options, **({"model": model} if model else {}), **fields)
+            by = {"generated_by": model} if model else {}
+            writer.add(req.fields, req.index, decoding=req.options, **by, **fields)
 
 
 def _one_by_one(pipe, ready: list, opts: dict) -> list:
@@ -358,8 +359,8 @@ def chunk_size(args: argparse.Namespace) -> int:
 
 
 def model_record(args: argparse.Namespace, dtype) -> dict:
-    """What a result line says of the model that wrote it: its folder ("palitorch-default" for the bundled one), the
-    adapter merged into it, the dtype."""
+    """What a result line says of the model that wrote it (`generated_by`): its folder ("palitorch-default" for the
+    bundled one), the adapter merged into it, the dtype."""
     record = {"path": str(Path(args.model).expanduser().resolve()) if args.model else "palitorch-default"}
     if args.adapter:
         record["adapter"] = str(Path(args.adapter).expanduser().resolve())
@@ -370,9 +371,9 @@ def check_same_request(record: dict, req: Request, output: Path, model: dict) ->
     """A result line whose image or prompt differs from its input line means the output belongs to another input
     file; one whose decoding options or model differ, to another command line (lines written before palitorch
     recorded them are not checked)."""
-    if "model" in record and record["model"] != model:
-        raise InputError(f"{output} holds results of another model ({record['model']} then, {model} now): give the "
-                         "same --model, --adapter and --dtype, or another --output")
+    if "generated_by" in record and record["generated_by"] != model:
+        raise InputError(f"{output} holds results of another model ({record['generated_by']} then, {model} now): "
+                         "give the same --model, --adapter and --dtype, or another --output")
     for name in ("image", "prompt"):
         if name in record and record[name] != req.fields[name]:
             raise InputError(f"{output} holds results for another input (line {req.index}'s {name} differs): "

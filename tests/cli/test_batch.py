@@ -277,7 +277,7 @@ def test_a_rerun_with_another_model_is_refused(fake_pipe, requests_file, capsys)
     dst = requests_file.parent / "out.jsonl"
     fake_pipe(answer)
     assert cli(["batch", "--input", requests_file, "--output", dst], capsys)[0] == 0
-    assert read_results(dst)[1]["model"] == {"path": "palitorch-default", "dtype": "float32"}
+    assert read_results(dst)[1]["generated_by"] == {"path": "palitorch-default", "dtype": "float32"}
     before = dst.read_bytes()
     rc, _, err = cli(["batch", "--input", requests_file, "--output", dst, "--dtype", "bfloat16"], capsys)
     assert rc == 2 and "holds results of another model" in err and err.count("\n") == 1
@@ -312,7 +312,7 @@ def test_other_tools_decoding_names_are_refused_not_ignored(fake_pipe, images, c
         {"image": "imgs/red.png", "prompt": "caption 1", "max_tokens": 3},
         {"image": "imgs/red.png", "prompt": "caption 2", "do_sample": True},
         {"image": "imgs/red.png", "prompt": "caption 3", "n": 2},
-        {"image": "imgs/red.png", "prompt": "caption 4", "n": 1}])
+        {"image": "imgs/red.png", "prompt": "caption 4", "n": 1, "model": "exp-7"}])
     dst = images.parent / "out.jsonl"
     fake_pipe(answer)
     assert cli(["batch", "--input", src, "--output", dst], capsys)[0] == 1
@@ -320,6 +320,7 @@ def test_other_tools_decoding_names_are_refused_not_ignored(fake_pipe, images, c
     assert "'max_tokens' is another tool's decoding option" in got[1]["error"] and '"max_new_tokens"' in got[1]["error"]
     assert '"temperature" (> 0 samples)' in got[2]["error"] and "one line per answer" in got[3]["error"]
     assert got[4]["text"] == "caption 4 (300x200)" and got[4]["n"] == 1
+    assert got[4]["model"] == "exp-7"  # a request's own field, copied (palitorch's record is "generated_by")
 
 
 def test_a_binary_input_is_refused(fake_pipe, images, capsys):
