@@ -269,8 +269,8 @@ class Processor:
         dev = x.device
         if self.rescale is None:
             x = x.float()
-        elif self._divisor is not None:  # 1/255: x / 255 in float32 is x * (1/255) in float64, rounded
-            x = x.float().div_(self._divisor)
+        elif self._divisor is not None and dev.type == "cpu":  # x / 255 in float32 is x * (1/255) in float64,
+            x = x.float().div_(self._divisor)  # rounded (CUDA divides by a number as times its reciprocal: not so)
         else:
             x = _rescaled(self.rescale).to(dev, non_blocking=True)[x.long()]
         if not self.do_normalize:

@@ -174,16 +174,24 @@ def top_k_filter(logits: torch.Tensor, k: int | torch.Tensor, k_max: int | None 
 
 def top_p_filter(logits: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     """Nucleus: keep the most probable tokens whose total probability first reaches p (always at least one).
-    `p`: a float, or a tensor [B, 1] of each row's p (a row with p = 1 is left as it is). Computed as transformers'
-    TopPLogitsWarper does (ascending sort; drop while the total from the bottom is <= 1 - p), so that ties at the
-    edge (common in bfloat16) keep the same tokens."""
+    `p`: a float, or a tensor [B, 1] of each row's 1 - p (`tail_column`: made from the floats on the host, as
+    transformers' Python float is; a row with p = 1 is left as it is). Computed as transformers' TopPLogitsWarper
+    does (ascending sort; drop while the total from the bottom is <= 1 - p), so that ties at the edge (common in
+    bfloat16) keep the same tokens."""
     if not isinstance(p, torch.Tensor) and p >= 1.0:
         return logits
+    tail = p if isinstance(p, torch.Tensor) else 1 - p
     sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
-    drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= (1 - p)
+    drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= tail
     drop_sorted[..., -1:] = False  # the most probable token always stays
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
+
+
+def tail_column(top_p: list[float], device) -> torch.Tensor:
+    """[B, 1] float32 of each row's 1 - top_p, for `top_p_filter`: 1 - 0.9 in float64, then float32, is 0.1; in
+    float32 it would be 0.100000024, and a token exactly at the edge would fall on the other side."""
+    return torch.tensor([1 - p for p in top_p], dtype=torch.float32, device=device)[:, None]
 
 
 def min_p_filter(logits: torch.Tensor, min_p: float | torch.Tensor) -> torch.Tensor:
@@ -323,7 +331,8 @@ class RowChooser:
                                         for o, s in zip(opts, sampled)),
                 "top_k": col(top_k, torch.long), "top_k_max": max(top_k),
                 "top_k_any": any(s and o.top_k for o, s in zip(opts, sampled)),
-                "top_p": col([o.top_p if s and o.top_p is not None else 1.0 for o, s in zip(opts, sampled)]),
+                "top_p": tail_column([o.top_p if s and o.top_p is not None else 1.0 for o, s in zip(opts, sampled)],
+                                     device),
                 "top_p_any": any(s and o.top_p is not None and o.top_p < 1 for o, s in zip(opts, sampled)),
                 "min_p": col([o.min_p if s and o.min_p else 0.0 for o, s in zip(opts, sampled)]),
                 "min_p_any": any(s and o.min_p for o, s in zip(opts, sampled)),

@@ -18,6 +18,7 @@ from palitorch.inference.sampling import (
     min_p_filter,
     penalize_repeats,
     sample,
+    tail_column,
     top_k_filter,
     top_p_filter,
     warp,
@@ -177,8 +178,15 @@ def test_top_p_keeps_transformers_tokens_among_ties():
     for p in (0.5, 0.9, 0.99):
         ours = top_p_filter(logits, p)
         assert torch.equal(torch.isinf(ours), torch.isinf(TopPLogitsWarper(p)(None, logits.clone()))), p
-        per_row = top_p_filter(logits, torch.full((3, 1), p))
+        per_row = top_p_filter(logits, tail_column([p] * 3, "cpu"))
         assert torch.equal(torch.isinf(per_row), torch.isinf(ours)), p
+    # A token whose probability from the bottom lands between 1 - 0.9 in float64 and in float32 (0.100000024): the
+    # per-row form (a live batch's) makes 1 - p on the host, as transformers' Python float is.
+    edges = [torch.tensor([[math.log(0.1) + k * 2e-8, math.log(0.9)]]) for k in range(200)]
+    for x in edges:
+        want = torch.isinf(TopPLogitsWarper(0.9)(None, x.clone()))
+        assert torch.equal(torch.isinf(top_p_filter(x, tail_column([0.9], "cpu"))), want)
+        assert torch.equal(torch.isinf(top_p_filter(x, 0.9)), want)
 
 
 def test_chooser_suppresses_eos_until_min_new_tokens_and_counts_the_prompt_as_seen():
@@ -272,7 +280,7 @@ def test_per_row_filters_equal_the_scalar_filter_on_each_row():
     ks, ps, mins = [1, 5, 50, 80], [0.05, 0.5, 0.9, 1.0], [0.0, 0.1, 0.5, 1.0]
     got = top_k_filter(logits, torch.tensor(ks)[:, None], max(ks))
     assert torch.equal(got, torch.cat([top_k_filter(logits[i:i + 1], k) for i, k in enumerate(ks)]))
-    got = top_p_filter(logits, torch.tensor(ps)[:, None])
+    got = top_p_filter(logits, tail_column(ps, "cpu"))
     assert torch.equal(got, torch.cat([top_p_filter(logits[i:i + 1], p) for i, p in enumerate(ps)]))
     assert torch.equal(got[3], logits[3])
     got = min_p_filter(logits, torch.tensor(mins)[:, None])
