@@ -187,6 +187,11 @@ def save_peft(model: nn.Module, folder: Path, base: str | None) -> dict[str, Pat
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
         "use_rslora": False, "use_dora": False,
     }
+    embed = hf_runtime_name("language_model.embed_tokens.weight", version)
+    if f"base_model.model.{embed}" in tensors and model.language_model.lm_head is None:
+        # The embedding trained in full is also the output layer (tied): PEFT keeps the two one only so
+        settings["ensure_weight_tying"] = True
+        tensors["base_model.model.lm_head.weight"] = tensors[f"base_model.model.{embed}"].clone()
     folder.mkdir(exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     (folder / "adapter_config.json").write_text(json.dumps(settings, indent=2))

@@ -88,6 +88,39 @@ def test_adapters_of_the_embedding_and_the_patch_convolution_merge_as_peft_merge
     torch.testing.assert_close(torch.tensor(got.logprobs), ref, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("case", ["saved_embedding", "saved_embedding_tied", "embedding_lora_tied", "head_lora"])
+def test_the_tied_embedding_and_output_layer_as_peft_has_them(pg1, tmp_path, case):
+    """Every released PaliGemma ties its output layer to the token embedding. An embedding saved whole
+    (modules_to_save) replaces the input side only, unless ensure_weight_tying (palitorch then holds the output
+    layer apart); LoRA on either of them changes the one shared tensor, as merge_and_unload writes it."""
+    from peft import PeftModel
+    from transformers import PaliGemmaForConditionalGeneration as HF
+
+    folder, _ = pg1
+    kw = {"saved_embedding": dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"]),
+          "saved_embedding_tied": dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                                       ensure_weight_tying=True),
+          "embedding_lora_tied": dict(target_modules=["embed_tokens", "q_proj"], ensure_weight_tying=True),
+          "head_lora": dict(target_modules=["lm_head", "q_proj"])}[case]
+    peft_model = adapt(HF.from_pretrained(folder).eval(), tmp_path / "a", r=2, lora_alpha=4, **kw)
+    if "modules_to_save" in kw:  # the saved copy must differ from the base embedding to tell the cases apart
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "modules_to_save" in n and "embed" in n:
+                    p.add_(torch.randn_like(p) * 0.3)
+        peft_model.save_pretrained(tmp_path / "a")
+    reference = PeftModel.from_pretrained(HF.from_pretrained(folder).eval(), tmp_path / "a")
+    if case != "embedding_lora_tied":  # (there PEFT 0.21's merge adds the tied pair's update twice: its forward)
+        reference = reference.merge_and_unload()
+    img, prefix, suffix = image(), "ocr", "the quick brown fox"
+    want = suffix_logprobs(reference.eval(), hf_processor(folder), img, prefix, suffix)
+    pipe = palitorch.load(folder, adapter=tmp_path / "a")
+    got = torch.tensor(pipe.score(img, prefix, suffix).logprobs)
+    # (the embedding's random update makes logprobs of thousands there: float32 rounds them at ~1e-7 relative)
+    torch.testing.assert_close(got, want, atol=TOL, rtol=1e-6 if case == "embedding_lora_tied" else 0)
+    assert (pipe.model.language_model.lm_head is None) == (case != "saved_embedding")
+
+
 def test_an_adapter_in_the_older_transformers_names_and_a_tied_head_merge(pg2, tmp_path):
     """Adapters saved under transformers 4 name the modules `language_model.model.layers...`,
     `vision_tower.vision_model...`: the same weights under those names give the same model."""
@@ -131,6 +164,10 @@ def test_bad_adapters_are_one_line_errors(pg1, pg2, tmp_path):
         with pytest.raises(CheckpointError, match=message):
             palitorch.load(pg2[0], adapter=tmp_path / "of-pg2")
     (tmp_path / "of-pg2" / "adapter_config.json").write_text(json.dumps(settings))
+    adapt(HF.from_pretrained(folder).eval(), tmp_path / "tokens", r=2, target_modules=["q_proj"],
+          trainable_token_indices=[5, 7])
+    with pytest.raises(CheckpointError, match=r"trainable-tokens delta \(trainable_token_indices\)"):
+        palitorch.load(folder, adapter=tmp_path / "tokens")
     (tmp_path / "of-pg2" / "adapter_model.safetensors").rename(tmp_path / "of-pg2" / "adapter_model.bin")
     with pytest.raises(CheckpointError, match="no adapter_model.safetensors .*palitorch never unpickles"):
         palitorch.load(pg2[0], adapter=tmp_path / "of-pg2")

@@ -131,19 +131,23 @@ def test_two_processes_train_the_adapters_as_one_does(data, base, tmp_path):
     assert json.loads((tmp_path / "two" / "model" / lora.ADAPTER_CONFIG).read_text())["r"] == 4
 
 
-def test_the_peft_adapter_on_the_init_checkpoint_is_the_trained_model(data, base, tmp_path):
+@pytest.mark.parametrize("full", ["projector", "embeddings"])
+def test_the_peft_adapter_on_the_init_checkpoint_is_the_trained_model(data, base, tmp_path, full):
     """RUN/model/peft is a PEFT LoRA adapter of [model] init: PEFT over transformers' init gives the merged model's
-    logits, with adapters on the vision tower too and a projector trained in full (PEFT's modules_to_save)."""
+    logits, with adapters on the vision tower too and a part trained in full (PEFT's modules_to_save): the
+    projector, or the token embedding, which is also the output layer (PEFT's ensure_weight_tying keeps them one)."""
     from peft import PeftModel
     from transformers import PaliGemmaForConditionalGeneration as HF
 
-    over = {"lora__targets": ["language_model.layers.*", "vision_tower.layers.1.*"], "lora__also_train": ["projector"]}
+    over = {"lora__targets": ["language_model.layers.*", "vision_tower.layers.1.*"], "lora__also_train": [full]}
     trainer = Trainer(lora_config(data, base, tmp_path / "run", train__steps=3, **over))
     trainer.fit()
     folder = tmp_path / "run" / "model"
     settings = json.loads((folder / lora.PEFT_FOLDER / "adapter_config.json").read_text())
     assert (settings["r"], settings["lora_alpha"], settings["peft_type"]) == (4, 8.0, "LORA")
-    assert settings["modules_to_save"] == ["model.multi_modal_projector.linear"]
+    saved = {"projector": "model.multi_modal_projector.linear", "embeddings": "model.language_model.embed_tokens"}
+    assert settings["modules_to_save"] == [saved[full]]
+    assert settings.get("ensure_weight_tying", False) == (full == "embeddings")
     assert "model.vision_tower.encoder.layers.1.self_attn.q_proj" in settings["target_modules"]
     b = trainer.data.batch([0, 1, 2, 3])
     inputs = {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
