@@ -105,6 +105,20 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json{hint}")
 
 
+def weights_dtype(folder: Path) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in (its first file's first tensor's; float32 if not one of
+    float32, bfloat16, float16)."""
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    file = weight_files(folder)[0]
+    check_safetensors(file)
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            return names.get(f.get_slice(keys[0]).get_dtype(), torch.float32) if keys else torch.float32
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e}); download it again") from None
+
+
 def load_model(path, device="cpu", dtype="float32") -> PaliGemma:
     """Build a PaliGemma from a Hub folder. Every tensor is checked by name and shape; errors name the key."""
     folder = Path(path)

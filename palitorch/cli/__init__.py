@@ -17,7 +17,7 @@ import sys
 from palitorch.cli.common import one_line_errors
 from palitorch.errors import PalitorchError, ProcessError
 
-COMMANDS = ("run", "chat", "batch", "eval", "serve", "train", "data", "demo")
+COMMANDS = ("run", "chat", "batch", "eval", "serve", "train", "merge", "data", "demo")
 # Errors without a file name that are still the machine's, not the program's: say them in one line.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES, errno.EPERM}
 

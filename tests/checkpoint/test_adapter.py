@@ -183,3 +183,26 @@ def test_bad_adapters_are_one_line_errors(pg1, pg2, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "does not exist" in proc.stderr
+
+
+def test_palitorch_merge_writes_the_adapted_model_as_a_folder_of_its_own(pg1, tmp_path, capsys):
+    """`palitorch merge`: the adapted model as a plain Hub folder (the checkpoint's dtype, its tokenizer and
+    preprocessing), which palitorch and transformers load without PEFT and which answers as --adapter does."""
+    from transformers import PaliGemmaForConditionalGeneration as HF
+
+    from palitorch.cli import main
+
+    folder, _ = pg1
+    adapt(HF.from_pretrained(folder).eval(), tmp_path / "a", r=2, lora_alpha=4,
+          target_modules=["q_proj", "fc1"], modules_to_save=["embed_tokens"])  # (an untied output layer too)
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", str(folder), "--adapter", str(tmp_path / "a"), "--out", str(out)]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= \
+        {f.name for f in out.iterdir()}
+    img, prefix, suffix = image(), "caption en", "two dogs play in the snow"
+    want = palitorch.load(folder, adapter=tmp_path / "a").score(img, prefix, suffix).logprobs
+    assert palitorch.load(out).score(img, prefix, suffix).logprobs == want
+    theirs = suffix_logprobs(HF.from_pretrained(out).eval(), hf_processor(out), img, prefix, suffix)
+    torch.testing.assert_close(theirs, torch.tensor(want), atol=TOL, rtol=0)
+    assert main(["merge", "--model", str(folder), "--adapter", str(tmp_path / "a"), "--out", str(out)]) == 2
+    assert "is not empty: give a new folder" in capsys.readouterr().err
