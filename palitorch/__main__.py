@@ -4,10 +4,12 @@ import sys
 from palitorch.cli import main
 
 code = main()
-if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-    # Under torchrun the work is done, its files written and closed, and the process group destroyed: leave without
-    # the interpreter's own teardown, where a gloo thread left joinable has (rarely, under load) aborted a finished
-    # process ("terminate called without an active exception"), which torchrun then reports as the run failing.
+ddp = sys.modules.get("palitorch.train.ddp")
+if ddp is not None and ddp.JOINED:
+    # This process ran in a torchrun process group: its work is done, its files written and closed, and the group
+    # destroyed. Leave without the interpreter's own teardown, where a gloo thread left joinable has (rarely, under
+    # load) aborted a finished process ("terminate called without an active exception"), which torchrun then
+    # reports as the run failing.
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

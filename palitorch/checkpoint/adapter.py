@@ -72,65 +72,90 @@ def scaling(settings: dict, module: str, rank: int) -> float:
     return alpha / (math.sqrt(rank) if settings.get("use_rslora") else rank)
 
 
+@torch.no_grad()
 def merge_adapter(model: PaliGemma, folder) -> list[str]:
     """Merge the PEFT LoRA adapter in `folder` into `model`'s weights (new tensors: the base checkpoint's mapped
     files are never written); returns the parameters changed. The adapter must be one of this base model:
     a name or a shape it does not have is a CheckpointError naming the tensor.
 
-    With tied embeddings (every PaliGemma Google released) the output layer is the token embedding, and the result is
-    what PEFT's merge_and_unload makes of the one shared tensor: an update of either (LoRA on embed_tokens or lm_head)
-    changes both, but an embedding replaced whole (`modules_to_save`) leaves the output layer as it was, which
-    palitorch then holds apart (unless `ensure_weight_tying`, where PEFT keeps them one)."""
+    Three kinds of tensors, as PEFT loads them: a layer's own weight saved beside its pair (`base_layer`: an
+    embedding's, by default) is loaded into the base model; a module saved whole (`modules_to_save`) replaces it; a
+    LoRA pair adds s B A on top. With tied embeddings (every PaliGemma Google released) the output layer is the token
+    embedding: `_tied` says what each side becomes."""
     folder = Path(folder).expanduser()
     settings, file = read_adapter(folder)
     params = dict(model.named_parameters())
     tied = model.language_model.lm_head is None
-    known = set(params) | ({HEAD} if tied else set())
-    pairs, whole = _read(file, model.cfg.version, known)
-    head_whole = None
-    if tied:  # what the adapter says of lm_head, it says of the shared tensor
-        head_pair, head_whole = pairs.pop(HEAD, None), whole.pop(HEAD, None)
-        if head_pair is not None and not (settings.get("ensure_weight_tying") and EMBED in pairs):
-            pairs[HEAD] = head_pair  # (merged into the embedding below; with tying it is the embedding's own pair)
-    new: dict[str, torch.Tensor] = {}
-    for name, t in whole.items():  # saved whole: they replace the base model's (before any update on top)
-        w = params[name]
+    base, whole, pairs = _read(file, model.cfg.version, set(params) | ({HEAD} if tied else set()))
+    for name, t in [*base.items(), *whole.items()]:
+        w = params[EMBED if name == HEAD and tied else name]
         if t.shape != w.shape:
             raise CheckpointError(f"{file.name}: {name} has shape {tuple(t.shape)}, the model's is {tuple(w.shape)}: "
                                   "the adapter belongs to another model")
-        new[name] = t.to(w.device, w.dtype)
-    for name, (module, ab) in pairs.items():
-        target = EMBED if name == HEAD else name
-        w = new.get(target, params[target])
-        new[target] = (w.detach().float() + _update(settings, folder, file, module, ab, w).to(w.device)).to(w.dtype)
+
+    def cast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return t.to(like.device, like.dtype)
+
+    def update(name: str, w: torch.Tensor) -> torch.Tensor | None:
+        if name not in pairs:
+            return None
+        module, ab = pairs.pop(name)
+        return _update(settings, folder, file, module, ab, w).to(w.device)
+
+    new: dict[str, torch.Tensor] = {}
+    head = None
+    if tied and ({EMBED, HEAD} & (base.keys() | whole.keys() | pairs.keys())):
+        shared = cast(base.get(EMBED, base.get(HEAD, params[EMBED])), params[EMBED])
+        inputs, outputs = _tied(settings, shared, {k: cast(whole.pop(k), shared) for k in (EMBED, HEAD) if k in whole},
+                                update(EMBED, shared), update(HEAD, shared))
+        new[EMBED] = inputs
+        head = outputs if not torch.equal(outputs, inputs) else None
+    for name in base.keys() | whole.keys() | pairs.keys():
+        if name in (EMBED, HEAD) and tied:
+            continue
+        w = cast(whole.get(name, base.get(name, params[name])), params[name])
+        delta = update(name, w)
+        new[name] = w if delta is None else (w.float() + delta).to(w.dtype)
     if not new:
         raise CheckpointError(f"{file} holds no LoRA weights")
-    head = None
-    if tied and head_whole is not None:  # the output layer as the adapter holds it
-        head = head_whole.to(params[EMBED].device, params[EMBED].dtype)
-    elif tied and EMBED in whole and not settings.get("ensure_weight_tying"):
-        head = params[EMBED].detach()  # PEFT swapped the input embedding only: the output layer stays as it was
-    with torch.no_grad():
-        for name, t in new.items():
-            owner, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(t, requires_grad=False))
-        if head is not None and not torch.equal(head, new.get(EMBED, params[EMBED])):
-            _untie(model, head)
+    for name, t in new.items():
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(t, requires_grad=False))
+    if head is not None:
+        _untie(model, head)
     return sorted(new)
 
 
-def _read(file: Path, version: int, known: set[str]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """An adapter file's LoRA pairs ({our weight name: (module path, {"A"/"B"/"embedding_A"/...: tensor})}) and
-    tensors saved whole ({our name: tensor}). A layer's own weight saved beside its pair (`base_layer`: an
-    embedding's, by default) is the base model's, and is not read."""
-    pairs: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
+def _tied(settings: dict, shared: torch.Tensor, saved: dict, d_in, d_out) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input embedding, output layer) of a tied model under an adapter: `shared` the base tensor, `saved` the
+    copies saved whole of either side ({EMBED or HEAD: tensor}), `d_in` / `d_out` the LoRA updates of either (or
+    None). As PEFT has them: with `ensure_weight_tying` one tensor stays (a saved copy is both sides', the tied pair
+    counts once); without, a saved copy replaces its own side only, and otherwise every update lands on the one shared
+    tensor, as merge_and_unload writes it (PEFT's unmerged forward applies an embedding's LoRA to the input side
+    only)."""
+
+    def plus(t: torch.Tensor, d) -> torch.Tensor:
+        return t if d is None else (t.float() + d).to(t.dtype)
+
+    if settings.get("ensure_weight_tying"):
+        one = plus(saved.get(EMBED, saved.get(HEAD, shared)), d_in if d_in is not None else d_out)
+        return one, one
+    if not saved:
+        one = plus(plus(shared, d_in), d_out)
+        return one, one
+    return plus(saved.get(EMBED, shared), d_in), plus(saved.get(HEAD, shared), d_out)
+
+
+def _read(file: Path, version: int, known: set[str]) -> tuple[dict, dict, dict]:
+    """An adapter file's tensors by our weight names: layers' own weights saved beside their pairs (`base_layer`),
+    modules saved whole, and LoRA pairs ({name: (module path, {"A"/"B"/"embedding_A"/...: tensor})})."""
+    base: dict[str, torch.Tensor] = {}
     whole: dict[str, torch.Tensor] = {}
+    pairs: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
     try:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
                 path = _SAVED.sub(".", key.removeprefix("base_model.model."))
-                if ".base_layer." in path:
-                    continue
                 if "trainable_tokens" in path:
                     raise CheckpointError(f"{file.name}: {key!r} is a trainable-tokens delta "
                                           "(trainable_token_indices), which palitorch does not merge: merge it with "
@@ -139,11 +164,13 @@ def _read(file: Path, version: int, known: set[str]) -> tuple[dict, dict[str, to
                 if m:
                     name = _ours(f"{m.group(1)}.weight", version, known, file, key)
                     pairs.setdefault(name, (m.group(1), {}))[1][m.group(2)] = f.get_tensor(key)
+                elif ".base_layer." in path:
+                    base[_ours(path.replace(".base_layer.", "."), version, known, file, key)] = f.get_tensor(key)
                 else:
                     whole[_ours(path, version, known, file, key)] = f.get_tensor(key)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from None
-    return pairs, whole
+    return base, whole, pairs
 
 
 def _update(settings: dict, folder: Path, file: Path, module: str, ab: dict, w: torch.Tensor) -> torch.Tensor:

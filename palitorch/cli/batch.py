@@ -361,7 +361,10 @@ def chunk_size(args: argparse.Namespace) -> int:
 def model_record(args: argparse.Namespace, dtype) -> dict:
     """What a result line says of the model that wrote it (`generated_by`): its folder ("palitorch-default" for the
     bundled one), the adapter merged into it, the dtype."""
-    record = {"path": str(Path(args.model).expanduser().resolve()) if args.model else "palitorch-default"}
+    from palitorch.assets import DEFAULT_MODEL_DIR
+
+    path = Path(args.model).expanduser().resolve() if args.model else None
+    record = {"path": "palitorch-default" if path in (None, DEFAULT_MODEL_DIR.resolve()) else str(path)}
     if args.adapter:
         record["adapter"] = str(Path(args.adapter).expanduser().resolve())
     return record | {"dtype": str(dtype).removeprefix("torch.")}

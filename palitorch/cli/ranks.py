@@ -58,7 +58,7 @@ class Ranks(Dist):
         if self.world == 1 or dist.is_initialized():
             yield self
             return
-        dist.init_process_group("gloo", rank=self.rank, world_size=self.world, timeout=WAIT)
+        ddp.init_group("gloo", self.rank, self.world, timeout=WAIT)
         try:
             yield self
         finally:

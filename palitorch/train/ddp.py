@@ -17,6 +17,14 @@ import torch.distributed as dist
 from palitorch.errors import ConfigError
 
 BUCKET_ELEMENTS = 1 << 24  # gradients are all-reduced in flat buckets of at most this many elements
+JOINED = False  # this process joined a process group (palitorch/__main__.py then leaves without the teardown)
+
+
+def init_group(backend: str, rank: int, world: int, **kw) -> None:
+    """`init_process_group`, noting that this process joined one."""
+    global JOINED
+    dist.init_process_group(backend, rank=rank, world_size=world, **kw)
+    JOINED = True
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,7 @@ def setup(device: str) -> tuple[Dist, torch.device]:
     if device == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
+        init_group("nccl" if device == "cuda" else "gloo", rank, world)
     return Dist(rank, world, local), dev
 
 

@@ -88,7 +88,8 @@ def test_adapters_of_the_embedding_and_the_patch_convolution_merge_as_peft_merge
     torch.testing.assert_close(torch.tensor(got.logprobs), ref, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["saved_embedding", "saved_embedding_tied", "embedding_lora_tied", "head_lora"])
+@pytest.mark.parametrize("case", ["saved_embedding", "saved_embedding_tied", "embedding_lora_tied", "head_lora",
+                                  "saved_embedding_and_head_lora", "changed_base_embedding"])
 def test_the_tied_embedding_and_output_layer_as_peft_has_them(pg1, tmp_path, case):
     """Every released PaliGemma ties its output layer to the token embedding. An embedding saved whole
     (modules_to_save) replaces the input side only, unless ensure_weight_tying (palitorch then holds the output
@@ -101,8 +102,14 @@ def test_the_tied_embedding_and_output_layer_as_peft_has_them(pg1, tmp_path, cas
           "saved_embedding_tied": dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"],
                                        ensure_weight_tying=True),
           "embedding_lora_tied": dict(target_modules=["embed_tokens", "q_proj"], ensure_weight_tying=True),
-          "head_lora": dict(target_modules=["lm_head", "q_proj"])}[case]
-    peft_model = adapt(HF.from_pretrained(folder).eval(), tmp_path / "a", r=2, lora_alpha=4, **kw)
+          "head_lora": dict(target_modules=["lm_head", "q_proj"]),
+          "saved_embedding_and_head_lora": dict(target_modules=["lm_head", "q_proj"], modules_to_save=["embed_tokens"]),
+          "changed_base_embedding": dict(target_modules=["embed_tokens", "q_proj"])}[case]
+    hf = HF.from_pretrained(folder).eval()
+    if case == "changed_base_embedding":  # rows changed before the adapter (new tokens): PEFT saves its base_layer
+        with torch.no_grad():
+            hf.get_input_embeddings().weight[:50] += torch.randn(50, hf.get_input_embeddings().weight.shape[1])
+    peft_model = adapt(hf, tmp_path / "a", r=2, lora_alpha=4, **kw)
     if "modules_to_save" in kw:  # the saved copy must differ from the base embedding to tell the cases apart
         with torch.no_grad():
             for n, p in peft_model.named_parameters():
@@ -118,7 +125,8 @@ def test_the_tied_embedding_and_output_layer_as_peft_has_them(pg1, tmp_path, cas
     got = torch.tensor(pipe.score(img, prefix, suffix).logprobs)
     # (the embedding's random update makes logprobs of thousands there: float32 rounds them at ~1e-7 relative)
     torch.testing.assert_close(got, want, atol=TOL, rtol=1e-6 if case == "embedding_lora_tied" else 0)
-    assert (pipe.model.language_model.lm_head is None) == (case != "saved_embedding")
+    assert (pipe.model.language_model.lm_head is None) == (case not in ("saved_embedding",
+                                                                       "saved_embedding_and_head_lora"))
 
 
 def test_an_adapter_in_the_older_transformers_names_and_a_tied_head_merge(pg2, tmp_path):

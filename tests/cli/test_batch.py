@@ -278,6 +278,9 @@ def test_a_rerun_with_another_model_is_refused(fake_pipe, requests_file, capsys)
     fake_pipe(answer)
     assert cli(["batch", "--input", requests_file, "--output", dst], capsys)[0] == 0
     assert read_results(dst)[1]["generated_by"] == {"path": "palitorch-default", "dtype": "float32"}
+    from palitorch.assets import DEFAULT_MODEL_DIR  # the bundled model named by its folder is the same model
+
+    assert cli(["batch", "--input", requests_file, "--output", dst, "--model", DEFAULT_MODEL_DIR], capsys)[0] == 0
     before = dst.read_bytes()
     rc, _, err = cli(["batch", "--input", requests_file, "--output", dst, "--dtype", "bfloat16"], capsys)
     assert rc == 2 and "holds results of another model" in err and err.count("\n") == 1
