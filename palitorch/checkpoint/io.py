@@ -62,6 +62,9 @@ def check_checkpoint_folder(folder: Path) -> None:
         what = "is a file, not a checkpoint folder" if folder.exists() else "does not exist"
         raise CheckpointError(f"checkpoint folder {str(folder)!r} {what}")
     if not (folder / "config.json").is_file():
+        if (folder / "adapter_config.json").is_file():
+            raise CheckpointError(f"{folder} is a PEFT adapter folder, not a checkpoint: give it with --adapter "
+                                  "(adapter= in palitorch.load), and its base model with --model")
         if (folder / "config.toml").is_file() or (folder / "metrics.jsonl").is_file():
             raise CheckpointError(f"{folder} is a training run folder: use {folder / 'model'} (its final weights) "
                                   "or one of its checkpoint-NNNNNNN folders")

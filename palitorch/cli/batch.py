@@ -178,7 +178,7 @@ def run_chunk(pipe, chunk: list[Request], writer: Writer, pad_to: int | None = N
                 loaded[req.image] = load_image(req.image)
             ready.append((req, loaded[req.image]))
         except PalitorchError as e:
-            writer.add(req.fields, req.index, error=str(e))
+            writer.add(req.fields, req.index, error=f"line {req.index}: {e}")
     if not ready:
         return
     opts = ready[0][0].options

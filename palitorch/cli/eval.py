@@ -79,7 +79,7 @@ def evaluate(args: argparse.Namespace) -> int:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         what = "is a folder" if missing[0].image.is_dir() else "does not exist"
         raise InputError(f"{missing[0].where}: image {str(missing[0].image)!r} {what}{more}")
-    for i in idx:  # every header before the model loads: a damaged image does not end the run halfway
+    for i in idx:  # every header before the model loads (a file damaged further in is named with its line at its turn)
         try:
             check_image_file(examples[i].image)
         except InputError as e:
@@ -92,8 +92,15 @@ def evaluate(args: argparse.Namespace) -> int:
     answers: list[str] = []
     with tqdm(total=len(idx), unit="ex", desc="eval", file=sys.stderr, disable=args.quiet,
               dynamic_ncols=True) as bar:
+        where = {examples[i].image: examples[i].where for i in reversed(idx)}  # each image's first line
+
         def generate(paths, prompts, max_new_tokens):
-            images = [load_image(path) for path in paths]
+            images = []
+            for path in paths:
+                try:
+                    images.append(load_image(path))
+                except InputError as e:
+                    raise InputError(f"{where.get(path, path)}: {e}") from None
             texts = [r.text for r in pipe.generate(images, prompts, max_new_tokens=max_new_tokens)]
             answers.extend(texts)
             bar.update(len(texts))

@@ -10,6 +10,7 @@ transformers load without PEFT. The merge is the one `--adapter` makes at load (
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def merge(args: argparse.Namespace) -> int:
         raise InputError(f"--out {args.out} {'is a file' if not out.is_dir() else 'is not empty'}: give a new folder")
     if not out.parent.is_dir():
         raise InputError(f"--out {args.out}: {not_a_folder(out.parent)}")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise InputError(f"--out {args.out}: cannot write in its folder {str(out.parent)!r}: choose another")
     if args.max_shard_size < 0:
         raise InputError(f"--max-shard-size must be >= 0 (0: one file), got {args.max_shard_size}")
     dtype = resolve_dtype(args.dtype) if args.dtype else weights_dtype(model_dir)

@@ -61,6 +61,10 @@ class GenerationOptions:
         opts = dataclasses.replace(options or cls(), **kw)
         if isinstance(opts.stop, str):
             opts.stop = [opts.stop]
+        if opts.early_stopping is None:  # (null in JSON: the default, as for the other options)
+            opts.early_stopping = False
+        elif isinstance(opts.early_stopping, str) and opts.early_stopping.lower() == "never":
+            opts.early_stopping = "never"
         for name in ("max_new_tokens", "min_new_tokens", "top_k", "num_beams", "seed", "top_logprobs"):
             if _is_int(getattr(opts, name)):
                 setattr(opts, name, int(getattr(opts, name)))  # np.int64(2) -> 2: JSON, torch and ranges take it

@@ -249,6 +249,10 @@ class Trainer:
                                             e.max_new_tokens, e.group_by, self.dist))
         return metrics
 
+    def _init_path(self) -> str | None:
+        """[model] init as an absolute path (what a LoRA run's PEFT files name as their base), or None."""
+        return str(Path(self.cfg.model.init).expanduser().resolve()) if self.cfg.model.init else None
+
     def save_checkpoint(self) -> None:
         rng = state.rng_tensors(self.dist, self.device)  # collective: every process takes part
         if self.dist.main:
@@ -265,7 +269,7 @@ class Trainer:
                   "lr": build.lr_at(max(0, self.step - 1), self.total, self.cfg.optim),
                   "config": self.cfg.to_dict()}
             state.save(self.run, self.step, self.model, self.opt, self.names, st, rng, self.tokenizer_files,
-                       self.cfg.checkpoint.keep, self.cfg.model.init or None)
+                       self.cfg.checkpoint.keep, self._init_path())
         ddp.barrier(self.dist)
         self._saved_step = self.step
 
@@ -378,8 +382,7 @@ class Trainer:
                 self.save_checkpoint()
             raise KeyboardInterrupt
         if d.main:
-            state.save_model_folder(self.model, self.run / "model", self.tokenizer_files,
-                                    base=self.cfg.model.init or None)
+            state.save_model_folder(self.model, self.run / "model", self.tokenizer_files, base=self._init_path())
             if run["steps"]:
                 self.log({"step": self.step, "event": "done", "train_seconds": round(run["time"], 2),
                           "wall_seconds": round(time.perf_counter() - fit_started, 2),

@@ -161,6 +161,9 @@ def test_bad_adapters_are_one_line_errors(pg1, pg2, tmp_path):
         palitorch.load(folder, adapter=folder)
     with pytest.raises(CheckpointError, match="config.json' is a file"):
         palitorch.load(folder, adapter=folder / "config.json")
+    adapt(HF.from_pretrained(folder).eval(), tmp_path / "mine", r=2, target_modules=["q_proj"])
+    with pytest.raises(CheckpointError, match="is a PEFT adapter folder, not a checkpoint: give it with --adapter"):
+        palitorch.load(tmp_path / "mine")
     adapt(HF.from_pretrained(pg2[0]).eval(), tmp_path / "of-pg2", r=2, target_modules=["k_proj"])  # 2 KV heads, not 1
     with pytest.raises(CheckpointError, match="does not fit its weight .*the adapter belongs to another model"):
         palitorch.load(folder, adapter=tmp_path / "of-pg2")

@@ -44,6 +44,7 @@ def test_real_model_with_bad_lines(pg1, images, capsys):
     errors = {i: r["error"] for i, r in got.items() if "error" in r}
     assert set(errors) == {2, 3, 5, 7, 8}
     assert "not valid JSON" in errors[2] and "does not exist" in errors[3] and "cannot read image" in errors[5]
+    assert all(e.startswith(f"line {i}") for i, e in errors.items()), errors  # the broken image's too
     assert "top_p must be in (0, 1]" in errors[7] and '"prompt"' in errors[8]
     assert got[7]["top_p"] == 0 and got[3]["image"] == "imgs/missing.png"  # error lines keep the request
     pipe = palitorch.load(folder)

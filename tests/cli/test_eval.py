@@ -100,3 +100,16 @@ def test_eval_reads_every_image_header_before_loading(tmp_path, images, no_model
     (tmp_path / "d.jsonl").write_text(json.dumps({"image": "dir.png", "prefix": "q", "suffix": "a"}) + "\n")
     rc, _, err = cli(["eval", "--data", tmp_path / "d.jsonl"], capsys)
     assert rc == 2 and "dir.png' is a folder" in err
+
+
+def test_an_image_damaged_past_its_header_is_named_with_its_line(fake_pipe, images, tmp_path, capsys):
+    """A truncated file passes the header check; when its turn comes the error still names its JSONL line."""
+    pipe = fake_pipe(lambda im, p: "red")
+    pipe.model = torch.nn.Linear(1, 1)
+    whole = (images / "red.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
+    lines = [{"image": str(images / "red.png"), "prefix": "q", "suffix": "red"},
+             {"image": "cut.png", "prefix": "q", "suffix": "red"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rc, _, err = cli(["eval", "--data", tmp_path / "d.jsonl", "--quiet"], capsys)
+    assert rc == 2 and "d.jsonl:2: cannot read image" in err and err.count("\n") == 1

@@ -264,6 +264,13 @@ def test_every_seed_torch_takes_is_accepted(seed):
     torch.Generator().manual_seed(opts.seed)
 
 
+def test_early_stopping_null_is_the_default_and_never_is_any_case():
+    assert GenerationOptions.from_kwargs(early_stopping=None).early_stopping is False  # (JSON null)
+    assert GenerationOptions.from_kwargs(early_stopping="Never").early_stopping == "never"
+    with pytest.raises(InputError, match='early_stopping must be true, false or "never"'):
+        GenerationOptions.from_kwargs(early_stopping="sometimes")
+
+
 def test_from_kwargs_accepts_a_single_stop_string_and_rejects_unknown_names():
     assert GenerationOptions.from_kwargs(stop="\n").stop == ["\n"]
     with pytest.raises(InputError, match="unknown decoding option 'topk'"):
