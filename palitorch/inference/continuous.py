@@ -141,10 +141,9 @@ class LiveBatch:
         join now (too few free rows, or too few cache slots left until some sequences end: try again after a step).
 
         InputError if a prompt is refused or there are more than max_rows (none of them joins); NumericsError on NaN
-        logits. `streams[i]`: hand out
-        sequence i's text in pieces as it grows (else its text comes only in its Result). `options[i]`: sequence i's
-        decoding options (default: the batch's): a GenerationOptions, or a dict of decoding keywords that change
-        the batch's options."""
+        logits. `streams[i]`: hand out sequence i's text in pieces as it grows (else its text comes only in its
+        Result). `options[i]`: sequence i's decoding options (default: the batch's): a GenerationOptions, or a dict of
+        decoding keywords that change the batch's options."""
         self._check_open()
         options = self._inputs(images, prompts, tags, streams, options)
         n = len(prompts)

@@ -199,6 +199,7 @@ class Processor:
         self.std = np.asarray(std, dtype=np.float32)
         self.rescale, self.do_normalize, self.resample = rescale, normalize, resample
         self._divisor = _exact_divisor(rescale)
+        self._rescaled = _rescaled(rescale) if rescale is not None else None  # [256] float32, on the CPU
         self.image_id, self.bos_id = self.token_id(IMAGE), self.token_id(BOS)
         self.eos_id, self.pad_id = self.token_id(EOS), self.token_id(PAD)
         special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
@@ -272,7 +273,7 @@ class Processor:
         elif self._divisor is not None and dev.type == "cpu":  # x / 255 in float32 is x * (1/255) in float64,
             x = x.float().div_(self._divisor)  # rounded (CUDA divides by a number as times its reciprocal: not so)
         else:
-            x = _rescaled(self.rescale).to(dev, non_blocking=True)[x.long()]
+            x = self._rescaled.to(dev, non_blocking=True)[x.long()]
         if not self.do_normalize:
             return x
         mean = torch.from_numpy(self.mean).to(dev, non_blocking=True).view(3, 1, 1)

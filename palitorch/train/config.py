@@ -20,7 +20,6 @@ literals when they parse as one (`--data.task_repeat '{caption = 4}'`), else as 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import typing
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from palitorch.config import SMALL_PRESETS
 from palitorch.errors import ConfigError
+from palitorch.train.config_values import coerce, parse_overrides, toml_value
 from palitorch.train.runfolder import check_out_folder
 
 if sys.version_info >= (3, 11):
@@ -194,7 +194,7 @@ class TrainConfig:
         lines = []
         for sec, values in self.to_dict().items():
             lines.append(f"[{sec}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+            lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
             lines.append("")
         return "\n".join(lines)
 
@@ -322,84 +322,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
-    """["--optim.lr", "3e-4", "--train.steps=10"] -> [("optim.lr", "3e-4"), ("train.steps", "10")]."""
-    out, i = [], 0
-    while i < len(args):
-        a = args[i]
-        if not a.startswith("--"):
-            raise ConfigError(f"unexpected argument {a!r}: overrides look like --section.key value")
-        if "=" in a:
-            k, v = a[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(args):
-                raise ConfigError(f"override {a} has no value")
-            k, v = a[2:], args[i + 1]
-            i += 2
-        out.append((k, v))
-    return out
-
-
 def _set(cfg: TrainConfig, sec: str, key: str, value, from_text: bool) -> None:
     section = getattr(cfg, sec)
     hints = typing.get_type_hints(type(section))
     if key not in hints:
         raise ConfigError(f"[{sec}] has no field {key!r}; fields are: {', '.join(hints)}")
-    setattr(section, key, _coerce(hints[key], value, f"{sec}.{key}", from_text))
-
-
-def _coerce(tp, value, where: str, from_text: bool):
-    """Check (TOML) or convert (command line) `value` to the field's type; a clear error otherwise."""
-    text = value if from_text else None
-    if from_text:
-        try:
-            value = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            pass  # a bare word: keep the string
-    origin = typing.get_origin(tp)
-    if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
-        return value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table such as {{caption = 4}}, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, str) and value.lower() in ("yes", "on", "1", "no", "off", "0"):
-            return value.lower() in ("yes", "on", "1")
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if text is not None:  # `--train.out 123` is the folder "123"; `--data.eval '""'` the TOML string ""
-            return value if isinstance(value, str) else text
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config field type {tp!r}")  # a bug in this file, not user input
-
-
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")  # TOML's escapes, control chars too
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    return repr(v)
+    setattr(section, key, coerce(hints[key], value, f"{sec}.{key}", from_text))

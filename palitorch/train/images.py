@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from palitorch.errors import ConfigError, InputError
-from palitorch.inference.processor import resize_image
+from palitorch.inference.processor import check_image_file, resize_image
 
 LINES_SHOWN = 3  # JSONL lines named in an error; the rest are counted
 
@@ -113,17 +112,7 @@ class Images:
                 progress.update(1)
 
     def _check_header(self, path: Path) -> None:
-        what = f"{self.used_by(path)}cannot read image {str(path)!r}"
         try:
-            with warnings.catch_warnings():  # between half Pillow's pixel limit and the limit it only warns
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(path):
-                    pass
-        except Image.DecompressionBombError:
-            raise ImageError(f"{what}: it has more pixels than Pillow's safety limit ({Image.MAX_IMAGE_PIXELS:,}): "
-                              "resize it first") from None
-        except UnidentifiedImageError:
-            raise ImageError(f"{what}: not in a format Pillow can read (PNG, JPEG, GIF, WebP, BMP, TIFF, ...)") \
-                from None
-        except OSError as e:
-            raise ImageError(f"{what}: {e.strerror or e}") from None
+            check_image_file(path)
+        except InputError as e:
+            raise ImageError(f"{self.used_by(path)}{e}") from None
