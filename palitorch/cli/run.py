@@ -76,10 +76,9 @@ def draw(image: Image.Image, text: str, out: Path, vae: dict | None = None) -> N
     from palitorch.tasks import decode_mask, draw_detections, parse_detections, parse_segmentations
 
     found, masks = parse_detections(text, image.width, image.height), None
-    segments = parse_segmentations(text, image.width, image.height) if vae is not None else []
-    if segments:
-        found = segments
-        masks = [decode_mask(s.codes, s.box, vae, image.size) for s in segments]
+    if vae is not None:  # the same objects, with a mask for each that has its 16 codes
+        found = parse_segmentations(text, image.width, image.height)
+        masks = [None if s.codes is None else decode_mask(s.codes, s.box, vae, image.size) for s in found]
     try:
         draw_detections(image, found, masks).save(out)
     except OSError as e:

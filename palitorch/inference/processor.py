@@ -187,6 +187,18 @@ def _exact_divisor(rescale: float | None) -> int | None:
     return n if ok else None
 
 
+def _add_task_tokens(tokenizer: Tokenizer) -> None:
+    """Make every <locNNNN> and <segNNN> of the vocabulary one token wherever it is typed (in a prompt, or in a
+    detection or segmentation target), as transformers' PaliGemmaProcessor does when it loads a tokenizer. Some Hub
+    tokenizer.json files, converted from SentencePiece, hold them in the vocabulary only: their BPE spells the text
+    "<loc0100>" in seven byte pieces."""
+    added = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    texts = [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
+    missing = [t for t in texts if t not in added and tokenizer.token_to_id(t) is not None]
+    if missing:
+        tokenizer.add_tokens(missing)  # plain strings: non-special and normalized, as transformers adds them
+
+
 class Processor:
     def __init__(self, tokenizer: Tokenizer, image_size: int, num_image_tokens: int,
                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), rescale: float | None = 1 / 255, max_length: int = 8192,
@@ -194,6 +206,7 @@ class Processor:
         """`rescale` None, `normalize` False, `resample`: a preprocessor_config.json's do_rescale false, do_normalize
         false and resample (PIL's filter number), as transformers' image processor reads them."""
         self.tokenizer = tokenizer
+        _add_task_tokens(tokenizer)
         self.image_size, self.num_image_tokens, self.max_length = image_size, num_image_tokens, max_length
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)

@@ -22,8 +22,10 @@ from palitorch.errors import InputError
 LOC_GRID = 1023  # the largest <locNNNN>: coordinates are loc / 1023 of the image side
 NUM_SEG_CODES = 16
 
-# One object: four <loc> tokens, any run of <seg> tokens, then the label (spaces tolerated everywhere).
-_GROUP = re.compile(r"\s*((?:<loc\d{4}>\s*){4})((?:<seg\d{3}>\s*)*)(.*?)\s*", re.DOTALL)
+# An object starts at a run of <loc> tokens (four, or it is malformed); any <seg> tokens, then its label, follow
+# (spaces tolerated everywhere). Both patterns match in linear time, whatever the text.
+_LOC_RUN = re.compile(r"(?:<loc\d{4}>\s*)+")
+_SEG_RUN = re.compile(r"(?:<seg\d{3}>\s*)*")
 _NUMBER = re.compile(r"\d+")
 _ANY_LOC_SEG = re.compile(r"<(?:loc|seg)\d+>")
 
@@ -38,24 +40,22 @@ class Detection:
 
 
 def split_objects(text: str) -> list[tuple[tuple[int, int, int, int], tuple[int, ...], str]]:
-    """Well-formed `;`-separated groups of `text` as (locs y0 x0 y1 x1, seg codes, label); malformed ones dropped.
+    """The objects of an answer as (locs y0 x0 y1 x1, seg codes, label), in order; malformed ones dropped.
 
-    A group is malformed when it does not start with exactly four <loc> tokens, or when more location/segment
-    tokens follow its label (a run-on group a truncated answer or an untrained model can produce).
+    Objects are separated by `;`, and a run of <loc> tokens also starts a new one, as big_vision's demo parser
+    reads answers (an answer can miss a separator, or start with other text, which is skipped). An object is
+    malformed when its run has other than four <loc> tokens, or when <seg> tokens follow its label.
     """
     objects = []
     for chunk in text.split(";"):
-        m = _GROUP.fullmatch(chunk)
-        if m is None:
-            continue
-        locs, segs, label = m.groups()
-        if _ANY_LOC_SEG.search(label):
-            continue
-        objects.append((
-            tuple(int(n) for n in _NUMBER.findall(locs)),
-            tuple(int(n) for n in _NUMBER.findall(segs)),
-            label,
-        ))
+        runs = list(_LOC_RUN.finditer(chunk))
+        for run, after in zip(runs, [r.start() for r in runs[1:]] + [len(chunk)]):
+            locs = tuple(int(n) for n in _NUMBER.findall(run.group()))
+            segs = _SEG_RUN.match(chunk, run.end(), after)
+            label = chunk[segs.end():after].strip()
+            if len(locs) != 4 or _ANY_LOC_SEG.search(label):
+                continue
+            objects.append((locs, tuple(int(n) for n in _NUMBER.findall(segs.group())), label))
     return objects
 
 
@@ -65,6 +65,16 @@ def locs_to_box(locs: tuple[int, int, int, int], width: int, height: int) -> tup
     x0, x1 = sorted((x0 * width, x1 * width))
     y0, y1 = sorted((y0 * height, y1 * height))
     return (x0, y0, x1, y1)
+
+
+def image_size(width, height=None) -> tuple[float, float]:
+    """(width, height) as given, or, when `width` is an image (PIL image, path, bytes or array) and no height is
+    given, the image's size once upright by its EXIF orientation: the size of the image the model saw."""
+    if height is None and not isinstance(width, numbers.Real):
+        from palitorch.inference.processor import load_image
+
+        return load_image(width).size
+    return width, height
 
 
 def check_answer(text, width, height, what: str) -> None:
@@ -77,10 +87,12 @@ def check_answer(text, width, height, what: str) -> None:
             raise InputError(f"{what}: the image's {name} must be a number of pixels > 0, got {side!r}")
 
 
-def parse_detections(text: str, width: int, height: int) -> list[Detection]:
+def parse_detections(text: str, width, height=None) -> list[Detection]:
     """Every well-formed object in a detection (or segmentation) answer, with its box in pixels of a
-    `width` x `height` image. Groups with fewer than four locations or other garbage are skipped; locations past
-    the grid are clamped to the image's edge; a box given as (y1, x1, y0, x0) is put back in order. InputError
-    if `text` is not a string (give `Result.text`) or a side is not > 0."""
+    `width` x `height` image, or of the image given as `width` (then upright by its EXIF orientation, as the
+    model saw it). Objects with other than four locations are skipped; locations past the grid are clamped to
+    the image's edge; a box given as (y1, x1, y0, x0) is put back in order. InputError if `text` is not a string
+    (give `Result.text`) or a side is not > 0."""
+    width, height = image_size(width, height)
     check_answer(text, width, height, "parse_detections")
     return [Detection(label, locs_to_box(locs, width, height)) for locs, _, label in split_objects(text)]

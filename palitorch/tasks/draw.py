@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from palitorch.errors import InputError
+from palitorch.inference.processor import load_image
 
 # Colours far apart in hue and easy to read on photos; labels take them in order of first appearance.
 PALETTE = [
@@ -31,22 +32,21 @@ def _text_colour(bg: tuple[int, int, int]) -> tuple[int, int, int]:
     return (0, 0, 0) if luminance > 150 else (255, 255, 255)
 
 
-def draw_detections(image: Image.Image, detections, masks: Sequence[np.ndarray | None] | None = None) -> Image.Image:
-    """A copy of `image` (RGB) with each detection's box and label drawn; `masks` (one bool [H, W] array or None
+def draw_detections(image, detections, masks: Sequence[np.ndarray | None] | None = None) -> Image.Image:
+    """A copy of `image` (RGB, upright by its EXIF orientation as the model saw it; a PIL image, path, bytes or
+    array) with each detection's box and label drawn; `masks` (one bool [H, W] array or None
     per detection, e.g. from segmentation.decode_mask) are blended in the label's colour.
 
     `detections` are any objects with `.label` and `.box = (x0, y0, x1, y1)` in pixels: Detection or Segmentation
     (a list, or any iterable). InputError for other objects, or masks that are not one [H, W] array (or None) per
     detection.
     """
-    from palitorch.inference.processor import to_rgb
-
     detections = list(detections)  # a generator would be used up by the colours, leaving nothing to draw
     for d in detections:
         if not (hasattr(d, "label") and hasattr(d, "box")):
             raise InputError(f"draw_detections draws objects with .label and .box (Detection, Segmentation), got "
                              f"{type(d).__name__}")
-    out = to_rgb(image).copy()
+    out = load_image(image).copy()
     w, h = out.size
     colours = label_colours([d.label for d in detections])
     if masks is not None:
@@ -70,8 +70,8 @@ def draw_detections(image: Image.Image, detections, masks: Sequence[np.ndarray |
     draw = ImageDraw.Draw(out)
     for d in detections:
         colour = colours[d.label]
-        x0, y0, x1, y1 = d.box
-        draw.rectangle((x0, y0, x1, y1), outline=colour, width=line)
+        x0, y0, x1, y1 = d.box  # x1, y1: the edge past the object; PIL's rectangle includes its last row and column
+        draw.rectangle((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)), outline=colour, width=line)
         if not d.label:
             continue
         # The label sits on a filled tab above the box, or just inside it when the box touches the top edge.

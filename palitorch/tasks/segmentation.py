@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from palitorch.errors import InputError
-from palitorch.tasks.detection import NUM_SEG_CODES, check_answer, locs_to_box, split_objects
+from palitorch.tasks.detection import NUM_SEG_CODES, check_answer, image_size, locs_to_box, split_objects
 
 CODEBOOK_SIZE = 128
 MASK_SIZE = 64
@@ -40,20 +40,24 @@ _UPSAMPLE = ("decoder.4", "decoder.6", "decoder.8", "decoder.10")
 class Segmentation:
     label: str
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 in the original image's pixels
-    codes: tuple[int, ...]  # 16 VQ-VAE codebook indices, 0..127
+    codes: tuple[int, ...] | None  # 16 VQ-VAE codebook indices, 0..127; None for a box without them
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "box": [round(v, 2) for v in self.box], "codes": list(self.codes)}
+        return {"label": self.label, "box": [round(v, 2) for v in self.box],
+                "codes": None if self.codes is None else list(self.codes)}
 
 
-def parse_segmentations(text: str, width: int, height: int) -> list[Segmentation]:
-    """Every well-formed object of a segmentation answer: four locations, exactly 16 codes in 0..127, a label.
-    InputError if `text` is not a string (give `Result.text`) or a side is not > 0."""
+def parse_segmentations(text: str, width, height=None) -> list[Segmentation]:
+    """Every object of a segmentation answer (four locations, 16 codes, a label), boxes in pixels as
+    `parse_detections` gives them. An object whose codes are not 16 in 0..127 (a bare box, or an answer cut short)
+    keeps its box with `codes` None. InputError if `text` is not a string (give `Result.text`) or a side is not
+    > 0."""
+    width, height = image_size(width, height)
     check_answer(text, width, height, "parse_segmentations")
     out = []
     for locs, codes, label in split_objects(text):
-        if len(codes) == NUM_SEG_CODES and all(c < CODEBOOK_SIZE for c in codes):
-            out.append(Segmentation(label, locs_to_box(locs, width, height), codes))
+        whole = len(codes) == NUM_SEG_CODES and all(c < CODEBOOK_SIZE for c in codes)
+        out.append(Segmentation(label, locs_to_box(locs, width, height), codes if whole else None))
     return out
 
 

@@ -110,7 +110,9 @@ def test_draw_paints_segment_masks_with_a_vae(fake_pipe, images, tmp_path, capsy
     params["decoder.12.bias"][:] = 1
     np.savez(tmp_path / "vae.npz", **params)
     codes = "".join(f"<seg{i:03d}>" for i in range(16))
-    fake_pipe(lambda im, p: f"<loc0000><loc0000><loc0511><loc0511>{codes} cat")
+    # ... and an object without codes (a bare box, as a model may answer) keeps its box, drawn without a mask.
+    answer = f"<loc0000><loc0000><loc0511><loc0511>{codes} cat ; <loc0700><loc0700><loc1023><loc1023> dog"
+    fake_pipe(lambda im, p: answer)
     rc, _, err = cli(["run", "--image", images / "red.png", "--prompt", "segment cat", "--draw", tmp_path / "m.png",
                       "--vae", tmp_path / "vae.npz"], capsys)
     assert rc == 0, err
@@ -119,6 +121,9 @@ def test_draw_paints_segment_masks_with_a_vae(fake_pipe, images, tmp_path, capsy
     blend = (1 - MASK_ALPHA) * np.array([200, 30, 30]) + MASK_ALPHA * cat
     assert np.abs(px[70, 100] - blend).max() <= 1  # inside the box: tinted (uint8 rounding)
     assert tuple(px[150, 250]) == (200, 30, 30)  # outside: untouched
+    dog = label_colours(["cat", "dog"])["dog"]
+    assert tuple(px[185, round(300 * 700 / 1023)].astype(int)) == dog  # the dog's box: its left edge ...
+    assert tuple(px[185, 250]) == (200, 30, 30)  # ... and no mask inside it
 
 
 BAD = [

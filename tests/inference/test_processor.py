@@ -295,3 +295,23 @@ def test_threaded_resizing_works_in_a_forked_child(pg1, monkeypatch):
     got = os.read(read, 1) if ready else b"timeout"
     os.waitpid(pid, 0) if ready else os.kill(pid, 9)
     assert got == b"1", "the forked child could not resize on threads"
+
+
+def test_loc_and_seg_text_is_one_token_when_the_tokenizer_lists_them_in_its_vocabulary_only(pg1, tmp_path):
+    """Some Hub tokenizer.json files (converted from SentencePiece) hold <locNNNN> / <segNNN> in the vocabulary but
+    not among the added tokens, so BPE spells typed "<loc0100>" in byte pieces. transformers' processor adds them
+    when it loads; so does palitorch: a detection target tokenises alike (ids, types and labels)."""
+    import shutil
+
+    folder = shutil.copytree(pg1[0], tmp_path / "ckpt")
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if not t["content"].startswith(("<loc", "<seg"))]
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    ours, hf = palitorch.load(folder).processor, hf_processor(folder)
+    prefix, suffix = "detect cat", "<loc0100><loc0200> <loc0300><loc0400> cat ; <seg005><seg127>"
+    e = ours.encode(prefix, suffix)
+    ref = hf(images=[Image.new("RGB", (8, 8))], text=[prefix], suffix=[suffix], return_tensors="pt")
+    assert e.ids == ref["input_ids"][0].tolist() and e.types == ref["token_type_ids"][0].tolist()
+    pieces = [ours.tokenizer.id_to_token(i) for i in e.ids]
+    assert [p for p in pieces if p.startswith(("<loc", "<seg"))] == ["<loc0100>", "<loc0200>", "<loc0300>",
+                                                                      "<loc0400>", "<seg005>", "<seg127>"]

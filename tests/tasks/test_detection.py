@@ -37,11 +37,41 @@ def test_spaces_between_tokens_are_tolerated():
 
 
 @pytest.mark.parametrize("text", [
-    "", "a cat on a bench", loc(1, 2, 3) + " cat", "cat " + loc(1, 2, 3, 4), loc(1, 2, 3, 4, 5) + " cat",
-    loc(1, 2, 3, 4) + " cat " + loc(5, 6, 7, 8), "<loc12> <loc0001><loc0002><loc0003> x", "<loc00010><loc0001>" * 2,
+    "", "a cat on a bench", loc(1, 2, 3) + " cat", loc(1, 2, 3, 4, 5) + " cat", "<loc12> <loc0001><loc0002><loc0003> x",
+    "<loc00010><loc0001>" * 2, loc(1, 2, 3, 4) + " cat <seg001>",
 ])
 def test_malformed_text_gives_nothing(text):
     assert parse_detections(text, 100, 100) == []
+
+
+def test_a_run_of_locations_starts_an_object_as_big_visions_demo_parser_reads_it():
+    # A missing " ; ", or other text before the first object, loses nothing (the text before is skipped).
+    ds = parse_detections(loc(0, 0, 1023, 1023) + " cat " + loc(0, 0, 511, 511) + " dog", 1023, 1023)
+    assert [d.label for d in ds] == ["cat", "dog"]
+    assert_box(ds[1].box, (0, 0, 511, 511))
+    assert parse_detections("here: " + loc(0, 0, 1023, 1023) + " cat", 10, 10) == [Detection("cat", (0, 0, 10, 10))]
+    assert parse_detections("cat " + loc(0, 0, 1023, 1023), 10, 10) == [Detection("", (0, 0, 10, 10))]
+
+
+def test_long_runs_of_spaces_parse_in_linear_time():
+    # The old pattern's lazy label backtracked over whitespace: 32,000 spaces then a letter took 7.6 s, so a
+    # million would take hours (this test would never end); a linear parse takes milliseconds.
+    text = loc(1, 2, 3, 4) + " cat" + " " * 1_000_000 + "x"
+    (d,) = parse_detections(text, 10, 10)
+    assert d.label.startswith("cat") and d.label.endswith(" x")
+
+
+def test_the_image_itself_gives_the_upright_size(tmp_path):
+    from PIL import Image
+
+    photo = Image.new("RGB", (64, 128))  # stored sideways: orientation 8 turns it into 128 x 64
+    exif = photo.getexif()
+    exif[0x0112] = 8
+    photo.save(tmp_path / "p.jpg", exif=exif)
+    text = loc(0, 0, 1023, 1023) + " cat"
+    want = [Detection("cat", (0.0, 0.0, 128.0, 64.0))]
+    assert parse_detections(text, Image.open(tmp_path / "p.jpg")) == want
+    assert parse_detections(text, tmp_path / "p.jpg") == want
 
 
 def test_malformed_groups_are_skipped_and_good_ones_kept():

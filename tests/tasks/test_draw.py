@@ -19,7 +19,8 @@ def test_draws_boxes_and_labels_and_saves_a_png_of_the_same_size(tmp_path):
     cat, dog = label_colours(["cat", "dog"]).values()
     assert cat != dog
     assert tuple(px[120, 40]) == cat  # left edge of the first cat box
-    assert tuple(px[60, 319]) == dog  # right edge of the dog box (touches the top: its tab is drawn inside)
+    assert tuple(px[60, 318]) == dog  # right edge of the dog box (x1 = 319, its last column 318; it touches the top:
+    # its tab is drawn inside)
     assert tuple(px[20, 10]) == cat  # the second cat box shares the colour
     assert (px == cat).all(-1)[40:60, 40:120].any()  # the label tab above the first box
     assert tuple(np.asarray(image)[120, 40]) == (128, 128, 128)  # the input is not modified
@@ -40,3 +41,19 @@ def test_masks_are_blended_and_other_modes_accepted():
     px = np.asarray(out).astype(int)
     assert out.mode == "RGB" and out.size == (40, 30)
     assert px[15, 15].sum() > 0 and px[2, 2].sum() == 0  # tinted inside the mask, untouched outside the box
+
+
+def test_a_box_to_the_image_edge_is_drawn_on_its_last_pixels():
+    # A box's x1, y1 are the edge past the object (the image's width and height for <loc1023>).
+    out = np.asarray(draw_detections(Image.new("RGB", (400, 200)), [Detection("", (0.0, 0.0, 400.0, 200.0))]))
+    lit = out.any(-1)
+    assert lit[:, 399].all() and lit[199, :].all() and lit[:, 0].all() and lit[0, :].all()
+
+
+def test_a_photo_is_drawn_upright_as_the_model_saw_it(tmp_path):
+    photo = Image.new("RGB", (64, 128), (200, 200, 200))  # stored sideways; orientation 8 makes it 128 x 64
+    exif = photo.getexif()
+    exif[0x0112] = 8
+    photo.save(tmp_path / "p.jpg", exif=exif)
+    for image in (Image.open(tmp_path / "p.jpg"), tmp_path / "p.jpg"):
+        assert draw_detections(image, [Detection("cat", (0.0, 0.0, 128.0, 64.0))]).size == (128, 64)

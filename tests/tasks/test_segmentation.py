@@ -24,7 +24,15 @@ def test_parse_segmentations():
     codes = list(range(100, 116))
     text = seg_text((0, 0, 1023, 1023), codes, "cat") + " ; " + seg_text((0, 0, 511, 511), codes[:15], "short")
     text += " ; " + seg_text((0, 0, 10, 10), [200] + codes[1:], "bad code") + " ; " + seg_text((0, 0, 2, 2), [], "box")
-    assert parse_segmentations(text, 64, 32) == [Segmentation("cat", (0.0, 0.0, 64.0, 32.0), tuple(codes))]
+    # Every object keeps its box; those without 16 codes in 0..127 (cut short, a code past the codebook, a bare
+    # box, as a model also answers a segment prompt) have codes None, and JSON null.
+    assert parse_segmentations(text, 64, 32) == [
+        Segmentation("cat", (0.0, 0.0, 64.0, 32.0), tuple(codes)),
+        Segmentation("short", (0.0, 0.0, 511 / 1023 * 64, 511 / 1023 * 32), None),
+        Segmentation("bad code", (0.0, 0.0, 10 / 1023 * 64, 10 / 1023 * 32), None),
+        Segmentation("box", (0.0, 0.0, 2 / 1023 * 64, 2 / 1023 * 32), None),
+    ]
+    assert parse_segmentations(text, 64, 32)[3].to_dict()["codes"] is None
     assert parse_segmentations("", 1, 1) == []
 
 
