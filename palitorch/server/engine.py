@@ -9,8 +9,8 @@ request waiting. In float32, palitorch's batched greedy output equals the one-at
 batching changes only the speed (in 16-bit dtypes a batch rounds differently: answers can part at near-ties).
 Sampled requests without a seed join too (each row draws its own sample; a request with n > 1 takes n rows). A
 request with a seed, or a beam search, runs alone (a seed must give the same sample under any
-load): it waits at the head of the queue, in arrival order, until the live batch has drained. A stream whose
-client has left is dropped at the next step, and its row freed.
+load): it waits at the head of the queue, in arrival order, until the live batch has drained. A request whose
+client has left (a stream, or one waiting for its whole answer) is dropped at the next step, and its rows freed.
 
 A request whose input is refused (a prompt over the context, say) fails alone; the others are answered.
 `continuous=False` batches the old way (the requests waiting when the model frees up, as one padded batch run to
@@ -30,7 +30,7 @@ from PIL import Image
 from palitorch.errors import PalitorchError
 from palitorch.inference.answer import Result
 from palitorch.inference.sampling import GenerationOptions
-from palitorch.server.jobs import Job, api_error, error_for
+from palitorch.server.jobs import Job, api_error, batch_rows, error_for, row_numbers
 from palitorch.server.metrics import Metrics
 from palitorch.server.openai import ApiError, ChatRequest
 from palitorch.server.pacing import Pacer
@@ -112,6 +112,9 @@ class Engine:
                 if self._stopping:
                     return
                 group = self._take(self.continuous)
+            group = [job for job in group if not self._left(job)]
+            if not group:
+                continue
             if self.continuous and group[0].batchable:
                 self._live(group)
             else:
@@ -159,7 +162,7 @@ class Engine:
                     self.pacer.stepped(time.perf_counter() - step_start)
                     for seq, item in events:
                         self._deliver(seq, item, running)
-                    for job in [j for j in running if j.request.stream and j.cancelled.is_set()]:
+                    for job in [j for j in running if j.cancelled.is_set()]:
                         for seq in running.pop(job):  # its client has gone: free its rows
                             live.release(seq)
                         self._finish(job, None)
@@ -186,13 +189,18 @@ class Engine:
         """Move jobs from the head of the queue to `waiting` while they can share the batch and rows are free (a
         job that must run alone at the head stops it: no job overtakes another). While the server stops, the jobs
         not yet in the batch are refused."""
+        left = []
         with self._cv:
             rows = sum(job.rows for job in waiting)
+            while self._jobs and self._jobs[0].cancelled.is_set():
+                left.append(self._jobs.popleft())
             while self._jobs and self._jobs[0].batchable and \
                     rows + self._jobs[0].rows <= free_rows and not self._stopping:
                 rows += self._jobs[0].rows
                 waiting.append(self._jobs.popleft())
             stopping = self._stopping
+        for job in left:
+            self._left(job)
         while stopping and waiting:
             job = waiting.popleft()
             self._fail(job, ApiError(503, "the server is shutting down"))
@@ -232,7 +240,7 @@ class Engine:
 
     def _admit(self, live, jobs: list[Job], running: dict, served: list) -> bool:
         """Jobs join the live batch (True), or there is no room for them now (False)."""
-        images, prompts, owners = self._rows(jobs)
+        images, prompts, owners = batch_rows(jobs)
         options = {job: GenerationOptions.from_kwargs(**job.request.options) for job in jobs}
         start = time.perf_counter()
         got = live.admit(images, prompts, tags=owners, streams=[job.request.stream for job in owners],
@@ -263,6 +271,13 @@ class Engine:
         if job.finished:
             running.pop(job, None)
             self._close(job)
+
+    def _left(self, job: Job) -> bool:
+        """Whether a job's client left while it was queued: it is then ended (cancelled) without running."""
+        if job.cancelled.is_set():
+            self._finish(job, None)
+            self._close(job)
+        return job.cancelled.is_set()
 
     def _close(self, job: Job) -> None:
         """Count a job that has its results or error and wake its client (after the count: a client that has its
@@ -316,22 +331,6 @@ class Engine:
                 if not job.finished:
                     self._fail(job, error)
 
-    @staticmethod
-    def _rows(group: list[Job]) -> tuple[list, list[str], list[Job]]:
-        """The batch's (images, prompts) row by row, and the job of each row."""
-        owners = [job for job in group for _ in range(job.rows)]
-        return [job.request.image for job in owners], [job.request.prompt for job in owners], owners
-
-    @staticmethod
-    def _row_numbers(owners: list[Job]) -> list[int]:
-        """For each batch row, which of its job's rows it is (0 .. rows-1)."""
-        taken: dict[Job, int] = {}
-        numbers = []
-        for job in owners:
-            numbers.append(taken.get(job, 0))
-            taken[job] = numbers[-1] + 1
-        return numbers
-
     def _collect(self, job: Job, result: Result, row: int) -> None:
         """Row `row` of a job is done (a stream hears of it now); with the last row the job is finished (greedy:
         its n alike copies)."""
@@ -344,7 +343,7 @@ class Engine:
     def _generate(self, group: list[Job]) -> None:
         """Answer jobs as one batch. If an input in it is refused, the jobs are answered one by one (to find which);
         a job alone gets the error."""
-        images, prompts, owners = self._rows(group)
+        images, prompts, owners = batch_rows(group)
         try:
             results = self.pipe.generate(images, prompts, **group[0].request.options)
         except PalitorchError as e:
@@ -353,18 +352,18 @@ class Engine:
             for job in group:
                 self._generate([job])
             return
-        for job, row, result in zip(owners, self._row_numbers(owners), results):
+        for job, row, result in zip(owners, row_numbers(owners), results):
             self._collect(job, result, row)
 
     def _stream(self, group: list[Job]) -> None:
         """Decode a group with streams in it as one batch: each stream gets its pieces as they come and each job
         its answer as soon as its row ends. A stream whose client left gets nothing more, and the decoding stops
         once no job in the group is still wanted. A refused input before anything was sent: one by one."""
-        images, prompts, owners = self._rows(group)
-        rows = self._row_numbers(owners)
+        images, prompts, owners = batch_rows(group)
+        rows = row_numbers(owners)
 
         def wanted() -> bool:
-            return any(not job.finished and not (job.request.stream and job.cancelled.is_set()) for job in group)
+            return any(not job.finished and not job.cancelled.is_set() for job in group)
 
         sent = False
         try:

@@ -28,6 +28,7 @@ import functools
 import hmac
 import ipaddress
 import json
+import select
 import socket
 import sys
 import time
@@ -38,19 +39,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from palitorch.server.engine import Engine
 from palitorch.server.fetch import fetch_url
 from palitorch.server.hosts import host_allowed, host_name
-from palitorch.server.openai import (
-    ApiError,
-    ImageCache,
-    chunk,
-    completion,
-    finish_reason,
-    parse_body,
-    parse_chat,
-    token_entry,
-    usage,
-)
-from palitorch.tasks import task_outputs
+from palitorch.server.openai import ApiError, ImageCache, completion, parse_body, parse_chat
+from palitorch.server.sse import event, stream
 
+HANG_UP_CHECK = 0.25  # seconds between checks that a client waiting for a whole answer is still connected
 CLIENT_TIMEOUT = 60.0  # seconds a connection may keep a handler thread waiting for its request (slowloris)
 METHODS = "GET, POST, OPTIONS"
 # Endpoints of OpenAI's API that PaliGemma cannot answer: a 404 that says what to call instead.
@@ -170,6 +162,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Access-Control-Allow-Origin", allowed)
             if allowed != "*":
                 self.send_header("Vary", "Origin")  # the answer depends on the Origin: caches must key on it
+        self.send_header("X-Request-Id", getattr(self, "request_id", None) or f"req_{uuid.uuid4().hex}")
+        self.request_id = None  # (a keep-alive connection's next error from the standard library gets its own)
         super().end_headers()
 
     def _get(self) -> None:
@@ -211,10 +205,30 @@ class Handler(BaseHTTPRequestHandler):
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         job = self.server.engine.submit(req)
         if req.stream:
-            return self._stream(job, rid, created)
-        results = job.wait()
+            return stream(self, job, rid, created)
+        results = self._wait(job)
+        if results is None:  # the client has gone: no one to answer
+            return
         tokenizer = self.server.engine.pipe.processor.tokenizer
         self._json(200, completion(rid, created, self.server.model_id, req, results, tokenizer))
+
+    def _wait(self, job):
+        """A job's results, or None if its client hangs up first (a timeout and retry in an SDK): the job is then
+        cancelled, and the engine frees its rows at the next step, as for a stream whose client has left."""
+        while not job.done.wait(HANG_UP_CHECK):
+            if self._hung_up():
+                job.cancelled.set()
+                self.close_connection = True
+                return None
+        return job.wait()
+
+    def _hung_up(self) -> bool:
+        """Whether the client has closed the connection (it reads as at its end) or reset it."""
+        try:
+            ready, _, _ = select.select([self.connection], [], [], 0)
+            return bool(ready) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def _no_endpoint(self, path: str) -> ApiError:
         if path in OTHER_APIS:  # PaliGemma answers about an image: only chat messages can carry one
@@ -227,66 +241,10 @@ class Handler(BaseHTTPRequestHandler):
         return {"id": self.server.model_id, "object": "model", "created": self.server.started,
                 "owned_by": "palitorch"}
 
-    # ------------------------------------------------------------------ streaming
-
-    def _stream(self, job, rid: str, created: int) -> None:
-        """Server-sent events: a role chunk for each of the n choices, their text pieces as they come (the chunks of
-        different choices interleave, each naming its index), each choice's finish chunk as soon as its answer ends,
-        (usage), [DONE]. The status line waits for the first piece, so a refused input is still an ordinary error
-        response. With logprobs, each piece's chunk carries its tokens' entries (`Piece.tokens`), and the finish
-        chunk those of tokens that brought no text of their own after the last piece."""
-        first = job.pieces.get()
-        if first is None and job.error is not None:
-            raise job.error
-        model = self.server.model_id
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")  # the stream's end is the connection's end: no length needed
-        self.end_headers()
-        self.close_connection = True
-        self._streaming = True  # from here an error goes into the stream, not into a second status line
-        tokenizer = self.server.engine.pipe.processor.tokenizer
-        req = job.request
-        sent = [0] * req.n  # token entries sent so far, per choice
-
-        def entries(tokens) -> list[dict] | None:
-            return [token_entry(tokenizer, t, lp, alt) for t, lp, alt in tokens] if req.logprobs else None
-
-        try:
-            for i in range(req.n):
-                self._event(chunk(rid, created, model, {"role": "assistant", "content": ""}, index=i))
-            item = first
-            while item is not None:
-                i, got = item
-                if isinstance(got, str):  # a text piece
-                    tokens = getattr(got, "tokens", ())
-                    self._event(chunk(rid, created, model, {"content": got}, logprobs=entries(tokens), index=i))
-                    sent[i] += len(tokens)
-                else:  # choice i's Result: it has ended (a detect / segment prompt's objects ride on this chunk)
-                    alternatives = got.top_logprobs or [None] * len(got.token_ids)
-                    rest = list(zip(got.token_ids, got.logprobs, alternatives))[sent[i]:]
-                    self._event(chunk(rid, created, model, {}, finish_reason(got), index=i,
-                                      logprobs=entries(rest) if rest else None,
-                                      extra=task_outputs(req.prompt, got.text, *req.image.size)))
-                item = job.pieces.get()
-            # None came: the job's results or error are set (before it, as the engine finishes a job)
-            if job.error is not None:  # failed after the status line went out: say so in the stream
-                self._event(job.error.body())
-            elif job.results and req.include_usage:  # (no results when the job was cancelled: the stream just ends)
-                self._event(chunk(rid, created, model, {}, usage_=usage(job.results), choices=False))
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-        except OSError:  # the client went away: stop generating for it
-            job.cancelled.set()
-
-    def _event(self, obj: dict) -> None:
-        self.wfile.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
-        self.wfile.flush()
-
     # ------------------------------------------------------------------ plumbing
 
     def _guard(self, route) -> None:
+        self.request_id = f"req_{uuid.uuid4().hex}"  # each response names its request (X-Request-Id)
         try:
             host = self.headers.get("Host")
             if self.server.loopback and not host_allowed(host, self.server.allow_hosts):
@@ -309,7 +267,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._json(500, error)
                 return
             try:  # a stream has begun: its status line is out, so the error is its last event
-                self._event(error)
+                event(self, error)
             except OSError:
                 pass
 
@@ -317,15 +275,14 @@ class Handler(BaseHTTPRequestHandler):
         key = self.server.api_key
         if key is None:
             return
-        given = self.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
-                           code="invalid_api_key")
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     def _body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            raise ApiError(411, "send the request body with a Content-Length header, not chunked")
+            return self._chunked_body()
         try:
             length = int(self.headers.get("Content-Length", ""))
             if length < 0:  # rfile.read(-1) would wait for the client to close the connection
@@ -346,6 +303,41 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(408, f"the request body ended before the {length:,} bytes its Content-Length announced: "
                            "send the whole body without pausing")
         return data
+
+    def _chunked_body(self) -> bytes:
+        """A body sent in chunks (Transfer-Encoding: chunked; each chunk is its size in hex, CRLF, the bytes, CRLF;
+        a size of 0 ends it), up to the server's limit. The connection closes after the request: a body sent so may
+        also carry a Content-Length, and no proxy between may disagree on where this request ends."""
+        self.close_connection = True
+        data = bytearray()
+        try:
+            while True:
+                line = self.rfile.readline(1024)
+                if not line:  # the client closed its side
+                    raise TimeoutError
+                try:
+                    size = int(line.split(b";")[0].strip(), 16)  # (";name=value" chunk extensions are ignored)
+                except ValueError:
+                    raise ApiError(400, f"the chunked request body is malformed (a chunk size of {line[:20]!r}): "
+                                   "send it with a Content-Length header") from None
+                if size == 0:
+                    break
+                if len(data) + size > self.server.max_body:
+                    raise ApiError(413, f"the request body is over the server's limit of {self.server.max_body:,} "
+                                   "bytes: send a smaller image")
+                piece = self.rfile.read(size)
+                if len(piece) < size:
+                    raise TimeoutError
+                data += piece
+                if self.rfile.readline(3).strip():
+                    raise ApiError(400, f"the chunked request body is malformed (a chunk longer than its size, "
+                                   f"{size}): send it with a Content-Length header")
+            while self.rfile.readline(8192).strip():  # trailer fields, if any, up to the blank line
+                pass
+        except TimeoutError:
+            raise ApiError(408, "the chunked request body ended before its last (empty) chunk: send the whole "
+                           "body without pausing") from None
+        return bytes(data)
 
     def _skip_body(self) -> None:
         """Read and drop the body of a request that takes none (GET, OPTIONS, ...), so that a kept-alive connection's

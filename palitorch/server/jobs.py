@@ -82,3 +82,19 @@ class Job:
         if self.error is not None:
             raise self.error
         return self.results
+
+
+def batch_rows(group: list[Job]) -> tuple[list, list[str], list[Job]]:
+    """A batch's (images, prompts) row by row, and the job of each row (a job takes `Job.rows` rows)."""
+    owners = [job for job in group for _ in range(job.rows)]
+    return [job.request.image for job in owners], [job.request.prompt for job in owners], owners
+
+
+def row_numbers(owners: list[Job]) -> list[int]:
+    """For each batch row, which of its job's rows it is (0 .. rows-1)."""
+    taken: dict[Job, int] = {}
+    numbers = []
+    for job in owners:
+        numbers.append(taken.get(job, 0))
+        taken[job] = numbers[-1] + 1
+    return numbers

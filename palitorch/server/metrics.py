@@ -55,7 +55,7 @@ class Metrics:
     def ended(self, job) -> None:
         """A request (the engine's Job) has ended: its outcome, tokens and times (the tokens its rows generated, EOS
         included: a greedy request's n alike answers are one row)."""
-        left = job.request.stream and job.cancelled.is_set()  # (its row may have run on in a padded batch)
+        left = job.cancelled.is_set()  # (its row may have run on in a padded batch)
         outcome = "error" if job.error is not None else "cancelled" if left or job.results is None else "ok"
         lengths = [len(r.token_ids) + (r.finish_reason == "eos") for r in job.done_rows]
         prompt = job.done_rows[0].prompt_tokens if job.done_rows else 0

@@ -74,7 +74,9 @@ NEUTRAL = {
     "logit_bias": ({}, None), "tools": ([], None), "tool_choice": ("none", None), "parallel_tool_calls": (False, None),
     "response_format": ({"type": "text"}, "PaliGemma writes plain text"), "modalities": (["text"], None),
 }
-IGNORED = {"user", "metadata", "store", "service_tier"}  # bookkeeping that does not change the answer
+# Bookkeeping that does not change the answer (OpenAI replaces `user` by safety_identifier and prompt_cache_key).
+IGNORED = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+           "prompt_cache_retention"}
 KNOWN = {"model", "messages", "n", "stream", "stream_options", "logprobs", "ignore_eos"} | set(DECODING) | \
     set(NEUTRAL) | IGNORED
 MAX_N = 16
@@ -161,7 +163,8 @@ def parse_chat(body: dict, model_id: str, defaults: dict | None = None,
         usage = {k: v for k, v in usage.items() if k != "include_usage"}
     if not isinstance(usage, dict) or not isinstance(usage.get("include_usage", False), bool):
         raise bad('stream_options must be an object like {"include_usage": true}', "stream_options")
-    if unknown := sorted(set(usage) - {"include_usage", "continuous_usage_stats"}):
+    # include_obfuscation pads chunks against length side channels; this server sends none to leave out.
+    if unknown := sorted(set(usage) - {"include_usage", "continuous_usage_stats", "include_obfuscation"}):
         raise bad(f"unknown stream_options field {unknown[0]!r} (known: include_usage)", "stream_options")
     if usage.get("continuous_usage_stats"):
         raise bad("stream_options.continuous_usage_stats is not served: usage comes once, at the end (include_usage)",
@@ -342,17 +345,27 @@ def token_entry(tokenizer, token: int, logprob: float, alternatives: list | None
                              for i, lp in alternatives or []]}
 
 
+def joined(entries: list[dict], text: str) -> list[dict]:
+    """An answer's first token entries as its text begins: the tokenizer's decoder drops the word mark (a space)
+    that starts an answer's first token, so that token's text and bytes lose it too, and the tokens join into the
+    content, as OpenAI's do."""
+    if entries and entries[0]["bytes"][:1] == [32] and not text.startswith(" "):
+        raw = bytes(entries[0]["bytes"][1:])
+        entries[0] = entries[0] | {"token": raw.decode("utf-8", errors="backslashreplace"), "bytes": list(raw)}
+    return entries
+
+
 def completion(rid: str, created: int, model: str, req: ChatRequest, results: list[Result], tokenizer) -> dict:
     """The chat.completion object for a request's n results. Detect/segment prompts add each choice's parsed
     objects (boxes in the image's pixels) as `detections` / `segmentations` beside the message."""
     choices = []
     for i, r in enumerate(results):
-        choice = {"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": finish_reason(r),
-                  "logprobs": None}
+        choice = {"index": i, "message": {"role": "assistant", "content": r.text, "refusal": None},
+                  "finish_reason": finish_reason(r), "logprobs": None}
         if req.logprobs:
             alternatives = r.top_logprobs or [None] * len(r.token_ids)
-            choice["logprobs"] = {"content": [token_entry(tokenizer, t, p, alt) for t, p, alt
-                                              in zip(r.token_ids, r.logprobs, alternatives)]}
+            entries = [token_entry(tokenizer, t, p, alt) for t, p, alt in zip(r.token_ids, r.logprobs, alternatives)]
+            choice["logprobs"] = {"content": joined(entries, r.text), "refusal": None}
         choice.update(task_outputs(req.prompt, r.text, *req.image.size))
         choices.append(choice)
     return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
@@ -365,7 +378,7 @@ def chunk(rid: str, created: int, model: str, delta: dict, finish: str | None = 
     """One chat.completion.chunk of a stream: a delta of choice `index` (with `logprobs`, the `token_entry`s of its
     tokens), or (choices=False) the usage chunk that ends it. `extra`: fields beside the choice's delta (the
     finishing chunk's `detections` / `segmentations`, as a completion's choice has them)."""
-    content = {"content": logprobs} if logprobs is not None else None
+    content = {"content": logprobs, "refusal": None} if logprobs is not None else None
     choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": content, **(extra or {})}
     out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
            "choices": [choice] if choices else []}

@@ -38,7 +38,7 @@ def test_a_completion_is_what_generate_answers(server, ref, demo):
             expected = ref.generate(e["image"], prompt)
             assert out["object"] == "chat.completion" and out["model"] == MODEL and out["id"].startswith("chatcmpl-")
             [choice] = out["choices"]
-            assert choice["message"] == {"role": "assistant", "content": expected.text}
+            assert choice["message"] == {"role": "assistant", "content": expected.text, "refusal": None}
             assert choice["finish_reason"] == "stop" and choice["logprobs"] is None
             assert out["usage"]["prompt_tokens"] == expected.prompt_tokens
             assert out["usage"]["completion_tokens"] == len(expected.token_ids) + 1  # and the EOS
@@ -145,12 +145,12 @@ def test_a_stream_without_usage_and_a_stream_that_is_refused(server, demo):
 def test_a_bug_mid_stream_ends_the_stream_with_an_error_event(server, demo, monkeypatch, capsys):
     """Once a stream's status line is out, an internal error becomes its last event (not a second status line
     written into the stream), and the server goes on serving."""
-    import palitorch.server.http as http
+    import palitorch.server.sse as sse
 
     def broken(result):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(http, "finish_reason", broken)
+    monkeypatch.setattr(sse, "finish_reason", broken)
     _, events = stream_events(server, chat(demo[0]["path"], "caption en", stream=True))
     assert events[-1]["error"]["type"] == "server_error" and "boom" in events[-1]["error"]["message"]
     assert len(events) > 2 and all(e["object"] == "chat.completion.chunk" for e in events[:-1])

@@ -125,6 +125,7 @@ def test_stream_options():
     req = parse(body(stream=True, stream_options={"include_usage": True}))
     assert req.stream and req.include_usage
     assert not parse(body(stream=True)).include_usage
+    assert parse(body(stream=True, stream_options={"include_usage": True, "include_obfuscation": True})).include_usage
     for bad in ({"include_usage": "yes"}, ["include_usage"], {"include_usagee": True},
                 {"continuous_usage_stats": True}):
         assert refused(body(stream=True, stream_options=bad)).param == "stream_options"
@@ -143,7 +144,7 @@ def test_a_beam_search_cannot_stream_but_n_answers_can():
 def test_a_chunk_carries_its_tokens_logprobs():
     entries = [{"token": "red", "logprob": -0.5, "bytes": list(b"red"), "top_logprobs": []}]
     out = chunk("c", 0, MODEL, {"content": "red"}, logprobs=entries)
-    assert out["choices"][0]["logprobs"] == {"content": entries}
+    assert out["choices"][0]["logprobs"] == {"content": entries, "refusal": None}
     assert chunk("c", 0, MODEL, {"content": "red"})["choices"][0]["logprobs"] is None
 
 
@@ -217,7 +218,8 @@ def test_openai_options_palitorch_cannot_honour_are_refused_unless_neutral(name,
 
 
 def test_bookkeeping_fields_are_accepted():
-    assert parse(body(user="u1", metadata={"a": "b"}, store=False)).prompt == "caption en"
+    assert parse(body(user="u1", metadata={"a": "b"}, store=False, safety_identifier="u1", prompt_cache_key="k",
+                      prompt_cache_retention="24h")).prompt == "caption en"
 
 
 @pytest.mark.parametrize("options, message", [
@@ -282,7 +284,7 @@ def test_completion_object_finish_reasons_and_usage():
         {"id": "chatcmpl-1", "object": "chat.completion", "created": 123, "model": MODEL}
     assert [c["finish_reason"] for c in out["choices"]] == ["stop", "stop", "length"]
     assert [c["index"] for c in out["choices"]] == [0, 1, 2]
-    assert out["choices"][0]["message"] == {"role": "assistant", "content": "red"}
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": "red", "refusal": None}
     assert all(c["logprobs"] is None and "detections" not in c for c in out["choices"])
     # the EOS that ended the first answer counts as generated; the prompt counts once
     assert out["usage"] == {"prompt_tokens": 70, "completion_tokens": 2 + 2 + 3, "total_tokens": 77}
@@ -313,7 +315,8 @@ def test_completion_with_logprobs():
     out = completion("c", 0, MODEL, request(logprobs=True), [Result("word", [5, 6], [-0.5, -1.5], "eos", 9)],
                      Tokenizer())
     content = out["choices"][0]["logprobs"]["content"]
-    assert [(e["token"], e["logprob"], e["bytes"]) for e in content] == [(" word", -0.5, list(b" word")),
+    # the answer's text starts without the first token's word mark (the decoder drops it): so does its entry
+    assert [(e["token"], e["logprob"], e["bytes"]) for e in content] == [("word", -0.5, list(b"word")),
                                                                           ("\\xe2", -1.5, [0xE2])]
 
 
