@@ -28,7 +28,8 @@ GEMMA2_DEFAULTS = {
 }
 
 
-ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast", "gelu")  # those model/siglip.py runs
+# Those model/siglip.py runs: transformers' names for GELU's tanh approximation, and for GELU itself.
+ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast", "gelu_accurate", "gelu", "gelu_python")
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 

@@ -6,6 +6,7 @@ checkpoint already in the requested dtype is never copied. Weights come only fro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from palitorch.checkpoint.keys import hf_name_as_in, hf_to_ours, ours_to_hf, unused
+from palitorch.checkpoint.keys import LM_HEAD, hf_name_as_in, hf_to_ours, ours_to_hf, unused
 from palitorch.config import PaliGemmaConfig
 from palitorch.errors import CheckpointError, ConfigError
 from palitorch.model.paligemma import PaliGemma
@@ -133,6 +134,7 @@ def load_model(path, device="cpu", dtype="float32") -> PaliGemma:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     seen: list[str] = []  # the HF names read, whose layout an error names a missing tensor in
+    head = None  # an LM head stored beside a tied embedding: a copy of it, as a rule (see `_stored_head`)
     for file in weight_files(folder):
         check_safetensors(file)
         try:
@@ -142,6 +144,9 @@ def load_model(path, device="cpu", dtype="float32") -> PaliGemma:
         with f:
             for key in f.keys():
                 seen.append(key)
+                if key in LM_HEAD and cfg.text.tie_embeddings:
+                    head = _read(f, file, key)
+                    continue
                 if unused(key, cfg.text.tie_embeddings):
                     continue
                 ours = hf_to_ours(key, cfg.version)
@@ -149,12 +154,7 @@ def load_model(path, device="cpu", dtype="float32") -> PaliGemma:
                     raise CheckpointError(f"{file.name}: unexpected tensor {key!r} for this config.json")
                 if ours in state:
                     raise CheckpointError(f"{file.name}: tensor {key!r} appears twice in the checkpoint")
-                try:
-                    t = f.get_tensor(key)
-                except (SafetensorError, OSError, RuntimeError) as e:
-                    raise CheckpointError(
-                        f"{file.name}: cannot read {key!r} ({e}); the file may be truncated"
-                    ) from None
+                t = _read(f, file, key)
                 if tuple(t.shape) != expected[ours]:
                     raise CheckpointError(
                         f"{file.name}: tensor {key!r} has shape {tuple(t.shape)}, config.json implies "
@@ -166,6 +166,8 @@ def load_model(path, device="cpu", dtype="float32") -> PaliGemma:
                         "not a floating-point type; download the file again"
                     )
                 state[ours] = t.to(device=device, dtype=dtype)
+    if head is not None:
+        cfg, model, expected = _stored_head(cfg, model, expected, state, head.to(device=device, dtype=dtype))
     missing = [k for k in expected if k not in state]
     if missing:  # named as the Hub names it (the name to look for in the files)
         name = hf_name_as_in(missing[0], cfg.version, seen)
@@ -173,6 +175,33 @@ def load_model(path, device="cpu", dtype="float32") -> PaliGemma:
                               "its safetensors files again")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def _read(f, file: Path, key: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{file.name}: cannot read {key!r} ({e}); the file may be truncated") from None
+
+
+def _stored_head(cfg: PaliGemmaConfig, model: PaliGemma, expected: dict, state: dict, head: torch.Tensor):
+    """A checkpoint that ties the LM head to the embedding but stores the head too, as transformers reads it: a
+    copy of the embedding is not needed; alone, it is the embedding (tying goes both ways); different from the
+    embedding (an untied model saved by a transformers that kept `tie_word_embeddings: false` in its text_config
+    only), it is the head, untied. -> (cfg, model, expected) to load `state` into."""
+    embed, lm_head = "language_model.embed_tokens.weight", "language_model.lm_head.weight"
+    if tuple(head.shape) != expected[embed]:
+        raise CheckpointError(f"the checkpoint's lm_head.weight has shape {tuple(head.shape)}, config.json implies "
+                              f"{expected[embed]}: the weights do not match config.json (download both again)")
+    if embed not in state:
+        state[embed] = head
+    elif not torch.equal(head, state[embed]):
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, tie_embeddings=False))
+        with torch.device("meta"):
+            model = PaliGemma(cfg)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        state[lm_head] = head
+    return cfg, model, expected
 
 
 def check_safetensors(file: Path, advice: str = "; download it again") -> None:

@@ -79,9 +79,11 @@ def unused(key: str, tied: bool) -> bool:
     """Whether an HF weight is one PaliGemma never uses, skipped when loading: the LM head when it is tied to the
     embedding, SigLIP's pooling head (`vision_tower...head.*`), which transformers builds and saves when a
     vision_config leaves out `vision_use_head: false`, as the Hub's PaliGemma 1 configs do, and the patch positions
-    `embeddings.position_ids` (0, 1, 2, ...), which older transformers saved as a buffer."""
+    `embeddings.position_ids` (0, 1, 2, ...), and RoPE's `rotary_emb.inv_freq`, buffers older transformers saved."""
     if key in LM_HEAD:
         return tied
+    if key.endswith("rotary_emb.inv_freq"):
+        return True
     return any(key.startswith(p + "head.") or key == p + "embeddings.position_ids"
                for p, ours in PREFIXES.items() if ours == "vision_tower.")
 

@@ -1,6 +1,6 @@
 """SigLIP vision tower: patchify, add learned positions, a stack of pre-LN transformer layers, a final LayerNorm.
 
-Axes: B batch, P patches, C hidden size, N heads, D head dim.
+Axes: B batch, R image side (pixels [B, 3, R, R]), P patches, C hidden size, N heads, D head dim.
 """
 
 from __future__ import annotations
@@ -10,14 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from palitorch.config import VisionConfig
+
+# Linear is nn.Linear's maths and weights; at CPU inference it may pick a faster kernel (see kernels.py)
 from palitorch.model.kernels import Linear, in_row_blocks
 
 
 def activation(name: str):
     """The few GELU flavours that PaliGemma configs name."""
-    if name in ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast"):
+    if name in ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast", "gelu_accurate"):
         return lambda x: F.gelu(x, approximate="tanh")
-    if name == "gelu":
+    if name in ("gelu", "gelu_python"):
         return F.gelu
     raise ValueError(f"unsupported activation {name!r}")
 
@@ -62,6 +64,7 @@ class VisionLayer(nn.Module):
 
     def forward(self, x):
         x = x + self.self_attn(self.layer_norm1(x))
+        # x + mlp(layer_norm2(x)), in blocks of rows at CPU inference to bound the intermediates' memory
         return in_row_blocks(self._mlp_block, x, self.mlp.fc1.out_features)
 
     def _mlp_block(self, x):
@@ -69,7 +72,7 @@ class VisionLayer(nn.Module):
 
 
 class SigLIP(nn.Module):
-    """pixels [B, 3, S, S] -> patch features [B, P, C], P = (S / patch)^2.
+    """pixels [B, 3, R, R] -> patch features [B, P, C], P = (R / patch)^2.
 
     No pooling head: PaliGemma uses every patch.
     """
@@ -84,7 +87,7 @@ class SigLIP(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # [B, C, S/p, S/p]
+        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # [B, C, R/p, R/p]
         x = x.flatten(2).transpose(1, 2) + self.position_embedding.weight  # [B, P, C]
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:

@@ -70,6 +70,31 @@ def test_an_untied_lm_head(tmp_path, version):
     assert torch.equal(again.language_model.lm_head.weight, pipe.model.language_model.lm_head.weight)
 
 
+def test_a_stored_lm_head_decides_tying_as_transformers_reads_it(tmp_path):
+    """transformers ties the head to the embedding unless both are stored with different values, whatever the
+    config says: (a) an untied model as an older transformers saved it (tie_word_embeddings: false only in
+    text_config, the top level's default left out), whose head palitorch dropped (every token differed); (b) a tied
+    model that stores only lm_head.weight, which palitorch refused (no embed_tokens)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import PaliGemmaForConditionalGeneration
+
+    folder, _ = variant(tmp_path, "untied", top_extra={"tie_word_embeddings": False})
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["tie_word_embeddings"]
+    cfg["text_config"]["tie_word_embeddings"] = False
+    (folder / "config.json").write_text(json.dumps(cfg))
+    hf = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    assert not torch.equal(hf.lm_head.weight, hf.model.language_model.embed_tokens.weight)
+    same_answers(folder, hf)
+
+    folder, _ = variant(tmp_path, "head-only")
+    tensors = load_file(folder / "model.safetensors")
+    [embed] = [k for k in tensors if k.endswith("embed_tokens.weight")]
+    tensors = {("lm_head.weight" if k == embed else k): v for k, v in tensors.items() if k != "lm_head.weight"}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    same_answers(folder, PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval())
+
+
 def test_eos_ids_from_generation_config_json(tmp_path):
     """transformers' generate stops at generation_config.json's EOS ids (before config.json's top level, before
     text_config's): a frequent token made an EOS there ends answers early, in both."""
@@ -92,3 +117,20 @@ def test_gemma1_fields_as_transformers_reads_them(tmp_path, text_json):
     `hidden_act: "gelu"` (transformers' Gemma reads it as the tanh approximation, and ignores hidden_activation)."""
     folder, hf = variant(tmp_path, "g1", text_json)
     same_answers(folder, hf)
+
+
+@pytest.mark.parametrize("version, text_json, vision_act", [(1, {"hidden_act": "gelu_accurate"}, "gelu_python"),
+                                                            (2, {"hidden_activation": "gelu_python"}, "gelu_accurate")])
+def test_other_gelu_names_and_stored_rope_buffers(tmp_path, version, text_json, vision_act):
+    """transformers' other names for GELU (gelu_python: exact; gelu_accurate: the tanh approximation), which
+    palitorch refused, and RoPE's inv_freq buffers that older transformers saved, refused as unexpected tensors."""
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = variant(tmp_path, "acts", text_json, version=version, vision_extra={"hidden_act": vision_act})
+    tensors = load_file(folder / "model.safetensors")
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16)
+    tensors |= {f"model.language_model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq.clone() for i in range(2)}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    from transformers import PaliGemmaForConditionalGeneration
+
+    same_answers(folder, PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval())
