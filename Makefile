@@ -21,6 +21,10 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/palitorch demo --out demo-output
 
+# palitorch against transformers on the bundled model (benchmarks/bench_generate.py --help for other sizes).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_generate.py --sizes bundled
+
 lint: $(STAMP)
 	$(BIN)/ruff check palitorch tests benchmarks
 

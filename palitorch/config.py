@@ -81,6 +81,11 @@ class TextConfig:
         )
 
 
+def _alternating_layers(n: int) -> tuple[str, ...]:
+    """Gemma 2's default `layer_types`: sliding attention on even layers (0, 2, ...), full on odd ones."""
+    return tuple("sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n))
+
+
 @dataclass(frozen=True)
 class PaliGemmaConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -161,7 +166,7 @@ class PaliGemmaConfig:
             top.fail("tie_word_embeddings", tie, "true or false")
         layer_types = t.d.get("layer_types")
         if g2 and layer_types is None:
-            layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
+            layer_types = list(_alternating_layers(num_layers))
         if g2 and not (isinstance(layer_types, list) and len(layer_types) == num_layers
                        and all(x in LAYER_TYPES for x in layer_types)):
             t.fail("layer_types", layer_types, f"a list of {num_layers} (num_hidden_layers) {'/'.join(LAYER_TYPES)}")
@@ -299,12 +304,11 @@ def _pg2(image_size: int, size: str) -> PaliGemmaConfig:
         "28b": dict(hidden_size=4608, intermediate_size=36864, num_layers=46, num_heads=32, num_kv_heads=16,
                     head_dim=128, query_pre_attn_scalar=144),
     }[size]
-    n = text["num_layers"]
     return PaliGemmaConfig(
         vision=VisionConfig(image_size=image_size),
         text=TextConfig(
             **text, post_norms=True, attn_softcap=50.0, final_softcap=30.0, sliding_window=4096,
-            layer_types=tuple("sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)),
+            layer_types=_alternating_layers(text["num_layers"]),
         ),
         eos_token_ids=(1, 107),
     )
@@ -327,8 +331,7 @@ def _tiny(vocab_size: int, version: int = 1, image_size: int = 64, patch_size: i
             num_kv_heads=1, head_dim=d, max_position_embeddings=512, post_norms=g2,
             attn_softcap=50.0 if g2 else None, final_softcap=30.0 if g2 else None,
             query_pre_attn_scalar=d if g2 else None, sliding_window=4096 if g2 else None,
-            layer_types=tuple("sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n))
-            if g2 else None,
+            layer_types=_alternating_layers(n) if g2 else None,
         ),
     )
 
@@ -347,7 +350,7 @@ PRESETS = {
 
 # Named from-scratch shapes for `palitorch train` ([model] preset): arguments of `_tiny` besides vocab and image.
 SMALL_PRESETS = {
-    "tiny": {"hidden": 128, "layers": 2, "heads": 4},  # 1.1M parameters (1,700-token vocab): easy-VQA
+    "tiny": {"hidden": 128, "layers": 2, "heads": 4},  # 1.1M parameters (the bundled easy-VQA model, 1,543-token vocab)
     "small": {"hidden": 256, "layers": 4, "heads": 4},  # 7.5M
     "base": {"hidden": 384, "layers": 6, "heads": 6},  # 24M
 }
@@ -361,11 +364,8 @@ def small_preset(name: str, vocab_size: int, version: int = 1, image_size: int =
     return _tiny(vocab_size, version, image_size, patch_size, **SMALL_PRESETS[name])
 
 
-def preset(name: str, **text_overrides) -> PaliGemmaConfig:
+def preset(name: str) -> PaliGemmaConfig:
     """A named full-size configuration, e.g. `preset("paligemma2-3b-448")`."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    cfg = PRESETS[name]()
-    if text_overrides:
-        cfg = cfg.replace(text=dataclasses.replace(cfg.text, **text_overrides))
-    return cfg
+    return PRESETS[name]()

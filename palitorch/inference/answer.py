@@ -1,7 +1,7 @@
 """Answers as the host assembles them, one token at a time: ids, logprobs, the most likely alternatives, text, stop
 strings and the finish reason; and the `Result` they end in. Plain Python on host values: the engines
-(`generate.decode`, `continuous.LiveBatch`, `beam.beam_search`) move each step's tokens off the device and push
-them here."""
+(`generate.generate` / `generate.stream_batch`, `continuous.LiveBatch`, `beam.beam_search`) move each step's tokens
+off the device and push them here."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ prefill attends bidirectionally over it with padding hidden, and computes logits
 Each decode step then attends over every cache slot, with a key-validity mask (real prompt tokens + generated
 slots so far) that also makes it causal, and Gemma 2's sliding window on its sliding layers.
 
-Axes: B batch, T prompt length (padded), S cache slots, V vocab.
+Axes: B batch, T prompt length (padded), S cache slots, V vocab, R image side (pixels [B, 3, R, R]).
 """
 
 from __future__ import annotations
@@ -43,15 +43,15 @@ class Prompts:
 
     ids: torch.Tensor  # [B, T] long
     valid: torch.Tensor  # [B, T] bool, False on the left padding
-    pixels: torch.Tensor  # [B, 3, S, S], or [U, 3, S, S] with image_index
+    pixels: torch.Tensor  # [B, 3, R, R], or [U, 3, R, R] with image_index
     lengths: list[int]  # real tokens per row
     image_index: torch.Tensor | None = None  # [B]: row b shows image image_index[b] (rows may share an image)
 
 
 def encode_prompts(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompts: list[str],
                    image_index: torch.Tensor | None = None) -> Prompts:
-    """Tokenise and left-pad `prompts` (one per image in pixels [B, 3, S, S]; or per `image_index` [B] entry, an
-    index into pixels [U, 3, S, S] of U distinct images); InputError if one cannot fit."""
+    """Tokenise and left-pad `prompts` (one per image in pixels [B, 3, R, R]; or per `image_index` [B] entry, an
+    index into pixels [U, 3, R, R] of U distinct images); InputError if one cannot fit."""
     enc = [processor.encode(p) for p in prompts]
     context = model.cfg.text.max_position_embeddings
     longest = max(len(e.ids) for e in enc)
@@ -133,6 +133,7 @@ def prefill(model: PaliGemma, prompts: Prompts, s_len: int) -> tuple[torch.Tenso
     cur = Cursor(model, prompts, s_len)
     mask = prefix_lm_mask(torch.zeros_like(prompts.ids), prompts.valid)  # [B, 1, T, T]: attends over slots 0..T-1
     x = model.embed(prompts.ids, prompts.pixels, prompts.image_index)  # the vision tower runs once per image
+    # No sliding mask: the prompt is all prefix, and prefix_lm_mask's window never hides keys from a prefix query
     logits = model.forward_cached(x, cur.positions, cur.slots[:t], mask, last_only=True)[:, -1]
     check_finite(logits)
     return logits, cur
@@ -293,7 +294,7 @@ def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: lis
 def generate(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompts: list[str],
              opts: GenerationOptions, fns: Steps | None = None,
              image_index: torch.Tensor | None = None) -> list[Result]:
-    """Answers for a batch: pixels [B, 3, S, S] (or [U, 3, S, S] with `image_index`, see `encode_prompts`), B
+    """Answers for a batch: pixels [B, 3, R, R] (or [U, 3, R, R] with `image_index`, see `encode_prompts`), B
     prompts. One padded batch, one decode loop."""
     batch = encode_prompts(model, processor, pixels, prompts, image_index)
     eos = eos_ids(model, processor)
@@ -329,7 +330,7 @@ def row_alternatives(top: Top | None, rows: int) -> list[Alternatives | None]:
 
 def stream(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompt: str,
            opts: GenerationOptions, fns: Steps | None = None) -> Iterator[str]:
-    """Yield the text of one answer (pixels [1, 3, S, S]) in pieces as tokens arrive; returns the `Result`.
+    """Yield the text of one answer (pixels [1, 3, R, R]) in pieces as tokens arrive; returns the `Result`.
     See `stream_batch`."""
     result = None
     for _, item in stream_batch(model, processor, pixels, [prompt], opts, fns):

@@ -1,6 +1,8 @@
 """Decoding options and the choice of the next token, on the device.
 
-`GenerationOptions` holds every decoding knob; `choose` turns one step's logits into the next tokens. Everything
+`GenerationOptions` holds every decoding knob; `Chooser` (one set of options) and `RowChooser` (per-row options)
+turn one step's logits into the next tokens. The reference semantics is `Chooser.__call__`; `RowChooser` is the same
+per row (continuous batching); `generate.greedy_forward` is its greedy case fused into the compiled step. Everything
 here works on tensors where they live: no `.item()`, no `.tolist()`, so a GPU never waits for the host to pick a
 token. Sampling uses the exponential trick (gpt-fast): `argmax(p / q)` with `q ~ Exp(1)` draws from `p` exactly,
 because `P(p_i / q_i is largest) = p_i / sum(p)` for independent exponentials.

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from palitorch.config import TextConfig
+
+# Linear is nn.Linear's maths and weights; at CPU inference it may pick a faster kernel (see kernels.py)
 from palitorch.model.kernels import Linear, blocks_apply, in_row_blocks, linear
 from palitorch.model.siglip import activation
 
@@ -24,7 +26,7 @@ from palitorch.model.siglip import activation
 # a fused kernel, 14 us a layer). CPU's flash kernel takes both.
 FULL_HEADS_FOR_MASKED_SDPA = ("cuda",)
 
-# `Attention._explicit_in_blocks`: at CPU inference, the float32 scores of a block of query positions, at most.
+# `Attention._explicit_in_blocks`: at CPU inference, about this many bytes of float32 scores a block of queries.
 SCORE_BLOCK_BYTES = 4 << 20
 
 # Whether this CPU has AMX tiles, which torch's SDPA kernel uses (see `Attention._sdpa_for_one_token`).
@@ -132,6 +134,9 @@ class Attention(nn.Module):
 
         `last_only`: keys and values for all T positions (written to the cache), queries and output for the last
         position only -> [B, 1, H] (the last layer of a prefill, where only the next token's logits are wanted).
+
+        The reference maths is `_explicit`: softmax(mask(q k^T * scale), float32) v, Gemma 2 soft-capping the scores
+        as c * tanh(s / c) before the mask; the FlexAttention and SDPA routes compute the same, faster.
         """
         b, t, _ = x.shape
         if self.qkv is not None and not torch.is_grad_enabled():  # inference: one matmul for q, k and v
@@ -195,14 +200,13 @@ class Attention(nn.Module):
         return flex_attention(q, k, v, score_mod=score_mod, scale=self.scale, enable_gqa=self.n != self.kv)
 
     def _explicit_in_blocks(self, q, k, v, mask):
-        """`_explicit` over blocks of query positions whose float32 scores [B, N, rows, S] stay within
-        SCORE_BLOCK_BYTES, at CPU inference (a prefill or a scoring pass; see `kernels.blocks_apply`); whole
-        elsewhere. Each query's softmax is over its own row, so the blocks give the whole's numbers. Gemma 2's
-        prefill builds several score-sized
-        temporaries a layer, which at 448 px (1,036 positions, 8 heads: 34 MB each) or batch 8 leave the caches
-        and, over 32 MB, come from fresh pages each time (see `kernels.in_row_blocks`); one layer on the AMD EPYC VM,
-        1,036 positions: 123 ms whole, 56 ms in blocks of 128; batch 8 of 268 positions: 41 ms whole, 29-31 ms in
-        blocks of 16-128 (BENCHMARKS.md, session 20)."""
+        """`_explicit` over blocks of query positions whose float32 scores [B, N, rows, S] take about
+        SCORE_BLOCK_BYTES, at CPU inference (a prefill or a scoring pass; see `kernels.blocks_apply`); whole elsewhere.
+        Each query's softmax is over its own row, so the blocks give the whole's numbers. Gemma 2's prefill builds
+        several score-sized temporaries a layer; at 448 px (1,036 positions, 8 heads: 34 MB each) or batch 8 they
+        leave the caches and, over 32 MB, come from fresh pages each time (see `kernels.in_row_blocks`). One layer on
+        the AMD EPYC VM, 1,036 positions: 123 ms whole, 56 ms in blocks of 128; batch 8 of 268 positions: 41 ms whole,
+        29-31 ms in blocks of 16-128 (BENCHMARKS.md, session 20)."""
         b, n, t, _ = q.shape
         per = max(16, SCORE_BLOCK_BYTES // (b * n * k.shape[2] * 4))
         if t <= per or not blocks_apply(q):
@@ -215,7 +219,8 @@ class Attention(nn.Module):
         the mask); for one-token steps it is an option to SDPA (a compiler can fuse it with what surrounds it)."""
         b, _, t, d = q.shape
         g = self.n // self.kv
-        # The G query heads that share a KV head, and their T positions, as the rows of one product per KV head:
+        # Textbook: k, v = self._full_heads(k, v); s = q @ k^T * scale [B, N, T, S]. Here, without repeating K, V:
+        # the G query heads that share a KV head, and their T positions, as the rows of one product per KV head:
         # [B, K, G * T, D] @ [B, K, D, S]. (Broadcasting k over G instead would make products of T rows each,
         # which at T = 1 inductor's CPU lowering turns into a multiply-and-sum that recomputes q for every key.)
         q = q.reshape(b, self.kv, g * t, d)
@@ -241,6 +246,7 @@ class MLP(nn.Module):
         self.gate_up = fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x):
+        # The maths is the training line, down(act(gate(x)) * up(x)); inference fuses gate/up and multiplies in place
         if torch.is_grad_enabled():
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         if self.gate_up is not None:
@@ -265,6 +271,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, cache_pos=None, last_only=False):
         h = self.attn(self.input_norm(x), cos, sin, mask, cache_pos, last_only)
         x = x[:, -1:] + self.post_attn_norm(h) if last_only else x + self.post_attn_norm(h)
+        # x + post_norm(mlp(pre_norm(x))), in blocks of rows at CPU inference to bound the intermediates' memory
         return in_row_blocks(self._mlp_block, x, 2 * self.mlp.down_proj.in_features)
 
     def _mlp_block(self, x):

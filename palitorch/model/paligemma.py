@@ -3,7 +3,8 @@
 The sequence is `<image> * P, <bos>, prompt, "\\n"` (the prefix, attended bidirectionally) followed by the answer
 and `<eos>` (the suffix, attended causally). The model knows nothing about files, tokenizers or sampling.
 
-Axes: B batch, T sequence length, P image patches, C vision hidden size, H text hidden size, V vocab.
+Axes: B batch, T sequence length, S cache slots, P image patches, R image side (pixels [B, 3, R, R]), C vision
+hidden size, H text hidden size, V vocab.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from torch import nn
 
 from palitorch.config import PaliGemmaConfig
 from palitorch.model.gemma import Gemma
+
+# Linear is nn.Linear's maths and weights; at CPU inference it may pick a faster kernel (see kernels.py)
 from palitorch.model.kernels import Linear
 from palitorch.model.siglip import SigLIP
 
@@ -58,7 +61,7 @@ class PaliGemma(nn.Module):
     # -------------------------------------------------------------- the multimodal pieces
 
     def embed_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels [B, 3, S, S] -> [B, P, H] image tokens for the decoder (unscaled, unlike text embeddings)."""
+        """pixels [B, 3, R, R] -> [B, P, H] image tokens for the decoder (unscaled, unlike text embeddings)."""
         return self.projector(self.vision_tower(pixels))
 
     def embed(
@@ -66,10 +69,11 @@ class PaliGemma(nn.Module):
     ) -> torch.Tensor:
         """Text embeddings with each image's P features written over its P `<image>` positions. [B, T, H]
 
-        `image_index` [B] lets sequences share images: pixels is then [U, 3, S, S] (U distinct images) and sequence
+        `image_index` [B] lets sequences share images: pixels is then [U, 3, R, R] (U distinct images) and sequence
         b takes image `image_index[b]`, so the vision tower runs once per image (several questions about one image).
         """
         is_image = input_ids == self.cfg.image_token_id
+        # <image> ids may lie past the vocabulary: embed a dummy id there, overwritten below by the image features
         x = self.language_model.embed(input_ids.masked_fill(is_image, 0))
         if pixels is None:
             return x
@@ -95,7 +99,7 @@ class PaliGemma(nn.Module):
         return_logits: bool = True,
         image_index: torch.Tensor | None = None,
     ) -> Output:
-        """input_ids, attention_mask, token_type_ids, labels [B, T]; pixel_values [B, 3, S, S] (or [U, 3, S, S]
+        """input_ids, attention_mask, token_type_ids, labels [B, T]; pixel_values [B, 3, R, R] (or [U, 3, R, R]
         with image_index [B], see `embed`).
 
         Without token_type_ids the whole sequence is prefix (as for a prompt). Positions count real tokens from 1

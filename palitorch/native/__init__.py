@@ -1,13 +1,13 @@
-"""palitorch's own CPU kernels, compiled for this machine on first use and cached.
+"""palitorch's own CPU kernels, compiled for this machine on first use (when a Pipeline is made) and cached.
 
 One kernel so far: `palitorch::skinny_linear` (skinny_linear.cpp), a product of a few rows by a large float32 or
 bfloat16 weight that reads the weight faster than torch's kernels do on the machines measured (see the source and
 `model/kernels.py`, which decides where it runs). It is built with the C++ compiler that `torch.compile` also needs
 on CPU (`$CXX`, else `c++`), against the installed torch's headers, with `-march=native`, into
-`$PALITORCH_CACHE/native` (default `~/.cache/palitorch/native`; the system temporary folder if that cannot be
-made), once per source, torch version, compiler and CPU: a few seconds. Where anything fails (no compiler, an
-unsupported platform, a build error) `load()` says False once in the log and palitorch runs with torch's kernels,
-as it does with `PALITORCH_NATIVE=0`.
+`$PALITORCH_CACHE/native` (default `$XDG_CACHE_HOME/palitorch/native`, else `~/.cache/palitorch/native`; the
+system temporary folder if that cannot be made), once per source, torch version, compiler and CPU: a few seconds.
+Where anything fails (no compiler, an unsupported platform, a build error) `load()` says False once in the log and
+palitorch runs with torch's kernels, as it does with `PALITORCH_NATIVE=0`.
 """
 
 from __future__ import annotations

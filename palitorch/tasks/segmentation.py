@@ -31,7 +31,7 @@ from palitorch.errors import InputError
 from palitorch.tasks.detection import NUM_SEG_CODES, check_answer, image_size, locs_to_box, split_objects
 
 CODEBOOK_SIZE = 128
-MASK_SIZE = 64
+MASK_SIZE = 64  # the decoder's output side: the 4 x 4 code grid, doubled by each of the 4 upsampling convs
 _RES_BLOCKS = ("decoder.2.net", "decoder.3.net")
 _UPSAMPLE = ("decoder.4", "decoder.6", "decoder.8", "decoder.10")
 
@@ -107,7 +107,8 @@ def check_vae_params(params: dict, source: str = "VQ-VAE weights") -> None:
 
 @torch.inference_mode()
 def decode_codes(codes, vae_params: dict) -> torch.Tensor:
-    """Codes [N, 16] (or [16]) -> mask logits float32 [N, 64, 64], roughly in [-1, 1] (positive = inside)."""
+    """Codes [N, 16] (or [16]) -> mask logits float32 [N, MASK_SIZE, MASK_SIZE] (64 x 64), roughly in [-1, 1]
+    (positive = inside)."""
     check_vae_params(vae_params)
     w = {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in vae_params.items()}
     idx = torch.as_tensor(np.asarray(codes, dtype=np.int64)).reshape(-1, NUM_SEG_CODES)
@@ -128,7 +129,7 @@ def decode_codes(codes, vae_params: dict) -> torch.Tensor:
         # big_vision's flax ConvTranspose(kernel 4, stride 2, padding 2, transpose_kernel=True) is PyTorch's
         # conv_transpose2d with padding 4 - 1 - 2 = 1: each one doubles the side.
         x = F.relu(F.conv_transpose2d(x, w[f"{name}.weight"], w[f"{name}.bias"], stride=2, padding=1))
-    return conv(x, "decoder.12")[:, 0]  # [N, 64, 64]
+    return conv(x, "decoder.12")[:, 0]  # [N, MASK_SIZE, MASK_SIZE]
 
 
 def decode_mask(codes, box, vae_params: dict, image_size: tuple[int, int]) -> np.ndarray:

@@ -56,8 +56,8 @@ def check_checkpoint_folder(folder: Path) -> None:
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
-    """Copy a checkpoint's tokenizer files and generation_config.json into `dst`, emptied first (a file left by an
-    earlier run in the same folder must not travel with this one)."""
+    """Copy a checkpoint's tokenizer files, generation_config.json and preprocessor_config.json into `dst`, emptied
+    first (a file left by an earlier run in the same folder must not travel with this one)."""
     check_checkpoint_folder(src)
     files = tokenizer_files(src)
     shutil.rmtree(dst, ignore_errors=True)

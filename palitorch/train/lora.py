@@ -189,7 +189,8 @@ def save_peft(model: nn.Module, folder: Path, base: str | None) -> dict[str, Pat
     }
     embed = hf_runtime_name("language_model.embed_tokens.weight", version)
     if f"base_model.model.{embed}" in tensors and model.language_model.lm_head is None:
-        # The embedding trained in full is also the output layer (tied): PEFT keeps the two one only so
+        # The embedding trained in full is also the output layer (tied). PEFT's modules_to_save replaces only the
+        # input side unless ensure_weight_tying is set: set it, and save the head as a copy of the embedding.
         settings["ensure_weight_tying"] = True
         tensors["base_model.model.lm_head.weight"] = tensors[f"base_model.model.{embed}"].clone()
     folder.mkdir(exist_ok=True)
