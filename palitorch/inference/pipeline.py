@@ -62,6 +62,7 @@ class Pipeline:
         self._steps: engine.Steps | None = None  # compiled one-token decode steps, once `compile()` is called
         self._greedy_batches: set[int] = set()  # batch sizes greedy decoding has run at since `compile()`
         self._cache_pool: dict = {}  # live batches' KV caches by (rows, slots), reused (see `LiveBatch.pool`)
+        kernels.prepare(model.parameters())  # which CPU kernel each linear takes (checks and timings, once a process)
 
     @property
     def cfg(self):

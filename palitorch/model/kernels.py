@@ -12,7 +12,8 @@ route they would otherwise take here (timed once per process and dtype, see `_ca
 self-check against `F.linear`. Smaller weights, from `SKINNY_MIN_ELEMENTS` (a small model's; they stay in the
 caches between steps, so a call's fixed cost decides rather than the memory stream that timing measures), go to it
 at up to `SKINNY_SMALL_MAX_ROWS` rows without the timing: there BLAS's call costs more than the product (one row by
-a 512 x 512 float32 weight: MKL 21.6 us, palitorch's kernel 11.0; bfloat16 30.2 vs 9.9; BENCHMARKS.md, session 18).
+the bundled model's 1481 x 128 LM head, float32: MKL 18.7 us, palitorch's kernel 9.4; bfloat16 28.8 vs 9.6;
+BENCHMARKS.md, session 18).
 
 On CPU, `F.linear` calls MKL's sgemm. On some x86 CPUs (measured: the AMD EPYC of BENCHMARKS.md) that runs the
 products of inference, a few rows times a large weight (M = 1 per sequence when decoding), at half the memory
@@ -32,6 +33,9 @@ computes in the autocast dtype, as asked (and on CPUs with AMX, much faster than
 
 `use_onednn(False)` and `use_skinny(False)` turn the routes off (for example to compare against torch's default
 kernels); `PALITORCH_NATIVE=0` keeps palitorch from building its kernel at all.
+
+The checks and timings run in `prepare` (a Pipeline calls it when it is made), never inside a forward: until
+then, and for a model used without a Pipeline, every product is `F.linear`.
 
 `blas_one_row_is_slow` answers a related question for compiled decode steps: whether a BLAS call's fixed cost makes
 a one-row product by a small weight slower than reading the weight once (then `Pipeline.compile` lets inductor turn
@@ -172,11 +176,8 @@ def _wants_onednn(x: Tensor, w: Tensor) -> bool:
     if not (_onednn["enabled"] and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
             and w.numel() >= ONEDNN_MIN_ELEMENTS and w.is_contiguous()):
         return False
-    rows = x.numel() // x.shape[-1]
-    if torch.compiler.is_compiling():  # the checks run eagerly (the first prefill does), never inside a trace
-        min_rows = ONEDNN_MIN_ROWS if ONEDNN_MIN_ROWS is not None else _onednn["min_rows"] or 1
-        return bool(_onednn["works"]) and _in_range(rows, min_rows)
-    return _onednn_works() and _in_range(rows, _min_rows())
+    min_rows = ONEDNN_MIN_ROWS if ONEDNN_MIN_ROWS is not None else _onednn["min_rows"]
+    return bool(_onednn["works"]) and min_rows is not None and _in_range(x.numel() // x.shape[-1], min_rows)
 
 
 def _in_range(rows: int, min_rows: int) -> bool:
@@ -267,22 +268,19 @@ def _wants_skinny(x: Tensor, w: Tensor) -> bool:
             and w.dim() == 2 and w.numel() >= SKINNY_MIN_ELEMENTS and w.is_contiguous()):
         return False
     rows = x.numel() // x.shape[-1]
-    compiling = torch.compiler.is_compiling()  # then the checks ran eagerly before (see `prepare`), never in a trace
     if SKINNY_MAX_ROWS is None and w.numel() < SKINNY_TIMED_ELEMENTS:
         # A small weight: the untimed bound, for a build with a vector path (measured: AVX-512 builds; AVX2's path is
         # the same code at half the width; the plain C++ one would lose to BLAS).
-        if rows > SKINNY_SMALL_MAX_ROWS:
-            return False
-        return bool(_skinny["works"] if compiling else _skinny_works()) and _skinny["lanes"] >= 8
-    if compiling:
-        limit = SKINNY_MAX_ROWS if SKINNY_MAX_ROWS is not None else _skinny["max_rows"].get(w.dtype, 0)
-        return bool(_skinny["works"]) and rows <= limit
-    return rows <= skinny_max_rows(w.dtype)
+        return rows <= SKINNY_SMALL_MAX_ROWS and bool(_skinny["works"]) and _skinny["lanes"] >= 8
+    limit = SKINNY_MAX_ROWS if SKINNY_MAX_ROWS is not None else _skinny["max_rows"].get(w.dtype, 0)
+    return bool(_skinny["works"]) and rows <= limit
 
 
 def prepare(weights) -> None:
-    """Run now, eagerly, the one-time checks and timings that the routes of these weights depend on: a compiled
-    graph only reads their verdicts (`Pipeline.compile` calls this with the model's parameters)."""
+    """Run now the one-time checks and timings that the routes of these weights depend on (building palitorch's
+    kernel the first time on a machine, see palitorch.native): `linear` only reads their verdicts, and until they
+    are in takes `F.linear`, so a model used alone runs plain PyTorch. A Pipeline calls this with its model's
+    parameters when it is made."""
     largest: dict = {}  # dtype -> the most entries of a CPU matrix of it
     for w in weights:
         if w.device.type == "cpu" and w.dim() == 2:
