@@ -52,7 +52,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from palitorch.inference import load_image
-    from palitorch.inference.processor import check_image_file
+    from palitorch.inference.images import check_image_file
     from palitorch.train import ddp
     from palitorch.train.config import METRIC_NAMES
     from palitorch.train.data import read_jsonl

@@ -32,7 +32,8 @@ from PIL import Image
 
 from palitorch.errors import InputError
 from palitorch.inference.answer import Result
-from palitorch.inference.processor import load_image, token_bytes
+from palitorch.inference.images import load_image
+from palitorch.inference.processor import token_bytes
 from palitorch.inference.sampling import GenerationOptions
 from palitorch.tasks import task_outputs
 

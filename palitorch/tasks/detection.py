@@ -71,7 +71,7 @@ def image_size(width, height=None) -> tuple[float, float]:
     """(width, height) as given, or, when `width` is an image (PIL image, path, bytes or array) and no height is
     given, the image's size once upright by its EXIF orientation: the size of the image the model saw."""
     if height is None and not isinstance(width, numbers.Real):
-        from palitorch.inference.processor import load_image
+        from palitorch.inference.images import load_image
 
         return load_image(width).size
     return width, height

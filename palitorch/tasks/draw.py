@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from palitorch.errors import InputError
-from palitorch.inference.processor import load_image
+from palitorch.inference.images import load_image
 
 # Colours far apart in hue and easy to read on photos; labels take them in order of first appearance.
 PALETTE = [

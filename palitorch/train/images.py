@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from palitorch.errors import ConfigError, InputError
-from palitorch.inference.processor import check_image_file, resize_image
+from palitorch.inference.images import check_image_file, resize_image
 
 LINES_SHOWN = 3  # JSONL lines named in an error; the rest are counted
 

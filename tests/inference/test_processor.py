@@ -18,7 +18,7 @@ from PIL import Image
 import palitorch
 from palitorch.errors import InputError
 from palitorch.inference import processor
-from palitorch.inference.processor import load_image
+from palitorch.inference.images import load_image
 
 from hf_factory import hf_processor
 
@@ -82,7 +82,9 @@ def test_bad_preprocessor_flags_are_one_line_errors(pg1, tmp_path):
 
     folder = shutil.copytree(pg1[0], tmp_path / "ckpt")
     pre = json.loads((folder / "preprocessor_config.json").read_text())
-    for flags, why in (({"resample": 9}, "resample is 9"), ({"do_normalize": "yes"}, "do_normalize is 'yes'")):
+    for flags, why in (({"resample": 9}, "resample is 9"), ({"do_normalize": "yes"}, "do_normalize is 'yes'"),
+                       ({"do_resize": False}, "do_resize False"),  # (transformers' pixels could not feed the model)
+                       ({"size": {"height": pre["size"]["height"], "width": 7}}, "'width': 7")):
         (folder / "preprocessor_config.json").write_text(json.dumps(pre | flags))
         with pytest.raises(CheckpointError, match=why):
             palitorch.load(folder)
@@ -167,10 +169,15 @@ def test_image_prefix_layout(procs):
 def test_image_token_text_in_a_prompt_is_an_input_error(procs):
     """`<image>` in the text would be one more image position than the image has (the merge then fails deep in
     the model, and in a server batch it failed every request batched with it): refused up front, in one line."""
-    ours, _ = procs
-    for prefix, suffix in (("<image> caption en", None), ("caption en", "a <image> cat")):
+    ours, hf = procs
+    for prefix, suffix in (("caption <image> en", None), ("<image><image>caption en", None),
+                           ("caption en", "a <image> cat")):
         with pytest.raises(InputError, match="contains <image>"):
             ours.encode(prefix, suffix)
+    # ... but one leading <image>, as transformers' documentation writes prompts, is the image's own place
+    for prompt in ("<image>caption en", "<image> caption en"):
+        ref = hf(images=[Image.new("RGB", (8, 8))], text=[prompt], return_tensors="pt")["input_ids"][0].tolist()
+        assert ours.encode(prompt).ids == ref
     assert len(ours.encode("caption en <loc0001> <eos>").ids) > ours.num_image_tokens  # other special tokens pass
 
 
