@@ -1,4 +1,5 @@
-"""PEFT LoRA adapters (the folder `PeftModel.save_pretrained` writes), merged into a loaded PaliGemma.
+"""PEFT LoRA adapters (the folder `PeftModel.save_pretrained` writes), merged into a loaded PaliGemma, and
+written for a LoRA training run (`save_peft_adapter`).
 
 A LoRA adapter of layer W holds A [r, in] and B [out, r]; the adapted layer computes x (W + s B A)^T with
 s = lora_alpha / r (lora_alpha / sqrt(r) with `use_rslora`; `alpha_pattern` and `rank_pattern` set them per module).
@@ -10,15 +11,17 @@ module paths (`base_model.model.` + the path), from any transformers version: th
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from palitorch.checkpoint.io import check_safetensors, read_json_object
-from palitorch.checkpoint.keys import hf_to_ours
+from palitorch.checkpoint.keys import hf_runtime_name, hf_to_ours
 from palitorch.errors import CheckpointError
 from palitorch.model.paligemma import PaliGemma
 
@@ -209,3 +212,33 @@ def _ours(path: str, version: int, known: set[str], file: Path, key: str) -> str
         raise CheckpointError(f"{file.name}: {key!r} names no weight of this PaliGemma: the adapter belongs to "
                               "another model")
     return name
+
+
+def save_peft_adapter(folder: Path, version: int, lora: dict, whole: dict, settings: dict,
+                      tied: bool) -> dict[str, Path]:
+    """Write a LoRA adapter in PEFT's layout for transformers' PaliGemma, as `PeftModel.from_pretrained` reads it.
+    `lora`: our module names (`language_model.layers.0.attn.q_proj`) -> (A [r, in], B [out, r]); `whole`: our names
+    of parameters trained in full -> their values (their modules are PEFT's `modules_to_save`, saved whole);
+    `settings`: base_model_name_or_path, r, lora_alpha, lora_dropout. `tied`: the output layer is the embedding; an
+    embedding saved whole then also replaces the output layer, which PEFT does only with `ensure_weight_tying`
+    (so it is set, and the head saved as a copy). -> {file name: path}."""
+    prefix = "base_model.model."  # then the module's path in a transformers 5 PaliGemmaForConditionalGeneration
+    module = {n: hf_runtime_name(f"{n}.weight", version).removesuffix(".weight") for n in lora}
+    tensors = {f"{prefix}{module[n]}.lora_{side}.weight": t for n, (a, b) in lora.items()
+               for side, t in (("A", a), ("B", b))}
+    saved = set()
+    for name, t in whole.items():
+        hf = hf_runtime_name(name, version)
+        saved.add(hf.rpartition(".")[0])
+        tensors[prefix + hf] = t
+    config = {"peft_type": "LORA", "task_type": None, **settings, "target_modules": list(module.values()),
+              "modules_to_save": sorted(saved) or None, "bias": "none", "fan_in_fan_out": False,
+              "init_lora_weights": True, "inference_mode": True, "use_rslora": False, "use_dora": False}
+    embed = prefix + hf_runtime_name(EMBED, version)
+    if embed in tensors and tied:
+        config["ensure_weight_tying"] = True
+        tensors[prefix + "lm_head.weight"] = tensors[embed].clone()
+    folder.mkdir(exist_ok=True)
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+    (folder / CONFIG).write_text(json.dumps(config, indent=2))
+    return {WEIGHTS: folder / WEIGHTS, CONFIG: folder / CONFIG}

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from palitorch.checkpoint import load_model
-from palitorch.checkpoint.keys import hf_runtime_name
+from palitorch.checkpoint.adapter import save_peft_adapter
 from palitorch.errors import CheckpointError, ConfigError
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -157,47 +157,22 @@ def save_adapter(model: nn.Module, folder: Path, base: str | None = None) -> dic
 
 
 def save_peft(model: nn.Module, folder: Path, base: str | None) -> dict[str, Path]:
-    """The run as a PEFT LoRA adapter of its [model] init: `PeftModel.from_pretrained(PaliGemmaForConditional
-    Generation.from_pretrained(init), folder)` is the trained model. The adapters keep PEFT's names
-    (`base_model.model.<transformers 5 module path>.lora_A.weight`, A [r, in]; lora_B, B [out, r]; scaled by
-    lora_alpha / r), and the modules holding parameters trained in full (`[lora] also_train`) are PEFT's
-    `modules_to_save`, saved whole."""
-    version = model.cfg.version
+    """The run as a PEFT LoRA adapter of its [model] init (checkpoint.adapter.save_peft_adapter):
+    `PeftModel.from_pretrained(PaliGemmaForConditionalGeneration.from_pretrained(init), folder)` is the trained
+    model. The parameters trained in full (`[lora] also_train`) are saved whole."""
     layers = wrapped(model)
-    module = {n: hf_runtime_name(f"{n}.weight", version).removesuffix(".weight") for n, _ in layers}
-    tensors = {}
-    for name, layer in layers:
-        for ours, theirs in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
-            tensors[f"base_model.model.{module[name]}.{theirs}.weight"] = \
-                getattr(layer, ours).detach().float().contiguous().cpu()
+    lora = {name: (layer.lora_a.detach().float().contiguous().cpu(), layer.lora_b.detach().float().contiguous().cpu())
+            for name, layer in layers}
     owners = sorted({p.rpartition(".")[0] for p, t in model.named_parameters()
                      if t.requires_grad and not p.endswith((".lora_a", ".lora_b"))})
-    to_save = set()
-    for owner in owners:
-        for leaf, t in model.get_submodule(owner).named_parameters(recurse=False):
-            hf = hf_runtime_name(f"{owner}.{leaf}", version)
-            to_save.add(hf.rpartition(".")[0])
-            tensors[f"base_model.model.{hf}"] = t.detach().contiguous().cpu()
+    whole = {f"{owner}.{leaf}": t.detach().contiguous().cpu()
+             for owner in owners for leaf, t in model.get_submodule(owner).named_parameters(recurse=False)}
     first = layers[0][1]
     rank = first.lora_a.shape[0]
-    settings = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base, "r": rank,
-        "lora_alpha": first.scale * rank, "lora_dropout": getattr(first.dropout, "p", 0.0),
-        "target_modules": [module[n] for n, _ in layers], "modules_to_save": sorted(to_save) or None,
-        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-        "use_rslora": False, "use_dora": False,
-    }
-    embed = hf_runtime_name("language_model.embed_tokens.weight", version)
-    if f"base_model.model.{embed}" in tensors and model.language_model.lm_head is None:
-        # The embedding trained in full is also the output layer (tied). PEFT's modules_to_save replaces only the
-        # input side unless ensure_weight_tying is set: set it, and save the head as a copy of the embedding.
-        settings["ensure_weight_tying"] = True
-        tensors["base_model.model.lm_head.weight"] = tensors[f"base_model.model.{embed}"].clone()
-    folder.mkdir(exist_ok=True)
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (folder / "adapter_config.json").write_text(json.dumps(settings, indent=2))
-    return {"adapter_model.safetensors": folder / "adapter_model.safetensors",
-            "adapter_config.json": folder / "adapter_config.json"}
+    settings = {"base_model_name_or_path": base, "r": rank, "lora_alpha": first.scale * rank,
+                "lora_dropout": getattr(first.dropout, "p", 0.0)}
+    return save_peft_adapter(folder, model.cfg.version, lora, whole, settings,
+                             tied=model.language_model.lm_head is None)
 
 
 @torch.no_grad()
