@@ -314,8 +314,8 @@ def run_requests(args, lines: list[bytes], folder: Path, dst: Path, streamed: bo
                         bar.update(len(chunk))
     except KeyboardInterrupt:
         if writer.regular and ranks.main:
-            kept = f"the {writer.results} results written to {dst}" if ranks.world == 1 else \
-                f"the results written so far (in {dst.name}.rank0 ... beside the output)"
+            kept = f"the results written so far (in {dst.name}.rank0 ... beside the output)" if ranks.world > 1 \
+                else f"the {writer.results} result{'s' * (writer.results != 1)} written to {dst}"
             print(f"\npalitorch batch: interrupted; {kept} are kept: run the same command again to go on",
                   file=sys.stderr)
         raise
@@ -328,10 +328,10 @@ def run_requests(args, lines: list[bytes], folder: Path, dst: Path, streamed: bo
             sort_by_index(dst)
     ranks.barrier()  # processes leave together: gloo can abort one whose peer tears down its connections early
     if not args.quiet and ranks.main:
-        said = f"{errors} errors (lines with an \"error\" field)" if errors else "no errors"
+        said = f"{errors} error{'s' * (errors != 1)} (lines with an \"error\" field)" if errors else "no errors"
         by = f" by {ranks.world} processes" if ranks.world > 1 else ""
-        print(f"palitorch batch: {results} results and {said} written to {dst}{by}; {len(done)} already there",
-              file=sys.stderr)
+        print(f"palitorch batch: {results} result{'s' * (results != 1)} and {said} written to {dst}{by}; "
+              f"{len(done)} already there", file=sys.stderr)
     # Under torchrun the first process's status says it: another one exiting 1 first would have torchrun stop the
     # first one, perhaps while it folds the parts.
     return 1 if errors and ranks.main else 0

@@ -394,7 +394,7 @@ class Trainer:
         if d.main:
             if result:
                 print(evaluate.summary(f"step {self.step}", result))
-            print(f"trained {run['steps']} steps ({self.step} of {self.total} in all) in {run['time']:.1f} s; the "
-                  f"model is in {self.run / 'model'}")
+            print(f"trained {run['steps']} step{'s' * (run['steps'] != 1)} ({self.step} of {self.total} in all) in "
+                  f"{run['time']:.1f} s; the model is in {self.run / 'model'}")
         ddp.barrier(d)  # processes leave together: gloo can abort one whose peer tears down its connections early
         return result

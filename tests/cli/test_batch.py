@@ -250,11 +250,11 @@ def test_errors_run_again_and_answers_stay(fake_pipe, images, capsys):
     dst = images.parent / "out.jsonl"
     fake_pipe(answer)
     rc, _, err = cli(["batch", "--input", src, "--output", dst], capsys)
-    assert rc == 1 and "1 results and 1 errors" in err and "does not exist" in read_results(dst)[2]["error"]
+    assert rc == 1 and "1 result and 1 error" in err and "does not exist" in read_results(dst)[2]["error"]
     Image.new("RGB", (50, 40)).save(images / "later.png")
     pipe = fake_pipe(answer)
     rc, _, err = cli(["batch", "--input", src, "--output", dst], capsys)
-    assert rc == 0 and "1 results and no errors" in err and "1 already there" in err
+    assert rc == 0 and "1 result and no errors" in err and "1 already there" in err
     assert [c[2] for c in pipe.calls] == [["caption 2"]]
     got = read_results(dst)
     assert got[2]["text"] == "caption 2 (50x40)" and got[1]["text"] == "caption 1 (300x200)"

@@ -89,7 +89,7 @@ def test_an_output_that_is_not_a_file(fake_pipe, images, capsys):
     src = write_lines(images.parent / "requests.jsonl", ['{"image": "imgs/red.png", "prompt": "caption en"}'])
     pipe = fake_pipe(answer)
     rc, _, err = cli(["batch", "--input", src, "--output", os.devnull], capsys)
-    assert rc == 0 and "1 results and no errors" in err, err
+    assert rc == 0 and "1 result and no errors" in err, err
     assert len(pipe.calls) == 1 and not Path(os.devnull + ".part").exists()
 
 
@@ -166,7 +166,7 @@ def test_standard_output_through_dev_or_proc_is_a_stream(fake_pipe, images, caps
         link.symlink_to(f"/proc/self/fd/{f.fileno()}")
         for _ in range(2):  # twice: a stream is never resumed
             rc, _, err = cli(["batch", "--input", src, "--output", link], capsys)
-            assert rc == 0 and "1 results" in err and link.is_symlink(), err
+            assert rc == 0 and "1 result and" in err and link.is_symlink(), err
     assert [r["index"] for r in map(json.loads, (tmp_path / "redirected.jsonl").read_text().splitlines())] == [1, 1]
     from palitorch.cli.results import output_target
 
