@@ -1,9 +1,9 @@
 """The bundled default model: what it learned (held-out easy-VQA test questions) and parity with transformers.
 
-The full-test-split figures are in BENCHMARKS.md (question answering 90.35% on all 9,673 test questions); here a
-fixed random subset keeps CI fast. The threshold is that measured figure less 3 points, about three standard
-errors of a 1,000-question subset: a regression guard for the shipped model, not the issue's 99.5% bar, which
-this model does not reach (see BENCHMARKS.md).
+The full-test-split figures are in BENCHMARKS.md (run 16, shipped: question answering 99.89% on all 9,673 test
+questions); here a fixed random subset of 1,000 keeps CI fast. The threshold, 99%, allows ten wrong answers where
+the shipped model makes about one: a regression guard for the shipped model (a model that lost the training issue's
+99.5% bar by much fails it), not a measurement of that bar.
 """
 
 import random
@@ -47,7 +47,7 @@ def test_answers_held_out_questions(pipe, questions):
         chunk = sample[lo:lo + 250]
         results = pipe.generate([p for p, _, _ in chunk], [q for _, q, _ in chunk], max_new_tokens=4)
         right += sum(r.text.strip() == a for r, (_, _, a) in zip(results, chunk))
-    assert right / len(sample) >= 0.87, f"exact match {right / len(sample):.4f}"
+    assert right / len(sample) >= 0.99, f"exact match {right / len(sample):.4f}"
 
 
 def test_same_greedy_answers_as_transformers(pipe, questions):

@@ -10,8 +10,8 @@ training state, newest K kept), model/ (the final weights for palitorch.load and
 A resume starts from the newest checkpoint that reads completely (state.read), saying which newer ones it skipped.
 
 Images are read before step 1 (images.py); without the image cache each step's images are read on a thread while
-the step before computes (feed.py).
-`request_stop` (the CLI's SIGTERM handler) ends the loop at the next step boundary with a checkpoint there.
+the step before computes (feed.py). `request_stop` (the CLI's SIGTERM handler) ends the loop at the next step
+boundary with a checkpoint there.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class Trainer:
         per_epoch = len(self.data) // t.batch_size
         for data in [d for d in (self.data, self.late_data) if d is not None]:
             if len(data) < t.batch_size:
-                raise ConfigError(f"{len(data)} training examples make no full batch of {t.batch_size}")
+                raise ConfigError(f"training examples: {len(data)}, under one [train] batch_size ({t.batch_size})")
         self.total = t.steps or max(1, math.ceil(t.epochs * per_epoch))
         self.per_epoch = per_epoch
 
