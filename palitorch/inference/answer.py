@@ -74,6 +74,7 @@ class Answer:
         self.text = ""
         self.sent = ""  # the text handed out so far by `new_text`
         self.handed = 0  # the tokens handed out with it
+        self._settled: int | None = None  # with a run of byte tokens at the end: the length of the text before it
         self._hold = max((len(s) for s in self.stop), default=1) - 1  # chars that may begin a stop string
 
     def push(self, token: int, logprob: float, track_text: bool, alternatives: Alternatives | None = None) -> None:
@@ -92,6 +93,10 @@ class Answer:
             # (an incomplete character decodes to one U+FFFD per byte, so completing it shortens the text: only what
             # came before those stays put)
             before = len(self.text.rstrip("\ufffd"))
+            if not self.processor.is_byte(token):
+                self._settled = None
+            elif self._settled is None:  # a run of byte tokens begins: the text before it is settled
+                self._settled = len(self.processor.decode(self.ids[:-1]))
             self.text = self.processor.decode(self.ids)
             self._find_stop(max(0, before - self._hold - 1))
 
@@ -102,11 +107,13 @@ class Answer:
             self.finish = "stop"
 
     def safe_text(self) -> str:
-        """Text that later tokens cannot change: no trailing incomplete character (U+FFFD from a partial byte
-        sequence) and none of the last characters that could still begin a stop string."""
+        """Text that later tokens cannot change: none of a trailing run of byte tokens (the tokenizer decodes a run
+        as a whole: a byte that cannot continue it turns the run's characters, complete ones too, into U+FFFDs), no
+        trailing U+FFFD, and none of the last characters that could still begin a stop string."""
         if self.finish is not None:
             return self.text
-        text = self.text.rstrip("\ufffd")
+        text = self.text if self._settled is None else self.text[:self._settled]
+        text = text.rstrip("\ufffd")
         return text[: len(text) - self._hold] if self._hold else text
 
     def new_text(self, final: bool = False) -> str:
