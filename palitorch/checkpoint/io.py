@@ -145,7 +145,11 @@ def load_model(path, device="cpu", dtype="float32") -> PaliGemma:
             for key in f.keys():
                 seen.append(key)
                 if key in LM_HEAD and cfg.text.tie_embeddings:
+                    if head is not None:
+                        raise CheckpointError(f"{file.name}: the checkpoint holds two LM heads ({key!r} too)")
                     head = _read(f, file, key)
+                    if not head.is_floating_point():
+                        raise CheckpointError(f"{file.name}: tensor {key!r} is not floating-point; download it again")
                     continue
                 if unused(key, cfg.text.tie_embeddings):
                     continue

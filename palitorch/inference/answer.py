@@ -93,7 +93,7 @@ class Answer:
             # (an incomplete character decodes to one U+FFFD per byte, so completing it shortens the text: only what
             # came before those stays put)
             before = len(self.text.rstrip("\ufffd"))
-            if not self.processor.is_byte(token):
+            if not (self.processor.is_byte(token) or self.processor.is_hidden(token)):  # (hidden: not in the text)
                 self._settled = None
             elif self._settled is None:  # a run of byte tokens begins: the text before it is settled
                 self._settled = len(self.processor.decode(self.ids[:-1]))

@@ -149,7 +149,7 @@ class Pipeline:
         if self.device.type == "cpu":  # the decoder's weights in huge pages: fewer TLB misses as each step reads them
             kernels.use_huge_pages([t for t in [*lm.parameters(), *lm.buffers()] if t.dim() == 2])
         raise_recompile_limit()
-        kernels.prepare(self.model.parameters())  # the linear routes' one-time checks, which a trace cannot run
+        kernels.prepare([*self.model.parameters(), *self.model.buffers()])  # (the fused matrices are buffers)
         # inductor's CPU FlexAttention kernel, compiled single-threaded, frees memory twice (torch 2.13): let it be
         flex = any(layer.attn.decode_attention == "flex" for layer in lm.layers)
         settings = _compile_options(self.device, mode, options, single_thread=not flex)

@@ -150,6 +150,10 @@ class Processor:
         """See `token_bytes`."""
         return token_bytes(self.tokenizer, token)
 
+    def is_hidden(self, token: int) -> bool:
+        """Whether `decode` leaves a token out of the text (a special token other than <locNNNN> / <segNNN>)."""
+        return token in self._hidden
+
     def is_byte(self, token: int) -> bool:
         """Whether a token is a byte-fallback token <0xNN> (one byte of a character the vocabulary lacks)."""
         return _BYTE_TOKEN.fullmatch(self.tokenizer.id_to_token(token) or "") is not None

@@ -12,7 +12,7 @@ route they would otherwise take here (timed once per process and dtype, see `_ca
 self-check against `F.linear`. Smaller weights, from `SKINNY_MIN_ELEMENTS` (a small model's; they stay in the
 caches between steps, so a call's fixed cost decides rather than the memory stream that timing measures), go to it
 at up to `SKINNY_SMALL_MAX_ROWS` rows without the timing: there BLAS's call costs more than the product (one row by
-the bundled model's 1481 x 128 LM head, float32: MKL 18.7 us, palitorch's kernel 9.4; bfloat16 28.8 vs 9.6;
+a 1481 x 128 weight (the bundled LM head then), float32: MKL 18.7 us, palitorch's kernel 9.4; bfloat16 28.8 vs 9.6;
 BENCHMARKS.md, session 18).
 
 On CPU, `F.linear` calls MKL's sgemm. On some x86 CPUs (measured: the AMD EPYC of BENCHMARKS.md) that runs the

@@ -10,7 +10,8 @@ batching changes only the speed (in 16-bit dtypes a batch rounds differently: an
 Sampled requests without a seed join too (each row draws its own sample; a request with n > 1 takes n rows). A
 request with a seed, or a beam search, runs alone (a seed must give the same sample under any
 load): it waits at the head of the queue, in arrival order, until the live batch has drained. A request whose
-client has left (a stream, or one waiting for its whole answer) is dropped at the next step, and its rows freed.
+client has left (a stream, or one waiting for its whole answer) is dropped: from the queue, or from a live batch at
+the next step, its rows freed (a request that runs alone, with a seed or beams, runs to its end).
 
 A request whose input is refused (a prompt over the context, say) fails alone; the others are answered.
 `continuous=False` batches the old way (the requests waiting when the model frees up, as one padded batch run to
@@ -177,7 +178,7 @@ class Engine:
             tokens = sum(len(r.token_ids) for job in served for r in (job.results or []))
             self._log_batch(served, tokens, time.perf_counter() - start, "a continuous batch")
         for job in waiting:
-            if not job.finished:
+            if not job.finished and not self._left(job):
                 self._batch([job])
 
     def _hold(self, waiting: deque, running: dict) -> bool:

@@ -28,7 +28,7 @@ import functools
 import hmac
 import ipaddress
 import json
-import select
+import re
 import socket
 import sys
 import time
@@ -45,6 +45,8 @@ from palitorch.server.sse import event, stream
 HANG_UP_CHECK = 0.25  # seconds between checks that a client waiting for a whole answer is still connected
 CLIENT_TIMEOUT = 60.0  # seconds a connection may keep a handler thread waiting for its request (slowloris)
 METHODS = "GET, POST, OPTIONS"
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")  # a chunk's size
+MAX_CHUNKS = 1 << 16  # a chunked body in more pieces than this (1-byte chunks, say) costs more to read than it is worth
 # Endpoints of OpenAI's API that PaliGemma cannot answer: a 404 that says what to call instead.
 OTHER_APIS = ("/v1/completions", "/v1/embeddings", "/v1/responses")
 
@@ -78,7 +80,7 @@ class Server(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET  # --host ::1 or ::
         super().__init__(address, Handler)
         self.engine: Engine | None = None  # set before serving: the socket is bound before the model loads
-        self.model_id, self.defaults, self.api_key = model_id, dict(defaults or {}), api_key
+        self.model_id, self.defaults, self.api_key = model_id, dict(defaults or {}), api_key and api_key.strip()
         self.fetch_private = fetch_private
         self.fetch = functools.partial(fetch_url, allow_private=fetch_private) if fetch_images else None
         self.images = ImageCache()
@@ -223,12 +225,18 @@ class Handler(BaseHTTPRequestHandler):
         return job.wait()
 
     def _hung_up(self) -> bool:
-        """Whether the client has closed the connection (it reads as at its end) or reset it."""
+        """Whether the client has closed its side of the connection (it reads as at its end: a timed-out SDK does
+        so, and so would one that only shut down its sending side) or reset it. A peek that does not wait."""
+        sock, timeout = self.connection, self.connection.gettimeout()
         try:
-            ready, _, _ = select.select([self.connection], [], [], 0)
-            return bool(ready) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
+            sock.settimeout(0)
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        except (BlockingIOError, InterruptedError):  # nothing to read: still there
+            return False
+        except OSError:  # reset
             return True
+        finally:
+            sock.settimeout(timeout)
 
     def _no_endpoint(self, path: str) -> ApiError:
         if path in OTHER_APIS:  # PaliGemma answers about an image: only chat messages can carry one
@@ -276,7 +284,9 @@ class Handler(BaseHTTPRequestHandler):
         if key is None:
             return
         scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        # (header values arrive as latin-1 text: back to the bytes the client sent, which hold a UTF-8 key)
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("latin-1", "replace"),
+                                                                 key.encode()):
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
@@ -309,17 +319,17 @@ class Handler(BaseHTTPRequestHandler):
         a size of 0 ends it), up to the server's limit. The connection closes after the request: a body sent so may
         also carry a Content-Length, and no proxy between may disagree on where this request ends."""
         self.close_connection = True
-        data = bytearray()
+        data, chunks = bytearray(), 0
         try:
             while True:
                 line = self.rfile.readline(1024)
                 if not line:  # the client closed its side
                     raise TimeoutError
-                try:
-                    size = int(line.split(b";")[0].strip(), 16)  # (";name=value" chunk extensions are ignored)
-                except ValueError:
-                    raise ApiError(400, f"the chunked request body is malformed (a chunk size of {line[:20]!r}): "
-                                   "send it with a Content-Length header") from None
+                digits = line.split(b";")[0].strip()  # (";name=value" chunk extensions are ignored)
+                if not _HEX.fullmatch(digits) or (chunks := chunks + 1) > MAX_CHUNKS:
+                    raise ApiError(400, f"the chunked request body is malformed (a chunk size of {line[:20]!r}, or "
+                                   f"over {MAX_CHUNKS:,} chunks): send it with a Content-Length header")
+                size = int(digits, 16)
                 if size == 0:
                     break
                 if len(data) + size > self.server.max_body:

@@ -1,6 +1,6 @@
 """What `GET /metrics` tells a Prometheus scraper about `palitorch serve` (the text exposition format, 0.0.4).
 
-Counters: requests the engine ended, by outcome (ok, error, cancelled: a stream whose client left; a request refused
+Counters: requests the engine ended, by outcome (ok, error, cancelled: a request whose client left; one refused
 before it reaches the engine, a 400 say, is only in the HTTP responses), prompt and generated tokens (the tokens the
 model decoded, each answer's final EOS included; a greedy request's n alike answers are one), and HTTP responses by
 status code. Gauges: requests waiting for the model and requests being decoded. Histograms, in seconds: the time a

@@ -2,7 +2,7 @@
 
     from palitorch.tasks import parse_detections, draw_detections
     answer = pipe.generate(image, "detect cat ; dog").text
-    boxes = parse_detections(answer, image.width, image.height)     # [Detection(label, box=(x0, y0, x1, y1))]
+    boxes = parse_detections(answer, image)         # [Detection(label, box=(x0, y0, x1, y1))], in the image's pixels
     draw_detections(image, boxes).save("boxes.png")
 """
 

@@ -42,9 +42,9 @@ class Detection:
 def split_objects(text: str) -> list[tuple[tuple[int, int, int, int], tuple[int, ...], str]]:
     """The objects of an answer as (locs y0 x0 y1 x1, seg codes, label), in order; malformed ones dropped.
 
-    Objects are separated by `;`, and a run of <loc> tokens also starts a new one, as big_vision's demo parser
-    reads answers (an answer can miss a separator, or start with other text, which is skipped). An object is
-    malformed when its run has other than four <loc> tokens, or when <seg> tokens follow its label.
+    Objects are separated by `;`, and a run of <loc> tokens also starts a new one (an answer can miss a separator,
+    or start with other text, which is skipped; big_vision's demo parser recovers both too). An object is malformed
+    when its run has other than four <loc> tokens, or when <seg> tokens follow its label.
     """
     objects = []
     for chunk in text.split(";"):

@@ -8,8 +8,9 @@ from palitorch.tasks.segmentation import parse_segmentations
 
 
 def task_of(prompt: str) -> str:
-    """The task word a PaliGemma prompt starts with: "detect", "segment", "caption", ..."""
-    words = prompt.split(maxsplit=1)
+    """The task word a PaliGemma prompt starts with: "detect", "segment", "caption", ... (after a leading <image>,
+    which the processor takes as the image's place)."""
+    words = prompt.removeprefix("<image>").split(maxsplit=1)
     return words[0].lower() if words else ""
 
 

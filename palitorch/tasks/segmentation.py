@@ -138,6 +138,8 @@ def decode_mask(codes, box, vae_params: dict, image_size: tuple[int, int]) -> np
     The 64 x 64 logits are resized (bilinear) onto the box, rounded to whole pixels, and thresholded at 0;
     everything outside the box is False. `vae_params` comes from load_vae_params.
     """
+    if codes is None:
+        raise InputError("this object has no mask codes (a bare box: Segmentation.codes is None): draw its box only")
     width, height = image_size
     mask = np.zeros((height, width), dtype=bool)
     x0, y0, x1, y1 = (round(float(v)) for v in box)

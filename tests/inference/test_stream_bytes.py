@@ -19,6 +19,7 @@ from hf_factory import diverse
 PIECES = {
     "cut mid-character after a whole one": ["a", "<0xC3>", "<0xA9>", "<0xE4>", "<0xB8>", "<0xAD>", "<0xF0>", "a"],
     "a stray continuation byte": ["a", "<0xF0>", "<0xAD>", "<0xB8>", "<0xA9>", "<0x98>", "a", "<0xC3>", "<0xA9>", "a"],
+    "a hidden token inside a run": ["a", "<0xC3>", "<pad>", "<0xA9>", "<0xE4>", "<pad>", "<0xB8>", "<0xAD>", "a"],
 }
 
 

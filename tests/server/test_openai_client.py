@@ -123,3 +123,29 @@ def test_a_client_that_gives_up_on_a_whole_answer_frees_its_row(demo):
         out = client(srv).chat.completions.create(model=MODEL, messages=messages(demo[1], "caption en"))
         assert out.choices[0].message.content == palitorch.load().generate(demo[1]["image"], "caption en").text
     engine.stop()
+
+
+def test_the_hang_up_check_works_past_select_s_descriptor_limit():
+    """select() refuses descriptors from 1024 on (a busy server has them), which counted as a hang-up: every
+    non-streamed request on such a connection was dropped after a quarter second. The check must read the socket."""
+    import fcntl
+    import resource
+
+    from palitorch.server.http import Handler
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1200:
+        pytest.skip("the descriptor limit is under 1200 here")
+    a, b = socket.socketpair()
+    high = socket.socket(fileno=fcntl.fcntl(a.fileno(), fcntl.F_DUPFD, 1100))  # the first free one from 1100
+    try:
+        handler = type("H", (), {"connection": high})()
+        assert not Handler._hung_up(handler)  # connected, nothing sent
+        b.sendall(b"GET / HTTP/1.1\r\n")  # a pipelined request is no hang-up
+        assert not Handler._hung_up(handler)
+        b.close()
+        assert Handler._hung_up(handler) is False  # its bytes still wait to be read ...
+        high.recv(100)
+        assert Handler._hung_up(handler)  # ... then the end of the stream
+    finally:
+        high.close()
+        a.close()

@@ -91,3 +91,11 @@ def test_segmentation_answers_also_give_their_boxes():
 
 def test_box_without_label_is_kept_with_an_empty_label():
     assert parse_detections(loc(0, 0, 1023, 1023), 8, 8) == [Detection("", (0.0, 0.0, 8.0, 8.0))]
+
+
+def test_a_prompt_that_starts_with_image_is_still_a_detect_prompt():
+    from palitorch.tasks import task_of, task_outputs
+
+    assert task_of("<image>detect cat") == task_of("<image> detect cat") == "detect"
+    out = task_outputs("<image>detect cat", loc(0, 0, 1023, 1023) + " cat", 10, 10)
+    assert out == {"detections": [{"label": "cat", "box": [0, 0, 10, 10]}]}

@@ -108,6 +108,8 @@ def test_decode_mask_pastes_into_the_box(vae):
     expected[5:21, 10:30] = True
     np.testing.assert_array_equal(mask, expected)
     assert not decode_mask([0] * 16, (10.0, 5.0, 10.0, 20.0), ones, image_size=(40, 25)).any()  # empty box
+    with pytest.raises(InputError, match="no mask codes"):  # a bare box of parse_segmentations
+        decode_mask(None, (10.0, 5.0, 30.0, 21.0), ones, image_size=(40, 25))
     # A 64 x 64 box needs no resizing: the mask is exactly the logits' sign, and random weights give both signs.
     codes = list(range(16))
     m = decode_mask(codes, (0.0, 0.0, 64.0, 64.0), params, image_size=(64, 64))
