@@ -161,8 +161,8 @@ def serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
-        if engine is not None:
+        if engine is not None:  # first: the requests in progress are answered
             engine.stop()
+        server.server_close()  # then the connections left open are ended
     print("palitorch serve: stopped", file=sys.stderr)
     return 0

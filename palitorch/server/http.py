@@ -28,25 +28,25 @@ import functools
 import hmac
 import ipaddress
 import json
-import re
 import socket
 import sys
+import threading
 import time
 import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from palitorch.server.bodies import read_body
 from palitorch.server.engine import Engine
 from palitorch.server.fetch import fetch_url
 from palitorch.server.hosts import host_allowed, host_name
 from palitorch.server.openai import ApiError, ImageCache, completion, parse_body, parse_chat
 from palitorch.server.sse import event, stream
 
+CLOSE_WAIT = 5.0  # seconds server_close waits for each connection's thread to end
 HANG_UP_CHECK = 0.25  # seconds between checks that a client waiting for a whole answer is still connected
 CLIENT_TIMEOUT = 60.0  # seconds a connection may keep a handler thread waiting for its request (slowloris)
 METHODS = "GET, POST, OPTIONS"
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")  # a chunk's size
-MAX_CHUNKS = 1 << 16  # a chunked body in more pieces than this (1-byte chunks, say) costs more to read than it is worth
 # Endpoints of OpenAI's API that PaliGemma cannot answer: a 404 that says what to call instead.
 OTHER_APIS = ("/v1/completions", "/v1/embeddings", "/v1/responses")
 
@@ -78,6 +78,8 @@ class Server(ThreadingHTTPServer):
         to anyone. See `fetch.py`. `allow_hosts`: the Host names a server on a loopback address answers besides
         this machine's own (`host_allowed`; a reverse proxy that passes on its public name needs it)."""
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET  # --host ::1 or ::
+        self._open: dict[socket.socket, threading.Thread] = {}  # connections being served, and their threads
+        self._open_lock = threading.Lock()
         super().__init__(address, Handler)
         self.engine: Engine | None = None  # set before serving: the socket is bound before the model loads
         self.model_id, self.defaults, self.api_key = model_id, dict(defaults or {}), api_key and api_key.strip()
@@ -89,6 +91,31 @@ class Server(ThreadingHTTPServer):
         self.allow_hosts = {host_name(h) for h in allow_hosts or ()}
         self.loopback = ipaddress.ip_address(self.server_address[0].split("%")[0]).is_loopback
         self.started = int(time.time())
+
+    def track(self, connection: socket.socket, serving: bool) -> None:
+        """A handler thread begins (`serving`) or ends serving a connection."""
+        with self._open_lock:
+            if serving:
+                self._open[connection] = threading.current_thread()
+            else:
+                self._open.pop(connection, None)
+
+    def server_close(self) -> None:
+        """Stop listening, end the connections still open (kept alive by clients between requests) and wait a little
+        for their threads: else they outlive the server, and one that ends while the interpreter exits frees the
+        model's tensors then, which aborts the process (torch takes the GIL in a tensor's destructor). Call it after
+        `engine.stop()`, so that requests in progress get their answers first."""
+        super().server_close()
+        with self._open_lock:
+            left = list(self._open.items())
+        for connection, _ in left:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)  # a thread waiting for the next request reads the end
+            except OSError:
+                pass
+        for _, thread in left:
+            if thread is not threading.current_thread():
+                thread.join(CLOSE_WAIT)
 
     def cors_origin(self, origin: str | None) -> str | None:
         """The Access-Control-Allow-Origin value for a request from `origin` (None: send no CORS headers)."""
@@ -291,63 +318,8 @@ class Handler(BaseHTTPRequestHandler):
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     def _body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return self._chunked_body()
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-            if length < 0:  # rfile.read(-1) would wait for the client to close the connection
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            raise ApiError(411, "the request needs a Content-Length header giving the body's size in bytes") from None
-        if length > self.server.max_body:
-            self.close_connection = True  # the unread body cannot be skipped: end the connection
-            raise ApiError(413, f"the request body is {length:,} bytes, over the server's limit of "
-                           f"{self.server.max_body:,}: send a smaller image")
-        try:
-            data = self.rfile.read(length)
-        except TimeoutError:  # nothing came for client_timeout seconds
-            data = b""
-        if len(data) < length:  # the client stopped sending, or closed its side, before the end of its body
-            self.close_connection = True
-            raise ApiError(408, f"the request body ended before the {length:,} bytes its Content-Length announced: "
-                           "send the whole body without pausing")
-        return data
-
-    def _chunked_body(self) -> bytes:
-        """A body sent in chunks (Transfer-Encoding: chunked; each chunk is its size in hex, CRLF, the bytes, CRLF;
-        a size of 0 ends it), up to the server's limit. The connection closes after the request: a body sent so may
-        also carry a Content-Length, and no proxy between may disagree on where this request ends."""
-        self.close_connection = True
-        data, chunks = bytearray(), 0
-        try:
-            while True:
-                line = self.rfile.readline(1024)
-                if not line:  # the client closed its side
-                    raise TimeoutError
-                digits = line.split(b";")[0].strip()  # (";name=value" chunk extensions are ignored)
-                if not _HEX.fullmatch(digits) or (chunks := chunks + 1) > MAX_CHUNKS:
-                    raise ApiError(400, f"the chunked request body is malformed (a chunk size of {line[:20]!r}, or "
-                                   f"over {MAX_CHUNKS:,} chunks): send it with a Content-Length header")
-                size = int(digits, 16)
-                if size == 0:
-                    break
-                if len(data) + size > self.server.max_body:
-                    raise ApiError(413, f"the request body is over the server's limit of {self.server.max_body:,} "
-                                   "bytes: send a smaller image")
-                piece = self.rfile.read(size)
-                if len(piece) < size:
-                    raise TimeoutError
-                data += piece
-                if self.rfile.readline(3).strip():
-                    raise ApiError(400, f"the chunked request body is malformed (a chunk longer than its size, "
-                                   f"{size}): send it with a Content-Length header")
-            while self.rfile.readline(8192).strip():  # trailer fields, if any, up to the blank line
-                pass
-        except TimeoutError:
-            raise ApiError(408, "the chunked request body ended before its last (empty) chunk: send the whole "
-                           "body without pausing") from None
-        return bytes(data)
+        """The request's body (Content-Length or chunked), within the server's limit; else ApiError (bodies.py)."""
+        return read_body(self, self.server.max_body)
 
     def _skip_body(self) -> None:
         """Read and drop the body of a request that takes none (GET, OPTIONS, ...), so that a kept-alive connection's
@@ -362,6 +334,13 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.client_timeout  # reads and writes on the connection time out (StreamRequestHandler)
         super().setup()
+        self.server.track(self.connection, True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.track(self.connection, False)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """The errors the standard library answers itself (a malformed request line, headers too large, a method

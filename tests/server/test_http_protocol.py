@@ -302,3 +302,16 @@ def test_stopping_finishes_the_batch_in_progress_and_refuses_the_queue(ref, demo
     status, out, _ = answers["running"]
     assert status == 200 and out["choices"][0]["message"]["content"] == ref.generate(demo[0]["image"],
                                                                                      "caption en").text
+
+
+def test_closing_the_server_ends_the_connections_kept_alive(server):
+    """A kept-alive connection's thread waits for the next request; left running after the server closed, it could
+    free the model while the interpreter exits, which aborted the process ("terminate called without an active
+    exception", in about half the runs of two server test files). server_close ends such connections and waits."""
+    with serving(new_server(server.engine)) as other:
+        conn = connect(other)
+        conn.request("GET", "/health")
+        assert reply(conn)[0] == 200  # the connection stays open, its thread waiting for the next request
+        [thread] = other._open.values()
+    assert not thread.is_alive() and not other._open
+    conn.close()
