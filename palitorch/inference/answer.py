@@ -26,6 +26,10 @@ class Result:
     # With `top_logprobs=k`: one list per token id, the k most likely tokens at that step (whatever was chosen)
     # under the same raw distribution, as (id, logprob), most likely first. None when not asked for.
     top_logprobs: list[Alternatives] | None = None
+    # Beam search: the finished hypotheses kept, best first (this answer first), each with its `beam_score`,
+    # sum(logprobs) / length ** length_penalty (its length counting a final EOS). None otherwise.
+    beams: list[Result] | None = None
+    beam_score: float | None = None
 
 
 def top_alternatives(logprobs: torch.Tensor, k: int) -> Top:

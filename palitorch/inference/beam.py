@@ -1,21 +1,24 @@
 """Beam search over the same cached prefill/advance steps as greedy decoding, as transformers' `generate` runs it.
 
-Each prompt is prefilled once; its KV cache rows are then copied to `num_beams` rows, so the batch becomes
-B * num_beams sequences (beams of one prompt are adjacent). Each step scores every (beam, token) continuation by its
+Each prompt is prefilled once; its KV cache rows are then copied to `num_beams` rows, so the batch becomes B *
+num_beams sequences (beams of one prompt are adjacent). Each step scores every (beam, token) continuation by its
 beam's summed log-probability, with the repetition penalty and min_new_tokens applied to the normalised log-probs
 (not renormalised, as transformers does), and keeps the best K = max(2, 1 + #EOS ids) * num_beams per prompt. Of
 those, the ones among the best num_beams that end (an EOS, a stop string, or the last step) join the prompt's
 finished hypotheses, of which the best num_beams are kept, each scoring `sum(logprob) / length ** length_penalty`
-(its length counting the EOS); the best num_beams that do not end continue. A prompt is done when it has num_beams
-finished hypotheses and, unless `early_stopping` is True, its best running beam could not beat the worst of them at
-its current length (`early_stopping=False`, transformers' default) or at max_new_tokens (`"never"`, with a positive
-length penalty). num_beams=1 is greedy decoding. Beam search syncs with the host every step; it is not the fast path.
+(its length counting the EOS); the best num_beams that do not end continue. A prompt's Result is its best
+hypothesis, with all of them, best first, in `Result.beams` (transformers' num_return_sequences). A prompt is done
+when it has num_beams finished hypotheses and, unless `early_stopping` is True, its best running beam could not beat
+the worst of them at its current length (`early_stopping=False`, transformers' default) or at max_new_tokens
+(`"never"`, with a positive length penalty). num_beams=1 is greedy decoding. Beam search syncs with the host every
+step; it is not the fast path.
 
 Axes: B prompts, M beams per prompt, V vocab.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -95,13 +98,13 @@ def beam_search(model: PaliGemma, processor: Processor, prompts: Prompts, opts: 
             children = [_grow(beams[p][src], token, lp, alts[p * m + src] if alts else None)
                         for src, token, lp in zip(src_l[p], tok_l[p], raw_l[p])]
             kept = []
+            full = opts.early_stopping is True and len(finished[p]) >= m  # (as the step began: all its endings join)
             for rank, (score, token, child) in enumerate(zip(top_l[p], tok_l[p], children)):
                 ends = token in eos_set or last or (bool(opts.stop) and _stops(processor, child, opts.stop))
                 if not ends:
                     if score > float("-inf") and len(kept) < m:
                         kept.append(rank)
-                elif rank < m and score > float("-inf") and not done[p] \
-                        and not (opts.early_stopping is True and len(finished[p]) >= m):
+                elif rank < m and score > float("-inf") and not done[p] and not full:
                     hyp = beams[p][src_l[p][rank]] if token in eos_set else child  # (an EOS is not text)
                     finished[p].append((score / length**opts.length_penalty, hyp, "eos" if token in eos_set
                                         else "length"))
@@ -129,15 +132,22 @@ def beam_search(model: PaliGemma, processor: Processor, prompts: Prompts, opts: 
 
     results = []
     for p in range(b):
-        _, best, reason = finished[p][0] if finished[p] else (0.0, Hypothesis(), "length")  # (no finite score)
-        answer = Answer(processor, eos, opts.stop, prompts.lengths[p], top=opts.top_logprobs > 0)
-        alternatives = best.alternatives or [None] * len(best.tokens)
-        for tok, lp, alt in zip(best.tokens, best.logprobs, alternatives):
-            answer.push(tok, lp, track_text=bool(opts.stop), alternatives=alt)
-        if answer.finish is None and reason == "eos":
-            answer.finish = "eos"
-        results.append(answer.result())
+        ranked = finished[p] or [(float("-inf"), Hypothesis(), "length")]  # (none with a finite score)
+        beams = [_result(processor, eos, opts, prompts.lengths[p], *kept) for kept in ranked]
+        results.append(dataclasses.replace(beams[0], beams=beams))
     return results
+
+
+def _result(processor: Processor, eos: list[int], opts: GenerationOptions, prompt_tokens: int, score: float,
+            hyp: Hypothesis, reason: str) -> Result:
+    """A finished hypothesis as a Result (text, finish reason; `beam_score` its score)."""
+    answer = Answer(processor, eos, opts.stop, prompt_tokens, top=opts.top_logprobs > 0)
+    alternatives = hyp.alternatives or [None] * len(hyp.tokens)
+    for tok, lp, alt in zip(hyp.tokens, hyp.logprobs, alternatives):
+        answer.push(tok, lp, track_text=bool(opts.stop), alternatives=alt)
+    if answer.finish is None and reason == "eos":
+        answer.finish = "eos"
+    return dataclasses.replace(answer.result(), beam_score=score)
 
 
 def _grow(hyp: Hypothesis, token: int, logprob: float, alternatives: Alternatives | None) -> Hypothesis:

@@ -333,13 +333,13 @@ class Engine:
                     self._fail(job, error)
 
     def _collect(self, job: Job, result: Result, row: int) -> None:
-        """Row `row` of a job is done (a stream hears of it now); with the last row the job is finished (greedy:
-        its n alike copies)."""
+        """Row `row` of a job is done (a stream hears of it now); with the last row the job is finished (greedy: its
+        n alike copies; a beam search: its n best beams)."""
         job.send(row, result)
-        got = job.done_rows
-        got.append(result)
+        (got := job.done_rows).append(result)
         if len(got) == job.rows:
-            self._finish(job, got + [copy.copy(got[0]) for _ in range(job.request.n - len(got))])
+            more = (got[0].beams or [])[1:job.request.n]
+            self._finish(job, got + more + [copy.copy(got[0]) for _ in range(job.request.n - len(got) - len(more))])
 
     def _generate(self, group: list[Job]) -> None:
         """Answer jobs as one batch. If an input in it is refused, the jobs are answered one by one (to find which);

@@ -149,9 +149,9 @@ def parse_chat(body: dict, model_id: str, defaults: dict | None = None,
         raise bad(f"n must be an integer from 1 to {MAX_N}, got {n}", "n")
     if options.get("num_beams", 1) > MAX_BEAMS:
         raise bad(f"num_beams must be at most {MAX_BEAMS} on this server, got {options['num_beams']}", "num_beams")
-    if n > 1 and options.get("num_beams", 1) > 1:
-        raise bad("n > 1 with num_beams > 1 would repeat the one best beam n times: palitorch serves a beam search's "
-                  "best answer only; use n = 1", "n")
+    if 1 < options.get("num_beams", 1) < n:  # (n <= num_beams: the n best of the beams, best first)
+        raise bad(f"n ({n}) is more than num_beams ({options['num_beams']}): a beam search answers with its best "
+                  "num_beams sequences at most", "n")
     stream = flag_or_int(body, "stream", False)
     if stream and options.get("num_beams", 1) > 1:  # (the beams' best answer is known only at the end)
         raise bad("a beam search cannot stream: its answer is chosen only at the end; use num_beams = 1, or "

@@ -131,3 +131,40 @@ def test_beam_search_equals_transformers(ckpt_factory, version):
     finally:
         pipe.model.cfg = cfg
     assert ended >= len(cases) // 2, (ended, "answers should end on an EOS often, for the stopping rules to matter")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_every_kept_beam_with_its_score_as_transformers_returns_them(ckpt_factory, version):
+    """`Result.beams`: the finished hypotheses, best first, as transformers' num_return_sequences=num_beams returns
+    them (tokens, ended on an EOS or not), and `beam_score` as its sequences_scores (within 1e-4)."""
+    from collections import Counter
+
+    from hf_factory import hf_processor
+
+    folder, hf = diverse(ckpt_factory, version)
+    pipe = palitorch.load(folder)
+    imgs, prompts = images(2), PROMPTS[:2]
+    free = pipe.generate(imgs, prompts, max_new_tokens=10, min_new_tokens=10)
+    eos = [1, Counter(t for r in free for t in r.token_ids[1:]).most_common(1)[0][0]]
+    cfg = pipe.model.cfg
+    pipe.model.cfg = cfg.replace(eos_token_ids=tuple(eos))
+    proc = hf_processor(folder)
+    proc.tokenizer.padding_side = "left"
+    inputs = proc(images=imgs, text=prompts, return_tensors="pt", padding=True)
+    try:
+        for kw in (dict(num_beams=3), dict(num_beams=4, length_penalty=2.0), dict(num_beams=2, length_penalty=-1.0),
+                   dict(num_beams=4, early_stopping="never"), dict(num_beams=3, early_stopping=True)):
+            out = hf.generate(**inputs, do_sample=False, eos_token_id=eos, max_new_tokens=8, num_return_sequences=
+                              kw["num_beams"], output_scores=True, return_dict_in_generate=True, **kw)
+            got = pipe.generate(imgs, prompts, max_new_tokens=8, **kw)
+            rows = out.sequences[:, inputs["input_ids"].shape[1]:].tolist()
+            for p, r in enumerate(got):
+                assert r.beams[0].token_ids == r.token_ids and len(r.beams) == kw["num_beams"]
+                for k, beam in enumerate(r.beams):
+                    row = rows[p * kw["num_beams"] + k]
+                    end = next((i for i, t in enumerate(row) if t in eos), None)
+                    assert beam.token_ids == row[:end], (kw, p, k)
+                    assert beam.finish_reason == ("eos" if end is not None else "length")
+                    assert abs(beam.beam_score - float(out.sequences_scores[p * kw["num_beams"] + k])) < 1e-4
+    finally:
+        pipe.model.cfg = cfg

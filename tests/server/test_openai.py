@@ -104,7 +104,8 @@ def test_n_must_be_an_integer_from_1_to_16(n):
 
 def test_num_beams_is_bounded_on_a_server():
     assert parse(body(num_beams=16)).options == {"num_beams": 16}
-    assert refused(body(num_beams=3, n=2)).param == "n"  # (it returned the best beam twice)
+    assert parse(body(num_beams=3, n=2)).n == 2  # the two best beams
+    assert refused(body(num_beams=2, n=3)).param == "n"
     e = refused(body(num_beams=17))
     assert e.param == "num_beams" and "at most 16" in e.message
 

@@ -149,3 +149,13 @@ def test_the_hang_up_check_works_past_select_s_descriptor_limit():
     finally:
         high.close()
         a.close()
+
+
+def test_n_choices_of_a_beam_search_are_its_best_beams(server, demo):
+    e = demo[0]
+    out = client(server).chat.completions.create(model=MODEL, messages=messages(e, "caption en"), n=3,
+                                                 extra_body={"num_beams": 3}, logprobs=True)
+    want = palitorch.load().generate(e["image"], "caption en", num_beams=3).beams
+    assert [c.message.content for c in out.choices] == [b.text for b in want]
+    assert [len(c.logprobs.content) for c in out.choices] == [len(b.token_ids) for b in want]
+    assert len({c.message.content for c in out.choices}) > 1  # (not the best one three times)
