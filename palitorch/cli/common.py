@@ -147,8 +147,9 @@ def not_a_folder(path: Path) -> str:
 
 
 def result_fields(result, prompt: str, image_size: tuple[int, int], tokenizer) -> dict:
-    """A Result as JSON-ready fields; detect/segment prompts add their parsed objects in image pixels, and a result
-    with top_logprobs adds them as {"token_id", "token", "logprob"} objects (token texts from `tokenizer`)."""
+    """A Result as JSON-ready fields; detect/segment prompts add their parsed objects in image pixels, a result
+    with top_logprobs adds them as {"token_id", "token", "logprob"} objects (token texts from `tokenizer`), and a
+    beam search's its beams, best first."""
     from palitorch.inference.processor import token_text
     from palitorch.tasks import task_outputs
 
@@ -162,6 +163,10 @@ def result_fields(result, prompt: str, image_size: tuple[int, int], tokenizer) -
     if result.top_logprobs is not None:
         fields["top_logprobs"] = [[{"token_id": i, "token": token_text(tokenizer, i), "logprob": json_number(v)}
                                    for i, v in step] for step in result.top_logprobs]
+    if result.beams is not None:
+        fields["beams"] = [{"text": b.text, "token_ids": list(b.token_ids), "logprobs": [json_number(v) for v in
+                            b.logprobs], "finish_reason": b.finish_reason, "beam_score": json_number(b.beam_score)}
+                           for b in result.beams]
     return fields | task_outputs(prompt, result.text, *image_size)
 
 

@@ -20,7 +20,8 @@ from palitorch.errors import InputError
 # Fields an output line sets itself: a request's own fields of these names are not copied to it. (A request's
 # "top_logprobs" is a count, a decoding option kept in "decoding"; the output's is the list of alternatives.)
 RESULT_FIELDS = frozenset({"index", "decoding", "generated_by", "error", "text", "token_ids", "logprobs",
-                           "finish_reason", "prompt_tokens", "detections", "segmentations", "top_logprobs"})
+                           "finish_reason", "prompt_tokens", "detections", "segmentations", "top_logprobs",
+                           "beams"})
 
 
 def output_target(path: Path) -> tuple[Path, bool]:

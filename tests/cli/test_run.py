@@ -230,3 +230,16 @@ def test_text_values_may_start_with_a_dash(fake_pipe, images, capsys):
     rc, out, err = cli(["run", "--image", images / "red.png", "--prompt", "caption en", "--stop", "--json"], capsys)
     assert rc == 2 and "--stop" in err and "expected one argument" in err
     assert attach_text_values(["--stop", "-h", "--", "--stop", "-x"]) == ["--stop", "-h", "--", "--stop", "-x"]
+
+
+def test_json_of_a_beam_search_lists_its_beams(pg1, images, capsys):
+    folder, _ = pg1
+    rc, out, err = cli(["run", "--model", folder, "--image", images / "red.png", "--prompt", "caption en",
+                        "--max-new-tokens", "6", "--num-beams", "3", "--json"], capsys)
+    assert rc == 0, err
+    got = json.loads(out)
+    want = palitorch.load(folder).generate(Image.open(images / "red.png"), "caption en", max_new_tokens=6,
+                                          num_beams=3).beams
+    assert [b["token_ids"] for b in got["beams"]] == [b.token_ids for b in want]
+    assert got["beams"][0]["token_ids"] == got["token_ids"]
+    assert [b["beam_score"] for b in got["beams"]] == pytest.approx([b.beam_score for b in want], abs=1e-6)
