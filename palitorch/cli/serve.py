@@ -161,7 +161,8 @@ def serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        if engine is not None:  # first: the requests in progress are answered
+        server.stop_listening()  # new clients are refused at once
+        if engine is not None:  # the requests in progress are answered
             engine.stop()
         server.server_close()  # then the connections left open are ended
     print("palitorch serve: stopped", file=sys.stderr)

@@ -43,7 +43,7 @@ from palitorch.server.hosts import host_allowed, host_name
 from palitorch.server.openai import ApiError, ImageCache, completion, parse_body, parse_chat
 from palitorch.server.sse import event, stream
 
-CLOSE_WAIT = 5.0  # seconds server_close waits for each connection's thread to end
+CLOSE_WAIT = 5.0  # seconds server_close waits for the connections' threads to end
 HANG_UP_CHECK = 0.25  # seconds between checks that a client waiting for a whole answer is still connected
 CLIENT_TIMEOUT = 60.0  # seconds a connection may keep a handler thread waiting for its request (slowloris)
 METHODS = "GET, POST, OPTIONS"
@@ -80,6 +80,7 @@ class Server(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET  # --host ::1 or ::
         self._open: dict[socket.socket, threading.Thread] = {}  # connections being served, and their threads
         self._open_lock = threading.Lock()
+        self._closed = False
         super().__init__(address, Handler)
         self.engine: Engine | None = None  # set before serving: the socket is bound before the model loads
         self.model_id, self.defaults, self.api_key = model_id, dict(defaults or {}), api_key and api_key.strip()
@@ -93,9 +94,12 @@ class Server(ThreadingHTTPServer):
         self.started = int(time.time())
 
     def track(self, connection: socket.socket, serving: bool) -> None:
-        """A handler thread begins (`serving`) or ends serving a connection."""
+        """A handler thread begins (`serving`) or ends serving a connection (one accepted as the server closed is
+        ended at once)."""
         with self._open_lock:
-            if serving:
+            if serving and self._closed:
+                _shutdown(connection, socket.SHUT_RDWR)
+            elif serving:
                 self._open[connection] = threading.current_thread()
             else:
                 self._open.pop(connection, None)
@@ -104,18 +108,22 @@ class Server(ThreadingHTTPServer):
         """Stop listening, end the connections still open (kept alive by clients between requests) and wait a little
         for their threads: else they outlive the server, and one that ends while the interpreter exits frees the
         model's tensors then, which aborts the process (torch takes the GIL in a tensor's destructor). Call it after
-        `engine.stop()`, so that requests in progress get their answers first."""
-        super().server_close()
+        `engine.stop()`, so that requests in progress get their answers first (and `stop_listening` before it)."""
+        self.stop_listening()
         with self._open_lock:
-            left = list(self._open.items())
-        for connection, _ in left:
-            try:
-                connection.shutdown(socket.SHUT_RDWR)  # a thread waiting for the next request reads the end
-            except OSError:
-                pass
-        for _, thread in left:
+            self._closed, left = True, list(self._open.items())
+        for connection, _ in left:  # a thread waiting for its next request reads the end; replies still go out
+            _shutdown(connection, socket.SHUT_RD)
+        deadline = time.monotonic() + CLOSE_WAIT
+        for connection, thread in left:
             if thread is not threading.current_thread():
-                thread.join(CLOSE_WAIT)
+                thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                _shutdown(connection, socket.SHUT_RDWR)
+
+    def stop_listening(self) -> None:
+        """Close the listening socket: new clients are refused at once (not left waiting while the model drains)."""
+        super().server_close()
 
     def cors_origin(self, origin: str | None) -> str | None:
         """The Access-Control-Allow-Origin value for a request from `origin` (None: send no CORS headers)."""
@@ -129,6 +137,13 @@ class Server(ThreadingHTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _shutdown(connection: socket.socket, how: int) -> None:
+    try:
+        connection.shutdown(how)
+    except OSError:  # already closed by the client
+        pass
 
 
 class Handler(BaseHTTPRequestHandler):
