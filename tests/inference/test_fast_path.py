@@ -1,7 +1,8 @@
 """The fast path against the plain one: compiled decode steps (and the batch sizes they run at), fused q/k/v and
 gate/up weights, the oneDNN and skinny-kernel routes for large CPU linears (the logsumexp logprob and the one-token
-attention variants: test_fast_attention.py). Each gives transformers' greedy tokens, logprobs within `DIVERSE_LOGPROB_TOL` (3e-4: float32 on
-CPU, same weights, see hf_factory); the kernel's bfloat16 products give torch's bfloat16 tokens.
+attention variants: test_fast_attention.py). Each gives transformers' greedy tokens, logprobs within
+`DIVERSE_LOGPROB_TOL` (3e-4: float32 on CPU, same weights, see hf_factory); the kernel's bfloat16 products give
+torch's bfloat16 tokens.
 """
 
 import threading
