@@ -95,7 +95,7 @@ def answer(pipe, image, prompt: str, opts: dict) -> None:
 def chat(args: argparse.Namespace) -> int:
     from palitorch.inference import load_image
 
-    opts = decoding_options(args)
+    opts = decoding_options(args, one_request=True)
     device, dtype = check_model_options(args)
     image = load_image(args.image)
     pipe = load_pipeline(args, device, dtype)

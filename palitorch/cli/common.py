@@ -82,9 +82,19 @@ def add_decoding_options(parser: argparse.ArgumentParser, text_only: bool = Fals
     g.add_argument("--stop", action="append", metavar="STR", help="end the answer before this text (repeatable)")
 
 
-def decoding_options(args: argparse.Namespace) -> dict:
-    """The decoding keywords the user set, validated; errors name the command-line flag."""
+BEAM_ONLY = ("length_penalty", "early_stopping")
+
+
+def decoding_options(args: argparse.Namespace, one_request: bool = False) -> dict:
+    """The decoding keywords the user set, validated; errors name the command-line flag. `one_request`: the flags
+    decode every answer (run, chat), so a beam-search option without --num-beams is refused rather than ignored
+    (batch and serve keep it: a line or a request may set num_beams)."""
     kw = {key: getattr(args, key) for key in FLAG_OF if getattr(args, key, None) is not None}
+    if one_request and kw.get("num_beams", 1) == 1:
+        for key in BEAM_ONLY:
+            if key in kw:
+                raise InputError(f"{FLAG_OF[key]} applies to beam search only: add --num-beams B (B > 1), or leave "
+                                 f"{FLAG_OF[key]} out")
     return check_decoding(kw, flags=True)
 
 

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from palitorch.inference import load_image
 
     # Everything the user can get wrong is checked before the (slow) model load.
-    opts = decoding_options(args)
+    opts = decoding_options(args, one_request=True)
     if args.stream and opts.get("num_beams", 1) > 1:
         raise InputError("--stream shows one sequence as it grows; beam search (--num-beams > 1) cannot stream")
     device, dtype = check_model_options(args)

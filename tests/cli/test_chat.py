@@ -50,6 +50,13 @@ def test_beam_search_answers_without_streaming(fake_pipe, images, capsys, monkey
     assert [(c[0], c[3]) for c in pipe.calls] == [("generate", {"num_beams": 3})]
 
 
+def test_a_beam_option_without_beams_is_refused(fake_pipe, images, capsys, monkeypatch):
+    pipe = fake_pipe(lambda im, p: "never asked")
+    rc, out, err = run_chat("caption en\n", capsys, monkeypatch, images, ["--length-penalty", "0.5"])
+    assert rc == 2 and out == "" and pipe.calls == []
+    assert err.count("\n") == 1 and "--length-penalty applies to beam search only" in err, err
+
+
 def test_an_error_answer_does_not_end_the_chat(fake_pipe, images, capsys, monkeypatch):
     def answer(im, prompt):
         if prompt == "too long":

@@ -149,6 +149,8 @@ BAD = [
     (["--vae", "/no/vae.npz"], "give --draw OUT.png too"),
     (["--stream", "--json"], "not allowed with"),
     (["--stream", "--num-beams", "2"], "cannot stream"),
+    (["--length-penalty", "2"], "--length-penalty applies to beam search only: add --num-beams"),  # was ignored
+    (["--early-stopping", "true", "--num-beams", "1"], "--early-stopping applies to beam search only"),
     (["--frobnicate"], "unrecognized arguments"),
 ]
 
