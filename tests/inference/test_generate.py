@@ -1,4 +1,5 @@
-"""The generation engine against transformers' `generate`, batching, EOS, stop strings, streaming and errors.
+"""The generation engine against transformers' `generate`, batching, EOS, stop strings and errors
+(streamed pieces: test_stream_bytes.py).
 
 Tolerances: greedy tokens must be equal; logprobs within 3e-4 of transformers' and of a float64 reference
 (`DIVERSE_LOGPROB_TOL`: float32 on CPU, same weights, chaotic on purpose; see hf_factory), or 1e-4 between two
@@ -219,39 +220,6 @@ def test_a_stop_string_ending_in_a_multibyte_character(ckpt_factory, monkeypatch
         assert (r.text, r.finish_reason, r.token_ids) == (want, "stop", ids[:last])
         s = pipe.stream(images(1)[0], "caption en", max_new_tokens=budget, stop=[stop])
         assert "".join(s) == s.result.text == want
-
-
-def test_stream_pieces_concatenate_to_the_text(ckpt_factory):
-    folder, _ = diverse(ckpt_factory, 2)
-    pipe = palitorch.load(folder)
-    img = images(1)[0]
-    s = pipe.stream(img, "caption en", max_new_tokens=24)
-    pieces = list(s)
-    full = pipe.generate(img, "caption en", max_new_tokens=24)
-    assert len(pieces) > 3
-    assert "".join(pieces) == full.text == s.result.text
-    assert s.result.token_ids == full.token_ids
-
-
-def test_stream_holds_back_split_multibyte_characters(ckpt_factory, monkeypatch):
-    """'é' and '✓' arrive as separate byte-fallback tokens; no piece may contain half a character (U+FFFD)."""
-    folder, _ = diverse(ckpt_factory, 1)
-    pipe = palitorch.load(folder)
-    text = "héllo ✓ the"
-    ids = pipe.processor.tokenizer.encode(text, add_special_tokens=False).ids
-    assert len(ids) > len(text.split()) + 4, "the test text must be split into byte-fallback tokens"
-
-    def scripted(model, prompts, opts, eos, pad_id, steps, step=None):
-        for i in ids[:steps]:
-            yield torch.tensor([i]), torch.tensor([-1.0]), None  # no alternatives asked for
-
-    monkeypatch.setattr(engine, "decode", scripted)
-    s = pipe.stream(images(1)[0], "caption en", max_new_tokens=len(ids))
-    pieces = list(s)
-    assert all("\ufffd" not in p for p in pieces)
-    assert "".join(pieces) == s.result.text == pipe.processor.decode(ids)
-    assert "é" in pieces or any("é" in p for p in pieces)
-    assert len(pieces) > 3
 
 
 def test_seeded_sampling_is_reproducible(ckpt_factory):

@@ -1,4 +1,4 @@
-"""Streaming answers made of byte-fallback tokens: the pieces join into the answer's text wherever it ends.
+"""Streamed pieces join into the answer's text, also for answers made of byte-fallback tokens, wherever they end.
 
 The tokenizer decodes a run of byte tokens as a whole, and a byte that cannot continue the run turns all of the
 run's characters, complete ones too, into U+FFFDs (as transformers' decode does): "a" <C3> <A9> is "aé", and one
@@ -45,3 +45,36 @@ def test_pieces_join_into_the_text_at_every_length(pipe, monkeypatch, case):
         pieces = list(s)
         assert "".join(pieces) == s.result.text == pipe.processor.decode(ids[:n]), n
         assert sum(len(p.tokens) for p in pieces) <= n
+
+
+def test_stream_pieces_concatenate_to_the_text(ckpt_factory):
+    folder, _ = diverse(ckpt_factory, 2)
+    pipe = palitorch.load(folder)
+    img = images(1)[0]
+    s = pipe.stream(img, "caption en", max_new_tokens=24)
+    pieces = list(s)
+    full = pipe.generate(img, "caption en", max_new_tokens=24)
+    assert len(pieces) > 3
+    assert "".join(pieces) == full.text == s.result.text
+    assert s.result.token_ids == full.token_ids
+
+
+def test_stream_holds_back_split_multibyte_characters(ckpt_factory, monkeypatch):
+    """'é' and '✓' arrive as separate byte-fallback tokens; no piece may contain half a character (U+FFFD)."""
+    folder, _ = diverse(ckpt_factory, 1)
+    pipe = palitorch.load(folder)
+    text = "héllo ✓ the"
+    ids = pipe.processor.tokenizer.encode(text, add_special_tokens=False).ids
+    assert len(ids) > len(text.split()) + 4, "the test text must be split into byte-fallback tokens"
+
+    def scripted(model, prompts, opts, eos, pad_id, steps, step=None):
+        for i in ids[:steps]:
+            yield torch.tensor([i]), torch.tensor([-1.0]), None  # no alternatives asked for
+
+    monkeypatch.setattr(engine, "decode", scripted)
+    s = pipe.stream(images(1)[0], "caption en", max_new_tokens=len(ids))
+    pieces = list(s)
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == s.result.text == pipe.processor.decode(ids)
+    assert "é" in pieces or any("é" in p for p in pieces)
+    assert len(pieces) > 3
