@@ -48,6 +48,7 @@ from inputs import SIZES, check_size, checkpoint, workload  # noqa: E402
 from measure import (  # noqa: E402
     ReadProbe,
     cache_bytes,
+    compare_tokens,
     copy_bandwidth,
     cudagraph_skips,
     default_tie_tol,
@@ -59,41 +60,6 @@ from measure import (  # noqa: E402
 
 import palitorch  # noqa: E402
 from palitorch.model import kernels  # noqa: E402
-
-
-def compare_tokens(ours, ours_lp, hf, hf_logits, tol: float) -> dict:
-    """Do the two greedy decodes agree? Each row is compared up to its first differing token (after that the
-    contexts differ). A row that differs passes only as a near-tie: at that step our token's log-probability under
-    transformers' own distribution is within `tol` nats of the token transformers chose (a 16-bit dtype rounds
-    logits to a few hundredths, so two implementations can break a near-tie either way; `tol` 0 demands identical
-    tokens). Also reports the largest |logprob difference| over the tokens both chose."""
-    hf_lp = torch.stack([x.float() for x in hf_logits], 1).log_softmax(-1).cpu()  # [B, N, V]
-    diverged, worst_gap, max_lp_diff, first = 0, 0.0, 0.0, None
-    for i, (a, h) in enumerate(zip(ours, hf)):
-        k = next((j for j, (x, y) in enumerate(zip(a, h)) if x != y), None)
-        upto = len(a) if k is None else k
-        for j in range(upto):
-            max_lp_diff = max(max_lp_diff, abs(ours_lp[i][j] - float(hf_lp[i, j, h[j]])))
-        if k is None and len(a) == len(h):
-            continue
-        diverged += 1
-        k = min(len(a), len(h)) if k is None else k
-        first = k if first is None else min(first, k)
-        gap = float(hf_lp[i, k, h[k]] - hf_lp[i, k, a[k]]) if k < min(len(a), len(h)) else float("inf")
-        worst_gap = max(worst_gap, gap)
-    ok = diverged == 0 or worst_gap <= tol
-    distinct = len({t for row in hf for t in row})
-    if diverged == 0:
-        summary = f"tokens identical ({len(ours)} x {len(ours[0])}, {distinct} distinct)"
-    else:
-        summary = (f"{diverged}/{len(ours)} rows differ from step {first}; at the divergence our token is "
-                   f"{worst_gap:.3f} nats below transformers' choice in its own distribution "
-                   f"({'a near-tie' if ok else 'NOT a near-tie'}, tolerance {tol})")
-    summary += f"; max |logprob diff| on shared tokens {max_lp_diff:.2e}"
-    if all(len(set(row)) <= 1 for row in hf):
-        summary += " (WARNING: every answer repeats one token, so this check shows little; see inputs.randomize)"
-    return {"ok": ok, "rows_diverged": diverged, "first_divergence": first, "worst_tie_gap": worst_gap,
-            "max_logprob_diff": max_lp_diff, "distinct_tokens": distinct, "tolerance": tol, "summary": summary}
 
 
 def hf_missing_softcap(hf) -> bool:

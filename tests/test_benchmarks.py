@@ -108,7 +108,8 @@ def test_the_benchmark_reports_speed_only_for_the_same_tokens(tmp_path, monkeypa
     assert record["read_bandwidth_bytes_s"] > 1e8 and "read bandwidth" in printed
     for r in rows:  # (a busy machine can swamp 3 steps' time in noise: the row then says so and has no floor)
         assert ("limit_note" in r) != ("ours_pct_of_limit" in r) or "decode_not_measured" in r
-        assert r["bytes_per_step"] > sum(p.numel() * 4 for p in palitorch.load().model.language_model.parameters())
+        if "decode_not_measured" not in r:
+            assert r["bytes_per_step"] > sum(p.numel() * 4 for p in palitorch.load().model.language_model.parameters())
 
     record, printed = run_bench(tmp_path, monkeypatch, capsys, perturb=True)
     rows = record["results"][0]["rows"]
