@@ -113,6 +113,15 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _quit_now(signum, frame):
+    """A second Ctrl-C (or SIGTERM) while the requests in progress finish: end the process at once. os._exit skips
+    the interpreter's shutdown, which would free the model's tensors under the engine thread still using them."""
+    sys.stdout.flush()
+    sys.stderr.write("palitorch serve: stopped at once; the requests in progress were not answered\n")
+    sys.stderr.flush()
+    os._exit(130 if signum == signal.SIGINT else 143)
+
+
 def serve(args: argparse.Namespace) -> int:
     from palitorch.inference.pipeline import batch_rung_below, batch_rungs
     from palitorch.server import ApiError, Engine
@@ -161,8 +170,13 @@ def serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGINT, _quit_now)
+        signal.signal(signal.SIGTERM, _quit_now)
         server.stop_listening()  # new clients are refused at once
         if engine is not None:  # the requests in progress are answered
+            if engine.running or engine.held:
+                say(f"stopping: finishing the {engine.running + engine.held} request(s) in progress (Ctrl-C again "
+                    "to stop at once)")
             engine.stop()
         server.server_close()  # then the connections left open are ended
     print("palitorch serve: stopped", file=sys.stderr)

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -75,6 +77,44 @@ def test_serve_answers_then_stops_on_sigterm(ref, demo):
     assert proc.returncode == 0, err
     assert out == "" and "Traceback" not in err
     assert err.splitlines()[-1] == "palitorch serve: stopped"
+
+
+def test_a_second_ctrl_c_stops_at_once(pg1, demo):
+    """The first Ctrl-C lets the request in progress finish and says how to stop at once; the second stops at
+    once (exit 130), however long the answer would still take (8,000 tokens here)."""
+    folder, _ = pg1
+    proc = palitorch_serve("--port", 0, "--device", "cpu", "--model", folder, "--no-fetch")
+    err_lines = queue.Queue()
+    try:
+        url = READY.fullmatch(first_line(proc))["url"]
+        threading.Thread(target=lambda: [err_lines.put(line) for line in proc.stderr], daemon=True).start()
+        body = chat(demo[0]["path"], "caption en", max_tokens=8000, min_tokens=8000)
+        threading.Thread(target=lambda: _quietly(call, url + COMPLETIONS, body), daemon=True).start()
+        while "palitorch_requests_running 1" not in urllib.request.urlopen(url + "/metrics").read().decode():
+            time.sleep(0.05)  # until the request is decoding
+        proc.send_signal(signal.SIGINT)
+        while "stopping:" not in (line := err_lines.get(timeout=TIMEOUT)):
+            pass
+        assert "finishing the 1 request(s) in progress (Ctrl-C again to stop at once)" in line, line
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    rest = []
+    while not err_lines.empty():
+        rest.append(err_lines.get())
+    assert rest and rest[-1] == "palitorch serve: stopped at once; the requests in progress were not answered\n"
+    assert not any("Traceback" in line for line in rest), rest
+
+
+def _quietly(f, *args):
+    try:
+        f(*args)
+    except OSError:  # the server went away mid-answer, as it should here
+        pass
 
 
 def test_a_model_that_cannot_load_is_a_one_line_error():
