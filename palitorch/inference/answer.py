@@ -65,12 +65,13 @@ class Piece(str):
 
 class Answer:
     """One row's answer assembled on the host, step by step: ids, logprobs, text, stop strings, finish reason.
-    `top`: also keep each step's alternatives (`push(..., alternatives=...)`) for `Result.top_logprobs`."""
+    `top`: also keep each step's alternatives (`push(..., alternatives=...)`) for `Result.top_logprobs`;
+    `budget`: the answer ends ("length") at this many tokens (the batch may decode on for longer answers)."""
 
     def __init__(self, processor: Processor, eos: list[int], stop: list[str] | None, prompt_tokens: int,
-                 top: bool = False):
+                 top: bool = False, budget: int | None = None):
         self.processor, self.eos, self.stop = processor, set(eos), stop or []
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens, self.budget = prompt_tokens, budget
         self.ids: list[int] = []
         self.logprobs: list[float] = []
         self.top: list[Alternatives] | None = [] if top else None
@@ -103,6 +104,8 @@ class Answer:
                 self._settled = len(self.processor.decode(self.ids[:-1]))
             self.text = self.processor.decode(self.ids)
             self._find_stop(max(0, before - self._hold - 1))
+        if self.finish is None and self.budget is not None and len(self.ids) >= self.budget:
+            self.finish = "length"
 
     def _find_stop(self, start: int) -> None:
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]

@@ -77,12 +77,7 @@ class LiveCursor(Cursor):
         self.pos = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.slot = 0
         self.window = sliding_window(model, s_len)
-        self.context = model.cfg.text.max_position_embeddings
-
-    def step(self):
-        out = super().step()
-        self.pos.clamp_(max=self.context)
-        return out
+        self.last_position = model.cfg.text.max_position_embeddings
 
 
 class LiveBatch:

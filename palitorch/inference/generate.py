@@ -71,9 +71,12 @@ def eos_ids(model: PaliGemma, processor: Processor) -> list[int]:
     return sorted({*model.cfg.eos_token_ids, processor.eos_id})
 
 
-def new_token_budget(model: PaliGemma, prompts: Prompts, opts: GenerationOptions) -> int:
-    """max_new_tokens, cut so that no sequence runs past the model's context."""
-    return min(opts.max_new_tokens, model.cfg.text.max_position_embeddings - prompts.ids.shape[1])
+def row_budgets(model: PaliGemma, prompts: Prompts, opts: GenerationOptions) -> list[int]:
+    """Each row's max_new_tokens, cut so that it does not run past the model's context. A row's room is counted
+    from its own prompt (positions count real tokens), so a short prompt batched with a long one is not cut short:
+    its answer does not depend on the batch."""
+    context = model.cfg.text.max_position_embeddings
+    return [min(opts.max_new_tokens, context - length) for length in prompts.lengths]
 
 
 def ensure_caches(model: PaliGemma, batch: int, length: int) -> int:
@@ -106,6 +109,10 @@ class Cursor:
         self.pos = self.positions[:, -1:]  # [B, 1] the last prompt token's position
         self.slot = t  # the next token's cache slot, the same for every row
         self.window = sliding_window(model, s_len)
+        # A row past its own token budget (a long prompt batched with shorter ones near the context's end) is still
+        # stepped, its tokens unused: its positions stop at the context's last, inside the RoPE table.
+        context = model.cfg.text.max_position_embeddings
+        self.last_position = context if max(prompts.lengths) + s_len - t > context else None
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Claim the next slot for one token per row -> the step's (positions [B, 1], slot [1], keys it may see
@@ -113,6 +120,8 @@ class Cursor:
         s = self.slot
         self.valid[:, s] = True  # the new token is a key for itself and every later step: causal by construction
         self.pos = self.pos + 1
+        if self.last_position is not None:
+            self.pos.clamp_(max=self.last_position)
         self.slot += 1
         sliding = (self.valid & (self.slots > s - self.window)) if self.window else None
         return self.pos, self.slots[s:s + 1], self.valid, sliding
@@ -298,14 +307,15 @@ def generate(model: PaliGemma, processor: Processor, pixels: torch.Tensor, promp
     prompts. One padded batch, one decode loop."""
     batch = encode_prompts(model, processor, pixels, prompts, image_index)
     eos = eos_ids(model, processor)
-    steps = new_token_budget(model, batch, opts)
-    if opts.num_beams > 1:
+    budgets = row_budgets(model, batch, opts)
+    if opts.num_beams > 1:  # (the beams of a padded batch share one budget, the longest prompt's)
         from palitorch.inference.beam import beam_search
 
-        return beam_search(model, processor, batch, opts, eos, steps, fns)
-    answers = [Answer(processor, eos, opts.stop, n, top=opts.top_logprobs > 0) for n in batch.lengths]
+        return beam_search(model, processor, batch, opts, eos, min(budgets), fns)
+    answers = [Answer(processor, eos, opts.stop, n, top=opts.top_logprobs > 0, budget=budget)
+               for n, budget in zip(batch.lengths, budgets)]
     toks, lps, tops = [], [], []
-    for tok, lp, top in decode(model, batch, opts, eos, processor.pad_id, steps, fns):
+    for tok, lp, top in decode(model, batch, opts, eos, processor.pad_id, max(budgets), fns):
         if opts.stop:  # stop strings need the text: one host sync per step
             for a, t, p, alt in zip(answers, tok.tolist(), lp.tolist(), row_alternatives(top, len(answers))):
                 a.push(t, p, track_text=True, alternatives=alt)
@@ -356,7 +366,9 @@ def stream_batch(model: PaliGemma, processor: Processor, pixels: torch.Tensor, p
         raise InputError("streaming shows one sequence as it grows: use num_beams=1 (or generate for beams)")
     batch = encode_prompts(model, processor, pixels, prompts, image_index)
     eos = eos_ids(model, processor)
-    answers = [Answer(processor, eos, opts.stop, n, top=opts.top_logprobs > 0) for n in batch.lengths]
+    budgets = row_budgets(model, batch, opts)
+    answers = [Answer(processor, eos, opts.stop, n, top=opts.top_logprobs > 0, budget=budget)
+               for n, budget in zip(batch.lengths, budgets)]
     done = [False] * len(answers)
 
     def events(i: int, final: bool):
@@ -368,7 +380,7 @@ def stream_batch(model: PaliGemma, processor: Processor, pixels: torch.Tensor, p
             done[i] = True
             yield i, result
 
-    for tok, lp, top in decode(model, batch, opts, eos, processor.pad_id, new_token_budget(model, batch, opts), fns):
+    for tok, lp, top in decode(model, batch, opts, eos, processor.pad_id, max(budgets), fns):
         alts = row_alternatives(top, len(answers))
         for i, (a, t, p) in enumerate(zip(answers, tok.tolist(), lp.tolist())):
             if not done[i]:
