@@ -6,7 +6,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from palitorch.inference.inputs import (
     resolve_device,
 )
 from palitorch.inference.processor import Processor
-from palitorch.inference.sampling import GenerationOptions
+from palitorch.inference.sampling import GenerationOptions, batch_seed
 from palitorch.inference.stream import Stream, streamable
 from palitorch.model import PaliGemma, kernels
 
@@ -188,7 +188,8 @@ class Pipeline:
         """Answer a prompt about an image; lists of images and prompts give a list; one image with a list of prompts,
         or one prompt with a list of images, pairs it with each. Without `batch_size` a list runs as one left-padded
         batch (its memory grows with the list); with it, as batches of that many at a time, in order (greedy
-        answers are the same; seeded samples depend on the batch).
+        answers are the same; a seeded sample depends on its batch, and batch k draws its own random numbers, from
+        `batch_seed(seed, k)`: copies of one input in different batches get different samples).
 
         Decoding options are keyword arguments (or a GenerationOptions, or a dict of them): max_new_tokens=64,
         min_new_tokens=0, temperature, top_k, top_p, min_p, repetition_penalty=1.0, num_beams=1, length_penalty=1.0,
@@ -203,9 +204,10 @@ class Pipeline:
         results = []
         with self._lock:
             self._claim()
-            for part in parts:
-                pixels, index, padded = self._padded(images[part], prompts[part], opts)
-                out = engine.generate(self.model, self.processor, pixels, padded, opts, self._steps, index)
+            for k, part in enumerate(parts):
+                o = opts if k == 0 or not opts.do_sample else replace(opts, seed=batch_seed(opts.seed, k))
+                pixels, index, padded = self._padded(images[part], prompts[part], o)
+                out = engine.generate(self.model, self.processor, pixels, padded, o, self._steps, index)
                 results += out[:len(prompts[part])]  # not the padding copies
         return results[0] if single else results
 

@@ -240,6 +240,15 @@ def seen_tokens(prompt_ids: torch.Tensor, prompt_valid: torch.Tensor, vocab: int
     return seen[:, :vocab].contiguous()
 
 
+def batch_seed(seed: int | None, k: int) -> int | None:
+    """The seed of batch k of a seeded request run in batches (`Pipeline.generate(..., batch_size=N)`): the seed
+    itself for the first, then one far from it per batch (a multiple of the golden ratio's 64-bit fraction apart),
+    so that every batch draws different random numbers. None stays None (unseeded)."""
+    if seed is None or k == 0:
+        return seed
+    return (seed + k * 0x9E3779B97F4A7C15) % 2**64
+
+
 class Chooser:
     """Picks the next tokens from raw logits, with the state a decode needs (seen tokens, the RNG, the step).
 

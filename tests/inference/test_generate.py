@@ -235,6 +235,21 @@ def test_seeded_sampling_is_reproducible(ckpt_factory):
     assert a.token_ids != c.token_ids and a.token_ids != greedy.token_ids
 
 
+def test_seeded_batches_draw_different_samples(ckpt_factory):
+    """n samples of one input as `[img] * n` with a seed and a batch_size: each batch draws its own random numbers
+    (every batch began from the same seed, so batch_size=1 gave n copies of one sample)."""
+    folder, _ = diverse(ckpt_factory, 1)
+    pipe = palitorch.load(folder)
+    kw = {"max_new_tokens": 12, "temperature": 1.5, "seed": 7}
+    one_batch = pipe.generate(images(1) * 4, "caption en", **kw)
+    assert len({tuple(r.token_ids) for r in one_batch}) == 4
+    for size in (1, 2, 3):
+        samples = [tuple(r.token_ids) for r in pipe.generate(images(1) * 4, "caption en", batch_size=size, **kw)]
+        assert len(set(samples)) == 4, size
+        again = [tuple(r.token_ids) for r in pipe.generate(images(1) * 4, "caption en", batch_size=size, **kw)]
+        assert again == samples  # still reproducible
+
+
 def test_repetition_penalty_matches_transformers(ckpt_factory):
     folder, hf = diverse(ckpt_factory, 1)
     pipe = palitorch.load(folder)
