@@ -102,10 +102,12 @@ class LiveBatch:
         self.cur: LiveCursor | None = None
         self._no_bar: torch.Tensor | None = None  # [B, 1] all False: no row has EOS barred
         self.s_len = 0
-        # Each batch size's KV caches, kept for when the batch comes back to that size: a CUDA graph recorded on
-        # them replays only on the same memory (new caches would be recorded again). `Pipeline.live` passes its
-        # own pool, so that one live batch after another reuses them too; only one cache length is kept.
-        self.pool = {} if pool is None else pool
+        # With CUDA graphs (`fns.copy_outputs`), each batch size's KV caches are kept for when the batch comes back
+        # to that size: a graph recorded on them replays only on the same memory (new caches would be recorded
+        # again). `Pipeline.live` passes its own pool, so that one live batch after another reuses them too; only
+        # one cache length is kept. Otherwise a resize frees the old caches (a batch that grew to 8 rows kept 36
+        # rows' worth).
+        self.pool = ({} if pool is None else pool) if self.fns.copy_outputs else None
         self.ended = False  # `Pipeline.live`'s block is over: the caches may belong to another call now
 
     def end(self) -> None:
@@ -289,16 +291,19 @@ class LiveBatch:
         shape (then pooled), or new ones."""
         layers = self.model.language_model.layers
         key = (rows, self.s_len)
-        if key not in self.pool:
+        if self.pool is not None and key in self.pool:
+            for layer, cache in zip(layers, self.pool[key]):
+                layer.attn.kv_cache = cache
+            return
+        if self.pool is not None:  # (one cache length is pooled: free the others before allocating)
             for k in [k for k in self.pool if k[1] != self.s_len]:
                 del self.pool[k]
-            current = layers[0].attn.kv_cache
-            if current is None or tuple(current.k.shape[i] for i in (0, 2)) != key:
-                with torch.inference_mode(False):  # ordinary tensors, as `ensure_caches` makes them
-                    self.model.setup_caches(rows, self.s_len)
+        current = layers[0].attn.kv_cache
+        if current is None or tuple(current.k.shape[i] for i in (0, 2)) != key:
+            with torch.inference_mode(False):  # ordinary tensors, as `ensure_caches` makes them
+                self.model.setup_caches(rows, self.s_len)
+        if self.pool is not None:
             self.pool[key] = [layer.attn.kv_cache for layer in layers]
-        for layer, cache in zip(layers, self.pool[key]):
-            layer.attn.kv_cache = cache
 
     def _resize(self, rows: int) -> None:
         """Lay the batch out in `rows` rows, the live sequences first (in row order): caches and per-row state are

@@ -6,6 +6,7 @@ are computed in batches of other sizes, with other neighbours, than alone).
 """
 
 import dataclasses
+import weakref
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from test_generate import PROMPTS, images, windowed
 
 import palitorch
 from palitorch.errors import InputError
+from palitorch.inference import generate as engine
 from palitorch.inference.sampling import GenerationOptions
 
 from hf_factory import diverse
@@ -25,7 +27,7 @@ def run_live(pipe, imgs, prompts, arrivals, max_rows, streams=False, **opts):
     """Admit request i at step arrivals[i] (or at the first step after it with room), step until all have ended ->
     (results, each request's streamed pieces joined, a log of what happened: admissions, rows per step)."""
     results, pieces = {}, {}
-    log = {"admitted_at": {}, "rows": [], "moves": 0, "caches": set()}
+    log = {"admitted_at": {}, "rows": [], "moves": 0, "caches": set(), "kept": []}
     with pipe.live(max_rows=max_rows, **opts) as live:
         real_move = live._move
 
@@ -53,7 +55,10 @@ def run_live(pipe, imgs, prompts, arrivals, max_rows, streams=False, **opts):
                     log["admitted_at"].update({i: step for i in due})
                     take(got[1])
             log["rows"].append(len(live.seqs))
-            log["caches"].add((len(live.seqs), pipe.model.language_model.layers[0].attn.kv_cache.k.data_ptr()))
+            k = pipe.model.language_model.layers[0].attn.kv_cache.k
+            log["caches"].add((len(live.seqs), k.data_ptr()))
+            if not any(ref() is k for ref in log["kept"]):
+                log["kept"].append(weakref.ref(k))  # (dead once nothing holds those caches)
             take(live.step())
             step += 1
     return [results[i] for i in range(len(prompts))], pieces, log
@@ -66,14 +71,17 @@ def assert_alone(pipe, imgs, prompts, got, **opts):
         torch.testing.assert_close(torch.tensor(r.logprobs), torch.tensor(want.logprobs), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_sequences_joining_at_any_step_get_their_answers_alone(ckpt_factory, tmp_path, version):
+@pytest.mark.parametrize("version,pooled", [(1, False), (2, False), (1, True)])
+def test_sequences_joining_at_any_step_get_their_answers_alone(ckpt_factory, tmp_path, version, pooled):
     """Thirteen requests (one with a prompt ~35 tokens longer) arriving over 100 steps into at most 3 rows: the batch
     grows and shrinks, the slots in use move (for the long prompt, and when later arrivals' budgets would run past
     the cache's end), and every answer is the one `generate` gives alone. Gemma 2 with a sliding window (100) shorter
-    than the sequences, so that the window's mask matters across moves."""
+    than the sequences, so that the window's mask matters across moves. `pooled`: steps as CUDA graphs run them
+    (`copy_outputs`), for which each batch size keeps its caches; else a resize frees the old ones."""
     folder = windowed(ckpt_factory, tmp_path)[0] if version == 2 else diverse(ckpt_factory, 1)[0]
     pipe = palitorch.load(folder)
+    if pooled:
+        pipe._steps = engine.Steps(copy_outputs=True)  # eager steps whose outputs are copied, as CUDA graphs' are
     prompts = ASKS + ASKS[:5]
     imgs = images(len(prompts))
     arrivals = [0, 0, 1, 2, 9, 17, 30, 40, 44, 60, 61, 70, 100]
@@ -83,7 +91,11 @@ def test_sequences_joining_at_any_step_get_their_answers_alone(ckpt_factory, tmp
     assert all(len(r.token_ids) == 24 for r in got)  # (these weights never choose EOS)
     assert log["moves"] >= 2, log
     assert max(log["rows"]) == 3 and 1 in log["rows"][log["rows"].index(3):], log["rows"]  # grew, then shrank
-    assert len(log["caches"]) == len(set(log["rows"]))  # back at a size, the batch reuses that size's caches
+    if pooled:  # back at a size, the batch reuses that size's caches
+        assert len(log["caches"]) == len(set(log["rows"]))
+        assert {rows for rows, _ in pipe._cache_pool} == set(log["rows"])
+    else:  # only the caches in use are kept (a batch that grew to 8 rows kept 1 + 2 + ... + 8 rows' worth)
+        assert pipe._cache_pool == {} and sum(ref() is not None for ref in log["kept"]) == 1
     assert any(log["admitted_at"][i] > arrivals[i] for i in range(len(prompts))), "no request waited for a row"
 
 
