@@ -129,7 +129,7 @@ class EvalConfig:
     max_examples: int = 0  # a fixed random subset of the held-out JSONL for periodic evaluations; 0 = all
     final_max_examples: int = 0  # the same for the evaluation after the last step; 0 = all
     batch_size: int = 64
-    max_new_tokens: int = 16
+    max_new_tokens: int = 32  # as `palitorch eval`'s default; a warning names answers longer than this
     group_by: list[str] = field(default_factory=lambda: ["task", "qtype"])  # JSONL fields to report accuracy by
 
 

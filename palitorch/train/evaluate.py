@@ -28,6 +28,17 @@ def subset(n: int, k: int, seed: int) -> list[int]:
     return sorted(torch.randperm(n, generator=g)[:k].tolist())
 
 
+def cut_answers(data: Dataset, max_new_tokens: int) -> str | None:
+    """A warning when some held-out answers are longer than the evaluation generates (they would be cut short and
+    count as wrong), else None."""
+    answers = data.targets - 1  # (the targets end with <eos>)
+    over = int((answers > max_new_tokens).sum())
+    if not over:
+        return None
+    return (f"{over} of the {len(data)} eval answers are longer than [eval] max_new_tokens ({max_new_tokens} tokens; "
+            f"the longest is {int(answers.max())}): they are cut short and count as wrong; raise max_new_tokens")
+
+
 def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
@@ -41,7 +52,8 @@ def exact_match(model, processor, examples: list[Example], idx: list[int], batch
     """
     was_training = model.training
     model.eval()
-    if generate is None:
+    own_pipeline = generate is None
+    if own_pipeline:
         pipe = Pipeline(model, processor)
 
         def generate(images, prompts, max_new_tokens):
@@ -59,6 +71,8 @@ def exact_match(model, processor, examples: list[Example], idx: list[int], batch
             scores[0, j] = float(normalize_answer(text) == normalize_answer(e.suffix))
             scores[1:, j] = torch.tensor(box_score(text, e.suffix), dtype=torch.float64)
     ddp.all_reduce_sum(scores, d)
+    if own_pipeline:  # its KV caches: training has better use for the memory
+        model.clear_caches()
     model.train(was_training)
     chosen = [examples[i] for i in idx]
     out = group_metrics(chosen, scores[0].cpu().tolist(), group_by)

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from palitorch.errors import ConfigError, Interrupted
-from palitorch.train import build, ddp, evaluate, feed, lora, runfolder, state
+from palitorch.errors import ConfigError, Interrupted, NumericsError
+from palitorch.train import build, ddp, evaluate, feed, lora, resume, runfolder, state
 from palitorch.train.config import TrainConfig
 from palitorch.train.data import Dataset, fingerprint, global_batch, read_jsonl, repeat_by_task
 from palitorch.train.images import ImageError, Images
@@ -57,6 +57,7 @@ class Trainer:
         self.resume_from = self.saved.folder if self.saved else None
         if self.dist.main:
             self.run.mkdir(parents=True, exist_ok=True)
+            runfolder.lock(self.run)  # one process trains in a run folder (until fit ends)
             gone = runfolder.remove_leftovers(self.run)
             if gone:
                 print(f"palitorch train: removed {', '.join(gone)} (left by an interrupted write)", file=sys.stderr)
@@ -85,6 +86,9 @@ class Trainer:
         self.eval_examples = read_jsonl(cfg.data.eval) if cfg.data.eval else []
         self.eval_data = Dataset(self.eval_examples, self.processor, self.images, max_length=cap) \
             if self.eval_examples else None
+        if self.eval_data is not None and self.dist.main and (warning := evaluate.cut_answers(self.eval_data,
+                                                                                             cfg.eval.max_new_tokens)):
+            print(f"palitorch train: warning: {warning}", file=sys.stderr)
 
         if t.batch_size < self.dist.world:
             raise ConfigError(f"[train] batch_size {t.batch_size} is smaller than the {self.dist.world} processes")
@@ -139,19 +143,16 @@ class Trainer:
 
     def _restore(self, saved: state.Saved) -> None:
         st, folder = saved.state, saved.folder
-        t = self.cfg.train
-        checks = {"seed": t.seed, "batch_size": t.batch_size, "data_fingerprint": self.fingerprint,
-                  "num_examples": len(self.data), "per_image": self.cfg.data.per_image,
-                  "late_from": self.cfg.data.late_from, "late_examples": self._late_examples()}
-        older = {"per_image": 1, "late_from": 0, "late_examples": 0}  # absent from older checkpoints
-        for k, v in checks.items():
-            if st.get(k, older.get(k)) != v:
-                raise ConfigError(f"--resume: {folder.name} was trained with {k} {st.get(k)!r}, this run has {v!r}")
+        resume.check_identity(st, resume.identity(self), folder.name)
         if saved.step > self.total:  # [train] steps is a total: going on would only write these weights to model/
             raise ConfigError(f"--resume: {folder.name} is at step {saved.step}, past this run's {self.total} steps "
                               f"(a total, not steps to add): use --train.steps {saved.step + self.total} for "
                               f"{self.total} more")
-        state.load_optimizer(self.opt, self.names, saved)
+        state.load_optimizer(self.opt, self.names, saved,
+                             "[lora] also_train" if self.cfg.lora.rank else "[train] trainable")
+        if self.dist.main and (changes := resume.optim_changes(st.get("config", {}), self.cfg)):
+            print(f"palitorch train: --resume: [optim] {'; '.join(changes)} (from step {saved.step} on)",
+                  file=sys.stderr)
         state.restore_rng(saved, self.dist, self.device)
         self.step = self._saved_step = saved.step
         self.saved = None  # its optimizer tensors are in the optimizer now
@@ -211,9 +212,20 @@ class Trainer:
             norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip_grad_norm))
         else:
             norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params])))
+        if not (math.isfinite(float(total_loss)) and math.isfinite(norm)):  # (the same on every process)
+            self._diverged(step, float(total_loss), norm)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return {"loss": float(total_loss), "lr": lr, "grad_norm": norm, "tokens": int(data.lengths[idx].sum())}
+
+    def _diverged(self, step: int, loss: float, norm: float) -> None:
+        """NumericsError for a step whose loss or gradient is not finite; its update is not applied, so the weights
+        and the checkpoints (never pruned for a diverged one) stay as they were."""
+        found = state.checkpoints(self.run)
+        kept = f"the last checkpoint, step {found[-1][0]}, is intact: --resume" if found else "no checkpoint yet: rerun"
+        raise NumericsError(f"training diverged at step {step + 1}: loss {loss}, gradient norm {norm} (not applied); "
+                            f"lower [optim] lr, keep [optim] clip_grad_norm > 0 or train in float32; {kept} after "
+                            "changing the config")
 
     def micro_batches(self, step: int) -> list[list[int]]:
         """The examples of this process's micro-batches of global batch `step` (a pure function of the step)."""
@@ -256,12 +268,8 @@ class Trainer:
     def save_checkpoint(self) -> None:
         rng = state.rng_tensors(self.dist, self.device)  # collective: every process takes part
         if self.dist.main:
-            t = self.cfg.train
             st = {"step": self.step, "epoch": self.step / self.per_epoch, "total_steps": self.total,
-                  "seed": t.seed, "batch_size": t.batch_size, "world_size": self.dist.world,
-                  "num_examples": len(self.data), "data_fingerprint": self.fingerprint,
-                  "per_image": self.cfg.data.per_image, "late_from": self.cfg.data.late_from,
-                  "late_examples": self._late_examples(),
+                  **resume.identity(self), "world_size": self.dist.world,
                   "data_order": "epoch e: torch.randperm(num_examples, seed * 1000003 + e) (grouped by image when "
                                 "per_image > 1: palitorch.train.data.grouped_order), cut into batches, "
                                 "tail dropped; step s takes batch s mod batches_per_epoch of epoch s div it; from "
@@ -315,6 +323,7 @@ class Trainer:
             raise
         finally:
             self.ahead.close()
+            runfolder.unlock(self.run)
 
     def _fit(self) -> dict:
         cfg, t, d = self.cfg, self.cfg.train, self.dist
@@ -368,13 +377,15 @@ class Trainer:
                           "ms_per_step": 1000 * window["time"] / window["n"]})
                 window = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
             last = self.step == self.total
-            if cfg.eval.every and self.eval_examples and self.step % cfg.eval.every == 0 and not last:
+            if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last:
+                self.save_checkpoint()  # first: an evaluation can take minutes (and fail)
+            # a stop asked for (SIGTERM) skips the evaluation: the grace period before a SIGKILL is short
+            if cfg.eval.every and self.eval_examples and self.step % cfg.eval.every == 0 and not last and \
+                    not self._stop_agreed():
                 result = self.evaluate()
                 self.log({"step": self.step, "eval": result})
                 if d.main:  # printed with or without the progress bar
                     tqdm.write(evaluate.summary(f"step {self.step}", result))
-            if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last:
-                self.save_checkpoint()
         self._in_loop = False
         pbar.close()
         if self.stop is not None:  # asked to stop (request_stop): the work so far is kept in a checkpoint

@@ -5,10 +5,13 @@
     RUN/.checkpoint-NNNNNNN.abcd1234/  .model.abcd1234/  .state.abcd1234/           being written (mkdtemp names)
     RUN/.metrics.jsonl.abcd1234  .checkpoint-NNNNNNN.pruned/                        being rewritten / deleted
     RUN/checkpoint-NNNNNNN.damaged/                                                 found damaged by a resume
+    RUN/.lock                                            held (flock) by the process training in the folder
 
 A process killed mid-write (kill -9, power loss) leaves the hidden names behind; `remove_leftovers` deletes them
-when a run starts or resumes. A new run refuses a non-empty folder that holds anything else. `check_out_folder` and
-`check_can_create` refuse, before any work, a path that cannot become a folder.
+when a run starts or resumes. A new run refuses a non-empty folder that holds anything else, or a finished run's
+model/ (it would be replaced). A second process training in a folder in use (a job requeued while the first
+still runs) is refused (`lock`). `check_out_folder` and `check_can_create` refuse, before any work, a path that
+cannot become a folder.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -30,12 +34,49 @@ def check_new_run(run: Path) -> None:
     """Refuse to start a run in a folder holding files that are not a run's (they would be replaced or deleted)."""
     if run.exists() and not run.is_dir():
         raise ConfigError(f"--train.out {run} is a file: choose an empty or new folder")
-    names = [p.name for p in run.iterdir()] if run.is_dir() else []
+    names = [p.name for p in run.iterdir() if p.name != ".lock"] if run.is_dir() else []  # (lock: see `lock`)
     foreign = [n for n in names if not (RUN_NAMES.fullmatch(n) or LEFTOVER.fullmatch(n))]
     if names and (foreign or "config.toml" not in names):
         what = f"holds {sorted(foreign)[0]!r}" if foreign else f"holds {sorted(names)[0]!r} but no config.toml"
         raise ConfigError(f"--train.out {run} is not empty and not a palitorch run folder (it {what}): choose an "
                           "empty or new folder")
+    if (run / "model").is_dir():
+        raise ConfigError(f"--train.out {run} holds a finished run (its model/): a new run there would replace it; "
+                          "choose another folder, or delete the old run first")
+
+
+_held: dict[Path, object] = {}  # run folder -> this process's open lock file
+
+
+def lock(run: Path) -> None:
+    """Hold RUN/.lock (flock) while this process trains there, until `unlock`; ConfigError if another process holds
+    it. A lock this process still holds (a Trainer interrupted in a notebook, then resumed) passes to the new run.
+    Where flock does not exist (Windows), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    unlock(run)
+    f = open(run / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(f"--train.out {run} is in use by a palitorch train still running ({holder}): wait for it "
+                          "to end or stop it, or choose another folder") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _held[run.resolve()] = f
+
+
+def unlock(run: Path) -> None:
+    """Let go of RUN/.lock if this process holds it (the file stays: deleting it would race with a new holder)."""
+    f = _held.pop(run.resolve(), None)
+    if f is not None:
+        f.close()
 
 
 def remove_leftovers(run: Path) -> list[str]:

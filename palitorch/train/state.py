@@ -118,14 +118,19 @@ def optimizer_state(opt: torch.optim.Optimizer, names: list[str]) -> tuple[dict[
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def load_optimizer(opt: torch.optim.Optimizer, names: list[str], saved_state: Saved) -> None:
-    """Load the saved moments into `opt`; the saved trainable set must equal the current one."""
+def load_optimizer(opt: torch.optim.Optimizer, names: list[str], saved_state: Saved,
+                   trainable: str = "[train] trainable") -> None:
+    """Load the saved moments into `opt`, by parameter name; the saved trainable set must equal the current one
+    (`trainable`: the setting that chooses it, for the error). The parameter groups' settings (weight decay, betas,
+    eps, lr_scale) stay the current config's, whatever the groups were when the checkpoint was written."""
     meta, tensors, folder = saved_state.state["optimizer"], saved_state.optimizer, saved_state.folder
     saved = [n for g in meta["param_groups"] for n in g["params"]]
-    if saved != names:
+    if set(saved) != set(names):
+        extra, missing = sorted(set(names) - set(saved)), sorted(set(saved) - set(names))
+        which = f"it did not train {extra[0]}" if extra else f"it trained {missing[0]}"
         raise CheckpointError(
-            f"{folder}: the checkpoint trained {len(saved)} parameters and this run trains {len(names)}: resume "
-            "with the same [train] trainable setting"
+            f"{folder}: the checkpoint trained {len(saved)} parameters and this run trains {len(names)} ({which}): "
+            f"resume with the same {trainable} setting"
         )
     index = {n: i for i, n in enumerate(names)}
     state: dict[int, dict] = {}
@@ -135,10 +140,7 @@ def load_optimizer(opt: torch.optim.Optimizer, names: list[str], saved_state: Sa
     for key, v in meta["scalars"].items():
         n, k = key.split("::")
         state.setdefault(index[n], {})[k] = v
-    sd = opt.state_dict()
-    for g, saved_g in zip(sd["param_groups"], meta["param_groups"]):
-        g.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved_g.items() if k != "params"})
-    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 
 @dataclass

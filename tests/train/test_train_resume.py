@@ -143,7 +143,7 @@ def test_leftovers_of_interrupted_writes_are_removed(base, data, tmp_path, capsy
     (run / ".cache").mkdir()
     Trainer(config(data, run, **OVER), resume=True)
     names = sorted(p.name for p in run.iterdir() if p.name.startswith("."))
-    assert names == [".cache", ".checkpoint-0000006.notours"]
+    assert names == [".cache", ".checkpoint-0000006.notours", ".lock"]  # (.lock: held by the trainer)
     assert "left by an interrupted write" in capsys.readouterr().err
 
 
@@ -181,7 +181,7 @@ def test_ctrl_c_says_how_to_go_on_and_keeps_checkpoints_whole(data, tmp_path, mo
     err = capsys.readouterr().err
     assert err == "\npalitorch train: interrupted after step 4 of 4; the last checkpoint is step 2: rerun with " \
                   "--resume to continue from it\n"
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["checkpoint-0000002", "config.toml",
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [".lock", "checkpoint-0000002", "config.toml",
                                                                   "metrics.jsonl", "tokenizer"]
     assert state.read(tmp_path / "c" / "checkpoint-0000002").step == 2
 
@@ -204,22 +204,6 @@ def test_without_progress_bar_the_evaluations_and_summary_print(data, tmp_path, 
     out = capsys.readouterr().out
     assert "step 2: exact match" in out and "step 4: exact match" in out
     assert out.strip().splitlines()[-1].startswith("trained 4 steps (4 of 4 in all) in ")
-
-
-class SignalNotHandled(Exception):
-    """Raised by the test's own SIGTERM handler: `palitorch train` did not put its own in place."""
-
-
-@pytest.fixture
-def sigterm_guard():
-    """SIGTERM would kill the test process unless palitorch handles it: make an unhandled one a test failure."""
-    def unhandled(signum, frame):
-        raise SignalNotHandled
-
-    before = signal.signal(signal.SIGTERM, unhandled)
-    yield unhandled
-    assert signal.getsignal(signal.SIGTERM) is unhandled  # palitorch put the handler back
-    signal.signal(signal.SIGTERM, before)
 
 
 def terminating(monkeypatch, at_step: int, times: int = 1):

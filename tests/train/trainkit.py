@@ -41,7 +41,7 @@ def config(data: Path, out: Path, **overrides):
         "data.train": str(data / "train.jsonl"), "data.eval": str(data / "test.jsonl"), "train.out": str(out),
         "train.steps": 8, "train.batch_size": 8, "train.progress": False, "train.log_every": 1,
         "model.image_size": 16, "model.patch_size": 8, "model.vocab_size": 64, "optim.warmup_steps": 2,
-        "eval.max_new_tokens": 4, "eval.batch_size": 16,
+        "eval.max_new_tokens": 12, "eval.batch_size": 16,  # (the longest answer: 9 tokens)
     }
     base.update({k.replace("__", "."): v for k, v in overrides.items()})
     args = []

@@ -1,0 +1,49 @@
+"""What a checkpoint records so that `--resume` continues the same run, and what a resume may change.
+
+A resumed run draws the same batches as the uninterrupted one only if everything that decides them is unchanged:
+the seed, the batch size, the data (its bytes and how it is repeated) and the late mix. A checkpoint stores these
+(`identity`) and a resume refuses a run that differs (`check_identity`), naming the setting.
+
+The optimizer's settings may change on a resume (say, a lower learning rate for the rest of a run): the schedule's
+learning rate is computed every step, and the AdamW settings (weight_decay, betas, eps) and the lr_scale groups are
+the new config's; the moments are restored per parameter name. A resume says which [optim] settings changed
+(`optim_changes`), as config.toml records the new ones.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from palitorch.errors import ConfigError
+
+# Settings absent from checkpoints written by older palitorch versions, with the value they had then; those without
+# a value here are checked only where the checkpoint has them.
+OLDER = {"per_image": 1, "late_from": 0, "late_examples": 0}
+
+
+def identity(trainer) -> dict:
+    """The settings that decide which examples each step draws (stored in trainer_state.json)."""
+    t, d = trainer.cfg.train, trainer.cfg.data
+    late = len(trainer.late_data) if trainer.late_data is not None else 0
+    return {"seed": t.seed, "batch_size": t.batch_size, "data_fingerprint": trainer.fingerprint,
+            "num_examples": len(trainer.data), "per_image": d.per_image, "task_repeat": d.task_repeat,
+            "late_from": d.late_from, "late_examples": late, "late_task_repeat": d.late_task_repeat}
+
+
+def check_identity(saved: dict, now: dict, checkpoint: str) -> None:
+    """ConfigError naming the first setting in which this run differs from the checkpoint's."""
+    for k, v in now.items():
+        if k not in saved and k not in OLDER:
+            continue
+        was = saved.get(k, OLDER.get(k))
+        if was != json.loads(json.dumps(v)):  # (as trainer_state.json holds it: a table's keys are strings)
+            raise ConfigError(f"--resume: {checkpoint} was trained with {k} {was!r}, this run has {v!r}: resume "
+                              "with the same settings, or start a new run in another folder")
+
+
+def optim_changes(saved_config: dict, cfg) -> list[str]:
+    """The [optim] settings that differ from the checkpoint's config, as 'name old -> new'."""
+    old = saved_config.get("optim", {})
+    return [f"{k} {old[k]!r} -> {v!r}" for k, v in asdict(cfg.optim).items()
+            if k in old and old[k] != json.loads(json.dumps(v))]
