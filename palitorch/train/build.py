@@ -22,6 +22,7 @@ from palitorch.checkpoint import load_model, read_config, resolve_dtype
 from palitorch.checkpoint.io import check_checkpoint_folder as check_folder
 from palitorch.config import small_preset
 from palitorch.errors import CheckpointError, ConfigError
+from palitorch.inference.inputs import checkpoint_path
 from palitorch.inference.processor import Processor
 from palitorch.model import PaliGemma
 from palitorch.model.gemma import RMSNorm
@@ -49,8 +50,9 @@ def tokenizer_files(folder: Path) -> dict[str, Path]:
 
 
 def check_checkpoint_folder(folder: Path) -> None:
-    """A one-line CheckpointError unless `folder` holds a checkpoint's config.json and tokenizer.json."""
-    check_folder(folder)
+    """A one-line CheckpointError unless `folder` holds a checkpoint's config.json and tokenizer.json (a Hub id
+    gets the line on downloading it)."""
+    check_folder(checkpoint_path(folder))
     if not (folder / "tokenizer.json").is_file():
         raise CheckpointError(f"{folder} has no tokenizer.json: copy the checkpoint's tokenizer files into it")
 

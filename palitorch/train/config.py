@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -198,6 +199,12 @@ class TrainConfig:
             lines.append("")
         return "\n".join(lines)
 
+    def ignored(self) -> list[str]:
+        """The [model] keys set to other than their defaults that this run does not read: with init, the
+        checkpoint decides what they describe (its resolution, version, tokenizer)."""
+        m, default = self.model, ModelConfig()
+        return [k for k in SCRATCH_ONLY if getattr(m, k) != getattr(default, k)] if m.init else []
+
     def validate(self) -> None:
         """Every value in its range (LIMITS) and consistent with the others; else a one-line ConfigError."""
         for sec, limits in LIMITS.items():
@@ -247,6 +254,10 @@ class TrainConfig:
         if taken := [g for g in self.eval.group_by if g in METRIC_NAMES]:
             raise ConfigError(f"[eval] group_by {taken[0]!r} is the name of an overall metric: group by other fields")
 
+
+# [model] keys that only a from-scratch model reads (with init, the checkpoint decides): refused beside init.
+SCRATCH_ONLY = ("preset", "version", "image_size", "patch_size", "vocab_size", "dummy_prefix", "split_punctuation",
+                "init_std", "smooth_locs")
 
 # What an evaluation reports beside its groups (train/evaluate.py): no group may take these names.
 METRIC_NAMES = frozenset({"exact_match", "n", "boxes", "eval_loss", "step"})
@@ -318,6 +329,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if sec not in SECTIONS or not name:
             raise ConfigError(f"override --{key}: write it as --section.key with a section from {', '.join(SECTIONS)}")
         _set(cfg, sec, name, value, from_text=True)
+    # "~/runs/x" as a shell would read it (a TOML value is not expanded by one: a folder named "~" was made)
+    cfg.model.init, cfg.data.eval, cfg.train.out = (os.path.expanduser(p) if p else p
+                                                    for p in (cfg.model.init, cfg.data.eval, cfg.train.out))
+    cfg.data.train = [os.path.expanduser(p) for p in cfg.data.train]
     cfg.validate()
     return cfg
 

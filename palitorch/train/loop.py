@@ -64,6 +64,9 @@ class Trainer:
             if not resume:
                 (self.run / "metrics.jsonl").unlink(missing_ok=True)
                 (self.run / "config.toml").write_text(cfg.to_toml())  # first: it marks the folder as a run's
+            if ignored := cfg.ignored():
+                print(f"palitorch train: warning: [model] {', '.join(ignored)}: for a model built from scratch; "
+                      "ignored with init, whose checkpoint decides them", file=sys.stderr)
         ddp.barrier(self.dist)
         torch.manual_seed(t.seed + self.dist.rank)
 

@@ -159,3 +159,17 @@ def test_the_evaluation_frees_its_kv_caches(data, tmp_path):
     result = trainer.evaluate()
     assert math.isfinite(result["eval_loss"])
     assert all(layer.attn.kv_cache is None for layer in trainer.model.language_model.layers)
+
+
+def test_paths_expand_a_tilde_and_ignored_scratch_keys_are_named(data, base, tmp_path, monkeypatch, capsys):
+    """`out = "~/runs/x"` is the home folder's (a folder named "~" was made), and a from-scratch key beside init
+    (here the test config's 16 px image_size) is named as ignored: the checkpoint decides it."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "ckpt").symlink_to(base)
+    cfg = config(data, "~/runs/x", **OVER, model__init="~/ckpt")
+    assert (cfg.train.out, cfg.model.init) == (str(tmp_path / "runs" / "x"), str(tmp_path / "ckpt"))
+    trainer = Trainer(cfg)
+    assert trainer.model.cfg.vision.image_size == 32  # the checkpoint's
+    err = capsys.readouterr().err
+    assert "warning: [model] image_size, vocab_size: for a model built from scratch; ignored with init" \
+        in err
