@@ -255,6 +255,15 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
+def _permit_as_umask(folder: Path) -> None:
+    """Give a folder written under mkdtemp (mode 0700) and its files (safetensors writes 0600) the modes of files
+    made as usual, under the umask: another user, or a server under another uid, can read the model."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [folder, *folder.rglob("*")]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def save_model(model: PaliGemma, path, extra_files: dict[str, str | os.PathLike] | None = None,
                max_shard_bytes: int | None = None) -> Path:
     """Write `model` as a Hub-layout folder (newer key layout), atomically: a temp folder, then a rename.
@@ -296,6 +305,7 @@ def save_model(model: PaliGemma, path, extra_files: dict[str, str | os.PathLike]
         for name, src in (extra_files or {}).items():  # (a name may hold a subfolder: peft/adapter_config.json)
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, tmp / name)
+        _permit_as_umask(tmp)
         if out.exists():
             old = out.with_name(out.name + ".old")
             shutil.rmtree(old, ignore_errors=True)

@@ -57,6 +57,22 @@ def test_save_round_trip_loads_in_both(pg2, tmp_path):
     assert PaliGemmaConfig.from_hf(json.loads((out / "config.json").read_text())) == model.cfg
 
 
+def test_a_saved_folder_has_the_modes_the_umask_gives(pg2, tmp_path):
+    """Others may read a saved model as they may read the user's other files (it was 0700: a server under another
+    uid could not load a run's model/)."""
+    import os
+    import stat
+
+    model = load_model(pg2[0])
+    mask = os.umask(0o022)
+    try:
+        out = save_model(model, tmp_path / "saved", extra_files={"tokenizer.json": pg2[0] / "tokenizer.json"})
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
+
+
 def _copy(src, dst):
     shutil.copytree(src, dst)
     return dst
