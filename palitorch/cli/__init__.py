@@ -98,6 +98,8 @@ def os_error_line(e: OSError) -> str:
     if e.filename is None:
         return why
     paths = " -> ".join(os.fsdecode(f) for f in (e.filename, e.filename2) if f is not None)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"cannot use {paths}: {why} (free some space, or write elsewhere)"
     return f"cannot use {paths}: {why} (check the path and its permissions)"
 
 

@@ -71,6 +71,7 @@ def evaluate(args: argparse.Namespace) -> int:
             raise InputError(f"--predictions {args.predictions}: {not_a_folder(out.parent)}")
         if Path(args.data).exists() and out.resolve() == Path(args.data).resolve():
             raise InputError("--predictions must not be the data file")
+        _check_writable(out.with_name(out.name + ".part"), args.predictions)  # before hours of evaluation
     device, dtype = check_model_options(args)
     examples = read_jsonl(args.data)
     idx = subset(len(examples), args.max_examples, args.seed)
@@ -108,6 +109,10 @@ def evaluate(args: argparse.Namespace) -> int:
 
         metrics = exact_match(pipe.model, pipe.processor, examples, idx, args.batch_size, args.max_new_tokens,
                               groups, ddp.Dist(), generate=generate)
+    if args.json:  # first: the metrics are not lost if the predictions cannot be written after all
+        print(json.dumps({"data": str(args.data), **metrics}, ensure_ascii=False), flush=True)
+    else:
+        print(summary(str(args.data), metrics), flush=True)
     if out is not None:  # one process answers every example, in the order of idx
         lines = []
         for i, answer in zip(idx, answers):
@@ -119,8 +124,16 @@ def evaluate(args: argparse.Namespace) -> int:
         part = out.with_name(out.name + ".part")
         part.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         os.replace(part, out)  # all of it or none
-    if args.json:
-        print(json.dumps({"data": str(args.data), **metrics}, ensure_ascii=False))
-    else:
-        print(summary(str(args.data), metrics))
     return 0
+
+
+def _check_writable(part: Path, given: str) -> None:
+    """InputError unless the predictions' temporary file can be created where they go (made and removed)."""
+    try:
+        with open(part, "x"):
+            pass
+        part.unlink()
+    except FileExistsError:
+        pass  # (left by an earlier run: it is overwritten)
+    except OSError as e:
+        raise InputError(f"--predictions {given}: cannot write there ({e.strerror}): choose another path") from None

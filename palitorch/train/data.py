@@ -38,7 +38,8 @@ def read_jsonl(path: str | Path) -> list[Example]:
     """Parse one JSONL file; a bad line raises a ConfigError naming the file and line."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"data file {str(p)!r} does not exist")
+        what = "is a folder: give a JSONL file" if p.is_dir() else "does not exist"
+        raise ConfigError(f"data file {str(p)!r} {what}")
     out = []
     with p.open("rb") as f:  # bytes, so that a line that is not UTF-8 is reported with its number
         for n, line in enumerate(f, 1):
@@ -134,7 +135,8 @@ class Dataset:
         for e in examples:
             if e.image not in seen:  # fail before training starts, not at the first batch that needs it
                 if not e.image.is_file():
-                    raise ConfigError(f"{e.where}: image {str(e.image)!r} does not exist")
+                    what = "is a folder" if e.image.is_dir() else "does not exist"
+                    raise ConfigError(f"{e.where}: image {str(e.image)!r} {what}")
                 seen.add(e.image)
             key = (e.prefix, e.suffix)
             if key not in cache:

@@ -70,6 +70,7 @@ def test_eval_scores_what_the_model_answers(fake_pipe, images, tmp_path, capsys)
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--max-examples", "-1"], "--max-examples must be >= 0"),
     (["--predictions", "nowhere/p.jsonl"], "does not exist"),
+    (["--predictions", "/proc/p.jsonl"], "--predictions /proc/p.jsonl: cannot write there"),  # (was after the eval)
     (["--group-by", "kind,boxes"], "--group-by 'boxes' is the name of an overall metric"),
     (["--group-by", "n"], "--group-by 'n' is the name of an overall metric"),
 ])
