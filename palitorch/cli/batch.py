@@ -92,13 +92,19 @@ class Request:
     options: dict  # decoding keywords: the command line's defaults updated by the request's own
 
 
+def _not_json(name: str):
+    """NaN, Infinity and -Infinity, which Python's json reads but JSON has not (the output would carry them on to
+    stricter parsers)."""
+    raise ValueError(f"{name} is not a JSON value (write null or a number)")
+
+
 def read_fields(index: int, raw: bytes) -> dict:
     """One input line -> its JSON object, or InputError."""
     if index == 1:
         raw = raw.removeprefix(codecs.BOM_UTF8)  # Windows tools start UTF-8 files with one
     try:
-        fields = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        fields = json.loads(raw.decode("utf-8"), parse_constant=_not_json)
+    except ValueError as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
         raise InputError(f"line {index} is not valid JSON: {e}") from None
     if not isinstance(fields, dict):
         raise InputError(f"line {index} is not a JSON object")
@@ -130,10 +136,12 @@ def make_request(index: int, fields: dict, folder: Path, defaults: dict) -> Requ
         if name in FOREIGN and not (name == "n" and fields[name] == 1):
             raise InputError(f"line {index}: {name!r} is another tool's decoding option, which palitorch batch "
                              f"does not read: use {FOREIGN[name]}")
-        if like := difflib.get_close_matches(name, FLAG_OF, n=1, cutoff=0.7):
+        # (a near miss of a long option name: short fields such as "step", "speed" or "seed_id" are the user's own)
+        if len(name) >= 6 and (like := difflib.get_close_matches(name, FLAG_OF, n=1, cutoff=0.85)):
             raise InputError(f"line {index}: unknown field {name!r}; did you mean the decoding option {like[0]!r}?")
     options = dict(defaults)
-    options.update({k: _whole(k, v) for k, v in fields.items() if k in FLAG_OF})
+    options.update({k: _whole(k, v) for k, v in fields.items() if k in FLAG_OF and v is not None})  # (null: unset,
+    # as pandas writes a missing value)
     try:
         check_decoding(options)
     except InputError as e:

@@ -19,7 +19,8 @@ EARLY_STOPPING = {"true": True, "false": False, "never": "never"}
 DECODING = (
     ("--max-new-tokens", "max_new_tokens", int, "N", "most tokens to generate (default 64)"),
     ("--min-new-tokens", "min_new_tokens", int, "N", "suppress the end of the answer until N tokens (default 0)"),
-    ("--temperature", "temperature", float, "T", "sample at temperature T > 0; 0 or unset means greedy"),
+    ("--temperature", "temperature", float, "T", "sample at temperature T > 0; 0 means greedy, and so does unset "
+     "unless --top-k, --top-p or --min-p is given (then T = 1)"),
     ("--top-k", "top_k", int, "K", "sample among the K most likely tokens"),
     ("--top-p", "top_p", float, "P", "sample from the fewest tokens with probability >= P, 0 < P <= 1"),
     ("--min-p", "min_p", float, "P", "drop tokens less likely than P times the most likely one, 0 <= P <= 1"),

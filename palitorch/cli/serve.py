@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import math
 import os
 import signal
 import sys
@@ -133,8 +134,11 @@ def serve(args: argparse.Namespace) -> int:
         raise InputError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
     if args.max_queue < 1:
         raise InputError(f"--max-queue must be >= 1, got {args.max_queue}")
-    if not args.max_body_mb > 0:
-        raise InputError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    if not 0 < args.max_body_mb < math.inf:
+        raise InputError(f"--max-body-mb must be a number > 0, got {args.max_body_mb}")
+    if args.no_fetch and args.fetch_private:
+        raise InputError("--fetch-private lets the server fetch from private addresses, and --no-fetch lets it fetch "
+                         "nothing: give one of them")
     for origin in args.allow_origins or ():
         check_origin(origin)
     max_batch = args.max_batch_size

@@ -6,6 +6,7 @@ The field types are those of train/config.py's dataclasses: str, int, float, boo
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 import typing
@@ -25,6 +26,10 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
         a = args[i]
         if not a.startswith("--"):
             raise ConfigError(f"unexpected argument {a!r}: overrides look like --section.key value")
+        if "." not in a.split("=", 1)[0]:  # a mistyped option (--resum), not an override
+            like = difflib.get_close_matches(a, ["--resume", "--print-config", "--help"], n=1)
+            raise ConfigError(f"unrecognized option {a}" + (f" (did you mean {like[0]}?)" if like else
+                                                             "; overrides look like --section.key value"))
         if "=" in a:
             k, v = a[2:].split("=", 1)
             i += 1

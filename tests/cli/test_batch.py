@@ -309,6 +309,24 @@ def test_a_misspelled_option_is_an_error_and_result_names_are_not_copied(fake_pi
     assert got[2]["id"] == 7 and got[2]["text"] == "caption 2 (300x200)" and "error" not in got[2]
 
 
+def test_own_fields_null_options_and_non_json_constants(fake_pipe, images, capsys):
+    """Short fields of the user's own near an option's name are kept (step, speed, seed_id were taken for typos of
+    stop and seed); a decoding option set to null is unset, as pandas writes a missing value; NaN is not JSON, so a
+    line holding it is refused rather than copied into the output for stricter parsers to choke on."""
+    src = write_requests(images.parent / "requests.jsonl", [
+        {"image": "imgs/red.png", "prompt": "caption 1", "step": 3, "speed": 1, "seed_id": "a", "top": 2},
+        {"image": "imgs/red.png", "prompt": "caption 2", "max_new_tokens": None, "temperature": None},
+        '{"image": "imgs/red.png", "prompt": "caption 3", "score": NaN}'])
+    dst = images.parent / "out.jsonl"
+    pipe = fake_pipe(answer)
+    assert cli(["batch", "--input", src, "--output", dst], capsys)[0] == 1
+    got = read_results(dst)
+    assert "error" not in got[1] and (got[1]["step"], got[1]["speed"], got[1]["seed_id"]) == (3, 1, "a")
+    assert "error" not in got[2] and got[2]["decoding"] == {}
+    assert "line 3 is not valid JSON: NaN is not a JSON value" in got[3]["error"]
+    assert "score" not in got[3] and sum(len(c[2]) for c in pipe.calls) == 2
+
+
 def test_other_tools_decoding_names_are_refused_not_ignored(fake_pipe, images, capsys):
     """Names the HTTP API or transformers use (max_tokens, ignore_eos, do_sample, ...) were kept as the request's own
     fields, the line answered with the defaults; now the line says what to write instead. `"n": 1` asks nothing."""

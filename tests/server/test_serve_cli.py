@@ -142,9 +142,11 @@ def before_anything(monkeypatch):
     (["--max-batch-size", "0"], "--max-batch-size must be >= 1, got 0"),
     (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1"),
-    (["--max-body-mb", "0"], "--max-body-mb must be > 0"),
+    (["--max-body-mb", "0"], "--max-body-mb must be a number > 0"),
     (["--max-queue", "0"], "--max-queue must be >= 1, got 0"),
-    (["--max-body-mb", "nan"], "--max-body-mb must be > 0"),
+    (["--max-body-mb", "nan"], "--max-body-mb must be a number > 0"),
+    (["--max-body-mb", "inf"], "--max-body-mb must be a number > 0, got inf"),  # (was a traceback)
+    (["--no-fetch", "--fetch-private"], "give one of them"),
     (["--allow-origin", "localhost:3000"], "--allow-origin 'localhost:3000': give an origin as browsers send it"),
     (["--allow-origin", "http://localhost:3000/"], "no path or trailing slash"),
 ])

@@ -59,6 +59,8 @@ def test_round_trip_through_toml(tmp_path):
     (["--bogus.lr", "1"], "write it as --section.key"),
     (["--train.steps"], "has no value"),
     (["stray"], "unexpected argument"),
+    (["--resum"], "unrecognized option --resum (did you mean --resume?)"),  # (was "override --resum has no value")
+    (["--print-confg"], "did you mean --print-config?"),
     (["--optim.schedule", "step"], "schedule 'step' is not one of"),
     (["--train.bf16", "maybe"], "expected true or false"),
     (["--train.log_every", "0"], "log_every must be >= 1"),
