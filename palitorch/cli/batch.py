@@ -51,6 +51,7 @@ from palitorch.cli.results import (
     Writer,
     check_writable,
     fold_parts,
+    is_stream,
     output_target,
     read_done,
     sort_by_index,
@@ -230,7 +231,7 @@ def batch(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     src, (dst, streamed) = Path("/dev/stdin" if args.input == "-" else args.input), output_target(args.output)
-    piped = str(src).startswith(("/dev/", "/proc/"))  # `-`, /dev/stdin: image paths are then from this folder
+    piped = is_stream(src)  # `-`, /dev/stdin, a pipe: image paths are then from this folder
     if src.is_dir() or not (src.is_file() or (piped and src.exists())):
         raise InputError(f"input file {args.input!r} {'is not a file' if src.exists() else 'does not exist'}")
     if dst.is_dir() or str(args.output).endswith(("/", os.sep)):

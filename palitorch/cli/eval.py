@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from palitorch.cli.common import add_model_options, check_model_options, load_pipeline, not_a_folder, one_line_errors
+from palitorch.cli.results import output_target
 from palitorch.errors import InputError
 
 
@@ -63,7 +64,8 @@ def evaluate(args: argparse.Namespace) -> int:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_examples < 0:
         raise InputError(f"--max-examples must be >= 0 (0: all), got {args.max_examples}")
-    out = Path(args.predictions) if args.predictions else None
+    # As batch's --output: a link to a file updates the file; a device, a pipe or /dev/stdout is written as a stream
+    out, streamed = output_target(args.predictions) if args.predictions else (None, False)
     if out is not None:
         if out.is_dir() or args.predictions.endswith(("/", os.sep)):
             raise InputError(f"--predictions {args.predictions} is a folder: give a file name")
@@ -71,7 +73,8 @@ def evaluate(args: argparse.Namespace) -> int:
             raise InputError(f"--predictions {args.predictions}: {not_a_folder(out.parent)}")
         if Path(args.data).exists() and out.resolve() == Path(args.data).resolve():
             raise InputError("--predictions must not be the data file")
-        _check_writable(out.with_name(out.name + ".part"), args.predictions)  # before hours of evaluation
+        if not streamed:
+            _check_writable(out.with_name(out.name + ".part"), args.predictions)  # before hours of evaluation
     device, dtype = check_model_options(args)
     examples = read_jsonl(args.data)
     idx = subset(len(examples), args.max_examples, args.seed)
@@ -121,9 +124,14 @@ def evaluate(args: argparse.Namespace) -> int:
                                      "prediction": answer,
                                      "exact_match": normalize_answer(answer) == normalize_answer(e.suffix)},
                                     ensure_ascii=False))
-        part = out.with_name(out.name + ".part")
-        part.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        os.replace(part, out)  # all of it or none
+        text = "".join(line + "\n" for line in lines)
+        if streamed:
+            with open(out, "w", encoding="utf-8") as f:
+                f.write(text)
+        else:
+            part = out.with_name(out.name + ".part")
+            part.write_text(text, encoding="utf-8")
+            os.replace(part, out)  # all of it or none
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable
@@ -24,6 +25,18 @@ RESULT_FIELDS = frozenset({"index", "decoding", "generated_by", "error", "text",
                            "beams"})
 
 
+_PROCESS_FILE = re.compile(r"/dev/(stdin|stdout|stderr|fd/\d+)|/proc/[^/]+/fd/\d+")
+
+
+def is_stream(path: Path) -> bool:
+    """Whether a path is read or written as a stream rather than a file: a process's file descriptor (/dev/stdout,
+    /proc/self/fd/1), a device (anything under /dev/ but /dev/shm's files), or a pipe."""
+    p = str(path)
+    if _PROCESS_FILE.fullmatch(p) or (p.startswith("/dev/") and not p.startswith("/dev/shm/")):
+        return True
+    return path.exists() and not path.is_file()
+
+
 def output_target(path: Path) -> tuple[Path, bool]:
     """Where `--output PATH` writes, and whether that is a stream: a device, a pipe or a process's file descriptor
     (`-`, /dev/stdout, /proc/self/fd/1, also through links), written in order and never read back, resumed or
@@ -33,7 +46,7 @@ def output_target(path: Path) -> tuple[Path, bool]:
         return Path("/dev/stdout"), True
     p = Path(os.path.realpath(Path(path).parent)) / Path(path).name
     for _ in range(40):  # a loop of links ends here, and reads as a missing file
-        if str(p).startswith(("/dev/", "/proc/")):
+        if is_stream(p):
             return p, True
         if not p.is_symlink():
             break

@@ -93,6 +93,28 @@ def test_an_output_that_is_not_a_file(fake_pipe, images, capsys):
     assert len(pipe.calls) == 1 and not Path(os.devnull + ".part").exists()
 
 
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /dev/shm")
+def test_files_in_dev_shm_are_files(fake_pipe, images, capsys):
+    """/dev/shm holds ordinary files (tmpfs): its input takes image paths from its own folder, and its output is
+    resumed and kept in input order (every path under /dev/ was taken for a stream: a rerun appended every answer
+    again)."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        shutil.copytree(images, folder / "imgs")
+        src = write_lines(folder / "requests.jsonl", [
+            json.dumps({"image": "imgs/red.png", "prompt": f"caption {i}"}) for i in range(3)])
+        fake_pipe(answer)
+        for _ in range(2):
+            assert cli(["batch", "--input", src, "--output", folder / "out.jsonl"], capsys)[0] == 0
+        lines = (folder / "out.jsonl").read_text().splitlines()
+        assert [json.loads(line)["index"] for line in lines] == [1, 2, 3]
+    finally:
+        shutil.rmtree(folder)
+
+
 NOT_CREATABLE = "/proc/1/x.jsonl"  # /proc takes no new files, not even from root
 
 

@@ -114,3 +114,24 @@ def test_an_image_damaged_past_its_header_is_named_with_its_line(fake_pipe, imag
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     rc, _, err = cli(["eval", "--data", tmp_path / "d.jsonl", "--quiet"], capsys)
     assert rc == 2 and "d.jsonl:2: cannot read image" in err and err.count("\n") == 1
+
+
+def test_predictions_through_a_link_or_into_a_pipe(tmp_path, capsys):
+    """As batch's --output: a link to a file updates the file (the link was replaced by a file), and a FIFO is
+    written into (it was replaced by a file, and its reader waited forever; as root, /dev/null alike)."""
+    import os
+    import threading
+
+    demo_jsonl(tmp_path / "test.jsonl")
+    args = ["eval", "--data", tmp_path / "test.jsonl", "--max-examples", "2", "--quiet", "--predictions"]
+    (tmp_path / "target.jsonl").write_text("old\n")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "target.jsonl")
+    assert cli([*args, tmp_path / "link.jsonl"], capsys)[0] == 0
+    assert (tmp_path / "link.jsonl").is_symlink() and len((tmp_path / "target.jsonl").read_text().splitlines()) == 2
+    os.mkfifo(tmp_path / "fifo")
+    read = []
+    reader = threading.Thread(target=lambda: read.append((tmp_path / "fifo").read_text()), daemon=True)
+    reader.start()
+    assert cli([*args, tmp_path / "fifo"], capsys)[0] == 0
+    reader.join(timeout=60)
+    assert len(read[0].splitlines()) == 2 and not (tmp_path / "fifo").is_file()
