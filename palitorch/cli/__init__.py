@@ -81,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         if first:  # a newline ends the ^C line; Interrupted carries a line on how to go on
             print(f"\npalitorch {args.command}: {e}" if str(e) else "", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:  # (torch.OutOfMemoryError is a RuntimeError)
+        if not _out_of_memory(e):
+            raise
+        if first:
+            print(f"palitorch {args.command}: error: out of memory ({str(e).splitlines()[0][:160]}): lower "
+                  "--batch-size, --max-new-tokens or --num-beams, or use --dtype bfloat16", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         stdout_to_devnull()
         return 141  # 128 + SIGPIPE: what a reader that stopped early (head) expects of a writer
@@ -90,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         if first:
             print(f"palitorch {args.command}: error: {os_error_line(e)}", file=sys.stderr)
         return 2
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether an error is an allocation that failed (host or GPU memory): the input asked for too much."""
+    text = str(e)
+    return isinstance(e, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text
 
 
 def os_error_line(e: OSError) -> str:

@@ -26,6 +26,7 @@ from palitorch.errors import InputError
 
 MAX_LENGTH_PENALTY = 20  # length ** 20 stays finite for any context length; useful values are about -2 to 2
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit: enough to see a step's close alternatives, few enough to copy each step
+MAX_NUM_BEAMS = 128  # each beam is a row of KV cache: far above useful widths (1-16), far below a runaway
 
 
 @dataclass
@@ -103,8 +104,8 @@ class GenerationOptions:
             bad(f"min_p must be in [0, 1], got {self.min_p!r}")
         if not _is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
             bad(f"repetition_penalty must be a finite number > 0 (1 means none), got {self.repetition_penalty!r}")
-        if not _is_int(self.num_beams) or self.num_beams < 1:
-            bad(f"num_beams must be an integer >= 1, got {self.num_beams!r}")
+        if not _is_int(self.num_beams) or not 1 <= self.num_beams <= MAX_NUM_BEAMS:
+            bad(f"num_beams must be an integer from 1 to {MAX_NUM_BEAMS}, got {self.num_beams!r}")
         if not _is_num(self.length_penalty) or abs(self.length_penalty) > MAX_LENGTH_PENALTY:
             bad(f"length_penalty must be a number from -{MAX_LENGTH_PENALTY} to {MAX_LENGTH_PENALTY} (beam scores "
                 f"are logprob / length ** length_penalty), got {self.length_penalty!r}")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, cli  # tests/cli/conftest.py
 
 import palitorch.cli.run
@@ -36,6 +37,30 @@ def test_other_errors_keep_their_traceback(monkeypatch, capsys):
 
     monkeypatch.setattr(palitorch.cli.run, "run", fail)
     with pytest.raises(OSError, match="Invalid argument"):
+        cli(["run", "--image", "x.png", "--prompt", "caption en"], capsys)
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 2457600000000000 bytes"),
+])
+def test_out_of_memory_is_one_line_that_says_what_to_lower(error, monkeypatch, capsys):
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(palitorch.cli.run, "run", fail)
+    rc, out, err = cli(["run", "--image", "x.png", "--prompt", "caption en"], capsys)
+    assert rc == 1 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("palitorch run: error: out of memory (") and "lower --batch-size" in err
+
+
+def test_a_runtime_error_that_is_not_memory_keeps_its_traceback(monkeypatch, capsys):
+    def fail(args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(palitorch.cli.run, "run", fail)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
         cli(["run", "--image", "x.png", "--prompt", "caption en"], capsys)
 
 

@@ -135,6 +135,7 @@ BAD = [
     (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1"),
     (["--top-k", "x"], "argument --top-k: invalid int value"),
     (["--num-beams", "2", "--temperature", "0.7"], "beam search is deterministic"),
+    (["--num-beams", "100000"], "--num-beams must be an integer from 1 to 128"),  # (ran away with the memory)
     (["--stop", ""], "--stop must be a list of non-empty strings"),
     (["--device", "toaster"], "unknown device"),
     (["--dtype", "int8"], "unsupported dtype"),
