@@ -287,6 +287,9 @@ def run_requests(args, lines: list[bytes], folder: Path, dst: Path, streamed: bo
             check_same_request(done[index], req, dst, model)
         else:
             requests.append(req)
+    if beyond := sorted(i for i in done if i > len(lines)):
+        raise InputError(f"--output {dst} holds results for lines {beyond[0]}-{beyond[-1]}, which {args.input} does "
+                         "not have: it belongs to a longer input; choose another --output")
     if regular:
         check_writable(dst)
     if ranks.main:

@@ -199,6 +199,19 @@ def test_output_of_another_input_is_refused(fake_pipe, requests_file, capsys):
     assert rc == 2 and "holds results for another input" in err and err.count("\n") == 1
 
 
+def test_output_of_a_longer_input_is_refused(fake_pipe, requests_file, capsys):
+    """An output holding results past the input's last line (of a longer input) was resumed: its 7 answers kept, the
+    summary "already there"."""
+    dst = requests_file.parent / "out.jsonl"
+    fake_pipe(answer)
+    assert cli(["batch", "--input", requests_file, "--output", dst], capsys)[0] == 0
+    short = write_requests(requests_file.parent / "short.jsonl", requests_file.read_text().splitlines()[:3])
+    before = dst.read_text()
+    rc, _, err = cli(["batch", "--input", short, "--output", dst], capsys)
+    assert rc == 2 and "holds results for lines 4-7, which" in err and err.count("\n") == 1, err
+    assert dst.read_text() == before
+
+
 def test_a_batch_the_model_rejects_is_retried_one_by_one(fake_pipe, requests_file, capsys):
     def picky(image, prompt):
         if prompt == "caption 3":
