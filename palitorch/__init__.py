@@ -6,12 +6,28 @@
     pipe.score(image, "caption en", "a cat on a bench")      # log-probabilities of an answer: a ScoreResult
 """
 
+from typing import TYPE_CHECKING
+
 from palitorch.assets import default_model_path
 from palitorch.config import PaliGemmaConfig, TextConfig, VisionConfig, preset
 from palitorch.errors import CheckpointError, ConfigError, InputError, NumericsError, PalitorchError
-from palitorch.inference import GenerationOptions, Pipeline, Result, ScoreResult, Stream, load
+
+if TYPE_CHECKING:
+    from palitorch.inference import GenerationOptions, Pipeline, Result, ScoreResult, Stream, load
 
 __version__ = "0.1.0"
+
+# Imported on first use (PEP 562): `import palitorch` does not import torch, so the command line starts at once and
+# a Ctrl-C while torch loads ends it quietly (palitorch.entry).
+_INFERENCE = {"GenerationOptions", "Pipeline", "Result", "ScoreResult", "Stream", "load"}
+
+
+def __getattr__(name: str):
+    if name in _INFERENCE:
+        import palitorch.inference
+
+        return getattr(palitorch.inference, name)
+    raise AttributeError(f"module 'palitorch' has no attribute {name!r}")
 
 __all__ = [
     "CheckpointError", "ConfigError", "GenerationOptions", "InputError", "NumericsError", "PaliGemmaConfig",

@@ -1,7 +1,7 @@
 import os
 import sys
 
-from palitorch.cli import main
+from palitorch.entry import main
 
 code = main()
 ddp = sys.modules.get("palitorch.train.ddp")

@@ -64,6 +64,26 @@ def test_a_runtime_error_that_is_not_memory_keeps_its_traceback(monkeypatch, cap
         cli(["run", "--image", "x.png", "--prompt", "caption en"], capsys)
 
 
+def test_ctrl_c_while_the_command_starts_is_quiet():
+    """Ctrl-C in the seconds torch takes to import (the moment one notices a typo in the command) printed the
+    import's traceback: `import palitorch` no longer imports torch, and the entry point guards the rest."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "palitorch", "run", "--image", "x.png", "--prompt", "hi"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err and out == "", err
+    assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, err)
+
+
+def test_import_palitorch_does_not_import_torch():
+    code = "import sys, palitorch; assert 'torch' not in sys.modules; palitorch.load; assert 'torch' in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
 class ClosedPipe(io.StringIO):
     def write(self, text):
         raise BrokenPipeError(32, "Broken pipe")
