@@ -131,6 +131,9 @@ def make_request(index: int, fields: dict, folder: Path, defaults: dict) -> Requ
         raise InputError(f'line {index} has no "image" path')
     if not isinstance(prompt, str):
         raise InputError(f'line {index} has no "prompt" string')
+    if image.lower().startswith(("http://", "https://")):
+        raise InputError(f'line {index}: the "image" is a URL: palitorch batch reads image files (download them '
+                         "first and give their paths)")
     if not _encodable(image):
         raise InputError(f'line {index}: the "image" path is not valid Unicode (a lone surrogate such as \\ud800)')
     for name in fields.keys() - FLAG_OF.keys() - RESULT_FIELDS - {"image", "prompt"}:  # kept as they are, unless...

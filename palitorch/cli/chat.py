@@ -130,4 +130,6 @@ def chat(args: argparse.Namespace) -> int:
             answer(pipe, image, line, opts)
         except PalitorchError as e:  # e.g. a prompt longer than the context: report it and keep chatting
             say(f"error: {e}")
+            if not interactive:  # an empty answer line: answers piped out stay line for line with the prompts
+                print(flush=True)
     return 0

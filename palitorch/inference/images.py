@@ -27,6 +27,12 @@ def load_image(image) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
         p = Path(image)
         if not p.is_file():
+            text = os.fspath(image)
+            if isinstance(text, str) and text.lower().startswith(("http://", "https://")) and not p.exists():
+                raise InputError(f"{text!r} is a URL: palitorch reads image files (download it first, e.g. with "
+                                 "curl -O, and give its path)")
+            if isinstance(text, str) and not text.strip():
+                raise InputError("the image path is empty: give an image file")
             raise InputError(f"image file {str(p)!r} {'is not a file' if p.exists() else 'does not exist'}")
         image = _decode(p, f"cannot read image {str(p)!r}")
     elif isinstance(image, (bytes, bytearray)):

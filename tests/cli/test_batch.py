@@ -329,7 +329,8 @@ def test_own_fields_null_options_and_non_json_constants(fake_pipe, images, capsy
     src = write_requests(images.parent / "requests.jsonl", [
         {"image": "imgs/red.png", "prompt": "caption 1", "step": 3, "speed": 1, "seed_id": "a", "top": 2},
         {"image": "imgs/red.png", "prompt": "caption 2", "max_new_tokens": None, "temperature": None},
-        '{"image": "imgs/red.png", "prompt": "caption 3", "score": NaN}'])
+        '{"image": "imgs/red.png", "prompt": "caption 3", "score": NaN}',
+        {"image": "https://example.com/cat.jpg", "prompt": "caption 4"}])
     dst = images.parent / "out.jsonl"
     pipe = fake_pipe(answer)
     assert cli(["batch", "--input", src, "--output", dst], capsys)[0] == 1
@@ -338,6 +339,7 @@ def test_own_fields_null_options_and_non_json_constants(fake_pipe, images, capsy
     assert "error" not in got[2] and got[2]["decoding"] == {}
     assert "line 3 is not valid JSON: NaN is not a JSON value" in got[3]["error"]
     assert "score" not in got[3] and sum(len(c[2]) for c in pipe.calls) == 2
+    assert 'line 4: the "image" is a URL: palitorch batch reads image files' in got[4]["error"]
 
 
 def test_other_tools_decoding_names_are_refused_not_ignored(fake_pipe, images, capsys):

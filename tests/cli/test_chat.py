@@ -65,7 +65,8 @@ def test_an_error_answer_does_not_end_the_chat(fake_pipe, images, capsys, monkey
 
     fake_pipe(answer)
     rc, out, err = run_chat("too long\ncaption en\n/quit\ncaption en\n", capsys, monkeypatch, images)
-    assert rc == 0 and out == "fine\n"  # /quit stopped before the last line
+    assert rc == 0 and out == "\nfine\n"  # (an empty line for the error: one answer line per prompt line); /quit
+    # stopped before the last line
     assert "error: the prompt is too long" in err
 
 

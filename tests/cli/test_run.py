@@ -167,9 +167,10 @@ def test_bad_options_fail_in_one_line_before_loading(extra, message, images, no_
 
 
 @pytest.mark.parametrize(("name", "why"), [("missing.png", "does not exist"), ("broken.png", "cannot read image"),
-                                         (".", "is not a file")])
+                                         (".", "is not a file"), ("https://example.com/cat.jpg", "is a URL: palitorch "
+                                                                  "reads image files (download it first")])
 def test_bad_image_fails_in_one_line_before_loading(name, why, images, no_model_load, capsys):
-    rc, out, err = cli(["run", "--image", images / name, "--prompt", "caption en"], capsys)
+    rc, out, err = cli(["run", "--image", name if "://" in name else images / name, "--prompt", "caption en"], capsys)
     assert rc == 2 and out == "" and err.count("\n") == 1 and why in err, err
 
 
