@@ -273,10 +273,7 @@ class Trainer:
         if self.dist.main:
             st = {"step": self.step, "epoch": self.step / self.per_epoch, "total_steps": self.total,
                   **resume.identity(self), "world_size": self.dist.world,
-                  "data_order": "epoch e: torch.randperm(num_examples, seed * 1000003 + e) (grouped by image when "
-                                "per_image > 1: palitorch.train.data.grouped_order), cut into batches, "
-                                "tail dropped; step s takes batch s mod batches_per_epoch of epoch s div it; from "
-                                "step late_from on the same over the late_examples of [data] late_task_repeat",
+                  "data_order": resume.DATA_ORDER,
                   "lr": build.lr_at(max(0, self.step - 1), self.total, self.cfg.optim),
                   "config": self.cfg.to_dict()}
             state.save(self.run, self.step, self.model, self.opt, self.names, st, rng, self.tokenizer_files,

@@ -17,6 +17,12 @@ from dataclasses import asdict
 
 from palitorch.errors import ConfigError
 
+# How `identity` decides each step's examples, written into trainer_state.json for a reader of the checkpoint.
+DATA_ORDER = ("epoch e: torch.randperm(num_examples, seed * 1000003 + e) (grouped by image when per_image > 1: "
+              "palitorch.train.data.grouped_order), cut into batches, tail dropped; step s takes batch s mod "
+              "batches_per_epoch of epoch s div it; from step late_from on the same over the late_examples of [data] "
+              "late_task_repeat")
+
 # Settings absent from checkpoints written by older palitorch versions, with the value they had then; those without
 # a value here are checked only where the checkpoint has them.
 OLDER = {"per_image": 1, "late_from": 0, "late_examples": 0}
