@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from palitorch.errors import ConfigError, Interrupted, NumericsError
-from palitorch.train import build, ddp, evaluate, feed, lora, resume, runfolder, state
+from palitorch.train import build, continuation, ddp, evaluate, feed, lora, runfolder, state
 from palitorch.train.config import TrainConfig
 from palitorch.train.data import Dataset, fingerprint, global_batch, read_jsonl, repeat_by_task
 from palitorch.train.images import ImageError, Images
@@ -146,14 +146,14 @@ class Trainer:
 
     def _restore(self, saved: state.Saved) -> None:
         st, folder = saved.state, saved.folder
-        resume.check_identity(st, resume.identity(self), folder.name)
+        continuation.check_identity(st, continuation.identity(self), folder.name)
         if saved.step > self.total:  # [train] steps is a total: going on would only write these weights to model/
             raise ConfigError(f"--resume: {folder.name} is at step {saved.step}, past this run's {self.total} steps "
                               f"(a total, not steps to add): use --train.steps {saved.step + self.total} for "
                               f"{self.total} more")
         state.load_optimizer(self.opt, self.names, saved,
                              "[lora] also_train" if self.cfg.lora.rank else "[train] trainable")
-        if self.dist.main and (changes := resume.optim_changes(st.get("config", {}), self.cfg)):
+        if self.dist.main and (changes := continuation.optim_changes(st.get("config", {}), self.cfg)):
             print(f"palitorch train: --resume: [optim] {'; '.join(changes)} (from step {saved.step} on)",
                   file=sys.stderr)
         state.restore_rng(saved, self.dist, self.device)
@@ -272,8 +272,8 @@ class Trainer:
         rng = state.rng_tensors(self.dist, self.device)  # collective: every process takes part
         if self.dist.main:
             st = {"step": self.step, "epoch": self.step / self.per_epoch, "total_steps": self.total,
-                  **resume.identity(self), "world_size": self.dist.world,
-                  "data_order": resume.DATA_ORDER,
+                  **continuation.identity(self), "world_size": self.dist.world,
+                  "data_order": continuation.DATA_ORDER,
                   "lr": build.lr_at(max(0, self.step - 1), self.total, self.cfg.optim),
                   "config": self.cfg.to_dict()}
             state.save(self.run, self.step, self.model, self.opt, self.names, st, rng, self.tokenizer_files,
