@@ -109,6 +109,11 @@ class Trainer:
         else:
             self.trainable = build.set_trainable(self.model, t.trainable)
         self.opt, self.names = build.optimizer(self.model, cfg.optim)
+        low = sum(p.numel() for p in self.model.parameters() if p.requires_grad and p.dtype != torch.float32)
+        if low and self.dist.main:  # (bfloat16's 8-bit mantissa: most AdamW steps are below half its spacing)
+            print(f"palitorch train: warning: {low:,} trainable parameters are stored in {cfg.model.dtype}, where "
+                  "small updates round away: for float32 master weights set [model] dtype = \"float32\" (with [train] "
+                  "bf16 = true for bfloat16 compute)", file=sys.stderr)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.step = 0
         if self.saved is not None:

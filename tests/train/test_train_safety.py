@@ -173,3 +173,14 @@ def test_paths_expand_a_tilde_and_ignored_scratch_keys_are_named(data, base, tmp
     err = capsys.readouterr().err
     assert "warning: [model] image_size, vocab_size: for a model built from scratch; ignored with init" \
         in err
+
+
+def test_training_bfloat16_weights_is_warned_about(data, tmp_path, capsys):
+    """An audit measured 6% of the weights changing at all in 20 steps of pure-bfloat16 fine-tuning, 52% with
+    float32 master weights: AdamW's steps fall below half of bfloat16's spacing and round away."""
+    Trainer(config(data, tmp_path / "a", **OVER))
+    assert "round away" not in capsys.readouterr().err
+    trainer = Trainer(config(data, tmp_path / "b", **OVER, model__dtype="bfloat16"))
+    n = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    assert f"warning: {n:,} trainable parameters are stored in bfloat16, where small updates round away" in \
+        capsys.readouterr().err
