@@ -26,8 +26,9 @@ from palitorch.inference.inputs import checkpoint_path
 from palitorch.inference.processor import Processor
 from palitorch.model import PaliGemma
 from palitorch.model.gemma import RMSNorm
-from palitorch.train.config import SCRATCH_CONTEXT, ModelConfig, OptimConfig
-from palitorch.train.data import Example
+from palitorch.train.config import SCRATCH_CONTEXT, ModelConfig, OptimConfig, TrainConfig
+from palitorch.train.data import Dataset, Example
+from palitorch.train.evaluate import cut_answers
 from palitorch.train.tokenizer import save_tokenizer, train_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
@@ -213,6 +214,23 @@ def lr_at(step: int, total: int, cfg: OptimConfig, lr: float | None = None, warm
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
     return lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
+
+
+def warnings(cfg: TrainConfig, model: nn.Module, eval_data: Dataset | None) -> list[str]:
+    """What a run's config does that its author may not expect: settings it ignores, trainable weights whose
+    updates round away, eval answers cut short."""
+    out = []
+    if ignored := cfg.ignored():
+        out.append(f"[model] {', '.join(ignored)}: for a model built from scratch; ignored with init, whose "
+                   "checkpoint decides them")
+    low = sum(p.numel() for p in model.parameters() if p.requires_grad and p.dtype != torch.float32)
+    if low:  # (bfloat16's 8-bit mantissa: most AdamW steps are below half its spacing)
+        out.append(f"{low:,} trainable parameters are stored in {cfg.model.dtype}, where small updates round away: "
+                   "for float32 master weights set [model] dtype = \"float32\" (with [train] bf16 = true for bfloat16 "
+                   "compute)")
+    if eval_data is not None and (cut := cut_answers(eval_data, cfg.eval.max_new_tokens)):
+        out.append(cut)
+    return out
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

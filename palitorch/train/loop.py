@@ -64,9 +64,6 @@ class Trainer:
             if not resume:
                 (self.run / "metrics.jsonl").unlink(missing_ok=True)
                 (self.run / "config.toml").write_text(cfg.to_toml())  # first: it marks the folder as a run's
-            if ignored := cfg.ignored():
-                print(f"palitorch train: warning: [model] {', '.join(ignored)}: for a model built from scratch; "
-                      "ignored with init, whose checkpoint decides them", file=sys.stderr)
         ddp.barrier(self.dist)
         torch.manual_seed(t.seed + self.dist.rank)
 
@@ -89,9 +86,6 @@ class Trainer:
         self.eval_examples = read_jsonl(cfg.data.eval) if cfg.data.eval else []
         self.eval_data = Dataset(self.eval_examples, self.processor, self.images, max_length=cap) \
             if self.eval_examples else None
-        if self.eval_data is not None and self.dist.main and (warning := evaluate.cut_answers(self.eval_data,
-                                                                                             cfg.eval.max_new_tokens)):
-            print(f"palitorch train: warning: {warning}", file=sys.stderr)
 
         if t.batch_size < self.dist.world:
             raise ConfigError(f"[train] batch_size {t.batch_size} is smaller than the {self.dist.world} processes")
@@ -109,11 +103,8 @@ class Trainer:
         else:
             self.trainable = build.set_trainable(self.model, t.trainable)
         self.opt, self.names = build.optimizer(self.model, cfg.optim)
-        low = sum(p.numel() for p in self.model.parameters() if p.requires_grad and p.dtype != torch.float32)
-        if low and self.dist.main:  # (bfloat16's 8-bit mantissa: most AdamW steps are below half its spacing)
-            print(f"palitorch train: warning: {low:,} trainable parameters are stored in {cfg.model.dtype}, where "
-                  "small updates round away: for float32 master weights set [model] dtype = \"float32\" (with [train] "
-                  "bf16 = true for bfloat16 compute)", file=sys.stderr)
+        for warning in build.warnings(cfg, self.model, self.eval_data) if self.dist.main else ():
+            print(f"palitorch train: warning: {warning}", file=sys.stderr)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.step = 0
         if self.saved is not None:
