@@ -28,7 +28,9 @@ import codecs
 import difflib
 import json
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -255,9 +257,27 @@ def batch(args: argparse.Namespace) -> int:
         raise InputError(f"cannot read the input file {str(src)!r}: {e.strerror}") from None
     if b"\0" in data:
         raise InputError(f"input file {str(src)!r} is not text: give a JSON-lines file, one request per line")
-    with ranks.joined():
-        return run_requests(args, data.splitlines(), src.parent if not piped else Path.cwd(), dst, streamed, defaults,
-                            ranks, device, dtype)
+    # SIGTERM (Slurm, Kubernetes, docker stop) ends the job as Ctrl-C does: the answers written are kept, and the
+    # line says how to go on; the exit status is 143 (128 + SIGTERM)
+    terminated = []
+
+    def terminate(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, terminate) if main_thread else None
+    try:
+        with ranks.joined():
+            return run_requests(args, data.splitlines(), src.parent if not piped else Path.cwd(), dst, streamed,
+                                defaults, ranks, device, dtype)
+    except KeyboardInterrupt:
+        if terminated:
+            return 128 + signal.SIGTERM
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, before)
 
 
 def run_requests(args, lines: list[bytes], folder: Path, dst: Path, streamed: bool, defaults: dict, ranks: Ranks,

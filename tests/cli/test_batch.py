@@ -322,26 +322,6 @@ def test_a_misspelled_option_is_an_error_and_result_names_are_not_copied(fake_pi
     assert got[2]["id"] == 7 and got[2]["text"] == "caption 2 (300x200)" and "error" not in got[2]
 
 
-def test_own_fields_null_options_and_non_json_constants(fake_pipe, images, capsys):
-    """Short fields of the user's own near an option's name are kept (step, speed, seed_id were taken for typos of
-    stop and seed); a decoding option set to null is unset, as pandas writes a missing value; NaN is not JSON, so a
-    line holding it is refused rather than copied into the output for stricter parsers to choke on."""
-    src = write_requests(images.parent / "requests.jsonl", [
-        {"image": "imgs/red.png", "prompt": "caption 1", "step": 3, "speed": 1, "seed_id": "a", "top": 2},
-        {"image": "imgs/red.png", "prompt": "caption 2", "max_new_tokens": None, "temperature": None},
-        '{"image": "imgs/red.png", "prompt": "caption 3", "score": NaN}',
-        {"image": "https://example.com/cat.jpg", "prompt": "caption 4"}])
-    dst = images.parent / "out.jsonl"
-    pipe = fake_pipe(answer)
-    assert cli(["batch", "--input", src, "--output", dst], capsys)[0] == 1
-    got = read_results(dst)
-    assert "error" not in got[1] and (got[1]["step"], got[1]["speed"], got[1]["seed_id"]) == (3, 1, "a")
-    assert "error" not in got[2] and got[2]["decoding"] == {}
-    assert "line 3 is not valid JSON: NaN is not a JSON value" in got[3]["error"]
-    assert "score" not in got[3] and sum(len(c[2]) for c in pipe.calls) == 2
-    assert 'line 4: the "image" is a URL: palitorch batch reads image files' in got[4]["error"]
-
-
 def test_other_tools_decoding_names_are_refused_not_ignored(fake_pipe, images, capsys):
     """Names the HTTP API or transformers use (max_tokens, ignore_eos, do_sample, ...) were kept as the request's own
     fields, the line answered with the defaults; now the line says what to write instead. `"n": 1` asks nothing."""
@@ -377,6 +357,25 @@ def test_an_interrupted_run_says_what_it_kept(fake_pipe, requests_file, capsys):
     rc, _, err = cli(["batch", "--input", requests_file, "--output", dst, "--batch-size", "2"], capsys)
     assert rc == 130 and "interrupted; the 2 results written to" in err and "run the same command again" in err
     assert sorted(read_results(dst)) == [1, 2]
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(fake_pipe, requests_file, capsys):
+    """Slurm's or docker's stop: the answers written are kept, the same line says how to go on, exit 143 (it ended
+    with no line)."""
+    import os
+    import signal
+
+    def stop_at_3(image, prompt):
+        if prompt == "caption 3":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return "ok"
+
+    dst = requests_file.parent / "out.jsonl"
+    fake_pipe(stop_at_3)
+    before = signal.getsignal(signal.SIGTERM)
+    rc, _, err = cli(["batch", "--input", requests_file, "--output", dst, "--batch-size", "2"], capsys)
+    assert rc == 143 and "interrupted; the 2 results written to" in err and "run the same command again" in err
+    assert sorted(read_results(dst)) == [1, 2] and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_a_finished_output_is_in_input_order(fake_pipe, requests_file, capsys):

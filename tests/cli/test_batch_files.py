@@ -200,3 +200,23 @@ def test_an_output_named_as_a_folder_is_refused(images, no_model_load, capsys):
     src = write_lines(images.parent / "requests.jsonl", ['{"image": "imgs/red.png", "prompt": "caption en"}'])
     rc, _, err = cli(["batch", "--input", src, "--output", f"{images.parent}/results/"], capsys)
     assert rc == 2 and "is a folder: give a file name" in err and not (images.parent / "results").exists()
+
+
+def test_own_fields_null_options_and_non_json_constants(fake_pipe, images, capsys):
+    """Short fields of the user's own near an option's name are kept (step, speed, seed_id were taken for typos of
+    stop and seed); a decoding option set to null is unset, as pandas writes a missing value; NaN is not JSON, so a
+    line holding it is refused rather than copied into the output for stricter parsers to choke on."""
+    src = write_lines(images.parent / "requests.jsonl", [json.dumps(x) if isinstance(x, dict) else x for x in [
+        {"image": "imgs/red.png", "prompt": "caption 1", "step": 3, "speed": 1, "seed_id": "a", "top": 2},
+        {"image": "imgs/red.png", "prompt": "caption 2", "max_new_tokens": None, "temperature": None},
+        '{"image": "imgs/red.png", "prompt": "caption 3", "score": NaN}',
+        {"image": "https://example.com/cat.jpg", "prompt": "caption 4"}]])
+    dst = images.parent / "out.jsonl"
+    pipe = fake_pipe(answer)
+    assert cli(["batch", "--input", src, "--output", dst], capsys)[0] == 1
+    got = read_results(dst)
+    assert "error" not in got[1] and (got[1]["step"], got[1]["speed"], got[1]["seed_id"]) == (3, 1, "a")
+    assert "error" not in got[2] and got[2]["decoding"] == {}
+    assert "line 3 is not valid JSON: NaN is not a JSON value" in got[3]["error"]
+    assert "score" not in got[3] and sum(len(c[2]) for c in pipe.calls) == 2
+    assert 'line 4: the "image" is a URL: palitorch batch reads image files' in got[4]["error"]
