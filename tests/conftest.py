@@ -1,5 +1,6 @@
 """Shared fixtures. Tiny random checkpoints are written once per session by transformers itself."""
 
+import signal
 import sys
 from pathlib import Path
 
@@ -77,3 +78,19 @@ def skinny_calls(monkeypatch):
     monkeypatch.setattr(kernels, "SKINNY_MIN_ELEMENTS", 0)
     monkeypatch.setattr(kernels, "SKINNY_MAX_ROWS", 8)
     return n
+
+
+class SignalNotHandled(Exception):
+    """Raised by the test's own SIGTERM handler: `palitorch train` did not put its own in place."""
+
+
+@pytest.fixture
+def sigterm_guard():
+    """SIGTERM would kill the test process unless palitorch handles it: make an unhandled one a test failure."""
+    def unhandled(signum, frame):
+        raise SignalNotHandled
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    yield unhandled
+    assert signal.getsignal(signal.SIGTERM) is unhandled  # palitorch put the handler back
+    signal.signal(signal.SIGTERM, before)

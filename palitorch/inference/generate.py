@@ -71,6 +71,11 @@ def eos_ids(model: PaliGemma, processor: Processor) -> list[int]:
     return sorted({*model.cfg.eos_token_ids, processor.eos_id})
 
 
+def ragged(budgets: list[int]) -> dict:
+    """`decode`'s row_steps keyword when the rows' budgets differ (else none: every row runs to the same end)."""
+    return {"row_steps": budgets} if len(set(budgets)) > 1 else {}
+
+
 def row_budgets(model: PaliGemma, prompts: Prompts, opts: GenerationOptions) -> list[int]:
     """Each row's max_new_tokens, cut so that it does not run past the model's context. A row's room is counted
     from its own prompt (positions count real tokens), so a short prompt batched with a long one is not cut short:
@@ -256,7 +261,8 @@ def logsumexp_logprobs(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: list[int], pad_id: int,
-           steps: int, fns: Steps | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, Top | None]]:
+           steps: int, fns: Steps | None = None,
+           row_steps: list[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, Top | None]]:
     """Yield (tokens [B], logprobs [B], alternatives) for up to `steps` steps, all on the device.
 
     logprobs are log_softmax of the raw logits at the chosen token; alternatives, with `opts.top_logprobs` = k,
@@ -265,10 +271,12 @@ def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: lis
     (a check is free), on CUDA within a few steps, without emptying the GPU's queue; see `DoneWatch`.
     Greedy decoding runs the forward and the choice as one function, `fns.greedy` (`fns.greedy_top` with
     alternatives); sampling and repetition penalties choose from `fns.logits` outside it. `fns`: see `Steps`.
+    `row_steps`: each row's own budget (`row_budgets`, when they differ): a row counts as done once it is spent.
     """
     fns = fns or EAGER
     b, t = prompts.ids.shape
     device = prompts.ids.device
+    budgets = torch.tensor(row_steps, device=device) if row_steps else None
     logits, cur = prefill(model, prompts, ensure_caches(model, b, t + steps))
     chooser = Chooser(opts, eos, logits.shape[-1], prompts.ids, prompts.valid)
     eos_t = torch.tensor(eos, device=device)
@@ -295,6 +303,8 @@ def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: lis
         elif i > 0:
             chooser.observe(tok)
             tok, lp, done, top = pick(fns.logits(model, tok, *cur.step()), i, done)
+        if budgets is not None:
+            done = done | (budgets <= i + 1)
         yield tok, lp, top
         if i + 1 == steps or watch.finished(done, i):
             return
@@ -315,7 +325,7 @@ def generate(model: PaliGemma, processor: Processor, pixels: torch.Tensor, promp
     answers = [Answer(processor, eos, opts.stop, n, top=opts.top_logprobs > 0, budget=budget)
                for n, budget in zip(batch.lengths, budgets)]
     toks, lps, tops = [], [], []
-    for tok, lp, top in decode(model, batch, opts, eos, processor.pad_id, max(budgets), fns):
+    for tok, lp, top in decode(model, batch, opts, eos, processor.pad_id, max(budgets), fns, **ragged(budgets)):
         if opts.stop:  # stop strings need the text: one host sync per step
             for a, t, p, alt in zip(answers, tok.tolist(), lp.tolist(), row_alternatives(top, len(answers))):
                 a.push(t, p, track_text=True, alternatives=alt)
@@ -380,7 +390,7 @@ def stream_batch(model: PaliGemma, processor: Processor, pixels: torch.Tensor, p
             done[i] = True
             yield i, result
 
-    for tok, lp, top in decode(model, batch, opts, eos, processor.pad_id, max(budgets), fns):
+    for tok, lp, top in decode(model, batch, opts, eos, processor.pad_id, max(budgets), fns, **ragged(budgets)):
         alts = row_alternatives(top, len(answers))
         for i, (a, t, p) in enumerate(zip(answers, tok.tolist(), lp.tolist())):
             if not done[i]:
