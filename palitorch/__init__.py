@@ -22,11 +22,18 @@ __version__ = "0.1.0"
 _INFERENCE = {"GenerationOptions", "Pipeline", "Result", "ScoreResult", "Stream", "load"}
 
 
+_SUBPACKAGES = {"checkpoint", "cli", "inference", "model", "native", "server", "tasks", "train"}
+
+
 def __getattr__(name: str):
     if name in _INFERENCE:
         import palitorch.inference
 
         return getattr(palitorch.inference, name)
+    if name in _SUBPACKAGES:  # `palitorch.model.kernels...` after a plain `import palitorch`, as before
+        import importlib
+
+        return importlib.import_module(f"palitorch.{name}")
     raise AttributeError(f"module 'palitorch' has no attribute {name!r}")
 
 __all__ = [

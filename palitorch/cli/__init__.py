@@ -18,6 +18,11 @@ from palitorch.cli.common import one_line_errors
 from palitorch.errors import PalitorchError, ProcessError
 
 COMMANDS = ("run", "chat", "batch", "eval", "serve", "train", "merge", "data", "demo")
+# What to lower when a command runs out of memory.
+LOWER = {"train": "lower [train] micro_batch_size, set [train] gradient_checkpointing = true, or train LoRA",
+         "serve": "lower --max-batch-size, or use --dtype bfloat16",
+         "eval": "lower --batch-size or --max-new-tokens, or use --dtype bfloat16",
+         "": "lower --batch-size, --max-new-tokens or --num-beams, or use --dtype bfloat16"}
 # Errors without a file name that are still the machine's, not the program's: say them in one line.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES, errno.EPERM}
 
@@ -84,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     except (MemoryError, RuntimeError) as e:  # (torch.OutOfMemoryError is a RuntimeError)
         if not _out_of_memory(e):
             raise
-        if first:
-            print(f"palitorch {args.command}: error: out of memory ({str(e).splitlines()[0][:160]}): lower "
-                  "--batch-size, --max-new-tokens or --num-beams, or use --dtype bfloat16", file=sys.stderr)
+        what = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        rank = "" if first else f" (process {os.environ.get('RANK')})"  # (a process's own: each says it)
+        print(f"palitorch {args.command}: error: out of memory{rank} ({what}): {LOWER.get(args.command, LOWER[''])}",
+              file=sys.stderr)
         return 1
     except BrokenPipeError:
         stdout_to_devnull()

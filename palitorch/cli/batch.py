@@ -24,22 +24,16 @@ run there cannot resume.
 from __future__ import annotations
 
 import argparse
-import codecs
-import difflib
 import json
 import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 from palitorch.cli.common import (
-    DECODING,
-    FLAG_OF,
     add_decoding_options,
     add_model_options,
-    check_decoding,
     check_model_options,
     decoding_options,
     load_pipeline,
@@ -48,8 +42,8 @@ from palitorch.cli.common import (
     result_fields,
 )
 from palitorch.cli.ranks import Ranks
+from palitorch.cli.requests import Request, check_same_request, make_request, read_fields
 from palitorch.cli.results import (
-    RESULT_FIELDS,
     Writer,
     check_writable,
     fold_parts,
@@ -84,94 +78,6 @@ def add_parser(subparsers) -> None:
     add_model_options(p)
     add_decoding_options(p)
     p.set_defaults(func=batch)
-
-
-@dataclass
-class Request:
-    index: int  # line number in the input file, from 1
-    fields: dict  # the request as given
-    image: Path
-    prompt: str
-    options: dict  # decoding keywords: the command line's defaults updated by the request's own
-
-
-def _not_json(name: str):
-    """NaN, Infinity and -Infinity, which Python's json reads but JSON has not (the output would carry them on to
-    stricter parsers)."""
-    raise ValueError(f"{name} is not a JSON value (write null or a number)")
-
-
-def read_fields(index: int, raw: bytes) -> dict:
-    """One input line -> its JSON object, or InputError."""
-    if index == 1:
-        raw = raw.removeprefix(codecs.BOM_UTF8)  # Windows tools start UTF-8 files with one
-    try:
-        fields = json.loads(raw.decode("utf-8"), parse_constant=_not_json)
-    except ValueError as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
-        raise InputError(f"line {index} is not valid JSON: {e}") from None
-    if not isinstance(fields, dict):
-        raise InputError(f"line {index} is not a JSON object")
-    return fields
-
-
-# Decoding options as the HTTP API (OpenAI, vLLM) and transformers name them: a line with one would otherwise be
-# answered with the defaults, the field kept as the request's own.
-FOREIGN = {
-    "max_tokens": '"max_new_tokens"', "max_completion_tokens": '"max_new_tokens"',
-    "max_length": '"max_new_tokens" (new tokens only)', "min_tokens": '"min_new_tokens"',
-    "min_length": '"min_new_tokens" (new tokens only)', "ignore_eos": '"min_new_tokens" equal to "max_new_tokens"',
-    "do_sample": '"temperature" (> 0 samples)', "stop_sequences": '"stop"',
-    "beam_size": '"num_beams"', "n": "one line per answer (with their own seeds)",
-    "num_return_sequences": "one line per answer (with their own seeds)",
-}
-
-
-def make_request(index: int, fields: dict, folder: Path, defaults: dict) -> Request:
-    """A request's fields -> Request, or InputError saying what is wrong with them."""
-    image, prompt = fields.get("image"), fields.get("prompt")
-    if not isinstance(image, str) or not image:
-        raise InputError(f'line {index} has no "image" path')
-    if not isinstance(prompt, str):
-        raise InputError(f'line {index} has no "prompt" string')
-    if image.lower().startswith(("http://", "https://")):
-        raise InputError(f'line {index}: the "image" is a URL: palitorch batch reads image files (download them '
-                         "first and give their paths)")
-    if not _encodable(image):
-        raise InputError(f'line {index}: the "image" path is not valid Unicode (a lone surrogate such as \\ud800)')
-    for name in fields.keys() - FLAG_OF.keys() - RESULT_FIELDS - {"image", "prompt"}:  # kept as they are, unless...
-        if name in FOREIGN and not (name == "n" and fields[name] == 1):
-            raise InputError(f"line {index}: {name!r} is another tool's decoding option, which palitorch batch "
-                             f"does not read: use {FOREIGN[name]}")
-        # (a near miss of a long option name: short fields such as "step", "speed" or "seed_id" are the user's own)
-        if len(name) >= 6 and (like := difflib.get_close_matches(name, FLAG_OF, n=1, cutoff=0.85)):
-            raise InputError(f"line {index}: unknown field {name!r}; did you mean the decoding option {like[0]!r}?")
-    options = dict(defaults)
-    options.update({k: _whole(k, v) for k, v in fields.items() if k in FLAG_OF and v is not None})  # (null: unset,
-    # as pandas writes a missing value)
-    try:
-        check_decoding(options)
-    except InputError as e:
-        raise InputError(f"line {index}: {e}") from None
-    path = Path(image)
-    return Request(index, fields, path if path.is_absolute() else folder / path, prompt, options)
-
-
-INTEGER_OPTIONS = frozenset(key for _, key, kind, *_ in DECODING if kind is int)
-
-
-def _whole(key: str, value):
-    """4.0 -> 4 for an integer option (pandas writes whole numbers so); 4.5 stays, for the check to refuse."""
-    if key in INTEGER_OPTIONS and isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def run_chunk(pipe, chunk: list[Request], writer: Writer, pad_to: int | None = None, model: dict | None = None) -> None:
@@ -403,19 +309,3 @@ def model_record(args: argparse.Namespace, dtype) -> dict:
     if args.adapter:
         record["adapter"] = str(Path(args.adapter).expanduser().resolve())
     return record | {"dtype": str(dtype).removeprefix("torch.")}
-
-
-def check_same_request(record: dict, req: Request, output: Path, model: dict) -> None:
-    """A result line whose image or prompt differs from its input line means the output belongs to another input
-    file; one whose decoding options or model differ, to another command line (lines written before palitorch
-    recorded them are not checked)."""
-    if "generated_by" in record and record["generated_by"] != model:
-        raise InputError(f"{output} holds results of another model ({record['generated_by']} then, {model} now): "
-                         "give the same --model, --adapter and --dtype, or another --output")
-    for name in ("image", "prompt"):
-        if name in record and record[name] != req.fields[name]:
-            raise InputError(f"{output} holds results for another input (line {req.index}'s {name} differs): "
-                             "choose another --output")
-    if "decoding" in record and record["decoding"] != json.loads(json.dumps(req.options)):
-        raise InputError(f"{output} holds results made with other decoding options (line {req.index}: "
-                         f"{record['decoding']} then, {req.options} now): give the same options, or another --output")

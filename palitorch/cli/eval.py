@@ -126,7 +126,7 @@ def evaluate(args: argparse.Namespace) -> int:
                                     ensure_ascii=False))
         text = "".join(line + "\n" for line in lines)
         if streamed:
-            with open(out, "w", encoding="utf-8") as f:
+            with open(out, "a", encoding="utf-8") as f:  # ("a": after the metrics, when stdout is a file)
                 f.write(text)
         else:
             part = out.with_name(out.name + ".part")

@@ -33,8 +33,9 @@ def identity(trainer) -> dict:
     t, d = trainer.cfg.train, trainer.cfg.data
     late = len(trainer.late_data) if trainer.late_data is not None else 0
     return {"seed": t.seed, "batch_size": t.batch_size, "data_fingerprint": trainer.fingerprint,
-            "num_examples": len(trainer.data), "per_image": d.per_image, "task_repeat": d.task_repeat,
-            "late_from": d.late_from, "late_examples": late, "late_task_repeat": d.late_task_repeat}
+            "task_repeat": d.task_repeat, "num_examples": len(trainer.data), "per_image": d.per_image,
+            "late_from": d.late_from, "late_examples": late,
+            "late_task_repeat": d.late_task_repeat if d.late_from > 0 else {}}  # (unused without late_from)
 
 
 def check_identity(saved: dict, now: dict, checkpoint: str) -> None:

@@ -55,9 +55,8 @@ class Trainer:
         # Newer checkpoints that do not read completely are skipped (and put aside once the resume is under way).
         self.saved, self.skipped = state.newest_readable(found) if resume else (None, [])
         self.resume_from = self.saved.folder if self.saved else None
+        runfolder.lock_run(self.run, self.dist, self.device)  # one run trains in a folder, until fit ends
         if self.dist.main:
-            self.run.mkdir(parents=True, exist_ok=True)
-            runfolder.lock(self.run)  # one process trains in a run folder (until fit ends)
             gone = runfolder.remove_leftovers(self.run)
             if gone:
                 print(f"palitorch train: removed {', '.join(gone)} (left by an interrupted write)", file=sys.stderr)

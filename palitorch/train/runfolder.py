@@ -16,6 +16,7 @@ cannot become a folder.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -45,6 +46,28 @@ def check_new_run(run: Path) -> None:
                           "choose another folder, or delete the old run first")
 
 
+def lock_run(run: Path, d, device) -> None:
+    """The first process makes the run folder and locks it (`lock`); under torchrun every process learns whether it
+    could (a collective on ddp.Dist `d`), so that all stop with its error instead of waiting for it."""
+    import torch
+
+    from palitorch.train import ddp
+
+    busy = None
+    if d.main:
+        run.mkdir(parents=True, exist_ok=True)
+        try:
+            lock(run)
+        except ConfigError as e:
+            busy = e
+    if d.enabled:
+        flag = ddp.all_reduce_sum(torch.tensor(float(busy is not None), device=device), d)
+        if float(flag) > 0 and busy is None:
+            busy = ConfigError(f"--train.out {run} is in use by a palitorch train still running")
+    if busy is not None:
+        raise busy
+
+
 _held: dict[Path, object] = {}  # run folder -> this process's open lock file
 
 
@@ -60,7 +83,10 @@ def lock(run: Path) -> None:
     f = open(run / ".lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):  # a file system without locks (some network ones): none
+            f.close()
+            return
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()

@@ -209,8 +209,11 @@ def test_own_fields_null_options_and_non_json_constants(fake_pipe, images, capsy
     src = write_lines(images.parent / "requests.jsonl", [json.dumps(x) if isinstance(x, dict) else x for x in [
         {"image": "imgs/red.png", "prompt": "caption 1", "step": 3, "speed": 1, "seed_id": "a", "top": 2},
         {"image": "imgs/red.png", "prompt": "caption 2", "max_new_tokens": None, "temperature": None},
-        '{"image": "imgs/red.png", "prompt": "caption 3", "score": NaN}',
-        {"image": "https://example.com/cat.jpg", "prompt": "caption 4"}]])
+        '{"image": "imgs/red.png", "prompt": "caption 3", "score": NaN, "w": 1e400}',
+        {"image": "https://example.com/cat.jpg", "prompt": "caption 4"},
+        '{"image": "imgs/red.png", "prompt": "caption 5", "w": 1e400}',
+        {"image": "imgs/red.png", "prompt": "caption 6", "top-k": 3},
+        {"image": "imgs/red.png", "prompt": "caption 7", "Seed": 3}]])
     dst = images.parent / "out.jsonl"
     pipe = fake_pipe(answer)
     assert cli(["batch", "--input", src, "--output", dst], capsys)[0] == 1
@@ -220,3 +223,12 @@ def test_own_fields_null_options_and_non_json_constants(fake_pipe, images, capsy
     assert "line 3 is not valid JSON: NaN is not a JSON value" in got[3]["error"]
     assert "score" not in got[3] and sum(len(c[2]) for c in pipe.calls) == 2
     assert 'line 4: the "image" is a URL: palitorch batch reads image files' in got[4]["error"]
+    assert "line 5 is not valid JSON: 1e400 is beyond a float's range" in got[5]["error"]
+    assert "unknown field 'top-k'; did you mean the decoding option 'top_k'?" in got[6]["error"]
+    assert "unknown field 'Seed'; did you mean the decoding option 'seed'?" in got[7]["error"]
+    # an output written before nulls were dropped (it recorded them) resumes: the same options
+    records = [json.loads(line) for line in dst.read_text().splitlines()]
+    records[1]["decoding"] = {"max_new_tokens": None, "temperature": None}
+    dst.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert cli(["batch", "--input", src, "--output", dst], capsys)[0] == 1  # (the bad lines fail again)
+    assert read_results(dst)[1]["text"] == "caption 1 (300x200)"

@@ -324,34 +324,6 @@ def test_prompt_longer_than_the_context_is_an_input_error(ckpt_factory):
         list(pipe.stream(images(1)[0], "caption en " * context))
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_a_short_prompt_keeps_its_room_in_a_batch_with_a_long_one(ckpt_factory, tmp_path, version):
-    """Near the end of the context each row gets the tokens its own prompt leaves room for, batched or alone (a
-    short prompt batched with a long one was cut to the long one's room)."""
-    import json
-    import shutil
-
-    src, _ = diverse(ckpt_factory, version)
-    folder = tmp_path / "short-context"
-    shutil.copytree(src, folder)
-    pipe = palitorch.load(src)
-    short, long = "ocr", "answer en what color is the shape in the middle?"
-    n_short, n_long = (len(pipe.processor.encode(p).ids) for p in (short, long))
-    assert n_long >= n_short + 6
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["text_config"]["max_position_embeddings"] = n_long + 4  # room: 4 tokens for long, more for short
-    (folder / "config.json").write_text(json.dumps(cfg))
-    pipe = palitorch.load(folder)
-    imgs, kw = images(2), dict(max_new_tokens=40, min_new_tokens=40)
-    alone = [pipe.generate(im, p, **kw) for im, p in zip(imgs, (short, long))]
-    assert [len(r.token_ids) for r in alone] == [n_long + 4 - n_short, 4]
-    assert all(r.finish_reason == "length" for r in alone)
-    batched = pipe.generate(imgs, [short, long], **kw)
-    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
-    streamed = {i: item for i, item in pipe.stream_batch(imgs, [short, long], **kw) if not isinstance(item, str)}
-    assert [streamed[i].token_ids for i in range(2)] == [r.token_ids for r in alone]
-
-
 def windowed(ckpt_factory, tmp_path, window: int = 100):
     """The Gemma 2 `diverse` checkpoint with a sliding window shorter than the sequence -> (folder, the original)."""
     import json

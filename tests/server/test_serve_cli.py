@@ -90,8 +90,10 @@ def test_a_second_ctrl_c_stops_at_once(pg1, demo):
         threading.Thread(target=lambda: [err_lines.put(line) for line in proc.stderr], daemon=True).start()
         body = chat(demo[0]["path"], "caption en", max_tokens=8000, min_tokens=8000)
         threading.Thread(target=lambda: _quietly(call, url + COMPLETIONS, body), daemon=True).start()
+        deadline = time.monotonic() + TIMEOUT  # (a safety bound, not a measurement)
         while "palitorch_requests_running 1" not in urllib.request.urlopen(url + "/metrics").read().decode():
-            time.sleep(0.05)  # until the request is decoding
+            assert time.monotonic() < deadline, "the request never started decoding"
+            time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
         while "stopping:" not in (line := err_lines.get(timeout=TIMEOUT)):
             pass
