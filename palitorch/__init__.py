@@ -25,6 +25,10 @@ _INFERENCE = {"GenerationOptions", "Pipeline", "Result", "ScoreResult", "Stream"
 _SUBPACKAGES = {"checkpoint", "cli", "inference", "model", "native", "server", "tasks", "train"}
 
 
+def __dir__():
+    return sorted({*globals(), *_INFERENCE})
+
+
 def __getattr__(name: str):
     if name in _INFERENCE:
         import palitorch.inference

@@ -33,9 +33,14 @@ def identity(trainer) -> dict:
     t, d = trainer.cfg.train, trainer.cfg.data
     late = len(trainer.late_data) if trainer.late_data is not None else 0
     return {"seed": t.seed, "batch_size": t.batch_size, "data_fingerprint": trainer.fingerprint,
-            "task_repeat": d.task_repeat, "num_examples": len(trainer.data), "per_image": d.per_image,
+            "task_repeat": _repeats(d.task_repeat), "num_examples": len(trainer.data), "per_image": d.per_image,
             "late_from": d.late_from, "late_examples": late,
-            "late_task_repeat": d.late_task_repeat if d.late_from > 0 else {}}  # (unused without late_from)
+            "late_task_repeat": _repeats(d.late_task_repeat) if d.late_from > 0 else {}}  # (unused without late_from)
+
+
+def _repeats(table: dict) -> dict:
+    """A task_repeat table without its entries of 1 (the default: {detect = 1} is the data of {})."""
+    return {k: v for k, v in sorted(table.items()) if v != 1}
 
 
 def check_identity(saved: dict, now: dict, checkpoint: str) -> None:

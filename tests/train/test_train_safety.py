@@ -87,8 +87,10 @@ def test_a_resume_applies_changed_optimizer_settings_by_name(finished, data, tmp
 def test_a_resume_refuses_a_changed_task_mix(finished, data, tmp_path):
     """[data] task_repeat decides the data order even when the example count stays the same."""
     run = shutil.copytree(finished, tmp_path / "run")
-    with pytest.raises(ConfigError, match=r"was trained with task_repeat \{\}, this run has \{'caption': 1\}"):
-        Trainer(config(data, run, **{**OVER, "train__steps": 6, "data__task_repeat": "{caption = 1}"}), resume=True)
+    with pytest.raises(ConfigError, match=r"was trained with task_repeat \{\}, this run has \{'caption': 2\}"):
+        Trainer(config(data, run, **{**OVER, "train__steps": 6, "data__task_repeat": "{caption = 2}"}), resume=True)
+    # {caption = 1} is the default's data (one copy each), so it resumes
+    Trainer(config(data, run, **{**OVER, "train__steps": 6, "data__task_repeat": "{caption = 1}"}), resume=True)
 
 
 def test_a_run_folder_in_use_is_refused(data, tmp_path):
