@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from palitorch.checkpoint.io import check_safetensors, read_json_object
+from palitorch.checkpoint.io import check_safetensors, read_json_object, write_safetensors
 from palitorch.checkpoint.keys import hf_runtime_name, hf_to_ours
 from palitorch.errors import CheckpointError
 from palitorch.model.paligemma import PaliGemma
@@ -239,6 +238,6 @@ def save_peft_adapter(folder: Path, version: int, lora: dict, whole: dict, setti
         config["ensure_weight_tying"] = True
         tensors[prefix + "lm_head.weight"] = tensors[embed].clone()
     folder.mkdir(exist_ok=True)
-    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+    write_safetensors(tensors, folder / WEIGHTS, metadata={"format": "pt"})
     (folder / CONFIG).write_text(json.dumps(config, indent=2))
     return {WEIGHTS: folder / WEIGHTS, CONFIG: folder / CONFIG}

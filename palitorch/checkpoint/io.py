@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -255,6 +256,18 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, whose I/O failures (a full disk) come as an OSError naming the file: safetensors
+    raises its own error with the OS's number in the text ("... (os error 28)"), which read as a bug."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
 def _permit_as_umask(folder: Path) -> None:
     """Give a folder written under mkdtemp (mode 0700) and its files (safetensors writes 0600) the modes of files
     made as usual, under the umask: another user, or a server under another uid, can read the model."""
@@ -279,7 +292,7 @@ def save_model(model: PaliGemma, path, extra_files: dict[str, str | os.PathLike]
         version = model.cfg.version
         tensors = {ours_to_hf(k, version): _own_storage(v) for k, v in model.state_dict().items()}
         if max_shard_bytes is None:
-            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            write_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         else:
             shards, cur, size = [], {}, 0
             for k, v in tensors.items():
@@ -292,7 +305,7 @@ def save_model(model: PaliGemma, path, extra_files: dict[str, str | os.PathLike]
             weight_map = {}
             for i, shard in enumerate(shards):
                 name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                write_safetensors(shard, tmp / name, metadata={"format": "pt"})
                 weight_map.update({k: name for k in shard})
             total = sum(v.numel() * v.element_size() for v in tensors.values())
             (tmp / "model.safetensors.index.json").write_text(

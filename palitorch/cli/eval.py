@@ -130,7 +130,11 @@ def evaluate(args: argparse.Namespace) -> int:
                 f.write(text)
         else:
             part = out.with_name(out.name + ".part")
-            part.write_text(text, encoding="utf-8")
+            try:
+                part.write_text(text, encoding="utf-8")
+            except OSError as e:  # (a full disk: the part would keep holding the space)
+                part.unlink(missing_ok=True)
+                raise OSError(e.errno, e.strerror, str(part)) from None
             os.replace(part, out)  # all of it or none
     return 0
 

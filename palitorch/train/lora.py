@@ -25,11 +25,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from palitorch.checkpoint import load_model
 from palitorch.checkpoint.adapter import save_peft_adapter
+from palitorch.checkpoint.io import write_safetensors
 from palitorch.errors import CheckpointError, ConfigError
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -145,7 +146,7 @@ def save_adapter(model: nn.Module, folder: Path, base: str | None = None) -> dic
         return {}
     tensors = {f"{n}.{k}": getattr(m, k).detach().float().contiguous().cpu() for n, m in layers
                for k in ("lora_a", "lora_b")}
-    save_file(tensors, str(folder / ADAPTER_FILE))
+    write_safetensors(tensors, folder / ADAPTER_FILE)
     first = layers[0][1]
     (folder / ADAPTER_CONFIG).write_text(json.dumps(
         {"r": first.lora_a.shape[0], "scale": first.scale, "target_modules": [n for n, _ in layers],

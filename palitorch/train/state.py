@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from palitorch.checkpoint import save_model
-from palitorch.checkpoint.io import check_safetensors, read_json_object, weight_files
+from palitorch.checkpoint.io import check_safetensors, read_json_object, weight_files, write_safetensors
 from palitorch.errors import CheckpointError
 from palitorch.model import PaliGemma
 from palitorch.train import ddp, lora
@@ -75,8 +75,8 @@ def save(run: Path, step: int, model: PaliGemma, opt: torch.optim.Optimizer, nam
     tmp = Path(tempfile.mkdtemp(prefix=".state.", dir=run))
     try:
         tensors, meta = optimizer_state(opt, names)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        save_file(rng, str(tmp / "rng_state.safetensors"))
+        write_safetensors(tensors, tmp / "optimizer.safetensors")
+        write_safetensors(rng, tmp / "rng_state.safetensors")
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "optimizer": meta}, indent=2))
         files = {**extra_files, **{f: tmp / f for f in STATE_FILES}}
         out = save_model_folder(model, run / f"{PREFIX}{step:07d}", files, tmp, base)

@@ -190,3 +190,22 @@ def test_a_bad_eos_in_generation_config_json_is_named_there(pg1, tmp_path):
     (d / "generation_config.json").write_text('{"eos_token_id": "one"}')
     msg = _error(d)
     assert "generation_config.json: eos_token_id" in msg and "fix generation_config.json" in msg
+
+
+def test_a_full_disk_inside_safetensors_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    """safetensors reports I/O failures as its own error with the OS's number in the text: a full disk while a
+    checkpoint was written was a traceback; now it is the OSError the command line says in one line."""
+    from safetensors import SafetensorError
+
+    import palitorch.checkpoint.io as io
+    from palitorch.cli import os_error_line
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(io, "save_file", full)
+    path = tmp_path / "model.safetensors"
+    with pytest.raises(OSError) as e:
+        io.write_safetensors({"x": torch.zeros(1)}, path)
+    assert e.value.errno == 28 and e.value.filename == str(path)
+    assert os_error_line(e.value) == f"cannot use {path}: No space left on device (free some space, or write elsewhere)"
