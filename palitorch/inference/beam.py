@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from palitorch.inference.answer import Alternatives, Answer, Result, alternatives_lists, top_alternatives
-from palitorch.inference.generate import Prompts, Steps, advance, ensure_caches, prefill, raw_logprobs
+from palitorch.inference.generate import Prompts, Steps, advance, ensure_caches, prefill
+from palitorch.inference.logprobs import raw_logprobs
 from palitorch.inference.processor import Processor
 from palitorch.inference.sampling import Chooser, GenerationOptions
 from palitorch.model import PaliGemma

@@ -35,7 +35,6 @@ from palitorch.inference.generate import (
     EAGER,
     Cursor,
     Steps,
-    chosen_logprobs,
     encode_prompts,
     ensure_caches,
     eos_ids,
@@ -43,6 +42,7 @@ from palitorch.inference.generate import (
     settle,
     sliding_window,
 )
+from palitorch.inference.logprobs import chosen_logprobs
 from palitorch.inference.processor import Processor
 from palitorch.inference.sampling import GenerationOptions, RowChooser
 from palitorch.model import PaliGemma
