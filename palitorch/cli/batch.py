@@ -116,7 +116,7 @@ def run_chunk(pipe, chunk: list[Request], writer: Writer, pad_to: int | None = N
             results = _one_by_one(pipe, ready, opts)
     for (req, im), res in zip(ready, results):
         if isinstance(res, Exception):
-            writer.add(req.fields, req.index, error=str(res))
+            writer.add(req.fields, req.index, error=f"line {req.index}: {res}")
         else:
             fields = result_fields(res, req.prompt, im.size, pipe.processor.tokenizer)
             by = {"generated_by": model} if model else {}

@@ -222,7 +222,7 @@ def test_a_batch_the_model_rejects_is_retried_one_by_one(fake_pipe, requests_fil
     dst = requests_file.parent / "out.jsonl"
     assert cli(["batch", "--input", requests_file, "--output", dst, "--batch-size", "3"], capsys)[0] == 1
     got = read_results(dst)
-    assert got[3]["error"] == "the prompt is too long"
+    assert got[3]["error"] == "line 3: the prompt is too long"  # every error names its line
     assert all(got[i]["text"] == "ok" for i in (1, 2, 4, 5, 6, 7))
     assert len(pipe.calls) > 3  # the failing batch of three was split into single calls
 

@@ -47,7 +47,7 @@ def test_lone_surrogates_are_kept_escaped_or_are_their_lines_error(fake_pipe, im
     assert rc == 1 and "2 results and 2 errors" in err, err
     got = read_results(dst)
     assert got[1]["id"] == "\ud800" and got[1]["text"] == "caption 1 (300x200)"
-    assert got[2]["error"] == "the text is not valid Unicode" and got[2]["prompt"] == "caption \ud800"
+    assert got[2]["error"] == "line 2: the text is not valid Unicode" and got[2]["prompt"] == "caption \ud800"
     assert '"image" path is not valid Unicode' in got[3]["error"]
     assert got[4]["text"] == "caption 4 (120x160)"
     rc, _, err = cli(["batch", "--input", src, "--output", dst], capsys)
