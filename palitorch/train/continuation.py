@@ -7,7 +7,8 @@ the seed, the batch size, the data (its bytes and how it is repeated) and the la
 The optimizer's settings may change on a resume (say, a lower learning rate for the rest of a run): the schedule's
 learning rate is computed every step, and the AdamW settings (weight_decay, betas, eps) and the lr_scale groups are
 the new config's; the moments are restored per parameter name. A resume says which [optim] settings changed
-(`optim_changes`), as config.toml records the new ones.
+(`optim_changes`), as config.toml records the new ones. The model is the checkpoint's: a run built from scratch
+resumes only with the [model] keys that built it (`check_model`), as config.toml must describe the weights.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 from dataclasses import asdict
 
 from palitorch.errors import ConfigError
+from palitorch.train.config import SCRATCH_ONLY
 
 # How `identity` decides each step's examples, written into trainer_state.json for a reader of the checkpoint.
 DATA_ORDER = ("epoch e: torch.randperm(num_examples, seed * 1000003 + e) (grouped by image when per_image > 1: "
@@ -59,3 +61,23 @@ def optim_changes(saved_config: dict, cfg) -> list[str]:
     old = saved_config.get("optim", {})
     return [f"{k} {old[k]!r} -> {v!r}" for k, v in asdict(cfg.optim).items()
             if k in old and old[k] != json.loads(json.dumps(v))]
+
+
+def check_model(saved_config: dict, cfg, checkpoint: str) -> None:
+    """ConfigError when this run's [model] describes another model than the checkpoint holds: a from-scratch key
+    changed, or [model] init given or taken away (a resume reads the checkpoint's weights either way)."""
+    old = saved_config.get("model")
+    if not old:
+        return
+    if bool(old.get("init")) != bool(cfg.model.init):
+        was = f"fine-tuned from [model] init {old['init']!r}" if old.get("init") else "built from scratch"
+        raise ConfigError(f"--resume: {checkpoint} was {was}, this run has [model] init {cfg.model.init!r}: a resume "
+                          "goes on with the checkpoint's weights; set init as it was, or start a new run elsewhere")
+    if old.get("init"):
+        return  # (its from-scratch keys are ignored, and warned of, anyway)
+    for k in SCRATCH_ONLY:
+        v = json.loads(json.dumps(getattr(cfg.model, k)))
+        if k in old and old[k] != v:
+            raise ConfigError(f"--resume: {checkpoint} holds a model built with [model] {k} {old[k]!r}, this run has "
+                              f"{v!r}: a resume goes on with the checkpoint's model; set it back, or start a new run "
+                              "in another folder")

@@ -55,6 +55,8 @@ class Trainer:
         # Newer checkpoints that do not read completely are skipped (and put aside once the resume is under way).
         self.saved, self.skipped = state.newest_readable(found) if resume else (None, [])
         self.resume_from = self.saved.folder if self.saved else None
+        if self.saved:  # (before the model is read)
+            continuation.check_model(self.saved.state.get("config", {}), cfg, self.resume_from.name)
         runfolder.lock_run(self.run, self.dist, self.device)  # one run trains in a folder, until fit ends
         if self.dist.main:
             gone = runfolder.remove_leftovers(self.run)
@@ -237,9 +239,6 @@ class Trainer:
         """The images of each of `micro_batches(step)`, in pixel_values order (what feed.Ahead reads)."""
         return [self.data_at(step).paths(m) for m in self.micro_batches(step)]
 
-    def _late_examples(self) -> int:
-        return len(self.late_data) if self.late_data is not None else 0
-
     def data_at(self, step: int) -> Dataset:
         """The examples step `step` draws from: the late mix from [data] late_from on, if one is set."""
         late = self.late_data is not None and step >= self.cfg.data.late_from
@@ -327,7 +326,7 @@ class Trainer:
         if d.main:
             self.log({"step": self.step, "event": "resume" if self.resume_from else "start",
                       "parameters": total_params, "trainable": trainable_params, "examples": len(self.data),
-                      "late_examples": self._late_examples(),
+                      "late_examples": len(self.late_data) if self.late_data is not None else 0,
                       "steps": self.total, "steps_per_epoch": self.per_epoch, "world_size": d.world,
                       "device": str(self.device)})
         if d.main and cfg.eval.every and not self.eval_examples:
@@ -347,30 +346,27 @@ class Trainer:
             self.log({"step": 0, **ws})
 
         pbar = tqdm(total=self.total, initial=self.step, desc="train", dynamic_ncols=True, disable=not self.show)
-        window = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
-        run = {"steps": 0, "tokens": 0, "time": 0.0}  # this session's training steps, for the closing summary
+        # sums over the steps since the last metrics row, and over this session's steps (for the closing summary)
+        window = dict.fromkeys(("steps", "loss", "tokens", "time"), 0)
+        run = dict(window)
         self._in_loop = True
         while not self._stop_agreed() and self.step < self.total:
             started = time.perf_counter()
             out = self.train_step(self.step)
             elapsed = time.perf_counter() - started
             self.step += 1
-            run["steps"] += 1
-            run["tokens"] += out["tokens"]
-            run["time"] += elapsed
-            window["loss"] += out["loss"]
-            window["n"] += 1
-            window["tokens"] += out["tokens"]
-            window["time"] += elapsed
+            for sums in (window, run):
+                for k, v in (("steps", 1), ("loss", out["loss"]), ("tokens", out["tokens"]), ("time", elapsed)):
+                    sums[k] += v
             pbar.update(1)
             pbar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}",
                              tok_s=f"{out['tokens'] / max(elapsed, 1e-9):.0f}", refresh=False)
             if self.step % t.log_every == 0 or self.step == self.total:
                 self.log({"step": self.step, "epoch": round(self.step / self.per_epoch, 4),
-                          "loss": window["loss"] / window["n"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+                          "loss": window["loss"] / window["steps"], "lr": out["lr"], "grad_norm": out["grad_norm"],
                           "tokens_per_s": window["tokens"] / window["time"],
-                          "ms_per_step": 1000 * window["time"] / window["n"]})
-                window = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
+                          "ms_per_step": 1000 * window["time"] / window["steps"]})
+                window = dict.fromkeys(window, 0)
             last = self.step == self.total
             if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last:
                 self.save_checkpoint()  # first: an evaluation can take minutes (and fail)

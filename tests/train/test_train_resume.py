@@ -154,6 +154,19 @@ def test_resume_refuses_fewer_steps_than_the_checkpoint(base, data, tmp_path):
     assert (run / "model").is_dir() and load_model(run / "model") is not None  # model/ untouched
 
 
+@pytest.mark.parametrize("change,message", [
+    ({"model__vocab_size": 96}, r"built with \[model\] vocab_size 64, this run has 96: a resume goes on with the "),
+    ({"model__image_size": 32}, r"\[model\] image_size 16, this run has 32"),
+    ({"model__version": 2}, r"\[model\] version 1, this run has 2"),
+    ({"model__init": "elsewhere"}, r"was built from scratch, this run has \[model\] init 'elsewhere'"),
+])
+def test_resume_refuses_a_changed_model(base, data, tmp_path, change, message):
+    run = copy_run(base, tmp_path)  # (the checkpoint's model would be trained on, and config.toml describe another)
+    with pytest.raises(ConfigError, match=message):
+        Trainer(config(data, run, **{**OVER, "train__steps": 6, **change}), resume=True)
+    Trainer(config(data, run, **{**OVER, "train__steps": 6, "model__dtype": "float32"}), resume=True)  # (unchanged)
+
+
 def test_ctrl_c_says_how_to_go_on_and_keeps_checkpoints_whole(data, tmp_path, monkeypatch, capsys):
     class Crash(Trainer):
         def train_step(self, step):
