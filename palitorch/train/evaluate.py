@@ -45,10 +45,11 @@ def normalize_answer(text: str) -> str:
 
 @torch.no_grad()
 def exact_match(model, processor, examples: list[Example], idx: list[int], batch_size: int, max_new_tokens: int,
-                group_by: list[str], d: ddp.Dist, generate=None) -> dict:
+                group_by: list[str], d: ddp.Dist, generate=None, keep_going=lambda: True) -> dict:
     """{"exact_match": float, "n": int, "<field>": {value: {"exact_match", "n"}}} for the examples at `idx`.
 
-    `generate(images, prompts, max_new_tokens)` defaults to `Pipeline(model, processor).generate`.
+    `generate(images, prompts, max_new_tokens)` defaults to `Pipeline(model, processor).generate`. `keep_going()`,
+    asked before each batch, ends the evaluation early when False (the figures are then of no use).
     """
     was_training = model.training
     model.eval()
@@ -64,6 +65,8 @@ def exact_match(model, processor, examples: list[Example], idx: list[int], batch
     scores = torch.zeros(3, len(idx), dtype=torch.float64, device=device)
     mine = list(range(d.rank, len(idx), d.world))
     for start in range(0, len(mine), batch_size):
+        if not keep_going():
+            break
         part = mine[start: start + batch_size]
         ex = [examples[idx[j]] for j in part]
         texts = generate([e.image for e in ex], [e.prefix for e in ex], max_new_tokens)
@@ -115,14 +118,18 @@ def group_metrics(examples: list[Example], correct: list[float], group_by: list[
 
 
 @torch.no_grad()
-def loss(model, data: Dataset, idx: list[int], batch_size: int, d: ddp.Dist, autocast) -> float:
-    """Mean cross-entropy per suffix token over the examples at `idx` (teacher forcing)."""
+def loss(model, data: Dataset, idx: list[int], batch_size: int, d: ddp.Dist, autocast,
+         keep_going=lambda: True) -> float:
+    """Mean cross-entropy per suffix token over the examples at `idx` (teacher forcing); `keep_going` as for
+    `exact_match`."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total = torch.zeros(2, dtype=torch.float64, device=device)  # summed token losses, token count
     mine = idx[d.rank::d.world]
     for start in range(0, len(mine), batch_size):
+        if not keep_going():
+            break
         batch = {k: v.to(device) for k, v in data.batch(mine[start: start + batch_size]).items()}
         with autocast():
             out = model(**batch, return_logits=False)

@@ -17,7 +17,6 @@ boundary with a checkpoint there.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -173,17 +172,14 @@ class Trainer:
         every = self.cfg.eval.every
         return bool(every and self.eval_examples) and (self.step // every + 1) * every < self.total
 
+    def log(self, row: dict) -> None:
+        if self.dist.main:
+            runfolder.append_metrics(self.run, row)
+
     def _autocast(self):
         if self.cfg.train.bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-    # ------------------------------------------------------------------ logging
-
-    def log(self, row: dict) -> None:
-        if self.dist.main:
-            with (self.run / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
 
     # ------------------------------------------------------------------ one optimizer step
 
@@ -247,15 +243,17 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation and checkpoints
 
     def evaluate(self, final: bool = False) -> dict:
+        """The eval set's metrics; a periodic one ends early if a stop is asked for (the loop drops its figures)."""
         e = self.cfg.eval
         if not self.eval_examples:
             return {}
         k = e.final_max_examples if final else e.max_examples
         idx = evaluate.subset(len(self.eval_examples), k, self.cfg.train.seed)
+        go = (lambda: True) if final else (lambda: not self._stopping)
         metrics = {"eval_loss": evaluate.loss(self.model, self.eval_data, idx, e.batch_size, self.dist,
-                                              self._autocast)}
+                                              self._autocast, go)}
         metrics.update(evaluate.exact_match(self.model, self.processor, self.eval_examples, idx, e.batch_size,
-                                            e.max_new_tokens, e.group_by, self.dist))
+                                            e.max_new_tokens, e.group_by, self.dist, keep_going=go))
         return metrics
 
     def _init_path(self) -> str | None:
@@ -370,13 +368,14 @@ class Trainer:
             last = self.step == self.total
             if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last:
                 self.save_checkpoint()  # first: an evaluation can take minutes (and fail)
-            # a stop asked for (SIGTERM) skips the evaluation: the grace period before a SIGKILL is short
+            # a stop asked for (SIGTERM) skips or cuts short the evaluation: the grace period before SIGKILL is short
             if cfg.eval.every and self.eval_examples and self.step % cfg.eval.every == 0 and not last and \
                     not self._stop_agreed():
                 result = self.evaluate()
-                self.log({"step": self.step, "eval": result})
-                if d.main:  # printed with or without the progress bar
-                    tqdm.write(evaluate.summary(f"step {self.step}", result))
+                if not self._stop_agreed():
+                    self.log({"step": self.step, "eval": result})
+                    if d.main:  # printed with or without the progress bar
+                        tqdm.write(evaluate.summary(f"step {self.step}", result))
         self._in_loop = False
         pbar.close()
         if self.stop is not None:  # asked to stop (request_stop): the work so far is kept in a checkpoint

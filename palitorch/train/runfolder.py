@@ -126,6 +126,12 @@ def put_aside(folder: Path) -> Path:
     return folder.rename(dst)
 
 
+def append_metrics(run: Path, row: dict) -> None:
+    """One row (a JSON object on its own line) at the end of RUN/metrics.jsonl."""
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def trim_metrics(run: Path, step: int) -> None:
     """Keep metrics.jsonl's rows up to `step` (a resume forgets what the interrupted run logged later) and drop
     unreadable lines (a kill while a row was written leaves half a line). Rewritten under a temp name, then renamed."""

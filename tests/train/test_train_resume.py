@@ -252,6 +252,28 @@ def test_sigterm_finishes_the_step_saves_a_checkpoint_and_resumes(data, tmp_path
     assert all(abs(a[s] - b[s]) <= 1e-6 for s in a)  # the resumed run follows the uninterrupted one
 
 
+def test_sigterm_during_an_evaluation_cuts_it_short(data, tmp_path, monkeypatch, capfd, sigterm_guard):
+    import palitorch.train.evaluate as evaluate
+
+    batches, real = [], evaluate.box_score
+
+    def box_score(prediction, target):  # (called once per evaluated example)
+        batches.append(1)
+        if len(batches) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(prediction, target)
+
+    monkeypatch.setattr(evaluate, "box_score", box_score)
+    over = {**OVER, "eval__every": 2, "eval__batch_size": 1, "checkpoint__every": 2}
+    toml = tmp_path / "c.toml"
+    toml.write_text(config(data, tmp_path / "run", **over).to_toml())
+    assert main(["train", str(toml)]) == 143
+    assert len(batches) == 2  # of the 4 examples (one per batch): the rest were not evaluated
+    assert "stopped by SIGTERM after step 2 of 4; the last checkpoint is step 2" in capfd.readouterr().err
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("eval" in r for r in rows)  # (figures of half an evaluation are not logged)
+
+
 def test_a_second_sigterm_stops_at_once(data, tmp_path, monkeypatch, capfd, sigterm_guard):
     toml = tmp_path / "c.toml"
     toml.write_text(config(data, tmp_path / "run", **{**OVER, "checkpoint__every": 0}).to_toml())
