@@ -47,7 +47,8 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """Gemma decoder. Gemma 2 is Gemma 1 plus the flags in the second block of fields."""
+    """Gemma decoder. Gemma 2 is Gemma 1 plus the flags in the second block of fields (of which a Gemma 1
+    text_config may set `final_softcap` too)."""
 
     vocab_size: int = 257216
     hidden_size: int = 2048
@@ -60,6 +61,7 @@ class TextConfig:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 8192
     hidden_act: str = "gelu_pytorch_tanh"
+    tie_embeddings: bool = True  # the LM head is the token embedding (else a matrix of its own, `lm_head`)
     # Gemma 2
     post_norms: bool = False  # post-attention and post-feedforward RMSNorms
     attn_softcap: float | None = None  # attention logits -> c * tanh(x / c)
@@ -67,7 +69,6 @@ class TextConfig:
     query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 (else head_dim ** -0.5)
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None  # "sliding_attention" / "full_attention" per layer
-    tie_embeddings: bool = True  # the LM head is the token embedding (else a matrix of its own, `lm_head`)
 
     @property
     def attn_scale(self) -> float:

@@ -152,7 +152,7 @@ def load_model(path, device="cpu", dtype="float32") -> PaliGemma:
                     if not head.is_floating_point():
                         raise CheckpointError(f"{file.name}: tensor {key!r} is not floating-point; download it again")
                     continue
-                if unused(key, cfg.text.tie_embeddings):
+                if unused(key):
                     continue
                 ours = hf_to_ours(key, cfg.version)
                 if ours is None or ours not in expected:

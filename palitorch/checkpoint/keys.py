@@ -28,8 +28,9 @@ EXPORT_PREFIXES = {
     "language_model.": "model.language_model.",
 }
 
-# The LM head's names; with tied embeddings (every released PaliGemma) a duplicate of the token embedding that some
-# checkpoints carry, and that is never loaded.
+# The LM head's names. With tied embeddings (every released PaliGemma) some checkpoints carry it too: the loader
+# compares it with the embedding (checkpoint.io._stored_head): a copy is dropped, a head stored alone becomes the
+# embedding, a different one unties the model.
 LM_HEAD = ("lm_head.weight", "language_model.lm_head.weight")
 
 VISION = {
@@ -75,13 +76,11 @@ def _table(ours_prefix: str, version: int) -> dict[str, str]:
     return TEXT_GEMMA2 if version == 2 else TEXT_GEMMA1
 
 
-def unused(key: str, tied: bool) -> bool:
-    """Whether an HF weight is one PaliGemma never uses, skipped when loading: the LM head when it is tied to the
-    embedding, SigLIP's pooling head (`vision_tower...head.*`), which transformers builds and saves when a
-    vision_config leaves out `vision_use_head: false`, as the Hub's PaliGemma 1 configs do, and the patch positions
+def unused(key: str) -> bool:
+    """Whether an HF weight is one PaliGemma never uses, skipped when loading: SigLIP's pooling head
+    (`vision_tower...head.*`), which transformers builds and saves when a vision_config leaves out
+    `vision_use_head: false`, as the Hub's PaliGemma 1 configs do, and the patch positions
     `embeddings.position_ids` (0, 1, 2, ...), and RoPE's `rotary_emb.inv_freq`, buffers older transformers saved."""
-    if key in LM_HEAD:
-        return tied
     if key.endswith("rotary_emb.inv_freq"):
         return True
     return any(key.startswith(p + "head.") or key == p + "embeddings.position_ids"

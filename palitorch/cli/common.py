@@ -15,7 +15,7 @@ import torch
 from palitorch.errors import InputError
 
 EARLY_STOPPING = {"true": True, "false": False, "never": "never"}
-# Decoding options as (flag, keyword, type, help). The keywords are those of Pipeline.generate.
+# Decoding options as (flag, keyword, type, metavar, help). The keywords are those of Pipeline.generate.
 DECODING = (
     ("--max-new-tokens", "max_new_tokens", int, "N", "most tokens to generate (default 64)"),
     ("--min-new-tokens", "min_new_tokens", int, "N", "suppress the end of the answer until N tokens (default 0)"),

@@ -9,7 +9,7 @@ engines do it), without giving up the static KV cache or the compiled one-token 
   (into a scratch cache) and its prompt's keys and values are copied into its row at the slots just below s,
   [s - T, s); its key mask hides the row's other slots, which hold whatever an earlier sequence left there. Its
   positions are its own (1..T over the prompt), so it computes what it would compute alone: its greedy tokens
-  are `generate`'s.
+  are `generate`'s (up to the float32 rounding by which the kernels of different batch sizes differ).
 - When the slots left run short (or a prompt is longer than s), the slots in use are moved along the cache: each
   layer's keys and values [:, :, first:s] are copied to their new place. Keys carry their RoPE positions, and the
   masks look only at which slots are visible and how far apart they are (Gemma 2's window), which a move keeps.

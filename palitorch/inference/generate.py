@@ -164,9 +164,9 @@ def check_finite(logits: torch.Tensor) -> None:
         raise NumericsError(f"the model computed NaN or infinite logits ({dtype}): are its weights damaged?{hint}")
 
 
-def advance(model: PaliGemma, cur: Cursor, tokens: torch.Tensor, steps: Steps | None = None) -> torch.Tensor:
+def advance(model: PaliGemma, cur: Cursor, tokens: torch.Tensor, fns: Steps | None = None) -> torch.Tensor:
     """Feed one token per row (tokens [B]) at the cursor's slot -> next logits [B, V]; moves the cursor on."""
-    return (steps or EAGER).logits(model, tokens, *cur.step())
+    return (fns or EAGER).logits(model, tokens, *cur.step())
 
 
 def token_forward(model: PaliGemma, tokens: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
@@ -187,7 +187,8 @@ def greedy_forward(model: PaliGemma, tokens: torch.Tensor, pos: torch.Tensor, sl
     -> (next tokens [B], their logprobs [B], done [B]).
 
     The choice is `Chooser`'s without a repetition penalty or sampling: the largest logit, with the EOS ids
-    (`eos` [E]) excluded while `no_eos` [1] is True (min_new_tokens). Rows already `done` get `pad_id`."""
+    (`eos` [E]) excluded while `no_eos` is True (min_new_tokens): [1] for the whole batch (`decode`), or [B, 1]
+    for each row's own (a live batch). Rows already `done` get `pad_id`."""
     x = token_forward(model, tokens, pos, slot, valid, sliding).float()
     tok = torch.where(no_eos, x.index_fill(-1, eos, float("-inf")), x).argmax(-1)
     return settle(tok, token_logprobs(x, tok), done, eos, pad_id)

@@ -1,7 +1,8 @@
 """Images and prompts in, tensors out; token ids back to text.
 
 Image (loaded as images.py says: EXIF orientation applied, any PIL mode made RGB), resized straight to
-S x S with PIL bicubic, scaled to [0, 1], normalised with the checkpoint's mean/std (0.5 for PaliGemma).
+S x S (PIL bicubic, PaliGemma's, unless preprocessor_config.json names another filter), scaled to [0, 1] and
+normalised with the checkpoint's mean/std (0.5 for PaliGemma), each step as its do_rescale / do_normalize say.
 Prompt: `<image> * N + <bos> + prefix + "\\n"` (token type 0), then optionally `suffix + <eos>` (type 1).
 Special tokens are looked up by their text in the checkpoint's tokenizer.json, never by id.
 """

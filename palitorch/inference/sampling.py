@@ -136,7 +136,8 @@ def _is_num(v) -> bool:
 # ---------------------------------------------------------------------------------------------- logits processing
 
 
-# float32's smallest normal number: a temperature or top_p below it would round to 0 in a float32 tensor.
+# float32's smallest normal number: the least temperature logits are divided by (a smaller one is subnormal, or 0,
+# in a float32 tensor).
 TINY = torch.finfo(torch.float32).tiny
 
 

@@ -326,7 +326,7 @@ class Gemma(nn.Module):
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """[B, T, H] -> [B, T, V] through the LM head; Gemma 2 soft-caps them."""
+        """[B, T, H] -> [B, T, V] through the LM head, soft-capped when the config sets `final_softcap` (Gemma 2)."""
         out = linear(h, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
         if self.cfg.final_softcap is not None:
             out = torch.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap

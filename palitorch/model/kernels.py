@@ -34,8 +34,10 @@ computes in the autocast dtype, as asked (and on CPUs with AMX, much faster than
 `use_onednn(False)` and `use_skinny(False)` turn the routes off (for example to compare against torch's default
 kernels); `PALITORCH_NATIVE=0` keeps palitorch from building its kernel at all.
 
-The checks and timings run in `prepare` (a Pipeline calls it when it is made), never inside a forward: until
-then, and for a model used without a Pipeline, every product is `F.linear`.
+The checks and timings run in `prepare` (a Pipeline calls it when it is made), never inside a forward. Their
+verdicts are process-wide: until a Pipeline has been made in this process every product is `F.linear`; after that
+any model's products without autograd may take the routes above (a training run's no-grad evaluation loss, once
+its first evaluation has made a Pipeline, for example).
 
 `blas_one_row_is_slow` answers a related question for compiled decode steps: whether a BLAS call's fixed cost makes
 a one-row product by a small weight slower than reading the weight once (then `Pipeline.compile` lets inductor turn
@@ -278,9 +280,8 @@ def _wants_skinny(x: Tensor, w: Tensor) -> bool:
 
 def prepare(weights) -> None:
     """Run now the one-time checks and timings that the routes of these weights depend on (building palitorch's
-    kernel the first time on a machine, see palitorch.native): `linear` only reads their verdicts, and until they
-    are in takes `F.linear`, so a model used alone runs plain PyTorch. A Pipeline calls this with its model's
-    parameters when it is made."""
+    kernel the first time on a machine, see palitorch.native): `linear` only reads their verdicts, process-wide,
+    and until they are in takes `F.linear`. A Pipeline calls this with its model's parameters when it is made."""
     largest: dict = {}  # dtype -> the most entries of a CPU matrix of it
     for w in weights:
         if w.device.type == "cpu" and w.dim() == 2:

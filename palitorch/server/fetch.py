@@ -6,8 +6,8 @@ A server that fetches any URL it is given is a proxy into its own network (SSRF)
 - link-local addresses (169.254/16, fe80::/10: cloud metadata lives there) and known metadata addresses are never
   fetched;
 - loopback and private addresses (127/8, ::1, 10/8, 172.16/12, 192.168/16, fc00::/7, ...: anything not global) are
-  fetched only when `allow_private` (a server bound to loopback: its clients are on this machine anyway; or
-  `palitorch serve --fetch-private`).
+  fetched only when `allow_private` (`palitorch serve --fetch-private`): off by default, even for a server bound
+  to 127.0.0.1, which a reverse proxy or a tunnel may open to anyone.
 
 The host name is resolved once, every address it resolves to is checked, and the connection goes to a checked
 address (no second lookup that could answer otherwise). Each redirect is checked the same way, and only http(s) is

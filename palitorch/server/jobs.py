@@ -49,7 +49,8 @@ class Job:
 
     @property
     def batchable(self) -> bool:
-        """Greedy, or sampled without a seed (a seeded sample must not depend on what else is in its batch)."""
+        """One sequence per row (no beam search), greedy or sampled without a seed (a seeded sample must not
+        depend on what else is in its batch)."""
         r = self.request
         return r.options.get("num_beams", 1) == 1 and (r.greedy or r.options.get("seed") is None)
 

@@ -255,7 +255,8 @@ class TrainConfig:
             raise ConfigError(f"[eval] group_by {taken[0]!r} is the name of an overall metric: group by other fields")
 
 
-# [model] keys that only a from-scratch model reads (with init, the checkpoint decides): refused beside init.
+# [model] keys that only a from-scratch model reads (with init, the checkpoint decides): ignored beside init, with a
+# warning (build.warnings); a resume refuses a change to them (continuation.check_model).
 SCRATCH_ONLY = ("preset", "version", "image_size", "patch_size", "vocab_size", "dummy_prefix", "split_punctuation",
                 "init_std", "smooth_locs")
 

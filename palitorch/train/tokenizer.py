@@ -29,7 +29,8 @@ PUNCTUATION = r"[\n?.,!;:]"
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, dummy_prefix: bool = False,
                     split_punctuation: bool = False) -> Tokenizer:
-    """Train BPE on `texts`; `vocab_size` counts the learned pieces and the 256 byte tokens, not the specials."""
+    """Train BPE on `texts`; `vocab_size` counts the pieces BPE learns (its alphabet included): the 256 byte
+    tokens and the specials come on top of it."""
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if dummy_prefix:  # every word, a text's first included, is "▁word"; decoding drops the one added space
