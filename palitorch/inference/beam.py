@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from palitorch.inference.answer import Alternatives, Answer, Result, alternatives_lists, top_alternatives
-from palitorch.inference.generate import Prompts, Steps, advance, ensure_caches, prefill
+from palitorch.inference.caches import ensure_caches, keep_caches, use_caches
+from palitorch.inference.generate import EAGER, Prompts, Steps, advance, prefill
 from palitorch.inference.logprobs import raw_logprobs
 from palitorch.inference.processor import Processor
 from palitorch.inference.sampling import Chooser, GenerationOptions
@@ -38,15 +39,20 @@ class Hypothesis:
     alternatives: list[Alternatives] = field(default_factory=list)  # with top_logprobs: each step's, as Result's
 
 
-def expand_caches(model: PaliGemma, beams: int) -> None:
-    """Give the model new caches with every row of its current ones repeated `beams` times: row b becomes rows
-    b * beams ... b * beams + beams - 1. New cache objects: the old ones may be a live batch's (its pool), which
-    must keep their shape."""
+def expand_caches(model: PaliGemma, beams: int, pool: dict | None = None) -> None:
+    """Give the model other caches with every row of its current ones repeated `beams` times: row b becomes rows
+    b * beams ... b * beams + beams - 1. Other cache objects: the old ones may be a live batch's (its pool), which
+    must keep their shape. `pool`: as for `ensure_caches` (CUDA graphs), which keeps the beams' caches too."""
     layers = model.language_model.layers
     old = [layer.attn.kv_cache for layer in layers]
     b, _, s, _ = old[0].k.shape
-    with torch.inference_mode(False):  # ordinary tensors, as `ensure_caches` allocates them
-        model.setup_caches(b * beams, s, old[0].k.dtype, old[0].k.device)
+    if pool is not None and (b * beams, s) in pool:
+        use_caches(model, pool, (b * beams, s))
+    else:
+        with torch.inference_mode(False):  # ordinary tensors, as `ensure_caches` allocates them
+            model.setup_caches(b * beams, s, old[0].k.dtype, old[0].k.device)
+        if pool is not None:
+            keep_caches(model, pool)
     for layer, c in zip(layers, old):
         layer.attn.kv_cache.k.copy_(c.k.repeat_interleave(beams, 0))
         layer.attn.kv_cache.v.copy_(c.v.repeat_interleave(beams, 0))
@@ -65,8 +71,9 @@ def beam_search(model: PaliGemma, processor: Processor, prompts: Prompts, opts: 
                 eos: list[int], steps: int, fns: Steps | None = None) -> list[Result]:
     b, t = prompts.ids.shape
     m = opts.num_beams
-    logits, cur = prefill(model, prompts, ensure_caches(model, b, t + steps))
-    expand_caches(model, m)
+    pool = (fns or EAGER).caches
+    logits, cur = prefill(model, prompts, ensure_caches(model, b, t + steps, pool))
+    expand_caches(model, m, pool)
     rows = torch.arange(b, device=logits.device).repeat_interleave(m)
     for name in ("valid", "pos"):
         setattr(cur, name, getattr(cur, name)[rows])

@@ -31,12 +31,12 @@ import torch
 
 from palitorch.errors import InputError
 from palitorch.inference.answer import Answer, Result, Top, alternatives_lists
+from palitorch.inference.caches import ensure_caches
 from palitorch.inference.generate import (
     EAGER,
     Cursor,
     Steps,
     encode_prompts,
-    ensure_caches,
     eos_ids,
     prefill,
     settle,

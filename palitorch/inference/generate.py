@@ -29,6 +29,7 @@ from palitorch.inference.answer import (
     alternatives_by_row,
     alternatives_lists,
 )
+from palitorch.inference.caches import ensure_caches
 from palitorch.inference.done import DoneWatch
 
 # (logsumexp_logprobs and raw_logprobs are also this module's names, as they were before logprobs.py)
@@ -84,23 +85,6 @@ def row_budgets(model: PaliGemma, prompts: Prompts, opts: GenerationOptions) -> 
     its answer does not depend on the batch."""
     context = model.cfg.text.max_position_embeddings
     return [min(opts.max_new_tokens, context - length) for length in prompts.lengths]
-
-
-def ensure_caches(model: PaliGemma, batch: int, length: int) -> int:
-    """Reuse the model's KV caches when they fit `batch` rows of `length` slots, else allocate; returns S.
-
-    New caches are rounded up to 64 slots so that calls of similar lengths share them. Caches far longer than
-    needed are reallocated: every decode step attends over all S slots.
-    """
-    cache = model.language_model.layers[0].attn.kv_cache
-    if cache is not None:
-        b, _, s, _ = cache.k.shape
-        if b == batch and length <= s <= 2 * length + 64:
-            return s
-    s = -(-length // 64) * 64
-    with torch.inference_mode(False):  # ordinary tensors, so that the caches outlive this inference-mode call
-        model.setup_caches(batch, s)
-    return s
 
 
 class Cursor:
@@ -222,12 +206,14 @@ class Steps:
     """The one-token functions the decode loop calls: `logits` (`token_forward`: sampling, beams, repetition
     penalty), `greedy` (`greedy_forward`) and `greedy_top` (`greedy_top_forward`: greedy with top_logprobs). Eager
     by default; `Pipeline.compile` puts `torch.compile`d versions in. `copy_outputs`: their outputs live in memory
-    that the next call reuses (CUDA graphs), so copy what is kept."""
+    that the next call reuses (CUDA graphs), so copy what is kept; `caches`: then also the KV caches kept for reuse
+    (see `ensure_caches`)."""
 
     logits: Callable = token_forward
     greedy: Callable = greedy_forward
     copy_outputs: bool = False
     greedy_top: Callable = greedy_top_forward
+    caches: dict | None = None
 
 
 EAGER = Steps()
@@ -251,7 +237,7 @@ def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: lis
     b, t = prompts.ids.shape
     device = prompts.ids.device
     budgets = torch.tensor(row_steps, device=device) if row_steps else None
-    logits, cur = prefill(model, prompts, ensure_caches(model, b, t + steps))
+    logits, cur = prefill(model, prompts, ensure_caches(model, b, t + steps, fns.caches))
     chooser = Chooser(opts, eos, logits.shape[-1], prompts.ids, prompts.valid)
     eos_t = torch.tensor(eos, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)

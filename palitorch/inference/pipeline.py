@@ -154,11 +154,13 @@ class Pipeline:
         flex = any(layer.attn.decode_attention == "flex" for layer in lm.layers)
         settings = _compile_options(self.device, mode, options, single_thread=not flex)
         self._greedy_batches.clear()
+        graphs = self.device.type != "cpu" and _cuda_graphs(settings)
         self._steps = engine.Steps(
             logits=torch.compile(engine.token_forward, dynamic=False, **settings),
             greedy=torch.compile(engine.greedy_forward, dynamic=False, **settings),
-            copy_outputs=self.device.type != "cpu",  # CUDA graphs reuse their output memory at the next step
+            copy_outputs=graphs,  # (their output memory is reused)
             greedy_top=torch.compile(engine.greedy_top_forward, dynamic=False, **settings),  # compiled on first use
+            caches={} if graphs else None,  # (a graph replays on the caches it was recorded on)
         )
         return self
 
@@ -346,6 +348,15 @@ def _compile_options(device: torch.device, mode: str | None, options: dict | Non
     from torch._inductor import list_mode_options
 
     return {"options": {**(list_mode_options(mode) if mode else {}), **options}}
+
+
+def _cuda_graphs(settings: dict) -> bool:
+    """Whether `_compile_options`'s settings record CUDA graphs, whose outputs live in memory that the next replay
+    reuses (modes "reduce-overhead" and "max-autotune", or the option "triton.cudagraphs")."""
+    from torch._inductor import list_mode_options
+
+    mode = settings.get("mode")
+    return bool((settings.get("options") or (list_mode_options(mode) if mode else {})).get("triton.cudagraphs"))
 
 
 def load(path=None, device="cpu", dtype="float32", adapter=None) -> Pipeline:

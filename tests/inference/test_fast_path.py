@@ -254,6 +254,22 @@ def test_compile_options_merge_a_mode_with_extra_options(monkeypatch):
         assert _compile_options(cpu, None, single_thread=False) == {"options": base}  # FlexAttention on CPU
 
 
+def test_outputs_are_copied_only_under_cuda_graphs():
+    """A CUDA graph's outputs live in memory its next replay overwrites, so the decode loop copies them; a compiled
+    step without graphs (mode None on a GPU) need not pay for the copy."""
+    from palitorch.inference.pipeline import _compile_options, _cuda_graphs
+
+    cuda = torch.device("cuda")
+    graphs = {(m, str(o)): _cuda_graphs(_compile_options(cuda, m, o)) for m, o in [
+        (None, None), ("default", None), ("reduce-overhead", None), ("max-autotune", None),
+        ("max-autotune-no-cudagraphs", None), ("reduce-overhead", {"coordinate_descent_tuning": True}),
+        (None, {"triton.cudagraphs": True}), ("reduce-overhead", {"triton.cudagraphs": False})]}
+    assert [k for k, on in graphs.items() if on] == [
+        ("reduce-overhead", "None"), ("max-autotune", "None"),
+        ("reduce-overhead", "{'coordinate_descent_tuning': True}"), (None, "{'triton.cudagraphs': True}")]
+    assert palitorch.load().compile()._steps.copy_outputs is False  # (CPU)
+
+
 def test_compiled_step_keeps_compiling_past_dynamo_limit():
     """Each batch size compiles its own static-shape graph of one code object, and past dynamo's limit (8 graphs
     by default) the step would run eagerly (a log line only); `compile()` raises the limit. Here the limit starts at 1:

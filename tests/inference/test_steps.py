@@ -160,6 +160,31 @@ def test_done_watch_on_cuda_reads_flags_late_but_never_the_current_one(gpu_speed
     assert not cpu.finished(torch.tensor([True, False]), 0) and cpu.finished(torch.tensor([True, True]), 1)
 
 
+def test_under_cuda_graphs_a_shape_seen_before_decodes_into_its_earlier_caches(ckpt_factory, tmp_path):
+    """Steps as CUDA graphs run them (`copy_outputs`, a cache pool; eager here): greedy, a beam search (one cache
+    row per beam), then both again: each decodes into the caches it had the first time (a graph replays only on the
+    memory it was recorded on; new caches would be recorded anew). Answers as without a pool; at most POOLED
+    shapes are kept."""
+    from palitorch.inference import caches
+
+    folder, _ = windowed(ckpt_factory, tmp_path)
+    pipe = palitorch.load(folder)
+    imgs, kinds = images(2), [{}, {"num_beams": 3}, {"temperature": 0.8, "seed": 1}]
+    want = [pipe.generate(imgs, PROMPTS[:2], max_new_tokens=12, **kw) for kw in kinds]
+    pool: dict = {}
+    pipe._steps = engine.Steps(copy_outputs=True, caches=pool)
+    used = []
+    for _ in range(2):
+        for kw, answers in zip(kinds, want):
+            assert pipe.generate(imgs, PROMPTS[:2], max_new_tokens=12, **kw) == answers
+            used.append(pipe.model.language_model.layers[0].attn.kv_cache.k.data_ptr())
+    assert used[3:] == used[:3] and used[0] == used[2] != used[1]  # (sampling: greedy's shape, greedy's caches)
+    assert sorted(rows for rows, _ in pool) == [2, 6]
+    for n in (3, 4, 8):  # other batch sizes (as a compiled pipeline pads them): the least recently used goes
+        pipe.generate(images(n), PROMPTS[:1] * n, max_new_tokens=4)
+    assert [rows for rows, _ in pool] == [2, 3, 4, 8] and len(pool) == caches.POOLED
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_decode_matches_cpu_and_stops_early():
     """On a GPU (run where one is lent): the bundled model under `compile(mode="reduce-overhead")` (CUDA graphs,
