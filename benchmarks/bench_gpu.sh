@@ -25,13 +25,15 @@ if [ "${GPU_TESTS:-0}" = 1 ]; then
 fi
 for size in ${SIZES-pg1-3b pg2-3b}; do  # SIZES= (empty): the tests alone; a checkpoint folder's path works too
   name=$(basename "$size")
-  rm -f "benchmarks/results/gpu-$name.json"  # an older record must not pass for this run's if it dies early
+  # (an older record must not pass for this run's if it dies early; the JSON is written to $OUTDIR row by row, so
+  # that a call cut short at its limit still brings back the rows finished)
+  rm -f "benchmarks/results/gpu-$name.json" "$OUTDIR/gpu-$name.json"
   PYTHONUNBUFFERED=1 timeout "${SIZE_LIMIT_S:-285}" "$PY" benchmarks/bench_generate.py --sizes "$size" --device "${DEVICE:-cuda}" \
     --dtype bfloat16 --batches 1,16 --new-tokens 64 --reps 3 --compile-mode reduce-overhead ${BENCH_ARGS---decode-attention auto} \
-    --json "benchmarks/results/gpu-$name.json" 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUTDIR/gpu-$name.log"
+    --json "$OUTDIR/gpu-$name.json" 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUTDIR/gpu-$name.log"
   rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || echo "$size: did not finish (exit $rc)"
-  cp "benchmarks/results/gpu-$name.json" "$OUTDIR/" 2>/dev/null || true
+  [ "$OUTDIR" = benchmarks/results ] || cp "$OUTDIR/gpu-$name.json" benchmarks/results/ 2>/dev/null || true
   echo "elapsed ${SECONDS}s after $size"
 done
 echo "total $((SECONDS - start)) s; the tables again:"
