@@ -13,6 +13,7 @@ first predicted box and the share with the label right and IoU >= 0.5.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -57,7 +58,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from palitorch.train import ddp
     from palitorch.train.config import METRIC_NAMES
     from palitorch.train.data import read_jsonl
-    from palitorch.train.evaluate import exact_match, normalize_answer, subset, summary
+    from palitorch.train.evaluate import answer_tokens, cut_answers, exact_match, normalize_answer, subset, summary
 
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
@@ -93,6 +94,9 @@ def evaluate(args: argparse.Namespace) -> int:
         raise InputError(f"--group-by {taken[0]!r} is the name of an overall metric: group by other fields")
 
     pipe = load_pipeline(args, device, dtype)
+    if cut := cut_answers(answer_tokens(pipe.processor, [examples[i] for i in idx]), args.max_new_tokens,
+                          "--max-new-tokens"):
+        print(f"palitorch eval: warning: {cut}", file=sys.stderr)
     answers: list[str] = []
     with tqdm(total=len(idx), unit="ex", desc="eval", file=sys.stderr, disable=args.quiet,
               dynamic_ncols=True) as bar:
@@ -112,15 +116,18 @@ def evaluate(args: argparse.Namespace) -> int:
 
         metrics = exact_match(pipe.model, pipe.processor, examples, idx, args.batch_size, args.max_new_tokens,
                               groups, ddp.Dist(), generate=generate)
-    if args.json:  # first: the metrics are not lost if the predictions cannot be written after all
-        print(json.dumps({"data": str(args.data), **metrics}, ensure_ascii=False), flush=True)
+    # first: the metrics are not lost if the predictions cannot be written after all; to stderr when the
+    # predictions go to standard output, which then holds JSON lines only
+    report = sys.stderr if streamed and _is_stdout(out) else sys.stdout
+    if args.json:
+        print(json.dumps({"data": str(args.data), **metrics}, ensure_ascii=False), file=report, flush=True)
     else:
-        print(summary(str(args.data), metrics), flush=True)
+        print(summary(str(args.data), metrics), file=report, flush=True)
     if out is not None:  # one process answers every example, in the order of idx
         lines = []
         for i, answer in zip(idx, answers):
             e = examples[i]
-            lines.append(json.dumps({"image": str(e.image.resolve()), "prefix": e.prefix, "suffix": e.suffix, **e.meta,
+            lines.append(json.dumps({"image": e.given_image, "prefix": e.prefix, "suffix": e.suffix, **e.meta,
                                      "prediction": answer,
                                      "exact_match": normalize_answer(answer) == normalize_answer(e.suffix)},
                                     ensure_ascii=False))
@@ -137,6 +144,16 @@ def evaluate(args: argparse.Namespace) -> int:
                 raise OSError(e.errno, e.strerror, str(part)) from None
             os.replace(part, out)  # all of it or none
     return 0
+
+
+def _is_stdout(out: Path) -> bool:
+    """Whether a stream target is this process's standard output (`-`, /dev/stdout, or what it is connected to)."""
+    if str(out) in ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"):
+        return True
+    try:
+        return os.path.samestat(os.stat(out), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # (no real stdout, e.g. captured)
+        return False
 
 
 def _check_writable(part: Path, given: str) -> None:

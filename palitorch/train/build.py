@@ -228,7 +228,7 @@ def warnings(cfg: TrainConfig, model: nn.Module, eval_data: Dataset | None) -> l
         out.append(f"{low:,} trainable parameters are stored in {cfg.model.dtype}, where small updates round away: "
                    "for float32 master weights set [model] dtype = \"float32\" (with [train] bf16 = true for bfloat16 "
                    "compute)")
-    if eval_data is not None and (cut := cut_answers(eval_data, cfg.eval.max_new_tokens)):
+    if eval_data is not None and (cut := cut_answers(eval_data.targets - 1, cfg.eval.max_new_tokens)):  # (- <eos>)
         out.append(cut)
     return out
 

@@ -32,6 +32,7 @@ class Example:
     suffix: str
     meta: dict = field(default_factory=dict)  # every other JSONL field (task, qtype, ...)
     where: str = ""  # "file.jsonl:12", for error messages
+    given_image: str = ""  # "image" as the file writes it (`image` is resolved against the file's folder)
 
 
 def read_jsonl(path: str | Path) -> list[Example]:
@@ -58,9 +59,9 @@ def read_jsonl(path: str | Path) -> list[Example]:
                 raise ConfigError(f'{where}: each line needs string fields "image", "prefix" and "suffix"')
             if not isinstance(d.get("task", ""), str):  # (task_repeat and the metrics' groups key on it)
                 raise ConfigError(f'{where}: "task" must be a string such as "caption", got {json.dumps(d["task"])}')
-            image = Path(d.pop("image"))
-            image = image if image.is_absolute() else p.parent / image
-            out.append(Example(image, d.pop("prefix"), d.pop("suffix"), d, where))
+            given = d.pop("image")
+            image = Path(given) if Path(given).is_absolute() else p.parent / given
+            out.append(Example(image, d.pop("prefix"), d.pop("suffix"), d, where, given))
     if not out:
         raise ConfigError(f"data file {p} has no examples")
     return out

@@ -15,6 +15,7 @@ from collections import defaultdict
 import torch
 
 from palitorch.inference.pipeline import Pipeline
+from palitorch.inference.processor import Processor
 from palitorch.tasks.detection import split_objects
 from palitorch.train import ddp
 from palitorch.train.data import Dataset, Example
@@ -28,15 +29,19 @@ def subset(n: int, k: int, seed: int) -> list[int]:
     return sorted(torch.randperm(n, generator=g)[:k].tolist())
 
 
-def cut_answers(data: Dataset, max_new_tokens: int) -> str | None:
-    """A warning when some held-out answers are longer than the evaluation generates (they would be cut short and
-    count as wrong), else None."""
-    answers = data.targets - 1  # (the targets end with <eos>)
+def answer_tokens(processor: Processor, examples: list[Example]) -> torch.Tensor:
+    """Each example's answer (suffix) length in tokens, <eos> not counted."""
+    return torch.tensor([sum(processor.encode(e.prefix, e.suffix).types) - 1 for e in examples])
+
+
+def cut_answers(answers: torch.Tensor, max_new_tokens: int, setting: str = "[eval] max_new_tokens") -> str | None:
+    """A warning when some held-out answers (`answers`: their lengths in tokens, as `answer_tokens` counts them)
+    are longer than the evaluation generates (they would be cut short and count as wrong), else None."""
     over = int((answers > max_new_tokens).sum())
     if not over:
         return None
-    return (f"{over} of the {len(data)} eval answers are longer than [eval] max_new_tokens ({max_new_tokens} tokens; "
-            f"the longest is {int(answers.max())}): they are cut short and count as wrong; raise max_new_tokens")
+    return (f"{over} of the {len(answers)} eval answers are longer than {setting} ({max_new_tokens} tokens; the "
+            f"longest is {int(answers.max())}): they are cut short and count as wrong; raise {setting}")
 
 
 def normalize_answer(text: str) -> str:

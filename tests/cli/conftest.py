@@ -41,7 +41,9 @@ class FakePipe:
 
     def __init__(self, answer):
         self.answer = answer
-        self.processor = types.SimpleNamespace(tokenizer=None)  # token texts: only for top_logprobs, never asked here
+        # token texts: only for top_logprobs, never asked here; encode: one token per answer character, + <eos>
+        self.processor = types.SimpleNamespace(
+            tokenizer=None, encode=lambda prefix, suffix: types.SimpleNamespace(types=[1] * (len(suffix) + 1)))
         self.calls = []  # (kind, [image sizes], [prompts], options)
         self.images = []  # the images of each call, as given
 

@@ -46,7 +46,7 @@ def test_eval_measures_the_bundled_model_as_its_own_answers_say(tmp_path, capsys
     predictions = [json.loads(x) for x in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert [p["prediction"] for p in predictions] == got and [p["exact_match"] for p in predictions] == right
     assert predictions[0]["task"] == "vqa" and predictions[0]["suffix"] == lines[0]["suffix"]
-    assert Path(predictions[0]["image"]).is_absolute()  # (the file may be read from another folder)
+    assert predictions[0]["image"] == lines[0]["image"]
     rc, out, _ = cli(["eval", "--data", tmp_path / "test.jsonl", "--max-examples", "5", "--quiet"], capsys)
     assert rc == 0 and out.startswith(f"{tmp_path / 'test.jsonl'}: exact match") and "(n=5)" in out
 
@@ -135,3 +135,31 @@ def test_predictions_through_a_link_or_into_a_pipe(tmp_path, capsys):
     assert cli([*args, tmp_path / "fifo"], capsys)[0] == 0
     reader.join(timeout=60)
     assert len(read[0].splitlines()) == 2 and not (tmp_path / "fifo").is_file()
+
+
+def test_predictions_keep_the_data_fields_and_go_to_stdout_alone(tmp_path, capfd):
+    """`--predictions -`: standard output holds the JSON lines only (the metrics go to stderr); each line keeps the
+    example's fields as the data file writes them (a relative image path stays relative); answers longer than
+    --max-new-tokens are warned of, as the trainer's evaluation warns."""
+    import shutil
+    import subprocess
+    import sys
+
+    lines = demo_jsonl(tmp_path / "abs.jsonl")
+    (tmp_path / "imgs").mkdir()
+    for x in lines:
+        shutil.copy(x["image"], tmp_path / "imgs")
+        x["image"] = "imgs/" + Path(x["image"]).name
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    proc = subprocess.run([sys.executable, "-m", "palitorch", "eval", "--data", str(tmp_path / "test.jsonl"),
+                           "--max-examples", "6", "--quiet", "--json", "--predictions", "-", "--max-new-tokens", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    predictions = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(predictions) == 6 and all(p["image"].startswith("imgs/") for p in predictions)
+    metrics = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert metrics["n"] == 6
+    processor = palitorch.load().processor
+    longer = sum(sum(processor.encode(p["prefix"], p["suffix"]).types) - 1 > 2 for p in predictions)  # (- <eos>)
+    assert longer and f"palitorch eval: warning: {longer} of the 6 eval answers are longer than --max-new-tokens (2 " \
+                      "tokens" in proc.stderr

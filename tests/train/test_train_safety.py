@@ -152,7 +152,8 @@ def test_eval_answers_longer_than_generated_are_named(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert (f"warning: {over} of the {len(trainer.eval_data)} eval answers are longer than [eval] max_new_tokens (2 "
             f"tokens; the longest is {int(answers.max())}): they are cut short and count as wrong") in err
-    assert evaluate.cut_answers(trainer.eval_data, int(answers.max())) is None
+    assert evaluate.cut_answers(trainer.eval_data.targets - 1, int(answers.max())) is None
+    assert torch.equal(evaluate.answer_tokens(trainer.processor, trainer.eval_examples), answers)
 
 
 def test_the_evaluation_frees_its_kv_caches(data, tmp_path):
