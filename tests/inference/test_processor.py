@@ -246,16 +246,22 @@ def test_text_that_is_not_valid_unicode_is_an_input_error(procs):
 
 def test_arrays_of_pixels_are_images(procs):
     """numpy arrays and torch tensors as image inputs: [H, W, C] and [C, H, W] (channels last when both fit),
-    greyscale, RGBA, uint8 or floats in [0, 1]: each gives the pixels of the same image given as a PIL image."""
+    greyscale, RGBA, uint8, uint16 (0-65535) or floats in [0, 1]: each gives the pixels of the same image given as a
+    PIL image; a 16-bit greyscale array gives a 16-bit PNG's."""
     ours, _ = procs
     rgb = _rgb(37, 53)
     want = ours.pixels(Image.fromarray(rgb))
     for a in (rgb, torch.from_numpy(rgb), torch.from_numpy(rgb).permute(2, 0, 1), rgb.transpose(2, 0, 1).copy(),
-              rgb.astype(np.float32) / 255, rgb.astype(np.int64)):
+              rgb.astype(np.float32) / 255, rgb.astype(np.int64), rgb.astype(np.uint16) * 257):
         torch.testing.assert_close(ours.pixels(a), want, atol=1e-6, rtol=0)
     grey = rgb[..., 0]
     for a in (grey, grey[..., None], grey[None]):
         torch.testing.assert_close(ours.pixels(a), ours.pixels(Image.fromarray(grey)), atol=1e-6, rtol=0)
+    deep = grey.astype(np.uint16) * 257 + 100  # (not a multiple of 257: the rounding is the file's too)
+    png = io.BytesIO()
+    Image.fromarray(deep).save(png, format="PNG")
+    assert Image.open(png).mode.startswith("I")  # (a 16-bit PNG, which load_image scales to 8 bits)
+    torch.testing.assert_close(ours.pixels(deep), ours.pixels(png.getvalue()), atol=0, rtol=0)
     rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
     torch.testing.assert_close(ours.pixels(rgba), want, atol=1e-6, rtol=0)
     for bad, why in ((rgb[None], "shape"), (np.zeros((5, 6, 2), np.uint8), "shape"), (rgb * 2.0, r"\[0, 1\]"),
