@@ -78,8 +78,15 @@ NEUTRAL = {
 # Bookkeeping that does not change the answer (OpenAI replaces `user` by safety_identifier and prompt_cache_key).
 IGNORED = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
            "prompt_cache_retention"}
-KNOWN = {"model", "messages", "n", "stream", "stream_options", "logprobs", "ignore_eos"} | set(DECODING) | \
-    set(NEUTRAL) | IGNORED
+ASKS = {"model", "messages", "n", "stream", "stream_options", "logprobs", "ignore_eos"} | set(DECODING)  # (any value)
+KNOWN = ASKS | set(NEUTRAL) | IGNORED
+# Other tools' names (transformers', vLLM's, Anthropic's) for what this API names otherwise.
+FOREIGN = {
+    "do_sample": "temperature (> 0 samples)", "max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
+    "max_length": "max_tokens (new tokens only)", "min_length": "min_tokens (new tokens only)",
+    "num_return_sequences": "n", "stop_sequences": "stop", "beam_size": "num_beams",
+    "best_of": "n (answers), or num_beams (beam search)",
+}
 MAX_N = 16
 MAX_BEAMS = 16  # each beam is a row of KV cache: a bound, so that one request cannot take the server's memory
 
@@ -119,9 +126,10 @@ def parse_chat(body: dict, model_id: str, defaults: dict | None = None,
     taken as absent (SDKs send unset fields so), even one this server does not know."""
     body = {k: v for k, v in body.items() if v is not None}
     unknown = sorted(set(body) - KNOWN)
-    if unknown:
-        near = difflib.get_close_matches(unknown[0], sorted(KNOWN), n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
+    if unknown:  # a hint names a parameter that asks for something (not one accepted at a neutral value only)
+        near = difflib.get_close_matches(unknown[0], sorted(ASKS), n=1)
+        hint = f": use {FOREIGN[unknown[0]]}" if unknown[0] in FOREIGN else f" (did you mean {near[0]!r}?)" if near \
+            else ""
         raise bad(f"unknown parameter {unknown[0]!r}{hint}", unknown[0])
     model = body.get("model")
     if model is not None and not isinstance(model, str):
