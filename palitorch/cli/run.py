@@ -42,7 +42,7 @@ def add_parser(subparsers) -> None:
     out.add_argument("--json", action="store_true",
                      help="print one JSON object: text, token_ids, logprobs, finish_reason, prompt_tokens "
                           "(and detections/segmentations for detect/segment prompts, top_logprobs with "
-                          "--top-logprobs K)")
+                          "--top-logprobs K, beams, best first, with --num-beams B)")
     p.add_argument("--draw", metavar="OUT.png",
                    help="write the image with the boxes and labels found in the answer (detect/segment prompts)")
     p.add_argument("--vae", metavar="vae-oid.npz",
