@@ -88,15 +88,22 @@ BEAM_ONLY = ("length_penalty", "early_stopping")
 
 def decoding_options(args: argparse.Namespace, one_request: bool = False) -> dict:
     """The decoding keywords the user set, validated; errors name the command-line flag. `one_request`: the flags
-    decode every answer (run, chat), so a beam-search option without --num-beams is refused rather than ignored
-    (batch and serve keep it: a line or a request may set num_beams)."""
+    decode every answer (run, chat), so a beam-search option without --num-beams, or a seed without sampling, is
+    refused rather than ignored (batch and serve keep them: a line or a request may ask for beams or sampling)."""
     kw = {key: getattr(args, key) for key in FLAG_OF if getattr(args, key, None) is not None}
     if one_request and kw.get("num_beams", 1) == 1:
         for key in BEAM_ONLY:
             if key in kw:
                 raise InputError(f"{FLAG_OF[key]} applies to beam search only: add --num-beams B (B > 1), or leave "
                                  f"{FLAG_OF[key]} out")
-    return check_decoding(kw, flags=True)
+    kw = check_decoding(kw, flags=True)
+    if one_request and "seed" in kw:
+        from palitorch.inference.sampling import GenerationOptions
+
+        if not GenerationOptions.from_kwargs(**kw).do_sample:  # (greedy decoding and beams draw nothing)
+            raise InputError("--seed applies to sampling only: add --temperature T (T > 0), --top-k, --top-p or "
+                             "--min-p, or leave --seed out")
+    return kw
 
 
 def check_decoding(kw: dict, flags: bool = False) -> dict:

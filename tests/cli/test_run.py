@@ -152,6 +152,9 @@ BAD = [
     (["--stream", "--num-beams", "2"], "cannot stream"),
     (["--length-penalty", "2"], "--length-penalty applies to beam search only: add --num-beams"),  # was ignored
     (["--early-stopping", "true", "--num-beams", "1"], "--early-stopping applies to beam search only"),
+    (["--seed", "3"], "--seed applies to sampling only: add --temperature T (T > 0)"),  # was greedy, silently
+    (["--seed", "3", "--temperature", "0", "--top-k", "5"], "--seed applies to sampling only"),  # (T = 0: greedy)
+    (["--seed", "3", "--num-beams", "2"], "--seed applies to sampling only"),
     (["--frobnicate"], "unrecognized arguments"),
 ]
 
