@@ -117,17 +117,26 @@ def evaluate(args: argparse.Namespace) -> int:
         metrics = exact_match(pipe.model, pipe.processor, examples, idx, args.batch_size, args.max_new_tokens,
                               groups, ddp.Dist(), generate=generate)
     # first: the metrics are not lost if the predictions cannot be written after all; to stderr when the
-    # predictions go to standard output, which then holds JSON lines only
-    report = sys.stderr if streamed and _is_stdout(out) else sys.stdout
+    # predictions go to standard output (or to the file it was sent to), which then holds JSON lines only
+    report = sys.stderr if out is not None and _is_stdout(out) else sys.stdout
     if args.json:
         print(json.dumps({"data": str(args.data), **metrics}, ensure_ascii=False), file=report, flush=True)
     else:
         print(summary(str(args.data), metrics), file=report, flush=True)
     if out is not None:  # one process answers every example, in the order of idx
+        data_folder = Path(args.data).parent.resolve()
+
+        def image_field(e) -> str:
+            """The image as the data file names it; in a file in another folder, a relative path is made relative
+            to that folder, so that the predictions read as data too."""
+            if streamed or Path(e.given_image).is_absolute() or out.parent.resolve() == data_folder:
+                return e.given_image
+            return os.path.relpath(e.image.resolve(), out.parent.resolve())
+
         lines = []
         for i, answer in zip(idx, answers):
             e = examples[i]
-            lines.append(json.dumps({"image": e.given_image, "prefix": e.prefix, "suffix": e.suffix, **e.meta,
+            lines.append(json.dumps({"image": image_field(e), "prefix": e.prefix, "suffix": e.suffix, **e.meta,
                                      "prediction": answer,
                                      "exact_match": normalize_answer(answer) == normalize_answer(e.suffix)},
                                     ensure_ascii=False))

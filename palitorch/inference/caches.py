@@ -30,7 +30,7 @@ def ensure_caches(model: PaliGemma, batch: int, length: int, pool: dict | None =
         if pool is not None:  # (they may be caches made before the pool, or a live batch's)
             keep_caches(model, pool)
         return cache.k.shape[2]
-    if pool is not None and (hit := next((key for key in pool if fits(*key)), None)):
+    if pool is not None and (hit := min((key for key in pool if fits(*key)), key=lambda key: key[1], default=None)):
         use_caches(model, pool, hit)
         return hit[1]
     s = -(-length // 64) * 64

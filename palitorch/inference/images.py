@@ -45,7 +45,8 @@ def load_image(image) -> Image.Image:
 def from_array(a) -> Image.Image:
     """A numpy array or torch tensor of pixels -> a PIL image: [H, W] greyscale, [H, W, C] or [C, H, W] with C of
     1, 3 (RGB) or 4 (RGBA), channels last when both readings fit; uint8 (0-255), uint16 (0-65535, scaled to 8
-    bits as a 16-bit image file is) or floating point in [0, 1]."""
+    bits as a 16-bit image file is, unless every value is <= 255: 8-bit values in a wider type, as other integer
+    types may hold them) or floating point in [0, 1]."""
     if isinstance(a, torch.Tensor):
         a = a.detach().cpu().numpy()
     shape = a.shape
@@ -60,8 +61,8 @@ def from_array(a) -> Image.Image:
         if not (np.isfinite(a).all() and a.min(initial=0) >= 0 and a.max(initial=0) <= 1):
             raise InputError("an array image of floats must hold pixels in [0, 1] (or give uint8, 0-255)")
         a = np.rint(a * 255)
-    elif a.dtype == np.uint16:  # 16-bit pixels (a 16-bit PNG's, or a camera's)
-        a = np.rint(a / 257.0)  # 0..65535 -> 0..255, as `to_rgb` scales a 16-bit file
+    elif a.dtype.kind == "u" and a.dtype.itemsize == 2 and a.max() > 255:  # 16-bit pixels (a 16-bit PNG's, a camera's)
+        a = np.rint(a / 257.0)  # 0..65535 -> 0..255, as `to_rgb` scales a 16-bit file (values all <= 255: 8-bit ones)
     elif a.dtype != np.uint8 and not (np.issubdtype(a.dtype, np.integer) and a.min() >= 0 and a.max() <= 255):
         raise InputError(f"an array image must be uint8 (0-255), uint16 (0-65535) or floats in [0, 1], got {a.dtype} "
                          "values outside 0-255")

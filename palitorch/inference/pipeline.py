@@ -352,11 +352,13 @@ def _compile_options(device: torch.device, mode: str | None, options: dict | Non
 
 def _cuda_graphs(settings: dict) -> bool:
     """Whether `_compile_options`'s settings record CUDA graphs, whose outputs live in memory that the next replay
-    reuses (modes "reduce-overhead" and "max-autotune", or the option "triton.cudagraphs")."""
-    from torch._inductor import list_mode_options
+    reuses (modes "reduce-overhead" and "max-autotune", the option "triton.cudagraphs", or else inductor's global
+    setting, e.g. TORCHINDUCTOR_CUDAGRAPHS=1)."""
+    from torch._inductor import config, list_mode_options
 
     mode = settings.get("mode")
-    return bool((settings.get("options") or (list_mode_options(mode) if mode else {})).get("triton.cudagraphs"))
+    options = settings.get("options") or (list_mode_options(mode) if mode else {})
+    return bool(options.get("triton.cudagraphs", config.triton.cudagraphs))
 
 
 def load(path=None, device="cpu", dtype="float32", adapter=None) -> Pipeline:

@@ -216,7 +216,7 @@ class Processor:
             ids = self.tokenizer.encode(self._image_prefix + prefix + "\n", add_special_tokens=False).ids
         types = [0] * len(ids)
         if suffix is not None:
-            s = self.tokenizer.encode(suffix + EOS, add_special_tokens=False).ids
+            s = self.suffix_ids(suffix)
             ids, types = ids + s, types + [1] * len(s)
         if len(ids) > self.max_length:
             raise InputError(
@@ -224,6 +224,11 @@ class Processor:
                 "shorten it"
             )
         return Encoded(ids, types)
+
+    def suffix_ids(self, suffix: str) -> list[int]:
+        """An answer's token ids, `<eos>` included: tokenized apart from the prompt, as transformers' processor
+        tokenizes a suffix (its `text_pair`)."""
+        return self.tokenizer.encode(suffix + EOS, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
         """Text of generated ids: special tokens dropped, `<locNNNN>` / `<segNNN>` (task outputs) always kept."""

@@ -126,8 +126,9 @@ def parse_chat(body: dict, model_id: str, defaults: dict | None = None,
     taken as absent (SDKs send unset fields so), even one this server does not know."""
     body = {k: v for k, v in body.items() if v is not None}
     unknown = sorted(set(body) - KNOWN)
-    if unknown:  # a hint names a parameter that asks for something (not one accepted at a neutral value only)
-        near = difflib.get_close_matches(unknown[0], sorted(ASKS), n=1)
+    if unknown:  # a near miss of a name taken at a neutral value, or ignored, must be close to count
+        near = difflib.get_close_matches(unknown[0], sorted(KNOWN - ASKS), n=1, cutoff=0.75) or \
+            difflib.get_close_matches(unknown[0], sorted(ASKS), n=1)
         hint = f": use {FOREIGN[unknown[0]]}" if unknown[0] in FOREIGN else f" (did you mean {near[0]!r}?)" if near \
             else ""
         raise bad(f"unknown parameter {unknown[0]!r}{hint}", unknown[0])

@@ -30,8 +30,10 @@ def subset(n: int, k: int, seed: int) -> list[int]:
 
 
 def answer_tokens(processor: Processor, examples: list[Example]) -> torch.Tensor:
-    """Each example's answer (suffix) length in tokens, <eos> not counted."""
-    return torch.tensor([sum(processor.encode(e.prefix, e.suffix).types) - 1 for e in examples])
+    """Each example's answer (suffix) length in tokens, <eos> not counted (the suffix alone: an example too long
+    for the context, or with text the prompt checks refuse, is still counted, and scored as a wrong answer)."""
+    texts = [e.suffix.encode("utf-8", "replace").decode("utf-8") for e in examples]  # (a lone surrogate: "?")
+    return torch.tensor([len(processor.suffix_ids(t)) - 1 for t in texts], dtype=torch.long)
 
 
 def cut_answers(answers: torch.Tensor, max_new_tokens: int, setting: str = "[eval] max_new_tokens") -> str | None:

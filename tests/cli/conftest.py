@@ -41,9 +41,8 @@ class FakePipe:
 
     def __init__(self, answer):
         self.answer = answer
-        # token texts: only for top_logprobs, never asked here; encode: one token per answer character, + <eos>
-        self.processor = types.SimpleNamespace(
-            tokenizer=None, encode=lambda prefix, suffix: types.SimpleNamespace(types=[1] * (len(suffix) + 1)))
+        # token texts: only for top_logprobs, never asked here; suffix_ids: one token per answer character, + <eos>
+        self.processor = types.SimpleNamespace(tokenizer=None, suffix_ids=lambda suffix: [0] * (len(suffix) + 1))
         self.calls = []  # (kind, [image sizes], [prompts], options)
         self.images = []  # the images of each call, as given
 

@@ -163,3 +163,44 @@ def test_predictions_keep_the_data_fields_and_go_to_stdout_alone(tmp_path, capfd
     longer = sum(sum(processor.encode(p["prefix"], p["suffix"]).types) - 1 > 2 for p in predictions)  # (- <eos>)
     assert longer and f"palitorch eval: warning: {longer} of the 6 eval answers are longer than --max-new-tokens (2 " \
                       "tokens" in proc.stderr
+
+
+def test_an_answer_too_long_for_the_context_is_scored_not_refused(tmp_path, capsys):
+    """Only the prefix is given to the model: a suffix longer than the context (or holding text no prompt may) is a
+    wrong answer, counted in the cut-short warning, not an error that stops the evaluation."""
+    lines = demo_jsonl(tmp_path / "test.jsonl")[:2]
+    lines[0]["suffix"] = "red " * 600  # (the bundled model's context: 512 tokens)
+    lines[1]["suffix"] = "an <image> here"
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rc, out, err = cli(["eval", "--data", tmp_path / "test.jsonl", "--json", "--quiet"], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["exact_match"] == 0 and "warning: 1 of the 2 eval answers are longer than" in err
+
+
+def test_predictions_in_another_folder_read_as_data_and_stdout_to_them_keeps_the_metrics(tmp_path, capsys):
+    """Relative image paths are rewritten relative to a predictions file in another folder, so that the predictions
+    evaluate again as data; `--predictions F > F` (stdout sent to that file) prints the metrics to stderr, where
+    they are not overwritten by the file's atomic replacement."""
+    import shutil
+    import subprocess
+    import sys
+
+    lines = demo_jsonl(tmp_path / "abs.jsonl")[:3]
+    (tmp_path / "data" / "imgs").mkdir(parents=True)
+    for x in lines:
+        shutil.copy(x["image"], tmp_path / "data" / "imgs")
+        x["image"] = "imgs/" + Path(x["image"]).name
+    (tmp_path / "data" / "test.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "out").mkdir()
+    pred = tmp_path / "out" / "pred.jsonl"
+    assert cli(["eval", "--data", tmp_path / "data" / "test.jsonl", "--quiet", "--predictions", pred], capsys)[0] == 0
+    assert [json.loads(x)["image"] for x in pred.read_text().splitlines()] == ["../data/" + x["image"] for x in lines]
+    rc, out, err = cli(["eval", "--data", pred, "--quiet", "--json"], capsys)  # (the predictions as data)
+    assert rc == 0 and json.loads(out)["n"] == 3, err
+    data = str(tmp_path / "data" / "test.jsonl")
+    with open(pred, "w") as stdout:
+        proc = subprocess.run([sys.executable, "-m", "palitorch", "eval", "--data", data, "--quiet", "--json",
+                               "--predictions", str(pred)], stdout=stdout, stderr=subprocess.PIPE, text=True,
+                              timeout=300)
+    assert proc.returncode == 0 and json.loads(proc.stderr.strip().splitlines()[-1])["n"] == 3, proc.stderr
+    assert len(pred.read_text().splitlines()) == 3

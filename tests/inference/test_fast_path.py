@@ -268,6 +268,10 @@ def test_outputs_are_copied_only_under_cuda_graphs():
         ("reduce-overhead", "None"), ("max-autotune", "None"),
         ("reduce-overhead", "{'coordinate_descent_tuning': True}"), (None, "{'triton.cudagraphs': True}")]
     assert palitorch.load().compile()._steps.copy_outputs is False  # (CPU)
+    from torch._inductor import config
+
+    with config.patch({"triton.cudagraphs": True}):  # (as TORCHINDUCTOR_CUDAGRAPHS=1 sets it)
+        assert _cuda_graphs(_compile_options(cuda, None)) and _cuda_graphs(_compile_options(cuda, "default"))
 
 
 def test_compiled_step_keeps_compiling_past_dynamo_limit():

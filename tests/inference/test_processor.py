@@ -262,6 +262,8 @@ def test_arrays_of_pixels_are_images(procs):
     Image.fromarray(deep).save(png, format="PNG")
     assert Image.open(png).mode.startswith("I")  # (a 16-bit PNG, which load_image scales to 8 bits)
     torch.testing.assert_close(ours.pixels(deep), ours.pixels(png.getvalue()), atol=0, rtol=0)
+    torch.testing.assert_close(ours.pixels(deep.astype(">u2")), ours.pixels(deep), atol=0, rtol=0)  # (big-endian)
+    torch.testing.assert_close(ours.pixels(grey.astype(np.uint16)), ours.pixels(grey), atol=0, rtol=0)  # 8-bit values
     rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
     torch.testing.assert_close(ours.pixels(rgba), want, atol=1e-6, rtol=0)
     for bad, why in ((rgb[None], "shape"), (np.zeros((5, 6, 2), np.uint8), "shape"), (rgb * 2.0, r"\[0, 1\]"),

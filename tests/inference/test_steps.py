@@ -183,6 +183,12 @@ def test_under_cuda_graphs_a_shape_seen_before_decodes_into_its_earlier_caches(c
     for n in (3, 4, 8):  # other batch sizes (as a compiled pipeline pads them): the least recently used goes
         pipe.generate(images(n), PROMPTS[:1] * n, max_new_tokens=4)
     assert [rows for rows, _ in pool] == [2, 3, 4, 8] and len(pool) == caches.POOLED
+    t = pipe.model.language_model.layers[0].attn.kv_cache.k.shape[2]
+    for key in ((2, t + 128), (2, t + 64)):  # of the pooled caches that fit, the fewest slots (each step reads all)
+        pipe.model.setup_caches(*key)
+        caches.keep_caches(pipe.model, pool)
+    pipe.model.setup_caches(1, 64)
+    assert caches.ensure_caches(pipe.model, 2, t - 32, pool) == t + 64
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -153,8 +153,10 @@ def test_unknown_parameters_are_named_with_a_suggestion():
     assert e.param == "max_token" and "unknown parameter 'max_token'" in e.message and "'max_tokens'" in e.message
     e = refused(body(frobnicate=1))
     assert e.param == "frobnicate" and "did you mean" not in e.message
-    e = refused(body(reasoning_effort="low"))  # (not response_format: accepted at its neutral value only)
+    e = refused(body(reasoning_effort="low"))  # (not response_format, which is accepted at its neutral value only)
     assert e.message == "unknown parameter 'reasoning_effort'"
+    assert "did you mean 'metadata'?" in refused(body(metdata={})).message  # (a near miss of one is still named)
+    assert "did you mean 'response_format'?" in refused(body(response_fromat={"type": "text"})).message
     e = refused(body(do_sample=True))  # another tool's name for what this API asks otherwise
     assert e.message == "unknown parameter 'do_sample': use temperature (> 0 samples)"
     assert refused(body(max_new_tokens=5)).message == "unknown parameter 'max_new_tokens': use max_tokens"
