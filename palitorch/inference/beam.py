@@ -71,8 +71,8 @@ def beam_search(model: PaliGemma, processor: Processor, prompts: Prompts, opts: 
                 eos: list[int], steps: int, fns: Steps | None = None) -> list[Result]:
     b, t = prompts.ids.shape
     m = opts.num_beams
-    pool = (fns or EAGER).caches
-    logits, cur = prefill(model, prompts, ensure_caches(model, b, t + steps, pool))
+    pool, compiled = (fns or EAGER).caches, (fns or EAGER).compiled
+    logits, cur = prefill(model, prompts, ensure_caches(model, b, t + steps, pool, compiled))
     expand_caches(model, m, pool)
     rows = torch.arange(b, device=logits.device).repeat_interleave(m)
     for name in ("valid", "pos"):

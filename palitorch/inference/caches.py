@@ -5,6 +5,11 @@ takes the model's caches when they fit (`ensure_caches`); otherwise it allocates
 the addresses of the caches it reads and writes and replays only on that memory: new caches of the same shape are
 recorded anew (and torch keeps every recording). So with CUDA graphs (`Steps.caches`), caches are pooled by
 (rows, slots), and a generation at a shape seen before gets its earlier caches back.
+
+A compiled decode step is a static-shape graph per batch size and cache length, compiled on first use (seconds on
+a CPU, tens of seconds for a 3B model on a GPU). So a compiled pipeline sizes its caches on a ladder,
+`cache_length`: 64 x 1, 2, 3, 4, 6, 8, 12, ... slots, two lengths per doubling, whatever lengths its requests ask
+for; rounded to 64 slots alone, a server's varied prompts and max_tokens kept compiling new graphs for hours.
 """
 
 from __future__ import annotations
@@ -14,16 +19,30 @@ import torch
 from palitorch.model import PaliGemma
 
 
-def ensure_caches(model: PaliGemma, batch: int, length: int, pool: dict | None = None) -> int:
+def ladder(n: int) -> int:
+    """The first of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 3 * 2^k) at or above n (n >= 1)."""
+    step = 1 << (n - 1).bit_length()  # the power of two at or above n
+    return 3 * step // 4 if step >= 4 and 3 * step // 4 >= n else step
+
+
+def cache_length(length: int, compiled: bool = False) -> int:
+    """The slots of new caches for `length`: rounded up to 64, and for a compiled step to 64 x `ladder` (at most
+    1.5x the need, past 256 slots)."""
+    blocks = -(-length // 64)
+    return 64 * (ladder(blocks) if compiled else blocks)
+
+
+def ensure_caches(model: PaliGemma, batch: int, length: int, pool: dict | None = None, compiled: bool = False) -> int:
     """Reuse the model's KV caches when they fit `batch` rows of `length` slots, else allocate; returns S.
 
-    New caches are rounded up to 64 slots so that calls of similar lengths share them. Caches far longer than
-    needed are reallocated: every decode step attends over all S slots. `pool` (`Steps.caches`, with CUDA graphs):
-    caches kept by (rows, slots) to be used again, since a graph recorded on caches replays only on that memory
-    (new caches of the same shape would be recorded anew, and torch keeps every recording).
+    New caches have `cache_length(length, compiled)` slots, so that calls of similar lengths share them (a compiled
+    step: caches of a ladder length only). Caches far longer than needed are reallocated: every decode step attends
+    over all S slots. `pool` (`Steps.caches`, with CUDA graphs): caches kept by (rows, slots) to be used again,
+    since a graph recorded on caches replays only on that memory (new caches of the same shape would be recorded
+    anew, and torch keeps every recording).
     """
     def fits(rows: int, s: int) -> bool:
-        return rows == batch and length <= s <= 2 * length + 64
+        return rows == batch and length <= s <= 2 * length + 64 and (not compiled or cache_length(s, True) == s)
 
     cache = model.language_model.layers[0].attn.kv_cache
     if cache is not None and fits(cache.k.shape[0], cache.k.shape[2]):
@@ -33,7 +52,7 @@ def ensure_caches(model: PaliGemma, batch: int, length: int, pool: dict | None =
     if pool is not None and (hit := min((key for key in pool if fits(*key)), key=lambda key: key[1], default=None)):
         use_caches(model, pool, hit)
         return hit[1]
-    s = -(-length // 64) * 64
+    s = cache_length(length, compiled)
     with torch.inference_mode(False):  # ordinary tensors, so that the caches outlive this inference-mode call
         model.setup_caches(batch, s)
     if pool is not None:

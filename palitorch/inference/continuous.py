@@ -159,7 +159,7 @@ class LiveBatch:
         if not live:  # an empty batch can take any layout: start afresh
             rows = self.size_for(n)
             # room for later sequences as long, or with prompts up to 64 tokens longer, without waiting
-            self.s_len = ensure_caches(self.model, rows, t + 64 + 2 * budget)
+            self.s_len = ensure_caches(self.model, rows, t + 64 + 2 * budget, compiled=self.fns.compiled)
             self._use_caches(rows)
             self.cur = LiveCursor(self.model, rows, self.s_len, self.device)
             self.seqs = [None] * rows

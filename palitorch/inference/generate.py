@@ -207,13 +207,14 @@ class Steps:
     penalty), `greedy` (`greedy_forward`) and `greedy_top` (`greedy_top_forward`: greedy with top_logprobs). Eager
     by default; `Pipeline.compile` puts `torch.compile`d versions in. `copy_outputs`: their outputs live in memory
     that the next call reuses (CUDA graphs), so copy what is kept; `caches`: then also the KV caches kept for reuse
-    (see `ensure_caches`)."""
+    (see `ensure_caches`); `compiled`: each function is compiled per shape, so the caches keep to few lengths."""
 
     logits: Callable = token_forward
     greedy: Callable = greedy_forward
     copy_outputs: bool = False
     greedy_top: Callable = greedy_top_forward
     caches: dict | None = None
+    compiled: bool = False  # static-shape graphs: caches sized on a ladder (caches.cache_length)
 
 
 EAGER = Steps()
@@ -237,7 +238,7 @@ def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: lis
     b, t = prompts.ids.shape
     device = prompts.ids.device
     budgets = torch.tensor(row_steps, device=device) if row_steps else None
-    logits, cur = prefill(model, prompts, ensure_caches(model, b, t + steps, fns.caches))
+    logits, cur = prefill(model, prompts, ensure_caches(model, b, t + steps, fns.caches, fns.compiled))
     chooser = Chooser(opts, eos, logits.shape[-1], prompts.ids, prompts.valid)
     eos_t = torch.tensor(eos, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)

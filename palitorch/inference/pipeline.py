@@ -15,6 +15,7 @@ from palitorch.checkpoint import load_model, merge_adapter, read_adapter, read_c
 from palitorch.errors import CheckpointError, InputError
 from palitorch.inference import generate as engine
 from palitorch.inference.answer import Result
+from palitorch.inference.caches import ladder
 from palitorch.inference.continuous import LiveBatch
 from palitorch.inference.inputs import (
     as_batch,
@@ -60,7 +61,7 @@ class Pipeline:
         self._lock = threading.RLock()  # one call at a time: the KV caches, compiled steps and batch sizes are shared
         self._busy = False  # a stream or live batch is open (maybe suspended between pieces): it owns the KV caches
         self._steps: engine.Steps | None = None  # compiled one-token decode steps, once `compile()` is called
-        self._greedy_batches: set[int] = set()  # batch sizes greedy decoding has run at since `compile()`
+        self._padded_batches: set[int] = set()  # batch sizes padded batches have run at since `compile()`
         self._cache_pool: dict = {}  # live batches' KV caches by (rows, slots), reused (see `LiveBatch.pool`)
         kernels.prepare(model.parameters())  # which CPU kernel each linear takes (checks and timings, once a process)
 
@@ -134,7 +135,8 @@ class Pipeline:
         are each fused into one matrix; on CPU the decoder's large weights move to memory in transparent huge pages
         where Linux offers them (`kernels.use_huge_pages`). The first call for each batch size and cache length pays
         the compilation (tens of seconds on CPU, ~20-35 s for the 3B models on an H200); the results are the same
-        tokens as without it. Greedy batches are padded to sizes that keep compilations few (see `_padded_size`).
+        tokens as without it. Batches are padded to sizes, and caches sized to lengths, that keep compilations few
+        (see `_padded_size` and `caches.cache_length`).
         `options`: inductor settings on top of the mode's, e.g. {"coordinate_descent_tuning": True}.
         Compile again after changing the model's structure (e.g. `set_decode_attention`).
         """
@@ -153,7 +155,7 @@ class Pipeline:
         # inductor's CPU FlexAttention kernel, compiled single-threaded, frees memory twice (torch 2.13): let it be
         flex = any(layer.attn.decode_attention == "flex" for layer in lm.layers)
         settings = _compile_options(self.device, mode, options, single_thread=not flex)
-        self._greedy_batches.clear()
+        self._padded_batches.clear()
         graphs = self.device.type != "cpu" and _cuda_graphs(settings)
         self._steps = engine.Steps(
             logits=torch.compile(engine.token_forward, dynamic=False, **settings),
@@ -161,6 +163,7 @@ class Pipeline:
             copy_outputs=graphs,  # (their output memory is reused)
             greedy_top=torch.compile(engine.greedy_top_forward, dynamic=False, **settings),  # compiled on first use
             caches={} if graphs else None,  # (a graph replays on the caches it was recorded on)
+            compiled=True,
         )
         return self
 
@@ -222,16 +225,16 @@ class Pipeline:
 
     def _padded_size(self, n: int, opts: GenerationOptions) -> int:
         """The batch size at which to decode `n` rows. A compiled step is compiled anew for every batch size (tens of
-        seconds for a 3B model), so on a compiled pipeline a greedy batch runs at the smallest size already run at
+        seconds for a 3B model), so on a compiled pipeline a batch runs at the smallest size already run at
         between n and 2n, else at the first of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 3 * 2^k) from n up,
         padded with copies of its last request. So the sizes compiled are at most two per doubling, a new size
         makes a batch at most 1.5x larger (17 rows run as 24) and a reused one at most doubles it. Greedy rows do
-        not depend on one another; sampled rows' random draws depend on the batch size and beams have their own
-        layout, so those are never padded."""
-        if self._steps is None or opts.do_sample or opts.num_beams > 1:
+        not depend on one another, nor do unseeded samples; a seeded sample's draws depend on the batch size, and
+        beams have their own layout, so those are never padded."""
+        if self._steps is None or (opts.do_sample and opts.seed is not None) or opts.num_beams > 1:
             return n
-        size = min((b for b in self._greedy_batches if n <= b <= 2 * n), default=batch_rung(n))
-        self._greedy_batches.add(size)
+        size = min((b for b in self._padded_batches if n <= b <= 2 * n), default=batch_rung(n))
+        self._padded_batches.add(size)
         return size
 
     def stream(self, image, prompt: str, options: GenerationOptions | dict | None = None, **kw) -> Stream:
@@ -293,9 +296,8 @@ class Pipeline:
 
 def batch_rung(n: int) -> int:
     """The first of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 3 * 2^k) at or above n: the batch sizes at which a
-    compiled pipeline runs new greedy batches (`Pipeline._padded_size`)."""
-    step = 1 << (n - 1).bit_length()  # the power of two at or above n
-    return 3 * step // 4 if step >= 4 and 3 * step // 4 >= n else step
+    compiled pipeline runs new batches (`Pipeline._padded_size`)."""
+    return ladder(n)
 
 
 def batch_rungs(limit: int) -> list[int]:
@@ -312,16 +314,19 @@ def batch_rung_below(n: int) -> int:
 _RECOMPILE_LIMIT = "recompile_limit"  # dynamo's setting; "cache_size_limit" before torch 2.7
 
 
-def raise_recompile_limit(at_least: int = 64) -> None:
+def raise_recompile_limit(at_least: int = 256) -> None:
     """Every model, batch size and cache length compiles its own static-shape graph of one code object (the decode
     step); past dynamo's default limit of 8 such graphs it would run the step eagerly, with a log line only. The
-    setting is per thread (a ContextVar since torch 2.1x: a new thread starts at the default), so it is raised in
-    each thread that runs a compiled step."""
+    batch sizes and cache lengths keep to ladders (`_padded_size`, `caches.cache_length`): for a context of 8192
+    and batches of up to 48 rows, 14 lengths x 11 sizes at most, under this limit. The setting is per thread (a
+    ContextVar since torch 2.1x: a new thread starts at the default), so it is raised in each thread that runs a
+    compiled step; dynamo's limit on a code object's compilations in all is raised with it."""
     import torch._dynamo.config as dynamo_config
 
     limit = _RECOMPILE_LIMIT if hasattr(dynamo_config, _RECOMPILE_LIMIT) else "cache_size_limit"  # older name
-    if getattr(dynamo_config, limit) < at_least:
-        setattr(dynamo_config, limit, at_least)
+    for name in (limit, "accumulated_recompile_limit"):
+        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < at_least:
+            setattr(dynamo_config, name, at_least)
 
 
 def _compile_options(device: torch.device, mode: str | None, options: dict | None = None,

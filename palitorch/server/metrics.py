@@ -13,6 +13,7 @@ The engine's thread records and the HTTP threads read, under one lock; rendering
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import Counter
@@ -102,6 +103,9 @@ class Metrics:
                  [f"palitorch_requests_waiting {waiting}"]),
                 ("palitorch_requests_running", "gauge", "Requests being decoded.",
                  [f"palitorch_requests_running {running}"]),
+                ("palitorch_compiled_graphs", "gauge", "Graphs torch.compile has made in this process (--compile: "
+                 "one per decode function, batch size and cache length; each new one stalls the model thread).",
+                 [f"palitorch_compiled_graphs {compiled_graphs()}"]),
                 ("palitorch_queue_time_seconds", "histogram", "Time from arrival to joining a batch.",
                  self.queue_time.lines("palitorch_queue_time_seconds")),
                 ("palitorch_time_to_first_token_seconds", "histogram", "Time from arrival to the first token.",
@@ -115,3 +119,10 @@ class Metrics:
         for name, kind, text, lines in parts:
             out += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *lines]
         return "\n".join(out) + "\n"
+
+
+def compiled_graphs() -> int:
+    """How many graphs torch.compile (dynamo) has made in this process; 0 if it never ran (not imported)."""
+    if "torch._dynamo.utils" not in sys.modules:
+        return 0
+    return int(sys.modules["torch._dynamo.utils"].counters["stats"].get("unique_graphs", 0))

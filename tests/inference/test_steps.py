@@ -218,3 +218,41 @@ def test_cuda_graph_decode_matches_cpu_and_stops_early():
     pipe.generate(imgs, prompts, max_new_tokens=64)
     # the worst case: a flag made just before the last row ended, read 4 steps later, then the next 4 after that
     assert calls <= max(len(r.token_ids) for r in want) + 7
+
+
+def test_a_compiled_pipeline_decodes_at_few_shapes_whatever_the_lengths():
+    """A compiled step is a static-shape graph per batch size and cache length: varied prompts, max_new_tokens and
+    batch sizes (greedy, unseeded samples, a live batch) must land on the ladders (batch 1, 2, 3, 4, 6, 8; cache
+    64 x 1, 2, 3, 4, 6, ... slots), so that a server stops compiling; 64-slot rounding alone kept making new ones."""
+    import random
+
+    from palitorch.inference import caches
+
+    assert [caches.cache_length(n, compiled=True) for n in (1, 64, 65, 129, 193, 257, 300, 385, 600, 8000)] == \
+        [64, 64, 128, 192, 256, 384, 384, 512, 768, 8192]
+    assert [caches.cache_length(n) for n in (1, 65, 300, 8000)] == [64, 128, 320, 8000]  # (eager: 64-slot rounding)
+    pipe = palitorch.load()
+    shapes = set()
+
+    def recording(fn):
+        def step(model, tokens, pos, slot, valid, *rest):
+            shapes.add(tuple(valid.shape))  # [B, S]
+            return fn(model, tokens, pos, slot, valid, *rest)
+        return step
+
+    pipe._steps = engine.Steps(recording(engine.token_forward), recording(engine.greedy_forward),
+                               greedy_top=recording(engine.greedy_top_forward), compiled=True)
+    rng = random.Random(0)
+    words = "what is the colour and shape of this thing in the picture".split()
+    for _ in range(40):
+        n = rng.randint(1, 8)
+        prompts = [" ".join(rng.choices(words, k=rng.randint(1, 40))) for _ in range(n)]
+        kw = rng.choice([{}, {"temperature": 0.8}, {"top_logprobs": 2}])
+        pipe.generate(images(n), prompts, max_new_tokens=rng.randint(1, 64), min_new_tokens=1, **kw)
+    with pipe.live(max_rows=4) as live:
+        live.admit(images(2), ["caption en", " ".join(words * 3)], options=[{"max_new_tokens": 50}] * 2)
+        while live.active:
+            live.step()
+    assert {b for b, _ in shapes} <= {1, 2, 3, 4, 6, 8}
+    assert all(caches.cache_length(s, compiled=True) == s for _, s in shapes), shapes
+    assert len({s for _, s in shapes}) <= 4 and len(shapes) <= 16, shapes

@@ -79,3 +79,17 @@ def test_metrics_count_what_was_answered(demo):
     assert m['palitorch_request_duration_seconds_bucket{le="+Inf"}'] == 4
     assert m["palitorch_request_duration_seconds_sum"] >= m["palitorch_time_to_first_token_seconds_sum"] > 0
     assert m["palitorch_requests_waiting"] == m["palitorch_requests_running"] == 0
+
+
+def test_compiled_graphs_are_counted():
+    """--compile: each new (decode function, batch size, cache length) is a compilation that stalls the model
+    thread; /metrics says how many there have been."""
+    import palitorch
+    from palitorch.assets import ASSETS_DIR
+
+    def graphs():
+        return int(re.search(r"^palitorch_compiled_graphs (\d+)$", Metrics().render(waiting=0, running=0), re.M)[1])
+
+    pipe, before = palitorch.load().compile(), graphs()
+    pipe.generate(ASSETS_DIR / "easyvqa_test_0.png", "caption en", max_new_tokens=3, min_new_tokens=3)
+    assert graphs() >= before + 1
