@@ -25,6 +25,17 @@ def ladder(n: int) -> int:
     return 3 * step // 4 if step >= 4 and 3 * step // 4 >= n else step
 
 
+def batch_rungs(limit: int) -> list[int]:
+    """The batch sizes a compiled pipeline runs batches at, up to `limit`: 1, 2, 3, 4, 6, 8, 12, ..."""
+    return [n for n in range(1, limit + 1) if ladder(n) == n]
+
+
+def batch_rung_below(n: int) -> int:
+    """The last of 1, 2, 3, 4, 6, 8, 12, ... at or below n (n >= 1)."""
+    power = 1 << (n.bit_length() - 1)  # the power of two at or below n
+    return 3 * power // 2 if power >= 2 and 3 * power // 2 <= n else power
+
+
 def cache_length(length: int, compiled: bool = False) -> int:
     """The slots of new caches for `length`: rounded up to 64, and for a compiled step to 64 x `ladder` (at most
     1.5x the need, past 256 slots)."""

@@ -24,6 +24,8 @@ Axes: B rows, T prompt length, S cache slots, V vocab.
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,6 +44,7 @@ from palitorch.inference.generate import (
     settle,
     sliding_window,
 )
+from palitorch.inference.inputs import admit_inputs, check_live_options
 from palitorch.inference.logprobs import chosen_logprobs
 from palitorch.inference.processor import Processor
 from palitorch.inference.sampling import GenerationOptions, RowChooser
@@ -80,19 +83,30 @@ class LiveCursor(Cursor):
         self.last_position = model.cfg.text.max_position_embeddings
 
 
+def _locked(method):
+    """The method under the batch's lock."""
+    @functools.wraps(method)
+    def run(self, *args, **kw):
+        with self._lock:
+            return method(self, *args, **kw)
+    return run
+
+
 class LiveBatch:
     """Rows that join (`admit`) and leave (at EOS, their budget, a stop string, or `release`) between `step`s.
 
     Every sequence decodes with its own options, given when it is admitted (default: `opts`): greedy or sampled,
     its own temperature, top-k/p, min-p, repetition penalty, lengths and stop strings (`RowChooser`). Not beams,
     and no seed for a sample (its random draws would depend on the batch). Each step runs the fused greedy step
-    while every row is greedy without a penalty, else the logits step and the per-row choice. Not thread-safe: one
-    thread admits, steps and releases. `Pipeline.live` makes one."""
+    while every row is greedy without a penalty, else the logits step and the per-row choice. `admit`, `step`,
+    `release` and `end` take `lock` (the pipeline's): threads may call them, one at a time (e.g. requests admitted
+    from their own threads while one thread steps). `Pipeline.live` makes one."""
 
     def __init__(self, model: PaliGemma, processor: Processor, opts: GenerationOptions, max_rows: int,
                  to_pixels: Callable, fns: Steps | None = None, size_for: Callable[[int], int] = lambda n: n,
-                 pool: dict | None = None):
-        self._check(opts)
+                 pool: dict | None = None, lock: threading.RLock | None = None):
+        self._lock = lock or threading.RLock()
+        check_live_options(opts)
         self.model, self.processor, self.opts, self.fns = model, processor, opts, fns or EAGER
         self.max_rows, self.to_pixels, self.size_for = max_rows, to_pixels, size_for
         self.device = next(model.parameters()).device
@@ -110,6 +124,7 @@ class LiveBatch:
         self.pool = ({} if pool is None else pool) if self.fns.copy_outputs else None
         self.ended = False  # `Pipeline.live`'s block is over: the caches may belong to another call now
 
+    @_locked
     def end(self) -> None:
         """End the batch (`Pipeline.live` does, as its block ends): its sequences are dropped, and its methods raise
         InputError from now on."""
@@ -131,6 +146,7 @@ class LiveBatch:
 
     # ------------------------------------------------------------------ joining
 
+    @_locked
     @torch.inference_mode()
     def admit(self, images: list, prompts: list[str], tags: list | None = None, streams: list[bool] | None = None,
               options: list[GenerationOptions] | None = None) -> tuple[list[Seq], list[Event]] | None:
@@ -142,7 +158,7 @@ class LiveBatch:
         Result). `options[i]`: sequence i's decoding options (default: the batch's): a GenerationOptions, or a dict of
         decoding keywords that change the batch's options."""
         self._check_open()
-        options = self._inputs(images, prompts, tags, streams, options)
+        options = admit_inputs(self.opts, images, prompts, tags, streams, options)
         n = len(prompts)
         if n > self.max_rows:  # it never could: not a "try again"
             raise InputError(f"{n} sequences cannot join a live batch of max_rows={self.max_rows}: admit at most "
@@ -195,41 +211,6 @@ class LiveBatch:
             self.seqs[r] = q
             seqs.append(q)
         return seqs, self._events(seqs, tok, lp, by_row=False, top=top)
-
-    def _inputs(self, images, prompts, tags, streams, options) -> list[GenerationOptions]:
-        """InputError for lists that do not pair up or options that a live batch cannot decode with, before any row
-        is written -> each sequence's options, checked."""
-        odd = [p for p in prompts if not isinstance(p, str)] if isinstance(prompts, (list, tuple)) else [prompts]
-        if odd:
-            got = type(prompts).__name__ + (f" holding {type(odd[0]).__name__}" if odd[0] is not prompts else "")
-            raise InputError(f"admit takes a list of prompt strings, got {got}")
-        if not isinstance(images, (list, tuple)):
-            raise InputError(f"admit takes a list of images (one per prompt), got {type(images).__name__}")
-        n = len(prompts)
-        for name, given in (("images", images), ("tags", tags), ("streams", streams), ("options", options)):
-            if given is not None and (not isinstance(given, (list, tuple)) or len(given) != n):
-                what = f"{len(given)} {name}" if isinstance(given, (list, tuple)) else \
-                    f"{name} as {type(given).__name__}"
-                raise InputError(f"admit takes one of each per prompt: {n} prompts and {what}")
-        if options is None:
-            return [self.opts] * n
-        checked = []
-        for o in options:
-            if not isinstance(o, (GenerationOptions, dict)):
-                raise InputError(f"admit's options are GenerationOptions or dicts of decoding keywords, got "
-                                 f"{type(o).__name__}")
-            o = GenerationOptions.from_kwargs(self.opts, **{str(k): v for k, v in o.items()}) \
-                if isinstance(o, dict) else GenerationOptions.from_kwargs(o)
-            self._check(o)
-            checked.append(o)
-        return checked
-
-    @staticmethod
-    def _check(o: GenerationOptions) -> None:
-        if o.num_beams > 1:
-            raise InputError("a live batch decodes one sequence per row: use num_beams=1 (or generate for beams)")
-        if o.do_sample and o.seed is not None:
-            raise InputError("a seeded sample depends on its batch: generate it alone, or sample without a seed")
 
     def _slot_for(self, t: int, budget: int) -> int | None:
         """The slot at which sequences of padded prompt length t and `budget` tokens can join: the next one, or
@@ -330,6 +311,7 @@ class LiveBatch:
 
     # ------------------------------------------------------------------ decoding
 
+    @_locked
     @torch.inference_mode()
     def step(self) -> list[Event]:
         """One token for every live sequence -> their events: (seq, text piece) for streamed sequences' new text,
@@ -387,6 +369,7 @@ class LiveBatch:
                 events.append((q, result))
         return events
 
+    @_locked
     def release(self, seq: Seq) -> None:
         """End a sequence now (its client left, say): it gets no Result, and its row is free before the next step."""
         self._check_open()

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from palitorch.errors import CheckpointError, InputError
-from palitorch.inference.sampling import _is_int
+from palitorch.inference.sampling import GenerationOptions, _is_int
 
 # "owner/name" as the Hugging Face Hub spells a model id
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -111,3 +111,39 @@ def checkpoint_path(path) -> Path:
                               f"palitorch does not download: fetch it with `hf download {text} --local-dir DIR` (or "
                               f"`huggingface-cli download {text} --local-dir DIR`) and pass DIR")
     return folder
+
+
+def admit_inputs(default: GenerationOptions, images, prompts, tags, streams, options) -> list[GenerationOptions]:
+    """`LiveBatch.admit`'s inputs: InputError for lists that do not pair up or options that a live batch cannot
+    decode with, before any row is written -> each sequence's options (`default` where none are given), checked."""
+    odd = [p for p in prompts if not isinstance(p, str)] if isinstance(prompts, (list, tuple)) else [prompts]
+    if odd:
+        got = type(prompts).__name__ + (f" holding {type(odd[0]).__name__}" if odd[0] is not prompts else "")
+        raise InputError(f"admit takes a list of prompt strings, got {got}")
+    if not isinstance(images, (list, tuple)):
+        raise InputError(f"admit takes a list of images (one per prompt), got {type(images).__name__}")
+    n = len(prompts)
+    for name, given in (("images", images), ("tags", tags), ("streams", streams), ("options", options)):
+        if given is not None and (not isinstance(given, (list, tuple)) or len(given) != n):
+            what = f"{len(given)} {name}" if isinstance(given, (list, tuple)) else \
+                f"{name} as {type(given).__name__}"
+            raise InputError(f"admit takes one of each per prompt: {n} prompts and {what}")
+    if options is None:
+        return [default] * n
+    checked = []
+    for o in options:
+        if not isinstance(o, (GenerationOptions, dict)):
+            raise InputError(f"admit's options are GenerationOptions or dicts of decoding keywords, got "
+                             f"{type(o).__name__}")
+        o = GenerationOptions.from_kwargs(default, **{str(k): v for k, v in o.items()}) \
+            if isinstance(o, dict) else GenerationOptions.from_kwargs(o)
+        check_live_options(o)
+        checked.append(o)
+    return checked
+
+def check_live_options(o: GenerationOptions) -> None:
+    """InputError for options a live batch cannot decode with (beams; a seeded sample)."""
+    if o.num_beams > 1:
+        raise InputError("a live batch decodes one sequence per row: use num_beams=1 (or generate for beams)")
+    if o.do_sample and o.seed is not None:
+        raise InputError("a seeded sample depends on its batch: generate it alone, or sample without a seed")

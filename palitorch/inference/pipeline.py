@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from palitorch.checkpoint import load_model, merge_adapter, read_adapter, read_c
 from palitorch.errors import CheckpointError, InputError
 from palitorch.inference import generate as engine
 from palitorch.inference.answer import Result
-from palitorch.inference.caches import ladder
+from palitorch.inference.caches import batch_rung_below, batch_rungs, ladder  # noqa: F401 (cli, benchmarks)
 from palitorch.inference.continuous import LiveBatch
 from palitorch.inference.inputs import (
     as_batch,
@@ -28,7 +29,7 @@ from palitorch.inference.inputs import (
 )
 from palitorch.inference.processor import Processor
 from palitorch.inference.sampling import GenerationOptions, batch_seed
-from palitorch.inference.stream import Stream, streamable
+from palitorch.inference.stream import BatchStream, Stream, streamable
 from palitorch.model import PaliGemma, kernels
 
 
@@ -60,6 +61,7 @@ class Pipeline:
         self.device, self.dtype = p.device, p.dtype
         self._lock = threading.RLock()  # one call at a time: the KV caches, compiled steps and batch sizes are shared
         self._busy = False  # a stream or live batch is open (maybe suspended between pieces): it owns the KV caches
+        self._owner = ""  # the thread that opened it
         self._steps: engine.Steps | None = None  # compiled one-token decode steps, once `compile()` is called
         self._padded_batches: set[int] = set()  # batch sizes padded batches have run at since `compile()`
         self._cache_pool: dict = {}  # live batches' KV caches by (rows, slots), reused (see `LiveBatch.pool`)
@@ -172,10 +174,18 @@ class Pipeline:
         pipeline, raise dynamo's recompile limit in this thread (a server's model thread is not the one that called
         `compile`)."""
         if self._busy:
-            raise InputError("a stream or live batch from this pipeline is still open: finish it (break out of the "
-                             "stream, or leave the live batch's with block) first")
+            gc.collect()  # (one dropped inside a reference cycle ends when the cycle is collected)
+        if self._busy:
+            where = "" if self._owner == threading.current_thread().name else \
+                f" in thread {self._owner!r} (other threads: try again once it ends)"
+            raise InputError(f"a stream or live batch from this pipeline is still open{where}: finish it (break out "
+                             "of the stream, close() it, or leave the live batch's with block) first")
         if self._steps is not None:
             raise_recompile_limit()
+
+    def _take(self) -> None:
+        """(Under `_lock`, after `_claim`) a stream or live batch now owns the KV caches."""
+        self._busy, self._owner = True, threading.current_thread().name
 
     def _one_at_a_time(self, events):
         """Run a generator's steps under the lock (yielding outside it) -> its return value: a pipeline's calls from
@@ -256,7 +266,7 @@ class Pipeline:
         with self._lock:  # the batch sizes a compiled pipeline has run at
             pixels, index, padded = self._padded(images, prompts, opts)
         events = engine.stream_batch(self.model, self.processor, pixels, padded, opts, self._steps, index, keep_going)
-        return self._owning(events, len(prompts))
+        return BatchStream(events, len(prompts), self)
 
     @contextmanager
     def live(self, max_rows: int = 8, options: GenerationOptions | dict | None = None, **kw):
@@ -273,42 +283,19 @@ class Pipeline:
             self._claim()
             compiled = self._steps is not None
             live = LiveBatch(self.model, self.processor, opts, batch_rung_below(max_rows) if compiled else max_rows,
-                             self._pixels, self._steps, batch_rung if compiled else (lambda n: n), self._cache_pool)
-            self._busy = True
+                             self._pixels, self._steps, batch_rung if compiled else (lambda n: n), self._cache_pool,
+                             self._lock)  # (its calls from several threads take turns, as the pipeline's do)
+            self._take()
         try:
             yield live
         finally:
-            live.end()
-            self._busy = False
-
-    def _owning(self, events, n: int):
-        with self._lock:
-            self._claim()  # the KV caches are these events' until they end
-            self._busy = True
-        try:
-            for i, item in self._one_at_a_time(events):
-                if i < n:  # not a padding copy
-                    yield i, item
-        finally:
-            events.close()
-            self._busy = False
+            try:
+                live.end()
+            finally:
+                self._busy = False
 
 
-def batch_rung(n: int) -> int:
-    """The first of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 3 * 2^k) at or above n: the batch sizes at which a
-    compiled pipeline runs new batches (`Pipeline._padded_size`)."""
-    return ladder(n)
-
-
-def batch_rungs(limit: int) -> list[int]:
-    """The batch sizes a compiled pipeline runs greedy batches at, up to `limit`: 1, 2, 3, 4, 6, 8, 12, ..."""
-    return [n for n in range(1, limit + 1) if batch_rung(n) == n]
-
-
-def batch_rung_below(n: int) -> int:
-    """The last of 1, 2, 3, 4, 6, 8, 12, ... at or below n (n >= 1)."""
-    power = 1 << (n.bit_length() - 1)  # the power of two at or below n
-    return 3 * power // 2 if power >= 2 and 3 * power // 2 <= n else power
+batch_rung = ladder  # the batch sizes at which a compiled pipeline runs new batches (`Pipeline._padded_size`)
 
 
 _RECOMPILE_LIMIT = "recompile_limit"  # dynamo's setting; "cache_size_limit" before torch 2.7

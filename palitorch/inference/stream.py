@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -35,16 +36,59 @@ class Stream:
             if self._consumed:
                 raise InputError("this stream was already consumed: call pipe.stream again")
             pipe._claim()  # the KV caches are this stream's until it ends
-            pipe._busy, self._consumed = True, True
+            pipe._take()
+            self._consumed = True
         try:
             self.result = yield from pipe._one_at_a_time(self._pieces)
         finally:
-            self._pieces.close()
-            pipe._busy = False
+            try:
+                self._pieces.close()
+            finally:  # (even when closing is interrupted: else the pipeline would stay busy for good)
+                pipe._busy = False
 
     def __repr__(self) -> str:
         state = "not started" if not self._consumed else "finished" if self.result is not None else "started"
         return f"<palitorch Stream ({state})>"
+
+
+class BatchStream:
+    """A batch's events as it decodes (`Pipeline.stream_batch`): iterate it once. Breaking out of the loop ends the
+    decoding and frees the pipeline's KV caches, even while a name still holds this object (the loop held the only
+    reference to the running generator); `close()` ends it too."""
+
+    def __init__(self, events, n: int, pipeline: Pipeline):
+        self._events, self._n, self._pipeline = events, n, pipeline
+        self._running = None  # a weak reference to the generator that iterates, once started
+
+    def __iter__(self) -> Iterator:
+        if self._events is None:
+            raise InputError("this stream was already consumed: call pipe.stream_batch again")
+        run, self._events = self._run(self._events), None
+        self._running = weakref.ref(run)
+        return run
+
+    def _run(self, events):
+        pipe = self._pipeline
+        with pipe._lock:
+            pipe._claim()  # the KV caches are these events' until they end
+            pipe._take()
+        try:
+            for i, item in pipe._one_at_a_time(events):
+                if i < self._n:  # not a padding copy
+                    yield i, item
+        finally:
+            try:
+                events.close()
+            finally:
+                pipe._busy = False
+
+    def close(self) -> None:
+        """End the decoding now (the answers not finished get no Result)."""
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+        elif self._running is not None and (run := self._running()) is not None:
+            run.close()
 
 
 def streamable(opts: GenerationOptions) -> GenerationOptions:

@@ -83,13 +83,12 @@ def test_metrics_count_what_was_answered(demo):
 
 def test_compiled_graphs_are_counted():
     """--compile: each new (decode function, batch size, cache length) is a compilation that stalls the model
-    thread; /metrics says how many there have been."""
-    import palitorch
-    from palitorch.assets import ASSETS_DIR
+    thread; /metrics says how many torch.compile has made in the process."""
+    import torch
 
     def graphs():
         return int(re.search(r"^palitorch_compiled_graphs (\d+)$", Metrics().render(waiting=0, running=0), re.M)[1])
 
-    pipe, before = palitorch.load().compile(), graphs()
-    pipe.generate(ASSETS_DIR / "easyvqa_test_0.png", "caption en", max_new_tokens=3, min_new_tokens=3)
-    assert graphs() >= before + 1
+    before = graphs()
+    torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3))  # (a new function: one new graph)
+    assert graphs() == before + 1
