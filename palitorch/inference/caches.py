@@ -10,6 +10,8 @@ A compiled decode step is a static-shape graph per batch size and cache length, 
 a CPU, tens of seconds for a 3B model on a GPU). So a compiled pipeline sizes its caches on a ladder,
 `cache_length`: 64 x 1, 2, 3, 4, 6, 8, 12, ... slots, two lengths per doubling, whatever lengths its requests ask
 for; rounded to 64 slots alone, a server's varied prompts and max_tokens kept compiling new graphs for hours.
+Batch sizes keep to the same ladder (`Pipeline._padded_size`), and dynamo's limit on a function's graphs is raised
+above the grid the two ladders make (`raise_recompile_limit`).
 """
 
 from __future__ import annotations
@@ -89,3 +91,21 @@ def keep_caches(model: PaliGemma, pool: dict) -> None:
     pool[(k.shape[0], k.shape[2])] = [layer.attn.kv_cache for layer in layers]
     while len(pool) > POOLED:
         del pool[next(iter(pool))]
+
+
+_RECOMPILE_LIMIT = "recompile_limit"  # dynamo's setting; "cache_size_limit" before torch 2.7
+
+
+def raise_recompile_limit(at_least: int = 256) -> None:
+    """Every model, batch size and cache length compiles its own static-shape graph of one code object (the decode
+    step); past dynamo's default limit of 8 such graphs it would run the step eagerly, with a log line only. The
+    batch sizes and cache lengths keep to ladders (`_padded_size`, `caches.cache_length`): for a context of 8192
+    and batches of up to 48 rows, 14 lengths x 11 sizes at most, under this limit. The setting is per thread (a
+    ContextVar since torch 2.1x: a new thread starts at the default), so it is raised in each thread that runs a
+    compiled step; dynamo's limit on a code object's compilations in all is raised with it."""
+    import torch._dynamo.config as dynamo_config
+
+    limit = _RECOMPILE_LIMIT if hasattr(dynamo_config, _RECOMPILE_LIMIT) else "cache_size_limit"  # older name
+    for name in (limit, "accumulated_recompile_limit"):
+        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < at_least:
+            setattr(dynamo_config, name, at_least)

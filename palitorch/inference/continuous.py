@@ -33,7 +33,7 @@ import torch
 
 from palitorch.errors import InputError
 from palitorch.inference.answer import Answer, Result, Top, alternatives_lists
-from palitorch.inference.caches import ensure_caches
+from palitorch.inference.caches import ensure_caches, raise_recompile_limit
 from palitorch.inference.generate import (
     EAGER,
     Cursor,
@@ -84,10 +84,12 @@ class LiveCursor(Cursor):
 
 
 def _locked(method):
-    """The method under the batch's lock."""
+    """The method under the batch's lock (and, compiled, dynamo's recompile limit raised in the calling thread)."""
     @functools.wraps(method)
     def run(self, *args, **kw):
         with self._lock:
+            if self.fns.compiled:
+                raise_recompile_limit()
             return method(self, *args, **kw)
     return run
 

@@ -16,7 +16,13 @@ from palitorch.checkpoint import load_model, merge_adapter, read_adapter, read_c
 from palitorch.errors import CheckpointError, InputError
 from palitorch.inference import generate as engine
 from palitorch.inference.answer import Result
-from palitorch.inference.caches import batch_rung_below, batch_rungs, ladder  # noqa: F401 (cli, benchmarks)
+from palitorch.inference.caches import (  # noqa: F401 (batch_rungs, _RECOMPILE_LIMIT: for cli, benchmarks, tests)
+    _RECOMPILE_LIMIT,
+    batch_rung_below,
+    batch_rungs,
+    ladder,
+    raise_recompile_limit,
+)
 from palitorch.inference.continuous import LiveBatch
 from palitorch.inference.inputs import (
     as_batch,
@@ -296,24 +302,6 @@ class Pipeline:
 
 
 batch_rung = ladder  # the batch sizes at which a compiled pipeline runs new batches (`Pipeline._padded_size`)
-
-
-_RECOMPILE_LIMIT = "recompile_limit"  # dynamo's setting; "cache_size_limit" before torch 2.7
-
-
-def raise_recompile_limit(at_least: int = 256) -> None:
-    """Every model, batch size and cache length compiles its own static-shape graph of one code object (the decode
-    step); past dynamo's default limit of 8 such graphs it would run the step eagerly, with a log line only. The
-    batch sizes and cache lengths keep to ladders (`_padded_size`, `caches.cache_length`): for a context of 8192
-    and batches of up to 48 rows, 14 lengths x 11 sizes at most, under this limit. The setting is per thread (a
-    ContextVar since torch 2.1x: a new thread starts at the default), so it is raised in each thread that runs a
-    compiled step; dynamo's limit on a code object's compilations in all is raised with it."""
-    import torch._dynamo.config as dynamo_config
-
-    limit = _RECOMPILE_LIMIT if hasattr(dynamo_config, _RECOMPILE_LIMIT) else "cache_size_limit"  # older name
-    for name in (limit, "accumulated_recompile_limit"):
-        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < at_least:
-            setattr(dynamo_config, name, at_least)
 
 
 def _compile_options(device: torch.device, mode: str | None, options: dict | None = None,

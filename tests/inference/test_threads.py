@@ -109,3 +109,24 @@ def test_another_thread_is_told_whose_stream_is_open(pipe):
     pieces.close()
     me = threading.current_thread().name
     assert seen and f"still open in thread {me!r} (other threads: try again once it ends)" in seen[0]
+
+
+def test_a_compiled_live_batch_stepped_in_another_thread_raises_the_recompile_limit_there():
+    """dynamo's recompile limit is per thread (a new one starts at the default, 8): past it a compiled step would
+    run eagerly. The thread that admits and steps gets it raised, as the one that called live() did."""
+    import torch._dynamo.config as dynamo_config
+
+    from palitorch.inference.caches import _RECOMPILE_LIMIT
+
+    compiled, seen = palitorch.load().compile(), []
+    with compiled.live(max_rows=2) as live:
+        def other():
+            with dynamo_config.patch(**{_RECOMPILE_LIMIT: 1}):
+                live.admit(images(1), ["caption en"])
+                live.step()
+                seen.append(getattr(dynamo_config, _RECOMPILE_LIMIT))
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert seen == [256]
