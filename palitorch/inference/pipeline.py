@@ -67,9 +67,10 @@ class Pipeline:
         self.device, self.dtype = p.device, p.dtype
         self._lock = threading.RLock()  # one call at a time: the KV caches, compiled steps and batch sizes are shared
         self._busy = False  # a stream or live batch is open (maybe suspended between pieces): it owns the KV caches
-        self._owner = ""  # the thread that opened it
+        self._owner: tuple[int, str] = (0, "")  # the thread that opened it (ident, name)
+        self._collected = False  # whether a refusal has run the cycle collector since it opened
         self._steps: engine.Steps | None = None  # compiled one-token decode steps, once `compile()` is called
-        self._padded_batches: set[int] = set()  # batch sizes padded batches have run at since `compile()`
+        self._greedy_batches: set[int] = set()  # batch sizes greedy decoding has run at since `compile()`
         self._cache_pool: dict = {}  # live batches' KV caches by (rows, slots), reused (see `LiveBatch.pool`)
         kernels.prepare(model.parameters())  # which CPU kernel each linear takes (checks and timings, once a process)
 
@@ -143,8 +144,8 @@ class Pipeline:
         are each fused into one matrix; on CPU the decoder's large weights move to memory in transparent huge pages
         where Linux offers them (`kernels.use_huge_pages`). The first call for each batch size and cache length pays
         the compilation (tens of seconds on CPU, ~20-35 s for the 3B models on an H200); the results are the same
-        tokens as without it. Batches are padded to sizes, and caches sized to lengths, that keep compilations few
-        (see `_padded_size` and `caches.cache_length`).
+        tokens as without it. Greedy batches are padded to sizes, and caches sized to lengths, that keep
+        compilations few (see `_padded_size` and `caches.cache_length`).
         `options`: inductor settings on top of the mode's, e.g. {"coordinate_descent_tuning": True}.
         Compile again after changing the model's structure (e.g. `set_decode_attention`).
         """
@@ -163,7 +164,7 @@ class Pipeline:
         # inductor's CPU FlexAttention kernel, compiled single-threaded, frees memory twice (torch 2.13): let it be
         flex = any(layer.attn.decode_attention == "flex" for layer in lm.layers)
         settings = _compile_options(self.device, mode, options, single_thread=not flex)
-        self._padded_batches.clear()
+        self._greedy_batches.clear()
         graphs = self.device.type != "cpu" and _cuda_graphs(settings)
         self._steps = engine.Steps(
             logits=torch.compile(engine.token_forward, dynamic=False, **settings),
@@ -179,11 +180,12 @@ class Pipeline:
         """Before a generation (under `_lock`): refuse while a stream or live batch owns the caches; on a compiled
         pipeline, raise dynamo's recompile limit in this thread (a server's model thread is not the one that called
         `compile`)."""
+        if self._busy and not self._collected:  # (once: ~0.1 s under the lock, which the owner's steps wait for)
+            self._collected = True
+            gc.collect()  # one dropped inside a reference cycle ends when the cycle is collected
         if self._busy:
-            gc.collect()  # (one dropped inside a reference cycle ends when the cycle is collected)
-        if self._busy:
-            where = "" if self._owner == threading.current_thread().name else \
-                f" in thread {self._owner!r} (other threads: try again once it ends)"
+            where = "" if self._owner[0] == threading.get_ident() else \
+                f" in thread {self._owner[1]!r} (other threads: try again once it ends)"
             raise InputError(f"a stream or live batch from this pipeline is still open{where}: finish it (break out "
                              "of the stream, close() it, or leave the live batch's with block) first")
         if self._steps is not None:
@@ -191,7 +193,8 @@ class Pipeline:
 
     def _take(self) -> None:
         """(Under `_lock`, after `_claim`) a stream or live batch now owns the KV caches."""
-        self._busy, self._owner = True, threading.current_thread().name
+        self._busy, self._collected = True, False
+        self._owner = (threading.get_ident(), threading.current_thread().name)
 
     def _one_at_a_time(self, events):
         """Run a generator's steps under the lock (yielding outside it) -> its return value: a pipeline's calls from
@@ -241,16 +244,17 @@ class Pipeline:
 
     def _padded_size(self, n: int, opts: GenerationOptions) -> int:
         """The batch size at which to decode `n` rows. A compiled step is compiled anew for every batch size (tens of
-        seconds for a 3B model), so on a compiled pipeline a batch runs at the smallest size already run at
+        seconds for a 3B model), so on a compiled pipeline a greedy batch runs at the smallest size already run at
         between n and 2n, else at the first of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 3 * 2^k) from n up,
         padded with copies of its last request. So the sizes compiled are at most two per doubling, a new size
         makes a batch at most 1.5x larger (17 rows run as 24) and a reused one at most doubles it. Greedy rows do
-        not depend on one another, nor do unseeded samples; a seeded sample's draws depend on the batch size, and
-        beams have their own layout, so those are never padded."""
-        if self._steps is None or (opts.do_sample and opts.seed is not None) or opts.num_beams > 1:
+        not depend on one another and a copy ends with its original; sampled rows' random draws depend on the batch
+        size (and a sampled copy would decode on to its own end), and beams have their own layout, so those are
+        never padded."""
+        if self._steps is None or opts.do_sample or opts.num_beams > 1:
             return n
-        size = min((b for b in self._padded_batches if n <= b <= 2 * n), default=batch_rung(n))
-        self._padded_batches.add(size)
+        size = min((b for b in self._greedy_batches if n <= b <= 2 * n), default=batch_rung(n))
+        self._greedy_batches.add(size)
         return size
 
     def stream(self, image, prompt: str, options: GenerationOptions | dict | None = None, **kw) -> Stream:

@@ -42,7 +42,7 @@ def test_replacement_decode_steps_are_used_for_every_token(ckpt_factory):
     assert calls[15:] == [("greedy", (1,))] * 5
 
 
-def test_a_compiled_pipeline_pads_padded_batches_to_a_size_it_has_run(ckpt_factory):
+def test_a_compiled_pipeline_pads_greedy_batches_to_a_size_it_has_run(ckpt_factory):
     """A compiled step compiles anew for every batch size, so greedy batches run at the smallest size already run
     at between n and 2n, else at the next of 1, 2, 3, 4, 6, 8, ..., padded with copies of the last request
     (answers dropped; the same answers as unpadded). Sampled batches and beams keep their size. Counting wrappers
@@ -67,10 +67,10 @@ def test_a_compiled_pipeline_pads_padded_batches_to_a_size_it_has_run(ckpt_facto
     pipe._steps = engine.Steps(counting(engine.token_forward), counting(engine.greedy_forward))
     rungs = []
     for n in range(1, 14):  # with nothing compiled yet
-        pipe._padded_batches.clear()
+        pipe._greedy_batches.clear()
         rungs.append(pipe._padded_size(n, GenerationOptions()))
     assert rungs == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
-    pipe._padded_batches.clear()
+    pipe._greedy_batches.clear()
     sizes = []
     for n in (3, 2, 5, 1, 2):
         rows.clear()
@@ -283,6 +283,7 @@ def test_compiled_step_keeps_compiling_past_dynamo_limit():
 
     from palitorch.inference.pipeline import _RECOMPILE_LIMIT
 
+    torch._dynamo.reset()  # (an earlier test's model freed, this one can take its id: its graphs would be reused)
     with dynamo_config.patch(**{_RECOMPILE_LIMIT: 1}):
         pipe = palitorch.load().compile()
         assert getattr(dynamo_config, _RECOMPILE_LIMIT) == 256 and dynamo_config.accumulated_recompile_limit >= 256

@@ -222,8 +222,9 @@ def test_cuda_graph_decode_matches_cpu_and_stops_early():
 
 def test_a_compiled_pipeline_decodes_at_few_shapes_whatever_the_lengths():
     """A compiled step is a static-shape graph per batch size and cache length: varied prompts, max_new_tokens and
-    batch sizes (greedy, unseeded samples, a live batch) must land on the ladders (batch 1, 2, 3, 4, 6, 8; cache
-    64 x 1, 2, 3, 4, 6, ... slots), so that a server stops compiling; 64-slot rounding alone kept making new ones."""
+    batch sizes (greedy, samples, a live batch) must land on few cache lengths (64 x 1, 2, 3, 4, 6, ... slots) and
+    greedy batches on the batch ladder (1, 2, 3, 4, 6, 8), so that a server stops compiling; 64-slot rounding alone
+    kept making new ones."""
     import random
 
     from palitorch.inference import caches
@@ -236,7 +237,7 @@ def test_a_compiled_pipeline_decodes_at_few_shapes_whatever_the_lengths():
 
     def recording(fn):
         def step(model, tokens, pos, slot, valid, *rest):
-            shapes.add(tuple(valid.shape))  # [B, S]
+            shapes.add((fn.__name__, *valid.shape))  # [B, S]
             return fn(model, tokens, pos, slot, valid, *rest)
         return step
 
@@ -253,6 +254,6 @@ def test_a_compiled_pipeline_decodes_at_few_shapes_whatever_the_lengths():
         live.admit(images(2), ["caption en", " ".join(words * 3)], options=[{"max_new_tokens": 50}] * 2)
         while live.active:
             live.step()
-    assert {b for b, _ in shapes} <= {1, 2, 3, 4, 6, 8}
-    assert all(caches.cache_length(s, compiled=True) == s for _, s in shapes), shapes
-    assert len({s for _, s in shapes}) <= 4 and len(shapes) <= 16, shapes
+    assert {b for fn, b, _ in shapes if fn != "token_forward"} <= {1, 2, 3, 4, 6, 8}  # (sampled: any size)
+    assert all(caches.cache_length(s, compiled=True) == s for _, _, s in shapes), shapes
+    assert len({s for _, _, s in shapes}) <= 4 and len(shapes) <= 40, shapes

@@ -72,5 +72,5 @@ def test_a_compiled_pipelines_padding_rows_do_not_show(ckpt_factory):
     alone = [pipe.generate(im, p, max_new_tokens=6) for im, p in zip(imgs, prompts)]
     pipe.compile()
     _, results, _, seen = collect(pipe.stream_batch(imgs, prompts, max_new_tokens=6))
-    assert {i for i, _ in seen} == set(range(5)) and pipe._padded_batches == {6}
+    assert {i for i, _ in seen} == set(range(5)) and pipe._greedy_batches == {6}
     assert [results[i].token_ids for i in range(5)] == [a.token_ids for a in alone]
