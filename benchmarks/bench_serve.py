@@ -41,8 +41,8 @@ from bench_generate import load_transformers  # noqa: E402
 from inputs import SIZES, check_size, checkpoint, workload  # noqa: E402
 
 import palitorch  # noqa: E402
+from palitorch.inference.caches import batch_rungs  # noqa: E402
 from palitorch.inference.generate import eos_ids  # noqa: E402
-from palitorch.inference.pipeline import batch_rungs  # noqa: E402
 from palitorch.model import kernels  # noqa: E402
 from palitorch.server import Engine, Server  # noqa: E402
 

@@ -288,7 +288,7 @@ def chunk_size(args: argparse.Namespace) -> int:
     """Requests per forward pass: --batch-size, or with --compile the largest of the sizes a compiled pipeline runs
     at (1, 2, 3, 4, 6, 8, 12, 16, ...) not above it. Another size would run padded up to the next one on every
     chunk (10 requests as 12 rows: more memory than asked for, and a sixth of the work wasted)."""
-    from palitorch.inference.pipeline import batch_rung_below
+    from palitorch.inference.caches import batch_rung_below
 
     if not args.compile:
         return args.batch_size

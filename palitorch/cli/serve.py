@@ -124,7 +124,7 @@ def _quit_now(signum, frame):
 
 
 def serve(args: argparse.Namespace) -> int:
-    from palitorch.inference.pipeline import batch_rung_below, batch_rungs
+    from palitorch.inference.caches import batch_rung_below, batch_rungs
     from palitorch.server import ApiError, Engine
 
     defaults = decoding_options(args)

@@ -83,13 +83,14 @@ def use_caches(model: PaliGemma, pool: dict, key: tuple[int, int]) -> None:
         layer.attn.kv_cache = cache
 
 
-def keep_caches(model: PaliGemma, pool: dict) -> None:
-    """Pool the model's caches under their (rows, slots), dropping the least recently used beyond `POOLED`."""
+def keep_caches(model: PaliGemma, pool: dict, limit: int | None = POOLED) -> None:
+    """Pool the model's caches under their (rows, slots), dropping the least recently used beyond `limit` shapes
+    (None: no limit; a live batch's pool keeps one cache length instead)."""
     layers = model.language_model.layers
     k = layers[0].attn.kv_cache.k
     pool.pop((k.shape[0], k.shape[2]), None)
     pool[(k.shape[0], k.shape[2])] = [layer.attn.kv_cache for layer in layers]
-    while len(pool) > POOLED:
+    while limit is not None and len(pool) > limit:
         del pool[next(iter(pool))]
 
 

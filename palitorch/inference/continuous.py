@@ -33,7 +33,7 @@ import torch
 
 from palitorch.errors import InputError
 from palitorch.inference.answer import Answer, Result, Top, alternatives_lists
-from palitorch.inference.caches import ensure_caches, raise_recompile_limit
+from palitorch.inference.caches import ensure_caches, keep_caches, raise_recompile_limit, use_caches
 from palitorch.inference.generate import (
     EAGER,
     Cursor,
@@ -84,12 +84,13 @@ class LiveCursor(Cursor):
 
 
 def _locked(method):
-    """The method under the batch's lock (and, compiled, dynamo's recompile limit raised in the calling thread)."""
+    """The method under the batch's lock (and, compiled, dynamo's recompile limit raised in a thread's first call)."""
     @functools.wraps(method)
     def run(self, *args, **kw):
         with self._lock:
-            if self.fns.compiled:
+            if self.fns.compiled and threading.get_ident() not in self._raised:
                 raise_recompile_limit()
+                self._raised.add(threading.get_ident())
             return method(self, *args, **kw)
     return run
 
@@ -108,6 +109,7 @@ class LiveBatch:
                  to_pixels: Callable, fns: Steps | None = None, size_for: Callable[[int], int] = lambda n: n,
                  pool: dict | None = None, lock: threading.RLock | None = None):
         self._lock = lock or threading.RLock()
+        self._raised: set[int] = set()  # threads in which dynamo's recompile limit is raised (`_locked`)
         check_live_options(opts)
         self.model, self.processor, self.opts, self.fns = model, processor, opts, fns or EAGER
         self.max_rows, self.to_pixels, self.size_for = max_rows, to_pixels, size_for
@@ -272,21 +274,19 @@ class LiveBatch:
     def _use_caches(self, rows: int) -> None:
         """Give the model caches for `rows` rows of `s_len` slots: the pool's, or the model's own if they are that
         shape (then pooled), or new ones."""
-        layers = self.model.language_model.layers
         key = (rows, self.s_len)
         if self.pool is not None and key in self.pool:
-            for layer, cache in zip(layers, self.pool[key]):
-                layer.attn.kv_cache = cache
+            use_caches(self.model, self.pool, key)
             return
         if self.pool is not None:  # (one cache length is pooled: free the others before allocating)
             for k in [k for k in self.pool if k[1] != self.s_len]:
                 del self.pool[k]
-        current = layers[0].attn.kv_cache
+        current = self.model.language_model.layers[0].attn.kv_cache
         if current is None or tuple(current.k.shape[i] for i in (0, 2)) != key:
             with torch.inference_mode(False):  # ordinary tensors, as `ensure_caches` makes them
                 self.model.setup_caches(rows, self.s_len)
         if self.pool is not None:
-            self.pool[key] = [layer.attn.kv_cache for layer in layers]
+            keep_caches(self.model, self.pool, limit=None)
 
     def _resize(self, rows: int) -> None:
         """Lay the batch out in `rows` rows, the live sequences first (in row order): caches and per-row state are

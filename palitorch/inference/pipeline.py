@@ -16,13 +16,7 @@ from palitorch.checkpoint import load_model, merge_adapter, read_adapter, read_c
 from palitorch.errors import CheckpointError, InputError
 from palitorch.inference import generate as engine
 from palitorch.inference.answer import Result
-from palitorch.inference.caches import (  # noqa: F401 (batch_rungs, _RECOMPILE_LIMIT: for cli, benchmarks, tests)
-    _RECOMPILE_LIMIT,
-    batch_rung_below,
-    batch_rungs,
-    ladder,
-    raise_recompile_limit,
-)
+from palitorch.inference.caches import batch_rung_below, ladder, raise_recompile_limit
 from palitorch.inference.continuous import LiveBatch
 from palitorch.inference.inputs import (
     as_batch,

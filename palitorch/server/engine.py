@@ -6,18 +6,16 @@ options, and a request that arrives while it runs joins it at the next step if a
 for the batch to end (unless the running rows are about to end: then the newcomers wait for them and join
 together, see `pacing.py`); each request is answered as soon as its own rows end, and its row goes to the next
 request waiting. In float32, palitorch's batched greedy output matches the one-at-a-time output token for token
-(the CPU kernels a batch size selects differ only by float32 rounding, so only a near-exact tie could part them), so
-batching changes only the speed (in 16-bit dtypes a batch rounds differently: answers can part at near-ties).
+(the CPU kernels a batch size selects differ only by float32 rounding, so only a near-exact tie could part them),
+so batching changes only the speed (in 16-bit dtypes a batch rounds differently: answers can part at near-ties).
 Sampled requests without a seed join too (each row draws its own sample; a request with n > 1 takes n rows). A
-request with a seed, or a beam search, runs alone (a seed must give the same sample under any
-load): it waits at the head of the queue, in arrival order, until the live batch has drained. A request whose
-client has left (a stream, or one waiting for its whole answer) is dropped: from the queue, or from a live batch at
-the next step, its rows freed (a request that runs alone, with a seed or beams, runs to its end unless it is
-streamed: a stream stops once its client has gone).
+request with a seed, or a beam search, runs alone (a seed must give the same sample under any load): it waits at
+the head of the queue, in arrival order, until the live batch has drained. A request whose client has left (a
+stream, or one waiting for its whole answer) is dropped: from the queue, or from a live batch at the next step,
+its rows freed (one that runs alone, with a seed or beams, runs to its end unless streamed).
 
-A request whose input is refused (a prompt over the context, say) fails alone; the others are answered.
-`continuous=False` batches the old way (the requests waiting when the model frees up, as one padded batch run to
-its end), for comparison (`benchmarks/bench_serve.py`).
+A request whose input is refused (a prompt over the context, say) fails alone. `continuous=False` batches the old
+way (the requests waiting when the model frees up, one padded batch run to its end), for `benchmarks/bench_serve.py`.
 """
 
 from __future__ import annotations

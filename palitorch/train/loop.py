@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from palitorch.errors import ConfigError, Interrupted, NumericsError
+from palitorch.errors import ConfigError, Interrupted
 from palitorch.train import build, continuation, ddp, evaluate, feed, lora, runfolder, state
 from palitorch.train.config import TrainConfig
 from palitorch.train.data import Dataset, fingerprint, global_batch, read_jsonl, repeat_by_task
@@ -209,19 +209,10 @@ class Trainer:
         else:
             norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params])))
         if not (math.isfinite(float(total_loss)) and math.isfinite(norm)):  # (the same on every process)
-            self._diverged(step, float(total_loss), norm)
+            raise state.diverged(self.run, step, float(total_loss), norm)  # (the update is not applied)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return {"loss": float(total_loss), "lr": lr, "grad_norm": norm, "tokens": int(data.lengths[idx].sum())}
-
-    def _diverged(self, step: int, loss: float, norm: float) -> None:
-        """NumericsError for a step whose loss or gradient is not finite; its update is not applied, so the weights
-        and the checkpoints (never pruned for a diverged one) stay as they were."""
-        found = state.checkpoints(self.run)
-        kept = f"the last checkpoint, step {found[-1][0]}, is intact: --resume" if found else "no checkpoint yet: rerun"
-        raise NumericsError(f"training diverged at step {step + 1}: loss {loss}, gradient norm {norm} (not applied); "
-                            f"lower [optim] lr, keep [optim] clip_grad_norm > 0 or train in float32; {kept} after "
-                            "changing the config")
 
     def micro_batches(self, step: int) -> list[list[int]]:
         """The examples of this process's micro-batches of global batch `step` (a pure function of the step)."""

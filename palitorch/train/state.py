@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from palitorch.checkpoint import save_model
 from palitorch.checkpoint.io import check_safetensors, read_json_object, weight_files, write_safetensors
-from palitorch.errors import CheckpointError
+from palitorch.errors import CheckpointError, NumericsError
 from palitorch.model import PaliGemma
 from palitorch.train import ddp, lora
 
@@ -209,3 +209,13 @@ def _tensors(file: Path) -> dict[str, torch.Tensor]:
         return load_file(str(file))
     except (SafetensorError, OSError) as e:
         raise _damaged(file, str(e)) from None
+
+
+def diverged(run: Path, step: int, loss: float, norm: float) -> NumericsError:
+    """The error for a step whose loss or gradient is not finite; its update is not applied, so the weights and
+    the checkpoints (never pruned for a diverged one) stay as they were."""
+    found = checkpoints(run)
+    kept = f"the last checkpoint, step {found[-1][0]}, is intact: --resume" if found else "no checkpoint yet: rerun"
+    return NumericsError(f"training diverged at step {step + 1}: loss {loss}, gradient norm {norm} (not applied); "
+                         f"lower [optim] lr, keep [optim] clip_grad_norm > 0 or train in float32; {kept} after "
+                         "changing the config")

@@ -281,7 +281,7 @@ def test_compiled_step_keeps_compiling_past_dynamo_limit():
     import torch._dynamo.config as dynamo_config
     from torch._dynamo.utils import counters
 
-    from palitorch.inference.pipeline import _RECOMPILE_LIMIT
+    from palitorch.inference.caches import _RECOMPILE_LIMIT
 
     torch._dynamo.reset()  # (an earlier test's model freed, this one can take its id: its graphs would be reused)
     with dynamo_config.patch(**{_RECOMPILE_LIMIT: 1}):
