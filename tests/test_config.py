@@ -1,5 +1,7 @@
 """config.json -> PaliGemmaConfig with transformers' defaults, and back."""
 
+import dataclasses
+
 import pytest
 
 from palitorch.config import PRESETS, PaliGemmaConfig, preset
@@ -129,3 +131,34 @@ def test_errors():
         PaliGemmaConfig.from_hf({"model_type": "paligemma", "text_config": {"model_type": "gemma3"}})
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("paligemma-1b")
+
+
+def test_every_field_of_a_sparse_config_as_transformers_reads_it():
+    """Every field the model uses, for configs that leave most out (a sub-config given as {}: its own class's
+    defaults; an absent one: PaliGemma's) or set Gemma 2's optional features to null (no soft-cap, no window), against
+    transformers' reading of the same dict. Found by mutation testing: the vision num_attention_heads and
+    intermediate_size defaults, and null attn_logit_softcapping / sliding_window read as 50 / 4096, were unchecked."""
+    from transformers import PaliGemmaConfig as HF
+
+    text = HUB_PG1["text_config"]
+    g2 = dict(text, model_type="gemma2", num_key_value_heads=1)
+    cases = [dict(HUB_PG1, vision_config={}), dict(HUB_PG1, text_config={}, projection_dim=3072),
+             {"model_type": "paligemma"}, dict(HUB_PG1, text_config={"model_type": "gemma2"}, projection_dim=2304),
+             dict(HUB_PG1, text_config=dict(g2, attn_logit_softcapping=None, final_logit_softcapping=None,
+                                            sliding_window=None))]
+    for d in cases:
+        ours, theirs = PaliGemmaConfig.from_hf(d), HF.from_dict(d)
+        t, v = theirs.text_config, theirs.vision_config
+        g2 = t.model_type == "gemma2"
+        assert dataclasses.astuple(ours.vision) == (
+            v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads, v.image_size, v.patch_size,
+            v.num_channels, v.layer_norm_eps, v.hidden_act), d
+        want = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                    num_layers=t.num_hidden_layers, num_heads=t.num_attention_heads,
+                    num_kv_heads=t.num_key_value_heads, head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps,
+                    rope_theta=t.rope_parameters["rope_theta"], max_position_embeddings=t.max_position_embeddings,
+                    attn_softcap=t.attn_logit_softcapping if g2 else None,
+                    final_softcap=getattr(t, "final_logit_softcapping", None),
+                    query_pre_attn_scalar=t.query_pre_attn_scalar if g2 else None,
+                    sliding_window=t.sliding_window if g2 else None)
+        assert {k: getattr(ours.text, k) for k in want} == want, d

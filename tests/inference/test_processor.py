@@ -38,6 +38,9 @@ def _modes():
         "grey": rgb.convert("L"),
         "rgba": rgba,
         "palette": rgb.convert("P"),
+        # over 4x the model's side: PIL's downscaling (every other image here is upscaled), where a shortcut such as
+        # reducing_gap would give other pixels
+        "rgb-large": Image.fromarray(_rgb(1000, 1100, 5)),
     }
 
 
@@ -330,3 +333,45 @@ def test_loc_and_seg_text_is_one_token_when_the_tokenizer_lists_them_in_its_voca
     pieces = [ours.tokenizer.id_to_token(i) for i in e.ids]
     assert [p for p in pieces if p.startswith(("<loc", "<seg"))] == ["<loc0100>", "<loc0200>", "<loc0300>",
                                                                       "<loc0400>", "<seg005>", "<seg127>"]
+
+
+def test_a_sparse_preprocessor_config_gives_transformers_pixels(pg1, tmp_path):
+    """A preprocessor_config.json that names only the size: palitorch's defaults for the rest (resample, rescale,
+    mean, std) must be those of transformers' SigLIP image processor. Found by mutation testing: bilinear resampling
+    or ImageNet's mean and std as defaults passed every test (each test folder spells every field out)."""
+    import shutil
+
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    folder = shutil.copytree(pg1[0], tmp_path / "ckpt")
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    sparse = {k: pre[k] for k in ("image_processor_type", "processor_class", "size", "image_seq_length")}
+    (folder / "preprocessor_config.json").write_text(json.dumps(sparse))
+    ours = palitorch.load(folder).processor
+    theirs = SiglipImageProcessorPil.from_pretrained(folder)
+    for img in _modes().values():
+        ref = torch.as_tensor(np.asarray(theirs(images=[img], return_tensors="np")["pixel_values"][0])).float()
+        torch.testing.assert_close(ours.pixels(img), ref, atol=0, rtol=0)
+
+
+def test_the_newline_is_tokenized_with_the_prompt(pg1, tmp_path):
+    """transformers tokenizes `<image>... <bos> prompt \n` as one string, so a tokenizer with merges across the
+    newline (Gemma's has "\n\n") spells a prompt that ends in a newline with the merged token. Found by mutation
+    testing: tokenizing the newline apart passed every test (the test tokenizer spells "\n" as a byte token, which
+    nothing merges). Here a "\n\n" merge is added to it."""
+    import shutil
+
+    from hf_factory import hf_processor
+
+    folder = shutil.copytree(pg1[0], tmp_path / "ckpt")
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["\n"], vocab["\n\n"] = len(vocab), len(vocab) + 1
+    spec["model"]["merges"].append(["\n", "\n"])
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    # (the model's vocabulary is now 2 short of the tokenizer's, which palitorch.load refuses: the processor alone)
+    ours, hf = processor.Processor.from_folder(folder, 224, 256), hf_processor(folder)
+    for prefix in ("caption en\n", "ocr", "answer en what is it?\n\n"):
+        ref = hf(images=[Image.new("RGB", (8, 8))], text=[prefix], return_tensors="pt")["input_ids"][0].tolist()
+        assert ours.encode(prefix).ids == ref, prefix
+    assert ours.encode("caption en\n").ids[-1] == vocab["\n\n"]
