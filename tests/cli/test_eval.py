@@ -204,3 +204,25 @@ def test_predictions_in_another_folder_read_as_data_and_stdout_to_them_keeps_the
                               timeout=300)
     assert proc.returncode == 0 and json.loads(proc.stderr.strip().splitlines()[-1])["n"] == 3, proc.stderr
     assert len(pred.read_text().splitlines()) == 3
+
+
+def test_eval_takes_the_seeds_subset_and_predictions_match_as_the_metrics_do(fake_pipe, images, tmp_path, capsys):
+    """--seed chooses which --max-examples subset is taken (evaluate.subset); a prediction's exact_match field counts
+    whitespace as the metrics do (found by mutation testing)."""
+    from palitorch.train.evaluate import subset
+
+    pipe = fake_pipe(lambda im, p: " red  " if p == "q0" else "blue")
+    pipe.model = torch.nn.Linear(1, 1)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"image": "imgs/red.png", "prefix": f"q{i}",
+                                                          "suffix": "red"}) + "\n" for i in range(10)))
+    want = subset(10, 3, 5)
+    assert want != subset(10, 3, 0)
+    rc, _, err = cli(["eval", "--data", tmp_path / "d.jsonl", "--max-examples", "3", "--seed", "5", "--quiet",
+                      "--predictions", tmp_path / "p.jsonl"], capsys)
+    assert rc == 0, err
+    assert [p for c in pipe.calls for p in c[2]] == [f"q{i}" for i in want]
+    rc, _, err = cli(["eval", "--data", tmp_path / "d.jsonl", "--quiet", "--predictions", tmp_path / "p.jsonl"],
+                     capsys)
+    assert rc == 0, err
+    rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [r["exact_match"] for r in rows] == [True] + [False] * 9  # " red  " is "red" up to whitespace

@@ -316,3 +316,33 @@ def test_a_bug_that_one_input_meets_fails_only_its_request(ref, demo, monkeypatc
     assert status == 500 and "injected fault" in out["error"]["message"], out
     assert text(good) == ref.generate(e["image"], "caption en").text
     assert text(answer) == ref.generate(other["image"], "answer en " + other["question"]).text
+
+
+def test_static_batching_batches_only_requests_with_the_same_options(ref, demo):
+    """`continuous=False` (bench_serve's static mode) runs one padded batch with one set of options: requests with
+    other options wait for a batch of their own, and each answer is the one its own options give alone."""
+    a, b, c = demo[:3]
+    bodies = [chat(a["path"], a["detect"]), chat(b["path"], b["detect"], max_tokens=2), chat(c["path"], c["detect"])]
+    pipe = HeldPipe(palitorch.load(), released=True)
+    engine = RecordingEngine(pipe, start_after=len(bodies), continuous=False)
+    answers = ask_all(engine, bodies)
+    assert pipe.calls == [2, 1] and pipe.options == [{}, {"max_new_tokens": 2}] and not pipe.lives
+    for x, kw, answer in zip((a, b, c), ({}, {"max_new_tokens": 2}, {}), answers):
+        assert text(answer) == ref.generate(x["image"], x["detect"], **kw).text, kw
+
+
+def test_a_sampled_stream_of_n_answers_sends_each_row_under_its_own_index(demo):
+    """n sampled answers streamed from a live batch: each of its n rows' pieces and finishing chunk come under that
+    row's choice index (0 .. n-1), once each, and each index's pieces join into a text of its own."""
+    body = chat(demo[0]["path"], "caption en", stream=True, n=3, temperature=1.5, max_tokens=12)
+    pipe = HeldPipe(palitorch.load(), released=True)
+    engine = RecordingEngine(pipe, start_after=1, max_batch=4)
+    [(_, events)] = ask_all(engine, [body])
+    assert [admits for _, admits in pipe.lives] == [[3]]  # three rows of one live batch
+    finished, texts = [], {}
+    for event in events[:-1]:
+        for choice in event["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + (choice["delta"].get("content") or "")
+            if choice["finish_reason"] is not None:
+                finished.append(choice["index"])
+    assert sorted(finished) == [0, 1, 2] and all(texts.get(i) for i in range(3)), (finished, texts)

@@ -99,3 +99,18 @@ def test_a_prompt_that_starts_with_image_is_still_a_detect_prompt():
     assert task_of("<image>detect cat") == task_of("<image> detect cat") == "detect"
     out = task_outputs("<image>detect cat", loc(0, 0, 1023, 1023) + " cat", 10, 10)
     assert out == {"detections": [{"label": "cat", "box": [0, 0, 10, 10]}]}
+
+
+def test_boxes_keep_two_decimals_in_json():
+    """to_dict (the server's and the CLI's JSON) rounds pixel coordinates to hundredths, not to whole pixels."""
+    (d,) = parse_detections(loc(100, 200, 300, 400) + " cat", 640, 480)
+    assert d.to_dict() == {"label": "cat", "box": [125.12, 46.92, 250.24, 140.76]}
+
+
+def test_the_task_word_is_read_in_any_case():
+    from palitorch.tasks import task_of, task_outputs
+
+    assert task_of("Detect cat") == task_of("<image>DETECT cat") == "detect"
+    assert task_of("Segment cat") == "segment"
+    out = task_outputs("Detect cat", loc(0, 0, 1023, 1023) + " cat", 10, 10)
+    assert out == {"detections": [{"label": "cat", "box": [0, 0, 10, 10]}]}

@@ -116,3 +116,36 @@ def test_decode_mask_pastes_into_the_box(vae):
     logits = decode_codes(codes, params)[0].numpy()
     assert (logits > 0).any() and (logits <= 0).any()
     np.testing.assert_array_equal(m, logits > 0)
+
+
+def test_codes_must_be_exactly_16_below_the_codebook_size():
+    """128 is past the 128-entry codebook (0..127), and 17 codes are not the 4 x 4 grid: the box stays, codes None."""
+    codes = list(range(112, 128))  # 16 codes up to 127: whole
+    whole = (0, 0, 1023, 1023)
+    text = " ; ".join([seg_text(whole, codes, "ok"), seg_text(whole, codes[1:] + [128], "past"),
+                       seg_text(whole, codes + [0], "long")])
+    assert [s.codes for s in parse_segmentations(text, 8, 8)] == [tuple(codes), None, None]
+
+
+def test_a_mask_is_true_only_where_the_logits_are_above_zero(vae):
+    """A decoder whose output is exactly 0 everywhere (every weight and bias zeroed) gives an empty mask: the
+    threshold is > 0, as the docstring says (positive = inside)."""
+    _, _, params = vae
+    zeros = {k: np.zeros_like(v) for k, v in params.items()}
+    assert not decode_mask([0] * 16, (0.0, 0.0, 30.0, 20.0), zeros, image_size=(40, 25)).any()
+
+
+def test_a_mask_is_resized_into_its_box_bilinearly(vae):
+    """The 64 x 64 logits are stretched onto a 160 x 96 box by bilinear interpolation: the mask is the sign of the
+    interpolated logits (compared where they are not within 1e-3 of 0), which nearest-neighbour resizing misses at
+    the edges of each region."""
+    _, _, params = vae
+    codes = list(range(16))
+    mask = decode_mask(codes, (10.0, 4.0, 170.0, 100.0), params, image_size=(200, 120))
+    logits = decode_codes(codes, params)
+    smooth = torch.nn.functional.interpolate(logits[None], size=(96, 160), mode="bilinear", align_corners=False)[0, 0]
+    sure = smooth.abs() > 1e-3
+    inside = mask[4:100, 10:170]
+    assert sure.float().mean() > 0.9 and (smooth > 0).any() and (smooth < 0).any()
+    np.testing.assert_array_equal(inside[sure.numpy()], (smooth > 0).numpy()[sure.numpy()])
+    assert not mask[:4].any() and not mask[100:].any() and not mask[:, :10].any() and not mask[:, 170:].any()
