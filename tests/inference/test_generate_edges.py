@@ -13,13 +13,19 @@ from hf_factory import diverse
 
 
 def prompt_of(pipe, n: int) -> str:
-    """A prompt that encodes (image tokens included) to exactly n tokens."""
-    for k in range(4 * n):
-        prompt = "caption en" + " a" * k
-        length = len(pipe.processor.encode(prompt).ids)
-        if length == n:
-            return prompt
-        assert length < n, "no prompt of exactly that length"
+    """A prompt that encodes (image tokens included) to exactly n tokens: "caption en a a ...", its count of " a"
+    found by stepping by the tokens still missing (a handful of encodings, not one per length)."""
+    def length(k):
+        return len(pipe.processor.encode("caption en" + " a" * k).ids)
+
+    k = 0
+    for _ in range(50):
+        missing = n - length(k)
+        if missing == 0:
+            return "caption en" + " a" * k
+        if missing < 0 or length(k + 1) > n:
+            break
+        k += max(1, missing)
     raise AssertionError("no prompt of exactly that length")
 
 
