@@ -73,6 +73,20 @@ def test_an_adapter_answers_as_peft_does(ckpt_factory, tmp_path, version):
     assert got.token_ids == want.tolist()[:len(got.token_ids)] and len(got.token_ids) == 8
 
 
+def test_a_pattern_names_whole_module_names_as_peft_matches_them(pg1, tmp_path):
+    """alpha_pattern / rank_pattern keys match a module's last name parts whole ("(.*\\.)?(key)$", as PEFT does):
+    "_proj" is no module's name and changes nothing, "self_attn.o_proj" is the decoder's and the vision tower's."""
+    from transformers import PaliGemmaForConditionalGeneration as HF
+
+    folder, _ = pg1
+    peft_model = adapt(HF.from_pretrained(folder).eval(), tmp_path / "adapter", r=4, lora_alpha=8,
+                       target_modules=ALL_LINEAR, alpha_pattern={"_proj": 64, "self_attn.o_proj": 2})
+    img, prefix, suffix = image(), "caption en", "two dogs play in the snow"
+    ref = suffix_logprobs(peft_model, hf_processor(folder), img, prefix, suffix)
+    got = palitorch.load(folder, adapter=tmp_path / "adapter").score(img, prefix, suffix)
+    torch.testing.assert_close(torch.tensor(got.logprobs), ref, atol=TOL, rtol=0)
+
+
 def test_adapters_of_the_embedding_and_the_patch_convolution_merge_as_peft_merges(pg1, tmp_path):
     """Embedding and Conv2d LoRA: palitorch merges as PEFT's merge_and_unload does (with tied embeddings the merged
     update then reaches the output layer too, as it does in a model merged by PEFT)."""
@@ -217,3 +231,29 @@ def test_palitorch_merge_writes_the_adapted_model_as_a_folder_of_its_own(pg1, tm
     torch.testing.assert_close(theirs, torch.tensor(want), atol=TOL, rtol=0)
     assert main(["merge", "--model", str(folder), "--adapter", str(tmp_path / "a"), "--out", str(out)]) == 2
     assert "is not empty: give a new folder" in capsys.readouterr().err
+
+
+def test_palitorch_merge_keeps_a_bfloat16_checkpoint_s_dtype_and_shards_by_megabytes(pg1, tmp_path):
+    """Without --dtype the merged model is in the checkpoint's dtype (bfloat16 here, not float32), and
+    --max-shard-size counts megabytes (MiB): the shards save_model makes with that many bytes."""
+    from safetensors import safe_open
+    from transformers import PaliGemmaForConditionalGeneration as HF
+
+    from palitorch.checkpoint import load_model, merge_adapter, save_model
+    from palitorch.cli import main
+    from palitorch.train.build import tokenizer_files
+
+    folder, _ = pg1
+    half = save_model(load_model(folder, "cpu", torch.bfloat16), tmp_path / "bf16", tokenizer_files(folder))
+    adapt(HF.from_pretrained(folder).eval(), tmp_path / "a", r=2, lora_alpha=4, target_modules=["q_proj"])
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", str(half), "--adapter", str(tmp_path / "a"), "--out", str(out),
+                 "--max-shard-size", "1"]) == 0
+    model = load_model(half, "cpu", torch.bfloat16)
+    merge_adapter(model, tmp_path / "a")
+    want = save_model(model, tmp_path / "want", max_shard_bytes=1 << 20)
+    shards = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert shards == json.loads((want / "model.safetensors.index.json").read_text())["weight_map"]
+    for name in set(shards.values()):
+        with safe_open(out / name, "pt") as f:
+            assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"BF16"}, name

@@ -116,6 +116,22 @@ def test_an_image_damaged_past_its_header_is_named_with_its_line(fake_pipe, imag
     assert rc == 2 and "d.jsonl:2: cannot read image" in err and err.count("\n") == 1
 
 
+def test_an_image_damaged_past_its_header_is_named_with_the_first_line_that_uses_it(fake_pipe, images, tmp_path,
+                                                                                    capsys):
+    """Several lines give the same truncated file: the error names the first of them (as a missing image is)."""
+    pipe = fake_pipe(lambda im, p: "red")
+    pipe.model = torch.nn.Linear(1, 1)
+    whole = (images / "red.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
+    lines = [{"image": str(images / "red.png"), "prefix": "q", "suffix": "red"},
+             {"image": "cut.png", "prefix": "q1", "suffix": "red"},
+             {"image": "cut.png", "prefix": "q2", "suffix": "red"},
+             {"image": "cut.png", "prefix": "q3", "suffix": "red"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rc, _, err = cli(["eval", "--data", tmp_path / "d.jsonl", "--quiet", "--batch-size", "4"], capsys)
+    assert rc == 2 and "d.jsonl:2: cannot read image" in err and err.count("\n") == 1
+
+
 def test_predictions_through_a_link_or_into_a_pipe(tmp_path, capsys):
     """As batch's --output: a link to a file updates the file (the link was replaced by a file), and a FIFO is
     written into (it was replaced by a file, and its reader waited forever; as root, /dev/null alike)."""

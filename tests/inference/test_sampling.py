@@ -221,7 +221,7 @@ def test_greedy_unless_asked_to_sample():
     {"top_k": 0}, {"top_p": 0}, {"top_p": 1.2}, {"min_p": -0.1}, {"min_p": 1.01}, {"num_beams": 0},
     {"repetition_penalty": 0}, {"temperature": float("nan")}, {"seed": "x"}, {"stop": "a"}, {"stop": [""]},
     {"num_beams": 2, "temperature": 0.5}, {"max_new_tokens": True}, {"seed": 2**64}, {"seed": -(2**63) - 1},
-    {"length_penalty": 1e308}, {"length_penalty": -21},
+    {"length_penalty": 1e308}, {"length_penalty": -21}, {"num_beams": 129},
 ])
 def test_invalid_options_raise_input_error(kw):
     with pytest.raises(InputError) as e:

@@ -129,6 +129,7 @@ def test_streaming_gives_the_same_text_as_server_sent_events(server, demo):
     assert finish["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None,
                                     "detections": whole["choices"][0]["detections"]}
     assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1])  # as OpenAI: null until the last
 
 
 def test_a_stream_without_usage_and_a_stream_that_is_refused(server, demo):

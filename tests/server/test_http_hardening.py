@@ -82,6 +82,7 @@ def test_other_methods_are_405_with_allow(server, method):
     status, out, headers = call(server.url + COMPLETIONS, b"{}", method=method)
     assert status == 405 and headers["Allow"] == "POST, OPTIONS" and set(out["error"]) == ERROR_KEYS  # its own
     assert call(server.url + "/nowhere", b"{}", method=method)[2]["Allow"] == "GET, POST, OPTIONS"
+    assert call(server.url + "/health", b"{}", method=method)[2]["Allow"] == "GET, HEAD, OPTIONS"  # (monitors)
     assert out["error"]["type"] == "invalid_request_error" and f"{method} is not used" in out["error"]["message"]
 
 

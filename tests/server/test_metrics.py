@@ -92,3 +92,40 @@ def test_compiled_graphs_are_counted():
     before = graphs()
     torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3))  # (a new function: one new graph)
     assert graphs() == before + 1
+
+
+def test_a_value_on_a_bound_is_in_its_bucket_and_each_histogram_gets_its_own_time():
+    """Prometheus' buckets count values <= their bound (le); the queue time is arrival to joining a batch, the time
+    per token spreads what followed the first token over the steps after it, and a one-token answer has none."""
+    h = Histogram((0.1, 1.0))
+    for v in (0.1, 1.0):
+        h.observe(v)
+    assert h.counts == [1, 2] and h.count == 2
+    m = Metrics()
+    m.request("ok", 3, 5, queued_at=1.0, started_at=1.25, first_token_at=1.5, finished_at=3.5, steps=5)
+    assert (m.queue_time.sum, m.first_token.sum, m.duration.sum) == (0.25, 0.5, 2.5)
+    assert m.per_token.sum == 0.5 and m.per_token.count == 1
+    m.request("ok", 3, 1, queued_at=1.0, started_at=1.25, first_token_at=1.5, finished_at=1.75, steps=1)
+    assert m.per_token.count == 1 and m.first_token.count == 2
+
+
+def test_a_request_whose_client_left_is_cancelled_even_with_its_answer():
+    """A job that was cancelled (its client hung up) counts as cancelled although its rows ran to an answer (in a
+    padded batch they may); its tokens, the final EOS each included, are still generated tokens."""
+    import threading
+    from types import SimpleNamespace
+
+    def job(cancelled: bool):
+        event = threading.Event()
+        if cancelled:
+            event.set()
+        rows = [SimpleNamespace(token_ids=[5, 6], finish_reason="eos", prompt_tokens=9),
+                SimpleNamespace(token_ids=[5, 6, 7], finish_reason="length", prompt_tokens=9)]
+        return SimpleNamespace(cancelled=event, error=None, results=rows, done_rows=rows, queued_at=0.0,
+                               started_at=0.0, first_token_at=0.1)
+
+    m = Metrics()
+    m.ended(job(cancelled=True))
+    m.ended(job(cancelled=False))
+    assert (m.requests["cancelled"], m.requests["ok"]) == (1, 1)
+    assert (m.generation_tokens, m.prompt_tokens) == (2 * (3 + 3), 2 * 9)

@@ -57,3 +57,11 @@ def test_one_odd_admission_does_not_set_the_pace(outlier_ms):
     p = pacer(2, [outlier_ms, 8, 8], [3])
     assert p.hold([(1, 16)], waited_s=10 * MS)
     assert not p.hold([(1, 16)], waited_s=17 * MS)
+
+
+def test_a_drain_that_costs_as_much_as_an_admission_does_not_hold():
+    """Holding is for a drain that is cheaper than an admission: at equal cost the newcomers join at once."""
+    p = pacer(2, [4], [3])  # a row at 1 token: 2 steps of 2 ms, an admission 4 ms
+    assert p.drain_steps([(1, 16)]) == 2
+    assert not p.hold([(1, 16)], waited_s=0.0)
+    assert pacer(2, [4.5], [3]).hold([(1, 16)], waited_s=0.0)

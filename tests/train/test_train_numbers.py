@@ -48,6 +48,15 @@ def test_the_schedule_warms_up_then_decays_to_its_floor():
     assert [build.lr_at(s, total, constant) for s in range(warmup, total)] == [2.0] * (total - warmup)
 
 
+def test_the_optimizer_takes_every_adamw_setting_of_the_config():
+    """lr, betas (beta2 too: no test set it away from its default) and eps, on every parameter group."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.LayerNorm(2))
+    cfg = OptimConfig(lr=0.25, beta1=0.5, beta2=0.75, eps=1e-3, weight_decay=0.125)
+    opt, _ = build.optimizer(model, cfg)
+    assert [(g["lr"], g["betas"], g["eps"]) for g in opt.param_groups] == [(0.25, (0.5, 0.75), 1e-3)] * 2
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.125, 0.0]
+
+
 def test_a_step_is_the_global_batch_mean_over_suffix_tokens_then_clipped(data, tmp_path):
     """Micro-batches of 3, 3 and 2 sequences (their suffix-token counts differ) give the gradient and loss of the
     whole batch in one piece; clipping scales that gradient to [optim] clip_grad_norm, and the row reports the norm
