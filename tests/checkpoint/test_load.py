@@ -209,3 +209,45 @@ def test_a_full_disk_inside_safetensors_is_an_os_error_naming_the_file(tmp_path,
         io.write_safetensors({"x": torch.zeros(1)}, path)
     assert e.value.errno == 28 and e.value.filename == str(path)
     assert os_error_line(e.value) == f"cannot use {path}: No space left on device (free some space, or write elsewhere)"
+
+
+def test_an_untied_head_equal_to_the_embedding_stays_the_untied_head(pg1, tmp_path):
+    """An untied model (tie_word_embeddings false) whose lm_head.weight happens to equal the embedding (a head
+    copied from it and not trained yet): it is that model's head, loaded as such (only a TIED config compares the
+    two and drops a copy)."""
+    d = _copy(pg1[0], tmp_path / "c")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    (d / "config.json").write_text(json.dumps(cfg))
+    t = load_file(d / "model.safetensors")
+    embed = next(k for k in t if k.endswith("embed_tokens.weight"))
+    t["lm_head.weight"] = t[embed].clone()
+    save_file(t, d / "model.safetensors")
+    model = load_model(d)
+    assert not model.cfg.text.tie_embeddings
+    lm = model.language_model
+    assert torch.equal(lm.lm_head.weight, t[embed]) and torch.equal(lm.embed_tokens.weight, t[embed])
+    assert lm.lm_head.weight.data_ptr() != lm.embed_tokens.weight.data_ptr()
+
+
+def test_a_file_cut_short_by_a_few_bytes_is_truncated(pg1, tmp_path):
+    """The header's offsets count from the end of the 8-byte length and the header: a file short by fewer bytes
+    than those 8 is truncated too (its last tensor's bytes are not all there)."""
+    d = _copy(pg1[0], tmp_path / "c")
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[:-4])
+    msg = _error(d)
+    assert "is truncated" in msg and f"{len(data) - 4} bytes, needs {len(data)}" in msg
+
+
+def test_saving_over_a_folder_replaces_it_and_leaves_nothing_beside(pg1, tmp_path):
+    model = load_model(pg1[0])
+    out = tmp_path / "m"
+    save_model(model, out)
+    (out / "stale.txt").write_text("from the first save")
+    with torch.no_grad():
+        model.language_model.norm.weight.add_(1.0)
+    save_model(model, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no m.old, no temporary folder
+    assert not (out / "stale.txt").exists()
+    assert torch.equal(load_model(out).language_model.norm.weight, model.language_model.norm.weight)

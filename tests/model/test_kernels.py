@@ -219,3 +219,15 @@ def test_in_row_blocks_runs_blocks_of_rows_and_gives_the_whole_result(monkeypatc
     with torch.no_grad():
         kernels.in_row_blocks(rowwise, x, width=10)  # 300 rows of 10 float32 fit the budget
     assert [s[:-1] for s in calls] == [(3, 20), (3, 100), (3, 100)]
+
+
+@pytest.mark.skipif(not _thp_here(), reason="no transparent huge pages on this system")
+def test_use_huge_pages_moves_views_that_start_inside_their_storage():
+    """Tensors whose memory starts past the start of their storage (the second and third of three stacked matrices,
+    without the first): the copy holds only the bytes they span, and each view keeps its place in it."""
+    stack = torch.randn(3, 512, 1024)
+    k, v = stack[1], stack[2]
+    before = [k.clone(), v.clone()]
+    assert kernels.use_huge_pages([k, v]) == 2 * k.numel() * 4
+    assert torch.equal(k, before[0]) and torch.equal(v, before[1])
+    assert k.data_ptr() % kernels.HUGE_PAGE == 0 and v.data_ptr() == k.data_ptr() + k.numel() * 4

@@ -326,3 +326,22 @@ def test_late_mix_changes_what_later_steps_draw(data, tmp_path):
     assert start["examples"] == 48 and start["late_examples"] == 24
     with pytest.raises(ConfigError, match="late_task_repeat"):
         config(data, tmp_path / "x", data__late_from=2)
+
+
+def test_images_read_ahead_serve_only_the_step_they_were_read_for():
+    """feed.Ahead reads step s + 1's images while step s runs; a call for any other step (the loop went elsewhere:
+    a resume, a step asked for again) reads that step's own images instead of using the read-ahead."""
+    from palitorch.train.feed import Ahead
+
+    class Images:
+        def batch(self, paths):
+            return torch.tensor(paths)
+
+    ahead = Ahead(Images(), lambda step: [[step, step]])
+    try:
+        assert ahead.get(0, 10)[0].tolist() == [0, 0]
+        assert ahead.get(1, 10)[0].tolist() == [1, 1]  # the read-ahead
+        assert ahead.get(5, 10)[0].tolist() == [5, 5]  # step 2 was read ahead: not used for step 5
+        assert ahead.get(9, 10)[0].tolist() == [9, 9] and ahead._next is None  # nothing read past the last step
+    finally:
+        ahead.close()

@@ -164,3 +164,32 @@ def test_the_peft_adapter_on_the_init_checkpoint_is_the_trained_model(data, base
     ours = palitorch.load(base, adapter=folder / lora.PEFT_FOLDER).score(image, "caption en", "red circle")
     want = palitorch.load(folder).score(image, "caption en", "red circle")
     assert max(abs(x - y) for x, y in zip(ours.logprobs, want.logprobs)) < 1e-4
+
+
+def test_a_resumed_run_with_adapter_dropout_draws_the_uninterrupted_masks(data, base, tmp_path):
+    """[lora] dropout draws its masks from torch's generator: a resume restores the generator's state from the
+    checkpoint (rng_state.safetensors), so steps 3 and 4 draw the masks of the uninterrupted run. Losses within
+    1e-6 (float32, the same masks and weights)."""
+    over = {"lora__dropout": 0.25}
+    Trainer(lora_config(data, base, tmp_path / "whole", train__steps=4, **over)).fit()
+    Trainer(lora_config(data, base, tmp_path / "split", train__steps=2, **over)).fit()
+    Trainer(lora_config(data, base, tmp_path / "split", train__steps=4, **over), resume=True).fit()
+    a, b = losses(tmp_path / "whole"), losses(tmp_path / "split")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6, step
+
+
+def test_a_lora_checkpoint_with_a_damaged_adapter_file_is_damaged(data, base, tmp_path):
+    """A LoRA run's checkpoint holds its adapters (adapter.safetensors): `read` checks that file too, so a resume
+    falls back past a checkpoint whose adapters were cut short."""
+    from palitorch.errors import CheckpointError
+    from palitorch.train import lora, state
+
+    run = tmp_path / "run"
+    Trainer(lora_config(data, base, run, train__steps=2, checkpoint__every=2)).fit()
+    folder = state.checkpoints(run)[-1][1]
+    with open(folder / lora.ADAPTER_FILE, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match=r"adapter\.safetensors"):
+        state.read(folder)

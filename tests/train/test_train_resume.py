@@ -290,3 +290,67 @@ def test_sigterm_before_training_stops_at_once(data, tmp_path, monkeypatch, capf
     monkeypatch.setattr(Trainer, "warmstarts", lambda self: os.kill(os.getpid(), signal.SIGTERM))
     assert main(["train", str(toml)]) == 143
     assert capfd.readouterr().err == "palitorch train: stopped by SIGTERM before training started\n"
+
+
+@pytest.mark.parametrize("missing", state.STATE_FILES)
+def test_a_checkpoint_folder_without_a_state_file_is_no_checkpoint(base, data, tmp_path, missing):
+    """A checkpoint-NNNNNNN folder that lacks one of its state files (half copied by hand, a file deleted) is not
+    one of the run's checkpoints: a resume goes on from the older complete one, and pruning does not count it."""
+    run = copy_run(base, tmp_path)
+    (run / "checkpoint-0000004" / missing).unlink()
+    assert [s for s, _ in state.checkpoints(run)] == [2]
+    assert Trainer(config(data, run, **OVER), resume=True).step == 2
+
+
+def test_a_checkpoint_of_an_older_palitorch_is_checked_against_the_defaults_it_had():
+    """Settings added after a checkpoint was written (per_image, late_from, late_examples) count as their value of
+    then: a resume with per_image 2 from such a checkpoint would draw other batches, and is refused."""
+    from palitorch.train import continuation
+
+    saved = {"seed": 0, "batch_size": 4}
+    now = {"seed": 0, "batch_size": 4, "per_image": 1, "late_from": 0, "late_examples": 0, "task_repeat": {}}
+    continuation.check_identity(saved, now, "checkpoint-0000002")  # the defaults of then: accepted
+    with pytest.raises(ConfigError, match=r"trained with per_image 1, this run has 2"):
+        continuation.check_identity(saved, {**now, "per_image": 2}, "checkpoint-0000002")
+
+
+def test_a_fine_tuning_run_resumes_whatever_its_from_scratch_keys_say():
+    """A run fine-tuned from [model] init ignores the from-scratch keys (its model is the checkpoint's): changing one
+    of them does not stop a resume; in a run built from scratch it does."""
+    from types import SimpleNamespace
+
+    from palitorch.train import continuation
+
+    def cfg(init, image_size):
+        keys = dict.fromkeys(continuation.SCRATCH_ONLY) | {"init": init, "image_size": image_size}
+        return SimpleNamespace(model=SimpleNamespace(**keys))
+
+    hub = "google/paligemma-3b-pt-224"
+    continuation.check_model({"model": {"init": hub, "image_size": 224}}, cfg(hub, 448), "checkpoint-0000002")
+    with pytest.raises(ConfigError, match=r"\[model\] image_size 224, this run has 448"):
+        continuation.check_model({"model": {"image_size": 224}}, cfg("", 448), "checkpoint-0000002")
+
+
+def test_a_new_run_refuses_a_finished_run_s_folder(tmp_path):
+    """A folder with a finished run (config.toml and its model/): a new run there would replace that model."""
+    from palitorch.train import runfolder
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "config.toml").write_text("")
+    with pytest.raises(ConfigError, match=r"holds a finished run \(its model/\)"):
+        runfolder.check_new_run(run)
+    (run / "model").rmdir()
+    runfolder.check_new_run(run)  # an interrupted run's folder (no model/ yet): may be started again
+
+
+def test_a_generator_file_without_the_first_process_state_is_damaged(base, tmp_path):
+    """rng_state.safetensors must hold torch.rank0 (the state a resume gives the first process): one without it is
+    damaged, not a checkpoint that resumes with a fresh generator."""
+    from safetensors.torch import save_file
+
+    run = copy_run(base, tmp_path)
+    folder = run / "checkpoint-0000004"
+    save_file({"torch.rank1": torch.get_rng_state()}, str(folder / "rng_state.safetensors"))
+    with pytest.raises(CheckpointError, match=r"rng_state\.safetensors is damaged \(no torch\.rank0"):
+        state.read(folder)
