@@ -45,6 +45,11 @@ def test_training_batch_logits_and_loss(variant):
     suffixes = ["a cat sitting on a bench", "red", "<loc0010><loc0020><loc0500><loc0600> cat"]
     inputs = proc(images=_images(3), text=prompts, suffix=suffixes, return_tensors="pt", padding="longest")
     assert (inputs["attention_mask"] == 0).any(), "the batch must contain padding"
+    assert_training_batch_parity(pipe, hf, inputs)
+
+
+def assert_training_batch_parity(pipe, hf, inputs):
+    """Logits at the real tokens within LOGIT_TOL and the loss within LOSS_TOL of transformers' on a training batch."""
     with torch.no_grad():
         ref = hf(**inputs)
         ours = pipe.model(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],

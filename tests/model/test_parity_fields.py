@@ -12,7 +12,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_parity import LOGIT_TOL, LOSS_TOL, _images
+from test_parity import LOSS_TOL, _images, assert_training_batch_parity
 
 import palitorch
 from palitorch.config import small_preset
@@ -45,13 +45,7 @@ def test_config_fields_that_other_tests_leave_at_defaults(ckpt_factory, name):
     pipe, proc = palitorch.load(folder), hf_processor(folder)
     inputs = proc(images=_images(2), text=["caption en", "answer en what color is the shape?"],
                   suffix=["a cat sitting on a bench", "red"], return_tensors="pt", padding="longest")
-    with torch.no_grad():
-        ref = hf(**inputs)
-        ours = pipe.model(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                          inputs["token_type_ids"], labels=inputs["labels"])
-    valid = inputs["attention_mask"].bool()
-    torch.testing.assert_close(ours.logits[valid], ref.logits[valid], atol=LOGIT_TOL, rtol=0)
-    assert abs(ours.loss.item() - ref.loss.item()) < LOSS_TOL
+    assert_training_batch_parity(pipe, hf, inputs)
 
 
 def vivid(ckpt_factory, name: str, **kw):
