@@ -58,24 +58,30 @@ def test_pixels_match_transformers(procs, name):
     torch.testing.assert_close(ours.pixels(img), ref, atol=0, rtol=0)  # bit for bit
 
 
-@pytest.mark.parametrize("flags", [{"resample": 2}, {"do_normalize": False}, {"do_rescale": False},
-                                   {"rescale_factor": 1 / 127.5, "do_normalize": False},
-                                   {"resample": 0, "do_rescale": False, "do_normalize": False}])
-def test_preprocessor_config_flags_as_transformers_reads_them(pg1, tmp_path, flags):
-    """resample, do_rescale and do_normalize in preprocessor_config.json, which palitorch ignored (bicubic, both
-    always on), give transformers' pixels (its image processor read from the same folder)."""
+def assert_pixels_as_transformers_reads(pg1, tmp_path, edit):
+    """A copy of pg1 whose preprocessor_config.json is `edit(its dict)`: palitorch's pixels of every image mode equal,
+    bit for bit, those of transformers' SigLIP image processor read from the same folder."""
     import shutil
 
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     folder = shutil.copytree(pg1[0], tmp_path / "ckpt")
     pre = json.loads((folder / "preprocessor_config.json").read_text())
-    (folder / "preprocessor_config.json").write_text(json.dumps(pre | flags))
+    (folder / "preprocessor_config.json").write_text(json.dumps(edit(pre)))
     ours = palitorch.load(folder).processor
     theirs = SiglipImageProcessorPil.from_pretrained(folder)
     for img in _modes().values():
         ref = torch.as_tensor(np.asarray(theirs(images=[img], return_tensors="np")["pixel_values"][0])).float()
         torch.testing.assert_close(ours.pixels(img), ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("flags", [{"resample": 2}, {"do_normalize": False}, {"do_rescale": False},
+                                   {"rescale_factor": 1 / 127.5, "do_normalize": False},
+                                   {"resample": 0, "do_rescale": False, "do_normalize": False}])
+def test_preprocessor_config_flags_as_transformers_reads_them(pg1, tmp_path, flags):
+    """resample, do_rescale and do_normalize in preprocessor_config.json, which palitorch ignored (bicubic, both
+    always on), give transformers' pixels (its image processor read from the same folder)."""
+    assert_pixels_as_transformers_reads(pg1, tmp_path, lambda pre: pre | flags)
 
 
 def test_bad_preprocessor_flags_are_one_line_errors(pg1, tmp_path):
@@ -339,19 +345,8 @@ def test_a_sparse_preprocessor_config_gives_transformers_pixels(pg1, tmp_path):
     """A preprocessor_config.json that names only the size: palitorch's defaults for the rest (resample, rescale,
     mean, std) must be those of transformers' SigLIP image processor. Found by mutation testing: bilinear resampling
     or ImageNet's mean and std as defaults passed every test (each test folder spells every field out)."""
-    import shutil
-
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
-
-    folder = shutil.copytree(pg1[0], tmp_path / "ckpt")
-    pre = json.loads((folder / "preprocessor_config.json").read_text())
-    sparse = {k: pre[k] for k in ("image_processor_type", "processor_class", "size", "image_seq_length")}
-    (folder / "preprocessor_config.json").write_text(json.dumps(sparse))
-    ours = palitorch.load(folder).processor
-    theirs = SiglipImageProcessorPil.from_pretrained(folder)
-    for img in _modes().values():
-        ref = torch.as_tensor(np.asarray(theirs(images=[img], return_tensors="np")["pixel_values"][0])).float()
-        torch.testing.assert_close(ours.pixels(img), ref, atol=0, rtol=0)
+    names = ("image_processor_type", "processor_class", "size", "image_seq_length")
+    assert_pixels_as_transformers_reads(pg1, tmp_path, lambda pre: {k: pre[k] for k in names})
 
 
 def test_the_newline_is_tokenized_with_the_prompt(pg1, tmp_path):
