@@ -88,7 +88,12 @@ def read_config(path: str | os.PathLike) -> PaliGemmaConfig:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: the shards an index lists, or the single model.safetensors."""
+    """The safetensors files of a checkpoint: the single model.safetensors, or else the shards an index lists.
+    (transformers' order: re-saving a sharded folder unsharded with `save_pretrained` leaves the old index beside
+    the new model.safetensors, and transformers loads the single file.)"""
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json_object(index).get("weight_map")
@@ -99,9 +104,6 @@ def weight_files(folder: Path) -> list[Path]:
         if missing:
             raise CheckpointError(f"{folder} is missing shard {missing[0]} listed in {index.name}; download it again")
         return [folder / n for n in names]
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
     others = sorted(folder.glob("*.safetensors"))
     if others:
         return others

@@ -172,6 +172,20 @@ def test_missing_shard(ckpt_factory, tmp_path):
     assert "missing shard model-00002-of-00003.safetensors" in _error(d)
 
 
+def test_a_single_file_beside_a_stale_index_is_loaded_as_transformers_does(ckpt_factory, reference, tmp_path):
+    """`save_pretrained` re-saving a sharded folder as one file leaves the old index behind (its shards deleted);
+    transformers then loads model.safetensors, and so must palitorch, not stop at the index's missing shards."""
+    folder, _ = ckpt_factory("layout-new-3-False", version=2, kv_heads=2, seed=7, layout="new", shards=3)
+    d = _copy(folder, tmp_path / "c")
+    shards = sorted(d.glob("model-*-of-*.safetensors"))
+    merged = {k: v for f in shards for k, v in load_file(f).items()}
+    for f in shards:
+        f.unlink()
+    save_file(merged, d / "model.safetensors")
+    state = load_model(d).state_dict()
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
+
+
 def test_missing_folder_and_config(tmp_path):
     assert "does not exist" in _error(tmp_path / "nope")
     (tmp_path / "requests.jsonl").write_text("{}")
