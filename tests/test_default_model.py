@@ -7,6 +7,7 @@ the shipped model makes about one: a regression guard for the shipped model (a m
 """
 
 import random
+import re
 
 import pytest
 import torch
@@ -80,6 +81,11 @@ def test_demo_command(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "exactly as expected" in out and out.count("easyvqa_test_") >= 18
+    # each box is judged by its overlap with the true box, and the summary counts those of IoU >= 0.5
+    ious = [float(m) for m in re.findall(r"\[IoU (\d\.\d\d)", out)]
+    boxes = int(re.search(r"boxes (\d)/6 with the right label at IoU >= 0\.5", out).group(1))
+    labelled = [float(m) for m in re.findall(r"\[IoU (\d\.\d\d)\]", out)]  # (no ", wrong label" / ", no box")
+    assert len(ious) == 6 and boxes == sum(v >= 0.5 for v in labelled)
     assert len(list(tmp_path.glob("detect-*.png"))) == 6
 
 
