@@ -82,18 +82,19 @@ def rename(key: str, layout: str) -> str:
 
 
 def write_checkpoint(folder: Path, seed: int = 0, layout: str = "v5", shards: int = 1, dtype=torch.float32,
-                     lm_head: bool = False, **cfg_kw):
+                     lm_head: bool = False, init=None, **cfg_kw):
     """Build a random transformers PaliGemma and save it as a Hub folder; returns (folder, hf_model in float32).
 
     layout "v5" is what transformers 5 writes itself; "new" and "old" are rewritten from the model's state dict.
-    `lm_head` also stores the tied duplicate of the embedding, as some checkpoints do.
+    `lm_head` also stores the tied duplicate of the embedding, as some checkpoints do. `init(model, seed)` sets the
+    weights in place of `randomize`.
     """
     from transformers import PaliGemmaForConditionalGeneration
 
     cfg = hf_config(**cfg_kw)
     torch.manual_seed(seed)
     model = PaliGemmaForConditionalGeneration(cfg).eval()
-    randomize(model, seed)
+    (init or randomize)(model, seed)
     folder = Path(folder)
     model.to(dtype).save_pretrained(folder)
     if layout != "v5" or shards > 1 or lm_head:
@@ -163,11 +164,16 @@ def diverse(ckpt_factory, version: int, image_size: int = 224, kv_heads: int | N
     name = f"gen-pg{version}-{image_size}" + ("" if kv_heads == usual else f"-kv{kv_heads}")
     folder, hf = ckpt_factory(name, version=version, image_size=image_size, kv_heads=kv_heads)
     if not (folder / ".diverse").exists():
-        g = torch.Generator().manual_seed(version * 1000 + image_size)
-        with torch.no_grad():
-            for n, p in hf.named_parameters():
-                std = 0.05 if "embed_tokens" in n else (1.0 if "norm" in n else (0.5 if p.ndim > 1 else 0.3))
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+        diverse_weights(hf, version * 1000 + image_size)
         hf.save_pretrained(folder)
         (folder / ".diverse").touch()
     return folder, hf
+
+
+def diverse_weights(model: torch.nn.Module, seed: int) -> None:
+    """`diverse`'s weights: small embeddings and larger layer weights, so that the layers decide each token."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            std = 0.05 if "embed_tokens" in n else (1.0 if "norm" in n else (0.5 if p.ndim > 1 else 0.3))
+            p.copy_(torch.randn(p.shape, generator=g) * std)

@@ -11,7 +11,7 @@ from test_generate import PROMPTS, hf_generate, images
 
 import palitorch
 
-from hf_factory import DIVERSE_LOGPROB_TOL, write_checkpoint
+from hf_factory import DIVERSE_LOGPROB_TOL, diverse_weights, write_checkpoint
 
 STEPS = 12
 
@@ -23,11 +23,7 @@ def variant(tmp_path, name: str, text_json: dict | None = None, **kw):
     from transformers import PaliGemmaForConditionalGeneration
 
     folder, hf = write_checkpoint(tmp_path / name, **kw)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            std = 0.05 if "embed_tokens" in n else (1.0 if "norm" in n else (0.5 if p.ndim > 1 else 0.3))
-            p.copy_(torch.randn(p.shape, generator=g) * std)
+    diverse_weights(hf, 7)
     hf.save_pretrained(folder)
     if text_json:
         cfg = json.loads((folder / "config.json").read_text())
