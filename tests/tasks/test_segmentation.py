@@ -1,8 +1,13 @@
 """Segmentation parsing, and the VQ-VAE mask decoder run on random weights (the real vae-oid.npz is not shipped).
 
 The decoder is checked against an nn.Sequential laid out like the PyTorch model whose state dict vae-oid.npz
-holds (its key names say decoder.N / decoder.N.net.M): same names, same shapes, logits within 1e-5.
+holds (its key names say decoder.N / decoder.N.net.M): same names, same shapes, logits within 1e-5; and against
+masks that big_vision's own Flax decoder computed (data/make_vae_golden.py) at the real shapes, within 1e-5
+relative to the largest logit (float32 sums of up to 4,608 products, in another library's order).
 """
+
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +16,7 @@ from torch import nn
 
 from palitorch.errors import InputError
 from palitorch.tasks import Segmentation, decode_codes, decode_mask, load_vae_params, parse_segmentations
-from palitorch.tasks.segmentation import vae_shapes
+from palitorch.tasks.segmentation import check_vae_params, vae_shapes
 
 EMBED_DIM = 8
 
@@ -95,6 +100,22 @@ def test_decoder_matches_the_pytorch_layout(vae):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(InputError, match="0..127"):
         decode_codes([128] * 16, params)
+
+
+def test_the_decoder_gives_big_visions_logits():
+    """The same weights through big_vision's JAX decoder (its conversion of the PyTorch state dict: kernels moved
+    to [kh, kw, ., .], transposed convs at padding 2 with `transpose_kernel`) and through palitorch's."""
+    data = Path(__file__).parent / "data"
+    spec = importlib.util.spec_from_file_location("make_vae_golden", data / "make_vae_golden.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)  # (numpy only: jax is imported by the function that runs big_vision's model)
+    with np.load(data / "vae_big_vision_golden.npz", allow_pickle=False) as golden:
+        codes, want = golden["codes"], torch.from_numpy(golden["masks"])
+    params = recipe.vae_weights()
+    check_vae_params(params)  # the real file's names and shapes
+    got = decode_codes(codes, params)
+    assert 0.2 < (want > 0).double().mean() < 0.95, "the golden logits should have both signs"
+    torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=0)
 
 
 def test_decode_mask_pastes_into_the_box(vae):
