@@ -145,6 +145,8 @@ def _reason(e: Exception) -> str:
         return "unknown host"
     if isinstance(e, ssl.SSLError):
         return "TLS error"
+    if isinstance(e, (ValueError, http.client.InvalidURL)):  # (InvalidURL: control characters, a bad port)
+        return "not a valid URL"
     if isinstance(e, http.client.HTTPException):  # before OSError: a connection closed without an answer is both
         return "no HTTP answer"
     if isinstance(e, OSError):
@@ -154,8 +156,8 @@ def _reason(e: Exception) -> str:
 
 def fetch_url(url: str, allow_private: bool = False, timeout: float = 15.0, limit: int = MAX_IMAGE_BYTES) -> bytes:
     """The bytes at an http(s) URL, at most `limit` of them; ApiError 400 on any failure or refused address."""
-    request = urllib.request.Request(url, headers={"User-Agent": "palitorch"})
-    try:
+    try:  # (Request parses the URL: an unclosed IPv6 bracket is its ValueError)
+        request = urllib.request.Request(url, headers={"User-Agent": "palitorch"})
         with opener(allow_private).open(request, timeout=timeout) as response:
             data = response.read(limit + 1)
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:  # e.g. not HTTP at all
