@@ -177,7 +177,7 @@ def warmstart(model, processor, examples: list[Example], images: Images, cfg: Tr
         for k, head in enumerate(heads[: len(classes)]):
             logits = head(pooled)
             # Each head's mean over the GLOBAL batch's labelled images: the same sum on 1 or N processes.
-            valid = int((labels[idx, k] != -100).sum())
+            valid = max(1, int((labels[idx, k] != -100).sum()))  # (a batch may hold no image with this word)
             loss = loss + nn.functional.cross_entropy(logits, y[:, k], ignore_index=-100, reduction="sum") / valid
             if step >= total - per_epoch:
                 known = y[:, k] != -100
