@@ -97,9 +97,13 @@ def _decode(source, what: str, header_only: bool = False) -> Image.Image:
 
 def _upright(image: Image.Image) -> Image.Image:
     """The image turned as its EXIF orientation says. Damaged EXIF data (which Pillow parses only here, and which
-    can raise almost anything) counts as no orientation: the image as stored, without the EXIF block."""
+    can raise almost anything) counts as no orientation: the image as stored, without the EXIF block. (A JPEG file
+    opened by Pillow tolerates its damaged block, but a copy of it, such as the result, parses the block again.)"""
     try:
-        return ImageOps.exif_transpose(image)
+        out = ImageOps.exif_transpose(image)
+        if "exif" in out.info:
+            Image.Exif().load(out.info["exif"])  # parsed as the result's own getexif() would
+        return out
     except Exception:  # noqa: BLE001 (SyntaxError, struct.error, ValueError, ... from a damaged EXIF block)
         image = image.copy()
         image.info.pop("exif", None)

@@ -67,3 +67,39 @@ def test_a_hub_id_that_is_a_folder_here_loads_from_it_and_tilde_is_home(tmp_path
     monkeypatch.setenv("HOME", str(tmp_path))
     pipe = palitorch.load("~/google/tiny")
     assert pipe.path == tmp_path / "google" / "tiny"
+
+
+def test_a_device_type_torch_has_no_module_for_is_not_supported(nothing_read):
+    with pytest.raises(InputError, match=r"device 'xla' is not supported: use 'cpu', 'cuda' or 'mps'"):
+        palitorch.load(device="xla")
+
+
+def test_mps_and_cuda_where_there_are_none_say_why(nothing_read, monkeypatch):
+    """mps without an Apple GPU is refused (it got as far as loading onto it); cuda says whether this torch lacks
+    it or the machine does; a one-GPU machine names its only device. Found by mutation testing."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(InputError, match=r"device 'mps' \(Apple GPU\) is not available on this machine"):
+        palitorch.load(device="mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    for cuda, why in ((None, "this torch was built without it"), ("12.4", "no such device is visible")):
+        monkeypatch.setattr(torch.version, "cuda", cuda)
+        with pytest.raises(InputError, match=rf"device 'cuda' is not available on this machine \({why}\)"):
+            palitorch.load(device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(InputError, match=r"'cuda:1' does not exist: this machine has 1 cuda device \(cuda:0\)$"):
+        palitorch.load(device="cuda:1")
+
+
+def test_a_blank_path_is_empty(nothing_read):
+    with pytest.raises(InputError, match="path is empty"):
+        palitorch.load("   ")
+
+
+def test_a_missing_folder_of_three_parts_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """Only "owner/name" reads as a Hub id: a missing "runs/exp1/ckpt" is just a folder that does not exist."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError) as e:
+        palitorch.load("runs/exp1/ckpt")
+    assert "'runs/exp1/ckpt' does not exist" in str(e.value) and "download" not in str(e.value)

@@ -114,3 +114,19 @@ def test_the_task_word_is_read_in_any_case():
     assert task_of("Segment cat") == "segment"
     out = task_outputs("Detect cat", loc(0, 0, 1023, 1023) + " cat", 10, 10)
     assert out == {"detections": [{"label": "cat", "box": [0, 0, 10, 10]}]}
+
+
+def test_task_outputs_of_each_task_in_pixels_of_a_wide_image():
+    """task_outputs (the objects of `run --json`, `batch` and `serve`): a segment prompt's segmentations and a detect
+    prompt's detections, boxes in pixels of the width x height image (a wide one: width and height swapped would
+    show), and nothing for another task or an empty prompt. Found by mutation testing: segmentations dropped, or
+    their sides swapped, passed every test."""
+    from palitorch.tasks import parse_segmentations, task_outputs
+
+    seg = loc(100, 200, 300, 400) + "".join(f"<seg{i:03d}>" for i in range(16)) + " cat"
+    want = [s.to_dict() for s in parse_segmentations(seg, 640, 480)]
+    assert want and want[0]["box"] == [125.12, 46.92, 250.24, 140.76]
+    assert task_outputs("segment cat", seg, 640, 480) == {"segmentations": want}
+    assert task_outputs("detect cat", seg, 640, 480)["detections"][0]["box"] == want[0]["box"]
+    for prompt in ("caption en", "", "   "):
+        assert task_outputs(prompt, seg, 640, 480) == {}

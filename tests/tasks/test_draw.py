@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image
 
 from palitorch.tasks import Detection, draw_detections
-from palitorch.tasks.draw import PALETTE, label_colours
+from palitorch.tasks.draw import MASK_ALPHA, PALETTE, label_colours
 
 
 def test_draws_boxes_and_labels_and_saves_a_png_of_the_same_size(tmp_path):
@@ -57,3 +57,50 @@ def test_a_photo_is_drawn_upright_as_the_model_saw_it(tmp_path):
     photo.save(tmp_path / "p.jpg", exif=exif)
     for image in (Image.open(tmp_path / "p.jpg"), tmp_path / "p.jpg"):
         assert draw_detections(image, [Detection("cat", (0.0, 0.0, 128.0, 64.0))]).size == (128, 64)
+
+
+def test_a_mask_is_blended_at_mask_alpha_and_rounded():
+    """Inside a mask a pixel is (1 - MASK_ALPHA) of the image plus MASK_ALPHA of the label's colour, rounded to the
+    nearest level (60.75 -> 61); outside the mask (and the box's outline) it is untouched. Tolerance: none."""
+    image = Image.new("RGB", (40, 30), (90, 90, 90))
+    mask = np.zeros((30, 40), bool)
+    mask[12:18, 12:20] = True
+    px = np.asarray(draw_detections(image, [Detection("", (5.0, 5.0, 35.0, 25.0))], masks=[mask])).astype(int)
+    want = np.rint((1 - MASK_ALPHA) * 90 + MASK_ALPHA * np.array(PALETTE[0])).astype(int)
+    assert px[15, 15].tolist() == want.tolist() == [153, 61, 83]
+    assert px[10, 10].tolist() == [90, 90, 90]
+
+
+def test_label_text_is_black_on_light_tabs_and_white_on_dark_ones():
+    """The text's colour is chosen by the tab's luminance (Rec. 601 weights): white on the first palette colour
+    (dark red), black on the fourth (orange, luminance 155) and on the eighth (lime)."""
+    labels = [f"l{i}" for i in range(8)]
+    dets = [Detection(label, (10.0 + 40 * i, 60.0, 40.0 + 40 * i, 90.0)) for i, label in enumerate(labels)]
+    px = np.asarray(draw_detections(Image.new("RGB", (340, 100), (128, 128, 128)), dets))
+    colours = label_colours(labels)
+    for i, white in ((0, True), (3, False), (7, False)):
+        tab = px[:60, 10 + 40 * i: 40 + 40 * i].astype(int)
+        assert (tab == colours[labels[i]]).all(-1).any(), i  # the tab
+        near_white, near_black = (tab.min(-1) > 200).sum(), (tab.max(-1) < 55).sum()  # (the text is antialiased)
+        assert (near_white, near_black)[not white] > 0 and (near_black, near_white)[not white] == 0, i
+
+
+def test_a_box_without_a_label_is_only_its_outline_of_the_images_width_over_200():
+    """No tab for an empty label; the outline is round(400 / 200) = 2 pixels wide, inside the box."""
+    px = np.asarray(draw_detections(Image.new("RGB", (400, 400)), [Detection("", (100.0, 100.0, 300.0, 300.0))]))
+    want = np.zeros((400, 400), bool)
+    want[100:300, 100:300] = True
+    want[102:298, 102:298] = False
+    assert np.array_equal(px.any(-1), want)
+
+
+def test_a_label_tab_stays_inside_the_image_at_its_left_and_right_edges():
+    """A box at the right edge puts its tab leftwards so that the label fits; a box starting left of the image
+    draws its tab as a box at x = 0 does."""
+    image = Image.new("RGB", (320, 200))
+    right = np.asarray(draw_detections(image, [Detection("a long label", (300.0, 100.0, 320.0, 150.0))]))
+    colour = label_colours(["a long label"])["a long label"]
+    assert (right[:100, :300] == colour).all(-1).any() and right[:100, 319].any()
+    off = np.asarray(draw_detections(image, [Detection("cat", (-20.0, 50.0, 100.0, 150.0))]))
+    at0 = np.asarray(draw_detections(image, [Detection("cat", (0.0, 50.0, 100.0, 150.0))]))
+    assert (off[:50] == at0[:50]).all() and off[:50].any()
