@@ -62,8 +62,9 @@ def coerce(tp, value, where: str, from_text: bool):
             raise ConfigError(f"{where}: expected a table such as {{caption = 4}}, got {value!r}")
         return dict(value)
     if tp is bool:
-        if isinstance(value, str) and value.lower() in ("yes", "on", "1", "no", "off", "0"):
-            return value.lower() in ("yes", "on", "1")
+        for word in (value, text):  # (text: the command line's `1` / `0`, which TOML read as whole numbers)
+            if isinstance(word, str) and word.strip().lower() in ("yes", "on", "1", "no", "off", "0"):
+                return word.strip().lower() in ("yes", "on", "1")
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value

@@ -4,6 +4,7 @@ One full conversion (all 5,000 package images, no generated ones) is shared by t
 training set or the whole test split; the others use `--limit`.
 """
 
+import dataclasses
 import json
 import random
 import re
@@ -11,13 +12,23 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import easy_vqa
+import numpy as np
 import pytest
 from PIL import Image
 
 from palitorch.cli import main
 from palitorch.tasks import parse_detections
 from palitorch.train import shapes
-from palitorch.train.easyvqa import QUESTIONS, convert, labels_from_answers, parse_question, sample_questions
+from palitorch.train.easyvqa import (
+    QUESTIONS,
+    Summary,
+    _extra,
+    _label,
+    convert,
+    labels_from_answers,
+    parse_question,
+    sample_questions,
+)
 
 ASSETS = Path(__file__).parents[2] / "palitorch" / "assets"
 LINE = re.compile(r"<loc(\d{4})>" * 4 + r" (circle|rectangle|triangle)")
@@ -223,3 +234,82 @@ def test_balanced_yesno_questions_carry_no_text_prior():
         for negated in (False, True):
             assert counts[kind, negated, "yes"] == counts[kind, negated, "no"] == 150
     assert len(texts) > 60  # templates and the named false values vary
+
+
+def test_a_colour_question_about_a_named_shape_pins_the_shape():
+    assert parse_question("what color is the circle?").allows("red") == ({"circle"}, {"red"})
+    assert labels_from_answers([("what is the color of the triangle?", "teal")]) == ({"triangle"}, {"teal"})
+
+
+def test_generated_questions_come_at_the_package_rates():
+    """Per image 8 what-questions apply at 0.32 each and 88 yes/no questions at 0.08 each: 2.56 + 7.04 (the package's
+    9.6). 2,000 images: each mean within ~4 standard errors."""
+    rng = random.Random(3)
+    kinds = Counter(parse_question(t).qtype == "yesno" for _ in range(2000) for t, _ in
+                    sample_questions("circle", "blue", rng))
+    assert abs(kinds[False] / 2000 - 2.56) < 0.12 and abs(kinds[True] / 2000 - 7.04) < 0.25
+
+
+def test_answers_win_over_pixels_and_open_labels_are_counted():
+    """A measured label an answer rules out is a conflict: the answers decide it where they pin it down, else the
+    pixels' label stays. Only what the answers leave open counts as ambiguous."""
+    summary = Summary()
+    measured = shapes.Measured((1, 1, 9, 9), "circle", "red", 0.05, 0.2, (240, 240, 240))
+    qa = [("what shape is in the image?", "triangle"), ("is there a blue shape?", "no")]
+    assert _label(summary, "train", 7, qa, measured) == ("triangle", "red")
+    assert summary.conflicts == ["train image 7: pixels say red circle, answers allow "
+                                 f"{sorted(set(shapes.COLORS) - {'blue'})} ['triangle']"]
+    assert summary.ambiguous == Counter({"train/color": 1})
+    # The fit statistics keep the worst error and the least margin of each shape.
+    summary.note_fit(shapes.Measured((1, 1, 9, 9), "triangle", "red", 0.02, 0.5, (240, 240, 240)))
+    summary.note_fit(shapes.Measured((1, 1, 9, 9), "circle", "red", 0.01, 0.4, (240, 240, 240)))
+    assert summary.fit == {"circle": [0.05, 0.2], "triangle": [0.02, 0.5]}
+
+
+def test_generated_images_keep_the_drawn_label_and_log_a_mismatch(tmp_path, monkeypatch):
+    """A generated image is labelled by what was drawn; a measurement that disagrees is logged as a conflict."""
+    real = shapes.measure
+    monkeypatch.setattr(shapes, "measure", lambda im: dataclasses.replace(real(im), color="black")
+                        if real(im).color != "black" else real(im))
+    summary = Summary()
+    lines = _extra(tmp_path, 4, 0, summary, progress=False)
+    drawn = [r["suffix"] for r in lines if r["task"] == "caption"]
+    wrong = [i for i, d in enumerate(drawn) if not d.startswith("black ")]
+    assert wrong and summary.conflicts == [f"extra image {i}: drew {drawn[i]}, measured black {drawn[i].split()[1]}"
+                                           for i in wrong]
+    mean, least = summary.extra_iou
+    assert 0.7 < least < mean < 1  # [mean, min] of the four boxes' IoU
+
+
+def test_limit_keeps_the_lowest_image_ids(tmp_path):
+    """The package lists its images in directory order; --limit N takes images 0..N-1 on every machine."""
+    convert(tmp_path, limit=3)
+    for split in ("train", "test"):
+        assert {r["image"] for r in read(tmp_path / f"{split}.jsonl")} == {f"images/{split}/{i}.png" for i in range(3)}
+
+
+def test_box_helpers_at_their_edges():
+    """loc tokens stay on the grid for a box past the image; disjoint or empty boxes overlap 0."""
+    assert shapes.loc_tokens((-3, -1, 70, 66), 64, 64) == "<loc0000><loc0000><loc1023><loc1023>"
+    assert shapes.iou((0, 0, 2, 2), (5, 0, 7, 2)) == 0.0  # apart in x: no negative "overlap"
+    assert shapes.iou((0, 0, 4, 4), (5, 5, 9, 9)) == 0.0  # apart in x and y: two negatives make no overlap
+    assert shapes.iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0
+    assert shapes.iou((0, 0, 2, 2), (1, 0, 3, 2)) == pytest.approx(1 / 3)
+
+
+def test_draw_and_measure_edges():
+    """Backgrounds are light (every channel 230..255) and measured back; shapes span 8..32 px; an unknown shape or
+    an image without a shape is refused by name."""
+    rng = random.Random(5)
+    widths = []
+    for _ in range(200):
+        image, box = shapes.draw(rng.choice(shapes.SHAPES), "red", rng)
+        m = shapes.measure(image)
+        assert m.background == Counter(map(tuple, np.asarray(image).reshape(-1, 3).tolist())).most_common(1)[0][0]
+        assert all(230 <= c <= 255 for c in m.background)
+        widths.append(box[2] - box[0])
+    assert min(widths) < 10 and max(widths) > 30
+    with pytest.raises(ValueError, match="unknown shape 'hexagon'"):
+        shapes.draw("hexagon", "red", rng)
+    with pytest.raises(ValueError, match="no shape found"):
+        shapes.measure(Image.new("RGB", (64, 64), (240, 240, 240)))

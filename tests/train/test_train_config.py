@@ -90,6 +90,20 @@ def test_round_trip_through_toml(tmp_path):
     (["--model.dtype", "float64"], "[model] dtype 'float64' is not one of float32, bfloat16"),
     (["--model.dtype", "float16"], "float16 weights need the loss scaling that training does not do"),
     (["--eval.group_by", '["task", "boxes"]'], "[eval] group_by 'boxes' is the name of an overall metric"),
+    # each check at its boundary (a value just past the limit, or one a loose check would take for another type)
+    (["--train.epochs", "0"], "[train] give steps > 0 or epochs > 0"),
+    (["--train.device", "mps"], "[train] device 'mps' is not one of auto, cpu, cuda"),
+    (["--data.late_from", "1"], "[data] a late_from > 0 needs a late_task_repeat table"),
+    (["--data.task_repeat", "{caption = true}"], "[data] task_repeat.caption must be a whole number >= 0, got True"),
+    (["--data.late_task_repeat", "{vqa = -1}"], "late_task_repeat.vqa must be a whole number >= 0, got -1"),
+    (["--data.per_image", "0"], "[data] per_image must be >= 1, got 0"),
+    (["--checkpoint.keep", "0"], "[checkpoint] keep must be >= 1, got 0"),
+    (["--model.version", "3"], "[model] version must be 1 or 2, got 3"),
+    (["--train.seed", str(2**32)], "[train] seed must be between 0 and 2**32 - 1"),
+    (["--optim.lr_scale", "{vision = -0.1}"], "lr_scale.vision must be a finite number >= 0, got -0.1"),
+    (["--train.steps", "true"], "train.steps: expected a whole number, got True"),
+    (["--optim.lr", "true"], "optim.lr: expected a number, got True"),
+    (["--hepl"], "did you mean --help?"),
 ])
 def test_bad_overrides_are_one_line_errors(args, message):
     with pytest.raises(ConfigError) as e:
@@ -216,3 +230,52 @@ def test_cli_names_an_out_folder_that_cannot_be_made_before_any_work(tmp_path, c
                                        "'/proc/1' (No such file or directory): choose another path\n")
     check_can_create(str(tmp_path / "new" / "run"))
     assert list(tmp_path.iterdir()) == [f]  # the check leaves nothing behind
+
+
+def test_values_the_command_line_spells_loosely(tmp_path, monkeypatch):
+    """A whole float is a whole number (`1e3` steps), yes/on in any case are true, empty list items are dropped,
+    a folder named `1.50` keeps its spelling, the highest seed is taken, and dtype is case-insensitive."""
+    cfg = load_config(None, ["--data.train", "x.jsonl,,", "--train.steps", "1e3", "--train.bf16", "Yes",
+                             "--train.gradient_checkpointing", "ON", "--train.trainable", "vision, decoder,",
+                             "--train.out", "1.50", "--train.seed", str(2**32 - 1), "--model.dtype", "BF16"])
+    assert cfg.train.steps == 1000 and isinstance(cfg.train.steps, int)
+    assert cfg.train.bf16 is True and cfg.train.gradient_checkpointing is True
+    assert cfg.data.train == ["x.jsonl"] and cfg.train.trainable == ["vision", "decoder"]
+    assert cfg.train.out == "1.50" and cfg.train.seed == 2**32 - 1
+    f = tmp_path / "c.toml"
+    f.write_text('[data]\ntrain = ["x.jsonl"]\n[train]\nsteps = 100.0\n')
+    assert load_config(f).train.steps == 100
+
+
+def test_a_switch_on_the_command_line_takes_1_and_0_but_no_other_number():
+    """`--train.bf16 1` reached the bool check as the whole number 1 (the command line's text is read as TOML
+    first) and was refused, though 1 / 0 are listed beside yes / no; 2 is no switch value."""
+    def bf16(word):
+        return load_config(None, ["--data.train", "x.jsonl", "--train.bf16", word]).train.bf16
+
+    assert (bf16("1"), bf16("0"), bf16(" 1"), bf16('"1"')) == (True, False, True, True)
+    with pytest.raises(ConfigError, match="train.bf16: expected true or false, got 2"):
+        bf16("2")
+
+
+def test_a_toml_file_s_types_are_checked_as_written(tmp_path):
+    """In a file a string is a string: `steps = "100"` is refused, not read as the number (only the command line
+    reads its text as TOML); a section name given a value is refused by name."""
+    f = tmp_path / "c.toml"
+    f.write_text('[data]\ntrain = ["x.jsonl"]\n[train]\nsteps = "100"\n')
+    with pytest.raises(ConfigError, match="train.steps: expected a whole number, got '100'"):
+        load_config(f)
+    f.write_text("train = 3\n")
+    with pytest.raises(ConfigError, match=r"^train must be a \[section\] table$"):
+        load_config(f)
+
+
+def test_paths_expand_a_tilde_and_from_scratch_keys_are_not_ignored(tmp_path, monkeypatch):
+    """Training and held-out files expand `~` like the run folder; without init no [model] key is reported as
+    ignored, whatever its value (the warning is for keys a checkpoint overrides)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["--data.train", "~/a.jsonl,~/b.jsonl", "--data.eval", "~/t.jsonl",
+                             "--model.image_size", "32", "--model.vocab_size", "300", "--train.out", str(tmp_path)])
+    assert cfg.data.train == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    assert cfg.data.eval == str(tmp_path / "t.jsonl")
+    assert cfg.ignored() == []

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from palitorch.errors import ConfigError
 from palitorch.inference.processor import Processor
@@ -12,6 +13,7 @@ from palitorch.train.data import (
     Dataset,
     augment,
     epoch_order,
+    fingerprint,
     global_batch,
     grouped_order,
     read_jsonl,
@@ -141,3 +143,117 @@ def test_augmentation_is_photometric_and_split_invariant():
     flat = torch.full((1, 3, 8, 8), 100, dtype=torch.uint8)
     out = augment(flat, AugmentConfig(brightness=0.5), 0, 0, range(1))
     assert out.unique().numel() == 1
+
+
+def test_read_jsonl_skips_blank_lines_and_refuses_a_file_without_examples(tmp_path):
+    """Blank lines (a trailing newline too many, a gap between blocks) are skipped but still counted, so an error
+    names the line an editor shows; a file of blank lines, or a folder, is refused by name."""
+    f = tmp_path / "d.jsonl"
+    line = json.dumps({"image": "a.png", "prefix": "p", "suffix": "s"})
+    f.write_text(f"\n{line}\n  \n{line}\n\n")
+    assert [e.where for e in read_jsonl(f)] == [f"{f}:2", f"{f}:4"]
+    f.write_text("\n \n")
+    with pytest.raises(ConfigError, match="d.jsonl has no examples"):
+        read_jsonl(f)
+    with pytest.raises(ConfigError, match="is a folder: give a JSONL file"):
+        read_jsonl(tmp_path)
+
+
+def test_fingerprint_covers_every_training_file(tmp_path):
+    """A resume compares this hash: a change to any of the files, not only the first, must change it."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("one\n")
+    b.write_text("two\n")
+    before = fingerprint([str(a), str(b)])
+    b.write_text("two!\n")
+    assert fingerprint([str(a), str(b)]) != before
+
+
+def test_dataset_refuses_bad_examples_before_training_naming_the_line(tmp_path, processor):
+    """An image path that is a folder, and a prompt the processor refuses, are ConfigErrors naming the line."""
+    (tmp_path / "dir.png").mkdir()
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"image": "dir.png", "prefix": "caption en", "suffix": "red"}) + "\n")
+    with pytest.raises(ConfigError, match=r"d.jsonl:1: image .*dir.png.* is a folder"):
+        Dataset(read_jsonl(f), processor, Images(16))
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    f.write_text(json.dumps({"image": "a.png", "prefix": "caption <image>", "suffix": "red"}) + "\n")
+    with pytest.raises(ConfigError, match=r"d.jsonl:1: the text contains <image>"):
+        Dataset(read_jsonl(f), processor, Images(16))
+
+
+def test_max_length_admits_an_example_of_exactly_that_length(data, processor):
+    ex = read_jsonl(data / "train.jsonl")
+    longest = int(Dataset(ex, processor, Images(16)).lengths.max())
+    Dataset(ex, processor, Images(16), max_length=longest)
+    with pytest.raises(ConfigError, match=f"the example is {longest} tokens with the image, over .*max_length "
+                                          f"{longest - 1}"):
+        Dataset(ex, processor, Images(16), max_length=longest - 1)
+
+
+def test_grouped_dataset_order_changes_with_the_epoch(data, processor):
+    """Dataset.order keeps one epoch's grouped order; asking for the next epoch must not return the cached one."""
+    ds = Dataset(read_jsonl(data / "train.jsonl"), processor, Images(16), per_image=2)
+    for epoch in (0, 1, 2, 1):
+        assert torch.equal(ds.order(len(ds), 5, epoch), grouped_order(ds.image_ids, 2, 5, epoch)), epoch
+
+
+def test_batch_augmentation_follows_the_image_not_its_place_in_the_batch(data, processor):
+    """An image is jittered alike in every batch, micro-batch or process share that holds it (the key is its path),
+    so splitting a global batch differently changes no pixel."""
+    ds = Dataset(read_jsonl(data / "train.jsonl"), processor, Images(16))
+    cfg = AugmentConfig(brightness=0.4, contrast=0.4)
+    idx = [0, 2, 4, 6]
+    whole = ds.batch(idx, cfg, seed=1, step=3)
+    for part in (idx[1:], idx[2:], idx[::-1]):
+        pv = ds.batch(part, cfg, seed=1, step=3)
+        for b, i in enumerate(part):
+            a = whole["pixel_values"][whole["image_index"][idx.index(i)]]
+            assert torch.equal(pv["pixel_values"][pv["image_index"][b]], a), (part, i)
+
+
+def two_tone(n: int = 8) -> torch.Tensor:
+    """n uint8 [3, 8, 8] images, each half 100 and half 140 in every channel: no clipping under +-40% jitter."""
+    x = torch.full((n, 3, 8, 8), 100, dtype=torch.uint8)
+    x[:, :, :, 4:] = 140
+    return x
+
+
+def test_contrast_scales_around_the_mean_by_a_draw_of_its_own():
+    """Contrast keeps each image's mean (only the spread changes), brightness each pixel ratio (it scales), and the
+    two factors differ: the jitters are independent draws."""
+    x = two_tone()
+    contrast = augment(x, AugmentConfig(contrast=0.4), 0, 0, range(8)).float()
+    bright = augment(x, AugmentConfig(brightness=0.4), 0, 0, range(8)).float()
+    assert (contrast.mean((1, 2, 3)) - 120).abs().max() <= 0.5  # rounding only
+    spread = (contrast[:, :, :, 4:].mean((1, 2, 3)) - contrast[:, :, :, :4].mean((1, 2, 3))) / 40
+    scale = bright.mean((1, 2, 3)) / 120
+    assert (spread - 1).abs().max() > 0.05
+    ratio = bright[:, :, :, 4:].mean((1, 2, 3)) / bright[:, :, :, :4].mean((1, 2, 3))
+    assert (ratio - 1.4).abs().max() < 0.02  # (rounding: 140 / 100 within 1 level of 100)
+    assert (spread - scale).abs().max() > 0.05
+
+
+def test_saturation_keeps_luma_and_noise_is_added():
+    """Saturation moves each pixel away from (or towards) its own luma, which it keeps; noise alone changes a flat
+    image by about its std."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(60, 190, (4, 3, 8, 8), generator=g, dtype=torch.uint8)
+    out = augment(x, AugmentConfig(saturation=0.3), 0, 0, range(4)).float()
+
+    def luma(im):
+        return 0.299 * im[:, 0] + 0.587 * im[:, 1] + 0.114 * im[:, 2]
+
+    assert not torch.equal(out, x.float())
+    assert (luma(out) - luma(x.float())).abs().max() <= 0.6  # rounding each channel: at most half a level
+    flat = torch.full((1, 3, 32, 32), 128, dtype=torch.uint8)
+    noisy = augment(flat, AugmentConfig(noise=0.05), 0, 0, range(1)).float()
+    assert 0.8 * 0.05 * 255 < noisy.std() < 1.2 * 0.05 * 255 and abs(noisy.mean() - 128) < 2
+
+
+def test_a_seed_is_no_shifted_copy_of_another():
+    """Seed s + 1's first epoch is not seed s's second: two runs with neighbouring seeds see different orders."""
+    for s in range(3):
+        assert not torch.equal(epoch_order(40, s, 1), epoch_order(40, s + 1, 0))
+        ids = torch.arange(40) // 4
+        assert not torch.equal(grouped_order(ids, 2, s, 1), grouped_order(ids, 2, s + 1, 0))
