@@ -75,12 +75,13 @@ def test_an_adapter_answers_as_peft_does(ckpt_factory, tmp_path, version):
 
 def test_a_pattern_names_whole_module_names_as_peft_matches_them(pg1, tmp_path):
     """alpha_pattern / rank_pattern keys match a module's last name parts whole ("(.*\\.)?(key)$", as PEFT does):
-    "_proj" is no module's name and changes nothing, "self_attn.o_proj" is the decoder's and the vision tower's."""
+    "_proj" and "q" are no module's name (though "q" begins "q_proj") and change nothing, "self_attn.o_proj" is the
+    decoder's and the vision tower's."""
     from transformers import PaliGemmaForConditionalGeneration as HF
 
     folder, _ = pg1
     peft_model = adapt(HF.from_pretrained(folder).eval(), tmp_path / "adapter", r=4, lora_alpha=8,
-                       target_modules=ALL_LINEAR, alpha_pattern={"_proj": 64, "self_attn.o_proj": 2})
+                       target_modules=ALL_LINEAR, alpha_pattern={"_proj": 64, "q": 32, "self_attn.o_proj": 2})
     img, prefix, suffix = image(), "caption en", "two dogs play in the snow"
     ref = suffix_logprobs(peft_model, hf_processor(folder), img, prefix, suffix)
     got = palitorch.load(folder, adapter=tmp_path / "adapter").score(img, prefix, suffix)

@@ -130,6 +130,19 @@ def test_the_patch_positions_older_transformers_saved_are_skipped(pg1, tmp_path)
                                                   palitorch.load(pg1[0]).model.state_dict().values()))
 
 
+def test_the_rotary_frequencies_older_transformers_saved_are_skipped(pg1, tmp_path):
+    """`rotary_emb.inv_freq` (RoPE's frequencies, a buffer older transformers saved in every decoder layer) is not a
+    weight: palitorch computes them, and skips the stored ones as transformers does."""
+    d = _copy(pg1[0], tmp_path / "c")
+    t = load_file(d / "model.safetensors")
+    text = next(k for k in t if k.endswith("embed_tokens.weight")).removesuffix("embed_tokens.weight")
+    for i in range(2):
+        t[f"{text}layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(8)
+    save_file(t, d / "model.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(palitorch.load(d).model.state_dict().values(),
+                                                  palitorch.load(pg1[0]).model.state_dict().values()))
+
+
 def test_truncated_file(pg1, tmp_path):
     d = _copy(pg1[0], tmp_path / "c")
     data = (d / "model.safetensors").read_bytes()

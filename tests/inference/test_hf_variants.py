@@ -6,6 +6,7 @@ tokens, and logprobs within DIVERSE_LOGPROB_TOL (3e-4: float32 on CPU, chaotic w
 import json
 
 import pytest
+import safetensors
 import torch
 from test_generate import PROMPTS, hf_generate, images
 
@@ -64,6 +65,8 @@ def test_an_untied_lm_head(tmp_path, version):
     saved = palitorch.checkpoint.save_model(pipe.model, tmp_path / f"resaved{version}")
     again = palitorch.checkpoint.load_model(saved)
     assert torch.equal(again.language_model.lm_head.weight, pipe.model.language_model.lm_head.weight)
+    with safetensors.safe_open(str(saved / "model.safetensors"), "pt") as f:  # the newer layout's name, as the
+        assert "lm_head.weight" in f.keys()  # folder's other keys ("language_model.lm_head" is the old one)
 
 
 def test_a_stored_lm_head_decides_tying_as_transformers_reads_it(tmp_path):
