@@ -158,7 +158,8 @@ def _record(line: bytes) -> dict | None:
         record = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
-    ok = isinstance(record, dict) and isinstance(record.get("index"), int)
+    index = record.get("index") if isinstance(record, dict) else None
+    ok = isinstance(index, int) and not isinstance(index, bool)  # (true is an int to Python, not to JSON)
     return record if ok else None
 
 

@@ -16,10 +16,11 @@ def test_a_line_whose_index_is_not_an_integer_is_no_result(tmp_path, capsys):
     """A result's "index" is its request's line number: a line with a text or a missing index (a file edited by hand,
     another tool's) is dropped and its request runs again, rather than resumed under a key no request has."""
     out = tmp_path / "out.jsonl"
-    out.write_text(line({"index": 1, "text": "a"}) + line({"index": "2", "text": "b"}) + line({"text": "c"}))
+    out.write_text(line({"index": 1, "text": "a"}) + line({"index": "2", "text": "b"}) + line({"text": "c"})
+                   + line({"index": True, "text": "d"}))  # (a bool is an int to Python: it was request 1)
     done, tidy = read_done(out)
-    assert list(done) == [1]
-    assert capsys.readouterr().err.count("dropping an unreadable line") == 2
+    assert list(done) == [1] and done[1]["text"] == "a"
+    assert capsys.readouterr().err.count("dropping an unreadable line") == 3
     tidy()
     assert out.read_text() == line({"index": 1, "text": "a"})
     out.write_text(line({"index": "1", "text": "a"}))
