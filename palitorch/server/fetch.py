@@ -158,6 +158,8 @@ def fetch_url(url: str, allow_private: bool = False, timeout: float = 15.0, limi
     """The bytes at an http(s) URL, at most `limit` of them; ApiError 400 on any failure or refused address."""
     try:  # (Request parses the URL: an unclosed IPv6 bracket is its ValueError)
         request = urllib.request.Request(url, headers={"User-Agent": "palitorch"})
+        if request.type in ("http", "https") and not request.host:  # http:///a.png (urllib: "no host given")
+            raise bad(f"the image URL {url[:80]} has no valid host and port", "messages")
         with opener(allow_private).open(request, timeout=timeout) as response:
             data = response.read(limit + 1)
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:  # e.g. not HTTP at all

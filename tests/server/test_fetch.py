@@ -161,7 +161,8 @@ def test_fetch_url_refuses_private_addresses_by_default():
     assert "is at a private address" in e.value.message
 
 
-@pytest.mark.parametrize("url", ["http://:8000/a.png", "http://127.0.0.1:99999/a.png", "http://127.0.0.1:x/a.png"])
+@pytest.mark.parametrize("url", ["http://:8000/a.png", "http://127.0.0.1:99999/a.png", "http://127.0.0.1:x/a.png",
+                                 "http:///a.png", "https://"])
 def test_a_url_without_a_valid_host_and_port_is_refused_as_such(url):
     """Not looked up (no host: getaddrinfo would answer with this machine's own addresses) and not connected to."""
     assert refusal(url, allow_private=True) == f"the image URL {url} has no valid host and port"
