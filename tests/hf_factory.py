@@ -142,6 +142,29 @@ def hf_processor(folder: Path):
     return PaliGemmaProcessor(image_processor=ip, tokenizer=tok)
 
 
+def hf_generate(folder, hf, imgs, prompts, **kw):
+    """transformers' greedy generate -> (tokens [B, n], logprobs [B, n]) for the generated part (left padding)."""
+    proc = hf_processor(folder)
+    proc.tokenizer.padding_side = "left"
+    inputs = proc(images=imgs, text=prompts, return_tensors="pt", padding=True)
+    out = hf.generate(**inputs, do_sample=False, output_logits=True, return_dict_in_generate=True, **kw)
+    toks = out.sequences[:, inputs["input_ids"].shape[1]:]
+    logp = torch.log_softmax(torch.stack(out.logits, 1).float(), -1)
+    return toks, logp.gather(-1, toks[..., None])[..., 0]
+
+
+def hf_suffix_logprobs(proc, hf, image, prefix: str, suffix: str):
+    """transformers' answer to `pipe.score`: the suffix's token ids (its <eos> included) and their logprobs [n]
+    under one forward of the processor's training-style input."""
+    proc.tokenizer.padding_side = "right"
+    inputs = proc(images=[image], text=[prefix], suffix=[suffix], return_tensors="pt")
+    with torch.no_grad():
+        logits = hf(**inputs).logits[0].float()
+    ids = inputs["input_ids"][0]
+    start = int(inputs["token_type_ids"][0].tolist().index(1))
+    return ids[start:].tolist(), torch.log_softmax(logits[start - 1:-1], -1).gather(-1, ids[start:, None])[:, 0]
+
+
 # Greedy logprobs of a `diverse` checkpoint, palitorch against transformers, both float32 on CPU. Those weights are
 # chaotic on purpose (each matrix multiplies a vector's norm by ~4), so float32 rounding alone moves a logprob up to
 # ~3e-4 from its float64 value, in transformers as in palitorch: measured on an AMD EPYC (Zen 4), a left-padded

@@ -103,32 +103,29 @@ def test_eval_reads_every_image_header_before_loading(tmp_path, images, no_model
     assert rc == 2 and "dir.png' is a folder" in err
 
 
-def test_an_image_damaged_past_its_header_is_named_with_its_line(fake_pipe, images, tmp_path, capsys):
-    """A truncated file passes the header check; when its turn comes the error still names its JSONL line."""
+def eval_with_a_cut_image(fake_pipe, images, tmp_path, capsys, prefixes, *args):
+    """`eval` on a good image's line, then one line per prefix giving the same truncated file -> (rc, stderr)."""
     pipe = fake_pipe(lambda im, p: "red")
     pipe.model = torch.nn.Linear(1, 1)
     whole = (images / "red.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
-    lines = [{"image": str(images / "red.png"), "prefix": "q", "suffix": "red"},
-             {"image": "cut.png", "prefix": "q", "suffix": "red"}]
+    lines = [{"image": str(images / "red.png"), "prefix": "q", "suffix": "red"}]
+    lines += [{"image": "cut.png", "prefix": p, "suffix": "red"} for p in prefixes]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    rc, _, err = cli(["eval", "--data", tmp_path / "d.jsonl", "--quiet"], capsys)
+    rc, _, err = cli(["eval", "--data", tmp_path / "d.jsonl", "--quiet", *args], capsys)
+    return rc, err
+
+
+def test_an_image_damaged_past_its_header_is_named_with_its_line(fake_pipe, images, tmp_path, capsys):
+    """A truncated file passes the header check; when its turn comes the error still names its JSONL line."""
+    rc, err = eval_with_a_cut_image(fake_pipe, images, tmp_path, capsys, ["q"])
     assert rc == 2 and "d.jsonl:2: cannot read image" in err and err.count("\n") == 1
 
 
 def test_an_image_damaged_past_its_header_is_named_with_the_first_line_that_uses_it(fake_pipe, images, tmp_path,
                                                                                     capsys):
     """Several lines give the same truncated file: the error names the first of them (as a missing image is)."""
-    pipe = fake_pipe(lambda im, p: "red")
-    pipe.model = torch.nn.Linear(1, 1)
-    whole = (images / "red.png").read_bytes()
-    (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
-    lines = [{"image": str(images / "red.png"), "prefix": "q", "suffix": "red"},
-             {"image": "cut.png", "prefix": "q1", "suffix": "red"},
-             {"image": "cut.png", "prefix": "q2", "suffix": "red"},
-             {"image": "cut.png", "prefix": "q3", "suffix": "red"}]
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    rc, _, err = cli(["eval", "--data", tmp_path / "d.jsonl", "--quiet", "--batch-size", "4"], capsys)
+    rc, err = eval_with_a_cut_image(fake_pipe, images, tmp_path, capsys, ["q1", "q2", "q3"], "--batch-size", "4")
     assert rc == 2 and "d.jsonl:2: cannot read image" in err and err.count("\n") == 1
 
 

@@ -6,12 +6,12 @@ import types
 
 import pytest
 import torch
-from test_generate import PROMPTS, STEPS, diverse, hf_generate, images
+from test_generate import PROMPTS, STEPS, diverse, images
 
 import palitorch
 from palitorch.inference import generate as engine
 
-from hf_factory import DIVERSE_LOGPROB_TOL
+from hf_factory import DIVERSE_LOGPROB_TOL, hf_generate
 
 
 def test_token_logprobs_equal_log_softmax_at_the_tokens():

@@ -9,13 +9,13 @@ import threading
 
 import pytest
 import torch
-from test_generate import PROMPTS, STEPS, diverse, hf_generate, images
+from test_generate import PROMPTS, STEPS, diverse, images
 
 import palitorch
 from palitorch.inference import generate as engine
 from palitorch.inference.sampling import GenerationOptions
 
-from hf_factory import DIVERSE_LOGPROB_TOL
+from hf_factory import DIVERSE_LOGPROB_TOL, hf_generate
 
 
 def test_replacement_decode_steps_are_used_for_every_token(ckpt_factory):

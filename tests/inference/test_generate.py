@@ -16,7 +16,7 @@ import palitorch
 from palitorch.errors import InputError
 from palitorch.inference import generate as engine
 
-from hf_factory import DIVERSE_LOGPROB_TOL, diverse
+from hf_factory import DIVERSE_LOGPROB_TOL, diverse, hf_generate
 
 STEPS = 32
 PROMPTS = ["caption en", "answer en what color is the shape?", "detect cat ; dog"]
@@ -26,19 +26,6 @@ SUFFIXES = ["a cat on a mat", "red", "<loc0010><loc0020><loc0500><loc0600> cat"]
 def images(n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (40 + 7 * i, 50, 3), dtype=np.uint8)) for i in range(n)]
-
-
-def hf_generate(folder, hf, imgs, prompts, **kw):
-    """transformers' greedy generate -> (tokens [B, n], logprobs [B, n]) for the generated part."""
-    from hf_factory import hf_processor
-
-    proc = hf_processor(folder)
-    proc.tokenizer.padding_side = "left"
-    inputs = proc(images=imgs, text=prompts, return_tensors="pt", padding=True)
-    out = hf.generate(**inputs, do_sample=False, output_logits=True, return_dict_in_generate=True, **kw)
-    toks = out.sequences[:, inputs["input_ids"].shape[1]:]
-    logp = torch.log_softmax(torch.stack(out.logits, 1).float(), -1)
-    return toks, logp.gather(-1, toks[..., None])[..., 0]
 
 
 def float64_logprobs(folder, hf, imgs, prompts, toks):

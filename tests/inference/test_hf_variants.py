@@ -8,11 +8,11 @@ import json
 import pytest
 import safetensors
 import torch
-from test_generate import PROMPTS, hf_generate, images
+from test_generate import PROMPTS, images
 
 import palitorch
 
-from hf_factory import DIVERSE_LOGPROB_TOL, diverse_weights, write_checkpoint
+from hf_factory import DIVERSE_LOGPROB_TOL, diverse_weights, hf_generate, write_checkpoint
 
 STEPS = 12
 

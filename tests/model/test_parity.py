@@ -9,7 +9,7 @@ import torch
 
 import palitorch
 
-from hf_factory import hf_processor
+from hf_factory import hf_processor, hf_suffix_logprobs
 
 LOGIT_TOL, LOSS_TOL = 1e-4, 1e-5
 
@@ -79,14 +79,9 @@ def test_score_equals_transformers_logprobs(variant):
     pipe, hf, proc = variant
     img = _images(1, seed=2)[0]
     r = pipe.score(img, "caption en", "two dogs play in the snow")
-    inputs = proc(images=[img], text=["caption en"], suffix=["two dogs play in the snow"], return_tensors="pt")
-    with torch.no_grad():
-        logits = hf(**inputs).logits[0].float()
-    ids = inputs["input_ids"][0]
-    start = int(inputs["token_type_ids"][0].tolist().index(1))
-    assert r.token_ids == ids[start:].tolist()
+    ids, ref = hf_suffix_logprobs(proc, hf, img, "caption en", "two dogs play in the snow")
+    assert r.token_ids == ids
     assert r.token_ids[-1] == pipe.processor.token_id("<eos>")
-    ref = torch.log_softmax(logits[start - 1:-1], -1).gather(-1, ids[start:, None])[:, 0]
     torch.testing.assert_close(torch.tensor(r.logprobs), ref, atol=LOGIT_TOL, rtol=0)
 
 

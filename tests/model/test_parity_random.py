@@ -20,7 +20,14 @@ from PIL import Image
 
 import palitorch
 
-from hf_factory import DIVERSE_LOGPROB_TOL, diverse_weights, hf_processor, write_checkpoint
+from hf_factory import (
+    DIVERSE_LOGPROB_TOL,
+    diverse_weights,
+    hf_generate,
+    hf_processor,
+    hf_suffix_logprobs,
+    write_checkpoint,
+)
 
 PROMPTS = ["caption en", "answer en is there a blue circle in the image?", "detect cat ; dog", "ocr"]
 SEEDS = (0, 1, 3, 4, 5, 7, 11)  # drawn from range(12) so that the guard below holds
@@ -66,13 +73,7 @@ def test_a_drawn_configuration_generates_and_scores_as_transformers(tmp_path, se
     imgs = [Image.fromarray(rng.integers(0, 256, (30 + 11 * i, 47, 3), dtype=np.uint8)) for i in range(3)]
     steps = 24
 
-    proc = hf_processor(folder)
-    proc.tokenizer.padding_side = "left"
-    inputs = proc(images=imgs, text=PROMPTS[:3], return_tensors="pt", padding=True)
-    out = hf.generate(**inputs, do_sample=False, max_new_tokens=steps, min_new_tokens=steps, output_logits=True,
-                      return_dict_in_generate=True)
-    ref = out.sequences[:, inputs["input_ids"].shape[1]:]
-    ref_lp = torch.log_softmax(torch.stack(out.logits, 1).float(), -1).gather(-1, ref[..., None])[..., 0]
+    ref, ref_lp = hf_generate(folder, hf, imgs, PROMPTS[:3], max_new_tokens=steps, min_new_tokens=steps)
 
     pipe = palitorch.load(folder)
     got = pipe.generate(imgs, PROMPTS[:3], max_new_tokens=steps, min_new_tokens=steps)
@@ -83,11 +84,6 @@ def test_a_drawn_configuration_generates_and_scores_as_transformers(tmp_path, se
 
     suffix = "<loc0010><loc0020><loc0500><loc0600> cat ; a dog"
     scored = pipe.score(imgs[1], PROMPTS[3], suffix)
-    proc.tokenizer.padding_side = "right"
-    inputs = proc(images=[imgs[1]], text=[PROMPTS[3]], suffix=[suffix], return_tensors="pt")
-    with torch.no_grad():
-        logits = hf(**inputs).logits[0].float()
-    ids, start = inputs["input_ids"][0], int(inputs["token_type_ids"][0].tolist().index(1))
-    assert scored.token_ids == ids[start:].tolist()
-    want = torch.log_softmax(logits[start - 1:-1], -1).gather(-1, ids[start:, None])[:, 0]
+    ids, want = hf_suffix_logprobs(hf_processor(folder), hf, imgs[1], PROMPTS[3], suffix)
+    assert scored.token_ids == ids
     torch.testing.assert_close(torch.tensor(scored.logprobs), want, atol=DIVERSE_LOGPROB_TOL, rtol=0)

@@ -55,14 +55,19 @@ def test_lora_trains_the_adapters_only_and_saves_the_merged_model(data, base, tm
     assert pipe.generate(data / trainer.raw_train[0].image, "caption en", max_new_tokens=3).finish_reason
 
 
-def test_a_resumed_lora_run_follows_the_uninterrupted_one(data, base, tmp_path):
-    Trainer(lora_config(data, base, tmp_path / "whole", train__steps=4)).fit()
-    Trainer(lora_config(data, base, tmp_path / "split", train__steps=2)).fit()
-    Trainer(lora_config(data, base, tmp_path / "split", train__steps=4), resume=True).fit()
+def assert_resume_follows(data, base, tmp_path, **over):
+    """4 steps in one run, and 2 then a resume to 4: the same loss at every step, within 1e-6 (float32)."""
+    Trainer(lora_config(data, base, tmp_path / "whole", train__steps=4, **over)).fit()
+    Trainer(lora_config(data, base, tmp_path / "split", train__steps=2, **over)).fit()
+    Trainer(lora_config(data, base, tmp_path / "split", train__steps=4, **over), resume=True).fit()
     a, b = losses(tmp_path / "whole"), losses(tmp_path / "split")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-6, step
+
+
+def test_a_resumed_lora_run_follows_the_uninterrupted_one(data, base, tmp_path):
+    assert_resume_follows(data, base, tmp_path)
 
 
 def test_a_resume_keeps_what_trained_in_full_and_checks_the_adapters_settings(data, base, tmp_path):
@@ -170,14 +175,7 @@ def test_a_resumed_run_with_adapter_dropout_draws_the_uninterrupted_masks(data, 
     """[lora] dropout draws its masks from torch's generator: a resume restores the generator's state from the
     checkpoint (rng_state.safetensors), so steps 3 and 4 draw the masks of the uninterrupted run. Losses within
     1e-6 (float32, the same masks and weights)."""
-    over = {"lora__dropout": 0.25}
-    Trainer(lora_config(data, base, tmp_path / "whole", train__steps=4, **over)).fit()
-    Trainer(lora_config(data, base, tmp_path / "split", train__steps=2, **over)).fit()
-    Trainer(lora_config(data, base, tmp_path / "split", train__steps=4, **over), resume=True).fit()
-    a, b = losses(tmp_path / "whole"), losses(tmp_path / "split")
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
-    for step in a:
-        assert abs(a[step] - b[step]) <= 1e-6, step
+    assert_resume_follows(data, base, tmp_path, lora__dropout=0.25)
 
 
 def test_a_lora_checkpoint_with_a_damaged_adapter_file_is_damaged(data, base, tmp_path):
