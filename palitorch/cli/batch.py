@@ -38,6 +38,7 @@ from palitorch.cli.common import (
     check_model_options,
     decoding_options,
     load_pipeline,
+    model_folder,
     not_a_folder,
     one_line_errors,
     result_fields,
@@ -304,9 +305,11 @@ def model_record(args: argparse.Namespace, dtype) -> dict:
     """What a result line says of the model that wrote it (`generated_by`): its folder ("palitorch-default" for the
     bundled one), the adapter merged into it, the dtype."""
     from palitorch.assets import DEFAULT_MODEL_DIR
+    from palitorch.inference.inputs import checkpoint_path
 
-    path = Path(args.model).expanduser().resolve() if args.model else None
+    path = model_folder(args)  # (a Hub id: its snapshot, whose name is the commit)
+    path = path and path.resolve()
     record = {"path": "palitorch-default" if path in (None, DEFAULT_MODEL_DIR.resolve()) else str(path)}
     if args.adapter:
-        record["adapter"] = str(Path(args.adapter).expanduser().resolve())
+        record["adapter"] = str(checkpoint_path(args.adapter, what="adapter").resolve())
     return record | {"dtype": str(dtype).removeprefix("torch.")}

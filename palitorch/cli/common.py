@@ -60,10 +60,13 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
-    g.add_argument("--model", metavar="DIR", help="a PaliGemma checkpoint folder (Hub layout); "
-                   "default: the small model bundled with palitorch")
+    g.add_argument("--model", metavar="DIR", help="a PaliGemma checkpoint folder (Hub layout), or the Hub id of one "
+                   "in the local Hugging Face cache (google/paligemma2-3b-pt-224); default: the small model bundled "
+                   "with palitorch")
+    g.add_argument("--revision", metavar="REV", help="with a Hub id: the cached branch, tag or commit to read "
+                   "(default: main)")
     g.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter folder of the model (adapter_config.json, "
-                   "adapter_model.safetensors), merged into its weights at load")
+                   "adapter_model.safetensors), or its Hub id in the cache, merged into its weights at load")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or mps (default: cuda when available)")
     g.add_argument("--dtype", default="float32",
                    help="float32 (default), bfloat16 or float16; bfloat16 halves the memory and is faster on GPUs and "
@@ -145,13 +148,32 @@ def resolve_device(name: str) -> str:
 def check_model_options(args: argparse.Namespace) -> tuple[str, torch.dtype]:
     from palitorch.checkpoint import resolve_dtype
 
+    if args.revision is not None and args.model is None:
+        raise InputError("--revision applies to --model given as a Hub id: add --model OWNER/NAME, or leave "
+                         "--revision out")
     return resolve_device(args.device), resolve_dtype(args.dtype)
+
+
+def model_folder(args: argparse.Namespace) -> Path | None:
+    """The folder --model (and --revision) name: the folder itself or a Hub id's cached snapshot; None for the
+    bundled model. CheckpointError (one line) for a Hub id the cache lacks."""
+    from palitorch.inference.inputs import checkpoint_path
+
+    return checkpoint_path(args.model, args.revision) if args.model is not None else None
+
+
+def is_hub_id(text: str | None) -> bool:
+    """Whether --model / --adapter text names a Hub id read from the cache rather than a folder here."""
+    from palitorch.checkpoint.hub import HUB_ID
+
+    return text is not None and not Path(text).expanduser().exists() and HUB_ID.fullmatch(text) is not None
 
 
 def load_pipeline(args: argparse.Namespace, device: str, dtype: torch.dtype):
     import palitorch
 
-    pipe = palitorch.load(args.model, device=device, dtype=dtype, adapter=getattr(args, "adapter", None))
+    pipe = palitorch.load(args.model, device=device, dtype=dtype, adapter=getattr(args, "adapter", None),
+                          revision=args.revision)
     if getattr(args, "compile", False):
         pipe.compile(mode="reduce-overhead" if str(device).startswith("cuda") else None)
     return pipe

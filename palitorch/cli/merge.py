@@ -26,8 +26,11 @@ def add_parser(subparsers) -> None:
                     "without PEFT.",
     )
     one_line_errors(p)
-    p.add_argument("--model", metavar="DIR", help="the adapter's base checkpoint folder (default: the bundled model)")
-    p.add_argument("--adapter", required=True, metavar="DIR", help="the PEFT LoRA adapter folder")
+    p.add_argument("--model", metavar="DIR", help="the adapter's base checkpoint folder, or its Hub id in the local "
+                   "Hugging Face cache (default: the bundled model)")
+    p.add_argument("--revision", metavar="REV", help="with a Hub id: the cached branch, tag or commit (default: main)")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="the PEFT LoRA adapter folder (or its Hub id in "
+                   "the cache)")
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (new, or empty)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's own)")
     p.add_argument("--max-shard-size", type=int, default=0, metavar="MB",
@@ -42,10 +45,14 @@ def merge(args: argparse.Namespace) -> int:
     from palitorch.train.build import tokenizer_files
 
     if args.model is None:
+        if args.revision is not None:
+            raise InputError("--revision applies to --model given as a Hub id: add --model OWNER/NAME, or leave "
+                             "--revision out")
         from palitorch.assets import default_model_path
 
         args.model = default_model_path()
-    model_dir, adapter, out = checkpoint_path(args.model), Path(args.adapter).expanduser(), Path(args.out).expanduser()
+    model_dir, adapter = checkpoint_path(args.model, args.revision), checkpoint_path(args.adapter, what="adapter")
+    out = Path(args.out).expanduser()
     check_checkpoint_folder(model_dir)
     read_adapter(adapter)  # before the (slow) load
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

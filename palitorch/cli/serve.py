@@ -22,6 +22,7 @@ from palitorch.cli.common import (
     add_model_options,
     check_model_options,
     decoding_options,
+    is_hub_id,
     load_pipeline,
     one_line_errors,
 )
@@ -76,13 +77,17 @@ def add_parser(subparsers) -> None:
 def model_name(args: argparse.Namespace) -> str:
     if args.served_model_name:
         return args.served_model_name
+    if args.adapter and is_hub_id(args.adapter):  # a Hub id goes by the id, as vLLM names it
+        return args.adapter
     if args.adapter:  # a fine-tuned model goes by its adapter's name; a palitorch run's (RUN/model/peft), the run's
         adapter = Path(args.adapter).expanduser().resolve()
         if adapter.name != "peft":
             return adapter.name
         folder = adapter.parent
         return folder.parent.name if folder.name == "model" else f"{folder.parent.name}-{folder.name}"
-    return Path(args.model).resolve().name if args.model else "palitorch-default"
+    if is_hub_id(args.model):
+        return args.model
+    return Path(args.model).expanduser().resolve().name if args.model else "palitorch-default"
 
 
 def bind(args: argparse.Namespace, defaults: dict):

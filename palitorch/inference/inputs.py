@@ -4,18 +4,15 @@ before any work, rather than an exception from deep inside torch or Pillow."""
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from palitorch.errors import CheckpointError, InputError
+from palitorch.checkpoint.hub import find_checkpoint
+from palitorch.errors import InputError
 from palitorch.inference.sampling import GenerationOptions, _is_int
-
-# "owner/name" as the Hugging Face Hub spells a model id
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def as_batch(images, *texts):
@@ -95,22 +92,23 @@ def resolve_device(device) -> torch.device:
     return d
 
 
-def checkpoint_path(path) -> Path:
-    """The folder `palitorch.load` reads, "~" expanded; a path that does not exist and reads as a Hub id
-    ("google/paligemma2-3b-pt-224") is a CheckpointError saying how to download it (palitorch does not)."""
+def checkpoint_path(path, revision: str | None = None, what: str = "path") -> Path:
+    """The folder `palitorch.load` reads: the path, "~" expanded, or for a Hub id ("google/paligemma2-3b-pt-224")
+    that is no folder here, its snapshot in the local Hugging Face cache at `revision` (default "main"); one that the
+    cache lacks is a CheckpointError saying how to download it (palitorch does not). `what` names the argument in
+    errors ("adapter": a LoRA adapter's folder)."""
+    folder = "a LoRA adapter folder" if what == "adapter" else "a checkpoint folder"
     if not isinstance(path, (str, os.PathLike)):
-        raise InputError(f"path must be a checkpoint folder (a str or Path), got {type(path).__name__}")
+        raise InputError(f"{what} must be {folder} (a str or Path), got {type(path).__name__}")
     text = os.fspath(path)
     if isinstance(text, bytes):
         text = os.fsdecode(text)
     if not text.strip():
-        raise InputError("path is empty: give a checkpoint folder (or no path, for the bundled model)")
-    folder = Path(text).expanduser()
-    if not folder.exists() and _HUB_ID.fullmatch(text):
-        raise CheckpointError(f"checkpoint folder {text!r} does not exist; if it is a Hugging Face Hub id, note that "
-                              f"palitorch does not download: fetch it with `hf download {text} --local-dir DIR` (or "
-                              f"`huggingface-cli download {text} --local-dir DIR`) and pass DIR")
-    return folder
+        raise InputError(f"{what} is empty: give {folder}" + (" (or no path, for the bundled model)"
+                                                              if what == "path" else ""))
+    if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+        raise InputError(f"revision must be a branch, tag or commit of the Hub id (a non-empty str), got {revision!r}")
+    return find_checkpoint(text, revision)
 
 
 def admit_inputs(default: GenerationOptions, images, prompts, tags, streams, options) -> list[GenerationOptions]:

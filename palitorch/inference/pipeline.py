@@ -339,19 +339,21 @@ def _cuda_graphs(settings: dict) -> bool:
     return bool(options.get("triton.cudagraphs", config.triton.cudagraphs))
 
 
-def load(path=None, device="cpu", dtype="float32", adapter=None) -> Pipeline:
+def load(path=None, device="cpu", dtype="float32", adapter=None, revision=None) -> Pipeline:
     """Load a Hub-layout PaliGemma folder (or the bundled default model when `path` is None; "~" is expanded).
 
     `device`: "cpu" (the default), "cuda", "cuda:N" (or the index N), "mps", or a torch.device; one that this
     machine lacks is an InputError before anything is read. `dtype`: "float32" (the default), "bfloat16" ("bf16"),
-    "float16" ("fp16", "half"), or the torch dtype. palitorch does not download: give a folder (a Hub id is
-    answered with the command that downloads it). `adapter`: a PEFT LoRA adapter folder of this model
-    (adapter_config.json, adapter_model.safetensors), merged into the weights as they load."""
+    "float16" ("fp16", "half"), or the torch dtype. palitorch does not download: give a folder, or a Hub id
+    ("google/paligemma2-3b-pt-224") already in the local Hugging Face cache (`hf download` puts it there), read at
+    `revision` (a branch, tag or commit; default "main"); one not there is answered with the command that downloads
+    it. `adapter`: a PEFT LoRA adapter folder of this model (adapter_config.json, adapter_model.safetensors), or the
+    Hub id of one in the cache, merged into the weights as they load."""
     if path is None:
         from palitorch.assets import default_model_path
 
         path = default_model_path()
-    path = checkpoint_path(path)
+    path = checkpoint_path(path, revision)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype)
     cfg = read_config(path)
@@ -359,7 +361,7 @@ def load(path=None, device="cpu", dtype="float32", adapter=None) -> Pipeline:
                                       max_length=cfg.text.max_position_embeddings)
     check_tokenizer(cfg, processor, path)
     if adapter is not None:
-        adapter = Path(adapter).expanduser()
+        adapter = checkpoint_path(adapter, what="adapter")
         read_adapter(adapter)  # before the (slow) load: a wrong folder fails at once
     model = load_model(path, device=device, dtype=dtype)
     if adapter is not None:

@@ -53,7 +53,8 @@ def tokenizer_files(folder: Path) -> dict[str, Path]:
 def check_checkpoint_folder(folder: Path) -> None:
     """A one-line CheckpointError unless `folder` holds a checkpoint's config.json and tokenizer.json (a Hub id
     gets the line on downloading it)."""
-    check_folder(checkpoint_path(folder))
+    folder = checkpoint_path(folder)
+    check_folder(folder)
     if not (folder / "tokenizer.json").is_file():
         raise CheckpointError(f"{folder} has no tokenizer.json: copy the checkpoint's tokenizer files into it")
 

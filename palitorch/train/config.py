@@ -27,6 +27,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from palitorch.checkpoint.hub import HUB_ID, cached_snapshot
 from palitorch.config import SMALL_PRESETS
 from palitorch.errors import ConfigError
 from palitorch.train.config_values import coerce, parse_overrides, toml_value
@@ -41,7 +42,7 @@ else:  # pragma: no cover
 @dataclass
 class ModelConfig:
     preset: str = "tiny"  # from-scratch shape: tiny / small / base (see palitorch.config.SMALL_PRESETS)
-    init: str = ""  # a Hub-layout checkpoint folder to fine-tune instead of building from scratch
+    init: str = ""  # a Hub-layout checkpoint folder (or a cached Hub id) to fine-tune instead of building from scratch
     version: int = 1  # 1: Gemma decoder (PaliGemma 1); 2: Gemma 2 decoder (PaliGemma 2)
     image_size: int = 64
     patch_size: int = 8
@@ -334,6 +335,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg.model.init, cfg.data.eval, cfg.train.out = (os.path.expanduser(p) if p else p
                                                     for p in (cfg.model.init, cfg.data.eval, cfg.train.out))
     cfg.data.train = [os.path.expanduser(p) for p in cfg.data.train]
+    if cfg.model.init and not os.path.exists(cfg.model.init) and HUB_ID.fullmatch(cfg.model.init):
+        cfg.model.init = str(cached_snapshot(cfg.model.init))  # a Hub id in the local cache: its snapshot folder
     cfg.validate()
     return cfg
 

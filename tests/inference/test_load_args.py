@@ -53,9 +53,10 @@ def test_paths_empty_of_the_wrong_type_or_a_hub_id(nothing_read, tmp_path, monke
         palitorch.load("")
     with pytest.raises(InputError, match="path must be a checkpoint folder.*got int"):
         palitorch.load(123)
-    monkeypatch.chdir(tmp_path)  # no such folder here
+    monkeypatch.chdir(tmp_path)  # no such folder here, nor in the (empty) Hugging Face cache
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(CheckpointError, match="palitorch does not download.*hf download google/paligemma-3b-pt-224 "
-                                              "--local-dir DIR"):
+                                              ".*--local-dir DIR"):
         palitorch.load("google/paligemma-3b-pt-224")
 
 
