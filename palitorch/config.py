@@ -200,13 +200,16 @@ class PaliGemmaConfig:
             t.fail("num_key_value_heads", text.num_kv_heads, f"a divisor of num_attention_heads {text.num_heads}")
         if text.head_dim % 2:
             t.fail("head_dim", text.head_dim, "even (RoPE rotates pairs of dimensions)")
-        # EOS, an id or a list of ids: where transformers' `generate` finds it, generation_config.json, else the
-        # top level of config.json, else text_config (read only when the top level has none), else 1.
-        eos = next((x for x in ((generation or {}).get("eos_token_id"), d.get("eos_token_id"),
-                                t.d.get("eos_token_id")) if x is not None), 1)
+        # EOS, an id or a list of ids, where transformers' `generate` finds it: a folder's generation_config.json
+        # alone (one without eos_token_id has none: config.json's are not read then), else the top level of
+        # config.json, else text_config (read only when the top level has none), else none. (Generation also stops
+        # at the tokenizer's <eos>, inference.generate.eos_ids.)
+        sources = [generation] if generation is not None else [d, t.d]
+        eos = next((x for x in (s.get("eos_token_id") for s in sources) if x is not None), [])
         eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
         pad = d.get("pad_token_id", 0)
-        image_key = "image_token_index" if "image_token_index" in d else "image_token_id"
+        # with both set, transformers reads `image_token_id` (its alias of `image_token_index`)
+        image_key = "image_token_id" if "image_token_id" in d else "image_token_index"
         tokens = {image_key: d.get(image_key, 256000), "pad_token_id": 0 if pad is None else pad,
                   "bos_token_id": d.get("bos_token_id", 2) or 2}
         for key, i in [*tokens.items(), *(("eos_token_id", i) for i in eos)]:
@@ -260,13 +263,13 @@ class PaliGemmaConfig:
                 query_pre_attn_scalar=t.query_pre_attn_scalar,
                 sliding_window=t.sliding_window,
                 layer_types=list(t.layer_types) if t.layer_types else None,
-                eos_token_id=list(self.eos_token_ids),
+                eos_token_id=list(self.eos_token_ids) or None,
             )
         return {
             "architectures": ["PaliGemmaForConditionalGeneration"],
             "model_type": "paligemma",
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids),
+            "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids) or None,
             "pad_token_id": self.pad_token_id,
             "image_token_index": self.image_token_id,
             "hidden_size": t.hidden_size,

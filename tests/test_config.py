@@ -37,6 +37,26 @@ def test_an_image_token_past_the_vocabulary_is_allowed():
         PaliGemmaConfig.from_hf(dict(d, pad_token_id=257152))
 
 
+def test_image_token_id_is_read_over_image_token_index_as_transformers_reads_it():
+    """transformers' PaliGemmaConfig maps `image_token_id` onto `image_token_index`, so a config.json with both (in
+    either order) has the image token that `image_token_id` names; palitorch read `image_token_index`, and refused
+    the folder (its tokenizer's <image> then differed from the config's). EOS ids nowhere (neither generation nor
+    config.json) are none, as in transformers' generation config."""
+    from transformers import PaliGemmaConfig as HF
+
+    base = {k: v for k, v in HUB_PG1.items() if k != "image_token_index"}
+    for d in ({**base, "image_token_index": 5, "image_token_id": 7}, {**base, "image_token_id": 7,
+                                                                      "image_token_index": 5},
+              {**base, "image_token_id": 9}, {**base, "image_token_index": 9}):
+        assert PaliGemmaConfig.from_hf(d).image_token_id == HF.from_dict(d).image_token_id, d
+    with pytest.raises(ConfigError, match="image_token_id is -1: it must be an integer >= 0"):
+        PaliGemmaConfig.from_hf({**base, "image_token_index": 5, "image_token_id": -1})
+    bare = {**HUB_PG1, "text_config": {k: v for k, v in HUB_PG1["text_config"].items()}}
+    bare.pop("eos_token_id")
+    assert PaliGemmaConfig.from_hf(bare).eos_token_ids == ()
+    assert PaliGemmaConfig.from_hf(PaliGemmaConfig.from_hf(bare).to_hf()).eos_token_ids == ()
+
+
 def test_pg2_text_defaults_and_eos_list():
     d = dict(HUB_PG1, hidden_size=2048, projection_dim=2304)
     d["text_config"] = {"model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216,
@@ -52,7 +72,8 @@ def test_pg2_text_defaults_and_eos_list():
     assert PaliGemmaConfig.from_hf({k: v for k, v in d.items() if k != "eos_token_id"}).eos_token_ids == (1, 107)
     assert PaliGemmaConfig.from_hf(d, {"eos_token_id": [1, 107]}).eos_token_ids == (1, 107)
     assert PaliGemmaConfig.from_hf(d, {"eos_token_id": 107}).eos_token_ids == (107,)
-    assert PaliGemmaConfig.from_hf(d, {"bos_token_id": 2}).eos_token_ids == (1,)
+    # a generation_config.json without EOS ids has none: transformers does not read config.json's then
+    assert PaliGemmaConfig.from_hf(d, {"bos_token_id": 2}).eos_token_ids == ()
 
 
 def test_fields_read_as_transformers_reads_them():

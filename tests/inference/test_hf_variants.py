@@ -109,6 +109,23 @@ def test_eos_ids_from_generation_config_json(tmp_path):
     assert ours[0].finish_reason == "eos" and len(ours[0].token_ids) <= 3
 
 
+def test_a_generation_config_json_without_eos_ids_hides_config_json_s(tmp_path):
+    """transformers' generate reads a folder's generation_config.json alone: one that gives no eos_token_id leaves
+    config.json's EOS ids unread, so a frequent token listed only there does not end answers (palitorch stopped at
+    it: it read config.json's ids whenever generation_config.json had none)."""
+    folder, _ = variant(tmp_path, "gen-no-eos")
+    plain = palitorch.load(folder).generate(images(3), PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
+    stop = plain[0].token_ids[3]  # a token the first answer makes: an EOS in config.json only
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(cfg, eos_token_id=[1, stop])))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 2, "pad_token_id": 0}))
+    from transformers import PaliGemmaForConditionalGeneration
+
+    hf = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    ours = same_answers(folder, hf, min_new_tokens=0)
+    assert len(ours[0].token_ids) == STEPS and ours[0].finish_reason == "length"
+
+
 @pytest.mark.parametrize("text_json", [{"final_logit_softcapping": 2.0}, {"hidden_act": "gelu"},
                                        {"hidden_act": "gelu", "hidden_activation": "gelu"}])
 def test_gemma1_fields_as_transformers_reads_them(tmp_path, text_json):
