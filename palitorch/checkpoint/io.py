@@ -100,6 +100,9 @@ def weight_files(folder: Path) -> list[Path]:
         if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
             raise CheckpointError(f"{index} has no weight_map from tensor names to shard files; download it again")
         names = sorted(set(weight_map.values()))
+        outside = [n for n in names if Path(n).is_absolute() or ".." in Path(n).parts]
+        if outside:  # (a shard is a file of this checkpoint: an index must not reach elsewhere on the disk)
+            raise CheckpointError(f"{index} lists shard {outside[0]!r}, outside {folder}; download it again")
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise CheckpointError(f"{folder} is missing shard {missing[0]} listed in {index.name}; download it again")

@@ -188,6 +188,8 @@ def test_sharded_copy_loads(folder):
     ("[1]", "holds a JSON array, not an object"),
     ("{}", "has no weight_map"),
     ('{"weight_map": {"w": 1}}', "has no weight_map"),
+    ('{"weight_map": {"w": "/etc/hostname"}}', "lists shard '/etc/hostname', outside"),
+    ('{"weight_map": {"w": "../model.safetensors"}}', "lists shard '../model.safetensors', outside"),
 ])
 def test_damaged_index(folder, index, expected):
     _shard(folder, index)
