@@ -11,7 +11,9 @@ A server that fetches any URL it is given is a proxy into its own network (SSRF)
 
 The host name is resolved once, every address it resolves to is checked, and the connection goes to a checked
 address (no second lookup that could answer otherwise). Each redirect is checked the same way, and only http(s) is
-opened. Errors give a short reason, not the remote's own words.
+opened. The whole fetch (redirects, headers and body) must end within its timeout: a site that trickles its answer
+a byte at a time is cut off then, as each read waiting less than the timeout would not be. Errors give a short
+reason, not the remote's own words.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -76,38 +79,90 @@ class _Check(urllib.request.BaseHandler):
     https_request = http_request
 
 
-def _pinned(connection_class, req):
+class Deadline:
+    """The connections of one fetch, shut down when its time is up (`expire`, by a timer): a read blocked on a site
+    that trickles its answer returns at once, where a socket's own timeout bounds only each wait for the next bytes.
+    It keeps a duplicate of each socket (shutting one down shuts the connection down, TLS or not, and the duplicate
+    stays valid after http.client wraps or closes its own); `close` once the fetch ends."""
+
+    def __init__(self):
+        self.expired, self._sockets, self._lock = False, [], threading.Lock()
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock.dup())
+            if self.expired:
+                _shut(self._sockets[-1])
+
+    def expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+    def close(self) -> None:
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+            self._sockets = []
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # the other side has closed it already
+        pass
+
+
+def _pinned(connection_class, req, deadline: Deadline | None = None):
     """`connection_class`, connecting to the addresses `_Check` checked for `req` instead of looking its host up
-    again. Through a proxy the connection is to the proxy, which resolves the host itself: it stays as it is."""
+    again. Through a proxy the connection is to the proxy, which resolves the host itself: it stays as it is. Each
+    connection goes to `deadline`."""
 
     def make(host, **kw):
         conn = connection_class(host, **kw)
         name, addresses = getattr(req, "checked", (None, ()))
-        if name is not None and conn.host.lower() == name.lower():
+        pinned = name is not None and conn.host.lower() == name.lower()
 
-            def connect(address, timeout, source_address=None):
+        def connect(address, timeout, source_address=None):
+            if not pinned:
+                sock = socket.create_connection(address, timeout, source_address)
+            else:
                 error = OSError(f"cannot connect to {name}")
                 for ip in addresses:
                     try:
-                        return socket.create_connection((ip, address[1]), timeout, source_address)
+                        sock = socket.create_connection((ip, address[1]), timeout, source_address)
+                        break
                     except OSError as e:
                         error = e
-                raise error
+                else:
+                    raise error
+            if deadline is not None:
+                deadline.add(sock)
+            return sock
 
-            conn._create_connection = connect  # http.client's hook: HTTPS wraps this socket for `name`
+        conn._create_connection = connect  # http.client's hook: HTTPS wraps this socket for `name`
         return conn
 
     return make
 
 
 class _PinnedHTTP(urllib.request.HTTPHandler):
+    def __init__(self, deadline: Deadline | None = None):
+        super().__init__()
+        self.deadline = deadline
+
     def do_open(self, http_class, req, **kw):
-        return super().do_open(_pinned(http_class, req), req, **kw)
+        return super().do_open(_pinned(http_class, req, self.deadline), req, **kw)
 
 
 class _PinnedHTTPS(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: Deadline | None = None):
+        super().__init__()
+        self.deadline = deadline
+
     def do_open(self, http_class, req, **kw):
-        return super().do_open(_pinned(http_class, req), req, **kw)
+        return super().do_open(_pinned(http_class, req, self.deadline), req, **kw)
 
 
 class _Redirects(urllib.request.HTTPRedirectHandler):
@@ -123,10 +178,12 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
-def opener(allow_private: bool) -> urllib.request.OpenerDirector:
-    """urllib's opener for http(s) only (no ftp:, file: or data:), every connection checked."""
+def opener(allow_private: bool, deadline: Deadline | None = None) -> urllib.request.OpenerDirector:
+    """urllib's opener for http(s) only (no ftp:, file: or data:), every connection checked (and its socket given to
+    `deadline`)."""
     director = urllib.request.OpenerDirector()
-    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), _PinnedHTTP(), _PinnedHTTPS(),
+    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), _PinnedHTTP(deadline),
+                    _PinnedHTTPS(deadline),
                     urllib.request.HTTPDefaultErrorHandler(), _Redirects(), urllib.request.HTTPErrorProcessor(),
                     _Check(allow_private)):
         director.add_handler(handler)
@@ -155,15 +212,26 @@ def _reason(e: Exception) -> str:
 
 
 def fetch_url(url: str, allow_private: bool = False, timeout: float = 15.0, limit: int = MAX_IMAGE_BYTES) -> bytes:
-    """The bytes at an http(s) URL, at most `limit` of them; ApiError 400 on any failure or refused address."""
+    """The bytes at an http(s) URL, at most `limit` of them, all within `timeout` seconds; ApiError 400 on any
+    failure or refused address."""
+    deadline = Deadline()
+    timer = threading.Timer(timeout, deadline.expire)
+    timer.daemon = True
+    timer.start()
     try:  # (Request parses the URL: an unclosed IPv6 bracket is its ValueError)
         request = urllib.request.Request(url, headers={"User-Agent": "palitorch"})
         if request.type in ("http", "https") and not request.host:  # http:///a.png (urllib: "no host given")
             raise bad(f"the image URL {url[:80]} has no valid host and port", "messages")
-        with opener(allow_private).open(request, timeout=timeout) as response:
+        with opener(allow_private, deadline).open(request, timeout=timeout) as response:
             data = response.read(limit + 1)
+        if deadline.expired:  # (a body without a length reads as ended when its socket is shut down)
+            raise TimeoutError
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:  # e.g. not HTTP at all
-        raise bad(f"cannot fetch the image at {url[:80]}: {_reason(e)}", "messages") from None
+        reason = "timed out" if deadline.expired else _reason(e)
+        raise bad(f"cannot fetch the image at {url[:80]}: {reason}", "messages") from None
+    finally:
+        timer.cancel()
+        deadline.close()
     if len(data) > limit:
         raise bad(f"the image at {url[:80]} is over {limit >> 20} MiB", "messages")
     return data

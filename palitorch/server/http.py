@@ -28,6 +28,7 @@ import functools
 import hmac
 import ipaddress
 import json
+import queue
 import socket
 import sys
 import threading
@@ -49,6 +50,7 @@ CLIENT_TIMEOUT = 60.0  # seconds a connection may keep a handler thread waiting 
 METHODS = "GET, POST, OPTIONS"
 # Endpoints of OpenAI's API that PaliGemma cannot answer: a 404 that says what to call instead.
 OTHER_APIS = ("/v1/completions", "/v1/embeddings", "/v1/responses")
+GONE = object()  # `Handler._first_piece`: the client has left
 
 
 def allowed_methods(path: str) -> str:
@@ -249,7 +251,10 @@ class Handler(BaseHTTPRequestHandler):
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         job = self.server.engine.submit(req)
         if req.stream:
-            return stream(self, job, rid, created)
+            first = self._first_piece(job)
+            if first is not GONE:
+                stream(self, job, rid, created, first)
+            return
         results = self._wait(job)
         if results is None:  # the client has gone: no one to answer
             return
@@ -265,6 +270,18 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return None
         return job.wait()
+
+    def _first_piece(self, job):
+        """A stream's first item (`Job.pieces`), or GONE if its client hangs up first (an SDK's timeout while it is
+        queued): the job is then cancelled, as in `_wait`, and dropped rather than decoded for no one."""
+        while True:
+            try:
+                return job.pieces.get(timeout=HANG_UP_CHECK)
+            except queue.Empty:
+                if self._hung_up():
+                    job.cancelled.set()
+                    self.close_connection = True
+                    return GONE
 
     def _hung_up(self) -> bool:
         """Whether the client has closed its side of the connection (it reads as at its end: a timed-out SDK does

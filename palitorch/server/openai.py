@@ -311,17 +311,23 @@ def read_image(url: str, fetch: Callable[[str], bytes] | None, images: ImageCach
     return images.get(data, decode_image) if images is not None else decode_image(data)
 
 
+# Decoded by running another program (Ghostscript, with a history of code-execution bugs): Pillow's advice is to block.
+REFUSED_FORMATS = {"EPS": "Pillow renders EPS with Ghostscript, which this server does not run on a client's file"}
+
+
 def decode_image(data: bytes) -> Image.Image:
     too_big = bad(f"the image has too many pixels (over {Image.MAX_IMAGE_PIXELS:,}): send a smaller one", "messages")
     if not data:
         raise bad("cannot decode the image: it is empty (0 bytes)", "messages")
     try:
         with Image.open(io.BytesIO(data)) as probe:  # the header only: a huge image is refused before it is decoded
-            pixels = probe.width * probe.height
+            pixels, kind = probe.width * probe.height, probe.format
     except Image.DecompressionBombError:
         raise too_big from None
     except OSError:  # (UnidentifiedImageError too) load_image says what is wrong with it
-        pixels = 0
+        pixels, kind = 0, None
+    if kind in REFUSED_FORMATS:  # (load_image opens the same bytes with the same plugins: it would find the same)
+        raise bad(f"{kind} images are not accepted ({REFUSED_FORMATS[kind]}): send PNG, JPEG or WebP", "messages")
     if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:  # (load_image refuses only twice as many)
         raise too_big
     try:

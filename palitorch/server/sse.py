@@ -13,15 +13,19 @@ import json
 from palitorch.server.openai import chunk, finish_reason, joined, token_entry, usage
 from palitorch.tasks import task_outputs
 
+_NEXT = object()  # `stream`'s first item: the next one in the job's queue
 
-def stream(handler, job, rid: str, created: int) -> None:
+
+def stream(handler, job, rid: str, created: int, first=_NEXT) -> None:
     """Send a job's answer through `handler` (the request's http.Handler) as it comes: a role chunk for each of the
     n choices, their text pieces (the chunks of different choices interleave, each naming its index), each choice's
     finish chunk as soon as its answer ends, (usage), [DONE]. The status line waits for the first piece, so a
     refused input is still an ordinary error response. With logprobs, each piece's chunk carries its tokens'
     entries (`Piece.tokens`), and the finish chunk those of tokens that brought no text of their own after the last
-    piece. A client that leaves cancels the job (the engine frees its rows at the next step)."""
-    first = job.pieces.get()
+    piece. A client that leaves cancels the job (the engine frees its rows at the next step). `first`: the job's
+    first item if the caller has taken it already (waiting for it, the handler watches for a client that leaves)."""
+    if first is _NEXT:
+        first = job.pieces.get()
     if first is None and job.error is not None:
         raise job.error
     model = handler.server.model_id

@@ -5,6 +5,7 @@ to the address checked; failures give a short reason."""
 import socket
 import socketserver
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -258,6 +259,44 @@ def test_a_site_that_does_not_answer_times_out_then_one_that_hangs_up(monkeypatc
         finally:
             Silent.release.set()
         assert refusal(url, allow_private=True).endswith(": no HTTP answer")  # (released: it hangs up at once)
+
+
+class Trickle(socketserver.BaseRequestHandler):
+    """Answers a byte every 20 ms, never finishing, until the client hangs up or `stop` is set: of a body (after a
+    complete header) or of a header, as the path asks."""
+
+    stop = threading.Event()
+
+    def handle(self):
+        first = self.request.recv(65536)
+        self.request.sendall(b"HTTP/1.1 200 OK\r\n" + (b"Content-Length: 100000\r\n\r\n" if b" /body " in first
+                                                       else b"X-Slow: "))
+        try:
+            while not Trickle.stop.wait(0.02):
+                self.request.sendall(b"a")
+        except OSError:  # the client has gone
+            pass
+
+
+@pytest.mark.parametrize("path", ["body", "header"])
+def test_a_site_that_trickles_its_answer_times_out_all_the_same(path):
+    """The fetch's timeout bounds the whole fetch, not each wait for the next bytes: a site that sends a byte every
+    20 ms (of its body, or of a header) would otherwise hold the request, and its handler thread, for as long as it
+    likes (here until the test's 10 s safety net; at the default 15 s timeout, a 20 MiB body could take years)."""
+    Trickle.stop.clear()
+    with serving(socketserver.ThreadingTCPServer(("127.0.0.1", 0), Trickle)) as trickle:
+        url = f"http://127.0.0.1:{trickle.server_address[1]}/{path}"
+        timer = threading.Timer(10, Trickle.stop.set)
+        timer.start()
+        start = time.monotonic()
+        try:
+            with pytest.raises(ApiError) as e:
+                fetch_url(url, allow_private=True, timeout=0.5)
+        finally:
+            timer.cancel()
+            Trickle.stop.set()
+        assert e.value.message == f"cannot fetch the image at {url}: timed out"
+        assert time.monotonic() - start < 5
 
 
 def test_https_to_a_site_that_does_not_speak_tls_is_a_tls_error(site):

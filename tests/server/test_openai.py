@@ -2,6 +2,7 @@
 test_openai_responses.py."""
 
 import base64
+import io
 
 import pytest
 from PIL import Image
@@ -353,6 +354,22 @@ def test_an_image_that_cannot_be_decoded_is_named_plainly(data, message):
     e = refused(with_content(image_part("data:image/png;base64," + base64.b64encode(data).decode())))
     assert e.param == "messages" and e.message.startswith(message), e.message
     assert " at 0x" not in e.message and "BytesIO" not in e.message
+
+
+def test_an_eps_image_is_refused_before_ghostscript_could_run(monkeypatch):
+    """Pillow decodes an EPS file by running Ghostscript on it (a PostScript interpreter with a history of
+    remote-code-execution bugs; Pillow's security guidance: block EPS from untrusted sources). A client's EPS image
+    is a 400 naming the format, and Ghostscript is never called, installed or not."""
+    from PIL import EpsImagePlugin
+
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **kw: ran.append(a) or Image.new("RGB", (8, 8)).im)
+    out = io.BytesIO()
+    IMAGE.save(out, format="EPS")
+    e = refused(with_content(image_part("data:application/postscript;base64," + base64.b64encode(out.getvalue())
+                                        .decode())))
+    assert e.status == 400 and e.param == "messages" and e.message.startswith("EPS images are not accepted")
+    assert not ran
 
 
 def test_base64_without_padding_or_url_safe_is_read():

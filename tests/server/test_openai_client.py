@@ -125,6 +125,26 @@ def test_a_client_that_gives_up_on_a_whole_answer_frees_its_row(demo):
     engine.stop()
 
 
+def test_a_stream_whose_client_gives_up_while_queued_is_dropped_unanswered(demo):
+    """A streamed request waits for its first piece before its status line goes out; a client that times out then
+    (an SDK's timeout while the request waits in the queue, before it retries) is cancelled at once, as a whole
+    answer's is, and the engine drops it from the queue rather than decode it for no one."""
+    pipe = HeldPipe(palitorch.load(), released=True)
+    engine = RecordingEngine(pipe, start_after=2)  # the model waits for a second request: the first stays queued
+    with serving(new_server(engine)) as srv:
+        with pytest.raises(openai.APITimeoutError):
+            for _ in client(srv, timeout=1.0).chat.completions.create(
+                    model=MODEL, messages=messages(demo[0], "caption en"), stream=True):
+                pass
+        [job] = engine.jobs
+        assert job.cancelled.wait(10), "a stream's client left while it was queued, and its job stayed wanted"
+        out = client(srv).chat.completions.create(model=MODEL, messages=messages(demo[1], "caption en"))
+        assert out.choices[0].message.content == palitorch.load().generate(demo[1]["image"], "caption en").text
+        assert job.done.wait(30) and job.results is None
+        assert [rows for _, admits in pipe.lives for rows in admits] == [1]  # only the second request was decoded
+    engine.stop()
+
+
 def test_the_hang_up_check_works_past_select_s_descriptor_limit():
     """select() refuses descriptors from 1024 on (a busy server has them), which counted as a hang-up: every
     non-streamed request on such a connection was dropped after a quarter second. The check must read the socket."""
