@@ -305,19 +305,26 @@ class Engine:
         self._log_batch(group, tokens, seconds)
 
     def _take(self, live: bool) -> list[Job]:
-        """The next job, and the waiting jobs that can share its batch, in arrival order: any batchable jobs for a
-        live batch, batchable jobs with the same options for a static one."""
+        """The next job, and the waiting jobs that can share its batch, in arrival order: batchable jobs up to the
+        first that must run alone (none overtakes it) and, for a live batch, up to the first that does not fit
+        (the rows free up later); a static batch takes only those with the same options, and leaves the others
+        queued in their order."""
         first = self._jobs.popleft()
         if not first.batchable:
             return [first]
         group, rest, key, rows = [first], deque(), first.key(), first.rows
-        for job in self._jobs:  # a live batch takes any options (each row has its own); a static one, equal ones
-            if rows + job.rows <= self.max_batch and job.batchable and (live or job.key() == key):
+        while self._jobs:  # a live batch takes any options (each row has its own); a static one, equal ones
+            job = self._jobs[0]
+            fits = rows + job.rows <= self.max_batch
+            if not job.batchable or (live and not fits):
+                break
+            self._jobs.popleft()
+            if fits and (live or job.key() == key):
                 group.append(job)
                 rows += job.rows
             else:
                 rest.append(job)
-        self._jobs = rest
+        self._jobs = rest + self._jobs
         return group
 
     def _run(self, group: list[Job]) -> None:

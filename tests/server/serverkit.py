@@ -91,10 +91,11 @@ def serving(server: Server):
         thread.join(TIMEOUT)
 
 
-def ask_all(engine: Engine, bodies: list[dict]) -> list:
+def ask_all(engine: Engine, bodies: list[dict], in_order: bool = False) -> list:
     """Send every body at once, each from its own thread, to a server on `engine`; stop the engine after. Answers in
     the bodies' order: (status, json, headers), or for a stream (content type, events) and, if it was refused
-    before it began, (status, json)."""
+    before it began, (status, json). `in_order` (a RecordingEngine): each request reaches the queue before the next
+    is sent, so they queue in the bodies' order."""
     answers = [None] * len(bodies)
 
     def ask(i):
@@ -111,6 +112,8 @@ def ask_all(engine: Engine, bodies: list[dict]) -> list:
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
         for t in threads:
             t.start()
+            if in_order:
+                engine.wait_for_jobs(1)
         for t in threads:
             t.join(TIMEOUT)
     engine.stop()

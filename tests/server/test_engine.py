@@ -147,14 +147,16 @@ def test_a_bad_request_in_a_batch_fails_alone(ref, demo):
 
 def test_requests_with_any_options_share_a_live_batch_but_seeded_ones(ref, demo):
     """Greedy requests with their own max_tokens, min_tokens and stop strings, and a sampled one, share one live
-    batch, each answered as alone with its own options; a seeded sample runs alone."""
+    batch, each answered as alone with its own options; a seeded sample (queued last) runs alone."""
     a, b, c, d, e, f = demo[:6]
     lengths = [{}, {"max_tokens": 1}, {"stop": ["<loc"]}, {"max_tokens": 4, "min_tokens": 4}]
     bodies = [chat(x["path"], x["detect"], **kw) for x, kw in zip((a, b, c, f), lengths)] + \
         [chat(d["path"], "caption en", temperature=1.5, seed=3), chat(e["path"], "caption en", temperature=0.5)]
+    bodies[4], bodies[5] = bodies[5], bodies[4]
     pipe = HeldPipe(palitorch.load(), released=True)
     engine = RecordingEngine(pipe, start_after=len(bodies))
-    answers = ask_all(engine, bodies)
+    answers = ask_all(engine, bodies, in_order=True)
+    answers[4], answers[5] = answers[5], answers[4]
     [(options, admits)] = pipe.lives
     assert options == {} and admits == [5]  # four greedy rows and the sampled one, each with its own options
     assert (pipe.calls, pipe.options) == ([1], [{"temperature": 1.5, "seed": 3}])
@@ -166,6 +168,22 @@ def test_requests_with_any_options_share_a_live_batch_but_seeded_ones(ref, demo)
     assert answers[1][1]["usage"]["completion_tokens"] == 1 and answers[3][1]["usage"]["completion_tokens"] == 4
     # a seed gives the sample it gives alone, whatever else is waiting
     assert text(answers[4]) == ref.generate(d["image"], "caption en", temperature=1.5, seed=3).text
+
+
+def test_no_request_overtakes_a_seeded_one_queued_before_it(ref, demo):
+    """Arrival order: of four requests queued while the model was busy, the two before a seeded sample form the first
+    batch, the seeded one runs alone after it, and the one behind it waits for it, in a batch of its own (before, it
+    joined the first batch, ahead of the seeded one)."""
+    a, b, c, d = demo[:4]
+    bodies = [chat(a["path"], a["detect"]), chat(b["path"], b["detect"]),
+              chat(c["path"], "caption en", temperature=1.5, seed=3), chat(d["path"], d["detect"])]
+    pipe = HeldPipe(palitorch.load(), released=True)
+    engine = RecordingEngine(pipe, start_after=len(bodies))
+    answers = ask_all(engine, bodies, in_order=True)
+    assert [admits for _, admits in pipe.lives] == [[2], [1]] and pipe.calls == [1]
+    for x, answer in zip((a, b, d), (answers[0], answers[1], answers[3])):
+        assert text(answer) == ref.generate(x["image"], x["detect"]).text
+    assert text(answers[2]) == ref.generate(c["image"], "caption en", temperature=1.5, seed=3).text
 
 
 def test_a_client_that_leaves_a_stream_cancels_it(ref, demo):
