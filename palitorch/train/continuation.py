@@ -30,6 +30,15 @@ DATA_ORDER = ("epoch e: torch.randperm(num_examples, seed * 1000003 + e) (groupe
 OLDER = {"per_image": 1, "late_from": 0, "late_examples": 0}
 
 
+def log_window(saved) -> dict:
+    """The sums ("steps", "loss", "tokens", "time") over the steps since the last metrics row, as a checkpoint's
+    "log_window" holds them (a resumed run's next row then averages the steps the uninterrupted run's does); zeros
+    for None, or a checkpoint of an older palitorch without them."""
+    keys = ("steps", "loss", "tokens", "time")
+    ok = isinstance(saved, dict) and all(type(saved.get(k)) in (int, float) for k in keys)
+    return {k: saved[k] for k in keys} if ok else dict.fromkeys(keys, 0)
+
+
 def identity(trainer) -> dict:
     """The settings that decide which examples each step draws (stored in trainer_state.json)."""
     t, d = trainer.cfg.train, trainer.cfg.data

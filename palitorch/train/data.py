@@ -57,6 +57,10 @@ def read_jsonl(path: str | Path) -> list[Example]:
                 raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("image", "prefix", "suffix")):
                 raise ConfigError(f'{where}: each line needs string fields "image", "prefix" and "suffix"')
+            # JSON's "\ud800" escape gives a string that no UTF-8 file, tokenizer or print takes
+            if b"\\u" in line and (bad := _not_unicode(d)):
+                raise ConfigError(f'{where}: "{bad}" holds a lone surrogate escape such as \\ud800, which is no '
+                                  "Unicode character: write the text itself, as UTF-8")
             if not isinstance(d.get("task", ""), str):  # (task_repeat and the metrics' groups key on it)
                 raise ConfigError(f'{where}: "task" must be a string such as "caption", got {json.dumps(d["task"])}')
             given = d.pop("image")
@@ -65,6 +69,16 @@ def read_jsonl(path: str | Path) -> list[Example]:
     if not out:
         raise ConfigError(f"data file {p} has no examples")
     return out
+
+
+def _not_unicode(d: dict) -> str | None:
+    """The first field of a parsed line whose key or value (nested too) holds a lone surrogate, else None."""
+    for k, v in d.items():
+        try:
+            json.dumps({k: v}, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return k.encode("utf-8", "replace").decode()
+    return None
 
 
 def fingerprint(files: list[str]) -> str:

@@ -107,6 +107,9 @@ class Trainer:
             print(f"palitorch train: warning: {warning}", file=sys.stderr)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.step = 0
+        # sums over the steps since the last metrics row: kept in checkpoints, so that a resumed run's next row
+        # averages the same steps as the uninterrupted run's
+        self.window = continuation.log_window(None)
         if self.saved is not None:
             self._restore(self.saved)
         self.ahead = feed.Ahead(self.images, self.image_paths, self.prefetch and not cfg.data.cache_images)
@@ -154,6 +157,7 @@ class Trainer:
                   file=sys.stderr)
         state.restore_rng(saved, self.dist, self.device)
         self.step = self._saved_step = saved.step
+        self.window = continuation.log_window(st.get("log_window"))
         self.saved = None  # its optimizer tensors are in the optimizer now
         if self.dist.main:
             for damaged, why in self.skipped:
@@ -258,6 +262,7 @@ class Trainer:
                   **continuation.identity(self), "world_size": self.dist.world,
                   "data_order": continuation.DATA_ORDER,
                   "lr": build.lr_at(max(0, self.step - 1), self.total, self.cfg.optim),
+                  "log_window": dict(self.window),
                   "config": self.cfg.to_dict()}
             state.save(self.run, self.step, self.model, self.opt, self.names, st, rng, self.tokenizer_files,
                        self.cfg.checkpoint.keep, self._init_path())
@@ -335,15 +340,14 @@ class Trainer:
             self.log({"step": 0, **ws})
 
         pbar = tqdm(total=self.total, initial=self.step, desc="train", dynamic_ncols=True, disable=not self.show)
-        # sums over the steps since the last metrics row, and over this session's steps (for the closing summary)
-        window = dict.fromkeys(("steps", "loss", "tokens", "time"), 0)
-        run = dict(window)
+        run = continuation.log_window(None)  # sums over this session's steps (for the closing summary)
         self._in_loop = True
         while not self._stop_agreed() and self.step < self.total:
             started = time.perf_counter()
             out = self.train_step(self.step)
             elapsed = time.perf_counter() - started
             self.step += 1
+            window = self.window
             for sums in (window, run):
                 for k, v in (("steps", 1), ("loss", out["loss"]), ("tokens", out["tokens"]), ("time", elapsed)):
                     sums[k] += v
@@ -355,7 +359,7 @@ class Trainer:
                           "loss": window["loss"] / window["steps"], "lr": out["lr"], "grad_norm": out["grad_norm"],
                           "tokens_per_s": window["tokens"] / window["time"],
                           "ms_per_step": 1000 * window["time"] / window["steps"]})
-                window = dict.fromkeys(window, 0)
+                self.window = continuation.log_window(None)
             last = self.step == self.total
             if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last:
                 self.save_checkpoint()  # first: an evaluation can take minutes (and fail)

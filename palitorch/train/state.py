@@ -2,7 +2,8 @@
 
     RUN/checkpoint-0000500/
         config.json  model.safetensors  preprocessor_config.json  tokenizer.json ...   (palitorch.load, transformers)
-        trainer_state.json       step, epoch, seed, batch size, data fingerprint, schedule, resolved config
+        trainer_state.json       step, epoch, seed, batch size, data fingerprint, schedule, resolved config,
+                                 the sums of the metrics row in progress (log_window)
         optimizer.safetensors    AdamW moments per parameter name ("<name>::exp_avg", "<name>::exp_avg_sq", ...)
         rng_state.safetensors    torch (and CUDA) generator states of every process, as uint8 tensors
 

@@ -257,3 +257,17 @@ def test_a_seed_is_no_shifted_copy_of_another():
         assert not torch.equal(epoch_order(40, s, 1), epoch_order(40, s + 1, 0))
         ids = torch.arange(40) // 4
         assert not torch.equal(grouped_order(ids, 2, s, 1), grouped_order(ids, 2, s + 1, 0))
+
+
+def test_a_lone_surrogate_escape_is_refused_naming_the_line_and_field(tmp_path):
+    r"""JSON may write "\ud800", which parses to a string no UTF-8 text holds: the from-scratch tokenizer and the
+    printed evaluation summary (a "task" group) could not take it and stopped with a traceback, the second after
+    the whole run. read_jsonl refuses it, any field, naming the line; an escaped pair (an emoji) is one character."""
+    f = tmp_path / "d.jsonl"
+    ok = {"image": "a.png", "prefix": "caption en", "suffix": "\U0001F600"}
+    for field, value in (("prefix", "a\ud800"), ("suffix", "\udfff"), ("task", "b\uD800"), ("extra", ["\ud800"])):
+        f.write_text(json.dumps(ok) + "\n" + json.dumps({**ok, field: value}) + "\n")  # (json.dumps escapes them)
+        with pytest.raises(ConfigError, match=rf'd.jsonl:2: "{field}" holds a lone surrogate'):
+            read_jsonl(f)
+    f.write_text(json.dumps(ok) + "\n")
+    assert read_jsonl(f)[0].suffix == "\U0001F600"

@@ -354,3 +354,26 @@ def test_a_generator_file_without_the_first_process_state_is_damaged(base, tmp_p
     save_file({"torch.rank1": torch.get_rng_state()}, str(folder / "rng_state.safetensors"))
     with pytest.raises(CheckpointError, match=r"rng_state\.safetensors is damaged \(no torch\.rank0"):
         state.read(folder)
+
+
+def test_a_resume_between_metrics_rows_logs_the_uninterrupted_rows(data, tmp_path):
+    """A checkpoint between two metrics rows (log_every 4, checkpoints every 3: a Ctrl-C or SIGTERM stop lands
+    anywhere) carries the sums of the row in progress: the resumed run's row at step 4 averages steps 1-4, as the
+    uninterrupted run's does, not 4 alone (losses equal to 1e-6, as every resume)."""
+    over = {"train__steps": 8, "train__log_every": 4, "checkpoint__every": 3, "checkpoint__keep": 3,
+            "eval__max_examples": 4, "eval__final_max_examples": 4}
+    Trainer(config(data, tmp_path / "a", **over)).fit()
+
+    class Crash(Trainer):
+        def train_step(self, step):
+            if step == 3:  # after the checkpoint at step 3, before the row at step 4
+                raise KeyboardInterrupt
+            return super().train_step(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        Crash(config(data, tmp_path / "b", **over)).fit()
+    Trainer(config(data, tmp_path / "b", **over), resume=True).fit()
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(a) == sorted(b) == [4, 8]
+    for s in a:
+        assert abs(a[s] - b[s]) <= 1e-6, (s, a[s], b[s])
