@@ -21,6 +21,7 @@ from palitorch.errors import InputError
 
 LOC_GRID = 1023  # the largest <locNNNN>: coordinates are loc / 1023 of the image side
 NUM_SEG_CODES = 16
+EOS = "<eos>"  # the end of an answer, when text decoded with special tokens kept shows it
 
 # An object starts at a run of <loc> tokens (four, or it is malformed); any <seg> tokens, then its label, follow
 # (spaces tolerated everywhere). Both patterns match in linear time, whatever the text.
@@ -44,10 +45,12 @@ def split_objects(text: str) -> list[tuple[tuple[int, int, int, int], tuple[int,
 
     Objects are separated by `;`, and a run of <loc> tokens also starts a new one (an answer can miss a separator,
     or start with other text, which is skipped; big_vision's demo parser recovers both too). An object is malformed
-    when its run has other than four <loc> tokens, or when <seg> tokens follow its label.
+    when its run has other than four <loc> tokens, or when <seg> tokens follow its label. The answer ends at its
+    first `<eos>` (text decoded with special tokens kept, as transformers' `decode(..., skip_special_tokens=False)`
+    gives it, ends `cat<eos>`, then maybe `<pad>`s): Google's parser ends a label at a `<`, so neither is a label's.
     """
     objects = []
-    for chunk in text.split(";"):
+    for chunk in text.split(EOS, 1)[0].split(";"):
         runs = list(_LOC_RUN.finditer(chunk))
         for run, after in zip(runs, [r.start() for r in runs[1:]] + [len(chunk)]):
             locs = tuple(int(n) for n in _NUMBER.findall(run.group()))
@@ -91,8 +94,8 @@ def parse_detections(text: str, width, height=None) -> list[Detection]:
     """Every well-formed object in a detection (or segmentation) answer, with its box in pixels of a
     `width` x `height` image, or of the image given as `width` (then upright by its EXIF orientation, as the
     model saw it). Objects with other than four locations are skipped; locations past the grid are clamped to
-    the image's edge; a box given as (y1, x1, y0, x0) is put back in order. InputError if `text` is not a string
-    (give `Result.text`) or a side is not > 0."""
+    the image's edge; a box given as (y1, x1, y0, x0) is put back in order; text from an `<eos>` on is not read
+    (the answer ended there). InputError if `text` is not a string (give `Result.text`) or a side is not > 0."""
     width, height = image_size(width, height)
     check_answer(text, width, height, "parse_detections")
     return [Detection(label, locs_to_box(locs, width, height)) for locs, _, label in split_objects(text)]

@@ -106,15 +106,29 @@ def check_vae_params(params: dict, source: str = "VQ-VAE weights") -> None:
             raise InputError(f"{source}: {name!r} has shape {tuple(np.shape(params[name]))}, expected {shape}")
 
 
+def check_codes(codes, what: str, shapes: str, one: bool) -> np.ndarray:
+    """`codes` as int64 [N, 16]: InputError unless they are whole numbers in 0..127 shaped [16] (or, unless `one`,
+    [N, 16]). Else a mask decoded from codes cut short, or the first of several objects' codes, or codes 1.5 read
+    as 1, would come back without a word (or a reshape error would)."""
+    arr = np.asarray(codes)
+    shape_ok = arr.ndim == 1 or (arr.ndim == 2 and not one)
+    if not shape_ok or arr.shape[-1] != NUM_SEG_CODES:
+        raise InputError(f"{what} takes {NUM_SEG_CODES} segmentation codes per object ({shapes}), got shape "
+                         f"{arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{what}: segmentation codes are whole numbers (codebook indices), got {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() >= CODEBOOK_SIZE):
+        raise InputError(f"segmentation codes must be in 0..{CODEBOOK_SIZE - 1}")
+    return arr.astype(np.int64).reshape(-1, NUM_SEG_CODES)
+
+
 @torch.inference_mode()
 def decode_codes(codes, vae_params: dict) -> torch.Tensor:
     """Codes [N, 16] (or [16]) -> mask logits float32 [N, MASK_SIZE, MASK_SIZE] (64 x 64), roughly in [-1, 1]
     (positive = inside)."""
     check_vae_params(vae_params)
+    idx = torch.as_tensor(check_codes(codes, "decode_codes", shapes="[N, 16] or [16]", one=False))
     w = {k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in vae_params.items()}
-    idx = torch.as_tensor(np.asarray(codes, dtype=np.int64)).reshape(-1, NUM_SEG_CODES)
-    if idx.numel() and (idx.min() < 0 or idx.max() >= CODEBOOK_SIZE):
-        raise InputError(f"segmentation codes must be in 0..{CODEBOOK_SIZE - 1}")
     x = w["_vq_vae._embedding"][idx]  # [N, 16, D]
     x = x.reshape(-1, 4, 4, x.shape[-1]).permute(0, 3, 1, 2)  # [N, D, 4, 4]: code k sits at row k // 4, col k % 4
 
@@ -141,6 +155,7 @@ def decode_mask(codes, box, vae_params: dict, image_size: tuple[int, int]) -> np
     """
     if codes is None:
         raise InputError("this object has no mask codes (a bare box: Segmentation.codes is None): draw its box only")
+    check_codes(codes, "decode_mask", shapes="one object's [16]", one=True)
     width, height = image_size
     mask = np.zeros((height, width), dtype=bool)
     x0, y0, x1, y1 = (round(float(v)) for v in box)

@@ -130,3 +130,17 @@ def test_task_outputs_of_each_task_in_pixels_of_a_wide_image():
     assert task_outputs("detect cat", seg, 640, 480)["detections"][0]["box"] == want[0]["box"]
     for prompt in ("caption en", "", "   "):
         assert task_outputs(prompt, seg, 640, 480) == {}
+
+
+def test_an_answer_ends_at_its_eos_as_text_decoded_with_special_tokens_shows_it():
+    """Text decoded with special tokens kept (transformers' `decode(..., skip_special_tokens=False)`) ends
+    `cat<eos>`, padded rows then `<pad>`s: the label is `cat`, as Google's parser reads it (a label stops at `<`),
+    not `cat<eos>`; nothing after the `<eos>` is an object. Found by a checker: the label kept `<eos><pad>`."""
+    from palitorch.tasks import parse_segmentations
+
+    box = loc(0, 0, 1023, 1023)
+    text = "<bos>detect cat\n" + box + " cat ; " + loc(0, 0, 511, 511) + " dog<eos><pad><pad>"
+    assert [d.label for d in parse_detections(text, 10, 10)] == ["cat", "dog"]
+    assert parse_detections(box + " cat<eos>" + box + " ghost", 10, 10) == [Detection("cat", (0.0, 0.0, 10.0, 10.0))]
+    seg = box + "".join(f"<seg{i:03d}>" for i in range(16)) + " cat<eos>"
+    assert [(s.label, s.codes) for s in parse_segmentations(seg, 10, 10)] == [("cat", tuple(range(16)))]

@@ -170,3 +170,22 @@ def test_a_mask_is_resized_into_its_box_bilinearly(vae):
     assert sure.float().mean() > 0.9 and (smooth > 0).any() and (smooth < 0).any()
     np.testing.assert_array_equal(inside[sure.numpy()], (smooth > 0).numpy()[sure.numpy()])
     assert not mask[:4].any() and not mask[100:].any() and not mask[:, :10].any() and not mask[:, 170:].any()
+
+
+def test_codes_that_are_not_one_objects_16_whole_numbers_are_refused(vae):
+    """decode_mask draws one object: 15 or 17 codes, two objects' [2, 16], or codes that are not whole numbers
+    (1.5 would be read as 1) are an InputError naming the shape or type, not a torch reshape error or a mask
+    decoded from the first object or from truncated codes. decode_codes takes [16] or [N, 16] (N may be 0)."""
+    _, _, params = vae
+    box, size = (0.0, 0.0, 10.0, 10.0), (10, 10)
+    for codes in ([1] * 15, [1] * 17, [[1] * 16] * 2, []):
+        with pytest.raises(InputError, match=r"16 segmentation codes per object .* got shape"):
+            decode_mask(codes, box, params, image_size=size)
+    for codes in ([1.5] * 16, ["1"] * 16):
+        with pytest.raises(InputError, match="whole numbers"):
+            decode_mask(codes, box, params, image_size=size)
+    with pytest.raises(InputError, match="16 segmentation codes per object"):
+        decode_codes([1] * 15, params)
+    assert decode_codes(np.zeros((0, 16), np.int64), params).shape == (0, 64, 64)
+    assert decode_codes(np.arange(16, dtype=np.uint8), params).shape == (1, 64, 64)
+    assert decode_mask(tuple(range(16)), box, params, image_size=size).shape == (10, 10)
