@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,6 +48,10 @@ def draw_detections(image, detections, masks: Sequence[np.ndarray | None] | None
         if not (hasattr(d, "label") and hasattr(d, "box")):
             raise InputError(f"draw_detections draws objects with .label and .box (Detection, Segmentation), got "
                              f"{type(d).__name__}")
+        box = list(d.box) if isinstance(d.box, (tuple, list, np.ndarray)) else []
+        if len(box) != 4 or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in box):
+            raise InputError(f"draw_detections: a box is (x0, y0, x1, y1), four finite numbers of pixels, got "
+                             f"{d.box!r}")
     out = load_image(image).copy()
     w, h = out.size
     colours = label_colours([d.label for d in detections])
@@ -71,6 +77,7 @@ def draw_detections(image, detections, masks: Sequence[np.ndarray | None] | None
     for d in detections:
         colour = colours[d.label]
         x0, y0, x1, y1 = d.box  # x1, y1: the edge past the object; PIL's rectangle includes its last row and column
+        (x0, x1), (y0, y1) = sorted((x0, x1)), sorted((y0, y1))  # (a box made by hand may give its corners reversed)
         draw.rectangle((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)), outline=colour, width=line)
         if not d.label:
             continue

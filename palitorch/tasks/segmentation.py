@@ -18,6 +18,8 @@ has not been run on the real vae-oid.npz here.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import zipfile
 from dataclasses import dataclass
@@ -156,9 +158,16 @@ def decode_mask(codes, box, vae_params: dict, image_size: tuple[int, int]) -> np
     if codes is None:
         raise InputError("this object has no mask codes (a bare box: Segmentation.codes is None): draw its box only")
     check_codes(codes, "decode_mask", shapes="one object's [16]", one=True)
-    width, height = image_size
+    sides = list(image_size) if isinstance(image_size, (tuple, list)) else []
+    if len(sides) != 2 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                                  and v >= 1 and v == int(v) for v in sides):
+        raise InputError(f"decode_mask: image_size is (width, height) in whole pixels >= 1, got {image_size!r}")
+    width, height = (int(v) for v in sides)
+    corners = list(box) if isinstance(box, (tuple, list, np.ndarray)) else []
+    if len(corners) != 4 or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in corners):
+        raise InputError(f"decode_mask: box is (x0, y0, x1, y1), four finite numbers of pixels, got {box!r}")
     mask = np.zeros((height, width), dtype=bool)
-    x0, y0, x1, y1 = (round(float(v)) for v in box)
+    x0, y0, x1, y1 = (round(float(v)) for v in corners)
     x0, x1 = max(0, min(x0, width)), max(0, min(x1, width))
     y0, y1 = max(0, min(y0, height)), max(0, min(y1, height))
     if x1 <= x0 or y1 <= y0:

@@ -104,3 +104,19 @@ def test_a_label_tab_stays_inside_the_image_at_its_left_and_right_edges():
     off = np.asarray(draw_detections(image, [Detection("cat", (-20.0, 50.0, 100.0, 150.0))]))
     at0 = np.asarray(draw_detections(image, [Detection("cat", (0.0, 50.0, 100.0, 150.0))]))
     assert (off[:50] == at0[:50]).all() and off[:50].any()
+
+
+def test_a_box_made_with_its_corners_reversed_draws_the_same_and_a_nan_one_is_refused():
+    """A hand-made Detection with (x1, y1, x0, y0) draws as (x0, y0, x1, y1) does (it drew a line at x0), and a
+    box that is not four finite numbers is an InputError naming it (a NaN corner was Pillow's ValueError)."""
+    import pytest
+
+    from palitorch.errors import InputError
+
+    img = Image.new("RGB", (60, 40), "white")
+    want = np.asarray(draw_detections(img, [Detection("cat", (10.0, 5.0, 50.0, 30.0))]))
+    got = np.asarray(draw_detections(img, [Detection("cat", (50.0, 30.0, 10.0, 5.0))]))
+    assert np.array_equal(got, want)
+    for box in ((10.0, float("nan"), 50.0, 30.0), (10.0, 5.0, 50.0)):
+        with pytest.raises(InputError, match="draw_detections: a box is"):
+            draw_detections(img, [Detection("cat", box)])

@@ -189,3 +189,19 @@ def test_codes_that_are_not_one_objects_16_whole_numbers_are_refused(vae):
     assert decode_codes(np.zeros((0, 16), np.int64), params).shape == (0, 64, 64)
     assert decode_codes(np.arange(16, dtype=np.uint8), params).shape == (1, 64, 64)
     assert decode_mask(tuple(range(16)), box, params, image_size=size).shape == (10, 10)
+
+
+def test_a_mask_s_image_size_and_box_are_checked_in_one_line(vae):
+    """decode_mask's image_size is whole pixels (40.0 is 40; 40.5, 0, a bool or one number are refused) and its box
+    four finite numbers (a NaN corner was a ValueError from round), each an InputError naming the argument."""
+    _, _, params = vae
+    codes, box = list(range(16)), (0.0, 0.0, 10.0, 10.0)
+    assert decode_mask(codes, box, params, image_size=(40.0, 25.0)).shape == (25, 40)
+    assert np.array_equal(decode_mask(codes, box, params, image_size=(40.0, 25.0)),
+                          decode_mask(codes, box, params, image_size=(40, 25)))
+    for size in ((40.5, 25), (0, 25), (True, 25), 40, (40, 25, 3), (float("inf"), 25)):
+        with pytest.raises(InputError, match="decode_mask: image_size is"):
+            decode_mask(codes, box, params, image_size=size)
+    for bad in ((0.0, float("nan"), 10.0, 10.0), (0, 0, 10), None):
+        with pytest.raises(InputError, match="decode_mask: box is"):
+            decode_mask(codes, bad, params, image_size=(40, 25))
