@@ -70,7 +70,12 @@ def attach_text_values(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = attach_text_values(sys.argv[1:] if argv is None else list(argv))
-    args, unknown = build_parser().parse_known_args(argv)
+    try:  # (imports every subcommand's module: Ctrl-C there, as the command starts, is as quiet as in the entry's)
+        parser = build_parser()
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the subcommand's own parser, so that the hint is `palitorch chat --help`
         args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     # Under torchrun every process meets the same error: only the first says it (RANK is torchrun's), unless the
@@ -114,8 +119,8 @@ def _out_of_memory(e: BaseException) -> bool:
 def os_error_line(e: OSError) -> str:
     """'cannot use /proc/1/x: No such file or directory (check the path and its permissions)'."""
     why = e.strerror or str(e)
-    if e.filename is None:
-        return why
+    if e.filename is None:  # (a write to a file already open: a full disk, a quota)
+        return f"{why} (free some space, or write elsewhere)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else why
     paths = " -> ".join(os.fsdecode(f) for f in (e.filename, e.filename2) if f is not None)
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"cannot use {paths}: {why} (free some space, or write elsewhere)"

@@ -25,6 +25,8 @@ pipe) gets the lines in completion order, and a run there cannot resume.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import signal
@@ -50,11 +52,14 @@ from palitorch.cli.results import (
     check_writable,
     fold_parts,
     is_stream,
+    output_lock,
     output_target,
     read_done,
     sort_by_index,
 )
 from palitorch.errors import InputError, PalitorchError
+
+FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # the errors of a full disk (or quota)
 
 
 def add_parser(subparsers) -> None:
@@ -175,14 +180,22 @@ def batch(args: argparse.Namespace) -> int:
 
     main_thread = threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGTERM, terminate) if main_thread else None
+    # One run at a time on an output (a second would answer the same requests again, or lose lines to the first's
+    # rewrite in input order); under torchrun the processes share it by their parts.
+    lock = output_lock(dst) if ranks.world == 1 and not streamed else contextlib.nullcontext()
     try:
-        with ranks.joined():
+        with ranks.joined(), lock:
             return run_requests(args, data.splitlines(), src.parent if not piped else Path.cwd(), dst, streamed,
                                 defaults, ranks, device, dtype)
     except KeyboardInterrupt:
         if terminated:
             return 128 + signal.SIGTERM
         raise
+    except OSError as e:  # a full disk: what is written is kept (the line cut short is dropped on the next run)
+        if streamed or e.errno not in FULL:
+            raise
+        raise InputError(f"--output {args.output}: no space left on its device ({e.strerror}); the results written "
+                         "so far are kept: free some space and run the same command again") from None
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, before)
@@ -257,8 +270,9 @@ def run_requests(args, lines: list[bytes], folder: Path, dst: Path, streamed: bo
                         bar.update(len(chunk))
     except KeyboardInterrupt:
         if writer.regular and ranks.main:
+            n = len(done) + writer.results  # (those of earlier runs too: a resumed run may have added none yet)
             kept = f"the results written so far (in {dst.name}.rank0 ... beside the output)" if ranks.world > 1 \
-                else f"the {writer.results} result{'s' * (writer.results != 1)} written to {dst}"
+                else f"the {n} result{'s' * (n != 1)} written to {dst}"
             print(f"\npalitorch batch: interrupted; {kept} are kept: run the same command again to go on",
                   file=sys.stderr)
         raise

@@ -32,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
 
     examples = json.loads((ASSETS_DIR / "demo.json").read_text())["examples"]
     device, dtype = check_model_options(args)
+    if args.out == "":  # (Path("") is the current folder)
+        raise InputError("--out is empty: name the folder for the drawn detections, or leave --out out")
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)

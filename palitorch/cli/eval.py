@@ -65,6 +65,8 @@ def evaluate(args: argparse.Namespace) -> int:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_examples < 0:
         raise InputError(f"--max-examples must be >= 0 (0: all), got {args.max_examples}")
+    if args.predictions == "":  # ("$OUT" unset: was taken for no option)
+        raise InputError("--predictions is empty: give a file name (- for standard output), or leave it out")
     # As batch's --output: a link to a file updates the file; a device, a pipe or /dev/stdout is written as a stream
     out, streamed = output_target(args.predictions) if args.predictions else (None, False)
     if out is not None:

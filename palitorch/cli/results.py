@@ -14,9 +14,15 @@ import re
 import stat
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from palitorch.errors import InputError
+
+try:
+    import fcntl
+except ImportError:  # (Windows: no lock)
+    fcntl = None
 
 # Fields an output line sets itself: a request's own fields of these names are not copied to it. (A request's
 # "top_logprobs" is a count, a decoding option kept in "decoding"; the output's is the list of alternatives.)
@@ -97,10 +103,14 @@ def read_done(output: Path) -> tuple[dict[int, dict], Callable[[], None]]:
 def replace_lines(path: Path, lines: list[bytes]) -> None:
     """Write `lines` to a new file beside `path`, sync it, then rename it over `path`: all of it or none."""
     part = path.with_name(path.name + ".part")
-    with open(part, "wb") as f:
-        f.write(b"".join(line + b"\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(part, "wb") as f:
+            f.write(b"".join(line + b"\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:  # (a full disk: the part would keep holding the space; `path` is as it was)
+        part.unlink(missing_ok=True)
+        raise
     os.replace(part, path)
 
 
@@ -192,8 +202,44 @@ class Writer:
             os.fsync(self.file.fileno())
 
     def close(self) -> None:
-        self.commit()
-        self.file.close()
+        try:
+            self.commit()
+        finally:  # (closed even when the disk is full: the error that says so goes on)
+            self.file.close()
+
+
+@contextmanager
+def output_lock(output: Path):
+    """Hold `<output>.lock` (flock) while a run reads and writes `output`: a second run on the same output, which
+    would answer the same requests again and append them as duplicates, or write to a file the first one has just
+    replaced by its copy in input order (its lines lost), is refused. The lock file is removed at the end; the
+    kernel drops the lock of a process that dies. No lock where the folder takes no new file (its checks say so)."""
+    lock = output.with_name(output.name + ".lock")
+    fd = None
+    while fcntl is not None:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            break
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # (BlockingIOError: another process holds it)
+            os.close(fd)
+            raise InputError(f"--output {output} is being written by another palitorch batch (it holds "
+                             f"{lock.name}): wait for it to finish, or choose another --output") from None
+        try:  # the run that held it may have removed it between our open and our lock: then lock the new one
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+        fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            lock.unlink(missing_ok=True)  # (while still held: a run that opened it meanwhile sees it is gone)
+            os.close(fd)
 
 
 def check_writable(output: Path) -> None:

@@ -110,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     if args.stream and opts.get("num_beams", 1) > 1:
         raise InputError("--stream shows one sequence as it grows; beam search (--num-beams > 1) cannot stream")
     device, dtype = check_model_options(args)
+    for flag, value in (("--draw", args.draw), ("--vae", args.vae)):  # ("$OUT" unset: was taken for no option)
+        if value == "":
+            raise InputError(f"{flag} is empty: give a file name, or leave {flag} out")
     image = load_image(args.image)
     out = check_output_image(args.draw) if args.draw else None
     if out is not None and out.resolve() == Path(args.image).resolve():

@@ -16,7 +16,8 @@ import palitorch.cli.run
 @pytest.mark.parametrize("error, line", [
     (PermissionError(13, "Permission denied", "/data/x.png"),
      "palitorch run: error: cannot use /data/x.png: Permission denied (check the path and its permissions)\n"),
-    (OSError(28, "No space left on device"), "palitorch run: error: No space left on device\n"),
+    (OSError(28, "No space left on device"),
+     "palitorch run: error: No space left on device (free some space, or write elsewhere)\n"),
 ])
 def test_an_os_error_about_a_path_is_one_line(error, line, monkeypatch, capsys):
     """The safety net under every command: whatever check missed it, a path the system refuses is one line."""
