@@ -39,7 +39,24 @@ def load_image(image) -> Image.Image:
         image = _decode(io.BytesIO(image), "cannot decode image bytes")
     elif not isinstance(image, Image.Image):
         raise InputError(f"expected a PIL image, a path, bytes or an array of pixels, got {type(image).__name__}")
+    else:
+        _load_pixels(image)
     return to_rgb(_upright(image))
+
+
+def _load_pixels(image: Image.Image) -> None:
+    """Decode a PIL image's pixels now, if `Image.open` left them in its file (as it does until they are used):
+    InputError if the file is truncated or damaged, or the image was closed, rather than Pillow's error from deep
+    inside the resize."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
+    except (ValueError, AssertionError) as e:  # Pillow 13, closed: ValueError, or an AssertionError if still unread
+        raise InputError(f"cannot read the PIL image's pixels ({str(e) or 'its file is closed'}): if its `with "
+                         "Image.open(...)` block has ended, call .load() inside it, or give the file's path") from None
+    except OSError as e:  # a truncated or damaged file, read only now
+        raise InputError(f"cannot read the PIL image's pixels: {e}") from None
 
 
 def from_array(a) -> Image.Image:
@@ -48,7 +65,7 @@ def from_array(a) -> Image.Image:
     bits as a 16-bit image file is, unless every value is <= 255: 8-bit values in a wider type, as other integer
     types may hold them) or floating point in [0, 1]."""
     if isinstance(a, torch.Tensor):
-        a = a.detach().cpu().numpy()
+        a = _tensor_to_numpy(a)
     shape = a.shape
     if a.ndim == 3 and a.shape[-1] not in (1, 3, 4) and a.shape[0] in (1, 3, 4):
         a = a.transpose(1, 2, 0)  # channels first, as torchvision keeps them
@@ -64,9 +81,27 @@ def from_array(a) -> Image.Image:
     elif a.dtype.kind == "u" and a.dtype.itemsize == 2 and a.max() > 255:  # 16-bit pixels (a 16-bit PNG's, a camera's)
         a = np.rint(a / 257.0)  # 0..65535 -> 0..255, as `to_rgb` scales a 16-bit file (values all <= 255: 8-bit ones)
     elif a.dtype != np.uint8 and not (np.issubdtype(a.dtype, np.integer) and a.min() >= 0 and a.max() <= 255):
+        what = "values outside 0-255" if np.issubdtype(a.dtype, np.integer) else "pixels"  # (bool, complex, object)
         raise InputError(f"an array image must be uint8 (0-255), uint16 (0-65535) or floats in [0, 1], got {a.dtype} "
-                         "values outside 0-255")
+                         f"{what}")
     return Image.fromarray(np.ascontiguousarray(a.astype(np.uint8)))
+
+
+def _tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor of pixels -> a numpy array of the same values. Floats that numpy lacks (bfloat16, float8) are widened
+    to float32 (exactly); a tensor with no data (meta) or of another layout (sparse) is an InputError."""
+    if t.layout != torch.strided:
+        raise InputError(f"an image tensor must be dense (torch.strided), got layout {t.layout}: call .to_dense()")
+    if t.device.type == "meta":
+        raise InputError("an image tensor on the meta device holds no pixels")
+    t = t.detach()
+    if t.dtype.is_floating_point and t.dtype not in (torch.float16, torch.float32, torch.float64):
+        t = t.float()  # bfloat16 and float8 values are all float32 values
+    try:
+        return t.cpu().numpy()
+    except TypeError:  # a dtype numpy has no type for (quantized, bits)
+        raise InputError(f"an array image must be uint8 (0-255), uint16 (0-65535) or floats in [0, 1], got "
+                         f"{str(t.dtype).removeprefix('torch.')}") from None
 
 
 def check_image_file(path) -> None:

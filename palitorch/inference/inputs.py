@@ -53,6 +53,26 @@ def check_count(value, name: str) -> int:
     return int(value)
 
 
+def check_compile_args(mode, options) -> None:
+    """InputError unless `mode` is None or one of torch.compile's modes and `options` is None or a dict of inductor
+    settings it knows (by name, "-" or "_"), as `torch.compile` would check them (with its RuntimeError, or the
+    list of its hundreds of settings)."""
+    from torch._inductor import config, list_mode_options
+
+    modes = list(list_mode_options())
+    if mode is not None and mode not in modes:
+        raise InputError(f"compile: mode must be None or one of {', '.join(modes)}; got {mode!r}")
+    if options is None:
+        return
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise InputError(f"compile: options must be a dict of inductor settings by name (e.g. "
+                         f"{{'coordinate_descent_tuning': True}}), got {type(options).__name__}")
+    known = config.get_config_copy()
+    unknown = [k for k in options if k.replace("-", "_") not in known]
+    if unknown:
+        raise InputError(f"compile: {unknown[0]!r} is not an inductor setting (torch._inductor.config has the list)")
+
+
 def chunks(n: int, batch_size) -> list[slice]:
     """The slices of `n` inputs to run as batches: all at once when `batch_size` is None, else that many at a time."""
     size = n if batch_size is None else check_count(batch_size, "batch_size")

@@ -20,6 +20,7 @@ from palitorch.inference.caches import batch_rung_below, ladder, raise_recompile
 from palitorch.inference.continuous import LiveBatch
 from palitorch.inference.inputs import (
     as_batch,
+    check_compile_args,
     check_count,
     check_images,
     check_strings,
@@ -143,6 +144,7 @@ class Pipeline:
         `options`: inductor settings on top of the mode's, e.g. {"coordinate_descent_tuning": True}.
         Compile again after changing the model's structure (e.g. `set_decode_attention`).
         """
+        check_compile_args(mode, options)  # (before anything changes: fusing, huge pages)
         with self._lock:
             self._claim()  # a stream or live batch may be mid-step in another thread: not under its feet
             return self._compile(mode, options, fuse)
@@ -266,6 +268,9 @@ class Pipeline:
         False (the answers not finished then get no Result). The text pieces of input i concatenate to its
         Result's text; each equals `generate`'s answer for the same input."""
         opts = streamable(GenerationOptions.from_kwargs(options, **kw))
+        if keep_going is not None and not callable(keep_going):  # (else a TypeError at the first step)
+            raise InputError(f"keep_going must be a function of no arguments that returns a bool (or None), got "
+                             f"{type(keep_going).__name__}")
         images, prompts, _ = as_batch(images, prompts)
         with self._lock:  # the batch sizes a compiled pipeline has run at
             pixels, index, padded = self._padded(images, prompts, opts)

@@ -1,6 +1,6 @@
 """The Python API's edges (from an audit): a pipeline shared between threads, live batches after their block and
-their input checks, generate's batch_size, a stream iterated twice, one-line errors for odd arguments, and a
-batch near the end of the context.
+their input checks, generate's batch_size, a stream iterated twice, one-line errors for odd arguments (compile's
+mode and options, stream_batch's keep_going too), and a batch near the end of the context.
 
 Runs on the bundled easy-VQA model (float32 on CPU): its answers differ from image to image, so an answer mixed up
 with another request's shows. Greedy answers compared exactly.
@@ -302,6 +302,31 @@ def test_an_empty_image_is_refused(pipe):
 
 # ---------------------------------------------------------------------------------------------- the surface
 
+
+@pytest.mark.parametrize("kw, why", [
+    ({"mode": "bogus"}, "mode must be None or one of default"),
+    ({"mode": "max-autotune", "options": ["x"]}, "options must be a dict"),
+    ({"options": {"no_such_setting": 1}}, "'no_such_setting' is not an inductor setting"),
+])
+def test_compile_with_a_bad_mode_or_option_is_one_input_error_and_changes_nothing(pipe, ims, refs, kw, why):
+    """`compile(mode=..., options=...)` passed them to torch.compile, whose RuntimeError (or TypeError) came out,
+    with the unknown-option one listing hundreds of settings, after the weights had been fused. Now a one-line
+    InputError before anything changes: the pipeline stays uncompiled, with the same answers (compared exactly)."""
+    with pytest.raises(InputError, match=why) as e:
+        pipe.compile(**kw)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 200
+    assert pipe._steps is None
+    assert all(layer.attn.qkv is None for layer in pipe.model.language_model.layers)
+    assert pipe.generate(ims[0], P, **KW).text == refs[0]
+
+
+def test_a_keep_going_that_is_not_a_function_is_refused_when_the_stream_is_made(pipe, ims, refs):
+    """stream_batch(keep_going=5) raised TypeError "'int' object is not callable" at the first step, from inside the
+    engine; now an InputError when the stream is made (which holds nothing), and a function still works."""
+    with pytest.raises(InputError, match="keep_going must be a function"):
+        pipe.stream_batch(ims[:2], P, keep_going=5, **KW)
+    results = {i: r for i, r in pipe.stream_batch(ims[:2], P, keep_going=lambda: True, **KW) if not isinstance(r, str)}
+    assert [results[i].text for i in range(2)] == refs[:2]
 
 def test_public_names_repr_and_annotations(pipe):
     import inspect

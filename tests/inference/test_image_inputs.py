@@ -1,6 +1,7 @@
 """load_image's edges: paths that are URLs or empty, bytes-like inputs, arrays whose reading is ambiguous or whose
 values are out of range, 16/32-bit and float images scaled to 8 bits, transparency as transformers composites it,
-and a damaged EXIF block dropped from the result but not from the caller's image. Found by mutation testing.
+and a damaged EXIF block dropped from the result but not from the caller's image. Found by mutation testing; and
+tensors of dtypes numpy lacks, PIL images whose file is read only when used (truncated, or closed by then).
 
 Tolerance for pixels: none (bit for bit) unless a line says otherwise.
 """
@@ -9,6 +10,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageOps
 
 from palitorch.errors import InputError
@@ -158,3 +160,49 @@ def test_a_jpeg_file_with_a_damaged_exif_block_loads_without_it(tmp_path):
         out = load_image(source)
         assert out.size == (8, 6) and "exif" not in out.info
         assert ImageOps.exif_transpose(out).size == (8, 6)
+
+
+def test_tensors_of_dtypes_numpy_lacks_are_read_or_refused_in_one_line():
+    """A bfloat16 (or float8) tensor of pixels in [0, 1] reads as the float32 tensor of the same values, bit for
+    bit (it raised TypeError "Got unsupported ScalarType BFloat16" from `.numpy()`); a tensor with no data (meta),
+    a sparse one and one of raw bits are one-line InputErrors, not errors from inside torch."""
+    rgb = torch.from_numpy(np.random.RandomState(4).randint(0, 256, (3, 7, 9), dtype=np.uint8))
+    for dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        t = (rgb.float() / 255).to(dtype)
+        assert np.array_equal(np.asarray(load_image(t)), np.asarray(load_image(t.float())))
+        assert np.array_equal(np.asarray(load_image(t[None, 0])), np.asarray(load_image(t[0].float())))  # grey
+    for bad, why in ((torch.zeros(3, 4, 4, device="meta"), "meta device"),
+                     (torch.zeros(3, 4, 4).to_sparse(), "dense"),
+                     (torch.zeros(3, 4, 4, dtype=torch.uint8).view(torch.bits8), "bits8"),
+                     (torch.zeros(3, 4, 4, dtype=torch.bool), "got bool pixels")):
+        with pytest.raises(InputError, match=why) as e:
+            load_image(bad)
+        assert "\n" not in str(e.value)
+
+
+def test_a_pil_image_whose_file_is_truncated_or_closed_is_one_input_error(tmp_path):
+    """`Image.open` reads a file's pixels only when they are used: a truncated file given as an opened PIL image
+    raised Pillow's OSError, and one whose `with` block had ended an AssertionError (or ValueError), from inside
+    the resize. Now InputErrors, as the same file given by its path is; an image loaded inside its block still
+    reads after it."""
+    path = tmp_path / "cut.png"
+    Image.fromarray(np.random.RandomState(5).randint(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(InputError, match="truncated"):
+        load_image(path)
+    with pytest.raises(InputError, match="cannot read the PIL image's pixels: image file is truncated"):
+        load_image(Image.open(path))
+    path.write_bytes(whole)
+    with Image.open(path) as unread:
+        pass
+    with Image.open(path) as read:
+        read.load()
+    closed = Image.open(path)
+    closed.load()
+    closed.close()
+    for im in (unread, closed):
+        with pytest.raises(InputError, match="cannot read the PIL image's pixels .*call .load.. inside it") as e:
+            load_image(im)
+        assert "\n" not in str(e.value)
+    assert np.array_equal(np.asarray(load_image(read)), np.asarray(load_image(path)))
