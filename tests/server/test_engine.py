@@ -268,14 +268,15 @@ def test_a_bad_stream_in_a_batch_fails_alone(ref, demo):
 
 def test_sampled_requests_without_a_seed_share_a_batch_row_by_row(demo):
     """Two sampled requests without a seed (one with n = 3) and a stream with the same options: one batch of five
-    rows; each request gets its n answers; a seeded sampled request with the same options still runs alone."""
+    rows; each request gets its n answers; a seeded sampled request with the same options (queued last) still runs
+    alone."""
     opts = {"temperature": 1.5, "top_k": 40}
     bodies = [chat(demo[0]["path"], "caption en", n=3, **opts), chat(demo[1]["path"], "caption en", **opts),
               chat(demo[2]["path"], "caption en", stream=True, **opts),
               chat(demo[3]["path"], "caption en", seed=5, **opts)]
     pipe = HeldPipe(palitorch.load(), released=True)
     engine = RecordingEngine(pipe, start_after=len(bodies), max_batch=8)
-    results = ask_all(engine, bodies)
+    results = ask_all(engine, bodies, in_order=True)
     assert pipe.calls == [1] and [admits for _, admits in pipe.lives] == [[5]]  # the seeded alone; 5 rows, 1 batch
     assert engine.stats["batches"] == 2 and engine.stats["largest_batch"] == 3
     for i, n in ((0, 3), (1, 1), (3, 1)):
