@@ -154,8 +154,9 @@ class LiveBatch:
     @torch.inference_mode()
     def admit(self, images: list, prompts: list[str], tags: list | None = None, streams: list[bool] | None = None,
               options: list[GenerationOptions] | None = None) -> tuple[list[Seq], list[Event]] | None:
-        """Start one sequence per (image, prompt) -> (their Seqs, their first events), or None when they cannot all
-        join now (too few free rows, or too few cache slots left until some sequences end: try again after a step).
+        """Start one sequence per (image, prompt) -> (their Seqs, their first events; both empty for no prompts), or
+        None when they cannot all join now (too few free rows, or too few cache slots left until some sequences end:
+        try again after a step).
 
         InputError if a prompt is refused or there are more than max_rows (none of them joins); NumericsError on NaN
         logits. `streams[i]`: hand out sequence i's text in pieces as it grows (else its text comes only in its
@@ -167,7 +168,9 @@ class LiveBatch:
         if n > self.max_rows:  # it never could: not a "try again"
             raise InputError(f"{n} sequences cannot join a live batch of max_rows={self.max_rows}: admit at most "
                              f"{self.max_rows} at a time, or open it with a larger max_rows")
-        if n == 0 or n > self.free_rows:
+        if n == 0:  # nothing to start: nothing to wait for either
+            return [], []
+        if n > self.free_rows:
             return None
         pixels, index = self.to_pixels(images)
         batch = encode_prompts(self.model, self.processor, pixels, prompts, index)

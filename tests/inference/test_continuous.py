@@ -161,7 +161,8 @@ def test_every_sequence_decodes_with_its_own_options(ckpt_factory):
 
 def test_sampled_rows_and_refusals():
     """Sampling without a seed runs row by row; a seeded sample or beams are refused; a prompt over the context is
-    refused without disturbing the sequences already decoding; no more rows than max_rows are taken."""
+    refused without disturbing the sequences already decoding; no more rows than max_rows are taken; admitting
+    nothing starts nothing at once."""
     pipe = palitorch.load()
     img = images(1)[0]
     got, _, _ = run_live(pipe, [img] * 4, ["caption en"] * 4, [0, 0, 1, 2], max_rows=4, temperature=1.0,
@@ -178,6 +179,7 @@ def test_sampled_rows_and_refusals():
         with pytest.raises(InputError, match="context"):
             live.admit([img], ["caption en " * 600])
         assert live.admit([img] * 2, ["caption en"] * 2) is None  # one row left
+        assert live.admit([], []) == ([], [])  # nothing to start: not "try again" (a caller's retry loop never ends)
         with pytest.raises(InputError, match="cannot join a live batch of max_rows=2"):  # (None: wait forever)
             live.admit([img] * 3, ["caption en"] * 3)
         assert live.free_rows == 1
