@@ -18,17 +18,20 @@ class Stream:
     """The text of one answer in pieces: iterate it once (`for piece in pipe.stream(...)`); after the loop ends,
     `.result` holds the full `Result` (text, token ids, logprobs, finish reason). Breaking out early leaves
     `.result` as None. While it is being iterated it owns the pipeline's KV caches: the pipeline's other
-    generations raise InputError until it ends (or is broken out of)."""
+    generations raise InputError until it ends (or is broken out of, or `close()`d)."""
 
     def __init__(self, pieces, pipeline: Pipeline):
         self._pieces, self._pipeline = pieces, pipeline
         self._consumed = False
+        self._running = None  # a weak reference to the generator that iterates, once made
         self.result: Result | None = None
 
     def __iter__(self) -> Iterator[str]:
         if self._consumed:
             raise InputError("this stream was already consumed: call pipe.stream again")
-        return self._run()
+        run = self._run()
+        self._running = weakref.ref(run)
+        return run
 
     def _run(self):
         pipe = self._pipeline
@@ -45,6 +48,14 @@ class Stream:
                 self._pieces.close()
             finally:  # (even when closing is interrupted: else the pipeline would stay busy for good)
                 pipe._busy = False
+
+    def close(self) -> None:
+        """End the answer now, freeing the pipeline (`.result` stays None; the stream cannot be iterated after)."""
+        if self._running is not None and (run := self._running()) is not None:
+            run.close()  # (a started one frees the pipeline as it ends)
+        if not self._consumed:  # never started: nothing to free, but it is used up
+            self._consumed = True
+            self._pieces.close()
 
     def __repr__(self) -> str:
         state = "not started" if not self._consumed else "finished" if self.result is not None else "started"

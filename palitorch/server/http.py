@@ -183,12 +183,13 @@ class Handler(BaseHTTPRequestHandler):
     def _options(self) -> None:
         """A CORS preflight (no body, no API key: browsers send neither): which methods and headers may follow."""
         self._skip_body()
+        allow = allowed_methods(self.path.split("?", 1)[0].rstrip("/"))  # (as a 405 names them)
         self.send_response(204)
         if self.close_connection:  # a body it could not skip
             self.send_header("Connection", "close")
-        self.send_header("Allow", METHODS)
+        self.send_header("Allow", allow)
         if self.server.cors_origin(self.headers.get("Origin")):
-            self.send_header("Access-Control-Allow-Methods", METHODS)
+            self.send_header("Access-Control-Allow-Methods", allow)
             self.send_header("Access-Control-Allow-Headers",
                              self.headers.get("Access-Control-Request-Headers") or "Authorization, Content-Type")
             self.send_header("Access-Control-Max-Age", "600")

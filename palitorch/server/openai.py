@@ -68,11 +68,13 @@ DECODING = {
     "early_stopping": "early_stopping", "seed": "seed", "stop": "stop", "top_logprobs": "top_logprobs",
 }
 API_NAME = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}  # for error messages
+NO_TOOLS = "PaliGemma calls no tools: put the task in the prompt (e.g. 'detect cat', 'answer en what is this?')"
 # Accepted only at the value that asks for nothing PaliGemma cannot do.
 NEUTRAL = {
     "presence_penalty": (0, "use repetition_penalty (> 1 discourages repeats)"),
     "frequency_penalty": (0, "use repetition_penalty (> 1 discourages repeats)"),
-    "logit_bias": ({}, None), "tools": ([], None), "tool_choice": ("none", None), "parallel_tool_calls": (False, None),
+    "logit_bias": ({}, None), "tools": ([], NO_TOOLS), "tool_choice": ("none", NO_TOOLS),
+    "parallel_tool_calls": (False, NO_TOOLS),
     "response_format": ({"type": "text"}, "PaliGemma writes plain text"), "modalities": (["text"], None),
 }
 # Bookkeeping that does not change the answer (OpenAI replaces `user` by safety_identifier and prompt_cache_key).

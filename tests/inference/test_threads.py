@@ -1,6 +1,7 @@
 """One pipeline shared by threads, as a web app or a notebook with a background thread shares it: a live batch
-admitted to from several threads while one steps, a stream_batch left in a variable after `break`, a stream that
-ends while being closed is interrupted, one dropped in a reference cycle, and the error another thread meets."""
+admitted to from several threads while one steps, a stream_batch left in a variable after `break`, a stream closed
+as the busy error says, a stream that ends while being closed is interrupted, one dropped in a reference cycle,
+and the error another thread meets."""
 
 import threading
 
@@ -64,6 +65,24 @@ def test_a_stream_batch_in_a_variable_is_over_after_break(pipe):
         pipe.generate(imgs[0], ASKS[0])
     running.close()
     assert pipe.generate(imgs[0], ASKS[0], max_new_tokens=2) is not None
+
+
+def test_a_stream_closes_as_the_busy_error_says(pipe):
+    """The error names close() for an open stream: a Stream had none (AttributeError), only a BatchStream."""
+    stream = pipe.stream(images(1)[0], "caption en", max_new_tokens=8)
+    for _ in stream:  # the loop holds its generator: close() ends it inside the loop
+        with pytest.raises(InputError, match=r"close\(\) it"):
+            pipe.generate(images(1)[0], "caption en")
+        stream.close()
+        assert pipe.generate(images(1)[0], "caption en", max_new_tokens=2) is not None
+    assert stream.result is None
+    with pytest.raises(InputError, match="already consumed"):
+        iter(stream)
+    unstarted = pipe.stream(images(1)[0], "caption en", max_new_tokens=8)
+    unstarted.close()
+    with pytest.raises(InputError, match="already consumed"):
+        iter(unstarted)
+    assert pipe.generate(images(1)[0], "caption en", max_new_tokens=2) is not None
 
 
 def test_an_interrupted_close_still_frees_the_pipeline(pipe):

@@ -186,6 +186,14 @@ def preflight(server, origin: str | None, path: str = COMPLETIONS) -> http.clien
     return response
 
 
+def test_options_names_the_methods_of_its_path(server):
+    """OPTIONS answered "GET, POST, OPTIONS" for every path, though GET /v1/chat/completions is a 405."""
+    assert preflight(server, None).getheader("Allow") == "POST, OPTIONS"
+    assert preflight(server, None, "/health").getheader("Allow") == "GET, HEAD, OPTIONS"
+    assert preflight(server, None, "/v1/models").getheader("Allow") == "GET, OPTIONS"
+    assert preflight(server, None, "/nowhere").getheader("Allow") == "GET, POST, OPTIONS"
+
+
 def test_cors_only_for_the_allowed_origins(server, demo):
     """Browsers read a cross-origin answer only if the server names the page's origin: preflights (no API key)
     and every response, streams and errors included, carry it for allowed origins, and nothing for others."""

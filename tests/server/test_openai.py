@@ -215,8 +215,9 @@ def test_http_image_urls_go_to_fetch():
     ("presence_penalty", 0, 0.5, "repetition_penalty"),
     ("frequency_penalty", 0, -1, "repetition_penalty"),
     ("response_format", {"type": "text"}, {"type": "json_object"}, "plain text"),
-    ("tools", [], [{"type": "function"}], "not supported"),
-    ("tool_choice", "none", "auto", "not supported"),
+    ("tools", [], [{"type": "function"}], "calls no tools: put the task in the prompt"),
+    ("tool_choice", "none", "auto", "calls no tools"),
+    ("parallel_tool_calls", False, True, "calls no tools"),
 ])
 def test_openai_options_palitorch_cannot_honour_are_refused_unless_neutral(name, neutral, other, advice):
     assert parse(body(**{name: neutral})).options == {}
