@@ -6,6 +6,8 @@ s = lora_alpha / r (lora_alpha / sqrt(r) with `use_rslora`; `alpha_pattern` and 
 Merging once at load time gives the adapted model at the base model's speed. Tensors that are not LoRA pairs
 (`modules_to_save`, biases trained with `bias = "all"`) replace the base model's. Adapter names are transformers
 module paths (`base_model.model.` + the path), from any transformers version: the key tables (keys.py) read them.
+Variants that run as such a LoRA at inference merge too (BD-LoRA, MonteCLoRA, VeLoRA); the others, and adapters
+that PEFT applies to base weights it changes when loading them (PiSSA, OLoRA... unless converted), are refused.
 """
 
 from __future__ import annotations
@@ -31,7 +33,19 @@ _SAVED = re.compile(r"\.modules_to_save\.[^.]+\.")  # a module_to_save's copy, a
 _REFUSED = {  # settings whose adapters are not W + s B A: merging them as such would be silently wrong
     "use_dora": "a DoRA adapter", "fan_in_fan_out": "a fan_in_fan_out adapter (GPT-2-style Conv1D layers)",
     "lora_bias": "an adapter with LoRA biases", "use_qalora": "a QA-LoRA adapter",
+    "kasa_config": "a KaSA adapter (a learned diagonal between A and B, over base weights truncated by SVD)",
+    "arrow_config": "an Arrow adapter (routing each token among LoRA experts)",
+    "layer_replication": "an adapter of a model with replicated layers",
 }
+_UNMERGEABLE = {  # and those that no merged weight can stand for
+    "alora_invocation_tokens": "an Activated LoRA (aLoRA) adapter, which changes only the tokens from its invocation "
+                               "sequence on, so that no merged weight is its model: run it with PEFT",
+}
+# init_lora_weights that make PEFT change the base weights whenever it loads the adapter (it subtracts the adapter's
+# initial value, or quantizes them): A and B are an update of those changed weights, not of the checkpoint's
+_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# variants whose forward at inference is a plain LoRA's: the tensors they save beside A and B are training state
+_TRAINING_STATE = {"monteclora_config": ".lora_monteclora_sampler.", "velora_config": ".lora_velora_"}
 
 
 def read_adapter(folder: Path) -> tuple[dict, Path]:
@@ -48,6 +62,15 @@ def read_adapter(folder: Path) -> tuple[dict, Path]:
         if settings.get(key):
             raise CheckpointError(f"{folder / CONFIG}: {key} is set: {what} is not a plain LoRA, which is all "
                                   "palitorch merges; merge it with PEFT (merge_and_unload) and save the model")
+    for key, what in _UNMERGEABLE.items():
+        if settings.get(key):
+            raise CheckpointError(f"{folder / CONFIG}: {key} is set: {what}")
+    init = settings.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_MUTATING_INITS):
+        raise CheckpointError(f"{folder / CONFIG}: init_lora_weights {init!r}: PEFT changes the base weights when it "
+                              "loads such an adapter, so it is no update of this checkpoint's; convert it to a plain "
+                              "LoRA with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)) or "
+                              "merge it with PEFT (merge_and_unload) and save the model")
     weights = folder / WEIGHTS
     if not weights.is_file():
         pickled = (folder / "adapter_model.bin").is_file()
@@ -88,7 +111,8 @@ def merge_adapter(model: PaliGemma, folder) -> list[str]:
     settings, file = read_adapter(folder)
     params = dict(model.named_parameters())
     tied = model.language_model.lm_head is None
-    base, whole, pairs = _read(file, model.cfg.version, set(params) | ({HEAD} if tied else set()))
+    state = tuple(part for key, part in _TRAINING_STATE.items() if settings.get(key))
+    base, whole, pairs = _read(file, model.cfg.version, set(params) | ({HEAD} if tied else set()), state)
     for name, t in [*base.items(), *whole.items()]:
         w = params[EMBED if name == HEAD and tied else name]
         if t.shape != w.shape:
@@ -148,9 +172,10 @@ def _tied(settings: dict, shared: torch.Tensor, saved: dict, d_in, d_out) -> tup
     return plus(saved.get(EMBED, shared), d_in), plus(saved.get(HEAD, shared), d_out)
 
 
-def _read(file: Path, version: int, known: set[str]) -> tuple[dict, dict, dict]:
+def _read(file: Path, version: int, known: set[str], state: tuple[str, ...] = ()) -> tuple[dict, dict, dict]:
     """An adapter file's tensors by our weight names: layers' own weights saved beside their pairs (`base_layer`),
-    modules saved whole, and LoRA pairs ({name: (module path, {"A"/"B"/"embedding_A"/...: tensor})})."""
+    modules saved whole, and LoRA pairs ({name: (module path, {"A"/"B"/"embedding_A"/...: tensor})}). Tensors
+    whose names hold a part of `state` (a variant's training state) are left out."""
     base: dict[str, torch.Tensor] = {}
     whole: dict[str, torch.Tensor] = {}
     pairs: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
@@ -158,6 +183,8 @@ def _read(file: Path, version: int, known: set[str]) -> tuple[dict, dict, dict]:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
                 path = _SAVED.sub(".", key.removeprefix("base_model.model."))
+                if any(part in path for part in state):
+                    continue
                 if "trainable_tokens" in path:
                     raise CheckpointError(f"{file.name}: {key!r} is a trainable-tokens delta "
                                           "(trainable_token_indices), which palitorch does not merge: merge it with "
@@ -181,6 +208,7 @@ def _update(settings: dict, folder: Path, file: Path, module: str, ab: dict, w: 
     if a is None or b is None or len(ab) != 2:
         raise CheckpointError(f"{file.name}: {module} has {sorted(ab)} of a LoRA pair (lora_A and lora_B)")
     rank = a.shape[0]
+    a, b = _block_diagonal(settings.get("use_bdlora"), module, a, b)
     if "embedding_A" in ab:  # an embedding's update: (B A)^T, with A [r, vocab] and B [dim, r]
         delta = (b.float() @ a.float()).t() if b.dim() == 2 and b.shape[1] == rank else None
     else:  # a linear layer's (or a convolution's: A [r, in, k, k], B [out, r, 1, 1]): B A
@@ -192,6 +220,23 @@ def _update(settings: dict, folder: Path, file: Path, module: str, ab: dict, w: 
         raise CheckpointError(f"{folder / CONFIG} gives {module} rank {setting(settings, 'r', module, 8)!r}, its "
                               f"weights have rank {rank}: the adapter's files do not belong together")
     return scaling(settings, module, rank) * delta.view(w.shape)
+
+
+def _block_diagonal(bd, module: str, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of a BD-LoRA adapter (`use_bdlora`: {target_modules_bd_a, target_modules_bd_b, nblocks}) as full
+    matrices: PEFT keeps a block-diagonal factor as its `nblocks` blocks stacked ([r, in / n] for A, [out, r / n]
+    for B), on the modules whose path holds one of the names given for it."""
+    if not isinstance(bd, dict):
+        return a, b
+    n = bd.get("nblocks", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1 or a.dim() != 2 or b.dim() != 2:
+        return a, b  # (a pair that then does not fit its weight is refused by the caller)
+
+    def full(t: torch.Tensor, names) -> torch.Tensor:
+        hit = any(name in module for name in names or ())
+        return torch.block_diag(*t.chunk(n, 0)) if hit and t.shape[0] % n == 0 else t
+
+    return full(a, bd.get("target_modules_bd_a")), full(b, bd.get("target_modules_bd_b"))
 
 
 def _untie(model: PaliGemma, head: torch.Tensor) -> None:
