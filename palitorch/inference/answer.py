@@ -5,10 +5,12 @@ off the device and push them here."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from palitorch.errors import NumericsError
 from palitorch.inference.processor import Processor
 
 # A step's alternatives: the k most likely tokens as (token id, logprob) pairs, most likely first.
@@ -84,9 +86,14 @@ class Answer:
 
     def push(self, token: int, logprob: float, track_text: bool, alternatives: Alternatives | None = None) -> None:
         """Record one generated token (and, when kept, that step's alternatives); with `track_text` decode the text
-        and look for stop strings."""
+        and look for stop strings. NumericsError for a NaN or infinite logprob: the step's logits were not finite
+        (the prefill's are checked where they are computed; a decode step's, which the engines keep on the device,
+        here, where its token reaches the host), rather than an answer of pad tokens with NaN logprobs."""
         if self.finish is not None:
             return
+        if not math.isfinite(logprob):
+            raise NumericsError("the model computed NaN or infinite logits at a decode step: are its weights damaged? "
+                                "(float16 can overflow in Gemma: try bfloat16 or float32)")
         if token in self.eos:
             self.finish = "eos"
             return

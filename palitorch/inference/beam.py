@@ -25,7 +25,7 @@ import torch
 
 from palitorch.inference.answer import Alternatives, Answer, Result, alternatives_lists, top_alternatives
 from palitorch.inference.caches import ensure_caches, keep_caches, use_caches
-from palitorch.inference.generate import EAGER, Prompts, Steps, advance, prefill
+from palitorch.inference.generate import EAGER, Prompts, Steps, advance, check_finite, prefill
 from palitorch.inference.logprobs import raw_logprobs
 from palitorch.inference.processor import Processor
 from palitorch.inference.sampling import Chooser, GenerationOptions
@@ -137,6 +137,7 @@ def beam_search(model: PaliGemma, processor: Processor, prompts: Prompts, opts: 
             chooser.seen = chooser.seen[order]
         chooser.observe(tokens)
         logits = advance(model, cur, tokens, fns)
+        check_finite(logits)  # (NaN scores would end every beam: an empty answer; beams sync every step anyway)
 
     results = []
     for p in range(b):

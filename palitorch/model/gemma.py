@@ -173,9 +173,12 @@ class Attention(nn.Module):
         the slower of the two on an AMD EPYC: in bfloat16 it made a compiled step of the mid-size benchmark model
         twice as slow at batch 8 (50.7 ms against 25.7 ms through matmuls), and in float32 the matmuls took 3-16%
         less time at batch 8 (mid-size and bundled models) and the same or less at batch 1 (BENCHMARKS.md, sessions
-        17 and 20). CPUs with AMX keep SDPA (the Intel Xeon's figures of sessions 13-16 were measured through it)."""
+        17 and 20). CPUs with AMX keep SDPA (the Intel Xeon's figures of sessions 13-16 were measured through it).
+        float16 keeps SDPA everywhere, as transformers' Gemma 1 attends: the matmuls round the unscaled q.k to
+        float16, which overflows (65,504) at scores SDPA takes in float32 and scales first; a query whose product
+        overflowed there turned a whole answer into NaN (NumericsError) where transformers' is fine."""
         if self.decode_attention == "auto":
-            return not (q.device.type == "cpu" and not CPU_HAS_AMX)
+            return q.dtype == torch.float16 or not (q.device.type == "cpu" and not CPU_HAS_AMX)
         return self.decode_attention == "sdpa"
 
     def _full_heads(self, k, v):
