@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,3 +279,46 @@ def test_saving_over_a_folder_replaces_it_and_leaves_nothing_beside(pg1, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no m.old, no temporary folder
     assert not (out / "stale.txt").exists()
     assert torch.equal(load_model(out).language_model.norm.weight, model.language_model.norm.weight)
+
+
+def _resident_kb(folder) -> int:
+    """Resident kB of this process's mappings of the files under `folder` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        parts = line.split()
+        if parts and not parts[0].endswith(":"):  # a mapping: address perms offset dev inode [path]
+            inside = len(parts) > 5 and parts[5].startswith(str(folder))
+        elif parts[:1] == ["Rss:"] and inside:
+            total += int(parts[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux's /proc/self/smaps")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_tied_duplicate_head_is_compared_without_paging_in_the_weights(pg1, tmp_path, dtype):
+    """Loading maps the weights and pages none of them in. The LM head a tied checkpoint stores beside the
+    embedding (google/paligemma-3b-pt-224 does: 1 GB) is compared with it by plain file reads: through the mapping,
+    its pages would stay resident, a second copy of the embedding, as long as the model uses any tensor of its file
+    (here, with an 8 MB embedding, both were paged in; small weights may be). An equal head is dropped, a different
+    one unties."""
+    import dataclasses
+
+    d = _copy(pg1[0], tmp_path / "c")
+    cfg = PaliGemmaConfig.from_hf(json.loads((d / "config.json").read_text()))
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=32768))
+    (d / "config.json").write_text(json.dumps(cfg.to_hf()))
+    t = load_file(d / "model.safetensors")
+    embed = next(k for k in t if k.endswith("embed_tokens.weight"))
+    t[embed] = torch.randn(32768, t[embed].shape[1], generator=torch.Generator().manual_seed(0))
+    t["lm_head.weight"] = t[embed].clone()
+    save_file(t, d / "model.safetensors")
+    model = load_model(d, dtype=dtype)
+    assert _resident_kb(d) < 4096, "the embedding or the head was paged in while loading"  # (each is 8 MB)
+    assert model.cfg.text.tie_embeddings
+    assert torch.equal(model.language_model.embed_tokens.weight, t[embed].to(getattr(torch, dtype)))
+    t["lm_head.weight"][-1, -1] += 1  # one value differs: the stored head is the model's own
+    save_file(t, d / "model.safetensors")
+    del model
+    model = load_model(d, dtype=dtype)
+    assert not model.cfg.text.tie_embeddings
+    assert torch.equal(model.language_model.lm_head.weight, t["lm_head.weight"].to(getattr(torch, dtype)))
