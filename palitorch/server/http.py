@@ -266,9 +266,7 @@ class Handler(BaseHTTPRequestHandler):
         """A job's results, or None if its client hangs up first (a timeout and retry in an SDK): the job is then
         cancelled, and the engine frees its rows at the next step, as for a stream whose client has left."""
         while not job.done.wait(HANG_UP_CHECK):
-            if self._hung_up():
-                job.cancelled.set()
-                self.close_connection = True
+            if self._abandoned(job):
                 return None
         return job.wait()
 
@@ -279,10 +277,16 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 return job.pieces.get(timeout=HANG_UP_CHECK)
             except queue.Empty:
-                if self._hung_up():
-                    job.cancelled.set()
-                    self.close_connection = True
+                if self._abandoned(job):
                     return GONE
+
+    def _abandoned(self, job) -> bool:
+        """Whether the client has hung up (`_hung_up`); if so its job is cancelled and the connection closed."""
+        if not self._hung_up():
+            return False
+        job.cancelled.set()
+        self.close_connection = True
+        return True
 
     def _hung_up(self) -> bool:
         """Whether the client has closed its side of the connection (it reads as at its end: a timed-out SDK does
