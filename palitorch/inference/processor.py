@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer
 
 from palitorch.checkpoint.io import read_json_object
 from palitorch.errors import CheckpointError, InputError
 from palitorch.inference.images import resize_image
 
-IMAGE, BOS, EOS, PAD = "<image>", "<bos>", "<eos>", "<pad>"
+IMAGE, BOS, EOS, PAD, UNK = "<image>", "<bos>", "<eos>", "<pad>", "<unk>"
 _LOC_SEG = re.compile(r"<(loc\d{4}|seg\d{3})>")
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -85,12 +85,21 @@ def _add_task_tokens(tokenizer: Tokenizer) -> None:
     """Make every <locNNNN> and <segNNN> of the vocabulary one token wherever it is typed (in a prompt, or in a
     detection or segmentation target), as transformers' PaliGemmaProcessor does when it loads a tokenizer. Some Hub
     tokenizer.json files, converted from SentencePiece, hold them in the vocabulary only: their BPE spells the text
-    "<loc0100>" in seven byte pieces."""
+    "<loc0100>" in seven byte pieces. Likewise <image>, <bos>, <eos>, <pad> and <unk>, which transformers adds as
+    special tokens when a tokenizer.json lists them in its vocabulary only (PaliGemmaProcessor adds <image>, the
+    tokenizer the special tokens tokenizer_config.json names): else the text "<eos>" that ends every suffix, and the
+    "<image>" and "<bos>" of a prompt encoded whole, were spelled in pieces."""
     added = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
-    texts = [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
-    missing = [t for t in texts if t not in added and tokenizer.token_to_id(t) is not None]
-    if missing:
-        tokenizer.add_tokens(missing)  # plain strings: non-special and normalized, as transformers adds them
+
+    def missing(texts):
+        return [t for t in texts if t not in added and tokenizer.token_to_id(t) is not None]
+
+    specials = missing((PAD, EOS, BOS, UNK, IMAGE))
+    if specials:
+        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tasks = missing([f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)])
+    if tasks:
+        tokenizer.add_tokens(tasks)  # plain strings: non-special and normalized, as transformers adds them
 
 
 class Processor:
@@ -115,11 +124,16 @@ class Processor:
         self._image_prefix = IMAGE * num_image_tokens + BOS
         # The image tokens and <bos> as ids, so that encoding a prompt tokenises its text alone. The tokenizer
         # splits its text at added tokens before anything else, so this gives the ids of the whole string; checked
-        # once here on a probe, else every prompt is encoded whole.
+        # once here on probes, else every prompt is encoded whole. One starts with a letter (a Metaspace that marks
+        # only the text's first word), one with a space (an <image> or <bos> with rstrip, which eats the spaces
+        # after it in the whole string).
         head = [self.image_id] * num_image_tokens + [self.bos_id]
-        probe = "a Probe, 12 \n"
-        whole = tokenizer.encode(self._image_prefix + probe, add_special_tokens=False).ids
-        self._head_ids = head if whole == head + tokenizer.encode(probe, add_special_tokens=False).ids else None
+
+        def same(probe: str) -> bool:
+            whole = tokenizer.encode(self._image_prefix + probe, add_special_tokens=False).ids
+            return whole == head + tokenizer.encode(probe, add_special_tokens=False).ids
+
+        self._head_ids = head if same("a Probe, 12 \n") and same(" a\tprobe \n") else None
 
     @classmethod
     def from_folder(cls, path, image_size: int, num_image_tokens: int, max_length: int = 8192) -> Processor:
