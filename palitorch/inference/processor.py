@@ -305,6 +305,7 @@ def _preprocessing(pre: Path, image_size: int, num_image_tokens: int) -> dict:
         if not ok:
             raise CheckpointError(f"{pre}: {key} is {repr(value)[:40]}, it must be {want}; download it again")
     flags = {k: p.get(k, True) for k in ("do_rescale", "do_normalize")}
+    flags = {k: bool(v) if v is None else v for k, v in flags.items()}  # (null: off, as transformers reads it)
     resample = p.get("resample", 3)
     for key, value in (*flags.items(), ("resample", resample)):
         if not (isinstance(value, bool) if key != "resample" else type(value) is int and 0 <= value <= 5):

@@ -77,10 +77,12 @@ def assert_pixels_as_transformers_reads(pg1, tmp_path, edit):
 
 @pytest.mark.parametrize("flags", [{"resample": 2}, {"do_normalize": False}, {"do_rescale": False},
                                    {"rescale_factor": 1 / 127.5, "do_normalize": False},
-                                   {"resample": 0, "do_rescale": False, "do_normalize": False}])
+                                   {"resample": 0, "do_rescale": False, "do_normalize": False},
+                                   {"do_rescale": None}, {"do_normalize": None}])
 def test_preprocessor_config_flags_as_transformers_reads_them(pg1, tmp_path, flags):
     """resample, do_rescale and do_normalize in preprocessor_config.json, which palitorch ignored (bicubic, both
-    always on), give transformers' pixels (its image processor read from the same folder)."""
+    always on), give transformers' pixels (its image processor read from the same folder); a flag set to null is
+    off, as transformers reads it (palitorch refused the file)."""
     assert_pixels_as_transformers_reads(pg1, tmp_path, lambda pre: pre | flags)
 
 
