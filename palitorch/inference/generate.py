@@ -279,10 +279,19 @@ def generate(model: PaliGemma, processor: Processor, pixels: torch.Tensor, promp
     batch = encode_prompts(model, processor, pixels, prompts, image_index)
     eos = eos_ids(model, processor)
     budgets = row_budgets(model, batch, opts)
-    if opts.num_beams > 1:  # (the beams of a padded batch share one budget, the longest prompt's)
+    if opts.num_beams > 1:  # the beams of a padded batch share one budget: rows with less room run apart
         from palitorch.inference.beam import beam_search
 
-        return beam_search(model, processor, batch, opts, eos, min(budgets), fns)
+        if len(set(budgets)) == 1:
+            return beam_search(model, processor, batch, opts, eos, budgets[0], fns)
+        results: list[Result] = [None] * len(prompts)
+        for budget in sorted(set(budgets)):  # (prompts near the end of the context: each room a batch of its own)
+            rows = [i for i, b in enumerate(budgets) if b == budget]
+            part = encode_prompts(model, processor, pixels if image_index is not None else pixels[rows],
+                                  [prompts[i] for i in rows], None if image_index is None else image_index[rows])
+            for i, r in zip(rows, beam_search(model, processor, part, opts, eos, budget, fns)):
+                results[i] = r
+        return results
     answers = [Answer(processor, eos, opts.stop, n, top=opts.top_logprobs > 0, budget=budget)
                for n, budget in zip(batch.lengths, budgets)]
     toks, lps, tops = [], [], []

@@ -65,6 +65,28 @@ def test_beam_batch_equals_one_at_a_time(pipe):
     assert pipe.generate(imgs[0], PROMPTS[0], max_new_tokens=4).token_ids
 
 
+def test_beams_of_prompts_near_the_context_end_run_as_alone(pipe):
+    """Near the end of the context, a short prompt has more room than a long one: batched, each prompt's beams run
+    to its own room, as alone (they shared the longest prompt's, and the short one's answer was cut)."""
+    import dataclasses
+
+    imgs, prompts = images(2, seed=4), [PROMPTS[0], PROMPTS[0] + " and more words here"]
+    lengths = [len(pipe.processor.encode(p).ids) for p in prompts]
+    assert lengths[1] > lengths[0]
+    cfg = pipe.model.cfg
+    pipe.model.cfg = cfg.replace(text=dataclasses.replace(cfg.text, max_position_embeddings=lengths[1] + 4))
+    try:
+        kw = dict(max_new_tokens=12, min_new_tokens=12, num_beams=2)
+        batch = pipe.generate(imgs, prompts, **kw)
+        alone = [pipe.generate(im, p, **kw) for im, p in zip(imgs, prompts)]
+    finally:
+        pipe.model.cfg = cfg
+    assert [len(r.token_ids) for r in alone] == [min(12, lengths[1] + 4 - n) for n in lengths]
+    for a, b in zip(alone, batch):
+        assert (b.token_ids, b.finish_reason) == (a.token_ids, a.finish_reason)
+        torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), atol=1e-4, rtol=0)
+
+
 def test_length_penalty_favours_longer_answers(pipe):
     from collections import Counter
 
