@@ -189,8 +189,10 @@ class Engine:
     def _top_up(self, waiting: deque, free_rows: int) -> None:
         """Move jobs from the head of the queue to `waiting` while they can share the batch and rows are free (a
         job that must run alone at the head stops it: no job overtakes another). While the server stops, the jobs
-        not yet in the batch are refused."""
-        left = []
+        not yet in the batch are refused. Jobs whose clients left, waiting or at the head, are ended unrun."""
+        left = [job for job in waiting if job.cancelled.is_set()]  # (held back by the pacer, then abandoned)
+        for job in left:
+            waiting.remove(job)
         with self._cv:
             rows = sum(job.rows for job in waiting)
             while self._jobs and self._jobs[0].cancelled.is_set():

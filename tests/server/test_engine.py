@@ -126,6 +126,46 @@ def test_requests_held_back_by_the_pacer_join_in_one_admission(ref, demo):
     engine.stop()
 
 
+def test_a_request_held_back_by_the_pacer_whose_client_leaves_never_joins(ref, demo):
+    """A request waiting for the pacer to let it in, whose client then leaves, is dropped before the admission: only
+    the other one joins (it was admitted and decoded for a step before its row was freed)."""
+    pipe = HeldPipe(palitorch.load(), released=True)
+    engine = RecordingEngine(pipe, start_after=1)
+    holding = threading.Event()
+    holding.set()
+    engine.pacer.hold = lambda rows, waited_s: holding.is_set()
+    long_body = chat(demo[0]["path"], "caption en", stream=True, max_tokens=400, min_tokens=400)
+    prompts = ["caption en", "answer en what color is the shape?"]
+    answers = [None, None]
+
+    def ask(i):
+        answers[i] = post(srv, chat(demo[1 + i]["path"], prompts[i]))
+
+    with serving(new_server(engine)) as srv:
+        threading.Thread(target=lambda: stream_events(srv, long_body), daemon=True).start()
+        engine.wait_for_jobs(1)
+        [long_job] = engine.jobs
+        assert long_job.pieces.get(timeout=TIMEOUT)
+        askers = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        for t in askers:
+            t.start()
+        engine.wait_for_jobs(2)
+        for _ in range(3):  # both wait behind the pacer, taken from the queue
+            long_job.pieces.get(timeout=TIMEOUT)
+        gone = engine.jobs[1]
+        gone.cancelled.set()  # its client leaves
+        holding.clear()
+        stay = prompts.index(engine.jobs[2].request.prompt)
+        askers[stay].join(TIMEOUT)
+        assert text(answers[stay]) == ref.generate(demo[1 + stay]["image"], prompts[stay]).text
+        [(_, admits)] = pipe.lives
+        assert admits == [1, 1] and gone.done.wait(TIMEOUT) and gone.results is None
+        long_job.cancelled.set()
+        assert long_job.done.wait(TIMEOUT)
+        askers[1 - stay].join(TIMEOUT)
+    engine.stop()
+
+
 def test_a_bad_request_in_a_batch_fails_alone(ref, demo):
     e, other = demo[0], demo[3]
     bodies = [chat(e["path"], "caption en"), chat(other["path"], "a " * 600),  # over the model's context
