@@ -72,11 +72,16 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> Path:
     return snapshot
 
 
+def is_hub_id(text: str) -> bool:
+    """Whether `text` names a Hub repository ("owner/name") that is no folder here (a folder of that name wins)."""
+    return HUB_ID.fullmatch(text) is not None and not Path(text).expanduser().exists()
+
+
 def find_checkpoint(text: str, revision: str | None = None) -> Path:
     """A checkpoint folder named by `text`: the folder itself ("~" expanded) when it exists, else, for a Hub id
     ("google/paligemma2-3b-pt-224"), its snapshot in the Hugging Face cache. `revision` applies to Hub ids only."""
     folder = Path(text).expanduser()
-    if folder.exists() or not HUB_ID.fullmatch(text):
+    if not is_hub_id(text):
         if revision is not None:
             raise CheckpointError(f"revision {revision!r} applies to a Hub id read from the Hugging Face cache, and "
                                   f"{text!r} is a {'folder' if folder.exists() else 'path'}: leave the revision out")

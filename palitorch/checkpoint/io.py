@@ -3,10 +3,8 @@
 Loading builds the model on the meta device and assigns the memory-mapped tensors straight into it, so a
 checkpoint already in the requested dtype is never copied. Weights come only from safetensors.
 
-A mapped page, once touched, stays resident (and counted in the process's memory) as long as any tensor of its
-file is in use: every weight that is cast (float32 stored, bfloat16 asked, or the reverse) or sent to another
-device, and the tied LM head some checkpoints store beside the embedding (compared with it, then dropped), is
-therefore read with plain file reads, a piece at a time, never through the mapping. Peak memory stays near the
+A weight that is cast or sent to another device, and the tied LM head some checkpoints store beside the embedding
+(compared with it, then dropped), are read with plain file reads instead (stored.py): peak memory stays near the
 size of the loaded weights.
 """
 
@@ -25,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from palitorch.checkpoint.keys import LM_HEAD, hf_name_as_in, hf_to_ours, ours_to_hf, unused
+from palitorch.checkpoint.stored import Stored
 from palitorch.config import PaliGemmaConfig
 from palitorch.errors import CheckpointError, ConfigError
 from palitorch.model.paligemma import PaliGemma
@@ -147,7 +146,7 @@ def load_model(path, device="cpu", dtype="float32") -> PaliGemma:
     state: dict[str, torch.Tensor] = {}
     seen: list[str] = []  # the HF names read, whose layout an error names a missing tensor in
     head = None  # an LM head stored beside a tied embedding: a copy of it, as a rule (see `_stored_head`)
-    where: dict[str, _Stored] = {}  # our name -> where its bytes lie, for a cast or a comparison
+    where: dict[str, Stored] = {}  # our name -> where its bytes lie, for a cast or a comparison
     for file in weight_files(folder):
         start, header = check_safetensors(file)
         try:
@@ -160,7 +159,7 @@ def load_model(path, device="cpu", dtype="float32") -> PaliGemma:
                 if key in LM_HEAD and cfg.text.tie_embeddings:
                     if head is not None:
                         raise CheckpointError(f"{file.name}: the checkpoint holds two LM heads ({key!r} too)")
-                    head = _Stored(file, key, start + header[key]["data_offsets"][0], _read(f, file, key))
+                    head = Stored(file, key, start + header[key]["data_offsets"][0], _read(f, file, key))
                     if not head.mapped.is_floating_point():
                         raise CheckpointError(f"{file.name}: tensor {key!r} is not floating-point; download it again")
                     continue
@@ -182,7 +181,7 @@ def load_model(path, device="cpu", dtype="float32") -> PaliGemma:
                         f"{file.name}: tensor {key!r} has dtype {str(t.dtype).removeprefix('torch.')}, "
                         "not a floating-point type; download the file again"
                     )
-                where[ours] = _Stored(file, key, start + header[key]["data_offsets"][0], t)
+                where[ours] = Stored(file, key, start + header[key]["data_offsets"][0], t)
                 state[ours] = where[ours].load(device, dtype)
     if head is not None:
         cfg, model, expected = _stored_head(cfg, model, expected, state, head, where, device, dtype)
@@ -202,58 +201,8 @@ def _read(f, file: Path, key: str) -> torch.Tensor:
         raise CheckpointError(f"{file.name}: cannot read {key!r} ({e}); the file may be truncated") from None
 
 
-class _Stored:
-    """One tensor of a safetensors file: its memory-mapped view (nothing read yet), and where its bytes begin."""
-
-    CHUNK = 1 << 26  # bytes read at a time
-
-    def __init__(self, file: Path, key: str, offset: int, mapped: torch.Tensor):
-        self.file, self.key, self.offset, self.mapped = file, key, offset, mapped
-
-    def load(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The tensor on `device` in `dtype`: the mapped view itself where it is both already; else a new tensor,
-        filled from plain file reads (a cast through the mapping would leave the file's pages resident)."""
-        t = self.mapped
-        if t.dtype == dtype and device.type == "cpu":
-            return t
-        out = torch.empty(t.shape, dtype=dtype, device=device)
-        flat, i = out.view(-1), 0
-        for piece in self.pieces():
-            flat[i:i + piece.numel()].copy_(piece)
-            i += piece.numel()
-        return out
-
-    def pieces(self, dtype: torch.dtype | None = None):
-        """The flattened tensor in pieces of CHUNK // 4 elements (the last one shorter), read from the file (each
-        piece is valid until the next is asked for), cast to `dtype` if given."""
-        size = self.mapped.element_size()
-        total, step = self.mapped.numel() * size, self.CHUNK // 4 * size
-        if total == 0:
-            return
-        buf = bytearray(min(step, total))
-        try:
-            with open(self.file, "rb") as fh:
-                fh.seek(self.offset)
-                for done in range(0, total, step):
-                    view = memoryview(buf)[:min(step, total - done)]
-                    if fh.readinto(view) != len(view):
-                        raise OSError("the file ends early")
-                    piece = torch.frombuffer(view, dtype=self.mapped.dtype)
-                    yield piece if dtype is None else piece.to(dtype)
-        except OSError as e:
-            raise CheckpointError(f"{self.file.name}: cannot read {self.key!r} ({e.strerror or e}); the file may be "
-                                  "truncated") from None
-
-    def equal(self, other: _Stored, dtype: torch.dtype) -> bool:
-        """Whether both tensors hold the same values once cast to `dtype` (torch.equal's sense), read from the
-        files: neither is paged in through its mapping."""
-        if self.mapped.shape != other.mapped.shape:
-            return False
-        return all(torch.equal(a, b) for a, b in zip(self.pieces(dtype), other.pieces(dtype), strict=True))
-
-
-def _stored_head(cfg: PaliGemmaConfig, model: PaliGemma, expected: dict, state: dict, head: _Stored,
-                 where: dict[str, _Stored], device: torch.device, dtype: torch.dtype):
+def _stored_head(cfg: PaliGemmaConfig, model: PaliGemma, expected: dict, state: dict, head: Stored,
+                 where: dict[str, Stored], device: torch.device, dtype: torch.dtype):
     """A checkpoint that ties the LM head to the embedding but stores the head too, as transformers reads it: a
     copy of the embedding is not needed (compared by file reads, it is never loaded); alone, it is the embedding
     (tying goes both ways); different from the embedding (an untied model saved by a transformers that kept

@@ -162,13 +162,6 @@ def model_folder(args: argparse.Namespace) -> Path | None:
     return checkpoint_path(args.model, args.revision) if args.model is not None else None
 
 
-def is_hub_id(text: str | None) -> bool:
-    """Whether --model / --adapter text names a Hub id read from the cache rather than a folder here."""
-    from palitorch.checkpoint.hub import HUB_ID
-
-    return text is not None and not Path(text).expanduser().exists() and HUB_ID.fullmatch(text) is not None
-
-
 def load_pipeline(args: argparse.Namespace, device: str, dtype: torch.dtype):
     import palitorch
 

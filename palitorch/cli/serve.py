@@ -22,7 +22,6 @@ from palitorch.cli.common import (
     add_model_options,
     check_model_options,
     decoding_options,
-    is_hub_id,
     load_pipeline,
     one_line_errors,
 )
@@ -75,6 +74,8 @@ def add_parser(subparsers) -> None:
 
 
 def model_name(args: argparse.Namespace) -> str:
+    from palitorch.checkpoint.hub import is_hub_id
+
     if args.served_model_name:
         return args.served_model_name
     if args.adapter and is_hub_id(args.adapter):  # a Hub id goes by the id, as vLLM names it
@@ -85,7 +86,7 @@ def model_name(args: argparse.Namespace) -> str:
             return adapter.name
         folder = adapter.parent
         return folder.parent.name if folder.name == "model" else f"{folder.parent.name}-{folder.name}"
-    if is_hub_id(args.model):
+    if args.model and is_hub_id(args.model):
         return args.model
     return Path(args.model).expanduser().resolve().name if args.model else "palitorch-default"
 

@@ -147,7 +147,9 @@ def _pinned(connection_class, req, deadline: Deadline | None = None):
     return make
 
 
-class _PinnedHTTP(urllib.request.HTTPHandler):
+class _Pinning:
+    """An http(s) handler whose connections go to `_pinned`'s checked addresses, and to `deadline`."""
+
     def __init__(self, deadline: Deadline | None = None):
         super().__init__()
         self.deadline = deadline
@@ -156,13 +158,12 @@ class _PinnedHTTP(urllib.request.HTTPHandler):
         return super().do_open(_pinned(http_class, req, self.deadline), req, **kw)
 
 
-class _PinnedHTTPS(urllib.request.HTTPSHandler):
-    def __init__(self, deadline: Deadline | None = None):
-        super().__init__()
-        self.deadline = deadline
+class _PinnedHTTP(_Pinning, urllib.request.HTTPHandler):
+    pass
 
-    def do_open(self, http_class, req, **kw):
-        return super().do_open(_pinned(http_class, req, self.deadline), req, **kw)
+
+class _PinnedHTTPS(_Pinning, urllib.request.HTTPSHandler):
+    pass
 
 
 class _Redirects(urllib.request.HTTPRedirectHandler):

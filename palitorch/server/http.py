@@ -41,7 +41,8 @@ from palitorch.server.bodies import read_body
 from palitorch.server.engine import Engine
 from palitorch.server.fetch import fetch_url
 from palitorch.server.hosts import host_allowed, host_name
-from palitorch.server.openai import ApiError, ImageCache, completion, parse_body, parse_chat
+from palitorch.server.openai import ApiError, ImageCache, parse_body, parse_chat
+from palitorch.server.responses import completion
 from palitorch.server.sse import event, stream
 
 CLOSE_WAIT = 5.0  # seconds server_close waits for the connections' threads to end

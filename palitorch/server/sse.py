@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from palitorch.server.openai import chunk, finish_reason, joined, token_entry, usage
+from palitorch.server.responses import chunk, finish_reason, joined, token_entry, usage
 from palitorch.tasks import task_outputs
 
 _NEXT = object()  # `stream`'s first item: the next one in the job's queue

@@ -27,7 +27,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from palitorch.checkpoint.hub import HUB_ID, cached_snapshot
+from palitorch.checkpoint.hub import find_checkpoint
 from palitorch.config import SMALL_PRESETS
 from palitorch.errors import ConfigError
 from palitorch.train.config_values import coerce, parse_overrides, toml_value
@@ -335,8 +335,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg.model.init, cfg.data.eval, cfg.train.out = (os.path.expanduser(p) if p else p
                                                     for p in (cfg.model.init, cfg.data.eval, cfg.train.out))
     cfg.data.train = [os.path.expanduser(p) for p in cfg.data.train]
-    if cfg.model.init and not os.path.exists(cfg.model.init) and HUB_ID.fullmatch(cfg.model.init):
-        cfg.model.init = str(cached_snapshot(cfg.model.init))  # a Hub id in the local cache: its snapshot folder
+    if cfg.model.init:  # (a Hub id in the local cache: its snapshot folder)
+        cfg.model.init = str(find_checkpoint(cfg.model.init))
     cfg.validate()
     return cfg
 

@@ -8,6 +8,8 @@ import json
 import socket
 import struct
 import threading
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 from serverkit import (
@@ -86,21 +88,24 @@ def test_a_request_arriving_mid_batch_joins_it_and_ends_first(ref, demo):
     engine.stop()
 
 
-def test_requests_held_back_by_the_pacer_join_in_one_admission(ref, demo):
-    """While the pacer holds (the running rows expected to end before an admission would), requests that arrive
-    wait and the batch decodes on; once it lets them in they join in one admission, and each gets its
-    one-at-a-time answer."""
+PACED = ["caption en", "answer en what color is the shape?"]
+
+
+@contextmanager
+def two_held_by_the_pacer(demo):
+    """A stream decoding (400 tokens) and two requests (PACED, about demo images 1 and 2) that arrived while it runs,
+    taken from the queue and held back by the pacer while `holding` is set -> a namespace of pipe, engine, holding,
+    long_job, askers (their threads) and answers. The long stream is cancelled at the end."""
     pipe = HeldPipe(palitorch.load(), released=True)
     engine = RecordingEngine(pipe, start_after=1)
     holding = threading.Event()
     holding.set()
     engine.pacer.hold = lambda rows, waited_s: holding.is_set()
     long_body = chat(demo[0]["path"], "caption en", stream=True, max_tokens=400, min_tokens=400)  # a running row
-    prompts = ["caption en", "answer en what color is the shape?"]
     answers = [None, None]
 
     def ask(i):
-        answers[i] = post(srv, chat(demo[1 + i]["path"], prompts[i]))
+        answers[i] = post(srv, chat(demo[1 + i]["path"], PACED[i]))
 
     with serving(new_server(engine)) as srv:
         threading.Thread(target=lambda: stream_events(srv, long_body), daemon=True).start()
@@ -113,57 +118,41 @@ def test_requests_held_back_by_the_pacer_join_in_one_admission(ref, demo):
         engine.wait_for_jobs(2)
         for _ in range(3):  # the batch decodes on while both requests wait
             long_job.pieces.get(timeout=TIMEOUT)
-        [(_, admits)] = pipe.lives
-        assert admits == [1] and not long_job.done.is_set()
-        holding.clear()
-        for t in askers:
-            t.join(TIMEOUT)
-        for i in range(2):
-            assert text(answers[i]) == ref.generate(demo[1 + i]["image"], prompts[i]).text
-        assert admits == [1, 2]
+        yield SimpleNamespace(pipe=pipe, engine=engine, holding=holding, long_job=long_job, askers=askers,
+                              answers=answers)
         long_job.cancelled.set()
         assert long_job.done.wait(TIMEOUT)
     engine.stop()
+
+
+def test_requests_held_back_by_the_pacer_join_in_one_admission(ref, demo):
+    """While the pacer holds (the running rows expected to end before an admission would), requests that arrive
+    wait and the batch decodes on; once it lets them in they join in one admission, and each gets its
+    one-at-a-time answer."""
+    with two_held_by_the_pacer(demo) as h:
+        [(_, admits)] = h.pipe.lives
+        assert admits == [1] and not h.long_job.done.is_set()
+        h.holding.clear()
+        for t in h.askers:
+            t.join(TIMEOUT)
+        for i in range(2):
+            assert text(h.answers[i]) == ref.generate(demo[1 + i]["image"], PACED[i]).text
+        assert admits == [1, 2]
 
 
 def test_a_request_held_back_by_the_pacer_whose_client_leaves_never_joins(ref, demo):
     """A request waiting for the pacer to let it in, whose client then leaves, is dropped before the admission: only
     the other one joins (it was admitted and decoded for a step before its row was freed)."""
-    pipe = HeldPipe(palitorch.load(), released=True)
-    engine = RecordingEngine(pipe, start_after=1)
-    holding = threading.Event()
-    holding.set()
-    engine.pacer.hold = lambda rows, waited_s: holding.is_set()
-    long_body = chat(demo[0]["path"], "caption en", stream=True, max_tokens=400, min_tokens=400)
-    prompts = ["caption en", "answer en what color is the shape?"]
-    answers = [None, None]
-
-    def ask(i):
-        answers[i] = post(srv, chat(demo[1 + i]["path"], prompts[i]))
-
-    with serving(new_server(engine)) as srv:
-        threading.Thread(target=lambda: stream_events(srv, long_body), daemon=True).start()
-        engine.wait_for_jobs(1)
-        [long_job] = engine.jobs
-        assert long_job.pieces.get(timeout=TIMEOUT)
-        askers = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
-        for t in askers:
-            t.start()
-        engine.wait_for_jobs(2)
-        for _ in range(3):  # both wait behind the pacer, taken from the queue
-            long_job.pieces.get(timeout=TIMEOUT)
-        gone = engine.jobs[1]
+    with two_held_by_the_pacer(demo) as h:
+        gone = h.engine.jobs[1]
         gone.cancelled.set()  # its client leaves
-        holding.clear()
-        stay = prompts.index(engine.jobs[2].request.prompt)
-        askers[stay].join(TIMEOUT)
-        assert text(answers[stay]) == ref.generate(demo[1 + stay]["image"], prompts[stay]).text
-        [(_, admits)] = pipe.lives
+        h.holding.clear()
+        stay = PACED.index(h.engine.jobs[2].request.prompt)
+        h.askers[stay].join(TIMEOUT)
+        assert text(h.answers[stay]) == ref.generate(demo[1 + stay]["image"], PACED[stay]).text
+        [(_, admits)] = h.pipe.lives
         assert admits == [1, 1] and gone.done.wait(TIMEOUT) and gone.results is None
-        long_job.cancelled.set()
-        assert long_job.done.wait(TIMEOUT)
-        askers[1 - stay].join(TIMEOUT)
-    engine.stop()
+        h.askers[1 - stay].join(TIMEOUT)
 
 
 def test_a_bad_request_in_a_batch_fails_alone(ref, demo):

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 from serverkit import chat, data_url, png_bytes
 
-from palitorch.server.openai import ApiError, ChatRequest, chunk, parse_body, parse_chat
+from palitorch.server.openai import ApiError, ChatRequest, parse_body, parse_chat
+from palitorch.server.responses import chunk
 
 MODEL = "tiny"
 IMAGE = Image.new("RGB", (40, 30), (200, 30, 30))

@@ -4,7 +4,8 @@ objects."""
 from PIL import Image
 
 from palitorch.inference.answer import Result
-from palitorch.server.openai import ApiError, ChatRequest, chunk, completion, token_entry
+from palitorch.server.openai import ApiError, ChatRequest
+from palitorch.server.responses import chunk, completion, token_entry
 
 MODEL = "tiny"
 IMAGE = Image.new("RGB", (40, 30), (200, 30, 30))
