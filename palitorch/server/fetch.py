@@ -28,6 +28,7 @@ import urllib.parse
 import urllib.request
 
 from palitorch.server.openai import bad
+from palitorch.server.sockets import shutdown
 
 MAX_IMAGE_BYTES = 20 << 20
 # Metadata services outside 169.254/16: AWS's IPv6 one, Alibaba's.
@@ -92,26 +93,19 @@ class Deadline:
         with self._lock:
             self._sockets.append(sock.dup())
             if self.expired:
-                _shut(self._sockets[-1])
+                shutdown(self._sockets[-1])
 
     def expire(self) -> None:
         with self._lock:
             self.expired = True
             for sock in self._sockets:
-                _shut(sock)
+                shutdown(sock)
 
     def close(self) -> None:
         with self._lock:
             for sock in self._sockets:
                 sock.close()
             self._sockets = []
-
-
-def _shut(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:  # the other side has closed it already
-        pass
 
 
 def _pinned(connection_class, req, deadline: Deadline | None = None):

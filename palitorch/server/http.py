@@ -43,6 +43,7 @@ from palitorch.server.fetch import fetch_url
 from palitorch.server.hosts import host_allowed, host_name
 from palitorch.server.openai import ApiError, ImageCache, parse_body, parse_chat
 from palitorch.server.responses import completion
+from palitorch.server.sockets import peer_closed, shutdown
 from palitorch.server.sse import event, stream
 
 CLOSE_WAIT = 5.0  # seconds server_close waits for the connections' threads to end
@@ -101,7 +102,7 @@ class Server(ThreadingHTTPServer):
         ended at once)."""
         with self._open_lock:
             if serving and self._closed:
-                _shutdown(connection, socket.SHUT_RDWR)
+                shutdown(connection)
             elif serving:
                 self._open[connection] = threading.current_thread()
             else:
@@ -116,13 +117,13 @@ class Server(ThreadingHTTPServer):
         with self._open_lock:
             self._closed, left = True, list(self._open.items())
         for connection, _ in left:  # a thread waiting for its next request reads the end; replies still go out
-            _shutdown(connection, socket.SHUT_RD)
+            shutdown(connection, socket.SHUT_RD)
         deadline = time.monotonic() + CLOSE_WAIT
         for connection, thread in left:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
-                _shutdown(connection, socket.SHUT_RDWR)
+                shutdown(connection)
 
     def stop_listening(self) -> None:
         """Close the listening socket: new clients are refused at once (not left waiting while the model drains)."""
@@ -140,13 +141,6 @@ class Server(ThreadingHTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def _shutdown(connection: socket.socket, how: int) -> None:
-    try:
-        connection.shutdown(how)
-    except OSError:  # already closed by the client
-        pass
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -282,26 +276,12 @@ class Handler(BaseHTTPRequestHandler):
                     return GONE
 
     def _abandoned(self, job) -> bool:
-        """Whether the client has hung up (`_hung_up`); if so its job is cancelled and the connection closed."""
-        if not self._hung_up():
+        """Whether the client has hung up (`peer_closed`); if so its job is cancelled and the connection closed."""
+        if not peer_closed(self.connection):
             return False
         job.cancelled.set()
         self.close_connection = True
         return True
-
-    def _hung_up(self) -> bool:
-        """Whether the client has closed its side of the connection (it reads as at its end: a timed-out SDK does
-        so, and so would one that only shut down its sending side) or reset it. A peek that does not wait."""
-        sock, timeout = self.connection, self.connection.gettimeout()
-        try:
-            sock.settimeout(0)
-            return sock.recv(1, socket.MSG_PEEK) == b""
-        except (BlockingIOError, InterruptedError):  # nothing to read: still there
-            return False
-        except OSError:  # reset
-            return True
-        finally:
-            sock.settimeout(timeout)
 
     def _no_endpoint(self, path: str) -> ApiError:
         if path in OTHER_APIS:  # PaliGemma answers about an image: only chat messages can carry one
