@@ -3,6 +3,7 @@
     [model]                     # what to train
     preset = "tiny"             # a from-scratch shape (palitorch.config.SMALL_PRESETS) ...
     init = ""                   # ... or a Hub-layout checkpoint folder to fine-tune (its tokenizer is reused)
+    revision = ""               # (init a cached Hub id: its branch, tag or commit; "" = main)
     [data]
     train = ["data/easyvqa/train.jsonl"]
     eval = "data/easyvqa/test.jsonl"
@@ -43,6 +44,7 @@ else:  # pragma: no cover
 class ModelConfig:
     preset: str = "tiny"  # from-scratch shape: tiny / small / base (see palitorch.config.SMALL_PRESETS)
     init: str = ""  # a Hub-layout checkpoint folder (or a cached Hub id) to fine-tune instead of building from scratch
+    revision: str = ""  # with init a Hub id: the cached branch, tag or commit ("" = main); recorded as its snapshot
     version: int = 1  # 1: Gemma decoder (PaliGemma 1); 2: Gemma 2 decoder (PaliGemma 2)
     image_size: int = 64
     patch_size: int = 8
@@ -335,8 +337,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg.model.init, cfg.data.eval, cfg.train.out = (os.path.expanduser(p) if p else p
                                                     for p in (cfg.model.init, cfg.data.eval, cfg.train.out))
     cfg.data.train = [os.path.expanduser(p) for p in cfg.data.train]
-    if cfg.model.init:  # (a Hub id in the local cache: its snapshot folder)
-        cfg.model.init = str(find_checkpoint(cfg.model.init))
+    if cfg.model.revision and not cfg.model.init:
+        raise ConfigError(f"[model] revision {cfg.model.revision!r} applies to an init given as a Hub id: set [model] "
+                          "init = \"OWNER/NAME\", or leave revision out")
+    if cfg.model.init:
+        # A Hub id becomes its cached snapshot folder, whose name is the commit: the resolved config.toml records
+        # that folder and no revision, so it loads again as written.
+        cfg.model.init = str(find_checkpoint(cfg.model.init, cfg.model.revision or None))
+        cfg.model.revision = ""
     cfg.validate()
     return cfg
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from palitorch.errors import ConfigError
+from palitorch.errors import CheckpointError, ConfigError
 from palitorch.train.config import LIMITS, SECTIONS, TrainConfig, load_config, parse_overrides
 from palitorch.train.runfolder import check_can_create
 
@@ -279,3 +279,32 @@ def test_paths_expand_a_tilde_and_from_scratch_keys_are_not_ignored(tmp_path, mo
     assert cfg.data.train == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
     assert cfg.data.eval == str(tmp_path / "t.jsonl")
     assert cfg.ignored() == []
+
+
+def test_an_init_hub_id_takes_a_revision_and_the_resolved_config_names_its_snapshot(tmp_path, monkeypatch):
+    """[model] revision picks the cached commit of an init given as a Hub id (as --revision does for --model); the
+    resolved config records the snapshot folder (its name is the commit) and no revision, so it loads again as is.
+    huggingface_hub, offline, names the folder each revision resolves to."""
+    from huggingface_hub import snapshot_download
+
+    cache, new, old = tmp_path / "hub", "b" * 40, "c" * 40
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    repo = cache / "models--me--pg"
+    for commit in (new, old):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(new)
+    (repo / "refs" / "v1").write_text(old)
+    base = ["--model.init", "me/pg", "--data.train", "t.jsonl", "--train.out", str(tmp_path / "run")]
+    for revision, commit in ((None, new), ("v1", old), (old, old)):
+        cfg = load_config(None, base + (["--model.revision", revision] if revision else []))
+        hub = snapshot_download("me/pg", revision=revision, cache_dir=cache, local_files_only=True)
+        assert cfg.model.init == hub == str(repo / "snapshots" / commit) and cfg.model.revision == ""
+        (tmp_path / "resolved.toml").write_text(cfg.to_toml())
+        assert load_config(tmp_path / "resolved.toml").model.init == cfg.model.init
+    with pytest.raises(ConfigError, match=r"\[model\] revision 'v1' applies to an init given as a Hub id"):
+        load_config(None, ["--model.revision", "v1", "--data.train", "t.jsonl"])
+    with pytest.raises(CheckpointError, match="not its revision 'v2'.*hf download me/pg --revision v2"):
+        load_config(None, base + ["--model.revision", "v2"])
