@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from palitorch.checkpoint.hub import cached_snapshot, is_hub_id
 from palitorch.checkpoint.io import check_safetensors, read_json_object, write_safetensors
 from palitorch.checkpoint.keys import hf_runtime_name, hf_to_ours
 from palitorch.errors import CheckpointError
@@ -79,6 +80,26 @@ def read_adapter(folder: Path) -> tuple[dict, Path]:
         raise CheckpointError(f"{folder} has no {WEIGHTS}{hint}")
     check_safetensors(weights, advice="")
     return settings, weights
+
+
+def adapter_base(folder: Path) -> Path | None:
+    """The base model a PEFT adapter names, as peft's AutoPeftModel finds it: adapter_config.json's
+    base_model_name_or_path, a folder or a Hub id in the local Hugging Face cache (at the config's `revision`);
+    None when it names none. One that is not here is a one-line CheckpointError saying to give the base model."""
+    settings, _ = read_adapter(folder)
+    base, revision = settings.get("base_model_name_or_path"), settings.get("revision")
+    if not isinstance(base, str) or not base.strip():
+        return None
+    given = "; or give the base model with --model (path= in palitorch.load)"
+    if not is_hub_id(base):
+        path = Path(base).expanduser()
+        if not path.is_dir():
+            raise CheckpointError(f"{folder / CONFIG} names base model {base!r}, which is not a folder here{given}")
+        return path
+    try:
+        return cached_snapshot(base, revision if isinstance(revision, str) and revision.strip() else None)
+    except CheckpointError as e:
+        raise CheckpointError(f"{folder / CONFIG} names base model {base!r}: {e}{given}") from None
 
 
 def setting(settings: dict, name: str, module: str, default):
@@ -277,7 +298,9 @@ def save_peft_adapter(folder: Path, version: int, lora: dict, whole: dict, setti
         tensors[prefix + hf] = t
     config = {"peft_type": "LORA", "task_type": None, **settings, "target_modules": list(module.values()),
               "modules_to_save": sorted(saved) or None, "bias": "none", "fan_in_fan_out": False,
-              "init_lora_weights": True, "inference_mode": True, "use_rslora": False, "use_dora": False}
+              "init_lora_weights": True, "inference_mode": True, "use_rslora": False, "use_dora": False,
+              "auto_mapping": {"base_model_class": "PaliGemmaForConditionalGeneration",  # (for AutoPeftModel, as
+                               "parent_library": "transformers.models.paligemma.modeling_paligemma"}}  # PEFT writes)
     embed = prefix + hf_runtime_name(EMBED, version)
     if embed in tensors and tied:
         config["ensure_weight_tying"] = True

@@ -69,6 +69,7 @@ def check_checkpoint_folder(folder: Path) -> None:
         what = "is a file, not a checkpoint folder" if folder.exists() else "does not exist"
         raise CheckpointError(f"checkpoint folder {str(folder)!r} {what}")
     if not (folder / "config.json").is_file():
+        _check_link(folder / "config.json")
         if (folder / "adapter_config.json").is_file():
             raise CheckpointError(f"{folder} is a PEFT adapter folder, not a checkpoint: give it with --adapter "
                                   "(adapter= in palitorch.load), and its base model with --model")
@@ -99,6 +100,7 @@ def weight_files(folder: Path) -> list[Path]:
     single = folder / "model.safetensors"
     if single.is_file():
         return [single]
+    _check_link(single)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json_object(index).get("weight_map")
@@ -110,14 +112,23 @@ def weight_files(folder: Path) -> list[Path]:
             raise CheckpointError(f"{index} lists shard {outside[0]!r}, outside {folder}; download it again")
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
+            _check_link(folder / missing[0])
             raise CheckpointError(f"{folder} is missing shard {missing[0]} listed in {index.name}; download it again")
         return [folder / n for n in names]
     others = sorted(folder.glob("*.safetensors"))
+    for file in others:
+        _check_link(file)
     if others:
         return others
     pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
     hint = f" (found {pickles[0]}: palitorch never unpickles; convert it to safetensors)" if pickles else ""
     raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def _check_link(file: Path) -> None:
+    """A CheckpointError if `file` is a link to nothing (a Hugging Face cache whose blob was deleted)."""
+    if file.is_symlink() and not file.exists():
+        raise CheckpointError(f"{file} is a link to a file that is gone ({os.readlink(file)}): download it again")
 
 
 def weights_dtype(folder: Path) -> torch.dtype:

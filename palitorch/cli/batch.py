@@ -40,7 +40,6 @@ from palitorch.cli.common import (
     check_model_options,
     decoding_options,
     load_pipeline,
-    model_folder,
     not_a_folder,
     one_line_errors,
     result_fields,
@@ -319,11 +318,11 @@ def model_record(args: argparse.Namespace, dtype) -> dict:
     """What a result line says of the model that wrote it (`generated_by`): its folder ("palitorch-default" for the
     bundled one), the adapter merged into it, the dtype."""
     from palitorch.assets import DEFAULT_MODEL_DIR
-    from palitorch.inference.inputs import checkpoint_path
+    from palitorch.inference.inputs import model_paths
 
-    path = model_folder(args)  # (a Hub id: its snapshot, whose name is the commit)
-    path = path and path.resolve()
-    record = {"path": "palitorch-default" if path in (None, DEFAULT_MODEL_DIR.resolve()) else str(path)}
-    if args.adapter:
-        record["adapter"] = str(checkpoint_path(args.adapter, what="adapter").resolve())
+    path, adapter = model_paths(args.model, args.revision, args.adapter)  # (a Hub id: its snapshot, named by commit)
+    path = path.resolve()
+    record = {"path": "palitorch-default" if path == DEFAULT_MODEL_DIR.resolve() else str(path)}
+    if adapter is not None:
+        record["adapter"] = str(adapter.resolve())
     return record | {"dtype": str(dtype).removeprefix("torch.")}

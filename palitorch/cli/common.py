@@ -154,14 +154,6 @@ def check_model_options(args: argparse.Namespace) -> tuple[str, torch.dtype]:
     return resolve_device(args.device), resolve_dtype(args.dtype)
 
 
-def model_folder(args: argparse.Namespace) -> Path | None:
-    """The folder --model (and --revision) name: the folder itself or a Hub id's cached snapshot; None for the
-    bundled model. CheckpointError (one line) for a Hub id the cache lacks."""
-    from palitorch.inference.inputs import checkpoint_path
-
-    return checkpoint_path(args.model, args.revision) if args.model is not None else None
-
-
 def load_pipeline(args: argparse.Namespace, device: str, dtype: torch.dtype):
     import palitorch
 

@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
     )
     one_line_errors(p)
     p.add_argument("--model", metavar="DIR", help="the adapter's base checkpoint folder, or its Hub id in the local "
-                   "Hugging Face cache (default: the bundled model)")
+                   "Hugging Face cache (default: the base model the adapter names, else the bundled model)")
     p.add_argument("--revision", metavar="REV", help="with a Hub id: the cached branch, tag or commit (default: main)")
     p.add_argument("--adapter", required=True, metavar="DIR", help="the PEFT LoRA adapter folder (or its Hub id in "
                    "the cache)")
@@ -41,17 +41,13 @@ def add_parser(subparsers) -> None:
 def merge(args: argparse.Namespace) -> int:
     from palitorch.checkpoint import load_model, merge_adapter, read_adapter, resolve_dtype, save_model
     from palitorch.checkpoint.io import check_checkpoint_folder, weights_dtype
-    from palitorch.inference.inputs import checkpoint_path
+    from palitorch.inference.inputs import model_paths
     from palitorch.train.build import tokenizer_files
 
-    if args.model is None:
-        if args.revision is not None:
-            raise InputError("--revision applies to --model given as a Hub id: add --model OWNER/NAME, or leave "
-                             "--revision out")
-        from palitorch.assets import default_model_path
-
-        args.model = default_model_path()
-    model_dir, adapter = checkpoint_path(args.model, args.revision), checkpoint_path(args.adapter, what="adapter")
+    if args.model is None and args.revision is not None:
+        raise InputError("--revision applies to --model given as a Hub id: add --model OWNER/NAME, or leave "
+                         "--revision out")
+    model_dir, adapter = model_paths(args.model, args.revision, args.adapter)
     out = Path(args.out).expanduser()
     check_checkpoint_folder(model_dir)
     read_adapter(adapter)  # before the (slow) load

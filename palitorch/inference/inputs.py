@@ -131,6 +131,20 @@ def checkpoint_path(path, revision: str | None = None, what: str = "path") -> Pa
     return find_checkpoint(text, revision)
 
 
+def model_paths(path=None, revision: str | None = None, adapter=None) -> tuple[Path, Path | None]:
+    """(the checkpoint folder, the adapter folder or None) that `palitorch.load(path, adapter=, revision=)` reads,
+    by `checkpoint_path`; with no `path`, the base model that the adapter names (as peft's AutoPeftModel loads it),
+    else the bundled model."""
+    from palitorch.assets import default_model_path
+    from palitorch.checkpoint.adapter import adapter_base
+
+    folder = checkpoint_path(path, revision) if path is not None else None
+    adapter = checkpoint_path(adapter, what="adapter") if adapter is not None else None
+    if folder is None and adapter is not None and revision is None:
+        folder = adapter_base(adapter)
+    return folder or checkpoint_path(default_model_path(), revision), adapter
+
+
 def admit_inputs(default: GenerationOptions, images, prompts, tags, streams, options) -> list[GenerationOptions]:
     """`LiveBatch.admit`'s inputs: InputError for lists that do not pair up or options that a live batch cannot
     decode with, before any row is written -> each sequence's options (`default` where none are given), checked."""

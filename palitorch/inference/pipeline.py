@@ -24,8 +24,8 @@ from palitorch.inference.inputs import (
     check_count,
     check_images,
     check_strings,
-    checkpoint_path,
     chunks,
+    model_paths,
     resolve_device,
 )
 from palitorch.inference.processor import Processor
@@ -345,7 +345,8 @@ def _cuda_graphs(settings: dict) -> bool:
 
 
 def load(path=None, device="cpu", dtype="float32", adapter=None, revision=None) -> Pipeline:
-    """Load a Hub-layout PaliGemma folder (or the bundled default model when `path` is None; "~" is expanded).
+    """Load a Hub-layout PaliGemma folder ("~" is expanded), or when `path` is None the base model that `adapter`
+    names, else the bundled default model.
 
     `device`: "cpu" (the default), "cuda", "cuda:N" (or the index N), "mps", or a torch.device; one that this
     machine lacks is an InputError before anything is read. `dtype`: "float32" (the default), "bfloat16" ("bf16"),
@@ -353,12 +354,10 @@ def load(path=None, device="cpu", dtype="float32", adapter=None, revision=None) 
     ("google/paligemma2-3b-pt-224") already in the local Hugging Face cache (`hf download` puts it there), read at
     `revision` (a branch, tag or commit; default "main"); one not there is answered with the command that downloads
     it. `adapter`: a PEFT LoRA adapter folder of this model (adapter_config.json, adapter_model.safetensors), or the
-    Hub id of one in the cache, merged into the weights as they load."""
-    if path is None:
-        from palitorch.assets import default_model_path
-
-        path = default_model_path()
-    path = checkpoint_path(path, revision)
+    Hub id of one in the cache, merged into the weights as they load; with no `path`, its base model is the one its
+    adapter_config.json names (base_model_name_or_path: a folder, or a Hub id in the cache), as peft's AutoPeftModel
+    reads it."""
+    path, adapter = model_paths(path, revision, adapter)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype)
     cfg = read_config(path)
@@ -366,7 +365,6 @@ def load(path=None, device="cpu", dtype="float32", adapter=None, revision=None) 
                                       max_length=cfg.text.max_position_embeddings)
     check_tokenizer(cfg, processor, path)
     if adapter is not None:
-        adapter = checkpoint_path(adapter, what="adapter")
         read_adapter(adapter)  # before the (slow) load: a wrong folder fails at once
     model = load_model(path, device=device, dtype=dtype)
     if adapter is not None:

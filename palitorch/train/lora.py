@@ -30,6 +30,7 @@ from torch import nn
 
 from palitorch.checkpoint import load_model
 from palitorch.checkpoint.adapter import save_peft_adapter
+from palitorch.checkpoint.hub import snapshot_id
 from palitorch.checkpoint.io import write_safetensors
 from palitorch.errors import CheckpointError, ConfigError
 
@@ -160,7 +161,9 @@ def save_adapter(model: nn.Module, folder: Path, base: str | None = None) -> dic
 def save_peft(model: nn.Module, folder: Path, base: str | None) -> dict[str, Path]:
     """The run as a PEFT LoRA adapter of its [model] init (checkpoint.adapter.save_peft_adapter):
     `PeftModel.from_pretrained(PaliGemmaForConditionalGeneration.from_pretrained(init), folder)` is the trained
-    model. The parameters trained in full (`[lora] also_train`) are saved whole."""
+    model. The parameters trained in full (`[lora] also_train`) are saved whole. An init read from the local Hugging
+    Face cache is named as PEFT names it, by its Hub id (with the commit as `revision`), not by this machine's cache
+    folder."""
     layers = wrapped(model)
     lora = {name: (layer.lora_a.detach().float().contiguous().cpu(), layer.lora_b.detach().float().contiguous().cpu())
             for name, layer in layers}
@@ -170,8 +173,9 @@ def save_peft(model: nn.Module, folder: Path, base: str | None) -> dict[str, Pat
              for owner in owners for leaf, t in model.get_submodule(owner).named_parameters(recurse=False)}
     first = layers[0][1]
     rank = first.lora_a.shape[0]
-    settings = {"base_model_name_or_path": base, "r": rank, "lora_alpha": first.scale * rank,
-                "lora_dropout": getattr(first.dropout, "p", 0.0)}
+    hub = snapshot_id(base) if base else None  # a Hub id's cached snapshot goes by the id, at its commit
+    named = {"base_model_name_or_path": hub[0], "revision": hub[1]} if hub else {"base_model_name_or_path": base}
+    settings = {**named, "r": rank, "lora_alpha": first.scale * rank, "lora_dropout": getattr(first.dropout, "p", 0.0)}
     return save_peft_adapter(folder, model.cfg.version, lora, whole, settings,
                              tied=model.language_model.lm_head is None)
 

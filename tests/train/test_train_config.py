@@ -293,7 +293,8 @@ def test_an_init_hub_id_takes_a_revision_and_the_resolved_config_names_its_snaps
     repo = cache / "models--me--pg"
     for commit in (new, old):
         (repo / "snapshots" / commit).mkdir(parents=True)
-        (repo / "snapshots" / commit / "config.json").write_text("{}")
+        for name in ("config.json", "tokenizer.json", "model.safetensors"):  # (what a checkpoint's snapshot holds)
+            (repo / "snapshots" / commit / name).write_text("{}")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(new)
     (repo / "refs" / "v1").write_text(old)
