@@ -1,8 +1,10 @@
 """`palitorch batch`: a JSON-lines file of requests in, a JSON-lines file of results out; resumable.
 
-Input, one request per line (image paths relative to the input file's folder; any other fields are kept):
+Input, one request per line (image paths relative to the input file's folder, a list of them for a prompt about
+several images; any other fields are kept):
     {"image": "cats/1.jpg", "prompt": "caption en"}
     {"image": "cats/2.jpg", "prompt": "detect cat", "max_new_tokens": 32, "id": "x7"}
+    {"image": ["pair/left.jpg", "pair/right.jpg"], "prompt": "answer en are there two dogs?"}
 Output, one line per request: its fields, "index" (its line number in the input, from 1), "decoding" (the
 decoding options it ran with: the command line's and its own), "generated_by" (the model folder, adapter and
 dtype) and either the result (text, token_ids, logprobs,
@@ -100,9 +102,10 @@ def run_chunk(pipe, chunk: list[Request], writer: Writer, pad_to: int | None = N
     ready, loaded = [], {}  # an image that several requests name is read once (and so encoded once)
     for req in chunk:
         try:
-            if req.image not in loaded:
-                loaded[req.image] = load_image(req.image)
-            ready.append((req, loaded[req.image]))
+            for path in req.image if isinstance(req.image, tuple) else [req.image]:
+                if path not in loaded:
+                    loaded[path] = load_image(path)
+            ready.append((req, [loaded[p] for p in req.image] if isinstance(req.image, tuple) else loaded[req.image]))
         except PalitorchError as e:
             writer.add(req.fields, req.index, error=f"line {req.index}: {e}")
     if not ready:
@@ -124,7 +127,8 @@ def run_chunk(pipe, chunk: list[Request], writer: Writer, pad_to: int | None = N
         if isinstance(res, Exception):
             writer.add(req.fields, req.index, error=f"line {req.index}: {res}")
         else:
-            fields = result_fields(res, req.prompt, im.size, pipe.processor.tokenizer)
+            size = None if isinstance(im, list) else im.size  # (several images: no one image holds the boxes)
+            fields = result_fields(res, req.prompt, size, pipe.processor.tokenizer)
             by = {"generated_by": model} if model else {}
             writer.add(req.fields, req.index, decoding=req.options, **by, **fields)
 
@@ -134,7 +138,7 @@ def _one_by_one(pipe, ready: list, opts: dict) -> list:
     results = []
     for req, im in ready:
         try:
-            results.append(pipe.generate(im, req.prompt, **opts))
+            results.append(pipe.generate([im], [req.prompt], **opts)[0])  # (im may be a list: one row's images)
         except PalitorchError as e:
             results.append(e)
     return results

@@ -171,8 +171,9 @@ def not_a_folder(path: Path) -> str:
     return f"folder {str(path)!r} does not exist"
 
 
-def result_fields(result, prompt: str, image_size: tuple[int, int], tokenizer) -> dict:
-    """A Result as JSON-ready fields; detect/segment prompts add their parsed objects in image pixels, a result
+def result_fields(result, prompt: str, image_size: tuple[int, int] | None, tokenizer) -> dict:
+    """A Result as JSON-ready fields; detect/segment prompts add their parsed objects in image pixels (with an
+    `image_size`; None for a prompt about several images, whose boxes are in no one image's pixels), a result
     with top_logprobs adds them as {"token_id", "token", "logprob"} objects (token texts from `tokenizer`), and a
     beam search's its beams, best first."""
     from palitorch.inference.processor import token_text
@@ -192,7 +193,7 @@ def result_fields(result, prompt: str, image_size: tuple[int, int], tokenizer) -
         fields["beams"] = [{"text": b.text, "token_ids": list(b.token_ids), "logprobs": [json_number(v) for v in
                             b.logprobs], "finish_reason": b.finish_reason, "beam_score": json_number(b.beam_score)}
                            for b in result.beams]
-    return fields | task_outputs(prompt, result.text, *image_size)
+    return fields | (task_outputs(prompt, result.text, *image_size) if image_size else {})
 
 
 def json_number(v: float) -> float | None:

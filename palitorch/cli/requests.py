@@ -20,7 +20,7 @@ from palitorch.errors import InputError
 class Request:
     index: int  # line number in the input file, from 1
     fields: dict  # the request as given
-    image: Path
+    image: Path | tuple[Path, ...]  # (a tuple: the prompt's several images, in order)
     prompt: str
     options: dict  # decoding keywords: the command line's defaults updated by the request's own
 
@@ -72,14 +72,19 @@ FOREIGN = {
 def make_request(index: int, fields: dict, folder: Path, defaults: dict) -> Request:
     """A request's fields -> Request, or InputError saying what is wrong with them."""
     image, prompt = fields.get("image"), fields.get("prompt")
-    if not isinstance(image, str) or not image:
-        raise InputError(f'line {index} has no "image" path')
+    paths = image if isinstance(image, list) and image else [image]  # a list: a prompt about several images
+    if not all(isinstance(p, str) and p for p in paths):
+        raise InputError(f'line {index} has no "image" path (a path, or a list of paths for a prompt about several '
+                         "images)")
     if not isinstance(prompt, str):
         raise InputError(f'line {index} has no "prompt" string')
-    if image.lower().startswith(("http://", "https://")):
+    if len(paths) > MAX_IMAGES:
+        raise InputError(f'line {index}: {len(paths)} images for one prompt; at most {MAX_IMAGES} (their tokens '
+                         "share the model's context)")
+    if any(p.lower().startswith(("http://", "https://")) for p in paths):
         raise InputError(f'line {index}: the "image" is a URL: palitorch batch reads image files (download them '
                          "first and give their paths)")
-    if not _encodable(image):
+    if not all(_encodable(p) for p in paths):
         raise InputError(f'line {index}: the "image" path is not valid Unicode (a lone surrogate such as \\ud800)')
     for name in fields.keys() - FLAG_OF.keys() - RESULT_FIELDS - {"image", "prompt"}:  # kept as they are, unless...
         if name in FOREIGN and not (name == "n" and fields[name] == 1):
@@ -97,10 +102,11 @@ def make_request(index: int, fields: dict, folder: Path, defaults: dict) -> Requ
         check_decoding(options)
     except InputError as e:
         raise InputError(f"line {index}: {e}") from None
-    path = Path(image)
-    return Request(index, fields, path if path.is_absolute() else folder / path, prompt, options)
+    found = tuple(Path(p) if Path(p).is_absolute() else folder / p for p in paths)
+    return Request(index, fields, found if isinstance(image, list) else found[0], prompt, options)
 
 
+MAX_IMAGES = 16  # images for one prompt (PaliGemma's video transfers take 16 frames)
 INTEGER_OPTIONS = frozenset(key for _, key, kind, *_ in DECODING if kind is int)
 
 

@@ -1,4 +1,4 @@
-"""`palitorch run`: answer one prompt about one image; plain text, streamed text, or one JSON object.
+"""`palitorch run`: answer one prompt about an image (or several); plain text, streamed text, or one JSON object.
 
     palitorch run --model DIR --image cat.jpg --prompt "caption en"
     palitorch run --model DIR --image cat.jpg --prompt "detect cat" --json --draw boxes.png
@@ -30,12 +30,15 @@ from palitorch.errors import InputError
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "run", help="answer one prompt about one image",
-        description="Answer one prompt about one image. PaliGemma prompts: 'caption en', 'answer en QUESTION', "
+        "run", help="answer one prompt about an image",
+        description="Answer one prompt about an image (or several: --image again). PaliGemma prompts: "
+                    "'caption en', 'answer en QUESTION', "
                     "'detect cat ; dog', 'segment cat', 'ocr'.",
     )
     one_line_errors(p)
-    p.add_argument("--image", required=True, metavar="PATH", help="the image file")
+    p.add_argument("--image", required=True, metavar="PATH", action="append",
+                   help="the image file; given again, the prompt's further images, in order (a prompt about "
+                        "several images, for checkpoints transferred to such tasks, e.g. NLVR2's pairs)")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt (prefix), e.g. 'caption en'")
     out = p.add_argument_group("output").add_mutually_exclusive_group()
     out.add_argument("--stream", action="store_true", help="print the answer piece by piece as it is generated")
@@ -113,9 +116,13 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--draw", args.draw), ("--vae", args.vae)):  # ("$OUT" unset: was taken for no option)
         if value == "":
             raise InputError(f"{flag} is empty: give a file name, or leave {flag} out")
-    image = load_image(args.image)
+    images = [load_image(path) for path in args.image]
+    image = images[0] if len(images) == 1 else images
     out = check_output_image(args.draw) if args.draw else None
-    if out is not None and out.resolve() == Path(args.image).resolve():
+    if out is not None and len(images) > 1:
+        raise InputError("--draw draws the boxes on the one image they are in: give one --image, or leave --draw "
+                         "out")
+    if out is not None and out.resolve() == Path(args.image[0]).resolve():
         raise InputError("--draw must not be the input image (it would be overwritten): give another file name")
     vae = None
     if args.vae:
@@ -134,9 +141,10 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         result = stream.result
     else:
-        result = pipe.generate(image, args.prompt, **opts)
+        result = pipe.generate([image], [args.prompt], **opts)[0]  # (a list of images is one row's: in a list)
         if args.json:
-            print(json.dumps(result_fields(result, args.prompt, image.size, pipe.processor.tokenizer),
+            size = image.size if len(images) == 1 else None  # (several images: no one image holds the boxes)
+            print(json.dumps(result_fields(result, args.prompt, size, pipe.processor.tokenizer),
                              ensure_ascii=False))
         else:
             print(result.text)

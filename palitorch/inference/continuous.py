@@ -44,7 +44,7 @@ from palitorch.inference.generate import (
     settle,
     sliding_window,
 )
-from palitorch.inference.inputs import admit_inputs, check_live_options
+from palitorch.inference.inputs import admit_inputs, check_live_options, marked_prompts
 from palitorch.inference.logprobs import chosen_logprobs
 from palitorch.inference.processor import Processor
 from palitorch.inference.sampling import GenerationOptions, RowChooser
@@ -164,6 +164,7 @@ class LiveBatch:
         decoding keywords that change the batch's options."""
         self._check_open()
         options = admit_inputs(self.opts, images, prompts, tags, streams, options)
+        prompts = marked_prompts(images, prompts)  # (an image may be a list of images for its prompt)
         n = len(prompts)
         if n > self.max_rows:  # it never could: not a "try again"
             raise InputError(f"{n} sequences cannot join a live batch of max_rows={self.max_rows}: admit at most "

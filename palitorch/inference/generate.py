@@ -46,15 +46,16 @@ class Prompts:
 
     ids: torch.Tensor  # [B, T] long
     valid: torch.Tensor  # [B, T] bool, False on the left padding
-    pixels: torch.Tensor  # [B, 3, R, R], or [U, 3, R, R] with image_index
+    pixels: torch.Tensor  # [N, 3, R, R], the rows' images in order (a row may have several); [U, ...] with index
     lengths: list[int]  # real tokens per row
-    image_index: torch.Tensor | None = None  # [B]: row b shows image image_index[b] (rows may share an image)
+    image_index: torch.Tensor | None = None  # [N]: the n-th image is pixels[image_index[n]] (rows may share one)
 
 
 def encode_prompts(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompts: list[str],
                    image_index: torch.Tensor | None = None) -> Prompts:
-    """Tokenise and left-pad `prompts` (one per image in pixels [B, 3, R, R]; or per `image_index` [B] entry, an
-    index into pixels [U, 3, R, R] of U distinct images); InputError if one cannot fit."""
+    """Tokenise and left-pad `prompts` (one per image in pixels [B, 3, R, R], or a prompt starting with k `<image>`
+    markers per k images; `image_index` [N]: the images in order as indices into pixels [U, 3, R, R] of U distinct
+    images, see `PaliGemma.embed`); InputError if one cannot fit."""
     enc = [processor.encode(p) for p in prompts]
     context = model.cfg.text.max_position_embeddings
     longest = max(len(e.ids) for e in enc)
@@ -67,6 +68,16 @@ def encode_prompts(model: PaliGemma, processor: Processor, pixels: torch.Tensor,
     device = pixels.device
     return Prompts(batch["input_ids"].to(device), batch["attention_mask"].to(device).bool(), pixels,
                    [len(e.ids) for e in enc], image_index)
+
+
+def rows_images(processor: Processor, prompts: Prompts, rows: list[int], image_index: torch.Tensor | None):
+    """The image index [N'] of some `rows` of a batch of `prompts`: their images, in order, as indices into its
+    pixels (a row's images are its `<image>` tokens, P per image)."""
+    counts = ((prompts.ids == processor.image_id).sum(-1) // processor.num_image_tokens).tolist()
+    index = image_index.tolist() if image_index is not None else list(range(sum(counts)))
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    picked = [index[starts[i] + j] for i in rows for j in range(counts[i])]
+    return torch.tensor(picked, dtype=torch.long, device=prompts.ids.device)
 
 
 def eos_ids(model: PaliGemma, processor: Processor) -> list[int]:
@@ -274,8 +285,8 @@ def decode(model: PaliGemma, prompts: Prompts, opts: GenerationOptions, eos: lis
 def generate(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompts: list[str],
              opts: GenerationOptions, fns: Steps | None = None,
              image_index: torch.Tensor | None = None) -> list[Result]:
-    """Answers for a batch: pixels [B, 3, R, R] (or [U, 3, R, R] with `image_index`, see `encode_prompts`), B
-    prompts. One padded batch, one decode loop."""
+    """Answers for a batch: B prompts and their images, pixels [B, 3, R, R] (or see `encode_prompts`). One padded
+    batch, one decode loop."""
     batch = encode_prompts(model, processor, pixels, prompts, image_index)
     eos = eos_ids(model, processor)
     budgets = row_budgets(model, batch, opts)
@@ -287,8 +298,8 @@ def generate(model: PaliGemma, processor: Processor, pixels: torch.Tensor, promp
         results: list[Result] = [None] * len(prompts)
         for budget in sorted(set(budgets)):  # (prompts near the end of the context: each room a batch of its own)
             rows = [i for i, b in enumerate(budgets) if b == budget]
-            part = encode_prompts(model, processor, pixels if image_index is not None else pixels[rows],
-                                  [prompts[i] for i in rows], None if image_index is None else image_index[rows])
+            part = encode_prompts(model, processor, pixels, [prompts[i] for i in rows],
+                                  rows_images(processor, batch, rows, image_index))
             for i, r in zip(rows, beam_search(model, processor, part, opts, eos, budget, fns)):
                 results[i] = r
         return results
@@ -319,11 +330,11 @@ def row_alternatives(top: Top | None, rows: int) -> list[Alternatives | None]:
 
 
 def stream(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompt: str,
-           opts: GenerationOptions, fns: Steps | None = None) -> Iterator[str]:
-    """Yield the text of one answer (pixels [1, 3, R, R]) in pieces as tokens arrive; returns the `Result`.
-    See `stream_batch`."""
+           opts: GenerationOptions, fns: Steps | None = None, image_index: torch.Tensor | None = None) -> Iterator[str]:
+    """Yield the text of one answer (pixels [1, 3, R, R], or its several images) in pieces as tokens arrive; returns
+    the `Result`. See `stream_batch`."""
     result = None
-    for _, item in stream_batch(model, processor, pixels, [prompt], opts, fns):
+    for _, item in stream_batch(model, processor, pixels, [prompt], opts, fns, image_index):
         if isinstance(item, str):
             yield item
         else:

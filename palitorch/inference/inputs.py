@@ -12,6 +12,7 @@ from PIL import Image
 
 from palitorch.checkpoint.hub import find_checkpoint
 from palitorch.errors import InputError
+from palitorch.inference.processor import IMAGE, image_markers
 from palitorch.inference.sampling import GenerationOptions, _is_int
 
 
@@ -34,9 +35,33 @@ def as_batch(images, *texts):
 def check_images(images: list) -> None:
     """InputError for an empty PIL image (0 pixels wide or high), which cannot be resized. (Arrays of pixels with a
     0 side are refused where they are read; an image file cannot hold no pixels.)"""
-    for im in images:
+    for im in flat_images(images):
         if isinstance(im, Image.Image) and (im.width == 0 or im.height == 0):
             raise InputError(f"an image is {im.width} x {im.height} pixels: it must be at least 1 x 1")
+
+
+def flat_images(rows: list) -> list:
+    """Each input's image(s) -> all the images in order: an input's image is one image, or a list (or tuple) of
+    several for its one prompt."""
+    return [im for row in rows for im in (row if isinstance(row, (list, tuple)) else [row])]
+
+
+def marked_prompts(rows: list, prompts: list) -> list:
+    """The prompts, each of an input with a list of k images starting with k `<image>` markers (how the processor
+    learns how many images a prompt is about, as transformers' does); InputError for an empty list of images, or a
+    prompt whose own leading markers count other than its images (a prompt may start with them, as in
+    transformers' examples)."""
+    out = []
+    for row, prompt in zip(rows, prompts):
+        k = len(row) if isinstance(row, (list, tuple)) else 1
+        if k == 0:
+            raise InputError("an input's list of images is empty: give it at least one image")
+        marks = image_markers(prompt) if isinstance(prompt, str) else 0
+        if marks not in (0, k):
+            raise InputError(f"a prompt starts with {marks} {IMAGE} markers for {k} image{'s' * (k > 1)}: give one "
+                             "per image, or none")
+        out.append(IMAGE * k + prompt if k > 1 and not marks else prompt)
+    return out
 
 
 def check_strings(texts: list, what: str) -> None:

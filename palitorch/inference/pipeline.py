@@ -25,6 +25,8 @@ from palitorch.inference.inputs import (
     check_images,
     check_strings,
     chunks,
+    flat_images,
+    marked_prompts,
     model_paths,
     resolve_device,
 )
@@ -79,12 +81,14 @@ class Pipeline:
         return f"Pipeline({where}, PaliGemma {self.cfg.version}, device={self.device}, dtype={dtype})"
 
     def _pixels(self, images) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Images -> (pixels [U, 3, S, S] of the U distinct ones, in the model's dtype on its device; index [B] of
-        each input's image, or None when all B are distinct). Resized on the host, normalised on the device.
+        """Each input's image(s) -> (pixels [U, 3, S, S] of the U distinct images, in the model's dtype on its device;
+        index [N] of the inputs' N images in order (see `flat_images`), or None when all N are distinct). Resized on
+        the host, normalised on the device.
 
         An image given more than once (the same object, or the same path: one image with a list of prompts) is
         preprocessed once, and the vision tower encodes it once."""
         check_images(images)
+        images = flat_images(images)
         slot, distinct, index = {}, [], []
         for im in images:
             key = os.fspath(im) if isinstance(im, (str, os.PathLike)) else id(im)
@@ -102,6 +106,7 @@ class Pipeline:
         a list is one padded batch (its memory grows with the list); with it, batches of that many at a time."""
         images, prefixes, suffixes, single = as_batch(image, prefix, suffix)
         check_strings(prefixes, "a prompt (prefix)")
+        prefixes = marked_prompts(images, prefixes)
         check_strings(suffixes, "an answer to score (suffix)")
         parts = chunks(len(prefixes), batch_size)
         with self._lock:  # no KV cache: this may run between a stream's pieces
@@ -220,6 +225,7 @@ class Pipeline:
         """
         opts = GenerationOptions.from_kwargs(options, **kw)
         images, prompts, single = as_batch(image, prompt)
+        prompts = marked_prompts(images, prompts)
         parts = chunks(len(prompts), batch_size)
         results = []
         with self._lock:
@@ -254,12 +260,15 @@ class Pipeline:
         return size
 
     def stream(self, image, prompt: str, options: GenerationOptions | dict | None = None, **kw) -> Stream:
-        """Like `generate` for one image and prompt, yielding text pieces as they are decoded; see `Stream`."""
+        """Like `generate` for one image (or a list of images for the one prompt) and one prompt, yielding text
+        pieces as they are decoded; see `Stream`."""
         opts = streamable(GenerationOptions.from_kwargs(options, **kw))
-        if isinstance(image, (list, tuple, Iterator)) or not isinstance(prompt, str):
-            raise InputError("stream takes one image and one prompt string; use generate for a batch")
-        pixels, _ = self._pixels([image])
-        return Stream(engine.stream(self.model, self.processor, pixels, prompt, opts, self._steps), self)
+        if isinstance(image, Iterator) or not isinstance(prompt, str):
+            raise InputError("stream takes one image and one prompt string (or a list of images for that one "
+                             "prompt); use generate or stream_batch for a batch")
+        prompt = marked_prompts([image], [prompt])[0]
+        pixels, index = self._pixels([image])
+        return Stream(engine.stream(self.model, self.processor, pixels, prompt, opts, self._steps, index), self)
 
     def stream_batch(self, images, prompts, options: GenerationOptions | dict | None = None, keep_going=None, **kw):
         """Like `generate` for a batch, as events while it decodes: (i, text piece) for input i, then (i, Result) as
@@ -272,6 +281,7 @@ class Pipeline:
             raise InputError(f"keep_going must be a function of no arguments that returns a bool (or None), got "
                              f"{type(keep_going).__name__}")
         images, prompts, _ = as_batch(images, prompts)
+        prompts = marked_prompts(images, prompts)
         with self._lock:  # the batch sizes a compiled pipeline has run at
             pixels, index, padded = self._padded(images, prompts, opts)
         events = engine.stream_batch(self.model, self.processor, pixels, padded, opts, self._steps, index, keep_going)

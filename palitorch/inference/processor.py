@@ -3,7 +3,8 @@
 Image (loaded as images.py says: EXIF orientation applied, any PIL mode made RGB), resized straight to
 S x S (PIL bicubic, PaliGemma's, unless preprocessor_config.json names another filter), scaled to [0, 1] and
 normalised with the checkpoint's mean/std (0.5 for PaliGemma), each step as its do_rescale / do_normalize say.
-Prompt: `<image> * N + <bos> + prefix + "\\n"` (token type 0), then optionally `suffix + <eos>` (type 1).
+Prompt: `<image> * N + <bos> + prefix + "\\n"` (token type 0), then optionally `suffix + <eos>` (type 1); with k
+images (a prompt that starts with k `<image>` markers), `<image> * k N`, each image's tokens one after another.
 Special tokens are looked up by their text in the checkpoint's tokenizer.json, never by id.
 """
 
@@ -220,14 +221,18 @@ class Processor:
             except UnicodeEncodeError:  # a lone surrogate: bytes that were not UTF-8, decoded with surrogateescape
                 raise InputError(f"the text {text[:40]!r} is not valid Unicode (it holds a lone surrogate, e.g. from "
                                  "bytes that were not UTF-8): send UTF-8 text") from None
-        prefix = prefix[len(IMAGE):] if prefix.startswith(IMAGE) else prefix  # transformers' "<image>caption en"
+        # transformers' "<image>caption en"; k markers: k images ("<image><image>answer en ...", as its processor)
+        images = max(1, image_markers(prefix))
+        prefix = prefix[len(IMAGE) * image_markers(prefix):]
         if IMAGE in prefix or (suffix is not None and IMAGE in suffix):  # it would count as one more image position
             raise InputError(f"the text contains {IMAGE}, which PaliGemma keeps for the image's own positions "
                              "(the processor puts them in): remove it")
         if self._head_ids is not None:
-            ids = self._head_ids + self.tokenizer.encode(prefix + "\n", add_special_tokens=False).ids
+            head = self._head_ids if images == 1 else self._head_ids[:-1] * images + self._head_ids[-1:]
+            ids = head + self.tokenizer.encode(prefix + "\n", add_special_tokens=False).ids
         else:
-            ids = self.tokenizer.encode(self._image_prefix + prefix + "\n", add_special_tokens=False).ids
+            head = self._image_prefix if images == 1 else IMAGE * self.num_image_tokens * images + BOS
+            ids = self.tokenizer.encode(head + prefix + "\n", add_special_tokens=False).ids
         types = [0] * len(ids)
         if suffix is not None:
             s = self.suffix_ids(suffix)
@@ -313,6 +318,14 @@ def _preprocessing(pre: Path, image_size: int, num_image_tokens: int) -> dict:
                                   f"{'true or false' if key != 'resample' else 'a PIL filter number, 0-5'}")
     return dict(mean=mean, std=std, rescale=rescale if flags["do_rescale"] else None,
                 normalize=flags["do_normalize"], resample=resample)
+
+
+def image_markers(prompt: str) -> int:
+    """How many `<image>` markers a prompt starts with: the number of images it is about (0: one)."""
+    n = 0
+    while prompt.startswith(IMAGE, n * len(IMAGE)):
+        n += 1
+    return n
 
 
 def token_bytes(tokenizer: Tokenizer, token: int) -> bytes:

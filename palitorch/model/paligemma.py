@@ -69,8 +69,11 @@ class PaliGemma(nn.Module):
     ) -> torch.Tensor:
         """Text embeddings with each image's P features written over its P `<image>` positions. [B, T, H]
 
-        `image_index` [B] lets sequences share images: pixels is then [U, 3, R, R] (U distinct images) and sequence
-        b takes image `image_index[b]`, so the vision tower runs once per image (several questions about one image).
+        The images fill the `<image>` positions in order, P at a time, sequence by sequence: a sequence with k images
+        has k * P `<image>` tokens (PaliGemma encodes each image apart and puts their tokens one after another, as in
+        its NLVR2 and video transfers). `image_index` [N] lets them share images: pixels is then [U, 3, R, R] (U
+        distinct images) and the n-th image in that order is `image_index[n]`, so the vision tower runs once per
+        image (several questions about one image). Without it, pixels holds the N images in that order.
         """
         is_image = input_ids == self.cfg.image_token_id
         # <image> ids may lie past the vocabulary: embed a dummy id there, overwritten below by the image features
@@ -80,10 +83,11 @@ class PaliGemma(nn.Module):
         img = self.embed_image(pixels).to(x.dtype)
         if image_index is not None:
             img = img[image_index.to(img.device)]
-        if not bool((is_image.sum(-1) == img.shape[1]).all()):
+        counts, p = is_image.sum(-1), img.shape[1]
+        if not bool(((counts > 0) & (counts % p == 0)).all() & (counts.sum() == img.shape[0] * p)):
             raise ValueError(
-                f"each sequence needs exactly {img.shape[1]} <image> tokens for this resolution, got "
-                f"{is_image.sum(-1).tolist()}"
+                f"each sequence needs {p} <image> tokens per image at this resolution, {img.shape[0] * p} in all for "
+                f"{img.shape[0]} images; got {counts.tolist()}"
             )
         return x.masked_scatter(is_image[..., None], img)
 
@@ -99,8 +103,8 @@ class PaliGemma(nn.Module):
         return_logits: bool = True,
         image_index: torch.Tensor | None = None,
     ) -> Output:
-        """input_ids, attention_mask, token_type_ids, labels [B, T]; pixel_values [B, 3, R, R] (or [U, 3, R, R]
-        with image_index [B], see `embed`).
+        """input_ids, attention_mask, token_type_ids, labels [B, T]; pixel_values [N, 3, R, R], the images in
+        order, one per sequence or more (or [U, 3, R, R] with image_index [N], see `embed`).
 
         Without token_type_ids the whole sequence is prefix (as for a prompt). Positions count real tokens from 1
         (transformers' convention), so a padded sequence gives the same numbers as the unpadded one. Labels of

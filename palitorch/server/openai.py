@@ -2,9 +2,10 @@
 back out as completion objects and stream chunks: responses.py). Plain data only (no model, no sockets), so every
 rule here is tested alone.
 
-PaliGemma answers one prompt about one image and keeps no conversation, so a request holds one user message whose
-content is one image part (a base64 `data:` URL, or an http(s) URL the server fetches) and text parts (the prompt,
-e.g. "caption en" or "detect cat"). Requests the model cannot honour (a system prompt, several turns, tools,
+PaliGemma answers one prompt about an image and keeps no conversation, so a request holds one user message whose
+content is an image part (a base64 `data:` URL, or an http(s) URL the server fetches), or several for a prompt about
+several images (in order, as checkpoints transferred to NLVR2 or video frames take them), and text parts (the
+prompt, e.g. "caption en" or "detect cat"). Requests the model cannot honour (a system prompt, several turns, tools,
 presence penalties, ...) are refused with a message saying what to change, never silently ignored.
 
 Decoding follows palitorch, not OpenAI's defaults: greedy unless `temperature` > 0 (or a top_p/top_k/min_p filter
@@ -86,18 +87,24 @@ FOREIGN = {
     "best_of": "n (answers), or num_beams (beam search)",
 }
 MAX_N = 16
+MAX_IMAGES = 16  # images in one request (PaliGemma's video transfers take 16 frames)
 MAX_BEAMS = 16  # each beam is a row of KV cache: a bound, so that one request cannot take the server's memory
 
 
 @dataclass
 class ChatRequest:
-    image: Image.Image
+    image: Image.Image | list[Image.Image]  # (a list: the prompt's several images, in order)
     prompt: str
     options: dict  # decoding keywords for Pipeline.generate / stream, validated, the server's defaults included
     n: int = 1
     stream: bool = False
     include_usage: bool = False
     logprobs: bool = False
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """(width, height) of the request's one image, which detect/segment boxes are in; None for several."""
+        return None if isinstance(self.image, list) else self.image.size
 
     @functools.cached_property
     def greedy(self) -> bool:  # asked for every queued job each time the engine forms a batch
@@ -206,8 +213,9 @@ def check_options(options: dict) -> None:
         raise bad(msg, param) from None
 
 
-def parse_messages(messages, fetch, images: ImageCache | None = None) -> tuple[Image.Image, str]:
-    """One user message of text and one image -> (image, prompt). Text parts are joined with spaces."""
+def parse_messages(messages, fetch, images: ImageCache | None = None) -> tuple[Image.Image | list[Image.Image], str]:
+    """One user message of text and images -> (image, or the list of its images in order; prompt). Text parts are
+    joined with spaces."""
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list with one user message", "messages")
     roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
@@ -236,10 +244,13 @@ def parse_messages(messages, fetch, images: ImageCache | None = None) -> tuple[I
             urls.append(url)
         else:
             raise bad(f"unsupported content part {json.dumps(part)[:80]}: use text and image_url parts", "messages")
-    if len(urls) != 1:
-        raise bad(f"PaliGemma answers about one image per request, got {len(urls)}: "
-                  + ("add an image_url part" if not urls else "send one request per image"), "messages")
-    return read_image(urls[0], fetch, images), " ".join(texts)
+    if not urls:
+        raise bad("the message has no image: add an image_url part", "messages")
+    if len(urls) > MAX_IMAGES:
+        raise bad(f"a request takes at most {MAX_IMAGES} images (their tokens share the model's context), got "
+                  f"{len(urls)}: send fewer", "messages")
+    got = [read_image(url, fetch, images) for url in urls]
+    return got[0] if len(got) == 1 else got, " ".join(texts)
 
 
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+/-]*)(?P<params>(;[^,;]*)*?);base64,(?P<data>.*)", re.S)

@@ -55,7 +55,7 @@ def completion(rid: str, created: int, model: str, req: ChatRequest, results: li
             alternatives = r.top_logprobs or [None] * len(r.token_ids)
             entries = [token_entry(tokenizer, t, p, alt) for t, p, alt in zip(r.token_ids, r.logprobs, alternatives)]
             choice["logprobs"] = {"content": joined(entries, r.text), "refusal": None}
-        choice.update(task_outputs(req.prompt, r.text, *req.image.size))
+        choice.update(task_outputs(req.prompt, r.text, *req.size) if req.size else {})
         choices.append(choice)
     return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
             "usage": usage(results)}

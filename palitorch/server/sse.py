@@ -63,7 +63,7 @@ def stream(handler, job, rid: str, created: int, first=_NEXT) -> None:
                 rest = list(zip(got.token_ids, got.logprobs, alternatives))[sent[i]:]
                 event(handler, chunk(rid, created, model, {}, finish_reason(got), index=i,
                                      logprobs=entries(rest, got.text, i) if rest else None,
-                                     extra=task_outputs(req.prompt, got.text, *req.image.size)) | extra)
+                                     extra=task_outputs(req.prompt, got.text, *req.size) if req.size else {}) | extra)
             item = job.pieces.get()
         # None came: the job's results or error are set (before it, as the engine finishes a job)
         if job.error is not None:  # failed after the status line went out: say so in the stream

@@ -55,6 +55,9 @@ def read_jsonl(path: str | Path) -> list[Example]:
                 raise ConfigError(f"{where}: not UTF-8 text; save the file as UTF-8") from None
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
+            if isinstance(d, dict) and isinstance(d.get("image"), list):
+                raise ConfigError(f'{where}: "image" is a list: training and eval take one image per example (a '
+                                  "prompt about several images is for run, batch and serve)")
             if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("image", "prefix", "suffix")):
                 raise ConfigError(f'{where}: each line needs string fields "image", "prefix" and "suffix"')
             # JSON's "\ud800" escape gives a string that no UTF-8 file, tokenizer or print takes

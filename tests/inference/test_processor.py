@@ -181,14 +181,15 @@ def test_image_token_text_in_a_prompt_is_an_input_error(procs):
     """`<image>` in the text would be one more image position than the image has (the merge then fails deep in
     the model, and in a server batch it failed every request batched with it): refused up front, in one line."""
     ours, hf = procs
-    for prefix, suffix in (("caption <image> en", None), ("<image><image>caption en", None),
+    for prefix, suffix in (("caption <image> en", None), ("<image>caption <image>en", None),
                            ("caption en", "a <image> cat")):
         with pytest.raises(InputError, match="contains <image>"):
             ours.encode(prefix, suffix)
-    # ... but one leading <image>, as transformers' documentation writes prompts, is the image's own place
-    for prompt in ("<image>caption en", "<image> caption en"):
-        ref = hf(images=[Image.new("RGB", (8, 8))], text=[prompt], return_tensors="pt")["input_ids"][0].tolist()
-        assert ours.encode(prompt).ids == ref
+    # ... but leading <image>s, as transformers' documentation writes prompts, are the images' own places: k of
+    # them, k images (a pipeline refuses a count other than its images': test_multi_image)
+    for prompt, k in (("<image>caption en", 1), ("<image> caption en", 1), ("<image><image>caption en", 2)):
+        ref = hf(images=[[Image.new("RGB", (8, 8))] * k], text=[prompt], return_tensors="pt")["input_ids"][0]
+        assert ours.encode(prompt).ids == ref.tolist()
     assert len(ours.encode("caption en <loc0001> <eos>").ids) > ours.num_image_tokens  # other special tokens pass
 
 

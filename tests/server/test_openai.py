@@ -182,8 +182,9 @@ def messages_cases():
         ({"messages": [{"role": "user", "content": "caption en"}]}, "no image"),
         ({"messages": []}, "non-empty list"),
         ({"messages": "caption en"}, "non-empty list"),
-        (with_content(image_part(), image_part(), text_part("x")), "one image per request, got 2"),
-        (with_content(text_part("caption en")), "got 0: add an image_url part"),
+        (with_content(*[image_part()] * 17, text_part("x")), "at most 16 images (their tokens share the model's "
+                                                             "context), got 17: send fewer"),
+        (with_content(text_part("caption en")), "the message has no image: add an image_url part"),
         (with_content(image_part(), {"type": "input_audio", "input_audio": {}}), "unsupported content part"),
         (with_content({"type": "image_url", "image_url": 5}), "an image_url part needs"),
         (with_content(image_part("data:image/png;base64," + png[:-7] + "!@#$%^&")), "base64 is damaged"),

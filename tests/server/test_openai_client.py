@@ -16,9 +16,11 @@ from serverkit import (
     HeldPipe,
     RecordingEngine,
     chat,
+    data_url,
     demo_examples,
     live_server,
     new_server,
+    post,
     serving,
 )
 
@@ -178,3 +180,23 @@ def test_n_choices_of_a_beam_search_are_its_best_beams(server, demo):
     assert [c.message.content for c in out.choices] == [b.text for b in want]
     assert [len(c.logprobs.content) for c in out.choices] == [len(b.token_ids) for b in want]
     assert len({c.message.content for c in out.choices}) > 1  # (not the best one three times)
+
+
+def test_a_message_with_several_images_asks_about_them_all(server, demo):
+    """Image parts in order are the prompt's images (as `generate([[a, b]], prompt)`), streamed or not; boxes of a
+    detect prompt about several images are in no one image's pixels, so no detections field comes."""
+    a, b = demo[0], demo[2]
+    images = [{"type": "image_url", "image_url": {"url": data_url(e["path"])}} for e in (a, b)]
+
+    def ask(parts, prompt):
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
+
+    question = "answer en is the shape red?"
+    want = palitorch.load().generate([[a["image"], b["image"]]], [question])[0]
+    out = client(server).chat.completions.create(model=MODEL, messages=ask(images, question))
+    assert out.choices[0].message.content == want.text and out.usage.prompt_tokens == want.prompt_tokens
+    pieces = client(server).chat.completions.create(model=MODEL, messages=ask(images, question), stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == want.text
+    status, two, _ = post(server, {"messages": ask(images, "detect red")})
+    assert status == 200 and "detections" not in two["choices"][0]
+    assert "detections" in post(server, {"messages": ask(images[:1], "detect red")})[1]["choices"][0]
