@@ -89,7 +89,7 @@ def answer(pipe, image, prompt: str, opts: dict) -> None:
     sys.stdout.flush()
     seconds = time.perf_counter() - start
     n = len(r.token_ids)
-    say(f"[{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s, {r.finish_reason}]")
+    say(f"[{n} token{'s' * (n != 1)} in {seconds:.2f} s, {n / seconds:.1f} tokens/s, {r.finish_reason}]")
 
 
 def chat(args: argparse.Namespace) -> int:

@@ -59,6 +59,8 @@ def check_output_image(path: str) -> Path:
     """--draw's target must be writable as an image: a suffix PIL can write an RGB image as, in an existing folder
     we may write in, and not a folder itself. Checked before the model loads, not after the answer."""
     out = Path(path)
+    if out.is_dir():  # (first: a folder's name has no image suffix, which is not what is wrong with it)
+        raise InputError(f"--draw {path} is a folder: give a file name")
     fmt = Image.registered_extensions().get(out.suffix.lower())
     if fmt is None:
         raise InputError(f"--draw {path}: unknown image format {out.suffix!r}; use a .png or .jpg name")
@@ -68,8 +70,6 @@ def check_output_image(path: str) -> Path:
         raise InputError(f"--draw {path}: cannot write {fmt} images; use a .png or .jpg name") from None
     if not out.parent.is_dir():
         raise InputError(f"--draw {path}: {not_a_folder(out.parent)}")
-    if out.is_dir():
-        raise InputError(f"--draw {path} is a folder: give a file name")
     if not os.access(out if out.exists() else out.parent, os.W_OK):
         raise InputError(f"--draw {path}: permission denied: choose a file in a folder you can write to")
     return out

@@ -211,7 +211,8 @@ class Pipeline:
     def generate(self, image, prompt, options: GenerationOptions | dict | None = None, batch_size: int | None = None,
                  **kw) -> Result | list[Result]:
         """Answer a prompt about an image; lists of images and prompts give a list; one image with a list of prompts,
-        or one prompt with a list of images, pairs it with each. Without `batch_size` a list runs as one left-padded
+        or one prompt with a list of images, pairs it with each. In a list, an item that is itself a list of images
+        is one prompt's several images (`[[a, b], c]`: two inputs). Without `batch_size` a list runs as one left-padded
         batch (its memory grows with the list); with it, as batches of that many at a time, in order (greedy
         answers are the same; a seeded sample depends on its batch, and batch k draws its own random numbers, from
         `batch_seed(seed, k)`: copies of one input in different batches get different samples).

@@ -83,6 +83,10 @@ def vae_shapes(embed_dim: int) -> dict[str, tuple[int, ...]]:
 def load_vae_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read big_vision's `vae-oid.npz` (plain arrays only: pickled objects are refused) and check every shape."""
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"VQ-VAE weights: {str(p)!r} is a folder; give the file itself, big_vision's vae-oid.npz")
+    if p.exists() and not p.is_file():  # (a device or a pipe: numpy and zipfile read only files they can seek in)
+        raise InputError(f"VQ-VAE weights: {str(p)!r} is not a regular file; give big_vision's vae-oid.npz")
     if not p.is_file():
         raise InputError(f"VQ-VAE weights {str(p)!r} do not exist (big_vision's vae-oid.npz is needed for masks)")
     if not zipfile.is_zipfile(p):  # else numpy takes any other file for a pickle and says how to unpickle it

@@ -39,7 +39,8 @@ def read_jsonl(path: str | Path) -> list[Example]:
     """Parse one JSONL file; a bad line raises a ConfigError naming the file and line."""
     p = Path(path)
     if not p.is_file():
-        what = "is a folder: give a JSONL file" if p.is_dir() else "does not exist"
+        what = ("is a folder: give a JSONL file" if p.is_dir() else "does not exist" if not p.exists()
+                else "is not a regular file (a device or a pipe): give a JSONL file")
         raise ConfigError(f"data file {str(p)!r} {what}")
     out = []
     with p.open("rb") as f:  # bytes, so that a line that is not UTF-8 is reported with its number

@@ -43,6 +43,13 @@ def test_image_switching_reaches_the_model(fake_pipe, images, capsys, monkeypatc
     assert "unknown command /imgae" in err  # a mistyped command with an argument is not a prompt
 
 
+def test_the_status_line_counts_one_token_in_the_singular(fake_pipe, images, capsys, monkeypatch):
+    fake_pipe(lambda im, p: "x" if p == "ocr" else "xy")
+    rc, out, err = run_chat("ocr\ncaption en\n", capsys, monkeypatch, images)
+    assert rc == 0 and out == "x\nxy\n", err
+    assert "[1 token in " in err and "[2 tokens in " in err
+
+
 def test_beam_search_answers_without_streaming(fake_pipe, images, capsys, monkeypatch):
     pipe = fake_pipe(lambda im, p: "best beam")
     rc, out, err = run_chat("caption en\n", capsys, monkeypatch, images, ["--num-beams", "3"])

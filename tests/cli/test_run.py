@@ -145,6 +145,8 @@ BAD = [
     (["--draw", "out.psd"], "cannot write PSD images"),  # PIL reads PSD, but writes no PSD
     (["--draw", "out.xbm"], "cannot write XBM images"),  # XBM is black and white only
     (["--draw", "imgs.png"], "imgs.png is a folder"),  # made by the test
+    (["--draw", "."], "--draw . is a folder: give a file name"),  # (was "unknown image format ''")
+    (["--draw", "out.png", "--vae", "."], "'.' is a folder; give the file itself"),  # (was "do not exist")
     (["--device", "cpu:3"], "there is one cpu device"),
     (["--draw", "out.png", "--vae", "/no/vae.npz"], "do not exist"),
     (["--vae", "/no/vae.npz"], "give --draw OUT.png too"),

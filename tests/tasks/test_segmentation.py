@@ -76,6 +76,10 @@ def test_vae_file_is_read_and_checked(vae, tmp_path):
     assert set(loaded) == set(vae_shapes(EMBED_DIM))
     with pytest.raises(InputError, match="do not exist"):
         load_vae_params(tmp_path / "nope.npz")
+    with pytest.raises(InputError, match="is a folder; give the file itself"):  # (it exists: not "do not exist")
+        load_vae_params(tmp_path)
+    with pytest.raises(InputError, match="'/dev/null' is not a regular file"):
+        load_vae_params("/dev/null")
     bad = dict(params, **{"decoder.4.weight": np.zeros((3, 3))})
     np.savez(tmp_path / "bad.npz", **bad)
     with pytest.raises(InputError, match="decoder.4.weight"):

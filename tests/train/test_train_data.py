@@ -150,7 +150,7 @@ def test_augmentation_is_photometric_and_split_invariant():
 
 def test_read_jsonl_skips_blank_lines_and_refuses_a_file_without_examples(tmp_path):
     """Blank lines (a trailing newline too many, a gap between blocks) are skipped but still counted, so an error
-    names the line an editor shows; a file of blank lines, or a folder, is refused by name."""
+    names the line an editor shows; a file of blank lines, or a folder or a device, is refused by name."""
     f = tmp_path / "d.jsonl"
     line = json.dumps({"image": "a.png", "prefix": "p", "suffix": "s"})
     f.write_text(f"\n{line}\n  \n{line}\n\n")
@@ -160,6 +160,8 @@ def test_read_jsonl_skips_blank_lines_and_refuses_a_file_without_examples(tmp_pa
         read_jsonl(f)
     with pytest.raises(ConfigError, match="is a folder: give a JSONL file"):
         read_jsonl(tmp_path)
+    with pytest.raises(ConfigError, match="'/dev/null' is not a regular file"):  # (it exists: not "does not exist")
+        read_jsonl("/dev/null")
 
 
 def test_fingerprint_covers_every_training_file(tmp_path):
