@@ -14,6 +14,7 @@ import importlib
 import os
 import sys
 
+from palitorch.cli import common
 from palitorch.cli.common import one_line_errors
 from palitorch.errors import PalitorchError, ProcessError
 
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    common.ARGV[:] = argv  # (for one_line_errors: a misspelt option is named as such, with the nearest one)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the subcommand's own parser, so that the hint is `palitorch chat --help`
         args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")

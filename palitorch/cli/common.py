@@ -6,6 +6,7 @@ Every check that needs no model runs first, so a typo costs milliseconds rather 
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import re
 from pathlib import Path
@@ -41,6 +42,7 @@ _KEYWORD = re.compile(r"\b(?:" + "|".join(FLAG_OF) + r")\b")
 
 # A negative number as an option's value: argparse's own pattern (-1, -.5) misses exponents and inf, so
 # `--length-penalty -1e-3` read as a missing value followed by an unknown option.
+ARGV: list[str] = []  # the command line being parsed (palitorch.cli.main sets it), for one_line_errors' hints
 _NEGATIVE_NUMBER = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^-inf(?:inity)?$", re.IGNORECASE)
 
 
@@ -50,6 +52,14 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     which this records as the `_parser` default."""
 
     def error(message: str):
+        known = [o for o in parser._option_string_actions if o.startswith("--")]
+        typed = [o for o in (a.split("=", 1)[0] for a in ARGV if a.startswith("--"))
+                 if o != "--" and not any(k.startswith(o) for k in known)]  # (argparse takes a prefix of one)
+        if message.startswith("the following arguments are required") and typed:  # (argparse checks these first:
+            message = f"unrecognized arguments: {' '.join(typed)}"  # a misspelt --image would read as missing)
+        if message.startswith("unrecognized arguments") and typed:
+            near = difflib.get_close_matches(typed[0], known, n=1, cutoff=0.8)
+            message += f"; did you mean {near[0]}?" if near else ""
         parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
 
     parser.error = error

@@ -120,6 +120,22 @@ def test_an_unknown_option_names_its_subcommand_help(capsys):
         assert err.endswith(f"(see {prog} --help)\n") and err.count("\n") == 1, err
 
 
+def test_a_misspelt_option_is_named_with_the_nearest_one(capsys):
+    """argparse reports a missing required option before an unknown one: `run --imgae x` said --image was
+    required. The misspelt option is named, with the nearest option when one is close; a prefix of an option is
+    one (argparse takes it)."""
+    for argv, said in ((["run", "--imgae", "x", "--prompt", "p"], "unrecognized arguments: --imgae; did you mean "
+                                                                   "--image?"),
+                       (["batch", "--inptu", "a", "--output", "b"], "unrecognized arguments: --inptu; did you mean "
+                                                                     "--input?"),
+                       (["run", "--image", "x", "--prompt", "p", "--max-new-tokns", "3"],
+                        "unrecognized arguments: --max-new-tokns 3; did you mean --max-new-tokens?"),
+                       (["run", "--imag", "x"], "the following arguments are required: --prompt"),
+                       (["run", "--image", "x", "--prompt", "p", "--zzz"], "unrecognized arguments: --zzz (see")):
+        rc, _, err = cli(argv, capsys)
+        assert rc == 2 and said in err and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("value, expected", [("-1e-3", -1e-3), ("-2E+1", -20.0), ("-.5", -0.5), ("-1", -1.0)])
 def test_negative_numbers_in_any_spelling_are_values(value, expected, fake_pipe, images, capsys):
     """argparse takes -1 and -.5 for values but -1e-3 for an option (so `--length-penalty -1e-3` had no value)."""
