@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from palitorch.cli.common import not_a_folder, one_line_errors
@@ -55,8 +56,10 @@ def merge(args: argparse.Namespace) -> int:
         raise InputError(f"--out {args.out} {'is a file' if not out.is_dir() else 'is not empty'}: give a new folder")
     if not out.parent.is_dir():
         raise InputError(f"--out {args.out}: {not_a_folder(out.parent)}")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise InputError(f"--out {args.out}: cannot write in its folder {str(out.parent)!r}: choose another")
+    try:  # a real folder made and removed there: permissions alone miss a read-only or pseudo file system (/proc)
+        os.rmdir(tempfile.mkdtemp(prefix=".palitorch-probe-", dir=out.parent))
+    except OSError:
+        raise InputError(f"--out {args.out}: cannot write in its folder {str(out.parent)!r}: choose another") from None
     if args.max_shard_size < 0:
         raise InputError(f"--max-shard-size must be >= 0 (0: one file), got {args.max_shard_size}")
     dtype = resolve_dtype(args.dtype) if args.dtype else weights_dtype(model_dir)

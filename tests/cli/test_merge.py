@@ -2,6 +2,7 @@
 and --dtype, which sets the merged model's dtype."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -39,12 +40,23 @@ def test_bad_options_fail_in_one_line_before_loading(pg1, adapter, tmp_path, no_
     """Each mistake is said before the model loads (a checkpoint of gigabytes), naming the option."""
     (tmp_path / "a-file").write_text("")
     (tmp_path / "locked").mkdir()
-    monkeypatch.setattr("palitorch.cli.merge.os.access", lambda path, mode: path != tmp_path / "locked")
+    import tempfile
+
+    made = tempfile.mkdtemp
+
+    def mkdtemp(prefix, dir):  # (tests run as root, whom permissions do not stop; /proc refuses root too)
+        if dir == tmp_path / "locked":
+            raise PermissionError(13, "Permission denied")
+        return made(prefix=prefix, dir=dir)
+
+    monkeypatch.setattr("palitorch.cli.merge.tempfile.mkdtemp", mkdtemp)
     cases = [(["--out", tmp_path / "a-file"], "a-file is a file: give a new folder"),
              (["--out", tmp_path / "no" / "out"], "out: folder '" + str(tmp_path / "no") + "' does not exist"),
              (["--out", tmp_path / "a-file" / "out"], "' is not a folder"),
-             (["--out", tmp_path / "locked" / "out"], "cannot write in its folder"),  # (tests run as root: see access)
+             (["--out", tmp_path / "locked" / "out"], "cannot write in its folder"),
              (["--out", tmp_path / "out", "--max-shard-size", "-1"], "--max-shard-size must be >= 0 (0: one file)"),
+             *([(["--out", "/proc/merged"], "cannot write in its folder '/proc'")] if os.path.isdir("/proc/self")
+               else []),  # (a pseudo file system, which refuses root too: its permissions said writable)
              (["--out", tmp_path / "out", "--adapter", tmp_path / "nowhere"], "nowhere' does not exist"),
              (["--out", tmp_path / "out", "--model", tmp_path / "no-model"], "no-model"),
              ]
