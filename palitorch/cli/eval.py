@@ -1,10 +1,11 @@
 """`palitorch eval`: how well a model answers held-out data, measured as the trainer measures it.
 
 The data is the training layout, a JSONL of `{"image": path, "prefix": text, "suffix": text, ...}` (image paths
-relative to the file; other fields such as `task` or `qtype` name groups). Each prefix is answered greedily and the
+relative to the file, or a list of them for an example about several images, answered as `generate([[a, b]], ...)`
+answers it; other fields such as `task` or `qtype` name groups). Each prefix is answered greedily and the
 answer compared with the suffix (`train/evaluate.py`): exact match (whitespace runs counted as one space), overall
 and per value of each `--group-by` field, and for suffixes that are boxes (`<loc>` x 4 + label) the mean IoU of the
-first predicted box and the share with the label right and IoU >= 0.5.
+first predicted box and the share with the label right and IoU >= 0.5 (examples about one image).
 
     palitorch eval --model DIR --data data/easyvqa/test.jsonl
     palitorch eval --data test.jsonl --max-examples 500 --json --predictions predictions.jsonl
@@ -28,8 +29,9 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="measure a model on held-out JSONL data (exact match, per group, box IoU)",
         description="Answer every prefix of a JSONL file of {\"image\", \"prefix\", \"suffix\"} (the training "
-                    "data's layout) greedily and compare with its suffix: exact match overall and per group, and "
-                    "for box answers the mean IoU and the share with the label right and IoU >= 0.5.",
+                    "data's layout; \"image\" may list several images for one prompt) greedily and compare with "
+                    "its suffix: exact match overall and per group, and for box answers about one image the mean "
+                    "IoU and the share with the label right and IoU >= 0.5.",
     )
     one_line_errors(p)
     p.add_argument("--data", required=True, metavar="TEST.jsonl", help="the held-out examples")
@@ -81,14 +83,15 @@ def evaluate(args: argparse.Namespace) -> int:
     device, dtype = check_model_options(args)
     examples = read_jsonl(args.data)
     idx = subset(len(examples), args.max_examples, args.seed)
-    missing = [examples[i] for i in idx if not examples[i].image.is_file()]
+    missing = [(examples[i], p) for i in idx for p in examples[i].images if not p.is_file()]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        what = "is a folder" if missing[0].image.is_dir() else "does not exist"
-        raise InputError(f"{missing[0].where}: image {str(missing[0].image)!r} {what}{more}")
+        what = "is a folder" if missing[0][1].is_dir() else "does not exist"
+        raise InputError(f"{missing[0][0].where}: image {str(missing[0][1])!r} {what}{more}")
     for i in idx:  # every header before the model loads (a file damaged further in is named with its line at its turn)
         try:
-            check_image_file(examples[i].image)
+            for p in examples[i].images:
+                check_image_file(p)
         except InputError as e:
             raise InputError(f"{examples[i].where}: {e}") from None
     groups = [g.strip() for g in args.group_by.split(",") if g.strip()]
@@ -102,15 +105,16 @@ def evaluate(args: argparse.Namespace) -> int:
     answers: list[str] = []
     with tqdm(total=len(idx), unit="ex", desc="eval", file=sys.stderr, disable=args.quiet,
               dynamic_ncols=True) as bar:
-        where = {examples[i].image: examples[i].where for i in reversed(idx)}  # each image's first line
+        where = {p: examples[i].where for i in reversed(idx) for p in examples[i].images}  # each image's first line
 
-        def generate(paths, prompts, max_new_tokens):
-            images = []
-            for path in paths:
-                try:
-                    images.append(load_image(path))
-                except InputError as e:
-                    raise InputError(f"{where.get(path, path)}: {e}") from None
+        def load(path):
+            try:
+                return load_image(path)
+            except InputError as e:
+                raise InputError(f"{where.get(path, path)}: {e}") from None
+
+        def generate(paths, prompts, max_new_tokens):  # (a tuple of paths: one example's several images)
+            images = [[load(p) for p in path] if isinstance(path, tuple) else load(path) for path in paths]
             texts = [r.text for r in pipe.generate(images, prompts, max_new_tokens=max_new_tokens)]
             answers.extend(texts)
             bar.update(len(texts))
@@ -128,12 +132,13 @@ def evaluate(args: argparse.Namespace) -> int:
     if out is not None:  # one process answers every example, in the order of idx
         data_folder = Path(args.data).parent.resolve()
 
-        def image_field(e) -> str:
-            """The image as the data file names it; in a file in another folder, a relative path is made relative
-            to that folder, so that the predictions read as data too."""
-            if streamed or Path(e.given_image).is_absolute() or out.parent.resolve() == data_folder:
-                return e.given_image
-            return os.path.relpath(e.image.resolve(), out.parent.resolve())
+        def image_field(e) -> str | list[str]:
+            """The image(s) as the data file names them; in a file in another folder, a relative path is made
+            relative to that folder, so that the predictions read as data too."""
+            given = e.given_image if isinstance(e.given_image, list) else [e.given_image]
+            paths = [g if streamed or Path(g).is_absolute() or out.parent.resolve() == data_folder else
+                     os.path.relpath(p.resolve(), out.parent.resolve()) for g, p in zip(given, e.images)]
+            return paths if isinstance(e.given_image, list) else paths[0]
 
         lines = []
         for i, answer in zip(idx, answers):

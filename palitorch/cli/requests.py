@@ -14,6 +14,7 @@ from pathlib import Path
 from palitorch.cli.common import DECODING, FLAG_OF, check_decoding
 from palitorch.cli.results import RESULT_FIELDS
 from palitorch.errors import InputError
+from palitorch.inference.processor import MAX_IMAGES
 
 
 @dataclass
@@ -106,7 +107,6 @@ def make_request(index: int, fields: dict, folder: Path, defaults: dict) -> Requ
     return Request(index, fields, found if isinstance(image, list) else found[0], prompt, options)
 
 
-MAX_IMAGES = 16  # images for one prompt (PaliGemma's video transfers take 16 frames)
 INTEGER_OPTIONS = frozenset(key for _, key, kind, *_ in DECODING if kind is int)
 
 

@@ -27,6 +27,7 @@ from palitorch.errors import CheckpointError, InputError
 from palitorch.inference.images import resize_image
 
 IMAGE, BOS, EOS, PAD, UNK = "<image>", "<bos>", "<eos>", "<pad>", "<unk>"
+MAX_IMAGES = 16  # images for one prompt that run, batch, serve and training data take (video transfers: 16 frames)
 _LOC_SEG = re.compile(r"<(loc\d{4}|seg\d{3})>")
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 

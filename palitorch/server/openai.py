@@ -32,6 +32,7 @@ from PIL import Image
 
 from palitorch.errors import InputError
 from palitorch.inference.images import load_image
+from palitorch.inference.processor import MAX_IMAGES
 from palitorch.inference.sampling import GenerationOptions
 
 
@@ -87,7 +88,6 @@ FOREIGN = {
     "best_of": "n (answers), or num_beams (beam search)",
 }
 MAX_N = 16
-MAX_IMAGES = 16  # images in one request (PaliGemma's video transfers take 16 frames)
 MAX_BEAMS = 16  # each beam is a row of KV cache: a bound, so that one request cannot take the server's memory
 
 

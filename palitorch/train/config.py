@@ -70,7 +70,8 @@ class DataConfig:
     # each batch's on threads, one step ahead (headers checked at startup)
     cache_images: bool = True
     # Examples of one image kept together in a batch, so the vision tower runs once for all of them (1 = off; the
-    # easy-VQA questions come ~10 per image, and 4 per batch cut the vision work per step ~4x).
+    # easy-VQA questions come ~10 per image, and 4 per batch cut the vision work per step ~4x). Examples about
+    # several images are kept together by their list of images.
     per_image: int = 1
 
 

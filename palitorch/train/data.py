@@ -1,7 +1,9 @@
 """Training data: JSONL examples, a deterministic batch order, augmentation (the images: images.py).
 
 A JSONL line is `{"image": path, "prefix": text, "suffix": text}` (big_vision's layout); image paths are relative
-to the JSONL file's folder unless absolute. Other fields (`task`, `qtype`, ...) are kept for per-group metrics.
+to the JSONL file's folder unless absolute. An example about several images (NLVR2's pairs, video frames) gives a list
+of 1 to 16 paths: as for `Pipeline.generate([[a, b]], ...)`, its prompt gets one `<image>` marker per image and the
+images' tokens come one after another. Other fields (`task`, `qtype`, ...) are kept for per-group metrics.
 
 The batch order is a pure function of (seed, epoch): a seeded permutation cut into global batches (the incomplete
 tail is dropped), so step s always sees the same examples, whether the run was resumed or split over processes.
@@ -20,19 +22,25 @@ from pathlib import Path
 import torch
 
 from palitorch.errors import ConfigError, InputError
-from palitorch.inference.processor import Encoded, Processor
+from palitorch.inference.inputs import marked_prompts
+from palitorch.inference.processor import MAX_IMAGES, Encoded, Processor
 from palitorch.train.config import AugmentConfig
 from palitorch.train.images import Images
 
 
 @dataclass
 class Example:
-    image: Path
+    image: Path | tuple[Path, ...]  # (a tuple: the example's several images, in order, as the file lists them)
     prefix: str
     suffix: str
     meta: dict = field(default_factory=dict)  # every other JSONL field (task, qtype, ...)
     where: str = ""  # "file.jsonl:12", for error messages
-    given_image: str = ""  # "image" as the file writes it (`image` is resolved against the file's folder)
+    given_image: str | list[str] = ""  # "image" as the file writes it (`image` is resolved against its folder)
+
+    @property
+    def images(self) -> tuple[Path, ...]:
+        """The example's images in order (one or several)."""
+        return self.image if isinstance(self.image, tuple) else (self.image,)
 
 
 def read_jsonl(path: str | Path) -> list[Example]:
@@ -57,10 +65,12 @@ def read_jsonl(path: str | Path) -> list[Example]:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
             if isinstance(d, dict) and isinstance(d.get("image"), list):
-                raise ConfigError(f'{where}: "image" is a list: training and eval take one image per example (a '
-                                  "prompt about several images is for run, batch and serve)")
-            if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("image", "prefix", "suffix")):
-                raise ConfigError(f'{where}: each line needs string fields "image", "prefix" and "suffix"')
+                _check_list(d["image"], where)
+            elif not isinstance(d, dict) or not isinstance(d.get("image"), str):
+                d = None  # (the message below)
+            if d is None or not all(isinstance(d.get(k), str) for k in ("prefix", "suffix")):
+                raise ConfigError(f'{where}: each line needs string fields "image", "prefix" and "suffix" ("image" '
+                                  f"may be a list of 1 to {MAX_IMAGES} paths for an example about several images)")
             # JSON's "\ud800" escape gives a string that no UTF-8 file, tokenizer or print takes
             if b"\\u" in line and (bad := _not_unicode(d)):
                 raise ConfigError(f'{where}: "{bad}" holds a lone surrogate escape such as \\ud800, which is no '
@@ -68,11 +78,26 @@ def read_jsonl(path: str | Path) -> list[Example]:
             if not isinstance(d.get("task", ""), str):  # (task_repeat and the metrics' groups key on it)
                 raise ConfigError(f'{where}: "task" must be a string such as "caption", got {json.dumps(d["task"])}')
             given = d.pop("image")
-            image = Path(given) if Path(given).is_absolute() else p.parent / given
+            found = tuple(Path(g) if Path(g).is_absolute() else p.parent / g for g in
+                          (given if isinstance(given, list) else [given]))
+            image = found if isinstance(given, list) else found[0]
             out.append(Example(image, d.pop("prefix"), d.pop("suffix"), d, where, given))
     if not out:
         raise ConfigError(f"data file {p} has no examples")
     return out
+
+
+def _check_list(given: list, where: str) -> None:
+    """ConfigError unless a line's "image" list holds 1 to MAX_IMAGES path strings."""
+    if not given:
+        raise ConfigError(f'{where}: "image" is an empty list: give a path, or a list of 1 to {MAX_IMAGES} paths')
+    if len(given) > MAX_IMAGES:
+        raise ConfigError(f'{where}: "image" lists {len(given)} images; at most {MAX_IMAGES} per example (their '
+                          "tokens share the model's context)")
+    for j, g in enumerate(given):
+        if not isinstance(g, str):
+            raise ConfigError(f'{where}: "image" item {j + 1} is {json.dumps(g)[:40]}: each image must be a path '
+                              "string")
 
 
 def _not_unicode(d: dict) -> str | None:
@@ -152,27 +177,29 @@ class Dataset:
         cache: dict[tuple[str, str], Encoded] = {}
         seen: set[Path] = set()
         for e in examples:
-            if e.image not in seen:  # fail before training starts, not at the first batch that needs it
-                if not e.image.is_file():
-                    what = "is a folder" if e.image.is_dir() else "does not exist"
-                    raise ConfigError(f"{e.where}: image {str(e.image)!r} {what}")
-                seen.add(e.image)
-            key = (e.prefix, e.suffix)
-            if key not in cache:
-                try:
-                    cache[key] = processor.encode(e.prefix, e.suffix)
-                except InputError as err:
-                    raise ConfigError(f"{e.where}: {err}") from None
-                if max_length and len(cache[key].ids) > max_length:
-                    raise ConfigError(f"{e.where}: the example is {len(cache[key].ids)} tokens with the image, over "
-                                      f"[model] max_length {max_length}: shorten it, or raise max_length (at most "
-                                      f"the model's context of {processor.max_length})")
+            for path in e.images:
+                if path not in seen:  # fail before training starts, not at the first batch that needs it
+                    if not path.is_file():
+                        what = "is a folder" if path.is_dir() else "does not exist"
+                        raise ConfigError(f"{e.where}: image {str(path)!r} {what}")
+                    seen.add(path)
+            try:  # k images: k leading <image> markers (as the pipeline adds them), k * P image tokens
+                key = (marked_prompts([e.image], [e.prefix])[0], e.suffix)
+                if key not in cache:
+                    cache[key] = processor.encode(*key)
+            except InputError as err:
+                raise ConfigError(f"{e.where}: {err}") from None
+            if len(cache[key].ids) > max_length > 0:
+                s = "s" * (len(e.images) > 1)
+                raise ConfigError(f"{e.where}: the example is {len(cache[key].ids)} tokens with the image{s}, over "
+                                  f"[model] max_length {max_length}: shorten it, or raise max_length (at most "
+                                  f"the model's context of {processor.max_length})")
             self.encoded.append(cache[key])
         # Suffix tokens (incl. <eos>) are the loss targets of each example: its share of a batch's token count.
         self.targets = torch.tensor([sum(enc.types) for enc in self.encoded])
         self.lengths = torch.tensor([len(enc.ids) for enc in self.encoded])
-        ids: dict[Path, int] = {}
-        self.image_ids = torch.tensor([ids.setdefault(e.image, len(ids)) for e in examples])  # [N] image numbers
+        ids: dict[tuple[Path, ...], int] = {}  # (the examples of one list of images are grouped as one image's)
+        self.image_ids = torch.tensor([ids.setdefault(e.images, len(ids)) for e in examples])  # [N] image numbers
         self.per_image = per_image  # examples of one image kept together in a batch (see grouped_order)
         self._orders: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -191,18 +218,19 @@ class Dataset:
 
     def paths(self, idx: list[int]) -> list[Path]:
         """The distinct images of the examples at `idx`, in order of first use: pixel_values' order in `batch`."""
-        return list(dict.fromkeys(self.examples[i].image for i in idx))
+        return list(dict.fromkeys(p for i in idx for p in self.examples[i].images))
 
     def batch(self, idx: list[int], aug: AugmentConfig | None = None, seed: int = 0, step: int = 0,
               images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """A padded batch: input_ids, attention_mask, token_type_ids, labels [B, T], and each distinct image once:
-        pixel_values [U, 3, S, S] with image_index [B] (sequence b shows image image_index[b]).
+        pixel_values [U, 3, S, S] with image_index [N]: the N images of the sequences in order, a sequence's several
+        images one after another (the n-th is image_index[n]; N = B when each example has one image).
 
         With `aug`, each distinct image is jittered by (seed, step, a hash of its path): the same in every process.
         `images`: the uint8 [U, 3, S, S] of `paths(idx)` when already read (the trainer reads them a step ahead).
         """
         paths = {p: k for k, p in enumerate(self.paths(idx))}
-        index = torch.tensor([paths[self.examples[i].image] for i in idx])
+        index = torch.tensor([paths[p] for i in idx for p in self.examples[i].images])
         images = self.images.batch(list(paths)) if images is None else images
         if aug is not None and augments(aug):
             images = augment(images, aug, seed, step, [zlib.crc32(str(p).encode()) % 1_000_003 for p in paths])

@@ -1,9 +1,11 @@
 """Held-out evaluation: exact match of greedy answers, overall and per group (task, question type), and the loss.
 
 Answers that are boxes (`<loc..>` x 4 + label) also get the IoU of the first predicted box with the target's, and
-the share whose label is right with IoU >= 0.5 (exact match is too strict for boxes: one grid step off fails it).
+the share whose label is right with IoU >= 0.5 (exact match is too strict for boxes: one grid step off fails it),
+for examples about one image (an answer about several images has boxes in no one image's pixels).
 
-Generation goes through the public `Pipeline.generate`, the same path users call. With several processes each
+Generation goes through the public `Pipeline.generate`, the same path users call (an example about several
+images as one input's list of images). With several processes each
 takes every world-th example and the per-example results are summed over processes, so every process ends with the
 same numbers (no pickled objects travel).
 """
@@ -55,7 +57,8 @@ def exact_match(model, processor, examples: list[Example], idx: list[int], batch
                 group_by: list[str], d: ddp.Dist, generate=None, keep_going=lambda: True) -> dict:
     """{"exact_match": float, "n": int, "<field>": {value: {"exact_match", "n"}}} for the examples at `idx`.
 
-    `generate(images, prompts, max_new_tokens)` defaults to `Pipeline(model, processor).generate`. `keep_going()`,
+    `generate(images, prompts, max_new_tokens)` defaults to `Pipeline(model, processor).generate`; an example's
+    images are its Example.image (a tuple for several: one input's list). `keep_going()`,
     asked before each batch, ends the evaluation early when False (the figures are then of no use).
     """
     was_training = model.training
@@ -86,7 +89,7 @@ def exact_match(model, processor, examples: list[Example], idx: list[int], batch
     model.train(was_training)
     chosen = [examples[i] for i in idx]
     out = group_metrics(chosen, scores[0].cpu().tolist(), group_by)
-    boxed = [k for k, e in enumerate(chosen) if split_objects(e.suffix)]
+    boxed = [k for k, e in enumerate(chosen) if len(e.images) == 1 and split_objects(e.suffix)]
     if boxed:
         iou, label = scores[1, boxed], scores[2, boxed]
         out["boxes"] = {"n": len(boxed), "mean_iou": float(iou.mean()),

@@ -48,13 +48,14 @@ def wanted_images(trainer) -> set[Path]:
     late = cfg.data.late_from if trainer.late_data is not None else trainer.total
     spans = [(trainer.data, trainer.step, min(late, trainer.total)),
              (trainer.late_data, max(trainer.step, late), trainer.total)]
-    wanted = {data.examples[i].image for data, lo, hi in spans if data is not None and lo < hi
-              for i in step_examples(data, t.batch_size, t.seed, lo, hi, part)}
+    wanted = {p for data, lo, hi in spans if data is not None and lo < hi
+              for i in step_examples(data, t.batch_size, t.seed, lo, hi, part) for p in data.examples[i].images}
     if trainer.warmstarts():
-        wanted |= {e.image for e in trainer.raw_train}
+        wanted |= {p for e in trainer.raw_train for p in e.images}
     e, ex = cfg.eval, trainer.eval_examples
     sizes = [e.final_max_examples] + ([e.max_examples] if trainer.periodic_evals() else [])
-    return wanted | {ex[i].image for k in sizes if ex for i in evaluate.subset(len(ex), k, t.seed)[d.rank::d.world]}
+    return wanted | {p for k in sizes if ex for i in evaluate.subset(len(ex), k, t.seed)[d.rank::d.world]
+                     for p in ex[i].images}
 
 
 class Ahead:

@@ -49,9 +49,11 @@ class Images:
         self._lines: dict[Path, dict[str, None]] = {}  # path -> the JSONL lines ("file:n") that use it, in order
 
     def register(self, examples) -> None:
-        """Note which JSONL lines use each image (Example.where), for the error messages."""
+        """Note which JSONL lines use each image (Example.where; Example.image a path or a tuple of them), for the
+        error messages."""
         for e in examples:
-            self._lines.setdefault(e.image, {})[e.where] = None
+            for path in e.image if isinstance(e.image, tuple) else (e.image,):
+                self._lines.setdefault(path, {})[e.where] = None
 
     @property
     def paths(self) -> list[Path]:

@@ -68,6 +68,9 @@ class Trainer:
         torch.manual_seed(t.seed + self.dist.rank)
 
         raw = [e for f in cfg.data.train for e in read_jsonl(f)]
+        if cfg.warmstart.epochs and (listed := [e for e in raw if isinstance(e.image, tuple)]):
+            raise ConfigError(f'{listed[0].where}: "image" is a list: [warmstart] takes one image per example; set '
+                              "[warmstart] epochs = 0, or give each example one image")
         self.fingerprint = fingerprint(cfg.data.train)
         self.model, self.processor, self.tokenizer_files = self._build(raw)
         if t.gradient_checkpointing:
