@@ -8,6 +8,7 @@ import hashlib
 import json
 import threading
 import urllib.parse
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -89,3 +90,24 @@ class Hub:
 def _oid(data: bytes) -> str:
     """A file's git blob id, which the Hub gives as its ETag (and the cache names its blob by)."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@contextmanager
+def stand_in_hub(tmp_path: Path, monkeypatch):
+    """(a stand-in Hub, the cache folder it downloads into: HF_HUB_CACHE, empty); the working folder is tmp_path."""
+    server = Hub()
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    try:
+        yield server, cache
+    finally:
+        server.close()
+
+
+def fetch(hub, repo, revision=None, **kw) -> Path:
+    """`hf download REPO [--revision REV]`: huggingface_hub's snapshot_download into the cache."""
+    from huggingface_hub import snapshot_download
+
+    server, cache = hub
+    return Path(snapshot_download(repo, revision=revision, cache_dir=cache, endpoint=server.url, **kw))

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hub_server import Hub
+from hub_server import fetch, stand_in_hub
 from run_cli import cli
 from test_adapter import adapt, image
 
@@ -20,19 +20,8 @@ C1, C2, C3 = "1" * 40, "2" * 40, "3" * 40
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    server = Hub()
-    cache = tmp_path / "hub"
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.chdir(tmp_path)
-    yield server, cache
-    server.close()
-
-
-def fetch(hub, repo, revision=None) -> Path:
-    from huggingface_hub import snapshot_download
-
-    server, cache = hub
-    return Path(snapshot_download(repo, revision=revision, cache_dir=cache, endpoint=server.url))
+    with stand_in_hub(tmp_path, monkeypatch) as h:
+        yield h
 
 
 def cached(hub, repo, revision=None) -> Path:

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hub_server import Hub
+from hub_server import fetch, stand_in_hub
 from huggingface_hub.errors import EntryNotFoundError
 from run_cli import cli
 
@@ -24,21 +24,8 @@ C1, C2 = "abcdef01" * 5, "abcdef02" * 5
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    """(a stand-in Hub, the cache folder it downloads into: HF_HUB_CACHE, empty); the working folder is tmp_path."""
-    server = Hub()
-    cache = tmp_path / "hub"
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.chdir(tmp_path)
-    yield server, cache
-    server.close()
-
-
-def fetch(hub, repo, revision=None, **kw) -> Path:
-    """`hf download REPO [--revision REV]`: huggingface_hub's snapshot_download into the cache."""
-    from huggingface_hub import snapshot_download
-
-    server, cache = hub
-    return Path(snapshot_download(repo, revision=revision, cache_dir=cache, endpoint=server.url, **kw))
+    with stand_in_hub(tmp_path, monkeypatch) as h:
+        yield h
 
 
 def fetch_file(hub, repo, name, revision=None):
