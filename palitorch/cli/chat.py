@@ -19,7 +19,7 @@ from palitorch.cli.common import (
     load_pipeline,
     one_line_errors,
 )
-from palitorch.errors import PalitorchError
+from palitorch.errors import InputError, PalitorchError
 
 HELP = """commands:
   /image PATH   switch to another image
@@ -35,7 +35,7 @@ def add_parser(subparsers) -> None:
                     "`/image PATH` switches image, `/quit` or end of input leaves. Tokens/s go to stderr.",
     )
     one_line_errors(p)
-    p.add_argument("--image", required=True, metavar="PATH", help="the image to start with")
+    p.add_argument("--image", required=True, metavar="PATH", action="append", help="the image to start with")
     add_model_options(p)
     add_decoding_options(p, text_only=True)
     p.set_defaults(func=chat)
@@ -95,6 +95,10 @@ def answer(pipe, image, prompt: str, opts: dict) -> None:
 def chat(args: argparse.Namespace) -> int:
     from palitorch.inference import load_image
 
+    if len(args.image) > 1:  # (argparse would keep the last one silently; run reads them as one prompt's images)
+        raise InputError("chat talks about one image at a time (/image PATH switches it): give --image once, or "
+                         "use palitorch run for a prompt about several images")
+    args.image = args.image[0]
     opts = decoding_options(args, one_request=True)
     device, dtype = check_model_options(args)
     image = load_image(args.image)

@@ -107,8 +107,12 @@ def alternatives_table(result, tokenizer) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from palitorch.inference import load_image
+    from palitorch.inference.processor import MAX_IMAGES
 
     # Everything the user can get wrong is checked before the (slow) model load.
+    if len(args.image) > MAX_IMAGES:  # as batch lines, server requests and training data
+        raise InputError(f"--image is given {len(args.image)} times; a prompt takes at most {MAX_IMAGES} images "
+                         "(their tokens share the model's context)")
     opts = decoding_options(args, one_request=True)
     if args.stream and opts.get("num_beams", 1) > 1:
         raise InputError("--stream shows one sequence as it grows; beam search (--num-beams > 1) cannot stream")

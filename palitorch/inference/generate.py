@@ -34,7 +34,7 @@ from palitorch.inference.done import DoneWatch
 
 # (logsumexp_logprobs and raw_logprobs are also this module's names, as they were before logprobs.py)
 from palitorch.inference.logprobs import chosen_logprobs, logsumexp_logprobs, raw_logprobs, token_logprobs  # noqa: F401
-from palitorch.inference.processor import Processor
+from palitorch.inference.processor import Processor, image_words
 from palitorch.inference.sampling import MAX_TOP_LOGPROBS, Chooser, GenerationOptions
 from palitorch.model import PaliGemma
 from palitorch.model.paligemma import prefix_lm_mask
@@ -60,9 +60,11 @@ def encode_prompts(model: PaliGemma, processor: Processor, pixels: torch.Tensor,
     context = model.cfg.text.max_position_embeddings
     longest = max(len(e.ids) for e in enc)
     if longest >= context:
+        ids = max(enc, key=lambda e: len(e.ids)).ids
+        k = ids.count(processor.image_id) // processor.num_image_tokens
         raise InputError(
-            f"the prompt is {longest} tokens with the image, which leaves no room in the model's context of "
-            f"{context}; shorten it"
+            f"the prompt is {longest} tokens with {image_words(k, processor.num_image_tokens)}, which leaves no "
+            f"room in the model's context of {context}; shorten it{' or give fewer images' * (k > 1)}"
         )
     batch = processor.collate(enc, padding_side="left")
     device = pixels.device

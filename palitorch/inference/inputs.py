@@ -56,7 +56,10 @@ def marked_prompts(rows: list, prompts: list) -> list:
         k = len(row) if isinstance(row, (list, tuple)) else 1
         if k == 0:
             raise InputError("an input's list of images is empty: give it at least one image")
-        marks = image_markers(prompt) if isinstance(prompt, str) else 0
+        if not isinstance(prompt, str):  # (refused where prompts are read: "a prompt must be a string")
+            out.append(prompt)
+            continue
+        marks = image_markers(prompt)
         if marks not in (0, k):
             raise InputError(f"a prompt starts with {marks} {IMAGE} markers for {k} image{'s' * (k > 1)}: give one "
                              "per image, or none")

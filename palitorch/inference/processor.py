@@ -240,8 +240,8 @@ class Processor:
             ids, types = ids + s, types + [1] * len(s)
         if len(ids) > self.max_length:
             raise InputError(
-                f"the prompt is {len(ids)} tokens with the image, over the model's context of {self.max_length}; "
-                "shorten it"
+                f"the prompt is {len(ids)} tokens with {image_words(images, self.num_image_tokens)}, over the "
+                f"model's context of {self.max_length}; shorten it{' or give fewer images' * (images > 1)}"
             )
         return Encoded(ids, types)
 
@@ -319,6 +319,11 @@ def _preprocessing(pre: Path, image_size: int, num_image_tokens: int) -> dict:
                                   f"{'true or false' if key != 'resample' else 'a PIL filter number, 0-5'}")
     return dict(mean=mean, std=std, rescale=rescale if flags["do_rescale"] else None,
                 normalize=flags["do_normalize"], resample=resample)
+
+
+def image_words(k: int, tokens: int) -> str:
+    """How an error names a prompt's images: "the image", or "its 3 images (256 tokens each)"."""
+    return "the image" if k <= 1 else f"its {k} images ({tokens} tokens each)"
 
 
 def image_markers(prompt: str) -> int:

@@ -62,3 +62,19 @@ def test_a_batch_line_with_a_list_of_images(pg1, images, capsys):
     rc, _, err = cli(["batch", "--model", folder, "--input", src, "--output", dst, "--max-new-tokens", "6",
                       "--min-new-tokens", "6"], capsys)  # resumed: the list-of-images lines match their records
     assert rc == 1 and "another input" not in err, err
+
+
+def test_run_takes_at_most_16_images_as_batch_lines_do(pg1, images, capsys, monkeypatch):
+    """17 --image options are refused in one line before the model loads, as a batch line, a server request or a
+    training example with 17 images is (MAX_IMAGES); before, run answered them."""
+    import palitorch.cli.run as run_cli
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model should not load")
+
+    monkeypatch.setattr(run_cli, "load_pipeline", no_load)
+    argv = ["run", "--model", pg1[0], *[a for _ in range(17) for a in ("--image", images / "red.png")], "--prompt",
+            "caption en"]
+    rc, _, err = cli(argv, capsys)
+    assert rc == 2 and "--image is given 17 times; a prompt takes at most 16 images" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
