@@ -25,9 +25,11 @@ from pathlib import Path
 
 from palitorch.errors import CheckpointError
 
-# "owner/name" as the Hugging Face Hub spells a repository id
-HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
-_LEGACY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a repository of the Hub's first years, with no owner
+# "owner/name" as huggingface_hub's validate_repo_id takes a repository id: each part 1 to 96 of A-Z a-z 0-9 _ . -,
+# beginning and ending with none of ". -"; no "--" or ".." (the cache's folder names would be ambiguous), no ".git" end
+_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+HUB_ID = re.compile(rf"(?!.*(?:--|\.\.))(?!.*\.git$){_PART}/{_PART}")
+_LEGACY = re.compile(rf"(?!.*(?:--|\.\.))(?!.*\.git$){_PART}")  # a repository of the Hub's first years, no owner
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHORT = re.compile(r"[0-9a-f]{7,39}")  # a commit hash as git and the Hub abbreviate it
 

@@ -11,8 +11,9 @@ A server that fetches any URL it is given is a proxy into its own network (SSRF)
 
 The host name is resolved once, every address it resolves to is checked, and the connection goes to a checked
 address (no second lookup that could answer otherwise). Each redirect is checked the same way, and only http(s) is
-opened. The whole fetch (redirects, headers and body) must end within its timeout: a site that trickles its answer
-a byte at a time is cut off then, as each read waiting less than the timeout would not be. Errors give a short
+opened. The whole fetch (connections, redirects, headers and body) must end within its timeout: a site that trickles
+its answer a byte at a time is cut off then, as each read waiting less than the timeout would not be, and a name with
+many addresses that take no connection is not tried for a timeout each. Errors give a short
 reason, not the remote's own words.
 """
 
@@ -23,6 +24,7 @@ import ipaddress
 import socket
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -84,10 +86,22 @@ class Deadline:
     """The connections of one fetch, shut down when its time is up (`expire`, by a timer): a read blocked on a site
     that trickles its answer returns at once, where a socket's own timeout bounds only each wait for the next bytes.
     It keeps a duplicate of each socket (shutting one down shuts the connection down, TLS or not, and the duplicate
-    stays valid after http.client wraps or closes its own); `close` once the fetch ends."""
+    stays valid after http.client wraps or closes its own); `close` once the fetch ends. `timeout`: the seconds it
+    has, which bound each connection attempt too (`left`)."""
 
-    def __init__(self):
+    def __init__(self, timeout: float | None = None):
         self.expired, self._sockets, self._lock = False, [], threading.Lock()
+        self._end = None if timeout is None else time.monotonic() + timeout
+
+    def left(self, wait):
+        """A connection attempt's timeout `wait` (None: none), cut to the time the fetch has left; TimeoutError when
+        none is left."""
+        if self._end is None:
+            return wait
+        left = self._end - time.monotonic()
+        if self.expired or left <= 0:
+            raise TimeoutError("timed out")
+        return min(wait, left) if isinstance(wait, (int, float)) else left
 
     def add(self, sock: socket.socket) -> None:
         with self._lock:
@@ -111,21 +125,25 @@ class Deadline:
 def _pinned(connection_class, req, deadline: Deadline | None = None):
     """`connection_class`, connecting to the addresses `_Check` checked for `req` instead of looking its host up
     again. Through a proxy the connection is to the proxy, which resolves the host itself: it stays as it is. Each
-    connection goes to `deadline`."""
+    connection goes to `deadline`, and each attempt to connect waits no longer than the time it has left."""
 
     def make(host, **kw):
         conn = connection_class(host, **kw)
         name, addresses = getattr(req, "checked", (None, ()))
         pinned = name is not None and conn.host.lower() == name.lower()
 
+        def attempt(address, timeout, source_address):
+            wait = timeout if deadline is None else deadline.left(timeout)
+            return socket.create_connection(address, wait, source_address)
+
         def connect(address, timeout, source_address=None):
             if not pinned:
-                sock = socket.create_connection(address, timeout, source_address)
+                sock = attempt(address, timeout, source_address)
             else:
                 error = OSError(f"cannot connect to {name}")
                 for ip in addresses:
                     try:
-                        sock = socket.create_connection((ip, address[1]), timeout, source_address)
+                        sock = attempt((ip, address[1]), timeout, source_address)
                         break
                     except OSError as e:
                         error = e
@@ -209,7 +227,7 @@ def _reason(e: Exception) -> str:
 def fetch_url(url: str, allow_private: bool = False, timeout: float = 15.0, limit: int = MAX_IMAGE_BYTES) -> bytes:
     """The bytes at an http(s) URL, at most `limit` of them, all within `timeout` seconds; ApiError 400 on any
     failure or refused address."""
-    deadline = Deadline()
+    deadline = Deadline(timeout)
     timer = threading.Timer(timeout, deadline.expire)
     timer.daemon = True
     timer.start()

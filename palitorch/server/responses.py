@@ -35,10 +35,14 @@ def token_entry(tokenizer, token: int, logprob: float, alternatives: list | None
 
 
 def joined(entries: list[dict], text: str) -> list[dict]:
-    """An answer's first token entries as its text begins: the tokenizer's decoder drops the word mark (a space)
-    that starts an answer's first token, so that token's text and bytes lose it too, and the tokens join into the
-    content, as OpenAI's do."""
-    if entries and entries[0]["bytes"][:1] == [32] and not text.startswith(" "):
+    """An answer's first token entries as its text begins: a tokenizer's decoder may drop the word mark (a space)
+    that starts an answer (Gemma's does: "▁▁x" is " x"), so where the entries begin with more spaces than the text,
+    the first token's text and bytes lose one too, and the tokens join into the content, as OpenAI's do."""
+    def spaces(data: bytes) -> int:
+        return len(data) - len(data.lstrip(b" "))
+
+    tokens = b"".join(bytes(e["bytes"]) for e in entries)
+    if entries and entries[0]["bytes"][:1] == [32] and spaces(tokens) > spaces(text.encode()):
         raw = bytes(entries[0]["bytes"][1:])
         entries[0] = entries[0] | {"token": raw.decode("utf-8", errors="backslashreplace"), "bytes": list(raw)}
     return entries

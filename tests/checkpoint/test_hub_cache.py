@@ -132,6 +132,7 @@ def test_a_folder_here_wins_over_the_cache_and_takes_no_revision(cache, tmp_path
     {"XDG_CACHE_HOME": "/x/cache"},
     {"XDG_CACHE_HOME": "/x/cache", "HF_HOME": "~/hf"},
     {"HF_HOME": "$PALITORCH_TEST_ROOT/hf"},
+    {"HF_HOME": "$PALITORCH_TEST_TILDE/hf", "PALITORCH_TEST_TILDE": "~/t"},  # expanded, then "~" expanded too
     {"HF_HOME": "/h", "HUGGINGFACE_HUB_CACHE": "/legacy"},
     {"HF_HOME": "/h", "HUGGINGFACE_HUB_CACHE": "/legacy", "HF_HUB_CACHE": "~/new"},
     {"HF_HUB_CACHE": ""},
@@ -197,3 +198,73 @@ def test_a_cached_adapter_and_a_cached_base_merge_and_train(cache, pg1, tmp_path
     cfg = load_config(None, ["--model.init", "me/pg1", "--data.train", str(tmp_path / "t.jsonl"),
                              "--train.out", str(tmp_path / "run")])
     assert Path(cfg.model.init) == cache / "models--me--pg1" / "snapshots" / MAIN
+
+
+def test_a_hub_id_is_what_huggingface_hub_takes_for_one(cache):
+    """"owner/name" as huggingface_hub's validate_repo_id takes it (either part may begin or end with "_"; neither
+    may begin or end with "." or "-", hold "--" or "..", be over 96 characters; no ".git" at the end): anything else
+    is a path. (Names of no folder here: a folder of any name wins.)"""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from palitorch.checkpoint.hub import is_hub_id
+
+    names = ["google/paligemma2-3b-pt-224", "A1/B_2.3", "_me/model", "me/_model", "me/model_", "me/model.",
+             "me/model-", "me/.model", "-me/model", "me--you/model", "me/a..b", "me/model.git", "./model", "../model",
+             "~/model", "me/" + "m" * 96, "me/" + "m" * 97, "me/a/b", "me", "me/", "me model/x"]
+    for name in names:
+        try:
+            validate_repo_id(name)
+            theirs = "/" in name  # (a bare name is a Hub id to huggingface_hub, a folder here)
+        except HFValidationError:
+            theirs = False
+        assert is_hub_id(name) == theirs, name
+    # A bare name is a (legacy) Hub id where the cache holds that repository, if huggingface_hub takes the name
+    for name in ["gpt2", "_x", "x_", "a.b", "a..b", "a--b", "x.git", "-a", "a-", "m" * 97]:
+        (cache / f"models--{name}").mkdir()
+        try:
+            validate_repo_id(name)
+            theirs = True
+        except HFValidationError:
+            theirs = False
+        assert is_hub_id(name) == theirs, name
+
+
+def test_a_ref_that_names_no_snapshot_of_its_own_is_refused(cache):
+    """A ref is a commit's name: one that climbs out of the snapshots folder ("..", a path, an absolute one) or is a
+    folder of refs is no revision (it is not followed to another repository's files, nor read as a file); one that
+    ends in a newline (a ref written by hand) still names its commit."""
+    from palitorch.checkpoint.hub import find_checkpoint
+
+    snapshot = add_snapshot(cache, REPO, MAIN, palitorch.default_model_path(), refs=("main", "refs/pr/1"))
+    other = add_snapshot(cache, "google/other", OLD, palitorch.default_model_path())
+    main = cache / "models--google--paligemma-tiny" / "refs" / "main"
+    main.write_text(MAIN + "\n")
+    assert find_checkpoint(REPO) == snapshot
+    for ref in ("..", ".", f"../../models--google--other/snapshots/{OLD}", str(other), ""):
+        main.write_text(ref)
+        with pytest.raises(CheckpointError, match=r"holds 'google/paligemma-tiny' but not its revision 'main'"):
+            find_checkpoint(REPO)
+    for revision in ("refs", "refs/pr"):  # folders under refs/
+        with pytest.raises(CheckpointError, match=f"but not its revision '{revision}'"):
+            find_checkpoint(REPO, revision)
+
+
+def test_a_missing_revision_names_the_branches_tags_and_first_commits_cached(cache, tmp_path):
+    from palitorch.checkpoint.hub import find_checkpoint
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    for digit in "4321":
+        add_snapshot(cache, REPO, digit * 40, src, refs=())
+    with pytest.raises(CheckpointError, match=r"not its revision 'main' \(no branch or tag; commits 111111111111, "
+                                              r"222222222222, 333333333333 \.\.\.\): fetch it with `hf download "
+                                              r"google/paligemma-tiny`, or give a cached revision$"):
+        find_checkpoint(REPO)
+    refs = cache / "models--google--paligemma-tiny" / "refs"
+    for ref in ("v1", "main", "refs/pr/1"):
+        (refs / ref).parent.mkdir(parents=True, exist_ok=True)
+        (refs / ref).write_text("5" * 40)
+    with pytest.raises(CheckpointError, match=r"\(main, refs/pr/1, v1; commits 111111111111, 222222222222, "
+                                              r"333333333333 \.\.\.\)"):
+        find_checkpoint(REPO, "v2")

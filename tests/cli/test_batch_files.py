@@ -84,8 +84,12 @@ def test_a_bom_and_whole_numbers_written_as_floats(fake_pipe, images, capsys):
     assert cli(["batch", "--input", src, "--output", dst], capsys)[0] == 1  # the resume check agrees: 4 == 4
 
 
-def test_an_output_that_is_not_a_file(fake_pipe, images, capsys):
-    """/dev/null (or a pipe) takes the lines as they come: no fsync (a device refuses it), no rewrite in order."""
+def test_an_output_that_is_not_a_file(fake_pipe, images, monkeypatch, capsys):
+    """/dev/null (or a pipe) takes the lines as they come: no fsync (a device refuses it), no rewrite in order, no
+    lock (its file would be made beside the device: in /dev, as root)."""
+    import palitorch.cli.batch
+
+    monkeypatch.setattr(palitorch.cli.batch, "output_lock", lambda output: pytest.fail(f"{output} was locked"))
     src = write_lines(images.parent / "requests.jsonl", ['{"image": "imgs/red.png", "prompt": "caption en"}'])
     pipe = fake_pipe(answer)
     rc, _, err = cli(["batch", "--input", src, "--output", os.devnull], capsys)

@@ -1,6 +1,7 @@
 """Edges of the command line met by trying it: Ctrl-C while the subcommands import, two `batch` runs on one output,
 a full disk under `batch`, an interrupted resumed run's count, and path options given as empty strings."""
 
+import contextlib
 import errno
 import json
 import os
@@ -11,6 +12,7 @@ from conftest import cli  # tests/cli/conftest.py
 
 import palitorch.cli
 from palitorch.cli import results
+from palitorch.errors import InputError
 
 fcntl = pytest.importorskip("fcntl")
 
@@ -55,6 +57,92 @@ def test_a_second_run_on_the_same_output_is_refused(fake_pipe, images, capsys):
     rc, _, err = cli(["batch", "--input", src, "--output", dst, "--quiet"], capsys)  # the lock file is left
     assert rc == 0, err  # (by a run that was killed: the kernel dropped its lock)
     assert indices(dst) == list(range(1, 8)) and not (images.parent / "out.jsonl.lock").exists()
+
+
+def open_files() -> int:
+    return len(os.listdir("/dev/fd"))
+
+
+def test_the_output_lock_is_one_run_s_and_leaves_nothing_behind(tmp_path):
+    """flock locks of two opens of one file conflict, in one process as in two: the second is refused, and neither
+    leaves its lock file or a descriptor open."""
+    out, lock = tmp_path / "out.jsonl", tmp_path / "out.jsonl.lock"
+    before = open_files()
+    with results.output_lock(out):
+        assert lock.exists()
+        with pytest.raises(InputError, match="is being written by another palitorch batch"):
+            with results.output_lock(out):
+                pass
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):  # (not a shared lock, which a second would share)
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+    assert not lock.exists() and open_files() == before
+    with results.output_lock(out):  # and again
+        pass
+    assert not lock.exists() and open_files() == before
+
+
+def test_a_lock_file_removed_as_it_is_taken_is_taken_anew(tmp_path, monkeypatch):
+    """The run that held the lock removes its file as it ends: a run that opened that file just before locks a
+    file no longer there (a third run would make and lock a new one beside it), so it locks the new one instead."""
+    out, lock = tmp_path / "out.jsonl", tmp_path / "out.jsonl.lock"
+    flock, calls = fcntl.flock, []
+
+    def removed_first(fd, operation):
+        calls.append(fd)
+        if len(calls) == 1:
+            lock.unlink()  # the other run ends between this one's open and its lock
+        return flock(fd, operation)
+
+    monkeypatch.setattr(results.fcntl, "flock", removed_first)
+    with results.output_lock(out):
+        assert len(calls) == 2 and lock.exists()
+        with pytest.raises(InputError, match="is being written by another palitorch batch"):
+            with results.output_lock(out):
+                pass
+    assert not lock.exists()
+
+
+def test_a_run_that_takes_the_lock_as_another_ends_holds_a_lock_file_that_stays(tmp_path, monkeypatch):
+    """A run ends by removing its lock file, then unlocking it: a run that takes the lock the moment it is free
+    holds a file that stays (removed after, it would be held by no one's file, and a third run could lock a new
+    one beside it)."""
+    out, lock = tmp_path / "out.jsonl", tmp_path / "out.jsonl.lock"
+    close, second = os.close, contextlib.ExitStack()
+    state = {"ending": False, "taken": False}
+
+    def then_another(fd):
+        close(fd)
+        if state["ending"] and not state["taken"]:  # the first run's lock is free: the second takes it at once
+            state["taken"] = True
+            second.enter_context(results.output_lock(out))
+
+    monkeypatch.setattr(results.os, "close", then_another)
+    with second:
+        with results.output_lock(out):
+            state["ending"] = True
+        assert state["taken"] and lock.exists()
+        with pytest.raises(InputError, match="is being written by another palitorch batch"):
+            with results.output_lock(out):  # a third run
+                pass
+    assert not lock.exists()
+
+
+def test_no_lock_where_the_folder_takes_no_new_file(tmp_path, monkeypatch):
+    """(Then the run's own checks say what is wrong with the folder.)"""
+    real = os.open
+
+    def refused(path, *args, **kw):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(results.os, "open", refused)
+    with results.output_lock(tmp_path / "out.jsonl"):
+        pass
 
 
 def full_disk(monkeypatch, when):

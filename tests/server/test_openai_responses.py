@@ -67,6 +67,36 @@ def test_completion_with_logprobs():
                                                                           ("\\xe2", -1.5, [0xE2])]
 
 
+def test_logprob_tokens_join_into_the_content_the_tokenizer_decodes():
+    """The tokenizer's decode is the content; the token entries join into it (their bytes into its bytes), with the
+    bundled (Gemma) tokenizer, whose decoder drops the space that begins an answer ("  word": '▁', '▁', 'w'... is
+    " word"), and with that tokenizer's decoder keeping it."""
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    import palitorch
+    from palitorch.server.responses import joined
+
+    spec = json.loads((palitorch.default_model_path() / "tokenizer.json").read_text())
+    gemma = HFTokenizer.from_str(json.dumps(spec))
+    spec["decoder"]["decoders"] = [d for d in spec["decoder"]["decoders"] if d["type"] != "Strip"]
+    keeping = HFTokenizer.from_str(json.dumps(spec))
+    for tokenizer, texts in ((gemma, ["word", " word", "  word", "   x  y", " "]), (keeping, [" word", "  word"])):
+        for text in texts:
+            ids = tokenizer.encode(text, add_special_tokens=False).ids
+            content = tokenizer.decode(ids)
+            result = Result(content, ids, [-0.5] * len(ids), "eos", 9)
+            entries = completion("c", 0, MODEL, request(logprobs=True), [result], tokenizer)["choices"][0]
+            entries = entries["logprobs"]["content"]
+            assert "".join(e["token"] for e in entries) == content, (text, content)
+            assert b"".join(bytes(e["bytes"]) for e in entries) == content.encode(), (text, content)
+    ids = gemma.encode("  word", add_special_tokens=False).ids[:2]  # a stream's first piece: " " and its 2 tokens
+    assert [e["token"] for e in joined([token_entry(gemma, i, -0.5) for i in ids], gemma.decode(ids))] == ["", " "]
+    out = completion("c", 0, MODEL, request(logprobs=True), [Result("", [], [], "eos", 9)], gemma)  # EOS at once
+    assert out["choices"][0]["logprobs"] == {"content": [], "refusal": None}
+
+
 def test_detect_and_segment_prompts_add_their_objects():
     text = "<loc0000><loc0000><loc1023><loc1023> cat"
     out = completion("c", 0, MODEL, request("detect cat"), [Result(text, [7], [-0.1], "eos", 9)], Tokenizer())
