@@ -49,6 +49,7 @@ class Prompts:
     pixels: torch.Tensor  # [N, 3, R, R], the rows' images in order (a row may have several); [U, ...] with index
     lengths: list[int]  # real tokens per row
     image_index: torch.Tensor | None = None  # [N]: the n-th image is pixels[image_index[n]] (rows may share one)
+    images: list[int] | None = None  # images per row (None: one each)
 
 
 def encode_prompts(model: PaliGemma, processor: Processor, pixels: torch.Tensor, prompts: list[str],
@@ -60,8 +61,7 @@ def encode_prompts(model: PaliGemma, processor: Processor, pixels: torch.Tensor,
     context = model.cfg.text.max_position_embeddings
     longest = max(len(e.ids) for e in enc)
     if longest >= context:
-        ids = max(enc, key=lambda e: len(e.ids)).ids
-        k = ids.count(processor.image_id) // processor.num_image_tokens
+        k = max(enc, key=lambda e: len(e.ids)).images
         raise InputError(
             f"the prompt is {longest} tokens with {image_words(k, processor.num_image_tokens)}, which leaves no "
             f"room in the model's context of {context}; shorten it{' or give fewer images' * (k > 1)}"
@@ -69,13 +69,13 @@ def encode_prompts(model: PaliGemma, processor: Processor, pixels: torch.Tensor,
     batch = processor.collate(enc, padding_side="left")
     device = pixels.device
     return Prompts(batch["input_ids"].to(device), batch["attention_mask"].to(device).bool(), pixels,
-                   [len(e.ids) for e in enc], image_index)
+                   [len(e.ids) for e in enc], image_index, [e.images for e in enc])
 
 
-def rows_images(processor: Processor, prompts: Prompts, rows: list[int], image_index: torch.Tensor | None):
+def rows_images(prompts: Prompts, rows: list[int], image_index: torch.Tensor | None):
     """The image index [N'] of some `rows` of a batch of `prompts`: their images, in order, as indices into its
-    pixels (a row's images are its `<image>` tokens, P per image)."""
-    counts = ((prompts.ids == processor.image_id).sum(-1) // processor.num_image_tokens).tolist()
+    pixels."""
+    counts = prompts.images or [1] * len(prompts.lengths)
     index = image_index.tolist() if image_index is not None else list(range(sum(counts)))
     starts = [sum(counts[:i]) for i in range(len(counts))]
     picked = [index[starts[i] + j] for i in rows for j in range(counts[i])]
@@ -301,7 +301,7 @@ def generate(model: PaliGemma, processor: Processor, pixels: torch.Tensor, promp
         for budget in sorted(set(budgets)):  # (prompts near the end of the context: each room a batch of its own)
             rows = [i for i, b in enumerate(budgets) if b == budget]
             part = encode_prompts(model, processor, pixels, [prompts[i] for i in rows],
-                                  rows_images(processor, batch, rows, image_index))
+                                  rows_images(batch, rows, image_index))
             for i, r in zip(rows, beam_search(model, processor, part, opts, eos, budget, fns)):
                 results[i] = r
         return results

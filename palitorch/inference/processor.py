@@ -66,6 +66,7 @@ def _pixel_work(images, size: int) -> int:
 class Encoded:
     ids: list[int]
     types: list[int]  # 0 image/bos/prefix/"\n", 1 suffix/eos
+    images: int = 1  # the images it is about (its ids start with images * num_image_tokens <image> ids)
 
 
 def _rescaled(rescale: float) -> torch.Tensor:
@@ -223,8 +224,8 @@ class Processor:
                 raise InputError(f"the text {text[:40]!r} is not valid Unicode (it holds a lone surrogate, e.g. from "
                                  "bytes that were not UTF-8): send UTF-8 text") from None
         # transformers' "<image>caption en"; k markers: k images ("<image><image>answer en ...", as its processor)
-        images = max(1, image_markers(prefix))
-        prefix = prefix[len(IMAGE) * image_markers(prefix):]
+        marks = image_markers(prefix)
+        images, prefix = max(1, marks), prefix[len(IMAGE) * marks:]
         if IMAGE in prefix or (suffix is not None and IMAGE in suffix):  # it would count as one more image position
             raise InputError(f"the text contains {IMAGE}, which PaliGemma keeps for the image's own positions "
                              "(the processor puts them in): remove it")
@@ -243,7 +244,7 @@ class Processor:
                 f"the prompt is {len(ids)} tokens with {image_words(images, self.num_image_tokens)}, over the "
                 f"model's context of {self.max_length}; shorten it{' or give fewer images' * (images > 1)}"
             )
-        return Encoded(ids, types)
+        return Encoded(ids, types, images)
 
     def suffix_ids(self, suffix: str) -> list[int]:
         """An answer's token ids, `<eos>` included: tokenized apart from the prompt, as transformers' processor

@@ -1,18 +1,18 @@
 """One thread owns the model; the HTTP threads hand it jobs and wait for their answers.
 
 A pipeline holds one set of KV caches, so one thread runs the model (which is also what CUDA graphs want).
-Batching is continuous: requests decode together in a live batch (`Pipeline.live`), each row with its own decoding
-options, and a request that arrives while it runs joins it at the next step if a row is free, rather than waiting
-for the batch to end (unless the running rows are about to end: then the newcomers wait for them and join
+Batching is continuous (live.py): requests decode together in a live batch (`Pipeline.live`), each row with its own
+decoding options, and a request that arrives while it runs joins it at the next step if a row is free, rather than
+waiting for the batch to end (unless the running rows are about to end: then the newcomers wait for them and join
 together, see `pacing.py`); each request is answered as soon as its own rows end, and its row goes to the next
-request waiting. In float32, palitorch's batched greedy output matches the one-at-a-time output token for token
-(the CPU kernels a batch size selects differ only by float32 rounding, so only a near-exact tie could part them),
-so batching changes only the speed (in 16-bit dtypes a batch rounds differently: answers can part at near-ties).
+request waiting. In float32, palitorch's batched greedy output matches the one-at-a-time output token for token (the
+CPU kernels a batch size selects differ only by float32 rounding, so only a near-exact tie could part them), so
+batching changes only the speed (in 16-bit dtypes a batch rounds differently: answers can part at near-ties).
 Sampled requests without a seed join too (each row draws its own sample; a request with n > 1 takes n rows). A
-request with a seed, or a beam search, runs alone (a seed must give the same sample under any load): it waits at
-the head of the queue, in arrival order, until the live batch has drained. A request whose client has left (a
-stream, or one waiting for its whole answer) is dropped: from the queue, or from a live batch at the next step,
-its rows freed (one that runs alone, with a seed or beams, runs to its end unless streamed).
+request with a seed, or a beam search, runs alone (a seed must give the same sample under any load): it waits at the
+head of the queue, in arrival order, until the live batch has drained. A request whose client has left (a stream, or
+one waiting for its whole answer) is dropped: from the queue, or from a live batch at the next step, its rows freed
+(one that runs alone, with a seed or beams, runs to its end unless streamed).
 
 A request whose input is refused (a prompt over the context, say) fails alone. `continuous=False` batches the old
 way (the requests waiting when the model frees up, one padded batch run to its end), for `benchmarks/bench_serve.py`.
@@ -30,14 +30,14 @@ from PIL import Image
 
 from palitorch.errors import PalitorchError
 from palitorch.inference.answer import Result
-from palitorch.inference.sampling import GenerationOptions
 from palitorch.server.jobs import Job, api_error, batch_rows, error_for, row_numbers
+from palitorch.server.live import ContinuousBatching
 from palitorch.server.metrics import Metrics
 from palitorch.server.openai import ApiError, ChatRequest
 from palitorch.server.pacing import Pacer
 
 
-class Engine:
+class Engine(ContinuousBatching):
     """`submit` a ChatRequest from any thread; `Job.wait()` for its results (or read `Job.pieces` for a stream)."""
 
     def __init__(self, pipe, max_batch: int = 8, log: Callable[[str], None] | None = None, max_queue: int = 1024,
@@ -137,143 +137,6 @@ class Engine:
                 if job.counted:
                     self.metrics.ended(job)
                 job.done.set()
-
-    # ------------------------------------------------------------------ continuous batching
-
-    def _live(self, group: list[Job]) -> None:
-        """Decode `group` in a live batch; the jobs that come to the head of the queue join it as rows free up
-        (unless one must run alone), until no job is left in it. Each job is answered, counted and released as it
-        ends."""
-        start = time.perf_counter()
-        waiting, running, served = deque(group), {}, []  # taken, not yet in; job -> its Seqs; all that joined
-        self.stats["batches"] += group[0].counted
-        try:
-            with self.pipe.live(self.max_batch) as live:
-                while True:
-                    self._top_up(waiting, live.free_rows)
-                    if not (waiting and self._hold(waiting, running)):
-                        self._join(live, waiting, running, served)
-                    self.running, self.held = len(running), len(waiting)
-                    if group[0].counted:
-                        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(running))
-                    if not running:  # (a job left waiting now cannot join even an empty batch: n > its rows)
-                        break
-                    step_start = time.perf_counter()
-                    events = live.step()
-                    self.pacer.stepped(time.perf_counter() - step_start)
-                    for seq, item in events:
-                        self._deliver(seq, item, running)
-                    for job in [j for j in running if j.cancelled.is_set()]:
-                        for seq in running.pop(job):  # its client has gone: free its rows
-                            live.release(seq)
-                        self._finish(job, None)
-                        self._close(job)
-        except Exception as e:  # the options refused, NaN logits, or a bug: every job in the batch gets the error
-            error = error_for(e)
-            for job in [job for job in (*running, *waiting) if not job.finished]:
-                self._fail(job, error)
-                self._close(job)
-        self.running = self.held = 0
-        if served and served[0].counted:
-            tokens = sum(len(r.token_ids) for job in served for r in (job.results or []))
-            self._log_batch(served, tokens, time.perf_counter() - start, "a continuous batch")
-        for job in waiting:
-            if not job.finished and not self._left(job):
-                self._batch([job])
-
-    def _hold(self, waiting: deque, running: dict) -> bool:
-        """Whether the jobs waiting should let the running rows end first (`pacing.Pacer`); never for an empty batch."""
-        rows = [(q.made, q.budget) for seqs in running.values() for q in seqs if not q.over]
-        return bool(rows) and self.pacer.hold(rows, time.perf_counter() - waiting[0].queued_at)
-
-    def _top_up(self, waiting: deque, free_rows: int) -> None:
-        """Move jobs from the head of the queue to `waiting` while they can share the batch and rows are free (a
-        job that must run alone at the head stops it: no job overtakes another). While the server stops, the jobs
-        not yet in the batch are refused. Jobs whose clients left, waiting or at the head, are ended unrun."""
-        left = [job for job in waiting if job.cancelled.is_set()]  # (held back by the pacer, then abandoned)
-        for job in left:
-            waiting.remove(job)
-        with self._cv:
-            rows = sum(job.rows for job in waiting)
-            while self._jobs and self._jobs[0].cancelled.is_set():
-                left.append(self._jobs.popleft())
-            while self._jobs and self._jobs[0].batchable and \
-                    rows + self._jobs[0].rows <= free_rows and not self._stopping:
-                rows += self._jobs[0].rows
-                waiting.append(self._jobs.popleft())
-            stopping = self._stopping
-        for job in left:
-            self._left(job)
-        while stopping and waiting:
-            job = waiting.popleft()
-            self._fail(job, ApiError(503, "the server is shutting down"))
-            self._close(job)
-
-    def _join(self, live, waiting: deque, running: dict, served: list) -> None:
-        """Admit the waiting jobs that fit, in order, with one prefill. If an input is refused, they are admitted one
-        by one: the one refused gets its error (400), the others join."""
-        jobs, rows = [], 0
-        for job in waiting:
-            if rows + job.rows > live.free_rows:
-                break
-            jobs.append(job)
-            rows += job.rows
-        if not jobs:
-            return
-        try:
-            if not self._admit(live, jobs, running, served):
-                return  # no room in the cache until some rows end: again after the next step
-        except Exception as e:  # noqa: BLE001 (a refused input, or a bug that one input meets: only its job fails)
-            if len(jobs) == 1:
-                self._refuse(jobs[0], e)
-            else:
-                for job in jobs:
-                    try:
-                        if not self._admit(live, [job], running, served):
-                            break
-                    except Exception as e:  # noqa: BLE001
-                        self._refuse(job, e)
-        while waiting and (waiting[0].finished or waiting[0] in running):
-            waiting.popleft()
-
-    def _refuse(self, job: Job, e: Exception) -> None:
-        """A job whose admission failed gets the error (`error_for`); the batch goes on without it."""
-        self._fail(job, error_for(e))
-        self._close(job)
-
-    def _admit(self, live, jobs: list[Job], running: dict, served: list) -> bool:
-        """Jobs join the live batch (True), or there is no room for them now (False)."""
-        images, prompts, owners = batch_rows(jobs)
-        options = {job: GenerationOptions.from_kwargs(**job.request.options) for job in jobs}
-        start = time.perf_counter()
-        got = live.admit(images, prompts, tags=owners, streams=[job.request.stream for job in owners],
-                         options=[options[job] for job in owners])
-        if got is None:
-            return False
-        now = time.perf_counter()
-        self.pacer.admitted(now - start)
-        seqs, events = got
-        for job in jobs:
-            running[job] = [q for q in seqs if q.tag is job]
-            served.append(job)
-            job.started_at, job.first_token_at = start, now  # (the prefill gives each row its first token)
-        for seq, item in events:
-            self._deliver(seq, item, running)
-        return True
-
-    def _deliver(self, seq, item, running: dict) -> None:
-        """A text piece of `seq` (to its job's stream, if the client is still there) or its Result (the job's last
-        one finishes the job)."""
-        job = seq.tag
-        row = next((i for i, q in enumerate(running.get(job, ())) if q is seq), 0)  # which of the job's rows
-        if isinstance(item, str):
-            job.send(row, item)
-            return
-        self.pacer.answered(len(item.token_ids))
-        self._collect(job, item, row)
-        if job.finished:
-            running.pop(job, None)
-            self._close(job)
 
     def _left(self, job: Job) -> bool:
         """Whether a job's client left while it was queued: it is then ended (cancelled) without running."""
