@@ -3,12 +3,15 @@
 The data is the training layout, a JSONL of `{"image": path, "prefix": text, "suffix": text, ...}` (image paths
 relative to the file, or a list of them for an example about several images, answered as `generate([[a, b]], ...)`
 answers it; other fields such as `task` or `qtype` name groups). Each prefix is answered greedily and the
-answer compared with the suffix (`train/evaluate.py`): exact match (whitespace runs counted as one space), overall
-and per value of each `--group-by` field, and for suffixes that are boxes (`<loc>` x 4 + label) the mean IoU of the
-first predicted box and the share with the label right and IoU >= 0.5 (examples about one image).
+answer compared with the suffix, or with the line's "answers" list where it has one (`train/evaluate.py`): exact
+match (whitespace runs counted as one space) or the `--metrics` PaliGemma's transfers are reported in (VQAv2
+accuracy, ANLS, ChartQA's relaxed accuracy, CIDEr: `tasks/metrics.py`), overall and per value of each `--group-by`
+field, and for suffixes that are boxes (`<loc>` x 4 + label) the mean IoU of the first predicted box and the share
+with the label right and IoU >= 0.5 (examples about one image).
 
     palitorch eval --model DIR --data data/easyvqa/test.jsonl
     palitorch eval --data test.jsonl --max-examples 500 --json --predictions predictions.jsonl
+    palitorch eval --model DIR --data vqav2-val.jsonl --metrics vqa      # lines with "answers": [ten answers]
 """
 
 from __future__ import annotations
@@ -27,17 +30,23 @@ from palitorch.errors import InputError
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "eval", help="measure a model on held-out JSONL data (exact match, per group, box IoU)",
+        "eval", help="measure a model on held-out JSONL data (exact match, VQA accuracy, ANLS, CIDEr, ...; per "
+                     "group, box IoU)",
         description="Answer every prefix of a JSONL file of {\"image\", \"prefix\", \"suffix\"} (the training "
                     "data's layout; \"image\" may list several images for one prompt) greedily and compare with "
-                    "its suffix: exact match overall and per group, and for box answers about one image the mean "
-                    "IoU and the share with the label right and IoU >= 0.5.",
+                    "its suffix, or with its \"answers\" list where it has one: exact match (or --metrics) overall "
+                    "and per group, and for box answers about one image the mean IoU and the share with the label "
+                    "right and IoU >= 0.5.",
     )
     one_line_errors(p)
     p.add_argument("--data", required=True, metavar="TEST.jsonl", help="the held-out examples")
     p.add_argument("--max-examples", type=int, default=0, metavar="N",
                    help="a fixed random subset of N examples, in file order (default 0: all)")
     p.add_argument("--seed", type=int, default=0, help="which subset --max-examples takes (default 0)")
+    p.add_argument("--metrics", default="exact", metavar="NAMES",
+                   help="comma-separated: exact (default), vqa (VQAv2 accuracy), anls (DocVQA), relaxed (ChartQA), "
+                        "cider (COCO captions); each answer is compared with its line's \"answers\" list where it "
+                        "has one (VQAv2's ten human answers, several captions), else with its suffix")
     p.add_argument("--group-by", default="task,qtype", metavar="FIELDS",
                    help="comma-separated JSONL fields to report exact match per value of (default task,qtype; "
                         "fields no example has are left out)")
@@ -57,10 +66,11 @@ def evaluate(args: argparse.Namespace) -> int:
 
     from palitorch.inference import load_image
     from palitorch.inference.images import check_image_file
+    from palitorch.tasks.metrics import METRICS
     from palitorch.train import ddp
-    from palitorch.train.config import METRIC_NAMES
+    from palitorch.train.config import METRIC_NAMES, metric_error
     from palitorch.train.data import read_jsonl
-    from palitorch.train.evaluate import answer_tokens, cut_answers, exact_match, normalize_answer, subset, summary
+    from palitorch.train.evaluate import answer_tokens, cut_answers, exact_match, subset, summary
 
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
@@ -80,6 +90,9 @@ def evaluate(args: argparse.Namespace) -> int:
             raise InputError("--predictions must not be the data file")
         if not streamed:
             _check_writable(out.with_name(out.name + ".part"), args.predictions)  # before hours of evaluation
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if wrong := metric_error(metrics):
+        raise InputError(f"--metrics: {wrong}")
     device, dtype = check_model_options(args)
     examples = read_jsonl(args.data)
     idx = subset(len(examples), args.max_examples, args.seed)
@@ -120,15 +133,16 @@ def evaluate(args: argparse.Namespace) -> int:
             bar.update(len(texts))
             return texts
 
-        metrics = exact_match(pipe.model, pipe.processor, examples, idx, args.batch_size, args.max_new_tokens,
-                              groups, ddp.Dist(), generate=generate)
+        scores: dict = {}
+        figures = exact_match(pipe.model, pipe.processor, examples, idx, args.batch_size, args.max_new_tokens,
+                              groups, ddp.Dist(), generate=generate, metrics=metrics, per_example=scores)
     # first: the metrics are not lost if the predictions cannot be written after all; to stderr when the
     # predictions go to standard output (or to the file it was sent to), which then holds JSON lines only
     report = sys.stderr if out is not None and _is_stdout(out) else sys.stdout
     if args.json:
-        print(json.dumps({"data": str(args.data), **metrics}, ensure_ascii=False), file=report, flush=True)
+        print(json.dumps({"data": str(args.data), **figures}, ensure_ascii=False), file=report, flush=True)
     else:
-        print(summary(str(args.data), metrics), file=report, flush=True)
+        print(summary(str(args.data), figures), file=report, flush=True)
     if out is not None:  # one process answers every example, in the order of idx
         data_folder = Path(args.data).parent.resolve()
 
@@ -141,12 +155,12 @@ def evaluate(args: argparse.Namespace) -> int:
             return paths if isinstance(e.given_image, list) else paths[0]
 
         lines = []
-        for i, answer in zip(idx, answers):
+        for k, (i, answer) in enumerate(zip(idx, answers)):
             e = examples[i]
+            # each metric's score of this example (exact match and relaxed accuracy as true / false)
+            own = {METRICS[m]: bool(v[k]) if m in ("exact", "relaxed") else v[k] for m, v in scores.items()}
             lines.append(json.dumps({"image": image_field(e), "prefix": e.prefix, "suffix": e.suffix, **e.meta,
-                                     "prediction": answer,
-                                     "exact_match": normalize_answer(answer) == normalize_answer(e.suffix)},
-                                    ensure_ascii=False))
+                                     "prediction": answer, **own}, ensure_ascii=False))
         text = "".join(line + "\n" for line in lines)
         if streamed:
             with open(out, "a", encoding="utf-8") as f:  # ("a": after the metrics, when stdout is a file)

@@ -21,6 +21,7 @@ literals when they parse as one (`--data.task_repeat '{caption = 4}'`), else as 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import sys
@@ -31,6 +32,7 @@ from pathlib import Path
 from palitorch.checkpoint.hub import find_checkpoint
 from palitorch.config import SMALL_PRESETS
 from palitorch.errors import ConfigError
+from palitorch.tasks.metrics import METRICS
 from palitorch.train.config_values import coerce, parse_overrides, toml_value
 from palitorch.train.runfolder import check_out_folder
 
@@ -136,6 +138,8 @@ class EvalConfig:
     batch_size: int = 64
     max_new_tokens: int = 32  # as `palitorch eval`'s default; a warning names answers longer than this
     group_by: list[str] = field(default_factory=lambda: ["task", "qtype"])  # JSONL fields to report accuracy by
+    # what answers are measured by (tasks/metrics.py): exact, vqa, anls, relaxed, cider
+    metrics: list[str] = field(default_factory=lambda: ["exact"])
 
 
 @dataclass
@@ -257,6 +261,8 @@ class TrainConfig:
                 raise ConfigError(f"[optim] lr_scale.{k} must be a finite number >= 0, got {v!r}")
         if taken := [g for g in self.eval.group_by if g in METRIC_NAMES]:
             raise ConfigError(f"[eval] group_by {taken[0]!r} is the name of an overall metric: group by other fields")
+        if wrong := metric_error(self.eval.metrics):
+            raise ConfigError(f"[eval] metrics: {wrong}")
 
 
 # [model] keys that only a from-scratch model reads (with init, the checkpoint decides): ignored beside init, with a
@@ -265,7 +271,21 @@ SCRATCH_ONLY = ("preset", "version", "image_size", "patch_size", "vocab_size", "
                 "init_std", "smooth_locs")
 
 # What an evaluation reports beside its groups (train/evaluate.py): no group may take these names.
-METRIC_NAMES = frozenset({"exact_match", "n", "boxes", "eval_loss", "step"})
+METRIC_NAMES = frozenset({"n", "boxes", "eval_loss", "step", *METRICS.values()})
+
+
+def metric_error(names: list) -> str | None:
+    """What is wrong with a list of metric names (none, an unknown or repeated one), else None."""
+    if not names:
+        return f"name at least one of {', '.join(METRICS)}"
+    for name in names:
+        if name not in METRICS:
+            near = difflib.get_close_matches(str(name), list(METRICS), n=1)
+            return f"unknown metric {name!r}" + (f" (did you mean {near[0]!r}?)" if near else "") + \
+                f"; the metrics are {', '.join(METRICS)}"
+    if len(set(names)) < len(names):
+        return f"{next(n for n in names if names.count(n) > 1)!r} is named twice"
+    return None
 
 # The range of every number in the config, as (rule, test); a float must be finite too. Checked by validate.
 _GE0 = (">= 0", lambda v: v >= 0)

@@ -3,7 +3,8 @@
 A JSONL line is `{"image": path, "prefix": text, "suffix": text}` (big_vision's layout); image paths are relative
 to the JSONL file's folder unless absolute. An example about several images (NLVR2's pairs, video frames) gives a list
 of 1 to 16 paths: as for `Pipeline.generate([[a, b]], ...)`, its prompt gets one `<image>` marker per image and the
-images' tokens come one after another. Other fields (`task`, `qtype`, ...) are kept for per-group metrics.
+images' tokens come one after another. Other fields (`task`, `qtype`, ...) are kept for per-group metrics; an
+"answers" list, where given, holds the reference answers evaluation compares with (VQAv2's ten, several captions).
 
 The batch order is a pure function of (seed, epoch): a seeded permutation cut into global batches (the incomplete
 tail is dropped), so step s always sees the same examples, whether the run was resumed or split over processes.
@@ -77,6 +78,11 @@ def read_jsonl(path: str | Path) -> list[Example]:
                                   "Unicode character: write the text itself, as UTF-8")
             if not isinstance(d.get("task", ""), str):  # (task_repeat and the metrics' groups key on it)
                 raise ConfigError(f'{where}: "task" must be a string such as "caption", got {json.dumps(d["task"])}')
+            answers = d.get("answers")  # (the references evaluation compares with, where given: train/evaluate.py)
+            if answers is not None and not (isinstance(answers, list) and answers and
+                                            all(isinstance(a, str) for a in answers)):
+                raise ConfigError(f'{where}: "answers" must be a non-empty list of strings (the reference answers '
+                                  f"evaluation compares with), got {json.dumps(answers)[:60]}")
             given = d.pop("image")
             found = tuple(Path(g) if Path(g).is_absolute() else p.parent / g for g in
                           (given if isinstance(given, list) else [given]))

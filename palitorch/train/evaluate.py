@@ -1,4 +1,5 @@
-"""Held-out evaluation: exact match of greedy answers, overall and per group (task, question type), and the loss.
+"""Held-out evaluation: exact match of greedy answers (or the other metrics of tasks/metrics.py: VQA accuracy, ANLS,
+relaxed accuracy, CIDEr), overall and per group (task, question type), and the loss.
 
 Answers that are boxes (`<loc..>` x 4 + label) also get the IoU of the first predicted box with the target's, and
 the share whose label is right with IoU >= 0.5 (exact match is too strict for boxes: one grid step off fails it),
@@ -18,7 +19,9 @@ import torch
 
 from palitorch.inference.pipeline import Pipeline
 from palitorch.inference.processor import Processor
+from palitorch.tasks import metrics as metrics_lib
 from palitorch.tasks.detection import split_objects
+from palitorch.tasks.metrics import normalize_answer
 from palitorch.train import ddp
 from palitorch.train.data import Dataset, Example
 
@@ -48,18 +51,25 @@ def cut_answers(answers: torch.Tensor, max_new_tokens: int, setting: str = "[eva
             f"longest is {int(answers.max())}): they are cut short and count as wrong; raise {setting}")
 
 
-def normalize_answer(text: str) -> str:
-    return " ".join(text.split())
+def references(example: Example) -> list[str]:
+    """What an example's answer is compared with: its "answers" list where it has one (VQAv2's ten human answers,
+    several captions), else its suffix."""
+    answers = example.meta.get("answers")
+    return list(answers) if isinstance(answers, list) and answers else [example.suffix]
 
 
 @torch.no_grad()
 def exact_match(model, processor, examples: list[Example], idx: list[int], batch_size: int, max_new_tokens: int,
-                group_by: list[str], d: ddp.Dist, generate=None, keep_going=lambda: True) -> dict:
-    """{"exact_match": float, "n": int, "<field>": {value: {"exact_match", "n"}}} for the examples at `idx`.
+                group_by: list[str], d: ddp.Dist, generate=None, keep_going=lambda: True,
+                metrics=("exact",), per_example: dict | None = None) -> dict:
+    """{"exact_match": float, "n": int, "<field>": {value: {"exact_match", "n"}}} for the examples at `idx`, and
+    likewise each other of `metrics` (names of tasks/metrics.py: "vqa" reports "vqa_accuracy", ...), each answer
+    compared with the example's `references`.
 
     `generate(images, prompts, max_new_tokens)` defaults to `Pipeline(model, processor).generate`; an example's
     images are its Example.image (a tuple for several: one input's list). `keep_going()`,
     asked before each batch, ends the evaluation early when False (the figures are then of no use).
+    `per_example` (a dict), when given, receives each metric's scores of the examples (lists in the order of `idx`).
     """
     was_training = model.training
     model.eval()
@@ -71,30 +81,55 @@ def exact_match(model, processor, examples: list[Example], idx: list[int], batch
             return [r.text for r in pipe.generate(images, prompts, max_new_tokens=max_new_tokens)]
 
     device = next(model.parameters()).device
-    # Per example: exact match, and for box answers the IoU of the first box and whether its label is right.
-    scores = torch.zeros(3, len(idx), dtype=torch.float64, device=device)
+    rowed = [m for m in metrics if m != "cider"]  # (CIDEr is computed from all the answers at the end)
+    # Per example: each per-example metric, and for box answers the IoU of the first box and whether its label is right.
+    scores = torch.zeros(len(rowed) + 2, len(idx), dtype=torch.float64, device=device)
+    texts: dict[int, str] = {}
     mine = list(range(d.rank, len(idx), d.world))
     for start in range(0, len(mine), batch_size):
         if not keep_going():
             break
         part = mine[start: start + batch_size]
         ex = [examples[idx[j]] for j in part]
-        texts = generate([e.image for e in ex], [e.prefix for e in ex], max_new_tokens)
-        for j, e, text in zip(part, ex, texts):
-            scores[0, j] = float(normalize_answer(text) == normalize_answer(e.suffix))
-            scores[1:, j] = torch.tensor(box_score(text, e.suffix), dtype=torch.float64)
+        answers = generate([e.image for e in ex], [e.prefix for e in ex], max_new_tokens)
+        for j, e, text in zip(part, ex, answers):
+            texts[j] = text
+            for row, metric in enumerate(rowed):
+                scores[row, j] = metrics_lib.score(metric, text, references(e))
+            scores[-2:, j] = torch.tensor(box_score(text, e.suffix), dtype=torch.float64)
     ddp.all_reduce_sum(scores, d)
     if own_pipeline:  # its KV caches: training has better use for the memory
         model.clear_caches()
     model.train(was_training)
     chosen = [examples[i] for i in idx]
-    out = group_metrics(chosen, scores[0].cpu().tolist(), group_by)
+    per = {metric: scores[row].cpu().tolist() for row, metric in enumerate(rowed)}
+    if "cider" in metrics:  # a figure of the whole set: every answer is needed
+        every = all_texts(texts, len(idx), d, device)
+        per["cider"] = metrics_lib.cider(every, [references(e) for e in chosen])
+    per = {metric: per[metric] for metric in metrics}
+    if per_example is not None:
+        per_example.update(per)
+    out = group_metrics(chosen, per, group_by)
     boxed = [k for k, e in enumerate(chosen) if len(e.images) == 1 and split_objects(e.suffix)]
     if boxed:
-        iou, label = scores[1, boxed], scores[2, boxed]
+        iou, label = scores[-2, boxed], scores[-1, boxed]
         out["boxes"] = {"n": len(boxed), "mean_iou": float(iou.mean()),
                         "label_and_iou50": float(((iou >= 0.5) & (label > 0)).double().mean())}
     return out
+
+
+def all_texts(texts: dict[int, str], n: int, d: ddp.Dist, device=None) -> list[str]:
+    """The n answers of all processes, each of which holds some of them (`texts`: position -> answer), in order:
+    summed over processes as byte tensors on `device` (no pickled objects travel). An answer no process gave (an
+    evaluation ended early) is ""."""
+    encoded = {j: t.encode("utf-8") for j, t in texts.items()}
+    width = torch.tensor([max(map(len, encoded.values()), default=0)], dtype=torch.float64, device=device)
+    width = int(-ddp.all_reduce_min(-width, d)[0])
+    table = torch.zeros(n, width, dtype=torch.int32)
+    for j, b in encoded.items():
+        table[j, :len(b)] = torch.tensor(list(b), dtype=torch.int32)
+    table = ddp.all_reduce_sum(table.to(device), d).cpu()
+    return [bytes(row[row > 0].tolist()).decode("utf-8", errors="replace") for row in table]
 
 
 def box_score(prediction: str, target: str) -> tuple[float, float]:
@@ -115,15 +150,23 @@ def iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def group_metrics(examples: list[Example], correct: list[float], group_by: list[str]) -> dict:
-    out = {"exact_match": sum(correct) / max(1, len(correct)), "n": len(correct)}
+def group_metrics(examples: list[Example], scores: dict[str, list[float]], group_by: list[str]) -> dict:
+    """Each metric's mean over the examples (reported under its name in tasks/metrics.METRICS) and over each group:
+    the examples with one value of a `group_by` field."""
+    n = len(examples)
+
+    def means(rows: list[int]) -> dict:
+        return {metrics_lib.METRICS[m]: sum(v[k] for k in rows) / max(1, len(rows)) for m, v in scores.items()} | \
+            {"n": len(rows)}
+
+    out = means(list(range(n)))
     for key in group_by:
-        groups: dict[str, list[float]] = defaultdict(list)
-        for e, c in zip(examples, correct):
+        groups: dict[str, list[int]] = defaultdict(list)
+        for k, e in enumerate(examples):
             if key in e.meta:
-                groups[str(e.meta[key])].append(c)
+                groups[str(e.meta[key])].append(k)
         if groups:
-            out[key] = {g: {"exact_match": sum(v) / len(v), "n": len(v)} for g, v in sorted(groups.items())}
+            out[key] = {g: means(rows) for g, rows in sorted(groups.items())}
     return out
 
 
@@ -150,15 +193,24 @@ def loss(model, data: Dataset, idx: list[int], batch_size: int, d: ddp.Dist, aut
     return float(total[0] / total[1].clamp(min=1))
 
 
+LABELS = {"exact_match": "exact match", "vqa_accuracy": "VQA accuracy", "anls": "ANLS",
+          "relaxed_accuracy": "relaxed accuracy", "cider": "CIDEr"}
+
+
 def summary(label: str, m: dict) -> str:
-    """The printed lines of evaluation metrics `m` (whichever of them it holds), the first one starting `label: `."""
-    head = [f"exact match {m['exact_match']:.4f} (n={m.get('n', '?')})" if "exact_match" in m else "",
-            f"eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else ""]
-    parts = [f"{label}: " + (", ".join(h for h in head if h) or "no evaluation metrics")]
+    """The printed lines of evaluation metrics `m` (whichever of them it holds), the first one starting `label: `.
+    A group's line gives its figure of each metric, in the first line's order ("a 0.5000 / 1.2000")."""
+    shown = [k for k in LABELS if k in m]
+    head = [f"{LABELS[k]} {m[k]:.4f}" for k in shown]
+    if head:
+        head[-1] += f" (n={m.get('n', '?')})"
+    head += [f"eval loss {m['eval_loss']:.4f}"] if "eval_loss" in m else []
+    parts = [f"{label}: " + (", ".join(head) or "no evaluation metrics")]
     for key, groups in m.items():
         if key == "boxes":
             parts.append(f"  boxes: mean IoU {groups['mean_iou']:.4f}, label right and IoU >= 0.5 "
                          f"{groups['label_and_iou50']:.4f} (n={groups['n']})")
         elif isinstance(groups, dict):
-            parts.append(f"  {key}: " + ", ".join(f"{g} {v['exact_match']:.4f}" for g, v in groups.items()))
+            parts.append(f"  {key}: " + ", ".join(f"{g} " + " / ".join(f"{v[k]:.4f}" for k in shown if k in v)
+                                                   for g, v in groups.items()))
     return "\n".join(parts)

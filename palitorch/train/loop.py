@@ -251,7 +251,8 @@ class Trainer:
         metrics = {"eval_loss": evaluate.loss(self.model, self.eval_data, idx, e.batch_size, self.dist,
                                               self._autocast, go)}
         metrics.update(evaluate.exact_match(self.model, self.processor, self.eval_examples, idx, e.batch_size,
-                                            e.max_new_tokens, e.group_by, self.dist, keep_going=go))
+                                            e.max_new_tokens, e.group_by, self.dist, keep_going=go,
+                                            metrics=e.metrics))
         return metrics
 
     def _init_path(self) -> str | None:

@@ -66,6 +66,56 @@ def test_eval_scores_what_the_model_answers(fake_pipe, images, tmp_path, capsys)
     assert m["boxes"] == {"n": 1, "mean_iou": pytest.approx(512 * 512 / 1023 ** 2, rel=1e-2), "label_and_iou50": 0.0}
 
 
+def test_eval_metrics_compare_with_the_answers_lists(fake_pipe, images, tmp_path, capsys):
+    """--metrics: each metric per example against the line's "answers" (its suffix where it has none), overall, per
+    group and in the predictions; CIDEr for the whole set as tasks/metrics.cider gives it."""
+    from palitorch.tasks.metrics import cider
+
+    said = {"q1": "Two", "q2": "hallo", "q3": "a dog on a bench", "q4": "12.5"}
+    pipe = fake_pipe(lambda im, p: said[p])
+    pipe.model = torch.nn.Linear(1, 1)
+    rows = [{"prefix": "q1", "suffix": "2", "answers": ["2"] * 2 + ["two"] * 2 + ["3"] * 6, "kind": "vqa"},
+            {"prefix": "q2", "suffix": "hello", "kind": "doc"},
+            {"prefix": "q3", "suffix": "a dog", "answers": ["a dog on a bench", "a dog sitting"], "kind": "cap"},
+            {"prefix": "q4", "suffix": "12", "kind": "chart"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"image": "imgs/red.png", **r}) + "\n" for r in rows))
+    rc, out, err = cli(["eval", "--data", tmp_path / "d.jsonl", "--metrics", "exact,vqa,anls,relaxed,cider",
+                        "--group-by", "kind", "--json", "--quiet", "--predictions", tmp_path / "p.jsonl"], capsys)
+    assert rc == 0, err
+    m = json.loads(out)
+    # "Two" -> "2" (the references disagree): 4 of 10 match, each leave-one-out subset has 3 or 4: accuracy 1; the
+    # caption matches one of two references: leaving it out 0, the other 1/3; "12.5": its one reference, exactly
+    vqa = [1.0, 0.0, pytest.approx(1 / 6), 0.0]
+    assert m["vqa_accuracy"] == pytest.approx(7 / 6 / 4) and m["kind"]["vqa"]["vqa_accuracy"] == 1.0
+    # "Two" is "two" in lower case; "hallo" 1 of 5 characters off; "12.5" vs "12": 2 of 4, at the 0.5 threshold
+    assert m["anls"] == pytest.approx((1 + 0.8 + 1 + 0) / 4)
+    assert m["relaxed_accuracy"] == pytest.approx(3 / 4)  # "two", the caption, and 12.5 within 5% of 12
+    assert m["exact_match"] == pytest.approx(1 / 4)  # the caption is one of its references
+    each = cider([said[r["prefix"]] for r in rows], [r.get("answers", [r["suffix"]]) for r in rows])
+    assert m["cider"] == pytest.approx(sum(each) / 4) and m["kind"]["cap"]["cider"] == pytest.approx(each[2])
+    assert m["kind"]["doc"] == {"exact_match": 0.0, "vqa_accuracy": 0.0, "anls": pytest.approx(0.8),
+                                "relaxed_accuracy": 0.0, "cider": pytest.approx(each[1]), "n": 1}
+    predictions = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [p["vqa_accuracy"] for p in predictions] == vqa
+    assert [p["relaxed_accuracy"] for p in predictions] == [True, False, True, True]
+    assert [p["exact_match"] for p in predictions] == [False, False, True, False]
+    assert predictions[0]["answers"] == rows[0]["answers"]
+    rc, out, err = cli(["eval", "--data", tmp_path / "d.jsonl", "--metrics", "vqa,anls", "--group-by", "kind",
+                        "--quiet"], capsys)
+    assert rc == 0 and out.splitlines()[0].endswith(": VQA accuracy 0.2917, ANLS 0.7000 (n=4)"), out
+    assert "  kind: cap 0.1667 / 1.0000, chart 0.0000 / 0.0000, doc 0.0000 / 0.8000, vqa 1.0000 / 1.0000" in out
+
+
+@pytest.mark.parametrize("answers", ["yes", [], ["yes", 3], {"a": 1}])
+def test_an_answers_field_must_be_a_list_of_strings(answers, images, tmp_path, no_model_load, capsys):
+    line = {"image": "imgs/red.png", "prefix": "q", "suffix": "a", "answers": answers}
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "imgs/red.png", "prefix": "q", "suffix": "a"}) + "\n" +
+                                      json.dumps(line) + "\n")
+    rc, _, err = cli(["eval", "--data", tmp_path / "d.jsonl"], capsys)
+    assert rc == 2 and err.count("\n") == 1
+    assert 'd.jsonl:2: "answers" must be a non-empty list of strings' in err
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--max-examples", "-1"], "--max-examples must be >= 0"),
@@ -73,6 +123,10 @@ def test_eval_scores_what_the_model_answers(fake_pipe, images, tmp_path, capsys)
     (["--predictions", "/proc/p.jsonl"], "--predictions /proc/p.jsonl: cannot write there"),  # (was after the eval)
     (["--group-by", "kind,boxes"], "--group-by 'boxes' is the name of an overall metric"),
     (["--group-by", "n"], "--group-by 'n' is the name of an overall metric"),
+    (["--group-by", "cider"], "--group-by 'cider' is the name of an overall metric"),
+    (["--metrics", "vqa,cidr"], "--metrics: unknown metric 'cidr' (did you mean 'cider'?)"),
+    (["--metrics", ","], "--metrics: name at least one of exact, vqa, anls, relaxed, cider"),
+    (["--metrics", "anls,anls"], "--metrics: 'anls' is named twice"),
 ])
 def test_eval_errors_are_one_line(extra, message, images, tmp_path, no_model_load, capsys):
     (tmp_path / "d.jsonl").write_text(json.dumps({"image": "imgs/red.png", "prefix": "q", "suffix": "a"}) + "\n")

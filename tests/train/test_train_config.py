@@ -90,6 +90,9 @@ def test_round_trip_through_toml(tmp_path):
     (["--model.dtype", "float64"], "[model] dtype 'float64' is not one of float32, bfloat16"),
     (["--model.dtype", "float16"], "float16 weights need the loss scaling that training does not do"),
     (["--eval.group_by", '["task", "boxes"]'], "[eval] group_by 'boxes' is the name of an overall metric"),
+    (["--eval.group_by", '["vqa_accuracy"]'], "[eval] group_by 'vqa_accuracy' is the name of an overall metric"),
+    (["--eval.metrics", '["vqa", "ciders"]'], "[eval] metrics: unknown metric 'ciders' (did you mean 'cider'?)"),
+    (["--eval.metrics", "[]"], "[eval] metrics: name at least one of exact, vqa, anls, relaxed, cider"),
     # each check at its boundary (a value just past the limit, or one a loose check would take for another type)
     (["--train.epochs", "0"], "[train] give steps > 0 or epochs > 0"),
     (["--train.device", "mps"], "[train] device 'mps' is not one of auto, cpu, cuda"),

@@ -59,6 +59,41 @@ def test_eval_through_the_real_pipeline(tmp_path):
     assert trainer.model.training  # evaluation puts the model back in training mode
 
 
+def test_a_run_reports_the_metrics_its_config_names(tmp_path):
+    data = make_data(tmp_path / "data")
+    trainer = Trainer(config(data, tmp_path / "run", eval__max_examples=5, eval__metrics=["anls", "cider"]))
+    m = trainer.evaluate()
+    assert m["n"] == 5 and "exact_match" not in m and 0.0 <= m["anls"] <= 1.0 and m["cider"] >= 0.0
+    assert set(next(iter(m["task"].values()))) == {"anls", "cider", "n"}
+    assert "ANLS" in summary("step 8", m) and "CIDEr" in summary("step 8", m)
+
+
+def test_cider_over_two_processes_is_one_process_figure(monkeypatch):
+    """CIDEr needs every answer: each process's answers travel as byte tensors summed over the processes (here the
+    second process's sums are replayed into the first's), and the figure is that of one process answering all."""
+    said = ["a red circle", "a blue squäre", "", "two green circles on white", "a circle"]
+    refs = [["a red circle", "red circle"], ["a blue square"], ["a green triangle", "green triangle"],
+            ["two green circles", "green circles on white"], ["a yellow circle"]]
+    ex = [Example(Path(str(i)), "caption en", r[0], {"answers": r}) for i, r in enumerate(refs)]
+
+    def gen(images, prompts, k):
+        return [said[int(p.name)] for p in images]
+
+    stub = torch.nn.Linear(1, 1)
+    metrics = ["exact", "cider"]
+    whole, scores = exact_match(stub, None, ex, list(range(5)), 2, 4, [], ddp.Dist(), gen, metrics=metrics), {}
+    sums = []
+    monkeypatch.setattr(ddp, "all_reduce_min", lambda t, d: torch.full_like(t, -64))  # the longest answer, at most
+    monkeypatch.setattr(ddp, "all_reduce_sum", lambda t, d: sums.append(t.clone()) or t)
+    exact_match(stub, None, ex, list(range(5)), 2, 4, [], ddp.Dist(1, 2), gen, metrics=metrics)
+    theirs = iter(sums)
+    monkeypatch.setattr(ddp, "all_reduce_sum", lambda t, d: t + next(theirs))
+    two = exact_match(stub, None, ex, list(range(5)), 2, 4, [], ddp.Dist(0, 2), gen, metrics=metrics,
+                      per_example=scores)
+    assert two == pytest.approx(whole) and whole["cider"] > 0 and whole["exact_match"] == 0.2
+    assert len(scores["cider"]) == 5 and scores["exact"] == [1.0, 0.0, 0.0, 0.0, 0.0]
+
+
 def test_periodic_evaluation_without_an_eval_set_is_skipped(tmp_path, capsys):
     # [eval] every with no [data] eval: said once at the start, no evaluation rows, the run finishes (it raised
     # KeyError 'exact_match' at the first evaluation, losing the work since the last checkpoint, and again on resume).
