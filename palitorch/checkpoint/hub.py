@@ -59,6 +59,10 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> Path:
     repo = repo_folder(repo_id)
     fetch = f"`hf download {repo_id}{'' if revision == 'main' else f' --revision {revision}'}`"
     if not repo.is_dir():
+        for kind in ("datasets", "spaces"):  # (the cache keeps them beside the models, as datasets--owner--name)
+            if (repo.parent / f"{kind}--{repo_id.replace('/', '--')}").is_dir():
+                raise CheckpointError(f"{repo_id!r} is a {kind[:-1]} in the Hugging Face cache, not a model: give a "
+                                      "PaliGemma model's id (google/paligemma2-3b-pt-224) or folder")
         raise CheckpointError(f"{repo_id!r} is neither a folder nor in the Hugging Face cache ({hub_cache()}); "
                               f"palitorch does not download: fetch it with {fetch} (into that cache), or with "
                               f"`hf download {repo_id} --local-dir DIR` and pass DIR")

@@ -11,9 +11,10 @@ A server that fetches any URL it is given is a proxy into its own network (SSRF)
 
 The host name is resolved once, every address it resolves to is checked, and the connection goes to a checked
 address (no second lookup that could answer otherwise). Each redirect is checked the same way, and only http(s) is
-opened. The whole fetch (connections, redirects, headers and body) must end within its timeout: a site that trickles
-its answer a byte at a time is cut off then, as each read waiting less than the timeout would not be, and a name with
-many addresses that take no connection is not tried for a timeout each. Errors give a short
+opened. The whole fetch (name lookups, connections, redirects, headers and body) must end within its timeout: a site
+that trickles its answer a byte at a time is cut off then, as each read waiting less than the timeout would not be, a
+name with many addresses that take no connection is not tried for a timeout each, and a resolver that does not
+answer is not waited for. Errors give a short
 reason, not the remote's own words.
 """
 
@@ -43,6 +44,29 @@ def resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(info[4][0] for info in infos))
 
 
+def lookup(host: str, port: int, wait: float | None = None) -> list[str]:
+    """`resolve`, within `wait` seconds (None: as long as it takes). The system's resolver has no timeout of its
+    own, so the lookup runs on a daemon thread that is left to finish alone once the time is up: TimeoutError."""
+    if wait is None:
+        return resolve(host, port)
+    found: list = []
+
+    def run():
+        try:
+            found.append(resolve(host, port))
+        except BaseException as e:  # (handed to the waiting thread)
+            found.append(e)
+
+    thread = threading.Thread(target=run, name="palitorch-resolve", daemon=True)
+    thread.start()
+    thread.join(max(0.0, wait))
+    if not found:
+        raise TimeoutError("timed out")
+    if isinstance(found[0], BaseException):
+        raise found[0]
+    return found[0]
+
+
 def check_address(host: str, address: str, allow_private: bool) -> None:
     """ApiError 400 if the server must not connect to `address` (one of `host`'s)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # fe80::1%eth0: the zone is not part of the address
@@ -59,8 +83,8 @@ class _Check(urllib.request.BaseHandler):
     """Before each request the opener makes (the first and every redirect's): resolve its host, check every address,
     and keep them on the request for the connection (`_Pinned`)."""
 
-    def __init__(self, allow_private: bool):
-        self.allow_private = allow_private
+    def __init__(self, allow_private: bool, deadline: Deadline | None = None):
+        self.allow_private, self.deadline = allow_private, deadline
 
     def http_request(self, req: urllib.request.Request) -> urllib.request.Request:
         parts = urllib.parse.urlsplit(req.full_url)
@@ -71,7 +95,9 @@ class _Check(urllib.request.BaseHandler):
         except ValueError:
             raise bad(f"the image URL {req.full_url[:80]} has no valid host and port", "messages") from None
         try:
-            addresses = resolve(host, port)
+            addresses = lookup(host, port, None if self.deadline is None else self.deadline.left(None))
+        except TimeoutError:  # (the fetch's time ran out while the name was looked up)
+            raise bad(f"cannot fetch the image at {req.full_url[:80]}: timed out", "messages") from None
         except (OSError, UnicodeError):
             raise bad(f"cannot fetch the image at {req.full_url[:80]}: unknown host {host[:80]}", "messages") from None
         for address in addresses:
@@ -198,7 +224,7 @@ def opener(allow_private: bool, deadline: Deadline | None = None) -> urllib.requ
     for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), _PinnedHTTP(deadline),
                     _PinnedHTTPS(deadline),
                     urllib.request.HTTPDefaultErrorHandler(), _Redirects(), urllib.request.HTTPErrorProcessor(),
-                    _Check(allow_private)):
+                    _Check(allow_private, deadline)):
         director.add_handler(handler)
     return director
 

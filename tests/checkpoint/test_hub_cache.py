@@ -107,6 +107,19 @@ def test_what_the_cache_lacks_is_one_line_saying_how_to_fetch_it(cache):
         palitorch.load(REPO, revision="")
 
 
+@pytest.mark.parametrize("kind", ["dataset", "space"])
+def test_a_cached_dataset_or_space_is_named_as_not_a_model(cache, kind):
+    """The cache keeps datasets and spaces beside the models (named as huggingface_hub names them): an id that is one
+    of them is said to be so, not to be missing from the cache."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    (cache / repo_folder_name(repo_id="HuggingFaceM4/VQAv2", repo_type=kind) / "snapshots" / ("a" * 40)).mkdir(
+        parents=True)
+    with pytest.raises(CheckpointError, match=rf"^'HuggingFaceM4/VQAv2' is a {kind} in the Hugging Face cache, not a "
+                                              r"model: give a PaliGemma model's id \(google/paligemma2-3b-pt-224\)"):
+        palitorch.load("HuggingFaceM4/VQAv2")
+
+
 def test_a_partly_downloaded_snapshot_names_the_file_it_lacks(cache, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(palitorch.default_model_path(), src)

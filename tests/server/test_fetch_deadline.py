@@ -179,3 +179,28 @@ def test_a_fetch_leaves_no_timer_thread_or_socket_behind():
     for t in timers:
         t.join(2)
     assert not any(t.is_alive() for t in timers), "a fetch's timer waits on (15 s, the default timeout)"
+
+
+def test_a_name_lookup_that_does_not_answer_counts_against_the_timeout(monkeypatch):
+    """The system's resolver has no timeout of its own (a DNS server that drops the query: ~5 s per try, several
+    tries); the fetch is refused when its time is up, its lookup left to finish alone, and a lookup that fails in
+    time is still an unknown host."""
+    answered = threading.Event()
+
+    def stuck(host, port):
+        answered.wait(30)  # (answers when the test ends)
+        return ["93.184.216.34"]
+
+    monkeypatch.setattr(fetch, "resolve", stuck)
+    try:
+        assert timed_out("http://images.test/a.png") < 5
+    finally:
+        answered.set()
+
+    def unknown(host, port):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(fetch, "resolve", unknown)
+    with pytest.raises(ApiError) as e:
+        fetch_url("http://images.test/a.png", timeout=5)
+    assert e.value.message.endswith(": unknown host images.test")
