@@ -146,6 +146,9 @@ class EvalConfig:
 class CheckpointConfig:
     every: int = 0  # steps between checkpoints; 0 = only at the end
     keep: int = 2  # newest checkpoints kept (older ones deleted)
+    # a metric the evaluations report (exact_match, vqa_accuracy, anls, relaxed_accuracy, cider; eval_loss, lower is
+    # better): the model with the best figure is kept in RUN/best (train/best.py); "" = none
+    best: str = ""
 
 
 @dataclass
@@ -263,6 +266,14 @@ class TrainConfig:
             raise ConfigError(f"[eval] group_by {taken[0]!r} is the name of an overall metric: group by other fields")
         if wrong := metric_error(self.eval.metrics):
             raise ConfigError(f"[eval] metrics: {wrong}")
+        if best := self.checkpoint.best:
+            reported = [METRICS[m] for m in self.eval.metrics] + ["eval_loss"]
+            if best not in reported:
+                raise ConfigError(f"[checkpoint] best {best!r} is not a metric this run's evaluations report: one of "
+                                  f"{', '.join(reported)} (or add its measure to [eval] metrics)")
+            if not d.eval or not self.eval.every:
+                raise ConfigError("[checkpoint] best compares periodic evaluations: give [data] eval and [eval] "
+                                  "every > 0")
 
 
 # [model] keys that only a from-scratch model reads (with init, the checkpoint decides): ignored beside init, with a

@@ -170,6 +170,22 @@ def group_metrics(examples: list[Example], scores: dict[str, list[float]], group
     return out
 
 
+def of_run(trainer, final: bool = False) -> dict:
+    """A training run's evaluation (train/loop.py): the eval loss and the `[eval] metrics` over `[eval]
+    max_examples` of the held-out examples (`final_max_examples` for the final one; {} without an eval set). A
+    periodic one ends early when the run is asked to stop."""
+    e = trainer.cfg.eval
+    if not trainer.eval_examples:
+        return {}
+    idx = subset(len(trainer.eval_examples), e.final_max_examples if final else e.max_examples, trainer.cfg.train.seed)
+    go = (lambda: True) if final else (lambda: not trainer._stopping)
+    metrics = {"eval_loss": loss(trainer.model, trainer.eval_data, idx, e.batch_size, trainer.dist,
+                                 trainer._autocast, go)}
+    metrics.update(exact_match(trainer.model, trainer.processor, trainer.eval_examples, idx, e.batch_size,
+                               e.max_new_tokens, e.group_by, trainer.dist, keep_going=go, metrics=e.metrics))
+    return metrics
+
+
 @torch.no_grad()
 def loss(model, data: Dataset, idx: list[int], batch_size: int, d: ddp.Dist, autocast,
          keep_going=lambda: True) -> float:

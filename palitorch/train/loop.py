@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from palitorch.errors import ConfigError, Interrupted
 from palitorch.train import build, continuation, ddp, evaluate, feed, lora, runfolder, state
+from palitorch.train.best import Best
 from palitorch.train.config import TrainConfig
 from palitorch.train.data import Dataset, fingerprint, global_batch, read_jsonl, repeat_by_task
 from palitorch.train.images import ImageError, Images
@@ -113,6 +114,7 @@ class Trainer:
         # sums over the steps since the last metrics row: kept in checkpoints, so that a resumed run's next row
         # averages the same steps as the uninterrupted run's
         self.window = continuation.log_window(None)
+        self.best = Best(cfg.checkpoint.best, self.run)  # [checkpoint] best: the best model by a metric
         if self.saved is not None:
             self._restore(self.saved)
         self.ahead = feed.Ahead(self.images, self.image_paths, self.prefetch and not cfg.data.cache_images)
@@ -161,6 +163,7 @@ class Trainer:
         state.restore_rng(saved, self.dist, self.device)
         self.step = self._saved_step = saved.step
         self.window = continuation.log_window(st.get("log_window"))
+        self.best.restore(st.get("best"), saved.step)
         self.saved = None  # its optimizer tensors are in the optimizer now
         if self.dist.main:
             for damaged, why in self.skipped:
@@ -242,18 +245,7 @@ class Trainer:
 
     def evaluate(self, final: bool = False) -> dict:
         """The eval set's metrics; a periodic one ends early if a stop is asked for (the loop drops its figures)."""
-        e = self.cfg.eval
-        if not self.eval_examples:
-            return {}
-        k = e.final_max_examples if final else e.max_examples
-        idx = evaluate.subset(len(self.eval_examples), k, self.cfg.train.seed)
-        go = (lambda: True) if final else (lambda: not self._stopping)
-        metrics = {"eval_loss": evaluate.loss(self.model, self.eval_data, idx, e.batch_size, self.dist,
-                                              self._autocast, go)}
-        metrics.update(evaluate.exact_match(self.model, self.processor, self.eval_examples, idx, e.batch_size,
-                                            e.max_new_tokens, e.group_by, self.dist, keep_going=go,
-                                            metrics=e.metrics))
-        return metrics
+        return evaluate.of_run(self, final)
 
     def _init_path(self) -> str | None:
         """[model] init as an absolute path (what a LoRA run's PEFT files name as their base), or None."""
@@ -266,7 +258,7 @@ class Trainer:
                   **continuation.identity(self), "world_size": self.dist.world,
                   "data_order": continuation.DATA_ORDER,
                   "lr": build.lr_at(max(0, self.step - 1), self.total, self.cfg.optim),
-                  "log_window": dict(self.window),
+                  "log_window": dict(self.window), "best": self.best.state(),
                   "config": self.cfg.to_dict()}
             state.save(self.run, self.step, self.model, self.opt, self.names, st, rng, self.tokenizer_files,
                        self.cfg.checkpoint.keep, self._init_path())
@@ -368,13 +360,14 @@ class Trainer:
             if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or last:
                 self.save_checkpoint()  # first: an evaluation can take minutes (and fail)
             # a stop asked for (SIGTERM) skips or cuts short the evaluation: the grace period before SIGKILL is short
-            if cfg.eval.every and self.eval_examples and self.step % cfg.eval.every == 0 and not last and \
-                    not self._stop_agreed():
+            due = self.step % cfg.eval.every == 0 and not last if cfg.eval.every else False
+            if self.eval_examples and (due or last and self.best.wants_last(cfg)) and not self._stop_agreed():
                 result = self.evaluate()
                 if not self._stop_agreed():
                     self.log({"step": self.step, "eval": result})
                     if d.main:  # printed with or without the progress bar
                         tqdm.write(evaluate.summary(f"step {self.step}", result))
+                    self.best.update(self, result)
         self._in_loop = False
         pbar.close()
         if self.stop is not None:  # asked to stop (request_stop): the work so far is kept in a checkpoint
@@ -391,10 +384,12 @@ class Trainer:
         result = self.evaluate(final=True)
         if result:
             self.log({"step": self.step, "eval": result, "final": True})
+            if not self.best.wants_last(cfg):  # (the final evaluation covers the periodic ones' examples)
+                self.best.update(self, result)
         if d.main:
             if result:
                 print(evaluate.summary(f"step {self.step}", result))
             print(f"trained {run['steps']} step{'s' * (run['steps'] != 1)} ({self.step} of {self.total} in all) in "
-                  f"{run['time']:.1f} s; the model is in {self.run / 'model'}")
+                  f"{run['time']:.1f} s; the model is in {self.run / 'model'}{self.best.closing()}")
         ddp.barrier(d)  # processes leave together: gloo can abort one whose peer tears down its connections early
         return result

@@ -2,7 +2,9 @@
 
     RUN/config.toml  metrics.jsonl  tokenizer/  checkpoint-NNNNNNN/ ...  model/     what a run writes (config.toml
                                                                                      first: it marks a run folder)
+    RUN/best/  best.json                                 [checkpoint] best's model (train/best.py)
     RUN/.checkpoint-NNNNNNN.abcd1234/  .model.abcd1234/  .state.abcd1234/           being written (mkdtemp names)
+    RUN/.best.abcd1234/  best.json.part
     RUN/.metrics.jsonl.abcd1234  .checkpoint-NNNNNNN.pruned/                        being rewritten / deleted
     RUN/checkpoint-NNNNNNN.damaged/                                                 found damaged by a resume
     RUN/.lock                                            held (flock) by the process training in the folder
@@ -27,8 +29,9 @@ from pathlib import Path
 
 from palitorch.errors import ConfigError
 
-LEFTOVER = re.compile(r"\.(checkpoint-\d{7,}|model|state|metrics\.jsonl)\.([a-z0-9_]{8}|pruned)")
-RUN_NAMES = re.compile(r"config\.toml|metrics\.jsonl|tokenizer|model(\.old)?|checkpoint-\d{7,}(\.old|\.damaged\d*)?")
+LEFTOVER = re.compile(r"\.(checkpoint-\d{7,}|model|best|state|metrics\.jsonl)\.([a-z0-9_]{8}|pruned)|best\.json\.part")
+RUN_NAMES = re.compile(r"config\.toml|metrics\.jsonl|tokenizer|(model|best)(\.old)?|best\.json|"
+                       r"checkpoint-\d{7,}(\.old|\.damaged\d*)?")
 
 
 def check_new_run(run: Path) -> None:

@@ -1,0 +1,82 @@
+"""The run's best model by an evaluation metric (`[checkpoint] best`), as transformers' Trainer keeps one with
+`load_best_model_at_end` and `metric_for_best_model`.
+
+After each periodic evaluation whose figure beats every earlier one (higher is better, but lower for `eval_loss`),
+the model is written to RUN/best (Hub layout, atomically, a LoRA run's adapter beside it as in RUN/model) and
+RUN/best.json says which step and figure it holds; a metrics row `{"step", "event": "best", ...}` records it too.
+Figures are compared only over the same examples: the periodic evaluations' (`[eval] max_examples` of them, the same
+subset each time). The model of the last step is a candidate as well: it is evaluated on that subset at the end
+(the final evaluation, when it covers the same examples, else one more). A resumed run compares with what the
+interrupted one had found by its checkpoint's step (kept in checkpoints and in RUN/best.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from palitorch.train import state
+
+LOWER_IS_BETTER = {"eval_loss"}
+
+
+class Best:
+    def __init__(self, metric: str, run: Path):
+        self.metric, self.run = metric, run
+        self.step: int | None = None
+        self.value: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.metric)
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of it."""
+        return {"metric": self.metric, "step": self.step, "value": self.value}
+
+    def restore(self, saved: dict | None, step: int) -> None:
+        """The best found up to a resumed checkpoint at `step` (none if of another metric): RUN/best.json's when it
+        is of that step or before (the evaluation at a checkpoint's step follows the checkpoint, which cannot hold
+        it), else the checkpoint's (a best.json of a later step is of steps the resumed run does again)."""
+        try:
+            written = json.loads((self.run / "best.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            written = None
+        for found in (written, saved):
+            if isinstance(found, dict) and found.get("metric") == self.metric and self.metric and \
+                    isinstance(found.get("step"), int) and found["step"] <= step and \
+                    isinstance(found.get("value"), (int, float)):
+                self.step, self.value = found["step"], float(found["value"])
+                return
+
+    def beats(self, value: float) -> bool:
+        if self.value is None:
+            return True
+        return value < self.value if self.metric in LOWER_IS_BETTER else value > self.value
+
+    def update(self, trainer, result: dict) -> bool:
+        """After an evaluation of the periodic subset at trainer.step: keep its model if its figure is the best yet
+        (every process calls it; the first writes). True when it was kept."""
+        if not self.enabled or self.metric not in result or not self.beats(float(result[self.metric])):
+            return False
+        self.step, self.value = trainer.step, float(result[self.metric])
+        if trainer.dist.main:
+            state.save_model_folder(trainer.model, self.run / "best", trainer.tokenizer_files,
+                                    base=trainer._init_path())
+            part = self.run / "best.json.part"
+            part.write_text(json.dumps(self.state()) + "\n", encoding="utf-8")
+            os.replace(part, self.run / "best.json")
+            trainer.log({"step": self.step, "event": "best", "metric": self.metric, "value": self.value})
+        return True
+
+    def wants_last(self, cfg) -> bool:
+        """Whether the last step needs an evaluation of the periodic subset besides the final one (which covers
+        other examples: `[eval] final_max_examples` differs from `max_examples`)."""
+        return self.enabled and cfg.eval.final_max_examples != cfg.eval.max_examples
+
+    def closing(self) -> str:
+        """The closing line's mention of the best model ("" without one)."""
+        if not self.enabled or self.step is None:
+            return ""
+        return f"; the best by {self.metric} ({self.value:.4f}, step {self.step}) is in {self.run / 'best'}"
