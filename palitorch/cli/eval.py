@@ -57,6 +57,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--predictions", metavar="OUT.jsonl",
                    help="also write each example with its prediction and whether it matched")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--given", metavar="FIELD",
+                   help="score each line's FIELD as its answer instead of generating one (answers made elsewhere, or "
+                        "an earlier --predictions file's \"prediction\", under other --metrics): no model is loaded")
     add_model_options(p)
     p.set_defaults(func=evaluate)
 
@@ -66,11 +69,10 @@ def evaluate(args: argparse.Namespace) -> int:
 
     from palitorch.inference import load_image
     from palitorch.inference.images import check_image_file
-    from palitorch.tasks.metrics import METRICS
     from palitorch.train import ddp
     from palitorch.train.config import METRIC_NAMES, metric_error
     from palitorch.train.data import read_jsonl
-    from palitorch.train.evaluate import answer_tokens, cut_answers, exact_match, subset, summary
+    from palitorch.train.evaluate import answer_tokens, cut_answers, exact_match, subset
 
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
@@ -93,9 +95,14 @@ def evaluate(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     if wrong := metric_error(metrics):
         raise InputError(f"--metrics: {wrong}")
-    device, dtype = check_model_options(args)
     examples = read_jsonl(args.data)
     idx = subset(len(examples), args.max_examples, args.seed)
+    groups = [g.strip() for g in args.group_by.split(",") if g.strip()]
+    if taken := [g for g in groups if g in METRIC_NAMES]:
+        raise InputError(f"--group-by {taken[0]!r} is the name of an overall metric: group by other fields")
+    if args.given is not None:
+        return _score_given(args, examples, idx, metrics, groups, out, streamed)
+    device, dtype = check_model_options(args)
     missing = [(examples[i], p) for i in idx for p in examples[i].images if not p.is_file()]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -107,9 +114,6 @@ def evaluate(args: argparse.Namespace) -> int:
                 check_image_file(p)
         except InputError as e:
             raise InputError(f"{examples[i].where}: {e}") from None
-    groups = [g.strip() for g in args.group_by.split(",") if g.strip()]
-    if taken := [g for g in groups if g in METRIC_NAMES]:
-        raise InputError(f"--group-by {taken[0]!r} is the name of an overall metric: group by other fields")
 
     pipe = load_pipeline(args, device, dtype)
     if cut := cut_answers(answer_tokens(pipe.processor, [examples[i] for i in idx]), args.max_new_tokens,
@@ -136,6 +140,41 @@ def evaluate(args: argparse.Namespace) -> int:
         scores: dict = {}
         figures = exact_match(pipe.model, pipe.processor, examples, idx, args.batch_size, args.max_new_tokens,
                               groups, ddp.Dist(), generate=generate, metrics=metrics, per_example=scores)
+    _report(args, figures, examples, idx, answers, scores, out, streamed)
+    return 0
+
+
+def _score_given(args, examples, idx, metrics, groups, out, streamed) -> int:
+    """--given FIELD: each example's FIELD scored as its answer, without a model."""
+    from palitorch.train import ddp
+    from palitorch.train.evaluate import exact_match
+
+    for name in ("model", "adapter", "revision"):
+        if getattr(args, name, None):
+            raise InputError(f"--given scores the answers the data holds: leave out --{name}")
+    if args.compile:
+        raise InputError("--given scores the answers the data holds: leave out --compile")
+    answers = []
+    for i in idx:
+        answer = examples[i].meta.get(args.given)
+        if not isinstance(answer, str):
+            raise InputError(f"{examples[i].where}: --given {args.given!r}: the line has no string field of that name "
+                             f"(got {json.dumps(answer)[:40]})")
+        answers.append(answer)
+    ahead = iter(answers)
+    scores: dict = {}
+    figures = exact_match(None, None, examples, idx, len(idx), 1, groups, ddp.Dist(),
+                          generate=lambda images, prompts, k: [next(ahead) for _ in prompts], metrics=metrics,
+                          per_example=scores)
+    _report(args, figures, examples, idx, answers, scores, out, streamed)
+    return 0
+
+
+def _report(args, figures, examples, idx, answers, scores, out, streamed) -> None:
+    """The figures on stdout (or stderr), then the predictions file if one was asked for."""
+    from palitorch.tasks.metrics import METRICS
+    from palitorch.train.evaluate import summary
+
     # first: the metrics are not lost if the predictions cannot be written after all; to stderr when the
     # predictions go to standard output (or to the file it was sent to), which then holds JSON lines only
     report = sys.stderr if out is not None and _is_stdout(out) else sys.stdout
@@ -159,7 +198,9 @@ def evaluate(args: argparse.Namespace) -> int:
             e = examples[i]
             # each metric's score of this example (exact match and relaxed accuracy as true / false)
             own = {METRICS[m]: bool(v[k]) if m in ("exact", "relaxed") else v[k] for m, v in scores.items()}
-            lines.append(json.dumps({"image": image_field(e), "prefix": e.prefix, "suffix": e.suffix, **e.meta,
+            # (an earlier run's scores, in a predictions file scored again with --given, are not this run's)
+            meta = {key: v for key, v in e.meta.items() if key not in METRICS.values()}
+            lines.append(json.dumps({"image": image_field(e), "prefix": e.prefix, "suffix": e.suffix, **meta,
                                      "prediction": answer, **own}, ensure_ascii=False))
         text = "".join(line + "\n" for line in lines)
         if streamed:
@@ -173,7 +214,6 @@ def evaluate(args: argparse.Namespace) -> int:
                 part.unlink(missing_ok=True)
                 raise OSError(e.errno, e.strerror, str(part)) from None
             os.replace(part, out)  # all of it or none
-    return 0
 
 
 def _is_stdout(out: Path) -> bool:

@@ -66,13 +66,15 @@ def exact_match(model, processor, examples: list[Example], idx: list[int], batch
     likewise each other of `metrics` (names of tasks/metrics.py: "vqa" reports "vqa_accuracy", ...), each answer
     compared with the example's `references`.
 
-    `generate(images, prompts, max_new_tokens)` defaults to `Pipeline(model, processor).generate`; an example's
+    `generate(images, prompts, max_new_tokens)` defaults to `Pipeline(model, processor).generate` (with a
+    `generate` of its own, `model` may be None: answers made without one, in the order of `idx`); an example's
     images are its Example.image (a tuple for several: one input's list). `keep_going()`,
     asked before each batch, ends the evaluation early when False (the figures are then of no use).
     `per_example` (a dict), when given, receives each metric's scores of the examples (lists in the order of `idx`).
     """
-    was_training = model.training
-    model.eval()
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
     own_pipeline = generate is None
     if own_pipeline:
         pipe = Pipeline(model, processor)
@@ -80,7 +82,7 @@ def exact_match(model, processor, examples: list[Example], idx: list[int], batch
         def generate(images, prompts, max_new_tokens):
             return [r.text for r in pipe.generate(images, prompts, max_new_tokens=max_new_tokens)]
 
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device if model is not None else torch.device("cpu")
     rowed = [m for m in metrics if m != "cider"]  # (CIDEr is computed from all the answers at the end)
     # Per example: each per-example metric, and for box answers the IoU of the first box and whether its label is right.
     scores = torch.zeros(len(rowed) + 2, len(idx), dtype=torch.float64, device=device)
@@ -100,7 +102,8 @@ def exact_match(model, processor, examples: list[Example], idx: list[int], batch
     ddp.all_reduce_sum(scores, d)
     if own_pipeline:  # its KV caches: training has better use for the memory
         model.clear_caches()
-    model.train(was_training)
+    if model is not None:
+        model.train(was_training)
     chosen = [examples[i] for i in idx]
     per = {metric: scores[row].cpu().tolist() for row, metric in enumerate(rowed)}
     if "cider" in metrics:  # a figure of the whole set: every answer is needed
