@@ -131,28 +131,43 @@ def relaxed_accuracy(prediction: str, answers: list[str], tolerance: float = 0.0
 
 # PTB tokenization as the COCO caption evaluation uses it (Stanford's PTBTokenizer, lower case, then its punctuation
 # tokens dropped): punctuation apart from words, one token each (brackets as -lrb- and so on, which it keeps: it
-# lower-cases them before looking for them among the upper-case ones it drops), clitics split off (don't -> do n't,
-# it's -> it 's, cannot -> can not), a full stop kept only inside a word or after an abbreviation's letters (3.5,
-# u.s.), a hyphen or slash inside a word kept (t-shirt). Not covered: its list of abbreviations (mr.), and splits
-# inside a word (don't-stop, 'twas).
+# lower-cases them before looking for them among the upper-case ones it drops; a run of ! and ? is one token, which it
+# keeps too: "!!"), clitics split off (don't -> do n't, it's -> it 's, she'd've -> she 'd 've, cannot -> can not), a
+# full stop kept only inside a word or after an abbreviation's letters (3.5, u.s.), a hyphen or slash inside a word
+# kept (t-shirt), a comma or colon inside one only between digits (1,000, 3:30; red,white -> red , white), a sign
+# before a number kept (-5), curly quotes and apostrophes read as straight ones (dog’s -> dog 's). Not covered:
+# its list of abbreviations (mr.), splits inside a word at other marks (don't-stop, 'twas, dog$5), and the words it
+# keeps whole with a leading apostrophe ('90s, 'cause).
 _DROPPED = {"''", "'", "``", "`", '"', ".", "?", "!", ",", ":", "-", "--", "...", ";"}
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 _CLITIC = re.compile(r"(.+?)(n't|'s|'re|'ve|'ll|'d|'m)")
+_LEADING = re.compile(r"(?:n't|'s|'re|'ve|'ll|'d|'m)(?![^\W_])|[-+]\d")  # where a word's leading marks stop: "'s", -5
 _SPLIT = {"cannot": ["can", "not"], "gonna": ["gon", "na"], "gotta": ["got", "ta"], "wanna": ["wan", "na"]}
 _ABBREVIATION = re.compile(r"(?:[a-z]\.)+")  # u.s. p.m.
+# where a word is split at punctuation: brackets, double quotes, ; and --; , and : but between digits (1,000 3:30), and
+# ... between letters, but before a hyphenated part (x,t-shirt is one word)
+_INSIDE = re.compile(r'[()\[\]{}";]|-{2,}|(?<!\d):|:(?!\d)|(?:(?<!\d),|,(?!\d)|(?<=\w)\.{3,}(?=\w))(?![\w.,]*-\w)')
+_MARK = re.compile(r"[!?]+|-+|''|``|.")  # one punctuation token: a run of ! and ?, or of hyphens, '' and ``, a mark
+_MARK_END = re.compile(f"(?:{_MARK.pattern})\\Z")
+_STRAIGHT = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u00ab": '"',
+                           "\u00bb": '"', "\u2026": "..."})
 
 
 def ptb_tokens(text: str) -> list[str]:
     """`text`'s words as pycocoevalcap's PTB tokenization gives them, for plain English (see above)."""
     tokens = []
-    for word in text.lower().split():
+    for word in _INSIDE.sub(lambda m: f" {m[0]} ", text.translate(_STRAIGHT).lower()).split():
         head, tail = [], []
-        while word and not word[0].isalnum() and not _CLITIC.fullmatch("x" + word):  # ('s alone is one)
-            head, word = head + [word[0]], word[1:]
+        while word and not word[0].isalnum() and not _LEADING.match(word):
+            n = _MARK.match(word).end()
+            head, word = head + [word[:n]], word[n:]
         while word and not word[-1].isalnum() and not _ABBREVIATION.fullmatch(word):
-            tail, word = [word[-1]] + tail, word[:-1]
-        clitic = _CLITIC.fullmatch(word)
-        core = _SPLIT.get(word) or ([clitic[1], clitic[2]] if clitic else [word] if word else [])
+            n = _MARK_END.search(word).start()
+            tail, word = [word[n:]] + tail, word[:n]
+        core = []
+        while clitic := _CLITIC.fullmatch(word):  # she'd've -> she 'd 've
+            core, word = [clitic[2]] + core, clitic[1]
+        core = ((not core and _SPLIT.get(word)) or ([word] if word else [])) + core  # (cannot's: cannot 's)
         tokens += [t for t in (_BRACKETS.get(t, t) for t in head + core + tail) if t not in _DROPPED]
     return tokens
 

@@ -111,6 +111,10 @@ CAPTIONS = [
     "I'm sure they're here, we'll go, you'd know, I've seen", "a cat's  tail 's  end", "won't cannot gonna",
     "A red, white and blue train sitting on the tracks.", "a kitchen with a stove , sink and refrigerator",
     "Is this a 10-year-old's bike?", "there are 2 people...",
+    # (Java's figures for these, as pycocoevalcap tokenizes them, are in test_ptb_tokens_split_as_the_java_tokenizer)
+    'A sign that says "Don\'t Walk" (it\'s red)', "The dog\u2019s \u201cball\u201d and the cats\u2019 toys",
+    "Wow!! Really?! A dog!?", "a red,white and blue bus at 3:30 with 1,000 people; nice", "she'd've couldn't've",
+    "-5 degrees and +3 and --5", "dog(s) and a man--standing and a cat...sitting",
 ]
 
 
@@ -120,6 +124,20 @@ def test_ptb_tokens():
     assert ptb_tokens(CAPTIONS[2]) == "it 's a do n't stop sign ca n't you see".split()
     assert ptb_tokens(CAPTIONS[4]) == "the u.s. flag at 3.5 p.m. costs $ 5 & 50 %".split()
     assert ptb_tokens(CAPTIONS[7]) == "a cat 's tail 's end".split()
+
+
+@pytest.mark.parametrize("caption, tokens", [
+    # a quote or bracket before a word that ends in a clitic is a token of its own
+    (CAPTIONS[13], "a sign that says do n't walk -lrb- it 's red -rrb-"),
+    (CAPTIONS[14], "the dog 's ball and the cats toys"),  # curly quotes and apostrophes as straight ones
+    (CAPTIONS[15], "wow !! really ?! a dog !?"),  # a run of ! and ? is one token, kept
+    (CAPTIONS[16], "a red white and blue bus at 3:30 with 1,000 people nice"),  # a comma between letters splits
+    (CAPTIONS[17], "she 'd 've could n't 've"), (CAPTIONS[18], "-5 degrees and +3 and 5"),
+    (CAPTIONS[19], "dog -lrb- s -rrb- and a man standing and a cat sitting"),
+])
+def test_ptb_tokens_split_as_the_java_tokenizer(caption, tokens):
+    """pycocoevalcap's Java PTBTokenizer's output for each (run by hand, so that this runs without Java)."""
+    assert ptb_tokens(caption) == tokens.split()
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's tokenizer runs Java")
@@ -149,9 +167,16 @@ def test_cider_matches_pycocoevalcap():
         assert ours == pytest.approx(list(each), abs=1e-12)
 
 
+def test_cider_of_raw_captions_reads_quotes_and_curly_apostrophes_as_the_coco_evaluation_does():
+    refs = [["a sign that says don't walk", "a do not walk sign"], ["the dog's ball on the grass"], ["a red bus"]]
+    plain = cider(["a sign that says don't walk", "the dog's ball on the grass", "a bus"], refs)
+    assert cider(['A sign that says "Don\'t Walk."', "The dog\u2019s ball on the grass.", "A bus!"], refs) == \
+        pytest.approx(plain)
+
+
 def test_cider_tokenizes_as_the_coco_evaluation_does():
     """Punctuation and case do not change the figure; a different word does."""
     refs = [["A dog on a bench.", "a dog sitting on a bench"], ["Two cats in a field!"], ["a red bus"]]
     plain = cider(["a dog on a bench", "two cats in a field", "a bus"], refs)
-    assert cider(["A dog, on a bench.", "Two cats in a field!!", "A bus."], refs) == pytest.approx(plain)
+    assert cider(["A dog, on a bench.", "Two cats in a field!", "A bus."], refs) == pytest.approx(plain)
     assert cider(["a cat on a bench", "two cats in a field", "a bus"], refs)[0] < plain[0]
