@@ -7,7 +7,7 @@ answer compared with the suffix, or with the line's "answers" list where it has 
 match (whitespace runs counted as one space) or the `--metrics` PaliGemma's transfers are reported in (VQAv2
 accuracy, ANLS, ChartQA's relaxed accuracy, CIDEr: `tasks/metrics.py`), overall and per value of each `--group-by`
 field, and for suffixes that are boxes (`<loc>` x 4 + label) the mean IoU of the first predicted box and the share
-with the label right and IoU >= 0.5 (examples about one image).
+with the label right and IoU >= 0.5 (examples about one image); with `--vae`, segmentation answers' masks too.
 
     palitorch eval --model DIR --data data/easyvqa/test.jsonl
     palitorch eval --data test.jsonl --max-examples 500 --json --predictions predictions.jsonl
@@ -57,6 +57,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--predictions", metavar="OUT.jsonl",
                    help="also write each example with its prediction and whether it matched")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--vae", metavar="vae-oid.npz",
+                   help="big_vision's VQ-VAE weights: segmentation answers (4 <loc> + 16 <seg> + label, about one "
+                        "image) are also scored by their masks' IoU, mean and overall (RefCOCO's mIoU and oIoU)")
     p.add_argument("--given", metavar="FIELD",
                    help="score each line's FIELD as its answer instead of generating one (answers made elsewhere, or "
                         "an earlier --predictions file's \"prediction\", under other --metrics): no model is loaded")
@@ -100,8 +103,9 @@ def evaluate(args: argparse.Namespace) -> int:
     groups = [g.strip() for g in args.group_by.split(",") if g.strip()]
     if taken := [g for g in groups if g in METRIC_NAMES]:
         raise InputError(f"--group-by {taken[0]!r} is the name of an overall metric: group by other fields")
+    vae = _load_vae(args.vae)
     if args.given is not None:
-        return _score_given(args, examples, idx, metrics, groups, out, streamed)
+        return _score_given(args, examples, idx, metrics, groups, out, streamed, vae)
     device, dtype = check_model_options(args)
     missing = [(examples[i], p) for i in idx for p in examples[i].images if not p.is_file()]
     if missing:
@@ -124,11 +128,15 @@ def evaluate(args: argparse.Namespace) -> int:
               dynamic_ncols=True) as bar:
         where = {p: examples[i].where for i in reversed(idx) for p in examples[i].images}  # each image's first line
 
+        sizes: dict = {}  # each image's (upright) size, for its masks
+
         def load(path):
             try:
-                return load_image(path)
+                image = load_image(path)
             except InputError as e:
                 raise InputError(f"{where.get(path, path)}: {e}") from None
+            sizes[path] = image.size
+            return image
 
         def generate(paths, prompts, max_new_tokens):  # (a tuple of paths: one example's several images)
             images = [[load(p) for p in path] if isinstance(path, tuple) else load(path) for path in paths]
@@ -140,11 +148,41 @@ def evaluate(args: argparse.Namespace) -> int:
         scores: dict = {}
         figures = exact_match(pipe.model, pipe.processor, examples, idx, args.batch_size, args.max_new_tokens,
                               groups, ddp.Dist(), generate=generate, metrics=metrics, per_example=scores)
+    if vae is not None:
+        _masks(figures, scores, examples, idx, answers, vae, lambda p: sizes[p] if p in sizes else load(p).size)
     _report(args, figures, examples, idx, answers, scores, out, streamed)
     return 0
 
 
-def _score_given(args, examples, idx, metrics, groups, out, streamed) -> int:
+def _load_vae(path: str | None) -> dict | None:
+    """--vae's weights (before any model loads), or None."""
+    if path is None:
+        return None
+    if not path:
+        raise InputError("--vae is empty: give the path of vae-oid.npz, or leave it out")
+    from palitorch.tasks import load_vae_params
+
+    return load_vae_params(path)
+
+
+def _masks(figures: dict, scores: dict, examples, idx, answers, vae: dict, size_of) -> None:
+    """The masks' IoU of the segmentation answers about one image: figures["segments"] = {"n", "mean_iou" (over
+    examples), "overall_iou" (all intersections over all unions)}, and scores["segments"] = {position: IoU}."""
+    from palitorch.tasks.segmentation import mask_overlap
+
+    found = {}
+    for k, i in enumerate(idx):
+        e = examples[i]
+        if len(e.images) == 1 and (overlap := mask_overlap(answers[k], e.suffix, vae, size_of(e.images[0]))):
+            found[k] = overlap
+    if found:
+        inter, union = (sum(v[j] for v in found.values()) for j in (0, 1))
+        scores["segments"] = {k: a / b if b else 1.0 for k, (a, b) in found.items()}
+        figures["segments"] = {"n": len(found), "mean_iou": sum(scores["segments"].values()) / len(found),
+                               "overall_iou": inter / union if union else 1.0}
+
+
+def _score_given(args, examples, idx, metrics, groups, out, streamed, vae=None) -> int:
     """--given FIELD: each example's FIELD scored as its answer, without a model."""
     from palitorch.train import ddp
     from palitorch.train.evaluate import exact_match
@@ -166,6 +204,10 @@ def _score_given(args, examples, idx, metrics, groups, out, streamed) -> int:
     figures = exact_match(None, None, examples, idx, len(idx), 1, groups, ddp.Dist(),
                           generate=lambda images, prompts, k: [next(ahead) for _ in prompts], metrics=metrics,
                           per_example=scores)
+    if vae is not None:
+        from palitorch.inference import load_image
+
+        _masks(figures, scores, examples, idx, answers, vae, lambda p: load_image(p).size)
     _report(args, figures, examples, idx, answers, scores, out, streamed)
     return 0
 
@@ -197,7 +239,10 @@ def _report(args, figures, examples, idx, answers, scores, out, streamed) -> Non
         for k, (i, answer) in enumerate(zip(idx, answers)):
             e = examples[i]
             # each metric's score of this example (exact match and relaxed accuracy as true / false)
-            own = {METRICS[m]: bool(v[k]) if m in ("exact", "relaxed") else v[k] for m, v in scores.items()}
+            own = {METRICS[m]: bool(v[k]) if m in ("exact", "relaxed") else v[k] for m, v in scores.items()
+                   if m in METRICS}
+            if k in scores.get("segments", {}):
+                own["mask_iou"] = scores["segments"][k]
             # (an earlier run's scores, in a predictions file scored again with --given, are not this run's)
             meta = {key: v for key, v in e.meta.items() if key not in METRICS.values()}
             lines.append(json.dumps({"image": image_field(e), "prefix": e.prefix, "suffix": e.suffix, **meta,

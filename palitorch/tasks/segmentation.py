@@ -181,3 +181,19 @@ def decode_mask(codes, box, vae_params: dict, image_size: tuple[int, int]) -> np
     resized = logit_image.resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR)
     mask[y0:y1, x0:x1] = np.asarray(resized) > 0
     return mask
+
+
+def mask_overlap(prediction: str, target: str, vae_params: dict, image_size: tuple[int, int]) -> tuple[int, int] | None:
+    """(intersection, union) in pixels of the masks of the first object of a predicted and a target segmentation
+    answer, in an image of `image_size` = (width, height) (RefCOCO's mask IoU: their ratio; summed over examples,
+    the overall IoU); None when the target is no segmentation (no 16 codes). A prediction without a whole object
+    has an empty mask."""
+    width, height = image_size
+    want = parse_segmentations(target, width, height)
+    if not want or want[0].codes is None:
+        return None
+    truth = decode_mask(want[0].codes, want[0].box, vae_params, image_size)
+    got = parse_segmentations(prediction, width, height) if isinstance(prediction, str) else []
+    guess = decode_mask(got[0].codes, got[0].box, vae_params, image_size) if got and got[0].codes is not None \
+        else np.zeros_like(truth)
+    return int((truth & guess).sum()), int((truth | guess).sum())

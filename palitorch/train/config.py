@@ -282,7 +282,7 @@ SCRATCH_ONLY = ("preset", "version", "image_size", "patch_size", "vocab_size", "
                 "init_std", "smooth_locs")
 
 # What an evaluation reports beside its groups (train/evaluate.py): no group may take these names.
-METRIC_NAMES = frozenset({"n", "boxes", "eval_loss", "step", *METRICS.values()})
+METRIC_NAMES = frozenset({"n", "boxes", "segments", "eval_loss", "step", *METRICS.values()})
 
 
 def metric_error(names: list) -> str | None:

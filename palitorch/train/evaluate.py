@@ -229,6 +229,9 @@ def summary(label: str, m: dict) -> str:
         if key == "boxes":
             parts.append(f"  boxes: mean IoU {groups['mean_iou']:.4f}, label right and IoU >= 0.5 "
                          f"{groups['label_and_iou50']:.4f} (n={groups['n']})")
+        elif key == "segments":
+            parts.append(f"  masks: mean IoU {groups['mean_iou']:.4f}, overall IoU {groups['overall_iou']:.4f} "
+                         f"(n={groups['n']})")
         elif isinstance(groups, dict):
             parts.append(f"  {key}: " + ", ".join(f"{g} " + " / ".join(f"{v[k]:.4f}" for k in shown if k in v)
                                                    for g, v in groups.items()))
