@@ -1,5 +1,7 @@
 """Two data-parallel processes (torchrun, gloo on CPU) follow the single-process loss curve of the same global batch."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -7,6 +9,7 @@ import sys
 from pathlib import Path
 
 from palitorch.checkpoint import load_model
+from palitorch.cli import main
 from palitorch.train.data import global_batch, read_jsonl
 from palitorch.train.loop import Trainer
 
@@ -18,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_two_processes_match_one(tmp_path):
     data = make_data(tmp_path / "data")
     over = {"train__steps": 6, "train__batch_size": 8, "warmstart__epochs": 1, "warmstart__batch_size": 8,
-            "augment__contrast": 0.2, "data__per_image": 2, "checkpoint__every": 3, "eval__final_max_examples": 6}
+            "augment__contrast": 0.2, "data__per_image": 2, "checkpoint__every": 3, "eval__final_max_examples": 6,
+            "eval__metrics": ["exact", "cider"]}
     # One process, the global batch of 8 accumulated over two micro-batches of 4 ...
     one = config(data, tmp_path / "one", train__micro_batch_size=4, **over)
     Trainer(one).fit()
@@ -43,6 +47,14 @@ def test_two_processes_match_one(tmp_path):
     final_two = rows[-1]["eval"]
     assert final_two["n"] == final_one["n"] == 6  # every held-out example evaluated once, over both processes
     assert abs(final_two["eval_loss"] - final_one["eval_loss"]) <= 1e-4
+    # CIDEr needs every answer on each process (they travel as summed byte tensors): the figure is that of one
+    # process answering all six with the same model
+    argv = ["eval", "--model", str(tmp_path / "two" / "model"), "--data", str(data / "test.jsonl"), "--max-examples",
+            "6", "--metrics", "exact,cider", "--max-new-tokens", "12", "--json", "--quiet", "--group-by", ""]
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(argv) == 0
+    alone = json.loads(printed.getvalue())
+    assert alone["n"] == 6 and final_two["cider"] == alone["cider"] and final_two["exact_match"] == alone["exact_match"]
     wa, wb = load_model(tmp_path / "one" / "model").state_dict(), load_model(tmp_path / "two" / "model").state_dict()
     for k in wa:
         assert (wa[k] - wb[k]).abs().max() <= 1e-4, k
