@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from palitorch.cli.common import add_model_options, check_model_options, load_pipeline, not_a_folder, one_line_errors
-from palitorch.cli.results import output_target
+from palitorch.cli.results import open_output, output_target
 from palitorch.errors import InputError
 
 
@@ -62,7 +62,8 @@ def add_parser(subparsers) -> None:
                         "image) are also scored by their masks' IoU, mean and overall (RefCOCO's mIoU and oIoU)")
     p.add_argument("--given", metavar="FIELD",
                    help="score each line's FIELD as its answer instead of generating one (answers made elsewhere, or "
-                        "an earlier --predictions file's \"prediction\", under other --metrics): no model is loaded")
+                        "an earlier --predictions file's \"prediction\", under other --metrics; suffix: the data's own "
+                        "answers against its \"answers\" lists): no model is loaded")
     add_model_options(p)
     p.set_defaults(func=evaluate)
 
@@ -194,7 +195,9 @@ def _score_given(args, examples, idx, metrics, groups, out, streamed, vae=None) 
         raise InputError("--given scores the answers the data holds: leave out --compile")
     answers = []
     for i in idx:
-        answer = examples[i].meta.get(args.given)
+        e = examples[i]  # (the suffix too: what the data's own answers score against its "answers")
+        answer = {"prefix": e.prefix, "suffix": e.suffix}[args.given] if args.given in ("prefix", "suffix") else \
+            e.meta.get(args.given)
         if not isinstance(answer, str):
             raise InputError(f"{examples[i].where}: --given {args.given!r}: the line has no string field of that name "
                              f"(got {json.dumps(answer)[:40]})")
@@ -249,8 +252,9 @@ def _report(args, figures, examples, idx, answers, scores, out, streamed) -> Non
                                      "prediction": answer, **own}, ensure_ascii=False))
         text = "".join(line + "\n" for line in lines)
         if streamed:
-            with open(out, "a", encoding="utf-8") as f:  # ("a": after the metrics, when stdout is a file)
-                f.write(text)
+            sys.stdout.flush()
+            with open_output(out) as f:  # (after the metrics, when stdout is a file)
+                f.write(text.encode("utf-8"))
         else:
             part = out.with_name(out.name + ".part")
             try:

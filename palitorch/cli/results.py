@@ -43,6 +43,23 @@ def is_stream(path: Path) -> bool:
     return path.exists() and not path.is_file()
 
 
+_OWN_FD = re.compile(r"/dev/(stdout|stderr|fd/(\d+))|/proc/self/fd/(\d+)")
+
+
+def open_output(path: Path):
+    """`path` opened for appending bytes. This process's own file descriptor (`-` is /dev/stdout, /dev/stderr,
+    /dev/fd/N) is taken as the process holds it, which shares its offset with the shell that opened it: opened anew,
+    a file that `cmd > out` made would be written at an offset of its own, and what the shell (or the process) wrote
+    to it next would overwrite the lines. Flush sys.stdout and sys.stderr first."""
+    if m := _OWN_FD.fullmatch(str(path)):
+        fd = {"stdout": 1, "stderr": 2}.get(m[1]) or int(m[2] or m[3])
+        try:
+            return os.fdopen(os.dup(fd), "ab")
+        except OSError:
+            pass  # (not open in this process: opened by its name, as before)
+    return open(path, "ab")  # noqa: SIM115 (the caller closes it)
+
+
 def output_target(path: Path) -> tuple[Path, bool]:
     """Where `--output PATH` writes, and whether that is a stream: a device, a pipe or a process's file descriptor
     (`-`, /dev/stdout, /proc/self/fd/1, also through links), written in order and never read back, resumed or
@@ -179,7 +196,7 @@ class Writer:
 
     def __init__(self, path: Path, stream: bool = False):
         try:
-            self.file = open(path, "ab")  # noqa: SIM115 (open for the whole run; see close)
+            self.file = open_output(path) if stream else open(path, "ab")  # noqa: SIM115 (open for the run)
         except OSError as e:
             raise InputError(f"--output {path}: cannot write there ({e.strerror}): choose another file") from None
         self.regular = stat.S_ISREG(os.fstat(self.file.fileno()).st_mode) and not stream  # (see output_target)

@@ -7,16 +7,21 @@ RUN/best.json says which step and figure it holds; a metrics row `{"step", "even
 Figures are compared only over the same examples: the periodic evaluations' (`[eval] max_examples` of them, the same
 subset each time). The model of the last step is a candidate as well: it is evaluated on that subset at the end
 (the final evaluation, when it covers the same examples, else one more). A resumed run compares with what the
-interrupted one had found by its checkpoint's step (kept in checkpoints and in RUN/best.json).
+interrupted one had found by its checkpoint's step (kept in checkpoints and in RUN/best.json), and makes up the
+evaluation due at that step if a stop skipped it (SIGTERM skips the evaluation after the checkpoint it writes, and a
+resumed run starts after the checkpoint's step): the uninterrupted run had that candidate too.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
-from palitorch.train import state
+import torch
+
+from palitorch.train import ddp, state
 
 LOWER_IS_BETTER = {"eval_loss"}
 
@@ -50,6 +55,29 @@ class Best:
                 self.step, self.value = found["step"], float(found["value"])
                 return
 
+    def catch_up(self, trainer) -> None:
+        """On resume at trainer.step: the periodic evaluation due at that step, unless it was done (metrics.jsonl
+        has its row: its figures are taken again, in case a stop cut short the keeping of its model)."""
+        step, cfg = trainer.step, trainer.cfg
+        if not self.enabled or not trainer.eval_examples or not cfg.eval.every or self.step == step:
+            return
+        if not (step % cfg.eval.every == 0 if step < trainer.total else self.wants_last(cfg)):
+            return
+        result = logged(self.run, step)
+        missing = result is None
+        if trainer.dist.enabled:  # every process evaluates, or none
+            flag = torch.tensor(float(missing), device=trainer.device)
+            missing = float(ddp.all_reduce_sum(flag, trainer.dist)) > 0
+        if missing:
+            was_logged, result = result is not None, trainer.evaluate()
+            if not was_logged:
+                trainer.log({"step": step, "eval": result})
+            if trainer.dist.main:
+                from palitorch.train.evaluate import summary
+
+                print(summary(f"step {step}", result))
+        self.update(trainer, result)
+
     def beats(self, value: float) -> bool:
         if self.value is None:
             return True
@@ -80,3 +108,29 @@ class Best:
         if not self.enabled or self.step is None:
             return ""
         return f"; the best by {self.metric} ({self.value:.4f}, step {self.step}) is in {self.run / 'best'}"
+
+
+def logged(run: Path, step: int) -> dict | None:
+    """The figures of the periodic evaluation at `step` in RUN/metrics.jsonl, or None."""
+    try:
+        lines = (run / "metrics.jsonl").read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step") == step and isinstance(row.get("eval"), dict) and \
+                not row.get("final"):
+            return row["eval"]
+    return None
+
+
+def forget(run: Path) -> None:
+    """A new run in RUN: the best model an earlier run there left (one stopped before its first checkpoint) is not
+    this run's (a resume would take its figure from best.json)."""
+    (run / "best.json").unlink(missing_ok=True)
+    for name in ("best", "best.old"):
+        if (run / name).is_dir():
+            shutil.rmtree(run / name)

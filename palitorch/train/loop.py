@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from palitorch.errors import ConfigError, Interrupted
-from palitorch.train import build, continuation, ddp, evaluate, feed, lora, runfolder, state
+from palitorch.train import best, build, continuation, ddp, evaluate, feed, lora, runfolder, state
 from palitorch.train.best import Best
 from palitorch.train.config import TrainConfig
 from palitorch.train.data import Dataset, fingerprint, global_batch, read_jsonl, repeat_by_task
@@ -64,6 +64,7 @@ class Trainer:
                 print(f"palitorch train: removed {', '.join(gone)} (left by an interrupted write)", file=sys.stderr)
             if not resume:
                 (self.run / "metrics.jsonl").unlink(missing_ok=True)
+                best.forget(self.run)  # an earlier run's best model, if it left one
                 (self.run / "config.toml").write_text(cfg.to_toml())  # first: it marks the folder as a run's
         ddp.barrier(self.dist)
         torch.manual_seed(t.seed + self.dist.rank)
@@ -335,6 +336,8 @@ class Trainer:
             ws["warmstart"]["seconds"] = round(time.perf_counter() - started, 2)
             self.log({"step": 0, **ws})
 
+        if self.resume_from is not None:  # the evaluation at the checkpoint's step, if a stop skipped it
+            self.best.catch_up(self)
         pbar = tqdm(total=self.total, initial=self.step, desc="train", dynamic_ncols=True, disable=not self.show)
         run = continuation.log_window(None)  # sums over this session's steps (for the closing summary)
         self._in_loop = True

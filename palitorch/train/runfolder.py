@@ -109,7 +109,10 @@ def unlock(run: Path) -> None:
 
 
 def remove_leftovers(run: Path) -> list[str]:
-    """Delete what interrupted writes left (see LEFTOVER); returns the names deleted."""
+    """Delete what interrupted writes left (see LEFTOVER); returns the names deleted. A best/ whose replacement was
+    cut between its two renames (best/ -> best.old/, new -> best/) is put back: best.json names that model."""
+    if (run / "best.old").is_dir() and not (run / "best").exists():
+        (run / "best.old").rename(run / "best")
     gone = sorted(p.name for p in run.iterdir() if LEFTOVER.fullmatch(p.name))
     for name in gone:
         p = run / name
