@@ -115,5 +115,5 @@ def run_coco(args) -> int:
     else:
         lines = coco_caption_lines(args.annotations, **common)
     write_jsonl(lines, out)
-    print(f"wrote {len(lines)} lines to {out}")
+    print(f"wrote {len(lines)} line{'s' * (len(lines) != 1)} to {out}")
     return 0

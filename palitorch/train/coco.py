@@ -86,9 +86,11 @@ def vqav2_lines(questions: str | Path, annotations: str | Path, images: str | Pa
         if limit is not None and len(lines) >= limit:
             break
         try:
-            image_id, text, qid = int(q["image_id"]), str(q["question"]), q["question_id"]
+            image_id, text, qid = int(q["image_id"]), q["question"], q["question_id"]
+            if not isinstance(text, str):
+                raise TypeError
         except (KeyError, TypeError, ValueError):
-            raise InputError(f'--questions {questions}: a question without "image_id", "question" and '
+            raise InputError(f'--questions {questions}: a question needs "image_id", "question" (text) and '
                              f'"question_id": {json.dumps(q)[:80]}') from None
         a = by_id.get(qid)
         if a is None:

@@ -84,6 +84,16 @@ def test_coco_captions_one_line_per_image_with_all_its_captions(coco, capsys):
     assert rc == 0 and "CIDEr" in out, err
 
 
+def test_a_question_that_is_not_text_is_named(coco, capsys):
+    questions = json.loads((coco / "q.json").read_text())
+    questions["questions"][1]["question"] = None
+    (coco / "q.json").write_text(json.dumps(questions))
+    (coco / "out").mkdir()
+    rc, _, err = cli(vqa(coco), capsys)
+    assert rc == 2 and err.count("\n") == 1
+    assert 'a question needs "image_id", "question" (text) and "question_id": {"image_id": 7, "question": null' in err
+
+
 def test_2017_names_limit_and_missing_images(coco, capsys):
     (coco / "val2014" / "COCO_val2014_000000000042.jpg").rename(coco / "val2014" / "000000000042.jpg")
     rc, _, err = cli(vqa(coco, "--limit", "1"), capsys)  # (out/ does not exist)
@@ -98,7 +108,7 @@ def test_2017_names_limit_and_missing_images(coco, capsys):
     assert rc == 2 and err.count("\n") == 1
     assert "2 of 3 images are not in" in err and "COCO_val2014_000000000007.jpg" in err and "--skip-missing" in err
     rc, out, err = cli(vqa(coco, "--skip-missing"), capsys)
-    assert rc == 0 and "wrote 1 lines" in out, err
+    assert rc == 0 and "wrote 1 line to" in out, err
 
 
 @pytest.mark.parametrize("swap, message", [
