@@ -168,7 +168,8 @@ def _load_vae(path: str | None) -> dict | None:
 
 def _masks(figures: dict, scores: dict, examples, idx, answers, vae: dict, size_of) -> None:
     """The masks' IoU of the segmentation answers about one image: figures["segments"] = {"n", "mean_iou" (over
-    examples), "overall_iou" (all intersections over all unions)}, and scores["segments"] = {position: IoU}."""
+    examples), "overall_iou" (all intersections over all unions)}, and scores["segments"] = {position: IoU}. Two
+    empty masks (a target box with no whole pixel, answered so) agree: IoU 1."""
     from palitorch.tasks.segmentation import mask_overlap
 
     found = {}

@@ -98,9 +98,11 @@ def test_eval_metrics_compare_with_the_answers_lists(fake_pipe, images, tmp_path
     predictions = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert [p["vqa_accuracy"] for p in predictions] == vqa
     assert [p["relaxed_accuracy"] for p in predictions] == [True, False, True, True]
+    # (true / false in the file, not 1.0 / 0.0)
+    assert {type(p[k]) for p in predictions for k in ("exact_match", "relaxed_accuracy")} == {bool}
     assert [p["exact_match"] for p in predictions] == [False, False, True, False]
     assert predictions[0]["answers"] == rows[0]["answers"]
-    rc, out, err = cli(["eval", "--data", tmp_path / "d.jsonl", "--metrics", "vqa,anls", "--group-by", "kind",
+    rc, out, err = cli(["eval", "--data", tmp_path / "d.jsonl", "--metrics", "vqa, anls", "--group-by", "kind",
                         "--quiet"], capsys)
     assert rc == 0 and out.splitlines()[0].endswith(": VQA accuracy 0.2917, ANLS 0.7000 (n=4)"), out
     assert "  kind: cap 0.1667 / 1.0000, chart 0.0000 / 0.0000, doc 0.0000 / 0.8000, vqa 1.0000 / 1.0000" in out

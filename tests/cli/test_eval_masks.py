@@ -97,6 +97,13 @@ def test_masks_come_from_the_vae_at_the_images_size(fake_pipe, images, tmp_path,
     assert 0 < min(ious) and max(ious) < 1  # (masks neither empty nor equal: the figures say something)
     assert json.loads(out)["segments"] == {"n": 2, "mean_iou": pytest.approx(np.mean(ious)),
                                            "overall_iou": pytest.approx(inter / union)}
+    # the same answers generated: the same figures, each mask at the size of the image answered
+    said = {(300, 200): rows[0][2], (120, 160): rows[1][2]}
+    pipe = fake_pipe(lambda im, p: said[im.size])
+    pipe.model = torch.nn.Linear(1, 1)
+    rc, again, err = cli(["eval", "--data", tmp_path / "d.jsonl", "--vae", tmp_path / "vae.npz", "--json", "--quiet"],
+                         capsys)
+    assert rc == 0 and json.loads(again)["segments"] == json.loads(out)["segments"], err
 
 
 @pytest.mark.parametrize("vae, message", [
@@ -107,3 +114,17 @@ def test_a_bad_vae_is_one_line_before_any_model(vae, message, tmp_path, no_model
     (tmp_path / "d.jsonl").write_text(json.dumps({"image": "none.png", "prefix": "q", "suffix": "a"}) + "\n")
     rc, _, err = cli(["eval", "--data", tmp_path / "d.jsonl", "--vae", vae], capsys)
     assert rc == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_an_example_about_several_images_has_no_mask_score(images, box_vae, tmp_path, capsys):
+    """Its masks are in no one image's pixels (as its boxes: found by mutation testing)."""
+    target = seg(0, 0, 511, 511)
+    rows = [{"image": "imgs/red.png", "prefix": "segment cat", "suffix": target, "answer": seg(0, 0, 1023, 1023)},
+            {"image": ["imgs/red.png", "imgs/blue.png"], "prefix": "segment cat", "suffix": target, "answer": target}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, out, err = cli(["eval", "--data", tmp_path / "d.jsonl", "--given", "answer", "--vae", box_vae, "--json",
+                        "--quiet", "--predictions", tmp_path / "p.jsonl"], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["segments"]["n"] == 1 and json.loads(out)["segments"]["mean_iou"] < 0.3
+    lines = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert "mask_iou" in lines[0] and "mask_iou" not in lines[1]

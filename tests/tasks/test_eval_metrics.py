@@ -114,7 +114,7 @@ CAPTIONS = [
     # (Java's figures for these, as pycocoevalcap tokenizes them, are in test_ptb_tokens_split_as_the_java_tokenizer)
     'A sign that says "Don\'t Walk" (it\'s red)', "The dog\u2019s \u201cball\u201d and the cats\u2019 toys",
     "Wow!! Really?! A dog!?", "a red,white and blue bus at 3:30 with 1,000 people; nice", "she'd've couldn't've",
-    "-5 degrees and +3 and --5", "dog(s) and a man--standing and a cat...sitting",
+    "-5 degrees and +3 and --5", "dog(s) and a man--standing and a cat...sitting", "a `quoted` word",
 ]
 
 
@@ -134,6 +134,7 @@ def test_ptb_tokens():
     (CAPTIONS[16], "a red white and blue bus at 3:30 with 1,000 people nice"),  # a comma between letters splits
     (CAPTIONS[17], "she 'd 've could n't 've"), (CAPTIONS[18], "-5 degrees and +3 and 5"),
     (CAPTIONS[19], "dog -lrb- s -rrb- and a man standing and a cat sitting"),
+    (CAPTIONS[20], "a quoted word"),  # a backquote is dropped as a quote
 ])
 def test_ptb_tokens_split_as_the_java_tokenizer(caption, tokens):
     """pycocoevalcap's Java PTBTokenizer's output for each (run by hand, so that this runs without Java)."""
@@ -180,3 +181,29 @@ def test_cider_tokenizes_as_the_coco_evaluation_does():
     plain = cider(["a dog on a bench", "two cats in a field", "a bus"], refs)
     assert cider(["A dog, on a bench.", "Two cats in a field!", "A bus."], refs) == pytest.approx(plain)
     assert cider(["a cat on a bench", "two cats in a field", "a bus"], refs)[0] < plain[0]
+
+
+@pytest.mark.parametrize("given, normalized", [
+    # found by mutation testing; each is what big_vision's postprocess_vqav2_text (the PaliGemma evaluator) gives
+    ("x -y well-known", "x y wellknown"),  # a mark with a space before it: removed everywhere in the answer
+    ("well-known- yes", "wellknown yes"),  # ... or with one after it
+    ("x(-y c-d", "x y c d"),  # which of the two is decided on the answer as given, not as earlier marks left it
+    ("2, red-blue", "2 red blue"),  # a digit and a comma but no digit after: not the digit-comma-digit rule
+    ("3.", "3"),  # a full stop after a digit but before none: removed
+    ("one@two x", "1 2 x"), ("a=b", "b"),  # @ and = are punctuation too
+])
+def test_vqa_normalization_as_big_vision_gives_it(given, normalized):
+    assert vqa_normalize(given) == normalized
+
+
+def test_vqa_newlines_and_tabs_are_spaces_in_the_answer_and_the_references():
+    # (each 1.0 under big_vision's VQAv2 evaluator too: its stripspace_vqav2 on both sides)
+    assert vqa_accuracy("two\ndogs", ["two dogs"] * 10) == 1.0
+    assert vqa_accuracy("red car", ["red\tcar"] * 10) == 1.0
+    assert vqa_accuracy("yes", [" yes\n"] * 10) == 1.0 and vqa_accuracy("circle", ["circle\t"]) == 1.0
+
+
+def test_anls_references_are_lower_cased_and_spaced_as_the_answer_is():
+    assert anls("hello", ["HeLLo"]) == 1.0 and anls("a b", ["A  B "]) == 1.0
+    # just under the threshold still scores (distance 10 of 21)
+    assert anls("abcdefghijk", ["abcdefghijkxxxxxxxxxx"]) == pytest.approx(1 - 10 / 21)

@@ -93,6 +93,7 @@ def test_round_trip_through_toml(tmp_path):
     (["--eval.group_by", '["vqa_accuracy"]'], "[eval] group_by 'vqa_accuracy' is the name of an overall metric"),
     (["--eval.metrics", '["vqa", "ciders"]'], "[eval] metrics: unknown metric 'ciders' (did you mean 'cider'?)"),
     (["--eval.metrics", "[]"], "[eval] metrics: name at least one of exact, vqa, anls, relaxed, cider"),
+    (["--eval.metrics", '["vqa", "anls", "anls"]'], "[eval] metrics: 'anls' is named twice"),  # (not the first)
     # each check at its boundary (a value just past the limit, or one a loose check would take for another type)
     (["--train.epochs", "0"], "[train] give steps > 0 or epochs > 0"),
     (["--train.device", "mps"], "[train] device 'mps' is not one of auto, cpu, cuda"),

@@ -8,7 +8,7 @@ import torch
 
 from palitorch.train import ddp
 from palitorch.train.data import Example
-from palitorch.train.evaluate import box_score, exact_match, subset, summary
+from palitorch.train.evaluate import box_score, exact_match, group_metrics, subset, summary
 from palitorch.train.loop import Trainer
 
 from trainkit import config, make_data
@@ -36,6 +36,18 @@ def test_metrics_per_group_and_boxes():
     assert m["boxes"]["mean_iou"] == pytest.approx(200 * 200 / (200 * 201))
     assert "mean IoU" in summary("step 5", {**m, "eval_loss": 1.0})
 
+
+
+def test_groups_of_numbers_and_words_and_a_field_no_example_has():
+    """A field's values are groups by their text, numbers beside words (JSON keys are text), in the text's order;
+    a field no example has is left out (found by mutation testing)."""
+    levels = [{"level": 2}, {"level": "hard"}, {"level": 10}, {"level": 2}, {}]
+    ex = [Example(Path(str(i)), "q", "a", meta) for i, meta in enumerate(levels)]
+    out = group_metrics(ex, {"exact": [1.0, 0.0, 1.0, 0.0, 1.0]}, ["level", "absent"])
+    assert out == {"exact_match": 0.6, "n": 5, "level": {"10": {"exact_match": 1.0, "n": 1},
+                                                          "2": {"exact_match": 0.5, "n": 2},
+                                                          "hard": {"exact_match": 0.0, "n": 1}}}
+    assert list(out["level"]) == ["10", "2", "hard"]
 
 def test_box_score():
     assert box_score(BOX, BOX) == (1.0, 1.0)
