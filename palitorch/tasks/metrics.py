@@ -3,10 +3,11 @@ more reference answers (a JSONL line's "answers" list, else its "suffix").
 
 - `exact`: the answer equals the reference, whitespace runs counted as one space (the trainer's measure).
 - `vqa`: the VQAv2 accuracy (visualqa.org/evaluation.html): min(1, matches / 3), averaged over the leave-one-out
-  subsets of the references (10 human answers in VQAv2: an answer three people gave scores 1). Answers are
-  normalized as the official evaluation does (punctuation, articles, number words, contractions), and only when the
-  references disagree, as there and in big_vision's PaliGemma evaluator. With one reference it is the exact match
-  after stripping (leave-one-out would leave nothing to match).
+  subsets of the references (10 human answers in VQAv2: an answer three people gave scores 1). The answer and its
+  references are normalized (punctuation, articles, number words, contractions, as the official evaluation's
+  tables) only when the references disagree, as big_vision's PaliGemma evaluator does (the official script
+  normalizes the answer always and the references less: its figures differ slightly). With one reference it is the
+  exact match after stripping (leave-one-out would leave nothing to match).
 - `anls`: Average Normalized Levenshtein Similarity (DocVQA, InfographicVQA, ST-VQA; Biten et al. 2019): for the
   closest reference, 1 - edit distance / the longer length, or 0 when that is 0.5 or more; lower case, whitespace
   runs as one space.
