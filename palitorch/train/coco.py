@@ -11,13 +11,15 @@ A VQAv2 line: `{"image", "prefix": "answer en <question>", "suffix": <the most c
 "question_id", "answer_type", "question_type"}` (the prompt PaliGemma's VQAv2 transfer uses). A COCO line, one per
 image: `{"image", "prefix": "caption en", "suffix": <its first caption>, "answers": [all its captions], "image_id"}`.
 Image files are found in the images folder by the name COCO gives them: COCO_val2014_000000000042.jpg (2014
-splits, from the questions file's data_subtype) or 000000000042.jpg (2017 splits); for captions, by file_name.
+splits, from the questions file's data_subtype) or 000000000042.jpg (2017 splits); for captions, by file_name
+(or its 2017 form).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from palitorch.errors import InputError
@@ -134,7 +136,8 @@ def coco_caption_lines(annotations: str | Path, images: str | Path, out: Path, l
             break
         if not isinstance(im, dict) or im.get("id") not in captions or not isinstance(im.get("file_name"), str):
             continue
-        path = _find(folder, [im["file_name"]])
+        name = im["file_name"]  # (a 2014 name, COCO_val2014_000000000042.jpg, is 000000000042.jpg in 2017's folders)
+        path = _find(folder, [name] + [m[1] for m in [re.fullmatch(r"COCO_[a-z]+\d{4}_(\d+\.jpg)", name)] if m])
         if path is None:
             missing.append(im["file_name"])
             continue

@@ -82,6 +82,14 @@ def test_coco_captions_one_line_per_image_with_all_its_captions(coco, capsys):
                       "answers": ["a circle"], "image_id": 7}]
     rc, out, err = cli(["eval", "--data", coco / "cap.jsonl", "--metrics", "cider", "--quiet"], capsys)
     assert rc == 0 and "CIDEr" in out, err
+    # 2014 annotations over a folder of 2017's file names
+    for p in (coco / "val2014").iterdir():
+        p.rename(p.with_name(p.name.removeprefix("COCO_val2014_")))
+    rc, out, err = cli(["data", "coco-captions", "--annotations", coco / "c.json", "--images", coco / "val2014",
+                        "--out", coco / "cap.jsonl"], capsys)
+    assert rc == 0, err
+    assert [json.loads(x)["image"] for x in (coco / "cap.jsonl").read_text().splitlines()] == \
+        ["val2014/000000000042.jpg", "val2014/000000000007.jpg"]
 
 
 def test_a_question_that_is_not_text_is_named(coco, capsys):
