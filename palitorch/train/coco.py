@@ -136,8 +136,9 @@ def coco_caption_lines(annotations: str | Path, images: str | Path, out: Path, l
             break
         if not isinstance(im, dict) or im.get("id") not in captions or not isinstance(im.get("file_name"), str):
             continue
-        name = im["file_name"]  # (a 2014 name, COCO_val2014_000000000042.jpg, is 000000000042.jpg in 2017's folders)
-        path = _find(folder, [name] + [m[1] for m in [re.fullmatch(r"COCO_[a-z]+\d{4}_(\d+\.jpg)", name)] if m])
+        name = im["file_name"]
+        short = re.fullmatch(r"COCO_[a-z]+\d{4}_(\d+\.jpg)", name)  # COCO_val2014_000000000042.jpg: 2017's name
+        path = _find(folder, [name] + ([short[1]] if short else []))
         if path is None:
             missing.append(im["file_name"])
             continue
