@@ -139,6 +139,9 @@ def evaluate(args: argparse.Namespace) -> int:
             sizes[path] = image.size
             return image
 
+        def size_of(path):
+            return sizes[path] if path in sizes else load(path).size
+
         def generate(paths, prompts, max_new_tokens):  # (a tuple of paths: one example's several images)
             images = [[load(p) for p in path] if isinstance(path, tuple) else load(path) for path in paths]
             texts = [r.text for r in pipe.generate(images, prompts, max_new_tokens=max_new_tokens)]
@@ -148,9 +151,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
         scores: dict = {}
         figures = exact_match(pipe.model, pipe.processor, examples, idx, args.batch_size, args.max_new_tokens,
-                              groups, ddp.Dist(), generate=generate, metrics=metrics, per_example=scores)
-    if vae is not None:
-        _masks(figures, scores, examples, idx, answers, vae, lambda p: sizes[p] if p in sizes else load(p).size)
+                              groups, ddp.Dist(), generate=generate, metrics=metrics, per_example=scores, vae=vae,
+                              image_size=size_of)
     _report(args, figures, examples, idx, answers, scores, out, streamed)
     return 0
 
@@ -164,24 +166,6 @@ def _load_vae(path: str | None) -> dict | None:
     from palitorch.tasks import load_vae_params
 
     return load_vae_params(path)
-
-
-def _masks(figures: dict, scores: dict, examples, idx, answers, vae: dict, size_of) -> None:
-    """The masks' IoU of the segmentation answers about one image: figures["segments"] = {"n", "mean_iou" (over
-    examples), "overall_iou" (all intersections over all unions)}, and scores["segments"] = {position: IoU}. Two
-    empty masks (a target box with no whole pixel, answered so) agree: IoU 1."""
-    from palitorch.tasks.segmentation import mask_overlap
-
-    found = {}
-    for k, i in enumerate(idx):
-        e = examples[i]
-        if len(e.images) == 1 and (overlap := mask_overlap(answers[k], e.suffix, vae, size_of(e.images[0]))):
-            found[k] = overlap
-    if found:
-        inter, union = (sum(v[j] for v in found.values()) for j in (0, 1))
-        scores["segments"] = {k: a / b if b else 1.0 for k, (a, b) in found.items()}
-        figures["segments"] = {"n": len(found), "mean_iou": sum(scores["segments"].values()) / len(found),
-                               "overall_iou": inter / union if union else 1.0}
 
 
 def _score_given(args, examples, idx, metrics, groups, out, streamed, vae=None) -> int:
@@ -207,11 +191,7 @@ def _score_given(args, examples, idx, metrics, groups, out, streamed, vae=None) 
     scores: dict = {}
     figures = exact_match(None, None, examples, idx, len(idx), 1, groups, ddp.Dist(),
                           generate=lambda images, prompts, k: [next(ahead) for _ in prompts], metrics=metrics,
-                          per_example=scores)
-    if vae is not None:
-        from palitorch.inference import load_image
-
-        _masks(figures, scores, examples, idx, answers, vae, lambda p: load_image(p).size)
+                          per_example=scores, vae=vae)
     _report(args, figures, examples, idx, answers, scores, out, streamed)
     return 0
 

@@ -110,6 +110,17 @@ def check_image_file(path) -> None:
     _decode(path, f"cannot read image {str(path)!r}", header_only=True)
 
 
+def upright_size(path) -> tuple[int, int]:
+    """(width, height) of image file `path` as `load_image` gives it (turned by its EXIF orientation), from its header
+    alone. InputError as `load_image`."""
+    image = _decode(path, f"cannot read image {str(path)!r}", header_only=True)
+    try:
+        turned = image.getexif().get(0x0112) in (5, 6, 7, 8)  # (the orientations that swap width and height)
+    except Exception:  # noqa: BLE001 (damaged EXIF data: no orientation, as in _upright)
+        turned = False
+    return (image.height, image.width) if turned else image.size
+
+
 def _decode(source, what: str, header_only: bool = False) -> Image.Image:
     """Open and decode an image file or buffer; InputError `what: why` if Pillow cannot, or if the image is over
     Pillow's pixel limit (a decompression bomb: a small file that decodes to gigabytes)."""

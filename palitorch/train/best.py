@@ -83,12 +83,18 @@ class Best:
             return True
         return value < self.value if self.metric in LOWER_IS_BETTER else value > self.value
 
+    def figure(self, result: dict) -> float | None:
+        """The evaluation's figure of the metric (mask_iou: its segmentation answers' mean mask IoU), or None."""
+        value = result.get("segments", {}).get("mean_iou") if self.metric == "mask_iou" else result.get(self.metric)
+        return None if value is None else float(value)
+
     def update(self, trainer, result: dict) -> bool:
         """After an evaluation of the periodic subset at trainer.step: keep its model if its figure is the best yet
         (every process calls it; the first writes). True when it was kept."""
-        if not self.enabled or self.metric not in result or not self.beats(float(result[self.metric])):
+        value = self.figure(result) if self.enabled else None
+        if value is None or not self.beats(value):
             return False
-        self.step, self.value = trainer.step, float(result[self.metric])
+        self.step, self.value = trainer.step, value
         if trainer.dist.main:
             state.save_model_folder(trainer.model, self.run / "best", trainer.tokenizer_files,
                                     base=trainer._init_path())

@@ -140,6 +140,7 @@ class EvalConfig:
     group_by: list[str] = field(default_factory=lambda: ["task", "qtype"])  # JSONL fields to report accuracy by
     # what answers are measured by (tasks/metrics.py): exact, vqa, anls, relaxed, cider
     metrics: list[str] = field(default_factory=lambda: ["exact"])
+    vae: str = ""  # big_vision's vae-oid.npz: segmentation answers' masks scored too (mask_iou), as `eval --vae`
 
 
 @dataclass
@@ -147,7 +148,7 @@ class CheckpointConfig:
     every: int = 0  # steps between checkpoints; 0 = only at the end
     keep: int = 2  # newest checkpoints kept (older ones deleted)
     # a metric the evaluations report (exact_match, vqa_accuracy, anls, relaxed_accuracy, cider; eval_loss, lower is
-    # better): the model with the best figure is kept in RUN/best (train/best.py); "" = none
+    # better; mask_iou with [eval] vae): the model with the best figure is kept in RUN/best (train/best.py); "" = none
     best: str = ""
 
 
@@ -266,11 +267,14 @@ class TrainConfig:
             raise ConfigError(f"[eval] group_by {taken[0]!r} is the name of an overall metric: group by other fields")
         if wrong := metric_error(self.eval.metrics):
             raise ConfigError(f"[eval] metrics: {wrong}")
+        if self.eval.vae and not Path(self.eval.vae).is_file():
+            raise ConfigError(f"[eval] vae {self.eval.vae!r} is not a file: give the path of vae-oid.npz, or \"\"")
         if best := self.checkpoint.best:
-            reported = [METRICS[m] for m in self.eval.metrics] + ["eval_loss"]
+            reported = [METRICS[m] for m in self.eval.metrics] + ["eval_loss"] + ["mask_iou"] * bool(self.eval.vae)
             if best not in reported:
                 raise ConfigError(f"[checkpoint] best {best!r} is not a metric this run's evaluations report: one of "
-                                  f"{', '.join(reported)} (or add its measure to [eval] metrics)")
+                                  f"{', '.join(reported)} (or add its measure to [eval] metrics, or [eval] vae for "
+                                  "mask_iou)")
             if not d.eval or not self.eval.every:
                 raise ConfigError("[checkpoint] best compares periodic evaluations: give [data] eval and [eval] "
                                   "every > 0")
@@ -282,7 +286,7 @@ SCRATCH_ONLY = ("preset", "version", "image_size", "patch_size", "vocab_size", "
                 "init_std", "smooth_locs")
 
 # What an evaluation reports beside its groups (train/evaluate.py): no group may take these names.
-METRIC_NAMES = frozenset({"n", "boxes", "segments", "eval_loss", "step", *METRICS.values()})
+METRIC_NAMES = frozenset({"n", "boxes", "segments", "mask_iou", "eval_loss", "step", *METRICS.values()})
 
 
 def metric_error(names: list) -> str | None:

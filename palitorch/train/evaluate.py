@@ -13,15 +13,18 @@ same numbers (no pickled objects travel).
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 
 import torch
 
+from palitorch.inference.images import upright_size
 from palitorch.inference.pipeline import Pipeline
 from palitorch.inference.processor import Processor
 from palitorch.tasks import metrics as metrics_lib
 from palitorch.tasks.detection import split_objects
 from palitorch.tasks.metrics import normalize_answer
+from palitorch.tasks.segmentation import load_vae_params, mask_overlap
 from palitorch.train import ddp
 from palitorch.train.data import Dataset, Example
 
@@ -61,7 +64,8 @@ def references(example: Example) -> list[str]:
 @torch.no_grad()
 def exact_match(model, processor, examples: list[Example], idx: list[int], batch_size: int, max_new_tokens: int,
                 group_by: list[str], d: ddp.Dist, generate=None, keep_going=lambda: True,
-                metrics=("exact",), per_example: dict | None = None) -> dict:
+                metrics=("exact",), per_example: dict | None = None, vae: dict | None = None,
+                image_size=upright_size) -> dict:
     """{"exact_match": float, "n": int, "<field>": {value: {"exact_match", "n"}}} for the examples at `idx`, and
     likewise each other of `metrics` (names of tasks/metrics.py: "vqa" reports "vqa_accuracy", ...), each answer
     compared with the example's `references`.
@@ -71,6 +75,9 @@ def exact_match(model, processor, examples: list[Example], idx: list[int], batch
     images are its Example.image (a tuple for several: one input's list). `keep_going()`,
     asked before each batch, ends the evaluation early when False (the figures are then of no use).
     `per_example` (a dict), when given, receives each metric's scores of the examples (lists in the order of `idx`).
+    With `vae` (tasks.load_vae_params), segmentation answers about one image are also scored by their masks at the
+    image's size (`image_size(path) -> (width, height)`): "segments" {"n", "mean_iou", "overall_iou" (all
+    intersections over all unions)}, and per_example["segments"] {position: IoU}; two empty masks agree (IoU 1).
     """
     was_training = model is not None and model.training
     if model is not None:
@@ -84,8 +91,10 @@ def exact_match(model, processor, examples: list[Example], idx: list[int], batch
 
     device = next(model.parameters()).device if model is not None else torch.device("cpu")
     rowed = [m for m in metrics if m != "cider"]  # (CIDEr is computed from all the answers at the end)
-    # Per example: each per-example metric, and for box answers the IoU of the first box and whether its label is right.
-    scores = torch.zeros(len(rowed) + 2, len(idx), dtype=torch.float64, device=device)
+    # Per example: each per-example metric; for box answers the IoU of the first box and whether its label is right;
+    # with a VAE, for segmentation answers 1 and their masks' intersection and union in pixels.
+    box = len(rowed)
+    scores = torch.zeros(box + 2 + 3 * (vae is not None), len(idx), dtype=torch.float64, device=device)
     texts: dict[int, str] = {}
     mine = list(range(d.rank, len(idx), d.world))
     for start in range(0, len(mine), batch_size):
@@ -98,7 +107,10 @@ def exact_match(model, processor, examples: list[Example], idx: list[int], batch
             texts[j] = text
             for row, metric in enumerate(rowed):
                 scores[row, j] = metrics_lib.score(metric, text, references(e))
-            scores[-2:, j] = torch.tensor(box_score(text, e.suffix), dtype=torch.float64)
+            scores[box:box + 2, j] = torch.tensor(box_score(text, e.suffix), dtype=torch.float64)
+            if vae is not None and len(e.images) == 1 and \
+                    (overlap := mask_overlap(text, e.suffix, vae, image_size(e.images[0]))):
+                scores[box + 2:, j] = torch.tensor((1.0, *overlap), dtype=torch.float64)
     ddp.all_reduce_sum(scores, d)
     if own_pipeline:  # its KV caches: training has better use for the memory
         model.clear_caches()
@@ -115,9 +127,17 @@ def exact_match(model, processor, examples: list[Example], idx: list[int], batch
     out = group_metrics(chosen, per, group_by)
     boxed = [k for k, e in enumerate(chosen) if len(e.images) == 1 and split_objects(e.suffix)]
     if boxed:
-        iou, label = scores[-2, boxed], scores[-1, boxed]
+        iou, label = scores[box, boxed], scores[box + 1, boxed]
         out["boxes"] = {"n": len(boxed), "mean_iou": float(iou.mean()),
                         "label_and_iou50": float(((iou >= 0.5) & (label > 0)).double().mean())}
+    segmented = [k for k in range(len(idx)) if vae is not None and scores[box + 2, k] > 0]
+    if segmented:
+        inter, union = scores[box + 3, segmented].cpu(), scores[box + 4, segmented].cpu()
+        ious = torch.where(union > 0, inter / union.clamp(min=1), 1.0)
+        out["segments"] = {"n": len(segmented), "mean_iou": float(ious.mean()),
+                           "overall_iou": float(inter.sum() / union.sum()) if union.sum() > 0 else 1.0}
+        if per_example is not None:
+            per_example["segments"] = dict(zip(segmented, ious.tolist()))
     return out
 
 
@@ -185,8 +205,15 @@ def of_run(trainer, final: bool = False) -> dict:
     metrics = {"eval_loss": loss(trainer.model, trainer.eval_data, idx, e.batch_size, trainer.dist,
                                  trainer._autocast, go)}
     metrics.update(exact_match(trainer.model, trainer.processor, trainer.eval_examples, idx, e.batch_size,
-                               e.max_new_tokens, e.group_by, trainer.dist, keep_going=go, metrics=e.metrics))
+                               e.max_new_tokens, e.group_by, trainer.dist, keep_going=go, metrics=e.metrics,
+                               vae=vae_params(e.vae)))
     return metrics
+
+
+@functools.lru_cache(maxsize=2)
+def vae_params(path: str) -> dict | None:
+    """[eval] vae's weights, read once per process (None without one)."""
+    return load_vae_params(path) if path else None
 
 
 @torch.no_grad()

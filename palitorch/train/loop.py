@@ -116,6 +116,7 @@ class Trainer:
         # averages the same steps as the uninterrupted run's
         self.window = continuation.log_window(None)
         self.best = Best(cfg.checkpoint.best, self.run)  # [checkpoint] best: the best model by a metric
+        evaluate.vae_params(cfg.eval.vae)  # [eval] vae, read before step 1: a damaged file stops the run here
         if self.saved is not None:
             self._restore(self.saved)
         self.ahead = feed.Ahead(self.images, self.image_paths, self.prefetch and not cfg.data.cache_images)
