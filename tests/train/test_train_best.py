@@ -121,7 +121,8 @@ def test_a_resume_takes_best_json_up_to_its_checkpoint_else_the_checkpoints_own(
 
 @pytest.mark.parametrize("over, message", [
     ({"checkpoint__best": "cider"}, "[checkpoint] best 'cider' is not a metric this run's evaluations report: one of "
-                                    "exact_match, eval_loss (or add its measure to [eval] metrics)"),
+                                    "exact_match, eval_loss (or add its measure to [eval] metrics, or [eval] vae "
+                                    "for mask_iou)"),
     ({"checkpoint__best": "exact_match", "eval__every": 0}, "[checkpoint] best compares periodic evaluations"),
     ({"checkpoint__best": "exact_match", "data__eval": ""}, "give [data] eval and [eval] every > 0"),
 ])
