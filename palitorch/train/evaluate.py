@@ -130,7 +130,7 @@ def exact_match(model, processor, examples: list[Example], idx: list[int], batch
         iou, label = scores[box, boxed], scores[box + 1, boxed]
         out["boxes"] = {"n": len(boxed), "mean_iou": float(iou.mean()),
                         "label_and_iou50": float(((iou >= 0.5) & (label > 0)).double().mean())}
-    segmented = [k for k in range(len(idx)) if vae is not None and scores[box + 2, k] > 0]
+    segmented = (scores[box + 2].cpu() > 0).nonzero()[:, 0].tolist() if vae is not None else []
     if segmented:
         inter, union = scores[box + 3, segmented].cpu(), scores[box + 4, segmented].cpu()
         ious = torch.where(union > 0, inter / union.clamp(min=1), 1.0)
