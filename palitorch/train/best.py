@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from palitorch.train import ddp, state
+from palitorch.train import ddp, runfolder, state
+from palitorch.train.evaluate import summary
 
 LOWER_IS_BETTER = {"eval_loss"}
 
@@ -73,8 +74,6 @@ class Best:
             if not was_logged:
                 trainer.log({"step": step, "eval": result})
             if trainer.dist.main:
-                from palitorch.train.evaluate import summary
-
                 print(summary(f"step {step}", result))
         self.update(trainer, result)
 
@@ -118,17 +117,8 @@ class Best:
 
 def logged(run: Path, step: int) -> dict | None:
     """The figures of the periodic evaluation at `step` in RUN/metrics.jsonl, or None."""
-    try:
-        lines = (run / "metrics.jsonl").read_text(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and row.get("step") == step and isinstance(row.get("eval"), dict) and \
-                not row.get("final"):
+    for _, row in reversed(runfolder.metric_rows(run)):
+        if row.get("step") == step and isinstance(row.get("eval"), dict) and not row.get("final"):
             return row["eval"]
     return None
 

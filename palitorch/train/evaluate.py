@@ -105,8 +105,9 @@ def exact_match(model, processor, examples: list[Example], idx: list[int], batch
         answers = generate([e.image for e in ex], [e.prefix for e in ex], max_new_tokens)
         for j, e, text in zip(part, ex, answers):
             texts[j] = text
+            refs = references(e)
             for row, metric in enumerate(rowed):
-                scores[row, j] = metrics_lib.score(metric, text, references(e))
+                scores[row, j] = metrics_lib.score(metric, text, refs)
             scores[box:box + 2, j] = torch.tensor(box_score(text, e.suffix), dtype=torch.float64)
             if vae is not None and len(e.images) == 1 and \
                     (overlap := mask_overlap(text, e.suffix, vae, image_size(e.images[0]))):

@@ -138,20 +138,32 @@ def append_metrics(run: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def trim_metrics(run: Path, step: int) -> None:
-    """Keep metrics.jsonl's rows up to `step` (a resume forgets what the interrupted run logged later) and drop
-    unreadable lines (a kill while a row was written leaves half a line). Rewritten under a temp name, then renamed."""
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(errors="replace").splitlines():
+def metric_rows(run: Path) -> list[tuple[str, dict]]:
+    """RUN/metrics.jsonl's rows (JSON objects), each with its line; unreadable lines (a kill while a row was written
+    leaves half a line) are skipped. [] without the file."""
+    try:
+        lines = (run / "metrics.jsonl").read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
         try:
             row = json.loads(line)
         except ValueError:
             continue
-        if isinstance(row, dict) and isinstance(row.get("step", 0), int) and row.get("step", 0) <= step:
-            keep.append(line)
+        if isinstance(row, dict):
+            rows.append((line, row))
+    return rows
+
+
+def trim_metrics(run: Path, step: int) -> None:
+    """Keep metrics.jsonl's rows up to `step` (a resume forgets what the interrupted run logged later) and drop
+    unreadable lines. Rewritten under a temp name, then renamed."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return
+    keep = [line for line, row in metric_rows(run)
+            if isinstance(row.get("step", 0), int) and row.get("step", 0) <= step]
     fd, tmp = tempfile.mkstemp(prefix=".metrics.jsonl.", dir=run)
     with os.fdopen(fd, "w") as f:
         f.write("".join(r + "\n" for r in keep))

@@ -12,7 +12,7 @@ from palitorch.train import ddp
 from palitorch.train.best import Best
 from palitorch.train.loop import Trainer
 
-from trainkit import config, make_data
+from trainkit import config, crashing, make_data
 
 OVER = {"train__steps": 8, "eval__every": 2, "eval__max_examples": 4, "eval__final_max_examples": 4,
         "checkpoint__every": 2, "checkpoint__keep": 10, "checkpoint__best": "eval_loss", "optim__lr": 3e-3}
@@ -59,12 +59,7 @@ def test_a_final_evaluation_of_other_examples_adds_one_of_the_periodic_subset(da
 
 
 def test_a_resumed_run_keeps_the_best_the_interrupted_one_had_found(data, tmp_path):
-    class Crash(Trainer):
-        def train_step(self, step):
-            if step == 5:
-                raise KeyboardInterrupt
-            return super().train_step(step)
-
+    Crash = crashing(5)
     whole = tmp_path / "whole"
     Trainer(config(data, whole, **OVER)).fit()
     part = tmp_path / "part"

@@ -8,7 +8,7 @@ import pytest
 from palitorch.errors import Interrupted
 from palitorch.train.loop import Trainer
 
-from trainkit import config, make_data
+from trainkit import config, crashing, make_data
 
 OVER = {"train__steps": 8, "eval__every": 2, "eval__max_examples": 4, "eval__final_max_examples": 4,
         "checkpoint__every": 2, "checkpoint__keep": 10, "checkpoint__best": "exact_match"}
@@ -57,11 +57,7 @@ def test_an_evaluation_a_stop_skipped_at_the_checkpoint_is_done_on_resume(data, 
 
 
 def test_a_resume_after_the_evaluation_at_its_checkpoint_does_not_do_it_again(data, tmp_path):
-    class Crash(Scripted):  # after the evaluation at 6 (not the best): the checkpoint at 6 precedes it
-        def train_step(self, step):
-            if step == 6:
-                raise KeyboardInterrupt
-            return super().train_step(step)
+    Crash = crashing(6, Scripted)  # after the evaluation at 6 (not the best): the checkpoint at 6 precedes it
 
     run = tmp_path / "run"
     with pytest.raises(Interrupted):
@@ -72,11 +68,7 @@ def test_a_resume_after_the_evaluation_at_its_checkpoint_does_not_do_it_again(da
 
 
 def test_a_new_run_forgets_the_best_model_an_earlier_run_left(data, tmp_path):
-    class Crash(Trainer):
-        def train_step(self, step):
-            if step == 3:
-                raise KeyboardInterrupt
-            return super().train_step(step)
+    Crash = crashing(3)
 
     cfg = {**OVER, "checkpoint__best": "eval_loss", "eval__every": 4}
     whole = tmp_path / "whole"

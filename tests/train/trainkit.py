@@ -54,3 +54,17 @@ def losses(run: Path) -> dict[int, float]:
     """step -> training loss, from a run's metrics.jsonl."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def crashing(at: int, base=None):
+    """A Trainer class (or `base` subclass) whose train_step(`at`) raises KeyboardInterrupt: a Ctrl-C before step
+    `at` + 1, after everything step `at` did (its checkpoint, its evaluation)."""
+    from palitorch.train.loop import Trainer
+
+    class Crash(base or Trainer):
+        def train_step(self, step):
+            if step == at:
+                raise KeyboardInterrupt
+            return super().train_step(step)
+
+    return Crash
