@@ -101,6 +101,15 @@ def check_compile_args(mode, options) -> None:
         raise InputError(f"compile: {unknown[0]!r} is not an inductor setting (torch._inductor.config has the list)")
 
 
+def check_quantize(quantize) -> str | None:
+    """`quantize` as load takes it: None, or the name of a scheme of palitorch.model.quant ("int8"); else InputError."""
+    from palitorch.model.quant import SCHEMES
+
+    if quantize is None or (isinstance(quantize, str) and quantize.lower() in SCHEMES):
+        return quantize if quantize is None else quantize.lower()
+    raise InputError(f"quantize must be None or {', '.join(map(repr, SCHEMES))}, not {quantize!r}")
+
+
 def chunks(n: int, batch_size) -> list[slice]:
     """The slices of `n` inputs to run as batches: all at once when `batch_size` is None, else that many at a time."""
     size = n if batch_size is None else check_count(batch_size, "batch_size")

@@ -23,6 +23,7 @@ from palitorch.inference.inputs import (
     check_compile_args,
     check_count,
     check_images,
+    check_quantize,
     check_strings,
     chunks,
     flat_images,
@@ -33,7 +34,7 @@ from palitorch.inference.inputs import (
 from palitorch.inference.processor import Processor
 from palitorch.inference.sampling import GenerationOptions, batch_seed
 from palitorch.inference.stream import BatchStream, Stream, streamable
-from palitorch.model import PaliGemma, kernels
+from palitorch.model import PaliGemma, kernels, quant
 
 
 @dataclass
@@ -78,7 +79,9 @@ class Pipeline:
     def __repr__(self) -> str:
         where = str(self.path) if self.path is not None else "(no folder)"
         dtype = str(self.dtype).removeprefix("torch.")
-        return f"Pipeline({where}, PaliGemma {self.cfg.version}, device={self.device}, dtype={dtype})"
+        q = quant.quantization_of(self.model.language_model)
+        return f"Pipeline({where}, PaliGemma {self.cfg.version}, device={self.device}, dtype={dtype}" + (
+            f", quantize={q})" if q else ")")
 
     def _pixels(self, images) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each input's image(s) -> (pixels [U, 3, S, S] of the U distinct images, in the model's dtype on its device;
@@ -355,7 +358,7 @@ def _cuda_graphs(settings: dict) -> bool:
     return bool(options.get("triton.cudagraphs", config.triton.cudagraphs))
 
 
-def load(path=None, device="cpu", dtype="float32", adapter=None, revision=None) -> Pipeline:
+def load(path=None, device="cpu", dtype="float32", adapter=None, revision=None, quantize=None) -> Pipeline:
     """Load a Hub-layout PaliGemma folder ("~" is expanded), or when `path` is None the base model that `adapter`
     names, else the bundled default model.
 
@@ -367,10 +370,12 @@ def load(path=None, device="cpu", dtype="float32", adapter=None, revision=None) 
     it. `adapter`: a PEFT LoRA adapter folder of this model (adapter_config.json, adapter_model.safetensors), or the
     Hub id of one in the cache, merged into the weights as they load; with no `path`, its base model is the one its
     adapter_config.json names (base_model_name_or_path: a folder, or a Hub id in the cache), as peft's AutoPeftModel
-    reads it."""
+    reads it. `quantize="int8"`: the language model's weights as int8 with a scale per row, after any adapter is
+    merged (~4x less memory than float32 for them, faster CPU decoding; palitorch/model/quant.py)."""
     path, adapter = model_paths(path, revision, adapter)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype)
+    quantize = check_quantize(quantize)
     cfg = read_config(path)
     processor = Processor.from_folder(path, cfg.vision.image_size, cfg.num_image_tokens,
                                       max_length=cfg.text.max_position_embeddings)
@@ -380,6 +385,8 @@ def load(path=None, device="cpu", dtype="float32", adapter=None, revision=None) 
     model = load_model(path, device=device, dtype=dtype)
     if adapter is not None:
         merge_adapter(model, adapter)
+    if quantize is not None:
+        quant.quantize_(model.language_model, quantize)
     return Pipeline(model, processor, path)
 
 

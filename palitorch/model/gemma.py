@@ -16,7 +16,8 @@ from torch import nn
 from palitorch.config import TextConfig
 
 # Linear is nn.Linear's maths and weights; at CPU inference it may pick a faster kernel (see kernels.py)
-from palitorch.model.kernels import Linear, blocks_apply, in_row_blocks, linear
+from palitorch.model.kernels import Linear, blocks_apply, in_row_blocks
+from palitorch.model.quant import product, scale_of
 from palitorch.model.siglip import activation
 
 # Devices whose fused SDPA kernels take either a mask or grouped KV heads (`enable_gqa`) but not both: there a
@@ -79,16 +80,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + x.roll(x.shape[-1] // 2, dims=-1) * sin[:, None]
 
 
-def fuse_linears(*linears: nn.Linear) -> torch.Tensor:
-    """Concatenate bias-free linears' weights along the output dim -> [sum of outputs, in]; each linear's weight
-    becomes a view into the result (no extra memory; in-place updates of either are seen by both)."""
+def fuse_linears(*linears: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate bias-free linears' weights along the output dim -> ([sum of outputs, in], their row scales
+    likewise when the weights are int8, else None); each linear's weight becomes a view into the result (no extra
+    memory; in-place updates of either are seen by both)."""
     fused = torch.cat([m.weight.detach() for m in linears])
+    scales = [scale_of(m) for m in linears]
     start = 0
     for m in linears:
         rows = m.weight.shape[0]
-        m.weight = nn.Parameter(fused[start:start + rows], requires_grad=m.weight.requires_grad)
+        if isinstance(m.weight, nn.Parameter):
+            m.weight = nn.Parameter(fused[start:start + rows], requires_grad=m.weight.requires_grad)
+        else:  # an int8 weight: a buffer
+            m.weight = fused[start:start + rows]
         start += rows
-    return fused
+    return fused, None if scales[0] is None else torch.cat(scales)
 
 
 class KVCache(nn.Module):
@@ -119,6 +125,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n * self.d, cfg.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
         self.register_buffer("qkv", None, persistent=False)  # [q; k; v] in one matrix, after `fuse_projections`
+        self.register_buffer("qkv_scale", None, persistent=False)  # its row scales, when int8 (model/quant.py)
         self.decode_attention = "auto"  # one-token steps: "auto", "sdpa", "matmul" or "flex" (`set_decode_attention`)
 
     def fuse_projections(self) -> None:
@@ -126,7 +133,7 @@ class Attention(nn.Module):
         kernels: a one-token decode step is bound by launches and memory reads). The three projections' weights
         become views of it, so training them (which uses them one by one) keeps it up to date. (Casting or moving
         the model afterwards keeps the values equal but as separate copies; fuse after `.to(...)`.)"""
-        self.qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        self.qkv, self.qkv_scale = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x, cos, sin, mask, cache_pos=None, last_only=False):
         """x [B, T, H]; mask [B, 1, T, S] bool (True = may attend); cache_pos [T] slots to write, with a cache. With
@@ -140,7 +147,8 @@ class Attention(nn.Module):
         """
         b, t, _ = x.shape
         if self.qkv is not None and not torch.is_grad_enabled():  # inference: one matmul for q, k and v
-            q, k, v = linear(x, self.qkv).split((self.n * self.d, self.kv * self.d, self.kv * self.d), dim=-1)
+            widths = (self.n * self.d, self.kv * self.d, self.kv * self.d)
+            q, k, v = product(x, self.qkv, self.qkv_scale).split(widths, dim=-1)
             q = q[:, -1:] if last_only else q
         else:
             q, k, v = self.q_proj(x[:, -1:] if last_only else x), self.k_proj(x), self.v_proj(x)
@@ -243,17 +251,18 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.act = activation(cfg.hidden_act)
         self.register_buffer("gate_up", None, persistent=False)  # [gate; up] in one matrix, after fusing
+        self.register_buffer("gate_up_scale", None, persistent=False)  # its row scales, when int8
 
     def fuse_projections(self) -> None:
         """One matrix for the gate and up projections (see `Attention.fuse_projections`)."""
-        self.gate_up = fuse_linears(self.gate_proj, self.up_proj)
+        self.gate_up, self.gate_up_scale = fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x):
         # The maths is the training line, down(act(gate(x)) * up(x)); inference fuses gate/up and multiplies in place
         if torch.is_grad_enabled():
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         if self.gate_up is not None:
-            gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
+            gate, up = product(x, self.gate_up, self.gate_up_scale).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(self.act(gate).mul_(up))  # at inference in place: one large temporary fewer
@@ -310,7 +319,8 @@ class Gemma(nn.Module):
 
         The scale is a host (CPU) scalar tensor, which a GPU kernel takes as an argument: a tensor made on the GPU
         from host data would wait for the GPU's queue to empty first (a stall at every decode step)."""
-        return self.embed_tokens(ids) * torch.tensor(self.cfg.hidden_size**0.5, dtype=self.embed_tokens.weight.dtype)
+        dtype = self.norm.weight.dtype  # (the model's: an int8 embedding gives float32 rows, see model/quant.py)
+        return self.embed_tokens(ids).to(dtype) * torch.tensor(self.cfg.hidden_size**0.5, dtype=dtype)
 
     def forward(self, x, positions, mask, sliding_mask=None, cache_pos=None, last_only=False) -> torch.Tensor:
         """x [B, T, H] embeddings; positions [B, T]; mask, sliding_mask [B, 1, T, S] -> normed hidden [B, T, H].
@@ -330,7 +340,8 @@ class Gemma(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[B, T, H] -> [B, T, V] through the LM head, soft-capped when the config sets `final_softcap` (Gemma 2)."""
-        out = linear(h, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        out = product(h, head.weight, scale_of(head))
         if self.cfg.final_softcap is not None:
             out = torch.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
         return out
@@ -352,7 +363,7 @@ class Gemma(nn.Module):
             layer.attn.decode_attention = kind
 
     def setup_caches(self, batch: int, max_len: int, dtype=None, device=None) -> None:
-        w = self.embed_tokens.weight
+        w = self.norm.weight  # (the model's dtype and device; the embedding may be int8)
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(
                 batch, self.cfg.num_kv_heads, max_len, self.cfg.head_dim, dtype or w.dtype, device or w.device

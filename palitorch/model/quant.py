@@ -1,0 +1,170 @@
+"""Int8 weight-only quantization of the language model: `palitorch.load(..., quantize="int8")`.
+
+Every weight matrix of the Gemma decoder (the attention and MLP projections, and the token embedding, which is also
+the LM head) is stored as int8 values Q [out, in] and one scale per output row s [out]:
+
+    W ~= Q * s[:, None],   s = max(|W_row|) / 127 (rounded to a bfloat16 value),   Q = round(W / s) in [-127, 127]
+
+(symmetric, per output channel, round to nearest: gpt-fast's and torchao's int8 weight-only scheme). A weight then
+takes 1 byte per value instead of 2 (bfloat16) or 4 (float32), and a decode step, which reads every weight once
+and is bound by memory bandwidth, reads a quarter or half as many bytes. The SigLIP vision tower and the projector
+keep their dtype: they run once per image, bound by arithmetic rather than by reading weights.
+
+Products (`int8_linear`) compute x @ (Q * s).T + b, the product with the dequantized weight:
+- on CPU, products of a few rows (a decode step's, up to `PACK_MAX_ROWS`) go through torch's int8 kernel
+  (`torch._weight_int8pack_mm`), which reads Q as int8 and takes bfloat16 rows: x is rounded to bfloat16 for
+  the product and the result comes back rounded to bfloat16 (then cast to x's dtype). That rounding (~0.4% of a
+  value) is the one difference from the float product with the dequantized weight besides summation order;
+- everywhere else (many rows, as a prefill's; other devices): `linear(x, Q.to(x.dtype)) * s`, which is exact in
+  x's dtype. Under `torch.compile` on a GPU, inductor fuses the conversion into the product (gpt-fast's form);
+  eager, it converts each weight per call (memory is saved, time is not).
+
+The scale is rounded to a bfloat16 value before Q is computed from it, so that the bfloat16 scales torch's CPU
+kernel takes are the scales themselves, not an approximation of them.
+
+`dequantized` gives the float weight a quantized layer computes with: the reference that tests compare against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from palitorch.model.kernels import linear
+
+SCHEMES = ("int8",)
+PACK_MAX_ROWS = 32  # CPU products of at most this many rows take torch's int8 kernel (measured: BENCHMARKS.md)
+PACK_K_MULTIPLE = 16  # that kernel reads rows in 16-value vectors: other input widths take the dequantized route
+PACK_ALIGN = 64  # and loads them with aligned instructions: rows must start on 32-byte (bf16) / 16-byte (int8) bounds
+QUANTIZE_ROWS = 4096  # `quantize_rows` converts this many rows at a time (bounds its float32 temporaries)
+
+
+def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w [out, in] (floating point) -> (Q int8 [out, in], s bfloat16 [out]) with w ~= Q * s[:, None], |w - Q s| <=
+    s / 2 + (rounding of s) per value. A row of zeros gets Q = 0 (and a tiny scale); non-finite weights raise
+    ValueError (their int8 value would be undefined)."""
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"quantize_rows takes a 2-D floating-point weight, not {w.dim()}-D {w.dtype}")
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    s = torch.empty(w.shape[0], dtype=torch.bfloat16, device=w.device)
+    with torch.no_grad():
+        for start in range(0, w.shape[0], QUANTIZE_ROWS):
+            part = w[start:start + QUANTIZE_ROWS].float()
+            scale = (part.abs().amax(dim=1) / 127).clamp_min(1e-30).to(torch.bfloat16)
+            if not torch.isfinite(scale).all():
+                raise ValueError("the weight holds values that are not finite (inf or nan): it cannot be quantized")
+            q[start:start + QUANTIZE_ROWS] = (part / scale.float()[:, None]).round_().clamp_(-127, 127)  # (w unchanged)
+            s[start:start + QUANTIZE_ROWS] = scale
+    return q, s
+
+
+def dequantized(q: Tensor, scale: Tensor, dtype=torch.float32) -> Tensor:
+    """Q * s[:, None] in `dtype`: the float weight that a quantized layer's products compute with."""
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+def _aligned(t: Tensor) -> bool:
+    return t.data_ptr() % PACK_ALIGN == 0
+
+
+def _packed_route(x: Tensor, q: Tensor, rows: int) -> bool:
+    """Whether torch's CPU int8 kernel takes this product: few rows, an input width it reads whole, no autograd
+    (it has no backward), and (outside a compiled graph, whose buffers inductor aligns) a weight that starts on a
+    vector boundary: the kernel does not check, and an unaligned load would crash the process."""
+    return (x.device.type == "cpu" and rows <= PACK_MAX_ROWS and q.shape[1] % PACK_K_MULTIPLE == 0
+            and not torch.is_grad_enabled() and (torch.compiler.is_compiling() or _aligned(q)))
+
+
+def int8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [..., in] @ (Q * s[:, None]).T + bias -> [..., out] in x's dtype (see the module docstring for the two
+    routes and their rounding)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if _packed_route(x, q, rows):
+        a = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()
+        if not torch.compiler.is_compiling() and not _aligned(a):
+            a = a.clone()  # (a view into a larger bfloat16 tensor: the kernel loads rows with aligned instructions)
+        y = torch._weight_int8pack_mm(a, q, scale.to(torch.bfloat16)).view(*x.shape[:-1], q.shape[0]).to(x.dtype)
+    else:
+        y = linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    return y if bias is None else y + bias
+
+
+def product(x: Tensor, w: Tensor, scale: Tensor | None = None) -> Tensor:
+    """x @ w.T for a float weight (through `kernels.linear`), or for an int8 one with its row scales."""
+    return linear(x, w) if scale is None else int8_linear(x, w, scale)
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with an int8 weight [out, in] and bfloat16 row scales (`weight`, `weight_scale` buffers: not
+    trained) and an optional float bias."""
+
+    def __init__(self, q: Tensor, scale: Tensor, bias: Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("weight", q)
+        self.register_buffer("weight_scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, m: nn.Linear) -> Int8Linear:
+        return cls(*quantize_rows(m.weight.detach()), m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return int8_linear(x, self.weight, self.weight_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table of int8 rows and bfloat16 row scales (the same rows are the tied LM head's). Looking ids
+    up gives float32 rows Q[id] * s[id], exact; the model casts them to its dtype."""
+
+    def __init__(self, q: Tensor, scale: Tensor):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = q.shape
+        self.register_buffer("weight", q)
+        self.register_buffer("weight_scale", scale)
+
+    @classmethod
+    def from_embedding(cls, m: nn.Embedding) -> Int8Embedding:
+        return cls(*quantize_rows(m.weight.detach()))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.weight).float() * self.weight_scale[ids].float().unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+
+
+def scale_of(m: nn.Module) -> Tensor | None:
+    """A layer's row scales when its weight is int8 (Int8Linear, Int8Embedding), else None."""
+    return getattr(m, "weight_scale", None)
+
+
+def quantize_(lm: nn.Module, scheme: str = "int8") -> nn.Module:
+    """Quantize a Gemma decoder in place (see the module docstring): its layers' projections, its token embedding
+    and its LM head when untied. Each float weight is freed as its int8 copy replaces it, so the model's memory
+    falls as it goes. Do it before `fuse_projections` (a Pipeline's `compile`), which then fuses the int8 weights
+    and their scales. Returns `lm`."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization {scheme!r}: palitorch offers {', '.join(SCHEMES)}")
+    if any(layer.attn.qkv is not None or layer.mlp.gate_up is not None for layer in lm.layers):
+        raise ValueError("quantize the model before fusing its projections (before Pipeline.compile)")
+    for layer in lm.layers:
+        for parent, names in ((layer.attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                if not isinstance(getattr(parent, name), Int8Linear):
+                    setattr(parent, name, Int8Linear.from_linear(getattr(parent, name)))
+    if not isinstance(lm.embed_tokens, Int8Embedding):
+        lm.embed_tokens = Int8Embedding.from_embedding(lm.embed_tokens)
+    if lm.lm_head is not None and not isinstance(lm.lm_head, Int8Linear):
+        lm.lm_head = Int8Linear.from_linear(lm.lm_head)
+    return lm
+
+
+def quantization_of(lm: nn.Module) -> str | None:
+    """"int8" when the decoder's weights are quantized (`quantize_`), else None."""
+    return "int8" if isinstance(lm.embed_tokens, Int8Embedding) else None

@@ -1,0 +1,134 @@
+"""`palitorch.load(..., quantize="int8")` against transformers running the same int8 weights, dequantized.
+
+The reference: transformers' PaliGemma from the same checkpoint, with every weight of its language model (the
+attention and MLP projections and the tied embedding / LM head) replaced by Q * s, the weight that palitorch's int8
+layers compute with (quantize_rows is deterministic, so both sides hold the same Q and s). The vision tower and
+the projector are not quantized on either side.
+
+Tolerances:
+- products with the dequantized weight in float32 (a prefill's and a scoring forward's, and every product with the
+  CPU int8 kernel turned off): greedy tokens equal, logprobs within DIVERSE_LOGPROB_TOL (3e-4, float32 rounding on
+  these chaotic weights, as in every parity test);
+- a CPU decode step's products through torch's int8 kernel round their input rows and results to bfloat16 (~2e-3
+  relative each; palitorch/model/quant.py): on these weights, which multiply a vector's norm by ~4 a matrix, that
+  moved logprobs by at most ~0.03 from the float32 reference; allowed: PACKED_LOGPROB_TOL = 0.06, and greedy tokens
+  equal except after a near-tie (where the reference's top two logprobs are within 2 x that tolerance).
+"""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import palitorch
+from palitorch.model import quant
+
+from hf_factory import DIVERSE_LOGPROB_TOL, diverse, hf_generate, hf_processor, hf_suffix_logprobs
+
+PACKED_LOGPROB_TOL = 0.06
+PROMPTS = ["caption en", "answer en is there a blue circle in the image?", "detect cat ; dog"]
+STEPS = 16
+
+
+def dequantized_reference(hf):
+    """A copy of transformers' model whose language model computes with the int8 weights palitorch makes."""
+    import copy
+
+    ref = copy.deepcopy(hf)
+    with torch.no_grad():
+        for module in ref.model.language_model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.copy_(quant.dequantized(*quant.quantize_rows(module.weight)))
+    return ref
+
+
+def images(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (30 + 11 * i, 47, 3), dtype=np.uint8)) for i in range(3)]
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["pg1", "pg2"])
+def case(request, ckpt_factory):
+    folder, hf = diverse(ckpt_factory, request.param)
+    ref = dequantized_reference(hf)
+    imgs = images(request.param)
+    want, want_lp = hf_generate(folder, ref, imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
+    return folder, ref, imgs, want, want_lp
+
+
+def near_tie_before(ref, folder, imgs, row: int, step: int) -> bool:
+    """Whether the reference's top two logprobs were within 2 x PACKED_LOGPROB_TOL at some step <= `step`."""
+    proc = hf_processor(folder)
+    proc.tokenizer.padding_side = "left"
+    inputs = proc(images=imgs, text=PROMPTS, return_tensors="pt", padding=True)
+    out = ref.generate(**inputs, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                       max_new_tokens=STEPS, min_new_tokens=STEPS)
+    logp = torch.log_softmax(torch.stack(out.logits, 1).float(), -1)[row, :step + 1]
+    top = logp.topk(2, dim=-1).values
+    return bool(((top[:, 0] - top[:, 1]) < 2 * PACKED_LOGPROB_TOL).any())
+
+
+def test_int8_products_in_float32_match_transformers_with_the_dequantized_weights(case, monkeypatch):
+    folder, ref, imgs, want, want_lp = case
+    monkeypatch.setattr(quant, "PACK_MAX_ROWS", 0)  # every product: x @ (Q.float() * s)
+    pipe = palitorch.load(folder, quantize="int8")
+    assert "quantize=int8" in repr(pipe)
+    got = pipe.generate(imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
+    assert len({tuple(r.token_ids) for r in got}) > 1, "the answers should depend on the input"
+    for r, ids, lp in zip(got, want.tolist(), want_lp):
+        assert r.token_ids == ids
+        torch.testing.assert_close(torch.tensor(r.logprobs), lp, atol=DIVERSE_LOGPROB_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_int8_decoding_through_the_cpu_int8_kernel_stays_near_the_reference(case, compiled):
+    folder, ref, imgs, want, want_lp = case
+    pipe = palitorch.load(folder, quantize="int8")
+    calls = {"n": 0}
+    real = torch._weight_int8pack_mm
+
+    def counting(*a):
+        calls["n"] += 1
+        return real(*a)
+
+    if compiled:
+        pipe.compile()
+    else:
+        torch._weight_int8pack_mm = counting  # (eager only: a compiled graph calls the op itself)
+    try:
+        got = pipe.generate(imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
+    finally:
+        torch._weight_int8pack_mm = real
+    assert compiled or calls["n"] > 0, "decode steps should take torch's int8 kernel"
+    for row, (r, ids, lp) in enumerate(zip(got, want.tolist(), want_lp)):
+        same = next((i for i, (a, b) in enumerate(zip(r.token_ids, ids)) if a != b), len(ids))
+        if same < len(ids):
+            assert near_tie_before(ref, folder, imgs, row, same), f"row {row} left the reference at step {same}"
+        torch.testing.assert_close(torch.tensor(r.logprobs[:same]), lp[:same], atol=PACKED_LOGPROB_TOL, rtol=0)
+
+
+def test_int8_scoring_matches_transformers_with_the_dequantized_weights(case):
+    folder, ref, imgs, *_ = case
+    pipe = palitorch.load(folder, quantize="int8")
+    suffix = "<loc0010><loc0020><loc0500><loc0600> cat ; a dog"
+    scored = pipe.score(imgs[1], "ocr", suffix)
+    ids, want = hf_suffix_logprobs(hf_processor(folder), ref, imgs[1], "ocr", suffix)
+    assert scored.token_ids == ids
+    torch.testing.assert_close(torch.tensor(scored.logprobs), want, atol=DIVERSE_LOGPROB_TOL, rtol=0)
+
+
+def test_quantize_replaces_the_language_model_weights_only(case):
+    folder, *_ = case
+    pipe = palitorch.load(folder, quantize="INT8")
+    lm = pipe.model.language_model
+    assert quant.quantization_of(lm) == "int8"
+    int8 = {n for n, b in lm.named_buffers() if b.dtype == torch.int8}
+    assert "embed_tokens.weight" in int8 and "layers.0.mlp.down_proj.weight" in int8
+    assert not [n for n, p in lm.named_parameters() if p.dim() == 2], "no float matrix left in the decoder"
+    assert all(p.dtype == torch.float32 for p in pipe.model.vision_tower.parameters())
+    assert pipe.dtype == torch.float32
+
+
+def test_an_unknown_scheme_is_refused_before_loading(tmp_path):
+    with pytest.raises(palitorch.InputError, match="quantize must be None or 'int8', not 'int4'"):
+        palitorch.load(tmp_path / "nothing-here", quantize="int4")
