@@ -44,13 +44,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from inputs import SIZES, check_size, checkpoint, workload  # noqa: E402
+from inputs import SIZES, check_size, checkpoint, transformers_dequantized, workload  # noqa: E402
 from measure import (  # noqa: E402
     ReadProbe,
     cache_bytes,
     compare_tokens,
     copy_bandwidth,
     cudagraph_skips,
+    decoder_bytes,
     default_tie_tol,
     ms_per_step,
     products_ms,
@@ -167,7 +168,7 @@ def bench(size: str, args, workdir: Path, emit=lambda result, row: None) -> dict
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     folder, kind = checkpoint(size, workdir, args.device, dtype)
-    pipe = palitorch.load(folder, device=args.device, dtype=args.dtype)
+    pipe = palitorch.load(folder, device=args.device, dtype=args.dtype, quantize=args.quantize)
     attention = {"chosen": "default" if args.decode_attention == "auto" else args.decode_attention}
     if args.compile and args.decode_attention == "auto":
         attention = choose_decode_attention(pipe, args)
@@ -176,12 +177,16 @@ def bench(size: str, args, workdir: Path, emit=lambda result, row: None) -> dict
             pipe.model.language_model.set_decode_attention(attention["chosen"])
         if args.compile:
             pipe.compile(mode=args.compile_mode, options=args.compile_options)
-    hf, shared = load_transformers(pipe, folder, dtype, device)
-    print(f"  {size}: transformers runs on palitorch's weight tensors ({100 * shared:.0f}% of its parameter bytes"
-          f"{': one copy in memory' if shared == 1 else '; the rest are copies'})")
+    if args.quantize:  # palitorch's weights are int8: transformers gets the same weights dequantized, its own copy
+        hf, shared = transformers_dequantized(folder, dtype, device), 0.0
+        print(f"  {size}: transformers runs on palitorch's int8 weights dequantized to {args.dtype} (its own copy)")
+    else:
+        hf, shared = load_transformers(pipe, folder, dtype, device)
+        print(f"  {size}: transformers runs on palitorch's weight tensors ({100 * shared:.0f}% of its parameter "
+              f"bytes{': one copy in memory' if shared == 1 else '; the rest are copies'})")
     n_params = sum(p.numel() for p in pipe.model.parameters())
     rows = []
-    result = {"size": size, "weights": kind, "params": n_params, "weights_shared": shared,
+    result = {"size": size, "weights": kind, "params": n_params, "weights_shared": shared, "quantize": args.quantize,
               "decode_attention": attention, "rows": rows}
     for b in args.batches:
         images, prompts = workload(b)
@@ -255,7 +260,7 @@ def bench(size: str, args, workdir: Path, emit=lambda result, row: None) -> dict
             continue
         for name in ("ours", "hf"):
             row[f"{name}_decode_tok_s"] = b / (row[f"{name}_decode_ms_per_step"] / 1e3)
-        if device.type == "cpu":  # the floor through F.linear: transformers can be at most this much faster
+        if device.type == "cpu" and not args.quantize:  # float products through F.linear: transformers' floor
             row["products_ms_per_step"] = products_ms(pipe.model, b)
             row["hf_over_products"] = row["hf_decode_ms_per_step"] / row["products_ms_per_step"]
             row["ours_products_ms_per_step"] = products_ms(pipe.model, b, linear=kernels.linear)  # palitorch's route
@@ -263,7 +268,7 @@ def bench(size: str, args, workdir: Path, emit=lambda result, row: None) -> dict
             bandwidth = max(bandwidths)  # highest bandwidth measured around this row's timing
             cfg = pipe.model.cfg.text
             kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (t + n / 2) * b * torch.finfo(dtype).bits // 8
-            step_bytes = sum(p.numel() * p.element_size() for p in pipe.model.language_model.parameters()) + kv
+            step_bytes = decoder_bytes(pipe.model.language_model) + kv
             row["bytes_per_step"] = step_bytes
             if device.type == "cpu" and step_bytes < 2 * (args.cache_bytes or 0):
                 row["limit_note"] = "the weights fit in the CPU's caches: no memory floor"
@@ -296,6 +301,9 @@ def main() -> None:
                     help="palitorch's one-token attention (set_decode_attention; flex runs in compiled steps); "
                          "default: palitorch's own choice (SDPA, or matmuls on CPUs without AMX); "
                          "auto: time sdpa and flex at batch 1 and keep the faster")
+    ap.add_argument("--quantize", choices=("int8",), default=None,
+                    help="palitorch with int8 weights (palitorch.load(quantize=...)); transformers then runs the same "
+                         "weights dequantized")
     ap.add_argument("--tie-tol", type=float, default=None,
                     help="nats within which a differing token counts as a near-tie (default: default_tie_tol, 0 in "
                          "float32 where tokens must be identical, 0.5 in 16-bit dtypes)")
@@ -318,7 +326,7 @@ def main() -> None:
         ap.error("--new-tokens must be at least 2 (decode time is the difference of 1 and N tokens); --reps and "
                  "--batches at least 1")
     if args.tie_tol is None:
-        args.tie_tol = default_tie_tol(getattr(torch, args.dtype))
+        args.tie_tol = default_tie_tol(getattr(torch, args.dtype), args.quantize)
     if args.threads:
         torch.set_num_threads(args.threads)
     kernels.use_onednn(not args.no_onednn)
@@ -340,7 +348,8 @@ def main() -> None:
               "transformers": transformers.__version__, "device": args.device, "dtype": args.dtype,
               "command": " ".join(sys.argv), "results": []}
     print(f"{machine} | torch {torch.__version__} | transformers {transformers.__version__} | {args.dtype}"
-          f"{' | palitorch compiled' if args.compile else ''}{' | no oneDNN route' if args.no_onednn else ''}"
+          f"{' | palitorch compiled' if args.compile else ''}{f' | palitorch {args.quantize}' if args.quantize else ''}"
+          f"{' | no oneDNN route' if args.no_onednn else ''}"
           f"{' | no skinny kernel' if args.no_skinny else ''}"
           f"{f' | decode attention {args.decode_attention}' if args.decode_attention != 'default' else ''}"
           f"{f' | inductor options {args.compile_options}' if args.compile_options else ''}"

@@ -152,3 +152,19 @@ def checkpoint(size: str, workdir: Path, device: str, dtype: torch.dtype) -> tup
                    max_shard_bytes=2_000_000_000)
         del model
     return folder, "random weights"
+
+
+def transformers_dequantized(folder: Path, dtype: torch.dtype, device: torch.device):
+    """transformers' PaliGemma read from `folder`, with every language-model weight replaced by the int8 weight that
+    `palitorch.load(folder, quantize="int8")` computes with, dequantized (quantize_rows is deterministic: the same
+    float weights give the same int8 values and scales). Its own copy of the weights: palitorch's are int8."""
+    from transformers import PaliGemmaForConditionalGeneration as HF
+
+    from palitorch.model.quant import dequantized, quantize_rows
+
+    hf = HF.from_pretrained(folder, dtype=dtype)
+    with torch.no_grad():
+        for module in hf.model.language_model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.copy_(dequantized(*quantize_rows(module.weight), module.weight.dtype))
+    return hf.to(device).eval()

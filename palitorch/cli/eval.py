@@ -173,7 +173,7 @@ def _score_given(args, examples, idx, metrics, groups, out, streamed, vae=None) 
     from palitorch.train import ddp
     from palitorch.train.evaluate import exact_match
 
-    for name in ("model", "adapter", "revision", "compile"):
+    for name in ("model", "adapter", "revision", "compile", "quantize"):
         if getattr(args, name, None):
             raise InputError(f"--given scores the answers the data holds: leave out --{name}")
     answers = []

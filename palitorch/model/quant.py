@@ -16,8 +16,12 @@ Products (`int8_linear`) compute x @ (Q * s).T + b, the product with the dequant
   the product and the result comes back rounded to bfloat16 (then cast to x's dtype). That rounding (~0.4% of a
   value) is the one difference from the float product with the dequantized weight besides summation order;
 - everywhere else (many rows, as a prefill's; other devices): `linear(x, Q.to(x.dtype)) * s`, which is exact in
-  x's dtype. Under `torch.compile` on a GPU, inductor fuses the conversion into the product (gpt-fast's form);
-  eager, it converts each weight per call (memory is saved, time is not).
+  x's dtype. On CPU the weight is converted a block of `DEQUANT_BLOCK_ELEMENTS` at a time: a whole converted
+  weight is a fresh allocation of tens or hundreds of MB per call, which glibc maps anew and which costs more to
+  fault in than the product (converting an 8192 x 2048 weight: 26-30 ms into new memory, 3.6 ms into reused
+  memory, on the 2-core AMD EPYC of BENCHMARKS.md; 256 rows then take 48 ms, float32 weights 42). Under
+  `torch.compile` on a GPU, inductor fuses the conversion into the product (gpt-fast's form); eager, it converts
+  each weight per call (memory is saved, time is not).
 
 The scale is rounded to a bfloat16 value before Q is computed from it, so that the bfloat16 scales torch's CPU
 kernel takes are the scales themselves, not an approximation of them.
@@ -37,6 +41,9 @@ SCHEMES = ("int8",)
 PACK_MAX_ROWS = 32  # CPU products of at most this many rows take torch's int8 kernel (measured: BENCHMARKS.md)
 PACK_K_MULTIPLE = 16  # that kernel reads rows in 16-value vectors: other input widths take the dequantized route
 PACK_ALIGN = 64  # and loads them with aligned instructions: rows must start on 32-byte (bf16) / 16-byte (int8) bounds
+DEQUANT_BLOCK_ELEMENTS = 1 << 21  # CPU products of many rows convert this many weights at a time (8 MB of float32:
+# from kernels.ONEDNN_MIN_ELEMENTS, so the block takes oneDNN's route where it is faster, and small enough for malloc
+# to reuse rather than map afresh; 2 MB blocks took MKL's slower route here, 32 MB ones faulted their pages in)
 QUANTIZE_ROWS = 4096  # `quantize_rows` converts this many rows at a time (bounds its float32 temporaries)
 
 
@@ -86,8 +93,21 @@ def int8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None)
             a = a.clone()  # (a view into a larger bfloat16 tensor: the kernel loads rows with aligned instructions)
         y = torch._weight_int8pack_mm(a, q, scale.to(torch.bfloat16)).view(*x.shape[:-1], q.shape[0]).to(x.dtype)
     else:
-        y = linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+        y = _dequantized_product(x, q, scale)
     return y if bias is None else y + bias
+
+
+def _dequantized_product(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """x @ (Q * s).T as (x @ Q.T) * s in x's dtype; at CPU inference a block of Q's rows at a time (see the module
+    docstring)."""
+    n, per = q.shape[0], max(1, DEQUANT_BLOCK_ELEMENTS // max(1, q.shape[1]))
+    if per >= n or x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    out = x.new_empty(*x.shape[:-1], n)
+    for start in range(0, n, per):
+        block = slice(start, start + per)
+        torch.mul(linear(x, q[block].to(x.dtype)), scale[block].to(x.dtype), out=out[..., block])
+    return out
 
 
 def product(x: Tensor, w: Tensor, scale: Tensor | None = None) -> Tensor:

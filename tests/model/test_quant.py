@@ -81,6 +81,20 @@ def test_other_products_use_the_dequantized_weight_exactly(case, monkeypatch):
         torch.testing.assert_close(x.grad[0, 0].double(), quant.dequantized(q, s, torch.float64).sum(0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_rows_convert_the_weight_in_blocks_with_the_same_result(dtype, monkeypatch):
+    torch.manual_seed(3)
+    q, s = quant.quantize_rows(torch.randn(43, 64))
+    x = torch.randn(2, 50, 64).to(dtype)
+    with torch.no_grad():
+        whole = quant.int8_linear(x, q, s)
+        monkeypatch.setattr(quant, "DEQUANT_BLOCK_ELEMENTS", 64 * 5)  # blocks of 5 rows, the last one of 3
+        blocks = quant.int8_linear(x, q, s)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # (a block and a whole weight may take different kernels)
+    torch.testing.assert_close(blocks.double(), whole.double(), rtol=tol, atol=tol)
+    torch.testing.assert_close(blocks.double(), reference(x.float(), q, s), rtol=tol, atol=tol)
+
+
 def test_a_bfloat16_row_that_starts_off_a_vector_boundary_is_copied_for_the_kernel():
     torch.manual_seed(2)
     q, s = quant.quantize_rows(torch.randn(16, 32))
