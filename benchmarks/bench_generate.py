@@ -184,7 +184,8 @@ def bench(size: str, args, workdir: Path, emit=lambda result, row: None) -> dict
         hf, shared = load_transformers(pipe, folder, dtype, device)
         print(f"  {size}: transformers runs on palitorch's weight tensors ({100 * shared:.0f}% of its parameter "
               f"bytes{': one copy in memory' if shared == 1 else '; the rest are copies'})")
-    n_params = sum(p.numel() for p in pipe.model.parameters())
+    n_params = sum(p.numel() for p in pipe.model.parameters()) + sum(  # (int8 weights are buffers; fused ones
+        b.numel() for n, b in pipe.model.named_buffers() if b.dtype == torch.int8 and n.endswith(".weight"))  # aside)
     rows = []
     result = {"size": size, "weights": kind, "params": n_params, "weights_shared": shared, "quantize": args.quantize,
               "decode_attention": attention, "rows": rows}

@@ -387,6 +387,7 @@ def load(path=None, device="cpu", dtype="float32", adapter=None, revision=None, 
         merge_adapter(model, adapter)
     if quantize is not None:
         quant.quantize_(model.language_model, quantize)
+        quant.prepare()
     return Pipeline(model, processor, path)
 
 

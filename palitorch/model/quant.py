@@ -11,10 +11,15 @@ and is bound by memory bandwidth, reads a quarter or half as many bytes. The Sig
 keep their dtype: they run once per image, bound by arithmetic rather than by reading weights.
 
 Products (`int8_linear`) compute x @ (Q * s).T + b, the product with the dequantized weight:
-- on CPU, products of a few rows (a decode step's, up to `PACK_MAX_ROWS`) go through torch's int8 kernel
-  (`torch._weight_int8pack_mm`), which reads Q as int8 and takes bfloat16 rows: x is rounded to bfloat16 for
-  the product and the result comes back rounded to bfloat16 (then cast to x's dtype). That rounding (~0.4% of a
-  value) is the one difference from the float product with the dequantized weight besides summation order;
+- on CPU, products of a few rows (a decode step's, up to `NATIVE_MAX_ROWS`) go through palitorch's own kernel
+  (palitorch/native: it reads Q as int8, widens each value to float32 as it is read and sums in float32), then
+  are multiplied by s: the float32 product with the dequantized weight, up to summation order, reading a quarter
+  of float32's bytes. 8192 x 2048 at 1 / 4 / 8 / 16 rows: 0.31 / 0.68 / 1.73 / 4.6 ms, against 1.14 / 1.72 / 2.73 /
+  6.5 for the float32 weight through palitorch's float route, and 0.44 / 0.90 / 2.32 / 4.8 through torch's int8
+  kernel (the 2-core AMD EPYC of BENCHMARKS.md, session 32);
+- where that kernel is not built (or is switched off: `use_native(False)`), and from there up to `PACK_MAX_ROWS`
+  rows, torch's int8 kernel (`torch._weight_int8pack_mm`), which takes bfloat16 rows: x is rounded to bfloat16
+  for the product and the result comes back rounded to bfloat16 (then cast to x's dtype), ~0.4% of a value;
 - everywhere else (many rows, as a prefill's; other devices): `linear(x, Q.to(x.dtype)) * s`, which is exact in
   x's dtype. On CPU the weight is converted a block of `DEQUANT_BLOCK_ELEMENTS` at a time: a whole converted
   weight is a fresh allocation of tens or hundreds of MB per call, which glibc maps anew and which costs more to
@@ -38,13 +43,49 @@ from torch import Tensor, nn
 from palitorch.model.kernels import linear
 
 SCHEMES = ("int8",)
-PACK_MAX_ROWS = 32  # CPU products of at most this many rows take torch's int8 kernel (measured: BENCHMARKS.md)
+NATIVE_MAX_ROWS = 16  # CPU products of at most this many rows take palitorch's kernel (where it is built and agrees)
+PACK_MAX_ROWS = 32  # then up to this many, torch's int8 kernel (beyond, both lose to the dequantized blocks)
 PACK_K_MULTIPLE = 16  # that kernel reads rows in 16-value vectors: other input widths take the dequantized route
 PACK_ALIGN = 64  # and loads them with aligned instructions: rows must start on 32-byte (bf16) / 16-byte (int8) bounds
 DEQUANT_BLOCK_ELEMENTS = 1 << 21  # CPU products of many rows convert this many weights at a time (8 MB of float32:
 # from kernels.ONEDNN_MIN_ELEMENTS, so the block takes oneDNN's route where it is faster, and small enough for malloc
 # to reuse rather than map afresh; 2 MB blocks took MKL's slower route here, 32 MB ones faulted their pages in)
 QUANTIZE_ROWS = 4096  # `quantize_rows` converts this many rows at a time (bounds its float32 temporaries)
+
+
+_native: dict = {"enabled": True, "works": None}  # palitorch's kernel for int8 products: switched on, self-checked
+
+
+def use_native(enabled: bool = True) -> None:
+    """Let CPU int8 products of a few rows take palitorch's kernel (the default), or not (torch's int8 kernel)."""
+    _native["enabled"] = enabled
+
+
+def native_works() -> bool:
+    """Once per process: is palitorch's kernel built and loaded here (palitorch.native, compiled on first use), and
+    do its int8 products agree with the dequantized weight's (1 to 13 rows, a length that is no multiple of the
+    vector width, float32 and bfloat16 rows) within float32 rounding? `prepare` asks before a model runs, so that
+    a forward (a compiled one, too) only reads the verdict."""
+    if _native["works"] is None:
+        from palitorch import native
+
+        ok = False
+        if native.load():
+            g = torch.Generator().manual_seed(0)
+            q, s = quantize_rows(torch.randn(83, 72, generator=g))
+            x = torch.randn(13, 72, generator=g)
+            want = x.double() @ dequantized(q, s, torch.float64).T
+            with torch.no_grad():
+                ok = all(torch.allclose(torch.ops.palitorch.skinny_linear(a[:m], q).double() * s.double(),
+                                        want[:m], rtol=tol, atol=tol)
+                         for m in range(1, 14) for a, tol in ((x, 1e-5), (x.bfloat16().float(), 5e-2)))
+        _native["works"] = ok
+    return bool(_native["works"])
+
+
+def prepare() -> None:
+    """Run now the one-time check that the CPU route of int8 products depends on (`native_works`)."""
+    native_works()
 
 
 def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -75,6 +116,13 @@ def _aligned(t: Tensor) -> bool:
     return t.data_ptr() % PACK_ALIGN == 0
 
 
+def _native_route(x: Tensor, q: Tensor, rows: int) -> bool:
+    """Whether palitorch's kernel takes this product: few rows of float32 or bfloat16, no autograd (it has no
+    backward), a contiguous weight, and the kernel built here and checked (`native_works`, run by `prepare`)."""
+    return (rows <= NATIVE_MAX_ROWS and _native["enabled"] and bool(_native["works"]) and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled() and q.is_contiguous())
+
+
 def _packed_route(x: Tensor, q: Tensor, rows: int) -> bool:
     """Whether torch's CPU int8 kernel takes this product: few rows, an input width it reads whole, no autograd
     (it has no backward), and (outside a compiled graph, whose buffers inductor aligns) a weight that starts on a
@@ -84,10 +132,12 @@ def _packed_route(x: Tensor, q: Tensor, rows: int) -> bool:
 
 
 def int8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [..., in] @ (Q * s[:, None]).T + bias -> [..., out] in x's dtype (see the module docstring for the two
+    """x [..., in] @ (Q * s[:, None]).T + bias -> [..., out] in x's dtype (see the module docstring for the three
     routes and their rounding)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if _packed_route(x, q, rows):
+    if _native_route(x, q, rows):
+        y = (torch.ops.palitorch.skinny_linear(x, q) * scale.float()).to(x.dtype)
+    elif _packed_route(x, q, rows):
         a = x.reshape(rows, x.shape[-1]).to(torch.bfloat16).contiguous()
         if not torch.compiler.is_compiling() and not _aligned(a):
             a = a.clone()  # (a view into a larger bfloat16 tensor: the kernel loads rows with aligned instructions)

@@ -1,5 +1,5 @@
 // palitorch::skinny_linear(x [..., K], w [N, K]) -> x @ w.T, float32 or bfloat16, for a few rows of x by a large
-// weight.
+// weight; or, for an int8 weight (palitorch/model/quant.py), x @ w.T in float32 for the caller to scale.
 //
 // Such a product (a decode step's: one row per sequence) is bound by reading the weight from memory. On the
 // 2-core VMs of BENCHMARKS.md one core streams ~12-15 GB/s whatever the kernel, so what counts is how many cache
@@ -10,6 +10,9 @@
 //
 // bfloat16 weights are widened to float32 as they are read (a bfloat16 is a float32's top 16 bits) and the sums
 // are kept in float32, then rounded to bfloat16 once, as torch's bfloat16 matmuls do; x is widened once up front.
+// int8 weights are widened to float32 as they are read too (exactly: every int8 is a float32), with float32 x (a
+// bfloat16 x is widened once), so the sums are those of the dequantized weight before its row scale: a quarter of
+// float32's bytes to read per value.
 // On CPUs with AVX512-BF16 but no AMX (AMD Zen 4 on), bfloat16 products take that extension's pair-product
 // instruction instead (`pair_rows`: 32 weights times 32 inputs, summed in pairs into 16 float32 lanes, with nothing
 // to widen): on the AMD EPYC VM of BENCHMARKS.md, the mid-size model's weights at 4 / 8 rows in 15.5 / 21.0 ms
@@ -54,6 +57,7 @@ constexpr bool kPairs = false;
 #endif
 
 inline float widen(float v) { return v; }
+inline float widen(int8_t v) { return static_cast<float>(v); }
 inline float widen(uint16_t v) {  // one bfloat16's bits -> float32
   const uint32_t bits = uint32_t(v) << 16;
   float f;
@@ -71,6 +75,9 @@ inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
 inline Vec vload(const uint16_t* p) {  // 16 bfloat16 -> float32: zero-extend, then shift into the top half
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
+inline Vec vload(const int8_t* p) {  // 16 int8 -> float32: sign-extend, then convert
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int kLanes = 8;
 using Vec = __m256;
@@ -86,6 +93,9 @@ inline float vsum(Vec a) {
 inline Vec vload(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
+inline Vec vload(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
 #else
 constexpr int kLanes = 1;
 using Vec = float;
@@ -94,6 +104,7 @@ inline Vec vload(const float* p) { return *p; }
 inline Vec vfma(Vec a, Vec b, Vec c) { return a * b + c; }
 inline float vsum(Vec a) { return a; }
 inline Vec vload(const uint16_t* p) { return widen(*p); }
+inline Vec vload(const int8_t* p) { return widen(*p); }
 #endif
 
 // The outputs of `rows` and `pair_rows`: each accumulator's lanes summed, then the k past the last full vector.
@@ -280,17 +291,23 @@ void amx_product(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int
 #endif
 
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w) {
-  const bool bf16 = w.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(x.scalar_type() == w.scalar_type() && (bf16 || w.scalar_type() == at::kFloat),
-              "skinny_linear: x and w must both be float32 or both bfloat16");
+  const bool bf16 = w.scalar_type() == at::kBFloat16, int8 = w.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 ? x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16
+                   : x.scalar_type() == w.scalar_type() && (bf16 || w.scalar_type() == at::kFloat),
+              "skinny_linear: x and w must both be float32 or both bfloat16, or w int8 and x float32 or bfloat16");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "skinny_linear: the weight must be a contiguous 2D tensor");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.size(1), "skinny_linear: x's last dimension must match w's columns");
   const int64_t K = w.size(1), N = w.size(0), M = K ? x.numel() / K : 0;
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = N;
   at::Tensor y = at::empty(sizes, x.options().dtype(at::kFloat));
-  if (N == 0 || M == 0) return y.to(x.scalar_type());
+  if (N == 0 || M == 0) return int8 ? y : y.to(x.scalar_type());
   float* yp = y.data_ptr<float>();
+  if (int8) {  // float32 out, unscaled
+    const at::Tensor xc = x.to(at::kFloat).contiguous();
+    product(w.data_ptr<int8_t>(), xc.data_ptr<float>(), yp, M, K, N);
+    return y;
+  }
   if (!bf16) {
     const at::Tensor xc = x.contiguous();
     product(w.data_ptr<float>(), xc.data_ptr<float>(), yp, M, K, N);
@@ -314,7 +331,7 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& w) {
 at::Tensor skinny_linear_meta(const at::Tensor& x, const at::Tensor& w) {
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = w.size(0);
-  return at::empty(sizes, x.options());
+  return at::empty(sizes, x.options().dtype(w.scalar_type() == at::kChar ? at::kFloat : x.scalar_type()));
 }
 
 int64_t skinny_lanes() { return kLanes; }  // which vector code was compiled: 16, 8 or 1 floats at a time

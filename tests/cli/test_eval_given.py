@@ -45,6 +45,7 @@ def test_given_answers_score_as_generated_ones_and_rescore_a_predictions_file(fa
     (["--given", "n"], "d.jsonl:1: --given 'n': the line has no string field of that name (got 3)"),
     (["--given", "answer", "--model", "x"], "--given scores the answers the data holds: leave out --model"),
     (["--given", "answer", "--compile"], "--given scores the answers the data holds: leave out --compile"),
+    (["--given", "answer", "--quantize", "int8"], "--given scores the answers the data holds: leave out --quantize"),
 ])
 def test_given_errors_are_one_line(extra, message, tmp_path, no_model_load, capsys):
     (tmp_path / "d.jsonl").write_text(json.dumps({"image": "none.png", "prefix": "q", "suffix": "a", "n": 3}) + "\n")

@@ -6,13 +6,14 @@ layers compute with (quantize_rows is deterministic, so both sides hold the same
 the projector are not quantized on either side.
 
 Tolerances:
-- products with the dequantized weight in float32 (a prefill's and a scoring forward's, and every product with the
-  CPU int8 kernel turned off): greedy tokens equal, logprobs within DIVERSE_LOGPROB_TOL (3e-4, float32 rounding on
-  these chaotic weights, as in every parity test);
-- a CPU decode step's products through torch's int8 kernel round their input rows and results to bfloat16 (~2e-3
-  relative each; palitorch/model/quant.py): on these weights, which multiply a vector's norm by ~4 a matrix, that
-  moved logprobs by at most ~0.03 from the float32 reference; allowed: PACKED_LOGPROB_TOL = 0.06, and greedy tokens
-  equal except after a near-tie (where the reference's top two logprobs are within 2 x that tolerance).
+- products in float32 with the dequantized weight (palitorch's CPU kernel at a decode step's few rows, the blocks
+  of a prefill's many rows, a scoring forward): greedy tokens equal, logprobs within DIVERSE_LOGPROB_TOL (3e-4,
+  float32 rounding on these chaotic weights, as in every parity test);
+- a CPU decode step's products through torch's int8 kernel (where palitorch's is not built) round their input rows
+  and results to bfloat16 (~2e-3 relative each; palitorch/model/quant.py): on these weights, which multiply a
+  vector's norm by ~4 a matrix, that moved logprobs by at most ~0.03 from the float32 reference; allowed:
+  PACKED_LOGPROB_TOL = 0.06, and greedy tokens equal except after a near-tie (where the reference's top two
+  logprobs are within 2 x that tolerance).
 """
 
 import numpy as np
@@ -68,37 +69,51 @@ def near_tie_before(ref, folder, imgs, row: int, step: int) -> bool:
     return bool(((top[:, 0] - top[:, 1]) < 2 * PACKED_LOGPROB_TOL).any())
 
 
-def test_int8_products_in_float32_match_transformers_with_the_dequantized_weights(case, monkeypatch):
+@pytest.mark.parametrize("route", ["palitorch's kernel", "compiled", "float32 blocks"])
+def test_int8_decoding_matches_transformers_with_the_dequantized_weights(case, route, monkeypatch):
     folder, ref, imgs, want, want_lp = case
-    monkeypatch.setattr(quant, "PACK_MAX_ROWS", 0)  # every product: x @ (Q.float() * s)
+    if route == "float32 blocks":
+        monkeypatch.setattr(quant, "NATIVE_MAX_ROWS", 0)  # every product: (x @ Q.float().T) * s, in blocks
+        monkeypatch.setattr(quant, "PACK_MAX_ROWS", 0)
+        monkeypatch.setattr(quant, "DEQUANT_BLOCK_ELEMENTS", 1000)
+    elif not quant.native_works():
+        pytest.skip("palitorch's CPU kernel is not built here")
     pipe = palitorch.load(folder, quantize="int8")
     assert "quantize=int8" in repr(pipe)
+    if route == "compiled":
+        pipe.compile()
+    taken = []
+    native = quant._native_route
+    monkeypatch.setattr(quant, "_native_route", lambda *a: taken.append(native(*a)) or taken[-1])
     got = pipe.generate(imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
     assert len({tuple(r.token_ids) for r in got}) > 1, "the answers should depend on the input"
     for r, ids, lp in zip(got, want.tolist(), want_lp):
         assert r.token_ids == ids
         torch.testing.assert_close(torch.tensor(r.logprobs), lp, atol=DIVERSE_LOGPROB_TOL, rtol=0)
+    if route == "palitorch's kernel":
+        assert any(taken), "decode steps should take palitorch's kernel"
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_int8_decoding_through_the_cpu_int8_kernel_stays_near_the_reference(case, compiled):
+def test_int8_decoding_through_torchs_int8_kernel_stays_near_the_reference(case, compiled, monkeypatch):
     folder, ref, imgs, want, want_lp = case
-    pipe = palitorch.load(folder, quantize="int8")
-    calls = {"n": 0}
-    real = torch._weight_int8pack_mm
-
-    def counting(*a):
-        calls["n"] += 1
-        return real(*a)
-
-    if compiled:
-        pipe.compile()
-    else:
-        torch._weight_int8pack_mm = counting  # (eager only: a compiled graph calls the op itself)
+    quant.use_native(False)
     try:
+        pipe = palitorch.load(folder, quantize="int8")
+        calls = {"n": 0}
+        real = torch._weight_int8pack_mm
+
+        def counting(*a):
+            calls["n"] += 1
+            return real(*a)
+
+        if compiled:
+            pipe.compile()
+        else:
+            monkeypatch.setattr(torch, "_weight_int8pack_mm", counting)  # (eager: a compiled graph calls the op)
         got = pipe.generate(imgs, PROMPTS, max_new_tokens=STEPS, min_new_tokens=STEPS)
     finally:
-        torch._weight_int8pack_mm = real
+        quant.use_native(True)
     assert compiled or calls["n"] > 0, "decode steps should take torch's int8 kernel"
     for row, (r, ids, lp) in enumerate(zip(got, want.tolist(), want_lp)):
         same = next((i for i, (a, b) in enumerate(zip(r.token_ids, ids)) if a != b), len(ids))

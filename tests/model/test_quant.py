@@ -48,9 +48,50 @@ def test_weights_that_are_not_finite_or_not_matrices_are_refused():
         quant.quantize_rows(torch.randn(16))
 
 
+def native_or_skip():
+    if not quant.native_works():
+        pytest.skip("palitorch's CPU kernel is not built here (no compiler, or PALITORCH_NATIVE=0)")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 12, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_rows_take_palitorchs_kernel_in_float32(rows, dtype, monkeypatch):
+    native_or_skip()
+    torch.manual_seed(rows)
+    q, s = quant.quantize_rows(torch.randn(83, 72))  # an odd number of outputs, a width no multiple of 16
+    x = torch.randn(1, rows, 72).to(dtype)
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", None)  # (calling either other route would fail)
+    monkeypatch.setattr(quant, "_dequantized_product", None)
+    with torch.no_grad():
+        y = quant.int8_linear(x, q, s)
+    assert y.dtype == dtype and y.shape == (1, rows, 83)
+    want = reference(x.float(), q, s)
+    if dtype == torch.float32:  # the dequantized weight's float32 product, up to summation order
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    else:  # summed in float32, rounded to bfloat16 once
+        torch.testing.assert_close(y.double(), want.to(dtype).double(), rtol=2**-8, atol=1e-2)
+
+
+@pytest.mark.parametrize("case", ["17 rows", "switched off", "float16 rows", "unchecked"])
+def test_other_few_row_products_take_torchs_int8_kernel(case, monkeypatch):
+    native_or_skip()
+    q, s = quant.quantize_rows(torch.randn(40, 64))
+    x = torch.randn(17 if case == "17 rows" else 3, 64, dtype=torch.float16 if case == "float16 rows" else None)
+    monkeypatch.setitem(quant._native, "enabled", case != "switched off")
+    monkeypatch.setitem(quant._native, "works", None if case == "unchecked" else True)
+    calls = []
+    real = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        y = quant.int8_linear(x, q, s)
+    assert calls == [1] and y.dtype == x.dtype
+    assert ((y.double() - reference(x.float(), q, s)).abs().max() / y.abs().max()) < 1e-2
+
+
 @pytest.mark.parametrize("rows", [1, 3, 17, 32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_few_rows_take_the_int8_kernel_within_bfloat16_rounding(rows, dtype, monkeypatch):
+    monkeypatch.setitem(quant._native, "enabled", False)
     torch.manual_seed(rows)
     q, s = quant.quantize_rows(torch.randn(83, 64))  # an odd number of outputs
     x = torch.randn(2, rows, 64).to(dtype)
@@ -95,7 +136,8 @@ def test_many_rows_convert_the_weight_in_blocks_with_the_same_result(dtype, monk
     torch.testing.assert_close(blocks.double(), reference(x.float(), q, s), rtol=tol, atol=tol)
 
 
-def test_a_bfloat16_row_that_starts_off_a_vector_boundary_is_copied_for_the_kernel():
+def test_a_bfloat16_row_that_starts_off_a_vector_boundary_is_copied_for_the_kernel(monkeypatch):
+    monkeypatch.setitem(quant._native, "enabled", False)
     torch.manual_seed(2)
     q, s = quant.quantize_rows(torch.randn(16, 32))
     x = torch.randn(1, 5, 33, dtype=torch.bfloat16)[..., 1:]  # rows of 32 values starting 2 bytes in

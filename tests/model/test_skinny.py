@@ -215,9 +215,9 @@ def test_a_failed_build_routes_nothing(monkeypatch):
 @pytest.mark.parametrize("flags, lanes", [("-mno-avx512f -mno-amx-tile", 8), ("-mno-avx2 -mno-fma -mno-avx512f", 1)])
 def test_other_vector_paths_equal_f_linear(tmp_path, flags, lanes):
     """The kernel's AVX2 and plain C++ paths (for CPUs without AVX-512, or other architectures), built here by
-    turning the wider instructions off; each checked against F.linear as above (float32 and bfloat16), in its own
-    process. The AVX2 build also leaves AMX and the AVX512-BF16 pair products out, so its bfloat16 products all take
-    the widening path; the plain build keeps AMX where the CPU has it."""
+    turning the wider instructions off; each checked against F.linear as above (float32, bfloat16 and int8
+    weights), in its own process. The AVX2 build also leaves AMX and the AVX512-BF16 pair products out, so its
+    bfloat16 products all take the widening path; the plain build keeps AMX where the CPU has it."""
     import platform
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -237,6 +237,10 @@ def test_other_vector_paths_equal_f_linear(tmp_path, flags, lanes):
         "        y = torch.ops.palitorch.skinny_linear(x.bfloat16(), w.bfloat16())\n"
         "        want = F.linear(x.bfloat16().float(), w.bfloat16().float()).bfloat16().float()\n"
         "        torch.testing.assert_close(y.float(), want, rtol=2 ** -7, atol=3e-3)\n"
+        "        q = torch.randint(-127, 128, (n_, k), generator=g, dtype=torch.int8)\n"  # int8 weights: float32 out
+        "        y = torch.ops.palitorch.skinny_linear(x, q)\n"
+        "        assert y.dtype == torch.float32\n"
+        "        torch.testing.assert_close(y, F.linear(x, q.float()), rtol=1e-4, atol=1e-2)\n"
         "print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PALITORCH_CACHE": str(tmp_path), "PALITORCH_NATIVE_CFLAGS": flags})
