@@ -285,3 +285,37 @@ def test_top_logprobs_ab_times_both_steps_on_the_same_tokens(pg1, capsys):
     rows = top_logprobs_ab.main(["--model", str(pg1[0]), "--batches", "1,2", "--reps", "1", "--new-tokens", "3"])
     assert [r["batch"] for r in rows] == [1, 2] and all(r["fused_ms"] > 0 and r["before_ms"] > 0 for r in rows)
     assert capsys.readouterr().out.count("fused") == 2
+
+
+def test_int8_weights_are_timed_against_transformers_on_them_dequantized(tmp_path, monkeypatch, capsys):
+    """bench_generate.py --quantize int8: transformers runs palitorch's int8 weights dequantized (its own copy), the
+    tokens are compared as usual, and the memory floor counts the int8 bytes (about a quarter of float32's)."""
+    out = tmp_path / "record.json"
+    monkeypatch.setattr(sys, "argv", ["bench_generate.py", "--sizes", "bundled", "--batches", "1,2", "--new-tokens",
+                                      "4", "--reps", "1", "--no-compile", "--quantize", "int8", "--json", str(out)])
+    bench_generate.main()
+    record, printed = json.loads(out.read_text()), capsys.readouterr().out
+    result = record["results"][0]
+    assert result["quantize"] == "int8" and result["weights_shared"] == 0.0
+    assert "int8 weights dequantized to float32" in printed and "palitorch int8" in printed
+    assert all(r["same_tokens"] and reported(r) for r in result["rows"])
+    full = sum(p.numel() * 4 for p in palitorch.load().model.language_model.parameters())
+    assert result["params"] == sum(p.numel() for p in palitorch.load().model.parameters())
+    for r in result["rows"]:
+        if "bytes_per_step" in r:
+            assert r["bytes_per_step"] < full / 2
+
+
+def test_the_int8_comparison_times_both_and_measures_their_agreement(tmp_path, monkeypatch, capsys):
+    import quantized
+
+    out = tmp_path / "q.json"
+    monkeypatch.setattr(sys, "argv", ["quantized.py", "--sizes", "bundled", "--batches", "1,2", "--new-tokens", "4",
+                                      "--reps", "1", "--no-compile", "--json", str(out)])
+    quantized.main()
+    result = json.loads(out.read_text())["results"][0]
+    assert result["decoder_bytes"]["int8"] < result["decoder_bytes"]["full"] / 2
+    for r in result["rows"]:
+        assert r["full_prefill_ms"] > 0 and r["int8_prefill_ms"] > 0 and r["tokens"] == 4 * r["batch"]
+        assert r["tokens_before_first_difference"] >= 1 and r["max_logprob_gap"] < 0.1
+    assert "greedy tokens the same for" in capsys.readouterr().out

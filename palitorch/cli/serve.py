@@ -174,7 +174,8 @@ def serve(args: argparse.Namespace) -> int:
             raise PalitorchError(f"the model failed its warm-up request, so it is not served: {e.message}") from None
         say(f"warmed up in {seconds:.1f} s" + (f" (decode step compiled for batch sizes {sizes})" if args.compile
                                                else ""))
-        print(f"palitorch serve: {server.model_id} on {device}, listening on {server.url}/v1 "
+        weights = f" with {args.quantize} weights" if args.quantize else ""
+        print(f"palitorch serve: {server.model_id} on {device}{weights}, listening on {server.url}/v1 "
               "(Ctrl-C to stop)", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:

@@ -208,3 +208,26 @@ def test_a_model_that_cannot_answer_is_not_served(tmp_path):
     last = err.strip().splitlines()[-1]
     assert last.startswith("palitorch serve: error: the model failed its warm-up request") and "NaN" in last, err
     assert "Traceback" not in err
+
+
+def test_serve_with_int8_weights_says_so_and_answers_as_the_int8_model(demo):
+    proc = palitorch_serve("--port", 0, "--quiet", "--device", "cpu", "--quantize", "int8", "--no-fetch")
+    try:
+        line = first_line(proc)
+        ready = re.fullmatch(r"palitorch serve: \S+ on cpu with int8 weights, listening on (?P<url>\S+)/v1 "
+                             r"\(Ctrl-C to stop\)\n", line)
+        assert ready, (line, proc.poll())
+        e = demo[0]
+        status, out, _ = call(ready["url"] + COMPLETIONS, chat(e["path"], e["detect"], logprobs=True))
+        assert status == 200, out
+        expected = palitorch.load(quantize="int8").generate(e["image"], e["detect"])
+        assert out["choices"][0]["message"]["content"] == expected.text
+        got = [t["logprob"] for t in out["choices"][0]["logprobs"]["content"]]
+        assert got == pytest.approx(expected.logprobs, abs=1e-4)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0
