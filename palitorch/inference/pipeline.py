@@ -71,6 +71,8 @@ class Pipeline:
         self._greedy_batches: set[int] = set()  # batch sizes greedy decoding has run at since `compile()`
         self._cache_pool: dict = {}  # live batches' KV caches by (rows, slots), reused (see `LiveBatch.pool`)
         kernels.prepare(model.parameters())  # which CPU kernel each linear takes (checks and timings, once a process)
+        if quant.quantization_of(model.language_model):
+            quant.prepare()  # and each int8 product (palitorch's kernel, checked once a process)
 
     @property
     def cfg(self):
@@ -387,7 +389,6 @@ def load(path=None, device="cpu", dtype="float32", adapter=None, revision=None, 
         merge_adapter(model, adapter)
     if quantize is not None:
         quant.quantize_(model.language_model, quantize)
-        quant.prepare()
     return Pipeline(model, processor, path)
 
 

@@ -147,3 +147,13 @@ def test_quantize_replaces_the_language_model_weights_only(case):
 def test_an_unknown_scheme_is_refused_before_loading(tmp_path):
     with pytest.raises(palitorch.InputError, match="quantize must be None or 'int8', not 'int4'"):
         palitorch.load(tmp_path / "nothing-here", quantize="int4")
+
+
+def test_a_pipeline_made_from_a_model_quantized_by_hand_checks_the_int8_route(monkeypatch):
+    from palitorch.inference import Pipeline
+
+    pipe = palitorch.load()
+    quant.quantize_(pipe.model.language_model)
+    monkeypatch.setitem(quant._native, "works", None)  # as in a fresh process
+    Pipeline(pipe.model, pipe.processor)
+    assert quant._native["works"] is not None, "the check ran before any forward reads its verdict"
