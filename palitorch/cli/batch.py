@@ -6,8 +6,8 @@ several images; any other fields are kept):
     {"image": "cats/2.jpg", "prompt": "detect cat", "max_new_tokens": 32, "id": "x7"}
     {"image": ["pair/left.jpg", "pair/right.jpg"], "prompt": "answer en are there two dogs?"}
 Output, one line per request: its fields, "index" (its line number in the input, from 1), "decoding" (the
-decoding options it ran with: the command line's and its own), "generated_by" (the model folder, adapter and
-dtype) and either the result (text, token_ids, logprobs,
+decoding options it ran with: the command line's and its own), "generated_by" (the model folder, adapter,
+dtype and quantization) and either the result (text, token_ids, logprobs,
 finish_reason, prompt_tokens; detections/segmentations for detect/segment prompts) or "error". Requests sharing
 decoding options run together in batches, so results are written in completion order; once every request has
 run, the file is put in input order. A request field that looks like a misspelled option ("temprature") is an
@@ -16,9 +16,9 @@ error rather than silently ignored; fields named like result fields are not copi
 Durability: each batch's lines are appended, flushed and fsync'ed before the next batch starts. Started again
 with the same output, the command skips every index already answered (after dropping a line cut short by a
 crash) and runs again the ones that ended in an error. It refuses an output whose answers came from other
-images, prompts or decoding options, or from another model (--model, --adapter, --dtype). Exit status 0 when every
-request got an answer, 1 when some got an error. An output that is not a regular file (/dev/null, /dev/stdout, a
-pipe) gets the lines in completion order, and a run there cannot resume.
+images, prompts or decoding options, or from another model (--model, --adapter, --dtype, --quantize). Exit
+status 0 when every request got an answer, 1 when some got an error. An output that is not a regular file
+(/dev/null, /dev/stdout, a pipe) gets the lines in completion order, and a run there cannot resume.
 
 `torchrun --nproc-per-node N -m palitorch batch ...` shares the requests among N processes (one GPU each with
 --device cuda), each writing its part beside the output, folded into it at the end (ranks.py).
@@ -320,7 +320,8 @@ def chunk_size(args: argparse.Namespace) -> int:
 
 def model_record(args: argparse.Namespace, dtype) -> dict:
     """What a result line says of the model that wrote it (`generated_by`): its folder ("palitorch-default" for the
-    bundled one), the adapter merged into it, the dtype."""
+    bundled one), the adapter merged into it, the dtype, and "quantize" when its weights were quantized (a resumed
+    run with or without --quantize is another model's)."""
     from palitorch.assets import DEFAULT_MODEL_DIR
     from palitorch.inference.inputs import model_paths
 
@@ -329,4 +330,5 @@ def model_record(args: argparse.Namespace, dtype) -> dict:
     record = {"path": "palitorch-default" if path == DEFAULT_MODEL_DIR.resolve() else str(path)}
     if adapter is not None:
         record["adapter"] = str(adapter.resolve())
-    return record | {"dtype": str(dtype).removeprefix("torch.")}
+    record["dtype"] = str(dtype).removeprefix("torch.")
+    return record | ({"quantize": args.quantize} if getattr(args, "quantize", None) else {})

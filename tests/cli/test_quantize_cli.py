@@ -2,6 +2,7 @@
 answers stay those of the float model (the full test split: BENCHMARKS.md, session 32)."""
 
 import json
+from pathlib import Path
 
 from run_cli import cli
 
@@ -37,3 +38,17 @@ def test_an_unknown_scheme_is_one_line_and_nothing_loads(capsys):
 
 def test_the_scheme_is_read_in_any_case():
     assert check_quantize("INT8") == "int8" and check_quantize(None) is None
+
+
+def test_a_batch_output_says_its_weights_were_int8_and_is_not_resumed_by_another_model(tmp_path, capsys):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"image": str(Path(IMAGE).resolve()), "prompt": p}) + "\n"
+                           for p in ("caption en", "detect circle")))
+    rc, _, err = cli(["batch", "--input", src, "--output", out, "--quantize", "int8"], capsys)
+    assert rc == 0, err
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["generated_by"] for x in lines] == [{"path": "palitorch-default", "dtype": "float32",
+                                                   "quantize": "int8"}] * 2
+    src.write_text(src.read_text() + json.dumps({"image": str(Path(IMAGE).resolve()), "prompt": "ocr"}) + "\n")
+    rc, _, err = cli(["batch", "--input", src, "--output", out], capsys)  # resumed without --quantize
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "holds results of another model" in err

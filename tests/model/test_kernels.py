@@ -160,7 +160,7 @@ def test_use_huge_pages_moves_large_tensors_keeping_values_and_views():
         return int(open("/proc/self/smaps_rollup").read().split("AnonHugePages:")[1].split()[0])
 
     lins = [torch.nn.Linear(1024, n, bias=False) for n in (1024, 256, 256)]
-    fused = fuse_linears(*lins)
+    fused, _ = fuse_linears(*lins)
     big, small = torch.nn.Parameter(torch.randn(1024, 1024)), torch.randn(16, 16)
     tensors = [fused, big, small, *[m.weight for m in lins]]
     before, small_ptr, huge_before = [t.clone() for t in tensors], small.data_ptr(), anon_huge_kb()
