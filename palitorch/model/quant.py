@@ -37,7 +37,6 @@ kernel takes are the scales themselves, not an approximation of them.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from palitorch.model.kernels import linear
@@ -202,7 +201,7 @@ class Int8Embedding(nn.Module):
         return cls(*quantize_rows(m.weight.detach()))
 
     def forward(self, ids: Tensor) -> Tensor:
-        return F.embedding(ids, self.weight).float() * self.weight_scale[ids].float().unsqueeze(-1)
+        return self.weight[ids].float() * self.weight_scale[ids].float().unsqueeze(-1)  # (indexing: any device)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8"

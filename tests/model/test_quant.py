@@ -173,3 +173,36 @@ def test_quantizing_twice_or_after_fusing_is_refused_or_a_no_op():
         quant.quantize_(lm)
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         quant.quantize_(lm, "int4")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_quantized_decoder_computes_as_the_float_one_with_the_dequantized_weights(tied):
+    """Embedding, every layer and the LM head (the embedding itself, or a matrix of its own when untied), in one
+    forward of many rows (the float32 blocks) and of a few (palitorch's kernel, or torch's int8 kernel)."""
+    import copy
+
+    from palitorch.config import TextConfig
+    from palitorch.model import Gemma
+
+    torch.manual_seed(4)
+    lm = Gemma(TextConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=16, tie_embeddings=tied)).eval()
+    for p in lm.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    ref = copy.deepcopy(lm)
+    quant.quantize_(lm)
+    quant.prepare()  # (as a Pipeline does: the few-row products' route)
+    assert isinstance(lm.embed_tokens, quant.Int8Embedding)
+    assert tied == (lm.lm_head is None) and (tied or isinstance(lm.lm_head, quant.Int8Linear))
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                m.weight.copy_(quant.dequantized(*quant.quantize_rows(m.weight)))
+        for t in (40, 3):
+            ids = torch.randint(0, 96, (2, t))
+            pos = torch.arange(t).expand(2, t)
+            mask = torch.ones(2, 1, t, t, dtype=torch.bool).tril()
+            got = lm.logits(lm(lm.embed(ids), pos, mask))
+            want = ref.logits(ref(ref.embed(ids), pos, mask))
+            tol = 1e-4 if t > quant.PACK_MAX_ROWS or quant.native_works() else 3e-2
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
