@@ -24,9 +24,9 @@ Products (`int8_linear`) compute x @ (Q * s).T + b, the product with the dequant
   x's dtype. On CPU the weight is converted a block of `DEQUANT_BLOCK_ELEMENTS` at a time: a whole converted
   weight is a fresh allocation of tens or hundreds of MB per call, which glibc maps anew and which costs more to
   fault in than the product (converting an 8192 x 2048 weight: 26-30 ms into new memory, 3.6 ms into reused
-  memory, on the 2-core AMD EPYC of BENCHMARKS.md; 256 rows then take 48 ms, float32 weights 42). Under
-  `torch.compile` on a GPU, inductor fuses the conversion into the product (gpt-fast's form); eager, it converts
-  each weight per call (memory is saved, time is not).
+  memory, on the 2-core AMD EPYC of BENCHMARKS.md; 256 rows then take 48 ms, float32 weights 42). On a GPU
+  this is gpt-fast's form, whose conversion `torch.compile` may fuse into the product; eager, each weight is
+  converted per call (memory is saved, time is not). GPU speed has not been measured (BENCHMARKS.md, session 32).
 
 The scale is rounded to a bfloat16 value before Q is computed from it, so that the bfloat16 scales torch's CPU
 kernel takes are the scales themselves, not an approximation of them.
