@@ -8,7 +8,7 @@ from run_cli import cli
 
 from palitorch.inference.inputs import check_quantize
 
-IMAGE = "palitorch/assets/easyvqa_test_7.png"
+IMAGE = str(Path(__file__).resolve().parents[2] / "palitorch" / "assets" / "easyvqa_test_7.png")
 
 
 def test_run_with_int8_weights_answers_as_the_float_model_does(capsys, monkeypatch):
@@ -42,13 +42,13 @@ def test_the_scheme_is_read_in_any_case():
 
 def test_a_batch_output_says_its_weights_were_int8_and_is_not_resumed_by_another_model(tmp_path, capsys):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    src.write_text("".join(json.dumps({"image": str(Path(IMAGE).resolve()), "prompt": p}) + "\n"
+    src.write_text("".join(json.dumps({"image": IMAGE, "prompt": p}) + "\n"
                            for p in ("caption en", "detect circle")))
     rc, _, err = cli(["batch", "--input", src, "--output", out, "--quantize", "int8"], capsys)
     assert rc == 0, err
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["generated_by"] for x in lines] == [{"path": "palitorch-default", "dtype": "float32",
                                                    "quantize": "int8"}] * 2
-    src.write_text(src.read_text() + json.dumps({"image": str(Path(IMAGE).resolve()), "prompt": "ocr"}) + "\n")
+    src.write_text(src.read_text() + json.dumps({"image": IMAGE, "prompt": "ocr"}) + "\n")
     rc, _, err = cli(["batch", "--input", src, "--output", out], capsys)  # resumed without --quantize
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "holds results of another model" in err
