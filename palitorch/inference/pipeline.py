@@ -373,7 +373,8 @@ def load(path=None, device="cpu", dtype="float32", adapter=None, revision=None, 
     Hub id of one in the cache, merged into the weights as they load; with no `path`, its base model is the one its
     adapter_config.json names (base_model_name_or_path: a folder, or a Hub id in the cache), as peft's AutoPeftModel
     reads it. `quantize="int8"`: the language model's weights as int8 with a scale per row, after any adapter is
-    merged (~4x less memory than float32 for them, faster CPU decoding; palitorch/model/quant.py)."""
+    merged (~4x less memory than float32 for them, faster CPU decoding; palitorch/model/quant.py), one weight at a
+    time, so that the device never holds the float decoder."""
     path, adapter = model_paths(path, revision, adapter)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype)
@@ -384,11 +385,14 @@ def load(path=None, device="cpu", dtype="float32", adapter=None, revision=None, 
     check_tokenizer(cfg, processor, path)
     if adapter is not None:
         read_adapter(adapter)  # before the (slow) load: a wrong folder fails at once
-    model = load_model(path, device=device, dtype=dtype)
+    model = load_model(path, device="cpu" if quantize else device, dtype=dtype)  # (int8: quantized onto `device`)
     if adapter is not None:
         merge_adapter(model, adapter)
     if quantize is not None:
-        quant.quantize_(model.language_model, quantize)
+        quant.quantize_(model.language_model, quantize, device=device)
+        for t in model.parameters() if device.type == "cpu" else ():  # (copies of the file's pages: the pages that
+            t.data = t.data.clone()  # were read to quantize then leave this process; else they would count in it)
+        model.to(device)
     return Pipeline(model, processor, path)
 
 

@@ -176,8 +176,9 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, m: nn.Linear) -> Int8Linear:
-        return cls(*quantize_rows(m.weight.detach()), m.bias)
+    def from_linear(cls, m: nn.Linear, device=None) -> Int8Linear:
+        bias = None if m.bias is None else m.bias.detach().to(device)
+        return cls(*quantize_rows(m.weight.detach().to(device)), bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return int8_linear(x, self.weight, self.weight_scale, self.bias)
@@ -197,8 +198,8 @@ class Int8Embedding(nn.Module):
         self.register_buffer("weight_scale", scale)
 
     @classmethod
-    def from_embedding(cls, m: nn.Embedding) -> Int8Embedding:
-        return cls(*quantize_rows(m.weight.detach()))
+    def from_embedding(cls, m: nn.Embedding, device=None) -> Int8Embedding:
+        return cls(*quantize_rows(m.weight.detach().to(device)))
 
     def forward(self, ids: Tensor) -> Tensor:
         return self.weight[ids].float() * self.weight_scale[ids].float().unsqueeze(-1)  # (indexing: any device)
@@ -212,11 +213,13 @@ def scale_of(m: nn.Module) -> Tensor | None:
     return getattr(m, "weight_scale", None)
 
 
-def quantize_(lm: nn.Module, scheme: str = "int8") -> nn.Module:
+def quantize_(lm: nn.Module, scheme: str = "int8", device=None) -> nn.Module:
     """Quantize a Gemma decoder in place (see the module docstring): its layers' projections, its token embedding
     and its LM head when untied. Each float weight is freed as its int8 copy replaces it, so the model's memory
-    falls as it goes. Do it before `fuse_projections` (a Pipeline's `compile`), which then fuses the int8 weights
-    and their scales. Returns `lm`."""
+    falls as it goes. `device`: quantize each weight there and leave its int8 copy there (`palitorch.load` loads a
+    model to be quantized on the CPU and quantizes it onto its device, which then never holds the float decoder);
+    the decoder's other tensors (norms) stay where they are. Do it before `fuse_projections` (a Pipeline's
+    `compile`), which then fuses the int8 weights and their scales. Returns `lm`."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization {scheme!r}: palitorch offers {', '.join(SCHEMES)}")
     if any(layer.attn.qkv is not None or layer.mlp.gate_up is not None for layer in lm.layers):
@@ -226,11 +229,11 @@ def quantize_(lm: nn.Module, scheme: str = "int8") -> nn.Module:
                               (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
             for name in names:
                 if not isinstance(getattr(parent, name), Int8Linear):
-                    setattr(parent, name, Int8Linear.from_linear(getattr(parent, name)))
+                    setattr(parent, name, Int8Linear.from_linear(getattr(parent, name), device))
     if not isinstance(lm.embed_tokens, Int8Embedding):
-        lm.embed_tokens = Int8Embedding.from_embedding(lm.embed_tokens)
+        lm.embed_tokens = Int8Embedding.from_embedding(lm.embed_tokens, device)
     if lm.lm_head is not None and not isinstance(lm.lm_head, Int8Linear):
-        lm.lm_head = Int8Linear.from_linear(lm.lm_head)
+        lm.lm_head = Int8Linear.from_linear(lm.lm_head, device)
     return lm
 
 

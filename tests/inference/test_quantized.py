@@ -157,3 +157,23 @@ def test_a_pipeline_made_from_a_model_quantized_by_hand_checks_the_int8_route(mo
     monkeypatch.setitem(quant._native, "works", None)  # as in a fresh process
     Pipeline(pipe.model, pipe.processor)
     assert quant._native["works"] is not None, "the check ran before any forward reads its verdict"
+
+
+def test_an_adapter_is_merged_before_the_weights_are_quantized(pg1, tmp_path):
+    """load(..., adapter=A, quantize="int8") holds exactly the int8 weights of the merged float model, quantized."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import PaliGemmaForConditionalGeneration as HF
+
+    folder, _ = pg1
+    torch.manual_seed(0)
+    lora = get_peft_model(HF.from_pretrained(folder), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                 target_modules=["q_proj", "down_proj"]))
+    lora.save_pretrained(tmp_path / "adapter")
+    got = palitorch.load(folder, adapter=tmp_path / "adapter", quantize="int8").model.language_model
+    merged = palitorch.load(folder, adapter=tmp_path / "adapter").model.language_model
+    plain = palitorch.load(folder).model.language_model
+    assert not torch.equal(merged.layers[0].attn.q_proj.weight, plain.layers[0].attn.q_proj.weight)
+    quant.quantize_(merged)
+    for (name, a), (_, b) in zip(got.named_buffers(), merged.named_buffers()):
+        assert torch.equal(a, b), name
+    assert sum(1 for n, b in got.named_buffers() if b.dtype == torch.int8) == 1 + 7 * len(got.layers)
