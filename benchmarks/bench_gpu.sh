@@ -9,6 +9,8 @@
 # By default (BENCH_ARGS="--decode-attention auto") each size first compiles the decode step with SDPA and with
 # FlexAttention, times both at batch 1 and keeps the faster for the comparison (both timings go in the JSON).
 #   BENCH_ARGS="--decode-attention flex" bash benchmarks/bench_gpu.sh     # one variant (see gpu_variants.sh)
+#   BENCH_ARGS="--decode-attention auto --quantize int8" bash benchmarks/bench_gpu.sh   # int8 weights (unmeasured
+#                                              # on a GPU so far; transformers then runs them dequantized)
 #   GPU_TESTS=1 bash benchmarks/bench_gpu.sh   # first the CUDA-only tests (CUDA-graph decode and live batch vs
 #                                              # CPU, early stop), ~1-2 min (150 s at most), then the benchmark in
 #                                              # the time left
