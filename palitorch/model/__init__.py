@@ -1,5 +1,5 @@
-"""Plain nn.Module model code: no checkpoint files, tokenizer or sampling (kernels.py may build and time palitorch's
-own CPU kernel once per machine, see palitorch.native)."""
+"""Plain nn.Module model code: no checkpoint files, tokenizer or sampling (kernels.py and quant.py may build, check
+and time palitorch's own CPU kernel once per machine, see palitorch.native)."""
 
 from palitorch.model.gemma import Gemma, KVCache, RMSNorm
 from palitorch.model.paligemma import Output, PaliGemma, prefix_lm_mask
