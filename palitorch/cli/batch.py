@@ -331,4 +331,6 @@ def model_record(args: argparse.Namespace, dtype) -> dict:
     if adapter is not None:
         record["adapter"] = str(adapter.resolve())
     record["dtype"] = str(dtype).removeprefix("torch.")
-    return record | ({"quantize": args.quantize} if getattr(args, "quantize", None) else {})
+    if getattr(args, "quantize", None):  # (a Namespace of another command, or of tests, may lack it)
+        record["quantize"] = args.quantize
+    return record

@@ -71,8 +71,7 @@ class Pipeline:
         self._greedy_batches: set[int] = set()  # batch sizes greedy decoding has run at since `compile()`
         self._cache_pool: dict = {}  # live batches' KV caches by (rows, slots), reused (see `LiveBatch.pool`)
         kernels.prepare(model.parameters())  # which CPU kernel each linear takes (checks and timings, once a process)
-        if quant.quantization_of(model.language_model):
-            quant.prepare()  # and each int8 product (palitorch's kernel, checked once a process)
+        quant.prepare(model.language_model)  # and each int8 product, if the decoder is quantized
 
     @property
     def cfg(self):
@@ -373,8 +372,7 @@ def load(path=None, device="cpu", dtype="float32", adapter=None, revision=None, 
     Hub id of one in the cache, merged into the weights as they load; with no `path`, its base model is the one its
     adapter_config.json names (base_model_name_or_path: a folder, or a Hub id in the cache), as peft's AutoPeftModel
     reads it. `quantize="int8"`: the language model's weights as int8 with a scale per row, after any adapter is
-    merged (~4x less memory than float32 for them, faster CPU decoding; palitorch/model/quant.py), one weight at a
-    time, so that the device never holds the float decoder."""
+    merged (~4x less memory than float32 for them, faster CPU decoding; palitorch/model/quant.py)."""
     path, adapter = model_paths(path, revision, adapter)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype)
@@ -389,10 +387,7 @@ def load(path=None, device="cpu", dtype="float32", adapter=None, revision=None, 
     if adapter is not None:
         merge_adapter(model, adapter)
     if quantize is not None:
-        quant.quantize_(model.language_model, quantize, device=device)
-        for t in model.parameters() if device.type == "cpu" else ():  # (copies of the file's pages: the pages that
-            t.data = t.data.clone()  # were read to quantize then leave this process; else they would count in it)
-        model.to(device)
+        quant.quantize_model_(model, quantize, device)
     return Pipeline(model, processor, path)
 
 
