@@ -169,6 +169,7 @@ def bench(size: str, args, workdir: Path, emit=lambda result, row: None) -> dict
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     folder, kind = checkpoint(size, workdir, args.device, dtype)
     pipe = palitorch.load(folder, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    pipe.feature_cache.resize(0)  # every repetition runs the vision tower, as transformers' do
     attention = {"chosen": "default" if args.decode_attention == "auto" else args.decode_attention}
     if args.compile and args.decode_attention == "auto":
         attention = choose_decode_attention(pipe, args)

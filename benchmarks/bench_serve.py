@@ -170,6 +170,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     folder, kind = checkpoint(args.size, Path(args.workdir), args.device, dtype)
     pipe = palitorch.load(folder, device=args.device, dtype=args.dtype)
+    pipe.feature_cache.resize(0)  # every repetition runs the vision tower, as transformers' do
     if args.compile:
         pipe.compile(mode="reduce-overhead" if args.device.startswith("cuda") else None)
     hf, _ = load_transformers(pipe, folder, dtype, torch.device(args.device))

@@ -45,6 +45,7 @@ def main() -> None:
         ap.error(error)
     path, _ = checkpoint(args.size, Path(args.workdir), "cpu", getattr(torch, args.dtype))
     pipe = palitorch.load(path, dtype=args.dtype)
+    pipe.feature_cache.resize(0)  # every repetition runs the vision tower, as transformers' do
     pipe.model.language_model.fuse_projections()  # as `Pipeline.compile` does (prefills run eagerly either way)
     blocks, scores = kernels.ROW_BLOCK_BYTES, gemma.SCORE_BLOCK_BYTES
     print(f"{args.size}, {args.dtype}, {torch.get_num_threads()} threads; MLP blocks of at most "

@@ -103,6 +103,7 @@ def run_variant(variant: str, parts: set[str], folder, dtype, image, first_token
     """Time one variant (and profile it if asked); returns the reference answer (the first variant's)."""
     mode = "max-autotune" if "autotune" in parts else args.mode
     pipe = palitorch.load(folder, device=args.device, dtype=dtype)
+    pipe.feature_cache.resize(0)  # every repetition runs the vision tower, as transformers' do
     for part, kind in (("sdpa-attn", "sdpa"), ("mm-attn", "matmul"), ("flex-attn", "flex")):
         if part in parts:
             pipe.model.language_model.set_decode_attention(kind)

@@ -67,6 +67,9 @@ def add_parser(subparsers) -> None:
                    help="a server on a loopback address answers only requests whose Host header is localhost, an IP "
                         "address or this machine's name (against DNS rebinding): also answer NAME, e.g. the public "
                         "name a reverse proxy passes on (repeatable; * for any)")
+    g.add_argument("--feature-cache-mb", type=float, default=128, metavar="MB",
+                   help="keep the vision tower's output for the images seen last, up to MB MiB, so that a request "
+                        "about an image seen lately skips the tower (default 128; 0: off)")
     g.add_argument("--quiet", action="store_true", help="no log line per request")
     add_model_options(p)
     add_decoding_options(p, text_only=True)
@@ -142,6 +145,8 @@ def serve(args: argparse.Namespace) -> int:
         raise InputError(f"--max-queue must be >= 1, got {args.max_queue}")
     if not 0 < args.max_body_mb < math.inf:
         raise InputError(f"--max-body-mb must be a number > 0, got {args.max_body_mb}")
+    if not 0 <= args.feature_cache_mb < math.inf:
+        raise InputError(f"--feature-cache-mb must be a number >= 0, got {args.feature_cache_mb}")
     if args.no_fetch and args.fetch_private:
         raise InputError("--fetch-private lets the server fetch from private addresses, and --no-fetch lets it fetch "
                          "nothing: give one of them")
@@ -164,6 +169,7 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _interrupt)  # also when started in the background, where SIGINT comes ignored
     try:
         pipe = load_pipeline(args, device, dtype)
+        pipe.feature_cache.resize(int(args.feature_cache_mb * (1 << 20)))
         engine = Engine(pipe, max_batch, log=say, max_queue=args.max_queue).start()
         server.engine = engine
         # A compiled step is compiled per batch size: compile every size a batch can run at before serving.
@@ -172,6 +178,7 @@ def serve(args: argparse.Namespace) -> int:
             seconds = engine.warm_up(defaults, sizes)
         except ApiError as e:  # the model cannot answer at all (NaN logits from damaged weights, say)
             raise PalitorchError(f"the model failed its warm-up request, so it is not served: {e.message}") from None
+        pipe.feature_cache.clear()  # (not the warm-up's image, nor its lookups)
         say(f"warmed up in {seconds:.1f} s" + (f" (decode step compiled for batch sizes {sizes})" if args.compile
                                                else ""))
         weights = f" with {args.quantize} weights" if args.quantize else ""

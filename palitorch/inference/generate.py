@@ -31,6 +31,7 @@ from palitorch.inference.answer import (
 )
 from palitorch.inference.caches import ensure_caches
 from palitorch.inference.done import DoneWatch
+from palitorch.inference.features import Images, image_input
 
 # (logsumexp_logprobs and raw_logprobs are also this module's names, as they were before logprobs.py)
 from palitorch.inference.logprobs import chosen_logprobs, logsumexp_logprobs, raw_logprobs, token_logprobs  # noqa: F401
@@ -46,7 +47,8 @@ class Prompts:
 
     ids: torch.Tensor  # [B, T] long
     valid: torch.Tensor  # [B, T] bool, False on the left padding
-    pixels: torch.Tensor  # [N, 3, R, R], the rows' images in order (a row may have several); [U, ...] with index
+    pixels: torch.Tensor | Images  # [N, 3, R, R], the rows' images in order (a row may have several); [U, ...] with
+    # index; or their `Images`, whose features the prefill asks for
     lengths: list[int]  # real tokens per row
     image_index: torch.Tensor | None = None  # [N]: the n-th image is pixels[image_index[n]] (rows may share one)
     images: list[int] | None = None  # images per row (None: one each)
@@ -145,7 +147,7 @@ def prefill(model: PaliGemma, prompts: Prompts, s_len: int) -> tuple[torch.Tenso
     t = prompts.ids.shape[1]
     cur = Cursor(model, prompts, s_len)
     mask = prefix_lm_mask(torch.zeros_like(prompts.ids), prompts.valid)  # [B, 1, T, T]: attends over slots 0..T-1
-    x = model.embed(prompts.ids, prompts.pixels, prompts.image_index)  # the vision tower runs once per image
+    x = model.embed(prompts.ids, image_input(prompts.pixels), prompts.image_index)  # the tower: once per image
     # No sliding mask: the prompt is all prefix, and prefix_lm_mask's window never hides keys from a prefix query
     logits = model.forward_cached(x, cur.positions, cur.slots[:t], mask, last_only=True)[:, -1]
     check_finite(logits)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from palitorch.inference import generate as engine
 from palitorch.inference.answer import Result
 from palitorch.inference.caches import batch_rung_below, ladder, raise_recompile_limit
 from palitorch.inference.continuous import LiveBatch
+from palitorch.inference.features import FeatureCache, Images, distinct_images, weights_stamp
 from palitorch.inference.inputs import (
     as_batch,
     check_compile_args,
@@ -70,6 +70,7 @@ class Pipeline:
         self._steps: engine.Steps | None = None  # compiled one-token decode steps, once `compile()` is called
         self._greedy_batches: set[int] = set()  # batch sizes greedy decoding has run at since `compile()`
         self._cache_pool: dict = {}  # live batches' KV caches by (rows, slots), reused (see `LiveBatch.pool`)
+        self.feature_cache = FeatureCache()  # recent images' features (`feature_cache.resize(0)` turns it off)
         kernels.prepare(model.parameters())  # which CPU kernel each linear takes (checks and timings, once a process)
         quant.prepare(model.language_model)  # and each int8 product, if the decoder is quantized
 
@@ -84,26 +85,23 @@ class Pipeline:
         return f"Pipeline({where}, PaliGemma {self.cfg.version}, device={self.device}, dtype={dtype}" + (
             f", quantize={q})" if q else ")")
 
-    def _pixels(self, images) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Each input's image(s) -> (pixels [U, 3, S, S] of the U distinct images, in the model's dtype on its device;
-        index [N] of the inputs' N images in order (see `flat_images`), or None when all N are distinct). Resized on
-        the host, normalised on the device.
-
-        An image given more than once (the same object, or the same path: one image with a list of prompts) is
-        preprocessed once, and the vision tower encodes it once."""
+    def _pixels(self, images) -> tuple[Images, torch.Tensor | None]:
+        """Each input's image(s) -> (the U distinct images, resized on the host, their features computed by the
+        prefill that needs them, through `feature_cache`; index [N] of the inputs' N images in order (see
+        `flat_images`), or None when all N are distinct). An image given more than once (the same object, or the
+        same path) is preprocessed once; one seen lately (`FeatureCache`) skips the vision tower."""
         check_images(images)
-        images = flat_images(images)
-        slot, distinct, index = {}, [], []
-        for im in images:
-            key = os.fspath(im) if isinstance(im, (str, os.PathLike)) else id(im)
-            if key not in slot:
-                slot[key] = len(distinct)
-                distinct.append(im)
-            index.append(slot[key])
-        pixels = self.processor.normalize(self.processor.resized_batch(distinct).to(self.device)).to(self.dtype)
-        if len(distinct) == len(images):
-            return pixels, None
-        return pixels, torch.tensor(index, device=self.device)
+        distinct, index = distinct_images(flat_images(images))
+        pixels = Images(self.processor.resized_batch(distinct), self._encode, self.feature_cache, self._stamp,
+                        self.device)
+        return pixels, None if index is None else torch.tensor(index, device=self.device)
+
+    def _encode(self, resized: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels [M, 3, S, S] on the host -> image features [M, P, H] (normalised on the device)."""
+        return self.model.embed_image(self.processor.normalize(resized.to(self.device)).to(self.dtype))
+
+    def _stamp(self) -> tuple:
+        return weights_stamp([self.model.vision_tower, self.model.projector])
 
     def score(self, image, prefix, suffix, batch_size: int | None = None) -> ScoreResult | list[ScoreResult]:
         """Log-probabilities of `suffix + <eos>` given the image and prefix; lists give a list. Without `batch_size`
@@ -123,7 +121,7 @@ class Pipeline:
         batch = self.processor.collate(enc, padding_side="right")
         batch = {k: v.to(self.device) for k, v in batch.items()}
         pixels, index = self._pixels(images)
-        out = self.model(batch["input_ids"], pixels, batch["attention_mask"], batch["token_type_ids"],
+        out = self.model(batch["input_ids"], pixels.features(), batch["attention_mask"], batch["token_type_ids"],
                          image_index=index)
         logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
         target = batch["input_ids"][:, 1:]

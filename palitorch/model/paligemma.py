@@ -73,14 +73,15 @@ class PaliGemma(nn.Module):
         has k * P `<image>` tokens (PaliGemma encodes each image apart and puts their tokens one after another, as in
         its NLVR2 and video transfers). `image_index` [N] lets them share images: pixels is then [U, 3, R, R] (U
         distinct images) and the n-th image in that order is `image_index[n]`, so the vision tower runs once per
-        image (several questions about one image). Without it, pixels holds the N images in that order.
+        image (several questions about one image). Without it, pixels holds the N images in that order. `pixels` may
+        also be the images' features [U, P, H] from `embed_image`, computed earlier (by a caller that keeps them).
         """
         is_image = input_ids == self.cfg.image_token_id
         # <image> ids may lie past the vocabulary: embed a dummy id there, overwritten below by the image features
         x = self.language_model.embed(input_ids.masked_fill(is_image, 0))
         if pixels is None:
             return x
-        img = self.embed_image(pixels).to(x.dtype)
+        img = (pixels if pixels.dim() == 3 else self.embed_image(pixels)).to(x.dtype)
         if image_index is not None:
             img = img[image_index.to(img.device)]
         counts, p = is_image.sum(-1), img.shape[1]

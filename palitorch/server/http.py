@@ -213,7 +213,7 @@ class Handler(BaseHTTPRequestHandler):
         path = urllib.parse.unquote(self.path.split("?", 1)[0]).rstrip("/") or "/"  # /v1/models/my%20model: "my model"
         if path == "/metrics":  # Prometheus (metrics.py); like /health, no API key
             engine = self.server.engine
-            text = engine.metrics.render(engine.queued + engine.held, engine.running)
+            text = engine.metrics.render(engine.queued + engine.held, engine.running, engine.pipe.feature_cache)
             self._send(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
         elif path == "/health":
             engine = self.server.engine

@@ -6,7 +6,8 @@ model decoded, each answer's final EOS included; a greedy request's n alike answ
 status code. Gauges: requests waiting for the model and requests being decoded. Histograms, in seconds: the time a
 request waited before its batch took it in, the time to its first token (prefill included), the time per token
 after the first (its rows decode side by side: per step of its longest row), and the whole request, from its
-arrival at the engine to its last token. Warm-up requests are not counted.
+arrival at the engine to its last token. Warm-up requests are not counted. The cache of image features (see
+palitorch/inference/features.py): its lookups by result, and its size.
 
 The engine's thread records and the HTTP threads read, under one lock; rendering copies nothing large.
 """
@@ -85,8 +86,15 @@ class Metrics:
         with self._lock:
             self.responses[status] += 1
 
-    def render(self, waiting: int, running: int) -> str:
-        """The exposition text, with the gauges' current values."""
+    def render(self, waiting: int, running: int, images=None) -> str:
+        """The exposition text, with the gauges' current values (and the pipeline's FeatureCache, `images`)."""
+        cached = [] if images is None else [
+            ("palitorch_feature_cache_lookups_total", "counter", "Images looked up in the cache of image features, "
+             "by result (a hit skips the vision tower).",
+             [f'palitorch_feature_cache_lookups_total{{result="{k}"}} {n}'
+              for k, n in (("hit", images.hits), ("miss", images.misses))]),
+            ("palitorch_feature_cache_bytes", "gauge", "Bytes of image features in the cache.",
+             [f"palitorch_feature_cache_bytes {images.bytes}"])]
         with self._lock:
             parts = [
                 ("palitorch_requests_total", "counter", "Chat completion requests the engine ended, by outcome.",
@@ -114,6 +122,7 @@ class Metrics:
                  self.per_token.lines("palitorch_time_per_output_token_seconds")),
                 ("palitorch_request_duration_seconds", "histogram", "Time from arrival to the last token.",
                  self.duration.lines("palitorch_request_duration_seconds")),
+                *cached,
             ]
         out = []
         for name, kind, text, lines in parts:

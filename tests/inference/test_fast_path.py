@@ -63,6 +63,7 @@ def test_a_compiled_pipeline_pads_greedy_batches_to_a_size_it_has_run(ckpt_facto
         return step
 
     encode = pipe.model.vision_tower.forward
+    pipe.feature_cache.resize(0)  # (the tower sees each batch's images: none kept from earlier calls)
     pipe.model.vision_tower.forward = lambda pixels: encoded.append(len(pixels)) or encode(pixels)
     pipe._steps = engine.Steps(counting(engine.token_forward), counting(engine.greedy_forward))
     rungs = []

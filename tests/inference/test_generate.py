@@ -103,6 +103,7 @@ def test_an_image_shared_by_several_prompts_is_encoded_once(ckpt_factory, tmp_pa
     the vision tower once; the answers are those of a batch of separate copies, and of transformers."""
     folder, hf = diverse(ckpt_factory, 1)
     pipe = palitorch.load(folder)
+    pipe.feature_cache.resize(0)  # within a call only (tests/inference/test_feature_cache.py: across calls)
     a, b = images(2, seed=3)
     b.save(tmp_path / "b.png")
     seen = []

@@ -109,13 +109,14 @@ def test_a_batch_of_pixels_equals_the_images_one_by_one(pg1, monkeypatch, thread
     monkeypatch.setattr(processor, "THREADED_RESIZE_MIN_PIXELS", 0 if threads else 1 << 40)
     pipe = palitorch.load(pg1[0])
     imgs = list(_modes().values())
-    batch, index = pipe._pixels(imgs)
+    resized, index = pipe._pixels(imgs)  # resized on the host; normalised on the device as the tower takes them
+    batch = pipe.processor.normalize(resized.resized.to(pipe.device))
     s = pipe.processor.image_size
     assert batch.shape == (len(imgs), 3, s, s) and batch.dtype == torch.float32 and index is None
     assert torch.equal(batch, torch.stack([pipe.processor.pixels(im) for im in imgs]))
-    assert torch.equal(pipe._pixels(imgs[:1])[0], batch[:1])
+    assert torch.equal(pipe._pixels(imgs[:1])[0].resized, resized.resized[:1])
     repeated, index = pipe._pixels([imgs[1], imgs[0], imgs[1]])  # the same object twice: preprocessed once
-    assert torch.equal(repeated, batch[[1, 0]]) and index.tolist() == [0, 1, 0]
+    assert torch.equal(repeated.resized, resized.resized[[1, 0]]) and index.tolist() == [0, 1, 0]
 
 
 def test_a_bad_image_in_a_batch_is_one_input_error(pg1, tmp_path):

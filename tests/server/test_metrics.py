@@ -129,3 +129,19 @@ def test_a_request_whose_client_left_is_cancelled_even_with_its_answer():
     m.ended(job(cancelled=False))
     assert (m.requests["cancelled"], m.requests["ok"]) == (1, 1)
     assert (m.generation_tokens, m.prompt_tokens) == (2 * (3 + 3), 2 * 9)
+
+
+def test_metrics_count_the_image_feature_cache(demo):
+    """A request about an image the server saw lately takes its features from the pipeline's cache: one more hit,
+    no more misses, and the same answer."""
+    with live_server() as server:
+        status, first, _ = post(server, chat(demo[0]["path"], "caption en"))
+        _, m = scrape(server)
+        hits, misses = (m[f'palitorch_feature_cache_lookups_total{{result="{k}"}}'] for k in ("hit", "miss"))
+        assert status == 200 and misses >= 1 and m["palitorch_feature_cache_bytes"] > 0
+        status, again, _ = post(server, chat(demo[0]["path"], "answer en what shape is it?"))
+        status, same, _ = post(server, chat(demo[0]["path"], "caption en"))
+        _, m = scrape(server)
+    assert status == 200 and same["choices"][0]["message"] == first["choices"][0]["message"]
+    assert m['palitorch_feature_cache_lookups_total{result="hit"}'] == hits + 2
+    assert m['palitorch_feature_cache_lookups_total{result="miss"}'] == misses

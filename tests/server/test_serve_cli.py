@@ -50,7 +50,7 @@ def first_line(proc: subprocess.Popen) -> str:
 
 def test_serve_answers_then_stops_on_sigterm(ref, demo):
     proc = palitorch_serve("--port", 0, "--quiet", "--device", "cpu", "--served-model-name", "shapes",
-                           "--api-key", "k3y", "--max-new-tokens", 2, "--no-fetch")
+                           "--api-key", "k3y", "--max-new-tokens", 2, "--no-fetch", "--feature-cache-mb", 0)
     try:
         line = first_line(proc)
         ready = READY.fullmatch(line)
@@ -68,6 +68,9 @@ def test_serve_answers_then_stops_on_sigterm(ref, demo):
         assert status == 400 and "does not fetch" in out["error"]["message"]  # --no-fetch
         assert call(url + "/v1/models")[0] == 401  # --api-key
         assert call(url + "/health")[1]["model"] == "shapes"
+        metrics = urllib.request.urlopen(url.removesuffix("/v1") + "/metrics").read().decode()
+        assert "palitorch_feature_cache_bytes 0\n" in metrics  # --feature-cache-mb 0: the same image, no entry
+        assert 'palitorch_feature_cache_lookups_total{result="hit"} 0\n' in metrics
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=TIMEOUT)
     finally:
@@ -148,6 +151,8 @@ def before_anything(monkeypatch):
     (["--max-queue", "0"], "--max-queue must be >= 1, got 0"),
     (["--max-body-mb", "nan"], "--max-body-mb must be a number > 0"),
     (["--max-body-mb", "inf"], "--max-body-mb must be a number > 0, got inf"),  # (was a traceback)
+    (["--feature-cache-mb", "-1"], "--feature-cache-mb must be a number >= 0, got -1"),
+    (["--feature-cache-mb", "nan"], "--feature-cache-mb must be a number >= 0"),
     (["--no-fetch", "--fetch-private"], "give one of them"),
     (["--allow-origin", "localhost:3000"], "--allow-origin 'localhost:3000': give an origin as browsers send it"),
     (["--allow-origin", "http://localhost:3000/"], "no path or trailing slash"),
@@ -172,7 +177,8 @@ def test_help_lists_the_flags(capsys):
     rc, out, _ = cli(["serve", "--help"], capsys)
     assert rc == 0
     for flag in ("--host", "--port", "--served-model-name", "--api-key", "--max-batch-size", "--no-fetch",
-                 "--max-body-mb", "--max-queue", "--quiet", "--allow-origin", "--model", "--device", "--compile",
+                 "--max-body-mb", "--max-queue", "--feature-cache-mb", "--quiet", "--allow-origin", "--model",
+                 "--device", "--compile",
                  "--max-new-tokens", "--temperature", "--stop", "/v1/chat/completions"):
         assert flag in out, flag
 
