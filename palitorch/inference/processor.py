@@ -238,6 +238,10 @@ class Processor:
         types = [0] * len(ids)
         if suffix is not None:
             s = self.suffix_ids(suffix)
+            if len(ids) <= self.max_length < len(ids) + len(s):  # the answer is what does not fit
+                raise InputError(f"the prompt ({len(ids)} tokens with {image_words(images, self.num_image_tokens)}) "
+                                 f"and its answer ({len(s)} tokens, <eos> included) are {len(ids) + len(s)} tokens, "
+                                 f"over the model's context of {self.max_length}: shorten the answer")
             ids, types = ids + s, types + [1] * len(s)
         if len(ids) > self.max_length:
             raise InputError(

@@ -157,7 +157,8 @@ def parse_chat(body: dict, model_id: str, defaults: dict | None = None,
         options = {k: v for k, v in options.items() if k not in ("top_p", "top_k", "min_p")}
     if flag_or_int(body, "ignore_eos", False):  # vLLM's: every answer max_tokens long (benchmark tools send it)
         options["min_new_tokens"] = options.get("max_new_tokens", GenerationOptions.max_new_tokens)
-    check_options(options)
+    # (an error names the length as the client did; giving both is refused above)
+    check_options(options, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens")
     n = flag_or_int(body, "n", 1)
     if not 1 <= n <= MAX_N:
         raise bad(f"n must be an integer from 1 to {MAX_N}, got {n}", "n")
@@ -201,13 +202,14 @@ def flag_or_int(body: dict, name: str, default):
     return value
 
 
-def check_options(options: dict) -> None:
-    """ApiError 400 if GenerationOptions refuses the options, in OpenAI's names, with `param` the option its message
-    starts with ("top_p must be ...": top_p)."""
+def check_options(options: dict, max_name: str = "max_tokens") -> None:
+    """ApiError 400 if GenerationOptions refuses the options, in OpenAI's names (`max_name`: the one the request
+    gave the length in), with `param` the option its message starts with ("top_p must be ...": top_p)."""
+    names = {**API_NAME, "max_new_tokens": max_name}
     try:
         GenerationOptions.from_kwargs(**options)
     except InputError as e:  # "max_new_tokens must be ..." -> "max_tokens must be ..."
-        msg = re.sub(r"\b(" + "|".join(API_NAME) + r")\b", lambda m: API_NAME[m.group(0)], str(e))
+        msg = re.sub(r"\b(" + "|".join(names) + r")\b", lambda m: names[m.group(0)], str(e))
         first = re.match(r"\w*", msg).group(0)
         param = first if first in DECODING else "num_beams" if msg.startswith("beam search") else None
         raise bad(msg, param) from None

@@ -37,14 +37,23 @@ def token_entry(tokenizer, token: int, logprob: float, alternatives: list | None
 def joined(entries: list[dict], text: str) -> list[dict]:
     """An answer's first token entries as its text begins: a tokenizer's decoder may drop the word mark (a space)
     that starts an answer (Gemma's does: "▁▁x" is " x"), so where the entries begin with more spaces than the text,
-    the first token's text and bytes lose one too, and the tokens join into the content, as OpenAI's do."""
+    the first token's text and bytes lose one too, and the tokens join into the content, as OpenAI's do. So do the
+    first step's alternatives that begin with one (each would have begun the answer the same way): the chosen token
+    reads the same in `top_logprobs` as in its entry ("yes" in both, for a client that looks it up by text)."""
     def spaces(data: bytes) -> int:
         return len(data) - len(data.lstrip(b" "))
 
+    def unspaced(entry: dict) -> dict:
+        if entry["bytes"][:1] != [32]:
+            return entry
+        raw = bytes(entry["bytes"][1:])
+        return entry | {"token": raw.decode("utf-8", errors="backslashreplace"), "bytes": list(raw)}
+
     tokens = b"".join(bytes(e["bytes"]) for e in entries)
     if entries and entries[0]["bytes"][:1] == [32] and spaces(tokens) > spaces(text.encode()):
-        raw = bytes(entries[0]["bytes"][1:])
-        entries[0] = entries[0] | {"token": raw.decode("utf-8", errors="backslashreplace"), "bytes": list(raw)}
+        entries[0] = unspaced(entries[0])
+        if "top_logprobs" in entries[0]:
+            entries[0]["top_logprobs"] = [unspaced(alt) for alt in entries[0]["top_logprobs"]]
     return entries
 
 

@@ -271,6 +271,19 @@ def test_score_refuses_an_answer_that_is_not_a_string(pipe, ims, suffix):
         pipe.score(ims[0], P, suffix)
 
 
+def test_score_names_the_answer_when_the_answer_is_what_does_not_fit(pipe, ims):
+    context, prompt = pipe.cfg.text.max_position_embeddings, len(pipe.processor.encode(P).ids)
+    with pytest.raises(InputError, match=r"and its answer \(\d+ tokens, <eos> included\) .* shorten the answer$"):
+        pipe.score(ims[0], P, "red " * context)
+    with pytest.raises(InputError, match="the prompt is .* shorten it$"):  # a prompt over the context on its own
+        pipe.score(ims[0], P + " red" * context, "red")
+    answer = "red " * (context - prompt)
+    while prompt + len(pipe.processor.suffix_ids(answer)) > context:  # the longest answer that fits: scored
+        answer = answer[:-4]
+    assert prompt + len(pipe.processor.suffix_ids(answer)) == context
+    assert len(pipe.score(ims[0], P, answer).logprobs) == context - prompt
+
+
 def test_options_as_a_dict_and_integers_of_any_integral_type(pipe, ims):
     want = pipe.generate(ims[0], P, max_new_tokens=2)
     assert pipe.generate(ims[0], P, {"max_new_tokens": 2}) == want

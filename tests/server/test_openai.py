@@ -237,7 +237,8 @@ def test_bookkeeping_fields_are_accepted():
     ({"top_p": 0}, "top_p must be in (0, 1]"),
     ({"temperature": -1}, "temperature must be a finite number >= 0"),
     ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
-    ({"max_completion_tokens": 2.5}, "max_tokens must be an integer >= 1"),
+    ({"max_completion_tokens": 2.5}, "max_completion_tokens must be an integer >= 1"),  # (as the client named it)
+    ({"min_tokens": 5, "max_completion_tokens": 3}, "min_tokens (5) is more than max_completion_tokens (3)"),
     ({"min_tokens": -1}, "min_tokens must be an integer >= 0"),
     ({"min_tokens": 5, "max_tokens": 2}, "min_tokens (5) is more than max_tokens (2)"),
     ({"num_beams": 2, "temperature": 1}, "beam search is deterministic"),
@@ -329,7 +330,7 @@ def test_a_body_nested_too_deeply_is_invalid_json_not_a_crash():
 
 
 @pytest.mark.parametrize("options, param", [
-    ({"max_tokens": 0}, "max_tokens"), ({"max_completion_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 0}, "max_tokens"), ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"temperature": -1}, "temperature"), ({"top_p": 2}, "top_p"), ({"top_k": 0}, "top_k"), ({"min_p": 2}, "min_p"),
     ({"seed": 1.5}, "seed"), ({"stop": [""]}, "stop"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"min_tokens": -1}, "min_tokens"),
