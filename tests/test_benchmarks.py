@@ -319,3 +319,33 @@ def test_the_int8_comparison_times_both_and_measures_their_agreement(tmp_path, m
         assert r["full_prefill_ms"] > 0 and r["int8_prefill_ms"] > 0 and r["tokens"] == 4 * r["batch"]
         assert r["tokens_before_first_difference"] >= 1 and r["max_logprob_gap"] < 0.1
     assert "greedy tokens the same for" in capsys.readouterr().out
+
+
+def test_the_feature_cache_benchmark_times_a_chat_three_ways_on_the_same_tokens(tmp_path, monkeypatch, capsys):
+    """benchmarks/feature_cache.py on the bundled model: with the cache, without it and through transformers, the
+    same tokens, a time for every request; and a cache that changed an answer stops it before any figure."""
+    import feature_cache
+
+    out = tmp_path / "fc.json"
+    monkeypatch.setattr(sys, "argv", ["feature_cache.py", "--size", "bundled", "--rounds", "1", "--prompts", "2",
+                                      "--new-tokens", "3", "--json", str(out)])
+    feature_cache.main()
+    medians = json.loads(out.read_text())["medians"]
+    assert set(medians) == {"cached", "uncached", "transformers"}
+    assert all(v["first_ms"] > 0 and v["later_ms"] > 0 for v in medians.values())
+    assert "later requests: cached" in capsys.readouterr().out
+    assert feature_cache.agree([1, 2], [1, 3], torch.log_softmax(torch.tensor([[0.0, 0, 0, 0], [0, 0, 1.0, 0.9]]),
+                                                                   -1), 0.5)  # a near-tie at step 1
+    assert not feature_cache.agree([1, 2], [1, 3], torch.log_softmax(torch.tensor([[0.0, 0, 0, 0], [0, 0, 0, 5.0]]),
+                                                                       -1), 0.5)
+    assert not feature_cache.agree([1, 2], [1, 2, 3], torch.zeros(3, 4), 0.5)  # one answer longer
+
+    real = feature_cache.ours
+
+    def changed(pipe, image, prompts, new_tokens):  # the cached run answers otherwise: no figures
+        times, answers = real(pipe, image, prompts, new_tokens)
+        return times, [a + [0] for a in answers] if pipe.feature_cache.max_bytes else answers
+
+    monkeypatch.setattr(feature_cache, "ours", changed)
+    with pytest.raises(SystemExit, match="the cache changed the answers"):
+        feature_cache.main()
