@@ -30,12 +30,14 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
+from palitorch.errors import InputError
+
 DEFAULT_BYTES = 128 << 20  # 64 images at 224 px for a 3B model in float32 (2 MB each), 4 at 896 px (32 MB each)
 
 
 class FeatureCache:
     """Image features by image, least recently used out first, within `max_bytes` (0: keep none). Thread-safe.
-    `hits` and `misses` count images looked up since it was made."""
+    `hits` and `misses` count the images looked up since it was made or last cleared."""
 
     def __init__(self, max_bytes: int = DEFAULT_BYTES):
         self._entries: OrderedDict[tuple, Tensor] = OrderedDict()
@@ -54,7 +56,7 @@ class FeatureCache:
     def resize(self, max_bytes: int) -> None:
         """Keep at most `max_bytes` of features from now on (0 turns the cache off), dropping the oldest as needed."""
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
-            raise ValueError(f"an image cache's size must be a whole number of bytes >= 0, not {max_bytes!r}")
+            raise InputError(f"a feature cache's size must be a whole number of bytes >= 0, not {max_bytes!r}")
         with self._lock:
             self.max_bytes = max_bytes
             self._trim()

@@ -158,7 +158,7 @@ def test_the_cache_holds_at_most_its_bytes_and_drops_the_least_recently_used(pip
 def test_resize_refuses_what_is_not_a_byte_count():
     cache = FeatureCache()
     for bad in (-1, 1.5, True, "64"):
-        with pytest.raises(ValueError, match="whole number of bytes"):
+        with pytest.raises(palitorch.InputError, match="whole number of bytes"):
             cache.resize(bad)
     cache.resize(0)
     assert cache.max_bytes == 0 and "0 images" in repr(cache)
