@@ -7,14 +7,17 @@ values cannot be reused the same way: the prefix attends both ways, so its image
 
 `FeatureCache` keeps the features of the images encoded last, on the model's device, up to a number of bytes (least
 recently used first out), keyed by the image as the model sees it: the bytes of its resized uint8 pixels (so the
-same picture from a path, a PIL image or a URL is one entry, and two pictures that differ in one pixel are two),
+same picture from a path, a PIL image or a URL is one entry, and two whose resized pixels differ anywhere are two),
 together with the vision weights' identity and version counters (a training step or `load_state_dict` changes
 them in place; the entries made before then no longer match). Changes made through `.data` bypass the version
 counters: call `clear()` after those.
 
 A hit gives the numbers the tower computed for that image earlier, in whatever batch it came in. On the CPU a
-SigLIP row's result does not depend on the other images of its batch (tested), so a hit equals a fresh encoding to
-the bit; elsewhere (cuBLAS picks kernels by shape) it may differ from one in float rounding.
+SigLIP row's result has not been seen to depend on the other images of its batch (tests/inference/
+test_feature_cache.py compares them bit for bit; so did a check of the 200M benchmark model in float32 and
+bfloat16), so a hit gives a fresh encoding's numbers, up to the float rounding by which two encodings of one image
+can differ at all (~1e-7, seen once on a process's first calls, whose kernels are still being chosen); on a GPU
+(cuBLAS picks kernels by shape) up to float rounding too.
 
 `Images` is a batch's images waiting to be encoded: resized on the host when the request is prepared, through the
 tower (the misses only, once each) when the prefill first asks for `features()`, under the pipeline's lock.
