@@ -107,40 +107,41 @@ def image_key(resized: Tensor) -> tuple:
 
 
 class Images:
-    """The U distinct images of a batch, resized (uint8 [U, 3, S, S] on the host), and the means to encode them:
-    `features()` -> [U, P, H] in the model's dtype on its device, through `cache` (computed once per object).
-    `encode` maps uint8 pixels on the host [M, 3, S, S] to features [M, P, H] (normalising, moving, the tower and
-    the projector)."""
+    """The U distinct images of a batch, resized (uint8 [U, 3, S, S] on the host), waiting for `model`'s vision tower:
+    `features()` -> [U, P, H] in the model's dtype on its device, through `cache` (computed once per object; the
+    tower normalises with `processor`, on the device)."""
 
-    def __init__(self, resized: Tensor, encode, cache: FeatureCache | None, stamp, device: torch.device):
-        self.resized, self.encode, self.cache, self.stamp, self.device = resized, encode, cache, stamp, device
+    def __init__(self, resized: Tensor, model: nn.Module, processor, cache: FeatureCache):
+        self.resized, self.model, self.processor, self.cache = resized, model, processor, cache
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
         self._features: Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.resized.shape[0]
 
     def features(self) -> Tensor:
         if self._features is None:
             self._features = self._encoded()
         return self._features
 
+    def _encode(self, resized: Tensor) -> Tensor:
+        """uint8 pixels [M, 3, S, S] on the host -> image features [M, P, H]."""
+        return self.model.embed_image(self.processor.normalize(resized.to(self.device)).to(self.dtype))
+
     def _encoded(self) -> Tensor:
-        if self.cache is None or self.cache.max_bytes == 0:
-            return self.encode(self.resized)
-        stamp = self.stamp()
+        if self.cache.max_bytes == 0:
+            return self._encode(self.resized)
+        stamp = weights_stamp([self.model.vision_tower, self.model.projector])
         keys = [(stamp, image_key(r)) for r in self.resized]
-        first = {k: i for i, k in reversed(list(enumerate(keys)))}  # each image's first place in the batch
+        first: dict[tuple, int] = {}  # each image's first place in the batch, in order
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
         found = {k: f for k in first if (f := self.cache.get(k)) is not None}
-        todo = sorted(i for k, i in first.items() if k not in found)  # each missing image once, in order
-        if todo:
-            fresh = self.encode(self.resized[todo])
-            if len(todo) == len(keys):  # (all distinct and new: the batch's own tensor is the answer)
-                for k, f in zip(keys, fresh):
-                    self.cache.put(k, f.clone())  # (its own memory: a view would keep the whole batch's alive)
-                return fresh
-            for i, f in zip(todo, fresh):
-                found[keys[i]] = f
-                self.cache.put(keys[i], f.clone())
+        todo = [i for k, i in first.items() if k not in found]  # each missing image once, in order
+        fresh = self._encode(self.resized[todo]) if todo else None
+        for i, f in zip(todo, fresh if todo else ()):
+            found[keys[i]] = f
+            self.cache.put(keys[i], f.clone())  # (its own memory: a view would keep the whole batch's alive)
+        if len(todo) == len(keys):  # (all distinct and new: the batch's own tensor is the answer)
+            return fresh
         return torch.stack([found[k] for k in keys])
 
 

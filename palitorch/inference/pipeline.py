@@ -17,7 +17,7 @@ from palitorch.inference import generate as engine
 from palitorch.inference.answer import Result
 from palitorch.inference.caches import batch_rung_below, ladder, raise_recompile_limit
 from palitorch.inference.continuous import LiveBatch
-from palitorch.inference.features import FeatureCache, Images, distinct_images, weights_stamp
+from palitorch.inference.features import FeatureCache, Images, distinct_images
 from palitorch.inference.inputs import (
     as_batch,
     check_compile_args,
@@ -92,16 +92,8 @@ class Pipeline:
         same path) is preprocessed once; one seen lately (`FeatureCache`) skips the vision tower."""
         check_images(images)
         distinct, index = distinct_images(flat_images(images))
-        pixels = Images(self.processor.resized_batch(distinct), self._encode, self.feature_cache, self._stamp,
-                        self.device)
+        pixels = Images(self.processor.resized_batch(distinct), self.model, self.processor, self.feature_cache)
         return pixels, None if index is None else torch.tensor(index, device=self.device)
-
-    def _encode(self, resized: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels [M, 3, S, S] on the host -> image features [M, P, H] (normalised on the device)."""
-        return self.model.embed_image(self.processor.normalize(resized.to(self.device)).to(self.dtype))
-
-    def _stamp(self) -> tuple:
-        return weights_stamp([self.model.vision_tower, self.model.projector])
 
     def score(self, image, prefix, suffix, batch_size: int | None = None) -> ScoreResult | list[ScoreResult]:
         """Log-probabilities of `suffix + <eos>` given the image and prefix; lists give a list. Without `batch_size`
